@@ -36,6 +36,15 @@ HH_RLHF_URL = "https://huggingface.co/datasets/Anthropic/hh-rlhf/resolve/main"
 HH_RLHF_SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
 
 
+def _quiet_transformers():
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
 class DataError(ValueError):
     """Bad input data; the message names the file and line."""
 
@@ -192,7 +201,7 @@ def download_hh_rlhf(subset: str = "harmless-base", split: str = "train",
                     total = int(resp.headers.get("Content-Length", 0)) + (have if mode == "ab" else 0)
                     with open(part, mode) as f, tqdm(total=total or None, initial=have if mode == "ab" else 0,
                                                      unit="B", unit_scale=True, desc=f"hh-rlhf/{subset}") as bar:
-                        for chunk in resp.iter_content(1 << 16):
+                        for chunk in resp.iter_content(1 << 14):
                             f.write(chunk)
                             bar.update(len(chunk))
             with gzip.open(part, "rb") as f:  # a truncated download fails here
@@ -332,8 +341,9 @@ def configure_tokenizer(tokenizer):
     return tokenizer
 
 
-def build_tiny(texts: list[str], out_dir: str | Path, vocab_size: int = 2048, seed: int = 0, **config):
-    """Train a tokenizer on `texts`, build a tiny GPT-2 from a config, save both to out_dir."""
+def build_tiny(texts: list[str], out_dir: str | Path | None = None, vocab_size: int = 2048, seed: int = 0,
+               **config):
+    """Train a tokenizer on `texts` and build a tiny GPT-2 from a config (saved to out_dir if given)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     tokenizer = train_tiny_tokenizer(texts, vocab_size)
@@ -342,15 +352,15 @@ def build_tiny(texts: list[str], out_dir: str | Path, vocab_size: int = 2048, se
                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                      **{**TINY_CONFIG, **config})
     model = GPT2LMHeadModel(cfg)
-    out_dir = Path(out_dir)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    if out_dir is not None:
+        save_hf(model, tokenizer, out_dir)
     return model, tokenizer
 
 
 def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    _quiet_transformers()
     tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
     return configure_tokenizer(tokenizer)
 
@@ -359,6 +369,7 @@ def load_policy(name_or_path: str | Path, dtype: torch.dtype = torch.float32, tr
     """Any Hugging Face causal LM, by hub name or local path (safetensors weights preferred)."""
     from transformers import AutoModelForCausalLM
 
+    _quiet_transformers()
     model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype, use_safetensors=None,
                                                  trust_remote_code=trust_remote_code)
     if model.config.pad_token_id is None:
@@ -409,6 +420,7 @@ class ScoreModel(nn.Module):
         """Load a saved ScoreModel, or start one from any causal LM (a fresh head)."""
         from transformers import AutoModel
 
+        _quiet_transformers()
         backbone = AutoModel.from_pretrained(str(name_or_path), dtype=dtype, trust_remote_code=trust_remote_code)
         model = cls(backbone)
         head_file = Path(name_or_path) / cls.HEAD_FILE
@@ -430,14 +442,22 @@ class ScoreModel(nn.Module):
 
 
 def save_hf(model: nn.Module, tokenizer, out_dir: str | Path):
-    """Save a model (plain or ScoreModel) and its tokenizer in Hugging Face format, atomically."""
+    """Save a model (plain or ScoreModel) and its tokenizer in Hugging Face format into out_dir.
+
+    Everything is written to a temp folder first and then renamed file by file, so a crash never
+    leaves half a weight file; other files in out_dir (checkpoint/, log.jsonl) are kept.
+    """
+    _quiet_transformers()
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    unwrap(model).save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".save-"))
+    try:
+        unwrap(model).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for item in tmp.iterdir():
+            os.replace(item, out_dir / item.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -558,6 +578,9 @@ def atomic_write(path: str | Path, text: str):
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
     os.replace(tmp, path)
 
 
@@ -636,6 +659,14 @@ class JsonlLogger:
         self.enabled = enabled and self.path is not None
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def rewind(self, step: int):
+        """On resume from a checkpoint at `step`: drop the lines of steps after it (they will be
+        logged again), so the log never holds a step twice."""
+        if self.enabled and self.path.exists():
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+            kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+            atomic_write(self.path, "".join(line + "\n" for line in kept))
 
     def log(self, record: dict):
         if self.enabled:

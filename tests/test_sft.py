@@ -1,0 +1,117 @@
+"""sft.py: the loss masks the prompt, training lowers held-out loss, resume is exact, DDP matches one process."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import common
+import sft
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--limit", "400", "--max-prompt-len", "48", "--max-response-len", "32", "--batch-size", "8",
+         "--micro-batch-size", "4", "--tiny-vocab", "512", "--eval-batches", "2"]
+
+
+def read_log(out):
+    return [json.loads(line) for line in open(Path(out) / "log.jsonl")]
+
+
+def test_collate_masks_prompt_and_padding():
+    input_ids, attention_mask, labels = sft.collate([([1, 2, 3], [4, 5]), ([6], [7, 8, 9])], pad_id=0)
+    assert input_ids.tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 0]]
+    assert labels.tolist() == [[-100, -100, -100, 4, 5], [-100, 7, 8, 9, -100]]
+
+
+def test_sft_loss_ignores_prompt_tokens(tiny_dir):
+    """The loss equals the mean NLL of the response tokens alone, and its gradient w.r.t. the logits
+    that predict prompt tokens is exactly zero: prompt targets do not count."""
+    model = common.load_policy(tiny_dir).eval()
+    examples = [([11, 12, 13, 14], [21, 22, 23]), ([31, 32], [41, 42, 43, 44])]
+    input_ids, attention_mask, labels = sft.collate(examples, pad_id=0)
+    captured = {}
+
+    def keep_logits(module, inputs, output):
+        output.retain_grad()
+        captured["logits"] = output
+
+    model.lm_head.register_forward_hook(keep_logits)
+    loss = sft.sft_loss(model, input_ids, attention_mask, labels)
+    loss.backward()
+    logprobs = torch.log_softmax(captured["logits"].detach().float(), -1)  # [B, T, V]
+    # row 0 = [11 12 13 14 | 21 22 23]: response token at position p is predicted at p - 1
+    # row 1 = [31 32 | 41 42 43 44 | pad]
+    targets = [(0, 3, 21), (0, 4, 22), (0, 5, 23), (1, 1, 41), (1, 2, 42), (1, 3, 43), (1, 4, 44)]
+    expected = -torch.stack([logprobs[b, p, t] for b, p, t in targets]).mean()
+    assert torch.allclose(loss, expected, atol=1e-5)
+    grad = captured["logits"].grad  # [B, T, V]
+    assert grad[0, :3].abs().max() == 0  # positions 0-2 predict prompt tokens 12, 13, 14
+    assert grad[0, 6].abs().max() == 0  # the last position predicts nothing
+    assert grad[1, 0].abs().max() == 0  # predicts prompt token 32
+    assert grad[1, 5:].abs().max() == 0  # predicts padding / nothing
+    for b, p, _ in targets:
+        assert grad[b, p].abs().max() > 0
+
+
+def test_short_run_lowers_held_out_loss(tmp_path):
+    out = tmp_path / "sft"
+    sft.main(SMALL + ["--out", str(out), "--max-steps", "25", "--lr", "3e-3", "--eval-every", "5"])
+    evals = [r["eval_loss"] for r in read_log(out) if "eval_loss" in r]
+    assert evals[-1] < evals[0] - 0.3
+    model = common.load_policy(out)  # the final model loads by path
+    assert common.load_tokenizer(out).pad_token_id == model.config.pad_token_id
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypatch):
+    args = SMALL + ["--max-steps", "6", "--save-every", "3", "--eval-every", "100"]
+    sft.main(args + ["--out", str(tmp_path / "straight")])
+
+    real_step, calls = sft.train_step, {"n": 0}
+
+    def crashing_step(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:  # after the checkpoint at step 3 and one more step
+            raise KeyboardInterrupt
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(sft, "train_step", crashing_step)
+    with pytest.raises(KeyboardInterrupt):
+        sft.main(args + ["--out", str(tmp_path / "resumed")])
+    monkeypatch.setattr(sft, "train_step", real_step)
+    sft.main(args + ["--out", str(tmp_path / "resumed")])
+    steps = [r["step"] for r in read_log(tmp_path / "resumed")]
+    assert steps == [1, 2, 3, 4, 5, 6]  # step 4 ran before the crash, then again after resume: logged once
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6), name
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes_match_one_process(tmp_path):
+    """Same global batch on 1 and 2 processes (gloo, CPU): the same per-step losses, within 1e-4."""
+    args = SMALL + ["--max-steps", "4", "--eval-every", "2", "--tiny-dropout", "0", "--batch-size", "6",
+                    "--micro-batch-size", "2"]
+    sft.main(args + ["--out", str(tmp_path / "one")])
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           str(ROOT / "sft.py"), *args, "--out", str(tmp_path / "two"), "--device", "cpu"]
+    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    assert [r["step"] for r in two] == [1, 2, 3, 4]
+    for r1, r2 in zip(one, two):
+        assert abs(r1["train_loss"] - r2["train_loss"]) < 1e-4
+        if "eval_loss" in r1:
+            assert abs(r1["eval_loss"] - r2["eval_loss"]) < 1e-4
