@@ -1,0 +1,565 @@
+"""discriminator.py — TLCR stages 2 and 3: a token-level preference discriminator and its rewards.
+
+Stage 2 trains the discriminator on the token labels written by label.py. It is the SFT backbone
+plus a linear head giving one logit z_t per token; D(a_t | x, a_<t) = σ(z_t), read at a_t's own
+position (the hidden state that has seen a_t), is the probability that a_t is a "positive" token.
+The loss is TLCR eq. 6, binary cross-entropy with soft targets y_t = 1 (positive), 0 (negative),
+0.5 (neutral), over the response tokens of both the rejected and the revised sequence of every
+labelled pair; prompt and padding are masked:
+
+    L = −(1/N) Σ_{t ∈ responses} [ y_t·log σ(z_t) + (1 − y_t)·log(1 − σ(z_t)) ]
+
+The responses carry no EOS here: label.py labels response tokens only, so the end of a response
+has no target (the reward D gives an EOS token at PPO time is its extrapolation).
+
+Stage 3 turns D into per-token rewards for PPO, TLCR eq. 7: r_t = 2·D(a_t | x, a_<t) − 1 ∈ [−1, 1],
+given to the action that produced a_t (no one-token shift), plus the paper's ablations `fixed`
+(+1 if D > 0.6, −1 if D < 0.4, else 0), `no_negative` (max(r_t, 0)) and `no_positive`
+(min(r_t, 0)). `token_rewards` and `token_probs` are what ppo_token.py and eval.py import.
+
+    # CPU, the tiny demo model (it wants a much larger lr than the paper's 1e-5 for 7B)
+    python discriminator.py train --sft runs/demo/sft --labels runs/demo/labels.jsonl \\
+        --out runs/demo/disc --lr 1e-3
+    # one GPU, paper settings (lr 1e-5, weight decay 0.1, cosine without warm-up, 2 epochs)
+    python discriminator.py train --sft runs/llama/sft --labels runs/llama/labels.jsonl \\
+        --out runs/llama/disc --batch-size 64 --micro-batch-size 4 --gradient-checkpointing
+    # several GPUs
+    torchrun --nproc_per_node=8 discriminator.py train --sft ... --labels ... --out ...
+    # measure again (held-out token accuracy; --split all for a separate labels file)
+    python discriminator.py evaluate --disc runs/demo/disc --labels runs/demo/labels.jsonl
+    # look at the rewards of one response, or of a labelled pair
+    python discriminator.py show --disc runs/demo/disc --prompt "\\n\\nHuman: Hi\\n\\nAssistant:" --response " Hello!"
+    python discriminator.py show --disc runs/demo/disc --labels runs/demo/labels.jsonl --index 3
+
+`train` writes to --out: the discriminator (backbone in Hugging Face format, score_head.safetensors,
+tokenizer; load it with common.ScoreModel.from_pretrained(out)), log.jsonl, accuracy.json and
+checkpoint/ (resumed from when present; --no-resume starts over).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import common
+
+REWARD_MODES = ("continuous", "fixed", "no_negative", "no_positive")
+PAPER_ACCURACY = 0.814  # TLCR, Llama-2-7B discriminator, held-out positive/negative tokens
+
+
+def add_model_io_args(parser):
+    group = parser.add_argument_group("system")
+    group.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    group.add_argument("--no-bf16", dest="bf16", action="store_false", help="disable bf16 autocast on CUDA")
+    group.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
+    return group
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,show}")
+
+    train = commands.add_parser("train", help="train the discriminator on label.py's labels (eq. 6)",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data = train.add_argument_group("data")
+    data.add_argument("--labels", required=True, help="labels.jsonl written by label.py")
+    data.add_argument("--eval-fraction", type=float, default=0.1,
+                      help="share of the labelled pairs held out (chosen by a hash of their id) for accuracy")
+    data.add_argument("--max-prompt-len", type=int, default=256, help="prompt tokens kept (the last ones)")
+    data.add_argument("--max-response-len", type=int, default=256, help="response tokens kept (the first ones)")
+    model = train.add_argument_group("model")
+    model.add_argument("--sft", required=True, help="SFT model folder (or any causal LM): the backbone to start from")
+    algo = train.add_argument_group("algorithm")
+    algo.add_argument("--epochs", type=float, default=2.0, help="passes over the training sequences (paper: 2)")
+    algo.add_argument("--lr", type=float, default=1e-5,
+                      help="peak learning rate, cosine to 0 without warm-up. 1e-5 is the paper's for a 7B "
+                           "model; the tiny demo model needs ~1e-3")
+    algo.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices (paper: 0.1)")
+    algo.add_argument("--batch-size", type=int, default=16,
+                      help="global batch: sequences per optimizer step (a labelled pair gives two)")
+    algo.add_argument("--micro-batch-size", type=int, default=8,
+                      help="sequences per forward pass on one rank; gradient accumulation makes up the rest")
+    algo.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = off)")
+    out = train.add_argument_group("output")
+    out.add_argument("--out", required=True, help="output folder: discriminator, log.jsonl, accuracy.json, checkpoint/")
+    out.add_argument("--log-every", type=int, default=10, help="write a log line every N optimizer steps")
+    out.add_argument("--eval-every", type=int, default=0, help="held-out accuracy every N steps (0 = at the end only)")
+    out.add_argument("--save-every", type=int, default=200, help="write a resumable checkpoint every N steps")
+    out.add_argument("--no-resume", dest="resume", action="store_false",
+                     help="ignore an existing checkpoint in --out and start over")
+    out.add_argument("--stop-after", type=int, default=None,
+                     help="checkpoint and exit after this many optimizer steps, as if interrupted (tests)")
+    common.add_system_args(train)
+
+    evaluate = commands.add_parser("evaluate", help="token-level accuracy on labelled pairs",
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    evaluate.add_argument("--disc", required=True, help="discriminator folder written by `train`")
+    evaluate.add_argument("--labels", required=True, help="labels.jsonl written by label.py")
+    evaluate.add_argument("--split", choices=("heldout", "all"), default="heldout",
+                          help="heldout: the pairs `train` held out (same --eval-fraction and --seed); all: every pair")
+    evaluate.add_argument("--eval-fraction", type=float, default=None, help="default: the value used in training")
+    evaluate.add_argument("--seed", type=int, default=None, help="default: the value used in training")
+    evaluate.add_argument("--max-prompt-len", type=int, default=None, help="default: the value used in training")
+    evaluate.add_argument("--max-response-len", type=int, default=None, help="default: the value used in training")
+    evaluate.add_argument("--out", default=None, help="accuracy JSON to write (default: DISC/accuracy.json)")
+    add_model_io_args(evaluate)
+
+    show = commands.add_parser("show", help="print a response token by token with D and its reward",
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    show.add_argument("--disc", required=True, help="discriminator folder written by `train`")
+    show.add_argument("--prompt", default=None, help="prompt text (ends with '\\n\\nAssistant:')")
+    show.add_argument("--response", default=None, help="response text (starts with a space in hh-rlhf)")
+    show.add_argument("--add-eos", action="store_true", help="append EOS to --response, as PPO samples do")
+    show.add_argument("--labels", default=None, help="instead of --prompt/--response: a labels.jsonl ...")
+    show.add_argument("--index", type=int, default=0, help="... and the 0-based record to show (both sequences)")
+    show.add_argument("--mode", choices=REWARD_MODES, default="continuous", help="reward mode (eq. 7 or an ablation)")
+    show.add_argument("--max-prompt-len", type=int, default=256, help="prompt tokens kept (the last ones)")
+    add_model_io_args(show)
+
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        if not 0.0 <= args.eval_fraction < 1.0:
+            train.error("--eval-fraction must be in [0, 1)")
+        if args.batch_size < 1 or args.micro_batch_size < 1:
+            train.error("--batch-size and --micro-batch-size must be positive")
+        if args.lr <= 0 or args.epochs <= 0:
+            train.error("--lr and --epochs must be positive")
+    if args.command == "show" and args.labels is None and (args.prompt is None or args.response is None):
+        show.error("give --prompt and --response, or --labels FILE [--index K]")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. data: labelled pairs -> (prompt ids, response ids, labels) sequences
+# ----------------------------------------------------------------------------------------------
+def load_labels(path: str | Path) -> list[dict]:
+    """Read label.py's JSONL; every record is checked, and a bad one raises naming file and line."""
+    path, records = Path(path), []
+    if not path.exists():
+        raise common.DataError(f"{path}: no such file (write it with label.py)")
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path} line {line_no}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise common.DataError(f"{where}: malformed JSON ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise common.DataError(f"{where}: expected a JSON object")
+            for key in ("id", "prompt"):
+                if not isinstance(record.get(key), str):
+                    raise common.DataError(f"{where}: field {key!r} missing or not a string")
+            for side in ("rejected", "revised"):
+                ids, labels = record.get(f"{side}_ids"), record.get(f"{side}_labels")
+                if not isinstance(ids, list) or not all(type(i) is int and i >= 0 for i in ids):
+                    raise common.DataError(f"{where}: field '{side}_ids' missing or not a list of token ids")
+                if not isinstance(labels, list) or not all(type(v) is int and v in (-1, 0, 1) for v in labels):
+                    raise common.DataError(f"{where}: field '{side}_labels' missing or not a list of -1/0/+1")
+                if len(ids) != len(labels):
+                    raise common.DataError(f"{where}: {side}_ids has {len(ids)} tokens but "
+                                           f"{side}_labels has {len(labels)} labels")
+            record["_where"] = where
+            records.append(record)
+    if not records:
+        raise common.DataError(f"{path}: no labelled pairs")
+    return records
+
+
+def heldout_split(records: list[dict], fraction: float, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(train, heldout): the held-out pairs are the `fraction` with the smallest seeded hash of their id,
+    so the split is the same on any machine and in any file order (at least one pair if fraction > 0)."""
+    def key(record):
+        return hashlib.sha256(f"{seed}:{record['id']}".encode()).hexdigest()
+
+    ordered = sorted(records, key=key)
+    n_heldout = 0 if fraction <= 0 or len(ordered) < 2 else max(1, round(len(ordered) * fraction))
+    return ordered[n_heldout:], ordered[:n_heldout]
+
+
+def encode_records(records, tokenizer, max_prompt_len=256, max_response_len=256):
+    """Two sequences per pair: prompt + rejected (labels −1/0) and prompt + revised (labels +1/0).
+
+    The prompt is tokenised here (left-truncated); the response ids and their labels come from the
+    record as label.py tokenised them, cut to max_response_len, with no EOS. Empty responses are dropped.
+    """
+    vocab = len(tokenizer)
+    examples = []
+    for record in records:
+        prompt_ids, _ = common.encode_prompt_response(tokenizer, record["prompt"], None, max_prompt_len)
+        for side in ("rejected", "revised"):
+            response_ids = record[f"{side}_ids"][:max_response_len]
+            if response_ids and max(response_ids) >= vocab:
+                raise common.DataError(f"{record['_where']}: token id {max(response_ids)} in {side}_ids is outside "
+                                       f"the tokenizer's {vocab} ids (labels made with another tokenizer?)")
+            if response_ids:
+                examples.append((prompt_ids, response_ids, record[f"{side}_labels"][:max_response_len]))
+    return examples
+
+
+def collate(examples, pad_id):
+    """Right-pad prompt + response. labels [B, T] hold −1/0/+1 on response tokens and 0 elsewhere;
+    response_mask says which positions count."""
+    query_response, attention_mask = common.pad_right([p + r for p, r, _ in examples], pad_id)  # [B, T]
+    response_mask = torch.zeros_like(query_response)
+    labels = torch.zeros_like(query_response)
+    for i, (prompt_ids, response_ids, token_labels) in enumerate(examples):
+        start, end = len(prompt_ids), len(prompt_ids) + len(response_ids)
+        response_mask[i, start:end] = 1
+        labels[i, start:end] = torch.tensor(token_labels)
+    return query_response, attention_mask, response_mask, labels
+
+
+def global_batch(examples, step, batch_size, seed):
+    """The sequences of optimizer step `step`, from a fresh seeded permutation every epoch.
+
+    Every rank computes the same global batch, so a resumed run sees exactly the data of an
+    uninterrupted one, and 1 or N processes see the same data.
+    """
+    per_epoch = max(1, len(examples) // batch_size)
+    epoch, index = divmod(step, per_epoch)
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return [examples[i] for i in order[index * batch_size: (index + 1) * batch_size].tolist()]
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. the loss, TLCR eq. 6
+# ----------------------------------------------------------------------------------------------
+def soft_targets(labels: torch.Tensor) -> torch.Tensor:
+    """+1 → 1.0, 0 → 0.5, −1 → 0.0."""
+    return (labels.float() + 1.0) / 2.0
+
+
+def token_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token BCE with soft targets [B, T]; log σ(z) and log(1 − σ(z)) = log σ(−z) computed stably."""
+    y = soft_targets(labels)  # [B, T]
+    z = logits.float()  # [B, T]
+    return -(y * F.logsigmoid(z) + (1.0 - y) * F.logsigmoid(-z))  # eq. 6, per token
+
+
+def discriminator_loss(logits: torch.Tensor, labels: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Eq. 6: mean of token_bce over the response positions; prompt and padding contribute nothing."""
+    return common.masked_mean(token_bce(logits, labels), response_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. token rewards, TLCR eq. 7 (what ppo_token.py and eval.py import)
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def token_probs(discriminator, query_response, attention_mask, response_mask) -> torch.Tensor:
+    """D(a_t | x, a_<t) for every response token, [B, T_resp] left-aligned, 0 past each row's end.
+
+    One forward pass. The logit at position t has seen tokens 0..t, so D for token a_t is read at
+    a_t's own position: no shift. Works with left-padded prompts and right-padded rows alike.
+    The caller sets eval mode (load_discriminator does).
+    """
+    logits = discriminator(query_response, attention_mask)  # [B, T]
+    return common.gather_response(torch.sigmoid(logits.float()), response_mask)  # [B, T_resp]
+
+
+def rewards_from_probs(probs: torch.Tensor, valid: torch.Tensor, mode: str = "continuous") -> torch.Tensor:
+    """D [B, T_resp] -> token rewards [B, T_resp]; 0 where valid is 0."""
+    rewards = 2.0 * probs - 1.0  # eq. 7: r_t = 2·D − 1
+    if mode == "fixed":  # ablation: +1 if D > 0.6, −1 if D < 0.4, else 0
+        rewards = (probs > 0.6).float() - (probs < 0.4).float()
+    elif mode == "no_negative":  # ablation: max(r_t, 0)
+        rewards = rewards.clamp(min=0.0)
+    elif mode == "no_positive":  # ablation: min(r_t, 0)
+        rewards = rewards.clamp(max=0.0)
+    elif mode != "continuous":
+        raise ValueError(f"unknown reward mode {mode!r}; choose from {REWARD_MODES}")
+    return rewards * valid.to(rewards.dtype)
+
+
+def token_rewards(discriminator, query_response, attention_mask, response_mask, mode="continuous") -> torch.Tensor:
+    """TLCR per-token rewards [B, T_resp]: column j is the reward of the row's j-th response token,
+    for the action that produced it; prompt and padding get none (zeros past each row's end)."""
+    probs = token_probs(discriminator, query_response, attention_mask, response_mask)  # [B, T_resp]
+    _, valid = common.response_index(response_mask)  # [B, T_resp]
+    return rewards_from_probs(probs, valid, mode)
+
+
+def load_discriminator(path, device="cpu", dtype=torch.float32, trust_remote_code=False):
+    """A saved discriminator in eval mode with dropout off, ready for token_rewards."""
+    model = common.ScoreModel.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    return common.disable_dropout(model).eval().to(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. one optimizer step; held-out accuracy
+# ----------------------------------------------------------------------------------------------
+def train_step(model, optimizer, scheduler, batch, args, dist, pad_id):
+    """One optimizer step over a global batch, split over ranks and micro-batches.
+
+    The loss is normalised by the labelled tokens of the whole global batch, so the gradient is
+    that of one big batch in one process (DDP averages over ranks, hence the factor world_size).
+    Returns the batch's mean eq. 6 loss and the share of positive/negative tokens on the right side.
+    """
+    rank_examples = batch[dist.rank::dist.world_size]
+    total_tokens = sum(len(r) for _, r, _ in batch)
+    model.train()
+    sums = torch.zeros(3, dtype=torch.float64)  # loss, correct, counted
+    micro_batches = [rank_examples[i: i + args.micro_batch_size]
+                     for i in range(0, len(rank_examples), args.micro_batch_size)]
+    for k, micro in enumerate(micro_batches):
+        query_response, attention_mask, response_mask, labels = (t.to(dist.device) for t in collate(micro, pad_id))
+        sync = model.no_sync() if (dist.enabled and k < len(micro_batches) - 1) else contextlib.nullcontext()
+        with sync:
+            with common.autocast(dist.device, args.bf16):
+                logits = model(query_response, attention_mask)  # [B, T]
+            bce_sum = (token_bce(logits, labels) * response_mask).sum()  # eq. 6, summed over response tokens
+            (bce_sum * dist.world_size / total_tokens).backward()
+        decided = response_mask.bool() & (labels != 0)
+        sums += torch.tensor([bce_sum.item(), ((logits > 0) == (labels > 0))[decided].sum().item(),
+                              decided.sum().item()], dtype=torch.float64)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    sums = all_reduce_sum(sums, dist)
+    return {"loss": sums[0].item() / total_tokens, "batch_accuracy": sums[1].item() / max(sums[2].item(), 1),
+            "grad_norm": float(grad_norm)}
+
+
+def all_reduce_sum(tensor: torch.Tensor, dist) -> torch.Tensor:
+    if dist.enabled:
+        import torch.distributed
+
+        tensor = tensor.to(dist.device)
+        torch.distributed.all_reduce(tensor)
+    return tensor.cpu()
+
+
+@torch.no_grad()
+def evaluate_accuracy(model, examples, batch_size, dist, bf16=True, pad_id=0) -> dict:
+    """Token-level accuracy on held-out labels: a positive token is right if D > 0.5, a negative one
+    if D < 0.5 (the paper's 81.4% figure); neutral tokens have no right answer, we report their mean D.
+    Each rank scores its share of the sequences; the counts are summed over ranks."""
+    model = common.unwrap(model)
+    was_training = model.training
+    model.eval()
+    # counts: positive n / right / ΣD, negative n / right / ΣD, neutral n / ΣD
+    sums = torch.zeros(8, dtype=torch.float64)
+    shard = examples[dist.rank::dist.world_size]
+    for i in range(0, len(shard), batch_size):
+        query_response, attention_mask, response_mask, labels = (
+            t.to(dist.device) for t in collate(shard[i: i + batch_size], pad_id))
+        with common.autocast(dist.device, bf16):
+            probs = torch.sigmoid(model(query_response, attention_mask).float())  # D at every position, [B, T]
+        in_response = response_mask.bool()
+        pos, neg, neu = in_response & (labels > 0), in_response & (labels < 0), in_response & (labels == 0)
+        counts = [pos.sum(), (probs[pos] > 0.5).sum(), probs[pos].sum(), neg.sum(), (probs[neg] < 0.5).sum(),
+                  probs[neg].sum(), neu.sum(), probs[neu].sum()]
+        sums += torch.tensor([c.item() for c in counts], dtype=torch.float64)
+    model.train(was_training)
+    n_pos, right_pos, d_pos, n_neg, right_neg, d_neg, n_neu, d_neu = all_reduce_sum(sums, dist).tolist()
+    return {"accuracy": (right_pos + right_neg) / max(n_pos + n_neg, 1),
+            "positive_accuracy": right_pos / max(n_pos, 1), "negative_accuracy": right_neg / max(n_neg, 1),
+            "n_positive": int(n_pos), "n_negative": int(n_neg), "n_neutral": int(n_neu),
+            "mean_d_positive": d_pos / max(n_pos, 1), "mean_d_negative": d_neg / max(n_neg, 1),
+            "mean_d_neutral": d_neu / max(n_neu, 1), "n_sequences": len(examples),
+            "paper_accuracy": PAPER_ACCURACY}
+
+
+def log_fields(metrics: dict) -> dict:
+    return {f"eval_{k}": v for k, v in metrics.items() if k.startswith(("acc", "pos", "neg", "mean_d", "n_"))}
+
+
+def report_accuracy(metrics: dict, path: Path):
+    common.atomic_write(path, json.dumps(metrics, indent=2) + "\n")
+    print(f"token accuracy {metrics['accuracy']:.3f} (positive {metrics['positive_accuracy']:.3f} of "
+          f"{metrics['n_positive']}, negative {metrics['negative_accuracy']:.3f} of {metrics['n_negative']}); "
+          f"mean D on {metrics['n_neutral']} neutral tokens {metrics['mean_d_neutral']:.3f}; "
+          f"paper {PAPER_ACCURACY} -> {path}")
+
+
+def save_discriminator(model, tokenizer, out: Path, extra: dict):
+    """Write the model files into `out` one by one (each an atomic rename), keeping what else is there
+    (log.jsonl, checkpoint/). common.save_hf would replace the whole folder."""
+    tmp = out.with_name(out.name + ".save.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    common.unwrap(model).save_pretrained(tmp, extra=extra)
+    tokenizer.save_pretrained(tmp)
+    out.mkdir(parents=True, exist_ok=True)
+    for item in sorted(tmp.iterdir()):
+        os.replace(item, out / item.name)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. the commands
+# ----------------------------------------------------------------------------------------------
+def train(args):
+    dist = common.setup_distributed(args.device)
+    common.seed_everything(args.seed)
+    out = Path(args.out)
+    tokenizer = common.load_tokenizer(args.sft, trust_remote_code=args.trust_remote_code)
+    model = common.ScoreModel.from_pretrained(args.sft, trust_remote_code=args.trust_remote_code)  # fresh head
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    if max_positions and args.max_prompt_len + args.max_response_len > max_positions:
+        raise SystemExit(f"--max-prompt-len + --max-response-len = {args.max_prompt_len + args.max_response_len} "
+                         f"exceeds the model's {max_positions} positions")
+    records = load_labels(args.labels)
+    train_records, heldout_records = heldout_split(records, args.eval_fraction, args.seed)
+    train_examples = encode_records(train_records, tokenizer, args.max_prompt_len, args.max_response_len)
+    heldout_examples = encode_records(heldout_records, tokenizer, args.max_prompt_len, args.max_response_len)
+    if not train_examples:
+        raise common.DataError(f"{args.labels}: no non-empty response to train on")
+    model.to(dist.device)
+    if args.gradient_checkpointing:
+        model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.backbone.config.use_cache = False
+
+    batch_size = min(args.batch_size, len(train_examples))
+    steps_per_epoch = max(1, len(train_examples) // batch_size)
+    total_steps = max(1, math.ceil(args.epochs * steps_per_epoch))
+    optimizer = common.adamw(model, args.lr, args.weight_decay, betas=(0.9, 0.95))
+    scheduler = common.cosine_schedule(optimizer, total_steps)
+    step, ckpt = 0, out / "checkpoint"
+    if args.resume and (state := common.load_checkpoint(ckpt, {"model": model})):
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step = state["step"]
+        if dist.master:
+            print(f"resumed from {ckpt} at step {step}/{total_steps}")
+    if batch_size < dist.world_size:
+        raise SystemExit(f"--batch-size {batch_size} is smaller than the {dist.world_size} processes")
+    if dist.enabled:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    logger = common.JsonlLogger(out / "log.jsonl", enabled=dist.master)
+    pad_id = tokenizer.pad_token_id
+    if dist.master:
+        print(f"discriminator: {len(train_records)} pairs ({len(train_examples)} sequences) to train on, "
+              f"{len(heldout_records)} held out; {total_steps} steps of {batch_size} sequences")
+
+    def checkpoint():
+        if dist.master:
+            common.save_checkpoint(ckpt, {"model": model}, {"optimizer": optimizer.state_dict(),
+                                                            "scheduler": scheduler.state_dict(), "step": step})
+
+    bar = tqdm(total=total_steps, initial=step, desc="discriminator", disable=not dist.master)
+    start = time.time()
+    while step < total_steps:
+        batch = global_batch(train_examples, step, batch_size, args.seed)
+        record = train_step(model, optimizer, scheduler, batch, args, dist, pad_id)
+        step += 1
+        record = {"step": step, "epoch": step / steps_per_epoch, **record, "lr": scheduler.get_last_lr()[0],
+                  "elapsed_s": round(time.time() - start, 2)}
+        if args.eval_every and step % args.eval_every == 0 and heldout_examples:
+            accuracy = evaluate_accuracy(model, heldout_examples, args.micro_batch_size, dist, args.bf16, pad_id)
+            record.update(log_fields(accuracy))
+        if step % args.log_every == 0 or step == total_steps or "eval_accuracy" in record:
+            logger.log(record)
+        bar.update(1)
+        bar.set_postfix(loss=round(record["loss"], 4), acc=round(record["batch_accuracy"], 3))
+        if (step % args.save_every == 0 and step < total_steps) or step == args.stop_after:
+            checkpoint()
+        if step == args.stop_after and step < total_steps:
+            bar.close()
+            common.cleanup_distributed(dist)
+            return None
+    bar.close()
+    extra = {"role": "tlcr_discriminator", "sft": str(args.sft), "labels": str(args.labels), "seed": args.seed,
+             "eval_fraction": args.eval_fraction, "max_prompt_len": args.max_prompt_len,
+             "max_response_len": args.max_response_len, "steps": step}
+    if dist.master:
+        checkpoint()
+        save_discriminator(model, tokenizer, out, extra)
+    metrics = None
+    if heldout_examples:
+        metrics = evaluate_accuracy(model, heldout_examples, args.micro_batch_size, dist, args.bf16, pad_id)
+        metrics.update(labels=str(args.labels), n_pairs=len(heldout_records), split="heldout")
+        if dist.master:
+            report_accuracy(metrics, out / "accuracy.json")
+            logger.log({"step": step, **log_fields(metrics)})
+    elif dist.master:
+        print("no held-out pairs (--eval-fraction 0 or a single pair): accuracy not measured")
+    if dist.master:
+        print(f"discriminator saved to {out}")
+    common.cleanup_distributed(dist)
+    return metrics
+
+
+def evaluate(args):
+    dist = common.setup_distributed(args.device)
+    disc = Path(args.disc)
+    saved = json.loads((disc / "score_model.json").read_text()) if (disc / "score_model.json").exists() else {}
+    seed = args.seed if args.seed is not None else saved.get("seed", 0)
+    fraction = args.eval_fraction if args.eval_fraction is not None else saved.get("eval_fraction", 0.1)
+    max_prompt_len = args.max_prompt_len or saved.get("max_prompt_len", 256)
+    max_response_len = args.max_response_len or saved.get("max_response_len", 256)
+    tokenizer = common.load_tokenizer(disc)
+    model = load_discriminator(disc, dist.device)
+    records = load_labels(args.labels)
+    if args.split == "heldout":
+        records = heldout_split(records, fraction, seed)[1]
+        if not records:
+            raise SystemExit(f"{args.labels}: no held-out pairs at --eval-fraction {fraction}; try --split all")
+    examples = encode_records(records, tokenizer, max_prompt_len, max_response_len)
+    metrics = evaluate_accuracy(model, examples, args.batch_size, dist, args.bf16, tokenizer.pad_token_id)
+    metrics.update(labels=str(args.labels), n_pairs=len(records), split=args.split)
+    if dist.master:
+        report_accuracy(metrics, Path(args.out) if args.out else disc / "accuracy.json")
+    common.cleanup_distributed(dist)
+    return metrics
+
+
+def show(args):
+    """Print each response token with D and its reward (and its label when shown from a labels file)."""
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    tokenizer = common.load_tokenizer(args.disc)
+    model = load_discriminator(args.disc, device)
+    if args.labels is not None:
+        records = load_labels(args.labels)
+        if not 0 <= args.index < len(records):
+            raise SystemExit(f"--index {args.index}: {args.labels} has records 0..{len(records) - 1}")
+        record = records[args.index]
+        prompt = record["prompt"]
+        sequences = [(side, record[f"{side}_ids"], record[f"{side}_labels"]) for side in ("rejected", "revised")]
+    else:
+        prompt = args.prompt
+        _, response_ids = common.encode_prompt_response(tokenizer, prompt, args.response, args.max_prompt_len,
+                                                        10**9, add_eos=args.add_eos)
+        sequences = [("response", response_ids, None)]
+    prompt_ids, _ = common.encode_prompt_response(tokenizer, prompt, None, args.max_prompt_len)
+    print(f"prompt: {prompt[-300:]!r}")
+    for name, response_ids, labels in sequences:
+        if not response_ids:
+            print(f"\n{name}: (empty)")
+            continue
+        batch = collate([(prompt_ids, response_ids, [0] * len(response_ids))], tokenizer.pad_token_id)
+        inputs = [t.to(device) for t in batch[:3]]  # query_response, attention_mask, response_mask
+        with common.autocast(device, args.bf16):
+            probs = token_probs(model, *inputs)  # [1, T_resp]
+        rewards = rewards_from_probs(probs, torch.ones_like(probs), args.mode)[0]  # [T_resp]
+        probs = probs[0]
+        print(f"\n{name} ({len(response_ids)} tokens, reward mode {args.mode}, sum {rewards.sum().item():+.3f})")
+        print(f"{'#':>4}  {'token':<20} {'label':>5}  {'D':>6}  {'reward':>7}")
+        for j, token_id in enumerate(response_ids):
+            label = "" if labels is None else {1: "+1", 0: "0", -1: "-1"}[labels[j]]
+            print(f"{j:>4}  {tokenizer.decode([token_id])!r:<20} {label:>5}  {probs[j].item():6.3f}  "
+                  f"{rewards[j].item():+7.3f}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    return {"train": train, "evaluate": evaluate, "show": show}[args.command](args)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except common.DataError as e:  # bad input: the message names the file and line; no traceback
+        raise SystemExit(f"error: {e}") from None

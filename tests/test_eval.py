@@ -1,0 +1,403 @@
+"""eval.py: KL and perplexity by hand, win rates against a local judge server, the HTML report, end to end."""
+import json
+import math
+import re
+import shutil
+import threading
+from collections import Counter
+from html.parser import HTMLParser
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+
+import common
+import eval as ev
+
+SECRET = "sk-test-secret-123"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: intra-op threads only add overhead (8 ms per sampling step on a busy 2-core box)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------------------------
+# generation, KL, perplexity
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_policy(tiny_dir):
+    return common.disable_dropout(common.load_policy(tiny_dir)).eval()
+
+
+def left_padded_batch(tokenizer, splits, n=3):
+    encoded = [common.encode_prompt_response(tokenizer, p.prompt, None, max_prompt_len=24)[0]
+               for p in splits["test"][:n]]
+    encoded[0] = encoded[0][-7:]  # rows of different lengths: real left padding
+    return common.pad_left(encoded, tokenizer.pad_token_id)
+
+
+def sample(policy, prompt_ids, prompt_mask, max_new_tokens, eos_id, seed):
+    torch.manual_seed(seed)
+    return ev.generate_responses(policy, prompt_ids, prompt_mask, max_new_tokens, eos_id)
+
+
+def test_generate_masks_after_first_eos(tiny_policy, tiny_tokenizer, splits):
+    prompt_ids, prompt_mask = left_padded_batch(tiny_tokenizer, splits)
+    eos = tiny_tokenizer.eos_token_id
+    qr, am, rm = sample(tiny_policy, prompt_ids, prompt_mask, 12, eos, seed=0)
+    P = prompt_ids.shape[1]
+    assert qr.shape == am.shape == rm.shape and torch.equal(qr[:, :P], prompt_ids)
+    assert torch.equal(am[:, P:], rm[:, P:]) and rm[:, :P].sum() == 0
+    for row in range(qr.shape[0]):
+        resp = qr[row, P:][rm[row, P:].bool()].tolist()
+        assert eos not in resp[:-1]  # the response stops at (and includes) its first EOS
+    # same seed, same responses
+    qr2, _, _ = sample(tiny_policy, prompt_ids, prompt_mask, 12, eos, seed=0)
+    assert torch.equal(qr, qr2)
+
+
+def test_kl_of_a_model_against_itself_is_zero(tiny_policy, tiny_dir, tiny_tokenizer, splits):
+    prompt_ids, prompt_mask = left_padded_batch(tiny_tokenizer, splits)
+    qr, am, rm = sample(tiny_policy, prompt_ids, prompt_mask, 10, tiny_tokenizer.eos_token_id, seed=1)
+    _, valid = common.response_index(rm)
+    with torch.no_grad():
+        logprobs = ev.response_logprobs(tiny_policy, qr, am, rm)
+        same = ev.response_logprobs(common.load_policy(tiny_dir).eval(), qr, am, rm)
+        other = common.load_policy(tiny_dir).eval()
+        other.transformer.h[0].mlp.c_fc.weight.add_(torch.randn_like(other.transformer.h[0].mlp.c_fc.weight))
+        different = ev.response_logprobs(other, qr, am, rm)
+    assert ev.kl_to_reference(logprobs, same, valid) == {"kl": 0.0, "kl_per_token": 0.0}
+    assert abs(ev.kl_to_reference(logprobs, different, valid)["kl_per_token"]) > 1e-3
+    # k1 by hand: Σ_t (log π − log π_ref) per response, mean over responses; per token over all tokens
+    lp = torch.tensor([[-1.0, -2.0, 9.0], [-0.5, 9.0, 9.0]])
+    ref = torch.tensor([[-1.5, -2.5, 0.0], [-1.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    kl = ev.kl_to_reference(lp, ref, mask)
+    assert kl["kl"] == pytest.approx((1.0 + 0.5) / 2) and kl["kl_per_token"] == pytest.approx(1.5 / 3)
+
+
+def test_perplexity_matches_a_hand_computation(tiny_policy, tiny_tokenizer, splits):
+    # numbers: probabilities 1/2, 1/4, 1/8 -> exp(mean NLL) = exp(2 ln 2) = 4; padding ignored
+    logprobs = torch.log(torch.tensor([[0.5, 0.25], [0.125, 1e-9]]))
+    assert ev.reference_perplexity(logprobs, torch.tensor([[1, 1], [1, 0]])) == pytest.approx(4.0)
+    # a tiny model: the left-padded batch pipeline against a plain loop over unpadded rows
+    prompt_ids, prompt_mask = left_padded_batch(tiny_tokenizer, splits)
+    qr, am, rm = sample(tiny_policy, prompt_ids, prompt_mask, 8, tiny_tokenizer.eos_token_id, seed=2)
+    _, valid = common.response_index(rm)
+    with torch.no_grad():
+        ppl = ev.reference_perplexity(ev.response_logprobs(tiny_policy, qr, am, rm), valid)
+        nll, count = 0.0, 0
+        for row in range(qr.shape[0]):
+            ids = qr[row][am[row].bool()]  # prompt + response, no padding
+            n_resp = int(rm[row].sum())
+            logits = tiny_policy(ids[None]).logits[0].double()
+            for t in range(len(ids) - n_resp, len(ids)):
+                probs = torch.softmax(logits[t - 1], -1)
+                nll -= math.log(probs[ids[t]].item())
+                count += 1
+    assert ppl == pytest.approx(math.exp(nll / count), rel=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# judges and win rates
+# ----------------------------------------------------------------------------------------------
+def test_parse_verdict_is_strict():
+    assert [ev.parse_verdict(t) for t in ["A", " b.", "Tie", "tie\n", "B"]] == ["A", "B", "tie", "tie", "B"]
+    assert [ev.parse_verdict(t) for t in ["Answer: A", "AB", "A or B", "", "neither"]] == [None] * 5
+
+
+def test_pair_score_and_aggregation():
+    assert ev.pair_score("A", "B") == 1.0  # policy first and wins, then second and wins
+    assert ev.pair_score("A", "A") == 0.5  # position bias cancels
+    assert ev.pair_score("tie", "B") == 0.75 and ev.pair_score("tie", "tie") == 0.5
+    assert ev.pair_score("B", "A") == 0.0 and ev.pair_score(None, "A") is None
+    agg = ev.aggregate_win_rate([1.0, 0.5, 0.75, 0.0, None])
+    assert agg == {"win_rate": pytest.approx(56.25), "wins": 2, "ties": 1, "losses": 1, "judged": 4, "failed": 1}
+    rm = ev.reward_model_win_rate([1.0, 2.0, 3.0], [0.0, 2.0, 4.0])
+    assert rm["win_rate"] == pytest.approx(50.0) and (rm["wins"], rm["ties"], rm["losses"]) == (1, 1, 1)
+
+
+class JudgeServer:
+    """A chat-completions endpoint on 127.0.0.1; `decide(prompt, a, b)` answers, `faults` are served first."""
+
+    def __init__(self, decide, faults=()):
+        self.decide, self.faults, self.calls, self.auth = decide, list(faults), 0, set()
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with server.lock:
+                    server.calls += 1
+                    server.auth.add(self.headers.get("Authorization"))
+                    fault = server.faults.pop(0) if server.faults else None
+                if fault == "429":
+                    return self.reply(429, b'{"error": "slow down"}', {"Retry-After": "0"})
+                if fault == "500":
+                    return self.reply(500, b"oops")
+                if fault == "401":
+                    return self.reply(401, json.dumps({"error": f"bad key {self.headers['Authorization']}"}).encode())
+                if fault == "malformed":
+                    return self.reply(200, b"{not json")
+                if fault == "slow":
+                    threading.Event().wait(1.0)
+                text = body["messages"][-1]["content"]
+                m = re.search(r"\[Conversation\]\n(.*)\n\n\[Answer A\]\n(.*)\n\n\[Answer B\]\n(.*)\n\nWhich", text, re.S)
+                verdict = "I think A" if fault == "chatty" else server.decide(*m.groups())
+                self.reply(200, json.dumps({"choices": [{"message": {"role": "assistant", "content": verdict}}]}).encode())
+
+            def reply(self, code, payload, headers=None):
+                try:
+                    self.send_response(code)
+                    for k, v in (headers or {}).items():
+                        self.send_header(k, v)
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                except OSError:  # the client gave up (timeout test)
+                    pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def judge_server():
+    servers = []
+
+    def start(decide, faults=()):
+        servers.append(JudgeServer(decide, faults))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.close()
+
+
+def make_judge(server, tmp_path, **kw):
+    kw = {"timeout": 0.5, "max_retries": 3, "backoff": 0.01, "concurrency": 4, **kw}
+    return ev.OpenAIJudge(server.url, "judge-model", tmp_path / "cache.jsonl", api_key=SECRET, **kw)
+
+
+PROMPTS = [f"\n\nHuman: question {i}?\n\nAssistant:" for i in range(4)]
+POLICY = [f"good answer {i}" for i in range(4)]
+BASELINE = [f"bad answer {i}" for i in range(4)]
+
+
+def test_judge_that_always_prefers_the_first_position_gives_50_percent(judge_server, tmp_path):
+    server = judge_server(lambda prompt, a, b: "A")
+    result = ev.openai_win_rate(make_judge(server, tmp_path), PROMPTS, POLICY, BASELINE)
+    assert result["win_rate"] == pytest.approx(50.0)
+    assert (result["wins"], result["ties"], result["losses"], result["failed"]) == (0, 4, 0, 0)
+    assert server.calls == 8  # every pair in both orders
+
+
+def test_win_rate_with_swapping_ties_faults_and_cache(judge_server, tmp_path):
+    def decide(prompt, a, b):
+        i = int(re.search(r"question (\d)", prompt).group(1))
+        policy_is_a = a.startswith("good")
+        if i == 0:
+            return "A" if policy_is_a else "B"  # policy wins in both orders: 1
+        if i == 1:
+            return "A"  # position bias: ½
+        if i == 2:
+            return "tie" if policy_is_a else "B"  # tie, then a win: ¾
+        return "B" if policy_is_a else "A"  # baseline wins in both orders: 0
+
+    server = judge_server(decide, faults=["429", "500", "malformed", "chatty", "slow"])
+    prompts, policy, baseline = PROMPTS + ["\n\nHuman: same?\n\nAssistant:"], POLICY + [" same"], BASELINE + ["same "]
+    judge = make_judge(server, tmp_path)
+    result = ev.openai_win_rate(judge, prompts, policy, baseline)
+    # identical answers: a tie, no call; (1 + ½ + ¾ + 0 + ½) / 5
+    assert result["win_rate"] == pytest.approx(100 * 2.75 / 5)
+    assert (result["wins"], result["ties"], result["losses"], result["judged"]) == (2, 2, 1, 5)
+    assert server.calls == 8 + 5  # 4 pairs × 2 orders, plus one retry per injected fault
+    assert server.auth == {f"Bearer {SECRET}"}
+    cache_text = (tmp_path / "cache.jsonl").read_text()
+    assert len(cache_text.splitlines()) == 8 and SECRET not in cache_text
+    # a rerun pays nothing: every verdict comes from the cache file
+    again = ev.openai_win_rate(make_judge(server, tmp_path), prompts, policy, baseline)
+    assert again == result and server.calls == 13
+
+
+def test_judge_fatal_error_hides_the_key_and_exhausted_retries_count_as_failed(judge_server, tmp_path):
+    server = judge_server(lambda *a: "A", faults=["401"])
+    with pytest.raises(ev.JudgeError) as info:
+        ev.openai_win_rate(make_judge(server, tmp_path, concurrency=1), PROMPTS[:1], POLICY[:1], BASELINE[:1])
+    assert "401" in str(info.value) and SECRET not in str(info.value)
+    server = judge_server(lambda *a: "A", faults=["500"] * 4)  # max_retries=3: the first order fails
+    result = ev.openai_win_rate(make_judge(server, tmp_path / "x", concurrency=1, max_retries=3),
+                                PROMPTS[:1], POLICY[:1], BASELINE[:1])
+    assert result["failed"] == 1 and result["judged"] == 0 and result["win_rate"] is None
+
+
+# ----------------------------------------------------------------------------------------------
+# the report
+# ----------------------------------------------------------------------------------------------
+class TagBalance(HTMLParser):
+    VOID = {"meta", "br", "hr", "img", "input", "link", "area", "base", "col", "embed", "source", "track", "wbr"}
+
+    def __init__(self):
+        super().__init__()
+        self.stack, self.errors, self.tags, self.data = [], [], Counter(), []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags[tag] += 1
+        if tag not in self.VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        if not self.stack or self.stack[-1] != tag:
+            self.errors.append(f"</{tag}> closes {self.stack[-1:] or 'nothing'}")
+        else:
+            self.stack.pop()
+
+    def handle_data(self, data):
+        self.data.append(data)
+
+
+def check_html(text):
+    assert text.startswith("<!DOCTYPE html>")
+    parser = TagBalance()
+    parser.feed(text)
+    parser.close()
+    assert parser.errors == [] and parser.stack == [], (parser.errors, parser.stack)
+    return parser
+
+
+def test_report_is_valid_html_with_table_curves_shaded_tokens_and_escaped_text(tmp_path):
+    results = {"baseline": "sft", "judge": "reward-model", "split": "test", "num_prompts": 2, "seed": 0,
+               "discriminator_accuracy": {"accuracy": 0.75, "positive_accuracy": 0.8, "negative_accuracy": 0.7,
+                                          "n_positive": 10, "n_negative": 10},
+               "policies": {"sft": {k: 1.0 for k, _, _ in ev.COLUMNS},
+                            "tlcr<i>": {**{k: 2.0 for k, _, _ in ev.COLUMNS}, "win_rate": 62.5}}}
+    evil = ["Sure", " <script>", "alert(1)", "</script>", " & <b>bold"]
+    samples = [{"prompt": "\n\nHuman: <script>x</script>?\n\nAssistant:",
+                "responses": {"sft": {"tokens": evil, "tlcr": [0.9, -0.8, 0.0, 0.1, -0.2], "red": [1, -2, 0, 3, -1]},
+                              "tlcr<i>": {"tokens": ["Hi"], "tlcr": [0.5], "red": [-0.5]}}}]
+    for run in ("seq", "tlcr"):
+        (tmp_path / run).mkdir()
+        lines = [json.dumps({"step": s, "task_reward": s * 0.1, "kl": 0.01 * s, "response_length": 20 + s,
+                             "perplexity": 5 - 0.1 * s, "rm_score": -1 + s / 5}) for s in range(1, 6)]
+        (tmp_path / run / "log.jsonl").write_text("\n".join(lines) + "\n{broken")
+    curves = ev.training_curves({r: tmp_path / r / "log.jsonl" for r in ("seq", "tlcr")})
+    assert len(curves) == 5 and all(len(s) == 2 and len(s["seq"]) == 5 for s in curves.values())
+    page = ev.report_html(results, samples, curves)
+    parser = check_html(page)
+    # the table: one row per policy, the win rate, escaped policy names
+    assert parser.tags["table"] == 1 and parser.tags["tr"] == 3
+    assert "62.5" in page and "baseline" in page and "tlcr&lt;i&gt;" in page
+    # the curves: five SVG charts (RM score, task reward, KL, length, perplexity), one line per run in each
+    assert parser.tags["svg"] == 5 and parser.tags["polyline"] == 10
+    # the shaded tokens: TLCR and RED rows, value on hover, green for positive and red for negative
+    assert parser.tags["span"] >= 2 * (5 + 1)
+    assert 'title="TLCR +0.9000"' in page and 'title="RED -2.0000"' in page
+    assert "rgba(34,160,60,0.77)" in page and "rgba(214,39,40,0.57)" in page  # 0.9 / 1 and 2 / 3 × 0.85
+    # model text is escaped: no script or b tag, the text shows as text
+    assert parser.tags["script"] == 0 and parser.tags["b"] == 0 and "<script>" not in page
+    assert "&lt;script&gt;" in page and "&amp; &lt;b&gt;bold" in page
+    assert "<script>" in "".join(parser.data)  # what the reader sees
+    assert "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")  # self-contained
+    md = ev.results_markdown(results)
+    assert md.count("\n| ") == 3 and "| sft |" in md and "62.5 |" in md and "75.0%" in md
+
+
+# ----------------------------------------------------------------------------------------------
+# end to end
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_dir, tiny_tokenizer, splits):
+    """A run layout of untrained tiny models: RM and discriminator with fresh heads, a copy of the
+    SFT model, another policy with changed weights and a PPO log, and a small labels file."""
+    root = tmp_path_factory.mktemp("run")
+    common.ScoreModel.from_pretrained(tiny_dir).save_pretrained(root / "rm")
+    common.ScoreModel.from_pretrained(tiny_dir).save_pretrained(root / "disc")
+    shutil.copytree(tiny_dir, root / "copy")  # the same weights, loaded separately
+    other = common.load_policy(tiny_dir)
+    with torch.no_grad():
+        other.transformer.h[1].mlp.c_proj.weight.mul_(3.0)
+    other.save_pretrained(root / "ppo_other" / "policy")
+    tiny_tokenizer.save_pretrained(root / "ppo_other" / "policy")
+    (root / "ppo_other" / "log.jsonl").write_text(
+        "".join(json.dumps({"step": s, "task_reward": s, "kl": s / 10}) + "\n" for s in range(1, 4)))
+    labels = []
+    for pair in splits["reward"][:4]:
+        ids = tiny_tokenizer(pair.rejected, add_special_tokens=False)["input_ids"][:12]
+        rev = tiny_tokenizer(pair.chosen, add_special_tokens=False)["input_ids"][:12]
+        labels.append({"id": pair.id, "prompt": pair.prompt, "rejected_ids": ids, "revised_ids": rev,
+                       "rejected_labels": [-1 if j % 2 else 0 for j in range(len(ids))],
+                       "revised_labels": [1 if j % 3 else 0 for j in range(len(rev))]})
+    (root / "labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in labels))
+    return root
+
+
+def eval_argv(tiny_dir, root, out, *policies):
+    return ["--policies", *policies, "--reference", str(tiny_dir), "--reward-model", str(root / "rm"),
+            "--discriminator", str(root / "disc"), "--num-prompts", "5", "--batch-size", "3",
+            "--max-new-tokens", "10", "--show-prompts", "2", "--out", str(out), "--device", "cpu"]
+
+
+def test_main_end_to_end_with_reward_model_judge(tiny_dir, run_dir, tmp_path):
+    out = tmp_path / "eval"
+    results = ev.main(eval_argv(tiny_dir, run_dir, out, f"sft={tiny_dir}", f"copy={run_dir / 'copy'}",
+                                f"other={run_dir / 'ppo_other' / 'policy'}")
+                      + ["--labels", str(run_dir / "labels.jsonl"), "--labels-split", "all"])
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk == json.loads(json.dumps(results))
+    pol = on_disk["policies"]
+    assert list(pol) == ["sft", "copy", "other"] and on_disk["baseline"] == "sft"
+    assert pol["sft"]["kl"] == 0.0 and pol["copy"]["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert abs(pol["other"]["kl_per_token"]) > 1e-3
+    # the same seed for every policy: the copy answers exactly like the baseline -> all ties
+    assert pol["copy"]["rm_score"] == pytest.approx(pol["sft"]["rm_score"], abs=1e-5)
+    assert pol["copy"]["win_rate"] == 50.0 and pol["copy"]["ties"] == 5
+    assert pol["other"]["judged"] == 5 and "win_rate" not in pol["sft"]
+    for row in pol.values():
+        assert 1 <= row["response_length"] <= 10 and 0 <= row["eos_share"] <= 1
+        assert -1 <= row["tlcr_reward"] <= 1 and row["ref_perplexity"] > 1
+    acc = on_disk["discriminator_accuracy"]
+    assert acc["n_positive"] > 0 and acc["n_negative"] > 0 and 0 <= acc["accuracy"] <= 1
+    responses = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
+    assert len(responses) == 15
+    assert [r["response"] for r in responses if r["policy"] == "sft"] == \
+        [r["response"] for r in responses if r["policy"] == "copy"]
+    md = (out / "results.md").read_text()
+    assert md.count("\n| ") == 4 and "| copy |" in md
+    page = (out / "report.html").read_text()
+    parser = check_html(page)
+    # the PPO log found beside the policy dir: task reward and KL curves; header + 3 table rows
+    assert parser.tags["svg"] == 2 and parser.tags["tr"] == 4
+    assert page.count('title="TLCR ') >= 2 * 3 and page.count('title="RED ') >= 2 * 3
+
+
+def test_main_with_openai_judge_pays_once(tiny_dir, run_dir, tmp_path, judge_server, monkeypatch):
+    server = judge_server(lambda prompt, a, b: "A", faults=["429"])
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    out = tmp_path / "eval"
+    argv = eval_argv(tiny_dir, run_dir, out, f"sft={tiny_dir}", f"copy={run_dir / 'copy'}",
+                     f"other={run_dir / 'ppo_other' / 'policy'}") + [
+        "--judge", "openai", "--api-base", server.url, "--api-model", "local-judge", "--baseline", "copy"]
+    results = ev.main(argv)
+    pol = results["policies"]
+    assert results["baseline"] == "copy" and results["judge"] == "openai:local-judge"
+    assert pol["sft"]["win_rate"] == 50.0 and pol["sft"]["ties"] == 5  # identical answers: no call
+    assert pol["other"]["win_rate"] == 50.0 and pol["other"]["judged"] == 5  # position bias cancels
+    assert server.calls == 2 * 5 + 1  # 5 differing pairs × 2 orders, plus the retried 429
+    for path in out.iterdir():
+        assert SECRET not in path.read_text()
+    ev.main(argv)  # a rerun: every verdict from judge_cache.jsonl
+    assert server.calls == 2 * 5 + 1

@@ -1,0 +1,483 @@
+"""label.py: the Levenshtein DP and its labels, the tokenisation boundary, the three revisers,
+the fault-injecting chat server, the cache and resuming after a kill, and the API key's absence."""
+import functools
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+import common
+import label
+
+ROOT = Path(__file__).resolve().parents[1]
+SECRET = "sk-test-" + "9f3c2a7e5b1d4086" * 3
+SUFFIX = " I hope this helps."
+
+
+# ----------------------------------------------------------------------------------------------
+# The DP
+# ----------------------------------------------------------------------------------------------
+def brute_distance(a, b):
+    """Levenshtein distance by plain recursion over prefixes (memoised)."""
+    @functools.lru_cache(maxsize=None)
+    def d(i, j):
+        if i == 0 or j == 0:
+            return i + j
+        return min(d(i - 1, j - 1) + (a[i - 1] != b[j - 1]), d(i - 1, j) + 1, d(i, j - 1) + 1)
+    return d(len(a), len(b))
+
+
+def apply_ops(a, b, ops):
+    """Run the edit script over a, checking it walks a and b in order; returns the sequence it builds."""
+    out, i_next, j_next = [], 0, 0
+    for name, i, j in ops:
+        if name in ("match", "substitute"):
+            assert (i, j) == (i_next, j_next) and (a[i] == b[j]) == (name == "match")
+            out.append(a[i] if name == "match" else b[j])
+            i_next, j_next = i + 1, j + 1
+        elif name == "delete":
+            assert (i, j) == (i_next, None)
+            i_next += 1
+        else:
+            assert name == "insert" and (i, j) == (None, j_next)
+            out.append(b[j])
+            j_next += 1
+    assert (i_next, j_next) == (len(a), len(b))
+    return out
+
+
+def test_levenshtein_against_brute_force():
+    rng = random.Random(0)
+    pairs = [([rng.randrange(4) for _ in range(rng.randrange(9))], [rng.randrange(4) for _ in range(rng.randrange(9))])
+             for _ in range(400)]
+    batched = label.levenshtein_batch(pairs)  # one padded batch of mixed lengths
+    for (a, b), (distance, ops) in zip(pairs, batched):
+        assert distance == brute_distance(tuple(a), tuple(b))
+        assert sum(name != "match" for name, _, _ in ops) == distance
+        assert apply_ops(a, b, ops) == b
+        assert label.levenshtein(a, b) == (distance, ops)  # alone == inside a batch
+
+
+def test_levenshtein_long_and_wide_batches_match_single_calls():
+    rng = random.Random(1)
+    pairs = []
+    for n in (0, 3, 40, 130):
+        for _ in range(3):
+            a = [rng.randrange(50) for _ in range(n)]
+            b = [t if rng.random() > 0.2 else rng.randrange(50) for t in a if rng.random() > 0.1]
+            pairs.append((a, b))
+    pairs += [([7] * 30, [7] * 30)] * 200  # wide enough for the doubling running minimum
+    batched = label.levenshtein_batch(pairs)
+    for (a, b), result in zip(pairs[:12], batched):
+        assert result == label.levenshtein(a, b)
+        assert apply_ops(a, b, result[1]) == b
+    assert batched[-1] == (0, [("match", k, k) for k in range(30)])
+
+
+def test_known_edit_scripts_and_tie_break():
+    assert label.levenshtein([], []) == (0, [])
+    assert label.levenshtein([1, 2, 3], [1, 4, 3]) == (1, [("match", 0, 0), ("substitute", 1, 1), ("match", 2, 2)])
+    assert label.levenshtein([1, 2], []) == (2, [("delete", 0, None), ("delete", 1, None)])
+    assert label.levenshtein([], [5]) == (1, [("insert", None, 0)])
+    # a gap in a run of equal tokens lands on the earliest copy
+    assert label.levenshtein([1, 1], [1]) == (1, [("delete", 0, None), ("match", 1, 0)])
+    assert label.levenshtein([1], [1, 1]) == (1, [("insert", None, 0), ("match", 0, 1)])
+    # equal cost: delete + insert keep a match; two substitutions would not
+    assert label.levenshtein([5, 6], [6, 7]) == (2, [("delete", 0, None), ("match", 1, 0), ("insert", None, 1)])
+    # equal cost, walking back: delete before substitute
+    assert label.levenshtein([7, 8], [9]) == (2, [("substitute", 0, 0), ("delete", 1, None)])
+
+
+def test_running_min_equals_accumulate():
+    import numpy as np
+    rng = np.random.default_rng(0)
+    for shape in [(1, 1), (7, 3), (65, 300), (300, 64)]:  # narrow: numpy's accumulate; wide: doubling scan
+        t = rng.integers(-50, 50, shape).astype(np.int16)
+        assert (label.running_min(t, np.empty_like(t)) == np.minimum.accumulate(t, axis=0)).all()
+
+
+def test_edit_labels_substitutions_count_on_both_sides():
+    assert label.edit_labels([1, 2, 3, 4], [1, 9, 3, 4, 5]) == ([0, -1, 0, 0], [0, 1, 0, 0, 1])
+    assert label.edit_labels([5, 6], [6, 7]) == ([-1, 0], [0, 1])
+    assert label.edit_labels([1, 2, 3], [1, 2, 3]) == ([0, 0, 0], [0, 0, 0])
+    assert label.edit_labels([1, 2], []) == ([-1, -1], [])
+
+
+def test_align_all_with_workers_matches_one_process():
+    rng = random.Random(2)
+    pairs = [([rng.randrange(9) for _ in range(rng.randrange(30))], [rng.randrange(9) for _ in range(rng.randrange(30))])
+             for _ in range(60)]
+    expected = [(d, *label.labels_from_ops(ops, len(a), len(b))) for (a, b), (d, ops)
+                in zip(pairs, (label.levenshtein(a, b) for a, b in pairs))]
+    assert label.align_all(pairs, workers=1, progress=False) == expected
+    assert label.align_all(pairs, workers=2, progress=False) == expected
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenisation and the prompt/response boundary
+# ----------------------------------------------------------------------------------------------
+def test_map_labels_by_offsets():
+    # two source tokens merge into one: the non-neutral label wins
+    assert label.map_labels_by_offsets([0, -1, 0], [(0, 2), (2, 4), (4, 7)], [(0, 4), (4, 7)], 7) == [-1, 0]
+    # one source token split in two: both halves carry its label
+    assert label.map_labels_by_offsets([1, 0], [(0, 3), (3, 5)], [(0, 1), (1, 5)], 5) == [1, 1]
+    assert label.map_labels_by_offsets([0, 0], [(0, 3), (3, 5)], [(0, 5)], 5) == [0]
+
+
+def test_bundled_responses_tokenise_the_same_alone_and_in_context(splits, tiny_tokenizer):
+    pairs = splits["reward"][:40]
+    records, stats = label.label_pairs(pairs, {p.id: p.chosen for p in pairs}, tiny_tokenizer,
+                                       max_response_len=64, progress=False)
+    assert stats["boundary_mismatch"] == 0  # prompts end with "Assistant:", responses start with " "
+    for pair, record in zip(pairs, records):
+        prompt_ids, response_ids = common.encode_prompt_response(tiny_tokenizer, pair.prompt, pair.rejected,
+                                                                 max_response_len=64)
+        assert record["rejected_ids"] == response_ids[:-1]  # what every stage feeds the model, minus EOS
+        assert len(record["rejected_ids"]) == len(record["rejected_labels"]) <= 63
+        assert len(record["revised_ids"]) == len(record["revised_labels"])
+        assert set(record["rejected_labels"]) <= {-1, 0} and set(record["revised_labels"]) <= {0, 1}
+
+
+def merged_word(tokenizer):
+    """A word that is one token with its leading space, and two or more without its first two letters
+    (so the labels of the response alone sit at other positions than inside prompt + response)."""
+    vocab = tokenizer.get_vocab()
+    for piece, token_id in sorted(vocab.items(), key=lambda kv: kv[1]):
+        word = piece[1:]
+        if piece.startswith("Ġ") and len(word) >= 5 and word.isalpha() and word.islower():
+            if (tokenizer(" " + word, add_special_tokens=False)["input_ids"] == [token_id]
+                    and len(tokenizer(word[2:], add_special_tokens=False)["input_ids"]) >= 2):
+                return word, token_id
+    raise AssertionError("no multi-letter word token in the tiny vocabulary")
+
+
+def test_boundary_merge_maps_labels_by_character_offsets(tiny_tokenizer):
+    word, word_id = merged_word(tiny_tokenizer)
+    prompt = "\n\nHuman: say something\n\nAssistant: " + word[:2]  # stops mid-word
+    rejected, revised = word[2:] + " is here.", word[2:] + " was here."
+    alone = tiny_tokenizer(rejected, add_special_tokens=False)["input_ids"]
+    [(context_ids, spans)] = label.response_in_context(tiny_tokenizer, [prompt], [rejected])
+    assert len(context_ids) < len(alone) and context_ids[0] == word_id  # " word" straddles the boundary
+    assert spans[0] == (0, len(word) - 2) and "".join(rejected[s:e] for s, e in spans) == rejected
+
+    pair = common.Pair(prompt, " a chosen reply.", rejected)
+    tail = len(tiny_tokenizer(" is here.", add_special_tokens=False)["input_ids"])
+    for layout in ("separate", "joint"):
+        [record], stats = label.label_pairs([pair], {pair.id: revised}, tiny_tokenizer, layout=layout, progress=False)
+        assert stats["boundary_mismatch"] == 2  # both sides
+        rejected_labels, revised_labels = label.edit_labels(alone, tiny_tokenizer(revised, add_special_tokens=False)["input_ids"])
+        assert -1 in rejected_labels and rejected_labels[: len(alone) - tail] == [0] * (len(alone) - tail)
+        if layout == "separate":  # the response tokenised alone, as common.encode_prompt_response does
+            assert record["rejected_ids"] == alone and record["rejected_labels"] == rejected_labels
+        else:  # the tokens inside prompt + response; the merged first token stays neutral
+            assert record["rejected_ids"] == context_ids
+            assert record["rejected_labels"][0] == 0 and record["rejected_labels"][1:] == rejected_labels[-(len(context_ids) - 1):]
+            assert record["revised_ids"][0] == word_id and 1 in record["revised_labels"]
+            assert len(record["revised_ids"]) == len(record["revised_labels"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Parsing and retry helpers
+# ----------------------------------------------------------------------------------------------
+def test_parse_revision():
+    d = label.DELIMITER
+    assert label.parse_revision(f"Because A is kind.\n{d}\nSure, here you go.\n", " No.") == " Sure, here you go."
+    assert label.parse_revision(f"Reason.\n**{d}**\n\nHello", "Hi") == "Hello"
+    assert label.parse_revision("Reason.\nRevised response:\nHello", " x") == " Hello"
+    assert label.parse_revision("Reason only, no delimiter.", " x") is None
+    assert label.parse_revision(f"Reason.\n{d}\n   \n", " x") is None  # nothing after it
+    assert label.parse_revision(f"I will write {d} below", " x") is None  # not on its own line
+
+
+def test_retry_after_and_backoff():
+    assert label.retry_after_seconds("2") == 2.0 and label.retry_after_seconds("0.5") == 0.5
+    assert label.retry_after_seconds(None) is None and label.retry_after_seconds("soon") is None
+    future = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
+    assert 20 < label.retry_after_seconds(future) <= 31
+    rng = random.Random(0)
+    delays = [label.backoff_delay(k, 1.0, 8.0, rng) for k in range(6)]
+    assert 0.5 <= delays[0] <= 1.0 and 4.0 <= delays[3] <= 8.0 and all(d <= 8.0 for d in delays)
+    assert len({label.backoff_delay(2, 1.0, 8.0, rng) for _ in range(5)}) > 1  # jitter
+
+
+# ----------------------------------------------------------------------------------------------
+# A chat-completions server that injects faults
+# ----------------------------------------------------------------------------------------------
+class FakeChat:
+    """Plays the chat-completions API on 127.0.0.1. Each pair (found by its rejected text) follows
+    a script of behaviours, one per call, then answers "ok"."""
+
+    def __init__(self, pairs, scripts=None, hold_after=None):
+        self.index = {p.rejected.strip(): k for k, p in enumerate(pairs)}
+        self.scripts, self.hold_after = scripts or {}, hold_after
+        self.release = threading.Event()  # calls after the first `hold_after` wait for it
+        self.calls, self.lock = [], threading.Lock()  # (pair index, behaviour, time, Authorization)
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                content = body["messages"][0]["content"]
+                rejected = content.split("=== Reply B (rejected) ===\n", 1)[1].split("\n\nFirst explain", 1)[0]
+                k, auth = fake.index[rejected], self.headers.get("Authorization", "")
+                with fake.lock:
+                    n = sum(1 for c in fake.calls if c[0] == k)
+                    script = fake.scripts.get(k, [])
+                    behaviour = script[n] if n < len(script) else "ok"
+                    fake.calls.append((k, behaviour, time.monotonic(), auth))
+                    held = fake.hold_after is not None and len(fake.calls) > fake.hold_after
+                if held:
+                    fake.release.wait(30)
+                try:
+                    fake.respond(self, behaviour, rejected, auth)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (timeout)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def respond(self, handler, behaviour, rejected, auth):
+        def send(status, text, headers=()):
+            data = text.encode()
+            handler.send_response(status)
+            for key, value in headers:
+                handler.send_header(key, value)
+            handler.send_header("Content-Length", str(len(data)))
+            handler.end_headers()
+            handler.wfile.write(data)
+
+        def answer(content):
+            send(200, json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}))
+
+        if behaviour == "slow":
+            time.sleep(1.5)
+        if behaviour in ("ok", "okkey", "slow"):
+            echo = f" (request had {auth})" if behaviour == "okkey" else ""
+            answer(f"Reply A is more helpful.{echo}\n{label.DELIMITER}\n{rejected}{SUFFIX}")
+        elif behaviour == "429":
+            send(429, "slow down", [("Retry-After", "0.4")])
+        elif behaviour == "500":
+            send(500, "oops")
+        elif behaviour == "500key":
+            send(500, f"internal error handling {auth}")
+        elif behaviour == "badjson":
+            send(200, '{"choices": [{"mess')
+        elif behaviour == "nodelim":
+            answer("I would rather not rewrite this.")
+        elif behaviour == "401":
+            send(401, f"invalid key {auth}")
+
+    def calls_for(self, k):
+        return [c for c in self.calls if c[0] == k]
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def no_proxy_env(monkeypatch):
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+
+
+def openai_args(tiny_dir, out, url, n, *extra):
+    return ["--reviser", "openai", "--api-base", url, "--api-model", "fake-model", "--tokenizer", str(tiny_dir),
+            "--out", str(out), "--limit", str(n), "--max-response-len", "64", "--backoff-base", "0.01",
+            "--backoff-cap", "0.05", "--timeout", "0.5", *extra]
+
+
+def read_lines(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def test_openai_reviser_survives_faults_and_never_leaks_the_key(splits, tiny_dir, tiny_tokenizer, tmp_path,
+                                                                 monkeypatch, no_proxy_env, capsys):
+    pairs = splits["reward"][:9]
+    scripts = {0: ["429"], 1: ["500"], 2: ["badjson"], 3: ["nodelim"], 4: ["slow"],
+               5: ["nodelim"] * 3, 6: ["500key"] * 3, 7: ["okkey"]}
+    expected_calls = {0: 2, 1: 2, 2: 2, 3: 2, 4: 2, 5: 3, 6: 3, 7: 1, 8: 1}  # --max-retries 2: at most 3 calls
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    server = FakeChat(pairs, scripts)
+    out = tmp_path / "labels.jsonl"
+    try:
+        summary = label.main(openai_args(tiny_dir, out, server.url, 9, "--max-retries", "2", "--concurrency", "3"))
+        assert {k: len(server.calls_for(k)) for k in range(9)} == expected_calls
+        assert summary["reviser_calls"] == sum(expected_calls.values())
+        assert all(auth == f"Bearer {SECRET}" for _, _, _, auth in server.calls)
+        first, second = server.calls_for(0)[:2]
+        assert second[2] - first[2] >= 0.39  # Retry-After: 0.4 honoured (the backoff cap is 0.05 s)
+
+        # every pair labelled or reported failed, with the reason
+        assert summary["done"] == 7 and summary["failed"] == 2 and summary["pairs"] == 9
+        errors = {f["id"]: f["error"] for f in summary["failures"]}
+        assert errors[pairs[5].id] == "no delimiter in answer"
+        assert errors[pairs[6].id].startswith("HTTP 500") and "***" in errors[pairs[6].id]
+        records = read_lines(out)
+        assert [r["id"] for r in records] == [p.id for k, p in enumerate(pairs) if k not in (5, 6)]
+        suffix_ids, checked = tiny_tokenizer(SUFFIX, add_special_tokens=False)["input_ids"], 0
+        for record in records:
+            lead = record["rejected"][: len(record["rejected"]) - len(record["rejected"].lstrip())]
+            assert record["revised"] == lead + record["rejected"].strip() + SUFFIX
+            if record["rejected"] == record["rejected"].rstrip() and len(record["revised_ids"]) < 63:
+                assert set(record["rejected_labels"]) == {0}  # nothing deleted
+                assert sum(record["revised_labels"]) == record["distance"] == len(suffix_ids)  # inserted
+                neutral = [t for t, v in zip(record["revised_ids"], record["revised_labels"]) if v == 0]
+                assert neutral == record["rejected_ids"]  # where the inserts land is up to the tie-break
+                checked += 1
+        assert checked >= 3
+        cache = read_lines(f"{out}.cache.jsonl")
+        assert len(cache) == 7 and len({c["key"] for c in cache}) == 7
+
+        # the key is nowhere: outputs, cache (pair 7's answer echoed it), summary, printed output
+        printed = capsys.readouterr()
+        for text in (out.read_text(), Path(f"{out}.cache.jsonl").read_text(), Path(f"{out}.summary.json").read_text(),
+                     printed.out, printed.err):
+            assert SECRET not in text
+        assert "***" in Path(f"{out}.cache.jsonl").read_text()
+
+        # a second run asks only for the two failed pairs (their scripts are used up: they succeed now)
+        before = len(server.calls)
+        summary = label.main(openai_args(tiny_dir, out, server.url, 9, "--max-retries", "2"))
+        assert sorted(c[0] for c in server.calls[before:]) == [5, 6]
+        assert summary["done"] == 9 and summary["failed"] == 0 and summary["from_cache"] == 7
+        assert len(read_lines(out)) == 9 and len(read_lines(f"{out}.cache.jsonl")) == 9
+    finally:
+        server.close()
+
+
+def test_openai_bad_key_stops_the_run_without_leaking_it(splits, tiny_dir, tmp_path, monkeypatch, no_proxy_env):
+    pairs = splits["reward"][:2]
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    server = FakeChat(pairs, {0: ["401"] * 9, 1: ["401"] * 9})
+    try:
+        with pytest.raises(SystemExit) as exc:
+            label.main(openai_args(tiny_dir, tmp_path / "l.jsonl", server.url, 2, "--concurrency", "1"))
+        assert "HTTP 401" in str(exc.value) and SECRET not in str(exc.value) and "***" in str(exc.value)
+        assert not (tmp_path / "l.jsonl").exists()
+    finally:
+        server.close()
+
+
+def test_openai_without_key_is_a_clear_error(tiny_dir, tmp_path, no_proxy_env):
+    with pytest.raises(SystemExit, match="OPENAI_API_KEY"):
+        label.main(openai_args(tiny_dir, tmp_path / "l.jsonl", "https://api.example.com/v1", 2))
+
+
+def test_resume_after_kill_asks_only_for_missing_pairs(splits, tiny_dir, tmp_path, no_proxy_env):
+    pairs = splits["reward"][:6]
+    server = FakeChat(pairs, hold_after=3)  # three answers, then the server stalls until released
+    out = tmp_path / "labels.jsonl"
+    cache = Path(f"{out}.cache.jsonl")
+    args = openai_args(tiny_dir, out, server.url, 6, "--concurrency", "1", "--timeout", "30")
+    env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}  # localhost needs no key
+    try:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "label.py"), *args], cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            if cache.exists() and cache.read_text().count("\n") >= 3 and len(server.calls) >= 4:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)  # while the 4th request is in flight
+        proc.wait()
+        server.release.set()
+        assert not out.exists()  # killed before the final write
+        cached = {c["id"] for c in read_lines(cache)}
+        assert len(cached) == 3
+        before = len(server.calls)
+
+        summary = label.main(args)
+        asked = [pairs[c[0]].id for c in server.calls[before:]]
+        assert not set(asked) & cached and sorted(asked) == sorted({p.id for p in pairs} - cached)
+        assert summary["done"] == 6 and summary["from_cache"] == len(cached)
+        assert sorted(r["id"] for r in read_lines(out)) == sorted(p.id for p in pairs)  # none lost, none twice
+        lines = read_lines(cache)
+        assert len(lines) == len({c["key"] for c in lines}) == 6
+
+        before = len(server.calls)
+        label.main(args)  # a third run: everything cached
+        assert len(server.calls) == before
+    finally:
+        server.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# The chosen and hf revisers, end to end
+# ----------------------------------------------------------------------------------------------
+def test_chosen_reviser_end_to_end(splits, tiny_dir, tiny_tokenizer, tmp_path, capsys):
+    out = tmp_path / "labels.jsonl"
+    summary = label.main(["--reviser", "chosen", "--tokenizer", str(tiny_dir), "--out", str(out), "--limit", "12",
+                          "--max-response-len", "32"])
+    assert "warning: --reviser chosen" in capsys.readouterr().err
+    records = read_lines(out)
+    assert [r["id"] for r in records] == [p.id for p in splits["reward"][:12]]
+    for record, pair in zip(records, splits["reward"]):
+        assert record["revised"] == pair.chosen and record["prompt"] == pair.prompt
+        assert record["rejected_ids"] == tiny_tokenizer(pair.rejected, add_special_tokens=False)["input_ids"][:31]
+        assert len(record["revised_ids"]) == len(record["revised_labels"]) <= 31
+        assert record["distance"] >= sum(v == -1 for v in record["rejected_labels"])
+    assert summary["done"] == 12 and summary["failed"] == 0 and summary["reviser"] == "chosen"
+    assert abs(sum(summary["tokens"].values()) - 1) < 1e-3 and summary["tokens"]["negative"] > 0.3
+    assert summary["mean_distance"] > 0 and not Path(f"{out}.cache.jsonl").exists()
+    assert json.loads(Path(f"{out}.summary.json").read_text()) == summary
+
+
+def hf_args(tiny_dir, out, n, *extra):
+    return ["--reviser", "hf", "--reviser-model", str(tiny_dir), "--tokenizer", str(tiny_dir), "--out", str(out),
+            "--limit", str(n), "--reviser-batch-size", "2", "--reviser-max-new-tokens", "8", "--device", "cpu",
+            "--max-response-len", "64", *extra]
+
+
+def test_hf_reviser_tiny_model_end_to_end(tiny_dir, tmp_path):
+    out = tmp_path / "labels.jsonl"
+    summary = label.main(hf_args(tiny_dir, out, 3))
+    assert summary["done"] + summary["failed"] == 3  # a random tiny model rarely writes the delimiter
+    assert all(f["error"] == "no delimiter in answer" for f in summary["failures"])
+    assert len(read_lines(out)) == summary["done"] and summary["reviser_calls"] == 3
+
+
+def test_hf_reviser_parses_and_retries_when_sampling(splits, tiny_dir, tmp_path, monkeypatch):
+    pairs = splits["reward"][:3]
+    seen = []
+
+    def fake_generate(model, tokenizer, texts, max_new_tokens, temperature, max_prompt_len):
+        assert max_prompt_len == 512 - 8  # the tiny model's context, less the answer
+        answers = []
+        for text in texts:
+            rejected = text.split("=== Reply B (rejected) ===\n", 1)[1].split("\n\nFirst explain", 1)[0]
+            seen.append(rejected)
+            first_try_of_pair_1 = rejected == pairs[1].rejected.strip() and seen.count(rejected) == 1
+            answers.append("no idea" if first_try_of_pair_1 else f"Kinder.\n{label.DELIMITER}\n{rejected}{SUFFIX}")
+        return answers
+
+    monkeypatch.setattr(label, "generate_texts", fake_generate)
+    out = tmp_path / "labels.jsonl"
+    summary = label.main(hf_args(tiny_dir, out, 3, "--temperature", "0.7", "--max-retries", "1"))
+    assert summary["done"] == 3 and summary["failed"] == 0 and summary["reviser_calls"] == 4
+    assert len(seen) == 4 and seen.count(pairs[1].rejected.strip()) == 2
+    assert [r["revised"] for r in read_lines(out)] == [" " + p.rejected.strip() + SUFFIX for p in pairs]
+    summary = label.main(hf_args(tiny_dir, out, 3))  # cached: no generation at all
+    assert len(seen) == 4 and summary["from_cache"] == 3
+
+
+def test_chat_text_uses_the_template_when_there_is_one(tiny_dir):
+    tokenizer = common.load_tokenizer(tiny_dir)
+    assert label.chat_text(tokenizer, "Fix this.") == "Fix this.\n\n"  # no template: plain text
+    tokenizer.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+                               "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    assert label.chat_text(tokenizer, "Fix this.") == "<|user|>Fix this.<|assistant|>"

@@ -1,0 +1,291 @@
+"""redistribute.py: RED eq. 6/7 from one pass, the Bradley–Terry reward model, save/load, CLI."""
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2Model
+
+import common
+import redistribute as red
+
+ROOT = Path(__file__).resolve().parents[1]
+PAD = 0
+
+
+def tiny_score_model(vocab=48, n_layer=2, n_embd=32, seed=0):
+    """A ScoreModel on a GPT-2 built straight from a config (no tokenizer needed)."""
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=vocab, n_layer=n_layer, n_head=2, n_embd=n_embd, n_positions=128,
+                     bos_token_id=PAD, eos_token_id=PAD, pad_token_id=PAD)
+    return common.disable_dropout(common.ScoreModel(GPT2Model(cfg))).eval()
+
+
+def random_rows(n=4, vocab=48, seed=0):
+    """(prompt ids, response ids) of varying lengths; ids avoid PAD so padding is visible."""
+    rng = random.Random(seed)
+    return [([rng.randrange(1, vocab) for _ in range(rng.randint(1, 7))],
+             [rng.randrange(1, vocab) for _ in range(rng.randint(1, 9))]) for _ in range(n)]
+
+
+def batch_right(rows):
+    """Training layout: prompt + response, the whole row right-padded."""
+    ids, mask = common.pad_right([p + r for p, r in rows], PAD)
+    response_mask = torch.zeros_like(mask)
+    for i, (p, r) in enumerate(rows):
+        response_mask[i, len(p): len(p) + len(r)] = 1
+    return ids, mask, response_mask
+
+
+def batch_left(rows):
+    """PPO layout: left-padded prompts, then right-padded responses."""
+    prompt_ids, prompt_mask = common.pad_left([p for p, _ in rows], PAD)
+    response_ids, response_mask = common.pad_right([r for _, r in rows], PAD)
+    ids = torch.cat([prompt_ids, response_ids], 1)
+    mask = torch.cat([prompt_mask, response_mask], 1)
+    return ids, mask, torch.cat([torch.zeros_like(prompt_mask), response_mask], 1)
+
+
+def score_alone(model, ids):
+    """R of an unpadded sequence, read at its last token: its own forward pass."""
+    ids = torch.tensor([ids])
+    with torch.no_grad():
+        return model(ids, torch.ones_like(ids))[0, -1].item()
+
+
+def naive_redistribute(model, rows, zero_first=False):
+    """The T-pass reference: re-score every prefix x + y≤t separately and take differences."""
+    out = torch.zeros(len(rows), max(len(r) for _, r in rows))
+    for b, (prompt, response) in enumerate(rows):
+        previous = 0.0 if zero_first else score_alone(model, prompt)
+        for t in range(len(response)):
+            current = score_alone(model, prompt + response[: t + 1])
+            out[b, t] = current - previous
+            previous = current
+    return out
+
+
+@pytest.mark.parametrize("layout", [batch_left, batch_right], ids=["left_padded", "right_padded"])
+@pytest.mark.parametrize("zero_first", [False, True])
+def test_single_pass_equals_naive_prefix_loop(layout, zero_first):
+    model, rows = tiny_score_model(), random_rows(5)
+    got = red.redistribute(model, *layout(rows), zero_first=zero_first)
+    want = naive_redistribute(model, rows, zero_first)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    assert want.abs().max() > 1e-2  # the rewards are not trivially zero
+
+
+@pytest.mark.parametrize("layout", [batch_left, batch_right], ids=["left_padded", "right_padded"])
+def test_telescoping(layout):
+    model, rows = tiny_score_model(seed=1), random_rows(6, seed=1)
+    batch = layout(rows)
+    full = torch.tensor([score_alone(model, p + r) for p, r in rows])  # R(x, y)
+    empty = torch.tensor([score_alone(model, p) for p, _ in rows])  # R(x, ∅)
+    torch.testing.assert_close(red.sequence_reward(model, *batch), full, atol=2e-5, rtol=0)
+    torch.testing.assert_close(red.redistribute(model, *batch).sum(-1), full - empty, atol=2e-5, rtol=0)
+    torch.testing.assert_close(red.redistribute(model, *batch, zero_first=True).sum(-1), full, atol=2e-5, rtol=0)
+
+
+def test_hand_made_scores_pin_positions():
+    """Which position gives which reward, on made-up scores; NaN at padding must not leak."""
+    nan = float("nan")
+    scores = torch.tensor([[1.0, 2.0, 4.0, 7.0, 11.0, nan],   # right-padded: prompt 2, response 3
+                           [nan, 5.0, 3.0, 2.0, 6.0, nan]])   # left-padded prompt 2, response 2, pad
+    attention_mask = torch.tensor([[1, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 0]])
+    response_mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 0, 0, 1, 1, 0]])
+    f = red.redistribute_scores
+    assert f(scores, attention_mask, response_mask).tolist() == [[2, 3, 4], [-1, 4, 0]]
+    assert f(scores, attention_mask, response_mask, zero_first=True).tolist() == [[4, 3, 4], [2, 4, 0]]
+    # eq. 7: β_c·r̃_t + (1 − β_c)·R(x, y)·[t = T]
+    assert f(scores, attention_mask, response_mask, beta_c=0.5).tolist() == [[1, 1.5, 7.5], [-0.5, 5, 0]]
+    assert f(scores, attention_mask, response_mask, beta_c=0.0).tolist() == [[0, 0, 11], [0, 6, 0]]
+
+
+def test_beta_zero_is_exactly_sparse_and_padding_is_zero():
+    model, rows = tiny_score_model(seed=2), random_rows(5, seed=2)
+    batch = batch_left(rows)
+    sparse = red.sparse_token_rewards(model, *batch)
+    assert torch.equal(red.redistribute(model, *batch, beta_c=0.0), sparse)
+    seq = red.sequence_reward(model, *batch)
+    for b, (_, response) in enumerate(rows):
+        expected = torch.zeros(sparse.shape[1])
+        expected[len(response) - 1] = seq[b]
+        assert torch.equal(sparse[b], expected)  # R(x, y) on the last token, exact zeros elsewhere
+    for beta_c in (1.0, 0.3):
+        token_rewards = red.redistribute(model, *batch, beta_c=beta_c)
+        for b, (_, response) in enumerate(rows):
+            assert torch.all(token_rewards[b, len(response):] == 0)
+            assert torch.all(token_rewards[b, : len(response)] != 0)
+    mixed = red.redistribute(model, *batch, beta_c=0.3)
+    torch.testing.assert_close(mixed, 0.3 * red.redistribute(model, *batch) + 0.7 * sparse)
+
+
+def test_reward_read_at_last_real_token_any_padding():
+    model, rows = tiny_score_model(seed=3), random_rows(4, seed=3)
+    examples = [{"prompt": p, "chosen": r, "rejected": r[::-1] + [7]} for p, r in rows]
+    batch = red.collate_pairs(examples, PAD)  # right-padded, chosen rows then rejected rows
+    with torch.no_grad():
+        chosen, rejected = red.pair_rewards(model, batch)
+        want_c = torch.tensor([score_alone(model, e["prompt"] + e["chosen"]) for e in examples])
+        want_r = torch.tensor([score_alone(model, e["prompt"] + e["rejected"]) for e in examples])
+        torch.testing.assert_close(chosen, want_c, atol=2e-5, rtol=0)
+        torch.testing.assert_close(rejected, want_r, atol=2e-5, rtol=0)
+        # the same rows left-padded: same rewards, and the same as sequence_reward
+        rows2 = [(e["prompt"], e["chosen"]) for e in examples] + [(e["prompt"], e["rejected"]) for e in examples]
+        left = batch_left(rows2)
+        left_batch = {"query_response": left[0], "attention_mask": left[1]}
+        torch.testing.assert_close(torch.cat(red.pair_rewards(model, left_batch)), torch.cat([want_c, want_r]),
+                                   atol=2e-5, rtol=0)
+        torch.testing.assert_close(red.sequence_reward(model, batch["query_response"], batch["attention_mask"],
+                                                       batch["response_mask"]), torch.cat([want_c, want_r]),
+                                   atol=2e-5, rtol=0)
+
+
+def synthetic_pairs(n, vocab, marker, rng):
+    """Chosen responses contain the marker token somewhere; rejected ones never do."""
+    def response():
+        return [rng.randrange(marker + 1, vocab) for _ in range(rng.randint(3, 9))]
+    examples = []
+    for _ in range(n):
+        chosen = response()
+        chosen.insert(rng.randrange(len(chosen) + 1), marker)
+        examples.append({"prompt": [rng.randrange(1, vocab) for _ in range(rng.randint(1, 5))],
+                         "chosen": chosen + [PAD], "rejected": response() + [PAD]})  # PAD = EOS
+    return examples
+
+
+def test_bradley_terry_learns_a_marker_preference():
+    rng, vocab, marker = random.Random(0), 40, 5
+    train_examples = synthetic_pairs(512, vocab, marker, rng)
+    eval_examples = synthetic_pairs(200, vocab, marker, rng)
+    model = tiny_score_model(vocab=vocab, n_layer=1, n_embd=32, seed=0)
+    device = torch.device("cpu")
+    before = red.evaluate(model, eval_examples, PAD, 64, device)
+    model.train()
+    optimizer = common.adamw(model, lr=3e-3)
+    for epoch in range(2):
+        order = red.epoch_order(len(train_examples), epoch, seed=0, length=len(train_examples))
+        for i in range(0, len(order), 32):
+            batch = red.collate_pairs([train_examples[j] for j in order[i: i + 32]], PAD)
+            loss = red.bradley_terry_loss(*red.pair_rewards(model, batch))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    after = red.evaluate(model, eval_examples, PAD, 64, device)
+    assert before["accuracy"] < 0.75
+    assert after["accuracy"] > 0.9, after
+    assert after["mean_margin"] > 1.0
+
+
+def test_bradley_terry_loss_values():
+    chosen = torch.tensor([0.0, 2.0, -1.0], requires_grad=True)
+    rejected = torch.tensor([0.0, 0.0, 1.0])
+    loss = red.bradley_terry_loss(chosen, rejected)
+    want = -torch.log(torch.sigmoid(torch.tensor([0.0, 2.0, -2.0]))).mean()
+    torch.testing.assert_close(loss, want)
+    loss.backward()
+    assert torch.all(chosen.grad < 0)  # descent raises the chosen reward
+    big = red.bradley_terry_loss(torch.tensor([-200.0]), torch.tensor([200.0]))
+    assert torch.isfinite(big) and abs(big.item() - 400.0) < 1e-3
+
+
+def test_save_load_gives_same_scores(tiny_dir, tiny_tokenizer, tmp_path):
+    model = common.ScoreModel.from_pretrained(tiny_dir).eval()  # fresh random head
+    common.save_hf(model, tiny_tokenizer, tmp_path / "rm")
+    loaded = common.ScoreModel.from_pretrained(tmp_path / "rm").eval()
+    rows = random_rows(4, vocab=len(tiny_tokenizer), seed=4)
+    batch = batch_left(rows)
+    assert torch.equal(red.redistribute(model, *batch), red.redistribute(loaded, *batch))
+    assert red.redistribute(model, *batch).abs().sum() > 0
+
+
+def test_vocabulary_mismatch_is_a_clear_error():
+    model = tiny_score_model(vocab=48)
+    ids = torch.tensor([[1, 2, 60]])
+    with pytest.raises(ValueError, match="vocabulary"):
+        red.redistribute(model, ids, torch.ones_like(ids), torch.tensor([[0, 1, 1]]))
+
+
+def train_argv(tiny_dir, out, *extra):
+    return ["train", "--sft", str(tiny_dir), "--out", str(out), "--limit", "24", "--max-prompt-len", "32",
+            "--max-response-len", "16", "--batch-size", "4", "--lr", "5e-4", "--log-every", "2", *extra]
+
+
+def test_train_cli_end_to_end_and_resume(tiny_dir, tmp_path, capsys):
+    # one uninterrupted run on the bundled data: 22 training pairs, 2 held out, 6 steps
+    result = red.main(train_argv(tiny_dir, tmp_path / "a"))
+    acc = json.loads((tmp_path / "a" / "accuracy.json").read_text())
+    assert acc["pairs"] == 2 and acc["step"] == acc["total_steps"] == 6
+    assert acc["accuracy"] == result["accuracy"] and 0.0 <= acc["accuracy"] <= 1.0
+    log = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [2, 4, 6]
+    assert "held-out pair accuracy" in capsys.readouterr().out
+    assert (tmp_path / "a" / "checkpoint" / "state.pt").exists()
+    # the same run killed after 3 steps, then resumed: the same final reward model
+    red.main(train_argv(tiny_dir, tmp_path / "b", "--max-steps", "3", "--save-every", "100"))
+    assert json.loads((tmp_path / "b" / "accuracy.json").read_text())["step"] == 3
+    assert not (tmp_path / "b" / "config.json").exists()  # no final model yet
+    red.main(train_argv(tiny_dir, tmp_path / "b"))
+    assert "resumed from" in capsys.readouterr().out
+    a = common.ScoreModel.from_pretrained(tmp_path / "a")
+    b = common.ScoreModel.from_pretrained(tmp_path / "b")
+    for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(pa, pb, atol=1e-6, rtol=1e-5, msg=name)
+    sft = common.ScoreModel.from_pretrained(tiny_dir)
+    assert not torch.equal(a.backbone.wte.weight, sft.backbone.wte.weight)  # it did train
+    # show: one line per response token (EOS included) and the telescoped sum
+    token_rewards = red.main(["show", "--rm", str(tmp_path / "a"), "--prompt", "\n\nHuman: Hi\n\nAssistant:",
+                              "--response", " Hello there"])
+    out = capsys.readouterr().out.splitlines()
+    tokenizer = common.load_tokenizer(tmp_path / "a")
+    n_tokens = len(tokenizer(" Hello there", add_special_tokens=False)["input_ids"]) + 1
+    assert len(token_rewards) == n_tokens and len(out) == n_tokens + 2
+    assert out[-1].startswith(f"sum of token rewards {token_rewards.sum().item():+.4f}")
+
+
+def test_bad_arguments_are_named(capsys):
+    with pytest.raises(SystemExit):
+        red.parse_args(["train", "--sft", "x", "--out", "y", "--eval-fraction", "1.5"])
+    assert "--eval-fraction must be in (0, 1), got 1.5" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        red.parse_args(["show", "--rm", "x", "--prompt", "p", "--response", "r", "--beta-c", "2"])
+    assert "--beta-c must be in [0, 1]" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        red.main(["train", "--help"])
+    assert exit_info.value.code == 0 and "--gradient-checkpointing" in capsys.readouterr().out
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_ranks_match_one_process(tiny_dir, tmp_path):
+    """2 ranks × 2 pairs must train like 1 process × 2 accumulated micro-batches of 2 pairs: the
+    same 4 pairs per step (DDP averages gradients, accumulation sums halves). The single process
+    also recomputes activations (gradient checkpointing), which must not change the numbers."""
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    argv = train_argv(tiny_dir, tmp_path / "ddp", "--batch-size", "2")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={free_port()}", str(ROOT / "redistribute.py"), *argv],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("held-out pair accuracy") == 1  # rank 0 alone prints and saves
+    red.main(train_argv(tiny_dir, tmp_path / "one", "--batch-size", "2", "--grad-accum", "2",
+                             "--gradient-checkpointing"))
+    logs = [[json.loads(line) for line in (tmp_path / d / "log.jsonl").read_text().splitlines()]
+            for d in ("ddp", "one")]
+    assert len(logs[0]) == len(logs[1])  # no duplicate lines from rank 1
+    for x, y in zip(*logs):
+        if "loss" in x:
+            assert abs(x["loss"] - y["loss"]) < 1e-4, (x, y)
+    acc = [json.loads((tmp_path / d / "accuracy.json").read_text()) for d in ("ddp", "one")]
+    assert abs(acc[0]["mean_margin"] - acc[1]["mean_margin"]) < 1e-4
