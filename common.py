@@ -4,10 +4,12 @@ Nothing in here is an RLHF algorithm; those live, written out, in their own stag
 (sft.py, label.py, discriminator.py, redistribute.py, ppo_token.py, eval.py). This module only
 holds what three or more stages would otherwise copy:
 
-    data      load_pairs, split_pairs, encode_prompt_response, pad_left / pad_right
+    data      load_pairs, split_pairs, encode_prompt_response, pad_left / pad_right,
+              global_batch (the seeded, resumable data order of one optimizer step)
     models    build_tiny, load_tokenizer, load_policy, ScoreModel (backbone + one scalar per token)
     system    setup_distributed, autocast, seed_everything, cosine schedule
-    files     atomic_write, save_checkpoint / load_checkpoint, JsonlLogger
+    files     atomic_write, save_hf, save_checkpoint / load_checkpoint, JsonlLogger,
+              save_training_state / resume_training_state (model + optimizer + schedule + step)
 """
 from __future__ import annotations
 
@@ -314,6 +316,18 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Ten
     return total / count.clamp(min=1)
 
 
+def global_batch(examples: list, step: int, batch_size: int, seed: int) -> list:
+    """The examples of optimizer step `step`: a fresh seeded permutation every epoch.
+
+    Every rank computes the same global batch, so a run resumed at any step sees exactly the
+    data an uninterrupted run would, and 1 process or N processes see the same data.
+    """
+    per_epoch = max(1, len(examples) // batch_size)
+    epoch, index = divmod(step, per_epoch)
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return [examples[i] for i in order[index * batch_size: (index + 1) * batch_size].tolist()]
+
+
 # ----------------------------------------------------------------------------------------------
 # Tokenizers and models
 # ----------------------------------------------------------------------------------------------
@@ -441,18 +455,19 @@ class ScoreModel(nn.Module):
             atomic_write(out_dir / "score_model.json", json.dumps(extra, indent=2))
 
 
-def save_hf(model: nn.Module, tokenizer, out_dir: str | Path):
+def save_hf(model: nn.Module, tokenizer, out_dir: str | Path, **save_kwargs):
     """Save a model (plain or ScoreModel) and its tokenizer in Hugging Face format into out_dir.
 
     Everything is written to a temp folder first and then renamed file by file, so a crash never
     leaves half a weight file; other files in out_dir (checkpoint/, log.jsonl) are kept.
+    `save_kwargs` go to the model's save_pretrained (ScoreModel: extra={...} -> score_model.json).
     """
     _quiet_transformers()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".save-"))
     try:
-        unwrap(model).save_pretrained(tmp)
+        unwrap(model).save_pretrained(tmp, **save_kwargs)
         tokenizer.save_pretrained(tmp)
         for item in tmp.iterdir():
             os.replace(item, out_dir / item.name)
@@ -649,6 +664,34 @@ def load_checkpoint(ckpt_dir: str | Path, models: dict[str, nn.Module], map_loca
     others = torch.load(ckpt_dir / "state.pt", map_location=map_location, weights_only=True)
     set_rng_state(others.pop("rng"))
     return others
+
+
+def save_training_state(ckpt_dir: str | Path, model: nn.Module, optimizer, scheduler, step: int, **extra):
+    """Checkpoint one trained model with its optimizer, scheduler, step and any `extra` fields
+    (e.g. total_steps=..., which resume_training_state then checks)."""
+    save_checkpoint(ckpt_dir, {"model": model}, {"optimizer": optimizer.state_dict(),
+                                                 "scheduler": scheduler.state_dict(), "step": step, **extra})
+
+
+def resume_training_state(ckpt_dir: str | Path, model: nn.Module, optimizer, scheduler, total_steps: int,
+                          master: bool = True, map_location="cpu") -> dict | None:
+    """Load what save_training_state wrote into model, optimizer and scheduler (and the RNG states);
+    return the saved state (step and extra fields), or None when there is no checkpoint.
+
+    A checkpoint saved with total_steps must be for a run of this length: the cosine schedule and
+    the data order depend on it, so a mismatch stops the run instead of resuming a different plan.
+    """
+    state = load_checkpoint(ckpt_dir, {"model": model}, map_location=map_location)
+    if state is None:
+        return None
+    if state.get("total_steps", total_steps) != total_steps:
+        raise SystemExit(f"{ckpt_dir}: made for a {state['total_steps']}-step run, this one has {total_steps} "
+                         f"steps (data, batch or epochs changed); use --no-resume to start fresh")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if master:
+        print(f"resumed from {ckpt_dir} at step {state['step']}/{total_steps}")
+    return state
 
 
 class JsonlLogger:

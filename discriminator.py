@@ -42,8 +42,6 @@ import contextlib
 import hashlib
 import json
 import math
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -221,18 +219,6 @@ def collate(examples, pad_id):
     return query_response, attention_mask, response_mask, labels
 
 
-def global_batch(examples, step, batch_size, seed):
-    """The sequences of optimizer step `step`, from a fresh seeded permutation every epoch.
-
-    Every rank computes the same global batch, so a resumed run sees exactly the data of an
-    uninterrupted one, and 1 or N processes see the same data.
-    """
-    per_epoch = max(1, len(examples) // batch_size)
-    epoch, index = divmod(step, per_epoch)
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    return [examples[i] for i in order[index * batch_size: (index + 1) * batch_size].tolist()]
-
-
 # ----------------------------------------------------------------------------------------------
 # 2. the loss, TLCR eq. 6
 # ----------------------------------------------------------------------------------------------
@@ -384,19 +370,6 @@ def report_accuracy(metrics: dict, path: Path):
           f"paper {PAPER_ACCURACY} -> {path}")
 
 
-def save_discriminator(model, tokenizer, out: Path, extra: dict):
-    """Write the model files into `out` one by one (each an atomic rename), keeping what else is there
-    (log.jsonl, checkpoint/). common.save_hf would replace the whole folder."""
-    tmp = out.with_name(out.name + ".save.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    common.unwrap(model).save_pretrained(tmp, extra=extra)
-    tokenizer.save_pretrained(tmp)
-    out.mkdir(parents=True, exist_ok=True)
-    for item in sorted(tmp.iterdir()):
-        os.replace(item, out / item.name)
-    shutil.rmtree(tmp, ignore_errors=True)
-
-
 # ----------------------------------------------------------------------------------------------
 # 5. the commands
 # ----------------------------------------------------------------------------------------------
@@ -427,17 +400,15 @@ def train(args):
     optimizer = common.adamw(model, args.lr, args.weight_decay, betas=(0.9, 0.95))
     scheduler = common.cosine_schedule(optimizer, total_steps)
     step, ckpt = 0, out / "checkpoint"
-    if args.resume and (state := common.load_checkpoint(ckpt, {"model": model})):
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+    if args.resume and (state := common.resume_training_state(ckpt, model, optimizer, scheduler, total_steps,
+                                                             dist.master)):
         step = state["step"]
-        if dist.master:
-            print(f"resumed from {ckpt} at step {step}/{total_steps}")
     if batch_size < dist.world_size:
         raise SystemExit(f"--batch-size {batch_size} is smaller than the {dist.world_size} processes")
     if dist.enabled:
         model = torch.nn.parallel.DistributedDataParallel(model)
     logger = common.JsonlLogger(out / "log.jsonl", enabled=dist.master)
+    logger.rewind(step)  # lines logged after the checkpoint will be logged again
     pad_id = tokenizer.pad_token_id
     if dist.master:
         print(f"discriminator: {len(train_records)} pairs ({len(train_examples)} sequences) to train on, "
@@ -445,13 +416,12 @@ def train(args):
 
     def checkpoint():
         if dist.master:
-            common.save_checkpoint(ckpt, {"model": model}, {"optimizer": optimizer.state_dict(),
-                                                            "scheduler": scheduler.state_dict(), "step": step})
+            common.save_training_state(ckpt, model, optimizer, scheduler, step)
 
     bar = tqdm(total=total_steps, initial=step, desc="discriminator", disable=not dist.master)
     start = time.time()
     while step < total_steps:
-        batch = global_batch(train_examples, step, batch_size, args.seed)
+        batch = common.global_batch(train_examples, step, batch_size, args.seed)
         record = train_step(model, optimizer, scheduler, batch, args, dist, pad_id)
         step += 1
         record = {"step": step, "epoch": step / steps_per_epoch, **record, "lr": scheduler.get_last_lr()[0],
@@ -475,7 +445,7 @@ def train(args):
              "max_response_len": args.max_response_len, "steps": step}
     if dist.master:
         checkpoint()
-        save_discriminator(model, tokenizer, out, extra)
+        common.save_hf(model, tokenizer, out, extra=extra)  # keeps log.jsonl and checkpoint/
     metrics = None
     if heldout_examples:
         metrics = evaluate_accuracy(model, heldout_examples, args.micro_batch_size, dist, args.bf16, pad_id)

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import email.utils
 import hashlib
 import html
 import json
@@ -335,24 +334,12 @@ def redact(text, secret):
     return text.replace(secret, "***") if secret else text
 
 
-def retry_after_seconds(response):
-    """Retry-After as seconds (a number or an HTTP date), or None."""
-    value = response.headers.get("Retry-After")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        try:
-            return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-        except (TypeError, ValueError):
-            return None
-
-
 def chat_completion(judge, messages):
     """One answer text; retries 429/5xx/timeouts/malformed bodies with backoff (honouring
     Retry-After). Returns None when retries run out; raises JudgeError on other HTTP errors."""
     import requests
+
+    from label import retry_after_seconds  # the reviser's client reads Retry-After the same way
 
     url = judge.api_base.rstrip("/") + "/chat/completions"
     headers = {"Content-Type": "application/json"}
@@ -374,7 +361,7 @@ def chat_completion(judge, messages):
                 except (ValueError, KeyError, IndexError, TypeError):
                     pass  # malformed body: retry
             elif response.status_code == 429 or response.status_code >= 500:
-                wait = retry_after_seconds(response)
+                wait = retry_after_seconds(response.headers.get("Retry-After"))
             else:
                 raise JudgeError(f"{url}: HTTP {response.status_code}: "
                                  f"{redact(response.text[:300], judge.api_key)}")

@@ -513,13 +513,6 @@ def prompt_batch(prompts, step: int, batch_size: int, seed: int, rank: int, pad_
     return prompt.to(device), prompt_mask.to(device)
 
 
-def trim_log(path: Path, last_step: int):
-    """Keep log lines of steps <= last_step (a resumed run rewrites what came after its checkpoint)."""
-    if path.exists():
-        lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= last_step]
-        common.atomic_write(path, "".join(l + "\n" for l in lines))
-
-
 def main(argv=None, reward_fn=None):
     """Train. `reward_fn` (optional) replaces the --reward source, e.g. a toy reward in tests."""
     args = parse_args(argv)
@@ -544,15 +537,16 @@ def main(argv=None, reward_fn=None):
     policy_optimizer = common.adamw(policy, args.policy_lr)
     critic_optimizer = common.adamw(critic, args.critic_lr)
 
-    start_step, log_path = 0, out / "log.jsonl"
+    start_step = 0
     state = common.load_checkpoint(out / "checkpoint", {"policy": policy, "critic": critic}) if args.resume else None
     if state is not None:
         policy_optimizer.load_state_dict(state["policy_optimizer"])
         critic_optimizer.load_state_dict(state["critic_optimizer"])
         start_step = state["step"]
+    logger = common.JsonlLogger(out / "log.jsonl", enabled=master)
+    logger.rewind(start_step)  # a resumed run logs again what came after its checkpoint
     if master:
         out.mkdir(parents=True, exist_ok=True)
-        trim_log(log_path, start_step)
         common.atomic_write(out / "args.json", json.dumps(vars(args), indent=2))
         print(f"ppo_token: reward={args.reward}, {len(prompts)} prompts, world size {dist.world_size}, "
               f"{'resuming at step ' + str(start_step) if start_step else 'fresh start'}")
@@ -561,7 +555,6 @@ def main(argv=None, reward_fn=None):
 
         ids = [dist.local_rank] if device.type == "cuda" else None
         policy, critic = DDP(policy, device_ids=ids), DDP(critic, device_ids=ids)
-    logger = common.JsonlLogger(log_path, enabled=master)
 
     bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, disable=not master, desc="ppo")
     for step in bar:

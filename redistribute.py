@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -255,7 +254,7 @@ def sequence_reward(reward_model, query_response: torch.Tensor, attention_mask: 
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. Training loop helpers: data order, saving
+# 5. Training loop helper: data order
 # ----------------------------------------------------------------------------------------------
 def epoch_order(n: int, epoch: int, seed: int, length: int) -> list[int]:
     """A seeded permutation of range(n) for this epoch, wrapped around to `length` entries (so
@@ -263,29 +262,6 @@ def epoch_order(n: int, epoch: int, seed: int, length: int) -> list[int]:
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(n, generator=generator).tolist()
     return [order[i % n] for i in range(length)]
-
-
-def save_final(model, tokenizer, out: Path, keep=("log.jsonl", "checkpoint")):
-    """common.save_hf replaces the whole directory; carry the run's log and checkpoint across it."""
-    stash = out.with_name(out.name + ".keep")
-    shutil.rmtree(stash, ignore_errors=True)
-    stash.mkdir(parents=True)
-    for name in keep:
-        if (out / name).exists():
-            (out / name).rename(stash / name)
-    common.save_hf(model, tokenizer, out)
-    restore_stash(out)
-
-
-def restore_stash(out: Path):
-    """Put back what save_final set aside (also after a crash in the middle of save_final)."""
-    stash = out.with_name(out.name + ".keep")
-    if stash.exists():
-        out.mkdir(parents=True, exist_ok=True)
-        for item in stash.iterdir():
-            if not (out / item.name).exists():
-                item.rename(out / item.name)
-        shutil.rmtree(stash, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -297,7 +273,6 @@ def train(args):
     common.seed_everything(args.seed + dist_info.rank)
     out = Path(args.out)
     if master:
-        restore_stash(out)
         out.mkdir(parents=True, exist_ok=True)
 
     # data: the split, its held-out tail, token ids
@@ -325,29 +300,21 @@ def train(args):
     scheduler = common.cosine_schedule(optimizer, total_steps)
     step = 0
     ckpt_dir = out / "checkpoint"
-    state = common.load_checkpoint(ckpt_dir, {"model": model}, map_location=device) if args.resume else None
-    if state is not None:
-        if state["total_steps"] != total_steps:
-            raise SystemExit(f"{ckpt_dir}: made for a {state['total_steps']}-step run, this one has {total_steps} "
-                             f"steps (data, batch or epochs changed); use --no-resume to start fresh")
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step = state["step"]
-        if master:
-            print(f"resumed from {ckpt_dir} at step {step}/{total_steps}")
+    if args.resume and (state := common.resume_training_state(ckpt_dir, model, optimizer, scheduler, total_steps,
+                                                             master, map_location=device)):
+        step = state["step"]  # a checkpoint saved for another total_steps stops the run instead
     if dist_info.enabled:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     logger = common.JsonlLogger(out / "log.jsonl", enabled=master)
+    logger.rewind(step)  # lines logged after the checkpoint will be logged again
     if master:
         print(f"{len(train_examples)} training pairs, {len(eval_examples)} held out; {total_steps} steps of "
               f"{micro * args.grad_accum} pairs on {dist_info.world_size} rank(s), device {device}")
 
     def checkpoint():
         if master:
-            common.save_checkpoint(ckpt_dir, {"model": model}, {
-                "step": step, "total_steps": total_steps, "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict()})
+            common.save_training_state(ckpt_dir, model, optimizer, scheduler, step, total_steps=total_steps)
 
     last_step = min(total_steps, args.max_steps) if args.max_steps is not None else total_steps
     from tqdm import tqdm
@@ -401,7 +368,7 @@ def train(args):
         result.update({"step": step, "total_steps": total_steps, "split": args.split, "data": str(args.data)})
         logger.log({"step": step, **{f"eval_{k}": v for k, v in result.items() if k in ("accuracy", "mean_margin")}})
         if step == total_steps:
-            save_final(model, tokenizer, out)
+            common.save_hf(model, tokenizer, out)  # keeps log.jsonl and checkpoint/
         common.atomic_write(out / "accuracy.json", json.dumps(result, indent=2) + "\n")
         print(f"held-out pair accuracy {result['accuracy']:.4f}, mean margin {result['mean_margin']:+.4f} "
               f"over {result['pairs']} pairs (step {step}/{total_steps}) -> {out / 'accuracy.json'}")

@@ -94,18 +94,6 @@ def collate(examples, pad_id):
     return input_ids, attention_mask, labels
 
 
-def global_batch(examples, step, batch_size, seed):
-    """The examples of optimizer step `step`: a fresh seeded permutation every epoch.
-
-    Every rank computes the same global batch, so a run resumed at any step sees exactly the
-    data an uninterrupted run would, and 1 process or N processes see the same data.
-    """
-    per_epoch = max(1, len(examples) // batch_size)
-    epoch, index = divmod(step, per_epoch)
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    return [examples[i] for i in order[index * batch_size: (index + 1) * batch_size].tolist()]
-
-
 # ----------------------------------------------------------------------------------------------
 # 2. the loss
 # ----------------------------------------------------------------------------------------------
@@ -221,12 +209,9 @@ def main(argv=None):
     scheduler = common.cosine_schedule(optimizer, total_steps)
     step = 0
     ckpt = out / "checkpoint"
-    if args.resume and (state := common.load_checkpoint(ckpt, {"model": model})):
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+    if args.resume and (state := common.resume_training_state(ckpt, model, optimizer, scheduler, total_steps,
+                                                             dist.master)):
         step = state["step"]
-        if dist.master:
-            print(f"resumed from {ckpt} at step {step}/{total_steps}")
     if dist.enabled:
         model = torch.nn.parallel.DistributedDataParallel(model)
     logger = common.JsonlLogger(out / "log.jsonl", enabled=dist.master)
@@ -235,14 +220,13 @@ def main(argv=None):
 
     def checkpoint():
         if dist.master:
-            common.save_checkpoint(ckpt, {"model": model}, {"optimizer": optimizer.state_dict(),
-                                                            "scheduler": scheduler.state_dict(), "step": step})
+            common.save_training_state(ckpt, model, optimizer, scheduler, step)
 
     eval_loss = None
     bar = tqdm(total=total_steps, initial=step, desc="sft", disable=not dist.master)
     start = time.time()
     while step < total_steps:
-        batch = global_batch(train_examples, step, args.batch_size, args.seed)
+        batch = common.global_batch(train_examples, step, args.batch_size, args.seed)
         train_loss = train_step(model, optimizer, scheduler, batch, args, dist, pad_id)
         step += 1
         record = {"step": step, "train_loss": train_loss, "lr": scheduler.get_last_lr()[0],

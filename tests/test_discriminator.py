@@ -204,7 +204,7 @@ def test_save_load_same_rewards(small_dir, tiny_tokenizer, tmp_path):
     out = tmp_path / "disc"
     out.mkdir()
     (out / "log.jsonl").write_text("{}\n")
-    D.save_discriminator(model, tiny_tokenizer, out, {"role": "tlcr_discriminator"})
+    common.save_hf(model, tiny_tokenizer, out, extra={"role": "tlcr_discriminator"})
     assert (out / "log.jsonl").exists()  # other files in the run folder survive the save
     assert (out / common.ScoreModel.HEAD_FILE).exists() and (out / "model.safetensors").exists()
     assert not list(out.glob("*.bin")) and not list(out.glob("*.pt"))

@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# run_pipeline.sh — the whole token-rlhf pipeline, one stage after another, each printed as the
+# command a student would type:
+#
+#   sft.py → label.py → discriminator.py (TLCR) → redistribute.py (reward model for RED and the
+#   sequence baseline) → ppo_token.py with seq, red and tlcr rewards → eval.py (table + report.html)
+#
+#   bash run_pipeline.sh                                   # tiny GPT-2 on the bundled data, CPU, minutes
+#   SIZE=gpt2 MODEL=gpt2 bash run_pipeline.sh              # a real model on one GPU
+#   SIZE=gpt2 MODEL=gpt2 NPROC=8 bash run_pipeline.sh      # torchrun, 8 GPUs (training stages)
+#   REVISER=openai OPENAI_API_KEY=... bash run_pipeline.sh # GPT-4 revisions for the TLCR labels
+#   JUDGE=openai OPENAI_API_KEY=... bash run_pipeline.sh   # GPT-4 as the win-rate judge
+#
+# Settings (environment variables):
+#   SIZE      smoke | demo | gpt2   preset of lengths, steps and learning rates (default demo)
+#   MODEL     tiny, or any Hugging Face causal LM name or path (default tiny)
+#   RUN       output folder (default runs/$SIZE)
+#   NPROC     processes per node for the training stages; >1 launches torchrun (default 1)
+#   REVISER   chosen | openai | hf  (label.py --reviser; default chosen: offline, coarse labels)
+#   REVISER_MODEL  for REVISER=hf; API_BASE / API_MODEL for REVISER=openai or JUDGE=openai
+#   JUDGE     reward-model | openai | none (eval.py --judge; default reward-model)
+#   REWARDS   the PPO runs to make (default "seq red tlcr"; also tlcr_fixed tlcr_no_negative tlcr_no_positive)
+#   DATA      preference pairs: bundled (default), a .jsonl(.gz), or hh-rlhf to download
+#   DEVICE    auto | cpu | cuda (default auto)
+#
+# Every stage resumes from its own checkpoint, so running this again after an interruption goes on
+# where it stopped (a finished stage only re-saves its result).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+SIZE=${SIZE:-demo}
+MODEL=${MODEL:-tiny}
+RUN=${RUN:-runs/$SIZE}
+NPROC=${NPROC:-1}
+REVISER=${REVISER:-chosen}
+JUDGE=${JUDGE:-reward-model}
+REWARDS=${REWARDS:-seq red tlcr}
+DATA=${DATA:-bundled}
+DEVICE=${DEVICE:-auto}
+PYTHON=${PYTHON:-python}
+
+case "$SIZE" in
+  smoke)  # seconds: for the end-to-end test
+    SFT="--tiny-layers 1 --tiny-width 32 --tiny-vocab 512 --max-prompt-len 48 --max-response-len 32 --limit 300 --max-steps 6 --lr 3e-3 --batch-size 8 --micro-batch-size 8 --eval-batches 1"
+    LABEL="--limit 40 --max-response-len 32"
+    DISC="--epochs 1 --lr 1e-3 --max-prompt-len 48 --max-response-len 32 --batch-size 8 --micro-batch-size 8"
+    RM="--limit 40 --epochs 1 --lr 1e-3 --max-prompt-len 48 --max-response-len 32 --batch-size 8"
+    PPO="--steps 2 --batch-size 4 --minibatch-size 4 --ppo-epochs 1 --max-prompt-len 48 --max-new-tokens 12 --policy-lr 1e-4 --critic-lr 1e-4"
+    EVAL="--num-prompts 8 --max-prompt-len 48 --max-new-tokens 12 --show-prompts 2 --batch-size 8" ;;
+  demo)   # minutes on 2 CPU cores
+    SFT="--tiny-layers 2 --tiny-width 128 --tiny-vocab 4096 --max-prompt-len 192 --max-response-len 96 --epochs 8 --lr 3e-3 --batch-size 16 --micro-batch-size 16 --eval-every 25"
+    LABEL="--max-response-len 96"
+    DISC="--epochs 2 --lr 1e-3 --max-prompt-len 192 --max-response-len 96 --batch-size 32 --micro-batch-size 32"
+    RM="--epochs 2 --lr 3e-4 --max-prompt-len 192 --max-response-len 96 --batch-size 16"
+    PPO="--steps 30 --batch-size 16 --minibatch-size 8 --ppo-epochs 2 --max-prompt-len 192 --max-new-tokens 48 --policy-lr 5e-5 --critic-lr 1e-4"
+    EVAL="--num-prompts 64 --max-prompt-len 192 --max-new-tokens 48 --show-prompts 4" ;;
+  gpt2)   # one GPU or more: the papers' learning rates scaled for a 124M model
+    SFT="--max-prompt-len 512 --max-response-len 256 --epochs 1 --lr 2e-5 --batch-size 64 --micro-batch-size 8"
+    LABEL="--max-response-len 256"
+    DISC="--epochs 2 --lr 1e-5 --max-prompt-len 512 --max-response-len 256 --batch-size 32 --micro-batch-size 8"
+    RM="--epochs 1 --lr 1e-5 --max-prompt-len 512 --max-response-len 256 --batch-size 8"
+    PPO="--steps 200 --batch-size 64 --minibatch-size 16 --micro-batch-size 8 --max-prompt-len 512 --max-new-tokens 128 --policy-lr 1e-6 --critic-lr 5e-6 --gradient-checkpointing"
+    EVAL="--num-prompts 256 --max-prompt-len 512 --max-new-tokens 128 --show-prompts 6" ;;
+  *) echo "run_pipeline.sh: SIZE must be smoke, demo or gpt2, not '$SIZE'" >&2; exit 2 ;;
+esac
+
+if [ "$NPROC" -gt 1 ]; then
+  TRAIN=($PYTHON -m torch.distributed.run --nproc_per_node="$NPROC")
+else
+  TRAIN=($PYTHON)
+fi
+REVISER_ARGS=(--reviser "$REVISER")
+[ -n "${REVISER_MODEL:-}" ] && REVISER_ARGS+=(--reviser-model "$REVISER_MODEL")
+[ -n "${API_BASE:-}" ] && REVISER_ARGS+=(--api-base "$API_BASE")
+[ -n "${API_MODEL:-}" ] && REVISER_ARGS+=(--api-model "$API_MODEL")
+JUDGE_ARGS=(--judge "$JUDGE")
+if [ "$JUDGE" = openai ]; then
+  [ -n "${API_BASE:-}" ] && JUDGE_ARGS+=(--api-base "$API_BASE")
+  [ -n "${API_MODEL:-}" ] && JUDGE_ARGS+=(--api-model "$API_MODEL")
+fi
+
+step() {  # print the command, then run it
+  echo
+  echo "+ $*"
+  "$@"
+}
+
+start=$(date +%s)
+# shellcheck disable=SC2086  # the presets are word lists on purpose
+step "${TRAIN[@]}" sft.py --model "$MODEL" --data "$DATA" --out "$RUN/sft" --device "$DEVICE" $SFT
+step $PYTHON label.py --data "$DATA" --split reward --tokenizer "$RUN/sft" --out "$RUN/labels.jsonl" "${REVISER_ARGS[@]}" $LABEL
+step "${TRAIN[@]}" discriminator.py train --sft "$RUN/sft" --labels "$RUN/labels.jsonl" --out "$RUN/disc" --device "$DEVICE" $DISC
+step "${TRAIN[@]}" redistribute.py train --sft "$RUN/sft" --data "$DATA" --out "$RUN/rm" --device "$DEVICE" $RM
+
+POLICIES=(sft="$RUN/sft")
+for reward in $REWARDS; do
+  step "${TRAIN[@]}" ppo_token.py --policy "$RUN/sft" --reward "$reward" --reward-model "$RUN/rm" \
+    --discriminator "$RUN/disc" --data "$DATA" --out "$RUN/ppo_$reward" --device "$DEVICE" $PPO
+  POLICIES+=("$reward=$RUN/ppo_$reward/policy")
+done
+
+step $PYTHON eval.py --policies "${POLICIES[@]}" --reference "$RUN/sft" --reward-model "$RUN/rm" \
+  --discriminator "$RUN/disc" --labels "$RUN/labels.jsonl" --data "$DATA" --out "$RUN/eval" \
+  --device "$DEVICE" "${JUDGE_ARGS[@]}" $EVAL
+
+echo
+cat "$RUN/eval/results.md"
+echo
+echo "pipeline finished in $(( $(date +%s) - start )) s; report: $RUN/eval/report.html"

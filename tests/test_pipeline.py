@@ -1,0 +1,64 @@
+"""The whole pipeline at its smallest size (run_pipeline.sh SIZE=smoke), and the README's promises."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import common
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_whole_pipeline_smoke_run_leaves_every_artefact_loadable(tmp_path):
+    run = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env.update(SIZE="smoke", RUN=str(run), PYTHON=sys.executable, DEVICE="cpu")
+    done = subprocess.run(["bash", str(ROOT / "run_pipeline.sh")], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    # each stage was printed as the command a student would type
+    commands = [line for line in done.stdout.splitlines() if line.startswith("+ ")]
+    assert [c.split()[2] for c in commands] == ["sft.py", "label.py", "discriminator.py", "redistribute.py",
+                                                "ppo_token.py", "ppo_token.py", "ppo_token.py", "eval.py"]
+    assert "report: " in done.stdout and "| sft |" in done.stdout
+
+    tokenizer = common.load_tokenizer(run / "sft")
+    ids = torch.tensor([tokenizer("\n\nHuman: hi\n\nAssistant: hello")["input_ids"]])
+    mask = torch.ones_like(ids)
+    for policy_dir in [run / "sft"] + [run / f"ppo_{r}" / "policy" for r in ("seq", "red", "tlcr")]:
+        logits = common.load_policy(policy_dir)(input_ids=ids, attention_mask=mask).logits
+        assert torch.isfinite(logits).all(), policy_dir
+    for score_dir in (run / "disc", run / "rm"):
+        scores = common.ScoreModel.from_pretrained(score_dir)(ids, mask)
+        assert scores.shape == ids.shape and torch.isfinite(scores).all()
+        assert json.loads((score_dir / "accuracy.json").read_text())
+    records = [json.loads(line) for line in (run / "labels.jsonl").read_text().splitlines()]
+    assert len(records) == 40 and all(len(r["rejected_ids"]) == len(r["rejected_labels"]) for r in records)
+    for reward in ("seq", "red", "tlcr"):
+        log = [json.loads(line) for line in (run / f"ppo_{reward}" / "log.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in log] == [1, 2]
+        assert {"task_reward", "kl", "response_length", "perplexity"} <= set(log[0])
+    results = json.loads((run / "eval" / "results.json").read_text())
+    assert "sft" in json.dumps(results) and "tlcr" in json.dumps(results)
+    report = (run / "eval" / "report.html").read_text()
+    assert report.startswith("<!DOCTYPE html>") and "<svg" in report and "</html>" in report
+
+
+def test_readme_test_command_is_what_ci_runs():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()
+    blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", readme, flags=re.S)
+    test_command = ci[-1]
+    assert test_command.startswith("python -m pytest")
+    assert any(test_command in block.splitlines() for block in blocks), "README must show the CI test command"
+
+
+def test_every_stage_script_has_help():
+    for script in ("sft.py", "label.py", "discriminator.py", "redistribute.py", "ppo_token.py", "eval.py"):
+        done = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0 and "usage:" in done.stdout, script
