@@ -535,10 +535,21 @@ def setup_distributed(device: str = "auto") -> Dist:
 
 
 def cleanup_distributed(dist_info: Dist):
+    """Wait for every rank, then tear the process group down.
+
+    Gloo's worker threads free a finished collective (and the Python tensors it holds, which needs
+    the GIL) just after the collective returns. If the process group's destructor runs first (it
+    holds the GIL, e.g. when the DDP wrapper is freed as main() returns), the two wait on each other
+    for ever. Sleeping a moment hands the GIL to the workers so they finish first.
+    """
     if dist_info.enabled:
+        import time
+
         import torch.distributed as dist
 
         dist.barrier()
+        if dist.get_backend() == "gloo":
+            time.sleep(0.5)
         dist.destroy_process_group()
 
 

@@ -17,8 +17,10 @@ Commands (the paper's lr 1e-5 is for 7B models; pass a larger one, e.g. 3e-4, fo
 
     # train on the 40% reward split, one process (CPU or one GPU; bf16 autocast on CUDA)
     python redistribute.py train --sft runs/demo/sft --out runs/demo/rm --lr 1e-5
-    # many GPUs: each rank takes its slice of every batch, rank 0 logs and saves
-    torchrun --standalone --nproc_per_node=8 redistribute.py train --sft runs/demo/sft --out runs/demo/rm
+    # many GPUs: 64 pairs per optimizer step, each rank takes its slice of every global batch in
+    # forward passes of 8 pairs (gradient accumulation makes up the rest); rank 0 logs and saves
+    torchrun --standalone --nproc_per_node=8 redistribute.py train --sft runs/demo/sft --out runs/demo/rm \\
+        --batch-size 64 --micro-batch-size 8
     # look at one response, token by token
     python redistribute.py show --rm runs/demo/rm --prompt $'\\n\\nHuman: Hi\\n\\nAssistant:' --response " Hello!"
 
@@ -30,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from contextlib import nullcontext
@@ -70,8 +71,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="peak learning rate, cosine to 0 without warm-up (1e-5 is for 7B models; "
                            "tiny models want ~1e-4 to 5e-4)")
     algo.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices")
-    algo.add_argument("--batch-size", type=int, default=8, help="pairs per micro-batch per rank")
-    algo.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    algo.add_argument("--batch-size", type=int, default=8,
+                      help="global batch: pairs per optimizer step (all ranks, all micro-batches)")
+    algo.add_argument("--micro-batch-size", type=int, default=8,
+                      help="pairs per forward pass on one rank (a pair = its chosen and rejected rows in "
+                           "one pass); gradient accumulation makes up the rest")
     algo.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (0 = off)")
     system = common.add_system_args(train)
     system.add_argument("--log-every", type=int, default=10, help="optimizer steps between log lines")
@@ -99,7 +103,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.command == "train":
         if not 0.0 < args.eval_fraction < 1.0:
             sub_parser.error(f"--eval-fraction must be in (0, 1), got {args.eval_fraction}")
-        for name in ("batch_size", "grad_accum", "epochs", "max_prompt_len", "max_response_len",
+        for name in ("batch_size", "micro_batch_size", "epochs", "max_prompt_len", "max_response_len",
                      "log_every", "save_every"):
             if getattr(args, name) < 1:
                 sub_parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -254,14 +258,38 @@ def sequence_reward(reward_model, query_response: torch.Tensor, attention_mask: 
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. Training loop helper: data order
+# 5. One optimizer step over a global batch of pairs
 # ----------------------------------------------------------------------------------------------
-def epoch_order(n: int, epoch: int, seed: int, length: int) -> list[int]:
-    """A seeded permutation of range(n) for this epoch, wrapped around to `length` entries (so
-    every rank gets a full micro-batch at every step). The same on every rank and every resume."""
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(n, generator=generator).tolist()
-    return [order[i % n] for i in range(length)]
+def train_step(model, optimizer, scheduler, batch: list[dict], args, dist_info: common.Dist,
+               pad_id: int) -> tuple[list[float], float]:
+    """One optimizer step over a global batch of pairs, split over ranks and micro-batches.
+
+    The Bradley–Terry loss is summed over each micro-batch and normalised by the pairs of the whole
+    *global* batch, so the gradient equals that of one big batch on one process: DDP averages the
+    ranks' gradients, hence the factor world_size. Returns this rank's sums [loss, correct pairs,
+    margin, pairs] and the gradient norm before clipping (nan when clipping is off).
+    """
+    rank_examples = batch[dist_info.rank::dist_info.world_size]
+    total_pairs = len(batch)  # pairs in the global batch
+    sums = [0.0, 0.0, 0.0, 0.0]  # loss, correct, margin, pairs (this rank)
+    micro_batches = [rank_examples[i: i + args.micro_batch_size]
+                     for i in range(0, len(rank_examples), args.micro_batch_size)]
+    for m, examples in enumerate(micro_batches):
+        # forward both sides of each pair in one batch, Bradley–Terry loss, backward (accumulated)
+        micro = {key: v.to(dist_info.device) for key, v in collate_pairs(examples, pad_id).items()}
+        sync = m == len(micro_batches) - 1 or not dist_info.enabled
+        with (nullcontext() if sync else model.no_sync()), common.autocast(dist_info.device, args.bf16):
+            chosen, rejected = pair_rewards(model, micro)  # [B], [B]
+            loss_sum = bradley_terry_loss(chosen, rejected) * len(examples)  # summed over the B pairs
+        (loss_sum * dist_info.world_size / total_pairs).backward()
+        sums = [a + b for a, b in zip(sums, (loss_sum.item(), (chosen > rejected).sum().item(),
+                                             (chosen - rejected).sum().item(), len(examples)))]
+    grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
+                 if args.max_grad_norm > 0 else float("nan"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return sums, grad_norm
 
 
 # ----------------------------------------------------------------------------------------------
@@ -294,8 +322,10 @@ def train(args):
     if args.gradient_checkpointing:
         model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = common.adamw(model, args.lr, args.weight_decay)
-    micro = args.batch_size * dist_info.world_size  # pairs per micro-batch over all ranks
-    steps_per_epoch = math.ceil(len(train_examples) / (micro * args.grad_accum))
+    batch_size = min(args.batch_size, len(train_examples))  # global pairs per optimizer step
+    if batch_size < dist_info.world_size:
+        raise SystemExit(f"--batch-size {batch_size} is smaller than the {dist_info.world_size} processes")
+    steps_per_epoch = max(1, len(train_examples) // batch_size)  # as common.global_batch counts them
     total_steps = steps_per_epoch * args.epochs
     scheduler = common.cosine_schedule(optimizer, total_steps)
     step = 0
@@ -310,7 +340,8 @@ def train(args):
     logger.rewind(step)  # lines logged after the checkpoint will be logged again
     if master:
         print(f"{len(train_examples)} training pairs, {len(eval_examples)} held out; {total_steps} steps of "
-              f"{micro * args.grad_accum} pairs on {dist_info.world_size} rank(s), device {device}")
+              f"{batch_size} pairs on {dist_info.world_size} rank(s) in forward passes of at most "
+              f"{args.micro_batch_size}, device {device}")
 
     def checkpoint():
         if master:
@@ -319,51 +350,36 @@ def train(args):
     last_step = min(total_steps, args.max_steps) if args.max_steps is not None else total_steps
     from tqdm import tqdm
     bar = tqdm(total=last_step, initial=min(step, last_step), disable=not master, desc="reward model")
-    stats, started, order_epoch = [], time.time(), None
+    stats, started = [0.0, 0.0, 0.0, 0.0], time.time()  # loss, correct, margin, pairs since the last log
     while step < last_step:
-        epoch, k = divmod(step, steps_per_epoch)
-        if order_epoch != epoch:
-            order, order_epoch = epoch_order(len(train_examples), epoch, args.seed,
-                                             steps_per_epoch * args.grad_accum * micro), epoch
-        # 1. forward both sides of each pair in one batch, Bradley–Terry loss, backward (accumulated)
-        for m in range(args.grad_accum):
-            first = (k * args.grad_accum + m) * micro + dist_info.rank * args.batch_size  # this rank's slice
-            examples = [train_examples[i] for i in order[first: first + args.batch_size]]
-            batch = {key: v.to(device) for key, v in collate_pairs(examples, pad_id).items()}
-            sync = m == args.grad_accum - 1 or not dist_info.enabled
-            with (nullcontext() if sync else model.no_sync()), common.autocast(device, args.bf16):
-                chosen, rejected = pair_rewards(model, batch)  # [B], [B]
-                loss = bradley_terry_loss(chosen, rejected)
-            (loss / args.grad_accum).backward()
-            stats.append([loss.item(), (chosen > rejected).float().mean().item(),
-                          (chosen - rejected).mean().item()])
-        # 2. clip, step, schedule
-        grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
-                     if args.max_grad_norm > 0 else float("nan"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+        epoch = step // steps_per_epoch
+        # 1. the step's global batch (the same on every rank and every resume), this rank's slice of it
+        batch = common.global_batch(train_examples, step, batch_size, args.seed)
+        # 2. forward, Bradley–Terry loss, backward over micro-batches; clip, step, schedule
+        sums, grad_norm = train_step(model, optimizer, scheduler, batch, args, dist_info, pad_id)
+        stats = [a + b for a, b in zip(stats, sums)]
         step += 1
         bar.update(1)
         # 3. log, evaluate, checkpoint
         if step % args.log_every == 0 or step == last_step:
-            loss_avg, acc_avg, margin_avg = (common.all_reduce_mean(sum(s[i] for s in stats) / len(stats), dist_info)
-                                             for i in range(3))
+            world = dist_info.world_size  # all_reduce_mean × world = the sum over ranks
+            loss_sum, correct, margin_sum, n_pairs = (common.all_reduce_mean(v, dist_info) * world for v in stats)
+            loss_avg, acc_avg, margin_avg = loss_sum / n_pairs, correct / n_pairs, margin_sum / n_pairs
             record = {"step": step, "epoch": epoch, "loss": loss_avg, "accuracy": acc_avg, "margin": margin_avg,
                       "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                      "pairs_seen": step * micro * args.grad_accum, "seconds": round(time.time() - started, 2)}
+                      "pairs_seen": step * batch_size, "seconds": round(time.time() - started, 2)}
             logger.log(record)
             bar.set_postfix(loss=f"{loss_avg:.4f}", acc=f"{acc_avg:.3f}")
-            stats = []
+            stats = [0.0, 0.0, 0.0, 0.0]
         if args.eval_every and step % args.eval_every == 0 and step < last_step:
-            result = evaluate(model, eval_examples, pad_id, args.batch_size, device, dist_info, args.bf16)
+            result = evaluate(model, eval_examples, pad_id, args.micro_batch_size, device, dist_info, args.bf16)
             logger.log({"step": step, **{f"eval_{k}": v for k, v in result.items()}})
         if step % args.save_every == 0 or step == last_step:
             checkpoint()
     bar.close()
 
     # held-out accuracy, final model
-    result = evaluate(model, eval_examples, pad_id, args.batch_size, device, dist_info, args.bf16)
+    result = evaluate(model, eval_examples, pad_id, args.micro_batch_size, device, dist_info, args.bf16)
     if master:
         result.update({"step": step, "total_steps": total_steps, "split": args.split, "data": str(args.data)})
         logger.log({"step": step, **{f"eval_{k}": v for k, v in result.items() if k in ("accuracy", "mean_margin")}})

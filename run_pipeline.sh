@@ -44,21 +44,21 @@ case "$SIZE" in
     SFT="--tiny-layers 1 --tiny-width 32 --tiny-vocab 512 --max-prompt-len 48 --max-response-len 32 --limit 300 --max-steps 6 --lr 3e-3 --batch-size 8 --micro-batch-size 8 --eval-batches 1"
     LABEL="--limit 40 --max-response-len 32"
     DISC="--epochs 1 --lr 1e-3 --max-prompt-len 48 --max-response-len 32 --batch-size 8 --micro-batch-size 8"
-    RM="--limit 40 --epochs 1 --lr 1e-3 --max-prompt-len 48 --max-response-len 32 --batch-size 8"
+    RM="--limit 40 --epochs 1 --lr 1e-3 --max-prompt-len 48 --max-response-len 32 --batch-size 8 --micro-batch-size 8"
     PPO="--steps 2 --batch-size 4 --minibatch-size 4 --ppo-epochs 1 --max-prompt-len 48 --max-new-tokens 12 --policy-lr 1e-4 --critic-lr 1e-4"
     EVAL="--num-prompts 8 --max-prompt-len 48 --max-new-tokens 12 --show-prompts 2 --batch-size 8" ;;
   demo)   # minutes on 2 CPU cores
     SFT="--tiny-layers 2 --tiny-width 128 --tiny-vocab 4096 --max-prompt-len 192 --max-response-len 96 --epochs 8 --lr 3e-3 --batch-size 16 --micro-batch-size 16 --eval-every 25"
     LABEL="--max-response-len 96"
     DISC="--epochs 2 --lr 1e-3 --max-prompt-len 192 --max-response-len 96 --batch-size 32 --micro-batch-size 32"
-    RM="--epochs 2 --lr 3e-4 --max-prompt-len 192 --max-response-len 96 --batch-size 16"
+    RM="--epochs 2 --lr 3e-4 --max-prompt-len 192 --max-response-len 96 --batch-size 16 --micro-batch-size 16"
     PPO="--steps 30 --batch-size 16 --minibatch-size 8 --ppo-epochs 2 --max-prompt-len 192 --max-new-tokens 48 --policy-lr 5e-5 --critic-lr 1e-4"
     EVAL="--num-prompts 64 --max-prompt-len 192 --max-new-tokens 48 --show-prompts 4" ;;
   gpt2)   # one GPU or more: the papers' learning rates scaled for a 124M model
     SFT="--max-prompt-len 512 --max-response-len 256 --epochs 1 --lr 2e-5 --batch-size 64 --micro-batch-size 8"
     LABEL="--max-response-len 256"
     DISC="--epochs 2 --lr 1e-5 --max-prompt-len 512 --max-response-len 256 --batch-size 32 --micro-batch-size 8"
-    RM="--epochs 1 --lr 1e-5 --max-prompt-len 512 --max-response-len 256 --batch-size 8"
+    RM="--epochs 1 --lr 1e-5 --max-prompt-len 512 --max-response-len 256 --batch-size 64 --micro-batch-size 8"
     PPO="--steps 200 --batch-size 64 --minibatch-size 16 --micro-batch-size 8 --max-prompt-len 512 --max-new-tokens 128 --policy-lr 1e-6 --critic-lr 5e-6 --gradient-checkpointing"
     EVAL="--num-prompts 256 --max-prompt-len 512 --max-new-tokens 128 --show-prompts 6" ;;
   *) echo "run_pipeline.sh: SIZE must be smoke, demo or gpt2, not '$SIZE'" >&2; exit 2 ;;

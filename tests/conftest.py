@@ -1,4 +1,7 @@
 """Shared fixtures: the bundled pairs, and one tiny GPT-2 + BPE tokenizer built once per session."""
+import os
+import signal
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -33,3 +36,26 @@ def tiny_dir(tmp_path_factory, splits):
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_dir):
     return common.load_tokenizer(tiny_dir)
+
+
+def run_torchrun(script_and_args, nproc=2, timeout=180, cwd=None):
+    """Run `torchrun --standalone --nproc_per_node=N script args...` on CPU (gloo).
+
+    --standalone picks a free rendezvous port itself (no collisions between parallel runs). The
+    launcher gets its own process group, so on a time-out the whole tree is killed and the test
+    fails with what it printed instead of hanging. Returns (returncode, combined output).
+    """
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           *map(str, script_and_args)]
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate(timeout=30)
+        pytest.fail(f"torchrun timed out after {timeout} s:\n{output[-3000:]}")
+    return proc.returncode, output

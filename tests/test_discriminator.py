@@ -2,11 +2,7 @@
 that learns, resume, save/load, and the end-to-end path from label.py's labels."""
 import json
 import math
-import os
 import random
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +10,7 @@ import torch
 
 import common
 import discriminator as D
+from conftest import run_torchrun
 
 REPO = Path(__file__).resolve().parents[1]
 POS_ID, NEG_ID = 500, 501  # the synthetic "always positive" and "always negative" token ids
@@ -318,22 +315,12 @@ def test_resume_reproduces_an_uninterrupted_run(small_dir, tmp_path):
         json.loads((tmp_path / "cut" / "accuracy.json").read_text())
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_two_processes_match_one(small_nodrop_dir, tmp_path):
     labels = write_jsonl(tmp_path / "labels.jsonl", synthetic_records(24))
     args = train_args(small_nodrop_dir, labels, tmp_path / "ddp", "--epochs", 1, "--lr", 1e-3,
                       "--batch-size", 8, "--micro-batch-size", 2)
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           f"--master_port={free_port()}", str(REPO / "discriminator.py"), *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    returncode, output = run_torchrun([REPO / "discriminator.py", *args], cwd=REPO)
+    assert returncode == 0, output[-3000:]
     D.main(train_args(small_nodrop_dir, labels, tmp_path / "one", "--epochs", 1, "--lr", 1e-3,
                       "--batch-size", 8, "--micro-batch-size", 8))
     ddp, one = D.load_discriminator(tmp_path / "ddp"), D.load_discriminator(tmp_path / "one")

@@ -1,9 +1,5 @@
 """Tests of ppo_token.py: the maths on hand-made tensors, positions under left padding, and learning on tiny GPT-2s."""
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +8,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import common
 import ppo_token as ppo
+from conftest import run_torchrun
 
 REPO = Path(__file__).resolve().parents[1]
 V = 8  # toy vocabulary: a random policy gives EOS about 1/8 of the time, so lengths can move both ways
@@ -292,31 +289,14 @@ def test_resume_reproduces_the_next_step(tiny_dir, tmp_path):
     assert state["step"] == 3 and "policy_optimizer" in state and "critic_optimizer" in state
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_two_ranks(tiny_dir, tmp_path):
     script = tmp_path / "run_ppo.py"
     script.write_text(f"import sys\nsys.path[:0] = [{str(REPO)!r}, {str(Path(__file__).parent)!r}]\n"
                       "import ppo_token, test_ppo_token\n"
                       "ppo_token.main(sys.argv[1:], reward_fn=test_ppo_token.toy_reward)\n")
-    torchrun_vars = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in torchrun_vars}
-    env["OMP_NUM_THREADS"] = "1"
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           str(script), *cli(tiny_dir, out, 2, "--device", "cpu")]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        output, _ = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        output, _ = proc.communicate()
-        pytest.fail(f"torchrun timed out:\n{output[-3000:]}")
-    assert proc.returncode == 0, output[-3000:]
+    returncode, output = run_torchrun([script, *cli(tiny_dir, out, 2, "--device", "cpu")])
+    assert returncode == 0, output[-3000:]
     assert "world size 2" in output
     log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2] and all(r["response_length"] > 0 for r in log)

@@ -1,10 +1,6 @@
 """redistribute.py: RED eq. 6/7 from one pass, the Bradley–Terry reward model, save/load, CLI."""
 import json
-import os
 import random
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +9,7 @@ from transformers import GPT2Config, GPT2Model
 
 import common
 import redistribute as red
+from conftest import run_torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 PAD = 0
@@ -169,14 +166,12 @@ def test_bradley_terry_learns_a_marker_preference():
     before = red.evaluate(model, eval_examples, PAD, 64, device)
     model.train()
     optimizer = common.adamw(model, lr=3e-3)
-    for epoch in range(2):
-        order = red.epoch_order(len(train_examples), epoch, seed=0, length=len(train_examples))
-        for i in range(0, len(order), 32):
-            batch = red.collate_pairs([train_examples[j] for j in order[i: i + 32]], PAD)
-            loss = red.bradley_terry_loss(*red.pair_rewards(model, batch))
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
+    for step in range(2 * len(train_examples) // 32):  # 2 epochs of 32 pairs per step
+        batch = red.collate_pairs(common.global_batch(train_examples, step, 32, seed=0), PAD)
+        loss = red.bradley_terry_loss(*red.pair_rewards(model, batch))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
     after = red.evaluate(model, eval_examples, PAD, 64, device)
     assert before["accuracy"] < 0.75
     assert after["accuracy"] > 0.9, after
@@ -214,17 +209,20 @@ def test_vocabulary_mismatch_is_a_clear_error():
 
 def train_argv(tiny_dir, out, *extra):
     return ["train", "--sft", str(tiny_dir), "--out", str(out), "--limit", "24", "--max-prompt-len", "32",
-            "--max-response-len", "16", "--batch-size", "4", "--lr", "5e-4", "--log-every", "2", *extra]
+            "--max-response-len", "16", "--batch-size", "4", "--micro-batch-size", "2", "--lr", "5e-4",
+            "--log-every", "2", *extra]
 
 
 def test_train_cli_end_to_end_and_resume(tiny_dir, tmp_path, capsys):
-    # one uninterrupted run on the bundled data: 22 training pairs, 2 held out, 6 steps
+    # one uninterrupted run on the bundled data: 22 training pairs, 2 held out, 22 // 4 = 5 steps
+    # of 4 pairs (2 accumulated micro-batches of 2 pairs)
     result = red.main(train_argv(tiny_dir, tmp_path / "a"))
     acc = json.loads((tmp_path / "a" / "accuracy.json").read_text())
-    assert acc["pairs"] == 2 and acc["step"] == acc["total_steps"] == 6
+    assert acc["pairs"] == 2 and acc["step"] == acc["total_steps"] == 5
     assert acc["accuracy"] == result["accuracy"] and 0.0 <= acc["accuracy"] <= 1.0
     log = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log if "loss" in r] == [2, 4, 6]
+    assert [r["step"] for r in log if "loss" in r] == [2, 4, 5]
+    assert [r["pairs_seen"] for r in log if "loss" in r] == [8, 16, 20]
     assert "held-out pair accuracy" in capsys.readouterr().out
     assert (tmp_path / "a" / "checkpoint" / "state.pt").exists()
     # the same run killed after 3 steps, then resumed: the same final reward model
@@ -256,31 +254,25 @@ def test_bad_arguments_are_named(capsys):
     with pytest.raises(SystemExit):
         red.parse_args(["show", "--rm", "x", "--prompt", "p", "--response", "r", "--beta-c", "2"])
     assert "--beta-c must be in [0, 1]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        red.parse_args(["train", "--sft", "x", "--out", "y", "--micro-batch-size", "0"])
+    assert "--micro-batch-size must be at least 1, got 0" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         red.main(["train", "--help"])
     assert exit_info.value.code == 0 and "--gradient-checkpointing" in capsys.readouterr().out
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_two_ranks_match_one_process(tiny_dir, tmp_path):
-    """2 ranks × 2 pairs must train like 1 process × 2 accumulated micro-batches of 2 pairs: the
-    same 4 pairs per step (DDP averages gradients, accumulation sums halves). The single process
-    also recomputes activations (gradient checkpointing), which must not change the numbers."""
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
-    argv = train_argv(tiny_dir, tmp_path / "ddp", "--batch-size", "2")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           f"--master_port={free_port()}", str(ROOT / "redistribute.py"), *argv],
-                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("held-out pair accuracy") == 1  # rank 0 alone prints and saves
-    red.main(train_argv(tiny_dir, tmp_path / "one", "--batch-size", "2", "--grad-accum", "2",
-                             "--gradient-checkpointing"))
+    """The same global batch of 4 pairs per step, as 2 ranks × 1 micro-batch of 2 pairs or as
+    1 process × 2 accumulated micro-batches of 2 pairs, must train alike: the loss is normalised by
+    the global batch's pairs (× world_size, since DDP averages the ranks' gradients). The single
+    process also recomputes activations (gradient checkpointing), which must not change the numbers."""
+    argv = train_argv(tiny_dir, tmp_path / "ddp", "--batch-size", "4", "--micro-batch-size", "2")
+    returncode, output = run_torchrun([ROOT / "redistribute.py", *argv], cwd=ROOT)
+    assert returncode == 0, output[-3000:]
+    assert output.count("held-out pair accuracy") == 1  # rank 0 alone prints and saves
+    red.main(train_argv(tiny_dir, tmp_path / "one", "--batch-size", "4", "--micro-batch-size", "2",
+                        "--gradient-checkpointing"))
     logs = [[json.loads(line) for line in (tmp_path / d / "log.jsonl").read_text().splitlines()]
             for d in ("ddp", "one")]
     assert len(logs[0]) == len(logs[1])  # no duplicate lines from rank 1

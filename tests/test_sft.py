@@ -1,9 +1,5 @@
 """sft.py: the loss masks the prompt, training lowers held-out loss, resume is exact, DDP matches one process."""
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +8,7 @@ from safetensors.torch import load_file
 
 import common
 import sft
+from conftest import run_torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--limit", "400", "--max-prompt-len", "48", "--max-response-len", "32", "--batch-size", "8",
@@ -92,23 +89,14 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypat
         assert torch.allclose(a[name], b[name], atol=1e-6), name
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_two_processes_match_one_process(tmp_path):
     """Same global batch on 1 and 2 processes (gloo, CPU): the same per-step losses, within 1e-4."""
     args = SMALL + ["--max-steps", "4", "--eval-every", "2", "--tiny-dropout", "0", "--batch-size", "6",
                     "--micro-batch-size", "2"]
     sft.main(args + ["--out", str(tmp_path / "one")])
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           str(ROOT / "sft.py"), *args, "--out", str(tmp_path / "two"), "--device", "cpu"]
-    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
+    returncode, output = run_torchrun([ROOT / "sft.py", *args, "--out", tmp_path / "two", "--device", "cpu"],
+                                      cwd=tmp_path)
+    assert returncode == 0, output[-3000:]
     one, two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
     assert [r["step"] for r in two] == [1, 2, 3, 4]
     for r1, r2 in zip(one, two):
