@@ -51,7 +51,8 @@ def build(args, checkpointing: bool):
 
     device = torch.device(args.device)
     cfg = GPT2Config(vocab_size=args.vocab, n_layer=args.layers, n_embd=args.width, n_head=max(1, args.width // 64),
-                     n_positions=args.prompt_len + args.new_tokens)
+                     n_positions=args.prompt_len + args.new_tokens, bos_token_id=0, eos_token_id=0,
+                     pad_token_id=0)  # ids inside the vocabulary; the bench never samples EOS (eos_id = -1)
     torch.manual_seed(0)
     policy = common.disable_dropout(GPT2LMHeadModel(cfg)).to(device)
     ref_policy = common.disable_dropout(GPT2LMHeadModel(cfg)).eval().requires_grad_(False).to(device)
