@@ -313,18 +313,9 @@ def train_step(model, optimizer, scheduler, batch, args, dist, pad_id):
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    sums = all_reduce_sum(sums, dist)
+    sums = common.all_reduce_sum(sums, dist)
     return {"loss": sums[0].item() / total_tokens, "batch_accuracy": sums[1].item() / max(sums[2].item(), 1),
             "grad_norm": float(grad_norm)}
-
-
-def all_reduce_sum(tensor: torch.Tensor, dist) -> torch.Tensor:
-    if dist.enabled:
-        import torch.distributed
-
-        tensor = tensor.to(dist.device)
-        torch.distributed.all_reduce(tensor)
-    return tensor.cpu()
 
 
 @torch.no_grad()
@@ -349,7 +340,7 @@ def evaluate_accuracy(model, examples, batch_size, dist, bf16=True, pad_id=0) ->
                   probs[neg].sum(), neu.sum(), probs[neu].sum()]
         sums += torch.tensor([c.item() for c in counts], dtype=torch.float64)
     model.train(was_training)
-    n_pos, right_pos, d_pos, n_neg, right_neg, d_neg, n_neu, d_neu = all_reduce_sum(sums, dist).tolist()
+    n_pos, right_pos, d_pos, n_neg, right_neg, d_neg, n_neu, d_neu = common.all_reduce_sum(sums, dist).tolist()
     return {"accuracy": (right_pos + right_neg) / max(n_pos + n_neg, 1),
             "positive_accuracy": right_pos / max(n_pos, 1), "negative_accuracy": right_neg / max(n_neg, 1),
             "n_positive": int(n_pos), "n_negative": int(n_neg), "n_neutral": int(n_neu),

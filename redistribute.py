@@ -199,9 +199,7 @@ def evaluate(model, examples: list[dict], pad_id: int, batch_size: int, device: 
         margin_sum += (chosen - rejected).sum().item()
     model.train(was_training)
     n = len(examples)
-    world = dist_info.world_size  # all_reduce_mean × world = the sum over ranks
-    correct = common.all_reduce_mean(correct, dist_info) * world
-    margin_sum = common.all_reduce_mean(margin_sum, dist_info) * world
+    correct, margin_sum = common.all_reduce_sum([correct, margin_sum], dist_info).tolist()
     return {"accuracy": correct / n, "mean_margin": margin_sum / n, "pairs": n}
 
 
@@ -362,8 +360,7 @@ def train(args):
         bar.update(1)
         # 3. log, evaluate, checkpoint
         if step % args.log_every == 0 or step == last_step:
-            world = dist_info.world_size  # all_reduce_mean × world = the sum over ranks
-            loss_sum, correct, margin_sum, n_pairs = (common.all_reduce_mean(v, dist_info) * world for v in stats)
+            loss_sum, correct, margin_sum, n_pairs = common.all_reduce_sum(list(stats), dist_info).tolist()
             loss_avg, acc_avg, margin_avg = loss_sum / n_pairs, correct / n_pairs, margin_sum / n_pairs
             record = {"step": step, "epoch": epoch, "loss": loss_avg, "accuracy": acc_avg, "margin": margin_avg,
                       "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,

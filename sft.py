@@ -145,7 +145,7 @@ def train_step(model, optimizer, scheduler, batch, args, dist, pad_id):
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return common.all_reduce_mean(loss_sum, dist) * dist.world_size / total_tokens
+    return common.all_reduce_sum(loss_sum, dist).item() / total_tokens
 
 
 @torch.no_grad()
@@ -159,8 +159,7 @@ def evaluate(model, examples, args, dist, pad_id):
         with common.autocast(dist.device, args.bf16):
             nll, n = response_nll(model, input_ids, attention_mask, labels)
         nll_sum, count = nll_sum + nll.item(), count + n.item()
-    nll_total = common.all_reduce_mean(nll_sum, dist) * dist.world_size
-    count_total = common.all_reduce_mean(count, dist) * dist.world_size
+    nll_total, count_total = common.all_reduce_sum([nll_sum, count], dist).tolist()
     return nll_total / max(count_total, 1)
 
 
