@@ -330,16 +330,12 @@ def judge_key(api_model, prompt, first, second):
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def redact(text, secret):
-    return text.replace(secret, "***") if secret else text
-
-
 def chat_completion(judge, messages):
     """One answer text; retries 429/5xx/timeouts/malformed bodies with backoff (honouring
     Retry-After). Returns None when retries run out; raises JudgeError on other HTTP errors."""
     import requests
 
-    from label import retry_after_seconds  # the reviser's client reads Retry-After the same way
+    from label import retry_after_seconds, scrub  # the reviser's client reads Retry-After and hides the key alike
 
     url = judge.api_base.rstrip("/") + "/chat/completions"
     headers = {"Content-Type": "application/json"}
@@ -364,7 +360,7 @@ def chat_completion(judge, messages):
                 wait = retry_after_seconds(response.headers.get("Retry-After"))
             else:
                 raise JudgeError(f"{url}: HTTP {response.status_code}: "
-                                 f"{redact(response.text[:300], judge.api_key)}")
+                                 f"{scrub(response.text[:300], judge.api_key)}")
         if attempt < judge.max_retries:
             delay = judge.backoff * 2 ** attempt * (1 + random.random() / 4) if wait is None else wait
             time.sleep(min(delay, judge.max_wait))
