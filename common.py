@@ -1,67 +1,62 @@
-"""Plumbing shared by every stage: data, tokenizers and models, distributed setup, checkpoint I/O.
+"""common.py — the ideas every stage shares; read this after the first stage file.
 
-Nothing in here is an RLHF algorithm; those live, written out, in their own stage files
-(sft.py, label.py, discriminator.py, redistribute.py, ppo_token.py, eval.py). This module only
-holds what three or more stages would otherwise copy:
+    data       Pair, the preference-data formats (load_pairs), the 20 / 40 / 40 + test split (split_pairs),
+               held-out parts by hashing (heldout_split)
+    encoding   prompt rendering (hh-rlhf transcript or the tokenizer's chat template), BOS once,
+               response ids exactly as they follow a prompt (encode_prompt, encode_response)
+    batches    left / right padding, position ids, where the response sits (response_index,
+               gather_response), log-probs of the response tokens (response_logprobs), masked_mean
+    models     ScoreModel: a transformer backbone plus one scalar per position (discriminator, reward
+               model, critic)
 
-    data      load_pairs, split_pairs, encode_prompt_response, pad_left / pad_right,
-              global_batch (the seeded, resumable data order of one optimizer step)
-    models    build_tiny, load_tokenizer, load_policy, ScoreModel (backbone + one scalar per token)
-    system    setup_distributed, autocast, seed_everything, cosine schedule
-    files     atomic_write, save_hf, save_checkpoint / load_checkpoint, JsonlLogger,
-              save_training_state / resume_training_state (model + optimizer + schedule + step)
+The machinery no reader needs to study (loading models, torchrun, checkpoints, logs, HTTP) is in
+plumbing.py; the algorithms are written out in the stage files.
 """
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
+import inspect
 import io
 import json
 import math
-import os
-import random
-import shutil
-import tempfile
 import warnings
-from dataclasses import dataclass, field
+import weakref
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 
 REPO_ROOT = Path(__file__).resolve().parent
 BUNDLED_DATA = REPO_ROOT / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
-ASSISTANT_TAG = "\n\nAssistant:"  # the prompt ends with the last occurrence of this tag
-HH_RLHF_URL = "https://huggingface.co/datasets/Anthropic/hh-rlhf/resolve/main"
-HH_RLHF_SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
+HUMAN_TAG, ASSISTANT_TAG = "\n\nHuman:", "\n\nAssistant:"  # hh-rlhf transcripts; the prompt ends with the last "Assistant:"
 
 
-def _quiet_transformers():
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
+class InputError(Exception):
+    """Bad input from the user (a file, a model, a flag): stages print it as one line and exit with 2."""
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Bad input data; the message names the file and line."""
 
 
 # ----------------------------------------------------------------------------------------------
-# Data: hh-rlhf pairs
+# Data: preference pairs in the formats people have
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class Pair:
-    """One preference pair. `prompt` ends with "\\n\\nAssistant:"; responses follow it."""
+    """One preference pair. `prompt` is the hh-rlhf transcript ("\\n\\nHuman: …\\n\\nAssistant:") and
+    `chosen` / `rejected` the replies that follow it (each starting with a space, as in hh-rlhf).
+    `messages` holds the prompt as chat messages when the data came as such (None for hh-rlhf): it is
+    rendered with the tokenizer's chat template where there is one (see prompt_text)."""
 
     prompt: str
     chosen: str
     rejected: str
-    id: str = ""  # stable content hash, set by load_pairs
+    messages: list | None = None
+    id: str = ""  # a stable content hash
 
     def __post_init__(self):
         if not self.id:
@@ -78,185 +73,289 @@ def split_dialogue(text: str) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
-def _open_text(path: Path):
-    if str(path).endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")
+def transcript(messages: list[dict]) -> str:
+    """Chat messages as an hh-rlhf transcript ending with "\\n\\nAssistant:" (a system message first)."""
+    tags = {"user": HUMAN_TAG, "assistant": ASSISTANT_TAG}
+    text = "".join(m["content"] if m["role"] == "system" else f"{tags[m['role']]} {m['content']}" for m in messages)
+    return text + ASSISTANT_TAG
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Read a .jsonl or .jsonl.gz file; a malformed line raises DataError naming file and line."""
+def _messages(value, where: str, name: str) -> list[dict]:
+    if not isinstance(value, list) or not all(
+            isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") and isinstance(m.get("content"), str)
+            for m in value):
+        raise DataError(f"{where}: field {name!r} is not a list of {{'role': system|user|assistant, 'content': str}}")
+    return value
+
+
+def _reply(messages: list[dict], where: str, name: str) -> str:
+    if len(messages) != 1 or messages[0]["role"] != "assistant":
+        raise DataError(f"{where}: field {name!r} must end with exactly one assistant reply")
+    return messages[0]["content"]
+
+
+def row_to_pair(row, where: str) -> tuple[Pair | None, str]:
+    """One data row as a Pair, or (None, reason) for a row to skip (counted by load_pairs).
+
+    Accepted forms (one-line examples in README.md, "Data"):
+      hh-rlhf              {"chosen": dialogue, "rejected": dialogue}: split at the last "Assistant:"
+      prompt strings       {"prompt", "chosen", "rejected"} strings: a transcript prompt ending with
+                           "Assistant:" (full-hh-rlhf), or else the user's message (TRL's explicit prompt)
+      chat messages        {"chosen": [...], "rejected": [...]} message lists sharing all but the last
+                           message (UltraFeedback-binarized), or {"prompt": [...], "chosen": [assistant],
+                           "rejected": [assistant]} (TRL conversational with explicit prompt)
+    """
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object")
+    chosen, rejected, prompt = row.get("chosen"), row.get("rejected"), row.get("prompt")
+    messages = None
+    if isinstance(chosen, list) and isinstance(rejected, list):  # chat messages
+        chosen_messages, rejected_messages = _messages(chosen, where, "chosen"), _messages(rejected, where, "rejected")
+        if isinstance(prompt, list):
+            messages = _messages(prompt, where, "prompt")
+        else:
+            messages, chosen_messages = chosen_messages[:-1], chosen_messages[-1:]
+            if rejected_messages[:-1] != messages:
+                return None, "prompts of chosen and rejected differ"
+            rejected_messages = rejected_messages[-1:]
+        if not messages or messages[-1]["role"] != "user":
+            return None, "prompt does not end with a user message"
+        prompt = transcript(messages)
+        chosen = " " + _reply(chosen_messages, where, "chosen")
+        rejected = " " + _reply(rejected_messages, where, "rejected")
+    elif isinstance(chosen, str) and isinstance(rejected, str) and isinstance(prompt, str):
+        if prompt.rstrip().endswith("Assistant:"):  # full-hh-rlhf: a transcript apart from its replies
+            prompt = prompt.rstrip()
+        else:  # TRL's explicit prompt: the user's message
+            messages = [{"role": "user", "content": prompt}]
+            prompt = transcript(messages)
+        chosen = chosen if chosen.startswith(" ") else " " + chosen
+        rejected = rejected if rejected.startswith(" ") else " " + rejected
+    elif isinstance(chosen, str) and isinstance(rejected, str) and prompt is None:  # hh-rlhf
+        prompt, chosen = split_dialogue(chosen)
+        prompt_rejected, rejected = split_dialogue(rejected)
+        if prompt != prompt_rejected:
+            return None, "prompts of chosen and rejected differ"
+        if not prompt:
+            return None, "no '\\n\\nAssistant:' turn"
+    else:
+        raise DataError(f"{where}: not a preference pair in a known format (hh-rlhf 'chosen'/'rejected' dialogues, "
+                        f"'prompt'/'chosen'/'rejected' strings, or chat message lists); keys {sorted(row)}")
+    if not chosen.strip() or not rejected.strip():
+        return None, "empty response"
+    return Pair(prompt, chosen, rejected, messages), ""
+
+
+def read_rows(path):
+    """(where, row) for every row of a .jsonl / .jsonl.gz / .json / .parquet file, `where` naming the file
+    and the real line (blank lines counted). Unreadable files raise DataError: missing, a directory, not
+    UTF-8, a broken or truncated .gz, malformed JSON."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file")
-    rows = []
-    with _open_text(path) as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    if path.is_dir():
+        raise DataError(f"{path}: a directory, not a data file")
+    name = path.name.lower()
+    try:
+        if name.endswith(".parquet"):
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path} line {line_no}: malformed JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path} line {line_no}: expected a JSON object")
-            rows.append(row)
-    return rows
+                import pyarrow.parquet  # optional: only needed for .parquet files
+            except ImportError:
+                raise DataError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)") from None
+            for k, row in enumerate(pyarrow.parquet.read_table(path).to_pylist(), start=1):
+                yield f"{path} row {k}", row
+            return
+        opener = (lambda: io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")) if name.endswith(".gz") else \
+            (lambda: open(path, encoding="utf-8"))
+        if name.endswith((".json", ".json.gz")):
+            with opener() as f:
+                rows = json.load(f)
+            if not isinstance(rows, list):
+                raise DataError(f"{path}: a .json data file must hold a list of rows")
+            for k, row in enumerate(rows, start=1):
+                yield f"{path} row {k}", row
+            return
+        with opener() as f:
+            line_no = 0
+            for line_no, line in enumerate(f, start=1):
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path} line {line_no}: malformed JSON ({e.msg})") from None
+                    yield f"{path} line {line_no}", row
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text (a binary file, or another encoding?)") from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise DataError(f"{path}: not a complete gzip file ({type(e).__name__}: {e})") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} line {e.lineno}: malformed JSON ({e.msg})") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
 
 
-def row_to_pair(row: dict, where: str) -> tuple[Pair | None, str]:
-    """Turn one JSON row into a Pair, or (None, reason) for a row to skip.
-
-    Two forms are accepted: hh-rlhf ({"chosen", "rejected"}: whole dialogues) and full-hh-rlhf
-    ({"prompt", "chosen", "rejected"}: the prompt apart, responses alone). Missing fields raise.
-    """
-    for key in ("chosen", "rejected"):
-        if not isinstance(row.get(key), str):
-            raise DataError(f"{where}: field {key!r} missing or not a string")
-    if "prompt" in row:
-        if not isinstance(row["prompt"], str):
-            raise DataError(f"{where}: field 'prompt' is not a string")
-        prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
-        # full-hh-rlhf responses carry no leading space; hh-rlhf ones do. Normalise to hh-rlhf.
-        if prompt.rstrip().endswith("Assistant:"):
-            prompt = prompt.rstrip()
-            chosen = chosen if chosen.startswith(" ") else " " + chosen
-            rejected = rejected if rejected.startswith(" ") else " " + rejected
-    else:
-        prompt, chosen = split_dialogue(row["chosen"])
-        prompt_r, rejected = split_dialogue(row["rejected"])
-        if prompt != prompt_r:
-            return None, "prompts of chosen and rejected differ"
-    if not prompt:
-        return None, "no '\\n\\nAssistant:' turn"
-    if not chosen.strip() or not rejected.strip():
-        return None, "empty response"
-    return Pair(prompt, chosen, rejected), ""
-
-
-def load_pairs(source: str | Path = BUNDLED_DATA, cache_dir: str | Path | None = None,
-               limit: int | None = None, quiet: bool = False) -> list[Pair]:
-    """Load preference pairs from a local .jsonl(.gz) file or the name "hh-rlhf".
-
-    Rows that cannot be a pair (empty response, chosen and rejected prompts that differ) are
-    skipped and counted, with one warning that says how many and why. "hh-rlhf" or
-    "hh-rlhf:SUBSET[,SUBSET]" downloads Anthropic's train files (see download_hh_rlhf).
-    """
-    source = str(source)
-    if source == "bundled":
-        paths = [BUNDLED_DATA]
-    elif source.startswith("hh-rlhf") and not Path(source).exists():
-        subsets = source.split(":", 1)[1].split(",") if ":" in source else list(HH_RLHF_SUBSETS)
-        paths = [download_hh_rlhf(s, "train", cache_dir) for s in subsets]
-    else:
-        paths = [Path(source)]
+def load_pairs(paths, quiet: bool = False) -> list[Pair]:
+    """Every preference pair of the given files (see row_to_pair for the formats; plumbing.data_paths
+    turns --data into files). Rows that cannot be a pair (an empty response, chosen and rejected prompts
+    that differ) are skipped and counted, with one warning that says how many and why."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     pairs, skipped = [], {}
     for path in paths:
-        for line_no, row in enumerate(read_jsonl(path), start=1):
-            pair, reason = row_to_pair(row, f"{path} row {line_no}")
+        for where, row in read_rows(path):
+            pair, reason = row_to_pair(row, where)
             if pair is None:
                 skipped[reason] = skipped.get(reason, 0) + 1
             else:
                 pairs.append(pair)
-            if limit is not None and len(pairs) >= limit:
-                break
+    source = ", ".join(str(p) for p in paths)
     if skipped and not quiet:
         why = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items()))
-        warnings.warn(f"{source}: skipped {sum(skipped.values())} rows ({why}); kept {len(pairs)}",
-                      stacklevel=2)
+        warnings.warn(f"{source}: skipped {sum(skipped.values())} rows ({why}); kept {len(pairs)}", stacklevel=2)
     if not pairs:
         raise DataError(f"{source}: no usable preference pairs")
     return pairs
 
 
-def download_hh_rlhf(subset: str = "harmless-base", split: str = "train",
-                     cache_dir: str | Path | None = None, base_url: str | None = None) -> Path:
-    """Download one hh-rlhf file to the cache (progress bar, atomic rename, resume on retry).
-
-    A partial download is kept as `<file>.part`; the next call resumes it with an HTTP Range
-    request (or starts over if the server ignores ranges). The finished file is renamed into
-    place only after it decompresses cleanly, so the cache never holds a broken file.
-    """
-    import requests
-    from tqdm import tqdm
-
-    base_url = base_url or os.environ.get("HH_RLHF_URL", HH_RLHF_URL)
-    cache_dir = Path(cache_dir or os.environ.get("TOKEN_RLHF_CACHE", Path.home() / ".cache" / "token-rlhf"))
-    target = cache_dir / "hh-rlhf" / subset / f"{split}.jsonl.gz"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    part = target.with_suffix(".gz.part")
-    url = f"{base_url}/{subset}/{split}.jsonl.gz"
-    last_error = None
-    for attempt in range(3):
-        have = part.stat().st_size if part.exists() else 0
-        headers = {"Range": f"bytes={have}-"} if have else {}
-        try:
-            with requests.get(url, stream=True, timeout=60, headers=headers) as resp:
-                if resp.status_code == 416:  # range past the end: the part is complete
-                    pass
-                elif resp.status_code not in (200, 206):
-                    raise OSError(f"GET {url}: HTTP {resp.status_code}")
-                else:
-                    mode = "ab" if resp.status_code == 206 else "wb"
-                    total = int(resp.headers.get("Content-Length", 0)) + (have if mode == "ab" else 0)
-                    with open(part, mode) as f, tqdm(total=total or None, initial=have if mode == "ab" else 0,
-                                                     unit="B", unit_scale=True, desc=f"hh-rlhf/{subset}") as bar:
-                        for chunk in resp.iter_content(1 << 14):
-                            f.write(chunk)
-                            bar.update(len(chunk))
-            with gzip.open(part, "rb") as f:  # a truncated download fails here
-                while f.read(1 << 20):
-                    pass
-            os.replace(part, target)
-            return target
-        except (OSError, EOFError, requests.RequestException) as e:
-            last_error = e
-            if isinstance(e, (EOFError, gzip.BadGzipFile)) and attempt == 1:
-                part.unlink(missing_ok=True)  # resumed file still broken: start clean
-    raise OSError(f"could not download {url} after 3 attempts: {last_error}")
+def _hash_order(items: list, seed: int, key=lambda item: item.id) -> list:
+    """Items sorted by a seeded hash of their id: the same order on any machine, in any file order."""
+    return sorted(items, key=lambda item: hashlib.sha256(f"{seed}:{key(item)}".encode()).hexdigest())
 
 
 def split_pairs(pairs: list[Pair], seed: int = 0, test_fraction: float = 0.05) -> dict[str, list[Pair]]:
-    """Deterministic split: a held-out `test` part, then 20% SFT / 40% reward / 40% RL (TLCR paper).
+    """The split every stage shares: a held-out `test` part, then 20% SFT / 40% reward / 40% RL (TLCR).
 
-    The order comes from sorting by a seeded hash of each pair's content id, so the same seed
-    gives the same split on any machine, whatever order the file was read in.
+    It depends on the pairs and on `seed` (--split-seed) only, never on a stage's own --seed, so the
+    reward model never trains on evaluation prompts whatever else changes.
     """
-    def key(pair: Pair) -> str:
-        return hashlib.sha256(f"{seed}:{pair.id}".encode()).hexdigest()
-
-    ordered = sorted(pairs, key=key)
+    ordered = _hash_order(pairs, seed)
     n_test = max(1, round(len(ordered) * test_fraction))
     test, rest = ordered[:n_test], ordered[n_test:]
     n_sft, n_reward = round(len(rest) * 0.2), round(len(rest) * 0.4)
-    return {"sft": rest[:n_sft], "reward": rest[n_sft:n_sft + n_reward],
-            "rl": rest[n_sft + n_reward:], "test": test}
+    return {"sft": rest[:n_sft], "reward": rest[n_sft:n_sft + n_reward], "rl": rest[n_sft + n_reward:], "test": test}
 
 
-# ----------------------------------------------------------------------------------------------
-# Tokenisation and batching
-# ----------------------------------------------------------------------------------------------
-def encode_prompt_response(tokenizer, prompt: str, response: str | None = None,
-                           max_prompt_len: int = 256, max_response_len: int = 256,
-                           add_eos: bool = True) -> tuple[list[int], list[int]]:
-    """Token ids of the prompt (left-truncated: the last turns matter) and of the response.
+def select_split(pairs: list[Pair], split: str, split_seed: int, limit: int | None = None) -> list[Pair]:
+    """One part of split_pairs (or "all"), then at most `limit` pairs: --limit never changes the split."""
+    chosen = pairs if split == "all" else split_pairs(pairs, split_seed)[split]
+    return chosen[:limit] if limit is not None else chosen
 
-    Prompt and response are tokenised separately and concatenated, so the response ids are the
-    same alone as inside prompt + response (hh-rlhf responses start with a space, which byte-level
-    BPE keeps as its own word boundary). The response gets EOS appended if add_eos.
+
+def heldout_split(items: list, fraction: float, seed: int, key=lambda item: item.id) -> tuple[list, list]:
+    """(train, heldout): the `fraction` of items with the smallest seeded hash of their id are held out
+    (at least one when fraction > 0 and there are two items). The reward model and the discriminator
+    call it on the same reward split with the same seed, so they hold out the same pairs."""
+    ordered = _hash_order(items, seed, key)
+    n_heldout = 0 if fraction <= 0 or len(ordered) < 2 else max(1, round(len(ordered) * fraction))
+    return ordered[n_heldout:], ordered[:n_heldout]
+
+
+def global_batch(examples: list, step: int, batch_size: int, seed: int) -> list:
+    """The examples of optimizer step `step`: a fresh seeded permutation every epoch.
+
+    Every rank computes the same global batch, so a run resumed at any step sees exactly the
+    data an uninterrupted run would, and 1 process or N processes see the same data.
     """
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"][-max_prompt_len:]
-    if response is None:
-        return prompt_ids, []
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-    response_ids = response_ids[: max_response_len - (1 if add_eos else 0)]
-    if add_eos:
-        response_ids = response_ids + [tokenizer.eos_token_id]
-    return prompt_ids, response_ids
+    per_epoch = max(1, len(examples) // batch_size)
+    epoch, index = divmod(step, per_epoch)
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return [examples[i] for i in order[index * batch_size: (index + 1) * batch_size].tolist()]
 
 
+# ----------------------------------------------------------------------------------------------
+# Encoding: the ids every stage feeds the model, built one way
+# ----------------------------------------------------------------------------------------------
+def uses_chat_template(tokenizer, pair_messages, enabled: bool = True) -> bool:
+    """The chat template renders a prompt when the data came as chat messages, the tokenizer has a
+    template and --no-chat-template was not given; otherwise the hh-rlhf transcript does."""
+    return bool(enabled and pair_messages and getattr(tokenizer, "chat_template", None))
+
+
+def prompt_text(tokenizer, prompt: str, messages: list | None, chat_template: bool = True) -> str:
+    """The prompt as the model reads it: the chat template with the generation prompt appended
+    ("<|im_start|>assistant\\n", "[/INST]", …) or the transcript ending with "\\n\\nAssistant:"."""
+    if uses_chat_template(tokenizer, messages, chat_template):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return prompt
+
+
+def response_text(tokenizer, response: str, messages: list | None, chat_template: bool = True) -> str:
+    """The reply as it follows prompt_text: after a chat template it has no leading space (a transcript
+    reply starts with one, after "Assistant:")."""
+    return response.removeprefix(" ") if uses_chat_template(tokenizer, messages, chat_template) else response
+
+
+_prefix_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def bos_prefix(tokenizer) -> list[int]:
+    """The ids a tokenizer puts before any text (BOS for Llama, Mistral, OPT; none for GPT-2, Qwen)."""
+    if tokenizer not in _prefix_cache:
+        marked = tokenizer("a", add_special_tokens=True)["input_ids"]
+        plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+        starts = [k for k in range(len(marked) - len(plain) + 1) if marked[k:k + len(plain)] == plain]
+        _prefix_cache[tokenizer] = marked[:starts[0]] if starts else []
+    return _prefix_cache[tokenizer]
+
+
+def encode_prompt(tokenizer, text: str, max_len: int = 256) -> list[int]:
+    """Prompt ids, starting as the tokenizer starts any text (its BOS, once: a chat template that writes
+    BOS itself is not given a second), left-truncated to max_len (the last turns matter most)."""
+    prefix = bos_prefix(tokenizer)
+    body = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if prefix and body[:len(prefix)] == prefix:
+        body = body[len(prefix):]
+    keep = max(max_len - len(prefix), 1)
+    return prefix + body[-keep:]
+
+
+RESPONSE_ANCHOR = "\n"  # tokenised in front of a response and then dropped (see response_encodings)
+
+
+def response_encodings(tokenizer, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """(ids, character offsets) of each response, as the response's tokens are when it follows a prompt.
+
+    A SentencePiece tokenizer in its "legacy" layout (Llama, Mistral) puts a word-boundary '▁' in front
+    of every text it tokenises, so a response tokenised alone would start with a stray '▁' token it never
+    has after a prompt. Tokenising it behind a fixed anchor and dropping the anchor's ids avoids that;
+    byte-level BPE (GPT-2, Llama 3, Qwen) gives the same ids either way. When the anchor merges with the
+    text (a response starting with a newline, say) the plain tokenisation is used.
+    """
+    anchor = tokenizer(RESPONSE_ANCHOR, add_special_tokens=False)["input_ids"]
+    joint = tokenizer([RESPONSE_ANCHOR + t for t in texts], add_special_tokens=False, return_offsets_mapping=True)
+    plain = None
+    out = []
+    for k, (ids, offsets) in enumerate(zip(joint["input_ids"], joint["offset_mapping"])):
+        if ids[:len(anchor)] == anchor:
+            shift = len(RESPONSE_ANCHOR)
+            out.append((ids[len(anchor):], [(max(a - shift, 0), b - shift) for a, b in offsets[len(anchor):]]))
+        else:
+            if plain is None:
+                plain = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+            out.append((plain["input_ids"][k], [tuple(o) for o in plain["offset_mapping"][k]]))
+    return out
+
+
+def encode_response(tokenizer, text: str, max_len: int = 256, add_eos: bool = True) -> list[int]:
+    """Response ids (see response_encodings), cut to max_len, EOS appended (within max_len) if add_eos."""
+    ids = response_encodings(tokenizer, [text])[0][0]
+    ids = ids[: max_len - (1 if add_eos else 0)]
+    return ids + [tokenizer.eos_token_id] if add_eos else ids
+
+
+def eos_token_ids(tokenizer, model=None) -> list[int]:
+    """Every id that ends a response: the tokenizer's EOS and any the model's generation_config lists
+    (Llama 3 instruct stops at <|eot_id|> as well as <|end_of_text|>)."""
+    ids = [tokenizer.eos_token_id]
+    config_ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for i in ([config_ids] if isinstance(config_ids, int) else (config_ids or [])):
+        if i not in ids:
+            ids.append(i)
+    return ids
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches: padding, positions, where the response sits, log-probs
+# ----------------------------------------------------------------------------------------------
 def pad_right(seqs: list[list[int]], pad_value: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad a list of id lists. Returns ids [B, T] and mask [B, T] (1 = real token)."""
     width = max(len(s) for s in seqs)
@@ -278,6 +377,16 @@ def pad_left(seqs: list[list[int]], pad_value: int) -> tuple[torch.Tensor, torch
             ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
             mask[i, width - len(s):] = 1
     return ids, mask
+
+
+def collate_right(examples: list[tuple[list[int], list[int]]], pad_id: int):
+    """(prompt ids, response ids) rows -> query_response, attention_mask, response_mask, all [B, T],
+    right-padded: the layout of every supervised stage (SFT, discriminator, reward model)."""
+    query_response, attention_mask = pad_right([p + r for p, r in examples], pad_id)  # [B, T]
+    response_mask = torch.zeros_like(attention_mask)
+    for i, (prompt_ids, response_ids) in enumerate(examples):
+        response_mask[i, len(prompt_ids): len(prompt_ids) + len(response_ids)] = 1
+    return query_response, attention_mask, response_mask
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -308,6 +417,38 @@ def gather_response(values: torch.Tensor, response_mask: torch.Tensor) -> torch.
     return values.gather(1, index) * valid.to(values.dtype)
 
 
+def logits_to_keep(model, n: int) -> dict:
+    """Ask for the logits of the last n positions only, where the model supports it (saves [B, P, V])."""
+    forward = getattr(model, "module", model).forward
+    return {"logits_to_keep": n} if "logits_to_keep" in inspect.signature(forward).parameters else {}
+
+
+def response_logprobs(model, query_response: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor,
+                      temperature: float = 1.0, with_entropy: bool = False):
+    """log π(a_j | x, a_<j) of every response token, [B, T_resp] left-aligned like gather_response (0 past
+    each row's end), and the policy's entropy at those positions [B, T_resp] if asked (else None).
+
+    The logits at column P+j−1 predict response token a_j at column P+j, so we read each row one column
+    before its response tokens. Only the logits from the earliest response column on are computed
+    (logits_to_keep). Logits are divided by the sampling temperature, as when they were sampled.
+    """
+    index, valid = response_index(response_mask)  # [B, T_resp]
+    keep = query_response.shape[1] - int(index[:, 0].min()) + 1  # columns first_response − 1 … T − 1
+    logits = model(input_ids=query_response, attention_mask=attention_mask,
+                   position_ids=position_ids_from_mask(attention_mask), use_cache=False,
+                   **logits_to_keep(model, keep)).logits  # [B, keep or T, V]
+    offset = query_response.shape[1] - logits.shape[1]  # column of logits[:, 0]
+    before = (index - 1 - offset).clamp(min=0)  # column P+j−1, which predicts a_j  [B, T_resp]
+    picked = logits.gather(1, before[..., None].expand(-1, -1, logits.shape[-1])).float() / temperature  # [B, T_resp, V]
+    tokens = query_response.gather(1, index)  # a_j  [B, T_resp]
+    log_norm = picked.logsumexp(-1)  # [B, T_resp]
+    logprobs = (picked.gather(-1, tokens[..., None]).squeeze(-1) - log_norm) * valid  # [B, T_resp]
+    if not with_entropy:
+        return logprobs, None
+    entropy = (log_norm - (picked.softmax(-1) * picked).sum(-1)) * valid  # H = log Z − Σ p·logit
+    return logprobs, entropy
+
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     """Mean of `values` where mask is 1; 0 (not NaN) where the mask is empty."""
     mask = mask.to(values.dtype)
@@ -316,107 +457,28 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Ten
     return total / count.clamp(min=1)
 
 
-def global_batch(examples: list, step: int, batch_size: int, seed: int) -> list:
-    """The examples of optimizer step `step`: a fresh seeded permutation every epoch.
-
-    Every rank computes the same global batch, so a run resumed at any step sees exactly the
-    data an uninterrupted run would, and 1 process or N processes see the same data.
-    """
-    per_epoch = max(1, len(examples) // batch_size)
-    epoch, index = divmod(step, per_epoch)
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    return [examples[i] for i in order[index * batch_size: (index + 1) * batch_size].tolist()]
-
-
 # ----------------------------------------------------------------------------------------------
-# Tokenizers and models
+# Models: one scalar per position
 # ----------------------------------------------------------------------------------------------
-TINY_CONFIG = dict(n_layer=2, n_head=2, n_embd=64, n_positions=512)  # ~0.3M params + embeddings
-
-
-def train_tiny_tokenizer(texts: list[str], vocab_size: int = 2048):
-    """A byte-level BPE tokenizer (GPT-2 style) trained on `texts`, as a transformers tokenizer."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2,
-                            special_tokens=["<|endoftext|>"], show_progress=False)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
-                                        bos_token="<|endoftext|>", unk_token="<|endoftext|>")
-    return configure_tokenizer(tokenizer)
-
-
-def configure_tokenizer(tokenizer):
-    """GPT-2 convention: no pad token, so pad = eos; left padding (for generation)."""
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    return tokenizer
-
-
-def build_tiny(texts: list[str], out_dir: str | Path | None = None, vocab_size: int = 2048, seed: int = 0,
-               **config):
-    """Train a tokenizer on `texts` and build a tiny GPT-2 from a config (saved to out_dir if given)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    tokenizer = train_tiny_tokenizer(texts, vocab_size)
-    torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
-                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                     **{**TINY_CONFIG, **config})
-    model = GPT2LMHeadModel(cfg)
-    if out_dir is not None:
-        save_hf(model, tokenizer, out_dir)
-    return model, tokenizer
-
-
-def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
-    _quiet_transformers()
-    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
-    return configure_tokenizer(tokenizer)
-
-
-def load_policy(name_or_path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
-    """Any Hugging Face causal LM, by hub name or local path (safetensors weights preferred)."""
-    from transformers import AutoModelForCausalLM
-
-    _quiet_transformers()
-    model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype, use_safetensors=None,
-                                                 trust_remote_code=trust_remote_code)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = model.config.eos_token_id
-    return model
-
-
-def disable_dropout(model: nn.Module) -> nn.Module:
-    """Set every dropout probability to 0 (RL and scoring must be deterministic)."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-    return model
-
-
 class ScoreModel(nn.Module):
     """A transformer backbone plus a linear head giving one scalar per position.
 
-    One class serves three roles: the TLCR discriminator (scalar = logit of "token is good"),
-    the Bradley–Terry reward model (scalar read at the last token), and the PPO critic (value).
+    One class serves three roles: the TLCR discriminator (scalar = logit of "this token is good"),
+    the Bradley–Terry reward model (scalar read at the last token) and the PPO critic (value).
     `forward` returns scores [B, T]; the score at position t has seen tokens 0..t (causal).
-    Saved as the backbone in Hugging Face format plus `score_head.safetensors`.
+    A fresh head starts small (std 1/√(H+1)) with zero bias, so its first scores are near 0. The reward
+    model's head has no bias (the Bradley–Terry loss cannot see one; the standard sequence classifier
+    has none); the discriminator's has one (its logits are absolute: 0 means D = ½).
     """
 
-    HEAD_FILE = "score_head.safetensors"
-
-    def __init__(self, backbone: nn.Module):
+    def __init__(self, backbone: nn.Module, bias: bool = True):
         super().__init__()
         self.backbone = backbone
         hidden = backbone.config.hidden_size
-        self.head = nn.Linear(hidden, 1)
+        self.head = nn.Linear(hidden, 1, bias=bias)
         nn.init.normal_(self.head.weight, std=1.0 / math.sqrt(hidden + 1))
-        nn.init.zeros_(self.head.bias)
+        if bias:
+            nn.init.zeros_(self.head.bias)
 
     @property
     def config(self):
@@ -427,307 +489,3 @@ class ScoreModel(nn.Module):
                                position_ids=position_ids_from_mask(attention_mask),
                                use_cache=False).last_hidden_state  # [B, T, H]
         return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)  # [B, T]
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, dtype: torch.dtype = torch.float32,
-                        trust_remote_code: bool = False) -> "ScoreModel":
-        """Load a saved ScoreModel, or start one from any causal LM (a fresh head)."""
-        from transformers import AutoModel
-
-        _quiet_transformers()
-        backbone = AutoModel.from_pretrained(str(name_or_path), dtype=dtype, trust_remote_code=trust_remote_code)
-        model = cls(backbone)
-        head_file = Path(name_or_path) / cls.HEAD_FILE
-        if head_file.exists():
-            from safetensors.torch import load_file
-            model.head.load_state_dict(load_file(str(head_file)))
-        return model.to(dtype)
-
-    def save_pretrained(self, out_dir: str | Path, extra: dict | None = None):
-        from safetensors.torch import save_file
-
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        self.backbone.save_pretrained(out_dir)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()},
-                  str(out_dir / self.HEAD_FILE))
-        if extra is not None:
-            atomic_write(out_dir / "score_model.json", json.dumps(extra, indent=2))
-
-
-def save_hf(model: nn.Module, tokenizer, out_dir: str | Path, **save_kwargs):
-    """Save a model (plain or ScoreModel) and its tokenizer in Hugging Face format into out_dir.
-
-    Everything is written to a temp folder first and then renamed file by file, so a crash never
-    leaves half a weight file; other files in out_dir (checkpoint/, log.jsonl) are kept.
-    `save_kwargs` go to the model's save_pretrained (ScoreModel: extra={...} -> score_model.json).
-    """
-    _quiet_transformers()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".save-"))
-    try:
-        unwrap(model).save_pretrained(tmp, **save_kwargs)
-        tokenizer.save_pretrained(tmp)
-        for item in tmp.iterdir():
-            os.replace(item, out_dir / item.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel wrapper (or the model itself)."""
-    return model.module if hasattr(model, "module") else model
-
-
-# ----------------------------------------------------------------------------------------------
-# System: device, distributed, precision, schedule
-# ----------------------------------------------------------------------------------------------
-@dataclass
-class Dist:
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def master(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-
-def add_system_args(parser):
-    """The options every training stage shares (device, precision, memory, seed)."""
-    group = parser.add_argument_group("system")
-    group.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    group.add_argument("--no-bf16", dest="bf16", action="store_false",
-                       help="disable bf16 autocast on CUDA (it is on by default there; CPU runs in fp32)")
-    group.add_argument("--gradient-checkpointing", action="store_true",
-                       help="recompute activations in the backward pass: less memory, ~30%% more compute")
-    group.add_argument("--seed", type=int, default=0, help="random seed (data order, init, sampling)")
-    group.add_argument("--trust-remote-code", action="store_true",
-                       help="allow model repos that ship their own Python code (off by default)")
-    return group
-
-
-def setup_distributed(device: str = "auto") -> Dist:
-    """Read RANK / LOCAL_RANK / WORLD_SIZE as torchrun sets them (nanoGPT style).
-
-    NCCL on CUDA, gloo on CPU. Without torchrun this is a single process.
-    """
-    want_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        import torch.distributed as dist
-
-        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-        world_size = int(os.environ["WORLD_SIZE"])
-        if want_cuda:
-            torch.cuda.set_device(local_rank)
-            dev = torch.device("cuda", local_rank)
-        else:
-            dev = torch.device("cpu")
-        dist.init_process_group(backend="nccl" if want_cuda else "gloo")
-        return Dist(rank, local_rank, world_size, dev)
-    return Dist(device=torch.device("cuda" if want_cuda else (device if device != "auto" else "cpu")))
-
-
-def cleanup_distributed(dist_info: Dist):
-    """Wait for every rank, then tear the process group down.
-
-    Gloo's worker threads free a finished collective (and the Python tensors it holds, which needs
-    the GIL) just after the collective returns. If the process group's destructor runs first (it
-    holds the GIL, e.g. when the DDP wrapper is freed as main() returns), the two wait on each other
-    for ever. Sleeping a moment hands the GIL to the workers so they finish first.
-    """
-    if dist_info.enabled:
-        import time
-
-        import torch.distributed as dist
-
-        dist.barrier()
-        if dist.get_backend() == "gloo":
-            time.sleep(0.5)
-        dist.destroy_process_group()
-
-
-def all_reduce_sum(values, dist_info: Dist) -> torch.Tensor:
-    """Element-wise sum over ranks of a number, a list of numbers or a tensor: float64, on the CPU.
-    Pass several counters in one list to pay for one all-reduce."""
-    tensor = torch.as_tensor(values, dtype=torch.float64).detach().clone().to(dist_info.device)
-    if dist_info.enabled:
-        import torch.distributed as dist
-
-        dist.all_reduce(tensor)
-    return tensor.cpu()
-
-
-def all_reduce_mean(value: torch.Tensor | float, dist_info: Dist) -> float:
-    """Mean of a scalar over ranks (a plain float back)."""
-    return all_reduce_sum(value, dist_info).item() / dist_info.world_size
-
-
-def autocast(device: torch.device, bf16: bool = True):
-    """bf16 autocast on CUDA (if asked); a no-op context on CPU."""
-    if device.type == "cuda" and bf16:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def seed_everything(seed: int):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Cosine decay from the base learning rate to 0 over total_steps, no warm-up."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps))))
-
-
-def adamw(model: nn.Module, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.95)) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on biases and LayerNorm gains)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas)
-
-
-# ----------------------------------------------------------------------------------------------
-# Files: atomic writes, checkpoints, logs
-# ----------------------------------------------------------------------------------------------
-def atomic_write(path: str | Path, text: str):
-    """Write text to a temp file beside `path`, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-    os.replace(tmp, path)
-
-
-def rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {"python": list(random.getstate()[1]), "python_pos": random.getstate()[2],
-             "numpy": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": int(np_state[2]),
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict):
-    random.setstate((3, tuple(state["python"]), state["python_pos"]))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(ckpt_dir: str | Path, models: dict[str, nn.Module], others: dict):
-    """Write a resumable checkpoint atomically: models as safetensors, the rest (optimizer and
-    scheduler states, step, RNG) as a torch file that loads with weights_only=True."""
-    from safetensors.torch import save_file
-
-    ckpt_dir = Path(ckpt_dir)
-    tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name, model in models.items():
-        state = {k: v.detach().contiguous().cpu() for k, v in unwrap(model).state_dict().items()}
-        # tied weights (GPT-2's lm_head = wte) share storage; safetensors wants them apart
-        seen, unique = set(), {}
-        for k, v in state.items():
-            key = (v.data_ptr(), v.shape, v.stride()) if v.numel() else None
-            if key in seen:
-                continue
-            seen.add(key)
-            unique[k] = v
-        save_file(unique, str(tmp / f"{name}.safetensors"))
-    torch.save({**others, "rng": rng_state()}, tmp / "state.pt")
-    old = ckpt_dir.with_name(ckpt_dir.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if ckpt_dir.exists():
-        os.replace(ckpt_dir, old)
-    os.replace(tmp, ckpt_dir)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def load_checkpoint(ckpt_dir: str | Path, models: dict[str, nn.Module], map_location="cpu") -> dict | None:
-    """Load what save_checkpoint wrote into `models` (in place); return the other state, or None
-    when there is no checkpoint. RNG states are restored."""
-    from safetensors.torch import load_file
-
-    ckpt_dir = Path(ckpt_dir)
-    if not (ckpt_dir / "state.pt").exists():
-        return None
-    for name, model in models.items():
-        state = load_file(str(ckpt_dir / f"{name}.safetensors"))
-        missing, unexpected = unwrap(model).load_state_dict(state, strict=False)
-        tied = {k for k in missing if any(k.endswith(s) for s in ("lm_head.weight",))}
-        if set(missing) - tied or unexpected:
-            raise RuntimeError(f"{ckpt_dir}/{name}.safetensors does not match the model: "
-                               f"missing {sorted(set(missing) - tied)[:5]}, unexpected {unexpected[:5]}")
-    others = torch.load(ckpt_dir / "state.pt", map_location=map_location, weights_only=True)
-    set_rng_state(others.pop("rng"))
-    return others
-
-
-def save_training_state(ckpt_dir: str | Path, model: nn.Module, optimizer, scheduler, step: int, **extra):
-    """Checkpoint one trained model with its optimizer, scheduler, step and any `extra` fields
-    (e.g. total_steps=..., which resume_training_state then checks)."""
-    save_checkpoint(ckpt_dir, {"model": model}, {"optimizer": optimizer.state_dict(),
-                                                 "scheduler": scheduler.state_dict(), "step": step, **extra})
-
-
-def resume_training_state(ckpt_dir: str | Path, model: nn.Module, optimizer, scheduler, total_steps: int,
-                          master: bool = True, map_location="cpu") -> dict | None:
-    """Load what save_training_state wrote into model, optimizer and scheduler (and the RNG states);
-    return the saved state (step and extra fields), or None when there is no checkpoint.
-
-    A checkpoint saved with total_steps must be for a run of this length: the cosine schedule and
-    the data order depend on it, so a mismatch stops the run instead of resuming a different plan.
-    """
-    state = load_checkpoint(ckpt_dir, {"model": model}, map_location=map_location)
-    if state is None:
-        return None
-    if state.get("total_steps", total_steps) != total_steps:
-        raise SystemExit(f"{ckpt_dir}: made for a {state['total_steps']}-step run, this one has {total_steps} "
-                         f"steps (data, batch or epochs changed); use --no-resume to start fresh")
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if master:
-        print(f"resumed from {ckpt_dir} at step {state['step']}/{total_steps}")
-    return state
-
-
-class JsonlLogger:
-    """Appends one JSON object per line (rank 0 only); prints nothing itself."""
-
-    def __init__(self, path: str | Path | None, enabled: bool = True):
-        self.path = Path(path) if path else None
-        self.enabled = enabled and self.path is not None
-        if self.enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-
-    def rewind(self, step: int):
-        """On resume from a checkpoint at `step`: drop the lines of steps after it (they will be
-        logged again), so the log never holds a step twice."""
-        if self.enabled and self.path.exists():
-            lines = self.path.read_text(encoding="utf-8").splitlines()
-            kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-            atomic_write(self.path, "".join(line + "\n" for line in kept))
-
-    def log(self, record: dict):
-        if self.enabled:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")

@@ -19,29 +19,27 @@ given to the action that produced a_t (no one-token shift), plus the paper's abl
 
     # CPU, the tiny demo model (it wants a much larger lr than the paper's 1e-5 for 7B)
     python discriminator.py train --sft runs/demo/sft --labels runs/demo/labels.jsonl \\
-        --out runs/demo/disc --lr 1e-3
+        --out runs/demo/discriminator --lr 1e-3
     # one GPU, paper settings (lr 1e-5, weight decay 0.1, cosine without warm-up, 2 epochs)
     python discriminator.py train --sft runs/llama/sft --labels runs/llama/labels.jsonl \\
-        --out runs/llama/disc --batch-size 64 --micro-batch-size 4 --gradient-checkpointing
+        --out runs/llama/discriminator --batch-size 64 --micro-batch-size 4 --gradient-checkpointing
     # several GPUs
     torchrun --nproc_per_node=8 discriminator.py train --sft ... --labels ... --out ...
     # measure again (held-out token accuracy; --split all for a separate labels file)
-    python discriminator.py evaluate --disc runs/demo/disc --labels runs/demo/labels.jsonl
+    python discriminator.py evaluate --discriminator runs/demo/discriminator --labels runs/demo/labels.jsonl
     # look at the rewards of one response, or of a labelled pair
-    python discriminator.py show --disc runs/demo/disc --prompt "\\n\\nHuman: Hi\\n\\nAssistant:" --response " Hello!"
-    python discriminator.py show --disc runs/demo/disc --labels runs/demo/labels.jsonl --index 3
+    python discriminator.py show --discriminator runs/demo/discriminator \\
+        --prompt "\\n\\nHuman: Hi\\n\\nAssistant:" --response " Hello!"
+    python discriminator.py show --discriminator runs/demo/discriminator --labels runs/demo/labels.jsonl --index 3
 
-`train` writes to --out: the discriminator (backbone in Hugging Face format, score_head.safetensors,
-tokenizer; load it with common.ScoreModel.from_pretrained(out)), log.jsonl, accuracy.json and
-checkpoint/ (resumed from when present; --no-resume starts over).
+`train` writes to --out: the discriminator as a standard Hugging Face token classifier
+(AutoModelForTokenClassification, num_labels=1: one logit per token) with its tokenizer and
+token_rlhf.json, log.jsonl, accuracy.json and checkpoint/ (resumed from when present).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import hashlib
 import json
-import math
 import time
 from pathlib import Path
 
@@ -50,35 +48,31 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
+import plumbing
 
 REWARD_MODES = ("continuous", "fixed", "no_negative", "no_positive")
 PAPER_ACCURACY = 0.814  # TLCR, Llama-2-7B discriminator, held-out positive/negative tokens
 
 
-def add_model_io_args(parser):
-    group = parser.add_argument_group("system")
-    group.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    group.add_argument("--no-bf16", dest="bf16", action="store_false", help="disable bf16 autocast on CUDA")
-    group.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
-    return group
-
-
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=plumbing.HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,show}")
 
     train = commands.add_parser("train", help="train the discriminator on label.py's labels (eq. 6)",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=plumbing.HelpFormatter)
     data = train.add_argument_group("data")
     data.add_argument("--labels", required=True, help="labels.jsonl written by label.py")
     data.add_argument("--eval-fraction", type=float, default=0.1,
                       help="share of the labelled pairs held out (chosen by a hash of their id) for accuracy")
+    data.add_argument("--split-seed", type=int, default=0,
+                      help="seed of the held-out hash (the data split's seed: the reward model holds out the same pairs)")
     data.add_argument("--max-prompt-len", type=int, default=256, help="prompt tokens kept (the last ones)")
     data.add_argument("--max-response-len", type=int, default=256, help="response tokens kept (the first ones)")
     model = train.add_argument_group("model")
     model.add_argument("--sft", required=True, help="SFT model folder (or any causal LM): the backbone to start from")
     algo = train.add_argument_group("algorithm")
     algo.add_argument("--epochs", type=float, default=2.0, help="passes over the training sequences (paper: 2)")
+    algo.add_argument("--max-steps", type=int, default=None, help="optimizer steps of the whole run (overrides --epochs)")
     algo.add_argument("--lr", type=float, default=1e-5,
                       help="peak learning rate, cosine to 0 without warm-up. 1e-5 is the paper's for a 7B "
                            "model; the tiny demo model needs ~1e-3")
@@ -92,44 +86,38 @@ def parse_args(argv=None):
     out.add_argument("--out", required=True, help="output folder: discriminator, log.jsonl, accuracy.json, checkpoint/")
     out.add_argument("--log-every", type=int, default=10, help="write a log line every N optimizer steps")
     out.add_argument("--eval-every", type=int, default=0, help="held-out accuracy every N steps (0 = at the end only)")
+    out.add_argument("--eval-batch-size", type=int, default=16, help="sequences per forward pass when evaluating")
     out.add_argument("--save-every", type=int, default=200, help="write a resumable checkpoint every N steps")
-    out.add_argument("--no-resume", dest="resume", action="store_false",
-                     help="ignore an existing checkpoint in --out and start over")
     out.add_argument("--stop-after", type=int, default=None,
-                     help="checkpoint and exit after this many optimizer steps, as if interrupted (tests)")
-    common.add_system_args(train)
+                     help="checkpoint and stop after this many steps (as if interrupted); run again to resume")
+    plumbing.add_resume_args(out)
+    plumbing.add_system_args(train)
 
     evaluate = commands.add_parser("evaluate", help="token-level accuracy on labelled pairs",
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    evaluate.add_argument("--disc", required=True, help="discriminator folder written by `train`")
+                                   formatter_class=plumbing.HelpFormatter)
+    evaluate.add_argument("--discriminator", required=True, help="discriminator folder written by `train`")
     evaluate.add_argument("--labels", required=True, help="labels.jsonl written by label.py")
     evaluate.add_argument("--split", choices=("heldout", "all"), default="heldout",
-                          help="heldout: the pairs `train` held out (same --eval-fraction and --seed); all: every pair")
-    evaluate.add_argument("--eval-fraction", type=float, default=None, help="default: the value used in training")
-    evaluate.add_argument("--seed", type=int, default=None, help="default: the value used in training")
-    evaluate.add_argument("--max-prompt-len", type=int, default=None, help="default: the value used in training")
-    evaluate.add_argument("--max-response-len", type=int, default=None, help="default: the value used in training")
-    evaluate.add_argument("--out", default=None, help="accuracy JSON to write (default: DISC/accuracy.json)")
-    add_model_io_args(evaluate)
+                          help="heldout: the pairs `train` held out (same --eval-fraction and --split-seed); all: every pair")
+    evaluate.add_argument("--out", default=None, help="accuracy JSON to write (default: DISCRIMINATOR/accuracy.json)")
+    add_scoring_args(evaluate)
 
     show = commands.add_parser("show", help="print a response token by token with D and its reward",
-                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    show.add_argument("--disc", required=True, help="discriminator folder written by `train`")
+                               formatter_class=plumbing.HelpFormatter)
+    show.add_argument("--discriminator", required=True, help="discriminator folder written by `train`")
     show.add_argument("--prompt", default=None, help="prompt text (ends with '\\n\\nAssistant:')")
     show.add_argument("--response", default=None, help="response text (starts with a space in hh-rlhf)")
     show.add_argument("--add-eos", action="store_true", help="append EOS to --response, as PPO samples do")
     show.add_argument("--labels", default=None, help="instead of --prompt/--response: a labels.jsonl ...")
     show.add_argument("--index", type=int, default=0, help="... and the 0-based record to show (both sequences)")
     show.add_argument("--mode", choices=REWARD_MODES, default="continuous", help="reward mode (eq. 7 or an ablation)")
-    show.add_argument("--max-prompt-len", type=int, default=256, help="prompt tokens kept (the last ones)")
-    add_model_io_args(show)
+    add_scoring_args(show)
 
     args = parser.parse_args(argv)
     if args.command == "train":
         if not 0.0 <= args.eval_fraction < 1.0:
             train.error("--eval-fraction must be in [0, 1)")
-        if args.batch_size < 1 or args.micro_batch_size < 1:
-            train.error("--batch-size and --micro-batch-size must be positive")
+        plumbing.check_positive(train, args, "batch_size", "micro_batch_size", "eval_batch_size", "max_steps")
         if args.lr <= 0 or args.epochs <= 0:
             train.error("--lr and --epochs must be positive")
     if args.command == "show" and args.labels is None and (args.prompt is None or args.response is None):
@@ -137,65 +125,69 @@ def parse_args(argv=None):
     return args
 
 
+def add_scoring_args(parser):
+    group = parser.add_argument_group("system")
+    group.add_argument("--eval-batch-size", type=int, default=16, help="sequences per forward pass")
+    group.add_argument("--max-prompt-len", type=int, default=None, help="prompt tokens kept (default: as in training)")
+    group.add_argument("--max-response-len", type=int, default=None, help="response tokens kept (default: as in training)")
+    group.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    group.add_argument("--no-bf16", dest="bf16", action="store_false", help="disable bf16 autocast on CUDA")
+    group.add_argument("--trust-remote-code", action="store_true",
+                       help="allow model repos that ship their own Python code (off by default)")
+    return group
+
+
 # ----------------------------------------------------------------------------------------------
 # 1. data: labelled pairs -> (prompt ids, response ids, labels) sequences
 # ----------------------------------------------------------------------------------------------
-def load_labels(path: str | Path) -> list[dict]:
-    """Read label.py's JSONL; every record is checked, and a bad one raises naming file and line."""
-    path, records = Path(path), []
-    if not path.exists():
-        raise common.DataError(f"{path}: no such file (write it with label.py)")
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path} line {line_no}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise common.DataError(f"{where}: malformed JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise common.DataError(f"{where}: expected a JSON object")
-            for key in ("id", "prompt"):
-                if not isinstance(record.get(key), str):
-                    raise common.DataError(f"{where}: field {key!r} missing or not a string")
-            for side in ("rejected", "revised"):
-                ids, labels = record.get(f"{side}_ids"), record.get(f"{side}_labels")
-                if not isinstance(ids, list) or not all(type(i) is int and i >= 0 for i in ids):
-                    raise common.DataError(f"{where}: field '{side}_ids' missing or not a list of token ids")
-                if not isinstance(labels, list) or not all(type(v) is int and v in (-1, 0, 1) for v in labels):
-                    raise common.DataError(f"{where}: field '{side}_labels' missing or not a list of -1/0/+1")
-                if len(ids) != len(labels):
-                    raise common.DataError(f"{where}: {side}_ids has {len(ids)} tokens but "
-                                           f"{side}_labels has {len(labels)} labels")
-            record["_where"] = where
-            records.append(record)
+def load_labels(path, tokenizer=None) -> list[dict]:
+    """Read label.py's JSONL; every record is checked, and a bad one raises naming file and line. With
+    `tokenizer`, the file must have been made with it (label.py records the tokenizer's fingerprint):
+    token ids from another tokenizer would train the discriminator on meaningless labels."""
+    fingerprint = plumbing.tokenizer_fingerprint(tokenizer) if tokenizer is not None else None
+    records = []
+    for where, record in common.read_rows(path):
+        if not isinstance(record, dict):
+            raise common.DataError(f"{where}: expected a JSON object")
+        for key in ("id", "prompt"):
+            if not isinstance(record.get(key), str):
+                raise common.DataError(f"{where}: field {key!r} missing or not a string")
+        for side in ("rejected", "revised"):
+            ids, labels = record.get(f"{side}_ids"), record.get(f"{side}_labels")
+            if not isinstance(ids, list) or not all(type(i) is int and i >= 0 for i in ids):
+                raise common.DataError(f"{where}: field '{side}_ids' missing or not a list of token ids")
+            if not isinstance(labels, list) or not all(type(v) is int and v in (-1, 0, 1) for v in labels):
+                raise common.DataError(f"{where}: field '{side}_labels' missing or not a list of -1/0/+1")
+            if len(ids) != len(labels):
+                raise common.DataError(f"{where}: {side}_ids has {len(ids)} tokens but "
+                                       f"{side}_labels has {len(labels)} labels")
+        if fingerprint is not None and record.get("tokenizer") != fingerprint:
+            made_with = record.get("tokenizer")
+            raise common.DataError(
+                f"{where}: labelled with another tokenizer ({made_with}) than the model's ({fingerprint}); run "
+                "label.py again with --tokenizer set to this SFT model (the reviser's answers are cached)"
+                if made_with else f"{where}: the record does not say which tokenizer made its ids (a label file "
+                "from an older label.py); run label.py again (the reviser's answers are cached)")
+        record["_where"] = where
+        records.append(record)
     if not records:
         raise common.DataError(f"{path}: no labelled pairs")
     return records
 
 
-def heldout_split(records: list[dict], fraction: float, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """(train, heldout): the held-out pairs are the `fraction` with the smallest seeded hash of their id,
-    so the split is the same on any machine and in any file order (at least one pair if fraction > 0)."""
-    def key(record):
-        return hashlib.sha256(f"{seed}:{record['id']}".encode()).hexdigest()
-
-    ordered = sorted(records, key=key)
-    n_heldout = 0 if fraction <= 0 or len(ordered) < 2 else max(1, round(len(ordered) * fraction))
-    return ordered[n_heldout:], ordered[:n_heldout]
-
-
 def encode_records(records, tokenizer, max_prompt_len=256, max_response_len=256):
     """Two sequences per pair: prompt + rejected (labels −1/0) and prompt + revised (labels +1/0).
 
-    The prompt is tokenised here (left-truncated); the response ids and their labels come from the
-    record as label.py tokenised them, cut to max_response_len, with no EOS. Empty responses are dropped.
+    The prompt is rendered and tokenised here exactly as label.py rendered it (its record says whether
+    a chat template was used); the response ids and their labels come from the record as label.py
+    tokenised them, cut to max_response_len, with no EOS. Empty responses are dropped.
     """
     vocab = len(tokenizer)
     examples = []
     for record in records:
-        prompt_ids, _ = common.encode_prompt_response(tokenizer, record["prompt"], None, max_prompt_len)
+        prompt = common.prompt_text(tokenizer, record["prompt"], record.get("messages"),
+                                    record.get("chat_template", True))
+        prompt_ids = common.encode_prompt(tokenizer, prompt, max_prompt_len)
         for side in ("rejected", "revised"):
             response_ids = record[f"{side}_ids"][:max_response_len]
             if response_ids and max(response_ids) >= vocab:
@@ -207,15 +199,12 @@ def encode_records(records, tokenizer, max_prompt_len=256, max_response_len=256)
 
 
 def collate(examples, pad_id):
-    """Right-pad prompt + response. labels [B, T] hold −1/0/+1 on response tokens and 0 elsewhere;
-    response_mask says which positions count."""
-    query_response, attention_mask = common.pad_right([p + r for p, r, _ in examples], pad_id)  # [B, T]
-    response_mask = torch.zeros_like(query_response)
+    """Right-pad prompt + response (common.collate_right). labels [B, T] hold −1/0/+1 on response
+    tokens and 0 elsewhere; response_mask says which positions count."""
+    query_response, attention_mask, response_mask = common.collate_right([(p, r) for p, r, _ in examples], pad_id)
     labels = torch.zeros_like(query_response)
     for i, (prompt_ids, response_ids, token_labels) in enumerate(examples):
-        start, end = len(prompt_ids), len(prompt_ids) + len(response_ids)
-        response_mask[i, start:end] = 1
-        labels[i, start:end] = torch.tensor(token_labels)
+        labels[i, len(prompt_ids): len(prompt_ids) + len(response_ids)] = torch.tensor(token_labels)
     return query_response, attention_mask, response_mask, labels
 
 
@@ -234,9 +223,13 @@ def token_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return -(y * F.logsigmoid(z) + (1.0 - y) * F.logsigmoid(-z))  # eq. 6, per token
 
 
-def discriminator_loss(logits: torch.Tensor, labels: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """Eq. 6: mean of token_bce over the response positions; prompt and padding contribute nothing."""
-    return common.masked_mean(token_bce(logits, labels), response_mask)
+def discriminator_loss(logits: torch.Tensor, labels: torch.Tensor, response_mask: torch.Tensor,
+                       normaliser=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 6: token_bce summed over the response positions and divided by `normaliser` (default: their
+    count, the plain mean); prompt and padding contribute nothing. Returns (loss, summed BCE)."""
+    bce_sum = (token_bce(logits, labels) * response_mask).sum()
+    count = response_mask.sum() if normaliser is None else normaliser
+    return bce_sum / count, bce_sum.detach()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,62 +270,61 @@ def token_rewards(discriminator, query_response, attention_mask, response_mask, 
 
 
 def load_discriminator(path, device="cpu", dtype=torch.float32, trust_remote_code=False):
-    """A saved discriminator in eval mode with dropout off, ready for token_rewards."""
-    model = common.ScoreModel.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
-    return common.disable_dropout(model).eval().to(device)
+    """A trained discriminator in eval mode with dropout off, ready for token_rewards."""
+    model = plumbing.load_score_model(path, dtype=dtype, trust_remote_code=trust_remote_code, what="--discriminator")
+    return plumbing.disable_dropout(model).eval().to(device)
 
 
 # ----------------------------------------------------------------------------------------------
 # 4. one optimizer step; held-out accuracy
 # ----------------------------------------------------------------------------------------------
-def train_step(model, optimizer, scheduler, batch, args, dist, pad_id):
+def train_step(model, optimizer, scheduler, batch, args, dist_info, pad_id) -> dict:
     """One optimizer step over a global batch, split over ranks and micro-batches.
 
-    The loss is normalised by the labelled tokens of the whole global batch, so the gradient is
-    that of one big batch in one process (DDP averages over ranks, hence the factor world_size).
-    Returns the batch's mean eq. 6 loss and the share of positive/negative tokens on the right side.
+    Every micro-batch's summed loss is divided by the labelled tokens of the whole global batch, so the
+    accumulated gradient equals that of one big batch in one process; DDP then averages over the ranks,
+    so each rank divides by (global tokens / world size). Also returns the share of positive / negative
+    tokens on the right side of D = ½ (batch_accuracy).
     """
-    rank_examples = batch[dist.rank::dist.world_size]
-    total_tokens = sum(len(r) for _, r, _ in batch)
+    rank_examples = batch[dist_info.rank::dist_info.world_size]
+    normaliser = sum(len(r) for _, r, _ in batch) / dist_info.world_size  # labelled response tokens
     model.train()
-    sums = torch.zeros(3, dtype=torch.float64)  # loss, correct, counted
-    micro_batches = [rank_examples[i: i + args.micro_batch_size]
-                     for i in range(0, len(rank_examples), args.micro_batch_size)]
-    for k, micro in enumerate(micro_batches):
-        query_response, attention_mask, response_mask, labels = (t.to(dist.device) for t in collate(micro, pad_id))
-        sync = model.no_sync() if (dist.enabled and k < len(micro_batches) - 1) else contextlib.nullcontext()
-        with sync:
-            with common.autocast(dist.device, args.bf16):
+    sums = torch.zeros(3, dtype=torch.float64)  # summed BCE, right decisions, decided (±1) tokens
+    micro_batches = plumbing.micro_batches(rank_examples, args.micro_batch_size)
+    for k, examples in enumerate(micro_batches):
+        query_response, attention_mask, response_mask, labels = (t.to(dist_info.device) for t in collate(examples, pad_id))
+        with plumbing.accumulate(model, last=k == len(micro_batches) - 1):
+            with plumbing.autocast(dist_info.device, args.bf16):
                 logits = model(query_response, attention_mask)  # [B, T]
-            bce_sum = (token_bce(logits, labels) * response_mask).sum()  # eq. 6, summed over response tokens
-            (bce_sum * dist.world_size / total_tokens).backward()
+            loss, bce_sum = discriminator_loss(logits, labels, response_mask, normaliser)  # eq. 6
+            loss.backward()
         decided = response_mask.bool() & (labels != 0)
         sums += torch.tensor([bce_sum.item(), ((logits > 0) == (labels > 0))[decided].sum().item(),
                               decided.sum().item()], dtype=torch.float64)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
+    grad_norm = plumbing.clip_grad_norm(model, args.max_grad_norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    sums = common.all_reduce_sum(sums, dist)
-    return {"loss": sums[0].item() / total_tokens, "batch_accuracy": sums[1].item() / max(sums[2].item(), 1),
-            "grad_norm": float(grad_norm)}
+    sums = plumbing.all_reduce_sum(sums, dist_info)
+    tokens = normaliser * dist_info.world_size
+    return {"loss": sums[0].item() / tokens, "batch_accuracy": sums[1].item() / max(sums[2].item(), 1),
+            "grad_norm": grad_norm}
 
 
 @torch.no_grad()
-def evaluate_accuracy(model, examples, batch_size, dist, bf16=True, pad_id=0) -> dict:
+def evaluate_accuracy(model, examples, batch_size, dist_info, bf16=True, pad_id=0) -> dict:
     """Token-level accuracy on held-out labels: a positive token is right if D > 0.5, a negative one
     if D < 0.5 (the paper's 81.4% figure); neutral tokens have no right answer, we report their mean D.
     Each rank scores its share of the sequences; the counts are summed over ranks."""
-    model = common.unwrap(model)
+    model = plumbing.unwrap(model)
     was_training = model.training
     model.eval()
     # counts: positive n / right / ΣD, negative n / right / ΣD, neutral n / ΣD
     sums = torch.zeros(8, dtype=torch.float64)
-    shard = examples[dist.rank::dist.world_size]
-    for i in range(0, len(shard), batch_size):
-        query_response, attention_mask, response_mask, labels = (
-            t.to(dist.device) for t in collate(shard[i: i + batch_size], pad_id))
-        with common.autocast(dist.device, bf16):
+    shard = examples[dist_info.rank::dist_info.world_size]
+    for chunk in plumbing.micro_batches(shard, batch_size):
+        query_response, attention_mask, response_mask, labels = (t.to(dist_info.device) for t in collate(chunk, pad_id))
+        with plumbing.autocast(dist_info.device, bf16):
             probs = torch.sigmoid(model(query_response, attention_mask).float())  # D at every position, [B, T]
         in_response = response_mask.bool()
         pos, neg, neu = in_response & (labels > 0), in_response & (labels < 0), in_response & (labels == 0)
@@ -340,7 +332,7 @@ def evaluate_accuracy(model, examples, batch_size, dist, bf16=True, pad_id=0) ->
                   probs[neg].sum(), neu.sum(), probs[neu].sum()]
         sums += torch.tensor([c.item() for c in counts], dtype=torch.float64)
     model.train(was_training)
-    n_pos, right_pos, d_pos, n_neg, right_neg, d_neg, n_neu, d_neu = common.all_reduce_sum(sums, dist).tolist()
+    n_pos, right_pos, d_pos, n_neg, right_neg, d_neg, n_neu, d_neu = plumbing.all_reduce_sum(sums, dist_info).tolist()
     return {"accuracy": (right_pos + right_neg) / max(n_pos + n_neg, 1),
             "positive_accuracy": right_pos / max(n_pos, 1), "negative_accuracy": right_neg / max(n_neg, 1),
             "n_positive": int(n_pos), "n_negative": int(n_neg), "n_neutral": int(n_neu),
@@ -354,147 +346,152 @@ def log_fields(metrics: dict) -> dict:
 
 
 def report_accuracy(metrics: dict, path: Path):
-    common.atomic_write(path, json.dumps(metrics, indent=2) + "\n")
+    plumbing.atomic_write(path, json.dumps(metrics, indent=2) + "\n")
     print(f"token accuracy {metrics['accuracy']:.3f} (positive {metrics['positive_accuracy']:.3f} of "
           f"{metrics['n_positive']}, negative {metrics['negative_accuracy']:.3f} of {metrics['n_negative']}); "
           f"mean D on {metrics['n_neutral']} neutral tokens {metrics['mean_d_neutral']:.3f}; "
           f"paper {PAPER_ACCURACY} -> {path}")
 
 
+def heldout_examples_of(records, tokenizer, info: dict, split: str = "heldout"):
+    """The sequences `train` held out (its saved --eval-fraction, --split-seed and lengths), or every one."""
+    if split == "heldout":
+        records = common.heldout_split(records, info.get("eval_fraction", 0.1), info.get("split_seed", 0),
+                                       key=lambda r: r["id"])[1]
+    return encode_records(records, tokenizer, info.get("max_prompt_len", 256), info.get("max_response_len", 256)), \
+        len(records)
+
+
 # ----------------------------------------------------------------------------------------------
 # 5. the commands
 # ----------------------------------------------------------------------------------------------
 def train(args):
-    dist = common.setup_distributed(args.device)
-    common.seed_everything(args.seed)
+    dist_info = plumbing.setup_distributed(args.device)
+    plumbing.seed_everything(args.seed)
     out = Path(args.out)
-    tokenizer = common.load_tokenizer(args.sft, trust_remote_code=args.trust_remote_code)
-    model = common.ScoreModel.from_pretrained(args.sft, trust_remote_code=args.trust_remote_code)  # fresh head
+    if dist_info.master:
+        plumbing.clean_stale_temp(out)
+    tokenizer = plumbing.load_tokenizer(args.sft, trust_remote_code=args.trust_remote_code, what="--sft")
+    records = load_labels(args.labels, tokenizer)  # before the model: a bad file stops the run at once
+    model = plumbing.new_score_model(args.sft, bias=True, trust_remote_code=args.trust_remote_code, what="--sft")
     max_positions = getattr(model.config, "max_position_embeddings", None)
     if max_positions and args.max_prompt_len + args.max_response_len > max_positions:
-        raise SystemExit(f"--max-prompt-len + --max-response-len = {args.max_prompt_len + args.max_response_len} "
-                         f"exceeds the model's {max_positions} positions")
-    records = load_labels(args.labels)
-    train_records, heldout_records = heldout_split(records, args.eval_fraction, args.seed)
+        raise common.InputError(f"--max-prompt-len + --max-response-len = {args.max_prompt_len + args.max_response_len} "
+                                f"exceeds the model's {max_positions} positions")
+    train_records, heldout_records = common.heldout_split(records, args.eval_fraction, args.split_seed,
+                                                          key=lambda r: r["id"])
     train_examples = encode_records(train_records, tokenizer, args.max_prompt_len, args.max_response_len)
     heldout_examples = encode_records(heldout_records, tokenizer, args.max_prompt_len, args.max_response_len)
     if not train_examples:
         raise common.DataError(f"{args.labels}: no non-empty response to train on")
-    model.to(dist.device)
+    model.to(dist_info.device)
     if args.gradient_checkpointing:
-        model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.backbone.config.use_cache = False
+        plumbing.enable_gradient_checkpointing(model)
 
     batch_size = min(args.batch_size, len(train_examples))
-    steps_per_epoch = max(1, len(train_examples) // batch_size)
-    total_steps = max(1, math.ceil(args.epochs * steps_per_epoch))
-    optimizer = common.adamw(model, args.lr, args.weight_decay, betas=(0.9, 0.95))
-    scheduler = common.cosine_schedule(optimizer, total_steps)
-    step, ckpt = 0, out / "checkpoint"
-    if args.resume and (state := common.resume_training_state(ckpt, model, optimizer, scheduler, total_steps,
-                                                             dist.master)):
+    if batch_size < dist_info.world_size:
+        raise common.InputError(f"--batch-size {batch_size} is smaller than the {dist_info.world_size} processes")
+    total_steps = plumbing.total_steps_of(len(train_examples), batch_size, args.epochs, args.max_steps)
+    optimizer = plumbing.adamw(model, args.lr, args.weight_decay)
+    scheduler = plumbing.cosine_schedule(optimizer, total_steps)
+    run_config = plumbing.run_config(args, total_steps=total_steps)
+    step = 0
+    if args.resume and (state := plumbing.load_checkpoint(out, {"model": model}, {"model": optimizer},
+                                                          {"model": scheduler}, run_config, args.force_resume)):
         step = state["step"]
-    if batch_size < dist.world_size:
-        raise SystemExit(f"--batch-size {batch_size} is smaller than the {dist.world_size} processes")
-    if dist.enabled:
-        model = torch.nn.parallel.DistributedDataParallel(model)
-    logger = common.JsonlLogger(out / "log.jsonl", enabled=dist.master)
+    model = plumbing.wrap_model(model, dist_info)
+    logger = plumbing.JsonlLogger(out / "log.jsonl", enabled=dist_info.master)
     logger.rewind(step)  # lines logged after the checkpoint will be logged again
     pad_id = tokenizer.pad_token_id
-    if dist.master:
+    if dist_info.master:
         print(f"discriminator: {len(train_records)} pairs ({len(train_examples)} sequences) to train on, "
-              f"{len(heldout_records)} held out; {total_steps} steps of {batch_size} sequences")
+              f"{len(heldout_records)} held out; {total_steps} steps of {batch_size} sequences"
+              f"{f', resuming at step {step}' if step else ''}")
 
     def checkpoint():
-        if dist.master:
-            common.save_training_state(ckpt, model, optimizer, scheduler, step)
+        if dist_info.master:
+            plumbing.save_checkpoint(out, step, {"model": model}, {"model": optimizer}, {"model": scheduler},
+                                     run_config)
 
-    bar = tqdm(total=total_steps, initial=step, desc="discriminator", disable=not dist.master)
+    steps_per_epoch = max(1, len(train_examples) // batch_size)
+    bar = tqdm(total=total_steps, initial=step, desc="discriminator", disable=not dist_info.master)
     start = time.time()
     while step < total_steps:
         batch = common.global_batch(train_examples, step, batch_size, args.seed)
-        record = train_step(model, optimizer, scheduler, batch, args, dist, pad_id)
+        metrics = train_step(model, optimizer, scheduler, batch, args, dist_info, pad_id)
         step += 1
-        record = {"step": step, "epoch": step / steps_per_epoch, **record, "lr": scheduler.get_last_lr()[0],
+        record = {"step": step, "epoch": step / steps_per_epoch, **metrics, "lr": scheduler.get_last_lr()[0],
                   "elapsed_s": round(time.time() - start, 2)}
         if args.eval_every and step % args.eval_every == 0 and heldout_examples:
-            accuracy = evaluate_accuracy(model, heldout_examples, args.micro_batch_size, dist, args.bf16, pad_id)
+            accuracy = evaluate_accuracy(model, heldout_examples, args.eval_batch_size, dist_info, args.bf16, pad_id)
             record.update(log_fields(accuracy))
         if step % args.log_every == 0 or step == total_steps or "eval_accuracy" in record:
             logger.log(record)
         bar.update(1)
         bar.set_postfix(loss=round(record["loss"], 4), acc=round(record["batch_accuracy"], 3))
-        if (step % args.save_every == 0 and step < total_steps) or step == args.stop_after:
+        if step % args.save_every == 0 or step == args.stop_after:
             checkpoint()
         if step == args.stop_after and step < total_steps:
             bar.close()
-            common.cleanup_distributed(dist)
+            plumbing.cleanup_distributed(dist_info)
             return None
     bar.close()
-    extra = {"role": "tlcr_discriminator", "sft": str(args.sft), "labels": str(args.labels), "seed": args.seed,
-             "eval_fraction": args.eval_fraction, "max_prompt_len": args.max_prompt_len,
-             "max_response_len": args.max_response_len, "steps": step}
-    if dist.master:
+    info = {"role": "tlcr_discriminator", "sft": str(args.sft), "labels": str(args.labels),
+            "split_seed": args.split_seed, "eval_fraction": args.eval_fraction,
+            "max_prompt_len": args.max_prompt_len, "max_response_len": args.max_response_len, "steps": step}
+    if dist_info.master:
         checkpoint()
-        common.save_hf(model, tokenizer, out, extra=extra)  # keeps log.jsonl and checkpoint/
+        plumbing.save_score_model(model, tokenizer, out, kind="token", extra=info)  # keeps log.jsonl, checkpoint/
     metrics = None
     if heldout_examples:
-        metrics = evaluate_accuracy(model, heldout_examples, args.micro_batch_size, dist, args.bf16, pad_id)
+        metrics = evaluate_accuracy(model, heldout_examples, args.eval_batch_size, dist_info, args.bf16, pad_id)
         metrics.update(labels=str(args.labels), n_pairs=len(heldout_records), split="heldout")
-        if dist.master:
+        if dist_info.master:
             report_accuracy(metrics, out / "accuracy.json")
             logger.log({"step": step, **log_fields(metrics)})
-    elif dist.master:
+    elif dist_info.master:
         print("no held-out pairs (--eval-fraction 0 or a single pair): accuracy not measured")
-    if dist.master:
+    if dist_info.master:
         print(f"discriminator saved to {out}")
-    common.cleanup_distributed(dist)
+    plumbing.cleanup_distributed(dist_info)
     return metrics
 
 
 def evaluate(args):
-    dist = common.setup_distributed(args.device)
-    disc = Path(args.disc)
-    saved = json.loads((disc / "score_model.json").read_text()) if (disc / "score_model.json").exists() else {}
-    seed = args.seed if args.seed is not None else saved.get("seed", 0)
-    fraction = args.eval_fraction if args.eval_fraction is not None else saved.get("eval_fraction", 0.1)
-    max_prompt_len = args.max_prompt_len or saved.get("max_prompt_len", 256)
-    max_response_len = args.max_response_len or saved.get("max_response_len", 256)
-    tokenizer = common.load_tokenizer(disc)
-    model = load_discriminator(disc, dist.device)
-    records = load_labels(args.labels)
-    if args.split == "heldout":
-        records = heldout_split(records, fraction, seed)[1]
-        if not records:
-            raise SystemExit(f"{args.labels}: no held-out pairs at --eval-fraction {fraction}; try --split all")
-    examples = encode_records(records, tokenizer, max_prompt_len, max_response_len)
-    metrics = evaluate_accuracy(model, examples, args.batch_size, dist, args.bf16, tokenizer.pad_token_id)
-    metrics.update(labels=str(args.labels), n_pairs=len(records), split=args.split)
-    if dist.master:
-        report_accuracy(metrics, Path(args.out) if args.out else disc / "accuracy.json")
-    common.cleanup_distributed(dist)
+    device = plumbing.setup_distributed(args.device).device
+    info = plumbing.read_run_info(args.discriminator)
+    info.update({k: v for k in ("max_prompt_len", "max_response_len") if (v := getattr(args, k)) is not None})
+    tokenizer = plumbing.load_tokenizer(args.discriminator, what="--discriminator")
+    model = load_discriminator(args.discriminator, device, trust_remote_code=args.trust_remote_code)
+    records = load_labels(args.labels, tokenizer)
+    examples, n_pairs = heldout_examples_of(records, tokenizer, info, args.split)
+    if not examples:
+        raise common.InputError(f"{args.labels}: no held-out pairs; use --split all")
+    metrics = evaluate_accuracy(model, examples, args.eval_batch_size, plumbing.DistInfo(device=device), args.bf16,
+                                tokenizer.pad_token_id)
+    metrics.update(labels=str(args.labels), n_pairs=n_pairs, split=args.split)
+    report_accuracy(metrics, Path(args.out) if args.out else Path(args.discriminator) / "accuracy.json")
     return metrics
 
 
 def show(args):
     """Print each response token with D and its reward (and its label when shown from a labels file)."""
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    tokenizer = common.load_tokenizer(args.disc)
-    model = load_discriminator(args.disc, device)
+    device = plumbing.setup_distributed(args.device).device
+    info = plumbing.read_run_info(args.discriminator)
+    max_prompt_len = args.max_prompt_len or info.get("max_prompt_len", 256)
+    tokenizer = plumbing.load_tokenizer(args.discriminator, what="--discriminator")
+    model = load_discriminator(args.discriminator, device, trust_remote_code=args.trust_remote_code)
     if args.labels is not None:
-        records = load_labels(args.labels)
+        records = load_labels(args.labels, tokenizer)
         if not 0 <= args.index < len(records):
-            raise SystemExit(f"--index {args.index}: {args.labels} has records 0..{len(records) - 1}")
+            raise common.InputError(f"--index {args.index}: {args.labels} has records 0..{len(records) - 1}")
         record = records[args.index]
-        prompt = record["prompt"]
+        prompt = common.prompt_text(tokenizer, record["prompt"], record.get("messages"), record.get("chat_template", True))
         sequences = [(side, record[f"{side}_ids"], record[f"{side}_labels"]) for side in ("rejected", "revised")]
     else:
         prompt = args.prompt
-        _, response_ids = common.encode_prompt_response(tokenizer, prompt, args.response, args.max_prompt_len,
-                                                        10**9, add_eos=args.add_eos)
-        sequences = [("response", response_ids, None)]
-    prompt_ids, _ = common.encode_prompt_response(tokenizer, prompt, None, args.max_prompt_len)
+        sequences = [("response", common.encode_response(tokenizer, args.response, 10**9, args.add_eos), None)]
+    prompt_ids = common.encode_prompt(tokenizer, prompt, max_prompt_len)
     print(f"prompt: {prompt[-300:]!r}")
     for name, response_ids, labels in sequences:
         if not response_ids:
@@ -502,7 +499,7 @@ def show(args):
             continue
         batch = collate([(prompt_ids, response_ids, [0] * len(response_ids))], tokenizer.pad_token_id)
         inputs = [t.to(device) for t in batch[:3]]  # query_response, attention_mask, response_mask
-        with common.autocast(device, args.bf16):
+        with plumbing.autocast(device, args.bf16):
             probs = token_probs(model, *inputs)  # [1, T_resp]
         rewards = rewards_from_probs(probs, torch.ones_like(probs), args.mode)[0]  # [T_resp]
         probs = probs[0]
@@ -520,7 +517,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except common.DataError as e:  # bad input: the message names the file and line; no traceback
-        raise SystemExit(f"error: {e}") from None
+    plumbing.cli(main)

@@ -56,6 +56,10 @@ import torch
 from tqdm import tqdm
 
 import common
+import discriminator
+import plumbing
+import ppo_token
+import redistribute
 
 # columns of results.md / the report table: (key in results.json, header, format)
 COLUMNS = [("rm_score", "RM score ↑", "{:+.3f}"), ("tlcr_reward", "TLCR reward ↑", "{:+.3f}"),
@@ -70,13 +74,9 @@ CURVES = [("reward-model score", ("rm_score",)), ("task reward", ("task_reward",
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    data = parser.add_argument_group("data")
-    data.add_argument("--data", default="bundled", help="'bundled', a .jsonl(.gz) of hh-rlhf pairs, or 'hh-rlhf[:subset]'")
-    data.add_argument("--split", default="test", choices=["test", "rl", "reward", "sft"], help="which split's prompts")
-    data.add_argument("--split-seed", type=int, default=0, help="seed of the split (the training stages' --split-seed)")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=plumbing.HelpFormatter)
+    data = plumbing.add_data_args(parser.add_argument_group("data"), split="test", response_len=False, limit=False)
     data.add_argument("--num-prompts", type=int, default=64, help="prompts evaluated (the first N of the split)")
-    data.add_argument("--max-prompt-len", type=int, default=256, help="prompt tokens kept (the last ones)")
     data.add_argument("--labels", default=None, help="held-out labels.jsonl from label.py: discriminator token accuracy")
     data.add_argument("--labels-split", default="heldout", choices=["heldout", "all"],
                       help="heldout: the labelled pairs discriminator.py held out in training; all: every pair")
@@ -93,7 +93,7 @@ def parse_args(argv=None):
     gen.add_argument("--max-new-tokens", type=int, default=128, help="response length limit in tokens")
     gen.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold")
     gen.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (log-probs use it too)")
-    gen.add_argument("--batch-size", type=int, default=16, help="prompts per generation and scoring batch")
+    gen.add_argument("--eval-batch-size", type=int, default=16, help="prompts per generation and scoring batch")
     gen.add_argument("--judge", default="reward-model", choices=["reward-model", "openai", "none"],
                      help="who decides the pairwise win rates")
     gen.add_argument("--api-base", default="https://api.openai.com/v1", help="openai judge: chat-completions base URL")
@@ -104,15 +104,14 @@ def parse_args(argv=None):
     out = parser.add_argument_group("output")
     out.add_argument("--out", default="runs/demo/eval", help="output folder")
     out.add_argument("--show-prompts", type=int, default=4, help="prompts whose responses the report shades token by token")
-    common.add_system_args(parser)
+    plumbing.add_system_args(parser)
     args = parser.parse_args(argv)
     args.policies = parse_named(parser, args.policies, "--policies")
     args.logs = parse_named(parser, args.logs, "--logs") if args.logs is not None else None
     args.baseline = args.baseline or next(iter(args.policies))
     if args.baseline not in args.policies:
         parser.error(f"--baseline {args.baseline!r} is not one of --policies ({', '.join(args.policies)})")
-    if args.num_prompts < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
-        parser.error("--num-prompts, --batch-size and --max-new-tokens must be positive")
+    plumbing.check_positive(parser, args, "num_prompts", "eval_batch_size", "max_new_tokens", "max_prompt_len")
     if not 0 < args.top_p <= 1 or args.temperature <= 0:
         parser.error("--top-p must be in (0, 1] and --temperature positive")
     return args
@@ -134,23 +133,21 @@ def parse_named(parser, items, option):
 # ----------------------------------------------------------------------------------------------
 # 1. the held-out prompts
 # ----------------------------------------------------------------------------------------------
-def load_prompts(data, split, split_seed, num_prompts):
-    """The first num_prompts prompts of a split: the same list for every policy."""
-    pairs = common.split_pairs(common.load_pairs(data, quiet=True), seed=split_seed)[split]
-    return [pair.prompt for pair in pairs[:num_prompts]]
+def load_prompts(args, quiet=False):
+    """The first --num-prompts pairs of a split (--split-seed): the same prompts for every policy."""
+    return plumbing.load_data(args.data, args.split, args.split_seed, args.num_prompts, quiet=quiet)
 
 
 # ----------------------------------------------------------------------------------------------
 # 2. generation: ppo_token.py's sampler (left-padded prompts, KV cache, top-p), the same for every policy
 # ----------------------------------------------------------------------------------------------
-def generate_responses(policy, prompt_ids, prompt_mask, max_new_tokens, eos_id, top_p=0.9, temperature=1.0):
+def generate_responses(policy, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, top_p=0.9, temperature=1.0):
     """Sample responses for left-padded prompts [B, P] exactly as PPO does (global torch RNG: seed it).
     Returns query_response, attention_mask and response_mask, all [B, P + R]; a response runs up to
     and including its first EOS, and what follows (EOS-valued padding) has attention 0."""
-    from ppo_token import generate, response_mask_from
-
-    response = generate(policy, prompt_ids, prompt_mask, eos_id, max_new_tokens, temperature, top_p)  # [B, R]
-    mask, _ = response_mask_from(response, eos_id)  # [B, R], 1 up to and including the first EOS
+    response = ppo_token.generate(policy, prompt_ids, prompt_mask, eos_ids, pad_id, max_new_tokens, temperature,
+                                  top_p)  # [B, R]
+    mask, _ = ppo_token.response_mask_from(response, eos_ids)  # [B, R], 1 up to and including the first EOS
     query_response = torch.cat([prompt_ids, response], dim=1)
     return (query_response, torch.cat([prompt_mask.long(), mask], dim=1),
             torch.cat([torch.zeros_like(prompt_mask.long()), mask], dim=1))
@@ -159,19 +156,6 @@ def generate_responses(policy, prompt_ids, prompt_mask, max_new_tokens, eos_id, 
 # ----------------------------------------------------------------------------------------------
 # 3. per-policy metrics
 # ----------------------------------------------------------------------------------------------
-def response_logprobs(model, query_response, attention_mask, response_mask, temperature=1.0):
-    """log π(a_t | x, a_<t) of every response token, [B, T_resp] left-aligned (0 past the end)."""
-    logits = model(input_ids=query_response, attention_mask=attention_mask,
-                   position_ids=common.position_ids_from_mask(attention_mask), use_cache=False).logits
-    index, valid = common.response_index(response_mask)  # [B, T_resp]
-    # the logits at position t − 1 predict the token at t (prompts are never empty, so t ≥ 1)
-    before = (index - 1).clamp(min=0)
-    picked = logits.gather(1, before[..., None].expand(-1, -1, logits.shape[-1])).float() / temperature  # [B, T_resp, V]
-    tokens = query_response.gather(1, index)  # [B, T_resp]
-    logprobs = torch.log_softmax(picked, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
-    return logprobs * valid
-
-
 def kl_to_reference(logprobs, ref_logprobs, valid):
     """k1 estimator: KL(x, y) = Σ_t log π(a_t) − log π_ref(a_t). Mean over responses and per token."""
     valid = valid.to(logprobs.dtype)
@@ -187,23 +171,20 @@ def reference_perplexity(ref_logprobs, valid):
 
 
 @torch.no_grad()
-def score_batch(policy, reference, reward_model, discriminator, query_response, attention_mask,
+def score_batch(policy, reference, reward_model, disc_model, query_response, attention_mask,
                 response_mask, temperature, with_red):
     """Everything eval needs about one batch of responses, as tensors."""
-    from discriminator import token_rewards
-    from redistribute import redistribute, sequence_reward
-
     _, valid = common.response_index(response_mask)  # [B, T_resp]
-    logprobs = response_logprobs(policy, query_response, attention_mask, response_mask, temperature)
-    ref_logprobs = response_logprobs(reference, query_response, attention_mask, response_mask, temperature)
+    logprobs, _ = common.response_logprobs(policy, query_response, attention_mask, response_mask, temperature)
+    ref_logprobs, _ = common.response_logprobs(reference, query_response, attention_mask, response_mask, temperature)
     ref_logprobs_t1 = ref_logprobs if temperature == 1.0 else \
-        response_logprobs(reference, query_response, attention_mask, response_mask, 1.0)
+        common.response_logprobs(reference, query_response, attention_mask, response_mask, 1.0)[0]
     scores = {"valid": valid, "logprobs": logprobs, "ref_logprobs": ref_logprobs, "ref_logprobs_t1": ref_logprobs_t1,
-              "rm_score": sequence_reward(reward_model, query_response, attention_mask, response_mask).float(),  # [B]
-              "tlcr": token_rewards(discriminator, query_response, attention_mask, response_mask,
+              "rm_score": redistribute.sequence_reward(reward_model, query_response, attention_mask, response_mask).float(),  # [B]
+              "tlcr": discriminator.token_rewards(disc_model, query_response, attention_mask, response_mask,
                                     mode="continuous").float()}  # eq. 7, [B, T_resp]
     if with_red:  # RED eq. 6 (β_c = 1): only for the responses the report shades
-        scores["red"] = redistribute(reward_model, query_response, attention_mask, response_mask).float()
+        scores["red"] = redistribute.redistribute(reward_model, query_response, attention_mask, response_mask).float()
     return {k: v.detach().cpu() for k, v in scores.items()}
 
 
@@ -225,22 +206,15 @@ def summarize(batches, eos_flags):
             "response_length": valid.sum(-1).mean().item(), "eos_share": sum(eos_flags) / len(eos_flags)}
 
 
-def discriminator_accuracy(discriminator, tokenizer, disc_dir, labels_path, split, batch_size, device, bf16=True):
+def discriminator_accuracy(disc_model, tokenizer, disc_dir, labels_path, split, batch_size, device, bf16=True):
     """Token accuracy on positive/negative labels, measured by discriminator.py's own function on the
     pairs its training held out (split "heldout", same seed and fraction) or on every pair ("all")."""
-    import discriminator as disc_stage
-
-    saved_path = Path(disc_dir) / "score_model.json"
-    saved = json.loads(saved_path.read_text()) if saved_path.exists() else {}
-    records = disc_stage.load_labels(labels_path)
-    if split == "heldout":
-        records = disc_stage.heldout_split(records, saved.get("eval_fraction", 0.1), saved.get("seed", 0))[1]
-        if not records:
-            raise SystemExit(f"{labels_path}: no held-out pairs; use --labels-split all")
-    examples = disc_stage.encode_records(records, tokenizer, saved.get("max_prompt_len", 256),
-                                         saved.get("max_response_len", 256))
-    return disc_stage.evaluate_accuracy(discriminator, examples, batch_size, common.Dist(device=device), bf16,
-                                        tokenizer.pad_token_id)
+    records = discriminator.load_labels(labels_path, tokenizer)
+    examples, _ = discriminator.heldout_examples_of(records, tokenizer, plumbing.read_run_info(disc_dir), split)
+    if not examples:
+        raise common.InputError(f"{labels_path}: no held-out pairs; use --labels-split all")
+    return discriminator.evaluate_accuracy(disc_model, examples, batch_size, plumbing.DistInfo(device=device), bf16,
+                                           tokenizer.pad_token_id)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -589,10 +563,10 @@ def training_curves(logs):
 
 def main(argv=None):
     args = parse_args(argv)
-    dist = common.setup_distributed(args.device)
-    if dist.enabled:
-        raise SystemExit("eval.py runs in one process: start it with python, not torchrun")
-    device, out = dist.device, Path(args.out)
+    dist_info = plumbing.setup_distributed(args.device)
+    if dist_info.enabled:
+        raise common.InputError("eval.py runs in one process: start it with python, not torchrun")
+    device, out = dist_info.device, Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     judge = None
     if args.judge == "openai":
@@ -602,41 +576,49 @@ def main(argv=None):
         judge = OpenAIJudge(args.api_base, args.api_model, out / "judge_cache.jsonl", api_key=api_key,
                             timeout=args.timeout, max_retries=args.max_retries, concurrency=args.concurrency)
 
-    # 1. prompts and the frozen models
-    prompts = load_prompts(args.data, args.split, args.split_seed, args.num_prompts)
-    tokenizer = common.load_tokenizer(args.reference, trust_remote_code=args.trust_remote_code)
-    encoded = [common.encode_prompt_response(tokenizer, p, None, args.max_prompt_len)[0] for p in prompts]
-    if any(len(ids) == 0 for ids in encoded):
-        raise SystemExit(f"{args.data}: a prompt of the {args.split} split tokenises to nothing")
+    # 1. prompts and the frozen models (every tokenizer checked against the reference's first)
+    pairs = load_prompts(args)
+    tokenizer = plumbing.load_tokenizer(args.reference, trust_remote_code=args.trust_remote_code, what="--reference")
+    for option, path in [("--reward-model", args.reward_model), ("--discriminator", args.discriminator),
+                         *((f"--policies {name}", p) for name, p in args.policies.items())]:
+        plumbing.check_same_tokenizer(tokenizer, plumbing.load_tokenizer(path, args.trust_remote_code, what=option),
+                                      f"{option} {path}")
+    prompts = [pair.prompt for pair in pairs]
+    encoded = [common.encode_prompt(tokenizer, common.prompt_text(tokenizer, p.prompt, p.messages, args.chat_template),
+                                    args.max_prompt_len) for p in pairs]
+    eos_ids = None
 
     def frozen(model):
-        return common.disable_dropout(model).to(device).eval().requires_grad_(False)
+        return plumbing.disable_dropout(model).to(device).eval().requires_grad_(False)
 
-    reference = frozen(common.load_policy(args.reference, trust_remote_code=args.trust_remote_code))
-    reward_model = frozen(common.ScoreModel.from_pretrained(args.reward_model, trust_remote_code=args.trust_remote_code))
-    discriminator = frozen(common.ScoreModel.from_pretrained(args.discriminator, trust_remote_code=args.trust_remote_code))
+    reference = frozen(plumbing.load_policy(args.reference, trust_remote_code=args.trust_remote_code, what="--reference"))
+    eos_ids = common.eos_token_ids(tokenizer, reference)
+    reward_model = frozen(plumbing.load_score_model(args.reward_model, trust_remote_code=args.trust_remote_code,
+                                                    what="--reward-model"))
+    disc_model = frozen(plumbing.load_score_model(args.discriminator, trust_remote_code=args.trust_remote_code,
+                                                  what="--discriminator"))
 
     # 2. generate and score, one policy at a time, the same seed for each
     generated, metrics, shaded = {}, {}, {}
     for name, path in args.policies.items():
         policy = reference if Path(path).resolve() == Path(args.reference).resolve() else \
-            frozen(common.load_policy(path, trust_remote_code=args.trust_remote_code))
+            frozen(plumbing.load_policy(path, trust_remote_code=args.trust_remote_code, what=f"--policies {name}"))
         torch.manual_seed(args.seed)  # the same sampling noise for every policy
         batches, texts, eos_flags, shaded[name] = [], [], [], []
-        for start in tqdm(range(0, len(prompts), args.batch_size), desc=f"eval {name}"):
-            prompt_ids, prompt_mask = common.pad_left(encoded[start:start + args.batch_size], tokenizer.pad_token_id)
+        for start in tqdm(range(0, len(prompts), args.eval_batch_size), desc=f"eval {name}"):
+            prompt_ids, prompt_mask = common.pad_left(encoded[start:start + args.eval_batch_size], tokenizer.pad_token_id)
             prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-            with common.autocast(device, args.bf16):
+            with plumbing.autocast(device, args.bf16):
                 query_response, attention_mask, response_mask = generate_responses(
-                    policy, prompt_ids, prompt_mask, args.max_new_tokens, tokenizer.eos_token_id,
+                    policy, prompt_ids, prompt_mask, args.max_new_tokens, eos_ids, tokenizer.pad_token_id,
                     args.top_p, args.temperature)
-                scores = score_batch(policy, reference, reward_model, discriminator, query_response,
+                scores = score_batch(policy, reference, reward_model, disc_model, query_response,
                                      attention_mask, response_mask, args.temperature, start < args.show_prompts)
             batches.append(scores)
             response_ids = common.gather_response(query_response, response_mask).cpu()  # [B, T_resp]
             for row in range(response_ids.shape[0]):
                 ids = response_ids[row, : int(scores["valid"][row].sum())].tolist()
-                ended = bool(ids) and ids[-1] == tokenizer.eos_token_id
+                ended = bool(ids) and ids[-1] in eos_ids
                 eos_flags.append(ended)
                 texts.append(tokenizer.decode(ids[:-1] if ended else ids))
                 if start + row < args.show_prompts:
@@ -652,7 +634,7 @@ def main(argv=None):
                 torch.cuda.empty_cache()
         print(f"{name}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics[name].items()))
     # every response on disk before any judge is paid (a judge failure loses no generation)
-    common.atomic_write(out / "responses.jsonl", "".join(
+    plumbing.atomic_write(out / "responses.jsonl", "".join(
         json.dumps({"prompt_index": i, "policy": name, "prompt": prompts[i], "response": g["texts"][i],
                     "rm_score": g["rm_scores"][i], "ended_at_eos": g["eos"][i]}) + "\n"
         for name, g in generated.items() for i in range(len(prompts))))
@@ -671,8 +653,8 @@ def main(argv=None):
     # 4. discriminator accuracy, results, report
     accuracy = None
     if args.labels:
-        accuracy = discriminator_accuracy(discriminator, tokenizer, args.discriminator, args.labels,
-                                          args.labels_split, args.batch_size, device, args.bf16)
+        accuracy = discriminator_accuracy(disc_model, tokenizer, args.discriminator, args.labels,
+                                          args.labels_split, args.eval_batch_size, device, args.bf16)
         accuracy.update(split=args.labels_split, labels=str(args.labels))
     results = {"baseline": args.baseline, "judge": args.judge if args.judge != "openai" else f"openai:{args.api_model}",
                "paths": {"policies": args.policies, "reference": args.reference, "reward_model": args.reward_model,
@@ -683,13 +665,13 @@ def main(argv=None):
     samples = [{"prompt": prompts[k], "responses": {name: shaded[name][k] for name in args.policies}}
                for k in range(min(args.show_prompts, len(prompts)))]
     logs = args.logs if args.logs is not None else find_logs(args.policies)
-    common.atomic_write(out / "results.json", json.dumps(results, indent=2))
-    common.atomic_write(out / "results.md", results_markdown(results))
-    common.atomic_write(out / "report.html", report_html(results, samples, training_curves(logs)))
+    plumbing.atomic_write(out / "results.json", json.dumps(results, indent=2))
+    plumbing.atomic_write(out / "results.md", results_markdown(results))
+    plumbing.atomic_write(out / "report.html", report_html(results, samples, training_curves(logs)))
     print(results_markdown(results))
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'report.html'}")
     return results
 
 
 if __name__ == "__main__":
-    main()
+    plumbing.cli(main)

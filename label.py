@@ -28,7 +28,7 @@ which pays off only for very many or very long responses (each process takes ~2 
 started again asks only for the pairs still missing. Outputs: <out> (JSONL, one record per labelled
 pair: id, prompt, chosen, rejected, revised, rejected_ids, revised_ids, rejected_labels,
 revised_labels, distance; ids are the response tokens without EOS, cut to --max-response-len − 1
-like common.encode_prompt_response) and <out>.summary.json, both written atomically.
+like common.encode_response) and <out>.summary.json, both written atomically.
 """
 from __future__ import annotations
 
@@ -55,6 +55,7 @@ import torch
 from tqdm import tqdm
 
 import common
+import plumbing
 
 DELIMITER = "### REVISED RESPONSE ###"
 DELIMITER_LINE = re.compile(r"^[ \t*_#]*REVISED RESPONSE[ \t*_#:]*$", re.IGNORECASE | re.MULTILINE)
@@ -78,17 +79,13 @@ ALIGN_CAP = 4  # align at most ALIGN_CAP × --max-response-len tokens per respon
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    data = parser.add_argument_group("data")
-    data.add_argument("--data", default=str(common.BUNDLED_DATA),
-                      help="pairs: a .jsonl(.gz) file, or 'hh-rlhf[:subset,...]' to download (default: the bundled slice)")
-    data.add_argument("--split", default="reward", choices=["reward", "all", "sft", "rl", "test"],
-                      help="which part of common.split_pairs to label: 'reward' is the paper's 40%% discriminator split")
-    data.add_argument("--limit", type=int, default=None, help="label only the first N pairs of the split")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=plumbing.HelpFormatter,
+                                     epilog=__doc__)
+    data = plumbing.add_data_args(parser.add_argument_group("data"), split="reward", response_len=False,
+                                  prompt_len=False)
     data.add_argument("--out", default="runs/demo/labels.jsonl", help="output JSONL; <out>.cache.jsonl and <out>.summary.json beside it")
     data.add_argument("--max-response-len", type=int, default=256,
-                      help="keep the first N−1 tokens of each response (N with EOS, as common.encode_prompt_response)")
+                      help="keep the first N−1 tokens of each response (N with EOS, as common.encode_response)")
     model = parser.add_argument_group("model")
     model.add_argument("--tokenizer", default="runs/demo/sft", help="the policy's tokenizer (the SFT model dir)")
     model.add_argument("--layout", default="separate", choices=["separate", "joint"],
@@ -107,7 +104,7 @@ def parse_args(argv=None):
     reviser.add_argument("--reviser-max-prompt-len", type=int, default=4096,
                          help="--reviser hf: keep the last N prompt tokens (also capped by the model's context)")
     reviser.add_argument("--temperature", type=float, default=0.0, help="reviser sampling temperature (0: greedy)")
-    system = common.add_system_args(parser)
+    system = plumbing.add_system_args(parser)
     system.add_argument("--concurrency", type=int, default=8, help="--reviser openai: requests in flight")
     system.add_argument("--timeout", type=float, default=120.0, help="--reviser openai: seconds per request")
     system.add_argument("--max-retries", type=int, default=5,
@@ -300,33 +297,41 @@ def map_labels_by_offsets(labels: list[int], src_spans, dst_spans, n_chars: int)
 
 
 def label_pairs(pairs, revisions: dict[str, str], tokenizer, layout: str = "separate",
-                max_response_len: int = 256, workers: int = 1, progress: bool = True):
-    """Tokenise, check the boundary, align and label every pair. Returns (records, stats)."""
+                max_response_len: int = 256, workers: int = 1, progress: bool = True, chat_template: bool = True):
+    """Tokenise, check the boundary, align and label every pair. Returns (records, stats).
+
+    The response ids are common.response_encodings', the ids every stage feeds the model after the
+    prompt (no stray SentencePiece '▁'); each record names the tokenizer that made them (its
+    fingerprint) and whether the prompt was rendered with the chat template.
+    """
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("label.py needs a fast (Rust) tokenizer: character offsets map labels across the boundary")
     keep, cap = max_response_len - 1, ALIGN_CAP * max_response_len  # keep: room for the EOS
     stats = {"boundary_mismatch": 0, "truncated": 0}
     if not pairs:
         return [], stats
-    prompts = [p.prompt for p in pairs]
-    texts = {"rejected": [p.rejected for p in pairs], "revised": [revisions[p.id] for p in pairs]}
-    alone = {s: tokenizer(texts[s], add_special_tokens=False, return_offsets_mapping=True) for s in texts}
+    fingerprint = plumbing.tokenizer_fingerprint(tokenizer)
+    templated = [common.uses_chat_template(tokenizer, p.messages, chat_template) for p in pairs]
+    prompts = [common.prompt_text(tokenizer, p.prompt, p.messages, chat_template) for p in pairs]
+    texts = {"rejected": [common.response_text(tokenizer, p.rejected, p.messages, chat_template) for p in pairs],
+             "revised": [common.response_text(tokenizer, revisions[p.id], p.messages, chat_template) for p in pairs]}
+    alone = {s: common.response_encodings(tokenizer, texts[s]) for s in texts}  # [(ids, offsets)] per pair
     in_context = {s: response_in_context(tokenizer, prompts, texts[s]) for s in texts}
-    aligned = align_all([(alone["rejected"]["input_ids"][k][:cap], alone["revised"]["input_ids"][k][:cap])
-                         for k in range(len(pairs))], workers, progress)
+    aligned = align_all([(alone["rejected"][k][0][:cap], alone["revised"][k][0][:cap]) for k in range(len(pairs))],
+                        workers, progress)
     records = []
     for k, pair in enumerate(pairs):
         distance, rejected_labels, revised_labels = aligned[k]
-        record = {"id": pair.id, "prompt": pair.prompt, "chosen": pair.chosen,
-                  "rejected": pair.rejected, "revised": texts["revised"][k]}
+        record = {"id": pair.id, "prompt": pair.prompt, "messages": pair.messages, "chat_template": templated[k],
+                  "tokenizer": fingerprint, "chosen": pair.chosen, "rejected": pair.rejected,
+                  "revised": revisions[pair.id]}
         for side, labels in (("rejected", rejected_labels), ("revised", revised_labels)):
-            ids = alone[side]["input_ids"][k][:cap]
+            ids, offsets = alone[side][k][0][:cap], alone[side][k][1][:cap]
             context_ids, context_spans = in_context[side][k]
-            if context_ids != alone[side]["input_ids"][k]:
+            if context_ids != alone[side][k][0]:
                 stats["boundary_mismatch"] += 1
                 if layout == "joint":
-                    labels = map_labels_by_offsets(labels, alone[side]["offset_mapping"][k][:cap],
-                                                   context_spans, len(texts[side][k]))
+                    labels = map_labels_by_offsets(labels, offsets, context_spans, len(texts[side][k]))
                     ids = context_ids
             stats["truncated"] += len(ids) > keep
             record[f"{side}_ids"], record[f"{side}_labels"] = ids[:keep], labels[:keep]
@@ -527,9 +532,10 @@ def run_hf(todo, args, on_answer):
     if not todo:
         return
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    tokenizer = common.load_tokenizer(args.reviser_model, args.trust_remote_code)
+    tokenizer = plumbing.load_tokenizer(args.reviser_model, args.trust_remote_code, what="--reviser-model")
     dtype = torch.bfloat16 if device.type == "cuda" and args.bf16 else torch.float32
-    model = common.load_policy(args.reviser_model, dtype=dtype, trust_remote_code=args.trust_remote_code)
+    model = plumbing.load_policy(args.reviser_model, dtype=dtype, trust_remote_code=args.trust_remote_code,
+                                 what="--reviser-model")
     model.to(device).eval()
     context = getattr(model.config, "max_position_embeddings", None) or 10**9
     max_prompt_len = min(args.reviser_max_prompt_len, context - args.reviser_max_new_tokens)
@@ -589,15 +595,14 @@ def revise_all(pairs, args, cache_path: Path, api_key: str = ""):
 # 5. Data in, summary out
 # ----------------------------------------------------------------------------------------------
 def select_pairs(args):
-    """The pairs to label: one split, duplicates dropped, at most --limit. Returns (pairs, skipped, notes)."""
+    """The pairs to label: one split (--split-seed), duplicates dropped, at most --limit.
+    Returns (pairs, skipped, notes)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        pairs = common.load_pairs(args.data)
+        pairs = plumbing.load_data(args.data, args.split, args.split_seed)
     notes = [str(w.message) for w in caught]
     for note in notes:
         print(f"warning: {note}", file=sys.stderr)
-    if args.split != "all":
-        pairs = common.split_pairs(pairs, seed=args.seed)[args.split]
     seen, unique, skipped = set(), [], {}
     for pair in pairs:
         if pair.id in seen:
@@ -637,19 +642,12 @@ def summarize(args, pairs, records, failures, skipped, notes, counts, stats, ela
 def main(argv=None) -> dict:
     args = parse_args(argv)
     start = time.time()
-    common.seed_everything(args.seed)
+    plumbing.seed_everything(args.seed)
     out = Path(args.out)
     cache_path, summary_path = Path(f"{out}.cache.jsonl"), Path(f"{out}.summary.json")
     api_key = api_key_from_env(args) if args.reviser == "openai" else ""
-    try:
-        tokenizer = common.load_tokenizer(args.tokenizer, args.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"--tokenizer {args.tokenizer}: cannot load a tokenizer ({type(e).__name__}); "
-                         "give the SFT model dir (run sft.py first)") from None
-    try:
-        pairs, skipped, notes = select_pairs(args)
-    except common.DataError as e:
-        raise SystemExit(f"--data: {e}") from None
+    tokenizer = plumbing.load_tokenizer(args.tokenizer, args.trust_remote_code, what="--tokenizer")
+    pairs, skipped, notes = select_pairs(args)
 
     # 1. revise (cached, resumable)
     try:
@@ -658,15 +656,16 @@ def main(argv=None) -> dict:
         raise SystemExit(f"label.py: {scrub(str(e), api_key)}; answers so far are kept in {cache_path}") from None
     done = [p for p in pairs if p.id in revisions]
     # 2. tokenise, align, label
-    records, stats = label_pairs(done, revisions, tokenizer, args.layout, args.max_response_len, args.workers)
+    records, stats = label_pairs(done, revisions, tokenizer, args.layout, args.max_response_len, args.workers,
+                                 chat_template=args.chat_template)
     if stats["boundary_mismatch"] and args.layout == "separate":
         print(f"warning: {stats['boundary_mismatch']} responses tokenise differently inside prompt + response; "
-              "the labels follow the response tokenised alone, as common.encode_prompt_response feeds it "
+              "the labels follow the response tokenised alone, as common.encode_response feeds it "
               "(--layout joint maps them onto the joint tokenisation)", file=sys.stderr)
     # 3. write atomically
-    common.atomic_write(out, "".join(json.dumps(r) + "\n" for r in records))
+    plumbing.atomic_write(out, "".join(json.dumps(r) + "\n" for r in records))
     summary = summarize(args, pairs, records, failures, skipped, notes, counts, stats, time.time() - start)
-    common.atomic_write(summary_path, json.dumps(summary, indent=2) + "\n")
+    plumbing.atomic_write(summary_path, json.dumps(summary, indent=2) + "\n")
     t = summary["tokens"]
     print(f"labelled {summary['done']}/{summary['pairs']} pairs ({summary['failed']} failed) -> {out}; "
           f"tokens positive {t['positive']:.1%}, negative {t['negative']:.1%}, neutral {t['neutral']:.1%}; "
@@ -675,4 +674,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    plumbing.cli(main)

@@ -19,36 +19,38 @@ columns | response, R columns], so response token a_j sits at column P + j. Acti
     task reward of a_j      read at a_j's own column P + j (common.gather_response), given to action j
     KL_j = log π_θ(a_j) − log π_ref(a_j)   (k1 estimator) enters the reward of action j: −β·KL_j
     seq: R_φ(x, y) is read at the last response token and given to the last action.
-A response ends at, and includes, its first EOS; everything after is masked by position (pad == eos
-for GPT-2, so never by token id). A response that reaches --max-new-tokens without EOS is
-"truncated": it keeps its token rewards (seq: R_φ read at its last token), is treated as finished
-(no bootstrapped value after it), and its last token's task reward is lowered by
+A response ends at, and includes, its first EOS (any of the model's EOS ids); everything after is
+masked by position (pad == eos for GPT-2, so never by token id). A response that reaches
+--max-new-tokens without EOS is "truncated": it keeps its token rewards (seq: R_φ read at its last
+token), is treated as finished (no bootstrapped value after it: the next state does not exist in the
+data, and a critic guess there would only add noise), and its last token's task reward is lowered by
 --missing-eos-penalty (default 0: off).
 
 The critic is a ScoreModel (backbone + one scalar per position). By default (--critic-init reward) it
-starts as a copy of the reward model (seq, red) or the discriminator (tlcr*), head included;
---critic-init policy starts it from the policy's backbone with a fresh head. Dropout is off in the
-policy, reference, critic and reward models. The reference π_ref is a frozen copy of --policy.
+starts as a copy of the reward model (seq, red) or the discriminator (tlcr*), head included, so its
+first values are already on the scale of the rewards; --critic-init policy starts it from the policy's
+backbone with a fresh head. Dropout is off in the policy, reference, critic and reward models: the
+log-probs of the rollout and of the update must come from the same function, or the first PPO ratio
+is not 1. The reference π_ref is a frozen copy of --policy.
 
-Log: OUT/log.jsonl, one JSON line per step, averaged over ranks: task_reward (Σ_j task_j per response,
-after the clip and the EOS penalty), token_reward (mean r_j per token), rm_score (R_φ(x, y), when
---reward-model is given), kl (Σ_j KL_j per response), entropy (of π_θ, per token), perplexity (exp of
-the mean −log π_θ(a_j) over the sampled tokens), response_length, eos_fraction (share ending at EOS),
+Log: OUT/log.jsonl, one JSON line per iteration ("step"), averaged over ranks: task_reward (Σ_j task_j per
+response, after the clip and the EOS penalty), token_reward (mean r_j per token), rm_score (R_φ(x, y),
+when --reward-model is given), kl (Σ_j KL_j per response), entropy (of π_θ, per token), perplexity (exp
+of the mean −log π_θ(a_j) over the sampled tokens), response_length, eos_fraction (share ending at EOS),
 policy_clipfrac, value_clipfrac, policy_loss, value_loss, explained_variance (of the returns by the
-rollout values), time (seconds per step), tokens_per_s (response tokens of all ranks per second).
+rollout values), elapsed_s (seconds since the start), tokens_per_s (response tokens of all ranks per second).
 
-Commands (outputs: OUT/log.jsonl one line per step, OUT/checkpoint/ to resume, OUT/policy/ final HF model):
-    python ppo_token.py --policy runs/demo/sft --reward tlcr --discriminator runs/demo/disc \\
-        --reward-model runs/demo/rm --out runs/demo/ppo_tlcr            # CPU or one GPU (bf16 autocast)
-    python ppo_token.py --policy runs/demo/sft --reward red --reward-model runs/demo/rm --out runs/demo/ppo_red
-    python ppo_token.py ... --gradient-checkpointing --offload-frozen    # one GPU, less memory
-    torchrun --nproc_per_node=8 ppo_token.py ...                          # each rank samples --batch-size prompts
+Commands (outputs: OUT/log.jsonl, OUT/checkpoint/ to resume, OUT/policy/ the final Hugging Face model):
+    python ppo_token.py --policy runs/demo/sft --reward tlcr --discriminator runs/demo/discriminator \\
+        --reward-model runs/demo/reward_model --out runs/demo/ppo_tlcr        # CPU or one GPU (bf16 autocast)
+    python ppo_token.py --policy runs/demo/sft --reward red --reward-model runs/demo/reward_model \\
+        --out runs/demo/ppo_red
+    python ppo_token.py ... --gradient-checkpointing --offload-frozen          # one GPU, less memory
+    torchrun --nproc_per_node=8 ppo_token.py ...    # --rollout-batch-size prompts in all, shared by the ranks
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import inspect
 import json
 import time
 from pathlib import Path
@@ -57,7 +59,11 @@ import torch
 from tqdm import tqdm
 
 import common
-from common import masked_mean, position_ids_from_mask, unwrap
+import discriminator
+import plumbing
+import redistribute
+from common import masked_mean, position_ids_from_mask
+from plumbing import unwrap
 
 REWARDS = ("seq", "red", "tlcr", "tlcr_fixed", "tlcr_no_negative", "tlcr_no_positive")
 TLCR_MODES = {"tlcr": "continuous", "tlcr_fixed": "fixed", "tlcr_no_negative": "no_negative",
@@ -65,33 +71,29 @@ TLCR_MODES = {"tlcr": "continuous", "tlcr_fixed": "fixed", "tlcr_no_negative": "
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    data = parser.add_argument_group("data")
-    data.add_argument("--data", default="bundled",
-                      help="preference pairs: 'bundled', 'hh-rlhf[:SUBSETS]' or a .jsonl(.gz) file")
-    data.add_argument("--split", default="rl", choices=("sft", "reward", "rl", "test"),
-                      help="which split's prompts to train on")
-    data.add_argument("--split-seed", type=int, default=0, help="seed of common.split_pairs (keep equal across stages)")
-    data.add_argument("--max-prompt-len", type=int, default=256, help="prompts longer than this keep their last tokens")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=plumbing.HelpFormatter)
+    data = plumbing.add_data_args(parser.add_argument_group("data"), split="rl", response_len=False)
     data.add_argument("--out", required=True, help="output dir: log.jsonl, checkpoint/, policy/")
     model = parser.add_argument_group("model")
     model.add_argument("--policy", required=True,
                        help="SFT model dir (HF causal LM); also loaded again as the frozen reference")
     model.add_argument("--reward", required=True, choices=REWARDS, help="task reward source, see the docstring")
-    model.add_argument("--reward-model", help="Bradley–Terry reward model dir (ScoreModel); required by seq/red, "
-                                              "optional for tlcr* (then its score is logged as rm_score)")
-    model.add_argument("--discriminator", help="TLCR discriminator dir (ScoreModel); required by tlcr*")
+    model.add_argument("--reward-model", help="Bradley–Terry reward model dir; required by seq/red, optional for "
+                                              "tlcr* (then its score is logged as rm_score)")
+    model.add_argument("--discriminator", help="TLCR discriminator dir; required by tlcr*")
     model.add_argument("--critic-init", default="reward", choices=("reward", "policy"),
                        help="reward: critic = copy of the reward model (seq/red) or discriminator (tlcr*), "
                             "head included; policy: the policy's backbone with a fresh head")
     algo = parser.add_argument_group("algorithm")
-    algo.add_argument("--steps", type=int, default=200,
-                      help="PPO iterations (one rollout + ppo-epochs of updates each)")
-    algo.add_argument("--batch-size", type=int, default=16, help="prompts per rollout per rank")
-    algo.add_argument("--minibatch-size", type=int, default=8, help="responses per optimizer step (per rank)")
+    algo.add_argument("--iterations", type=int, default=200,
+                      help="PPO iterations of the whole run (each: one rollout, then --ppo-epochs passes over it)")
+    algo.add_argument("--rollout-batch-size", type=int, default=16,
+                      help="prompts per iteration, all ranks together (each rank samples its share)")
+    algo.add_argument("--minibatch-size", type=int, default=8,
+                      help="responses per optimizer step, all ranks together")
     algo.add_argument("--micro-batch-size", type=int, default=0,
-                      help="responses per forward/backward (gradient accumulation); 0 = minibatch")
+                      help="responses per forward/backward on one rank (gradient accumulation); 0 = the rank's "
+                           "share of a minibatch")
     algo.add_argument("--ppo-epochs", type=int, default=4, help="passes over each rollout")
     algo.add_argument("--max-new-tokens", type=int, default=128, help="response length limit")
     algo.add_argument("--temperature", type=float, default=1.0,
@@ -110,7 +112,7 @@ def parse_args(argv=None):
                            "reward model must move from rewards to values quickly)")
     algo.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping, each model apart")
     algo.add_argument("--whiten-advantages", action=argparse.BooleanOptionalAction, default=True,
-                      help="normalise advantages over the rollout's response tokens (masked)")
+                      help="normalise advantages over the rank's rollout tokens (masked)")
     algo.add_argument("--reward-clip", type=float, default=5.0, help="clamp the task reward to ±this (0 = off)")
     algo.add_argument("--missing-eos-penalty", type=float, default=0.0,
                       help="subtracted from the last token's task reward of responses that hit --max-new-tokens")
@@ -118,19 +120,23 @@ def parse_args(argv=None):
     algo.add_argument("--zero-first", action="store_true",
                       help="red: take R(x, y≤−1) = 0 instead of the prompt's score, so the token rewards "
                            "sum to R(x, y) rather than R(x, y) − R(x, ∅)")
-    system = common.add_system_args(parser)
+    system = plumbing.add_system_args(parser)
     system.add_argument("--offload-frozen", action="store_true",
                         help="keep the frozen reference and reward models on the CPU")
-    system.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (and at the end)")
-    system.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                        help="resume from OUT/checkpoint if present")
+    system.add_argument("--save-every", type=int, default=50, help="checkpoint every N iterations (and at the end)")
+    system.add_argument("--stop-after", type=int, default=None,
+                        help="checkpoint and stop after this many iterations (as if interrupted); run again to resume")
+    plumbing.add_resume_args(system)
     args = parser.parse_args(argv)
     if args.reward in ("seq", "red") and not args.reward_model:
         parser.error(f"--reward {args.reward} needs --reward-model DIR")
     if args.reward.startswith("tlcr") and not args.discriminator:
         parser.error(f"--reward {args.reward} needs --discriminator DIR")
-    if args.batch_size % args.minibatch_size:
-        parser.error(f"--batch-size {args.batch_size} must be a multiple of --minibatch-size {args.minibatch_size}")
+    plumbing.check_positive(parser, args, "iterations", "rollout_batch_size", "minibatch_size", "ppo_epochs",
+                            "max_new_tokens", "max_prompt_len")
+    if args.rollout_batch_size % args.minibatch_size:
+        parser.error(f"--rollout-batch-size {args.rollout_batch_size} must be a multiple of --minibatch-size "
+                     f"{args.minibatch_size}")
     if args.temperature <= 0 or not 0 < args.top_p <= 1:
         parser.error("--temperature must be > 0 and --top-p in (0, 1]")
     return args
@@ -150,30 +156,27 @@ def sample_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return sorted_ids.gather(-1, choice).squeeze(-1)
 
 
-def keep_logits(model, n: int) -> dict:
-    """Ask for the logits of the last n positions only, where the model supports it (saves [B, P, V])."""
-    return {"logits_to_keep": n} if "logits_to_keep" in inspect.signature(unwrap(model).forward).parameters else {}
-
-
 @torch.no_grad()
-def generate(policy, prompt, prompt_mask, eos_id: int, max_new_tokens: int, temperature=1.0, top_p=0.9):
-    """Sample up to max_new_tokens per row; stop once every row has produced EOS.
+def generate(policy, prompt, prompt_mask, eos_ids: list[int], pad_id: int, max_new_tokens: int, temperature=1.0,
+             top_p=0.9):
+    """Sample up to max_new_tokens per row; stop once every row has produced one of eos_ids.
 
     prompt [B, P] is left-padded, so every response starts at column P. Position ids count real
     tokens only (common.position_ids_from_mask), the same ones the training forward uses.
-    Returns response [B, R]; after a row's EOS the row is filled with eos_id (= pad).
+    Returns response [B, R]; after a row's EOS the row is filled with pad_id.
     """
+    eos = torch.tensor(eos_ids, device=prompt.device)
     attention_mask = prompt_mask.long()
     out = policy(input_ids=prompt, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
-                 use_cache=True, **keep_logits(policy, 1))
+                 use_cache=True, **common.logits_to_keep(policy, 1))
     next_position = attention_mask.sum(-1, keepdim=True)  # [B, 1] the first response token's position
     done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
     tokens = []
     for t in range(max_new_tokens):
         token = sample_top_p(out.logits[:, -1] / temperature, top_p)  # [B]
-        token = torch.where(done, torch.full_like(token, eos_id), token)
+        token = torch.where(done, torch.full_like(token, pad_id), token)
         tokens.append(token)
-        done |= token == eos_id
+        done |= torch.isin(token, eos)
         if done.all() or t == max_new_tokens - 1:
             break
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], 1)
@@ -182,9 +185,9 @@ def generate(policy, prompt, prompt_mask, eos_id: int, max_new_tokens: int, temp
     return torch.stack(tokens, 1)  # [B, R]
 
 
-def response_mask_from(response: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def response_mask_from(response: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """1 on tokens up to and including the first EOS (all tokens if none). Returns mask [B, R], ended [B]."""
-    is_eos = response == eos_id
+    is_eos = torch.isin(response, torch.tensor(eos_ids, device=response.device))
     ended = is_eos.any(-1)  # [B]
     first_eos = is_eos.long().argmax(-1)  # [B] (0 when none)
     length = torch.where(ended, first_eos + 1, torch.full_like(first_eos, response.shape[1]))
@@ -195,28 +198,12 @@ def response_mask_from(response: torch.Tensor, eos_id: int) -> tuple[torch.Tenso
 # ----------------------------------------------------------------------------------------------
 # 2. Score: log-probs of policy and reference, values, task rewards
 # ----------------------------------------------------------------------------------------------
-def policy_logprobs(model, query_response, attention_mask, response_len: int, temperature=1.0, with_entropy=False):
-    """log π(a_j | x, a_<j) for the last response_len tokens: [B, R] (and the entropy [B, R] if asked).
-
-    The logits at column P+j−1 predict response token j (column P+j), so we keep the last R+1
-    columns of logits and drop the final one. Divided by the sampling temperature.
-    """
-    logits = model(input_ids=query_response, attention_mask=attention_mask,
-                   position_ids=position_ids_from_mask(attention_mask), use_cache=False,
-                   **keep_logits(model, response_len + 1)).logits
-    logits = logits[:, -(response_len + 1):-1].float() / temperature  # [B, R, V]
-    response = query_response[:, -response_len:]  # [B, R]
-    log_norm = logits.logsumexp(-1)  # [B, R]
-    logprobs = logits.gather(-1, response[..., None]).squeeze(-1) - log_norm  # [B, R]
-    if not with_entropy:
-        return logprobs, None
-    entropy = log_norm - (logits.softmax(-1) * logits).sum(-1)  # H = log Z − Σ p·logit, [B, R]
-    return logprobs, entropy
-
-
-def critic_values(critic, query_response, attention_mask, response_len: int):
-    """V(s_j) for each action j: the critic's scalar at column P+j−1, the state before a_j. [B, R]"""
-    return critic(query_response, attention_mask)[:, -(response_len + 1):-1].float()
+def critic_values(critic, query_response, attention_mask, response_mask) -> torch.Tensor:
+    """V(s_j) for each action j: the critic's scalar at column P+j−1, the state before a_j. [B, T_resp]
+    (the same columns common.response_logprobs reads the policy's logits at)."""
+    values = critic(query_response, attention_mask).float()  # [B, T]
+    index, valid = common.response_index(response_mask)  # [B, T_resp]
+    return values.gather(1, (index - 1).clamp(min=0)) * valid
 
 
 def frozen_call(fn, model, query_response, attention_mask, *rest, **kw):
@@ -283,25 +270,25 @@ def masked_whiten(values, mask, eps=1e-8):
 # 1-4 together: one rollout
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def rollout(policy, ref_policy, critic, reward_fn, prompt, prompt_mask, args, eos_id: int, score_fn=None) -> dict:
+def rollout(policy, ref_policy, critic, reward_fn, prompt, prompt_mask, args, eos_ids, pad_id, score_fn=None) -> dict:
     """Steps 1-4 for one batch of prompts. Everything returned is [B, R] unless noted."""
     unwrap(policy).eval()  # dropout is 0 either way; eval() switches gradient checkpointing off for the KV cache
     unwrap(critic).eval()
-    with common.autocast(prompt.device, args.bf16):
+    with plumbing.autocast(prompt.device, args.bf16):
         # 1. generate
-        response = generate(unwrap(policy), prompt, prompt_mask, eos_id, args.max_new_tokens, args.temperature,
-                            args.top_p)  # [B, R]
-        mask, ended = response_mask_from(response, eos_id)  # [B, R], [B]
-        R = response.shape[1]
+        response = generate(unwrap(policy), prompt, prompt_mask, eos_ids, pad_id, args.max_new_tokens,
+                            args.temperature, args.top_p)  # [B, R]
+        mask, ended = response_mask_from(response, eos_ids)  # [B, R], [B]
         query_response = torch.cat([prompt, response], 1)  # [B, P+R]
         attention_mask = torch.cat([prompt_mask.long(), mask], 1)  # 0 on left pads and after EOS
-        full_response_mask = torch.cat([torch.zeros_like(prompt_mask.long()), mask], 1)  # [B, P+R] shared layout
-        # 2. score
-        logprobs, entropy = policy_logprobs(unwrap(policy), query_response, attention_mask, R, args.temperature, True)
-        ref_logprobs = frozen_call(lambda model, *inputs: policy_logprobs(model, *inputs, R, args.temperature)[0],
-                                   ref_policy, query_response, attention_mask)
-        values = critic_values(unwrap(critic), query_response, attention_mask, R)
-        task_rewards = reward_fn(query_response, attention_mask, full_response_mask).float()  # [B, T_resp], T_resp = R
+        full_response_mask = torch.cat([torch.zeros_like(prompt_mask.long()), mask], 1)  # [B, P+R]
+        # 2. score (the longest response fills all R columns, so every [B, T_resp] below is [B, R])
+        logprobs, entropy = common.response_logprobs(unwrap(policy), query_response, attention_mask,
+                                                     full_response_mask, args.temperature, with_entropy=True)
+        ref_logprobs = frozen_call(lambda model, *inputs: common.response_logprobs(model, *inputs, args.temperature)[0],
+                                   ref_policy, query_response, attention_mask, full_response_mask)
+        values = critic_values(unwrap(critic), query_response, attention_mask, full_response_mask)
+        task_rewards = reward_fn(query_response, attention_mask, full_response_mask).float()  # [B, R]
         if task_rewards.shape != mask.shape:
             raise ValueError(f"reward_fn returned {tuple(task_rewards.shape)}, expected [B, R] = {tuple(mask.shape)}")
         rm_score = score_fn(query_response, attention_mask, full_response_mask).float() if score_fn else None  # [B]
@@ -310,12 +297,14 @@ def rollout(policy, ref_policy, critic, reward_fn, prompt, prompt_mask, args, eo
                                                           args.kl_coef, args.reward_clip, args.missing_eos_penalty)
     # 4. compute advantages and returns
     advantages, returns = gae(token_rewards, values, mask, args.gamma, args.lam)
-    if args.whiten_advantages:  # over this rank's rollout
+    if args.whiten_advantages:
+        # over this rank's rollout only: ranks stay independent between the gradient all-reduces, and
+        # with a rollout of a few hundred tokens per rank the statistics are already stable
         advantages = masked_whiten(advantages, mask)
-    return dict(query_response=query_response, attention_mask=attention_mask, response=response, response_mask=mask,
-                ended=ended, logprobs=logprobs, ref_logprobs=ref_logprobs, entropy=entropy, values=values,
-                task_rewards=task_rewards, token_rewards=token_rewards, kl=kl, advantages=advantages,
-                returns=returns, rm_score=rm_score)
+    return dict(query_response=query_response, attention_mask=attention_mask, full_response_mask=full_response_mask,
+                prompt_width=prompt.shape[1], response=response, response_mask=mask, ended=ended, logprobs=logprobs,
+                ref_logprobs=ref_logprobs, entropy=entropy, values=values, task_rewards=task_rewards,
+                token_rewards=token_rewards, kl=kl, advantages=advantages, returns=returns, rm_score=rm_score)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -338,54 +327,50 @@ def value_loss(new_values, old_values, returns, clip_value=0.2):
     return 0.5 * torch.max(unclipped, clipped), clipped > unclipped
 
 
-def no_sync(models, skip: bool):
-    """Inside gradient accumulation, skip DDP's all-reduce except on the last micro-batch."""
-    stack = contextlib.ExitStack()
-    for model in models:
-        if skip and isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            stack.enter_context(model.no_sync())
-    return stack
-
-
 def minibatch_losses(policy, critic, batch: dict, idx, n_tokens, args):
     """Policy loss, value loss and their clip fractions on responses `idx`, each as a share of the
     minibatch's token mean (sum over these tokens / n_tokens), so micro-batches add up exactly."""
-    R = batch["response_mask"].shape[1]
-    mask = batch["response_mask"][idx].float()  # [b, R]
-    query_response, attention_mask = batch["query_response"][idx], batch["attention_mask"][idx]
-    with common.autocast(query_response.device, args.bf16):
-        new_logprobs, _ = policy_logprobs(policy, query_response, attention_mask, R, args.temperature)  # [b, R]
-        new_values = critic_values(critic, query_response, attention_mask, R)  # [b, R]
-    pg_loss, pg_clipped = policy_loss(new_logprobs, batch["logprobs"][idx], batch["advantages"][idx], args.clip_ratio)
-    vf_loss, vf_clipped = value_loss(new_values, batch["values"][idx], batch["returns"][idx], args.clip_value)
+    width = int(batch["response_mask"][idx].sum(-1).max())  # longest response here: later columns are padding
+    columns = batch["prompt_width"] + width
+    query_response, attention_mask, full_response_mask = (batch[k][idx, :columns] for k in
+                                                          ("query_response", "attention_mask", "full_response_mask"))
+    mask = batch["response_mask"][idx, :width].float()  # [b, width]
+    with plumbing.autocast(query_response.device, args.bf16):
+        new_logprobs, _ = common.response_logprobs(policy, query_response, attention_mask, full_response_mask,
+                                                   args.temperature)  # [b, width]
+        new_values = critic_values(critic, query_response, attention_mask, full_response_mask)  # [b, width]
+    rollout_part = {k: batch[k][idx, :width] for k in ("logprobs", "advantages", "values", "returns")}
+    pg_loss, pg_clipped = policy_loss(new_logprobs, rollout_part["logprobs"], rollout_part["advantages"], args.clip_ratio)
+    vf_loss, vf_clipped = value_loss(new_values, rollout_part["values"], rollout_part["returns"], args.clip_value)
     return [(x * mask).sum() / n_tokens for x in (pg_loss, vf_loss, pg_clipped, vf_clipped)]
 
 
-def ppo_update(policy, critic, policy_optimizer, critic_optimizer, batch: dict, args) -> dict:
-    """ppo-epochs passes over the rollout in shuffled minibatches. Returns mean losses and clip fractions."""
+def ppo_update(policy, critic, policy_optimizer, critic_optimizer, batch: dict, args, minibatch: int) -> dict:
+    """ppo-epochs passes over the rollout in shuffled minibatches of `minibatch` responses (this rank's
+    share). Returns mean losses and clip fractions."""
     unwrap(policy).train()  # dropout is 0 already; train() turns gradient checkpointing on (if enabled)
     unwrap(critic).train()
     device = batch["query_response"].device
     B = batch["response_mask"].shape[0]
-    micro = args.micro_batch_size or args.minibatch_size
+    micro = args.micro_batch_size or minibatch
     names = ("policy_loss", "value_loss", "policy_clipfrac", "value_clipfrac")  # minibatch_losses' order
     sums = {k: torch.zeros((), device=device) for k in names}
     n_updates = 0
     for _ in range(args.ppo_epochs):
         order = torch.randperm(B, device=device)
-        for start in range(0, B, args.minibatch_size):
-            minibatch = order[start:start + args.minibatch_size]
-            n_tokens = batch["response_mask"][minibatch].sum().clamp(min=1)  # losses: token means over the minibatch
+        for start in range(0, B, minibatch):
+            indices = order[start:start + minibatch]
+            n_tokens = batch["response_mask"][indices].sum().clamp(min=1)  # losses: token means over the minibatch
             policy_optimizer.zero_grad(set_to_none=True)
             critic_optimizer.zero_grad(set_to_none=True)
-            for m_start in range(0, len(minibatch), micro):  # gradient accumulation over micro-batches
-                with no_sync((policy, critic), skip=m_start + micro < len(minibatch)):
-                    losses = minibatch_losses(policy, critic, batch, minibatch[m_start:m_start + micro], n_tokens, args)
+            for m_start in range(0, len(indices), micro):  # gradient accumulation over micro-batches
+                with plumbing.accumulate((policy, critic), last=m_start + micro >= len(indices)):
+                    losses = minibatch_losses(policy, critic, batch, indices[m_start:m_start + micro], n_tokens, args)
                     (losses[0] + losses[1]).backward()  # disjoint parameters: one backward fills both models' grads
                 for key, value in zip(sums, losses):
                     sums[key] += value.detach()
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-            torch.nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
+            plumbing.clip_grad_norm(policy, args.max_grad_norm)
+            plumbing.clip_grad_norm(critic, args.max_grad_norm)
             policy_optimizer.step()
             critic_optimizer.step()
             n_updates += 1
@@ -414,12 +399,12 @@ def rollout_stats(batch: dict) -> dict:
 
 
 def train_step(policy, ref_policy, critic, policy_optimizer, critic_optimizer, reward_fn, prompt, prompt_mask,
-               args, eos_id: int, score_fn=None) -> dict:
+               args, eos_ids, pad_id, minibatch: int, score_fn=None) -> dict:
     """One PPO iteration: rollout (steps 1-4) then PPO epochs (step 5). Returns this rank's statistics."""
-    batch = rollout(policy, ref_policy, critic, reward_fn, prompt, prompt_mask, args, eos_id, score_fn)
+    batch = rollout(policy, ref_policy, critic, reward_fn, prompt, prompt_mask, args, eos_ids, pad_id, score_fn)
     stats = rollout_stats(batch)
     # 5. PPO epochs
-    stats.update(ppo_update(policy, critic, policy_optimizer, critic_optimizer, batch, args))
+    stats.update(ppo_update(policy, critic, policy_optimizer, critic_optimizer, batch, args, minibatch))
     stats["tokens"] = float(batch["response_mask"].sum())
     return stats
 
@@ -427,20 +412,17 @@ def train_step(policy, ref_policy, critic, policy_optimizer, critic_optimizer, r
 # ----------------------------------------------------------------------------------------------
 # Setup: models, reward sources, prompts
 # ----------------------------------------------------------------------------------------------
-def load_score_model(path, device, trust_remote_code=False, frozen=True):
-    """A saved ScoreModel (reward model, discriminator) or a fresh head on a causal LM; dropout off."""
-    model = common.disable_dropout(common.ScoreModel.from_pretrained(path, trust_remote_code=trust_remote_code))
-    if frozen:
-        model.eval().requires_grad_(False)
-    return model.to(device)
+def load_frozen_score_model(path, device, args, what):
+    """A trained reward model or discriminator, frozen (eval, no grad, dropout off)."""
+    model = plumbing.load_score_model(path, trust_remote_code=args.trust_remote_code, what=what)
+    return plumbing.disable_dropout(model).eval().requires_grad_(False).to(device)
 
 
 def make_reward_fn(args, device):
     """The task reward source of --reward as reward_fn(query_response, attention_mask, response_mask) -> [B, T_resp],
     plus score_fn(...) -> [B] (the reward model's sequence score, for logging) or None without --reward-model."""
-    reward_model = load_score_model(args.reward_model, device, args.trust_remote_code) if args.reward_model else None
-    if reward_model is not None:
-        import redistribute  # imported here, not at the top: tests of the PPO itself run on toy rewards
+    reward_model = load_frozen_score_model(args.reward_model, device, args, "--reward-model") \
+        if args.reward_model else None
 
     def score_fn(query_response, attention_mask, response_mask):
         return frozen_call(redistribute.sequence_reward, reward_model, query_response, attention_mask, response_mask)
@@ -454,9 +436,7 @@ def make_reward_fn(args, device):
             return frozen_call(redistribute.redistribute, reward_model, query_response, attention_mask, response_mask,
                                beta_c=args.beta_c, zero_first=args.zero_first)
     else:
-        import discriminator
-
-        disc = load_score_model(args.discriminator, device, args.trust_remote_code)
+        disc = load_frozen_score_model(args.discriminator, device, args, "--discriminator")
 
         def reward_fn(query_response, attention_mask, response_mask):  # TLCR eq. 7 (or an ablation)
             return frozen_call(discriminator.token_rewards, disc, query_response, attention_mask, response_mask,
@@ -464,41 +444,44 @@ def make_reward_fn(args, device):
     return reward_fn, (score_fn if reward_model is not None else None)
 
 
+def check_tokenizers(args, tokenizer):
+    """The reward model and the discriminator must read token ids as the policy writes them."""
+    for option, path in (("--reward-model", args.reward_model), ("--discriminator", args.discriminator)):
+        needed = path is not None and (option == "--reward-model" or args.reward.startswith("tlcr")
+                                       or args.critic_init == "reward")
+        if needed:
+            other = plumbing.load_tokenizer(path, args.trust_remote_code, what=option)
+            plumbing.check_same_tokenizer(tokenizer, other, f"{option} {path}")
+
+
 def load_models(args, device, frozen_device):
     """Policy (trained), reference (frozen copy of --policy), critic (trained ScoreModel)."""
-    policy = common.disable_dropout(common.load_policy(args.policy, trust_remote_code=args.trust_remote_code))
-    policy = policy.to(device)
-    ref_policy = common.disable_dropout(common.load_policy(args.policy, trust_remote_code=args.trust_remote_code))
+    policy = plumbing.disable_dropout(plumbing.load_policy(args.policy, trust_remote_code=args.trust_remote_code,
+                                                           what="--policy")).to(device)
+    ref_policy = plumbing.disable_dropout(plumbing.load_policy(args.policy, trust_remote_code=args.trust_remote_code))
     ref_policy = ref_policy.eval().requires_grad_(False).to(frozen_device)
     if args.critic_init == "policy":
-        critic_path = args.policy
+        critic = plumbing.new_score_model(args.policy, bias=True, trust_remote_code=args.trust_remote_code)
     else:
         critic_path = args.reward_model if args.reward in ("seq", "red") else args.discriminator
         if critic_path is None:
-            raise SystemExit("--critic-init reward needs --reward-model (seq/red) or --discriminator (tlcr*); "
-                             "or use --critic-init policy")
-    critic = load_score_model(critic_path, device, args.trust_remote_code, frozen=False)
+            raise common.InputError("--critic-init reward needs --reward-model (seq/red) or --discriminator (tlcr*); "
+                                    "or use --critic-init policy")
+        critic = plumbing.load_score_model(critic_path, trust_remote_code=args.trust_remote_code, what="critic")
+    critic = plumbing.disable_dropout(critic).to(device)
     if args.gradient_checkpointing:  # active in train() mode only, so generation keeps its KV cache
-        enable_checkpointing(policy)
-        enable_checkpointing(critic.backbone)
+        plumbing.enable_gradient_checkpointing(policy)
+        plumbing.enable_gradient_checkpointing(critic)
     return policy, ref_policy, critic
 
 
-def enable_checkpointing(model):
-    """Hugging Face gradient checkpointing (non-reentrant: works with DDP and frozen inputs)."""
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
 def load_prompts(args, tokenizer, quiet=False) -> list[list[int]]:
-    """Token ids of the --split prompts (left-truncated to --max-prompt-len)."""
-    pairs = common.load_pairs(args.data, quiet=quiet)
-    prompts = common.split_pairs(pairs, seed=args.split_seed)[args.split]
-    if not prompts:
-        raise SystemExit(f"--data {args.data}: split {args.split!r} is empty")
-    return [common.encode_prompt_response(tokenizer, p.prompt, None, args.max_prompt_len)[0] for p in prompts]
+    """Token ids of the --split prompts (rendered, BOS once, left-truncated to --max-prompt-len)."""
+    pairs = plumbing.load_data(args.data, args.split, args.split_seed, args.limit, quiet=quiet)
+    if not pairs:
+        raise common.InputError(f"--data {args.data}: split {args.split!r} is empty")
+    return [common.encode_prompt(tokenizer, common.prompt_text(tokenizer, p.prompt, p.messages, args.chat_template),
+                                 args.max_prompt_len) for p in pairs]
 
 
 def prompt_batch(prompts, step: int, batch_size: int, seed: int, rank: int, pad_id: int, device):
@@ -516,71 +499,84 @@ def prompt_batch(prompts, step: int, batch_size: int, seed: int, rank: int, pad_
 def main(argv=None, reward_fn=None):
     """Train. `reward_fn` (optional) replaces the --reward source, e.g. a toy reward in tests."""
     args = parse_args(argv)
-    dist = common.setup_distributed(args.device)
-    device, master = dist.device, dist.master
+    dist_info = plumbing.setup_distributed(args.device)
+    device, master = dist_info.device, dist_info.master
+    for name in ("rollout_batch_size", "minibatch_size"):
+        if getattr(args, name) % dist_info.world_size:
+            raise common.InputError(f"--{name.replace('_', '-')} {getattr(args, name)} is not divisible by the "
+                                    f"{dist_info.world_size} processes")
+    rollout_per_rank, minibatch_per_rank = (args.rollout_batch_size // dist_info.world_size,
+                                            args.minibatch_size // dist_info.world_size)
     frozen_device = torch.device("cpu") if args.offload_frozen else device
     out = Path(args.out)
-    common.seed_everything(args.seed)
+    if master:
+        plumbing.clean_stale_temp(out)
+    plumbing.seed_everything(args.seed)
 
-    tokenizer = common.load_tokenizer(args.policy, args.trust_remote_code)
-    eos_id = tokenizer.eos_token_id
-    if eos_id is None:
-        raise SystemExit(f"--policy {args.policy}: the tokenizer has no EOS token")
+    tokenizer = plumbing.load_tokenizer(args.policy, args.trust_remote_code, what="--policy")
+    if reward_fn is None:
+        check_tokenizers(args, tokenizer)  # before any model is loaded: mismatches stop the run at once
     prompts = load_prompts(args, tokenizer, quiet=not master)
     policy, ref_policy, critic = load_models(args, device, frozen_device)
+    eos_ids, pad_id = common.eos_token_ids(tokenizer, policy), tokenizer.pad_token_id
     n_positions = getattr(policy.config, "max_position_embeddings", None)
     if n_positions and max(map(len, prompts)) + args.max_new_tokens > n_positions:
-        raise SystemExit(f"--max-prompt-len + --max-new-tokens exceeds the model's {n_positions} positions")
+        raise common.InputError(f"--max-prompt-len + --max-new-tokens exceeds the model's {n_positions} positions")
     score_fn = None
     if reward_fn is None:
         reward_fn, score_fn = make_reward_fn(args, frozen_device)
-    policy_optimizer = common.adamw(policy, args.policy_lr)
-    critic_optimizer = common.adamw(critic, args.critic_lr)
+    policy_optimizer = plumbing.adamw(policy, args.policy_lr)
+    critic_optimizer = plumbing.adamw(critic, args.critic_lr)
 
+    run_config = plumbing.run_config(args)
     start_step = 0
-    state = common.load_checkpoint(out / "checkpoint", {"policy": policy, "critic": critic}) if args.resume else None
-    if state is not None:
-        policy_optimizer.load_state_dict(state["policy_optimizer"])
-        critic_optimizer.load_state_dict(state["critic_optimizer"])
+    if args.resume and (state := plumbing.load_checkpoint(
+            out, {"policy": policy, "critic": critic}, {"policy": policy_optimizer, "critic": critic_optimizer},
+            None, run_config, args.force_resume)):
         start_step = state["step"]
-    logger = common.JsonlLogger(out / "log.jsonl", enabled=master)
+    logger = plumbing.JsonlLogger(out / "log.jsonl", enabled=master)
     logger.rewind(start_step)  # a resumed run logs again what came after its checkpoint
     if master:
         out.mkdir(parents=True, exist_ok=True)
-        common.atomic_write(out / "args.json", json.dumps(vars(args), indent=2))
-        print(f"ppo_token: reward={args.reward}, {len(prompts)} prompts, world size {dist.world_size}, "
-              f"{'resuming at step ' + str(start_step) if start_step else 'fresh start'}")
-    if dist.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
+        plumbing.atomic_write(out / "args.json", json.dumps(vars(args), indent=2))
+        print(f"ppo_token: reward={args.reward}, {len(prompts)} prompts, world size {dist_info.world_size}, "
+              f"{'resuming at iteration ' + str(start_step) if start_step else 'fresh start'}")
+    policy, critic = plumbing.wrap_model(policy, dist_info), plumbing.wrap_model(critic, dist_info)
 
-        ids = [dist.local_rank] if device.type == "cuda" else None
-        policy, critic = DDP(policy, device_ids=ids), DDP(critic, device_ids=ids)
+    def checkpoint(step):
+        if master:
+            plumbing.save_checkpoint(out, step, {"policy": policy, "critic": critic},
+                                     {"policy": policy_optimizer, "critic": critic_optimizer}, None, run_config)
 
-    bar = tqdm(range(start_step, args.steps), initial=start_step, total=args.steps, disable=not master, desc="ppo")
+    bar = tqdm(range(start_step, args.iterations), initial=start_step, total=args.iterations, disable=not master,
+               desc="ppo")
+    start = time.perf_counter()
     for step in bar:
         t0 = time.perf_counter()
         # all randomness of a step (sampling, minibatch order) is a function of (seed, rank, step): resumable
-        torch.manual_seed(args.seed + 1000 * dist.rank + 1_000_003 * (step + 1))
-        prompt, prompt_mask = prompt_batch(prompts, step, args.batch_size, args.seed, dist.rank, eos_id, device)
+        torch.manual_seed(args.seed + 1000 * dist_info.rank + 1_000_003 * (step + 1))
+        prompt, prompt_mask = prompt_batch(prompts, step, rollout_per_rank, args.seed, dist_info.rank, pad_id, device)
         stats = train_step(policy, ref_policy, critic, policy_optimizer, critic_optimizer, reward_fn, prompt,
-                           prompt_mask, args, eos_id, score_fn)
-        stats = {k: common.all_reduce_mean(v, dist) for k, v in stats.items()}  # every rank takes part
-        seconds = time.perf_counter() - t0
+                           prompt_mask, args, eos_ids, pad_id, minibatch_per_rank, score_fn)
+        stats = {k: plumbing.all_reduce_mean(v, dist_info) for k, v in stats.items()}  # every rank takes part
         record = {"step": step + 1, **{k: v for k, v in stats.items() if k != "tokens"},
-                  "time": seconds, "tokens_per_s": stats["tokens"] * dist.world_size / seconds}
+                  "elapsed_s": round(time.perf_counter() - start, 2),
+                  "tokens_per_s": stats["tokens"] * dist_info.world_size / (time.perf_counter() - t0)}
         logger.log(record)
         bar.set_postfix_str(f"task {record['task_reward']:.3f} kl {record['kl']:.3f} "
                             f"len {record['response_length']:.1f} eos {record['eos_fraction']:.2f} "
                             f"vf {record['value_loss']:.3f} ev {record['explained_variance']:.2f}")
-        if master and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
-            common.save_checkpoint(out / "checkpoint", {"policy": policy, "critic": critic},
-                                   {"step": step + 1, "policy_optimizer": policy_optimizer.state_dict(),
-                                    "critic_optimizer": critic_optimizer.state_dict()})
+        if (step + 1) % args.save_every == 0 or step + 1 == args.iterations or step + 1 == args.stop_after:
+            checkpoint(step + 1)
+        if step + 1 == args.stop_after and step + 1 < args.iterations:
+            bar.close()
+            plumbing.cleanup_distributed(dist_info)
+            return None
     if master:
-        common.save_hf(policy, tokenizer, out / "policy")
+        plumbing.save_hf(policy, tokenizer, out / "policy")
         print(f"ppo_token: done, policy saved to {out / 'policy'}")
-    common.cleanup_distributed(dist)
+    plumbing.cleanup_distributed(dist_info)
 
 
 if __name__ == "__main__":
-    main()
+    plumbing.cli(main)

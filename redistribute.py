@@ -16,57 +16,51 @@ belongs to the action that produced a_t. ppo_token.py calls `redistribute` (RED)
 Commands (the paper's lr 1e-5 is for 7B models; pass a larger one, e.g. 3e-4, for tiny ones):
 
     # train on the 40% reward split, one process (CPU or one GPU; bf16 autocast on CUDA)
-    python redistribute.py train --sft runs/demo/sft --out runs/demo/rm --lr 1e-5
+    python redistribute.py train --sft runs/demo/sft --out runs/demo/reward_model --lr 1e-5
     # many GPUs: 64 pairs per optimizer step, each rank takes its slice of every global batch in
     # forward passes of 8 pairs (gradient accumulation makes up the rest); rank 0 logs and saves
-    torchrun --standalone --nproc_per_node=8 redistribute.py train --sft runs/demo/sft --out runs/demo/rm \\
-        --batch-size 64 --micro-batch-size 8
+    torchrun --standalone --nproc_per_node=8 redistribute.py train --sft runs/demo/sft \\
+        --out runs/demo/reward_model --batch-size 64 --micro-batch-size 8
     # look at one response, token by token
-    python redistribute.py show --rm runs/demo/rm --prompt $'\\n\\nHuman: Hi\\n\\nAssistant:' --response " Hello!"
+    python redistribute.py show --reward-model runs/demo/reward_model \\
+        --prompt $'\\n\\nHuman: Hi\\n\\nAssistant:' --response " Hello!"
 
-Outputs in --out: the reward model (Hugging Face backbone + score_head.safetensors + tokenizer,
-load it with common.ScoreModel.from_pretrained), accuracy.json (held-out pair accuracy and mean
-margin), log.jsonl (one JSON line per logged step) and checkpoint/ (resumed automatically).
+Outputs in --out: the reward model as a standard Hugging Face sequence classifier
+(AutoModelForSequenceClassification, num_labels=1, read at the EOS that ends the response) with its
+tokenizer and token_rlhf.json, accuracy.json (held-out pair accuracy and mean margin), log.jsonl and
+checkpoint/ (resumed automatically).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import common
+import plumbing
 
 
 # ----------------------------------------------------------------------------------------------
 # Config
 # ----------------------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=plumbing.HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="train the Bradley–Terry reward model")
-    data = train.add_argument_group("data")
-    data.add_argument("--data", default="bundled",
-                      help='"bundled" (the hh-rlhf slice in data/), a .jsonl(.gz) path, or "hh-rlhf[:SUBSET,...]"')
-    data.add_argument("--split", default="reward", choices=["sft", "reward", "rl", "test"],
-                      help="which part of common.split_pairs to train on (the paper: the 40%% reward part)")
-    data.add_argument("--limit", type=int, default=None, help="use at most this many pairs of the split")
+    train = sub.add_parser("train", help="train the Bradley–Terry reward model", formatter_class=plumbing.HelpFormatter)
+    data = plumbing.add_data_args(train.add_argument_group("data"), split="reward")
     data.add_argument("--eval-fraction", type=float, default=0.1,
-                      help="share of the split's pairs held out to measure pair accuracy")
-    data.add_argument("--max-prompt-len", type=int, default=256, help="prompt tokens kept (the last ones)")
-    data.add_argument("--max-response-len", type=int, default=256, help="response tokens kept, EOS included")
+                      help="share of the split's pairs held out (by a hash of their id) to measure pair accuracy")
     model = train.add_argument_group("model")
     model.add_argument("--sft", required=True, help="SFT model directory (or HF name): backbone and tokenizer")
-    model.add_argument("--out", required=True, help="output directory for the reward model, logs, checkpoint")
     algo = train.add_argument_group("algorithm")
-    algo.add_argument("--epochs", type=int, default=1, help="passes over the training pairs")
+    algo.add_argument("--epochs", type=float, default=1.0, help="passes over the training pairs")
+    algo.add_argument("--max-steps", type=int, default=None, help="optimizer steps of the whole run (overrides --epochs)")
     algo.add_argument("--lr", type=float, default=1e-5,
                       help="peak learning rate, cosine to 0 without warm-up (1e-5 is for 7B models; "
                            "tiny models want ~1e-4 to 5e-4)")
@@ -77,18 +71,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="pairs per forward pass on one rank (a pair = its chosen and rejected rows in "
                            "one pass); gradient accumulation makes up the rest")
     algo.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (0 = off)")
-    system = common.add_system_args(train)
-    system.add_argument("--log-every", type=int, default=10, help="optimizer steps between log lines")
-    system.add_argument("--eval-every", type=int, default=0, help="steps between held-out evaluations (0 = end only)")
-    system.add_argument("--save-every", type=int, default=200, help="steps between checkpoints")
-    system.add_argument("--max-steps", type=int, default=None,
-                        help="stop after this many optimizer steps in total (the schedule still plans the "
-                             "full run; the next call resumes)")
-    system.add_argument("--no-resume", dest="resume", action="store_false",
-                        help="start fresh even if OUT/checkpoint exists")
+    out = train.add_argument_group("output")
+    out.add_argument("--out", required=True, help="output directory for the reward model, logs, checkpoint")
+    out.add_argument("--log-every", type=int, default=10, help="optimizer steps between log lines")
+    out.add_argument("--eval-every", type=int, default=0, help="steps between held-out evaluations (0 = end only)")
+    out.add_argument("--eval-batch-size", type=int, default=8, help="pairs per forward pass when evaluating")
+    out.add_argument("--save-every", type=int, default=200, help="steps between checkpoints")
+    out.add_argument("--stop-after", type=int, default=None,
+                     help="checkpoint and stop after this many steps (as if interrupted); run again to resume")
+    plumbing.add_resume_args(out)
+    plumbing.add_system_args(train)
 
-    show = sub.add_parser("show", help="print a response with each token's redistributed reward")
-    show.add_argument("--rm", required=True, help="reward model directory written by `train`")
+    show = sub.add_parser("show", help="print a response with each token's redistributed reward",
+                          formatter_class=plumbing.HelpFormatter)
+    show.add_argument("--reward-model", required=True, help="reward model directory written by `train`")
     show.add_argument("--prompt", required=True, help='prompt text, ending with "\\n\\nAssistant:"')
     show.add_argument("--response", required=True, help="response text (EOS is appended)")
     show.add_argument("--beta-c", type=float, default=1.0, help="eq. 7 mixing: 1 = dense RED, 0 = sparse")
@@ -99,45 +95,41 @@ def parse_args(argv=None) -> argparse.Namespace:
     show.add_argument("--trust-remote-code", action="store_true", help="allow model repos with their own code")
 
     args = parser.parse_args(argv)
-    sub_parser = train if args.command == "train" else show
     if args.command == "train":
         if not 0.0 < args.eval_fraction < 1.0:
-            sub_parser.error(f"--eval-fraction must be in (0, 1), got {args.eval_fraction}")
-        for name in ("batch_size", "micro_batch_size", "epochs", "max_prompt_len", "max_response_len",
-                     "log_every", "save_every"):
-            if getattr(args, name) < 1:
-                sub_parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+            train.error(f"--eval-fraction must be in (0, 1), got {args.eval_fraction}")
+        plumbing.check_positive(train, args, "batch_size", "micro_batch_size", "eval_batch_size", "max_prompt_len",
+                                "max_response_len", "log_every", "save_every", "max_steps")
+        if args.epochs <= 0:
+            train.error("--epochs must be positive")
         if args.limit is not None and args.limit < 2:
-            sub_parser.error(f"--limit must be at least 2 (one training and one held-out pair), got {args.limit}")
+            train.error(f"--limit must be at least 2 (one training and one held-out pair), got {args.limit}")
     elif not 0.0 <= args.beta_c <= 1.0:
-        sub_parser.error(f"--beta-c must be in [0, 1], got {args.beta_c}")
+        show.error(f"--beta-c must be in [0, 1], got {args.beta_c}")
     return args
 
 
 # ----------------------------------------------------------------------------------------------
 # 1. Data: pairs -> token ids -> right-padded batches (chosen rows first, then rejected rows)
 # ----------------------------------------------------------------------------------------------
-def encode_pairs(pairs, tokenizer, max_prompt_len: int, max_response_len: int) -> list[dict]:
+def encode_pairs(pairs, tokenizer, max_prompt_len: int, max_response_len: int, chat_template: bool = True):
     """Token ids of each pair: prompt, chosen and rejected response (each response ends with EOS)."""
     examples = []
     for pair in pairs:
-        prompt, chosen = common.encode_prompt_response(tokenizer, pair.prompt, pair.chosen,
-                                                       max_prompt_len, max_response_len)
-        _, rejected = common.encode_prompt_response(tokenizer, pair.prompt, pair.rejected,
-                                                    max_prompt_len, max_response_len)
-        examples.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+        prompt = common.prompt_text(tokenizer, pair.prompt, pair.messages, chat_template)
+        chosen, rejected = (common.response_text(tokenizer, text, pair.messages, chat_template)
+                            for text in (pair.chosen, pair.rejected))
+        examples.append({"prompt": common.encode_prompt(tokenizer, prompt, max_prompt_len),
+                         "chosen": common.encode_response(tokenizer, chosen, max_response_len),
+                         "rejected": common.encode_response(tokenizer, rejected, max_response_len)})
     return examples
 
 
 def collate_pairs(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """B pairs -> one right-padded batch of 2B rows: rows 0..B−1 chosen, rows B..2B−1 rejected,
     so both sides of a pair go through the same forward pass."""
-    rows = [e["prompt"] + e["chosen"] for e in examples] + [e["prompt"] + e["rejected"] for e in examples]
-    query_response, attention_mask = common.pad_right(rows, pad_id)  # [2B, T]
-    response_mask = torch.zeros_like(attention_mask)
-    for i, e in enumerate(examples + examples):
-        start = len(e["prompt"])
-        response_mask[i, start: int(attention_mask[i].sum())] = 1
+    rows = [(e["prompt"], e["chosen"]) for e in examples] + [(e["prompt"], e["rejected"]) for e in examples]
+    query_response, attention_mask, response_mask = common.collate_right(rows, pad_id)  # [2B, T]
     return {"query_response": query_response, "attention_mask": attention_mask, "response_mask": response_mask}
 
 
@@ -148,12 +140,8 @@ def score_positions(reward_model, query_response: torch.Tensor, attention_mask: 
     """ONE forward pass: R(x, y≤t) at every position t, in float32; 0 at padding. [B, T]
 
     Gradients flow (training uses this too); wrap in torch.no_grad() to score. The caller puts
-    the model in eval mode (dropout off) and, on CUDA, inside common.autocast.
+    the model in eval mode (dropout off) and, on CUDA, inside plumbing.autocast.
     """
-    vocab = common.unwrap(reward_model).config.vocab_size
-    if query_response.numel() and int(query_response.max()) >= vocab:
-        raise ValueError(f"token id {int(query_response.max())} is outside the reward model's vocabulary "
-                         f"({vocab}); the reward model must share the policy's tokenizer")
     scores = reward_model(query_response, attention_mask).float()  # [B, T]
     return scores.masked_fill(attention_mask == 0, 0.0)  # garbage (or NaN) at padding never leaks
 
@@ -172,9 +160,12 @@ def pair_rewards(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, t
     return chosen, rejected
 
 
-def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
-    """Bradley–Terry: −log σ(R(x, y_c) − R(x, y_r)), averaged over pairs (logsigmoid is stable)."""
-    return -F.logsigmoid(chosen - rejected).mean()
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, normaliser=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bradley–Terry: −log σ(R(x, y_c) − R(x, y_r)) summed over pairs and divided by `normaliser`
+    (default: the number of pairs, the plain mean; logsigmoid is stable). Returns (loss, summed loss)."""
+    loss_sum = -F.logsigmoid(chosen - rejected).sum()
+    count = chosen.numel() if normaliser is None else normaliser
+    return loss_sum / count, loss_sum.detach()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,24 +173,24 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Te
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(model, examples: list[dict], pad_id: int, batch_size: int, device: torch.device,
-             dist_info: common.Dist | None = None, bf16: bool = True) -> dict:
+             dist_info: plumbing.DistInfo | None = None, bf16: bool = True) -> dict:
     """Share of held-out pairs with R(x, y_c) > R(x, y_r) (ties count as wrong), and the mean
     margin R(x, y_c) − R(x, y_r). Under torchrun each rank scores every world_size-th pair."""
-    dist_info = dist_info or common.Dist(device=device)
-    model = common.unwrap(model)
+    dist_info = dist_info or plumbing.DistInfo(device=device)
+    model = plumbing.unwrap(model)
     was_training = model.training
     model.eval()
     mine = examples[dist_info.rank::dist_info.world_size]
     correct = margin_sum = 0.0
-    for i in range(0, len(mine), batch_size):
-        batch = {k: v.to(device) for k, v in collate_pairs(mine[i: i + batch_size], pad_id).items()}
-        with common.autocast(device, bf16):
+    for chunk in plumbing.micro_batches(mine, batch_size):
+        batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id).items()}
+        with plumbing.autocast(device, bf16):
             chosen, rejected = pair_rewards(model, batch)
         correct += (chosen > rejected).sum().item()
         margin_sum += (chosen - rejected).sum().item()
     model.train(was_training)
     n = len(examples)
-    correct, margin_sum = common.all_reduce_sum([correct, margin_sum], dist_info).tolist()
+    correct, margin_sum = plumbing.all_reduce_sum([correct, margin_sum], dist_info).tolist()
     return {"accuracy": correct / n, "mean_margin": margin_sum / n, "pairs": n}
 
 
@@ -255,147 +246,150 @@ def sequence_reward(reward_model, query_response: torch.Tensor, attention_mask: 
     return sparse_token_rewards(reward_model, query_response, attention_mask, response_mask).sum(-1)
 
 
+def load_reward_model(path, device="cpu", dtype=torch.float32, trust_remote_code=False):
+    """A trained reward model (this project's, or TRL's / OpenRLHF's) in eval mode with dropout off."""
+    model = plumbing.load_score_model(path, dtype=dtype, trust_remote_code=trust_remote_code, what="--reward-model")
+    return plumbing.disable_dropout(model).eval().to(device)
+
+
 # ----------------------------------------------------------------------------------------------
 # 5. One optimizer step over a global batch of pairs
 # ----------------------------------------------------------------------------------------------
-def train_step(model, optimizer, scheduler, batch: list[dict], args, dist_info: common.Dist,
-               pad_id: int) -> tuple[list[float], float]:
+def train_step(model, optimizer, scheduler, batch: list[dict], args, dist_info, pad_id: int) -> dict:
     """One optimizer step over a global batch of pairs, split over ranks and micro-batches.
 
-    The Bradley–Terry loss is summed over each micro-batch and normalised by the pairs of the whole
-    *global* batch, so the gradient equals that of one big batch on one process: DDP averages the
-    ranks' gradients, hence the factor world_size. Returns this rank's sums [loss, correct pairs,
-    margin, pairs] and the gradient norm before clipping (nan when clipping is off).
+    Every micro-batch's summed Bradley–Terry loss is divided by the pairs of the whole global batch, so
+    the accumulated gradient equals that of one big batch in one process; DDP then averages over the
+    ranks, so each rank divides by (global pairs / world size). Also returns the share of pairs ranked
+    right and the mean margin R(x, y_c) − R(x, y_r).
     """
     rank_examples = batch[dist_info.rank::dist_info.world_size]
-    total_pairs = len(batch)  # pairs in the global batch
-    sums = [0.0, 0.0, 0.0, 0.0]  # loss, correct, margin, pairs (this rank)
-    micro_batches = [rank_examples[i: i + args.micro_batch_size]
-                     for i in range(0, len(rank_examples), args.micro_batch_size)]
-    for m, examples in enumerate(micro_batches):
-        # forward both sides of each pair in one batch, Bradley–Terry loss, backward (accumulated)
+    normaliser = len(batch) / dist_info.world_size  # pairs
+    model.train()
+    sums = torch.zeros(3, dtype=torch.float64)  # summed loss, pairs ranked right, summed margin
+    micro_batches = plumbing.micro_batches(rank_examples, args.micro_batch_size)
+    for k, examples in enumerate(micro_batches):
         micro = {key: v.to(dist_info.device) for key, v in collate_pairs(examples, pad_id).items()}
-        sync = m == len(micro_batches) - 1 or not dist_info.enabled
-        with (nullcontext() if sync else model.no_sync()), common.autocast(dist_info.device, args.bf16):
-            chosen, rejected = pair_rewards(model, micro)  # [B], [B]
-            loss_sum = bradley_terry_loss(chosen, rejected) * len(examples)  # summed over the B pairs
-        (loss_sum * dist_info.world_size / total_pairs).backward()
-        sums = [a + b for a, b in zip(sums, (loss_sum.item(), (chosen > rejected).sum().item(),
-                                             (chosen - rejected).sum().item(), len(examples)))]
-    grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
-                 if args.max_grad_norm > 0 else float("nan"))
+        with plumbing.accumulate(model, last=k == len(micro_batches) - 1):
+            with plumbing.autocast(dist_info.device, args.bf16):
+                chosen, rejected = pair_rewards(model, micro)  # [B], [B]
+            loss, loss_sum = bradley_terry_loss(chosen, rejected, normaliser)
+            loss.backward()
+        sums += torch.tensor([loss_sum.item(), (chosen > rejected).sum().item(), (chosen - rejected).sum().item()],
+                             dtype=torch.float64)
+    grad_norm = plumbing.clip_grad_norm(model, args.max_grad_norm)
     optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
     scheduler.step()
-    return sums, grad_norm
+    optimizer.zero_grad(set_to_none=True)
+    sums = plumbing.all_reduce_sum(sums, dist_info)
+    return {"loss": sums[0].item() / len(batch), "accuracy": sums[1].item() / len(batch),
+            "margin": sums[2].item() / len(batch), "grad_norm": grad_norm}
 
 
 # ----------------------------------------------------------------------------------------------
 # 6. The stages: train, show
 # ----------------------------------------------------------------------------------------------
 def train(args):
-    dist_info = common.setup_distributed(args.device)
+    dist_info = plumbing.setup_distributed(args.device)
     master, device = dist_info.master, dist_info.device
-    common.seed_everything(args.seed + dist_info.rank)
+    plumbing.seed_everything(args.seed)
     out = Path(args.out)
     if master:
-        out.mkdir(parents=True, exist_ok=True)
+        plumbing.clean_stale_temp(out)
 
-    # data: the split, its held-out tail, token ids
-    pairs = common.split_pairs(common.load_pairs(args.data, quiet=not master), seed=args.seed)[args.split]
-    pairs = pairs[: args.limit] if args.limit else pairs
-    n_eval = max(1, round(len(pairs) * args.eval_fraction))
-    if len(pairs) - n_eval < 1:
-        raise SystemExit(f"--data {args.data} --split {args.split}: {len(pairs)} pairs, too few to hold out "
-                         f"{n_eval} and train on the rest")
-    tokenizer = common.load_tokenizer(args.sft, trust_remote_code=args.trust_remote_code)
+    # data: the split (--split-seed), its held-out part (hashed, the same pairs the discriminator holds out)
+    pairs = plumbing.load_data(args.data, args.split, args.split_seed, args.limit, quiet=not master)
+    train_pairs, eval_pairs = common.heldout_split(pairs, args.eval_fraction, args.split_seed)
+    if not train_pairs or not eval_pairs:
+        raise common.InputError(f"--data {args.data} --split {args.split}: {len(pairs)} pairs, too few to hold "
+                                f"out {args.eval_fraction:.0%} and train on the rest")
+    tokenizer = plumbing.load_tokenizer(args.sft, trust_remote_code=args.trust_remote_code, what="--sft")
     pad_id = tokenizer.pad_token_id
-    train_examples = encode_pairs(pairs[:-n_eval], tokenizer, args.max_prompt_len, args.max_response_len)
-    eval_examples = encode_pairs(pairs[-n_eval:], tokenizer, args.max_prompt_len, args.max_response_len)
+    train_examples = encode_pairs(train_pairs, tokenizer, args.max_prompt_len, args.max_response_len, args.chat_template)
+    eval_examples = encode_pairs(eval_pairs, tokenizer, args.max_prompt_len, args.max_response_len, args.chat_template)
 
-    # model: SFT backbone + fresh scalar head, dropout off (the two sides of a pair must be
+    # model: SFT backbone + fresh scalar head without bias, dropout off (the two sides of a pair must be
     # scored by the same function), optimizer, cosine schedule without warm-up
-    model = common.ScoreModel.from_pretrained(args.sft, trust_remote_code=args.trust_remote_code)
-    common.disable_dropout(model).to(device).train()
+    model = plumbing.new_score_model(args.sft, bias=False, trust_remote_code=args.trust_remote_code, what="--sft")
+    plumbing.disable_dropout(model).to(device).train()
     if args.gradient_checkpointing:
-        model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = common.adamw(model, args.lr, args.weight_decay)
+        plumbing.enable_gradient_checkpointing(model)
     batch_size = min(args.batch_size, len(train_examples))  # global pairs per optimizer step
     if batch_size < dist_info.world_size:
-        raise SystemExit(f"--batch-size {batch_size} is smaller than the {dist_info.world_size} processes")
-    steps_per_epoch = max(1, len(train_examples) // batch_size)  # as common.global_batch counts them
-    total_steps = steps_per_epoch * args.epochs
-    scheduler = common.cosine_schedule(optimizer, total_steps)
+        raise common.InputError(f"--batch-size {batch_size} is smaller than the {dist_info.world_size} processes")
+    total_steps = plumbing.total_steps_of(len(train_examples), batch_size, args.epochs, args.max_steps)
+    optimizer = plumbing.adamw(model, args.lr, args.weight_decay)
+    scheduler = plumbing.cosine_schedule(optimizer, total_steps)
+    run_config = plumbing.run_config(args, total_steps=total_steps)
     step = 0
-    ckpt_dir = out / "checkpoint"
-    if args.resume and (state := common.resume_training_state(ckpt_dir, model, optimizer, scheduler, total_steps,
-                                                             master, map_location=device)):
-        step = state["step"]  # a checkpoint saved for another total_steps stops the run instead
-    if dist_info.enabled:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    logger = common.JsonlLogger(out / "log.jsonl", enabled=master)
+    if args.resume and (state := plumbing.load_checkpoint(out, {"model": model}, {"model": optimizer},
+                                                          {"model": scheduler}, run_config, args.force_resume,
+                                                          map_location=device)):
+        step = state["step"]
+    model = plumbing.wrap_model(model, dist_info)
+    logger = plumbing.JsonlLogger(out / "log.jsonl", enabled=master)
     logger.rewind(step)  # lines logged after the checkpoint will be logged again
     if master:
-        print(f"{len(train_examples)} training pairs, {len(eval_examples)} held out; {total_steps} steps of "
-              f"{batch_size} pairs on {dist_info.world_size} rank(s) in forward passes of at most "
-              f"{args.micro_batch_size}, device {device}")
+        print(f"reward model: {len(train_examples)} training pairs, {len(eval_examples)} held out; {total_steps} "
+              f"steps of {batch_size} pairs on {dist_info.world_size} rank(s), device {device}"
+              f"{f', resuming at step {step}' if step else ''}")
 
     def checkpoint():
         if master:
-            common.save_training_state(ckpt_dir, model, optimizer, scheduler, step, total_steps=total_steps)
+            plumbing.save_checkpoint(out, step, {"model": model}, {"model": optimizer}, {"model": scheduler},
+                                     run_config)
 
-    last_step = min(total_steps, args.max_steps) if args.max_steps is not None else total_steps
-    from tqdm import tqdm
-    bar = tqdm(total=last_step, initial=min(step, last_step), disable=not master, desc="reward model")
-    stats, started = [0.0, 0.0, 0.0, 0.0], time.time()  # loss, correct, margin, pairs since the last log
-    while step < last_step:
-        epoch = step // steps_per_epoch
-        # 1. the step's global batch (the same on every rank and every resume), this rank's slice of it
+    steps_per_epoch = max(1, len(train_examples) // batch_size)
+    bar = tqdm(total=total_steps, initial=step, disable=not master, desc="reward model")
+    start = time.time()
+    while step < total_steps:
+        # 1. the step's global batch (the same on every rank and every resume)
         batch = common.global_batch(train_examples, step, batch_size, args.seed)
         # 2. forward, Bradley–Terry loss, backward over micro-batches; clip, step, schedule
-        sums, grad_norm = train_step(model, optimizer, scheduler, batch, args, dist_info, pad_id)
-        stats = [a + b for a, b in zip(stats, sums)]
+        metrics = train_step(model, optimizer, scheduler, batch, args, dist_info, pad_id)
         step += 1
-        bar.update(1)
         # 3. log, evaluate, checkpoint
-        if step % args.log_every == 0 or step == last_step:
-            loss_sum, correct, margin_sum, n_pairs = common.all_reduce_sum(list(stats), dist_info).tolist()
-            loss_avg, acc_avg, margin_avg = loss_sum / n_pairs, correct / n_pairs, margin_sum / n_pairs
-            record = {"step": step, "epoch": epoch, "loss": loss_avg, "accuracy": acc_avg, "margin": margin_avg,
-                      "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                      "pairs_seen": step * batch_size, "seconds": round(time.time() - started, 2)}
+        record = {"step": step, "epoch": step / steps_per_epoch, **metrics, "lr": scheduler.get_last_lr()[0],
+                  "elapsed_s": round(time.time() - start, 2)}
+        if args.eval_every and step % args.eval_every == 0:
+            result = evaluate(model, eval_examples, pad_id, args.eval_batch_size, device, dist_info, args.bf16)
+            record.update({f"eval_{k}": v for k, v in result.items() if k != "pairs"})
+        if step % args.log_every == 0 or step == total_steps or "eval_accuracy" in record:
             logger.log(record)
-            bar.set_postfix(loss=f"{loss_avg:.4f}", acc=f"{acc_avg:.3f}")
-            stats = [0.0, 0.0, 0.0, 0.0]
-        if args.eval_every and step % args.eval_every == 0 and step < last_step:
-            result = evaluate(model, eval_examples, pad_id, args.micro_batch_size, device, dist_info, args.bf16)
-            logger.log({"step": step, **{f"eval_{k}": v for k, v in result.items()}})
-        if step % args.save_every == 0 or step == last_step:
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.3f}")
+        if step % args.save_every == 0 or step == args.stop_after:
             checkpoint()
+        if step == args.stop_after and step < total_steps:
+            bar.close()
+            plumbing.cleanup_distributed(dist_info)
+            return None
     bar.close()
 
     # held-out accuracy, final model
-    result = evaluate(model, eval_examples, pad_id, args.micro_batch_size, device, dist_info, args.bf16)
+    result = evaluate(model, eval_examples, pad_id, args.eval_batch_size, device, dist_info, args.bf16)
     if master:
-        result.update({"step": step, "total_steps": total_steps, "split": args.split, "data": str(args.data)})
+        checkpoint()
+        info = {"role": "reward_model", "sft": str(args.sft), "data": str(args.data), "split": args.split,
+                "split_seed": args.split_seed, "eval_fraction": args.eval_fraction, "steps": step}
+        plumbing.save_score_model(model, tokenizer, out, kind="sequence", extra=info)  # keeps log.jsonl, checkpoint/
+        result.update({"step": step, "split": args.split, "data": str(args.data)})
         logger.log({"step": step, **{f"eval_{k}": v for k, v in result.items() if k in ("accuracy", "mean_margin")}})
-        if step == total_steps:
-            common.save_hf(model, tokenizer, out)  # keeps log.jsonl and checkpoint/
-        common.atomic_write(out / "accuracy.json", json.dumps(result, indent=2) + "\n")
+        plumbing.atomic_write(out / "accuracy.json", json.dumps(result, indent=2) + "\n")
         print(f"held-out pair accuracy {result['accuracy']:.4f}, mean margin {result['mean_margin']:+.4f} "
-              f"over {result['pairs']} pairs (step {step}/{total_steps}) -> {out / 'accuracy.json'}")
-    common.cleanup_distributed(dist_info)
+              f"over {result['pairs']} pairs -> {out / 'accuracy.json'}")
+    plumbing.cleanup_distributed(dist_info)
     return result
 
 
 @torch.no_grad()
 def show(args):
-    device = common.setup_distributed(args.device).device
-    tokenizer = common.load_tokenizer(args.rm, trust_remote_code=args.trust_remote_code)
-    model = common.ScoreModel.from_pretrained(args.rm, trust_remote_code=args.trust_remote_code).to(device).eval()
-    prompt, response = common.encode_prompt_response(tokenizer, args.prompt, args.response,
-                                                     args.max_prompt_len, args.max_response_len)
+    device = plumbing.setup_distributed(args.device).device
+    tokenizer = plumbing.load_tokenizer(args.reward_model, trust_remote_code=args.trust_remote_code,
+                                        what="--reward-model")
+    model = load_reward_model(args.reward_model, device, trust_remote_code=args.trust_remote_code)
+    prompt = common.encode_prompt(tokenizer, args.prompt, args.max_prompt_len)
+    response = common.encode_response(tokenizer, args.response, args.max_response_len)
     query_response = torch.tensor([prompt + response], device=device)  # [1, T]
     attention_mask = torch.ones_like(query_response)
     response_mask = torch.zeros_like(query_response)
@@ -419,4 +413,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    plumbing.cli(main)

@@ -41,25 +41,25 @@ PYTHON=${PYTHON:-python}
 
 case "$SIZE" in
   smoke)  # seconds: for the end-to-end test
-    SFT="--tiny-layers 1 --tiny-width 32 --tiny-vocab 512 --max-prompt-len 48 --max-response-len 32 --limit 300 --max-steps 6 --lr 3e-3 --batch-size 8 --micro-batch-size 8 --eval-batches 1"
+    SFT="--tiny-layers 1 --tiny-width 32 --tiny-vocab 512 --max-prompt-len 48 --max-response-len 32 --limit 60 --max-steps 6 --lr 3e-3 --batch-size 8 --micro-batch-size 8 --eval-examples 16"
     LABEL="--limit 40 --max-response-len 32"
     DISC="--epochs 1 --lr 1e-3 --max-prompt-len 48 --max-response-len 32 --batch-size 8 --micro-batch-size 8"
     RM="--limit 40 --epochs 1 --lr 1e-3 --max-prompt-len 48 --max-response-len 32 --batch-size 8 --micro-batch-size 8"
-    PPO="--steps 2 --batch-size 4 --minibatch-size 4 --ppo-epochs 1 --max-prompt-len 48 --max-new-tokens 12 --policy-lr 1e-4 --critic-lr 1e-4"
-    EVAL="--num-prompts 8 --max-prompt-len 48 --max-new-tokens 12 --show-prompts 2 --batch-size 8" ;;
+    PPO="--iterations 2 --rollout-batch-size 4 --minibatch-size 4 --ppo-epochs 1 --max-prompt-len 48 --max-new-tokens 12 --policy-lr 1e-4 --critic-lr 1e-4"
+    EVAL="--num-prompts 8 --max-prompt-len 48 --max-new-tokens 12 --show-prompts 2 --eval-batch-size 8" ;;
   demo)   # minutes on 2 CPU cores
-    SFT="--tiny-layers 2 --tiny-width 128 --tiny-vocab 4096 --max-prompt-len 192 --max-response-len 96 --epochs 8 --lr 3e-3 --batch-size 16 --micro-batch-size 16 --eval-every 25"
+    SFT="--tiny-layers 2 --tiny-width 128 --tiny-vocab 4096 --max-prompt-len 192 --max-response-len 96 --epochs 8 --lr 3e-3 --batch-size 16 --micro-batch-size 16 --eval-every 25 --eval-examples 128 --eval-batch-size 16"
     LABEL="--max-response-len 96"
     DISC="--epochs 2 --lr 1e-3 --max-prompt-len 192 --max-response-len 96 --batch-size 32 --micro-batch-size 32"
     RM="--epochs 2 --lr 3e-4 --max-prompt-len 192 --max-response-len 96 --batch-size 16 --micro-batch-size 16"
-    PPO="--steps 30 --batch-size 16 --minibatch-size 8 --ppo-epochs 2 --max-prompt-len 192 --max-new-tokens 48 --policy-lr 5e-5 --critic-lr 1e-4"
+    PPO="--iterations 30 --rollout-batch-size 16 --minibatch-size 8 --ppo-epochs 2 --max-prompt-len 192 --max-new-tokens 48 --policy-lr 5e-5 --critic-lr 1e-4"
     EVAL="--num-prompts 64 --max-prompt-len 192 --max-new-tokens 48 --show-prompts 4" ;;
   gpt2)   # one GPU or more: the papers' learning rates scaled for a 124M model
     SFT="--max-prompt-len 512 --max-response-len 256 --epochs 1 --lr 2e-5 --batch-size 64 --micro-batch-size 8"
     LABEL="--max-response-len 256"
     DISC="--epochs 2 --lr 1e-5 --max-prompt-len 512 --max-response-len 256 --batch-size 32 --micro-batch-size 8"
     RM="--epochs 1 --lr 1e-5 --max-prompt-len 512 --max-response-len 256 --batch-size 64 --micro-batch-size 8"
-    PPO="--steps 200 --batch-size 64 --minibatch-size 16 --micro-batch-size 8 --max-prompt-len 512 --max-new-tokens 128 --policy-lr 1e-6 --critic-lr 5e-6 --gradient-checkpointing"
+    PPO="--iterations 200 --rollout-batch-size 64 --minibatch-size 16 --micro-batch-size 8 --max-prompt-len 512 --max-new-tokens 128 --policy-lr 1e-6 --critic-lr 5e-6 --gradient-checkpointing"
     EVAL="--num-prompts 256 --max-prompt-len 512 --max-new-tokens 128 --show-prompts 6" ;;
   *) echo "run_pipeline.sh: SIZE must be smoke, demo or gpt2, not '$SIZE'" >&2; exit 2 ;;
 esac
@@ -89,18 +89,18 @@ start=$(date +%s)
 # shellcheck disable=SC2086  # the presets are word lists on purpose
 step "${TRAIN[@]}" sft.py --model "$MODEL" --data "$DATA" --out "$RUN/sft" --device "$DEVICE" $SFT
 step $PYTHON label.py --data "$DATA" --split reward --tokenizer "$RUN/sft" --out "$RUN/labels.jsonl" "${REVISER_ARGS[@]}" $LABEL
-step "${TRAIN[@]}" discriminator.py train --sft "$RUN/sft" --labels "$RUN/labels.jsonl" --out "$RUN/disc" --device "$DEVICE" $DISC
-step "${TRAIN[@]}" redistribute.py train --sft "$RUN/sft" --data "$DATA" --out "$RUN/rm" --device "$DEVICE" $RM
+step "${TRAIN[@]}" discriminator.py train --sft "$RUN/sft" --labels "$RUN/labels.jsonl" --out "$RUN/discriminator" --device "$DEVICE" $DISC
+step "${TRAIN[@]}" redistribute.py train --sft "$RUN/sft" --data "$DATA" --out "$RUN/reward_model" --device "$DEVICE" $RM
 
 POLICIES=(sft="$RUN/sft")
 for reward in $REWARDS; do
-  step "${TRAIN[@]}" ppo_token.py --policy "$RUN/sft" --reward "$reward" --reward-model "$RUN/rm" \
-    --discriminator "$RUN/disc" --data "$DATA" --out "$RUN/ppo_$reward" --device "$DEVICE" $PPO
+  step "${TRAIN[@]}" ppo_token.py --policy "$RUN/sft" --reward "$reward" --reward-model "$RUN/reward_model" \
+    --discriminator "$RUN/discriminator" --data "$DATA" --out "$RUN/ppo_$reward" --device "$DEVICE" $PPO
   POLICIES+=("$reward=$RUN/ppo_$reward/policy")
 done
 
-step $PYTHON eval.py --policies "${POLICIES[@]}" --reference "$RUN/sft" --reward-model "$RUN/rm" \
-  --discriminator "$RUN/disc" --labels "$RUN/labels.jsonl" --data "$DATA" --out "$RUN/eval" \
+step $PYTHON eval.py --policies "${POLICIES[@]}" --reference "$RUN/sft" --reward-model "$RUN/reward_model" \
+  --discriminator "$RUN/discriminator" --labels "$RUN/labels.jsonl" --data "$DATA" --out "$RUN/eval" \
   --device "$DEVICE" "${JUDGE_ARGS[@]}" $EVAL
 
 echo

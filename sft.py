@@ -17,39 +17,34 @@ Interrupt it and start it again with the same --out: it resumes from --out/check
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
+import plumbing
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    data = parser.add_argument_group("data")
-    data.add_argument("--data", default=str(common.BUNDLED_DATA),
-                      help="a .jsonl/.jsonl.gz of hh-rlhf pairs, or 'hh-rlhf[:subset,...]' to download")
-    data.add_argument("--split-seed", type=int, default=0, help="seed of the 20/40/40 + test split (keep it fixed)")
-    data.add_argument("--limit", type=int, default=None, help="use at most this many pairs from the file")
-    data.add_argument("--max-prompt-len", type=int, default=256, help="prompt tokens kept (the last ones)")
-    data.add_argument("--max-response-len", type=int, default=256, help="response tokens kept, EOS included")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=plumbing.HelpFormatter)
+    plumbing.add_data_args(parser.add_argument_group("data"))
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="tiny",
-                       help="'tiny' (a small GPT-2 + BPE tokenizer trained on the data), or any Hugging Face "
+                       help="'tiny' (a small random model + BPE tokenizer trained on the data), or any Hugging Face "
                             "causal LM by name or path (gpt2, meta-llama/Llama-2-7b-hf, ./my-model)")
+    model.add_argument("--tiny-arch", default="gpt2", choices=("gpt2", "llama"),
+                       help="tiny model: GPT-2 (byte-level BPE, no BOS) or Llama (RoPE, SentencePiece-style BPE, BOS)")
     model.add_argument("--tiny-layers", type=int, default=2, help="tiny model: transformer blocks")
     model.add_argument("--tiny-width", type=int, default=64, help="tiny model: hidden size")
     model.add_argument("--tiny-dropout", type=float, default=0.1, help="tiny model: dropout probability")
     model.add_argument("--tiny-vocab", type=int, default=2048, help="tiny model: BPE vocabulary size")
     train = parser.add_argument_group("training")
     train.add_argument("--epochs", type=float, default=1.0, help="passes over the SFT split")
-    train.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    train.add_argument("--max-steps", type=int, default=None,
+                       help="optimizer steps of the whole run (overrides --epochs)")
     train.add_argument("--batch-size", type=int, default=16, help="global batch: sequences per optimizer step")
     train.add_argument("--micro-batch-size", type=int, default=8,
                        help="sequences per forward pass on one rank; gradient accumulation makes up the rest")
@@ -58,108 +53,93 @@ def parse_args(argv=None):
                             "model; use ~1e-5 for gpt2 and larger)")
     train.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices")
     train.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = off)")
-    train.add_argument("--eval-every", type=int, default=50, help="held-out loss every N steps (and at the end)")
-    train.add_argument("--eval-batches", type=int, default=8, help="micro-batches of the test split per evaluation")
-    train.add_argument("--save-every", type=int, default=100, help="write a resumable checkpoint every N steps")
     out = parser.add_argument_group("output")
     out.add_argument("--out", default="runs/demo/sft", help="output folder: final model, log.jsonl, checkpoint/")
-    out.add_argument("--no-resume", dest="resume", action="store_false",
-                     help="ignore an existing checkpoint in --out and start over")
-    common.add_system_args(parser)
+    out.add_argument("--eval-every", type=int, default=50, help="held-out loss every N steps (and at the end)")
+    out.add_argument("--eval-examples", type=int, default=64, help="test-split examples per held-out evaluation")
+    out.add_argument("--eval-batch-size", type=int, default=8, help="sequences per forward pass when evaluating")
+    out.add_argument("--save-every", type=int, default=100, help="write a resumable checkpoint every N steps")
+    out.add_argument("--stop-after", type=int, default=None,
+                     help="checkpoint and stop after this many steps (as if interrupted); run again to resume")
+    plumbing.add_resume_args(out)
+    plumbing.add_system_args(parser)
     args = parser.parse_args(argv)
-    if args.micro_batch_size < 1 or args.batch_size < 1:
-        parser.error("--batch-size and --micro-batch-size must be positive")
+    plumbing.check_positive(parser, args, "batch_size", "micro_batch_size", "eval_batch_size", "eval_examples",
+                            "max_prompt_len", "max_response_len")
     return args
 
 
 # ----------------------------------------------------------------------------------------------
-# 1. data: (prompt ids, response ids) with labels that mask the prompt
+# 1. data: (prompt ids, response ids) pairs
 # ----------------------------------------------------------------------------------------------
-def encode_examples(pairs, tokenizer, max_prompt_len, max_response_len):
+def encode_examples(pairs, tokenizer, args) -> list[tuple[list[int], list[int]]]:
     """Each pair becomes one example: prompt ids + chosen response ids (EOS appended)."""
     examples = []
     for pair in pairs:
-        prompt_ids, response_ids = common.encode_prompt_response(
-            tokenizer, pair.prompt, pair.chosen, max_prompt_len, max_response_len)
-        examples.append((prompt_ids, response_ids))
+        prompt = common.prompt_text(tokenizer, pair.prompt, pair.messages, args.chat_template)
+        response = common.response_text(tokenizer, pair.chosen, pair.messages, args.chat_template)
+        examples.append((common.encode_prompt(tokenizer, prompt, args.max_prompt_len),
+                         common.encode_response(tokenizer, response, args.max_response_len)))
     return examples
-
-
-def collate(examples, pad_id):
-    """Right-pad prompt + response; labels are -100 on prompt and padding (ignored by the loss)."""
-    input_ids, attention_mask = common.pad_right([p + r for p, r in examples], pad_id)  # [B, T]
-    labels = torch.full_like(input_ids, -100)
-    for i, (prompt_ids, response_ids) in enumerate(examples):
-        labels[i, len(prompt_ids): len(prompt_ids) + len(response_ids)] = torch.tensor(response_ids)
-    return input_ids, attention_mask, labels
 
 
 # ----------------------------------------------------------------------------------------------
 # 2. the loss
 # ----------------------------------------------------------------------------------------------
-def response_nll(model, input_ids, attention_mask, labels):
-    """Summed NLL over response tokens and their count (prompt and padding carry label -100)."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                   position_ids=common.position_ids_from_mask(attention_mask), use_cache=False).logits
-    # position t predicts token t+1
-    shift_logits = logits[:, :-1].float()  # [B, T-1, V]
-    shift_labels = labels[:, 1:]  # [B, T-1]
-    nll = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                          ignore_index=-100, reduction="sum")
-    return nll, (shift_labels != -100).sum()
-
-
-def sft_loss(model, input_ids, attention_mask, labels):
-    """L_SFT: mean NLL of the response tokens of one batch."""
-    nll, count = response_nll(model, input_ids, attention_mask, labels)
-    return nll / count.clamp(min=1)
+def sft_loss(model, query_response, attention_mask, response_mask, normaliser=None):
+    """L_SFT: the summed NLL of the response tokens divided by `normaliser` (default: this batch's
+    response tokens, the plain mean). Prompt and padding are never targets. Returns (loss, summed NLL)."""
+    logprobs, _ = common.response_logprobs(model, query_response, attention_mask, response_mask)  # [B, T_resp]
+    nll_sum = -logprobs.sum()  # 0 past each row's end
+    count = response_mask.sum() if normaliser is None else normaliser
+    return nll_sum / count, nll_sum.detach()
 
 
 # ----------------------------------------------------------------------------------------------
 # 3. one optimizer step, held-out loss
 # ----------------------------------------------------------------------------------------------
-def train_step(model, optimizer, scheduler, batch, args, dist, pad_id):
+def train_step(model, optimizer, scheduler, batch, args, dist_info, pad_id) -> dict:
     """One optimizer step over a global batch, split over ranks and micro-batches.
 
-    The loss is normalised by the response tokens of the whole *global* batch (counted before any
-    forward pass), so the gradient equals that of one big batch on one process: DDP averages the
-    ranks' gradients, hence the factor world_size.
+    Every micro-batch's summed loss is divided by the response tokens of the whole global batch, so the
+    accumulated gradient equals that of one big batch in one process; DDP then averages over the ranks,
+    so each rank divides by (global tokens / world size).
     """
-    rank_examples = batch[dist.rank::dist.world_size]
-    total_tokens = sum(len(r) for _, r in batch)  # response tokens in the global batch (targets)
+    rank_examples = batch[dist_info.rank::dist_info.world_size]
+    normaliser = sum(len(r) for _, r in batch) / dist_info.world_size  # response tokens (targets)
     model.train()
-    loss_sum = 0.0
-    micro_batches = [rank_examples[i: i + args.micro_batch_size]
-                     for i in range(0, len(rank_examples), args.micro_batch_size)]
-    for k, micro in enumerate(micro_batches):
-        input_ids, attention_mask, labels = (t.to(dist.device) for t in collate(micro, pad_id))
-        is_last = k == len(micro_batches) - 1
-        sync = model.no_sync() if (dist.enabled and not is_last) else contextlib.nullcontext()
-        with sync, common.autocast(dist.device, args.bf16):
-            nll, _ = response_nll(model, input_ids, attention_mask, labels)
-            loss = nll * dist.world_size / total_tokens
-        loss.backward()
-        loss_sum += nll.item()
-    if args.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+    nll_sum = torch.zeros((), dtype=torch.float64)
+    micro_batches = plumbing.micro_batches(rank_examples, args.micro_batch_size)
+    for k, examples in enumerate(micro_batches):
+        inputs = [t.to(dist_info.device) for t in common.collate_right(examples, pad_id)]
+        with plumbing.accumulate(model, last=k == len(micro_batches) - 1):
+            with plumbing.autocast(dist_info.device, args.bf16):
+                loss, nll = sft_loss(model, *inputs, normaliser=normaliser)
+            loss.backward()
+        nll_sum += nll.double().cpu()
+    grad_norm = plumbing.clip_grad_norm(model, args.max_grad_norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return common.all_reduce_sum(loss_sum, dist).item() / total_tokens
+    tokens = normaliser * dist_info.world_size
+    return {"loss": plumbing.all_reduce_sum(nll_sum, dist_info).item() / tokens, "grad_norm": grad_norm}
 
 
 @torch.no_grad()
-def evaluate(model, examples, args, dist, pad_id):
-    """Held-out mean response NLL over the first eval_batches micro-batches (all ranks share them)."""
+def evaluate(model, examples, args, dist_info, pad_id) -> float:
+    """Held-out mean response NLL over the first --eval-examples test examples (shared over ranks)."""
+    model = plumbing.unwrap(model)
+    was_training = model.training
     model.eval()
     nll_sum, count = 0.0, 0
-    shard = examples[: args.eval_batches * args.micro_batch_size][dist.rank::dist.world_size]
-    for i in range(0, len(shard), args.micro_batch_size):
-        input_ids, attention_mask, labels = (t.to(dist.device) for t in collate(shard[i: i + args.micro_batch_size], pad_id))
-        with common.autocast(dist.device, args.bf16):
-            nll, n = response_nll(model, input_ids, attention_mask, labels)
-        nll_sum, count = nll_sum + nll.item(), count + n.item()
-    nll_total, count_total = common.all_reduce_sum([nll_sum, count], dist).tolist()
+    shard = examples[: args.eval_examples][dist_info.rank::dist_info.world_size]
+    for chunk in plumbing.micro_batches(shard, args.eval_batch_size):
+        inputs = [t.to(dist_info.device) for t in common.collate_right(chunk, pad_id)]
+        with plumbing.autocast(dist_info.device, args.bf16):
+            _, nll = sft_loss(model, *inputs)
+        nll_sum, count = nll_sum + nll.item(), count + int(inputs[2].sum())
+    model.train(was_training)
+    nll_total, count_total = plumbing.all_reduce_sum([nll_sum, count], dist_info).tolist()
     return nll_total / max(count_total, 1)
 
 
@@ -169,86 +149,87 @@ def evaluate(model, examples, args, dist, pad_id):
 def load_or_build_model(args, sft_pairs, out: Path, master: bool):
     """`tiny`: build once into out/init (reused on resume, so the tokenizer never changes)."""
     if args.model != "tiny":
-        return common.load_policy(args.model, trust_remote_code=args.trust_remote_code), \
-            common.load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+        return (plumbing.load_policy(args.model, trust_remote_code=args.trust_remote_code, what="--model"),
+                plumbing.load_tokenizer(args.model, trust_remote_code=args.trust_remote_code, what="--model"))
     init = out / "init"
     if not (init / "config.json").exists():
         if master:
-            common.build_tiny([p.prompt + p.chosen for p in sft_pairs], init, vocab_size=args.tiny_vocab,
-                              seed=args.seed, n_layer=args.tiny_layers, n_embd=args.tiny_width,
-                              resid_pdrop=args.tiny_dropout, embd_pdrop=args.tiny_dropout,
-                              attn_pdrop=args.tiny_dropout)
-        _barrier()
-    return common.load_policy(init), common.load_tokenizer(init)
-
-
-def _barrier():
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+            plumbing.build_tiny([p.prompt + p.chosen for p in sft_pairs], init, arch=args.tiny_arch,
+                                vocab_size=args.tiny_vocab, seed=args.seed, layers=args.tiny_layers,
+                                width=args.tiny_width, dropout=args.tiny_dropout)
+        plumbing.barrier()
+    return plumbing.load_policy(init), plumbing.load_tokenizer(init)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    dist = common.setup_distributed(args.device)
-    common.seed_everything(args.seed)
+    dist_info = plumbing.setup_distributed(args.device)
+    plumbing.seed_everything(args.seed)
     out = Path(args.out)
-    splits = common.split_pairs(common.load_pairs(args.data, limit=args.limit, quiet=not dist.master),
-                                seed=args.split_seed)
-    model, tokenizer = load_or_build_model(args, splits["sft"], out, dist.master)
-    train_examples = encode_examples(splits["sft"], tokenizer, args.max_prompt_len, args.max_response_len)
-    test_examples = encode_examples(splits["test"], tokenizer, args.max_prompt_len, args.max_response_len)
-    model.to(dist.device)
+    if dist_info.master:
+        plumbing.clean_stale_temp(out)
+    pairs = plumbing.load_data(args.data, "all", args.split_seed, quiet=not dist_info.master)
+    splits = common.split_pairs(pairs, args.split_seed)
+    sft_pairs = splits["sft"][: args.limit] if args.limit is not None else splits["sft"]
+    model, tokenizer = load_or_build_model(args, sft_pairs, out, dist_info.master)
+    train_examples = encode_examples(sft_pairs, tokenizer, args)
+    test_examples = encode_examples(splits["test"], tokenizer, args)
+    model.to(dist_info.device)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.config.use_cache = False
+        plumbing.enable_gradient_checkpointing(model)
 
-    steps_per_epoch = max(1, len(train_examples) // args.batch_size)
-    total_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
-    optimizer = common.adamw(model, args.lr, args.weight_decay)
-    scheduler = common.cosine_schedule(optimizer, total_steps)
+    total_steps = plumbing.total_steps_of(len(train_examples), args.batch_size, args.epochs, args.max_steps)
+    optimizer = plumbing.adamw(model, args.lr, args.weight_decay)
+    scheduler = plumbing.cosine_schedule(optimizer, total_steps)
+    run_config = plumbing.run_config(args, total_steps=total_steps)
     step = 0
-    ckpt = out / "checkpoint"
-    if args.resume and (state := common.resume_training_state(ckpt, model, optimizer, scheduler, total_steps,
-                                                             dist.master)):
+    if args.resume and (state := plumbing.load_checkpoint(out, {"model": model}, {"model": optimizer},
+                                                          {"model": scheduler}, run_config, args.force_resume)):
         step = state["step"]
-    if dist.enabled:
-        model = torch.nn.parallel.DistributedDataParallel(model)
-    logger = common.JsonlLogger(out / "log.jsonl", enabled=dist.master)
+    model = plumbing.wrap_model(model, dist_info)
+    logger = plumbing.JsonlLogger(out / "log.jsonl", enabled=dist_info.master)
     logger.rewind(step)
     pad_id = tokenizer.pad_token_id
+    if dist_info.master:
+        print(f"sft: {len(train_examples)} examples, {total_steps} steps of {args.batch_size}"
+              f"{f', resuming at step {step}' if step else ''}")
 
     def checkpoint():
-        if dist.master:
-            common.save_training_state(ckpt, model, optimizer, scheduler, step)
+        if dist_info.master:
+            plumbing.save_checkpoint(out, step, {"model": model}, {"model": optimizer}, {"model": scheduler},
+                                     run_config)
 
     eval_loss = None
-    bar = tqdm(total=total_steps, initial=step, desc="sft", disable=not dist.master)
+    bar = tqdm(total=total_steps, initial=step, desc="sft", disable=not dist_info.master)
     start = time.time()
     while step < total_steps:
         batch = common.global_batch(train_examples, step, args.batch_size, args.seed)
-        train_loss = train_step(model, optimizer, scheduler, batch, args, dist, pad_id)
+        metrics = train_step(model, optimizer, scheduler, batch, args, dist_info, pad_id)
         step += 1
-        record = {"step": step, "train_loss": train_loss, "lr": scheduler.get_last_lr()[0],
-                  "elapsed_s": round(time.time() - start, 2)}
+        record = {"step": step, "train_loss": metrics["loss"], "grad_norm": metrics["grad_norm"],
+                  "lr": scheduler.get_last_lr()[0], "elapsed_s": round(time.time() - start, 2)}
         if step % args.eval_every == 0 or step == total_steps:
-            record["eval_loss"] = eval_loss = evaluate(model, test_examples, args, dist, pad_id)
+            record["eval_loss"] = eval_loss = evaluate(model, test_examples, args, dist_info, pad_id)
         logger.log(record)
         bar.update(1)
         bar.set_postfix({k: round(v, 4) for k, v in record.items() if k.endswith("loss")})
-        if step % args.save_every == 0 and step < total_steps:
+        if step % args.save_every == 0 or step == args.stop_after:
             checkpoint()
+        if step == args.stop_after and step < total_steps:
+            bar.close()
+            plumbing.cleanup_distributed(dist_info)
+            return None
     bar.close()
-    if dist.master:
+    if eval_loss is None:  # resumed after the last step: nothing was evaluated in this run
+        eval_loss = evaluate(model, test_examples, args, dist_info, pad_id)
+    if dist_info.master:
         checkpoint()
-        common.save_hf(model, tokenizer, out)
-        if eval_loss is None:  # resumed after the last step: nothing was evaluated in this run
-            eval_loss = evaluate(common.unwrap(model), test_examples, args, common.Dist(device=dist.device), pad_id)
-        final = {"step": step, "eval_loss": eval_loss}
-        common.atomic_write(out / "sft_summary.json", json.dumps(final, indent=2))
-        print(f"sft: {step} steps, held-out response NLL {final['eval_loss']:.4f}, model saved to {out}")
-    common.cleanup_distributed(dist)
+        plumbing.save_hf(model, tokenizer, out)
+        plumbing.atomic_write(out / "sft_summary.json", json.dumps({"step": step, "eval_loss": eval_loss}, indent=2))
+        print(f"sft: {step} steps, held-out response NLL {eval_loss:.4f}, model saved to {out}")
+    plumbing.cleanup_distributed(dist_info)
     return out
 
 
 if __name__ == "__main__":
-    main()
+    plumbing.cli(main)

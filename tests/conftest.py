@@ -10,6 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+import plumbing  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -29,13 +30,28 @@ def tiny_dir(tmp_path_factory, splits):
     """A tiny GPT-2 (2 layers, 64 wide) and a 2048-token byte-level BPE, saved with save_pretrained."""
     out = tmp_path_factory.mktemp("tiny")
     texts = [p.prompt + p.chosen for p in splits["sft"]]
-    common.build_tiny(texts, out, vocab_size=2048, seed=0)
+    plumbing.build_tiny(texts, out, vocab_size=2048, seed=0)
     return out
 
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_dir):
-    return common.load_tokenizer(tiny_dir)
+    return plumbing.load_tokenizer(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory, splits):
+    """A tiny random Llama (RoPE, GQA, RMSNorm, no pad token) with a SentencePiece-style BPE in the "legacy"
+    layout that adds BOS and puts '▁' before every text it tokenises: what users bring from Llama / Mistral."""
+    out = tmp_path_factory.mktemp("llama")
+    texts = [p.prompt + p.chosen for p in splits["sft"]]
+    plumbing.build_tiny(texts, out, arch="llama", vocab_size=1024, seed=0, dropout=0.0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizer(llama_dir):
+    return plumbing.load_tokenizer(llama_dir)
 
 
 def run_torchrun(script_and_args, nproc=2, timeout=180, cwd=None):

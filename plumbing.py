@@ -1,0 +1,835 @@
+"""plumbing.py — what every stage needs and no reader has to study: skip it on a first reading.
+
+Nothing here is part of an algorithm (those are in the stage files, and the ideas they share are in
+common.py). This module keeps the stages short by holding the machinery three or more of them use:
+
+    errors     InputError / DataError -> one line and exit code 2 (`cli`)
+    models     load_tokenizer, load_policy, load_score_model / save_score_model (the project's, TRL's and
+               OpenRLHF's formats), build_tiny, tokenizer checks (the models of one run must agree)
+    system     DistInfo / setup_distributed (torchrun), wrap_model (DDP), accumulate, clip, autocast,
+               seeds, AdamW, cosine schedule, gradient checkpointing
+    files      atomic_write, JsonlLogger, JsonlCache, save_hf, save_checkpoint / load_checkpoint (crash-safe,
+               refuses to resume a different run), clean_stale_temp
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gzip
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import requests
+import torch
+import torch.distributed as torch_dist
+import torch.nn as nn
+import transformers
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tokenizers import (ByteLevelBPETokenizer, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors,
+                        trainers)
+from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel,
+                          LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast)
+from transformers.utils import logging as hf_logging
+
+import common
+from common import DataError, InputError, ScoreModel
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors: bad input is one line on stderr and exit code 2, never a traceback
+# ----------------------------------------------------------------------------------------------
+def cli(main):
+    """Run a stage's main(); an InputError (bad data, a missing model, models that do not belong
+    together) prints `error: ...` once (rank 0 under torchrun) and exits with code 2."""
+    try:
+        return main()
+    except InputError as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: --data to files (the bundled slice, a local file, or hh-rlhf downloaded), then one split
+# ----------------------------------------------------------------------------------------------
+HH_RLHF_URL = "https://huggingface.co/datasets/Anthropic/hh-rlhf/resolve/main"
+HH_RLHF_SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
+
+
+def add_data_args(group, split: str | None = None, response_len: bool = True, prompt_len: bool = True,
+                  limit: bool = True):
+    """The data options the stages share: --data, --split, --split-seed, --limit, lengths, chat template."""
+    group.add_argument("--data", default="bundled",
+                       help="'bundled' (the hh-rlhf slice in data/), a local .jsonl/.jsonl.gz/.json/.parquet of "
+                            "preference pairs (formats: README.md, Data), or 'hh-rlhf[:SUBSET,...]' to download")
+    if split is not None:
+        group.add_argument("--split", default=split, choices=("sft", "reward", "rl", "test", "all"),
+                           help="which part of the 20/40/40 + test split (common.split_pairs) to use")
+    group.add_argument("--split-seed", type=int, default=0,
+                       help="seed of the data split; keep it equal across stages (nothing else depends on it)")
+    if limit:
+        group.add_argument("--limit", type=int, default=None, help="use at most this many pairs of the split")
+    if prompt_len:
+        group.add_argument("--max-prompt-len", type=int, default=256, help="prompt tokens kept (the last ones)")
+    if response_len:
+        group.add_argument("--max-response-len", type=int, default=256, help="response tokens kept, EOS included")
+    group.add_argument("--no-chat-template", dest="chat_template", action="store_false",
+                       help="render chat-message data as the hh-rlhf transcript even when the tokenizer has a "
+                            "chat template (the bundled hh-rlhf data always uses the transcript)")
+    return group
+
+
+def data_paths(source: str, cache_dir=None) -> list[Path]:
+    """The files behind --data: 'bundled', a local file, or 'hh-rlhf[:SUBSET,...]' (downloaded once)."""
+    source = str(source)
+    if source == "bundled":
+        return [common.BUNDLED_DATA]
+    if source.startswith("hh-rlhf") and not Path(source).exists():
+        subsets = source.split(":", 1)[1].split(",") if ":" in source else list(HH_RLHF_SUBSETS)
+        return [download_hh_rlhf(s, "train", cache_dir) for s in subsets]
+    return [Path(source)]
+
+
+def load_data(source: str, split: str, split_seed: int, limit: int | None = None, quiet: bool = False):
+    """The pairs of one split of --data (common.load_pairs, common.select_split)."""
+    return common.select_split(common.load_pairs(data_paths(source), quiet=quiet), split, split_seed, limit)
+
+
+def download_hh_rlhf(subset: str = "harmless-base", split: str = "train", cache_dir=None,
+                     base_url: str | None = None) -> Path:
+    """Download one hh-rlhf file to the cache (progress bar, atomic rename, resume on retry).
+
+    A partial download is kept as `<file>.part`; the next call resumes it with an HTTP Range
+    request (or starts over if the server ignores ranges). The finished file is renamed into
+    place only after it decompresses cleanly, so the cache never holds a broken file.
+    """
+    from tqdm import tqdm
+
+    base_url = base_url or os.environ.get("HH_RLHF_URL", HH_RLHF_URL)
+    cache_dir = Path(cache_dir or os.environ.get("TOKEN_RLHF_CACHE", Path.home() / ".cache" / "token-rlhf"))
+    target = cache_dir / "hh-rlhf" / subset / f"{split}.jsonl.gz"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_suffix(".gz.part")
+    url = f"{base_url}/{subset}/{split}.jsonl.gz"
+    last_error = None
+    for attempt in range(3):
+        have = part.stat().st_size if part.exists() else 0
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        try:
+            with requests.get(url, stream=True, timeout=60, headers=headers) as resp:
+                if resp.status_code == 416:  # range past the end: the part is complete
+                    pass
+                elif resp.status_code not in (200, 206):
+                    raise OSError(f"GET {url}: HTTP {resp.status_code}")
+                else:
+                    mode = "ab" if resp.status_code == 206 else "wb"
+                    total = int(resp.headers.get("Content-Length", 0)) + (have if mode == "ab" else 0)
+                    with open(part, mode) as f, tqdm(total=total or None, initial=have if mode == "ab" else 0,
+                                                     unit="B", unit_scale=True, desc=f"hh-rlhf/{subset}") as bar:
+                        for chunk in resp.iter_content(1 << 14):
+                            f.write(chunk)
+                            bar.update(len(chunk))
+            with gzip.open(part, "rb") as f:  # a truncated download fails here
+                while f.read(1 << 20):
+                    pass
+            os.replace(part, target)
+            return target
+        except (OSError, EOFError, requests.RequestException) as e:
+            last_error = e
+            if isinstance(e, (EOFError, gzip.BadGzipFile)) and attempt == 1:
+                part.unlink(missing_ok=True)  # resumed file still broken: start clean
+    raise OSError(f"could not download {url} after 3 attempts: {last_error}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Models and tokenizers
+# ----------------------------------------------------------------------------------------------
+HUB_ENDPOINT = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+
+
+def _quiet_transformers():
+    """No progress bars or load reports for every frozen model (errors still show)."""
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def check_model_source(name_or_path, what: str = "model"):
+    """Fail in a moment, with one line, when a model cannot be loaded: a local path that does not
+    exist, a folder that is not a Hugging Face model, or a hub name that is neither cached nor
+    reachable (transformers would retry for most of a minute and end in a traceback)."""
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise InputError(f"{what} {name}: a folder without config.json, not a Hugging Face model directory")
+        return
+    if path.exists():
+        raise InputError(f"{what} {name}: a file, not a model directory or hub name")
+    repo_id = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name)
+    if not repo_id or name.startswith((".", "~")) or (path.parent != Path(".") and path.parent.exists()):
+        raise InputError(f"{what} {name}: no such directory")
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return  # in the local hub cache
+    except Exception:  # an old or missing huggingface_hub: let transformers decide
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        raise InputError(f"{what} {name}: not a local directory, not in the hub cache, and HF_HUB_OFFLINE is set")
+    try:
+        requests.head(f"{HUB_ENDPOINT}/api/models/{name}", timeout=3)
+    except requests.RequestException:
+        raise InputError(f"{what} {name}: not a local directory and {HUB_ENDPOINT} cannot be reached to download "
+                         "it (offline?); give the path of a local copy") from None
+
+
+def configure_tokenizer(tokenizer):
+    """No pad token (GPT-2, Llama): pad = eos, and every mask in the project is built from
+    positions, never from pad ids. Left padding, for generation."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_tokenizer(name_or_path, trust_remote_code: bool = False, what: str = "tokenizer"):
+    check_model_source(name_or_path, what)
+    _quiet_transformers()
+    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
+    if tokenizer.eos_token_id is None:
+        raise InputError(f"{what} {name_or_path}: the tokenizer has no EOS token")
+    return configure_tokenizer(tokenizer)
+
+
+def load_policy(name_or_path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+                what: str = "policy"):
+    """Any Hugging Face causal LM, by hub name or local path (safetensors preferred)."""
+    check_model_source(name_or_path, what)
+    _quiet_transformers()
+    model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype, trust_remote_code=trust_remote_code)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id
+    return model
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A short hash of what decides token ids: the vocabulary and the BOS / EOS tokens."""
+    blob = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.bos_token, tokenizer.eos_token])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def check_same_tokenizer(policy_tokenizer, other_tokenizer, what: str):
+    """Stop before any long work if a model reads token ids differently from the policy: every token
+    of the policy's vocabulary must have the same id, and EOS must be the same token. (A score model
+    may have extra tokens of its own, e.g. the pad token that save_score_model adds.)"""
+    ours, theirs = policy_tokenizer.get_vocab(), other_tokenizer.get_vocab()
+    differ = [(token, i, theirs.get(token)) for token, i in ours.items() if theirs.get(token) != i]
+    if differ or policy_tokenizer.eos_token_id != other_tokenizer.eos_token_id:
+        example = (f"; e.g. {differ[0][0]!r} is {differ[0][1]} for the policy and {differ[0][2]} here"
+                   if differ else f"; EOS is {policy_tokenizer.eos_token_id} vs {other_tokenizer.eos_token_id}")
+        raise InputError(f"{what}: its tokenizer differs from the policy's ({len(differ)} of {len(ours)} tokens "
+                         f"have other ids{example}); train it from the same SFT model")
+
+
+def build_tiny(texts: list[str], out_dir=None, arch: str = "gpt2", vocab_size: int = 2048, seed: int = 0,
+               layers: int = 2, width: int = 64, dropout: float = 0.1, max_positions: int = 512):
+    """A tokenizer trained on `texts` and a tiny random model built from a config (saved to out_dir).
+
+    arch "gpt2": byte-level BPE, no BOS, learned positions. arch "llama": a SentencePiece-style BPE
+    (the "legacy" layout that puts '▁' before every text it tokenises) that adds BOS, RoPE, RMSNorm,
+    SwiGLU, no pad token — what users bring from the Llama / Mistral family.
+    """
+    tokenizer = train_tiny_tokenizer(texts, vocab_size, arch)
+    torch.manual_seed(seed)
+    if arch == "gpt2":
+        config = GPT2Config(vocab_size=len(tokenizer), n_layer=layers, n_embd=width, n_head=2,
+                            n_positions=max_positions, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+                            bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.eos_token_id)
+        model = GPT2LMHeadModel(config)
+    elif arch == "llama":
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
+                             num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
+                             max_position_embeddings=max_positions, attention_dropout=dropout,
+                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=None, tie_word_embeddings=False)
+        model = LlamaForCausalLM(config)
+    else:
+        raise ValueError(f"arch must be gpt2 or llama, not {arch!r}")
+    if out_dir is not None:
+        save_hf(model, tokenizer, out_dir)
+    return model, configure_tokenizer(tokenizer)
+
+
+def train_tiny_tokenizer(texts: list[str], vocab_size: int = 2048, arch: str = "gpt2"):
+    """A BPE tokenizer trained on `texts`, wrapped as a transformers fast tokenizer."""
+    if arch == "gpt2":
+        bpe = ByteLevelBPETokenizer()
+        bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2,
+                                special_tokens=["<|endoftext|>"], show_progress=False)
+        return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
+                                       bos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    # the "legacy" SentencePiece layout of Llama 2 / Mistral: '▁' before every text, spaces as '▁'
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")  # pieces never span two words
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
+                                                       special_tokens=["<unk>", "<s>", "</s>", *byte_tokens]))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Every dropout probability to 0: RL and scoring must be deterministic functions of the input."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+# --- score models: the project's format, the Hugging Face standard classes, TRL, OpenRLHF ---------
+# A ScoreModel (common.py) is a backbone plus one linear head. On disk it is a standard Hugging Face
+# checkpoint, so other tools load it with no code of ours:
+#   reward model  -> AutoModelForSequenceClassification (num_labels=1): the score of the last real token
+#   discriminator -> AutoModelForTokenClassification (num_labels=1): one logit per token
+# Both are read the same way by load_score_model, as are the project's older directories (a backbone
+# plus score_head.safetensors), TRL reward models (sequence classification) and OpenRLHF ones
+# (a backbone plus value_head.weight, with optional reward normalisation).
+SCORE_KINDS = {"sequence": "AutoModelForSequenceClassification", "token": "AutoModelForTokenClassification"}
+PAD_TOKEN = "<|pad|>"
+
+
+def _head_name(hf_model) -> str:
+    """The attribute holding the classification head (score, classifier, ...)."""
+    names = [name for name, child in hf_model.named_children()
+             if name != hf_model.base_model_prefix and isinstance(child, nn.Linear)]
+    if len(names) != 1:
+        raise ValueError(f"{type(hf_model).__name__}: expected one linear head, found {names}")
+    return names[0]
+
+
+def new_score_model(name_or_path, bias: bool, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+                    what: str = "backbone") -> ScoreModel:
+    """A ScoreModel with a fresh head on the backbone of a causal LM (the SFT model): what the
+    discriminator, the reward model and a critic started from the policy train."""
+    check_model_source(name_or_path, what)
+    _quiet_transformers()
+    backbone = AutoModel.from_pretrained(str(name_or_path), dtype=dtype, trust_remote_code=trust_remote_code)
+    return ScoreModel(backbone, bias=bias)
+
+
+def save_score_model(model: ScoreModel, tokenizer, out_dir, kind: str, extra: dict | None = None):
+    """Save a ScoreModel as a standard Hugging Face checkpoint (see SCORE_KINDS) with its tokenizer.
+
+    The standard sequence classifier reads the score at the last token that is not the pad token. With
+    pad == eos (GPT-2, Llama) that would skip the EOS the reward model is read at, so a sequence model
+    whose tokenizer has no pad of its own gets one extra token, <|pad|>, and one extra (never used)
+    embedding row; every other token keeps its id, so it still shares the policy's tokenizer.
+    `extra` is written to token_rlhf.json (what the run was: role, data, held-out settings).
+    """
+    model = unwrap(model)
+    if kind == "sequence" and model.head.bias is not None:
+        raise ValueError("a sequence-classification head has no bias; build the reward model with bias=False")
+    tokenizer = copy.deepcopy(tokenizer)
+    if kind == "sequence" and tokenizer.pad_token_id in (None, tokenizer.eos_token_id):
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+        if model.backbone.get_input_embeddings().num_embeddings < len(tokenizer):
+            model.backbone.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    config = copy.deepcopy(model.backbone.config)
+    config.num_labels = 1
+    config.pad_token_id = tokenizer.pad_token_id
+    config.classifier_dropout = 0.0  # the token classifier's dropout; eval-time outputs are unaffected anyway
+    config.vocab_size = model.backbone.get_input_embeddings().num_embeddings
+    auto_class = getattr(transformers, SCORE_KINDS[kind])
+    with torch.device("meta"):  # an empty shell of the standard class; our modules go inside it
+        hf_model = auto_class.from_config(config)
+    head = _head_name(hf_model)
+    if getattr(hf_model, head).bias is None and model.head.bias is not None:
+        raise ValueError(f"{type(hf_model).__name__} has no head bias; this discriminator head has one")
+    setattr(hf_model, hf_model.base_model_prefix, model.backbone)
+    setattr(hf_model, head, model.head)
+    save_hf(hf_model, tokenizer, out_dir)
+    if extra is not None:
+        atomic_write(Path(out_dir) / "token_rlhf.json", json.dumps(extra, indent=2) + "\n")
+
+
+def load_score_model(path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+                     what: str = "score model") -> ScoreModel:
+    """A trained ScoreModel from any of the formats above; a folder without trained head weights is an
+    error (a random head would give random rewards without any sign of it)."""
+    check_model_source(path, what)
+    _quiet_transformers()
+    path = Path(path)
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    architecture = (config.architectures or [""])[0]
+    if (path / "score_head.safetensors").exists():  # this project's first format
+        backbone = AutoModel.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
+        head_state = load_file(str(path / "score_head.safetensors"))
+        model = ScoreModel(backbone, bias="bias" in head_state)
+        model.head.load_state_dict(head_state)
+        return model.to(dtype)
+    for kind, auto_name in SCORE_KINDS.items():
+        if architecture.endswith(auto_name.removeprefix("AutoModel")):
+            if config.num_labels != 1:
+                raise InputError(f"{what} {path}: a {architecture} with {config.num_labels} labels; "
+                                 "a reward model or discriminator gives one score (num_labels=1)")
+            hf_model = getattr(transformers, auto_name).from_pretrained(str(path), dtype=dtype,
+                                                                         trust_remote_code=trust_remote_code)
+            head = getattr(hf_model, _head_name(hf_model))
+            model = ScoreModel(hf_model.base_model, bias=head.bias is not None)
+            model.head = head
+            return model
+    weights = _weight_names(path)
+    if "value_head.weight" in weights:  # OpenRLHF: backbone + value_head, optional normalisation
+        backbone = AutoModel.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
+        model = ScoreModel(backbone, bias=False)
+        model.head.weight.data.copy_(_read_weight(path, "value_head.weight"))
+        if getattr(config, "normalize_reward", False):  # score = (r − mean) / std, folded into the head
+            std = float(getattr(config, "std", 1.0)) or 1.0
+            model.head.weight.data /= std
+            model.head.bias = nn.Parameter(torch.full((1,), -float(getattr(config, "mean", 0.0)) / std))
+        return model.to(dtype)
+    raise InputError(f"{what} {path}: no trained score head (expected a *ForSequenceClassification or "
+                     "*ForTokenClassification checkpoint with num_labels=1, an OpenRLHF value_head, or "
+                     "score_head.safetensors); train one with redistribute.py or discriminator.py")
+
+
+def _weight_names(path: Path) -> set[str]:
+    names = set()
+    for file in path.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            names.update(f.keys())
+    return names
+
+
+def _read_weight(path: Path, name: str) -> torch.Tensor:
+    for file in path.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            if name in f.keys():
+                return f.get_tensor(name)
+    raise KeyError(name)
+
+
+def read_run_info(model_dir) -> dict:
+    """token_rlhf.json of a saved score model ({} for one trained elsewhere)."""
+    path = Path(model_dir) / "token_rlhf.json"
+    if not path.exists():
+        legacy = Path(model_dir) / "score_model.json"  # the project's first format
+        path = legacy if legacy.exists() else path
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+# ----------------------------------------------------------------------------------------------
+# System: torchrun, DDP, precision, optimisation
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class DistInfo:
+    """Where this process stands under torchrun: rank, local rank, world size, device."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def add_system_args(parser):
+    """The options every training stage shares (device, precision, memory, seed)."""
+    group = parser.add_argument_group("system")
+    group.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    group.add_argument("--no-bf16", dest="bf16", action="store_false",
+                       help="disable bf16 autocast on CUDA (it is on by default there; CPU runs in fp32)")
+    group.add_argument("--gradient-checkpointing", action="store_true",
+                       help="recompute activations in the backward pass: less memory, ~30%% more compute")
+    group.add_argument("--seed", type=int, default=0,
+                       help="random seed of initialisation, data order and sampling (not of the data split)")
+    group.add_argument("--trust-remote-code", action="store_true",
+                       help="allow model repos that ship their own Python code (off by default)")
+    return group
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the docstring's layout and shows every option's default."""
+
+
+def check_positive(parser, args, *names):
+    for name in names:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+
+
+# Options that change how a run is carried out but not what it computes: a resume may change them.
+NOT_DEFINING = {"out", "resume", "force_resume", "device", "save_every", "eval_every", "log_every", "stop_after",
+                "gradient_checkpointing", "trust_remote_code", "eval_batch_size", "eval_examples", "micro_batch_size",
+                "offload_frozen", "command"}
+
+
+def run_config(args, **derived) -> dict:
+    """The settings that define a run (all options but NOT_DEFINING, plus derived values such as the
+    planned total steps): stored with every checkpoint, compared on resume."""
+    config = {k: v for k, v in vars(args).items() if k not in NOT_DEFINING}
+    return json.loads(json.dumps({**config, **derived}, default=str))
+
+
+def add_resume_args(group):
+    group.add_argument("--no-resume", dest="resume", action="store_false",
+                       help="ignore a checkpoint in --out and start over")
+    group.add_argument("--force-resume", action="store_true",
+                       help="resume even if the checkpoint was made with other settings (data, model, schedule)")
+    return group
+
+
+def setup_distributed(device: str = "auto") -> DistInfo:
+    """Read RANK / LOCAL_RANK / WORLD_SIZE as torchrun sets them (nanoGPT style).
+
+    NCCL on CUDA, gloo on CPU. Without torchrun this is a single process.
+    """
+    want_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+        world_size = int(os.environ["WORLD_SIZE"])
+        if want_cuda:
+            torch.cuda.set_device(local_rank)
+            dev = torch.device("cuda", local_rank)
+        else:
+            dev = torch.device("cpu")
+        torch_dist.init_process_group(backend="nccl" if want_cuda else "gloo")
+        return DistInfo(rank, local_rank, world_size, dev)
+    return DistInfo(device=torch.device("cuda" if want_cuda else (device if device != "auto" else "cpu")))
+
+
+def cleanup_distributed(dist_info: DistInfo):
+    """Wait for every rank, then tear the process group down.
+
+    Gloo's worker threads free a finished collective (and the Python tensors it holds, which needs
+    the GIL) just after the collective returns. If the process group's destructor runs first (it
+    holds the GIL, e.g. when the DDP wrapper is freed as main() returns), the two wait on each other
+    for ever. Sleeping a moment hands the GIL to the workers so they finish first.
+    """
+    if dist_info.enabled and torch_dist.is_initialized():
+        torch_dist.barrier()
+        if torch_dist.get_backend() == "gloo":
+            time.sleep(0.5)
+        torch_dist.destroy_process_group()
+
+
+def barrier():
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.barrier()
+
+
+def all_reduce_sum(values, dist_info: DistInfo) -> torch.Tensor:
+    """Element-wise sum over ranks of a number, a list of numbers or a tensor: float64, on the CPU.
+    Pass several counters in one list to pay for one all-reduce."""
+    tensor = torch.as_tensor(values, dtype=torch.float64).detach().clone().to(dist_info.device)
+    if dist_info.enabled:
+        torch_dist.all_reduce(tensor)
+    return tensor.cpu()
+
+
+def all_reduce_mean(value, dist_info: DistInfo) -> float:
+    """Mean of a scalar over ranks (a plain float back)."""
+    return all_reduce_sum(value, dist_info).item() / dist_info.world_size
+
+
+def wrap_model(model: nn.Module, dist_info: DistInfo) -> nn.Module:
+    """Data parallel over the ranks (DDP); the model itself in a single process."""
+    if not dist_info.enabled:
+        return model
+    ids = [dist_info.device.index] if dist_info.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def accumulate(models, last: bool):
+    """Gradient accumulation: skip the all-reduce of gradients except on a step's last micro-batch."""
+    stack = contextlib.ExitStack()
+    for model in (models if isinstance(models, (list, tuple)) else [models]):
+        if not last and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            stack.enter_context(model.no_sync())
+    return stack
+
+
+def micro_batches(examples: list, size: int) -> list[list]:
+    return [examples[i: i + size] for i in range(0, len(examples), size)]
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
+    """Clip the gradient norm to max_norm (0 = off); return the norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
+    return float(norm)
+
+
+def autocast(device: torch.device, bf16: bool = True):
+    """bf16 autocast on CUDA (if asked); a no-op context on CPU."""
+    if device.type == "cuda" and bf16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Cosine decay from the base learning rate to 0 over total_steps, no warm-up."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps))))
+
+
+def adamw(model: nn.Module, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.95)) -> torch.optim.AdamW:
+    """AdamW over the trained parameters, with weight decay on matrices only (not on biases and norms)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
+def total_steps_of(n_examples: int, batch_size: int, epochs: float, max_steps: int | None) -> int:
+    """The planned optimizer steps of a run: --max-steps, or --epochs passes of full global batches."""
+    if max_steps is not None:
+        return max_steps
+    return max(1, math.ceil(epochs * max(1, n_examples // batch_size)))
+
+
+def enable_gradient_checkpointing(model: nn.Module):
+    """Recompute activations in the backward pass (Hugging Face's own, non-reentrant: works with DDP
+    and with frozen inputs). Active in train() mode only, so generation in eval() keeps its KV cache."""
+    hf_model = model.backbone if isinstance(model, ScoreModel) else model
+    if hasattr(hf_model, "activation_checkpointing_enable"):  # transformers >= 5
+        hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    hf_model.config.use_cache = False
+
+
+# ----------------------------------------------------------------------------------------------
+# Files: atomic writes, logs, caches, checkpoints
+# ----------------------------------------------------------------------------------------------
+def atomic_write(path, text: str):
+    """Write text to a temp file beside `path`, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
+    os.replace(tmp, path)
+
+
+def read_jsonl_tolerant(path, what: str = "log") -> list[dict]:
+    """Rows of a JSONL file this project appends to; a line cut short by a kill or a full disk (the
+    last one, usually) is dropped with a warning instead of stopping the run."""
+    rows = []
+    path = Path(path)
+    if not path.exists():
+        return rows
+    for line_no, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            warnings.warn(f"{path} line {line_no}: unreadable {what} line (cut short by a kill?), dropped",
+                          stacklevel=2)
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+class JsonlLogger:
+    """Appends one JSON object per line (rank 0 only); prints nothing itself."""
+
+    def __init__(self, path, enabled: bool = True):
+        self.path = Path(path) if path else None
+        self.enabled = enabled and self.path is not None
+        if self.enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def rewind(self, step: int):
+        """On resume from a checkpoint at `step`: drop the lines of later steps (they will be logged
+        again) and a torn last line, so the log never holds a step twice or a broken line."""
+        if self.enabled and self.path.exists():
+            kept = [row for row in read_jsonl_tolerant(self.path) if row.get("step", 0) <= step]
+            atomic_write(self.path, "".join(json.dumps(row) + "\n" for row in kept))
+
+    def log(self, record: dict):
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def save_hf(model: nn.Module, tokenizer, out_dir, **save_kwargs):
+    """Save a model and its tokenizer in Hugging Face format into out_dir.
+
+    Everything is written to a temp folder first and then renamed file by file, so a crash never
+    leaves half a weight file; other files in out_dir (checkpoint/, log.jsonl) are kept. A temp
+    folder left by a kill is removed by clean_stale_temp at the next start.
+    """
+    _quiet_transformers()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".save-"))
+    try:
+        unwrap(model).save_pretrained(tmp, **save_kwargs)
+        tokenizer.save_pretrained(tmp)
+        for item in tmp.iterdir():
+            os.replace(item, out_dir / item.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def clean_stale_temp(out_dir):
+    """Remove the temp folders a kill during a save leaves behind (.save-*, checkpoint/.tmp-*)."""
+    out_dir = Path(out_dir)
+    for pattern in (".save-*", "checkpoint/.tmp-*", "*/.save-*"):
+        for stale in out_dir.glob(pattern):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+
+
+# A checkpoint is OUT/checkpoint/step-000120/: the trained tensors of each model (safetensors), and
+# state.pt (optimizer and schedule states, step, RNG, the run's defining settings) that loads with
+# weights_only=True. It is written as checkpoint/.tmp-step-000120 and renamed into place in ONE
+# rename; older steps are deleted only after that. A kill at any moment therefore leaves at least one
+# complete step folder, and resuming takes the newest complete one.
+STEP_DIR = re.compile(r"step-(\d{9})")
+
+
+def trained_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What training changes: every parameter that requires grad (all of them in full fine-tuning,
+    only adapters and heads with LoRA), on the CPU."""
+    return {name: p.detach().contiguous().cpu() for name, p in unwrap(model).named_parameters() if p.requires_grad}
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {"python": list(random.getstate()[1]), "python_pos": random.getstate()[2],
+             "numpy": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": int(np_state[2]),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def latest_checkpoint(out_dir) -> Path | None:
+    """The newest complete checkpoint folder in out_dir/checkpoint, or None."""
+    steps = [p for p in (Path(out_dir) / "checkpoint").glob("step-*") if STEP_DIR.fullmatch(p.name)
+             and (p / "state.pt").exists()]
+    return max(steps, key=lambda p: int(STEP_DIR.fullmatch(p.name).group(1)), default=None)
+
+
+def save_checkpoint(out_dir, step: int, models: dict, optimizers: dict, schedulers: dict | None = None,
+                    run_config: dict | None = None, **extra):
+    """Write OUT/checkpoint/step-N atomically (see above), then delete the older steps. Rank 0 only."""
+    root = Path(out_dir) / "checkpoint"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:09d}"
+    tmp = root / f".tmp-{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for name, model in models.items():
+        state = trained_state_dict(model)
+        # tied weights (GPT-2's lm_head = wte) share storage; safetensors wants each tensor once
+        seen, unique = set(), {}
+        for key, tensor in state.items():
+            ident = (tensor.data_ptr(), tensor.shape, tensor.stride()) if tensor.numel() else None
+            if ident is None or ident not in seen:
+                seen.add(ident)
+                unique[key] = tensor
+        save_file(unique, str(tmp / f"{name}.safetensors"))
+    state = {"step": step, "run_config": run_config or {}, "rng": rng_state(),
+             "optimizers": {k: opt.state_dict() for k, opt in optimizers.items()},
+             "schedulers": {k: s.state_dict() for k, s in (schedulers or {}).items()}, **extra}
+    torch.save(state, tmp / "state.pt")
+    if final.exists():  # the same step saved twice (resumed at the end): replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)  # the one rename that publishes the checkpoint
+    for old in root.glob("step-*"):
+        if old != final and STEP_DIR.fullmatch(old.name):
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(out_dir, models: dict, optimizers: dict, schedulers: dict | None = None,
+                    run_config: dict | None = None, force: bool = False, map_location="cpu") -> dict | None:
+    """Load the newest complete checkpoint into models, optimizers and schedulers (in place) and
+    restore the RNG; return its state (step and the extra fields), or None when there is none.
+
+    A checkpoint of a different run (another data set, model, reward or schedule: any key of
+    run_config that differs) stops with the differences named, unless force.
+    """
+    ckpt = latest_checkpoint(out_dir)
+    if ckpt is None:
+        return None
+    state = torch.load(ckpt / "state.pt", map_location=map_location, weights_only=True)
+    saved_config = state.get("run_config", {})
+    changed = {k: (saved_config.get(k), v) for k, v in (run_config or {}).items() if saved_config.get(k) != v}
+    if changed and not force:
+        what = "; ".join(f"--{k.replace('_', '-')} was {old!r}, now {new!r}" for k, (old, new) in changed.items())
+        raise InputError(f"{ckpt} belongs to a different run ({what}); use --no-resume to start over in this "
+                         "folder, another --out, or --force-resume to continue with the new settings")
+    if changed:
+        warnings.warn(f"--force-resume: continuing {ckpt} with changed settings {sorted(changed)}", stacklevel=2)
+    for name, model in models.items():
+        tensors = load_file(str(ckpt / f"{name}.safetensors"))
+        expected = trained_state_dict(model).keys()
+        tied = {k for k in expected if k not in tensors and k.endswith("lm_head.weight")}
+        if set(expected) - tied != set(tensors):
+            raise InputError(f"{ckpt}/{name}.safetensors does not match the model (missing "
+                             f"{sorted(set(expected) - set(tensors) - tied)[:3]}, unexpected "
+                             f"{sorted(set(tensors) - set(expected))[:3]}); use --no-resume")
+        unwrap(model).load_state_dict(tensors, strict=False)
+    for key, optimizer in optimizers.items():
+        optimizer.load_state_dict(state["optimizers"][key])
+    for key, scheduler in (schedulers or {}).items():
+        scheduler.load_state_dict(state["schedulers"][key])
+    set_rng_state(state["rng"])
+    return state
