@@ -1,0 +1,283 @@
+"""lora.py on a tiny GPT-2 (Conv1D layers) and a tiny random Llama (nn.Linear, RoPE, GQA), fp32, dropout 0.
+
+What a bug would break: the adapted model starting exactly at the base (KL 0 at step 0), the
+switched-off adapters giving the base bit for bit after training, the merged model reloading as a
+plain Hugging Face model with the adapted log-probs, gradients reaching the adapters (and a head)
+only, the layers found by type, and merging that never touches the base weights.
+"""
+import argparse
+import copy
+
+import pytest
+import torch
+from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, GPT2Model, LlamaConfig,
+                          LlamaForCausalLM, LlamaModel)
+
+import common
+import lora
+
+torch.set_num_threads(1)
+VOCAB = 96
+
+
+def gpt2_config():
+    return GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=VOCAB, bos_token_id=0,
+                      eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+
+
+def llama_config():
+    return LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, bos_token_id=1,
+                       eos_token_id=2, pad_token_id=None, tie_word_embeddings=False)
+
+
+def build(kind: str, backbone: bool = False, seed: int = 0):
+    torch.manual_seed(seed)
+    if kind == "gpt2":
+        return (GPT2Model if backbone else GPT2LMHeadModel)(gpt2_config()).eval()
+    return (LlamaModel if backbone else LlamaForCausalLM)(llama_config()).eval()
+
+
+EXPECTED = {
+    "gpt2": [f"transformer.h.{i}.{s}" for i in range(2) for s in ("attn.c_attn", "attn.c_proj", "mlp.c_fc",
+                                                                   "mlp.c_proj")],
+    "llama": [f"model.layers.{i}.{s}" for i in range(2)
+              for s in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")],
+}
+
+
+def batch():
+    """Two sequences of 12 tokens, the second left-padded by 3 (as the rollouts are)."""
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(3, VOCAB, (2, 12), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :3] = 0
+    return input_ids, attention_mask
+
+
+def logprobs(model, input_ids, attention_mask):
+    """log π(token_t | tokens_<t) for t = 1..T−1: [B, T−1]."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                   position_ids=common.position_ids_from_mask(attention_mask)).logits
+    return logits[:, :-1].float().log_softmax(-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+
+
+def train_a_little(model, steps=3, lr=1e-2):
+    """A few AdamW steps on a toy loss (raise the log-prob of the batch), adapters only."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    input_ids, attention_mask = batch()
+    for _ in range(steps):
+        loss = -logprobs(model, input_ids, attention_mask).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def base_state(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if not k.endswith((".lora_A", ".lora_B"))}
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_step0_equals_base_and_kl_is_zero(kind):
+    base = build(kind)
+    model = copy.deepcopy(base)
+    lora.add_lora(model, rank=4, alpha=8)
+    input_ids, attention_mask = batch()
+    with torch.no_grad():
+        ref, new = logprobs(base, input_ids, attention_mask), logprobs(model, input_ids, attention_mask)
+    assert torch.equal(new, ref)
+    kl = (new - ref).sum(-1)  # k1 estimator summed over tokens
+    assert torch.equal(kl, torch.zeros_like(kl))
+    assert all(layer.lora_A.abs().sum() > 0 for _, layer in lora.lora_layers(model))  # A is random, B = 0
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_disabled_adapters_reproduce_the_base_after_training(kind):
+    model = build(kind)
+    untouched = copy.deepcopy(model)
+    before = base_state(model)
+    lora.add_lora(model, rank=4, alpha=8)
+    train_a_little(model)
+    input_ids, attention_mask = batch()
+    with torch.no_grad():
+        ref = logprobs(untouched, input_ids, attention_mask)
+        adapted = logprobs(model, input_ids, attention_mask)
+        with lora.adapters_disabled(model):
+            disabled = logprobs(model, input_ids, attention_mask)
+            with lora.adapters_disabled(model):  # nested: still off inside, still off after
+                nested = logprobs(model, input_ids, attention_mask)
+            after_inner = logprobs(model, input_ids, attention_mask)
+        restored = logprobs(model, input_ids, attention_mask)
+    assert not torch.allclose(adapted, ref, atol=1e-3)  # the adapters learned something
+    assert torch.equal(disabled, ref) and torch.equal(nested, ref) and torch.equal(after_inner, ref)
+    assert torch.equal(restored, adapted)
+    after = base_state(model)
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_merged_save_reloads_as_plain_hf_model(kind, tmp_path):
+    model = build(kind)
+    lora.add_lora(model, rank=4, alpha=8)
+    train_a_little(model)
+    tokenizer = common.train_tiny_tokenizer(["hello world, a tiny corpus"] * 20, vocab_size=300)
+    lora.save_merged(model, tokenizer, tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert not any(isinstance(m, lora.LoRALinear) for m in reloaded.modules())
+    input_ids, attention_mask = batch()
+    with torch.no_grad():
+        adapted = logprobs(model, input_ids, attention_mask)
+        with lora.adapters_disabled(model):
+            base = logprobs(model, input_ids, attention_mask)
+        merged = logprobs(reloaded, input_ids, attention_mask)
+    assert not torch.allclose(adapted, base, atol=1e-3)
+    torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=0)
+    if kind == "gpt2":  # the tied LM head came back tied to the (unchanged) embedding
+        assert reloaded.lm_head.weight.data_ptr() == reloaded.transformer.wte.weight.data_ptr()
+        assert torch.equal(reloaded.transformer.wte.weight, model.transformer.wte.weight)
+    assert (tmp_path / "tokenizer.json").exists()
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_only_adapters_get_gradients(kind):
+    model = build(kind)
+    lora.add_lora(model, rank=4, alpha=8)
+    input_ids, attention_mask = batch()
+    logprobs(model, input_ids, attention_mask).mean().backward()
+    with_grad = {name for name, p in model.named_parameters() if p.grad is not None}
+    adapters = {name for name, _ in model.named_parameters() if name.endswith((".lora_A", ".lora_B"))}
+    assert with_grad == adapters == {name for name, p in model.named_parameters() if p.requires_grad}
+    assert len(adapters) == 2 * len(EXPECTED[kind])
+    # at step 0, B = 0, so dL/dA = 0 but dL/dB ≠ 0
+    assert all(layer.lora_B.grad.abs().sum() > 0 for _, layer in lora.lora_layers(model))
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_backbone_with_value_head_trains_adapters_and_head_only(kind):
+    backbone = build(kind, backbone=True)
+    names = lora.add_lora(backbone, rank=4, alpha=8)
+    assert names == [name.split(".", 1)[1] for name in EXPECTED[kind]]  # no "transformer."/"model." prefix
+    head = torch.nn.Linear(backbone.config.hidden_size, 1)  # a critic's value head, outside the blocks
+    input_ids, attention_mask = batch()
+    train_a_little_critic = torch.optim.AdamW([*head.parameters(), *(p for p in backbone.parameters()
+                                                                     if p.requires_grad)], lr=1e-2)
+    for _ in range(2):
+        values = head(backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state).squeeze(-1)
+        loss = ((values - 1.0) ** 2).mean()
+        train_a_little_critic.zero_grad()
+        loss.backward()
+        train_a_little_critic.step()
+    assert head.weight.grad.abs().sum() > 0
+    with_grad = {name for name, p in backbone.named_parameters() if p.grad is not None}
+    assert with_grad and all(name.endswith((".lora_A", ".lora_B")) for name in with_grad)
+    assert all(layer.lora_A.grad.abs().sum() > 0 for _, layer in lora.lora_layers(backbone))  # B ≠ 0 by now
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_layers_found_by_type_and_targets_restrict(kind):
+    assert lora.add_lora(build(kind), rank=2) == EXPECTED[kind]
+    targets = ["q_proj", "v_proj"] if kind == "llama" else ["c_attn", "attn.c_proj"]  # not mlp.c_proj
+    names = lora.add_lora(build(kind), rank=2, targets=targets)
+    assert names == [n for n in EXPECTED[kind] if any(n.endswith("." + t) for t in targets)] and len(names) == 4
+    with pytest.raises(ValueError, match="matches no linear layer"):
+        lora.add_lora(build(kind), rank=2, targets=["proj"])  # a dotted suffix, not any substring
+    model = build(kind)
+    lora.add_lora(model, rank=2)
+    with pytest.raises(ValueError, match="already has LoRA"):
+        lora.add_lora(model, rank=2)
+    with pytest.raises(ValueError, match="rank must be >= 1"):
+        lora.add_lora(build(kind), rank=0)
+
+
+def test_command_line_flags():
+    parser = argparse.ArgumentParser()
+    lora.add_lora_args(parser)
+    args = parser.parse_args([])
+    assert (args.lora_rank, args.lora_alpha, args.lora_targets) == (0, lora.DEFAULT_ALPHA, None)
+    model = build("llama")
+    assert lora.add_lora_from_args(model, args) == [] and all(p.requires_grad for p in model.parameters())
+    args = parser.parse_args(["--lora-rank", "8", "--lora-alpha", "16", "--lora-targets", "q_proj, v_proj"])
+    assert args.lora_targets == ["q_proj", "v_proj"]
+    assert len(lora.add_lora_from_args(model, args)) == 4
+    layer = model.model.layers[0].self_attn.q_proj
+    assert (layer.rank, layer.scale) == (8, 2.0) and layer.lora_A.shape == (8, 32) and layer.lora_B.shape == (32, 8)
+    with pytest.raises(SystemExit):
+        lora.check_lora_args(parser, parser.parse_args(["--lora-rank", "-1"]))
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_bf16_base_fp32_adapters_and_merge_never_drifts(kind):
+    model = build(kind).to(torch.bfloat16)
+    lora.add_lora(model, rank=4, alpha=8)  # after the cast: adapters stay fp32
+    for _, layer in lora.lora_layers(model):
+        torch.nn.init.normal_(layer.lora_B, std=0.5)
+    before = base_state(model)
+    input_ids, attention_mask = batch()
+    for context in (torch.autocast("cpu", dtype=torch.bfloat16), torch.autocast("cpu", enabled=False)):
+        with context:
+            out = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        assert out.dtype == torch.bfloat16
+        out.float().mean().backward()
+    layer = lora.lora_layers(model)[0][1]
+    assert layer.lora_A.dtype == layer.lora_A.grad.dtype == torch.float32 and layer.weight.grad is None
+    first, second = lora.merged_state_dict(model), lora.merged_state_dict(model)
+    gathered = {k: v.clone() for k, v in model.state_dict().items()}  # as FSDP's full state dict would give
+    third = lora.merged_state_dict(model, state=gathered)
+    after = base_state(model)
+    assert all(torch.equal(after[k], before[k]) for k in before)  # the model's weights: bit-identical
+    assert first.keys() == before.keys()  # original names, no LoRA tensors
+    assert all(torch.equal(first[k], second[k]) and torch.equal(first[k], third[k]) for k in first)
+    assert all(first[k].dtype == before[k].dtype for k in first)
+    changed = [k for k in first if not torch.equal(first[k], before[k])]
+    assert sorted(changed) == sorted(f"{name}.weight" for name in EXPECTED[kind])
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_trainable_state_dict_round_trip(kind):
+    model = build(kind)
+    lora.add_lora(model, rank=4, alpha=8)
+    train_a_little(model, steps=2)
+    state = lora.trainable_state_dict(model)
+    assert set(state) == {n for n, _ in model.named_parameters() if n.endswith((".lora_A", ".lora_B"))}
+    fresh = build(kind)
+    lora.add_lora(fresh, rank=4, alpha=8)
+    lora.load_trainable_state_dict(fresh, state)
+    input_ids, attention_mask = batch()
+    with torch.no_grad():
+        assert torch.equal(logprobs(fresh, input_ids, attention_mask), logprobs(model, input_ids, attention_mask))
+    other_rank = build(kind)
+    lora.add_lora(other_rank, rank=2, alpha=8)
+    with pytest.raises(ValueError, match="shape"):
+        lora.load_trainable_state_dict(other_rank, state)
+
+
+def test_gradient_checkpointing_gives_the_same_adapter_gradients():
+    """Non-reentrant checkpointing (what the stages use) reaches adapters behind frozen embeddings."""
+    grads = []
+    for checkpointing in (False, True):
+        model = build("llama")
+        lora.add_lora(model, rank=4, alpha=8)
+        for _, layer in lora.lora_layers(model):
+            torch.nn.init.normal_(layer.lora_B, std=0.1, generator=torch.Generator().manual_seed(3))
+        if checkpointing:
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        logprobs(model, *batch()).mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for n, p in model.named_parameters() if p.requires_grad]))
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
+    assert grads[1].abs().sum() > 0
+
+
+def test_meta_device_model():
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(llama_config())
+    names = lora.add_lora(model, rank=4)
+    assert names == EXPECTED["llama"]
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # per layer r·(in + out): q 32+32, k 32+16, v 32+16, o 32+32, gate 32+64, up 32+64, down 64+32
+    assert trained == 2 * 4 * (64 + 48 + 48 + 64 + 96 + 96 + 96)
+    assert all(p.device.type == "meta" for p in model.parameters())
