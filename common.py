@@ -107,6 +107,10 @@ def row_to_pair(row, where: str) -> tuple[Pair | None, str]:
     """
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object")
+    for key in ("chosen", "rejected"):
+        if not isinstance(row.get(key), (str, list)):
+            raise DataError(f"{where}: field {key!r} missing or not a string or a list of chat messages; a row is "
+                            "an hh-rlhf pair, 'prompt'/'chosen'/'rejected' strings or chat message lists")
     chosen, rejected, prompt = row.get("chosen"), row.get("rejected"), row.get("prompt")
     messages = None
     if isinstance(chosen, list) and isinstance(rejected, list):  # chat messages

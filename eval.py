@@ -133,7 +133,7 @@ def parse_named(parser, items, option):
 # ----------------------------------------------------------------------------------------------
 # 1. the held-out prompts
 # ----------------------------------------------------------------------------------------------
-def load_prompts(args, quiet=False):
+def select_pairs(args, quiet=False):
     """The first --num-prompts pairs of a split (--split-seed): the same prompts for every policy."""
     return plumbing.load_data(args.data, args.split, args.split_seed, args.num_prompts, quiet=quiet)
 
@@ -577,7 +577,7 @@ def main(argv=None):
                             timeout=args.timeout, max_retries=args.max_retries, concurrency=args.concurrency)
 
     # 1. prompts and the frozen models (every tokenizer checked against the reference's first)
-    pairs = load_prompts(args)
+    pairs = select_pairs(args)
     tokenizer = plumbing.load_tokenizer(args.reference, trust_remote_code=args.trust_remote_code, what="--reference")
     for option, path in [("--reward-model", args.reward_model), ("--discriminator", args.discriminator),
                          *((f"--policies {name}", p) for name, p in args.policies.items())]:

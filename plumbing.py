@@ -54,7 +54,9 @@ from common import DataError, InputError, ScoreModel
 # ----------------------------------------------------------------------------------------------
 def cli(main):
     """Run a stage's main(); an InputError (bad data, a missing model, models that do not belong
-    together) prints `error: ...` once (rank 0 under torchrun) and exits with code 2."""
+    together) prints `error: ...` once (rank 0 under torchrun) and exits with code 2. Warnings print
+    as one line each, `warning: ...`, without the source line Python shows by default."""
+    warnings.formatwarning = lambda message, category, *rest, **kw: f"warning: {message}\n"
     try:
         return main()
     except InputError as e:

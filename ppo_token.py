@@ -475,13 +475,18 @@ def load_models(args, device, frozen_device):
     return policy, ref_policy, critic
 
 
-def load_prompts(args, tokenizer, quiet=False) -> list[list[int]]:
-    """Token ids of the --split prompts (rendered, BOS once, left-truncated to --max-prompt-len)."""
+def select_pairs(args, quiet: bool = False):
+    """The pairs whose prompts PPO trains on: --split (the RL part by default) of --split-seed's split."""
     pairs = plumbing.load_data(args.data, args.split, args.split_seed, args.limit, quiet=quiet)
     if not pairs:
         raise common.InputError(f"--data {args.data}: split {args.split!r} is empty")
+    return pairs
+
+
+def load_prompts(args, tokenizer, quiet=False) -> list[list[int]]:
+    """Token ids of the --split prompts (rendered, BOS once, left-truncated to --max-prompt-len)."""
     return [common.encode_prompt(tokenizer, common.prompt_text(tokenizer, p.prompt, p.messages, args.chat_template),
-                                 args.max_prompt_len) for p in pairs]
+                                 args.max_prompt_len) for p in select_pairs(args, quiet)]
 
 
 def prompt_batch(prompts, step: int, batch_size: int, seed: int, rank: int, pad_id: int, device):

@@ -112,6 +112,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------------------------
 # 1. Data: pairs -> token ids -> right-padded batches (chosen rows first, then rejected rows)
 # ----------------------------------------------------------------------------------------------
+def select_pairs(args, quiet: bool = False):
+    """(training pairs, held-out pairs) of --split (--split-seed, at most --limit): the held-out part is
+    drawn by hashing, the same pairs the discriminator holds out."""
+    pairs = plumbing.load_data(args.data, args.split, args.split_seed, args.limit, quiet=quiet)
+    train_pairs, eval_pairs = common.heldout_split(pairs, args.eval_fraction, args.split_seed)
+    if not train_pairs or not eval_pairs:
+        raise common.InputError(f"--data {args.data} --split {args.split}: {len(pairs)} pairs, too few to hold "
+                                f"out {args.eval_fraction:.0%} and train on the rest")
+    return train_pairs, eval_pairs
+
+
 def encode_pairs(pairs, tokenizer, max_prompt_len: int, max_response_len: int, chat_template: bool = True):
     """Token ids of each pair: prompt, chosen and rejected response (each response ends with EOS)."""
     examples = []
@@ -298,11 +309,7 @@ def train(args):
         plumbing.clean_stale_temp(out)
 
     # data: the split (--split-seed), its held-out part (hashed, the same pairs the discriminator holds out)
-    pairs = plumbing.load_data(args.data, args.split, args.split_seed, args.limit, quiet=not master)
-    train_pairs, eval_pairs = common.heldout_split(pairs, args.eval_fraction, args.split_seed)
-    if not train_pairs or not eval_pairs:
-        raise common.InputError(f"--data {args.data} --split {args.split}: {len(pairs)} pairs, too few to hold "
-                                f"out {args.eval_fraction:.0%} and train on the rest")
+    train_pairs, eval_pairs = select_pairs(args, quiet=not master)
     tokenizer = plumbing.load_tokenizer(args.sft, trust_remote_code=args.trust_remote_code, what="--sft")
     pad_id = tokenizer.pad_token_id
     train_examples = encode_pairs(train_pairs, tokenizer, args.max_prompt_len, args.max_response_len, args.chat_template)

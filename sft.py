@@ -72,6 +72,12 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------------------------
 # 1. data: (prompt ids, response ids) pairs
 # ----------------------------------------------------------------------------------------------
+def select_pairs(args, quiet: bool = False):
+    """(training pairs, held-out pairs): the SFT split (at most --limit pairs) and the test split."""
+    splits = common.split_pairs(plumbing.load_data(args.data, "all", args.split_seed, quiet=quiet), args.split_seed)
+    return common.select_split(splits["sft"], "all", args.split_seed, args.limit), splits["test"]
+
+
 def encode_examples(pairs, tokenizer, args) -> list[tuple[list[int], list[int]]]:
     """Each pair becomes one example: prompt ids + chosen response ids (EOS appended)."""
     examples = []
@@ -166,14 +172,14 @@ def main(argv=None):
     dist_info = plumbing.setup_distributed(args.device)
     plumbing.seed_everything(args.seed)
     out = Path(args.out)
+    if args.model != "tiny":
+        plumbing.check_model_source(args.model, "--model")  # before any long work
     if dist_info.master:
         plumbing.clean_stale_temp(out)
-    pairs = plumbing.load_data(args.data, "all", args.split_seed, quiet=not dist_info.master)
-    splits = common.split_pairs(pairs, args.split_seed)
-    sft_pairs = splits["sft"][: args.limit] if args.limit is not None else splits["sft"]
+    sft_pairs, test_pairs = select_pairs(args, quiet=not dist_info.master)
     model, tokenizer = load_or_build_model(args, sft_pairs, out, dist_info.master)
     train_examples = encode_examples(sft_pairs, tokenizer, args)
-    test_examples = encode_examples(splits["test"], tokenizer, args)
+    test_examples = encode_examples(test_pairs, tokenizer, args)
     model.to(dist_info.device)
     if args.gradient_checkpointing:
         plumbing.enable_gradient_checkpointing(model)

@@ -1,4 +1,5 @@
-"""common.py data plumbing: parsing real and malformed hh-rlhf rows, the split, the download."""
+"""common.py's data and encoding: the formats people have, bad files, the one split every stage shares,
+prompts and responses encoded as the model reads them (BOS once, no stray '▁', chat templates)."""
 import gzip
 import http.server
 import json
@@ -9,6 +10,12 @@ import pytest
 import torch
 
 import common
+import eval as eval_stage
+import label
+import plumbing
+import ppo_token
+import redistribute
+import sft
 
 
 def write_jsonl(path, rows, raw_lines=()):
@@ -19,6 +26,12 @@ def write_jsonl(path, rows, raw_lines=()):
             f.write(line + "\n")
 
 
+HH = {"chosen": "\n\nHuman: q\n\nAssistant: good", "rejected": "\n\nHuman: q\n\nAssistant: bad"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Formats
+# ----------------------------------------------------------------------------------------------
 def test_split_dialogue_uses_last_assistant_turn():
     text = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: bye\n\nAssistant: see you"
     prompt, response = common.split_dialogue(text)
@@ -38,42 +51,92 @@ def test_bundled_data_skips_the_real_messy_rows_with_one_warning():
     assert "4 empty response" in messages[0] and "5 prompts of chosen and rejected differ" in messages[0]
     assert len(pairs) == 2312 - 9
     for pair in pairs:
-        assert pair.prompt.endswith("\n\nAssistant:")
+        assert pair.prompt.endswith("\n\nAssistant:") and pair.messages is None
         assert pair.chosen.strip() and pair.rejected.strip()
 
 
-def test_both_forms_and_skips(tmp_path):
+def test_every_format_gives_the_same_kind_of_pair(tmp_path):
     path = tmp_path / "pairs.jsonl"
+    user = {"role": "user", "content": "q3"}
     write_jsonl(path, [
-        {"chosen": "\n\nHuman: q\n\nAssistant: good", "rejected": "\n\nHuman: q\n\nAssistant: bad"},
+        HH,
         {"chosen": "\n\nHuman: q\n\nAssistant: ", "rejected": "\n\nHuman: q\n\nAssistant: bad"},  # empty
         {"chosen": "\n\nHuman: a\n\nAssistant: x", "rejected": "\n\nHuman: b\n\nAssistant: y"},  # prompts differ
-        {"prompt": "\n\nHuman: q2\n\nAssistant:", "chosen": "yes", "rejected": " no"},  # full-hh-rlhf form
+        {"prompt": "\n\nHuman: q2\n\nAssistant:", "chosen": "yes", "rejected": " no"},  # full-hh-rlhf
+        {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5"},  # TRL explicit prompt string
+        {"prompt": "q3", "chosen": [user, {"role": "assistant", "content": "A"}],  # UltraFeedback-binarized
+         "rejected": [user, {"role": "assistant", "content": "B"}]},
+        {"prompt": [{"role": "system", "content": "Be brief."}, user],  # TRL conversational, explicit prompt
+         "chosen": [{"role": "assistant", "content": "C"}], "rejected": [{"role": "assistant", "content": "D"}]},
     ])
     with pytest.warns(UserWarning, match=r"skipped 2 rows \(1 empty response, 1 prompts of chosen and rejected differ\)"):
         pairs = common.load_pairs(path)
     assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [
         ("\n\nHuman: q\n\nAssistant:", " good", " bad"),
         ("\n\nHuman: q2\n\nAssistant:", " yes", " no"),
+        ("\n\nHuman: What is 2+2?\n\nAssistant:", " 4", " 5"),  # a turn marker, not glued on
+        ("\n\nHuman: q3\n\nAssistant:", " A", " B"),
+        ("Be brief.\n\nHuman: q3\n\nAssistant:", " C", " D"),
     ]
+    assert [p.messages for p in pairs] == [None, None, [{"role": "user", "content": "What is 2+2?"}], [user],
+                                          [{"role": "system", "content": "Be brief."}, user]]
 
 
-def test_malformed_json_names_file_and_line(tmp_path):
+def test_json_and_parquet_files(tmp_path):
+    rows = [HH, {"prompt": "hi", "chosen": "a", "rejected": "b"}]
+    (tmp_path / "pairs.json").write_text(json.dumps(rows))
+    assert [p.chosen for p in common.load_pairs(tmp_path / "pairs.json")] == [" good", " a"]
+    pyarrow = pytest.importorskip("pyarrow")
+    import pyarrow.parquet
+
+    rows = [{"prompt": "hi", "chosen": "a", "rejected": "b"}, {"prompt": "ho", "chosen": "c", "rejected": "d"}]
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), tmp_path / "pairs.parquet")
+    assert [p.rejected for p in common.load_pairs(tmp_path / "pairs.parquet")] == [" b", " d"]
+
+
+@pytest.mark.parametrize("row,message", [
+    ({"chosen": "\n\nHuman: q\n\nAssistant: a"}, r"line 3: field 'rejected' missing"),
+    ({"question": "q", "answer": "a"}, r"line 3: field 'chosen' missing"),
+    ({"chosen": [{"role": "user"}], "rejected": []}, r"line 3: field 'chosen' is not a list of \{'role'"),
+    ({"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "user", "content": "a"}],
+      "rejected": [{"role": "assistant", "content": "b"}]}, r"line 3: field 'chosen' must end with exactly one assistant"),
+    ([1, 2], r"line 3: expected a JSON object"),
+])
+def test_a_row_in_no_known_format_names_file_and_real_line(tmp_path, row, message):
     path = tmp_path / "bad.jsonl"
-    write_jsonl(path, [{"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nHuman: q\n\nAssistant: b"}],
-                raw_lines=['{"chosen": "unterminated'])
-    with pytest.raises(common.DataError, match=r"bad.jsonl line 2: malformed JSON"):
+    path.write_text(json.dumps(HH) + "\n\n" + json.dumps(row) + "\n")  # a blank line before the bad row
+    with pytest.raises(common.DataError, match="bad.jsonl " + message):
         common.load_pairs(path)
 
 
-def test_missing_field_names_file_and_row(tmp_path):
-    path = tmp_path / "missing.jsonl.gz"
-    with gzip.open(path, "wt") as f:
-        f.write(json.dumps({"chosen": "\n\nHuman: q\n\nAssistant: a"}) + "\n")
-    with pytest.raises(common.DataError, match=r"missing.jsonl.gz row 1: field 'rejected' missing"):
-        common.load_pairs(path)
+def test_unreadable_files_are_one_clear_error(tmp_path):
+    good = (json.dumps(HH) + "\n").encode()
+    cases = {
+        "missing.jsonl": None,
+        "binary.jsonl": bytes(range(256)) * 4,
+        "latin1.jsonl": '{"chosen": "café", "rejected": "thé"}\n'.encode("latin-1"),
+        "truncated.jsonl.gz": gzip.compress(good * 50)[:-20],
+        "fake.jsonl.gz": good,
+        "malformed.jsonl": good + b"\n\n" + b'{"chosen": "unterminated\n',
+        "notalist.json": b'{"chosen": "x"}',
+    }
+    expected = {"missing.jsonl": "no such file", "binary.jsonl": "not UTF-8", "latin1.jsonl": "not UTF-8",
+                "truncated.jsonl.gz": "not a complete gzip file", "fake.jsonl.gz": "not a complete gzip file",
+                "malformed.jsonl": "line 4: malformed JSON", "notalist.json": "must hold a list of rows"}
+    for name, content in cases.items():
+        if content is not None:
+            (tmp_path / name).write_bytes(content)
+        with pytest.raises(common.DataError, match=expected[name]) as caught:
+            common.load_pairs(tmp_path / name)
+        assert str(tmp_path / name) in str(caught.value) and "\n" not in str(caught.value)
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(common.DataError, match="a directory"):
+        common.load_pairs(tmp_path / "folder")
 
 
+# ----------------------------------------------------------------------------------------------
+# The split
+# ----------------------------------------------------------------------------------------------
 def test_split_is_deterministic_disjoint_and_order_free(bundled_pairs):
     first = common.split_pairs(bundled_pairs, seed=0)
     again = common.split_pairs(list(reversed(bundled_pairs)), seed=0)
@@ -90,6 +153,57 @@ def test_split_is_deterministic_disjoint_and_order_free(bundled_pairs):
     assert ids["test"][0] == "67589506179c6ed2"
 
 
+def stage_pairs(seed: int, limit: list[str] = ()) -> dict[str, set[str]]:
+    """The pair ids every stage reads, each through the stage's own argument parser and data function."""
+    common_args = ["--seed", str(seed), *limit]
+    sft_train, sft_test = sft.select_pairs(sft.parse_args(common_args), quiet=True)
+    label_pairs, _, _ = label.select_pairs(label.parse_args(["--reviser", "chosen", *common_args]))
+    rm_train, rm_eval = redistribute.select_pairs(
+        redistribute.parse_args(["train", "--sft", "x", "--out", "x", *common_args]), quiet=True)
+    ppo_pairs = ppo_token.select_pairs(ppo_token.parse_args(["--policy", "x", "--out", "x", "--reward", "seq",
+                                                             "--reward-model", "x", *common_args]), quiet=True)
+    eval_pairs = eval_stage.select_pairs(eval_stage.parse_args(
+        ["--policies", "a=x", "--reference", "x", "--reward-model", "x", "--discriminator", "x", "--seed", str(seed),
+         "--num-prompts", "10000"]), quiet=True)
+    return {"sft": {p.id for p in sft_train}, "test (sft)": {p.id for p in sft_test},
+            "label": {p.id for p in label_pairs}, "reward model": {p.id for p in rm_train + rm_eval},
+            "ppo": {p.id for p in ppo_pairs}, "eval": {p.id for p in eval_pairs}}
+
+
+def test_every_stage_draws_the_same_split_whatever_its_seed(bundled_pairs):
+    """--seed changes initialisation and sampling, never the data: the reward model cannot train on
+    evaluation prompts or PPO's prompts, whatever seeds the stages are given."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        seed0, seed7 = stage_pairs(0), stage_pairs(7)
+    assert seed0 == seed7
+    split = {name: {p.id for p in part} for name, part in common.split_pairs(bundled_pairs, 0).items()}
+    assert seed0["sft"] == split["sft"] and seed0["test (sft)"] == seed0["eval"] == split["test"]
+    assert seed0["label"] == seed0["reward model"] == split["reward"] and seed0["ppo"] == split["rl"]
+    parts = [seed0["sft"], seed0["reward model"], seed0["ppo"], seed0["eval"]]
+    assert sum(map(len, parts)) == len(set().union(*parts))  # disjoint
+    # --limit takes the first pairs of a split and never changes which pairs are in it
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        limited = stage_pairs(3, ["--limit", "20"])
+    for name in ("sft", "label", "reward model", "ppo"):
+        assert len(limited[name]) == 20 and limited[name] <= seed0[name], name
+
+
+def test_heldout_split_is_deterministic_disjoint_and_order_free(bundled_pairs):
+    items = bundled_pairs[:200]
+    train, heldout = common.heldout_split(items, 0.1, seed=0)
+    train2, heldout2 = common.heldout_split(list(reversed(items)), 0.1, seed=0)
+    assert [p.id for p in heldout] == [p.id for p in heldout2] and len(heldout) == 20
+    assert {p.id for p in train}.isdisjoint(p.id for p in heldout) and len(train) + len(heldout) == 200
+    assert [p.id for p in common.heldout_split(items, 0.1, seed=1)[1]] != [p.id for p in heldout]
+    records = [{"id": p.id} for p in items]  # label.py's records hold out the same pairs as the reward model
+    assert [r["id"] for r in common.heldout_split(records, 0.1, 0, key=lambda r: r["id"])[1]] == [p.id for p in heldout]
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoding
+# ----------------------------------------------------------------------------------------------
 def test_padding_helpers_and_response_index():
     ids, mask = common.pad_left([[5, 6], [7, 8, 9]], pad_value=0)
     assert ids.tolist() == [[0, 5, 6], [7, 8, 9]] and mask.tolist() == [[0, 1, 1], [1, 1, 1]]
@@ -102,36 +216,74 @@ def test_padding_helpers_and_response_index():
     x = torch.tensor([1.0, 2.0, 3.0, 4.0])
     assert common.masked_mean(x, torch.tensor([0, 1, 1, 0])).item() == 2.5
     assert common.masked_mean(x, torch.zeros(4)).item() == 0.0
+    qr, am, rm = common.collate_right([([1, 2, 3], [4, 5]), ([6], [7, 8, 9])], pad_id=0)
+    assert qr.tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 0]] and am.tolist() == [[1] * 5, [1, 1, 1, 1, 0]]
+    assert rm.tolist() == [[0, 0, 0, 1, 1], [0, 1, 1, 1, 0]]
 
 
-def test_encode_response_ids_are_the_same_alone_and_inside(tiny_tokenizer, splits):
-    for pair in splits["test"][:20]:
-        prompt_ids, response_ids = common.encode_prompt_response(tiny_tokenizer, pair.prompt, pair.chosen,
-                                                                 10_000, 10_000, add_eos=False)
-        joint = tiny_tokenizer(pair.prompt + pair.chosen, add_special_tokens=False)["input_ids"]
-        assert joint == prompt_ids + response_ids
-    _, response_ids = common.encode_prompt_response(tiny_tokenizer, "\n\nHuman: q\n\nAssistant:", " a b c d e f",
-                                                    8, 4)
-    assert len(response_ids) == 4 and response_ids[-1] == tiny_tokenizer.eos_token_id
+@pytest.mark.parametrize("which", ["gpt2", "llama"])
+def test_prompt_and_response_ids_are_the_ids_of_the_whole_text(which, request, splits):
+    """encode_prompt + encode_response == the tokenizer's own encoding of prompt + response, for byte-level
+    BPE without BOS and for a SentencePiece-style tokenizer that adds BOS and prefixes '▁'."""
+    tokenizer = request.getfixturevalue(f"{'tiny' if which == 'gpt2' else 'llama'}_tokenizer")
+    for pair in splits["test"][:30]:
+        prompt_ids = common.encode_prompt(tokenizer, pair.prompt, 10_000)
+        response_ids = common.encode_response(tokenizer, pair.chosen, 10_000, add_eos=False)
+        assert prompt_ids + response_ids == tokenizer(pair.prompt + pair.chosen)["input_ids"]
+    prompt_ids = common.encode_prompt(tokenizer, "\n\nHuman: " + "word " * 50 + "\n\nAssistant:", 8)
+    assert len(prompt_ids) == 8 and prompt_ids[:len(common.bos_prefix(tokenizer))] == common.bos_prefix(tokenizer)
+    response_ids = common.encode_response(tokenizer, " a b c d e f", 4)
+    assert len(response_ids) == 4 and response_ids[-1] == tokenizer.eos_token_id
 
 
-def test_checkpoint_round_trip_restores_weights_optimizer_and_rng(tmp_path, tiny_dir):
-    model = common.load_policy(tiny_dir)
-    optimizer = common.adamw(model, 1e-3)
-    model(torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]])).loss.backward()
-    optimizer.step()
-    torch.manual_seed(123)
-    common.save_checkpoint(tmp_path / "ckpt", {"model": model}, {"optimizer": optimizer.state_dict(), "step": 7})
-    expected_draw = torch.rand(3)
-    fresh = common.load_policy(tiny_dir)
-    state = common.load_checkpoint(tmp_path / "ckpt", {"model": fresh})
-    assert state["step"] == 7
-    assert torch.equal(torch.rand(3), expected_draw)
-    for (name, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items()):
-        assert torch.equal(a, b), name
-    assert common.load_checkpoint(tmp_path / "nothing", {"model": fresh}) is None
+def test_bos_once_and_no_stray_word_boundary_with_a_legacy_sentencepiece_tokenizer(llama_tokenizer):
+    tokenizer = llama_tokenizer
+    assert common.bos_prefix(tokenizer) == [tokenizer.bos_token_id]
+    prompt_ids = common.encode_prompt(tokenizer, "\n\nHuman: Hi\n\nAssistant:", 100)
+    assert prompt_ids[0] == tokenizer.bos_token_id and prompt_ids.count(tokenizer.bos_token_id) == 1
+    assert common.encode_prompt(tokenizer, "<s>\n\nHuman: Hi\n\nAssistant:", 100) == prompt_ids  # a template's BOS
+    alone = tokenizer(" Hello there", add_special_tokens=False)["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(alone)[0] == "▁"  # the stray boundary this layout puts in front
+    ids = common.encode_response(tokenizer, " Hello there", 100, add_eos=False)
+    assert ids == alone[1:] and tokenizer.convert_ids_to_tokens(ids)[0] != "▁"
 
 
+def test_gpt2_tokenizer_adds_no_bos(tiny_tokenizer):
+    assert common.bos_prefix(tiny_tokenizer) == []
+    assert common.encode_prompt(tiny_tokenizer, "\n\nHuman: Hi\n\nAssistant:", 100) == \
+        tiny_tokenizer("\n\nHuman: Hi\n\nAssistant:")["input_ids"]
+
+
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def test_chat_template_renders_message_data_and_only_message_data(llama_dir):
+    tokenizer = plumbing.load_tokenizer(llama_dir)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    messages = [{"role": "user", "content": "What is 2+2?"}]
+    pair = common.Pair(common.transcript(messages), " 4", " 5", messages)
+    text = common.prompt_text(tokenizer, pair.prompt, pair.messages)
+    assert text == "<s><|user|>What is 2+2?</s><|assistant|>"
+    assert common.response_text(tokenizer, pair.chosen, pair.messages) == "4"
+    ids = common.encode_prompt(tokenizer, text, 100)
+    assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1  # BOS once
+    # --no-chat-template, and hh-rlhf transcripts (no messages), stay transcripts
+    assert common.prompt_text(tokenizer, pair.prompt, pair.messages, chat_template=False) == pair.prompt
+    assert common.response_text(tokenizer, pair.chosen, pair.messages, chat_template=False) == " 4"
+    assert common.prompt_text(tokenizer, "\n\nHuman: q\n\nAssistant:", None) == "\n\nHuman: q\n\nAssistant:"
+
+
+def test_eos_ids_include_the_generation_config_list(tiny_dir):
+    tokenizer, model = plumbing.load_tokenizer(tiny_dir), plumbing.load_policy(tiny_dir)
+    assert common.eos_token_ids(tokenizer, model) == [tokenizer.eos_token_id]
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, 7, 9]  # as Llama 3 instruct lists two
+    assert common.eos_token_ids(tokenizer, model) == [tokenizer.eos_token_id, 7, 9]
+
+
+# ----------------------------------------------------------------------------------------------
+# hh-rlhf download
+# ----------------------------------------------------------------------------------------------
 class _RangeHandler(http.server.BaseHTTPRequestHandler):
     """Serves one gzip file; the first request is cut off half way (a broken download)."""
 
@@ -169,7 +321,7 @@ def test_download_resumes_a_broken_transfer_and_writes_atomically(tmp_path, monk
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         monkeypatch.setenv("HH_RLHF_URL", f"http://127.0.0.1:{server.server_port}")
-        pairs = common.load_pairs("hh-rlhf:harmless-base", cache_dir=tmp_path)
+        pairs = common.load_pairs(plumbing.data_paths("hh-rlhf:harmless-base", cache_dir=tmp_path))
     finally:
         server.shutdown()
     assert len(pairs) == 20000
@@ -179,5 +331,5 @@ def test_download_resumes_a_broken_transfer_and_writes_atomically(tmp_path, monk
     assert not list(target.parent.glob("*.part"))
     # cached: a second load makes no request
     n = len(_RangeHandler.requests_seen)
-    assert len(common.load_pairs("hh-rlhf:harmless-base", cache_dir=tmp_path)) == 20000
+    assert len(common.load_pairs(plumbing.data_paths("hh-rlhf:harmless-base", cache_dir=tmp_path))) == 20000
     assert len(_RangeHandler.requests_seen) == n

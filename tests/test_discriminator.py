@@ -10,6 +10,8 @@ import torch
 
 import common
 import discriminator as D
+import label
+import plumbing
 from conftest import run_torchrun
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,7 +47,7 @@ def small_nodrop_dir(tmp_path_factory, tiny_tokenizer):
 @pytest.fixture
 def scorer(small_dir):
     torch.manual_seed(1)
-    return D.load_discriminator(small_dir)  # fresh random head, eval mode, dropout off
+    return plumbing.disable_dropout(plumbing.new_score_model(small_dir, bias=True)).eval()  # a fresh random head
 
 
 def synthetic_records(n, seed=0):
@@ -68,8 +70,10 @@ def synthetic_records(n, seed=0):
     return records
 
 
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+def write_jsonl(path, records, tokenizer=None):
+    """label.py's file: every record names the tokenizer that made its ids."""
+    fingerprint = plumbing.tokenizer_fingerprint(tokenizer) if tokenizer is not None else None
+    path.write_text("".join(json.dumps({**r, "tokenizer": fingerprint}) + "\n" for r in records))
     return path
 
 
@@ -78,14 +82,14 @@ def write_jsonl(path, records):
 # ----------------------------------------------------------------------------------------------
 def test_neutral_token_at_half_gives_zero_gradient():
     logits = torch.zeros(1, 3, requires_grad=True)  # D = 0.5 everywhere
-    D.discriminator_loss(logits, torch.tensor([[0, 0, 0]]), torch.ones(1, 3)).backward()
+    D.discriminator_loss(logits, torch.tensor([[0, 0, 0]]), torch.ones(1, 3))[0].backward()
     assert torch.equal(logits.grad, torch.zeros(1, 3))
 
 
 def test_targets_push_the_logit_the_right_way():
     logits = torch.tensor([[0.0, 0.0, 1.5, -1.5, 4.0, -4.0]], requires_grad=True)
     labels = torch.tensor([[1, -1, 0, 0, 1, -1]])
-    D.discriminator_loss(logits, labels, torch.ones(1, 6)).backward()
+    D.discriminator_loss(logits, labels, torch.ones(1, 6))[0].backward()
     grad = logits.grad[0]
     assert grad[0] < 0 and grad[4] < 0  # positive: descent raises the logit (D → 1), even when already high
     assert grad[1] > 0 and grad[5] > 0  # negative: descent lowers it (D → 0)
@@ -99,7 +103,7 @@ def test_loss_value_and_masked_positions():
     logits = torch.tensor([[0.0, 2.0, -3.0, 5.0], [1.0, -1.0, 7.0, 9.0]], requires_grad=True)
     labels = torch.tensor([[1, -1, 0, 1], [0, 1, -1, -1]])
     mask = torch.tensor([[0, 1, 1, 1], [1, 1, 0, 0]])  # [prompt, response..] / [response.., padding]
-    loss = D.discriminator_loss(logits, labels, mask)
+    loss, bce_sum = D.discriminator_loss(logits, labels, mask)
     loss.backward()
 
     def bce(z, y):
@@ -107,15 +111,17 @@ def test_loss_value_and_masked_positions():
         return -(y * math.log(s) + (1 - y) * math.log(1 - s))
 
     expected = (bce(2.0, 0.0) + bce(-3.0, 0.5) + bce(5.0, 1.0) + bce(1.0, 0.5) + bce(-1.0, 1.0)) / 5
-    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert loss.item() == pytest.approx(expected, rel=1e-6) and bce_sum.item() == pytest.approx(5 * expected, rel=1e-6)
+    # a normaliser divides the summed loss instead of the token count (gradient accumulation)
+    assert D.discriminator_loss(logits, labels, mask, normaliser=10)[0].item() == pytest.approx(expected / 2, rel=1e-6)
     assert logits.grad[0, 0] == 0 and logits.grad[1, 2] == 0 and logits.grad[1, 3] == 0
     assert (logits.grad[mask.bool()] != 0).all()
     # whatever sits at masked positions changes nothing
-    other = D.discriminator_loss(logits.detach() + 50 * (1 - mask), -labels * (1 - mask) + labels * mask, mask)
+    other, _ = D.discriminator_loss(logits.detach() + 50 * (1 - mask), -labels * (1 - mask) + labels * mask, mask)
     assert other.item() == pytest.approx(loss.item(), rel=1e-6)
     # large logits stay finite (log-sigmoid, not log of a rounded sigmoid)
     assert torch.isfinite(D.discriminator_loss(torch.tensor([[200.0, -200.0]]), torch.tensor([[-1, 1]]),
-                                               torch.ones(1, 2)))
+                                               torch.ones(1, 2))[0])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,21 +202,21 @@ def test_prompt_and_padding_get_no_reward(scorer):
 
 def test_save_load_same_rewards(small_dir, tiny_tokenizer, tmp_path):
     torch.manual_seed(3)
-    model = common.ScoreModel.from_pretrained(small_dir)
+    model = plumbing.new_score_model(small_dir, bias=True)
     torch.nn.init.normal_(model.head.weight, std=1.0)
     out = tmp_path / "disc"
     out.mkdir()
     (out / "log.jsonl").write_text("{}\n")
-    common.save_hf(model, tiny_tokenizer, out, extra={"role": "tlcr_discriminator"})
+    plumbing.save_score_model(model, tiny_tokenizer, out, kind="token", extra={"role": "tlcr_discriminator"})
     assert (out / "log.jsonl").exists()  # other files in the run folder survive the save
-    assert (out / common.ScoreModel.HEAD_FILE).exists() and (out / "model.safetensors").exists()
-    assert not list(out.glob("*.bin")) and not list(out.glob("*.pt"))
+    assert (out / "model.safetensors").exists() and not list(out.glob("*.bin")) and not list(out.glob("*.pt"))
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["GPT2ForTokenClassification"]
     loaded = D.load_discriminator(out)
     (qr, am, rm), _ = two_layouts([[11, 12, 13], [21]], [[40, 41, 42], [50, 51]], 0)
     model.eval()
     for mode in D.REWARD_MODES:
         assert torch.equal(D.token_rewards(model, qr, am, rm, mode), D.token_rewards(loaded, qr, am, rm, mode))
-    assert common.load_tokenizer(out)("Hello there")["input_ids"] == tiny_tokenizer("Hello there")["input_ids"]
+    assert plumbing.load_tokenizer(out)("Hello there")["input_ids"] == tiny_tokenizer("Hello there")["input_ids"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -236,23 +242,20 @@ def test_bad_label_records_name_file_and_line(tmp_path, bad, message):
     assert str(path) in str(err.value)
 
 
-def test_token_ids_from_another_tokenizer_are_refused(tmp_path, tiny_tokenizer):
+def test_labels_made_with_another_tokenizer_are_refused(tmp_path, tiny_tokenizer, llama_tokenizer):
+    path = write_jsonl(tmp_path / "labels.jsonl", synthetic_records(2), llama_tokenizer)
+    with pytest.raises(common.DataError, match="line 1: labelled with another tokenizer"):
+        D.load_labels(path, tiny_tokenizer)
+    path = write_jsonl(tmp_path / "old.jsonl", synthetic_records(2))  # a file that does not say
+    with pytest.raises(common.DataError, match="line 1: the record does not say which tokenizer"):
+        D.load_labels(path, tiny_tokenizer)
+    assert len(D.load_labels(write_jsonl(tmp_path / "ok.jsonl", synthetic_records(2), tiny_tokenizer),
+                             tiny_tokenizer)) == 2
     record = synthetic_records(1)[0]
     record["revised_ids"][0] = len(tiny_tokenizer) + 5
     records = D.load_labels(write_jsonl(tmp_path / "labels.jsonl", [record]))
     with pytest.raises(common.DataError, match="line 1: token id .* outside the tokenizer"):
         D.encode_records(records, tiny_tokenizer)
-
-
-def test_heldout_split_is_deterministic_and_disjoint():
-    records = synthetic_records(50)
-    train, heldout = D.heldout_split(records, 0.1, seed=0)
-    train2, heldout2 = D.heldout_split(list(reversed(records)), 0.1, seed=0)
-    assert [r["id"] for r in heldout] == [r["id"] for r in heldout2] and len(heldout) == 5
-    assert {r["id"] for r in train} == {r["id"] for r in train2}
-    assert not {r["id"] for r in train} & {r["id"] for r in heldout}
-    assert {r["id"] for r in D.heldout_split(records, 0.1, seed=1)[1]} != {r["id"] for r in heldout}
-    assert D.heldout_split(records, 0.0)[1] == []
 
 
 def test_sequences_mask_the_prompt_and_carry_the_labels(tiny_tokenizer):
@@ -279,7 +282,7 @@ def train_args(sft, labels, out, *extra):
 
 
 def test_learns_synthetic_token_labels(small_dir, tmp_path, capsys):
-    labels = write_jsonl(tmp_path / "labels.jsonl", synthetic_records(100))
+    labels = write_jsonl(tmp_path / "labels.jsonl", synthetic_records(100), plumbing.load_tokenizer(small_dir))
     metrics = D.main(train_args(small_dir, labels, tmp_path / "disc", "--epochs", 3, "--lr", 5e-3,
                                 "--batch-size", 16, "--micro-batch-size", 16, "--eval-fraction", 0.2))
     saved = json.loads((tmp_path / "disc" / "accuracy.json").read_text())
@@ -294,18 +297,18 @@ def test_learns_synthetic_token_labels(small_dir, tmp_path, capsys):
     assert log[0]["loss"] > log[-2]["loss"]
     # the trained discriminator gives the positive token a positive reward and the negative one a negative reward
     disc = D.load_discriminator(tmp_path / "disc")
-    prompt = common.encode_prompt_response(common.load_tokenizer(tmp_path / "disc"), "\n\nHuman: hi\n\nAssistant:")[0]
+    prompt = common.encode_prompt(plumbing.load_tokenizer(tmp_path / "disc"), "\n\nHuman: hi\n\nAssistant:")
     _, (qr, am, rm) = two_layouts([prompt], [[700, POS_ID, 800, NEG_ID, 900]], 0)
     rewards = D.token_rewards(disc, qr, am, rm, "fixed")[0]
     assert rewards[1] == 1 and rewards[3] == -1
 
 
 def test_resume_reproduces_an_uninterrupted_run(small_dir, tmp_path):
-    labels = write_jsonl(tmp_path / "labels.jsonl", synthetic_records(24))
+    labels = write_jsonl(tmp_path / "labels.jsonl", synthetic_records(24), plumbing.load_tokenizer(small_dir))
     common_args = ("--epochs", 1, "--lr", 1e-3, "--batch-size", 8, "--micro-batch-size", 4)  # dropout on
     D.main(train_args(small_dir, labels, tmp_path / "full", *common_args))
     assert D.main(train_args(small_dir, labels, tmp_path / "cut", *common_args, "--stop-after", 2)) is None
-    assert (tmp_path / "cut" / "checkpoint" / "state.pt").exists()
+    assert plumbing.latest_checkpoint(tmp_path / "cut").name == "step-000000002"
     assert not (tmp_path / "cut" / "accuracy.json").exists()
     D.main(train_args(small_dir, labels, tmp_path / "cut", *common_args))
     full, cut = D.load_discriminator(tmp_path / "full"), D.load_discriminator(tmp_path / "cut")
@@ -316,7 +319,7 @@ def test_resume_reproduces_an_uninterrupted_run(small_dir, tmp_path):
 
 
 def test_torchrun_two_processes_match_one(small_nodrop_dir, tmp_path):
-    labels = write_jsonl(tmp_path / "labels.jsonl", synthetic_records(24))
+    labels = write_jsonl(tmp_path / "labels.jsonl", synthetic_records(24), plumbing.load_tokenizer(small_nodrop_dir))
     args = train_args(small_nodrop_dir, labels, tmp_path / "ddp", "--epochs", 1, "--lr", 1e-3,
                       "--batch-size", 8, "--micro-batch-size", 2)
     returncode, output = run_torchrun([REPO / "discriminator.py", *args], cwd=REPO)
@@ -334,9 +337,31 @@ def test_torchrun_two_processes_match_one(small_nodrop_dir, tmp_path):
 # ----------------------------------------------------------------------------------------------
 # end to end on the bundled data
 # ----------------------------------------------------------------------------------------------
-def test_end_to_end_on_bundled_data(tiny_dir, tmp_path, capsys):
-    import label
+def test_train_step_gradient_is_the_global_batch_mean_loss(small_nodrop_dir, tiny_tokenizer):
+    """train_step divides each micro-batch by the labelled tokens of the whole batch: the gradient it
+    accumulates over micro-batches of 5 equals that of discriminator_loss over the 12 sequences in one
+    pass (a wrong normaliser would scale or skew it)."""
+    records = synthetic_records(6)
+    for r in records:
+        r["_where"] = "x"
+    examples = D.encode_records(records, tiny_tokenizer)
+    args = D.parse_args(train_args(small_nodrop_dir, "x", "x", "--micro-batch-size", 5, "--max-grad-norm", 0))
+    torch.manual_seed(0)
+    model = plumbing.new_score_model(small_nodrop_dir, bias=True)
+    qr, am, rm, labels = D.collate(examples, tiny_tokenizer.pad_token_id)
+    D.discriminator_loss(model(qr, am), labels, rm)[0].backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    accumulated = {}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    optimizer.register_step_pre_hook(lambda *_: accumulated.update(grads=[p.grad.clone() for p in model.parameters()]))
+    D.train_step(model, optimizer, plumbing.cosine_schedule(optimizer, 1), examples, args, plumbing.DistInfo(),
+                 tiny_tokenizer.pad_token_id)
+    for got, want in zip(accumulated["grads"], expected):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
 
+
+def test_end_to_end_on_bundled_data(tiny_dir, tmp_path, capsys):
     labels = tmp_path / "labels.jsonl"
     summary = label.main(["--reviser", "chosen", "--tokenizer", str(tiny_dir), "--limit", "24", "--out", str(labels)])
     assert summary["done"] == 24
@@ -344,25 +369,26 @@ def test_end_to_end_on_bundled_data(tiny_dir, tmp_path, capsys):
     metrics = D.main(train_args(tiny_dir, labels, out, "--epochs", 1, "--lr", 1e-3, "--batch-size", 8,
                                 "--micro-batch-size", 8, "--eval-fraction", 0.25))
     accuracy = json.loads((out / "accuracy.json").read_text())
-    for key in ("accuracy", "positive_accuracy", "negative_accuracy", "n_positive", "n_negative", "n_neutral",
-                "mean_d_neutral", "mean_d_positive", "mean_d_negative", "n_pairs", "paper_accuracy"):
-        assert key in accuracy, key
-    assert accuracy["n_positive"] + accuracy["n_negative"] > 0 and 0 <= accuracy["accuracy"] <= 1
-    assert accuracy == pytest.approx(metrics)
+    assert accuracy == pytest.approx(metrics) and accuracy["n_pairs"] == 6  # 25% of 24 pairs held out
+    # the held-out pairs are those common.heldout_split picks, and their tokens (the first 32) are all counted
+    records = D.load_labels(labels)
+    heldout = common.heldout_split(records, 0.25, 0, key=lambda r: r["id"])[1]
+    for sign, key in ((1, "n_positive"), (-1, "n_negative"), (0, "n_neutral")):
+        assert accuracy[key] == sum(r[f"{s}_labels"][:32].count(sign) for r in heldout for s in ("rejected", "revised"))
     capsys.readouterr()
     # `evaluate` measures the same held-out pairs again
-    again = D.main(["evaluate", "--disc", str(out), "--labels", str(labels), "--out", str(tmp_path / "again.json")])
+    again = D.main(["evaluate", "--discriminator", str(out), "--labels", str(labels), "--out", str(tmp_path / "again.json")])
     assert again["accuracy"] == pytest.approx(accuracy["accuracy"], abs=1e-6)
     assert again["n_positive"] == accuracy["n_positive"]
     # `show` prints every token of both sequences with D and a reward 2·D − 1
     capsys.readouterr()
-    D.main(["show", "--disc", str(out), "--labels", str(labels), "--index", "0"])
+    D.main(["show", "--discriminator", str(out), "--labels", str(labels), "--index", "0"])
     shown = capsys.readouterr().out
     record = D.load_labels(labels)[0]
     rows = [line.split() for line in shown.splitlines() if line[:4].strip().isdigit()]
     assert len(rows) == len(record["rejected_ids"]) + len(record["revised_ids"])
     for row in rows:
         assert float(row[-1]) == pytest.approx(2 * float(row[-2]) - 1, abs=2e-3)
-    D.main(["show", "--disc", str(out), "--prompt", "\n\nHuman: Hi\n\nAssistant:", "--response", " Hello there",
+    D.main(["show", "--discriminator", str(out), "--prompt", "\n\nHuman: Hi\n\nAssistant:", "--response", " Hello there",
             "--mode", "fixed"])
     assert "reward mode fixed" in capsys.readouterr().out

@@ -8,6 +8,7 @@ import torch
 from transformers import GPT2Config, GPT2Model
 
 import common
+import plumbing
 import redistribute as red
 from conftest import run_torchrun
 
@@ -20,7 +21,7 @@ def tiny_score_model(vocab=48, n_layer=2, n_embd=32, seed=0):
     torch.manual_seed(seed)
     cfg = GPT2Config(vocab_size=vocab, n_layer=n_layer, n_head=2, n_embd=n_embd, n_positions=128,
                      bos_token_id=PAD, eos_token_id=PAD, pad_token_id=PAD)
-    return common.disable_dropout(common.ScoreModel(GPT2Model(cfg))).eval()
+    return plumbing.disable_dropout(common.ScoreModel(GPT2Model(cfg))).eval()
 
 
 def random_rows(n=4, vocab=48, seed=0):
@@ -165,10 +166,10 @@ def test_bradley_terry_learns_a_marker_preference():
     device = torch.device("cpu")
     before = red.evaluate(model, eval_examples, PAD, 64, device)
     model.train()
-    optimizer = common.adamw(model, lr=3e-3)
+    optimizer = plumbing.adamw(model, lr=3e-3)
     for step in range(2 * len(train_examples) // 32):  # 2 epochs of 32 pairs per step
         batch = red.collate_pairs(common.global_batch(train_examples, step, 32, seed=0), PAD)
-        loss = red.bradley_terry_loss(*red.pair_rewards(model, batch))
+        loss, _ = red.bradley_terry_loss(*red.pair_rewards(model, batch))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -181,30 +182,25 @@ def test_bradley_terry_learns_a_marker_preference():
 def test_bradley_terry_loss_values():
     chosen = torch.tensor([0.0, 2.0, -1.0], requires_grad=True)
     rejected = torch.tensor([0.0, 0.0, 1.0])
-    loss = red.bradley_terry_loss(chosen, rejected)
+    loss, loss_sum = red.bradley_terry_loss(chosen, rejected)
     want = -torch.log(torch.sigmoid(torch.tensor([0.0, 2.0, -2.0]))).mean()
     torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(loss_sum, 3 * want)
+    torch.testing.assert_close(red.bradley_terry_loss(chosen, rejected, normaliser=6)[0], want / 2)
     loss.backward()
     assert torch.all(chosen.grad < 0)  # descent raises the chosen reward
-    big = red.bradley_terry_loss(torch.tensor([-200.0]), torch.tensor([200.0]))
+    big, _ = red.bradley_terry_loss(torch.tensor([-200.0]), torch.tensor([200.0]))
     assert torch.isfinite(big) and abs(big.item() - 400.0) < 1e-3
 
 
 def test_save_load_gives_same_scores(tiny_dir, tiny_tokenizer, tmp_path):
-    model = common.ScoreModel.from_pretrained(tiny_dir).eval()  # fresh random head
-    common.save_hf(model, tiny_tokenizer, tmp_path / "rm")
-    loaded = common.ScoreModel.from_pretrained(tmp_path / "rm").eval()
+    model = plumbing.new_score_model(tiny_dir, bias=False).eval()  # a fresh random head
+    plumbing.save_score_model(model, tiny_tokenizer, tmp_path / "rm", kind="sequence")
+    loaded = red.load_reward_model(tmp_path / "rm")
     rows = random_rows(4, vocab=len(tiny_tokenizer), seed=4)
     batch = batch_left(rows)
     assert torch.equal(red.redistribute(model, *batch), red.redistribute(loaded, *batch))
     assert red.redistribute(model, *batch).abs().sum() > 0
-
-
-def test_vocabulary_mismatch_is_a_clear_error():
-    model = tiny_score_model(vocab=48)
-    ids = torch.tensor([[1, 2, 60]])
-    with pytest.raises(ValueError, match="vocabulary"):
-        red.redistribute(model, ids, torch.ones_like(ids), torch.tensor([[0, 1, 1]]))
 
 
 def train_argv(tiny_dir, out, *extra):
@@ -213,36 +209,57 @@ def train_argv(tiny_dir, out, *extra):
             "--log-every", "2", *extra]
 
 
-def test_train_cli_end_to_end_and_resume(tiny_dir, tmp_path, capsys):
-    # one uninterrupted run on the bundled data: 22 training pairs, 2 held out, 22 // 4 = 5 steps
+def test_train_step_gradient_is_the_global_batch_mean_loss(tiny_dir, tiny_tokenizer, splits):
+    """train_step divides each micro-batch by the pairs of the whole batch: the gradient it accumulates over
+    micro-batches of 3 pairs equals that of bradley_terry_loss over the 8 pairs in one pass."""
+    args = red.parse_args(train_argv(tiny_dir, "x", "--micro-batch-size", "3", "--max-grad-norm", "0"))
+    examples = red.encode_pairs(splits["reward"][:8], tiny_tokenizer, 32, 16)
+    model = plumbing.disable_dropout(plumbing.new_score_model(tiny_dir, bias=False))
+    batch = red.collate_pairs(examples, tiny_tokenizer.pad_token_id)
+    red.bradley_terry_loss(*red.pair_rewards(model, batch))[0].backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    accumulated = {}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    optimizer.register_step_pre_hook(lambda *_: accumulated.update(grads=[p.grad.clone() for p in model.parameters()]))
+    red.train_step(model, optimizer, plumbing.cosine_schedule(optimizer, 1), examples, args, plumbing.DistInfo(),
+                   tiny_tokenizer.pad_token_id)
+    for got, want in zip(accumulated["grads"], expected):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+
+
+def test_train_cli_end_to_end_and_resume(tiny_dir, tiny_tokenizer, tmp_path, capsys):
+    # one uninterrupted run on the bundled data: 24 pairs, 2 held out by hashing, 22 // 4 = 5 steps
     # of 4 pairs (2 accumulated micro-batches of 2 pairs)
     result = red.main(train_argv(tiny_dir, tmp_path / "a"))
     acc = json.loads((tmp_path / "a" / "accuracy.json").read_text())
-    assert acc["pairs"] == 2 and acc["step"] == acc["total_steps"] == 5
-    assert acc["accuracy"] == result["accuracy"] and 0.0 <= acc["accuracy"] <= 1.0
+    assert acc["pairs"] == 2 and acc["step"] == 5 and acc["accuracy"] == result["accuracy"]
     log = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [2, 4, 5]
-    assert [r["pairs_seen"] for r in log if "loss" in r] == [8, 16, 20]
     assert "held-out pair accuracy" in capsys.readouterr().out
-    assert (tmp_path / "a" / "checkpoint" / "state.pt").exists()
-    # the same run killed after 3 steps, then resumed: the same final reward model
-    red.main(train_argv(tiny_dir, tmp_path / "b", "--max-steps", "3", "--save-every", "100"))
-    assert json.loads((tmp_path / "b" / "accuracy.json").read_text())["step"] == 3
+    assert plumbing.latest_checkpoint(tmp_path / "a").name == "step-000000005"
+    # the held-out pairs are the reward split's hashed tenth, the ones the discriminator holds out too
+    _, eval_pairs = red.select_pairs(red.parse_args(train_argv(tiny_dir, "x")), quiet=True)
+    split = plumbing.load_data("bundled", "reward", 0, 24, quiet=True)
+    assert [p.id for p in eval_pairs] == [p.id for p in common.heldout_split(split, 0.1, 0)[1]]
+    # the same run stopped after 3 steps, then resumed: the same final reward model
+    assert red.main(train_argv(tiny_dir, tmp_path / "b", "--stop-after", "3", "--save-every", "100")) is None
     assert not (tmp_path / "b" / "config.json").exists()  # no final model yet
     red.main(train_argv(tiny_dir, tmp_path / "b"))
-    assert "resumed from" in capsys.readouterr().out
-    a = common.ScoreModel.from_pretrained(tmp_path / "a")
-    b = common.ScoreModel.from_pretrained(tmp_path / "b")
+    assert "resuming at step 3" in capsys.readouterr().out
+    a, b = red.load_reward_model(tmp_path / "a"), red.load_reward_model(tmp_path / "b")
     for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
         torch.testing.assert_close(pa, pb, atol=1e-6, rtol=1e-5, msg=name)
-    sft = common.ScoreModel.from_pretrained(tiny_dir)
-    assert not torch.equal(a.backbone.wte.weight, sft.backbone.wte.weight)  # it did train
+    sft = plumbing.new_score_model(tiny_dir, bias=False)
+    assert not torch.equal(a.backbone.wte.weight[:len(tiny_tokenizer)], sft.backbone.wte.weight)  # it did train
+    # a resume with other settings is refused instead of continuing another schedule
+    with pytest.raises(common.InputError, match="--lr was 0.0005, now 0.001"):
+        red.main(train_argv(tiny_dir, tmp_path / "b", "--lr", "1e-3"))
     # show: one line per response token (EOS included) and the telescoped sum
-    token_rewards = red.main(["show", "--rm", str(tmp_path / "a"), "--prompt", "\n\nHuman: Hi\n\nAssistant:",
-                              "--response", " Hello there"])
+    token_rewards = red.main(["show", "--reward-model", str(tmp_path / "a"), "--prompt",
+                              "\n\nHuman: Hi\n\nAssistant:", "--response", " Hello there"])
     out = capsys.readouterr().out.splitlines()
-    tokenizer = common.load_tokenizer(tmp_path / "a")
-    n_tokens = len(tokenizer(" Hello there", add_special_tokens=False)["input_ids"]) + 1
+    n_tokens = len(common.encode_response(plumbing.load_tokenizer(tmp_path / "a"), " Hello there"))
     assert len(token_rewards) == n_tokens and len(out) == n_tokens + 2
     assert out[-1].startswith(f"sum of token rewards {token_rewards.sum().item():+.4f}")
 
@@ -252,7 +269,7 @@ def test_bad_arguments_are_named(capsys):
         red.parse_args(["train", "--sft", "x", "--out", "y", "--eval-fraction", "1.5"])
     assert "--eval-fraction must be in (0, 1), got 1.5" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        red.parse_args(["show", "--rm", "x", "--prompt", "p", "--response", "r", "--beta-c", "2"])
+        red.parse_args(["show", "--reward-model", "x", "--prompt", "p", "--response", "r", "--beta-c", "2"])
     assert "--beta-c must be in [0, 1]" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         red.parse_args(["train", "--sft", "x", "--out", "y", "--micro-batch-size", "0"])

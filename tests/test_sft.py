@@ -7,30 +7,25 @@ import torch
 from safetensors.torch import load_file
 
 import common
+import plumbing
 import sft
 from conftest import run_torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--limit", "400", "--max-prompt-len", "48", "--max-response-len", "32", "--batch-size", "8",
-         "--micro-batch-size", "4", "--tiny-vocab", "512", "--eval-batches", "2"]
+         "--micro-batch-size", "4", "--tiny-vocab", "512", "--eval-examples", "8"]
 
 
 def read_log(out):
     return [json.loads(line) for line in open(Path(out) / "log.jsonl")]
 
 
-def test_collate_masks_prompt_and_padding():
-    input_ids, attention_mask, labels = sft.collate([([1, 2, 3], [4, 5]), ([6], [7, 8, 9])], pad_id=0)
-    assert input_ids.tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 0]]
-    assert labels.tolist() == [[-100, -100, -100, 4, 5], [-100, 7, 8, 9, -100]]
-
-
 def test_sft_loss_ignores_prompt_tokens(tiny_dir):
     """The loss equals the mean NLL of the response tokens alone, and its gradient w.r.t. the logits
     that predict prompt tokens is exactly zero: prompt targets do not count."""
-    model = common.load_policy(tiny_dir).eval()
+    model = plumbing.load_policy(tiny_dir).eval()
     examples = [([11, 12, 13, 14], [21, 22, 23]), ([31, 32], [41, 42, 43, 44])]
-    input_ids, attention_mask, labels = sft.collate(examples, pad_id=0)
+    query_response, attention_mask, response_mask = common.collate_right(examples, pad_id=0)
     captured = {}
 
     def keep_logits(module, inputs, output):
@@ -38,21 +33,43 @@ def test_sft_loss_ignores_prompt_tokens(tiny_dir):
         captured["logits"] = output
 
     model.lm_head.register_forward_hook(keep_logits)
-    loss = sft.sft_loss(model, input_ids, attention_mask, labels)
+    loss, nll_sum = sft.sft_loss(model, query_response, attention_mask, response_mask)
     loss.backward()
-    logprobs = torch.log_softmax(captured["logits"].detach().float(), -1)  # [B, T, V]
+    offset = query_response.shape[1] - captured["logits"].shape[1]  # logits_to_keep: only the needed columns
+    logprobs = torch.log_softmax(captured["logits"].detach().float(), -1)  # [B, T - offset, V]
     # row 0 = [11 12 13 14 | 21 22 23]: response token at position p is predicted at p - 1
     # row 1 = [31 32 | 41 42 43 44 | pad]
     targets = [(0, 3, 21), (0, 4, 22), (0, 5, 23), (1, 1, 41), (1, 2, 42), (1, 3, 43), (1, 4, 44)]
-    expected = -torch.stack([logprobs[b, p, t] for b, p, t in targets]).mean()
-    assert torch.allclose(loss, expected, atol=1e-5)
-    grad = captured["logits"].grad  # [B, T, V]
+    expected = -torch.stack([logprobs[b, p - offset, t] for b, p, t in targets]).mean()
+    assert torch.allclose(loss, expected, atol=1e-5) and torch.allclose(nll_sum, expected * 7, atol=1e-4)
+    grad = torch.zeros(2, query_response.shape[1], captured["logits"].shape[-1])
+    grad[:, offset:] = captured["logits"].grad  # the positions before `offset` never had logits at all
     assert grad[0, :3].abs().max() == 0  # positions 0-2 predict prompt tokens 12, 13, 14
     assert grad[0, 6].abs().max() == 0  # the last position predicts nothing
     assert grad[1, 0].abs().max() == 0  # predicts prompt token 32
     assert grad[1, 5:].abs().max() == 0  # predicts padding / nothing
     for b, p, _ in targets:
         assert grad[b, p].abs().max() > 0
+    # a normaliser divides the summed NLL instead of the token count (gradient accumulation)
+    assert torch.allclose(sft.sft_loss(model, query_response, attention_mask, response_mask, 14)[0], expected / 2)
+
+
+def test_train_step_gradient_is_the_global_batch_mean_loss(tiny_dir, tiny_tokenizer, splits):
+    """train_step divides each micro-batch by the response tokens of the whole batch: the gradient it
+    accumulates over micro-batches of 3 equals that of sft_loss over the 8 examples in one pass."""
+    args = sft.parse_args(SMALL + ["--micro-batch-size", "3", "--max-grad-norm", "0"])
+    examples = sft.encode_examples(splits["sft"][:8], tiny_tokenizer, args)
+    model = plumbing.disable_dropout(plumbing.load_policy(tiny_dir))
+    sft.sft_loss(model, *common.collate_right(examples, tiny_tokenizer.pad_token_id))[0].backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    accumulated = {}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    optimizer.register_step_pre_hook(lambda *_: accumulated.update(grads=[p.grad.clone() for p in model.parameters()]))
+    sft.train_step(model, optimizer, plumbing.cosine_schedule(optimizer, 1), examples, args, plumbing.DistInfo(),
+                   tiny_tokenizer.pad_token_id)
+    for got, want in zip(accumulated["grads"], expected):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
 
 
 def test_short_run_lowers_held_out_loss(tmp_path):
@@ -60,8 +77,8 @@ def test_short_run_lowers_held_out_loss(tmp_path):
     sft.main(SMALL + ["--out", str(out), "--max-steps", "25", "--lr", "3e-3", "--eval-every", "5"])
     evals = [r["eval_loss"] for r in read_log(out) if "eval_loss" in r]
     assert evals[-1] < evals[0] - 0.3
-    model = common.load_policy(out)  # the final model loads by path
-    assert common.load_tokenizer(out).pad_token_id == model.config.pad_token_id
+    model = plumbing.load_policy(out)  # the final model loads by path
+    assert plumbing.load_tokenizer(out).pad_token_id == model.config.pad_token_id
 
 
 def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypatch):
