@@ -171,51 +171,20 @@ def load_pairs(source: str | Path = BUNDLED_DATA, cache_dir: str | Path | None =
 
 def download_hh_rlhf(subset: str = "harmless-base", split: str = "train",
                      cache_dir: str | Path | None = None, base_url: str | None = None) -> Path:
-    """Download one hh-rlhf file to the cache (progress bar, atomic rename, resume on retry).
-
-    A partial download is kept as `<file>.part`; the next call resumes it with an HTTP Range
-    request (or starts over if the server ignores ranges). The finished file is renamed into
-    place only after it decompresses cleanly, so the cache never holds a broken file.
-    """
-    import requests
-    from tqdm import tqdm
+    """Download one hh-rlhf file to the cache (chat_draft.download: progress bar, resume, gzip check,
+    atomic rename, retries with backoff). Without network: a one-line DataError that names the URL
+    and says how to point --data at a local copy."""
+    import chat_draft
 
     base_url = base_url or os.environ.get("HH_RLHF_URL", HH_RLHF_URL)
     cache_dir = Path(cache_dir or os.environ.get("TOKEN_RLHF_CACHE", Path.home() / ".cache" / "token-rlhf"))
-    target = cache_dir / "hh-rlhf" / subset / f"{split}.jsonl.gz"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    part = target.with_suffix(".gz.part")
     url = f"{base_url}/{subset}/{split}.jsonl.gz"
-    last_error = None
-    for attempt in range(3):
-        have = part.stat().st_size if part.exists() else 0
-        headers = {"Range": f"bytes={have}-"} if have else {}
-        try:
-            with requests.get(url, stream=True, timeout=60, headers=headers) as resp:
-                if resp.status_code == 416:  # range past the end: the part is complete
-                    pass
-                elif resp.status_code not in (200, 206):
-                    raise OSError(f"GET {url}: HTTP {resp.status_code}")
-                else:
-                    mode = "ab" if resp.status_code == 206 else "wb"
-                    total = int(resp.headers.get("Content-Length", 0)) + (have if mode == "ab" else 0)
-                    with open(part, mode) as f, tqdm(total=total or None, initial=have if mode == "ab" else 0,
-                                                     unit="B", unit_scale=True, desc=f"hh-rlhf/{subset}") as bar:
-                        for chunk in resp.iter_content(1 << 14):
-                            f.write(chunk)
-                            bar.update(len(chunk))
-            with gzip.open(part, "rb") as f:  # a truncated download fails here
-                while f.read(1 << 20):
-                    pass
-            os.replace(part, target)
-            return target
-        except (OSError, EOFError, requests.RequestException) as e:
-            last_error = e
-            if isinstance(e, (EOFError, gzip.BadGzipFile)) and attempt == 1:
-                part.unlink(missing_ok=True)  # resumed file still broken: start clean
-    raise OSError(f"could not download {url} after 3 attempts: {last_error}")
+    try:
+        return chat_draft.download(url, cache_dir / "hh-rlhf" / subset / f"{split}.jsonl.gz",
+                                   verify=chat_draft.verify_gzip, desc=f"hh-rlhf/{subset}")
+    except chat_draft.DownloadError as e:
+        raise DataError(f"hh-rlhf: {e}; without network, fetch that file elsewhere and give its path: "
+                        "--data path/to/train.jsonl.gz (any .jsonl or .jsonl.gz of hh-rlhf rows)") from None
 
 
 def split_pairs(pairs: list[Pair], seed: int = 0, test_fraction: float = 0.05) -> dict[str, list[Pair]]:

@@ -35,25 +35,20 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import contextlib
-import email.utils
 import hashlib
 import json
 import multiprocessing as mp
-import os
-import random
 import re
 import sys
-import threading
 import time
 import warnings
 from pathlib import Path
-from urllib.parse import urlparse
 
 import numpy as np
-import requests
 import torch
 from tqdm import tqdm
 
+import chat_draft
 import common
 
 DELIMITER = "### REVISED RESPONSE ###"
@@ -72,7 +67,6 @@ REVISER_PROMPT = """Below is a conversation between a human and an AI assistant,
 First explain in one or two sentences why reply A is better than reply B. Then rewrite reply B with minimal edits so that it becomes as good as reply A: keep every word of reply B that can stay, and change, delete or add only what must change (do not copy reply A). Write the line
 {delimiter}
 and after it only the revised reply B, nothing else."""
-LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 CELLS_PER_BATCH = 1 << 23  # DP cells per numpy batch (E in int16: 16 MiB)
 ALIGN_CAP = 4  # align at most ALIGN_CAP × --max-response-len tokens per response (bounds memory)
 
@@ -109,11 +103,15 @@ def parse_args(argv=None):
     reviser.add_argument("--temperature", type=float, default=0.0, help="reviser sampling temperature (0: greedy)")
     system = common.add_system_args(parser)
     system.add_argument("--concurrency", type=int, default=8, help="--reviser openai: requests in flight")
-    system.add_argument("--timeout", type=float, default=120.0, help="--reviser openai: seconds per request")
+    system.add_argument("--timeout", type=float, default=120.0,
+                        help="--reviser openai: seconds for a whole request (connect, headers and the full answer)")
     system.add_argument("--max-retries", type=int, default=5,
-                        help="retries per pair after 429 / 5xx / timeout / malformed answer / missing delimiter")
+                        help="retries per pair after 429 / 5xx / timeout / connection error / malformed or null "
+                             "answer / missing delimiter")
     system.add_argument("--backoff-base", type=float, default=1.0, help="first retry delay, seconds (doubles each retry)")
     system.add_argument("--backoff-cap", type=float, default=60.0, help="longest retry delay, seconds (Retry-After overrides)")
+    system.add_argument("--retry-after-cap", type=float, default=chat_draft.RETRY_AFTER_CAP,
+                        help="longest wait a server's Retry-After may ask for, seconds (a longer one is cut to this)")
     system.add_argument("--workers", type=int, default=1, help="processes for the alignment")
     system.add_argument("--no-resume", dest="resume", action="store_false",
                         help="ignore and overwrite <out>.cache.jsonl instead of reusing its answers")
@@ -360,136 +358,39 @@ def cache_key(kind: str, model: str, pair) -> str:
     return hashlib.sha256(json.dumps([kind, model, pair.prompt, pair.chosen, pair.rejected]).encode()).hexdigest()
 
 
-def read_cache(path: Path) -> dict[str, dict]:
-    """Answers already cached, by key (first one wins). A line cut short by a kill is skipped."""
-    done = {}
-    if not path.exists():
-        return done
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                print(f"warning: {path} line {line_no}: unreadable (cut short by a kill?), ignored", file=sys.stderr)
-                continue
-            if isinstance(record, dict) and isinstance(record.get("revised"), str):
-                done.setdefault(record.get("key"), record)
-    return done
-
-
-def open_cache(path: Path, resume: bool):
-    """Open the cache for appending (a half-written last line is closed off first), or start it anew."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not (resume and path.exists() and path.stat().st_size):
-        return open(path, "w", encoding="utf-8")
-    with open(path, "rb") as f:
-        f.seek(-1, os.SEEK_END)
-        ends_clean = f.read(1) == b"\n"
-    f = open(path, "a", encoding="utf-8")
-    if not ends_clean:
-        f.write("\n")
-    return f
-
-
-def append_cache(f, record: dict):
-    f.write(json.dumps(record) + "\n")
-    f.flush()
-    os.fsync(f.fileno())  # on disk before the next answer: a kill loses at most the answers in flight
-
-
-def scrub(text: str, secret: str) -> str:
-    """Replace the API key wherever it shows up (an error body, an echoing server, an exception)."""
-    return text.replace(secret, "***") if secret and text else text
-
-
 # ----------------------------------------------------------------------------------------------
 # 4. Reviser kinds: openai (HTTP), hf (local model)
 # ----------------------------------------------------------------------------------------------
-class ReviserFatal(RuntimeError):
-    """An error no retry can fix (bad key, unknown model): the run stops."""
-
-
-_local = threading.local()
-
-
 def api_key_from_env(args) -> str:
-    key = os.environ.get(args.api_key_env, "")
-    if not key and urlparse(args.api_base).hostname not in LOCAL_HOSTS:
-        raise SystemExit(f"--reviser openai: set the {args.api_key_env} environment variable to the API key for "
-                         f"{args.api_base} (only a localhost server may go without one)")
-    return key
-
-
-def backoff_delay(attempt: int, base: float, cap: float, rng=random) -> float:
-    """Exponential backoff with jitter: uniform in [d/2, d], d = min(cap, base · 2^attempt)."""
-    d = min(cap, base * 2 ** attempt)
-    return d / 2 + rng.random() * d / 2
-
-
-def retry_after_seconds(value: str | None) -> float | None:
-    """Retry-After as seconds: a number, or an HTTP date."""
-    if not value:
-        return None
+    """The key from the environment variable --api-key-env (never from a flag or a file)."""
     try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
+        return chat_draft.api_key_from_env(args.api_key_env, args.api_base)
+    except chat_draft.ChatFatal as e:
+        raise SystemExit(f"--reviser openai: {e}") from None
 
 
-def revise_openai(pair, args, api_key: str) -> tuple[str | None, str, str, int]:
-    """One pair through the chat-completions endpoint, with retries. Returns (revised or None,
-    answer, error, calls). 429, 5xx, timeouts, malformed JSON and answers without the delimiter
-    are retried after backoff (or Retry-After); other 4xx fail the pair; 401/403/404 stop the run."""
-    if not hasattr(_local, "session"):
-        _local.session = requests.Session()  # one keep-alive connection pool per thread
-    url = args.api_base.rstrip("/") + "/chat/completions"
-    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
-    body = {"model": args.api_model, "messages": [{"role": "user", "content": reviser_prompt(pair)}],
-            "temperature": args.temperature, "max_tokens": args.reviser_max_new_tokens}
-    error, answer, delay = "", "", 0.0
-    for attempt in range(args.max_retries + 1):
-        time.sleep(delay)
-        delay = backoff_delay(attempt, args.backoff_base, args.backoff_cap)
-        try:
-            resp = _local.session.post(url, headers=headers, json=body, timeout=args.timeout)
-        except requests.Timeout:
-            error = f"timeout after {args.timeout}s"
-            continue
-        except requests.RequestException as e:
-            error = scrub(f"request failed: {type(e).__name__}: {e}", api_key)
-            continue
-        status, snippet = resp.status_code, scrub(resp.text[:200], api_key)
-        if status in (401, 403, 404):
-            raise ReviserFatal(f"HTTP {status} from {url} (check the key in {args.api_key_env}, --api-base "
-                               f"and --api-model): {snippet}")
-        if status == 429 or status >= 500:
-            error = f"HTTP {status}: {snippet}"
-            retry_after = retry_after_seconds(resp.headers.get("Retry-After"))
-            delay = delay if retry_after is None else retry_after  # the server knows best
-            continue
-        if status != 200:
-            return None, "", f"HTTP {status}: {snippet}", attempt + 1
-        try:
-            answer = resp.json()["choices"][0]["message"]["content"]
-            answer = scrub(answer if isinstance(answer, str) else "", api_key)
-        except (ValueError, KeyError, IndexError, TypeError):
-            error = f"malformed response: {snippet}"
-            continue
-        revised = parse_revision(answer, pair.rejected)
-        if revised is not None:
-            return revised, answer, "", attempt + 1
-        error = "no delimiter in answer"
-    return None, answer, error, args.max_retries + 1
+def chat_client(args, api_key: str) -> chat_draft.ChatClient:
+    return chat_draft.ChatClient(args.api_base, args.api_model, api_key, key_env=args.api_key_env,
+                                 timeout=args.timeout, max_retries=args.max_retries, backoff_base=args.backoff_base,
+                                 backoff_cap=args.backoff_cap, retry_after_cap=args.retry_after_cap)
 
 
-def run_openai(todo, args, api_key: str, on_answer):
+def revise_openai(pair, args, client: chat_draft.ChatClient) -> tuple[str | None, str, str, int]:
+    """One pair through the chat-completions endpoint, with the client's retries (chat_draft.py:
+    429, 5xx, timeouts, malformed or null answers, and answers without the delimiter are tried
+    again; other 4xx fail the pair; 401/403/404 stop the run). Returns (revised or None, answer,
+    error, calls); the answer and the error are scrubbed of the key."""
+    reply = client.complete([{"role": "user", "content": reviser_prompt(pair)}],
+                            parse=lambda answer: parse_revision(answer, pair.rejected),
+                            invalid="no delimiter in answer", temperature=args.temperature,
+                            max_tokens=args.reviser_max_new_tokens)
+    return reply.value, reply.text or "", reply.error, reply.calls
+
+
+def run_openai(todo, args, client: chat_draft.ChatClient, on_answer):
     """--concurrency threads send requests; answers are handed to on_answer in this thread."""
     with cf.ThreadPoolExecutor(max_workers=args.concurrency) as pool:
-        futures = {pool.submit(revise_openai, pair, args, api_key): pair for pair in todo}
+        futures = {pool.submit(revise_openai, pair, args, client): pair for pair in todo}
         try:
             for future in cf.as_completed(futures):
                 on_answer(futures[future], *future.result())
@@ -562,25 +463,28 @@ def revise_all(pairs, args, cache_path: Path, api_key: str = ""):
         return {p.id: p.chosen for p in pairs}, {}, {"calls": 0, "cached": 0}
     model = args.api_model if args.reviser == "openai" else args.reviser_model
     keys = {p.id: cache_key(args.reviser, model, p) for p in pairs}
-    cached = read_cache(cache_path) if args.resume else {}
-    revisions = {p.id: cached[keys[p.id]]["revised"] for p in pairs if keys[p.id] in cached}
+    cache = chat_draft.JsonlCache(cache_path, fresh=not args.resume,
+                                  valid=lambda record: isinstance(record.get("revised"), str))
+    revisions = {p.id: cache.get(keys[p.id])["revised"] for p in pairs if keys[p.id] in cache}
     todo = [p for p in pairs if p.id not in revisions]
     failures, counts = {}, {"calls": 0, "cached": len(revisions)}
-    with open_cache(cache_path, args.resume) as cache, tqdm(total=len(todo), desc="revise", unit="pair") as bar:
+    with cache, tqdm(total=len(todo), desc="revise", unit="pair") as bar:
         def on_answer(pair, revised, answer, error, calls):
             counts["calls"] += calls
-            if revised is not None:
-                revised = scrub(revised, api_key)
-                append_cache(cache, {"key": keys[pair.id], "id": pair.id, "reviser": args.reviser, "model": model,
-                                     "revised": revised, "answer": scrub(answer, api_key)})
+            if revised is not None:  # (the client scrubbed the answer, and so the revision, of the key)
+                cache.add({"key": keys[pair.id], "id": pair.id, "reviser": args.reviser, "model": model,
+                           "revised": revised, "answer": answer})
                 revisions[pair.id] = revised
             else:
-                failures[pair.id] = scrub(error, api_key)
+                failures[pair.id] = error
             bar.update()
 
-        if args.reviser == "openai":
-            run_openai(todo, args, api_key, on_answer)
-        else:
+        if args.reviser == "openai" and todo:
+            client = chat_client(args, api_key)
+            client.check()  # a bad key, model or URL stops here, before the first pair
+            counts["calls"] += client.calls
+            run_openai(todo, args, client, on_answer)
+        elif args.reviser == "hf":
             run_hf(todo, args, on_answer)
     return revisions, failures, counts
 
@@ -654,8 +558,8 @@ def main(argv=None) -> dict:
     # 1. revise (cached, resumable)
     try:
         revisions, failures, counts = revise_all(pairs, args, cache_path, api_key)
-    except ReviserFatal as e:
-        raise SystemExit(f"label.py: {scrub(str(e), api_key)}; answers so far are kept in {cache_path}") from None
+    except chat_draft.ChatFatal as e:  # its message is scrubbed of the key
+        raise SystemExit(f"label.py: {e}; answers so far are kept in {cache_path}") from None
     done = [p for p in pairs if p.id in revisions]
     # 2. tokenise, align, label
     records, stats = label_pairs(done, revisions, tokenizer, args.layout, args.max_response_len, args.workers)
