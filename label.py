@@ -22,35 +22,29 @@ as edited, so the labels are much noisier than the paper's).
     # a Hugging Face model on one GPU
     python label.py --reviser hf --reviser-model Qwen/Qwen2.5-7B-Instruct --reviser-batch-size 16 ...
 
-No torchrun: the reviser runs concurrently (API) or batched (hf). The alignment is cheap (45,000
-pairs in about 5 s on one core, bench/bench_levenshtein.py); --workers N spreads it over N processes,
-which pays off only for very many or very long responses (each process takes ~2 s to start). Every reviser answer is appended to <out>.cache.jsonl as it arrives, so a killed run
-started again asks only for the pairs still missing. Outputs: <out> (JSONL, one record per labelled
-pair: id, prompt, chosen, rejected, revised, rejected_ids, revised_ids, rejected_labels,
-revised_labels, distance; ids are the response tokens without EOS, cut to --max-response-len − 1
-like common.encode_response) and <out>.summary.json, both written atomically.
+No torchrun: the reviser runs concurrently (API) or batched (hf). Every reviser answer, parsed or
+not, is appended to <out>.cache.jsonl as it arrives (so a killed run started again asks only for the
+pairs still missing, and the raw answers of pairs that could not be parsed can be read there).
+Outputs: <out> (JSONL, one record per labelled pair: id, prompt, messages, chat_template, tokenizer,
+chosen, rejected, revised, rejected_ids, revised_ids, rejected_labels, revised_labels, distance; ids
+are the response tokens without EOS, cut to --max-response-len − 1 like common.encode_response) and
+<out>.summary.json, both written atomically. A run that labels no pair exits with code 1.
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
 import contextlib
-import email.utils
 import hashlib
 import json
 import multiprocessing as mp
-import os
-import random
 import re
 import sys
-import threading
 import time
 import warnings
 from pathlib import Path
-from urllib.parse import urlparse
 
 import numpy as np
-import requests
 import torch
 from tqdm import tqdm
 
@@ -73,7 +67,7 @@ REVISER_PROMPT = """Below is a conversation between a human and an AI assistant,
 First explain in one or two sentences why reply A is better than reply B. Then rewrite reply B with minimal edits so that it becomes as good as reply A: keep every word of reply B that can stay, and change, delete or add only what must change (do not copy reply A). Write the line
 {delimiter}
 and after it only the revised reply B, nothing else."""
-LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
+DIALOGUE_CUT = "[… earlier turns cut to fit …]\n"  # marks a conversation cut to fit the reviser's context
 CELLS_PER_BATCH = 1 << 23  # DP cells per numpy batch (E in int16: 16 MiB)
 ALIGN_CAP = 4  # align at most ALIGN_CAP × --max-response-len tokens per response (bounds memory)
 
@@ -83,14 +77,16 @@ def parse_args(argv=None):
                                      epilog=__doc__)
     data = plumbing.add_data_args(parser.add_argument_group("data"), split="reward", response_len=False,
                                   prompt_len=False)
-    data.add_argument("--out", default="runs/demo/labels.jsonl", help="output JSONL; <out>.cache.jsonl and <out>.summary.json beside it")
+    data.add_argument("--out", default="runs/demo/labels.jsonl",
+                      help="output JSONL; <out>.cache.jsonl and <out>.summary.json beside it")
     data.add_argument("--max-response-len", type=int, default=256,
                       help="keep the first N−1 tokens of each response (N with EOS, as common.encode_response)")
     model = parser.add_argument_group("model")
     model.add_argument("--tokenizer", default="runs/demo/sft", help="the policy's tokenizer (the SFT model dir)")
     model.add_argument("--layout", default="separate", choices=["separate", "joint"],
-                       help="separate: ids of the response tokenised alone (what every stage here feeds the model); "
-                            "joint: ids of the response inside tokenize(prompt + response), labels mapped by character offsets")
+                       help="separate: ids of the response as it follows the prompt, tokenised on its own (what "
+                            "every stage here feeds the model); joint: ids inside tokenize(prompt + response), "
+                            "labels mapped by character offsets")
     reviser = parser.add_argument_group("algorithm (the reviser)")
     reviser.add_argument("--reviser", required=True, choices=["openai", "hf", "chosen"],
                          help="openai: chat-completions endpoint; hf: local model; chosen: y_m = y_c, no model")
@@ -100,17 +96,23 @@ def parse_args(argv=None):
                          help="environment variable holding the API key (may be empty for a localhost server)")
     reviser.add_argument("--reviser-model", default=None, help="--reviser hf: Hugging Face model name or path")
     reviser.add_argument("--reviser-batch-size", type=int, default=8, help="--reviser hf: prompts per generate call")
-    reviser.add_argument("--reviser-max-new-tokens", type=int, default=1024, help="longest reviser answer (reason + revision), tokens")
+    reviser.add_argument("--reviser-max-new-tokens", type=int, default=1024,
+                         help="longest reviser answer (reason + revision), tokens")
     reviser.add_argument("--reviser-max-prompt-len", type=int, default=4096,
-                         help="--reviser hf: keep the last N prompt tokens (also capped by the model's context)")
+                         help="--reviser hf: longest reviser prompt in tokens (also capped by the model's context); "
+                              "a longer one keeps its instructions and replies and cuts the conversation's first turns")
     reviser.add_argument("--temperature", type=float, default=0.0, help="reviser sampling temperature (0: greedy)")
     system = plumbing.add_system_args(parser)
     system.add_argument("--concurrency", type=int, default=8, help="--reviser openai: requests in flight")
-    system.add_argument("--timeout", type=float, default=120.0, help="--reviser openai: seconds per request")
+    system.add_argument("--timeout", type=float, default=120.0,
+                        help="--reviser openai: seconds for a whole request (connect, headers and the full answer)")
     system.add_argument("--max-retries", type=int, default=5,
-                        help="retries per pair after 429 / 5xx / timeout / malformed answer / missing delimiter")
+                        help="retries per pair after 429 / 5xx / timeout / connection error / malformed or null "
+                             "answer / missing delimiter")
     system.add_argument("--backoff-base", type=float, default=1.0, help="first retry delay, seconds (doubles each retry)")
     system.add_argument("--backoff-cap", type=float, default=60.0, help="longest retry delay, seconds (Retry-After overrides)")
+    system.add_argument("--retry-after-cap", type=float, default=plumbing.RETRY_AFTER_CAP,
+                        help="longest wait a server's Retry-After may ask for, seconds (a longer one is cut to this)")
     system.add_argument("--workers", type=int, default=1, help="processes for the alignment")
     system.add_argument("--no-resume", dest="resume", action="store_false",
                         help="ignore and overwrite <out>.cache.jsonl instead of reusing its answers")
@@ -119,15 +121,399 @@ def parse_args(argv=None):
         parser.error("--max-response-len must be at least 2 (one token and the EOS)")
     if args.reviser == "hf" and not args.reviser_model:
         parser.error("--reviser hf needs --reviser-model PATH_OR_NAME")
-    for name in ("concurrency", "workers", "reviser_batch_size", "reviser_max_new_tokens"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    plumbing.check_positive(parser, args, "concurrency", "workers", "reviser_batch_size", "reviser_max_new_tokens",
+                            "reviser_max_prompt_len")
     return args
 
 
 # ----------------------------------------------------------------------------------------------
-# 1. The Levenshtein alignment over token ids, and the labels it gives
+# 1. The pairs to label
 # ----------------------------------------------------------------------------------------------
+def select_pairs(args):
+    """The pairs to label: one split (--split-seed), duplicates dropped, at most --limit.
+    Returns (pairs, skipped, notes)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pairs = plumbing.load_data(args.data, args.split, args.split_seed)
+    notes = [str(w.message) for w in caught]
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr)
+    seen, unique, skipped = set(), [], {}
+    for pair in pairs:
+        if pair.id in seen:
+            skipped["duplicate pair"] = skipped.get("duplicate pair", 0) + 1
+            continue
+        seen.add(pair.id)
+        unique.append(pair)
+    return unique[: args.limit] if args.limit is not None else unique, skipped, notes
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. The reviser: its prompt, reading its answer, the revisers, the cache
+# ----------------------------------------------------------------------------------------------
+def reviser_prompt(pair, dialogue: str | None = None) -> str:
+    """The request to the reviser; `dialogue` replaces the conversation (fit_reviser_prompt cuts it)."""
+    return REVISER_PROMPT.format(prompt=pair.prompt.strip() if dialogue is None else dialogue,
+                                 chosen=pair.chosen.strip(), rejected=pair.rejected.strip(), delimiter=DELIMITER)
+
+
+def fit_reviser_prompt(pair, n_tokens, max_tokens: int) -> tuple[str | None, bool]:
+    """The reviser prompt within max_tokens (n_tokens(text) counts them), and whether it was cut.
+
+    Only the conversation is cut, from its start (its last turns matter most), never the instructions
+    or the two replies: a model that lost the instructions would answer without the delimiter.
+    None when the prompt does not fit even with no conversation at all.
+    """
+    full = reviser_prompt(pair)
+    if n_tokens(full) <= max_tokens:
+        return full, False
+    dialogue = pair.prompt.strip()
+    if n_tokens(reviser_prompt(pair, DIALOGUE_CUT)) > max_tokens:
+        return None, True
+    keep_low, keep_high = 0, len(dialogue)  # characters kept from the end: low fits, high does not
+    while keep_high - keep_low > 1:  # binary search on the characters kept
+        middle = (keep_low + keep_high) // 2
+        if n_tokens(reviser_prompt(pair, DIALOGUE_CUT + dialogue[-middle:])) <= max_tokens:
+            keep_low = middle
+        else:
+            keep_high = middle
+    return reviser_prompt(pair, DIALOGUE_CUT + dialogue[len(dialogue) - keep_low:]), True
+
+
+def parse_revision(answer: str, rejected: str) -> str | None:
+    """The text after the first delimiter line, or None if there is none or nothing follows it.
+
+    The revision takes the rejected response's leading whitespace (hh-rlhf responses start with a
+    space), so their first tokens compare like for like.
+    """
+    match = DELIMITER_LINE.search(answer or "")
+    revised = answer[match.end():].strip() if match else ""
+    if not revised:
+        return None
+    return rejected[: len(rejected) - len(rejected.lstrip())] + revised
+
+
+def cache_key(kind: str, model: str, pair) -> str:
+    return hashlib.sha256(json.dumps([kind, model, pair.prompt, pair.chosen, pair.rejected]).encode()).hexdigest()
+
+
+def revise_openai(pair, args, client: plumbing.ChatClient) -> tuple[str | None, str, str, int]:
+    """One pair through the chat-completions endpoint, with the client's retries (plumbing.ChatClient:
+    429, 5xx, timeouts, malformed or null answers, and answers without the delimiter are tried
+    again; other 4xx fail the pair; 401/403/404 stop the run). Returns (revised or None, answer,
+    error, calls); the answer and the error are scrubbed of the key."""
+    reply = client.complete([{"role": "user", "content": reviser_prompt(pair)}],
+                            parse=lambda answer: parse_revision(answer, pair.rejected),
+                            invalid="no delimiter in answer", temperature=args.temperature,
+                            max_tokens=args.reviser_max_new_tokens)
+    return reply.value, reply.text or "", reply.error, reply.calls
+
+
+def run_openai(todo, args, on_answer):
+    """--concurrency threads send requests; answers are handed to on_answer in this thread.
+    One cheap request first: a bad key, model or URL stops the run before the first pair."""
+    client = plumbing.ChatClient(args.api_base, args.api_model,
+                                 plumbing.api_key_from_env(args.api_key_env, args.api_base), key_env=args.api_key_env,
+                                 timeout=args.timeout, max_retries=args.max_retries, backoff_base=args.backoff_base,
+                                 backoff_cap=args.backoff_cap, retry_after_cap=args.retry_after_cap)
+    client.check()
+    checked = client.calls
+    with cf.ThreadPoolExecutor(max_workers=args.concurrency) as pool:
+        futures = {pool.submit(revise_openai, pair, args, client): pair for pair in todo}
+        try:
+            for future in cf.as_completed(futures):
+                on_answer(futures[future], *future.result())
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+    return checked
+
+
+def chat_text(tokenizer, message: str) -> str:
+    """The message in the model's chat template, or as plain text for a model without one."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
+                                             add_generation_prompt=True)
+    return message + "\n\n"
+
+
+@torch.no_grad()
+def generate_texts(model, tokenizer, texts: list[str], max_new_tokens: int, temperature: float) -> list[str]:
+    """Batched generation from left-padded prompts (each already fits: fit_reviser_prompt); returns
+    the new text of each."""
+    seqs = [common.encode_prompt(tokenizer, text, 10**9) for text in texts]  # BOS once, template or not
+    input_ids, attention_mask = common.pad_left(seqs, tokenizer.pad_token_id)  # [B, T]
+    device = next(model.parameters()).device
+    sampling = dict(do_sample=True, temperature=temperature, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+    out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                         max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
+    return tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
+
+
+def run_hf(todo, args, on_answer):
+    """Batches of --reviser-batch-size prompts through a local model. A prompt longer than the room
+    left in the model's context has its conversation cut from the start (fit_reviser_prompt; counted
+    and reported). Pairs without the delimiter are tried again only when sampling (greedy decoding
+    would give the same answer)."""
+    if not todo:
+        return 0
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    tokenizer = plumbing.load_tokenizer(args.reviser_model, args.trust_remote_code, what="--reviser-model")
+    dtype = torch.bfloat16 if device.type == "cuda" and args.bf16 else torch.float32
+    model = plumbing.load_policy(args.reviser_model, dtype=dtype, trust_remote_code=args.trust_remote_code,
+                                 what="--reviser-model").to(device).eval()
+    context = getattr(model.config, "max_position_embeddings", None) or 10**9
+    max_prompt_len = min(args.reviser_max_prompt_len, context - args.reviser_max_new_tokens)
+    if max_prompt_len < 1:
+        raise common.InputError(f"--reviser-max-new-tokens {args.reviser_max_new_tokens} leaves no room for the "
+                                f"prompt in the model's {context}-token context")
+
+    def n_tokens(text):
+        return len(common.encode_prompt(tokenizer, chat_text(tokenizer, text), 10**9))
+
+    prompts, cut = {}, 0
+    for pair in todo:
+        prompts[pair.id], was_cut = fit_reviser_prompt(pair, n_tokens, max_prompt_len)
+        cut += was_cut and prompts[pair.id] is not None
+        if prompts[pair.id] is None:
+            on_answer(pair, None, "", f"the reviser prompt does not fit {max_prompt_len} tokens even without "
+                      "the conversation (the two replies alone are too long)", 0)
+    if cut:
+        print(f"warning: {cut} reviser prompts were longer than {max_prompt_len} tokens; their conversation was "
+              "cut from the start (instructions and replies kept whole)", file=sys.stderr)
+    tries = 1 + (args.max_retries if args.temperature > 0 else 0)
+    pending = [pair for pair in todo if prompts[pair.id] is not None]
+    for attempt in range(tries):
+        missing = []
+        for start in range(0, len(pending), args.reviser_batch_size):
+            batch = pending[start:start + args.reviser_batch_size]
+            answers = generate_texts(model, tokenizer, [chat_text(tokenizer, prompts[p.id]) for p in batch],
+                                     args.reviser_max_new_tokens, args.temperature)
+            for pair, answer in zip(batch, answers):
+                revised = parse_revision(answer, pair.rejected)
+                if revised is None and attempt + 1 < tries:
+                    missing.append(pair)
+                else:
+                    on_answer(pair, revised, answer, "" if revised else "no delimiter in answer", attempt + 1)
+        pending = missing
+    return 0
+
+
+def revise_all(pairs, args, cache_path: Path):
+    """Revisions (id -> revised text) for every pair the reviser could do, reusing and extending
+    the cache; failures (id -> error); and counts (calls made, answers reused). Every answer goes to
+    the cache as it arrives, a failed one too (with its raw text and the error, so a user can read
+    what the reviser said); only parsed revisions are reused by a later run."""
+    if args.reviser == "chosen":
+        print("warning: --reviser chosen uses the chosen response as the revision; it is rarely a minimal "
+              "edit of the rejected one, so the labels mark most tokens as edited", file=sys.stderr)
+        return {p.id: p.chosen for p in pairs}, {}, {"calls": 0, "cached": 0}
+    model = args.api_model if args.reviser == "openai" else args.reviser_model
+    keys = {p.id: cache_key(args.reviser, model, p) for p in pairs}
+    cache = plumbing.JsonlCache(cache_path, fresh=not args.resume,
+                                valid=lambda record: isinstance(record.get("revised"), str))
+    revisions = {p.id: cache.get(keys[p.id])["revised"] for p in pairs if keys[p.id] in cache}
+    todo = [p for p in pairs if p.id not in revisions]
+    failures, counts = {}, {"calls": 0, "cached": len(revisions)}
+    with cache, tqdm(total=len(todo), desc="revise", unit="pair") as bar:
+        def on_answer(pair, revised, answer, error, calls):
+            counts["calls"] += calls
+            cache.add({"key": keys[pair.id], "id": pair.id, "reviser": args.reviser, "model": model,
+                       "revised": revised, "answer": answer, **({"error": error} if revised is None else {})})
+            if revised is not None:  # (the client scrubbed the answer, and so the revision, of the key)
+                revisions[pair.id] = revised
+            else:
+                failures[pair.id] = error
+            bar.update()
+
+        if todo:
+            run = run_openai if args.reviser == "openai" else run_hf
+            check_calls = run(todo, args, on_answer)  # the openai client's test request (on_answer counts the rest)
+            counts["calls"] += check_calls
+    return revisions, failures, counts
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. The alignment: a Levenshtein DP with backtrace over token ids, and the labels it gives
+# ----------------------------------------------------------------------------------------------
+def levenshtein(a: list[int], b: list[int]) -> tuple[int, list[tuple]]:
+    """The edit distance turning a into b, and one shortest edit script, by the textbook DP.
+
+    D[i][j] = the distance between a[:i] and b[:j]:
+        D[i][0] = i,  D[0][j] = j
+        D[i][j] = min(D[i-1][j-1] + [a[i-1] != b[j-1]],   # match (free) or substitute
+                      D[i-1][j] + 1,                       # delete a[i-1]
+                      D[i][j-1] + 1)                       # insert b[j-1]
+    The walk back from (n, m) reads the script off the full table. Among equal-cost choices it takes
+    match, then delete, then insert, then substitute: equal tokens are always matched (when
+    a[i-1] == b[j-1], D[i][j] = D[i-1][j-1], a classic property of this DP), and a substitution is
+    used only when no deletion or insertion is as cheap, so more tokens stay neutral. [5, 6] -> [6, 7]
+    is "delete 5, match 6, insert 7", not two substitutions; a gap in a run of equal tokens lands on
+    the earliest copy ([1, 1] -> [1] deletes a[0]).
+    Each op is (name, i, j): ("match"|"substitute", i, j), ("delete", i, None), ("insert", None, j).
+    levenshtein_batch (below, the fast version) computes the same distances and scripts.
+    """
+    n, m = len(a), len(b)
+    D = [[0] * (m + 1) for _ in range(n + 1)]  # [n+1][m+1]
+    for i in range(n + 1):
+        D[i][0] = i
+    for j in range(m + 1):
+        D[0][j] = j
+    for i in range(1, n + 1):
+        for j in range(1, m + 1):
+            D[i][j] = min(D[i - 1][j - 1] + (a[i - 1] != b[j - 1]), D[i - 1][j] + 1, D[i][j - 1] + 1)
+    i, j, ops = n, m, []
+    while i > 0 or j > 0:
+        if i > 0 and j > 0 and a[i - 1] == b[j - 1]:
+            i, j = i - 1, j - 1
+            ops.append(("match", i, j))
+        elif i > 0 and D[i][j] == D[i - 1][j] + 1:
+            i -= 1
+            ops.append(("delete", i, None))
+        elif j > 0 and D[i][j] == D[i][j - 1] + 1:
+            j -= 1
+            ops.append(("insert", None, j))
+        else:
+            i, j = i - 1, j - 1
+            ops.append(("substitute", i, j))
+    ops.reverse()
+    return D[n][m], ops
+
+
+def labels_from_ops(ops: list[tuple], n: int, m: int) -> tuple[list[int], list[int]]:
+    """TLCR labels from an edit script: rejected deleted/substituted -> -1, revised inserted/substituted -> +1."""
+    rejected_labels, revised_labels = [0] * n, [0] * m
+    for name, i, j in ops:
+        if name in ("delete", "substitute"):
+            rejected_labels[i] = -1
+        if name in ("insert", "substitute"):
+            revised_labels[j] = 1
+    return rejected_labels, revised_labels
+
+
+def edit_labels(rejected_ids: list[int], revised_ids: list[int]) -> tuple[list[int], list[int]]:
+    """(rejected_labels, revised_labels): one label per token, -1/0 and +1/0."""
+    _, ops = levenshtein(rejected_ids, revised_ids)
+    return labels_from_ops(ops, len(rejected_ids), len(revised_ids))
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Tokenise, check the prompt/response boundary, align and label every pair
+# ----------------------------------------------------------------------------------------------
+def response_in_context(tokenizer, prompts: list[str], responses: list[str]):
+    """Tokenise prompt + response as one text. Per row: the ids of the tokens covering the
+    response's characters, and their character spans relative to the response (a token that
+    straddles the boundary starts at 0). Equal to the response's own ids unless a token merges
+    across the boundary (e.g. a prompt that stops mid-word)."""
+    enc = tokenizer([p + r for p, r in zip(prompts, responses)], add_special_tokens=False,
+                    return_offsets_mapping=True)
+    rows = []
+    for prompt, ids, offsets in zip(prompts, enc["input_ids"], enc["offset_mapping"]):
+        cut = len(prompt)
+        keep = [k for k, (_, end) in enumerate(offsets) if end > cut]
+        rows.append(([ids[k] for k in keep], [(max(offsets[k][0] - cut, 0), offsets[k][1] - cut) for k in keep]))
+    return rows
+
+
+def map_labels_by_offsets(labels: list[int], src_spans, dst_spans, n_chars: int) -> list[int]:
+    """Carry token labels from one tokenisation of a text to another through its characters.
+
+    Each source token paints its characters with its label; a destination token takes the
+    non-neutral label of any character it covers (a side's labels are all -1/0 or all +1/0), else 0.
+    """
+    char_labels = [0] * n_chars
+    for label, (start, end) in zip(labels, src_spans):
+        if label:
+            char_labels[start:end] = [label] * (end - start)
+    return [next((c for c in char_labels[start:end] if c), 0) for start, end in dst_spans]
+
+
+def label_pairs(pairs, revisions: dict[str, str], tokenizer, layout: str = "separate",
+                max_response_len: int = 256, workers: int = 1, progress: bool = True, chat_template: bool = True):
+    """Tokenise, check the boundary, align and label every pair. Returns (records, stats).
+
+    The response ids are common.response_encodings', the ids every stage feeds the model after the
+    prompt (no stray SentencePiece '▁'); each record names the tokenizer that made them (its
+    fingerprint) and whether the prompt was rendered with the chat template, so the discriminator
+    reads them as they were made.
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise common.InputError("label.py needs a fast (Rust) tokenizer: character offsets map labels across "
+                                "the prompt/response boundary")
+    keep, cap = max_response_len - 1, ALIGN_CAP * max_response_len  # keep: room for the EOS
+    stats = {"boundary_mismatch": 0, "truncated": 0}
+    if not pairs:
+        return [], stats
+    fingerprint = plumbing.tokenizer_fingerprint(tokenizer)
+    templated = [common.uses_chat_template(tokenizer, p.messages, chat_template) for p in pairs]
+    prompts = [common.prompt_text(tokenizer, p.prompt, p.messages, chat_template) for p in pairs]
+    texts = {"rejected": [common.response_text(tokenizer, p.rejected, p.messages, chat_template) for p in pairs],
+             "revised": [common.response_text(tokenizer, revisions[p.id], p.messages, chat_template) for p in pairs]}
+    alone = {s: common.response_encodings(tokenizer, texts[s]) for s in texts}  # [(ids, offsets)] per pair
+    in_context = {s: response_in_context(tokenizer, prompts, texts[s]) for s in texts}
+    aligned = align_all([(alone["rejected"][k][0][:cap], alone["revised"][k][0][:cap]) for k in range(len(pairs))],
+                        workers, progress)
+    records = []
+    for k, pair in enumerate(pairs):
+        distance, rejected_labels, revised_labels = aligned[k]
+        record = {"id": pair.id, "prompt": pair.prompt, "messages": pair.messages, "chat_template": templated[k],
+                  "tokenizer": fingerprint, "chosen": pair.chosen, "rejected": pair.rejected,
+                  "revised": revisions[pair.id]}
+        for side, labels in (("rejected", rejected_labels), ("revised", revised_labels)):
+            ids, offsets = alone[side][k][0][:cap], alone[side][k][1][:cap]
+            context_ids, context_spans = in_context[side][k]
+            if context_ids != alone[side][k][0]:
+                stats["boundary_mismatch"] += 1
+                if layout == "joint":
+                    labels = map_labels_by_offsets(labels, offsets, context_spans, len(texts[side][k]))
+                    ids = context_ids
+            stats["truncated"] += len(ids) > keep
+            record[f"{side}_ids"], record[f"{side}_labels"] = ids[:keep], labels[:keep]
+        record["distance"] = distance
+        records.append(record)
+    return records, stats
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. The summary
+# ----------------------------------------------------------------------------------------------
+def summarize(args, pairs, records, failures, skipped, notes, counts, stats, elapsed) -> dict:
+    """Counts, shares of positive / negative / neutral tokens (over rejected and revised), mean distance."""
+    rejected = np.array([v for r in records for v in r["rejected_labels"]], dtype=np.int64)
+    revised = np.array([v for r in records for v in r["revised_labels"]], dtype=np.int64)
+    both = np.concatenate([rejected, revised])
+
+    def share(values, label):
+        return round(float((values == label).mean()), 4) if values.size else 0.0
+
+    reasons = {}
+    for error in failures.values():
+        reasons[error.split(":")[0]] = reasons.get(error.split(":")[0], 0) + 1
+    return {
+        "reviser": args.reviser,
+        "reviser_model": {"openai": args.api_model, "hf": args.reviser_model}.get(args.reviser),
+        "data": args.data, "split": args.split, "layout": args.layout, "max_response_len": args.max_response_len,
+        "pairs": len(pairs), "done": len(records), "failed": len(failures), "failure_reasons": reasons,
+        "skipped": skipped, "load_warnings": notes,
+        "failures": [{"id": pid, "error": err} for pid, err in failures.items()],
+        "tokens": {"positive": share(both, 1), "negative": share(both, -1), "neutral": share(both, 0)},
+        "rejected_tokens": {"negative": share(rejected, -1), "neutral": share(rejected, 0)},
+        "revised_tokens": {"positive": share(revised, 1), "neutral": share(revised, 0)},
+        "mean_distance": round(float(np.mean([r["distance"] for r in records])), 3) if records else 0.0,
+        "reviser_calls": counts["calls"], "from_cache": counts["cached"],
+        "boundary_mismatch": stats["boundary_mismatch"], "truncated": stats["truncated"],
+        "elapsed_s": round(elapsed, 1),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Speed-up: the same DP for a whole batch of pairs at once, in numpy (skip on a first reading)
+# ----------------------------------------------------------------------------------------------
+# levenshtein() above walks its table cell by cell in Python: fine for one pair, slow for 45,000.
+# levenshtein_batch computes the same table for P pairs at once, one row of all P tables per handful
+# of numpy calls, and walks back with the same tie-break (tests/test_label.py checks that the two
+# agree). align_all groups pairs of similar length and can spread the groups over processes.
 def running_min(t: np.ndarray, out: np.ndarray) -> np.ndarray:
     """out[j] = min(t[0], ..., t[j]) along axis 0, i.e. np.minimum.accumulate(t, axis=0, out=out).
 
@@ -146,23 +532,12 @@ def running_min(t: np.ndarray, out: np.ndarray) -> np.ndarray:
 
 
 def levenshtein_batch(pairs: list[tuple[list[int], list[int]]]) -> list[tuple[int, list[tuple]]]:
-    """Edit distance and edit script for a batch of (a, b) token-id sequences.
+    """levenshtein(a, b) for a batch of (a, b) token-id sequences, vectorised over the batch.
 
-    D[i, j] = distance between a[:i] and b[:j]
-            = min(D[i-1, j-1] + [a[i-1] != b[j-1]],   # match / substitute
-                  D[i-1, j] + 1,                       # delete a[i-1]
-                  D[i, j-1] + 1)                       # insert b[j-1]
-    Row i comes from row i-1 in a few numpy calls: the first two terms are elementwise; the third
-    runs along the row, and with E[i, j] = D[i, j] - j it becomes a running minimum,
-    E[i, j] = min(E[i, j-1], t[j]) (see running_min). The batch is the last axis P (shorter pairs
-    padded with ids that never match), so each numpy call serves P rows at once.
-
-    Tie-break, walking back from (n, m): equal tokens are always matched (a match is optimal
-    whenever a[i-1] == b[j-1]); otherwise delete, then insert, then substitute. A substitution is
-    used only when no deletion or insertion is as cheap, so more tokens stay neutral: [5, 6] -> [6, 7]
-    is "delete 5, match 6, insert 7", not two substitutions; and a gap in a run of equal tokens
-    lands on the earliest copy ([1, 1] -> [1] deletes a[0]).
-    Each op is (name, i, j): ("match"|"substitute", i, j), ("delete", i, None), ("insert", None, j).
+    Row i of the table comes from row i-1 in a few numpy calls: the match/substitute and delete
+    terms are elementwise; the insert term runs along the row, and with E[i, j] = D[i, j] - j it
+    becomes a running minimum, E[i, j] = min(E[i, j-1], t[j]) (see running_min). The batch is the
+    last axis P (shorter pairs padded with ids that never match), so each call serves P rows at once.
     """
     if not pairs:
         return []
@@ -209,28 +584,6 @@ def levenshtein_batch(pairs: list[tuple[list[int], list[int]]]) -> list[tuple[in
     return results
 
 
-def levenshtein(a: list[int], b: list[int]) -> tuple[int, list[tuple]]:
-    """(distance, ops) turning a into b; see levenshtein_batch for the DP and the tie-break."""
-    return levenshtein_batch([(list(a), list(b))])[0]
-
-
-def labels_from_ops(ops: list[tuple], n: int, m: int) -> tuple[list[int], list[int]]:
-    """TLCR labels from an edit script: rejected deleted/substituted -> -1, revised inserted/substituted -> +1."""
-    rejected_labels, revised_labels = [0] * n, [0] * m
-    for name, i, j in ops:
-        if name in ("delete", "substitute"):
-            rejected_labels[i] = -1
-        if name in ("insert", "substitute"):
-            revised_labels[j] = 1
-    return rejected_labels, revised_labels
-
-
-def edit_labels(rejected_ids: list[int], revised_ids: list[int]) -> tuple[list[int], list[int]]:
-    """(rejected_labels, revised_labels): one label per token, -1/0 and +1/0."""
-    _, ops = levenshtein(rejected_ids, revised_ids)
-    return labels_from_ops(ops, len(rejected_ids), len(revised_ids))
-
-
 def _label_batch(pairs):
     return [(dist, *labels_from_ops(ops, len(a), len(b))) for (a, b), (dist, ops) in zip(pairs, levenshtein_batch(pairs))]
 
@@ -265,402 +618,24 @@ def align_all(id_pairs: list[tuple[list[int], list[int]]], workers: int = 1, pro
     return results
 
 
-# ----------------------------------------------------------------------------------------------
-# 2. Tokenisation, and the prompt/response boundary
-# ----------------------------------------------------------------------------------------------
-def response_in_context(tokenizer, prompts: list[str], responses: list[str]):
-    """Tokenise prompt + response as one text. Per row: the ids of the tokens covering the
-    response's characters, and their character spans relative to the response (a token that
-    straddles the boundary starts at 0). Equal to the response tokenised alone unless a token
-    merges across the boundary (e.g. a prompt that stops mid-word)."""
-    enc = tokenizer([p + r for p, r in zip(prompts, responses)], add_special_tokens=False,
-                    return_offsets_mapping=True)
-    rows = []
-    for prompt, ids, offsets in zip(prompts, enc["input_ids"], enc["offset_mapping"]):
-        cut = len(prompt)
-        keep = [k for k, (_, end) in enumerate(offsets) if end > cut]
-        rows.append(([ids[k] for k in keep], [(max(offsets[k][0] - cut, 0), offsets[k][1] - cut) for k in keep]))
-    return rows
-
-
-def map_labels_by_offsets(labels: list[int], src_spans, dst_spans, n_chars: int) -> list[int]:
-    """Carry token labels from one tokenisation of a text to another through its characters.
-
-    Each source token paints its characters with its label; a destination token takes the
-    non-neutral label of any character it covers (a side's labels are all -1/0 or all +1/0), else 0.
-    """
-    char_labels = [0] * n_chars
-    for label, (start, end) in zip(labels, src_spans):
-        if label:
-            char_labels[start:end] = [label] * (end - start)
-    return [next((c for c in char_labels[start:end] if c), 0) for start, end in dst_spans]
-
-
-def label_pairs(pairs, revisions: dict[str, str], tokenizer, layout: str = "separate",
-                max_response_len: int = 256, workers: int = 1, progress: bool = True, chat_template: bool = True):
-    """Tokenise, check the boundary, align and label every pair. Returns (records, stats).
-
-    The response ids are common.response_encodings', the ids every stage feeds the model after the
-    prompt (no stray SentencePiece '▁'); each record names the tokenizer that made them (its
-    fingerprint) and whether the prompt was rendered with the chat template.
-    """
-    if not getattr(tokenizer, "is_fast", False):
-        raise ValueError("label.py needs a fast (Rust) tokenizer: character offsets map labels across the boundary")
-    keep, cap = max_response_len - 1, ALIGN_CAP * max_response_len  # keep: room for the EOS
-    stats = {"boundary_mismatch": 0, "truncated": 0}
-    if not pairs:
-        return [], stats
-    fingerprint = plumbing.tokenizer_fingerprint(tokenizer)
-    templated = [common.uses_chat_template(tokenizer, p.messages, chat_template) for p in pairs]
-    prompts = [common.prompt_text(tokenizer, p.prompt, p.messages, chat_template) for p in pairs]
-    texts = {"rejected": [common.response_text(tokenizer, p.rejected, p.messages, chat_template) for p in pairs],
-             "revised": [common.response_text(tokenizer, revisions[p.id], p.messages, chat_template) for p in pairs]}
-    alone = {s: common.response_encodings(tokenizer, texts[s]) for s in texts}  # [(ids, offsets)] per pair
-    in_context = {s: response_in_context(tokenizer, prompts, texts[s]) for s in texts}
-    aligned = align_all([(alone["rejected"][k][0][:cap], alone["revised"][k][0][:cap]) for k in range(len(pairs))],
-                        workers, progress)
-    records = []
-    for k, pair in enumerate(pairs):
-        distance, rejected_labels, revised_labels = aligned[k]
-        record = {"id": pair.id, "prompt": pair.prompt, "messages": pair.messages, "chat_template": templated[k],
-                  "tokenizer": fingerprint, "chosen": pair.chosen, "rejected": pair.rejected,
-                  "revised": revisions[pair.id]}
-        for side, labels in (("rejected", rejected_labels), ("revised", revised_labels)):
-            ids, offsets = alone[side][k][0][:cap], alone[side][k][1][:cap]
-            context_ids, context_spans = in_context[side][k]
-            if context_ids != alone[side][k][0]:
-                stats["boundary_mismatch"] += 1
-                if layout == "joint":
-                    labels = map_labels_by_offsets(labels, offsets, context_spans, len(texts[side][k]))
-                    ids = context_ids
-            stats["truncated"] += len(ids) > keep
-            record[f"{side}_ids"], record[f"{side}_labels"] = ids[:keep], labels[:keep]
-        record["distance"] = distance
-        records.append(record)
-    return records, stats
-
-
-# ----------------------------------------------------------------------------------------------
-# 3. The reviser: prompt, answer parsing, cache
-# ----------------------------------------------------------------------------------------------
-def reviser_prompt(pair) -> str:
-    return REVISER_PROMPT.format(prompt=pair.prompt.strip(), chosen=pair.chosen.strip(),
-                                 rejected=pair.rejected.strip(), delimiter=DELIMITER)
-
-
-def parse_revision(answer: str, rejected: str) -> str | None:
-    """The text after the first delimiter line, or None if there is none or nothing follows it.
-
-    The revision takes the rejected response's leading whitespace (hh-rlhf responses start with a
-    space), so their first tokens compare like for like.
-    """
-    match = DELIMITER_LINE.search(answer or "")
-    revised = answer[match.end():].strip() if match else ""
-    if not revised:
-        return None
-    return rejected[: len(rejected) - len(rejected.lstrip())] + revised
-
-
-def cache_key(kind: str, model: str, pair) -> str:
-    return hashlib.sha256(json.dumps([kind, model, pair.prompt, pair.chosen, pair.rejected]).encode()).hexdigest()
-
-
-def read_cache(path: Path) -> dict[str, dict]:
-    """Answers already cached, by key (first one wins). A line cut short by a kill is skipped."""
-    done = {}
-    if not path.exists():
-        return done
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                print(f"warning: {path} line {line_no}: unreadable (cut short by a kill?), ignored", file=sys.stderr)
-                continue
-            if isinstance(record, dict) and isinstance(record.get("revised"), str):
-                done.setdefault(record.get("key"), record)
-    return done
-
-
-def open_cache(path: Path, resume: bool):
-    """Open the cache for appending (a half-written last line is closed off first), or start it anew."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not (resume and path.exists() and path.stat().st_size):
-        return open(path, "w", encoding="utf-8")
-    with open(path, "rb") as f:
-        f.seek(-1, os.SEEK_END)
-        ends_clean = f.read(1) == b"\n"
-    f = open(path, "a", encoding="utf-8")
-    if not ends_clean:
-        f.write("\n")
-    return f
-
-
-def append_cache(f, record: dict):
-    f.write(json.dumps(record) + "\n")
-    f.flush()
-    os.fsync(f.fileno())  # on disk before the next answer: a kill loses at most the answers in flight
-
-
-def scrub(text: str, secret: str) -> str:
-    """Replace the API key wherever it shows up (an error body, an echoing server, an exception)."""
-    return text.replace(secret, "***") if secret and text else text
-
-
-# ----------------------------------------------------------------------------------------------
-# 4. Reviser kinds: openai (HTTP), hf (local model)
-# ----------------------------------------------------------------------------------------------
-class ReviserFatal(RuntimeError):
-    """An error no retry can fix (bad key, unknown model): the run stops."""
-
-
-_local = threading.local()
-
-
-def api_key_from_env(args) -> str:
-    key = os.environ.get(args.api_key_env, "")
-    if not key and urlparse(args.api_base).hostname not in LOCAL_HOSTS:
-        raise SystemExit(f"--reviser openai: set the {args.api_key_env} environment variable to the API key for "
-                         f"{args.api_base} (only a localhost server may go without one)")
-    return key
-
-
-def backoff_delay(attempt: int, base: float, cap: float, rng=random) -> float:
-    """Exponential backoff with jitter: uniform in [d/2, d], d = min(cap, base · 2^attempt)."""
-    d = min(cap, base * 2 ** attempt)
-    return d / 2 + rng.random() * d / 2
-
-
-def retry_after_seconds(value: str | None) -> float | None:
-    """Retry-After as seconds: a number, or an HTTP date."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
-
-
-def revise_openai(pair, args, api_key: str) -> tuple[str | None, str, str, int]:
-    """One pair through the chat-completions endpoint, with retries. Returns (revised or None,
-    answer, error, calls). 429, 5xx, timeouts, malformed JSON and answers without the delimiter
-    are retried after backoff (or Retry-After); other 4xx fail the pair; 401/403/404 stop the run."""
-    if not hasattr(_local, "session"):
-        _local.session = requests.Session()  # one keep-alive connection pool per thread
-    url = args.api_base.rstrip("/") + "/chat/completions"
-    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
-    body = {"model": args.api_model, "messages": [{"role": "user", "content": reviser_prompt(pair)}],
-            "temperature": args.temperature, "max_tokens": args.reviser_max_new_tokens}
-    error, answer, delay = "", "", 0.0
-    for attempt in range(args.max_retries + 1):
-        time.sleep(delay)
-        delay = backoff_delay(attempt, args.backoff_base, args.backoff_cap)
-        try:
-            resp = _local.session.post(url, headers=headers, json=body, timeout=args.timeout)
-        except requests.Timeout:
-            error = f"timeout after {args.timeout}s"
-            continue
-        except requests.RequestException as e:
-            error = scrub(f"request failed: {type(e).__name__}: {e}", api_key)
-            continue
-        status, snippet = resp.status_code, scrub(resp.text[:200], api_key)
-        if status in (401, 403, 404):
-            raise ReviserFatal(f"HTTP {status} from {url} (check the key in {args.api_key_env}, --api-base "
-                               f"and --api-model): {snippet}")
-        if status == 429 or status >= 500:
-            error = f"HTTP {status}: {snippet}"
-            retry_after = retry_after_seconds(resp.headers.get("Retry-After"))
-            delay = delay if retry_after is None else retry_after  # the server knows best
-            continue
-        if status != 200:
-            return None, "", f"HTTP {status}: {snippet}", attempt + 1
-        try:
-            answer = resp.json()["choices"][0]["message"]["content"]
-            answer = scrub(answer if isinstance(answer, str) else "", api_key)
-        except (ValueError, KeyError, IndexError, TypeError):
-            error = f"malformed response: {snippet}"
-            continue
-        revised = parse_revision(answer, pair.rejected)
-        if revised is not None:
-            return revised, answer, "", attempt + 1
-        error = "no delimiter in answer"
-    return None, answer, error, args.max_retries + 1
-
-
-def run_openai(todo, args, api_key: str, on_answer):
-    """--concurrency threads send requests; answers are handed to on_answer in this thread."""
-    with cf.ThreadPoolExecutor(max_workers=args.concurrency) as pool:
-        futures = {pool.submit(revise_openai, pair, args, api_key): pair for pair in todo}
-        try:
-            for future in cf.as_completed(futures):
-                on_answer(futures[future], *future.result())
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
-
-
-def chat_text(tokenizer, message: str) -> str:
-    """The message in the model's chat template, or as plain text for a model without one."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
-                                             add_generation_prompt=True)
-    return message + "\n\n"
-
-
-@torch.no_grad()
-def generate_texts(model, tokenizer, texts: list[str], max_new_tokens: int, temperature: float,
-                   max_prompt_len: int) -> list[str]:
-    """Batched generation from left-padded, left-truncated prompts; returns the new text of each."""
-    add_special = not getattr(tokenizer, "chat_template", None)  # a chat template brings its own BOS
-    seqs = [ids[-max_prompt_len:] for ids in tokenizer(texts, add_special_tokens=add_special)["input_ids"]]
-    input_ids, attention_mask = common.pad_left(seqs, tokenizer.pad_token_id)  # [B, T]
-    device = next(model.parameters()).device
-    sampling = dict(do_sample=True, temperature=temperature, top_p=1.0) if temperature > 0 else dict(do_sample=False)
-    out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                         max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
-    return tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
-
-
-def run_hf(todo, args, on_answer):
-    """Batches of --reviser-batch-size prompts through a local model. Pairs without the delimiter
-    are tried again only when sampling (greedy decoding would give the same answer)."""
-    if not todo:
-        return
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    tokenizer = plumbing.load_tokenizer(args.reviser_model, args.trust_remote_code, what="--reviser-model")
-    dtype = torch.bfloat16 if device.type == "cuda" and args.bf16 else torch.float32
-    model = plumbing.load_policy(args.reviser_model, dtype=dtype, trust_remote_code=args.trust_remote_code,
-                                 what="--reviser-model")
-    model.to(device).eval()
-    context = getattr(model.config, "max_position_embeddings", None) or 10**9
-    max_prompt_len = min(args.reviser_max_prompt_len, context - args.reviser_max_new_tokens)
-    if max_prompt_len < 1:
-        raise SystemExit(f"--reviser-max-new-tokens {args.reviser_max_new_tokens} leaves no room for the prompt "
-                         f"in the model's {context}-token context")
-    tries = 1 + (args.max_retries if args.temperature > 0 else 0)
-    pending = list(todo)
-    for attempt in range(tries):
-        missing = []
-        for start in range(0, len(pending), args.reviser_batch_size):
-            batch = pending[start:start + args.reviser_batch_size]
-            answers = generate_texts(model, tokenizer, [chat_text(tokenizer, reviser_prompt(p)) for p in batch],
-                                     args.reviser_max_new_tokens, args.temperature, max_prompt_len)
-            for pair, answer in zip(batch, answers):
-                revised = parse_revision(answer, pair.rejected)
-                if revised is None and attempt + 1 < tries:
-                    missing.append(pair)
-                else:
-                    on_answer(pair, revised, answer, "" if revised else "no delimiter in answer", attempt + 1)
-        pending = missing
-
-
-def revise_all(pairs, args, cache_path: Path, api_key: str = ""):
-    """Revisions (id -> revised text) for every pair the reviser could do, reusing and extending
-    the cache; failures (id -> error); and counts (calls made, answers reused)."""
-    if args.reviser == "chosen":
-        print("warning: --reviser chosen uses the chosen response as the revision; it is rarely a minimal "
-              "edit of the rejected one, so the labels mark most tokens as edited", file=sys.stderr)
-        return {p.id: p.chosen for p in pairs}, {}, {"calls": 0, "cached": 0}
-    model = args.api_model if args.reviser == "openai" else args.reviser_model
-    keys = {p.id: cache_key(args.reviser, model, p) for p in pairs}
-    cached = read_cache(cache_path) if args.resume else {}
-    revisions = {p.id: cached[keys[p.id]]["revised"] for p in pairs if keys[p.id] in cached}
-    todo = [p for p in pairs if p.id not in revisions]
-    failures, counts = {}, {"calls": 0, "cached": len(revisions)}
-    with open_cache(cache_path, args.resume) as cache, tqdm(total=len(todo), desc="revise", unit="pair") as bar:
-        def on_answer(pair, revised, answer, error, calls):
-            counts["calls"] += calls
-            if revised is not None:
-                revised = scrub(revised, api_key)
-                append_cache(cache, {"key": keys[pair.id], "id": pair.id, "reviser": args.reviser, "model": model,
-                                     "revised": revised, "answer": scrub(answer, api_key)})
-                revisions[pair.id] = revised
-            else:
-                failures[pair.id] = scrub(error, api_key)
-            bar.update()
-
-        if args.reviser == "openai":
-            run_openai(todo, args, api_key, on_answer)
-        else:
-            run_hf(todo, args, on_answer)
-    return revisions, failures, counts
-
-
-# ----------------------------------------------------------------------------------------------
-# 5. Data in, summary out
-# ----------------------------------------------------------------------------------------------
-def select_pairs(args):
-    """The pairs to label: one split (--split-seed), duplicates dropped, at most --limit.
-    Returns (pairs, skipped, notes)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        pairs = plumbing.load_data(args.data, args.split, args.split_seed)
-    notes = [str(w.message) for w in caught]
-    for note in notes:
-        print(f"warning: {note}", file=sys.stderr)
-    seen, unique, skipped = set(), [], {}
-    for pair in pairs:
-        if pair.id in seen:
-            skipped["duplicate pair"] = skipped.get("duplicate pair", 0) + 1
-            continue
-        seen.add(pair.id)
-        unique.append(pair)
-    return unique[: args.limit] if args.limit is not None else unique, skipped, notes
-
-
-def summarize(args, pairs, records, failures, skipped, notes, counts, stats, elapsed) -> dict:
-    """Counts, shares of positive / negative / neutral tokens (over rejected and revised), mean distance."""
-    rejected = np.array([v for r in records for v in r["rejected_labels"]], dtype=np.int64)
-    revised = np.array([v for r in records for v in r["revised_labels"]], dtype=np.int64)
-    both = np.concatenate([rejected, revised])
-
-    def share(values, label):
-        return round(float((values == label).mean()), 4) if values.size else 0.0
-
-    return {
-        "reviser": args.reviser,
-        "reviser_model": {"openai": args.api_model, "hf": args.reviser_model}.get(args.reviser),
-        "data": args.data, "split": args.split, "layout": args.layout, "max_response_len": args.max_response_len,
-        "pairs": len(pairs), "done": len(records), "failed": len(failures), "skipped": skipped,
-        "load_warnings": notes,
-        "failures": [{"id": pid, "error": err} for pid, err in failures.items()],
-        "tokens": {"positive": share(both, 1), "negative": share(both, -1), "neutral": share(both, 0)},
-        "rejected_tokens": {"negative": share(rejected, -1), "neutral": share(rejected, 0)},
-        "revised_tokens": {"positive": share(revised, 1), "neutral": share(revised, 0)},
-        "mean_distance": round(float(np.mean([r["distance"] for r in records])), 3) if records else 0.0,
-        "reviser_calls": counts["calls"], "from_cache": counts["cached"],
-        "boundary_mismatch": stats["boundary_mismatch"], "truncated": stats["truncated"],
-        "elapsed_s": round(elapsed, 1),
-    }
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     start = time.time()
     plumbing.seed_everything(args.seed)
     out = Path(args.out)
     cache_path, summary_path = Path(f"{out}.cache.jsonl"), Path(f"{out}.summary.json")
-    api_key = api_key_from_env(args) if args.reviser == "openai" else ""
     tokenizer = plumbing.load_tokenizer(args.tokenizer, args.trust_remote_code, what="--tokenizer")
     pairs, skipped, notes = select_pairs(args)
 
-    # 1. revise (cached, resumable)
-    try:
-        revisions, failures, counts = revise_all(pairs, args, cache_path, api_key)
-    except ReviserFatal as e:
-        raise SystemExit(f"label.py: {scrub(str(e), api_key)}; answers so far are kept in {cache_path}") from None
+    # 1. revise (cached, resumable; a ChatFatal, e.g. a bad key, stops here with one line, scrubbed)
+    revisions, failures, counts = revise_all(pairs, args, cache_path)
     done = [p for p in pairs if p.id in revisions]
     # 2. tokenise, align, label
     records, stats = label_pairs(done, revisions, tokenizer, args.layout, args.max_response_len, args.workers,
                                  chat_template=args.chat_template)
     if stats["boundary_mismatch"] and args.layout == "separate":
         print(f"warning: {stats['boundary_mismatch']} responses tokenise differently inside prompt + response; "
-              "the labels follow the response tokenised alone, as common.encode_response feeds it "
+              "the labels follow the response's own ids, as common.encode_response feeds it "
               "(--layout joint maps them onto the joint tokenisation)", file=sys.stderr)
     # 3. write atomically
     plumbing.atomic_write(out, "".join(json.dumps(r) + "\n" for r in records))
@@ -670,6 +645,11 @@ def main(argv=None) -> dict:
     print(f"labelled {summary['done']}/{summary['pairs']} pairs ({summary['failed']} failed) -> {out}; "
           f"tokens positive {t['positive']:.1%}, negative {t['negative']:.1%}, neutral {t['neutral']:.1%}; "
           f"mean distance {summary['mean_distance']:.1f}; reviser calls {summary['reviser_calls']}")
+    if not records:
+        why = ", ".join(f"{n} {reason}" for reason, n in summary["failure_reasons"].items()) or "no pairs selected"
+        print(f"error: no pair was labelled ({summary['failed']} of {summary['pairs']} failed: {why}); the raw "
+              f"answers are in {cache_path}, the failures in {summary_path}", file=sys.stderr)
+        raise SystemExit(1)
     return summary
 
 

@@ -51,6 +51,7 @@ Commands (outputs: OUT/log.jsonl, OUT/checkpoint/ to resume, OUT/policy/ the fin
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import time
 from pathlib import Path
@@ -156,6 +157,14 @@ def sample_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return sorted_ids.gather(-1, choice).squeeze(-1)
 
 
+def cache_kwargs(policy, out) -> dict:
+    """The KV cache of the last forward, under the name this transformers version's forward takes it
+    (`cache` from 5.x on, `past_key_values` before)."""
+    cache = out.get("cache", None) if "cache" in out else out.past_key_values
+    name = "cache" if "cache" in inspect.signature(unwrap(policy).forward).parameters else "past_key_values"
+    return {name: cache}
+
+
 @torch.no_grad()
 def generate(policy, prompt, prompt_mask, eos_ids: list[int], pad_id: int, max_new_tokens: int, temperature=1.0,
              top_p=0.9):
@@ -181,7 +190,7 @@ def generate(policy, prompt, prompt_mask, eos_ids: list[int], pad_id: int, max_n
             break
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], 1)
         out = policy(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position + t,
-                     past_key_values=out.past_key_values, use_cache=True)
+                     use_cache=True, **cache_kwargs(policy, out))
     return torch.stack(tokens, 1)  # [B, R]
 
 
@@ -533,7 +542,7 @@ def main(argv=None, reward_fn=None):
     policy_optimizer = plumbing.adamw(policy, args.policy_lr)
     critic_optimizer = plumbing.adamw(critic, args.critic_lr)
 
-    run_config = plumbing.run_config(args)
+    run_config = plumbing.run_config(args, ignore=("iterations",))  # constant learning rates: a longer run may resume
     start_step = 0
     if args.resume and (state := plumbing.load_checkpoint(
             out, {"policy": policy, "critic": critic}, {"policy": policy_optimizer, "critic": critic_optimizer},

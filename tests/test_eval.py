@@ -3,18 +3,19 @@ import json
 import math
 import re
 import shutil
-import threading
 from collections import Counter
 from html.parser import HTMLParser
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
 
 import common
 import eval as ev
+import plumbing
+import report
+from chat_server import ChatServer
 
-SECRET = "sk-test-secret-123"
+SECRET = "sk-test-" + "Qz7Wx2Kv9Jq4Yp6Lm3Rn8Ts" * 2  # no piece of it looks like English, hex or an id
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -31,19 +32,18 @@ def one_thread():
 # ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_policy(tiny_dir):
-    return common.disable_dropout(common.load_policy(tiny_dir)).eval()
+    return plumbing.disable_dropout(plumbing.load_policy(tiny_dir)).eval()
 
 
 def left_padded_batch(tokenizer, splits, n=3):
-    encoded = [common.encode_prompt_response(tokenizer, p.prompt, None, max_prompt_len=24)[0]
-               for p in splits["test"][:n]]
+    encoded = [common.encode_prompt(tokenizer, p.prompt, 24) for p in splits["test"][:n]]
     encoded[0] = encoded[0][-7:]  # rows of different lengths: real left padding
     return common.pad_left(encoded, tokenizer.pad_token_id)
 
 
 def sample(policy, prompt_ids, prompt_mask, max_new_tokens, eos_id, seed):
     torch.manual_seed(seed)
-    return ev.generate_responses(policy, prompt_ids, prompt_mask, max_new_tokens, eos_id)
+    return ev.generate_responses(policy, prompt_ids, prompt_mask, max_new_tokens, [eos_id], eos_id)
 
 
 def test_generate_masks_after_first_eos(tiny_policy, tiny_tokenizer, splits):
@@ -66,13 +66,15 @@ def test_kl_of_a_model_against_itself_is_zero(tiny_policy, tiny_dir, tiny_tokeni
     qr, am, rm = sample(tiny_policy, prompt_ids, prompt_mask, 10, tiny_tokenizer.eos_token_id, seed=1)
     _, valid = common.response_index(rm)
     with torch.no_grad():
-        logprobs = ev.response_logprobs(tiny_policy, qr, am, rm)
-        same = ev.response_logprobs(common.load_policy(tiny_dir).eval(), qr, am, rm)
-        other = common.load_policy(tiny_dir).eval()
+        logprobs, _ = common.response_logprobs(tiny_policy, qr, am, rm)
+        same, _ = common.response_logprobs(plumbing.load_policy(tiny_dir).eval(), qr, am, rm)
+        other = plumbing.load_policy(tiny_dir).eval()
         other.transformer.h[0].mlp.c_fc.weight.add_(torch.randn_like(other.transformer.h[0].mlp.c_fc.weight))
-        different = ev.response_logprobs(other, qr, am, rm)
-    assert ev.kl_to_reference(logprobs, same, valid) == {"kl": 0.0, "kl_per_token": 0.0}
-    assert abs(ev.kl_to_reference(logprobs, different, valid)["kl_per_token"]) > 1e-3
+        different, _ = common.response_logprobs(other, qr, am, rm)
+    assert ev.kl_to_reference(logprobs, same, valid) == {"kl": 0.0, "kl_per_token": 0.0}  # a separate load
+    kl = ev.kl_to_reference(logprobs, different, valid)
+    expected = ((logprobs - different) * valid).sum(-1).mean().item()  # Σ_t per response, mean over responses
+    assert kl["kl"] == pytest.approx(expected, rel=1e-6) and abs(kl["kl"]) > 1e-2
     # k1 by hand: Σ_t (log π − log π_ref) per response, mean over responses; per token over all tokens
     lp = torch.tensor([[-1.0, -2.0, 9.0], [-0.5, 9.0, 9.0]])
     ref = torch.tensor([[-1.5, -2.5, 0.0], [-1.0, 0.0, 0.0]])
@@ -90,7 +92,7 @@ def test_perplexity_matches_a_hand_computation(tiny_policy, tiny_tokenizer, spli
     qr, am, rm = sample(tiny_policy, prompt_ids, prompt_mask, 8, tiny_tokenizer.eos_token_id, seed=2)
     _, valid = common.response_index(rm)
     with torch.no_grad():
-        ppl = ev.reference_perplexity(ev.response_logprobs(tiny_policy, qr, am, rm), valid)
+        ppl = ev.reference_perplexity(common.response_logprobs(tiny_policy, qr, am, rm)[0], valid)
         nll, count = 0.0, 0
         for row in range(qr.shape[0]):
             ids = qr[row][am[row].bool()]  # prompt + response, no padding
@@ -122,57 +124,18 @@ def test_pair_score_and_aggregation():
     assert rm["win_rate"] == pytest.approx(50.0) and (rm["wins"], rm["ties"], rm["losses"]) == (1, 1, 1)
 
 
-class JudgeServer:
-    """A chat-completions endpoint on 127.0.0.1; `decide(prompt, a, b)` answers, `faults` are served first."""
+def JudgeServer(decide, faults=()):
+    """The chat server (tests/chat_server.py) playing the judge: `decide(prompt, a, b)` answers, and
+    the behaviours in `faults` are served first, one per call, whoever asks. Each call is tagged by
+    the conversation it judges; the client's test request is tagged "check"."""
+    faults = list(faults)
 
-    def __init__(self, decide, faults=()):
-        self.decide, self.faults, self.calls, self.auth = decide, list(faults), 0, set()
-        self.lock = threading.Lock()
-        server = self
+    def answer(messages):
+        text = messages[-1]["content"]
+        m = re.search(r"\[Conversation\]\n(.*)\n\n\[Answer A\]\n(.*)\n\n\[Answer B\]\n(.*)\n\nWhich", text, re.S)
+        return ("check", "OK") if m is None else (m.group(1), decide(*m.groups()))
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with server.lock:
-                    server.calls += 1
-                    server.auth.add(self.headers.get("Authorization"))
-                    fault = server.faults.pop(0) if server.faults else None
-                if fault == "429":
-                    return self.reply(429, b'{"error": "slow down"}', {"Retry-After": "0"})
-                if fault == "500":
-                    return self.reply(500, b"oops")
-                if fault == "401":
-                    return self.reply(401, json.dumps({"error": f"bad key {self.headers['Authorization']}"}).encode())
-                if fault == "malformed":
-                    return self.reply(200, b"{not json")
-                if fault == "slow":
-                    threading.Event().wait(1.0)
-                text = body["messages"][-1]["content"]
-                m = re.search(r"\[Conversation\]\n(.*)\n\n\[Answer A\]\n(.*)\n\n\[Answer B\]\n(.*)\n\nWhich", text, re.S)
-                verdict = "I think A" if fault == "chatty" else server.decide(*m.groups())
-                self.reply(200, json.dumps({"choices": [{"message": {"role": "assistant", "content": verdict}}]}).encode())
-
-            def reply(self, code, payload, headers=None):
-                try:
-                    self.send_response(code)
-                    for k, v in (headers or {}).items():
-                        self.send_header(k, v)
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    self.wfile.write(payload)
-                except OSError:  # the client gave up (timeout test)
-                    pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    return ChatServer(answer, lambda tag, n: faults.pop(0) if faults else "ok")
 
 
 @pytest.fixture
@@ -203,7 +166,7 @@ def test_judge_that_always_prefers_the_first_position_gives_50_percent(judge_ser
     result = ev.openai_win_rate(make_judge(server, tmp_path), PROMPTS, POLICY, BASELINE)
     assert result["win_rate"] == pytest.approx(50.0)
     assert (result["wins"], result["ties"], result["losses"], result["failed"]) == (0, 4, 0, 0)
-    assert server.calls == 8  # every pair in both orders
+    assert len(server.calls) == 8  # every pair in both orders
 
 
 def test_win_rate_with_swapping_ties_faults_and_cache(judge_server, tmp_path):
@@ -218,31 +181,92 @@ def test_win_rate_with_swapping_ties_faults_and_cache(judge_server, tmp_path):
             return "tie" if policy_is_a else "B"  # tie, then a win: ¾
         return "B" if policy_is_a else "A"  # baseline wins in both orders: 0
 
-    server = judge_server(decide, faults=["429", "500", "malformed", "chatty", "slow"])
+    server = judge_server(decide, faults=["429:0", "500", "badjson", "say:I think A", "slow:1.0", "null",
+                                          "trickle:0.2"])
     prompts, policy, baseline = PROMPTS + ["\n\nHuman: same?\n\nAssistant:"], POLICY + [" same"], BASELINE + ["same "]
     judge = make_judge(server, tmp_path)
     result = ev.openai_win_rate(judge, prompts, policy, baseline)
     # identical answers: a tie, no call; (1 + ½ + ¾ + 0 + ½) / 5
     assert result["win_rate"] == pytest.approx(100 * 2.75 / 5)
     assert (result["wins"], result["ties"], result["losses"], result["judged"]) == (2, 2, 1, 5)
-    assert server.calls == 8 + 5  # 4 pairs × 2 orders, plus one retry per injected fault
-    assert server.auth == {f"Bearer {SECRET}"}
+    assert len(server.calls) == 8 + 7  # 4 pairs × 2 orders, plus one retry per injected fault
+    assert {auth for *_, auth in server.calls} == {f"Bearer {SECRET}"}
     cache_text = (tmp_path / "cache.jsonl").read_text()
     assert len(cache_text.splitlines()) == 8 and SECRET not in cache_text
     # a rerun pays nothing: every verdict comes from the cache file
     again = ev.openai_win_rate(make_judge(server, tmp_path), prompts, policy, baseline)
-    assert again == result and server.calls == 13
+    assert again == result and len(server.calls) == 15
 
 
 def test_judge_fatal_error_hides_the_key_and_exhausted_retries_count_as_failed(judge_server, tmp_path):
     server = judge_server(lambda *a: "A", faults=["401"])
-    with pytest.raises(ev.JudgeError) as info:
+    with pytest.raises(plumbing.ChatFatal) as info:
         ev.openai_win_rate(make_judge(server, tmp_path, concurrency=1), PROMPTS[:1], POLICY[:1], BASELINE[:1])
     assert "401" in str(info.value) and SECRET not in str(info.value)
     server = judge_server(lambda *a: "A", faults=["500"] * 4)  # max_retries=3: the first order fails
     result = ev.openai_win_rate(make_judge(server, tmp_path / "x", concurrency=1, max_retries=3),
                                 PROMPTS[:1], POLICY[:1], BASELINE[:1])
     assert result["failed"] == 1 and result["judged"] == 0 and result["win_rate"] is None
+
+
+def key_fragment(text: str) -> int:
+    """Length of the longest piece of the key's secret part (after "sk-test-") that appears in text."""
+    secret, best = SECRET.removeprefix("sk-test-"), 0
+    for i in range(len(secret)):
+        while i + best < len(secret) and secret[i:i + best + 1] in text:
+            best += 1
+    return best
+
+
+def test_judge_errors_never_show_the_key_at_any_offset(judge_server, tmp_path):
+    """The judge server answers 401 with the key at character offset k of its body, for every k up
+    to past the snippet: before the fix the body was cut at 300 characters, then scrubbed, and up to
+    55 of the key's 56 characters reached the error."""
+    offsets = range(plumbing.SNIPPET_CHARS + 2)
+    server = judge_server(lambda *a: "A", faults=[f"echo401:{k}" for k in offsets])
+    judge = make_judge(server, tmp_path)
+    for k in offsets:
+        with pytest.raises(plumbing.ChatFatal) as info:
+            ev.judge_verdict(judge, PROMPTS[0], POLICY[0], BASELINE[0])
+        assert "HTTP 401" in str(info.value) and "\n" not in str(info.value)
+        assert key_fragment(str(info.value)) < 4, (k, str(info.value))
+    assert len(server.calls) == len(offsets)  # a 401 is never retried
+
+
+def test_judge_asks_again_after_a_null_answer(judge_server, tmp_path):
+    server = judge_server(lambda *a: "B", faults=["null"])  # before the fix: no retry, a failed verdict
+    judge = make_judge(server, tmp_path)
+    assert ev.judge_verdict(judge, PROMPTS[0], POLICY[0], BASELINE[0]) == "B" and len(server.calls) == 2
+
+
+def test_judge_cache_survives_a_torn_last_line(judge_server, tmp_path, capsys):
+    """A run killed mid-write leaves a torn last line. Before the fix the next verdict was appended
+    onto it, so that line stayed unreadable and the verdict was paid for again on every rerun."""
+    server = judge_server(lambda *a: "A")
+    judge = make_judge(server, tmp_path)
+    assert ev.judge_verdict(judge, PROMPTS[0], POLICY[0], BASELINE[0]) == "A"
+    judge.cache.close()
+    cache = tmp_path / "cache.jsonl"
+    cache.write_text(cache.read_text() + '{"key": "0123", "verd')  # the kill
+    judge = make_judge(server, tmp_path)
+    assert "line 2: unreadable" in capsys.readouterr().err
+    assert ev.judge_verdict(judge, PROMPTS[1], POLICY[1], BASELINE[1]) == "A"
+    judge.cache.close()
+    assert len(server.calls) == 2
+    judge = make_judge(server, tmp_path)  # the next run finds both verdicts
+    assert ev.judge_verdict(judge, PROMPTS[0], POLICY[0], BASELINE[0]) == "A"
+    assert ev.judge_verdict(judge, PROMPTS[1], POLICY[1], BASELINE[1]) == "A"
+    assert len(server.calls) == 2
+
+
+def test_results_markdown_escapes_a_pipe_in_policy_and_baseline_names():
+    results = {"baseline": "sft|v2", "judge": "reward-model", "split": "test", "num_prompts": 2,
+               "policies": {"sft|v2": {k: 1.0 for k, _, _ in report.COLUMNS},
+                            "tlcr|a": {**{k: 2.0 for k, _, _ in report.COLUMNS}, "win_rate": 62.5}}}
+    rows = [line for line in report.results_markdown(results).splitlines() if line.startswith("|")]
+    columns = [len(re.findall(r"(?<!\\)\|", row)) - 1 for row in rows]  # unescaped pipes
+    assert len(rows) == 4 and columns == [len(report.COLUMNS) + 2] * 4, columns  # before the fix the header had one more
+    assert "Win rate vs sft\\|v2" in rows[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,8 +307,8 @@ def test_report_is_valid_html_with_table_curves_shaded_tokens_and_escaped_text(t
     results = {"baseline": "sft", "judge": "reward-model", "split": "test", "num_prompts": 2, "seed": 0,
                "discriminator_accuracy": {"accuracy": 0.75, "positive_accuracy": 0.8, "negative_accuracy": 0.7,
                                           "n_positive": 10, "n_negative": 10},
-               "policies": {"sft": {k: 1.0 for k, _, _ in ev.COLUMNS},
-                            "tlcr<i>": {**{k: 2.0 for k, _, _ in ev.COLUMNS}, "win_rate": 62.5}}}
+               "policies": {"sft": {k: 1.0 for k, _, _ in report.COLUMNS},
+                            "tlcr<i>": {**{k: 2.0 for k, _, _ in report.COLUMNS}, "win_rate": 62.5}}}
     evil = ["Sure", " <script>", "alert(1)", "</script>", " & <b>bold"]
     samples = [{"prompt": "\n\nHuman: <script>x</script>?\n\nAssistant:",
                 "responses": {"sft": {"tokens": evil, "tlcr": [0.9, -0.8, 0.0, 0.1, -0.2], "red": [1, -2, 0, 3, -1]},
@@ -294,9 +318,9 @@ def test_report_is_valid_html_with_table_curves_shaded_tokens_and_escaped_text(t
         lines = [json.dumps({"step": s, "task_reward": s * 0.1, "kl": 0.01 * s, "response_length": 20 + s,
                              "perplexity": 5 - 0.1 * s, "rm_score": -1 + s / 5}) for s in range(1, 6)]
         (tmp_path / run / "log.jsonl").write_text("\n".join(lines) + "\n{broken")
-    curves = ev.training_curves({r: tmp_path / r / "log.jsonl" for r in ("seq", "tlcr")})
+    curves = report.training_curves({r: tmp_path / r / "log.jsonl" for r in ("seq", "tlcr")})
     assert len(curves) == 5 and all(len(s) == 2 and len(s["seq"]) == 5 for s in curves.values())
-    page = ev.report_html(results, samples, curves)
+    page = report.report_html(results, samples, curves)
     parser = check_html(page)
     # the table: one row per policy, the win rate, escaped policy names
     assert parser.tags["table"] == 1 and parser.tags["tr"] == 3
@@ -312,7 +336,7 @@ def test_report_is_valid_html_with_table_curves_shaded_tokens_and_escaped_text(t
     assert "&lt;script&gt;" in page and "&amp; &lt;b&gt;bold" in page
     assert "<script>" in "".join(parser.data)  # what the reader sees
     assert "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")  # self-contained
-    md = ev.results_markdown(results)
+    md = report.results_markdown(results)
     assert md.count("\n| ") == 3 and "| sft |" in md and "62.5 |" in md and "75.0%" in md
 
 
@@ -324,10 +348,11 @@ def run_dir(tmp_path_factory, tiny_dir, tiny_tokenizer, splits):
     """A run layout of untrained tiny models: RM and discriminator with fresh heads, a copy of the
     SFT model, another policy with changed weights and a PPO log, and a small labels file."""
     root = tmp_path_factory.mktemp("run")
-    common.ScoreModel.from_pretrained(tiny_dir).save_pretrained(root / "rm")
-    common.ScoreModel.from_pretrained(tiny_dir).save_pretrained(root / "disc")
+    torch.manual_seed(0)
+    plumbing.save_score_model(plumbing.new_score_model(tiny_dir, bias=False), tiny_tokenizer, root / "rm", "sequence")
+    plumbing.save_score_model(plumbing.new_score_model(tiny_dir, bias=True), tiny_tokenizer, root / "disc", "token")
     shutil.copytree(tiny_dir, root / "copy")  # the same weights, loaded separately
-    other = common.load_policy(tiny_dir)
+    other = plumbing.load_policy(tiny_dir)
     with torch.no_grad():
         other.transformer.h[1].mlp.c_proj.weight.mul_(3.0)
     other.save_pretrained(root / "ppo_other" / "policy")
@@ -339,6 +364,7 @@ def run_dir(tmp_path_factory, tiny_dir, tiny_tokenizer, splits):
         ids = tiny_tokenizer(pair.rejected, add_special_tokens=False)["input_ids"][:12]
         rev = tiny_tokenizer(pair.chosen, add_special_tokens=False)["input_ids"][:12]
         labels.append({"id": pair.id, "prompt": pair.prompt, "rejected_ids": ids, "revised_ids": rev,
+                       "tokenizer": plumbing.tokenizer_fingerprint(tiny_tokenizer),
                        "rejected_labels": [-1 if j % 2 else 0 for j in range(len(ids))],
                        "revised_labels": [1 if j % 3 else 0 for j in range(len(rev))]})
     (root / "labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in labels))
@@ -347,7 +373,7 @@ def run_dir(tmp_path_factory, tiny_dir, tiny_tokenizer, splits):
 
 def eval_argv(tiny_dir, root, out, *policies):
     return ["--policies", *policies, "--reference", str(tiny_dir), "--reward-model", str(root / "rm"),
-            "--discriminator", str(root / "disc"), "--num-prompts", "5", "--batch-size", "3",
+            "--discriminator", str(root / "disc"), "--num-prompts", "5", "--eval-batch-size", "3",
             "--max-new-tokens", "10", "--show-prompts", "2", "--out", str(out), "--device", "cpu"]
 
 
@@ -366,13 +392,19 @@ def test_main_end_to_end_with_reward_model_judge(tiny_dir, run_dir, tmp_path):
     assert pol["copy"]["rm_score"] == pytest.approx(pol["sft"]["rm_score"], abs=1e-5)
     assert pol["copy"]["win_rate"] == 50.0 and pol["copy"]["ties"] == 5
     assert pol["other"]["judged"] == 5 and "win_rate" not in pol["sft"]
-    for row in pol.values():
-        assert 1 <= row["response_length"] <= 10 and 0 <= row["eos_share"] <= 1
-        assert -1 <= row["tlcr_reward"] <= 1 and row["ref_perplexity"] > 1
-    acc = on_disk["discriminator_accuracy"]
-    assert acc["n_positive"] > 0 and acc["n_negative"] > 0 and 0 <= acc["accuracy"] <= 1
+    assert pol["copy"]["tlcr_reward"] == pytest.approx(pol["sft"]["tlcr_reward"], abs=1e-6)  # same responses
+    assert pol["copy"]["ref_perplexity"] == pytest.approx(pol["sft"]["ref_perplexity"], rel=1e-6)
+    assert pol["other"]["ref_perplexity"] != pytest.approx(pol["sft"]["ref_perplexity"], rel=1e-3)
     responses = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
     assert len(responses) == 15
+    for name, row in pol.items():  # the EOS share is the share of this policy's responses that ended at EOS
+        ended = [r["ended_at_eos"] for r in responses if r["policy"] == name]
+        assert row["eos_share"] == pytest.approx(sum(ended) / 5)
+    # every labelled token of the file was counted (--labels-split all; 12 ids per side, all within the limits)
+    labels = [json.loads(line) for line in (run_dir / "labels.jsonl").read_text().splitlines()]
+    acc = on_disk["discriminator_accuracy"]
+    assert acc["n_positive"] == sum(r["revised_labels"].count(1) for r in labels)
+    assert acc["n_negative"] == sum(r["rejected_labels"].count(-1) for r in labels)
     assert [r["response"] for r in responses if r["policy"] == "sft"] == \
         [r["response"] for r in responses if r["policy"] == "copy"]
     md = (out / "results.md").read_text()
@@ -384,8 +416,29 @@ def test_main_end_to_end_with_reward_model_judge(tiny_dir, run_dir, tmp_path):
     assert page.count('title="TLCR ') >= 2 * 3 and page.count('title="RED ') >= 2 * 3
 
 
+def test_main_stops_on_a_bad_judge_key_before_generating(tiny_dir, run_dir, tmp_path, judge_server,
+                                                        monkeypatch):
+    """Before the fix a 401 came as a traceback, after every policy had been generated and scored."""
+    def no_generation(*args, **kwargs):
+        raise AssertionError("generated before the judge was checked")
+
+    monkeypatch.setattr(ev, "generate_responses", no_generation)
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    server = judge_server(lambda *a: "A", faults=["echo401:250"])
+    argv = eval_argv(tiny_dir, run_dir, tmp_path / "eval", f"sft={tiny_dir}", f"copy={run_dir / 'copy'}") + [
+        "--judge", "openai", "--api-base", server.url, "--api-model", "no-such-model"]
+    with pytest.raises(SystemExit) as info:
+        ev.main(argv)
+    message = str(info.value)
+    assert message.startswith("--judge openai: HTTP 401 from ") and "\n" not in message
+    assert key_fragment(message) < 4 and len(server.calls) == 1
+    monkeypatch.delenv("OPENAI_API_KEY")  # a remote judge without a key: one line, no request
+    with pytest.raises(SystemExit, match="--judge openai: set the OPENAI_API_KEY environment variable"):
+        ev.main(argv[:-4] + ["--api-base", "https://judge.example.com/v1"])
+
+
 def test_main_with_openai_judge_pays_once(tiny_dir, run_dir, tmp_path, judge_server, monkeypatch):
-    server = judge_server(lambda prompt, a, b: "A", faults=["429"])
+    server = judge_server(lambda prompt, a, b: "A", faults=["429:0"])
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
     out = tmp_path / "eval"
     argv = eval_argv(tiny_dir, run_dir, out, f"sft={tiny_dir}", f"copy={run_dir / 'copy'}",
@@ -396,8 +449,9 @@ def test_main_with_openai_judge_pays_once(tiny_dir, run_dir, tmp_path, judge_ser
     assert results["baseline"] == "copy" and results["judge"] == "openai:local-judge"
     assert pol["sft"]["win_rate"] == 50.0 and pol["sft"]["ties"] == 5  # identical answers: no call
     assert pol["other"]["win_rate"] == 50.0 and pol["other"]["judged"] == 5  # position bias cancels
-    assert server.calls == 2 * 5 + 1  # 5 differing pairs × 2 orders, plus the retried 429
+    # the test request (which met the 429 and was retried), then 5 differing pairs × 2 orders
+    assert [c[0] for c in server.calls[:2]] == ["check", "check"] and len(server.calls) == 2 + 2 * 5
     for path in out.iterdir():
         assert SECRET not in path.read_text()
-    ev.main(argv)  # a rerun: every verdict from judge_cache.jsonl
-    assert server.calls == 2 * 5 + 1
+    ev.main(argv)  # a rerun: every verdict from judge_cache.jsonl, only the test request is paid
+    assert len(server.calls) == 2 + 2 * 5 + 1 and server.calls[-1][0] == "check"

@@ -7,18 +7,18 @@ import random
 import signal
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 import common
+import plumbing
 import label
+from chat_server import ChatServer
 
 ROOT = Path(__file__).resolve().parents[1]
-SECRET = "sk-test-" + "9f3c2a7e5b1d4086" * 3
+SECRET = "sk-test-" + "Qz7Wx2Kv9Jq4Yp6Lm3Rn8Ts" * 2  # no piece of it looks like English, hex or an id
 SUFFIX = " I hope this helps."
 
 
@@ -138,12 +138,35 @@ def test_bundled_responses_tokenise_the_same_alone_and_in_context(splits, tiny_t
                                        max_response_len=64, progress=False)
     assert stats["boundary_mismatch"] == 0  # prompts end with "Assistant:", responses start with " "
     for pair, record in zip(pairs, records):
-        prompt_ids, response_ids = common.encode_prompt_response(tiny_tokenizer, pair.prompt, pair.rejected,
-                                                                 max_response_len=64)
+        response_ids = common.encode_response(tiny_tokenizer, pair.rejected, max_len=64)
         assert record["rejected_ids"] == response_ids[:-1]  # what every stage feeds the model, minus EOS
         assert len(record["rejected_ids"]) == len(record["rejected_labels"]) <= 63
         assert len(record["revised_ids"]) == len(record["revised_labels"])
         assert set(record["rejected_labels"]) <= {-1, 0} and set(record["revised_labels"]) <= {0, 1}
+
+
+def test_labelled_ids_are_what_the_discriminator_feeds_with_bos_and_sentencepiece(splits, llama_tokenizer):
+    """With a tokenizer that adds BOS and puts '▁' before every text it tokenises alone: the labelled ids
+    carry no stray '▁', and the discriminator's sequence (BOS, prompt, labelled ids) is exactly the
+    tokenizer's own encoding of prompt + response, so every label sits on the token it was made for."""
+    import discriminator
+
+    pairs = splits["reward"][:20]
+    revisions = {p.id: p.chosen for p in pairs}
+    records, stats = label.label_pairs(pairs, revisions, llama_tokenizer, max_response_len=10_000, progress=False)
+    assert stats["boundary_mismatch"] == 0
+    for record in records:
+        record["_where"] = "x"
+    examples = discriminator.encode_records(records, llama_tokenizer, 10_000, 10_000)
+    for k, pair in enumerate(pairs):
+        for side, text in (("rejected", pair.rejected), ("revised", pair.chosen)):
+            prompt_ids, response_ids, labels = examples[2 * k + (side == "revised")]
+            assert prompt_ids + response_ids == llama_tokenizer(pair.prompt + text)["input_ids"]
+            assert prompt_ids.count(llama_tokenizer.bos_token_id) == 1
+            alone = llama_tokenizer(text, add_special_tokens=False)["input_ids"]  # has a stray '▁' in front
+            assert llama_tokenizer.convert_ids_to_tokens(alone[:1]) == ["▁"] and alone[1:] == response_ids
+            assert labels == records[k][f"{side}_labels"]
+        assert records[k]["tokenizer"] == plumbing.tokenizer_fingerprint(llama_tokenizer)
 
 
 def merged_word(tokenizer):
@@ -175,7 +198,7 @@ def test_boundary_merge_maps_labels_by_character_offsets(tiny_tokenizer):
         assert stats["boundary_mismatch"] == 2  # both sides
         rejected_labels, revised_labels = label.edit_labels(alone, tiny_tokenizer(revised, add_special_tokens=False)["input_ids"])
         assert -1 in rejected_labels and rejected_labels[: len(alone) - tail] == [0] * (len(alone) - tail)
-        if layout == "separate":  # the response tokenised alone, as common.encode_prompt_response does
+        if layout == "separate":  # the response's own ids, as common.encode_response gives them
             assert record["rejected_ids"] == alone and record["rejected_labels"] == rejected_labels
         else:  # the tokens inside prompt + response; the merged first token stays neutral
             assert record["rejected_ids"] == context_ids
@@ -197,95 +220,26 @@ def test_parse_revision():
     assert label.parse_revision(f"I will write {d} below", " x") is None  # not on its own line
 
 
-def test_retry_after_and_backoff():
-    assert label.retry_after_seconds("2") == 2.0 and label.retry_after_seconds("0.5") == 0.5
-    assert label.retry_after_seconds(None) is None and label.retry_after_seconds("soon") is None
-    future = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
-    assert 20 < label.retry_after_seconds(future) <= 31
-    rng = random.Random(0)
-    delays = [label.backoff_delay(k, 1.0, 8.0, rng) for k in range(6)]
-    assert 0.5 <= delays[0] <= 1.0 and 4.0 <= delays[3] <= 8.0 and all(d <= 8.0 for d in delays)
-    assert len({label.backoff_delay(2, 1.0, 8.0, rng) for _ in range(5)}) > 1  # jitter
-
-
 # ----------------------------------------------------------------------------------------------
 # A chat-completions server that injects faults
 # ----------------------------------------------------------------------------------------------
-class FakeChat:
-    """Plays the chat-completions API on 127.0.0.1. Each pair (found by its rejected text) follows
-    a script of behaviours, one per call, then answers "ok"."""
+def fake_chat(pairs, scripts=None, hold_after=None):
+    """The chat server (tests/chat_server.py) playing the reviser: each pair, tagged by its index and
+    found by its reviser prompt, follows a script of behaviours, one per call, then answers "ok" (the
+    rejected response plus SUFFIX after the delimiter). The client's test request is tagged "check"."""
+    index = {label.reviser_prompt(p): k for k, p in enumerate(pairs)}
 
-    def __init__(self, pairs, scripts=None, hold_after=None):
-        self.index = {p.rejected.strip(): k for k, p in enumerate(pairs)}
-        self.scripts, self.hold_after = scripts or {}, hold_after
-        self.release = threading.Event()  # calls after the first `hold_after` wait for it
-        self.calls, self.lock = [], threading.Lock()  # (pair index, behaviour, time, Authorization)
-        fake = self
+    def answer(messages):
+        k = index.get(messages[0]["content"])
+        if k is None:
+            return "check", "OK"
+        return k, f"Reply A is more helpful.\n{label.DELIMITER}\n{pairs[k].rejected.strip()}{SUFFIX}"
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
+    def plan(tag, n):
+        script = (scripts or {}).get(tag, [])
+        return script[n] if n < len(script) else "ok"
 
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                content = body["messages"][0]["content"]
-                rejected = content.split("=== Reply B (rejected) ===\n", 1)[1].split("\n\nFirst explain", 1)[0]
-                k, auth = fake.index[rejected], self.headers.get("Authorization", "")
-                with fake.lock:
-                    n = sum(1 for c in fake.calls if c[0] == k)
-                    script = fake.scripts.get(k, [])
-                    behaviour = script[n] if n < len(script) else "ok"
-                    fake.calls.append((k, behaviour, time.monotonic(), auth))
-                    held = fake.hold_after is not None and len(fake.calls) > fake.hold_after
-                if held:
-                    fake.release.wait(30)
-                try:
-                    fake.respond(self, behaviour, rejected, auth)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up (timeout)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def respond(self, handler, behaviour, rejected, auth):
-        def send(status, text, headers=()):
-            data = text.encode()
-            handler.send_response(status)
-            for key, value in headers:
-                handler.send_header(key, value)
-            handler.send_header("Content-Length", str(len(data)))
-            handler.end_headers()
-            handler.wfile.write(data)
-
-        def answer(content):
-            send(200, json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}))
-
-        if behaviour == "slow":
-            time.sleep(1.5)
-        if behaviour in ("ok", "okkey", "slow"):
-            echo = f" (request had {auth})" if behaviour == "okkey" else ""
-            answer(f"Reply A is more helpful.{echo}\n{label.DELIMITER}\n{rejected}{SUFFIX}")
-        elif behaviour == "429":
-            send(429, "slow down", [("Retry-After", "0.4")])
-        elif behaviour == "500":
-            send(500, "oops")
-        elif behaviour == "500key":
-            send(500, f"internal error handling {auth}")
-        elif behaviour == "badjson":
-            send(200, '{"choices": [{"mess')
-        elif behaviour == "nodelim":
-            answer("I would rather not rewrite this.")
-        elif behaviour == "401":
-            send(401, f"invalid key {auth}")
-
-    def calls_for(self, k):
-        return [c for c in self.calls if c[0] == k]
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+    return ChatServer(answer, plan, hold_after)
 
 
 @pytest.fixture
@@ -307,23 +261,27 @@ def read_lines(path):
 
 def test_openai_reviser_survives_faults_and_never_leaks_the_key(splits, tiny_dir, tiny_tokenizer, tmp_path,
                                                                  monkeypatch, no_proxy_env, capsys):
-    pairs = splits["reward"][:9]
-    scripts = {0: ["429"], 1: ["500"], 2: ["badjson"], 3: ["nodelim"], 4: ["slow"],
-               5: ["nodelim"] * 3, 6: ["500key"] * 3, 7: ["okkey"]}
-    expected_calls = {0: 2, 1: 2, 2: 2, 3: 2, 4: 2, 5: 3, 6: 3, 7: 1, 8: 1}  # --max-retries 2: at most 3 calls
+    pairs = splits["reward"][:10]
+    nodelim = "say:I would rather not rewrite this."
+    scripts = {0: ["429:0.4"], 1: ["500"], 2: ["badjson"], 3: [nodelim], 4: ["slow:1.5"],
+               5: [nodelim] * 3, 6: ["500key"] * 3, 7: ["okkey"], 8: ["null"], 9: ["trickle:0.2"]}
+    expected_calls = {0: 2, 1: 2, 2: 2, 3: 2, 4: 2, 5: 3, 6: 3, 7: 1, 8: 2, 9: 2}  # --max-retries 2: at most 3
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
-    server = FakeChat(pairs, scripts)
+    server = fake_chat(pairs, scripts)
     out = tmp_path / "labels.jsonl"
     try:
-        summary = label.main(openai_args(tiny_dir, out, server.url, 9, "--max-retries", "2", "--concurrency", "3"))
-        assert {k: len(server.calls_for(k)) for k in range(9)} == expected_calls
-        assert summary["reviser_calls"] == sum(expected_calls.values())
+        summary = label.main(openai_args(tiny_dir, out, server.url, 10, "--max-retries", "2", "--concurrency", "3"))
+        assert {k: len(server.calls_for(k)) for k in range(10)} == expected_calls
+        assert len(server.calls_for("check")) == 1 and server.calls[0][0] == "check"  # before any pair
+        assert summary["reviser_calls"] == sum(expected_calls.values()) + 1
         assert all(auth == f"Bearer {SECRET}" for _, _, _, auth in server.calls)
         first, second = server.calls_for(0)[:2]
         assert second[2] - first[2] >= 0.39  # Retry-After: 0.4 honoured (the backoff cap is 0.05 s)
+        first, second = server.calls_for(9)  # a byte every 0.2 s: cut at --timeout 0.5, then retried
+        assert 0.45 <= second[2] - first[2] <= 1.0
 
         # every pair labelled or reported failed, with the reason
-        assert summary["done"] == 7 and summary["failed"] == 2 and summary["pairs"] == 9
+        assert summary["done"] == 8 and summary["failed"] == 2 and summary["pairs"] == 10
         errors = {f["id"]: f["error"] for f in summary["failures"]}
         assert errors[pairs[5].id] == "no delimiter in answer"
         assert errors[pairs[6].id].startswith("HTTP 500") and "***" in errors[pairs[6].id]
@@ -340,8 +298,12 @@ def test_openai_reviser_survives_faults_and_never_leaks_the_key(splits, tiny_dir
                 assert neutral == record["rejected_ids"]  # where the inserts land is up to the tie-break
                 checked += 1
         assert checked >= 3
-        cache = read_lines(f"{out}.cache.jsonl")
-        assert len(cache) == 7 and len({c["key"] for c in cache}) == 7
+        cache = read_lines(f"{out}.cache.jsonl")  # every answer, the two failed ones with their raw text
+        assert len(cache) == 10 and len({c["key"] for c in cache}) == 10
+        failed = {c["id"]: c for c in cache if c["revised"] is None}
+        assert set(failed) == {pairs[5].id, pairs[6].id}
+        assert failed[pairs[5].id]["answer"] == "I would rather not rewrite this."
+        assert failed[pairs[5].id]["error"] == "no delimiter in answer"
 
         # the key is nowhere: outputs, cache (pair 7's answer echoed it), summary, printed output
         printed = capsys.readouterr()
@@ -352,35 +314,80 @@ def test_openai_reviser_survives_faults_and_never_leaks_the_key(splits, tiny_dir
 
         # a second run asks only for the two failed pairs (their scripts are used up: they succeed now)
         before = len(server.calls)
-        summary = label.main(openai_args(tiny_dir, out, server.url, 9, "--max-retries", "2"))
-        assert sorted(c[0] for c in server.calls[before:]) == [5, 6]
-        assert summary["done"] == 9 and summary["failed"] == 0 and summary["from_cache"] == 7
-        assert len(read_lines(out)) == 9 and len(read_lines(f"{out}.cache.jsonl")) == 9
+        summary = label.main(openai_args(tiny_dir, out, server.url, 10, "--max-retries", "2"))
+        assert sorted(c[0] for c in server.calls[before:] if c[0] != "check") == [5, 6]
+        assert summary["done"] == 10 and summary["failed"] == 0 and summary["from_cache"] == 8
+        assert len(read_lines(out)) == 10 and len(read_lines(f"{out}.cache.jsonl")) == 12
     finally:
         server.close()
+
+
+def key_fragment(text: str) -> int:
+    """Length of the longest piece of the key's secret part (after "sk-test-") that appears in text."""
+    secret, best = SECRET.removeprefix("sk-test-"), 0
+    for i in range(len(secret)):
+        while i + best < len(secret) and secret[i:i + best + 1] in text:
+            best += 1
+    return best
+
+
+def test_openai_key_never_leaks_at_any_offset(splits, tiny_dir, tmp_path, monkeypatch, no_proxy_env, capsys):
+    """The server echoes the key at character offset k, for every k up to past the snippet an error
+    shows: pair 2k fails with the key in its error body (-> the summary), pair 2k+1 answers with the
+    key in its answer (-> the cache). Before the fix the error body was cut at 200 characters, then
+    scrubbed: up to 55 of the key's 56 characters reached labels.jsonl.summary.json."""
+    n = 2 * (plumbing.SNIPPET_CHARS + 2)
+    pairs = splits["reward"][:n]
+    scripts = {j: [f"echo500:{j // 2}" if j % 2 == 0 else f"okkey:{j // 2}"] for j in range(n)}
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    server = fake_chat(pairs, scripts)
+    out = tmp_path / "labels.jsonl"
+    try:
+        summary = label.main(openai_args(tiny_dir, out, server.url, n, "--max-retries", "0", "--concurrency", "8"))
+    finally:
+        server.close()
+    assert summary["pairs"] == n and summary["failed"] == n // 2 and summary["done"] == n // 2
+    assert all(f["error"].startswith("HTTP 500") for f in summary["failures"])
+    printed = capsys.readouterr()
+    cache = Path(f"{out}.cache.jsonl").read_text()
+    records = read_lines(f"{out}.cache.jsonl")  # every answer; the key scrubbed in answers and in errors alike
+    assert sum("***" in r["answer"] for r in records if r["revised"] is not None) == n // 2
+    assert all(r["error"].startswith("HTTP 500") for r in records if r["revised"] is None)
+    for text in (Path(f"{out}.summary.json").read_text(), cache, out.read_text(), printed.out, printed.err):
+        assert key_fragment(text) < 4
+    # a 401 stops the run with one line on stderr, whatever the offset (200: the old cut)
+    for k in (150, 170, 185, 199, 250, 280, 299):
+        server = fake_chat(pairs[:1], {"check": [f"echo401:{k}"]})
+        try:
+            with pytest.raises(plumbing.ChatFatal) as exc:
+                label.main(openai_args(tiny_dir, tmp_path / "l.jsonl", server.url, 1))
+        finally:
+            server.close()
+        assert "HTTP 401" in str(exc.value) and "\n" not in str(exc.value) and key_fragment(str(exc.value)) < 4
 
 
 def test_openai_bad_key_stops_the_run_without_leaking_it(splits, tiny_dir, tmp_path, monkeypatch, no_proxy_env):
     pairs = splits["reward"][:2]
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
-    server = FakeChat(pairs, {0: ["401"] * 9, 1: ["401"] * 9})
+    server = fake_chat(pairs, {"check": ["401"]})
     try:
-        with pytest.raises(SystemExit) as exc:
+        with pytest.raises(plumbing.ChatFatal) as exc:
             label.main(openai_args(tiny_dir, tmp_path / "l.jsonl", server.url, 2, "--concurrency", "1"))
         assert "HTTP 401" in str(exc.value) and SECRET not in str(exc.value) and "***" in str(exc.value)
+        assert "\n" not in str(exc.value) and len(server.calls) == 1  # the test request, no pair asked
         assert not (tmp_path / "l.jsonl").exists()
     finally:
         server.close()
 
 
 def test_openai_without_key_is_a_clear_error(tiny_dir, tmp_path, no_proxy_env):
-    with pytest.raises(SystemExit, match="OPENAI_API_KEY"):
+    with pytest.raises(plumbing.ChatFatal, match="OPENAI_API_KEY"):
         label.main(openai_args(tiny_dir, tmp_path / "l.jsonl", "https://api.example.com/v1", 2))
 
 
 def test_resume_after_kill_asks_only_for_missing_pairs(splits, tiny_dir, tmp_path, no_proxy_env):
     pairs = splits["reward"][:6]
-    server = FakeChat(pairs, hold_after=3)  # three answers, then the server stalls until released
+    server = fake_chat(pairs, hold_after=4)  # the test request and three answers, then it stalls until released
     out = tmp_path / "labels.jsonl"
     cache = Path(f"{out}.cache.jsonl")
     args = openai_args(tiny_dir, out, server.url, 6, "--concurrency", "1", "--timeout", "30")
@@ -390,7 +397,7 @@ def test_resume_after_kill_asks_only_for_missing_pairs(splits, tiny_dir, tmp_pat
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and proc.poll() is None:
-            if cache.exists() and cache.read_text().count("\n") >= 3 and len(server.calls) >= 4:
+            if cache.exists() and cache.read_text().count("\n") >= 3 and len(server.calls) >= 5:
                 break
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)  # while the 4th request is in flight
@@ -402,7 +409,7 @@ def test_resume_after_kill_asks_only_for_missing_pairs(splits, tiny_dir, tmp_pat
         before = len(server.calls)
 
         summary = label.main(args)
-        asked = [pairs[c[0]].id for c in server.calls[before:]]
+        asked = [pairs[c[0]].id for c in server.calls[before:] if c[0] != "check"]
         assert not set(asked) & cached and sorted(asked) == sorted({p.id for p in pairs} - cached)
         assert summary["done"] == 6 and summary["from_cache"] == len(cached)
         assert sorted(r["id"] for r in read_lines(out)) == sorted(p.id for p in pairs)  # none lost, none twice
@@ -428,7 +435,7 @@ def test_chosen_reviser_end_to_end(splits, tiny_dir, tiny_tokenizer, tmp_path, c
     assert [r["id"] for r in records] == [p.id for p in splits["reward"][:12]]
     for record, pair in zip(records, splits["reward"]):
         assert record["revised"] == pair.chosen and record["prompt"] == pair.prompt
-        assert record["rejected_ids"] == tiny_tokenizer(pair.rejected, add_special_tokens=False)["input_ids"][:31]
+        assert record["rejected_ids"] == common.encode_response(tiny_tokenizer, pair.rejected, 31, add_eos=False)
         assert len(record["revised_ids"]) == len(record["revised_labels"]) <= 31
         assert record["distance"] >= sum(v == -1 for v in record["rejected_labels"])
     assert summary["done"] == 12 and summary["failed"] == 0 and summary["reviser"] == "chosen"
@@ -444,19 +451,21 @@ def hf_args(tiny_dir, out, n, *extra):
 
 
 def test_hf_reviser_tiny_model_end_to_end(tiny_dir, tmp_path):
+    """A real generate() on the tiny model: it never writes the delimiter, so nothing is labelled (exit 1)
+    and its three answers wait in the cache."""
     out = tmp_path / "labels.jsonl"
-    summary = label.main(hf_args(tiny_dir, out, 3))
-    assert summary["done"] + summary["failed"] == 3  # a random tiny model rarely writes the delimiter
-    assert all(f["error"] == "no delimiter in answer" for f in summary["failures"])
-    assert len(read_lines(out)) == summary["done"] and summary["reviser_calls"] == 3
+    with pytest.raises(SystemExit) as exc:
+        label.main(hf_args(tiny_dir, out, 3))
+    assert exc.value.code == 1
+    cache = read_lines(f"{out}.cache.jsonl")
+    assert len(cache) == 3 and all(c["error"] == "no delimiter in answer" and c["answer"] for c in cache)
 
 
 def test_hf_reviser_parses_and_retries_when_sampling(splits, tiny_dir, tmp_path, monkeypatch):
     pairs = splits["reward"][:3]
     seen = []
 
-    def fake_generate(model, tokenizer, texts, max_new_tokens, temperature, max_prompt_len):
-        assert max_prompt_len == 512 - 8  # the tiny model's context, less the answer
+    def fake_generate(model, tokenizer, texts, max_new_tokens, temperature):
         answers = []
         for text in texts:
             rejected = text.split("=== Reply B (rejected) ===\n", 1)[1].split("\n\nFirst explain", 1)[0]
@@ -475,8 +484,40 @@ def test_hf_reviser_parses_and_retries_when_sampling(splits, tiny_dir, tmp_path,
     assert len(seen) == 4 and summary["from_cache"] == 3
 
 
+def test_hf_reviser_with_no_answer_to_parse_exits_with_the_reasons(splits, tiny_dir, tmp_path, monkeypatch, capsys):
+    """No pair labelled: exit code 1 and one line that says how many failed and why; the raw answers are in
+    the cache for the user to read."""
+    monkeypatch.setattr(label, "generate_texts", lambda model, tok, texts, *rest: ["I refuse."] * len(texts))
+    out = tmp_path / "labels.jsonl"
+    with pytest.raises(SystemExit) as exc:
+        label.main(hf_args(tiny_dir, out, 3))
+    assert exc.value.code == 1
+    assert "error: no pair was labelled (3 of 3 failed: 3 no delimiter in answer)" in capsys.readouterr().err
+    assert [c["answer"] for c in read_lines(f"{out}.cache.jsonl")] == ["I refuse."] * 3
+    assert json.loads(Path(f"{out}.summary.json").read_text())["failed"] == 3
+
+
+def test_a_long_reviser_prompt_loses_dialogue_turns_never_its_instructions(splits):
+    pair = max(splits["reward"], key=lambda p: len(p.prompt))
+    count = len  # characters stand in for tokens
+
+    full, was_cut = label.fit_reviser_prompt(pair, count, 10**9)
+    assert full == label.reviser_prompt(pair) and not was_cut
+    budget = len(label.reviser_prompt(pair)) - len(pair.prompt.strip()) // 2  # room for half the conversation
+    text, was_cut = label.fit_reviser_prompt(pair, count, budget)
+    assert was_cut and len(text) <= budget and len(text) >= budget - 2
+    head, tail = label.REVISER_PROMPT.split("{prompt}")
+    assert text.startswith(head) and label.DELIMITER in text  # the instructions are whole ...
+    assert text.endswith(tail.format(chosen=pair.chosen.strip(), rejected=pair.rejected.strip(),
+                                     delimiter=label.DELIMITER))  # ... and so are both replies
+    dialogue = text[len(head): len(text) - len(tail.format(chosen=pair.chosen.strip(), rejected=pair.rejected.strip(),
+                                                           delimiter=label.DELIMITER))]
+    assert dialogue.startswith(label.DIALOGUE_CUT) and pair.prompt.strip().endswith(dialogue[len(label.DIALOGUE_CUT):])
+    assert label.fit_reviser_prompt(pair, count, 100) == (None, True)  # the replies alone do not fit
+
+
 def test_chat_text_uses_the_template_when_there_is_one(tiny_dir):
-    tokenizer = common.load_tokenizer(tiny_dir)
+    tokenizer = plumbing.load_tokenizer(tiny_dir)
     assert label.chat_text(tokenizer, "Fix this.") == "Fix this.\n\n"  # no template: plain text
     tokenizer.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
                                "{% if add_generation_prompt %}<|assistant|>{% endif %}")

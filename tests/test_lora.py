@@ -14,6 +14,7 @@ from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, GPT
                           LlamaForCausalLM, LlamaModel)
 
 import common
+import plumbing
 import lora
 
 torch.set_num_threads(1)
@@ -121,7 +122,7 @@ def test_merged_save_reloads_as_plain_hf_model(kind, tmp_path):
     model = build(kind)
     lora.add_lora(model, rank=4, alpha=8)
     train_a_little(model)
-    tokenizer = common.train_tiny_tokenizer(["hello world, a tiny corpus"] * 20, vocab_size=300)
+    tokenizer = plumbing.configure_tokenizer(plumbing.train_tiny_tokenizer(["hello world, a tiny corpus"] * 20, vocab_size=300))
     lora.save_merged(model, tokenizer, tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert not any(isinstance(m, lora.LoRALinear) for m in reloaded.modules())

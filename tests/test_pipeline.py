@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 import common
+import plumbing
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,16 +27,17 @@ def test_whole_pipeline_smoke_run_leaves_every_artefact_loadable(tmp_path):
                                                 "ppo_token.py", "ppo_token.py", "ppo_token.py", "eval.py"]
     assert "report: " in done.stdout and "| sft |" in done.stdout
 
-    tokenizer = common.load_tokenizer(run / "sft")
+    tokenizer = plumbing.load_tokenizer(run / "sft")
     ids = torch.tensor([tokenizer("\n\nHuman: hi\n\nAssistant: hello")["input_ids"]])
     mask = torch.ones_like(ids)
     for policy_dir in [run / "sft"] + [run / f"ppo_{r}" / "policy" for r in ("seq", "red", "tlcr")]:
-        logits = common.load_policy(policy_dir)(input_ids=ids, attention_mask=mask).logits
+        logits = plumbing.load_policy(policy_dir)(input_ids=ids, attention_mask=mask).logits
         assert torch.isfinite(logits).all(), policy_dir
-    for score_dir in (run / "disc", run / "rm"):
-        scores = common.ScoreModel.from_pretrained(score_dir)(ids, mask)
+    for score_dir in (run / "discriminator", run / "reward_model"):
+        scores = plumbing.load_score_model(score_dir)(ids, mask)
         assert scores.shape == ids.shape and torch.isfinite(scores).all()
-        assert json.loads((score_dir / "accuracy.json").read_text())
+    assert json.loads((run / "reward_model" / "accuracy.json").read_text())["pairs"] == 4  # 10% of --limit 40
+    assert json.loads((run / "discriminator" / "accuracy.json").read_text())["n_pairs"] == 4  # the same pairs
     records = [json.loads(line) for line in (run / "labels.jsonl").read_text().splitlines()]
     assert len(records) == 40 and all(len(r["rejected_ids"]) == len(r["rejected_labels"]) for r in records)
     for reward in ("seq", "red", "tlcr"):
@@ -43,7 +45,7 @@ def test_whole_pipeline_smoke_run_leaves_every_artefact_loadable(tmp_path):
         assert [r["step"] for r in log] == [1, 2]
         assert {"task_reward", "kl", "response_length", "perplexity"} <= set(log[0])
     results = json.loads((run / "eval" / "results.json").read_text())
-    assert "sft" in json.dumps(results) and "tlcr" in json.dumps(results)
+    assert list(results["policies"]) == ["sft", "seq", "red", "tlcr"] and results["num_prompts"] == 8
     report = (run / "eval" / "report.html").read_text()
     assert report.startswith("<!DOCTYPE html>") and "<svg" in report and "</html>" in report
 

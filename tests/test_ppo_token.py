@@ -7,6 +7,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import common
+import plumbing
 import ppo_token as ppo
 from conftest import run_torchrun
 
@@ -27,7 +28,7 @@ def tiny_lm(seed=0, eos=0):
     torch.manual_seed(seed)
     cfg = GPT2Config(vocab_size=V, n_layer=1, n_embd=32, n_head=2, n_positions=64,
                      eos_token_id=eos, bos_token_id=eos, pad_token_id=eos)
-    return common.disable_dropout(GPT2LMHeadModel(cfg))
+    return plumbing.disable_dropout(GPT2LMHeadModel(cfg))
 
 
 def make_args(*extra):
@@ -38,7 +39,7 @@ def make_args(*extra):
 def toy_models(lr=3e-3, eos=0):
     policy, ref_policy = tiny_lm(0, eos), tiny_lm(0, eos).requires_grad_(False)
     critic = common.ScoreModel(tiny_lm(1, eos).transformer)
-    return policy, ref_policy, critic, common.adamw(policy, lr), common.adamw(critic, lr)
+    return policy, ref_policy, critic, plumbing.adamw(policy, lr), plumbing.adamw(critic, lr)
 
 
 PROMPTS = [[1, 2, 3], [4, 5], [6], [2, 2, 2, 2]]  # different lengths: left padding on every row but one
@@ -78,9 +79,12 @@ def test_response_mask_stops_at_first_eos_with_pad_equal_eos():
     response = torch.tensor([[5, 0, 0, 0],   # EOS then pads that are also EOS: only the first counts
                              [5, 6, 7, 3],   # no EOS: truncated, every token counts
                              [0, 0, 0, 0]])  # EOS at once: a one-token response
-    mask, ended = ppo.response_mask_from(response, eos)
+    mask, ended = ppo.response_mask_from(response, [eos])
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
     assert ended.tolist() == [True, False, True]
+    # several EOS ids (Llama 3 instruct: <|eot_id|> and <|end_of_text|>): the first of any ends a response
+    mask, ended = ppo.response_mask_from(torch.tensor([[5, 7, 0, 3], [5, 6, 7, 3]]), [0, 7])
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 0]] and ended.tolist() == [True, True]
 
 
 def test_build_token_rewards_positions():
@@ -125,7 +129,7 @@ def test_generate_with_cache_matches_full_recompute():
     policy = tiny_lm(eos=0).eval()
     prompt, prompt_mask = common.pad_left(PROMPTS, 0)
     torch.manual_seed(1)
-    response = ppo.generate(policy, prompt, prompt_mask, eos_id=0, max_new_tokens=10, temperature=0.7, top_p=0.9)
+    response = ppo.generate(policy, prompt, prompt_mask, [0], 0, max_new_tokens=10, temperature=0.7, top_p=0.9)
     torch.manual_seed(1)  # the same draws, each token recomputed from scratch without a cache
     ids, mask, done = prompt, prompt_mask, torch.zeros(len(PROMPTS), dtype=torch.bool)
     for _ in range(response.shape[1]):
@@ -137,10 +141,11 @@ def test_generate_with_cache_matches_full_recompute():
     assert torch.equal(response, ids[:, prompt.shape[1]:])
     # a left-padded row gives what the same prompt gives alone (near-greedy sampling)
     torch.manual_seed(2)
-    batched = ppo.generate(policy, prompt, prompt_mask, 0, 10, temperature=1e-4, top_p=1.0)
+    batched = ppo.generate(policy, prompt, prompt_mask, [0], 0, 10, temperature=1e-4, top_p=1.0)
     for b, p in enumerate(PROMPTS):
-        alone = ppo.generate(policy, torch.tensor([p]), torch.ones(1, len(p), dtype=torch.long), 0, 10, 1e-4, 1.0)[0]
-        n = int(ppo.response_mask_from(alone[None], 0)[0].sum())
+        alone = ppo.generate(policy, torch.tensor([p]), torch.ones(1, len(p), dtype=torch.long), [0], 0, 10, 1e-4,
+                             1.0)[0]
+        n = int(ppo.response_mask_from(alone[None], [0])[0].sum())
         assert batched[b, :n].tolist() == alone[:n].tolist()
 
 
@@ -155,7 +160,7 @@ def test_rollout_positions_are_pinned_down():
         return common.gather_response(query_response.float(), response_mask)
 
     torch.manual_seed(3)
-    batch = ppo.rollout(policy, ref_policy, critic, reward_is_token_id, prompt, prompt_mask, args, eos)
+    batch = ppo.rollout(policy, ref_policy, critic, reward_is_token_id, prompt, prompt_mask, args, [eos], eos)
     mask = batch["response_mask"]
     assert torch.equal(batch["task_rewards"], batch["response"].float() * mask)
     assert batch["ended"].any() and (mask.sum(-1) > 1).any()
@@ -174,22 +179,24 @@ def test_rollout_positions_are_pinned_down():
 
 def test_first_ppo_ratio_is_one_under_left_padding():
     policy, ref_policy, critic, _, _ = toy_models()
-    ppo.enable_checkpointing(policy)
-    ppo.enable_checkpointing(critic.backbone)
+    plumbing.enable_gradient_checkpointing(policy)
+    plumbing.enable_gradient_checkpointing(critic)
     args = make_args()
     prompt, prompt_mask = common.pad_left(PROMPTS * 2, 0)
     torch.manual_seed(4)
     batch = ppo.rollout(policy, ref_policy, critic, lambda qr, am, rm: torch.zeros(len(qr), int(rm.sum(-1).max())),
-                        prompt, prompt_mask, args, 0)
+                        prompt, prompt_mask, args, [0], 0)
     policy.train(), critic.train()  # the training forward: train mode, gradient checkpointing, a shuffled minibatch
     idx = torch.tensor([6, 1, 3])
-    R = batch["response"].shape[1]
-    new_logprobs, _ = ppo.policy_logprobs(policy, batch["query_response"][idx], batch["attention_mask"][idx], R)
-    new_values = ppo.critic_values(critic, batch["query_response"][idx], batch["attention_mask"][idx], R)
-    mask = batch["response_mask"][idx].bool()
-    ratio = torch.exp(new_logprobs - batch["logprobs"][idx])[mask]
+    inputs = [batch[k][idx] for k in ("query_response", "attention_mask", "full_response_mask")]
+    new_logprobs, _ = common.response_logprobs(policy, *inputs)  # [3, longest of these 3 responses]
+    new_values = ppo.critic_values(critic, *inputs)
+    width = new_logprobs.shape[1]
+    mask = batch["response_mask"][idx, :width].bool()
+    assert mask.sum() == batch["response_mask"][idx].sum()  # nothing is lost by the narrower batch
+    ratio = torch.exp(new_logprobs - batch["logprobs"][idx, :width])[mask]
     assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5)
-    assert torch.allclose(new_values[mask], batch["values"][idx][mask], atol=1e-5)
+    assert torch.allclose(new_values[mask], batch["values"][idx, :width][mask], atol=1e-5)
     assert new_logprobs.requires_grad
 
 
@@ -199,7 +206,7 @@ def test_first_ppo_ratio_is_one_under_left_padding():
 def run_toy(reward, steps, seed=0, *extra):
     """Train a toy policy on `reward(response, valid) -> [B, T_resp]`; return the first and last step's stats."""
     policy, ref_policy, critic, policy_opt, critic_opt = toy_models()
-    args = make_args("--batch-size", "32", "--minibatch-size", "16", "--kl-coef", "0.01", *extra)
+    args = make_args("--rollout-batch-size", "32", "--minibatch-size", "16", "--kl-coef", "0.01", *extra)
     prompt, prompt_mask = common.pad_left(PROMPTS * 8, 0)
 
     def reward_fn(query_response, attention_mask, response_mask):
@@ -210,7 +217,7 @@ def run_toy(reward, steps, seed=0, *extra):
     for step in range(steps):
         torch.manual_seed(seed * 1000 + step)
         history.append(ppo.train_step(policy, ref_policy, critic, policy_opt, critic_opt, reward_fn, prompt,
-                                      prompt_mask, args, 0))
+                                      prompt_mask, args, [0], 0, args.minibatch_size))
     return history
 
 
@@ -245,7 +252,8 @@ def toy_reward(query_response, attention_mask, response_mask):
 
 def cli(tiny_dir, out, steps, *extra):
     return ["--policy", str(tiny_dir), "--reward", "tlcr", "--discriminator", "unused", "--critic-init", "policy",
-            "--out", str(out), "--steps", str(steps), "--batch-size", "4", "--minibatch-size", "2", "--ppo-epochs", "2",
+            "--out", str(out), "--iterations", str(steps), "--rollout-batch-size", "4", "--minibatch-size", "2",
+            "--ppo-epochs", "2",
             "--max-prompt-len", "24", "--max-new-tokens", "6", "--policy-lr", "1e-3", "--critic-lr", "1e-3", *extra]
 
 
@@ -256,7 +264,7 @@ def test_cli_errors():
         ppo.parse_args(["--policy", "p", "--out", "o", "--reward", "tlcr"])  # tlcr needs --discriminator
     with pytest.raises(SystemExit):
         ppo.parse_args(["--policy", "p", "--out", "o", "--reward", "seq", "--reward-model", "r",
-                        "--batch-size", "6", "--minibatch-size", "4"])
+                        "--rollout-batch-size", "6", "--minibatch-size", "4"])
 
 
 def test_prompt_batches_per_rank_and_step():
@@ -276,17 +284,22 @@ def test_resume_reproduces_the_next_step(tiny_dir, tmp_path):
     log_b = [json.loads(l) for l in (b / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log_a] == [1, 2, 3] == [r["step"] for r in log_b]
     assert {"task_reward", "token_reward", "kl", "entropy", "perplexity", "response_length", "eos_fraction",
-            "policy_clipfrac", "value_clipfrac", "policy_loss", "value_loss", "explained_variance", "time",
+            "policy_clipfrac", "value_clipfrac", "policy_loss", "value_loss", "explained_variance", "elapsed_s",
             "tokens_per_s"} <= set(log_a[-1])
     for key in log_b[-1]:
-        if key not in ("time", "tokens_per_s"):
+        if key not in ("elapsed_s", "tokens_per_s"):
             assert log_a[-1][key] == pytest.approx(log_b[-1][key], rel=1e-5, abs=1e-6), key
     assert log_a[-1]["kl"] != 0  # the policy did move away from the reference
-    weights_a = common.load_policy(a / "policy").state_dict()
-    weights_b = common.load_policy(b / "policy").state_dict()
+    weights_a = plumbing.load_policy(a / "policy").state_dict()
+    weights_b = plumbing.load_policy(b / "policy").state_dict()
     assert all(torch.allclose(weights_a[k], weights_b[k], atol=1e-6) for k in weights_b)
-    state = torch.load(a / "checkpoint" / "state.pt", weights_only=True)
-    assert state["step"] == 3 and "policy_optimizer" in state and "critic_optimizer" in state
+    state = torch.load(plumbing.latest_checkpoint(a) / "state.pt", weights_only=True)
+    assert state["step"] == 3 and set(state["optimizers"]) == {"policy", "critic"}
+    assert state["optimizers"]["policy"]["state"]  # Adam moments were saved, not an empty optimizer
+    # a resume with another reward (or model, or data) is refused, not silently continued
+    with pytest.raises(common.InputError, match=r"--reward was 'tlcr', now 'seq'"):
+        ppo.main([x if x != "tlcr" else "seq" for x in cli(tiny_dir, a, 4)] + ["--reward-model", "x"],
+                 reward_fn=toy_reward)
 
 
 def test_torchrun_two_ranks(tiny_dir, tmp_path):
@@ -300,16 +313,17 @@ def test_torchrun_two_ranks(tiny_dir, tmp_path):
     assert "world size 2" in output
     log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2] and all(r["response_length"] > 0 for r in log)
-    assert (out / "policy" / "config.json").exists() and (out / "checkpoint" / "state.pt").exists()
+    assert (out / "policy" / "config.json").exists() and plumbing.latest_checkpoint(out).name == "step-000000002"
 
 
 def test_every_reward_source_runs_a_step(tiny_dir, tmp_path):
     """seq / red / tlcr from redistribute.py and discriminator.py on untrained ScoreModels; the critic starts
     from the reward model or the discriminator (--critic-init reward); seq puts R_φ on the last action."""
-    tokenizer = common.load_tokenizer(tiny_dir)
-    for name, seed in (("rm", 1), ("disc", 2)):
+    tokenizer = plumbing.load_tokenizer(tiny_dir)
+    for name, seed, kind in (("rm", 1, "sequence"), ("disc", 2, "token")):
         torch.manual_seed(seed)
-        common.save_hf(common.ScoreModel.from_pretrained(tiny_dir), tokenizer, tmp_path / name)
+        plumbing.save_score_model(plumbing.new_score_model(tiny_dir, bias=kind == "token"), tokenizer, tmp_path / name,
+                                  kind)
     for reward in ("seq", "red", "tlcr"):
         argv = [a if a != "unused" else str(tmp_path / "disc") for a in cli(tiny_dir, tmp_path / reward, 1)]
         argv = [a for a in argv if a not in ("--critic-init", "policy")]
@@ -325,7 +339,7 @@ def test_every_reward_source_runs_a_step(tiny_dir, tmp_path):
     reward_fn, score_fn = ppo.make_reward_fn(args, torch.device("cpu"))
     prompt, prompt_mask = common.pad_left([[5, 6, 7], [8, 9]], tokenizer.eos_token_id)
     response = torch.tensor([[11, 12, tokenizer.eos_token_id, tokenizer.eos_token_id], [13, 14, 15, 16]])
-    mask, _ = ppo.response_mask_from(response, tokenizer.eos_token_id)
+    mask, _ = ppo.response_mask_from(response, [tokenizer.eos_token_id])
     query_response = torch.cat([prompt, response], 1)
     attention_mask = torch.cat([prompt_mask, mask], 1)
     response_mask = torch.cat([torch.zeros_like(prompt_mask), mask], 1)
@@ -337,7 +351,7 @@ def test_every_reward_source_runs_a_step(tiny_dir, tmp_path):
 
 
 def test_micro_batches_accumulate_to_the_same_update():
-    args = make_args("--batch-size", "8", "--minibatch-size", "4", "--ppo-epochs", "1")
+    args = make_args("--rollout-batch-size", "8", "--minibatch-size", "4", "--ppo-epochs", "1")
     prompt, prompt_mask = common.pad_left(PROMPTS * 2, 0)
     weights = []
     for micro in ("0", "1"):
@@ -346,8 +360,69 @@ def test_micro_batches_accumulate_to_the_same_update():
         args.micro_batch_size = int(micro)
         torch.manual_seed(5)
         batch = ppo.rollout(policy, ref_policy, critic, lambda qr, am, rm: common.gather_response(qr.float(), rm) / V,
-                            prompt, prompt_mask, args, 0)
-        ppo.ppo_update(policy, critic, policy_opt, critic_opt, batch, args)
+                            prompt, prompt_mask, args, [0], 0)
+        ppo.ppo_update(policy, critic, policy_opt, critic_opt, batch, args, args.minibatch_size)
         weights.append([p.detach().clone() for p in list(policy.parameters()) + list(critic.parameters())])
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*weights))
     assert not torch.allclose(weights[0][0], toy_models()[0].transformer.wte.weight)  # the update did change the policy
+
+
+def test_models_that_do_not_belong_together_stop_the_run_at_once(tiny_dir, llama_dir, tmp_path):
+    """A reward model on another tokenizer (Llama's here, a different vocabulary) or a folder without a
+    trained head: refused before any model is loaded, with the option and the folder named."""
+    llama_tokenizer = plumbing.load_tokenizer(llama_dir)
+    plumbing.save_score_model(plumbing.new_score_model(llama_dir, bias=False), llama_tokenizer, tmp_path / "rm", "sequence")
+    argv = ["--policy", str(tiny_dir), "--reward", "seq", "--out", str(tmp_path / "out"), "--iterations", "1"]
+    with pytest.raises(common.InputError, match=f"--reward-model {tmp_path / 'rm'}: its tokenizer differs"):
+        ppo.main(argv + ["--reward-model", str(tmp_path / "rm")])
+    with pytest.raises(common.InputError, match=f"{tiny_dir}: no trained score head"):
+        ppo.main(argv + ["--reward-model", str(tiny_dir)])
+    assert not (tmp_path / "out" / "log.jsonl").exists()
+
+
+def test_llama_policy_runs_ppo_with_bos_and_stops_at_a_second_eos_id(llama_dir, tmp_path):
+    """The tiny Llama (RoPE, BOS, no pad token) through the PPO script, with a generation_config that lists a
+    second EOS id: generation stops at it as at the first, in ppo_token.generate and in the script."""
+    policy, tokenizer = plumbing.load_policy(llama_dir), plumbing.load_tokenizer(llama_dir)
+    args = ppo.parse_args(["--policy", "p", "--out", "o", "--reward", "seq", "--reward-model", "r",
+                           "--max-prompt-len", "24"])
+    prompts = ppo.load_prompts(args, tokenizer, quiet=True)[:16]
+    assert all(ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1 for ids in prompts)
+    prompt, prompt_mask = common.pad_left(prompts, tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    free = ppo.generate(policy, prompt, prompt_mask, [tokenizer.eos_token_id], tokenizer.pad_token_id, 24, top_p=1.0)
+    sampled = free[free != tokenizer.eos_token_id]  # (pad is EOS: the rows after they ended hold it)
+    second_eos = int(torch.mode(sampled).values)  # the token this random model samples most
+    torch.manual_seed(0)  # the same draws, now stopping at either id
+    response = ppo.generate(policy, prompt, prompt_mask, [tokenizer.eos_token_id, second_eos],
+                            tokenizer.pad_token_id, 24, top_p=1.0)
+    mask, ended = ppo.response_mask_from(response, [tokenizer.eos_token_id, second_eos])
+    assert ended.sum() > 0
+    for row in range(len(response)):
+        tokens = response[row, : int(mask[row].sum())].tolist()
+        assert tokens == free[row, : len(tokens)].tolist()  # the same tokens up to the stop
+        stops = [t for t in tokens if t in (tokenizer.eos_token_id, second_eos)]
+        assert stops == ([tokens[-1]] if ended[row] else [])  # exactly one stop token, the last one
+
+    policy.generation_config.eos_token_id = [tokenizer.eos_token_id, second_eos]
+    policy.save_pretrained(tmp_path / "policy")
+    tokenizer.save_pretrained(tmp_path / "policy")
+    assert common.eos_token_ids(tokenizer, plumbing.load_policy(tmp_path / "policy")) == [tokenizer.eos_token_id,
+                                                                                        second_eos]
+    ppo.main(["--policy", str(tmp_path / "policy"), "--reward", "tlcr", "--discriminator", "unused",
+              "--critic-init", "policy", "--out", str(tmp_path / "ppo"), "--iterations", "2",
+              "--rollout-batch-size", "16", "--minibatch-size", "8", "--max-prompt-len", "24", "--max-new-tokens", "24",
+              "--limit", "16"], reward_fn=toy_reward)
+    log = [json.loads(line) for line in (tmp_path / "ppo" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2] and max(r["eos_fraction"] for r in log) > 0  # the second id ends some
+
+
+def test_stop_after_then_resume_matches_an_uninterrupted_run(tiny_dir, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert ppo.main(cli(tiny_dir, a, 3, "--stop-after", "2"), reward_fn=toy_reward) is None
+    assert plumbing.latest_checkpoint(a).name == "step-000000002" and not (a / "policy").exists()
+    ppo.main(cli(tiny_dir, a, 3), reward_fn=toy_reward)
+    ppo.main(cli(tiny_dir, b, 3), reward_fn=toy_reward)
+    log_a = [json.loads(l) for l in (a / "log.jsonl").read_text().splitlines()]
+    log_b = [json.loads(l) for l in (b / "log.jsonl").read_text().splitlines()]
+    assert log_a[-1]["kl"] == pytest.approx(log_b[-1]["kl"], rel=1e-5, abs=1e-7)

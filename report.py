@@ -1,0 +1,193 @@
+"""report.py — eval.py's outputs for people: results.md (one row per policy, TLCR Table 1's layout) and
+report.html (one self-contained page: the table, the PPO training curves of TLCR Figure 7, and
+responses with every token shaded by its TLCR and RED reward, TLCR Figure 8). No algorithm here: eval.py
+computes every number; this file only lays them out. Every text from a model or a user is escaped.
+"""
+from __future__ import annotations
+
+import html
+import math
+from pathlib import Path
+
+import plumbing
+
+# columns of results.md / the report table: (key in results.json, header, format)
+COLUMNS = [("rm_score", "RM score ↑", "{:+.3f}"), ("tlcr_reward", "TLCR reward ↑", "{:+.3f}"),
+           ("kl", "KL", "{:.3f}"), ("kl_per_token", "KL / token", "{:.4f}"),
+           ("ref_perplexity", "PPL (ref)", "{:.2f}"), ("response_length", "Length", "{:.1f}"),
+           ("eos_share", "EOS %", "{:.0%}")]
+# PPO log keys drawn as curves, first key found wins (ppo_token.py's names first)
+# (task rewards of different sources are not on one scale; the reward-model score is, when logged)
+CURVES = [("reward-model score", ("rm_score",)), ("task reward", ("task_reward", "reward")),
+          ("KL to reference", ("kl", "kl_ref")), ("response length", ("response_length", "length")),
+          ("perplexity under the policy", ("perplexity", "ppl"))]
+
+
+
+def fmt(value, pattern):
+    return "—" if value is None else pattern.format(value)
+
+
+def md_cell(text):
+    """Text for a markdown table cell: a '|' would start a new column."""
+    return str(text).replace("|", "\\|")
+
+
+def win_cell(row, baseline, name):
+    if name == baseline:
+        return "baseline"
+    return fmt(row.get("win_rate"), "{:.1f}")
+
+
+def accuracy_line(acc):
+    return (f"Discriminator token accuracy ({acc.get('split', 'heldout')} labels): {acc['accuracy']:.1%} "
+            f"(positive {acc['positive_accuracy']:.1%} of {acc['n_positive']}, negative "
+            f"{acc['negative_accuracy']:.1%} of {acc['n_negative']}; paper 81.4%)")
+
+
+def results_markdown(results):
+    """One row per policy, as in TLCR Table 1."""
+    base = results["baseline"]
+    head = ["Policy"] + [h for _, h, _ in COLUMNS] + [f"Win rate vs {md_cell(base)} (%) ↑"]
+    lines = [f"Held-out prompts: {results['num_prompts']} ({results['split']} split); judge: {results['judge']}.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, row in results["policies"].items():
+        cells = [md_cell(name)] + [fmt(row.get(k), f) for k, _, f in COLUMNS] + [win_cell(row, base, name)]
+        lines.append("| " + " | ".join(cells) + " |")
+    if results.get("discriminator_accuracy") is not None:
+        lines += ["", accuracy_line(results["discriminator_accuracy"])]
+    return "\n".join(lines) + "\n"
+
+
+def curve_series(rows, keys):
+    """[(step, value)] for the first of `keys` present in the log (x = "step" or the line number)."""
+    key = next((k for k in keys if any(isinstance(r.get(k), (int, float)) for r in rows)), None)
+    if key is None:
+        return None, []
+    points = [(r.get("step", i + 1), r[key]) for i, r in enumerate(rows)
+              if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+    return key, points
+
+
+PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
+
+
+def line_chart_svg(title, series, width=360, height=230):
+    """An inline SVG line chart: series = {run name: [(x, y), ...]}, one coloured line each."""
+    pts = [p for line in series.values() for p in line]
+    if not pts:
+        return ""
+    left, right, top, bottom = 56, 10, 24, 56
+    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
+    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + abs(y0) * 0.1 + 1e-3)
+
+    def sx(x):
+        return left + (x - x0) / (x1 - x0) * (width - left - right)
+
+    def sy(y):
+        return height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom)
+
+    parts = [f'<svg class="curve" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'viewBox="0 0 {width} {height}" role="img" aria-label="{html.escape(title)}">',
+             f'<text x="{width / 2:.0f}" y="15" text-anchor="middle" class="title">{html.escape(title)}</text>',
+             f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" class="axis"></line>',
+             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" class="axis"></line>']
+    for k in range(3):
+        y = y0 + (y1 - y0) * k / 2
+        parts.append(f'<text x="{left - 4}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:.3g}</text>')
+    for x in (x0, x1):
+        parts.append(f'<text x="{sx(x):.1f}" y="{height - bottom + 14}" text-anchor="middle">{x:.4g}</text>')
+    parts.append(f'<text x="{(left + width - right) / 2:.0f}" y="{height - bottom + 14}" text-anchor="middle">step</text>')
+    for k, (name, line) in enumerate(series.items()):
+        colour = PALETTE[k % len(PALETTE)]
+        coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in sorted(line))
+        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.6" points="{coords}">'
+                     f'<title>{html.escape(name)}</title></polyline>')
+        lx, ly = left + (k % 3) * 100, height - 22 + (k // 3) * 12
+        parts.append(f'<rect x="{lx}" y="{ly - 8}" width="10" height="3" fill="{colour}"></rect>'
+                     f'<text x="{lx + 14}" y="{ly - 4}">{html.escape(name)}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def token_colour(value, scale):
+    """Green for positive, red for negative; opacity grows with |value| / scale."""
+    alpha = min(abs(value) / scale, 1.0) * 0.85 if scale > 0 else 0.0
+    rgb = "34,160,60" if value >= 0 else "214,39,40"
+    return f"rgba({rgb},{alpha:.2f})"
+
+
+def shaded_tokens_html(tokens, values, label, scale):
+    """Each token as a span shaded by its reward; the value on hover (title). Text is escaped."""
+    spans = [f'<span class="tok" style="background-color:{token_colour(v, scale)}" '
+             f'title="{html.escape(label)} {v:+.4f}">{html.escape(t)}</span>' for t, v in zip(tokens, values)]
+    return "".join(spans)
+
+
+def report_html(results, samples, curves):
+    """One self-contained page: the table, the training curves, the shaded responses."""
+    base = results["baseline"]
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in ["Policy"] + [h for _, h, _ in COLUMNS]
+                   + [f"Win rate vs {base} (%)"])
+    rows = "".join("<tr><td>" + html.escape(name) + "</td>"
+                   + "".join(f"<td>{html.escape(fmt(row.get(k), f))}</td>" for k, _, f in COLUMNS)
+                   + f"<td>{html.escape(win_cell(row, base, name))}</td></tr>"
+                   for name, row in results["policies"].items())
+    body = [f"<h1>token-rlhf evaluation</h1><p>{results['num_prompts']} held-out prompts ({html.escape(results['split'])}"
+            f" split), seed {results['seed']}, judge: {html.escape(results['judge'])}.</p>",
+            f'<table class="results"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>']
+    if results.get("discriminator_accuracy") is not None:
+        body.append(f"<p>{html.escape(accuracy_line(results['discriminator_accuracy']))}</p>")
+    charts = [line_chart_svg(title, series) for title, series in curves.items() if series]
+    body.append("<h2>PPO training curves</h2>")
+    body.append(f'<div class="charts">{"".join(charts)}</div>' if charts else "<p>No PPO logs found.</p>")
+    body.append("<h2>Token rewards</h2><p>Each token shaded by its TLCR reward (2·D − 1) and its RED reward "
+                "(R(x, y≤t) − R(x, y≤t−1)): green positive, red negative; hover for the value.</p>")
+    red_scale = max([abs(v) for s in samples for r in s["responses"].values() for v in r["red"]] + [1e-6])
+    for k, sample in enumerate(samples):
+        body.append(f'<h3>Prompt {k + 1}</h3><pre class="prompt">{html.escape(sample["prompt"][-800:])}</pre>')
+        for name, resp in sample["responses"].items():
+            body.append(f'<div class="resp"><div class="name">{html.escape(name)}</div>'
+                        f'<div class="row"><span class="lbl">TLCR</span><span class="toks">'
+                        f'{shaded_tokens_html(resp["tokens"], resp["tlcr"], "TLCR", 1.0)}</span></div>'
+                        f'<div class="row"><span class="lbl">RED</span><span class="toks">'
+                        f'{shaded_tokens_html(resp["tokens"], resp["red"], "RED", red_scale)}</span></div></div>')
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+             "table.results{border-collapse:collapse}table.results td,table.results th{border:1px solid #bbb;"
+             "padding:4px 8px;text-align:right}table.results td:first-child{text-align:left}"
+             ".charts{display:flex;flex-wrap:wrap;gap:12px}svg.curve{font-size:10px;background:#fafafa}"
+             "svg .axis{stroke:#888}svg .title{font-size:12px;font-weight:600}"
+             "pre.prompt{white-space:pre-wrap;background:#f4f4f4;padding:6px;font-size:12px}"
+             ".resp{margin:6px 0 12px}.name{font-weight:600}.row{display:flex;gap:8px;margin:2px 0}"
+             ".lbl{width:40px;flex:none;color:#666;font-size:12px}.toks{white-space:pre-wrap;font-family:monospace;"
+             "font-size:12px}.tok{border-radius:2px}")
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>token-rlhf evaluation</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def find_logs(policies):
+    """log.jsonl in or beside each policy dir (runs/x/ppo_tlcr/policy -> runs/x/ppo_tlcr/log.jsonl)."""
+    found = {}
+    for name, path in policies.items():
+        for candidate in (Path(path) / "log.jsonl", Path(path).parent / "log.jsonl"):
+            if candidate.exists() and "ppo" in str(candidate.parent.name).lower():
+                found[name] = str(candidate)
+                break
+    return found
+
+
+def training_curves(logs):
+    """{chart title: {run name: [(step, value)]}} from the PPO logs (missing keys are skipped)."""
+    rows = {name: plumbing.read_jsonl_tolerant(path) for name, path in logs.items() if Path(path).exists()}
+    curves = {}
+    for title, keys in CURVES:
+        series, used = {}, set()
+        for name, log_rows in rows.items():
+            key, points = curve_series(log_rows, keys)
+            if points:
+                series[name] = points
+                used.add(key)
+        if series:
+            curves[f"{title} ({', '.join(sorted(used))})"] = series
+    return curves
