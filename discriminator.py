@@ -373,6 +373,8 @@ def train(args):
         plumbing.clean_stale_temp(out)
     tokenizer = plumbing.load_tokenizer(args.sft, trust_remote_code=args.trust_remote_code, what="--sft")
     records = load_labels(args.labels, tokenizer)  # before the model: a bad file stops the run at once
+    # dropout stays on while the discriminator learns (per-token targets, no pair to keep consistent: it is plain
+    # regularisation, as in SFT); load_discriminator turns it off, so the rewards PPO reads are deterministic
     model = plumbing.new_score_model(args.sft, bias=True, trust_remote_code=args.trust_remote_code, what="--sft")
     max_positions = getattr(model.config, "max_position_embeddings", None)
     if max_positions and args.max_prompt_len + args.max_response_len > max_positions:

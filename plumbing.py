@@ -631,9 +631,9 @@ def atomic_write(path, text: str):
     os.replace(tmp, path)
 
 
-def read_jsonl_tolerant(path, what: str = "log") -> list[dict]:
-    """Rows of a JSONL file this project appends to; a line cut short by a kill or a full disk (the
-    last one, usually) is dropped with a warning instead of stopping the run."""
+def read_jsonl_tolerant(path, what: str = "line") -> list[dict]:
+    """Rows of a JSONL file this project appends to (a log, an answer cache). A line cut short by a kill
+    or a full disk (the last one, usually) is skipped with a warning on stderr instead of stopping the run."""
     rows = []
     path = Path(path)
     if not path.exists():
@@ -644,8 +644,7 @@ def read_jsonl_tolerant(path, what: str = "log") -> list[dict]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            warnings.warn(f"{path} line {line_no}: unreadable {what} line (cut short by a kill?), dropped",
-                          stacklevel=2)
+            print(f"warning: {path} line {line_no}: unreadable {what} (cut short by a kill?), skipped", file=sys.stderr)
             continue
         if isinstance(row, dict):
             rows.append(row)
@@ -1092,18 +1091,9 @@ class JsonlCache:
             self._file.write("\n")  # close off the torn last line
 
     def _read(self, valid):
-        with open(self.path, encoding="utf-8", errors="replace") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    print(f"warning: {self.path} line {line_no}: unreadable (cut short by a kill?), skipped",
-                          file=sys.stderr)
-                    continue
-                if isinstance(record, dict) and isinstance(record.get("key"), str) and valid(record):
-                    self.records.setdefault(record["key"], record)
+        for record in read_jsonl_tolerant(self.path):
+            if isinstance(record.get("key"), str) and valid(record):
+                self.records.setdefault(record["key"], record)
 
     def _ends_with_newline(self) -> bool:
         with open(self.path, "rb") as f:

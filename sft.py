@@ -180,6 +180,8 @@ def main(argv=None):
     model, tokenizer = load_or_build_model(args, sft_pairs, out, dist_info.master)
     train_examples = encode_examples(sft_pairs, tokenizer, args)
     test_examples = encode_examples(test_pairs, tokenizer, args)
+    # dropout stays as the model was built (0.1 in the tiny model): SFT is ordinary supervised learning, and a small
+    # model fitting a few hundred dialogues needs the regularisation; every RL stage turns it off
     model.to(dist_info.device)
     if args.gradient_checkpointing:
         plumbing.enable_gradient_checkpointing(model)

@@ -120,3 +120,15 @@ class ChatServer:
         self.release.set()
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+SECRET = "sk-test-" + "Qz7Wx2Kv9Jq4Yp6Lm3Rn8Ts" * 2  # an API key: no piece of it looks like English, hex or an id
+
+
+def key_fragment(text: str) -> int:
+    """Length of the longest piece of the key's secret part (after "sk-test-") that appears in text."""
+    secret, best = SECRET.removeprefix("sk-test-"), 0
+    for i in range(len(secret)):
+        while i + best < len(secret) and secret[i:i + best + 1] in text:
+            best += 1
+    return best

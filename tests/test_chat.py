@@ -15,18 +15,8 @@ import requests
 
 import common
 import plumbing
-from chat_server import ChatServer
+from chat_server import SECRET, ChatServer, key_fragment
 
-SECRET = "sk-" + "Qz7Wx2Kv9Jq4Yp6Lm3Rn8Ts" * 2  # no piece of it looks like English, hex or an id
-
-
-def key_fragment(text: str) -> int:
-    """Length of the longest piece of SECRET that appears in text."""
-    best = 0
-    for i in range(len(SECRET)):
-        while i + best < len(SECRET) and SECRET[i:i + best + 1] in text:
-            best += 1
-    return best
 
 
 @pytest.fixture(autouse=True)

@@ -333,3 +333,40 @@ def test_download_resumes_a_broken_transfer_and_writes_atomically(tmp_path, monk
     n = len(_RangeHandler.requests_seen)
     assert len(common.load_pairs(plumbing.data_paths("hh-rlhf:harmless-base", cache_dir=tmp_path))) == 20000
     assert len(_RangeHandler.requests_seen) == n
+
+
+def test_every_stage_renders_a_chat_prompt_the_same_way(llama_dir, tmp_path):
+    """Chat-message data and a tokenizer with a chat template: SFT, the labels (and so the discriminator),
+    the reward model, PPO and eval all feed the model the same prompt ids, rendered with the template
+    (BOS once); --no-chat-template gives the hh-rlhf transcript in every stage alike."""
+    import discriminator
+
+    tokenizer = plumbing.load_tokenizer(llama_dir)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(tmp_path / "tok")
+    user = {"role": "user", "content": "How do I stay safe online?"}
+    row = {"chosen": [user, {"role": "assistant", "content": "Use strong passwords."}],
+           "rejected": [user, {"role": "assistant", "content": "Who cares."}]}
+    data = tmp_path / "pairs.jsonl"
+    write_jsonl(data, [row] * 1)
+    [pair] = common.load_pairs(data)
+    for template in (True, False):
+        flag = [] if template else ["--no-chat-template"]
+        sft_args = sft.parse_args(["--data", str(data), *flag])
+        sft_prompt = sft.encode_examples([pair], tokenizer, sft_args)[0][0]
+        rm_prompt = redistribute.encode_pairs([pair], tokenizer, 256, 256, template)[0]["prompt"]
+        records, _ = label.label_pairs([pair], {pair.id: pair.chosen}, tokenizer, chat_template=template,
+                                       progress=False)
+        records[0]["_where"] = "x"
+        disc_prompt = discriminator.encode_records(records, tokenizer)[0][0]
+        ppo_args = ppo_token.parse_args(["--policy", "p", "--out", "o", "--reward", "seq", "--reward-model", "r",
+                                         "--data", str(data), "--split", "all", *flag])
+        ppo_prompt = ppo_token.load_prompts(ppo_args, tokenizer, quiet=True)[0]
+        expected = tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True) if template \
+            else "\n\nHuman: How do I stay safe online?\n\nAssistant:"
+        assert sft_prompt == rm_prompt == disc_prompt == ppo_prompt == common.encode_prompt(tokenizer, expected)
+        assert sft_prompt.count(tokenizer.bos_token_id) == 1
+        assert records[0]["chat_template"] is template
+        response = sft.encode_examples([pair], tokenizer, sft_args)[0][1]
+        assert response[:-1] == common.encode_response(tokenizer, "Use strong passwords." if template
+                                                       else " Use strong passwords.", add_eos=False)

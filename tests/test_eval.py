@@ -13,9 +13,8 @@ import common
 import eval as ev
 import plumbing
 import report
-from chat_server import ChatServer
+from chat_server import SECRET, ChatServer, key_fragment
 
-SECRET = "sk-test-" + "Qz7Wx2Kv9Jq4Yp6Lm3Rn8Ts" * 2  # no piece of it looks like English, hex or an id
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -209,15 +208,6 @@ def test_judge_fatal_error_hides_the_key_and_exhausted_retries_count_as_failed(j
     assert result["failed"] == 1 and result["judged"] == 0 and result["win_rate"] is None
 
 
-def key_fragment(text: str) -> int:
-    """Length of the longest piece of the key's secret part (after "sk-test-") that appears in text."""
-    secret, best = SECRET.removeprefix("sk-test-"), 0
-    for i in range(len(secret)):
-        while i + best < len(secret) and secret[i:i + best + 1] in text:
-            best += 1
-    return best
-
-
 def test_judge_errors_never_show_the_key_at_any_offset(judge_server, tmp_path):
     """The judge server answers 401 with the key at character offset k of its body, for every k up
     to past the snippet: before the fix the body was cut at 300 characters, then scrubbed, and up to
@@ -386,7 +376,7 @@ def test_main_end_to_end_with_reward_model_judge(tiny_dir, run_dir, tmp_path):
     assert on_disk == json.loads(json.dumps(results))
     pol = on_disk["policies"]
     assert list(pol) == ["sft", "copy", "other"] and on_disk["baseline"] == "sft"
-    assert pol["sft"]["kl"] == 0.0 and pol["copy"]["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert pol["copy"]["kl"] == pytest.approx(0.0, abs=1e-5)  # the reference's weights, loaded from another folder
     assert abs(pol["other"]["kl_per_token"]) > 1e-3
     # the same seed for every policy: the copy answers exactly like the baseline -> all ties
     assert pol["copy"]["rm_score"] == pytest.approx(pol["sft"]["rm_score"], abs=1e-5)

@@ -15,10 +15,9 @@ import pytest
 import common
 import plumbing
 import label
-from chat_server import ChatServer
+from chat_server import SECRET, ChatServer, key_fragment
 
 ROOT = Path(__file__).resolve().parents[1]
-SECRET = "sk-test-" + "Qz7Wx2Kv9Jq4Yp6Lm3Rn8Ts" * 2  # no piece of it looks like English, hex or an id
 SUFFIX = " I hope this helps."
 
 
@@ -322,15 +321,6 @@ def test_openai_reviser_survives_faults_and_never_leaks_the_key(splits, tiny_dir
         server.close()
 
 
-def key_fragment(text: str) -> int:
-    """Length of the longest piece of the key's secret part (after "sk-test-") that appears in text."""
-    secret, best = SECRET.removeprefix("sk-test-"), 0
-    for i in range(len(secret)):
-        while i + best < len(secret) and secret[i:i + best + 1] in text:
-            best += 1
-    return best
-
-
 def test_openai_key_never_leaks_at_any_offset(splits, tiny_dir, tmp_path, monkeypatch, no_proxy_env, capsys):
     """The server echoes the key at character offset k, for every k up to past the snippet an error
     shows: pair 2k fails with the key in its error body (-> the summary), pair 2k+1 answers with the
@@ -352,7 +342,8 @@ def test_openai_key_never_leaks_at_any_offset(splits, tiny_dir, tmp_path, monkey
     cache = Path(f"{out}.cache.jsonl").read_text()
     records = read_lines(f"{out}.cache.jsonl")  # every answer; the key scrubbed in answers and in errors alike
     assert sum("***" in r["answer"] for r in records if r["revised"] is not None) == n // 2
-    assert all(r["error"].startswith("HTTP 500") for r in records if r["revised"] is None)
+    failed = [r for r in records if r["revised"] is None]
+    assert len(failed) == n // 2 and all(r["error"].startswith("HTTP 500") for r in failed)
     for text in (Path(f"{out}.summary.json").read_text(), cache, out.read_text(), printed.out, printed.err):
         assert key_fragment(text) < 4
     # a 401 stops the run with one line on stderr, whatever the offset (200: the old cut)

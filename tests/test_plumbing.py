@@ -276,11 +276,11 @@ def test_stale_temp_folders_are_cleaned(tmp_path):
         ["checkpoint", "checkpoint/step-000000002", "policy"]
 
 
-def test_a_torn_last_log_line_is_dropped_on_resume(tmp_path):
+def test_a_torn_last_log_line_is_dropped_on_resume(tmp_path, capsys):
     log = tmp_path / "log.jsonl"
     log.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
-    with pytest.warns(UserWarning, match="line 3: unreadable"):
-        plumbing.JsonlLogger(log).rewind(2)
+    plumbing.JsonlLogger(log).rewind(2)
+    assert f"warning: {log} line 3: unreadable" in capsys.readouterr().err
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2]
     plumbing.JsonlLogger(log).log({"step": 3})
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3]
@@ -294,3 +294,28 @@ def test_help_shows_every_default():
                  ["discriminator.py", "evaluate", "--help"]):
         done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert "--trust-remote-code" in done.stdout and "(default:" in done.stdout, args
+
+
+def test_bad_data_is_one_line_and_exit_code_2_in_every_stage(tmp_path, tiny_dir):
+    """Unreadable data (here a binary file with a .jsonl name) stops every stage with one line that names the
+    file, and exit code 2: before, sft.py, redistribute.py, ppo_token.py and eval.py showed a traceback."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(bytes(range(256)) * 8)
+    stages = {
+        "sft": ["sft.py", "--data", bad, "--out", tmp_path / "sft"],
+        "label": ["label.py", "--reviser", "chosen", "--tokenizer", tiny_dir, "--data", bad, "--out", tmp_path / "l"],
+        "discriminator": ["discriminator.py", "train", "--sft", tiny_dir, "--labels", bad, "--out", tmp_path / "d"],
+        "reward model": ["redistribute.py", "train", "--sft", tiny_dir, "--data", bad, "--out", tmp_path / "r"],
+        "ppo": ["ppo_token.py", "--policy", tiny_dir, "--reward", "tlcr", "--discriminator", tiny_dir,
+                "--critic-init", "policy", "--data", bad, "--out", tmp_path / "p"],
+        "eval": ["eval.py", "--policies", f"a={tiny_dir}", "--reference", tiny_dir, "--reward-model", tiny_dir,
+                 "--discriminator", tiny_dir, "--data", bad, "--out", tmp_path / "e"],
+    }
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    running = {name: subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True) for name, args in stages.items()}
+    for name, proc in running.items():
+        _, err = proc.communicate(timeout=180)
+        lines = err.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, (name, err[-2000:])
+        assert lines[0] == f"error: {bad}: not UTF-8 text (a binary file, or another encoding?)", (name, lines)
