@@ -488,8 +488,11 @@ class ScoreModel(nn.Module):
     def config(self):
         return self.backbone.config
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, head: nn.Linear | None = None) -> torch.Tensor:
+        """Scores [B, T]; `head` reads the hidden states instead of self.head (with LoRA, PPO's critic and
+        the frozen reward model share one backbone: ppo_token.py)."""
+        head = self.head if head is None else head
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                                position_ids=position_ids_from_mask(attention_mask),
                                use_cache=False).last_hidden_state  # [B, T, H]
-        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)  # [B, T]
+        return head(hidden.to(head.weight.dtype)).squeeze(-1)  # [B, T]

@@ -23,7 +23,7 @@ given to the action that produced a_t (no one-token shift), plus the paper's abl
     # one GPU, paper settings (lr 1e-5, weight decay 0.1, cosine without warm-up, 2 epochs)
     python discriminator.py train --sft runs/llama/sft --labels runs/llama/labels.jsonl \\
         --out runs/llama/discriminator --batch-size 64 --micro-batch-size 4 --gradient-checkpointing
-    # several GPUs
+    # several GPUs (add --fsdp to shard the model over them, --lora-rank 64 to train LoRA adapters only)
     torchrun --nproc_per_node=8 discriminator.py train --sft ... --labels ... --out ...
     # measure again (held-out token accuracy; --split all for a separate labels file)
     python discriminator.py evaluate --discriminator runs/demo/discriminator --labels runs/demo/labels.jsonl
@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
+import lora
 import plumbing
 
 REWARD_MODES = ("continuous", "fixed", "no_negative", "no_positive")
@@ -91,6 +92,7 @@ def parse_args(argv=None):
     out.add_argument("--stop-after", type=int, default=None,
                      help="checkpoint and stop after this many steps (as if interrupted); run again to resume")
     plumbing.add_resume_args(out)
+    lora.add_lora_args(train)
     plumbing.add_system_args(train)
 
     evaluate = commands.add_parser("evaluate", help="token-level accuracy on labelled pairs",
@@ -118,6 +120,7 @@ def parse_args(argv=None):
         if not 0.0 <= args.eval_fraction < 1.0:
             train.error("--eval-fraction must be in [0, 1)")
         plumbing.check_positive(train, args, "batch_size", "micro_batch_size", "eval_batch_size", "max_steps")
+        lora.check_lora_args(train, args)
         if args.lr <= 0 or args.epochs <= 0:
             train.error("--lr and --epochs must be positive")
     if args.command == "show" and args.labels is None and (args.prompt is None or args.response is None):
@@ -321,8 +324,7 @@ def evaluate_accuracy(model, examples, batch_size, dist_info, bf16=True, pad_id=
     model.eval()
     # counts: positive n / right / ΣD, negative n / right / ΣD, neutral n / ΣD
     sums = torch.zeros(8, dtype=torch.float64)
-    shard = examples[dist_info.rank::dist_info.world_size]
-    for chunk in plumbing.micro_batches(shard, batch_size):
+    for chunk, weight in plumbing.rank_batches(examples, batch_size, dist_info):
         query_response, attention_mask, response_mask, labels = (t.to(dist_info.device) for t in collate(chunk, pad_id))
         with plumbing.autocast(dist_info.device, bf16):
             probs = torch.sigmoid(model(query_response, attention_mask).float())  # D at every position, [B, T]
@@ -330,7 +332,7 @@ def evaluate_accuracy(model, examples, batch_size, dist_info, bf16=True, pad_id=
         pos, neg, neu = in_response & (labels > 0), in_response & (labels < 0), in_response & (labels == 0)
         counts = [pos.sum(), (probs[pos] > 0.5).sum(), probs[pos].sum(), neg.sum(), (probs[neg] < 0.5).sum(),
                   probs[neg].sum(), neu.sum(), probs[neu].sum()]
-        sums += torch.tensor([c.item() for c in counts], dtype=torch.float64)
+        sums += weight * torch.tensor([c.item() for c in counts], dtype=torch.float64)
     model.train(was_training)
     n_pos, right_pos, d_pos, n_neg, right_neg, d_neg, n_neu, d_neu = plumbing.all_reduce_sum(sums, dist_info).tolist()
     return {"accuracy": (right_pos + right_neg) / max(n_pos + n_neg, 1),
@@ -366,7 +368,7 @@ def heldout_examples_of(records, tokenizer, info: dict, split: str = "heldout"):
 # 5. the commands
 # ----------------------------------------------------------------------------------------------
 def train(args):
-    dist_info = plumbing.setup_distributed(args.device)
+    dist_info = plumbing.setup_distributed(args.device, args.fsdp)
     plumbing.seed_everything(args.seed)
     out = Path(args.out)
     if dist_info.master:
@@ -375,7 +377,9 @@ def train(args):
     records = load_labels(args.labels, tokenizer)  # before the model: a bad file stops the run at once
     # dropout stays on while the discriminator learns (per-token targets, no pair to keep consistent: it is plain
     # regularisation, as in SFT); load_discriminator turns it off, so the rewards PPO reads are deterministic
-    model = plumbing.new_score_model(args.sft, bias=True, trust_remote_code=args.trust_remote_code, what="--sft")
+    model = plumbing.new_score_model(args.sft, bias=True, dtype=plumbing.base_dtype(args, dist_info.device),
+                                     trust_remote_code=args.trust_remote_code, what="--sft", meta=dist_info.meta)
+    lora.add_lora_from_args(model.backbone, args)  # --lora-rank 0: nothing; else the head stays trainable
     max_positions = getattr(model.config, "max_position_embeddings", None)
     if max_positions and args.max_prompt_len + args.max_response_len > max_positions:
         raise common.InputError(f"--max-prompt-len + --max-response-len = {args.max_prompt_len + args.max_response_len} "
@@ -386,13 +390,12 @@ def train(args):
     heldout_examples = encode_records(heldout_records, tokenizer, args.max_prompt_len, args.max_response_len)
     if not train_examples:
         raise common.DataError(f"{args.labels}: no non-empty response to train on")
-    model.to(dist_info.device)
     if args.gradient_checkpointing:
         plumbing.enable_gradient_checkpointing(model)
+    model = plumbing.wrap_model(model, dist_info, args.bf16)  # DDP, or sharded with --fsdp
 
     batch_size = min(args.batch_size, len(train_examples))
-    if batch_size < dist_info.world_size:
-        raise common.InputError(f"--batch-size {batch_size} is smaller than the {dist_info.world_size} processes")
+    plumbing.check_batch_size(batch_size, dist_info)
     total_steps = plumbing.total_steps_of(len(train_examples), batch_size, args.epochs, args.max_steps)
     optimizer = plumbing.adamw(model, args.lr, args.weight_decay)
     scheduler = plumbing.cosine_schedule(optimizer, total_steps)
@@ -401,7 +404,6 @@ def train(args):
     if args.resume and (state := plumbing.load_checkpoint(out, {"model": model}, {"model": optimizer},
                                                           {"model": scheduler}, run_config, args.force_resume)):
         step = state["step"]
-    model = plumbing.wrap_model(model, dist_info)
     logger = plumbing.JsonlLogger(out / "log.jsonl", enabled=dist_info.master)
     logger.rewind(step)  # lines logged after the checkpoint will be logged again
     pad_id = tokenizer.pad_token_id
@@ -410,10 +412,8 @@ def train(args):
               f"{len(heldout_records)} held out; {total_steps} steps of {batch_size} sequences"
               f"{f', resuming at step {step}' if step else ''}")
 
-    def checkpoint():
-        if dist_info.master:
-            plumbing.save_checkpoint(out, step, {"model": model}, {"model": optimizer}, {"model": scheduler},
-                                     run_config)
+    def checkpoint():  # every rank (under FSDP each writes its shards)
+        plumbing.save_checkpoint(out, step, {"model": model}, {"model": optimizer}, {"model": scheduler}, run_config)
 
     steps_per_epoch = max(1, len(train_examples) // batch_size)
     bar = tqdm(total=total_steps, initial=step, desc="discriminator", disable=not dist_info.master)
@@ -441,9 +441,8 @@ def train(args):
     info = {"role": "tlcr_discriminator", "sft": str(args.sft), "labels": str(args.labels),
             "split_seed": args.split_seed, "eval_fraction": args.eval_fraction,
             "max_prompt_len": args.max_prompt_len, "max_response_len": args.max_response_len, "steps": step}
-    if dist_info.master:
-        checkpoint()
-        plumbing.save_score_model(model, tokenizer, out, kind="token", extra=info)  # keeps log.jsonl, checkpoint/
+    checkpoint()
+    plumbing.save_score_model(model, tokenizer, out, kind="token", extra=info)  # every rank; keeps log.jsonl, checkpoint/
     metrics = None
     if heldout_examples:
         metrics = evaluate_accuracy(model, heldout_examples, args.eval_batch_size, dist_info, args.bf16, pad_id)

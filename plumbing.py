@@ -5,11 +5,13 @@ common.py). This module keeps the stages short by holding the machinery three or
 
     errors     InputError / DataError -> one line and exit code 2 (`cli`)
     models     load_tokenizer, load_policy, load_score_model / save_score_model (the project's, TRL's and
-               OpenRLHF's formats), build_tiny, tokenizer checks (the models of one run must agree)
-    system     DistInfo / setup_distributed (torchrun), wrap_model (DDP), accumulate, clip, autocast,
-               seeds, AdamW, cosine schedule, gradient checkpointing
+               OpenRLHF's formats), save_policy, build_tiny, tokenizer checks (the models of one run must agree)
+    system     DistInfo / setup_distributed (torchrun), wrap_model (DDP, or FSDP2 with --fsdp), prepare_frozen,
+               accumulate, clip, autocast, seeds, AdamW, cosine schedule, gradient checkpointing
+    FSDP2      shard models that outgrow one GPU: one commented section, reached through wrap_model,
+               accumulate, clip_grad_norm, the checkpoints and the final saves
     files      atomic_write, JsonlLogger, JsonlCache, save_hf, save_checkpoint / load_checkpoint (crash-safe,
-               refuses to resume a different run), clean_stale_temp
+               refuses to resume a different run; sharded under FSDP), clean_stale_temp
 """
 from __future__ import annotations
 
@@ -46,12 +48,24 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tokenizers import (ByteLevelBPETokenizer, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors,
                         trainers)
-from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel,
-                          LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast)
+from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GPT2Config,
+                          GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast)
 from transformers.utils import logging as hf_logging
 
 import common
+import lora
 from common import DataError, InputError, ScoreModel
+
+try:  # FSDP2 (torch >= 2.6); the project runs without it on older torch, --fsdp then says what is missing
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover
+    fully_shard = FSDPModule = DTensor = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,12 +207,29 @@ def load_tokenizer(name_or_path, trust_remote_code: bool = False, what: str = "t
     return configure_tokenizer(tokenizer)
 
 
+def from_pretrained(auto_class, name_or_path, dtype: torch.dtype, trust_remote_code: bool = False, meta: bool = False):
+    """auto_class.from_pretrained; with meta=True the same model built on the meta device instead (shapes, no
+    storage, nothing read): what the ranks other than 0 build under --fsdp, where rank 0 alone reads the weights
+    and wrap_model sends every rank its shards (see the FSDP2 section). Eval mode either way."""
+    if not meta:
+        return auto_class.from_pretrained(str(name_or_path), dtype=dtype, trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = auto_class.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    if getattr(model, "generation_config", None) is not None:  # the EOS ids generation stops at, as rank 0 reads them
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(str(name_or_path))
+        except OSError:  # no generation_config.json: the defaults from the config, as from_pretrained does
+            pass
+    return model.eval()
+
+
 def load_policy(name_or_path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
-                what: str = "policy"):
-    """Any Hugging Face causal LM, by hub name or local path (safetensors preferred)."""
+                what: str = "policy", meta: bool = False):
+    """Any Hugging Face causal LM, by hub name or local path (safetensors preferred); meta: see from_pretrained."""
     check_model_source(name_or_path, what)
     _quiet_transformers()
-    model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype, trust_remote_code=trust_remote_code)
+    model = from_pretrained(AutoModelForCausalLM, name_or_path, dtype, trust_remote_code, meta)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     return model
@@ -305,61 +336,86 @@ def _head_name(hf_model) -> str:
 
 
 def new_score_model(name_or_path, bias: bool, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
-                    what: str = "backbone") -> ScoreModel:
+                    what: str = "backbone", meta: bool = False) -> ScoreModel:
     """A ScoreModel with a fresh head on the backbone of a causal LM (the SFT model): what the
-    discriminator, the reward model and a critic started from the policy train."""
+    discriminator, the reward model and a critic started from the policy train. The head is fp32
+    whatever `dtype` the backbone has (it is trained). meta: see from_pretrained."""
     check_model_source(name_or_path, what)
     _quiet_transformers()
-    backbone = AutoModel.from_pretrained(str(name_or_path), dtype=dtype, trust_remote_code=trust_remote_code)
-    return ScoreModel(backbone, bias=bias)
+    backbone = from_pretrained(AutoModel, name_or_path, dtype, trust_remote_code, meta)
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        return ScoreModel(backbone, bias=bias)
 
 
 def save_score_model(model: ScoreModel, tokenizer, out_dir, kind: str, extra: dict | None = None):
     """Save a ScoreModel as a standard Hugging Face checkpoint (see SCORE_KINDS) with its tokenizer.
+    Every rank calls it (under FSDP the weights are gathered to rank 0, which writes); LoRA adapters
+    are merged into the backbone (full_state_dict), so the directory holds the plain standard class.
 
     The standard sequence classifier reads the score at the last token that is not the pad token. With
     pad == eos (GPT-2, Llama) that would skip the EOS the reward model is read at, so a sequence model
-    whose tokenizer has no pad of its own gets one extra token, <|pad|>, and one extra (never used)
+    whose tokenizer has no pad of its own gets one extra token, <|pad|>, and one extra (never used, zero)
     embedding row; every other token keeps its id, so it still shares the policy's tokenizer.
     `extra` is written to token_rlhf.json (what the run was: role, data, held-out settings).
     """
     model = unwrap(model)
     if kind == "sequence" and model.head.bias is not None:
         raise ValueError("a sequence-classification head has no bias; build the reward model with bias=False")
+    state = full_state_dict(model)  # {} on ranks other than 0
+    if not state:
+        return
+    backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    embedding = next(name for name, module in model.backbone.named_modules()
+                     if module is model.backbone.get_input_embeddings()) + ".weight"
     tokenizer = copy.deepcopy(tokenizer)
     if kind == "sequence" and tokenizer.pad_token_id in (None, tokenizer.eos_token_id):
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
-        if model.backbone.get_input_embeddings().num_embeddings < len(tokenizer):
-            model.backbone.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        rows = backbone[embedding]
+        if rows.shape[0] < len(tokenizer):  # the pad token's row
+            backbone[embedding] = torch.cat([rows, rows.new_zeros(len(tokenizer) - rows.shape[0], rows.shape[1])])
     config = copy.deepcopy(model.backbone.config)
     config.num_labels = 1
     config.pad_token_id = tokenizer.pad_token_id
     config.classifier_dropout = 0.0  # the token classifier's dropout; eval-time outputs are unaffected anyway
-    config.vocab_size = model.backbone.get_input_embeddings().num_embeddings
+    config.vocab_size = backbone[embedding].shape[0]
     auto_class = getattr(transformers, SCORE_KINDS[kind])
-    with torch.device("meta"):  # an empty shell of the standard class; our modules go inside it
+    with torch.device("meta"):  # an empty shell of the standard class; our tensors go inside it
         hf_model = auto_class.from_config(config)
     head = _head_name(hf_model)
     if getattr(hf_model, head).bias is None and model.head.bias is not None:
         raise ValueError(f"{type(hf_model).__name__} has no head bias; this discriminator head has one")
-    setattr(hf_model, hf_model.base_model_prefix, model.backbone)
-    setattr(hf_model, head, model.head)
+    hf_state = {f"{hf_model.base_model_prefix}.{k}": v for k, v in backbone.items()}
+    hf_state.update({f"{head}.{k.removeprefix('head.')}": v for k, v in state.items() if k.startswith("head.")})
+    hf_model.load_state_dict(hf_state, strict=True, assign=True)
     save_hf(hf_model, tokenizer, out_dir)
     if extra is not None:
         atomic_write(Path(out_dir) / "token_rlhf.json", json.dumps(extra, indent=2) + "\n")
 
 
+def save_policy(model: nn.Module, tokenizer, out_dir):
+    """Save the trained policy as an ordinary Hugging Face causal LM (AutoModelForCausalLM.from_pretrained
+    loads it) with its tokenizer. Every rank calls it: under FSDP the full weights are gathered to rank 0,
+    which writes; LoRA adapters are merged in (full_state_dict)."""
+    state = full_state_dict(model)
+    if state:
+        save_hf(model, tokenizer, out_dir, state_dict=state)
+
+
 def load_score_model(path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
-                     what: str = "score model") -> ScoreModel:
+                     what: str = "score model", meta: bool = False) -> ScoreModel:
     """A trained ScoreModel from any of the formats above; a folder without trained head weights is an
-    error (a random head would give random rewards without any sign of it)."""
+    error (a random head would give random rewards without any sign of it). meta: see from_pretrained."""
     check_model_source(path, what)
     _quiet_transformers()
-    path = Path(path)
+    with torch.device("meta") if meta else contextlib.nullcontext():  # meta: the heads built on it too
+        return _load_score_model(Path(path), dtype, trust_remote_code, what, meta)
+
+
+def _load_score_model(path: Path, dtype, trust_remote_code, what, meta) -> ScoreModel:
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     architecture = (config.architectures or [""])[0]
     if (path / "score_head.safetensors").exists():  # this project's first format
-        backbone = AutoModel.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
+        backbone = from_pretrained(AutoModel, path, dtype, trust_remote_code, meta)
         head_state = load_file(str(path / "score_head.safetensors"))
         model = ScoreModel(backbone, bias="bias" in head_state)
         model.head.load_state_dict(head_state)
@@ -369,15 +425,14 @@ def load_score_model(path, dtype: torch.dtype = torch.float32, trust_remote_code
             if config.num_labels != 1:
                 raise InputError(f"{what} {path}: a {architecture} with {config.num_labels} labels; "
                                  "a reward model or discriminator gives one score (num_labels=1)")
-            hf_model = getattr(transformers, auto_name).from_pretrained(str(path), dtype=dtype,
-                                                                         trust_remote_code=trust_remote_code)
+            hf_model = from_pretrained(getattr(transformers, auto_name), path, dtype, trust_remote_code, meta)
             head = getattr(hf_model, _head_name(hf_model))
             model = ScoreModel(hf_model.base_model, bias=head.bias is not None)
             model.head = head
             return model
     weights = _weight_names(path)
     if "value_head.weight" in weights:  # OpenRLHF: backbone + value_head, optional normalisation
-        backbone = AutoModel.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
+        backbone = from_pretrained(AutoModel, path, dtype, trust_remote_code, meta)
         model = ScoreModel(backbone, bias=False)
         model.head.weight.data.copy_(_read_weight(path, "value_head.weight"))
         if getattr(config, "normalize_reward", False):  # score = (r − mean) / std, folded into the head
@@ -420,12 +475,14 @@ def read_run_info(model_dir) -> dict:
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class DistInfo:
-    """Where this process stands under torchrun: rank, local rank, world size, device."""
+    """Where this process stands under torchrun: rank, local rank, world size, device, and whether the
+    trained models are sharded (--fsdp with more than one process) or replicated (DDP)."""
 
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    fsdp: bool = False
 
     @property
     def master(self) -> bool:
@@ -434,6 +491,11 @@ class DistInfo:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def meta(self) -> bool:
+        """Build models on the meta device instead of reading them: under FSDP only rank 0 reads the weights."""
+        return self.fsdp and not self.master
 
 
 def add_system_args(parser):
@@ -444,6 +506,13 @@ def add_system_args(parser):
                        help="disable bf16 autocast on CUDA (it is on by default there; CPU runs in fp32)")
     group.add_argument("--gradient-checkpointing", action="store_true",
                        help="recompute activations in the backward pass: less memory, ~30%% more compute")
+    group.add_argument("--fsdp", action="store_true",
+                       help="under torchrun: shard weights, gradients and optimizer states over the ranks (FSDP2) "
+                            "instead of replicating them (DDP); for models that outgrow one GPU")
+    group.add_argument("--frozen-dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                       help="dtype of the weights that are never trained (a LoRA base; PPO's reference, reward model "
+                            "and discriminator); auto: bfloat16 on CUDA, float32 on CPU. Trained weights and their "
+                            "optimizer states are float32")
     group.add_argument("--seed", type=int, default=0,
                        help="random seed of initialisation, data order and sampling (not of the data split)")
     group.add_argument("--trust-remote-code", action="store_true",
@@ -464,7 +533,19 @@ def check_positive(parser, args, *names):
 # Options that change how a run is carried out but not what it computes: a resume may change them.
 NOT_DEFINING = {"out", "resume", "force_resume", "device", "save_every", "eval_every", "log_every", "stop_after",
                 "gradient_checkpointing", "trust_remote_code", "eval_batch_size", "eval_examples", "micro_batch_size",
-                "offload_frozen", "command"}
+                "offload_frozen", "command", "fsdp"}
+
+
+def frozen_dtype(args, device: torch.device) -> torch.dtype:
+    """--frozen-dtype as a torch dtype (auto: bfloat16 on CUDA, float32 on CPU)."""
+    if args.frozen_dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, args.frozen_dtype)
+
+
+def base_dtype(args, device: torch.device) -> torch.dtype:
+    """The dtype to load a model to train in: float32, or --frozen-dtype when LoRA freezes it (--lora-rank > 0)."""
+    return frozen_dtype(args, device) if getattr(args, "lora_rank", 0) else torch.float32
 
 
 def run_config(args, ignore=(), **derived) -> dict:
@@ -482,10 +563,11 @@ def add_resume_args(group):
     return group
 
 
-def setup_distributed(device: str = "auto") -> DistInfo:
+def setup_distributed(device: str = "auto", fsdp: bool = False) -> DistInfo:
     """Read RANK / LOCAL_RANK / WORLD_SIZE as torchrun sets them (nanoGPT style).
 
-    NCCL on CUDA, gloo on CPU. Without torchrun this is a single process.
+    NCCL on CUDA, gloo on CPU. Without torchrun this is a single process (and --fsdp has nothing to
+    shard over: the run is the plain single-process one, with a warning).
     """
     want_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
@@ -496,8 +578,14 @@ def setup_distributed(device: str = "auto") -> DistInfo:
             dev = torch.device("cuda", local_rank)
         else:
             dev = torch.device("cpu")
-        torch_dist.init_process_group(backend="nccl" if want_cuda else "gloo")
-        return DistInfo(rank, local_rank, world_size, dev)
+        if fsdp and fully_shard is None:
+            raise InputError(f"--fsdp needs torch >= 2.6 (FSDP2's fully_shard); this is torch {torch.__version__}")
+        if not torch_dist.is_initialized():  # (a caller that set up the process group itself keeps it)
+            torch_dist.init_process_group(backend="nccl" if want_cuda else "gloo")
+        return DistInfo(rank, local_rank, world_size, dev, fsdp=fsdp)
+    if fsdp:
+        warnings.warn("--fsdp with one process: nothing to shard over, running unsharded (launch with torchrun)",
+                      stacklevel=2)
     return DistInfo(device=torch.device("cuda" if want_cuda else (device if device != "auto" else "cpu")))
 
 
@@ -535,21 +623,45 @@ def all_reduce_mean(value, dist_info: DistInfo) -> float:
     return all_reduce_sum(value, dist_info).item() / dist_info.world_size
 
 
-def wrap_model(model: nn.Module, dist_info: DistInfo) -> nn.Module:
-    """Data parallel over the ranks (DDP); the model itself in a single process."""
+def wrap_model(model: nn.Module, dist_info: DistInfo, bf16: bool = True) -> nn.Module:
+    """The trained model on this rank's device, data parallel over the ranks: replicated (DDP), or sharded
+    (FSDP2, --fsdp: see shard_model; `bf16` then picks the mixed-precision policy on CUDA). The model
+    itself in a single process. Call it before building the optimizer (FSDP replaces the parameters)."""
+    if dist_info.fsdp:
+        return shard_model(model, dist_info, mixed_precision=bf16 and dist_info.device.type == "cuda")
+    model = model.to(dist_info.device)
     if not dist_info.enabled:
         return model
     ids = [dist_info.device.index] if dist_info.device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
+def prepare_frozen(model: nn.Module, dist_info: DistInfo, offload: bool = False) -> nn.Module:
+    """A model that is only read (PPO's reference, reward model, discriminator): eval mode, no gradients,
+    dropout off; on this rank's device (the CPU with offload), or sharded like the trained ones under FSDP."""
+    model = disable_dropout(model).eval().requires_grad_(False)
+    if dist_info.fsdp:
+        if offload:
+            raise InputError("--offload-frozen and --fsdp do not go together: FSDP already spreads the frozen "
+                             "models over the ranks")
+        return shard_model(model, dist_info)
+    return model.to("cpu" if offload else dist_info.device)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel wrapper (or the model itself)."""
+    """The module inside a DistributedDataParallel wrapper (or the model itself: FSDP shards in place)."""
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 def accumulate(models, last: bool):
-    """Gradient accumulation: skip the all-reduce of gradients except on a step's last micro-batch."""
+    """Gradient accumulation: DDP skips the all-reduce of gradients except on a step's last micro-batch.
+    Call the micro-batch's forward and backward inside this block.
+
+    FSDP reduce-scatters after every micro-batch instead: its gradients then stay sharded (1/N of them
+    per rank). Skipping the sync (FSDP's set_requires_gradient_sync(False)) would keep a full, unsharded
+    fp32 gradient on every rank until the last micro-batch, 4 bytes per parameter: the memory FSDP is
+    there to save. The accumulated gradient is the same (an average of sums is a sum of averages).
+    """
     stack = contextlib.ExitStack()
     for model in (models if isinstance(models, (list, tuple)) else [models]):
         if not last and isinstance(model, torch.nn.parallel.DistributedDataParallel):
@@ -561,9 +673,35 @@ def micro_batches(examples: list, size: int) -> list[list]:
     return [examples[i: i + size] for i in range(0, len(examples), size)]
 
 
+def rank_batches(examples: list, size: int, dist_info: DistInfo) -> list[tuple[list, float]]:
+    """This rank's share of `examples` (every world_size-th) in micro-batches of `size`, as (micro-batch,
+    weight) pairs for an evaluation loop to add up weight × its sums. The weight is 1, except under FSDP:
+    every forward of a sharded model is a collective (it all-gathers weights), so every rank must run as
+    many; a rank with fewer micro-batches repeats a real one with weight 0 (computed, not counted)."""
+    batches = [(chunk, 1.0) for chunk in micro_batches(examples[dist_info.rank::dist_info.world_size], size)]
+    if dist_info.fsdp and examples:
+        most = math.ceil(math.ceil(len(examples) / dist_info.world_size) / size)  # rank 0's count, the largest
+        batches += [(examples[:1], 0.0)] * (most - len(batches))
+    return batches
+
+
+def check_batch_size(batch_size: int, dist_info: DistInfo, what: str = "--batch-size"):
+    """Every rank needs a share of the global batch; under FSDP an equal one (each micro-batch is a collective)."""
+    if batch_size < dist_info.world_size:
+        raise InputError(f"{what} {batch_size} is smaller than the {dist_info.world_size} processes")
+    if dist_info.fsdp and batch_size % dist_info.world_size:
+        raise InputError(f"{what} {batch_size}: with --fsdp it must be a multiple of the {dist_info.world_size} "
+                         "processes (every rank runs as many forward passes)")
+
+
 def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
-    """Clip the gradient norm to max_norm (0 = off); return the norm before clipping."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
+    """Clip the gradient norm to max_norm (0 = off); return the norm before clipping. Under FSDP the
+    gradients are DTensor shards: torch reduces the norm over the ranks and every rank scales its shard
+    by the same factor; the norm comes back as a DTensor, made a number here."""
+    norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None],
+                                          max_norm if max_norm > 0 else float("inf"))
+    if DTensor is not None and isinstance(norm, DTensor):
+        norm = norm.full_tensor()
     return float(norm)
 
 
@@ -611,6 +749,189 @@ def enable_gradient_checkpointing(model: nn.Module):
     else:
         hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     hf_model.config.use_cache = False
+
+
+# ----------------------------------------------------------------------------------------------
+# FSDP2: shard models that outgrow one GPU
+# ----------------------------------------------------------------------------------------------
+# DDP keeps a full copy of every weight, gradient and AdamW state on every GPU (16 bytes per trained
+# parameter), so more GPUs buy speed, not room. FSDP (fully sharded data parallel) cuts each of them
+# into world_size pieces, one per rank. Before a decoder layer runs, its pieces are all-gathered into
+# the full weights, which are freed again right after (in the forward, and once more in the backward);
+# gradients are reduce-scattered, each rank receiving the average of its own piece. So a rank holds
+# 1/N of the training state plus one layer's full weights at a time. The maths of a step is that of
+# DDP and of one process with the same global batch (tests/test_fsdp.py checks it to 1e-4).
+#
+# --fsdp reaches this section through the functions the stages already call:
+#   wrap_model          shard_model: each decoder layer (the model's own _no_split_modules), then the root;
+#                       mixed precision on CUDA (bf16 weights for compute, fp32 gradient reduction);
+#                       activation checkpointing is switched on before (enable_gradient_checkpointing)
+#   prepare_frozen      the frozen models (reference, reward model, discriminator) are sharded too
+#   load_*(meta=...)    rank 0 reads the weights; the other ranks build the model on the meta device
+#                       and shard_model sends each its pieces (host memory: see shard_model)
+#   accumulate, clip_grad_norm, rank_batches    gradient accumulation, clipping, equal forward counts
+#   save_checkpoint / load_checkpoint           every rank writes and reads its own shards (DCP format)
+#   save_policy / save_score_model              full_state_dict: gathered to rank 0, LoRA merged
+# and in ppo_token.py: gathered (the policy stays whole during the rollout), on_every_rank (generation
+# stops when every rank is done).
+# Rules that come with it: every rank runs the same sequence of forwards, backwards and state-dict
+# calls on a sharded model (each is a collective); frozen models are not offloaded to the CPU.
+# LoRA and FSDP together: the frozen base and the trained adapters are sharded alike (FSDP accepts a
+# bf16 base beside fp32 adapters in one layer: only the trained parameters must share a dtype).
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return FSDPModule is not None and isinstance(model, FSDPModule)
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The modules sharded one by one: those of a class the model lists in _no_split_modules (GPT2Block,
+    LlamaDecoderLayer, ...: Hugging Face's name for the blocks that must stay whole), the outermost ones."""
+    names = {name for module in model.modules() for name in (getattr(module, "_no_split_modules", None) or [])}
+    if not names:  # (every Hugging Face transformer lists them; also found inside a ScoreModel)
+        raise ValueError(f"{type(model).__name__} names no decoder layer class (_no_split_modules): --fsdp shards "
+                         "a Hugging Face transformer layer by layer")
+    layers, inside = [], []
+    for name, module in model.named_modules():
+        if type(module).__name__ in names and not any(name.startswith(prefix + ".") for prefix in inside):
+            layers.append(module)
+            inside.append(name)
+    return layers
+
+
+def shard_model(model: nn.Module, dist_info: DistInfo, mixed_precision: bool = False) -> nn.Module:
+    """fully_shard each decoder layer, then the root (embeddings, final norm, heads: what is left), and
+    give every rank its pieces of rank 0's weights. Changed in place: the class becomes FSDP<Class>, every
+    parameter a DTensor holding this rank's piece.
+
+    Each fully_shard call makes one unit that is all-gathered together just before it runs; layer by layer
+    keeps one layer's full weights in memory at a time. reshard_after_forward=True for the root too: a
+    frozen model runs under no_grad and never reaches the backward where a root left whole would be freed.
+    mixed_precision (CUDA): weights all-gathered and used in bf16 (half the traffic), gradients reduced in
+    fp32, the sharded fp32 weights stepped by AdamW in fp32.
+
+    Weights come from rank 0. The other ranks may have built the model on the meta device (load_policy,
+    load_score_model, new_score_model with meta=True) instead of reading it: they allocate their pieces
+    only, and rank 0 sends each tensor in turn (broadcast_from_rank0), each rank keeping its piece.
+    Non-persistent buffers (Llama's rotary inv_freq) are in no state dict, so they are broadcast apart.
+    Host memory for W bytes of weights on N ranks: rank 0 peaks at W + W/N (the model it read and its
+    piece), every other rank at W/N plus the largest single tensor in transit, instead of W + W/N on every
+    rank. Measured on 2 gloo ranks, growth of the peak RSS while loading and sharding a GPT-2 of 55 M
+    parameters (210 MiB fp32, 16 layers, largest tensor 16 MiB; bench/bench_fsdp_load.py): rank 1 123 MiB
+    instead of 239, rank 0 319 either way. When one tensor is most of the model (a 50k vocabulary on a
+    51 M model: 98 MiB of 196) it travels whole and little is saved (197 instead of 209 MiB). For a 7B
+    model (28 GB fp32, largest tensor 0.5 GB) on 8 ranks: ~32 GB on rank 0 and ~4 GB on each other rank,
+    ~60 GB for the node instead of ~250 GB.
+    Fresh heads and LoRA adapters come from rank 0 the same way, so every rank starts from the same ones.
+    """
+    # FSDP warns about every model output that is a view (a ScoreModel's squeeze) in case the caller modifies it
+    # in place, which would skip a hook; no code here does
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    mesh = init_device_mesh(dist_info.device.type, (dist_info.world_size,))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
+        else MixedPrecisionPolicy()
+    on_meta = any(p.is_meta for p in model.parameters())
+    rank0_weights = model.state_dict() if dist_info.master else {}  # references to the loaded tensors, no copy
+    if not on_meta:
+        model.to(dist_info.device)
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+    if on_meta:
+        model.to_empty(device=dist_info.device)  # this rank's pieces and the buffers, not yet filled
+    set_model_state_dict(model, rank0_weights,
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del rank0_weights
+    for buffer in model.buffers():
+        torch_dist.broadcast(buffer.data, src=0)
+    return model
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module):
+    """Under FSDP: keep a model's full weights from its first forward in this block to the end of the
+    block, then reshard. Nothing otherwise. (Memory: the whole model on every rank meanwhile, as DDP.)"""
+    model = unwrap(model)
+    if not is_sharded(model):
+        yield model
+        return
+    model.set_reshard_after_forward(False)  # every sharded layer
+    try:
+        yield model
+    finally:
+        model.set_reshard_after_forward(True)
+        for module in model.modules():  # free the full weights now
+            if is_sharded(module):
+                module.reshard()
+
+
+def on_every_rank(flag: bool, device: torch.device) -> bool:
+    """True when `flag` is True on every rank (one all-reduce of a number; the flag itself in one process)."""
+    if not (torch_dist.is_available() and torch_dist.is_initialized()):
+        return flag
+    value = torch.tensor([int(flag)], device=device)  # on the rows' device: NCCL wants CUDA tensors
+    torch_dist.all_reduce(value, op=torch_dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
+def _rank() -> int:
+    return torch_dist.get_rank() if torch_dist.is_available() and torch_dist.is_initialized() else 0
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's weights on rank 0's CPU ({} on the other ranks), LoRA adapters merged in:
+    W' = W + (α/r)·B·A for every adapted layer, in fp32, no adapter tensors left (lora.merged_state_dict).
+    Every rank calls it. Under FSDP the shards are gathered one tensor at a time and moved to the CPU,
+    so no GPU ever holds the whole model; rank 0's host memory holds one full copy."""
+    model = unwrap(model)
+    if is_sharded(model):
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        first = {}  # a tied weight (GPT-2's lm_head = wte) comes back under both names: keep the first, as state_dict()
+        for name, parameter in model.named_parameters(remove_duplicate=False):
+            if first.setdefault(id(parameter), name) != name:
+                state.pop(name, None)
+    else:
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()} if _rank() == 0 else {}
+    if state and lora.lora_layers(model):  # merged in fp32: a bf16 base would round small changes away
+        state = lora.merged_state_dict(model, {k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    return state
+
+
+def frozen_copy(linear: nn.Linear) -> nn.Linear:
+    """A frozen, unsharded fp32 copy of a linear layer (a score head) on every rank (FSDP: all-gathered)."""
+    weight, bias = (None if t is None else (t.full_tensor() if isinstance(t, DTensor) else t).detach().float()
+                    for t in (linear.weight, linear.bias))
+    head = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device)
+    with torch.no_grad():
+        head.weight.copy_(weight)
+        if bias is not None:
+            head.bias.copy_(bias)
+    return head.requires_grad_(False)
+
+
+def _sharded_state(models: dict, optimizers: dict) -> dict:
+    """What a sharded checkpoint holds: each model's trained tensors and its optimizer's states, as this
+    rank's pieces (DTensors: nothing is gathered). Frozen weights (a LoRA base) are left out."""
+    state = {}
+    for name, model in models.items():
+        model = unwrap(model)
+        state[f"model.{name}"] = get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True))
+        state[f"optimizer.{name}"] = get_optimizer_state_dict(model, optimizers[name])
+    return state
+
+
+def _load_sharded(path: Path, models: dict, optimizers: dict):
+    """Read a sharded checkpoint into models and optimizers (in place): each rank reads its pieces (DCP also
+    reshards for another world size, and fills an unsharded model when resumed without --fsdp)."""
+    state = _sharded_state(models, optimizers)  # the layout to fill
+    with warnings.catch_warnings():  # one process reading it is what we mean
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(path))
+    for name, model in models.items():
+        model = unwrap(model)
+        set_model_state_dict(model, state[f"model.{name}"],
+                             options=StateDictOptions(ignore_frozen_params=True, strict=False))
+        set_optimizer_state_dict(model, optimizers[name], state[f"optimizer.{name}"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -674,7 +995,8 @@ class JsonlLogger:
 
 
 def save_hf(model: nn.Module, tokenizer, out_dir, **save_kwargs):
-    """Save a model and its tokenizer in Hugging Face format into out_dir.
+    """Save a model and its tokenizer in Hugging Face format into out_dir (save_kwargs go to save_pretrained,
+    e.g. state_dict=: the tensors to write instead of the model's own, a copy is passed: it pops keys).
 
     Everything is written to a temp folder first and then renamed file by file, so a crash never
     leaves half a weight file; other files in out_dir (checkpoint/, log.jsonl) are kept. A temp
@@ -684,6 +1006,8 @@ def save_hf(model: nn.Module, tokenizer, out_dir, **save_kwargs):
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".save-"))
+    if "state_dict" in save_kwargs:
+        save_kwargs["state_dict"] = dict(save_kwargs["state_dict"])
     try:
         unwrap(model).save_pretrained(tmp, **save_kwargs)
         tokenizer.save_pretrained(tmp)
@@ -707,7 +1031,13 @@ def clean_stale_temp(out_dir):
 # weights_only=True. It is written as checkpoint/.tmp-step-000120 and renamed into place in ONE
 # rename; older steps are deleted only after that. A kill at any moment therefore leaves at least one
 # complete step folder, and resuming takes the newest complete one.
+# Trained tensors only: with LoRA the adapters and heads (the base is read again from the model folder),
+# so a checkpoint of a 7B LoRA run is megabytes, not gigabytes.
+# Under FSDP the models and optimizer states go to step-000120/sharded/ instead, in the
+# torch.distributed.checkpoint format (one .distcp file per rank and a .metadata index): every rank
+# writes and reads its own pieces, none holds the whole model. All ranks must see the same folder.
 STEP_DIR = re.compile(r"step-(\d{9})")
+SHARDED = "sharded"
 
 
 def trained_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -743,13 +1073,26 @@ def latest_checkpoint(out_dir) -> Path | None:
 
 def save_checkpoint(out_dir, step: int, models: dict, optimizers: dict, schedulers: dict | None = None,
                     run_config: dict | None = None, **extra):
-    """Write OUT/checkpoint/step-N atomically (see above), then delete the older steps. Rank 0 only."""
+    """Write OUT/checkpoint/step-N atomically (see above), then delete the older steps. Every rank calls
+    it: rank 0 writes, and under FSDP every rank writes its pieces too. `optimizers` has the keys of `models`."""
+    sharded = any(is_sharded(unwrap(model)) for model in models.values())
+    master = _rank() == 0
+    if not (master or sharded):
+        return
     root = Path(out_dir) / "checkpoint"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:09d}"
     tmp = root / f".tmp-{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    if master:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / SHARDED if sharded else tmp).mkdir(parents=True)
+    if sharded:
+        barrier()
+        dcp.save(_sharded_state(models, optimizers), checkpoint_id=str(tmp / SHARDED))
+        barrier()  # every rank's pieces are written
+        if master:
+            _publish_checkpoint(tmp, final, step, {}, schedulers, run_config, extra)
+        barrier()  # no rank reads or writes on before the new step is in place
+        return
     for name, model in models.items():
         state = trained_state_dict(model)
         # tied weights (GPT-2's lm_head = wte) share storage; safetensors wants each tensor once
@@ -760,8 +1103,14 @@ def save_checkpoint(out_dir, step: int, models: dict, optimizers: dict, schedule
                 seen.add(ident)
                 unique[key] = tensor
         save_file(unique, str(tmp / f"{name}.safetensors"))
-    state = {"step": step, "run_config": run_config or {}, "rng": rng_state(),
-             "optimizers": {k: opt.state_dict() for k, opt in optimizers.items()},
+    _publish_checkpoint(tmp, final, step, {k: opt.state_dict() for k, opt in optimizers.items()}, schedulers,
+                        run_config, extra)
+
+
+def _publish_checkpoint(tmp: Path, final: Path, step: int, optimizer_states: dict, schedulers, run_config, extra):
+    """state.pt into the temp folder, then the one rename, then the older steps go."""
+    root = final.parent
+    state = {"step": step, "run_config": run_config or {}, "rng": rng_state(), "optimizers": optimizer_states,
              "schedulers": {k: s.state_dict() for k, s in (schedulers or {}).items()}, **extra}
     torch.save(state, tmp / "state.pt")
     if final.exists():  # the same step saved twice (resumed at the end): replace it
@@ -792,17 +1141,23 @@ def load_checkpoint(out_dir, models: dict, optimizers: dict, schedulers: dict | 
                          "folder, another --out, or --force-resume to continue with the new settings")
     if changed:
         warnings.warn(f"--force-resume: continuing {ckpt} with changed settings {sorted(changed)}", stacklevel=2)
-    for name, model in models.items():
-        tensors = load_file(str(ckpt / f"{name}.safetensors"))
-        expected = trained_state_dict(model).keys()
-        tied = {k for k in expected if k not in tensors and k.endswith("lm_head.weight")}
-        if set(expected) - tied != set(tensors):
-            raise InputError(f"{ckpt}/{name}.safetensors does not match the model (missing "
-                             f"{sorted(set(expected) - set(tensors) - tied)[:3]}, unexpected "
-                             f"{sorted(set(tensors) - set(expected))[:3]}); use --no-resume")
-        unwrap(model).load_state_dict(tensors, strict=False)
-    for key, optimizer in optimizers.items():
-        optimizer.load_state_dict(state["optimizers"][key])
+    if (ckpt / SHARDED).is_dir():
+        _load_sharded(ckpt / SHARDED, models, optimizers)
+    elif any(is_sharded(unwrap(model)) for model in models.values()):
+        raise InputError(f"{ckpt} was written without --fsdp; resume it without --fsdp, or start over with "
+                         "--no-resume")
+    else:
+        for name, model in models.items():
+            tensors = load_file(str(ckpt / f"{name}.safetensors"))
+            expected = trained_state_dict(model).keys()
+            tied = {k for k in expected if k not in tensors and k.endswith("lm_head.weight")}
+            if set(expected) - tied != set(tensors):
+                raise InputError(f"{ckpt}/{name}.safetensors does not match the model (missing "
+                                 f"{sorted(set(expected) - set(tensors) - tied)[:3]}, unexpected "
+                                 f"{sorted(set(tensors) - set(expected))[:3]}); use --no-resume")
+            unwrap(model).load_state_dict(tensors, strict=False)
+        for key, optimizer in optimizers.items():
+            optimizer.load_state_dict(state["optimizers"][key])
     for key, scheduler in (schedulers or {}).items():
         scheduler.load_state_dict(state["schedulers"][key])
     set_rng_state(state["rng"])

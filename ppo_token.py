@@ -33,6 +33,13 @@ backbone with a fresh head. Dropout is off in the policy, reference, critic and 
 log-probs of the rollout and of the update must come from the same function, or the first PPO ratio
 is not 1. The reference π_ref is a frozen copy of --policy.
 
+With LoRA (--lora-rank > 0) the frozen weights are shared instead of copied: the reference is the
+policy with its adapters switched off (lora.adapters_disabled), and the critic is a LoRA on the reward
+model's (or discriminator's) backbone plus a value head started from the reward head, the reward being
+read from that backbone with the critic's adapters switched off and the frozen reward head. Two frozen
+backbones instead of four models (three for tlcr* with a --reward-model read for logging, or with
+--critic-init policy); --frozen-dtype (bf16 on CUDA) for them, adapters and heads in fp32.
+
 Log: OUT/log.jsonl, one JSON line per iteration ("step"), averaged over ranks: task_reward (Σ_j task_j per
 response, after the clip and the EOS penalty), token_reward (mean r_j per token), rm_score (R_φ(x, y),
 when --reward-model is given), kl (Σ_j KL_j per response), entropy (of π_θ, per token), perplexity (exp
@@ -46,7 +53,9 @@ Commands (outputs: OUT/log.jsonl, OUT/checkpoint/ to resume, OUT/policy/ the fin
     python ppo_token.py --policy runs/demo/sft --reward red --reward-model runs/demo/reward_model \\
         --out runs/demo/ppo_red
     python ppo_token.py ... --gradient-checkpointing --offload-frozen          # one GPU, less memory
+    python ppo_token.py ... --lora-rank 64                                     # LoRA: two frozen backbones
     torchrun --nproc_per_node=8 ppo_token.py ...    # --rollout-batch-size prompts in all, shared by the ranks
+    torchrun --nproc_per_node=8 ppo_token.py ... --fsdp    # models sharded over the ranks (FSDP2)
 """
 from __future__ import annotations
 
@@ -57,10 +66,12 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 import common
 import discriminator
+import lora
 import plumbing
 import redistribute
 from common import masked_mean, position_ids_from_mask
@@ -121,14 +132,20 @@ def parse_args(argv=None):
     algo.add_argument("--zero-first", action="store_true",
                       help="red: take R(x, y≤−1) = 0 instead of the prompt's score, so the token rewards "
                            "sum to R(x, y) rather than R(x, y) − R(x, ∅)")
+    lora.add_lora_args(parser)
     system = plumbing.add_system_args(parser)
     system.add_argument("--offload-frozen", action="store_true",
-                        help="keep the frozen reference and reward models on the CPU")
+                        help="keep the frozen reference and reward models on the CPU (with LoRA: those that do not "
+                             "share the policy's or the critic's backbone)")
     system.add_argument("--save-every", type=int, default=50, help="checkpoint every N iterations (and at the end)")
     system.add_argument("--stop-after", type=int, default=None,
                         help="checkpoint and stop after this many iterations (as if interrupted); run again to resume")
     plumbing.add_resume_args(system)
     args = parser.parse_args(argv)
+    lora.check_lora_args(parser, args)
+    if args.offload_frozen and args.fsdp:
+        parser.error("--offload-frozen and --fsdp do not go together: FSDP already spreads the frozen models over "
+                     "the ranks")
     if args.reward in ("seq", "red") and not args.reward_model:
         parser.error(f"--reward {args.reward} needs --reward-model DIR")
     if args.reward.startswith("tlcr") and not args.discriminator:
@@ -168,7 +185,8 @@ def cache_kwargs(policy, out) -> dict:
 @torch.no_grad()
 def generate(policy, prompt, prompt_mask, eos_ids: list[int], pad_id: int, max_new_tokens: int, temperature=1.0,
              top_p=0.9):
-    """Sample up to max_new_tokens per row; stop once every row has produced one of eos_ids.
+    """Sample up to max_new_tokens per row; stop once every row has produced one of eos_ids (under FSDP:
+    every row of every rank, so that all ranks take the same number of decode steps).
 
     prompt [B, P] is left-padded, so every response starts at column P. Position ids count real
     tokens only (common.position_ids_from_mask), the same ones the training forward uses.
@@ -186,7 +204,10 @@ def generate(policy, prompt, prompt_mask, eos_ids: list[int], pad_id: int, max_n
         token = torch.where(done, torch.full_like(token, pad_id), token)
         tokens.append(token)
         done |= torch.isin(token, eos)
-        if done.all() or t == max_new_tokens - 1:
+        finished = bool(done.all())
+        if plumbing.is_sharded(policy):  # FSDP: every forward all-gathers weights, a collective of all ranks, so
+            finished = plumbing.on_every_rank(finished, done.device)  # no rank may stop while another decodes
+        if finished or t == max_new_tokens - 1:
             break
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], 1)
         out = policy(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position + t,
@@ -283,7 +304,10 @@ def rollout(policy, ref_policy, critic, reward_fn, prompt, prompt_mask, args, eo
     """Steps 1-4 for one batch of prompts. Everything returned is [B, R] unless noted."""
     unwrap(policy).eval()  # dropout is 0 either way; eval() switches gradient checkpointing off for the KV cache
     unwrap(critic).eval()
-    with plumbing.autocast(prompt.device, args.bf16):
+    # Under FSDP every forward all-gathers each layer's weights and frees them again. Generation runs the policy
+    # once per new token, so the rollout keeps it gathered (plumbing.gathered): one all-gather per layer per
+    # rollout instead of one per layer per token, for the price of the whole policy on every rank meanwhile.
+    with plumbing.autocast(prompt.device, args.bf16), plumbing.gathered(policy):
         # 1. generate
         response = generate(unwrap(policy), prompt, prompt_mask, eos_ids, pad_id, args.max_new_tokens,
                             args.temperature, args.top_p)  # [B, R]
@@ -294,8 +318,13 @@ def rollout(policy, ref_policy, critic, reward_fn, prompt, prompt_mask, args, eo
         # 2. score (the longest response fills all R columns, so every [B, T_resp] below is [B, R])
         logprobs, entropy = common.response_logprobs(unwrap(policy), query_response, attention_mask,
                                                      full_response_mask, args.temperature, with_entropy=True)
-        ref_logprobs = frozen_call(lambda model, *inputs: common.response_logprobs(model, *inputs, args.temperature)[0],
-                                   ref_policy, query_response, attention_mask, full_response_mask)
+        if ref_policy is None:  # LoRA: the reference is the same network with its adapters switched off
+            with lora.adapters_disabled(unwrap(policy)):
+                ref_logprobs, _ = common.response_logprobs(unwrap(policy), query_response, attention_mask,
+                                                           full_response_mask, args.temperature)
+        else:
+            ref_logprobs = frozen_call(lambda model, *inputs: common.response_logprobs(model, *inputs, args.temperature)[0],
+                                       ref_policy, query_response, attention_mask, full_response_mask)
         values = critic_values(unwrap(critic), query_response, attention_mask, full_response_mask)
         task_rewards = reward_fn(query_response, attention_mask, full_response_mask).float()  # [B, R]
         if task_rewards.shape != mask.shape:
@@ -421,17 +450,36 @@ def train_step(policy, ref_policy, critic, policy_optimizer, critic_optimizer, r
 # ----------------------------------------------------------------------------------------------
 # Setup: models, reward sources, prompts
 # ----------------------------------------------------------------------------------------------
-def load_frozen_score_model(path, device, args, what):
-    """A trained reward model or discriminator, frozen (eval, no grad, dropout off)."""
-    model = plumbing.load_score_model(path, trust_remote_code=args.trust_remote_code, what=what)
-    return plumbing.disable_dropout(model).eval().requires_grad_(False).to(device)
+def load_frozen_score_model(path, args, dist_info, what):
+    """A trained reward model or discriminator, frozen (eval, no grad, dropout off), in --frozen-dtype."""
+    model = plumbing.load_score_model(path, dtype=plumbing.frozen_dtype(args, dist_info.device), what=what,
+                                      trust_remote_code=args.trust_remote_code, meta=dist_info.meta)
+    return plumbing.prepare_frozen(model, dist_info, args.offload_frozen)
 
 
-def make_reward_fn(args, device):
+class RewardInCritic(nn.Module):
+    """With LoRA, the reward model (or discriminator) the critic was started from: the critic's backbone with
+    its adapters switched off, read by the frozen reward head. Called like a ScoreModel: -> scores [B, T]."""
+
+    def __init__(self, critic: common.ScoreModel, reward_head: nn.Linear):
+        super().__init__()
+        self.critic, self.reward_head = critic, reward_head
+
+    def forward(self, input_ids, attention_mask):
+        with lora.adapters_disabled(self.critic):
+            return self.critic(input_ids, attention_mask, head=self.reward_head)
+
+
+def make_reward_fn(args, dist_info, shared: dict | None = None):
     """The task reward source of --reward as reward_fn(query_response, attention_mask, response_mask) -> [B, T_resp],
-    plus score_fn(...) -> [B] (the reward model's sequence score, for logging) or None without --reward-model."""
-    reward_model = load_frozen_score_model(args.reward_model, device, args, "--reward-model") \
-        if args.reward_model else None
+    plus score_fn(...) -> [B] (the reward model's sequence score, for logging) or None without --reward-model.
+    shared: {path: model} already loaded (with LoRA, the reward model or discriminator inside the critic)."""
+    shared = shared or {}
+
+    def load(path, what):
+        return shared[path] if path in shared else load_frozen_score_model(path, args, dist_info, what)
+
+    reward_model = load(args.reward_model, "--reward-model") if args.reward_model else None
 
     def score_fn(query_response, attention_mask, response_mask):
         return frozen_call(redistribute.sequence_reward, reward_model, query_response, attention_mask, response_mask)
@@ -445,7 +493,7 @@ def make_reward_fn(args, device):
             return frozen_call(redistribute.redistribute, reward_model, query_response, attention_mask, response_mask,
                                beta_c=args.beta_c, zero_first=args.zero_first)
     else:
-        disc = load_frozen_score_model(args.discriminator, device, args, "--discriminator")
+        disc = load(args.discriminator, "--discriminator")
 
         def reward_fn(query_response, attention_mask, response_mask):  # TLCR eq. 7 (or an ablation)
             return frozen_call(discriminator.token_rewards, disc, query_response, attention_mask, response_mask,
@@ -463,25 +511,41 @@ def check_tokenizers(args, tokenizer):
             plumbing.check_same_tokenizer(tokenizer, other, f"{option} {path}")
 
 
-def load_models(args, device, frozen_device):
-    """Policy (trained), reference (frozen copy of --policy), critic (trained ScoreModel)."""
-    policy = plumbing.disable_dropout(plumbing.load_policy(args.policy, trust_remote_code=args.trust_remote_code,
-                                                           what="--policy")).to(device)
-    ref_policy = plumbing.disable_dropout(plumbing.load_policy(args.policy, trust_remote_code=args.trust_remote_code))
-    ref_policy = ref_policy.eval().requires_grad_(False).to(frozen_device)
+def load_models(args, dist_info):
+    """Policy and critic (trained, wrapped for DDP or FSDP), the reference (a frozen copy of --policy; None with
+    LoRA), and {path: model} of the reward model or discriminator that shares the critic's backbone (LoRA)."""
+    dtype = plumbing.base_dtype(args, dist_info.device)  # fp32, or --frozen-dtype for a LoRA base
+    meta = dist_info.meta  # FSDP: rank 0 reads the weights, the other ranks receive their shards (wrap_model)
+    policy = plumbing.load_policy(args.policy, dtype, args.trust_remote_code, what="--policy", meta=meta)
+    plumbing.disable_dropout(policy)
+    lora.add_lora_from_args(policy, args)
+    ref_policy = None
+    if not args.lora_rank:
+        ref_policy = plumbing.load_policy(args.policy, plumbing.frozen_dtype(args, dist_info.device),
+                                          args.trust_remote_code, meta=meta)
+        ref_policy = plumbing.prepare_frozen(ref_policy, dist_info, args.offload_frozen)
     if args.critic_init == "policy":
-        critic = plumbing.new_score_model(args.policy, bias=True, trust_remote_code=args.trust_remote_code)
+        critic = plumbing.new_score_model(args.policy, bias=True, dtype=dtype, trust_remote_code=args.trust_remote_code,
+                                          meta=meta)
+        critic_path = None
     else:
         critic_path = args.reward_model if args.reward in ("seq", "red") else args.discriminator
         if critic_path is None:
             raise common.InputError("--critic-init reward needs --reward-model (seq/red) or --discriminator (tlcr*); "
                                     "or use --critic-init policy")
-        critic = plumbing.load_score_model(critic_path, trust_remote_code=args.trust_remote_code, what="critic")
-    critic = plumbing.disable_dropout(critic).to(device)
+        critic = plumbing.load_score_model(critic_path, dtype, args.trust_remote_code, what="critic", meta=meta)
+    critic.head.float()  # the value head is trained: fp32
+    lora.add_lora_from_args(critic.backbone, args)  # the head stays trainable
+    plumbing.disable_dropout(critic)
     if args.gradient_checkpointing:  # active in train() mode only, so generation keeps its KV cache
         plumbing.enable_gradient_checkpointing(policy)
         plumbing.enable_gradient_checkpointing(critic)
-    return policy, ref_policy, critic
+    policy, critic = plumbing.wrap_model(policy, dist_info, args.bf16), plumbing.wrap_model(critic, dist_info, args.bf16)
+    shared = {}
+    if args.lora_rank and critic_path is not None:  # the value head starts as the reward head, which stays frozen
+        reward_head = plumbing.frozen_copy(unwrap(critic).head)  # taken before a checkpoint moves the value head
+        shared[critic_path] = RewardInCritic(unwrap(critic), reward_head).eval()
+    return policy, ref_policy, critic, shared
 
 
 def select_pairs(args, quiet: bool = False):
@@ -513,7 +577,7 @@ def prompt_batch(prompts, step: int, batch_size: int, seed: int, rank: int, pad_
 def main(argv=None, reward_fn=None):
     """Train. `reward_fn` (optional) replaces the --reward source, e.g. a toy reward in tests."""
     args = parse_args(argv)
-    dist_info = plumbing.setup_distributed(args.device)
+    dist_info = plumbing.setup_distributed(args.device, args.fsdp)
     device, master = dist_info.device, dist_info.master
     for name in ("rollout_batch_size", "minibatch_size"):
         if getattr(args, name) % dist_info.world_size:
@@ -521,7 +585,6 @@ def main(argv=None, reward_fn=None):
                                     f"{dist_info.world_size} processes")
     rollout_per_rank, minibatch_per_rank = (args.rollout_batch_size // dist_info.world_size,
                                             args.minibatch_size // dist_info.world_size)
-    frozen_device = torch.device("cpu") if args.offload_frozen else device
     out = Path(args.out)
     if master:
         plumbing.clean_stale_temp(out)
@@ -531,14 +594,14 @@ def main(argv=None, reward_fn=None):
     if reward_fn is None:
         check_tokenizers(args, tokenizer)  # before any model is loaded: mismatches stop the run at once
     prompts = load_prompts(args, tokenizer, quiet=not master)
-    policy, ref_policy, critic = load_models(args, device, frozen_device)
-    eos_ids, pad_id = common.eos_token_ids(tokenizer, policy), tokenizer.pad_token_id
-    n_positions = getattr(policy.config, "max_position_embeddings", None)
+    policy, ref_policy, critic, shared = load_models(args, dist_info)
+    eos_ids, pad_id = common.eos_token_ids(tokenizer, unwrap(policy)), tokenizer.pad_token_id
+    n_positions = getattr(unwrap(policy).config, "max_position_embeddings", None)
     if n_positions and max(map(len, prompts)) + args.max_new_tokens > n_positions:
         raise common.InputError(f"--max-prompt-len + --max-new-tokens exceeds the model's {n_positions} positions")
     score_fn = None
     if reward_fn is None:
-        reward_fn, score_fn = make_reward_fn(args, frozen_device)
+        reward_fn, score_fn = make_reward_fn(args, dist_info, shared)
     policy_optimizer = plumbing.adamw(policy, args.policy_lr)
     critic_optimizer = plumbing.adamw(critic, args.critic_lr)
 
@@ -555,12 +618,10 @@ def main(argv=None, reward_fn=None):
         plumbing.atomic_write(out / "args.json", json.dumps(vars(args), indent=2))
         print(f"ppo_token: reward={args.reward}, {len(prompts)} prompts, world size {dist_info.world_size}, "
               f"{'resuming at iteration ' + str(start_step) if start_step else 'fresh start'}")
-    policy, critic = plumbing.wrap_model(policy, dist_info), plumbing.wrap_model(critic, dist_info)
 
     def checkpoint(step):
-        if master:
-            plumbing.save_checkpoint(out, step, {"policy": policy, "critic": critic},
-                                     {"policy": policy_optimizer, "critic": critic_optimizer}, None, run_config)
+        plumbing.save_checkpoint(out, step, {"policy": policy, "critic": critic},
+                                 {"policy": policy_optimizer, "critic": critic_optimizer}, None, run_config)
 
     bar = tqdm(range(start_step, args.iterations), initial=start_step, total=args.iterations, disable=not master,
                desc="ppo")
@@ -586,8 +647,8 @@ def main(argv=None, reward_fn=None):
             bar.close()
             plumbing.cleanup_distributed(dist_info)
             return None
+    plumbing.save_policy(policy, tokenizer, out / "policy")  # every rank: gathered under FSDP, LoRA merged
     if master:
-        plumbing.save_hf(policy, tokenizer, out / "policy")
         print(f"ppo_token: done, policy saved to {out / 'policy'}")
     plumbing.cleanup_distributed(dist_info)
 

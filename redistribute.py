@@ -21,6 +21,7 @@ Commands (the paper's lr 1e-5 is for 7B models; pass a larger one, e.g. 3e-4, fo
     # forward passes of 8 pairs (gradient accumulation makes up the rest); rank 0 logs and saves
     torchrun --standalone --nproc_per_node=8 redistribute.py train --sft runs/demo/sft \\
         --out runs/demo/reward_model --batch-size 64 --micro-batch-size 8
+    # add --fsdp to shard the model over the ranks, --lora-rank 64 to train LoRA adapters (and the head) only
     # look at one response, token by token
     python redistribute.py show --reward-model runs/demo/reward_model \\
         --prompt $'\\n\\nHuman: Hi\\n\\nAssistant:' --response " Hello!"
@@ -42,6 +43,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
+import lora
 import plumbing
 
 
@@ -80,6 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     out.add_argument("--stop-after", type=int, default=None,
                      help="checkpoint and stop after this many steps (as if interrupted); run again to resume")
     plumbing.add_resume_args(out)
+    lora.add_lora_args(train)
     plumbing.add_system_args(train)
 
     show = sub.add_parser("show", help="print a response with each token's redistributed reward",
@@ -102,6 +105,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 "max_response_len", "log_every", "save_every", "max_steps")
         if args.epochs <= 0:
             train.error("--epochs must be positive")
+        lora.check_lora_args(train, args)
         if args.limit is not None and args.limit < 2:
             train.error(f"--limit must be at least 2 (one training and one held-out pair), got {args.limit}")
     elif not 0.0 <= args.beta_c <= 1.0:
@@ -191,14 +195,13 @@ def evaluate(model, examples: list[dict], pad_id: int, batch_size: int, device: 
     model = plumbing.unwrap(model)
     was_training = model.training
     model.eval()
-    mine = examples[dist_info.rank::dist_info.world_size]
     correct = margin_sum = 0.0
-    for chunk in plumbing.micro_batches(mine, batch_size):
+    for chunk, weight in plumbing.rank_batches(examples, batch_size, dist_info):
         batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id).items()}
         with plumbing.autocast(device, bf16):
             chosen, rejected = pair_rewards(model, batch)
-        correct += (chosen > rejected).sum().item()
-        margin_sum += (chosen - rejected).sum().item()
+        correct += weight * (chosen > rejected).sum().item()
+        margin_sum += weight * (chosen - rejected).sum().item()
     model.train(was_training)
     n = len(examples)
     correct, margin_sum = plumbing.all_reduce_sum([correct, margin_sum], dist_info).tolist()
@@ -301,7 +304,7 @@ def train_step(model, optimizer, scheduler, batch: list[dict], args, dist_info, 
 # 6. The stages: train, show
 # ----------------------------------------------------------------------------------------------
 def train(args):
-    dist_info = plumbing.setup_distributed(args.device)
+    dist_info = plumbing.setup_distributed(args.device, args.fsdp)
     master, device = dist_info.master, dist_info.device
     plumbing.seed_everything(args.seed)
     out = Path(args.out)
@@ -317,13 +320,15 @@ def train(args):
 
     # model: SFT backbone + fresh scalar head without bias, dropout off (the two sides of a pair must be
     # scored by the same function), optimizer, cosine schedule without warm-up
-    model = plumbing.new_score_model(args.sft, bias=False, trust_remote_code=args.trust_remote_code, what="--sft")
-    plumbing.disable_dropout(model).to(device).train()
+    model = plumbing.new_score_model(args.sft, bias=False, dtype=plumbing.base_dtype(args, device),
+                                     trust_remote_code=args.trust_remote_code, what="--sft", meta=dist_info.meta)
+    lora.add_lora_from_args(model.backbone, args)  # --lora-rank 0: nothing; else the head stays trainable
+    plumbing.disable_dropout(model).train()
     if args.gradient_checkpointing:
         plumbing.enable_gradient_checkpointing(model)
+    model = plumbing.wrap_model(model, dist_info, args.bf16)  # DDP, or sharded with --fsdp
     batch_size = min(args.batch_size, len(train_examples))  # global pairs per optimizer step
-    if batch_size < dist_info.world_size:
-        raise common.InputError(f"--batch-size {batch_size} is smaller than the {dist_info.world_size} processes")
+    plumbing.check_batch_size(batch_size, dist_info)
     total_steps = plumbing.total_steps_of(len(train_examples), batch_size, args.epochs, args.max_steps)
     optimizer = plumbing.adamw(model, args.lr, args.weight_decay)
     scheduler = plumbing.cosine_schedule(optimizer, total_steps)
@@ -333,7 +338,6 @@ def train(args):
                                                           {"model": scheduler}, run_config, args.force_resume,
                                                           map_location=device)):
         step = state["step"]
-    model = plumbing.wrap_model(model, dist_info)
     logger = plumbing.JsonlLogger(out / "log.jsonl", enabled=master)
     logger.rewind(step)  # lines logged after the checkpoint will be logged again
     if master:
@@ -341,10 +345,8 @@ def train(args):
               f"steps of {batch_size} pairs on {dist_info.world_size} rank(s), device {device}"
               f"{f', resuming at step {step}' if step else ''}")
 
-    def checkpoint():
-        if master:
-            plumbing.save_checkpoint(out, step, {"model": model}, {"model": optimizer}, {"model": scheduler},
-                                     run_config)
+    def checkpoint():  # every rank (under FSDP each writes its shards)
+        plumbing.save_checkpoint(out, step, {"model": model}, {"model": optimizer}, {"model": scheduler}, run_config)
 
     steps_per_epoch = max(1, len(train_examples) // batch_size)
     bar = tqdm(total=total_steps, initial=step, disable=not master, desc="reward model")
@@ -375,11 +377,11 @@ def train(args):
 
     # held-out accuracy, final model
     result = evaluate(model, eval_examples, pad_id, args.eval_batch_size, device, dist_info, args.bf16)
+    checkpoint()
+    info = {"role": "reward_model", "sft": str(args.sft), "data": str(args.data), "split": args.split,
+            "split_seed": args.split_seed, "eval_fraction": args.eval_fraction, "steps": step}
+    plumbing.save_score_model(model, tokenizer, out, kind="sequence", extra=info)  # every rank; keeps log, checkpoint/
     if master:
-        checkpoint()
-        info = {"role": "reward_model", "sft": str(args.sft), "data": str(args.data), "split": args.split,
-                "split_seed": args.split_seed, "eval_fraction": args.eval_fraction, "steps": step}
-        plumbing.save_score_model(model, tokenizer, out, kind="sequence", extra=info)  # keeps log.jsonl, checkpoint/
         result.update({"step": step, "split": args.split, "data": str(args.data)})
         logger.log({"step": step, **{f"eval_{k}": v for k, v in result.items() if k in ("accuracy", "mean_margin")}})
         plumbing.atomic_write(out / "accuracy.json", json.dumps(result, indent=2) + "\n")

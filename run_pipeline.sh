@@ -8,6 +8,7 @@
 #   bash run_pipeline.sh                                   # tiny GPT-2 on the bundled data, CPU, minutes
 #   SIZE=gpt2 MODEL=gpt2 bash run_pipeline.sh              # a real model on one GPU
 #   SIZE=gpt2 MODEL=gpt2 NPROC=8 bash run_pipeline.sh      # torchrun, 8 GPUs (training stages)
+#   NPROC=8 FSDP=1 LORA_RANK=64 MODEL=meta-llama/Llama-2-7b-hf bash run_pipeline.sh   # sharded, LoRA
 #   REVISER=openai OPENAI_API_KEY=... bash run_pipeline.sh # GPT-4 revisions for the TLCR labels
 #   JUDGE=openai OPENAI_API_KEY=... bash run_pipeline.sh   # GPT-4 as the win-rate judge
 #
@@ -22,6 +23,8 @@
 #   REWARDS   the PPO runs to make (default "seq red tlcr"; also tlcr_fixed tlcr_no_negative tlcr_no_positive)
 #   DATA      preference pairs: bundled (default), a .jsonl(.gz), or hh-rlhf to download
 #   DEVICE    auto | cpu | cuda (default auto)
+#   LORA_RANK LoRA adapters of this rank on every training stage (--lora-rank; default 0: full fine-tuning)
+#   FSDP      1: shard the models over the NPROC processes (--fsdp on every training stage; default 0: DDP)
 #
 # Every stage resumes from its own checkpoint, so running this again after an interruption goes on
 # where it stopped (a finished stage only re-saves its result).
@@ -38,6 +41,8 @@ REWARDS=${REWARDS:-seq red tlcr}
 DATA=${DATA:-bundled}
 DEVICE=${DEVICE:-auto}
 PYTHON=${PYTHON:-python}
+LORA_RANK=${LORA_RANK:-0}
+FSDP=${FSDP:-0}
 
 case "$SIZE" in
   smoke)  # seconds: for the end-to-end test
@@ -69,6 +74,9 @@ if [ "$NPROC" -gt 1 ]; then
 else
   TRAIN=($PYTHON)
 fi
+SCALE=()  # flags of every training stage
+[ "$LORA_RANK" != 0 ] && SCALE+=(--lora-rank "$LORA_RANK")
+[ "$FSDP" != 0 ] && SCALE+=(--fsdp)
 REVISER_ARGS=(--reviser "$REVISER")
 [ -n "${REVISER_MODEL:-}" ] && REVISER_ARGS+=(--reviser-model "$REVISER_MODEL")
 [ -n "${API_BASE:-}" ] && REVISER_ARGS+=(--api-base "$API_BASE")
@@ -87,15 +95,15 @@ step() {  # print the command, then run it
 
 start=$(date +%s)
 # shellcheck disable=SC2086  # the presets are word lists on purpose
-step "${TRAIN[@]}" sft.py --model "$MODEL" --data "$DATA" --out "$RUN/sft" --device "$DEVICE" $SFT
+step "${TRAIN[@]}" sft.py --model "$MODEL" --data "$DATA" --out "$RUN/sft" --device "$DEVICE" ${SCALE[@]+"${SCALE[@]}"} $SFT
 step $PYTHON label.py --data "$DATA" --split reward --tokenizer "$RUN/sft" --out "$RUN/labels.jsonl" "${REVISER_ARGS[@]}" $LABEL
-step "${TRAIN[@]}" discriminator.py train --sft "$RUN/sft" --labels "$RUN/labels.jsonl" --out "$RUN/discriminator" --device "$DEVICE" $DISC
-step "${TRAIN[@]}" redistribute.py train --sft "$RUN/sft" --data "$DATA" --out "$RUN/reward_model" --device "$DEVICE" $RM
+step "${TRAIN[@]}" discriminator.py train --sft "$RUN/sft" --labels "$RUN/labels.jsonl" --out "$RUN/discriminator" --device "$DEVICE" ${SCALE[@]+"${SCALE[@]}"} $DISC
+step "${TRAIN[@]}" redistribute.py train --sft "$RUN/sft" --data "$DATA" --out "$RUN/reward_model" --device "$DEVICE" ${SCALE[@]+"${SCALE[@]}"} $RM
 
 POLICIES=(sft="$RUN/sft")
 for reward in $REWARDS; do
   step "${TRAIN[@]}" ppo_token.py --policy "$RUN/sft" --reward "$reward" --reward-model "$RUN/reward_model" \
-    --discriminator "$RUN/discriminator" --data "$DATA" --out "$RUN/ppo_$reward" --device "$DEVICE" $PPO
+    --discriminator "$RUN/discriminator" --data "$DATA" --out "$RUN/ppo_$reward" --device "$DEVICE" ${SCALE[@]+"${SCALE[@]}"} $PPO
   POLICIES+=("$reward=$RUN/ppo_$reward/policy")
 done
 

@@ -11,6 +11,7 @@ Prompt tokens are inputs but never targets. Every later stage starts from the mo
     python sft.py --model gpt2 --out runs/gpt2/sft --batch-size 32 --micro-batch-size 8 \\
         --lr 1e-5 --gradient-checkpointing                                 # one GPU
     torchrun --nproc_per_node=4 sft.py --model gpt2 --out runs/gpt2/sft ...  # several GPUs
+    torchrun --nproc_per_node=8 sft.py --model meta-llama/Llama-2-7b-hf --fsdp --lora-rank 64 ...  # sharded, LoRA
 
 Interrupt it and start it again with the same --out: it resumes from --out/checkpoint.
 """
@@ -25,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 import common
+import lora
 import plumbing
 
 
@@ -62,8 +64,10 @@ def parse_args(argv=None):
     out.add_argument("--stop-after", type=int, default=None,
                      help="checkpoint and stop after this many steps (as if interrupted); run again to resume")
     plumbing.add_resume_args(out)
+    lora.add_lora_args(parser)
     plumbing.add_system_args(parser)
     args = parser.parse_args(argv)
+    lora.check_lora_args(parser, args)
     plumbing.check_positive(parser, args, "batch_size", "micro_batch_size", "eval_batch_size", "eval_examples",
                             "max_prompt_len", "max_response_len")
     return args
@@ -138,12 +142,11 @@ def evaluate(model, examples, args, dist_info, pad_id) -> float:
     was_training = model.training
     model.eval()
     nll_sum, count = 0.0, 0
-    shard = examples[: args.eval_examples][dist_info.rank::dist_info.world_size]
-    for chunk in plumbing.micro_batches(shard, args.eval_batch_size):
+    for chunk, weight in plumbing.rank_batches(examples[: args.eval_examples], args.eval_batch_size, dist_info):
         inputs = [t.to(dist_info.device) for t in common.collate_right(chunk, pad_id)]
         with plumbing.autocast(dist_info.device, args.bf16):
             _, nll = sft_loss(model, *inputs)
-        nll_sum, count = nll_sum + nll.item(), count + int(inputs[2].sum())
+        nll_sum, count = nll_sum + weight * nll.item(), count + weight * int(inputs[2].sum())
     model.train(was_training)
     nll_total, count_total = plumbing.all_reduce_sum([nll_sum, count], dist_info).tolist()
     return nll_total / max(count_total, 1)
@@ -152,24 +155,27 @@ def evaluate(model, examples, args, dist_info, pad_id) -> float:
 # ----------------------------------------------------------------------------------------------
 # 4. model set-up
 # ----------------------------------------------------------------------------------------------
-def load_or_build_model(args, sft_pairs, out: Path, master: bool):
-    """`tiny`: build once into out/init (reused on resume, so the tokenizer never changes)."""
-    if args.model != "tiny":
-        return (plumbing.load_policy(args.model, trust_remote_code=args.trust_remote_code, what="--model"),
-                plumbing.load_tokenizer(args.model, trust_remote_code=args.trust_remote_code, what="--model"))
-    init = out / "init"
-    if not (init / "config.json").exists():
-        if master:
-            plumbing.build_tiny([p.prompt + p.chosen for p in sft_pairs], init, arch=args.tiny_arch,
-                                vocab_size=args.tiny_vocab, seed=args.seed, layers=args.tiny_layers,
-                                width=args.tiny_width, dropout=args.tiny_dropout)
-        plumbing.barrier()
-    return plumbing.load_policy(init), plumbing.load_tokenizer(init)
+def load_or_build_model(args, sft_pairs, out: Path, dist_info):
+    """`tiny`: build once into out/init (reused on resume, so the tokenizer never changes). In fp32, or in
+    --frozen-dtype as a LoRA base; under FSDP built empty on ranks other than 0 (they receive rank 0's weights)."""
+    path = args.model
+    if args.model == "tiny":
+        path = out / "init"
+        if not (path / "config.json").exists():
+            if dist_info.master:
+                plumbing.build_tiny([p.prompt + p.chosen for p in sft_pairs], path, arch=args.tiny_arch,
+                                    vocab_size=args.tiny_vocab, seed=args.seed, layers=args.tiny_layers,
+                                    width=args.tiny_width, dropout=args.tiny_dropout)
+            plumbing.barrier()
+    dtype = plumbing.base_dtype(args, dist_info.device)
+    return (plumbing.load_policy(path, dtype, args.trust_remote_code, what="--model", meta=dist_info.meta),
+            plumbing.load_tokenizer(path, trust_remote_code=args.trust_remote_code, what="--model"))
 
 
 def main(argv=None):
     args = parse_args(argv)
-    dist_info = plumbing.setup_distributed(args.device)
+    dist_info = plumbing.setup_distributed(args.device, args.fsdp)
+    plumbing.check_batch_size(args.batch_size, dist_info)
     plumbing.seed_everything(args.seed)
     out = Path(args.out)
     if args.model != "tiny":
@@ -177,14 +183,15 @@ def main(argv=None):
     if dist_info.master:
         plumbing.clean_stale_temp(out)
     sft_pairs, test_pairs = select_pairs(args, quiet=not dist_info.master)
-    model, tokenizer = load_or_build_model(args, sft_pairs, out, dist_info.master)
+    model, tokenizer = load_or_build_model(args, sft_pairs, out, dist_info)
+    lora.add_lora_from_args(model, args)  # --lora-rank 0: nothing (full fine-tuning)
     train_examples = encode_examples(sft_pairs, tokenizer, args)
     test_examples = encode_examples(test_pairs, tokenizer, args)
     # dropout stays as the model was built (0.1 in the tiny model): SFT is ordinary supervised learning, and a small
     # model fitting a few hundred dialogues needs the regularisation; every RL stage turns it off
-    model.to(dist_info.device)
     if args.gradient_checkpointing:
         plumbing.enable_gradient_checkpointing(model)
+    model = plumbing.wrap_model(model, dist_info, args.bf16)  # DDP, or sharded with --fsdp
 
     total_steps = plumbing.total_steps_of(len(train_examples), args.batch_size, args.epochs, args.max_steps)
     optimizer = plumbing.adamw(model, args.lr, args.weight_decay)
@@ -194,7 +201,6 @@ def main(argv=None):
     if args.resume and (state := plumbing.load_checkpoint(out, {"model": model}, {"model": optimizer},
                                                           {"model": scheduler}, run_config, args.force_resume)):
         step = state["step"]
-    model = plumbing.wrap_model(model, dist_info)
     logger = plumbing.JsonlLogger(out / "log.jsonl", enabled=dist_info.master)
     logger.rewind(step)
     pad_id = tokenizer.pad_token_id
@@ -202,10 +208,8 @@ def main(argv=None):
         print(f"sft: {len(train_examples)} examples, {total_steps} steps of {args.batch_size}"
               f"{f', resuming at step {step}' if step else ''}")
 
-    def checkpoint():
-        if dist_info.master:
-            plumbing.save_checkpoint(out, step, {"model": model}, {"model": optimizer}, {"model": scheduler},
-                                     run_config)
+    def checkpoint():  # every rank (under FSDP each writes its shards)
+        plumbing.save_checkpoint(out, step, {"model": model}, {"model": optimizer}, {"model": scheduler}, run_config)
 
     eval_loss = None
     bar = tqdm(total=total_steps, initial=step, desc="sft", disable=not dist_info.master)
@@ -230,9 +234,9 @@ def main(argv=None):
     bar.close()
     if eval_loss is None:  # resumed after the last step: nothing was evaluated in this run
         eval_loss = evaluate(model, test_examples, args, dist_info, pad_id)
+    checkpoint()
+    plumbing.save_policy(model, tokenizer, out)  # every rank: gathered under FSDP, LoRA merged; rank 0 writes
     if dist_info.master:
-        checkpoint()
-        plumbing.save_hf(model, tokenizer, out)
         plumbing.atomic_write(out / "sft_summary.json", json.dumps({"step": step, "eval_loss": eval_loss}, indent=2))
         print(f"sft: {step} steps, held-out response NLL {eval_loss:.4f}, model saved to {out}")
     plumbing.cleanup_distributed(dist_info)

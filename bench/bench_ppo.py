@@ -1,25 +1,30 @@
-"""Throughput and memory of ppo_token.py on a fixed tiny GPT-2 (random weights, random prompts).
+"""Throughput and memory of ppo_token.py, full fine-tuning beside LoRA, on a fixed tiny GPT-2 (random weights).
 
-Prints: rollout tokens/s (generation alone, and the whole rollout: generation + policy, reference,
-critic and reward scoring + GAE), PPO-update tokens/s (response tokens x ppo-epochs per second of
-ppo_update), and the peak memory of one ppo_update with and without gradient checkpointing.
+Both variants are built by ppo_token.load_models from the same saved policy and reward model (--reward red,
+critic started from the reward model), exactly as the stage builds them:
+    full   policy and critic trained; a frozen reference copy and a frozen reward model: four models
+    lora   --lora-rank adapters on the policy and the critic; the reference is the policy with its adapters
+           off, the reward is the critic's backbone with its adapters off: two frozen backbones
+Printed for each: trained parameters, rollout tokens/s (generation + scoring of policy, reference, critic and
+reward + GAE), PPO-update tokens/s (response tokens x ppo-epochs per second), and peak memory.
 
-Peak memory: on CUDA, torch.cuda.max_memory_allocated() above what was allocated before the update.
-On CPU, the process's resident-set high-water mark (VmHWM in /proc/self/status, reset through
-/proc/self/clear_refs) above the resident set before the update. Each variant runs in a fresh
-subprocess with glibc told to mmap every block over 64 KiB (MALLOC_MMAP_THRESHOLD_), so freed
-tensors leave the resident set and it follows the live tensors instead of the allocator's cache.
-EOS is never sampled here (eos_id = -1), so every response has exactly --new-tokens tokens and
-every run does the same work.
+Peak memory. CUDA: torch.cuda.max_memory_allocated() over the whole run (models, optimizer states, the
+largest transient). CPU: the growth of the process's peak resident set (VmHWM in /proc/self/status) from
+just before the models are loaded to the end of the timed iterations: the same things, as the operating
+system sees them. Each variant runs in a fresh subprocess with glibc told to mmap every block over 64 KiB
+(MALLOC_MMAP_THRESHOLD_), so freed tensors leave the resident set and it follows the live tensors.
+No token ends a response (the EOS id given to the rollout is -1), so every response has exactly
+--new-tokens tokens and every run does the same work.
 
     python bench/bench_ppo.py                      # CPU, default tiny config
-    python bench/bench_ppo.py --device cuda --batch-size 64 --layers 12 --width 768
+    python bench/bench_ppo.py --device cuda --batch-size 64 --layers 12 --width 768 --vocab 50257
 """
 import argparse
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+import plumbing  # noqa: E402
 import ppo_token as ppo  # noqa: E402
 
 
@@ -40,83 +46,26 @@ def parse_args(argv=None):
     parser.add_argument("--minibatch-size", type=int, default=8, help="responses per optimizer step")
     parser.add_argument("--prompt-len", type=int, default=64, help="longest prompt (rows are left-padded up to half)")
     parser.add_argument("--new-tokens", type=int, default=64, help="response length (EOS is never sampled)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats (after one warm-up)")
+    parser.add_argument("--lora-rank", type=int, default=16, help="rank of the LoRA variant")
+    parser.add_argument("--repeats", type=int, default=2, help="timed iterations (after one warm-up)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    parser.add_argument("--memory-only", choices=("on", "off"), help=argparse.SUPPRESS)  # internal: one memory probe
+    parser.add_argument("--variant", choices=("full", "lora"), help=argparse.SUPPRESS)  # internal: one subprocess
+    parser.add_argument("--models", help=argparse.SUPPRESS)  # internal: the saved models
     return parser.parse_args(argv)
 
 
-def build(args, checkpointing: bool):
-    from transformers import GPT2Config, GPT2LMHeadModel
+def save_models(args, folder: Path):
+    """A random GPT-2 policy and a reward model (its backbone and a head: the project's first score format)."""
+    from safetensors.torch import save_file
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model
 
-    device = torch.device(args.device)
     cfg = GPT2Config(vocab_size=args.vocab, n_layer=args.layers, n_embd=args.width, n_head=max(1, args.width // 64),
-                     n_positions=args.prompt_len + args.new_tokens, bos_token_id=0, eos_token_id=0,
-                     pad_token_id=0)  # ids inside the vocabulary; the bench never samples EOS (eos_id = -1)
+                     n_positions=args.prompt_len + args.new_tokens, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     torch.manual_seed(0)
-    policy = common.disable_dropout(GPT2LMHeadModel(cfg)).to(device)
-    ref_policy = common.disable_dropout(GPT2LMHeadModel(cfg)).eval().requires_grad_(False).to(device)
-    ref_policy.load_state_dict(policy.state_dict())
-    critic = common.ScoreModel(common.disable_dropout(GPT2LMHeadModel(cfg)).transformer).to(device)
-    reward_model = common.ScoreModel(common.disable_dropout(GPT2LMHeadModel(cfg)).transformer).eval().to(device)
-    if checkpointing:
-        ppo.enable_checkpointing(policy)
-        ppo.enable_checkpointing(critic.backbone)
-
-    def reward_fn(query_response, attention_mask, response_mask):  # a discriminator-like per-token reward
-        with torch.no_grad():
-            scores = torch.tanh(reward_model(query_response, attention_mask).float())
-        return common.gather_response(scores, response_mask)
-
-    ppo_args = ppo.parse_args(["--policy", "-", "--out", "-", "--reward", "tlcr", "--discriminator", "-",
-                               "--batch-size", str(args.batch_size), "--minibatch-size", str(args.minibatch_size),
-                               "--max-new-tokens", str(args.new_tokens)])
-    lengths = torch.randint(args.prompt_len // 2, args.prompt_len + 1, (args.batch_size,)).tolist()
-    lengths[0] = args.prompt_len
-    prompts = [torch.randint(1, args.vocab, (n,)).tolist() for n in lengths]
-    prompt, prompt_mask = common.pad_left(prompts, 0)
-    optimizers = common.adamw(policy, 1e-5), common.adamw(critic, 1e-5)
-    return policy, ref_policy, critic, reward_fn, optimizers, ppo_args, prompt.to(device), prompt_mask.to(device)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, repeats, device):
-    fn()  # warm-up
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        result = fn()
-    sync(device)
-    return (time.perf_counter() - start) / repeats, result
-
-
-def throughput(args):
-    device = torch.device(args.device)
-    policy, ref_policy, critic, reward_fn, (p_opt, c_opt), ppo_args, prompt, prompt_mask = build(args, False)
-    n_tokens = args.batch_size * args.new_tokens
-
-    def gen():
-        with common.autocast(device, ppo_args.bf16):
-            return ppo.generate(policy.eval(), prompt, prompt_mask, -1, args.new_tokens, 1.0, 0.9)
-
-    def roll():
-        return ppo.rollout(policy, ref_policy, critic, reward_fn, prompt, prompt_mask, ppo_args, -1)
-
-    gen_s, _ = timed(gen, args.repeats, device)
-    roll_s, batch = timed(roll, args.repeats, device)
-    rows = [("generation", gen_s, n_tokens), ("rollout (generate + score + GAE)", roll_s, n_tokens)]
-    for checkpointing in (False, True):
-        if checkpointing:
-            ppo.enable_checkpointing(policy)
-            ppo.enable_checkpointing(critic.backbone)
-        update_s, _ = timed(lambda: ppo.ppo_update(policy, critic, p_opt, c_opt, batch, ppo_args), args.repeats, device)
-        label = f"ppo_update ({ppo_args.ppo_epochs} epochs, checkpointing {'on' if checkpointing else 'off'})"
-        rows.append((label, update_s, n_tokens * ppo_args.ppo_epochs))
-    return rows
+    GPT2LMHeadModel(cfg).save_pretrained(folder / "policy")
+    GPT2Model(cfg).save_pretrained(folder / "reward_model")
+    save_file({"weight": torch.randn(1, args.width) / args.width ** 0.5}, str(folder / "reward_model" /
+                                                                           "score_head.safetensors"))
 
 
 def rss_kib(field):
@@ -126,47 +75,79 @@ def rss_kib(field):
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def peak_memory(args, checkpointing: bool) -> float:
-    """MiB above the pre-update level at the peak of one ppo_update (after a warm-up update)."""
+def run_variant(args) -> dict:
+    """Load the models the stage's way, then one warm-up and --repeats timed PPO iterations."""
     device = torch.device(args.device)
-    policy, ref_policy, critic, reward_fn, (p_opt, c_opt), ppo_args, prompt, prompt_mask = build(args, checkpointing)
-    batch = ppo.rollout(policy, ref_policy, critic, reward_fn, prompt, prompt_mask, ppo_args, -1)
-    ppo_args.ppo_epochs = 1
-    ppo.ppo_update(policy, critic, p_opt, c_opt, batch, ppo_args)  # warm-up: optimizer states now exist
+    if device.type == "cpu":
+        before = rss_kib("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark VmHWM to the current RSS
+    else:
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    models = Path(args.models)
+    ppo_args = ppo.parse_args(["--policy", str(models / "policy"), "--reward", "red", "--reward-model",
+                               str(models / "reward_model"), "--out", "-", "--rollout-batch-size", str(args.batch_size),
+                               "--minibatch-size", str(args.minibatch_size), "--max-new-tokens", str(args.new_tokens),
+                               "--device", args.device, "--lora-rank", str(args.lora_rank if args.variant == "lora" else 0)])
+    dist_info = plumbing.DistInfo(device=device)
+    policy, ref_policy, critic, shared = ppo.load_models(ppo_args, dist_info)
+    reward_fn, _ = ppo.make_reward_fn(ppo_args, dist_info, shared)
+    optimizers = plumbing.adamw(policy, ppo_args.policy_lr), plumbing.adamw(critic, ppo_args.critic_lr)
+    torch.manual_seed(0)
+    lengths = torch.randint(args.prompt_len // 2, args.prompt_len + 1, (args.batch_size,)).tolist()
+    prompt, prompt_mask = common.pad_left([torch.randint(1, args.vocab, (n,)).tolist() for n in lengths], 0)
+    prompt, prompt_mask = prompt.to(device), prompt_mask.to(device)
+    rollout_s = update_s = 0.0
+    for k in range(args.repeats + 1):
+        sync(device)
+        t0 = time.perf_counter()
+        batch = ppo.rollout(policy, ref_policy, critic, reward_fn, prompt, prompt_mask, ppo_args, [-1], 0)  # no EOS
+        sync(device)
+        t1 = time.perf_counter()
+        ppo.ppo_update(policy, critic, *optimizers, batch, ppo_args, args.minibatch_size)
+        sync(device)
+        if k:  # the first iteration warms up (and creates the AdamW states)
+            rollout_s, update_s = rollout_s + t1 - t0, update_s + time.perf_counter() - t1
+    tokens = args.batch_size * args.new_tokens * args.repeats
+    peak = ((rss_kib("VmHWM") - before) / 1024 if device.type == "cpu"
+            else (torch.cuda.max_memory_allocated() - before) / 2 ** 20)
+    trained = sum(p.numel() for m in (policy, critic) for p in m.parameters() if p.requires_grad)
+    return {"trained_params": trained, "rollout_tokens_per_s": tokens / rollout_s,
+            "update_tokens_per_s": tokens * ppo_args.ppo_epochs / update_s, "peak_mib": peak}
+
+
+def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        ppo.ppo_update(policy, critic, p_opt, c_opt, batch, ppo_args)
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - before) / 2 ** 20
-    before = rss_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark VmHWM to the current RSS
-    ppo.ppo_update(policy, critic, p_opt, c_opt, batch, ppo_args)
-    return (rss_kib("VmHWM") - before) / 1024
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.memory_only:
-        print(json.dumps({"peak_mib": peak_memory(args, args.memory_only == "on")}))
+    if args.variant:
+        plumbing._quiet_transformers()
+        print(json.dumps(run_variant(args)))
         return
-    print(f"tiny GPT-2: {args.layers} layers x {args.width} wide, vocab {args.vocab}; batch {args.batch_size} prompts "
-          f"(<= {args.prompt_len} tokens, left-padded), {args.new_tokens} new tokens; device {args.device}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
-    for label, seconds, tokens in throughput(args):
-        print(f"  {label:<48} {tokens / seconds:10.0f} tokens/s  ({seconds * 1000:.0f} ms)")
+    print(f"tiny GPT-2: {args.layers} layers x {args.width} wide, vocab {args.vocab}; {args.batch_size} prompts "
+          f"(<= {args.prompt_len} tokens, left-padded), {args.new_tokens} new tokens, minibatch {args.minibatch_size}; "
+          f"device {args.device}, torch {torch.__version__}; LoRA rank {args.lora_rank}")
+    memory = "peak CUDA memory allocated" if args.device.startswith("cuda") else "peak RSS growth (VmHWM)"
+    print(f"  {'variant':<8} {'trained params':>15} {'rollout tok/s':>14} {'update tok/s':>13}  {memory} MiB")
     passthrough = list(argv if argv is not None else sys.argv[1:])
-    for flag in ("off", "on"):
-        out = subprocess.run([sys.executable, __file__, *passthrough, "--memory-only", flag],
-                             capture_output=True, text=True, check=True,
-                             env={**os.environ, "PYTHONWARNINGS": "ignore", "MALLOC_MMAP_THRESHOLD_": "65536",
-                                  "MALLOC_TRIM_THRESHOLD_": "0"})
-        peak = json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
-        print(f"  peak memory of one ppo_update, gradient checkpointing {flag:<3}   {peak:10.1f} MiB "
-              "above the pre-update level")
+    plumbing._quiet_transformers()
+    with tempfile.TemporaryDirectory() as folder:
+        save_models(args, Path(folder))
+        for variant in ("full", "lora"):
+            out = subprocess.run([sys.executable, __file__, *passthrough, "--variant", variant, "--models", folder],
+                                 capture_output=True, text=True,
+                                 env={**os.environ, "PYTHONWARNINGS": "ignore", "MALLOC_MMAP_THRESHOLD_": "65536",
+                                      "MALLOC_TRIM_THRESHOLD_": "0"})
+            if out.returncode:
+                raise SystemExit(out.stderr[-3000:])
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"  {variant:<8} {r['trained_params']:>15,} {r['rollout_tokens_per_s']:>14.0f} "
+                  f"{r['update_tokens_per_s']:>13.0f}  {r['peak_mib']:.1f}")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,8 @@ FSDP on N GPUs (--gpus): weights, gradients and AdamW states sharded (÷N; bf16 
 from the all-gather, so no autocast copies); activations, KV cache and logits not sharded (each GPU
 runs its own micro-batch and rollout); plus what is gathered at a time: every model's root
 (embeddings, LM head) in bf16, two decoder layers in bf16 (one computing, one prefetched) and one
-layer's fp32 gradients before the reduce-scatter.
+layer's fp32 gradients before the reduce-scatter; in the PPO rollout (generation and scoring) also the
+whole policy in bf16, which ppo_token.py keeps gathered across decode steps.
 A plan "fits" when its total is at most 90% of --gpu-memory (the rest: CUDA context, allocator
 fragmentation, temporaries not counted above).
 """
@@ -231,7 +232,11 @@ def plan(stage: str, lora_on: bool, counts: dict, shape: dict, args, rollout_bat
     out["fsdp_states"] = (trained * (FP32 + FP32 + 2 * FP32) + frozen * frozen_bytes) // n
     layer_trained = counts["layer_lora"] if lora_on else counts["layer"]
     out["fsdp_gathered"] = roots * BF16 + 2 * counts["layer"] * BF16 + layer_trained * FP32
-    out["fsdp_total"] = out["fsdp_states"] + out["fsdp_gathered"] + phases
+    # the PPO rollout keeps the policy gathered whole (ppo_token.rollout: plumbing.gathered), in bf16
+    rollout_policy = (lm + (counts["lora"] if lora_on else 0)) * BF16 if stage == "PPO" else 0
+    out["fsdp_phase"] = max(out["activations"], out.get("generation", 0) + rollout_policy,
+                            out.get("scoring", 0) + rollout_policy)
+    out["fsdp_total"] = out["fsdp_states"] + out["fsdp_gathered"] + out["fsdp_phase"]
     return out
 
 
@@ -291,9 +296,8 @@ def print_tables(name, counts, shape, args, rollout_batch, rows):
               "| largest phase | total per GPU | fits |")
         print("|---|---|---:|---:|---:|---:|---|")
         for r in rows:
-            phase = max(r["activations"], r.get("generation", 0), r.get("scoring", 0))
             print(f"| {r['stage']} | {r['method']} | {gib(r['fsdp_states'])} | {gib(r['fsdp_gathered'])} | "
-                  f"{gib(phase)} | **{gib(r['fsdp_total'])}** | {'yes' if r['fsdp_total'] <= budget else 'no'} |")
+                  f"{gib(r['fsdp_phase'])} | **{gib(r['fsdp_total'])}** | {'yes' if r['fsdp_total'] <= budget else 'no'} |")
 
 
 def main(argv=None):

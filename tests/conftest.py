@@ -54,12 +54,27 @@ def llama_tokenizer(llama_dir):
     return plumbing.load_tokenizer(llama_dir)
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc), children before grandchildren."""
+    found, todo = [], [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop(0)}/task").glob("*"):
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:  # gone meanwhile
+                continue
+            found += children
+            todo += children
+    return found
+
+
 def run_torchrun(script_and_args, nproc=2, timeout=180, cwd=None):
     """Run `torchrun --standalone --nproc_per_node=N script args...` on CPU (gloo).
 
-    --standalone picks a free rendezvous port itself (no collisions between parallel runs). The
-    launcher gets its own process group, so on a time-out the whole tree is killed and the test
-    fails with what it printed instead of hanging. Returns (returncode, combined output).
+    --standalone picks a free rendezvous port itself (no collisions between parallel runs). On a
+    time-out the whole tree is killed and the test fails with what it printed instead of hanging:
+    the launcher's process group, and the workers, which torchrun starts in sessions of their own.
+    Returns (returncode, combined output).
     """
     env = {k: v for k, v in os.environ.items()
            if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
@@ -71,7 +86,13 @@ def run_torchrun(script_and_args, nproc=2, timeout=180, cwd=None):
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        workers = descendants(proc.pid)
         os.killpg(proc.pid, signal.SIGKILL)
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         output, _ = proc.communicate(timeout=30)
         pytest.fail(f"torchrun timed out after {timeout} s:\n{output[-3000:]}")
     return proc.returncode, output

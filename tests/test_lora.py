@@ -3,19 +3,26 @@
 What a bug would break: the adapted model starting exactly at the base (KL 0 at step 0), the
 switched-off adapters giving the base bit for bit after training, the merged model reloading as a
 plain Hugging Face model with the adapted log-probs, gradients reaching the adapters (and a head)
-only, the layers found by type, and merging that never touches the base weights.
+only, the layers found by type, and merging that never touches the base weights. The last section
+checks the same properties through the stage files (ppo_token.py, sft.py, redistribute.py); DDP and
+FSDP with LoRA are in tests/test_fsdp.py.
 """
 import argparse
 import copy
+import json
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, GPT2Model, LlamaConfig,
-                          LlamaForCausalLM, LlamaModel)
+from safetensors.torch import load_file
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, GPT2Config, GPT2LMHeadModel,
+                          GPT2Model, LlamaConfig, LlamaForCausalLM, LlamaModel)
 
 import common
 import plumbing
 import lora
+import ppo_token as ppo
+import redistribute
+import sft
 
 torch.set_num_threads(1)
 VOCAB = 96
@@ -282,3 +289,149 @@ def test_meta_device_model():
     # per layer r·(in + out): q 32+32, k 32+16, v 32+16, o 32+32, gate 32+64, up 32+64, down 64+32
     assert trained == 2 * 4 * (64 + 48 + 48 + 64 + 96 + 96 + 96)
     assert all(p.device.type == "meta" for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# Through the stage files
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(params=["gpt2", "llama"])
+def policy_and_rm(request, tmp_path_factory):
+    """A saved policy (the conftest tiny GPT-2 or tiny Llama) and a reward model with a trained-looking head."""
+    model_dir = request.getfixturevalue("tiny_dir" if request.param == "gpt2" else "llama_dir")
+    rm_dir = tmp_path_factory.mktemp("rm")
+    torch.manual_seed(1)
+    rm = plumbing.new_score_model(model_dir, bias=False)
+    torch.nn.init.normal_(rm.head.weight)
+    plumbing.save_score_model(rm, plumbing.load_tokenizer(model_dir), rm_dir, "sequence")
+    return model_dir, rm_dir
+
+
+def ppo_argv(model_dir, rm_dir, out, *extra):
+    return ["--policy", str(model_dir), "--reward", "red", "--reward-model", str(rm_dir), "--out", str(out),
+            "--lora-rank", "4", "--rollout-batch-size", "4", "--minibatch-size", "2", "--ppo-epochs", "2",
+            "--max-prompt-len", "24", "--max-new-tokens", "8", "--policy-lr", "3e-2", "--critic-lr", "3e-2",
+            "--limit", "16", "--kl-coef", "0.05", *map(str, extra)]
+
+
+def trained_names(model):
+    return {name for name, p in model.named_parameters() if p.requires_grad}
+
+
+def test_ppo_with_lora_reference_is_the_policy_with_adapters_off(policy_and_rm, monkeypatch):
+    """One frozen copy of each base: no reference model, the reward read inside the critic. At step 0 the policy
+    IS the reference (KL exactly 0) and the reward is the reward model's, bit for bit; after PPO steps the adapters
+    switched off still give the base policy and the base reward model bit for bit, and only adapters and the value
+    head were trained."""
+    model_dir, rm_dir = policy_and_rm
+    args = ppo.parse_args(ppo_argv(model_dir, rm_dir, "unused"))
+    policy, ref_policy, critic, shared = ppo.load_models(args, plumbing.DistInfo())
+    assert ref_policy is None and list(shared) == [str(rm_dir)]
+    assert trained_names(policy) and all(".lora_" in n for n in trained_names(policy))
+    assert {n for n in trained_names(critic) if ".lora_" not in n} == {"head.weight"}
+    monkeypatch.setattr(plumbing, "load_score_model", None)  # the reward model must not be loaded a second time
+    reward_fn, score_fn = ppo.make_reward_fn(args, plumbing.DistInfo(), shared)
+    monkeypatch.undo()
+
+    tokenizer = plumbing.load_tokenizer(model_dir)
+    prompts = ppo.load_prompts(args, tokenizer, quiet=True)[:4]
+    prompt, prompt_mask = common.pad_left(prompts, tokenizer.pad_token_id)
+    eos_ids, pad_id = common.eos_token_ids(tokenizer, policy), tokenizer.pad_token_id
+    base_policy = plumbing.disable_dropout(plumbing.load_policy(model_dir)).eval()
+    base_rm = redistribute.load_reward_model(rm_dir)
+
+    def check_against_the_bases(batch):
+        inputs = [batch[k] for k in ("query_response", "attention_mask", "full_response_mask")]
+        with torch.no_grad(), lora.adapters_disabled(policy):
+            assert torch.equal(common.response_logprobs(policy, *inputs)[0],
+                               common.response_logprobs(base_policy, *inputs)[0])
+        assert torch.equal(reward_fn(*inputs), redistribute.redistribute(base_rm, *inputs))
+
+    torch.manual_seed(0)
+    batch = ppo.rollout(policy, ref_policy, critic, reward_fn, prompt, prompt_mask, args, eos_ids, pad_id)
+    assert torch.equal(batch["logprobs"], batch["ref_logprobs"]) and batch["kl"].abs().max() == 0  # step 0: KL = 0
+    check_against_the_bases(batch)
+
+    optimizers = plumbing.adamw(policy, args.policy_lr), plumbing.adamw(critic, args.critic_lr)
+    for step in range(3):
+        torch.manual_seed(step + 1)
+        ppo.train_step(policy, ref_policy, critic, *optimizers, reward_fn, prompt, prompt_mask, args, eos_ids, pad_id,
+                       args.minibatch_size)
+    assert {n for n, p in policy.named_parameters() if p.grad is not None} == trained_names(policy)
+    assert {n for n, p in critic.named_parameters() if p.grad is not None} == trained_names(critic)
+    torch.manual_seed(9)
+    batch = ppo.rollout(policy, ref_policy, critic, reward_fn, prompt, prompt_mask, args, eos_ids, pad_id)
+    assert batch["kl"].abs().max() > 0  # the adapters moved the policy away from the reference...
+    check_against_the_bases(batch)  # ...and switched off they are still exactly the bases
+    state = policy.state_dict()  # the frozen weights are the base's, unchanged
+    assert all(torch.equal(state[k], v) for k, v in base_policy.state_dict().items())
+
+
+def adapted_from_checkpoint(model, out, name):
+    """`model` (the base) with LoRA rank 4 and the trained tensors of checkpoint `name` (adapters, heads)."""
+    lora.add_lora(model.backbone if isinstance(model, common.ScoreModel) else model, rank=4)
+    lora.load_trainable_state_dict(model, load_file(str(plumbing.latest_checkpoint(out) / f"{name}.safetensors")))
+    return plumbing.disable_dropout(model).eval()
+
+
+def test_ppo_with_lora_saves_a_merged_policy_and_resumes_from_adapters(policy_and_rm, tmp_path):
+    """The checkpoint holds adapters and the value head only; --stop-after then a resume gives the run an
+    uninterrupted one gives; the final policy is a plain causal LM with the adapted model's log-probs."""
+    model_dir, rm_dir = policy_and_rm
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    ppo.main(ppo_argv(model_dir, rm_dir, straight, "--iterations", 3))
+    assert ppo.main(ppo_argv(model_dir, rm_dir, cut, "--iterations", 3, "--stop-after", 2)) is None
+    checkpoint = plumbing.latest_checkpoint(cut)
+    policy_keys = load_file(str(checkpoint / "policy.safetensors")).keys()
+    critic_keys = load_file(str(checkpoint / "critic.safetensors")).keys()
+    assert policy_keys and all(".lora_" in k for k in policy_keys)
+    assert {k for k in critic_keys if ".lora_" not in k} == {"head.weight"}
+    ppo.main(ppo_argv(model_dir, rm_dir, cut, "--iterations", 3))
+    log_a, log_b = ([json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()] for out in (straight, cut))
+    assert [r["step"] for r in log_b] == [1, 2, 3] and log_a[0]["kl"] == 0 and log_a[-1]["kl"] != 0
+    for key in ("task_reward", "kl", "policy_loss", "value_loss"):
+        assert log_b[-1][key] == pytest.approx(log_a[-1][key], rel=1e-5, abs=1e-6), key
+
+    merged = AutoModelForCausalLM.from_pretrained(straight / "policy", dtype=torch.float32).eval()
+    adapted = adapted_from_checkpoint(plumbing.load_policy(model_dir), straight, "policy")
+    assert not any("lora" in k for k in merged.state_dict())
+    ids = torch.tensor([ppo.load_prompts(ppo.parse_args(ppo_argv(model_dir, rm_dir, "x")),
+                                         plumbing.load_tokenizer(model_dir), quiet=True)[0]])
+    mask, response_mask = torch.ones_like(ids), torch.zeros_like(ids)
+    response_mask[0, ids.shape[1] // 2:] = 1
+    with torch.no_grad():
+        torch.testing.assert_close(common.response_logprobs(merged, ids, mask, response_mask)[0],
+                                   common.response_logprobs(adapted, ids, mask, response_mask)[0], atol=1e-5, rtol=0)
+        assert not torch.allclose(common.response_logprobs(merged, ids, mask, response_mask)[0],
+                                  common.response_logprobs(plumbing.load_policy(model_dir), ids, mask, response_mask)[0])
+
+
+def test_sft_and_reward_model_with_lora_save_merged_standard_models(tiny_dir, tmp_path):
+    """SFT and the reward model train adapters (and the score head) only, checkpoint just those, and save
+    the standard classes with the adapters merged: the same outputs as the adapted models (1e-5)."""
+    out = tmp_path / "sft"
+    sft.main(["--model", str(tiny_dir), "--out", str(out), "--lora-rank", "4", "--limit", "40", "--max-steps", "3",
+              "--batch-size", "4", "--micro-batch-size", "2", "--max-prompt-len", "32", "--max-response-len", "16",
+              "--eval-examples", "4", "--lr", "1e-2"])
+    keys = load_file(str(plumbing.latest_checkpoint(out) / "model.safetensors")).keys()
+    assert keys and all(".lora_" in k for k in keys)
+    ids = torch.tensor([list(range(5, 25))])
+    mask, response_mask = torch.ones_like(ids), (torch.arange(20) >= 8).long()[None]
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    adapted = adapted_from_checkpoint(plumbing.load_policy(tiny_dir), out, "model")
+    with torch.no_grad():
+        torch.testing.assert_close(common.response_logprobs(merged, ids, mask, response_mask)[0],
+                                   common.response_logprobs(adapted, ids, mask, response_mask)[0], atol=1e-5, rtol=0)
+
+    rm_out = tmp_path / "rm"
+    redistribute.main(["train", "--sft", str(tiny_dir), "--out", str(rm_out), "--lora-rank", "4", "--limit", "24",
+                       "--max-steps", "3", "--batch-size", "4", "--micro-batch-size", "2", "--max-prompt-len", "32",
+                       "--max-response-len", "16", "--lr", "1e-2"])
+    keys = load_file(str(plumbing.latest_checkpoint(rm_out) / "model.safetensors")).keys()
+    assert {k for k in keys if ".lora_" not in k} == {"head.weight"}
+    hf_model = AutoModelForSequenceClassification.from_pretrained(rm_out, dtype=torch.float32).eval()
+    adapted = adapted_from_checkpoint(plumbing.new_score_model(tiny_dir, bias=False), rm_out, "model")
+    with torch.no_grad():
+        ours = redistribute.sequence_reward(adapted, ids, mask, mask)  # at the last token
+        theirs = hf_model(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+    assert not any("lora" in k for k in hf_model.state_dict())

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import common
@@ -14,10 +15,12 @@ import plumbing
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_whole_pipeline_smoke_run_leaves_every_artefact_loadable(tmp_path):
+@pytest.mark.parametrize("settings", [{}, {"LORA_RANK": "4"}], ids=["full", "lora"])
+def test_whole_pipeline_smoke_run_leaves_every_artefact_loadable(tmp_path, settings):
+    """Full fine-tuning, and LoRA on every training stage (the saved models are the standard ones, merged)."""
     run = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    env.update(SIZE="smoke", RUN=str(run), PYTHON=sys.executable, DEVICE="cpu")
+    env.update(SIZE="smoke", RUN=str(run), PYTHON=sys.executable, DEVICE="cpu", **settings)
     done = subprocess.run(["bash", str(ROOT / "run_pipeline.sh")], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
@@ -25,14 +28,17 @@ def test_whole_pipeline_smoke_run_leaves_every_artefact_loadable(tmp_path):
     commands = [line for line in done.stdout.splitlines() if line.startswith("+ ")]
     assert [c.split()[2] for c in commands] == ["sft.py", "label.py", "discriminator.py", "redistribute.py",
                                                 "ppo_token.py", "ppo_token.py", "ppo_token.py", "eval.py"]
+    lora_stages = [c.split()[2] for c in commands if "--lora-rank 4" in c]
+    assert lora_stages == (["sft.py", "discriminator.py", "redistribute.py"] + ["ppo_token.py"] * 3 if settings else [])
     assert "report: " in done.stdout and "| sft |" in done.stdout
 
     tokenizer = plumbing.load_tokenizer(run / "sft")
     ids = torch.tensor([tokenizer("\n\nHuman: hi\n\nAssistant: hello")["input_ids"]])
     mask = torch.ones_like(ids)
     for policy_dir in [run / "sft"] + [run / f"ppo_{r}" / "policy" for r in ("seq", "red", "tlcr")]:
-        logits = plumbing.load_policy(policy_dir)(input_ids=ids, attention_mask=mask).logits
-        assert torch.isfinite(logits).all(), policy_dir
+        policy = plumbing.load_policy(policy_dir)
+        assert torch.isfinite(policy(input_ids=ids, attention_mask=mask).logits).all(), policy_dir
+        assert not any("lora" in name for name in policy.state_dict())  # merged: a plain model
     for score_dir in (run / "discriminator", run / "reward_model"):
         scores = plumbing.load_score_model(score_dir)(ids, mask)
         assert scores.shape == ids.shape and torch.isfinite(scores).all()

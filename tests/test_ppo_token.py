@@ -336,7 +336,7 @@ def test_every_reward_source_runs_a_step(tiny_dir, tmp_path):
             assert record["task_reward"] == pytest.approx(record["rm_score"], abs=1e-5)
     args = ppo.parse_args(["--policy", str(tiny_dir), "--out", str(tmp_path / "x"), "--reward", "seq",
                            "--reward-model", str(tmp_path / "rm")])
-    reward_fn, score_fn = ppo.make_reward_fn(args, torch.device("cpu"))
+    reward_fn, score_fn = ppo.make_reward_fn(args, plumbing.DistInfo())
     prompt, prompt_mask = common.pad_left([[5, 6, 7], [8, 9]], tokenizer.eos_token_id)
     response = torch.tensor([[11, 12, tokenizer.eos_token_id, tokenizer.eos_token_id], [13, 14, 15, 16]])
     mask, _ = ppo.response_mask_from(response, [tokenizer.eos_token_id])
