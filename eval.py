@@ -9,6 +9,8 @@ runs up to and including its first EOS, or stops at --max-new-tokens. Per policy
     KL             k1 estimator, Σ_t log π(a_t) − log π_ref(a_t) per response, averaged; and per token
     PPL (ref)      exp(−mean log π_ref(a_t)) over all response tokens: fluency under the SFT model
     Length, EOS %  response tokens (EOS included), share of responses that ended at EOS
+    Gold           with --gold (the offline lab): mean gold.py score of the response texts, a known reward
+                   that no policy optimised directly; compare it at equal KL
 and, with --labels, the discriminator's token accuracy on held-out labels (paper: 81.4%).
 
 Win rate against a baseline (AlpacaEval style), % = 100 · mean pair score:
@@ -54,6 +56,7 @@ from tqdm import tqdm
 
 import common
 import discriminator
+import gold
 import plumbing
 import ppo_token
 import redistribute
@@ -80,6 +83,9 @@ def parse_args(argv=None):
     gen.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold")
     gen.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (log-probs use it too)")
     gen.add_argument("--eval-batch-size", type=int, default=16, help="prompts per generation and scoring batch")
+    gen.add_argument("--gold", action="store_true",
+                     help="the offline lab: the gold.py score of every response (a column, and curves against PPO "
+                          "steps and against KL in the report)")
     gen.add_argument("--judge", default="reward-model", choices=["reward-model", "openai", "none"],
                      help="who decides the pairwise win rates")
     gen.add_argument("--api-base", default="https://api.openai.com/v1", help="openai judge: chat-completions base URL")
@@ -397,6 +403,9 @@ def main(argv=None):
         generated[name] = {"texts": texts, "rm_scores": torch.cat([b["rm_score"] for b in batches]).tolist(),
                            "eos": eos_flags}
         metrics[name] = summarize(batches, eos_flags)
+        if args.gold:  # the lab's known reward, scored on the text of each response
+            generated[name]["gold"] = [gold.gold_score(text) for text in texts]
+            metrics[name]["gold_score"] = sum(generated[name]["gold"]) / len(texts)
         if policy is not reference:
             del policy
             if device.type == "cuda":
@@ -405,7 +414,8 @@ def main(argv=None):
     # every response on disk before any judge is paid (a judge failure loses no generation)
     plumbing.atomic_write(out / "responses.jsonl", "".join(
         json.dumps({"prompt_index": i, "policy": name, "prompt": prompts[i], "response": g["texts"][i],
-                    "rm_score": g["rm_scores"][i], "ended_at_eos": g["eos"][i]}) + "\n"
+                    "rm_score": g["rm_scores"][i], "ended_at_eos": g["eos"][i],
+                    **({"gold_score": g["gold"][i]} if "gold" in g else {})}) + "\n"
         for name, g in generated.items() for i in range(len(prompts))))
 
     # 3. win rates against the baseline

@@ -9,10 +9,14 @@ policy's tokenizer and aligned by a Levenshtein DP over token ids; its edit scri
 
 Revisers (--reviser): `openai`, any OpenAI-compatible chat-completions endpoint (the paper used
 gpt-4-0125-preview; a local vLLM / llama.cpp / Ollama server works the same); `hf`, a local Hugging
-Face model with batched generation; `chosen`, no model at all: y_m = y_c (most tokens then count
-as edited, so the labels are much noisier than the paper's).
+Face model with batched generation; `gold`, the offline lab's rule reviser (gold.py: the minimal edit
+that raises the known gold score; with --preference gold the pairs are first ranked by that score);
+`chosen`, no model at all: y_m = y_c (most tokens then count as edited, so the labels are much
+noisier than the paper's).
 
-    # offline, no model (CPU, seconds)
+    # the offline lab: a known gold reward and its rule reviser (CPU, seconds)
+    python label.py --reviser gold --preference gold --tokenizer runs/lab/sft --out runs/lab/labels.jsonl
+    # offline, no model at all
     python label.py --reviser chosen --tokenizer runs/demo/sft --out runs/demo/labels.jsonl
     # the paper's reviser; the key is read from OPENAI_API_KEY and never written anywhere
     python label.py --reviser openai --api-model gpt-4-0125-preview --concurrency 8 \\
@@ -49,6 +53,7 @@ import torch
 from tqdm import tqdm
 
 import common
+import gold
 import plumbing
 
 DELIMITER = "### REVISED RESPONSE ###"
@@ -76,7 +81,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=plumbing.HelpFormatter,
                                      epilog=__doc__)
     data = plumbing.add_data_args(parser.add_argument_group("data"), split="reward", response_len=False,
-                                  prompt_len=False)
+                                  prompt_len=False, preference=True)
     data.add_argument("--out", default="runs/demo/labels.jsonl",
                       help="output JSONL; <out>.cache.jsonl and <out>.summary.json beside it")
     data.add_argument("--max-response-len", type=int, default=256,
@@ -88,8 +93,9 @@ def parse_args(argv=None):
                             "every stage here feeds the model); joint: ids inside tokenize(prompt + response), "
                             "labels mapped by character offsets")
     reviser = parser.add_argument_group("algorithm (the reviser)")
-    reviser.add_argument("--reviser", required=True, choices=["openai", "hf", "chosen"],
-                         help="openai: chat-completions endpoint; hf: local model; chosen: y_m = y_c, no model")
+    reviser.add_argument("--reviser", required=True, choices=["openai", "hf", "gold", "chosen"],
+                         help="openai: chat-completions endpoint; hf: local model; gold: the lab's rule reviser "
+                              "(gold.py); chosen: y_m = y_c, no model")
     reviser.add_argument("--api-base", default="https://api.openai.com/v1", help="OpenAI-compatible base URL (…/v1)")
     reviser.add_argument("--api-model", default="gpt-4-0125-preview", help="model name sent to the endpoint")
     reviser.add_argument("--api-key-env", default="OPENAI_API_KEY",
@@ -138,7 +144,14 @@ def select_pairs(args):
     notes = [str(w.message) for w in caught]
     for note in notes:
         print(f"warning: {note}", file=sys.stderr)
-    seen, unique, skipped = set(), [], {}
+    skipped = {}
+    if args.preference == "gold":  # the lab: chosen = the reply with the higher gold score, ties dropped
+        pairs, ranked = gold.rank_pairs(pairs)
+        skipped["gold tie"] = ranked["ties"]
+        notes.append(f"gold ranking: {ranked['kept']} of {ranked['pairs']} pairs kept, {ranked['ties']} ties "
+                     f"dropped, {ranked['flipped']} flipped against the human label")
+        print(notes[-1], file=sys.stderr)
+    seen, unique = set(), []
     for pair in pairs:
         if pair.id in seen:
             skipped["duplicate pair"] = skipped.get("duplicate pair", 0) + 1
@@ -230,6 +243,15 @@ def run_openai(todo, args, on_answer):
     return checked
 
 
+def run_gold(todo, args, on_answer):
+    """The lab's rule reviser (gold.gold_revise): no model, one instant answer per pair; a rejected reply
+    with no negative word has nothing to revise and fails."""
+    for pair in todo:
+        revised = gold.gold_revise(pair.rejected)
+        on_answer(pair, revised, revised or "", "" if revised else "no negative word to replace", 1)
+    return 0
+
+
 def chat_text(tokenizer, message: str) -> str:
     """The message in the model's chat template, or as plain text for a model without one."""
     if getattr(tokenizer, "chat_template", None):
@@ -300,6 +322,11 @@ def run_hf(todo, args, on_answer):
     return 0
 
 
+def reviser_model(args) -> str | None:
+    """What revises, as named in the cache key: an edited gold lexicon never reuses old revisions."""
+    return {"openai": args.api_model, "hf": args.reviser_model, "gold": gold.LEXICON_ID}.get(args.reviser)
+
+
 def revise_all(pairs, args, cache_path: Path):
     """Revisions (id -> revised text) for every pair the reviser could do, reusing and extending
     the cache; failures (id -> error); and counts (calls made, answers reused). Every answer goes to
@@ -309,7 +336,7 @@ def revise_all(pairs, args, cache_path: Path):
         print("warning: --reviser chosen uses the chosen response as the revision; it is rarely a minimal "
               "edit of the rejected one, so the labels mark most tokens as edited", file=sys.stderr)
         return {p.id: p.chosen for p in pairs}, {}, {"calls": 0, "cached": 0}
-    model = args.api_model if args.reviser == "openai" else args.reviser_model
+    model = reviser_model(args)
     keys = {p.id: cache_key(args.reviser, model, p) for p in pairs}
     cache = plumbing.JsonlCache(cache_path, fresh=not args.resume,
                                 valid=lambda record: isinstance(record.get("revised"), str))
@@ -328,7 +355,7 @@ def revise_all(pairs, args, cache_path: Path):
             bar.update()
 
         if todo:
-            run = run_openai if args.reviser == "openai" else run_hf
+            run = {"openai": run_openai, "hf": run_hf, "gold": run_gold}[args.reviser]
             check_calls = run(todo, args, on_answer)  # the openai client's test request (on_answer counts the rest)
             counts["calls"] += check_calls
     return revisions, failures, counts
@@ -492,7 +519,7 @@ def summarize(args, pairs, records, failures, skipped, notes, counts, stats, ela
         reasons[error.split(":")[0]] = reasons.get(error.split(":")[0], 0) + 1
     return {
         "reviser": args.reviser,
-        "reviser_model": {"openai": args.api_model, "hf": args.reviser_model}.get(args.reviser),
+        "reviser_model": reviser_model(args), "preference": args.preference,
         "data": args.data, "split": args.split, "layout": args.layout, "max_response_len": args.max_response_len,
         "pairs": len(pairs), "done": len(records), "failed": len(failures), "failure_reasons": reasons,
         "skipped": skipped, "load_warnings": notes,

@@ -92,7 +92,7 @@ HH_RLHF_SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-r
 
 
 def add_data_args(group, split: str | None = None, response_len: bool = True, prompt_len: bool = True,
-                  limit: bool = True):
+                  limit: bool = True, preference: bool = False):
     """The data options the stages share: --data, --split, --split-seed, --limit, lengths, chat template."""
     group.add_argument("--data", default="bundled",
                        help="'bundled' (the hh-rlhf slice in data/), a local .jsonl/.jsonl.gz/.json/.parquet of "
@@ -108,6 +108,10 @@ def add_data_args(group, split: str | None = None, response_len: bool = True, pr
         group.add_argument("--max-prompt-len", type=int, default=256, help="prompt tokens kept (the last ones)")
     if response_len:
         group.add_argument("--max-response-len", type=int, default=256, help="response tokens kept, EOS included")
+    if preference:
+        group.add_argument("--preference", default="human", choices=("human", "gold"),
+                           help="which reply of a pair is chosen: the data's (human) or the one with the higher gold.py "
+                                "score (gold: the offline lab; ties are dropped)")
     group.add_argument("--no-chat-template", dest="chat_template", action="store_false",
                        help="render chat-message data as the hh-rlhf transcript even when the tokenizer has a "
                             "chat template (the bundled hh-rlhf data always uses the transcript)")
@@ -532,8 +536,8 @@ def check_positive(parser, args, *names):
 
 # Options that change how a run is carried out but not what it computes: a resume may change them.
 NOT_DEFINING = {"out", "resume", "force_resume", "device", "save_every", "eval_every", "log_every", "stop_after",
-                "gradient_checkpointing", "trust_remote_code", "eval_batch_size", "eval_examples", "micro_batch_size",
-                "offload_frozen", "command", "fsdp"}
+                "log_gold", "gradient_checkpointing", "trust_remote_code", "eval_batch_size", "eval_examples",
+                "micro_batch_size", "offload_frozen", "command", "fsdp"}
 
 
 def frozen_dtype(args, device: torch.device) -> torch.dtype:

@@ -71,6 +71,7 @@ from tqdm import tqdm
 
 import common
 import discriminator
+import gold
 import lora
 import plumbing
 import redistribute
@@ -134,6 +135,8 @@ def parse_args(argv=None):
                            "sum to R(x, y) rather than R(x, y) − R(x, ∅)")
     lora.add_lora_args(parser)
     system = plumbing.add_system_args(parser)
+    system.add_argument("--log-gold", action="store_true",
+                        help="the offline lab: log gold_score, the mean gold.py score of each rollout's responses")
     system.add_argument("--offload-frozen", action="store_true",
                         help="keep the frozen reference and reward models on the CPU (with LoRA: those that do not "
                              "share the policy's or the critic's backbone)")
@@ -437,10 +440,13 @@ def rollout_stats(batch: dict) -> dict:
 
 
 def train_step(policy, ref_policy, critic, policy_optimizer, critic_optimizer, reward_fn, prompt, prompt_mask,
-               args, eos_ids, pad_id, minibatch: int, score_fn=None) -> dict:
+               args, eos_ids, pad_id, minibatch: int, score_fn=None, gold_fn=None) -> dict:
     """One PPO iteration: rollout (steps 1-4) then PPO epochs (step 5). Returns this rank's statistics."""
     batch = rollout(policy, ref_policy, critic, reward_fn, prompt, prompt_mask, args, eos_ids, pad_id, score_fn)
     stats = rollout_stats(batch)
+    if gold_fn is not None:  # the lab's known reward (gold.py): logged, never seen by the optimiser
+        scores = gold_fn(batch["response"], batch["response_mask"])
+        stats["gold_score"] = sum(scores) / len(scores)
     # 5. PPO epochs
     stats.update(ppo_update(policy, critic, policy_optimizer, critic_optimizer, batch, args, minibatch))
     stats["tokens"] = float(batch["response_mask"].sum())
@@ -602,6 +608,9 @@ def main(argv=None, reward_fn=None):
     score_fn = None
     if reward_fn is None:
         reward_fn, score_fn = make_reward_fn(args, dist_info, shared)
+
+    def gold_fn(response, response_mask):  # --log-gold: the gold score of each response's text
+        return gold.score_responses(tokenizer, response.cpu(), response_mask.cpu())
     policy_optimizer = plumbing.adamw(policy, args.policy_lr)
     critic_optimizer = plumbing.adamw(critic, args.critic_lr)
 
@@ -632,7 +641,8 @@ def main(argv=None, reward_fn=None):
         torch.manual_seed(args.seed + 1000 * dist_info.rank + 1_000_003 * (step + 1))
         prompt, prompt_mask = prompt_batch(prompts, step, rollout_per_rank, args.seed, dist_info.rank, pad_id, device)
         stats = train_step(policy, ref_policy, critic, policy_optimizer, critic_optimizer, reward_fn, prompt,
-                           prompt_mask, args, eos_ids, pad_id, minibatch_per_rank, score_fn)
+                           prompt_mask, args, eos_ids, pad_id, minibatch_per_rank, score_fn,
+                           gold_fn if args.log_gold else None)
         stats = {k: plumbing.all_reduce_mean(v, dist_info) for k, v in stats.items()}  # every rank takes part
         record = {"step": step + 1, **{k: v for k, v in stats.items() if k != "tokens"},
                   "elapsed_s": round(time.perf_counter() - start, 2),

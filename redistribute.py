@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
+import gold
 import lora
 import plumbing
 
@@ -55,9 +56,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train the Bradley–Terry reward model", formatter_class=plumbing.HelpFormatter)
-    data = plumbing.add_data_args(train.add_argument_group("data"), split="reward")
+    data = plumbing.add_data_args(train.add_argument_group("data"), split="reward", preference=True)
     data.add_argument("--eval-fraction", type=float, default=0.1,
                       help="share of the split's pairs held out (by a hash of their id) to measure pair accuracy")
+    data.add_argument("--revision-pairs", default=None, metavar="LABELS",
+                      help="the lab: also train on (revised ≻ rejected) pairs from label.py's output, so the reward "
+                           "model learns from what the discriminator learns from (held-out pairs left out)")
     model = train.add_argument_group("model")
     model.add_argument("--sft", required=True, help="SFT model directory (or HF name): backbone and tokenizer")
     algo = train.add_argument_group("algorithm")
@@ -117,14 +121,36 @@ def parse_args(argv=None) -> argparse.Namespace:
 # 1. Data: pairs -> token ids -> right-padded batches (chosen rows first, then rejected rows)
 # ----------------------------------------------------------------------------------------------
 def select_pairs(args, quiet: bool = False):
-    """(training pairs, held-out pairs) of --split (--split-seed, at most --limit): the held-out part is
-    drawn by hashing, the same pairs the discriminator holds out."""
-    pairs = plumbing.load_data(args.data, args.split, args.split_seed, args.limit, quiet=quiet)
+    """(training pairs, held-out pairs) of --split (--split-seed; with --preference gold ranked by the gold
+    score; then at most --limit, as label.py does): the held-out part is drawn by hashing, the same pairs
+    the discriminator holds out. With --revision-pairs, label.py's (revised ≻ rejected) pairs join the
+    training pairs, those of held-out ids excepted."""
+    pairs = plumbing.load_data(args.data, args.split, args.split_seed, quiet=quiet)
+    if args.preference == "gold":  # the lab: chosen = the reply with the higher gold score, ties dropped
+        pairs, ranked = gold.rank_pairs(pairs)
+        if not quiet:
+            print(f"gold preferences: {ranked['kept']} of {ranked['pairs']} pairs kept, {ranked['ties']} ties "
+                  f"dropped, {ranked['flipped']} flipped against the human label")
+    pairs = pairs[: args.limit] if args.limit is not None else pairs
     train_pairs, eval_pairs = common.heldout_split(pairs, args.eval_fraction, args.split_seed)
     if not train_pairs or not eval_pairs:
         raise common.InputError(f"--data {args.data} --split {args.split}: {len(pairs)} pairs, too few to hold "
                                 f"out {args.eval_fraction:.0%} and train on the rest")
+    if args.revision_pairs:
+        train_pairs = train_pairs + revision_pairs(args.revision_pairs, {p.id for p in eval_pairs})
     return train_pairs, eval_pairs
+
+
+def revision_pairs(labels_path, heldout_ids: set[str]) -> list[common.Pair]:
+    """(prompt, chosen = revised, rejected) pairs from label.py's output, the held-out pair ids left out."""
+    pairs = []
+    for where, record in common.read_rows(labels_path):
+        if not isinstance(record, dict) or not all(isinstance(record.get(k), str)
+                                                   for k in ("id", "prompt", "rejected", "revised")):
+            raise common.DataError(f"{where}: a label.py record needs string fields id, prompt, rejected, revised")
+        if record["id"] not in heldout_ids:
+            pairs.append(common.Pair(record["prompt"], record["revised"], record["rejected"], record.get("messages")))
+    return pairs
 
 
 def encode_pairs(pairs, tokenizer, max_prompt_len: int, max_response_len: int, chat_template: bool = True):
@@ -379,10 +405,12 @@ def train(args):
     result = evaluate(model, eval_examples, pad_id, args.eval_batch_size, device, dist_info, args.bf16)
     checkpoint()
     info = {"role": "reward_model", "sft": str(args.sft), "data": str(args.data), "split": args.split,
-            "split_seed": args.split_seed, "eval_fraction": args.eval_fraction, "steps": step}
+            "split_seed": args.split_seed, "eval_fraction": args.eval_fraction, "preference": args.preference,
+            "revision_pairs": args.revision_pairs, "steps": step}
     plumbing.save_score_model(model, tokenizer, out, kind="sequence", extra=info)  # every rank; keeps log, checkpoint/
     if master:
-        result.update({"step": step, "split": args.split, "data": str(args.data)})
+        result.update({"step": step, "split": args.split, "data": str(args.data), "preference": args.preference,
+                       "training_pairs": len(train_examples)})
         logger.log({"step": step, **{f"eval_{k}": v for k, v in result.items() if k in ("accuracy", "mean_margin")}})
         plumbing.atomic_write(out / "accuracy.json", json.dumps(result, indent=2) + "\n")
         print(f"held-out pair accuracy {result['accuracy']:.4f}, mean margin {result['mean_margin']:+.4f} "

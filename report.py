@@ -18,7 +18,9 @@ COLUMNS = [("rm_score", "RM score ↑", "{:+.3f}"), ("tlcr_reward", "TLCR reward
            ("eos_share", "EOS %", "{:.0%}")]
 # PPO log keys drawn as curves, first key found wins (ppo_token.py's names first)
 # (task rewards of different sources are not on one scale; the reward-model score is, when logged)
-CURVES = [("reward-model score", ("rm_score",)), ("task reward", ("task_reward", "reward")),
+GOLD_VS_KL = "gold score against KL to the reference (per PPO step)"
+GOLD_COLUMN = ("gold_score", "Gold ↑", "{:+.3f}")  # the offline lab's known reward (eval.py --gold)
+CURVES = [("gold score", ("gold_score",)), ("reward-model score", ("rm_score",)), ("task reward", ("task_reward", "reward")),
           ("KL to reference", ("kl", "kl_ref")), ("response length", ("response_length", "length")),
           ("perplexity under the policy", ("perplexity", "ppl"))]
 
@@ -45,14 +47,20 @@ def accuracy_line(acc):
             f"{acc['negative_accuracy']:.1%} of {acc['n_negative']}; paper 81.4%)")
 
 
+def table_columns(results):
+    """COLUMNS, with the lab's gold score first when it was measured (eval.py --gold)."""
+    measured = any("gold_score" in row for row in results["policies"].values())
+    return ([GOLD_COLUMN] if measured else []) + COLUMNS
+
+
 def results_markdown(results):
     """One row per policy, as in TLCR Table 1."""
-    base = results["baseline"]
-    head = ["Policy"] + [h for _, h, _ in COLUMNS] + [f"Win rate vs {md_cell(base)} (%) ↑"]
+    base, columns = results["baseline"], table_columns(results)
+    head = ["Policy"] + [h for _, h, _ in columns] + [f"Win rate vs {md_cell(base)} (%) ↑"]
     lines = [f"Held-out prompts: {results['num_prompts']} ({results['split']} split); judge: {results['judge']}.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, row in results["policies"].items():
-        cells = [md_cell(name)] + [fmt(row.get(k), f) for k, _, f in COLUMNS] + [win_cell(row, base, name)]
+        cells = [md_cell(name)] + [fmt(row.get(k), f) for k, _, f in columns] + [win_cell(row, base, name)]
         lines.append("| " + " | ".join(cells) + " |")
     if results.get("discriminator_accuracy") is not None:
         lines += ["", accuracy_line(results["discriminator_accuracy"])]
@@ -72,8 +80,9 @@ def curve_series(rows, keys):
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
 
 
-def line_chart_svg(title, series, width=360, height=230):
-    """An inline SVG line chart: series = {run name: [(x, y), ...]}, one coloured line each."""
+def line_chart_svg(title, series, width=360, height=230, x_label="step"):
+    """An inline SVG line chart: series = {run name: [(x, y), ...]}, one coloured line each. Points are
+    joined in x order against steps, in the order given otherwise (a run's path against KL)."""
     pts = [p for line in series.values() for p in line]
     if not pts:
         return ""
@@ -98,10 +107,11 @@ def line_chart_svg(title, series, width=360, height=230):
         parts.append(f'<text x="{left - 4}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:.3g}</text>')
     for x in (x0, x1):
         parts.append(f'<text x="{sx(x):.1f}" y="{height - bottom + 14}" text-anchor="middle">{x:.4g}</text>')
-    parts.append(f'<text x="{(left + width - right) / 2:.0f}" y="{height - bottom + 14}" text-anchor="middle">step</text>')
+    parts.append(f'<text x="{(left + width - right) / 2:.0f}" y="{height - bottom + 14}" '
+                 f'text-anchor="middle">{html.escape(x_label)}</text>')
     for k, (name, line) in enumerate(series.items()):
         colour = PALETTE[k % len(PALETTE)]
-        coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in sorted(line))
+        coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in (sorted(line) if x_label == "step" else line))
         parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.6" points="{coords}">'
                      f'<title>{html.escape(name)}</title></polyline>')
         lx, ly = left + (k % 3) * 100, height - 22 + (k // 3) * 12
@@ -127,11 +137,11 @@ def shaded_tokens_html(tokens, values, label, scale):
 
 def report_html(results, samples, curves):
     """One self-contained page: the table, the training curves, the shaded responses."""
-    base = results["baseline"]
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in ["Policy"] + [h for _, h, _ in COLUMNS]
+    base, columns = results["baseline"], table_columns(results)
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in ["Policy"] + [h for _, h, _ in columns]
                    + [f"Win rate vs {base} (%)"])
     rows = "".join("<tr><td>" + html.escape(name) + "</td>"
-                   + "".join(f"<td>{html.escape(fmt(row.get(k), f))}</td>" for k, _, f in COLUMNS)
+                   + "".join(f"<td>{html.escape(fmt(row.get(k), f))}</td>" for k, _, f in columns)
                    + f"<td>{html.escape(win_cell(row, base, name))}</td></tr>"
                    for name, row in results["policies"].items())
     body = [f"<h1>token-rlhf evaluation</h1><p>{results['num_prompts']} held-out prompts ({html.escape(results['split'])}"
@@ -139,7 +149,8 @@ def report_html(results, samples, curves):
             f'<table class="results"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>']
     if results.get("discriminator_accuracy") is not None:
         body.append(f"<p>{html.escape(accuracy_line(results['discriminator_accuracy']))}</p>")
-    charts = [line_chart_svg(title, series) for title, series in curves.items() if series]
+    charts = [line_chart_svg(title, series, x_label="KL" if title.startswith(GOLD_VS_KL) else "step")
+              for title, series in curves.items() if series]
     body.append("<h2>PPO training curves</h2>")
     body.append(f'<div class="charts">{"".join(charts)}</div>' if charts else "<p>No PPO logs found.</p>")
     body.append("<h2>Token rewards</h2><p>Each token shaded by its TLCR reward (2·D − 1) and its RED reward "
@@ -190,4 +201,8 @@ def training_curves(logs):
                 used.add(key)
         if series:
             curves[f"{title} ({', '.join(sorted(used))})"] = series
+    gold_vs_kl = {name: [(r["kl"], r["gold_score"]) for r in log_rows if "kl" in r and "gold_score" in r]
+                  for name, log_rows in rows.items()}
+    if any(gold_vs_kl.values()):  # the fair comparison: the reward against the KL it cost, one point per PPO step
+        curves[GOLD_VS_KL] = {name: points for name, points in gold_vs_kl.items() if points}
     return curves

@@ -3,9 +3,10 @@
 # command a student would type:
 #
 #   sft.py → label.py → discriminator.py (TLCR) → redistribute.py (reward model for RED and the
-#   sequence baseline) → ppo_token.py with seq, red and tlcr rewards → eval.py (table + report.html)
+#   sequence baseline) → ppo_token.py with each reward → eval.py (table + report.html)
 #
-#   bash run_pipeline.sh                                   # tiny GPT-2 on the bundled data, CPU, minutes
+#   bash run_pipeline.sh                                   # the offline lab: tiny GPT-2, CPU, minutes
+#   TASK=human bash run_pipeline.sh                        # human labels; TLCR labels from REVISER
 #   SIZE=gpt2 MODEL=gpt2 bash run_pipeline.sh              # a real model on one GPU
 #   SIZE=gpt2 MODEL=gpt2 NPROC=8 bash run_pipeline.sh      # torchrun, 8 GPUs (training stages)
 #   NPROC=8 FSDP=1 LORA_RANK=64 MODEL=meta-llama/Llama-2-7b-hf bash run_pipeline.sh   # sharded, LoRA
@@ -13,16 +14,23 @@
 #   JUDGE=openai OPENAI_API_KEY=... bash run_pipeline.sh   # GPT-4 as the win-rate judge
 #
 # Settings (environment variables):
+#   TASK      gold | human (default gold). gold, the offline lab (gold.py): a known reward stands in for
+#             the human: pairs ranked by it, TLCR labels from its rule reviser, the reward model also
+#             trained on the revisions, the gold score logged in PPO and reported by eval.py, and the
+#             TLCR ablations of Figure 7 among the PPO runs. human: the data's own labels, and TLCR labels
+#             from REVISER (an LLM, or the coarse offline `chosen`)
 #   SIZE      smoke | demo | gpt2   preset of lengths, steps and learning rates (default demo)
 #   MODEL     tiny, or any Hugging Face causal LM name or path (default tiny)
-#   RUN       output folder (default runs/$SIZE)
+#   RUN       output folder (default runs/gold-$SIZE, or runs/$SIZE with TASK=human)
 #   NPROC     processes per node for the training stages; >1 launches torchrun (default 1)
-#   REVISER   chosen | openai | hf  (label.py --reviser; default chosen: offline, coarse labels)
+#   REVISER   TASK=human: chosen | openai | hf  (label.py --reviser; default chosen: offline, coarse labels)
 #   REVISER_MODEL  for REVISER=hf; API_BASE / API_MODEL for REVISER=openai or JUDGE=openai
 #   JUDGE     reward-model | openai | none (eval.py --judge; default reward-model)
-#   REWARDS   the PPO runs to make (default "seq red tlcr"; also tlcr_fixed tlcr_no_negative tlcr_no_positive)
+#   REWARDS   the PPO runs to make (default "seq red tlcr tlcr_no_negative tlcr_no_positive" for the lab,
+#             "seq red tlcr" with TASK=human; tlcr_fixed is the other ablation)
 #   DATA      preference pairs: bundled (default), a .jsonl(.gz), or hh-rlhf to download
 #   DEVICE    auto | cpu | cuda (default auto)
+#   SEED      --seed of every stage: initialisation, data order, sampling (default 0; the data split stays put)
 #   LORA_RANK LoRA adapters of this rank on every training stage (--lora-rank; default 0: full fine-tuning)
 #   FSDP      1: shard the models over the NPROC processes (--fsdp on every training stage; default 0: DDP)
 #
@@ -32,15 +40,19 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 SIZE=${SIZE:-demo}
+TASK=${TASK:-gold}
+case "$TASK" in
+  gold)  RUN=${RUN:-runs/gold-$SIZE}; REVISER=gold; REWARDS=${REWARDS:-seq red tlcr tlcr_no_negative tlcr_no_positive} ;;
+  human) RUN=${RUN:-runs/$SIZE}; REVISER=${REVISER:-chosen}; REWARDS=${REWARDS:-seq red tlcr} ;;
+  *) echo "run_pipeline.sh: TASK must be gold or human, not '$TASK'" >&2; exit 2 ;;
+esac
 MODEL=${MODEL:-tiny}
-RUN=${RUN:-runs/$SIZE}
 NPROC=${NPROC:-1}
-REVISER=${REVISER:-chosen}
 JUDGE=${JUDGE:-reward-model}
-REWARDS=${REWARDS:-seq red tlcr}
 DATA=${DATA:-bundled}
 DEVICE=${DEVICE:-auto}
 PYTHON=${PYTHON:-python}
+SEED=${SEED:-0}
 LORA_RANK=${LORA_RANK:-0}
 FSDP=${FSDP:-0}
 
@@ -68,13 +80,25 @@ case "$SIZE" in
     EVAL="--num-prompts 256 --max-prompt-len 512 --max-new-tokens 128 --show-prompts 6" ;;
   *) echo "run_pipeline.sh: SIZE must be smoke, demo or gpt2, not '$SIZE'" >&2; exit 2 ;;
 esac
+if [ "$TASK" = gold ]; then  # the lab: gold preferences, gold revisions, gold scores (gold.py)
+  LABEL+=" --preference gold"
+  RM+=" --preference gold --revision-pairs $RUN/labels.jsonl"
+  PPO+=" --log-gold"
+  EVAL+=" --gold"
+  case "$SIZE" in  # the gold labels are sparse (4% of the tokens): the discriminator wants more passes
+    smoke) DISC="${DISC/--epochs 1/--epochs 2}" ;;
+    demo)  DISC="${DISC/--epochs 2 --lr 1e-3/--epochs 20 --lr 2e-3}"
+           RM="${RM/--epochs 2 --lr 3e-4/--epochs 3 --lr 1e-3}"
+           EVAL="${EVAL/--num-prompts 64/--num-prompts 115}" ;;  # the whole test split
+  esac
+fi
 
 if [ "$NPROC" -gt 1 ]; then
   TRAIN=($PYTHON -m torch.distributed.run --nproc_per_node="$NPROC")
 else
   TRAIN=($PYTHON)
 fi
-SCALE=()  # flags of every training stage
+SCALE=(--seed "$SEED")  # flags of every training stage
 [ "$LORA_RANK" != 0 ] && SCALE+=(--lora-rank "$LORA_RANK")
 [ "$FSDP" != 0 ] && SCALE+=(--fsdp)
 REVISER_ARGS=(--reviser "$REVISER")
@@ -95,21 +119,21 @@ step() {  # print the command, then run it
 
 start=$(date +%s)
 # shellcheck disable=SC2086  # the presets are word lists on purpose
-step "${TRAIN[@]}" sft.py --model "$MODEL" --data "$DATA" --out "$RUN/sft" --device "$DEVICE" ${SCALE[@]+"${SCALE[@]}"} $SFT
+step "${TRAIN[@]}" sft.py --model "$MODEL" --data "$DATA" --out "$RUN/sft" --device "$DEVICE" "${SCALE[@]}" $SFT
 step $PYTHON label.py --data "$DATA" --split reward --tokenizer "$RUN/sft" --out "$RUN/labels.jsonl" "${REVISER_ARGS[@]}" $LABEL
-step "${TRAIN[@]}" discriminator.py train --sft "$RUN/sft" --labels "$RUN/labels.jsonl" --out "$RUN/discriminator" --device "$DEVICE" ${SCALE[@]+"${SCALE[@]}"} $DISC
-step "${TRAIN[@]}" redistribute.py train --sft "$RUN/sft" --data "$DATA" --out "$RUN/reward_model" --device "$DEVICE" ${SCALE[@]+"${SCALE[@]}"} $RM
+step "${TRAIN[@]}" discriminator.py train --sft "$RUN/sft" --labels "$RUN/labels.jsonl" --out "$RUN/discriminator" --device "$DEVICE" "${SCALE[@]}" $DISC
+step "${TRAIN[@]}" redistribute.py train --sft "$RUN/sft" --data "$DATA" --out "$RUN/reward_model" --device "$DEVICE" "${SCALE[@]}" $RM
 
 POLICIES=(sft="$RUN/sft")
 for reward in $REWARDS; do
   step "${TRAIN[@]}" ppo_token.py --policy "$RUN/sft" --reward "$reward" --reward-model "$RUN/reward_model" \
-    --discriminator "$RUN/discriminator" --data "$DATA" --out "$RUN/ppo_$reward" --device "$DEVICE" ${SCALE[@]+"${SCALE[@]}"} $PPO
+    --discriminator "$RUN/discriminator" --data "$DATA" --out "$RUN/ppo_$reward" --device "$DEVICE" "${SCALE[@]}" $PPO
   POLICIES+=("$reward=$RUN/ppo_$reward/policy")
 done
 
 step $PYTHON eval.py --policies "${POLICIES[@]}" --reference "$RUN/sft" --reward-model "$RUN/reward_model" \
   --discriminator "$RUN/discriminator" --labels "$RUN/labels.jsonl" --data "$DATA" --out "$RUN/eval" \
-  --device "$DEVICE" "${JUDGE_ARGS[@]}" $EVAL
+  --device "$DEVICE" --seed "$SEED" "${JUDGE_ARGS[@]}" $EVAL
 
 echo
 cat "$RUN/eval/results.md"

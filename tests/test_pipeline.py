@@ -9,29 +9,58 @@ from pathlib import Path
 import pytest
 import torch
 
-import common
+import gold
 import plumbing
+import report
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("settings", [{}, {"LORA_RANK": "4"}], ids=["full", "lora"])
-def test_whole_pipeline_smoke_run_leaves_every_artefact_loadable(tmp_path, settings):
-    """Full fine-tuning, and LoRA on every training stage (the saved models are the standard ones, merged)."""
+def run_pipeline(tmp_path, **settings):
     run = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    env.update(SIZE="smoke", RUN=str(run), PYTHON=sys.executable, DEVICE="cpu", **settings)
+    env.update(SIZE="smoke", RUN=str(run), PYTHON=sys.executable, DEVICE="cpu", OMP_NUM_THREADS="1", **settings)
     done = subprocess.run(["bash", str(ROOT / "run_pipeline.sh")], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "report: " in done.stdout and "| sft |" in done.stdout
     # each stage was printed as the command a student would type
-    commands = [line for line in done.stdout.splitlines() if line.startswith("+ ")]
+    return run, [line for line in done.stdout.splitlines() if line.startswith("+ ")]
+
+
+def test_the_lab_pipeline_at_smoke_size(tmp_path):
+    """The default run (TASK=gold): gold preferences and revisions, the five PPO runs, the gold score in the
+    PPO logs, the results and the report."""
+    run, commands = run_pipeline(tmp_path)
+    rewards = ["seq", "red", "tlcr", "tlcr_no_negative", "tlcr_no_positive"]
+    assert [c.split()[2] for c in commands] == ["sft.py", "label.py", "discriminator.py", "redistribute.py",
+                                                *["ppo_token.py"] * 5, "eval.py"]
+    assert "--reviser gold" in commands[1] and "--preference gold" in commands[1]
+    assert "--preference gold --revision-pairs" in commands[3]
+    assert all("--log-gold" in c for c in commands[4:9]) and "--gold" in commands[9]
+    records = [json.loads(line) for line in (run / "labels.jsonl").read_text().splitlines()]
+    assert records and all(r["revised"] == gold.gold_revise(r["rejected"]) for r in records)
+    for reward in rewards:
+        log = [json.loads(line) for line in (run / f"ppo_{reward}" / "log.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in log] == [1, 2] and all("gold_score" in r for r in log)
+    results = json.loads((run / "eval" / "results.json").read_text())
+    assert list(results["policies"]) == ["sft", *rewards] and results["num_prompts"] == 8
+    responses = [json.loads(line) for line in (run / "eval" / "responses.jsonl").read_text().splitlines()]
+    for name, row in results["policies"].items():  # the column is the mean of the per-response gold scores
+        scores = [r["gold_score"] for r in responses if r["policy"] == name]
+        assert row["gold_score"] == pytest.approx(sum(scores) / 8) and scores == [
+            gold.gold_score(r["response"]) for r in responses if r["policy"] == name]
+    page = (run / "eval" / "report.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and report.GOLD_VS_KL in page and "</html>" in page
+
+
+def test_the_human_pipeline_with_lora_at_smoke_size(tmp_path):
+    """TASK=human with LoRA on every training stage: the saved models are the standard ones, adapters merged."""
+    run, commands = run_pipeline(tmp_path, TASK="human", LORA_RANK="4")
     assert [c.split()[2] for c in commands] == ["sft.py", "label.py", "discriminator.py", "redistribute.py",
                                                 "ppo_token.py", "ppo_token.py", "ppo_token.py", "eval.py"]
     lora_stages = [c.split()[2] for c in commands if "--lora-rank 4" in c]
-    assert lora_stages == (["sft.py", "discriminator.py", "redistribute.py"] + ["ppo_token.py"] * 3 if settings else [])
-    assert "report: " in done.stdout and "| sft |" in done.stdout
-
+    assert lora_stages == ["sft.py", "discriminator.py", "redistribute.py"] + ["ppo_token.py"] * 3
     tokenizer = plumbing.load_tokenizer(run / "sft")
     ids = torch.tensor([tokenizer("\n\nHuman: hi\n\nAssistant: hello")["input_ids"]])
     mask = torch.ones_like(ids)
@@ -46,14 +75,8 @@ def test_whole_pipeline_smoke_run_leaves_every_artefact_loadable(tmp_path, setti
     assert json.loads((run / "discriminator" / "accuracy.json").read_text())["n_pairs"] == 4  # the same pairs
     records = [json.loads(line) for line in (run / "labels.jsonl").read_text().splitlines()]
     assert len(records) == 40 and all(len(r["rejected_ids"]) == len(r["rejected_labels"]) for r in records)
-    for reward in ("seq", "red", "tlcr"):
-        log = [json.loads(line) for line in (run / f"ppo_{reward}" / "log.jsonl").read_text().splitlines()]
-        assert [r["step"] for r in log] == [1, 2]
-        assert {"task_reward", "kl", "response_length", "perplexity"} <= set(log[0])
     results = json.loads((run / "eval" / "results.json").read_text())
-    assert list(results["policies"]) == ["sft", "seq", "red", "tlcr"] and results["num_prompts"] == 8
-    report = (run / "eval" / "report.html").read_text()
-    assert report.startswith("<!DOCTYPE html>") and "<svg" in report and "</html>" in report
+    assert list(results["policies"]) == ["sft", "seq", "red", "tlcr"] and "gold_score" not in results["policies"]["sft"]
 
 
 def test_readme_test_command_is_what_ci_runs():
