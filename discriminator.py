@@ -400,12 +400,8 @@ def train(args):
     optimizer = plumbing.adamw(model, args.lr, args.weight_decay)
     scheduler = plumbing.cosine_schedule(optimizer, total_steps)
     run_config = plumbing.run_config(args, total_steps=total_steps)
-    step = 0
-    if args.resume and (state := plumbing.load_checkpoint(out, {"model": model}, {"model": optimizer},
-                                                          {"model": scheduler}, run_config, args.force_resume)):
-        step = state["step"]
-    logger = plumbing.JsonlLogger(out / "log.jsonl", enabled=dist_info.master)
-    logger.rewind(step)  # lines logged after the checkpoint will be logged again
+    step, logger = plumbing.resume(out, {"model": model}, {"model": optimizer}, {"model": scheduler}, run_config,
+                                   args, dist_info)
     pad_id = tokenizer.pad_token_id
     if dist_info.master:
         print(f"discriminator: {len(train_records)} pairs ({len(train_examples)} sequences) to train on, "

@@ -1,17 +1,21 @@
 """plumbing.py — what every stage needs and no reader has to study: skip it on a first reading.
 
 Nothing here is part of an algorithm (those are in the stage files, and the ideas they share are in
-common.py). This module keeps the stages short by holding the machinery three or more of them use:
+common.py). This module keeps the stages short by holding the machinery three or more of them use,
+in this order:
 
     errors     InputError / DataError -> one line and exit code 2 (`cli`)
+    data       --data to files (the bundled slice, a local file, hh-rlhf downloaded), one split (load_data)
     models     load_tokenizer, load_policy, load_score_model / save_score_model (the project's, TRL's and
                OpenRLHF's formats), save_policy, build_tiny, tokenizer checks (the models of one run must agree)
     system     DistInfo / setup_distributed (torchrun), wrap_model (DDP, or FSDP2 with --fsdp), prepare_frozen,
                accumulate, clip, autocast, seeds, AdamW, cosine schedule, gradient checkpointing
     FSDP2      shard models that outgrow one GPU: one commented section, reached through wrap_model,
                accumulate, clip_grad_norm, the checkpoints and the final saves
-    files      atomic_write, JsonlLogger, JsonlCache, save_hf, save_checkpoint / load_checkpoint (crash-safe,
+    files      atomic_write, JsonlLogger, save_hf, save_checkpoint / resume / load_checkpoint (crash-safe,
                refuses to resume a different run; sharded under FSDP), clean_stale_temp
+    network    one chat-completions client (label.py's reviser, eval.py's judge), the append-only JSONL
+               cache of their answers, one download (hh-rlhf)
 """
 from __future__ import annotations
 
@@ -1123,6 +1127,19 @@ def _publish_checkpoint(tmp: Path, final: Path, step: int, optimizer_states: dic
     for old in root.glob("step-*"):
         if old != final and STEP_DIR.fullmatch(old.name):
             shutil.rmtree(old, ignore_errors=True)
+
+
+def resume(out_dir, models: dict, optimizers: dict, schedulers: dict | None, run_config: dict, args,
+           dist_info: DistInfo, map_location="cpu") -> tuple[int, "JsonlLogger"]:
+    """Where a training stage starts: step 0, or the step of the newest checkpoint in out_dir, loaded into
+    the models, optimizers and schedules (it must be of this run: load_checkpoint; --no-resume ignores it,
+    --force-resume takes it anyway); and OUT/log.jsonl rewound to that step (rank 0 logs)."""
+    state = load_checkpoint(out_dir, models, optimizers, schedulers, run_config, args.force_resume,
+                            map_location) if args.resume else None
+    step = state["step"] if state else 0
+    logger = JsonlLogger(Path(out_dir) / "log.jsonl", enabled=dist_info.master)
+    logger.rewind(step)  # the lines of steps after the checkpoint will be logged again
+    return step, logger
 
 
 def load_checkpoint(out_dir, models: dict, optimizers: dict, schedulers: dict | None = None,

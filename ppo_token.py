@@ -615,13 +615,9 @@ def main(argv=None, reward_fn=None):
     critic_optimizer = plumbing.adamw(critic, args.critic_lr)
 
     run_config = plumbing.run_config(args, ignore=("iterations",))  # constant learning rates: a longer run may resume
-    start_step = 0
-    if args.resume and (state := plumbing.load_checkpoint(
-            out, {"policy": policy, "critic": critic}, {"policy": policy_optimizer, "critic": critic_optimizer},
-            None, run_config, args.force_resume)):
-        start_step = state["step"]
-    logger = plumbing.JsonlLogger(out / "log.jsonl", enabled=master)
-    logger.rewind(start_step)  # a resumed run logs again what came after its checkpoint
+    start_step, logger = plumbing.resume(out, {"policy": policy, "critic": critic},
+                                         {"policy": policy_optimizer, "critic": critic_optimizer}, None, run_config,
+                                         args, dist_info)
     if master:
         out.mkdir(parents=True, exist_ok=True)
         plumbing.atomic_write(out / "args.json", json.dumps(vars(args), indent=2))

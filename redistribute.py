@@ -359,13 +359,8 @@ def train(args):
     optimizer = plumbing.adamw(model, args.lr, args.weight_decay)
     scheduler = plumbing.cosine_schedule(optimizer, total_steps)
     run_config = plumbing.run_config(args, total_steps=total_steps)
-    step = 0
-    if args.resume and (state := plumbing.load_checkpoint(out, {"model": model}, {"model": optimizer},
-                                                          {"model": scheduler}, run_config, args.force_resume,
-                                                          map_location=device)):
-        step = state["step"]
-    logger = plumbing.JsonlLogger(out / "log.jsonl", enabled=master)
-    logger.rewind(step)  # lines logged after the checkpoint will be logged again
+    step, logger = plumbing.resume(out, {"model": model}, {"model": optimizer}, {"model": scheduler}, run_config,
+                                   args, dist_info, map_location=device)
     if master:
         print(f"reward model: {len(train_examples)} training pairs, {len(eval_examples)} held out; {total_steps} "
               f"steps of {batch_size} pairs on {dist_info.world_size} rank(s), device {device}"

@@ -197,12 +197,8 @@ def main(argv=None):
     optimizer = plumbing.adamw(model, args.lr, args.weight_decay)
     scheduler = plumbing.cosine_schedule(optimizer, total_steps)
     run_config = plumbing.run_config(args, total_steps=total_steps)
-    step = 0
-    if args.resume and (state := plumbing.load_checkpoint(out, {"model": model}, {"model": optimizer},
-                                                          {"model": scheduler}, run_config, args.force_resume)):
-        step = state["step"]
-    logger = plumbing.JsonlLogger(out / "log.jsonl", enabled=dist_info.master)
-    logger.rewind(step)
+    step, logger = plumbing.resume(out, {"model": model}, {"model": optimizer}, {"model": scheduler}, run_config,
+                                   args, dist_info)
     pad_id = tokenizer.pad_token_id
     if dist_info.master:
         print(f"sft: {len(train_examples)} examples, {total_steps} steps of {args.batch_size}"

@@ -1,9 +1,10 @@
-"""Benchmark label.py's Levenshtein alignment against a plain Python double-loop DP, on one core.
+"""Benchmark label.py's numpy Levenshtein alignment against its textbook DP (plain Python), on one core.
 
-Prints pairs per CPU second (time.process_time: the figures hold on a busy machine) for 64-, 256- and 512-token pairs (random ids; the second sequence is the first
-with ~15% of its tokens substituted, deleted or inserted, like a minimal revision) for:
-    python   a plain double-loop DP with the same backtrace (the baseline),
-    single   label.levenshtein, one pair per call (numpy over each DP row),
+Prints pairs per CPU second (time.process_time: the figures hold on a busy machine) for 64-, 256- and
+512-token pairs (random ids; the second sequence is the first with ~15% of its tokens substituted,
+deleted or inserted, like a minimal revision) for:
+    python   label.levenshtein, the textbook double-loop DP with its backtrace (the baseline),
+    single   label.levenshtein_batch on one pair per call (numpy over each DP row),
     batched  label.levenshtein_batch over label.group_batches, as label.py runs it (pairs of
              similar length grouped, numpy over rows of many pairs at once),
     labels   label.align_all: batched, plus the labels from each edit script (what label.py does),
@@ -27,34 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import common  # noqa: E402
 import label  # noqa: E402
-
-
-def python_levenshtein(a, b):
-    """The baseline: the same DP and tie-break as label.levenshtein, in plain Python loops."""
-    n, m = len(a), len(b)
-    D = [[0] * (m + 1) for _ in range(n + 1)]
-    D[0] = list(range(m + 1))
-    for i in range(1, n + 1):
-        row, prev, ai = D[i], D[i - 1], a[i - 1]
-        row[0] = i
-        for j in range(1, m + 1):
-            row[j] = min(prev[j - 1] + (ai != b[j - 1]), prev[j] + 1, row[j - 1] + 1)
-    i, j, ops = n, m, []
-    while i > 0 or j > 0:
-        if i > 0 and j > 0 and a[i - 1] == b[j - 1]:
-            i, j = i - 1, j - 1
-            ops.append(("match", i, j))
-        elif i > 0 and D[i - 1][j] + 1 == D[i][j]:
-            i -= 1
-            ops.append(("delete", i, None))
-        elif j > 0 and D[i][j - 1] + 1 == D[i][j]:
-            j -= 1
-            ops.append(("insert", None, j))
-        else:
-            i, j = i - 1, j - 1
-            ops.append(("substitute", i, j))
-    ops.reverse()
-    return D[n][m], ops
+import plumbing  # noqa: E402
 
 
 def revision_like(n, rng, vocab=50257, edit_rate=0.15):
@@ -100,9 +74,9 @@ def main():
     for n in (64, 256, 512):
         pairs = [revision_like(n, rng) for _ in range(max(16, 16384 // n))]
         few = pairs[: 8 if n < 512 else 4]
-        assert [python_levenshtein(a, b) for a, b in few] == [label.levenshtein(a, b) for a, b in few]
-        py = rate(lambda items: [python_levenshtein(a, b) for a, b in items], few, args.min_time)
-        single = rate(lambda items: [label.levenshtein(a, b) for a, b in items], pairs[:32], args.min_time)
+        assert [label.levenshtein(a, b) for a, b in few] == label.levenshtein_batch(few)
+        py = rate(lambda items: [label.levenshtein(a, b) for a, b in items], few, args.min_time)
+        single = rate(lambda items: [label.levenshtein_batch([pair]) for pair in items], pairs[:32], args.min_time)
         batched = rate(lambda items: [label.levenshtein_batch([items[k] for k in batch])
                                       for batch in label.group_batches(items)], pairs, args.min_time)
         labels = rate(lambda items: label.align_all(items, progress=False), pairs, args.min_time)
@@ -112,9 +86,9 @@ def main():
     # the whole reviser-free path on real pairs
     pairs = common.load_pairs(common.BUNDLED_DATA, quiet=True)
     if args.tokenizer:
-        tokenizer = common.load_tokenizer(args.tokenizer)
+        tokenizer = plumbing.load_tokenizer(args.tokenizer)
     else:
-        tokenizer = common.train_tiny_tokenizer([p.prompt + p.chosen for p in pairs], vocab_size=8192)
+        tokenizer = plumbing.train_tiny_tokenizer([p.prompt + p.chosen for p in pairs], vocab_size=8192)
     revisions = {p.id: p.chosen for p in pairs}
     for workers in sorted({1, args.workers}):
         # one process: CPU seconds (one core, whatever else runs); several: wall-clock seconds
@@ -132,6 +106,7 @@ def main():
               f"{len(pairs) / total:.0f} pairs/s (alignment alone {len(pairs) / align:.0f} pairs/s); "
               f"45,000 pairs: {45000 * total / len(pairs):.0f} s (alignment {45000 * align / len(pairs):.0f} s)",
               flush=True)
+
 
 if __name__ == "__main__":
     main()

@@ -27,6 +27,7 @@ def one_step(args):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     import common
+    import plumbing
     import sft
 
     device = torch.device(args.device)
@@ -35,13 +36,12 @@ def one_step(args):
                         vocab_size=50257)
     model = GPT2LMHeadModel(config).to(device)
     if args.checkpointing:
-        model.gradient_checkpointing_enable()
-        model.config.use_cache = False
-    optimizer = common.adamw(model, 1e-5)
+        plumbing.enable_gradient_checkpointing(model)
+    optimizer = plumbing.adamw(model, 1e-5)
     prompt_len = args.seq_len // 2
     examples = [(torch.randint(0, 50257, (prompt_len,)).tolist(),
                  torch.randint(0, 50257, (args.seq_len - prompt_len,)).tolist()) for _ in range(args.batch_size)]
-    input_ids, attention_mask, labels = (t.to(device) for t in sft.collate(examples, pad_id=0))
+    query_response, attention_mask, response_mask = (t.to(device) for t in common.collate_right(examples, pad_id=0))
     param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved = {}
 
@@ -60,8 +60,8 @@ def one_step(args):
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
             start = time.perf_counter()
-        with common.autocast(device, True), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = sft.sft_loss(model, input_ids, attention_mask, labels)
+        with plumbing.autocast(device, True), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss, _ = sft.sft_loss(model, query_response, attention_mask, response_mask)
         activations = sum(saved.values())
         loss.backward()
         optimizer.step()
