@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
@@ -96,3 +97,18 @@ def run_torchrun(script_and_args, nproc=2, timeout=180, cwd=None):
         output, _ = proc.communicate(timeout=30)
         pytest.fail(f"torchrun timed out after {timeout} s:\n{output[-3000:]}")
     return proc.returncode, output
+
+
+def assert_train_step_equals_one_pass(model, train_step, examples, args, pad_id, one_pass_loss):
+    """A stage's train_step accumulates, over its micro-batches, exactly the gradient of one_pass_loss()
+    (the stage's loss on the whole batch in one forward pass): read just before its optimizer step, which
+    changes nothing (SGD, lr 0). A wrong normaliser would scale or skew the accumulated gradient."""
+    one_pass_loss().backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    accumulated = {}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    optimizer.register_step_pre_hook(lambda *_: accumulated.update(grads=[p.grad.clone() for p in model.parameters()]))
+    train_step(model, optimizer, plumbing.cosine_schedule(optimizer, 1), examples, args, plumbing.DistInfo(), pad_id)
+    for got, want in zip(accumulated["grads"], expected):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)

@@ -12,7 +12,7 @@ import common
 import discriminator as D
 import label
 import plumbing
-from conftest import run_torchrun
+from conftest import assert_train_step_equals_one_pass, run_torchrun
 
 REPO = Path(__file__).resolve().parents[1]
 POS_ID, NEG_ID = 500, 501  # the synthetic "always positive" and "always negative" token ids
@@ -349,16 +349,8 @@ def test_train_step_gradient_is_the_global_batch_mean_loss(small_nodrop_dir, tin
     torch.manual_seed(0)
     model = plumbing.new_score_model(small_nodrop_dir, bias=True)
     qr, am, rm, labels = D.collate(examples, tiny_tokenizer.pad_token_id)
-    D.discriminator_loss(model(qr, am), labels, rm)[0].backward()
-    expected = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    accumulated = {}
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    optimizer.register_step_pre_hook(lambda *_: accumulated.update(grads=[p.grad.clone() for p in model.parameters()]))
-    D.train_step(model, optimizer, plumbing.cosine_schedule(optimizer, 1), examples, args, plumbing.DistInfo(),
-                 tiny_tokenizer.pad_token_id)
-    for got, want in zip(accumulated["grads"], expected):
-        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+    assert_train_step_equals_one_pass(model, D.train_step, examples, args, tiny_tokenizer.pad_token_id,
+                                      lambda: D.discriminator_loss(model(qr, am), labels, rm)[0])
 
 
 def test_end_to_end_on_bundled_data(tiny_dir, tmp_path, capsys):

@@ -10,7 +10,7 @@ from transformers import GPT2Config, GPT2Model
 import common
 import plumbing
 import redistribute as red
-from conftest import run_torchrun
+from conftest import assert_train_step_equals_one_pass, run_torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 PAD = 0
@@ -216,16 +216,8 @@ def test_train_step_gradient_is_the_global_batch_mean_loss(tiny_dir, tiny_tokeni
     examples = red.encode_pairs(splits["reward"][:8], tiny_tokenizer, 32, 16)
     model = plumbing.disable_dropout(plumbing.new_score_model(tiny_dir, bias=False))
     batch = red.collate_pairs(examples, tiny_tokenizer.pad_token_id)
-    red.bradley_terry_loss(*red.pair_rewards(model, batch))[0].backward()
-    expected = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    accumulated = {}
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    optimizer.register_step_pre_hook(lambda *_: accumulated.update(grads=[p.grad.clone() for p in model.parameters()]))
-    red.train_step(model, optimizer, plumbing.cosine_schedule(optimizer, 1), examples, args, plumbing.DistInfo(),
-                   tiny_tokenizer.pad_token_id)
-    for got, want in zip(accumulated["grads"], expected):
-        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+    assert_train_step_equals_one_pass(model, red.train_step, examples, args, tiny_tokenizer.pad_token_id,
+                                      lambda: red.bradley_terry_loss(*red.pair_rewards(model, batch))[0])
 
 
 def test_train_cli_end_to_end_and_resume(tiny_dir, tiny_tokenizer, tmp_path, capsys):

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 import common
 import plumbing
 import sft
-from conftest import run_torchrun
+from conftest import assert_train_step_equals_one_pass, run_torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--limit", "400", "--max-prompt-len", "48", "--max-response-len", "32", "--batch-size", "8",
@@ -60,16 +60,9 @@ def test_train_step_gradient_is_the_global_batch_mean_loss(tiny_dir, tiny_tokeni
     args = sft.parse_args(SMALL + ["--micro-batch-size", "3", "--max-grad-norm", "0"])
     examples = sft.encode_examples(splits["sft"][:8], tiny_tokenizer, args)
     model = plumbing.disable_dropout(plumbing.load_policy(tiny_dir))
-    sft.sft_loss(model, *common.collate_right(examples, tiny_tokenizer.pad_token_id))[0].backward()
-    expected = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    accumulated = {}
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    optimizer.register_step_pre_hook(lambda *_: accumulated.update(grads=[p.grad.clone() for p in model.parameters()]))
-    sft.train_step(model, optimizer, plumbing.cosine_schedule(optimizer, 1), examples, args, plumbing.DistInfo(),
-                   tiny_tokenizer.pad_token_id)
-    for got, want in zip(accumulated["grads"], expected):
-        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+    batch = common.collate_right(examples, tiny_tokenizer.pad_token_id)
+    assert_train_step_equals_one_pass(model, sft.train_step, examples, args, tiny_tokenizer.pad_token_id,
+                                      lambda: sft.sft_loss(model, *batch)[0])
 
 
 def test_short_run_lowers_held_out_loss(tmp_path):
