@@ -86,7 +86,7 @@ def line_chart_svg(title, series, width=360, height=230, x_label="step"):
     pts = [p for line in series.values() for p in line]
     if not pts:
         return ""
-    left, right, top, bottom = 56, 10, 24, 56
+    left, right, top, bottom = 56, 22, 24, 56  # room for the tick labels at both ends
     x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
     y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
     x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + abs(y0) * 0.1 + 1e-3)
