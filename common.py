@@ -17,7 +17,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import inspect
-import io
 import json
 import math
 import warnings
@@ -150,6 +149,18 @@ def row_to_pair(row, where: str) -> tuple[Pair | None, str]:
     return Pair(prompt, chosen, rejected, messages), ""
 
 
+def _utf8(data: bytes, path, line_no: int | None = None) -> str:
+    """Decode UTF-8 (a BOM at the start is dropped), or a DataError naming the file and the line. A NUL
+    byte (never in JSON text, always in a binary file) counts as not UTF-8 text too."""
+    try:
+        if b"\0" in data:
+            raise UnicodeDecodeError("utf-8", data, data.index(b"\0"), data.index(b"\0") + 1, "NUL byte")
+        return data.decode("utf-8-sig" if line_no in (None, 1) else "utf-8")
+    except UnicodeDecodeError as e:
+        line_no = line_no or data[: e.start].count(b"\n") + 1
+        raise DataError(f"{path} line {line_no}: not UTF-8 text (a binary file, or another encoding?)") from None
+
+
 def read_rows(path):
     """(where, row) for every row of a .jsonl / .jsonl.gz / .json / .parquet file, `where` naming the file
     and the real line (blank lines counted). Unreadable files raise DataError: missing, a directory, not
@@ -169,27 +180,24 @@ def read_rows(path):
             for k, row in enumerate(pyarrow.parquet.read_table(path).to_pylist(), start=1):
                 yield f"{path} row {k}", row
             return
-        opener = (lambda: io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")) if name.endswith(".gz") else \
-            (lambda: open(path, encoding="utf-8"))
+        opener = (lambda: gzip.open(path, "rb")) if name.endswith(".gz") else (lambda: open(path, "rb"))
         if name.endswith((".json", ".json.gz")):
             with opener() as f:
-                rows = json.load(f)
+                rows = json.loads(_utf8(f.read(), path))
             if not isinstance(rows, list):
                 raise DataError(f"{path}: a .json data file must hold a list of rows")
             for k, row in enumerate(rows, start=1):
                 yield f"{path} row {k}", row
             return
         with opener() as f:
-            line_no = 0
-            for line_no, line in enumerate(f, start=1):
+            for line_no, raw in enumerate(f, start=1):  # bytes, decoded line by line: an error names its line
+                line = _utf8(raw, path, line_no)
                 if line.strip():
                     try:
                         row = json.loads(line)
                     except json.JSONDecodeError as e:
                         raise DataError(f"{path} line {line_no}: malformed JSON ({e.msg})") from None
                     yield f"{path} line {line_no}", row
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not UTF-8 text (a binary file, or another encoding?)") from None
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
         raise DataError(f"{path}: not a complete gzip file ({type(e).__name__}: {e})") from None
     except json.JSONDecodeError as e:

@@ -63,6 +63,7 @@ import argparse
 import inspect
 import json
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -153,6 +154,9 @@ def parse_args(argv=None):
         parser.error(f"--reward {args.reward} needs --reward-model DIR")
     if args.reward.startswith("tlcr") and not args.discriminator:
         parser.error(f"--reward {args.reward} needs --discriminator DIR")
+    if args.reward in ("seq", "red") and args.discriminator:  # never read: neither checked nor loaded
+        warnings.warn(f"--reward {args.reward} does not use --discriminator; ignoring {args.discriminator}")
+        args.discriminator = None
     plumbing.check_positive(parser, args, "iterations", "rollout_batch_size", "minibatch_size", "ppo_epochs",
                             "max_new_tokens", "max_prompt_len")
     if args.rollout_batch_size % args.minibatch_size:
@@ -510,9 +514,7 @@ def make_reward_fn(args, dist_info, shared: dict | None = None):
 def check_tokenizers(args, tokenizer):
     """The reward model and the discriminator must read token ids as the policy writes them."""
     for option, path in (("--reward-model", args.reward_model), ("--discriminator", args.discriminator)):
-        needed = path is not None and (option == "--reward-model" or args.reward.startswith("tlcr")
-                                       or args.critic_init == "reward")
-        if needed:
+        if path is not None:  # parse_args dropped a --discriminator that seq / red never use
             other = plumbing.load_tokenizer(path, args.trust_remote_code, what=option)
             plumbing.check_same_tokenizer(tokenizer, other, f"{option} {path}")
 
@@ -535,11 +537,12 @@ def load_models(args, dist_info):
                                           meta=meta)
         critic_path = None
     else:
-        critic_path = args.reward_model if args.reward in ("seq", "red") else args.discriminator
+        option = "--reward-model" if args.reward in ("seq", "red") else "--discriminator"
+        critic_path = getattr(args, option[2:].replace("-", "_"))
         if critic_path is None:
-            raise common.InputError("--critic-init reward needs --reward-model (seq/red) or --discriminator (tlcr*); "
+            raise common.InputError(f"--critic-init reward needs {option} (--reward {args.reward}); "
                                     "or use --critic-init policy")
-        critic = plumbing.load_score_model(critic_path, dtype, args.trust_remote_code, what="critic", meta=meta)
+        critic = plumbing.load_score_model(critic_path, dtype, args.trust_remote_code, what=option, meta=meta)
     critic.head.float()  # the value head is trained: fp32
     lora.add_lora_from_args(critic.backbone, args)  # the head stays trainable
     plumbing.disable_dropout(critic)

@@ -111,16 +111,21 @@ def test_a_row_in_no_known_format_names_file_and_real_line(tmp_path, row, messag
 
 def test_unreadable_files_are_one_clear_error(tmp_path):
     good = (json.dumps(HH) + "\n").encode()
+    latin1 = '{"chosen": "café", "rejected": "thé"}\n'.encode("latin-1")
     cases = {
         "missing.jsonl": None,
         "binary.jsonl": bytes(range(256)) * 4,
-        "latin1.jsonl": '{"chosen": "café", "rejected": "thé"}\n'.encode("latin-1"),
+        "latin1.jsonl": good + b"\n" + latin1,  # the bad row is line 3: the error names it
+        "latin1.json": b"[\n" + latin1.rstrip() + b"]",
+        "latin1.jsonl.gz": gzip.compress(good + b"\n" + latin1),
         "truncated.jsonl.gz": gzip.compress(good * 50)[:-20],
         "fake.jsonl.gz": good,
         "malformed.jsonl": good + b"\n\n" + b'{"chosen": "unterminated\n',
         "notalist.json": b'{"chosen": "x"}',
     }
-    expected = {"missing.jsonl": "no such file", "binary.jsonl": "not UTF-8", "latin1.jsonl": "not UTF-8",
+    expected = {"missing.jsonl": "no such file", "binary.jsonl": "line 1: not UTF-8",
+                "latin1.jsonl": "line 3: not UTF-8", "latin1.json": "line 2: not UTF-8",
+                "latin1.jsonl.gz": "line 3: not UTF-8",
                 "truncated.jsonl.gz": "not a complete gzip file", "fake.jsonl.gz": "not a complete gzip file",
                 "malformed.jsonl": "line 4: malformed JSON", "notalist.json": "must hold a list of rows"}
     for name, content in cases.items():

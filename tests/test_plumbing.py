@@ -297,14 +297,19 @@ def test_help_shows_every_default():
 
 
 def test_bad_data_is_one_line_and_exit_code_2_in_every_stage(tmp_path, tiny_dir):
-    """Unreadable data (here a binary file with a .jsonl name) stops every stage with one line that names the
-    file, and exit code 2: before, sft.py, redistribute.py, ppo_token.py and eval.py showed a traceback."""
+    """Unreadable data stops every stage with one line that names the file and the line, and exit code 2:
+    a Latin-1 row on line 3 of the data, a binary labels file (line 1) for the discriminator. (Before,
+    the line was not named; earlier still, sft.py, redistribute.py, ppo_token.py and eval.py showed a
+    traceback.)"""
     bad = tmp_path / "bad.jsonl"
-    bad.write_bytes(bytes(range(256)) * 8)
+    good_row = json.dumps({"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!", "rejected": "\n\nHuman: Hi\n\nAssistant: No."})
+    bad.write_bytes((good_row + "\n\n").encode() + '{"chosen": "café", "rejected": "thé"}\n'.encode("latin-1"))
+    binary = tmp_path / "labels.jsonl"
+    binary.write_bytes(bytes(range(256)) * 8)
     stages = {
         "sft": ["sft.py", "--data", bad, "--out", tmp_path / "sft"],
         "label": ["label.py", "--reviser", "chosen", "--tokenizer", tiny_dir, "--data", bad, "--out", tmp_path / "l"],
-        "discriminator": ["discriminator.py", "train", "--sft", tiny_dir, "--labels", bad, "--out", tmp_path / "d"],
+        "discriminator": ["discriminator.py", "train", "--sft", tiny_dir, "--labels", binary, "--out", tmp_path / "d"],
         "reward model": ["redistribute.py", "train", "--sft", tiny_dir, "--data", bad, "--out", tmp_path / "r"],
         "ppo": ["ppo_token.py", "--policy", tiny_dir, "--reward", "tlcr", "--discriminator", tiny_dir,
                 "--critic-init", "policy", "--data", bad, "--out", tmp_path / "p"],
@@ -318,4 +323,5 @@ def test_bad_data_is_one_line_and_exit_code_2_in_every_stage(tmp_path, tiny_dir)
         _, err = proc.communicate(timeout=180)
         lines = err.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1, (name, err[-2000:])
-        assert lines[0] == f"error: {bad}: not UTF-8 text (a binary file, or another encoding?)", (name, lines)
+        where = f"{binary} line 1" if name == "discriminator" else f"{bad} line 3"
+        assert lines[0] == f"error: {where}: not UTF-8 text (a binary file, or another encoding?)", (name, lines)
