@@ -349,7 +349,7 @@ def main(argv=None):
                                 key_env=args.api_key_env)
             judge.client.check()
         except plumbing.ChatFatal as e:
-            raise SystemExit(f"--judge openai: {e}") from None
+            raise common.InputError(f"--judge openai: {e}") from None  # one line, exit code 2
 
     # 1. prompts and the frozen models (every tokenizer checked against the reference's first)
     pairs = select_pairs(args)
@@ -430,7 +430,7 @@ def main(argv=None):
                 metrics[name].update(openai_win_rate(judge, prompts, generated[name]["texts"], base["texts"],
                                                      desc=f"judge {name}"))
             except JudgeError as e:  # scrubbed; the verdicts so far are in the cache
-                raise SystemExit(f"--judge openai: {e}; the responses are in {out / 'responses.jsonl'}") from None
+                raise common.InputError(f"--judge openai: {e}; the responses are in {out / 'responses.jsonl'}") from None
 
     # 4. discriminator accuracy, results, report
     accuracy = None

@@ -407,8 +407,9 @@ def test_main_end_to_end_with_reward_model_judge(tiny_dir, run_dir, tmp_path):
 
 
 def test_main_stops_on_a_bad_judge_key_before_generating(tiny_dir, run_dir, tmp_path, judge_server,
-                                                        monkeypatch):
-    """Before the fix a 401 came as a traceback, after every policy had been generated and scored."""
+                                                        monkeypatch, capsys):
+    """Before the fix a 401 came as a traceback, after every policy had been generated and scored; then
+    as exit code 1 without the `error:` prefix. Now: one line `error: --judge openai: ...`, exit code 2."""
     def no_generation(*args, **kwargs):
         raise AssertionError("generated before the judge was checked")
 
@@ -417,14 +418,18 @@ def test_main_stops_on_a_bad_judge_key_before_generating(tiny_dir, run_dir, tmp_
     server = judge_server(lambda *a: "A", faults=["echo401:250"])
     argv = eval_argv(tiny_dir, run_dir, tmp_path / "eval", f"sft={tiny_dir}", f"copy={run_dir / 'copy'}") + [
         "--judge", "openai", "--api-base", server.url, "--api-model", "no-such-model"]
+    capsys.readouterr()
     with pytest.raises(SystemExit) as info:
-        ev.main(argv)
-    message = str(info.value)
-    assert message.startswith("--judge openai: HTTP 401 from ") and "\n" not in message
-    assert key_fragment(message) < 4 and len(server.calls) == 1
+        plumbing.cli(lambda: ev.main(argv))
+    message = capsys.readouterr().err
+    assert info.value.code == 2 and message.startswith("error: --judge openai: HTTP 401 from ")
+    assert message.count("\n") == 1 and key_fragment(message) < 4 and len(server.calls) == 1
     monkeypatch.delenv("OPENAI_API_KEY")  # a remote judge without a key: one line, no request
-    with pytest.raises(SystemExit, match="--judge openai: set the OPENAI_API_KEY environment variable"):
-        ev.main(argv[:-4] + ["--api-base", "https://judge.example.com/v1"])
+    with pytest.raises(SystemExit) as info:
+        plumbing.cli(lambda: ev.main(argv[:-4] + ["--api-base", "https://judge.example.com/v1"]))
+    message = capsys.readouterr().err
+    assert info.value.code == 2
+    assert message.startswith("error: --judge openai: set the OPENAI_API_KEY environment variable")
 
 
 def test_main_with_openai_judge_pays_once(tiny_dir, run_dir, tmp_path, judge_server, monkeypatch):
