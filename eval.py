@@ -98,6 +98,10 @@ def parse_args(argv=None):
     gen.add_argument("--max-retries", type=int, default=5, help="openai judge: retries on 429/5xx/timeouts/bad answers")
     gen.add_argument("--retry-after-cap", type=float, default=plumbing.RETRY_AFTER_CAP,
                      help="openai judge: longest wait a server's Retry-After may ask for, seconds")
+    gen.add_argument("--retry-failed", action="store_true",
+                     help="openai judge: on a rerun, ask again for the verdicts whose answer came back and could "
+                          "not be used (paid again; at temperature 0 the answer is the same); transient failures "
+                          "(network, timeout, 429, 5xx) are always asked again")
     out = parser.add_argument_group("output")
     out.add_argument("--out", default="runs/demo/eval", help="output folder")
     out.add_argument("--show-prompts", type=int, default=4, help="prompts whose responses the report shades token by token")
@@ -280,6 +284,7 @@ class OpenAIJudge:
     retry_after_cap: float = plumbing.RETRY_AFTER_CAP
     concurrency: int = 4
     key_env: str = "OPENAI_API_KEY"
+    retry_failed: bool = False  # ask again for verdicts whose answer came back unusable in an earlier run
 
     def __post_init__(self):
         self.client = plumbing.ChatClient(self.api_base, self.api_model, self.api_key or "", key_env=self.key_env,
@@ -288,6 +293,7 @@ class OpenAIJudge:
                                             retry_after_cap=self.retry_after_cap)
         self.cache = None if self.cache_path is None else plumbing.JsonlCache(
             self.cache_path, valid=lambda record: record.get("verdict") in POINTS_AS_A)
+        self.failures = []  # the error of every failed verdict of this run, kept from the cache or new
 
     @property
     def calls(self) -> int:
@@ -306,10 +312,17 @@ def judge_verdict(judge, prompt, first, second):
     key = judge_key(judge.api_model, prompt, first, second)
     if judge.cache is not None and key in judge.cache:
         return judge.cache.get(key)["verdict"]
+    failed = judge.cache.refused.get(key) if judge.cache is not None else None
+    if failed and not judge.retry_failed and not plumbing.transient_error(failed.get("error", "")):
+        judge.failures.append(failed["error"])  # an unusable answer at temperature 0: not paid for twice
+        return None
     reply = judge.client.complete(judge_messages(prompt, first, second), parse=parse_verdict,
                                   invalid="answer is not A, B or tie", temperature=0, max_tokens=8)
-    if reply.value is not None and judge.cache is not None:  # appended as answers arrive
-        judge.cache.add({"key": key, "verdict": reply.value, "model": judge.api_model})
+    if judge.cache is not None:  # appended as answers arrive; a failure with its error and raw answer
+        judge.cache.add({"key": key, "verdict": reply.value, "model": judge.api_model,
+                         **({"error": reply.error, "answer": reply.text} if reply.value is None else {})})
+    if reply.value is None:
+        judge.failures.append(reply.error)
     return reply.value
 
 
@@ -346,7 +359,7 @@ def main(argv=None):
                                 api_key=plumbing.api_key_from_env(args.api_key_env, args.api_base),
                                 timeout=args.timeout, max_retries=args.max_retries,
                                 retry_after_cap=args.retry_after_cap, concurrency=args.concurrency,
-                                key_env=args.api_key_env)
+                                key_env=args.api_key_env, retry_failed=args.retry_failed)
             judge.client.check()
         except plumbing.ChatFatal as e:
             raise common.InputError(f"--judge openai: {e}") from None  # one line, exit code 2
@@ -432,6 +445,9 @@ def main(argv=None):
             except JudgeError as e:  # scrubbed; the verdicts so far are in the cache
                 raise common.InputError(f"--judge openai: {e}; the responses are in {out / 'responses.jsonl'}") from None
 
+    if judge is not None and judge.failures:
+        print(plumbing.rerun_note(plumbing.failure_counts(judge.failures), what="verdicts"))
+
     # 4. discriminator accuracy, results, report
     accuracy = None
     if args.labels:
@@ -443,7 +459,8 @@ def main(argv=None):
                          "discriminator": args.discriminator}, "split": args.split, "num_prompts": len(prompts), "seed": args.seed,
                "max_new_tokens": args.max_new_tokens, "top_p": args.top_p, "temperature": args.temperature,
                "policies": metrics, "discriminator_accuracy": accuracy,
-               "judge_calls": judge.calls if judge is not None else 0}
+               "judge_calls": judge.calls if judge is not None else 0,
+               "judge_failed": plumbing.failure_counts(judge.failures) if judge is not None else None}
     samples = [{"prompt": prompts[k], "responses": {name: shaded[name][k] for name in args.policies}}
                for k in range(min(args.show_prompts, len(prompts)))]
     logs = args.logs if args.logs is not None else report.find_logs(args.policies)

@@ -122,6 +122,10 @@ def parse_args(argv=None):
     system.add_argument("--workers", type=int, default=1, help="processes for the alignment")
     system.add_argument("--no-resume", dest="resume", action="store_false",
                         help="ignore and overwrite <out>.cache.jsonl instead of reusing its answers")
+    system.add_argument("--retry-failed", action="store_true",
+                        help="on a rerun, ask again for the pairs whose answer came back and could not be used "
+                             "(no delimiter, another 4xx; paid again, and at temperature 0 the answer is the "
+                             "same); transient failures (network, timeout, 429, 5xx) are always asked again")
     args = parser.parse_args(argv)
     if args.max_response_len < 2:
         parser.error("--max-response-len must be at least 2 (one token and the EOS)")
@@ -341,8 +345,13 @@ def revise_all(pairs, args, cache_path: Path):
     cache = plumbing.JsonlCache(cache_path, fresh=not args.resume,
                                 valid=lambda record: isinstance(record.get("revised"), str))
     revisions = {p.id: cache.get(keys[p.id])["revised"] for p in pairs if keys[p.id] in cache}
-    todo = [p for p in pairs if p.id not in revisions]
-    failures, counts = {}, {"calls": 0, "cached": len(revisions)}
+    failures = {}  # a rerun asks again for transient failures only, unless --retry-failed
+    if not args.retry_failed:
+        failures = {p.id: cache.refused[keys[p.id]].get("error", "unusable answer") for p in pairs
+                    if p.id not in revisions and keys[p.id] in cache.refused
+                    and not plumbing.transient_error(cache.refused[keys[p.id]].get("error", ""))}
+    todo = [p for p in pairs if p.id not in revisions and p.id not in failures]
+    counts = {"calls": 0, "cached": len(revisions), "failed_before": len(failures)}
     with cache, tqdm(total=len(todo), desc="revise", unit="pair") as bar:
         def on_answer(pair, revised, answer, error, calls):
             counts["calls"] += calls
@@ -529,6 +538,8 @@ def summarize(args, pairs, records, failures, skipped, notes, counts, stats, ela
         "revised_tokens": {"positive": share(revised, 1), "neutral": share(revised, 0)},
         "mean_distance": round(float(np.mean([r["distance"] for r in records])), 3) if records else 0.0,
         "reviser_calls": counts["calls"], "from_cache": counts["cached"],
+        "failed_kinds": plumbing.failure_counts(failures.values()),
+        "failed_not_asked_again": counts.get("failed_before", 0),
         "boundary_mismatch": stats["boundary_mismatch"], "truncated": stats["truncated"],
         "elapsed_s": round(elapsed, 1),
     }
@@ -672,6 +683,10 @@ def main(argv=None) -> dict:
     print(f"labelled {summary['done']}/{summary['pairs']} pairs ({summary['failed']} failed) -> {out}; "
           f"tokens positive {t['positive']:.1%}, negative {t['negative']:.1%}, neutral {t['neutral']:.1%}; "
           f"mean distance {summary['mean_distance']:.1f}; reviser calls {summary['reviser_calls']}")
+    if failures:
+        print(plumbing.rerun_note(summary["failed_kinds"]) +
+              (f" ({summary['failed_not_asked_again']} failed before, kept from the cache)"
+               if summary["failed_not_asked_again"] else ""))
     if not records:
         why = ", ".join(f"{n} {reason}" for reason, n in summary["failure_reasons"].items()) or "no pairs selected"
         print(f"error: no pair was labelled ({summary['failed']} of {summary['pairs']} failed: {why}); the raw "

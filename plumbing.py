@@ -1333,6 +1333,33 @@ def answer_content(text: str) -> str | None:
     return content if isinstance(content, str) else None
 
 
+# The errors ChatClient reports for a failure a later run may not meet again: the network, a
+# timeout, 429, 5xx, a body cut off. Every other failure is an answer that came back and could not be
+# used (no delimiter, not A / B / tie, another 4xx): at temperature 0 the same question gets the same
+# answer, so a rerun does not pay for it again unless asked (--retry-failed).
+TRANSIENT_ERRORS = ("timeout", "request failed", "HTTP 429", "HTTP 5", "malformed answer")
+
+
+def transient_error(error: str) -> bool:
+    """True for a failure worth asking again in a later run (see TRANSIENT_ERRORS)."""
+    return str(error).startswith(TRANSIENT_ERRORS)
+
+
+def failure_counts(errors) -> dict:
+    """{"transient": n, "unusable": m} of a list of failure messages."""
+    transient = sum(transient_error(e) for e in errors)
+    return {"transient": transient, "unusable": len(errors) - transient}
+
+
+def rerun_note(counts: dict, what: str = "pairs") -> str:
+    """One line: the failures of each kind and the calls a rerun will make for them."""
+    transient, unusable = counts["transient"], counts["unusable"]
+    asks = (f"a rerun asks again for the {transient} transient ones (at least {transient + 1} calls with the "
+            "test request)" if transient else "a rerun makes no calls for them")
+    return (f"failed {what}: {transient} transient (network, timeout, 429, 5xx), {unusable} with an unusable "
+            f"answer (not asked again unless --retry-failed); {asks}")
+
+
 # ----------------------------------------------------------------------------------------------
 # The chat client
 # ----------------------------------------------------------------------------------------------
@@ -1455,10 +1482,11 @@ class JsonlCache:
     A line torn by a kill (or otherwise unreadable) is skipped with a warning; before the first
     append a torn last line is closed off with a newline, so the new record starts a line of its own.
     The first record of a key wins. fresh=True starts the file anew (the old records are dropped).
+    Records that `valid` refuses (a failure kept with its error) are in `refused`, the last one of a key.
     """
 
     def __init__(self, path, fresh: bool = False, valid=None):
-        self.path, self.records, self._lock = Path(path), {}, threading.Lock()
+        self.path, self.records, self.refused, self._lock = Path(path), {}, {}, threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not fresh and self.path.exists():
             self._read(valid or (lambda record: True))
@@ -1468,8 +1496,12 @@ class JsonlCache:
 
     def _read(self, valid):
         for record in read_jsonl_tolerant(self.path):
-            if isinstance(record.get("key"), str) and valid(record):
+            if not isinstance(record.get("key"), str):
+                continue
+            if valid(record):
                 self.records.setdefault(record["key"], record)
+            else:
+                self.refused[record["key"]] = record
 
     def _ends_with_newline(self) -> bool:
         with open(self.path, "rb") as f:

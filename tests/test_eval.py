@@ -208,6 +208,23 @@ def test_judge_fatal_error_hides_the_key_and_exhausted_retries_count_as_failed(j
     assert result["failed"] == 1 and result["judged"] == 0 and result["win_rate"] is None
 
 
+def test_a_rerun_asks_the_judge_again_only_for_transient_failures(judge_server, tmp_path, capsys):
+    """An answer that came back and is not A / B / tie is kept as a failure in the cache and not paid for
+    again by a rerun unless retry_failed (--retry-failed); a 500 is asked again. Before, failures were
+    not cached and every rerun re-asked them with the full retry budget."""
+    server = judge_server(lambda *a: "A", faults=["say:maybe"] * 2 + ["500"] * 2)  # order 0, then order 1
+    result = ev.openai_win_rate(make_judge(server, tmp_path, concurrency=1, max_retries=1),
+                                PROMPTS[:1], POLICY[:1], BASELINE[:1])
+    assert result["failed"] == 1 and len(server.calls) == 4
+    judge = make_judge(server, tmp_path, concurrency=1, max_retries=1)
+    result = ev.openai_win_rate(judge, PROMPTS[:1], POLICY[:1], BASELINE[:1])
+    assert result["failed"] == 1 and len(server.calls) == 5  # the 500's order only, answered now
+    assert plumbing.failure_counts(judge.failures) == {"transient": 0, "unusable": 1}
+    judge = make_judge(server, tmp_path, concurrency=1, max_retries=1, retry_failed=True)
+    result = ev.openai_win_rate(judge, PROMPTS[:1], POLICY[:1], BASELINE[:1])
+    assert result["failed"] == 0 and result["win_rate"] == 50.0 and len(server.calls) == 6
+
+
 def test_judge_errors_never_show_the_key_at_any_offset(judge_server, tmp_path):
     """The judge server answers 401 with the key at character offset k of its body, for every k up
     to past the snippet: before the fix the body was cut at 300 characters, then scrubbed, and up to
