@@ -262,44 +262,93 @@ def check_same_tokenizer(policy_tokenizer, other_tokenizer, what: str):
                          f"have other ids{example}); train it from the same SFT model")
 
 
+# The tiny families build_tiny makes: the tokenizer layout and special tokens each family ships with
+# (bytelevel: GPT-2-style byte-level BPE; sentencepiece: the "legacy" '▁' layout of Llama 2 / Mistral /
+# Gemma / Phi-3), whether it adds BOS, and its transformers model type. What users bring, in small.
+TINY_FAMILIES = {
+    #  arch       model type   tokenizer        bos                   eos                 pad       adds BOS
+    "gpt2":     ("gpt2",      "bytelevel",     "<|endoftext|>",      "<|endoftext|>",    None,     False),
+    "llama":    ("llama",     "sentencepiece", "<s>",                "</s>",             None,     True),
+    "llama3":   ("llama",     "bytelevel",     "<|begin_of_text|>",  "<|end_of_text|>",  None,     True),
+    "mistral":  ("mistral",   "sentencepiece", "<s>",                "</s>",             None,     True),
+    "qwen2":    ("qwen2",     "bytelevel",     None,                 "<|endoftext|>",    None,     False),
+    "qwen3":    ("qwen3",     "bytelevel",     None,                 "<|endoftext|>",    None,     False),
+    "gemma2":   ("gemma2",    "sentencepiece", "<bos>",              "<eos>",            "<pad>",  True),
+    "phi3":     ("phi3",      "sentencepiece", "<s>",                "<|endoftext|>",    None,     True),
+    "gpt_neox": ("gpt_neox",  "bytelevel",     "<|endoftext|>",      "<|endoftext|>",    None,     False),
+    "opt":      ("opt",       "bytelevel",     "</s>",               "</s>",             "<pad>",  True),
+}
+
+
 def build_tiny(texts: list[str], out_dir=None, arch: str = "gpt2", vocab_size: int = 2048, seed: int = 0,
                layers: int = 2, width: int = 64, dropout: float = 0.1, max_positions: int = 512):
     """A tokenizer trained on `texts` and a tiny random model built from a config (saved to out_dir).
 
     arch "gpt2": byte-level BPE, no BOS, learned positions. arch "llama": a SentencePiece-style BPE
     (the "legacy" layout that puts '▁' before every text it tokenises) that adds BOS, RoPE, RMSNorm,
-    SwiGLU, no pad token — what users bring from the Llama / Mistral family.
+    SwiGLU, no pad token — what users bring from the Llama / Mistral family. The other TINY_FAMILIES
+    (llama3, mistral, qwen2, qwen3, gemma2, phi3, gpt_neox, opt) are the same idea for the families
+    users bring, each with its own tokenizer layout and special tokens: the test matrix of
+    tests/test_families.py runs every stage on each.
     """
+    if arch not in TINY_FAMILIES:
+        raise ValueError(f"arch must be one of {', '.join(TINY_FAMILIES)}, not {arch!r}")
     tokenizer = train_tiny_tokenizer(texts, vocab_size, arch)
     torch.manual_seed(seed)
-    if arch == "gpt2":
-        config = GPT2Config(vocab_size=len(tokenizer), n_layer=layers, n_embd=width, n_head=2,
-                            n_positions=max_positions, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
-                            bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-                            pad_token_id=tokenizer.eos_token_id)
-        model = GPT2LMHeadModel(config)
-    elif arch == "llama":
-        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
-                             num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
-                             max_position_embeddings=max_positions, attention_dropout=dropout,
-                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=None, tie_word_embeddings=False)
-        model = LlamaForCausalLM(config)
-    else:
-        raise ValueError(f"arch must be gpt2 or llama, not {arch!r}")
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, tokenizer, layers, width, dropout, max_positions))
     if out_dir is not None:
         save_hf(model, tokenizer, out_dir)
     return model, configure_tokenizer(tokenizer)
 
 
-def train_tiny_tokenizer(texts: list[str], vocab_size: int = 2048, arch: str = "gpt2"):
-    """A BPE tokenizer trained on `texts`, wrapped as a transformers fast tokenizer."""
+def tiny_config(arch: str, tokenizer, layers: int, width: int, dropout: float, max_positions: int):
+    """The config of a tiny random `arch` model on `tokenizer` (2 heads, one KV head where there are groups)."""
+    model_type = TINY_FAMILIES[arch][0]
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token != tokenizer.eos_token else None,
+           "vocab_size": len(tokenizer)}
     if arch == "gpt2":
+        return GPT2Config(n_layer=layers, n_embd=width, n_head=2, n_positions=max_positions, resid_pdrop=dropout,
+                          embd_pdrop=dropout, attn_pdrop=dropout, **{**ids, "pad_token_id": tokenizer.eos_token_id,
+                                                                     "bos_token_id": tokenizer.eos_token_id})
+    if arch == "gpt_neox":
+        return AutoConfig.for_model(model_type, hidden_size=width, intermediate_size=2 * width,
+                                    num_hidden_layers=layers, num_attention_heads=2,
+                                    max_position_embeddings=max_positions, attention_dropout=dropout,
+                                    hidden_dropout=dropout, tie_word_embeddings=False, **ids)
+    if arch == "opt":
+        return AutoConfig.for_model(model_type, hidden_size=width, ffn_dim=2 * width, word_embed_proj_dim=width,
+                                    num_hidden_layers=layers, num_attention_heads=2,
+                                    max_position_embeddings=max_positions, dropout=dropout,
+                                    attention_dropout=dropout, **ids)
+    extra = {"head_dim": width // 2, "query_pre_attn_scalar": width // 2, "sliding_window": max_positions} \
+        if arch == "gemma2" else {}
+    if arch == "phi3":
+        extra = {"original_max_position_embeddings": max_positions, "resid_pdrop": dropout,
+                 "embd_pdrop": dropout}
+    return AutoConfig.for_model(model_type, hidden_size=width, intermediate_size=2 * width,
+                                num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
+                                max_position_embeddings=max_positions, attention_dropout=dropout,
+                                tie_word_embeddings=False, **extra, **ids)
+
+
+def train_tiny_tokenizer(texts: list[str], vocab_size: int = 2048, arch: str = "gpt2"):
+    """A BPE tokenizer trained on `texts` in the layout of `arch` (TINY_FAMILIES), as a transformers fast
+    tokenizer. Trained once per layout and size, then given the family's special tokens."""
+    _, layout, bos, eos, pad, adds_bos = TINY_FAMILIES[arch]
+    specials = list(dict.fromkeys(t for t in (bos, eos, pad) if t))
+    if layout == "bytelevel":
         bpe = ByteLevelBPETokenizer()
-        bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2,
-                                special_tokens=["<|endoftext|>"], show_progress=False)
-        return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
-                                       bos_token="<|endoftext|>", unk_token="<|endoftext|>")
+        bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=specials,
+                                show_progress=False)
+        tok = bpe._tokenizer
+        if adds_bos:  # Llama 3, OPT: BOS before every text (kept: the byte-level offsets)
+            tok.post_processor = processors.Sequence([
+                processors.ByteLevel(trim_offsets=False),
+                processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                              special_tokens=[(bos, tok.token_to_id(bos))])])
+        return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, bos_token=bos, unk_token=eos,
+                                       **({"pad_token": pad} if pad else {}))
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
     # the "legacy" SentencePiece layout of Llama 2 / Mistral: '▁' before every text, spaces as '▁'
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
@@ -307,11 +356,13 @@ def train_tiny_tokenizer(texts: list[str], vocab_size: int = 2048, arch: str = "
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                      decoders.Strip(" ", 1, 0)])
     byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    specials = list(dict.fromkeys(["<unk>", *specials]))
     tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
-                                                       special_tokens=["<unk>", "<s>", "</s>", *byte_tokens]))
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+                                                       special_tokens=[*specials, *byte_tokens]))
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                       special_tokens=[(bos, tok.token_to_id(bos))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, unk_token="<unk>",
+                                   **({"pad_token": pad} if pad else {}))
 
 
 def disable_dropout(model: nn.Module) -> nn.Module:
@@ -355,6 +406,27 @@ def new_score_model(name_or_path, bias: bool, dtype: torch.dtype = torch.float32
         return ScoreModel(backbone, bias=bias)
 
 
+HEAD_FILE_FORMAT = "backbone + score_head.safetensors"
+
+
+def standard_score_class(config, kind: str):
+    """The transformers class a `kind` score model of this family saves as (e.g. LlamaForTokenClassification),
+    or None where transformers has none (OPT, GPT-J, Gemma 3 and OLMo 2 have no token classifier)."""
+    try:
+        return getattr(transformers, SCORE_KINDS[kind])._model_mapping[type(config)]
+    except KeyError:
+        return None
+
+
+def score_save_note(config, kind: str) -> str | None:
+    """Why a `kind` model of this family is saved as a backbone plus score_head.safetensors (None: it is not)."""
+    if standard_score_class(config, kind) is not None:
+        return None
+    return (f"transformers has no {SCORE_KINDS[kind].removeprefix('AutoModel')} class for model type "
+            f"{config.model_type!r}: saved as its backbone (AutoModel) plus score_head.safetensors (the head's weight "
+            "and bias), which plumbing.load_score_model reads (and so every stage of token-rlhf)")
+
+
 def save_score_model(model: ScoreModel, tokenizer, out_dir, kind: str, extra: dict | None = None):
     """Save a ScoreModel as a standard Hugging Face checkpoint (see SCORE_KINDS) with its tokenizer.
     Every rank calls it (under FSDP the weights are gathered to rank 0, which writes); LoRA adapters
@@ -364,7 +436,10 @@ def save_score_model(model: ScoreModel, tokenizer, out_dir, kind: str, extra: di
     pad == eos (GPT-2, Llama) that would skip the EOS the reward model is read at, so a sequence model
     whose tokenizer has no pad of its own gets one extra token, <|pad|>, and one extra (never used, zero)
     embedding row; every other token keeps its id, so it still shares the policy's tokenizer.
-    `extra` is written to token_rlhf.json (what the run was: role, data, held-out settings).
+    `extra` is written to token_rlhf.json (what the run was: role, data, held-out settings), with the
+    format saved. A family without the standard class (OPT has no token classifier), or a standard save
+    that fails, is saved as the backbone plus score_head.safetensors instead (the project's own format,
+    which load_score_model reads), and token_rlhf.json says why: trained weights are never lost.
     """
     model = unwrap(model)
     if kind == "sequence" and model.head.bias is not None:
@@ -373,6 +448,27 @@ def save_score_model(model: ScoreModel, tokenizer, out_dir, kind: str, extra: di
     if not state:
         return
     backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    head = {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}
+    info = dict(extra or {})
+    note = score_save_note(model.backbone.config, kind)
+    if note is None:
+        try:
+            _save_standard(model, tokenizer, out_dir, kind, dict(backbone), head)
+            (Path(out_dir) / "score_head.safetensors").unlink(missing_ok=True)  # an older save's: it would win
+            info["format"] = SCORE_KINDS[kind]
+        except Exception as e:  # never lose a trained model to a save format: the project's own format instead
+            note = f"saving as {SCORE_KINDS[kind]} failed ({type(e).__name__}: {e}); saved as {HEAD_FILE_FORMAT}"
+            warnings.warn(note)
+    if note is not None:
+        save_hf(model.backbone, tokenizer, out_dir, state_dict=backbone)
+        save_file({k: v.contiguous() for k, v in head.items()}, str(Path(out_dir) / ".score_head.tmp"))
+        os.replace(Path(out_dir) / ".score_head.tmp", Path(out_dir) / "score_head.safetensors")
+        info.update(format=HEAD_FILE_FORMAT, format_note=note)
+    atomic_write(Path(out_dir) / "token_rlhf.json", json.dumps(info, indent=2) + "\n")
+
+
+def _save_standard(model: ScoreModel, tokenizer, out_dir, kind: str, backbone: dict, head_state: dict):
+    """save_score_model's standard Hugging Face checkpoint (AutoModelFor{Sequence,Token}Classification)."""
     embedding = next(name for name, module in model.backbone.named_modules()
                      if module is model.backbone.get_input_embeddings()) + ".weight"
     tokenizer = copy.deepcopy(tokenizer)
@@ -393,11 +489,9 @@ def save_score_model(model: ScoreModel, tokenizer, out_dir, kind: str, extra: di
     if getattr(hf_model, head).bias is None and model.head.bias is not None:
         raise ValueError(f"{type(hf_model).__name__} has no head bias; this discriminator head has one")
     hf_state = {f"{hf_model.base_model_prefix}.{k}": v for k, v in backbone.items()}
-    hf_state.update({f"{head}.{k.removeprefix('head.')}": v for k, v in state.items() if k.startswith("head.")})
+    hf_state.update({f"{head}.{k}": v for k, v in head_state.items()})
     hf_model.load_state_dict(hf_state, strict=True, assign=True)
     save_hf(hf_model, tokenizer, out_dir)
-    if extra is not None:
-        atomic_write(Path(out_dir) / "token_rlhf.json", json.dumps(extra, indent=2) + "\n")
 
 
 def save_policy(model: nn.Module, tokenizer, out_dir):
