@@ -75,7 +75,8 @@ def test_reward_model_round_trips_through_auto_model_for_sequence_classification
         torch.testing.assert_close(redistribute.sequence_reward(loaded, query_response, attention_mask, attention_mask),
                                    ours, atol=1e-5, rtol=1e-5)
     plumbing.check_same_tokenizer(tokenizer, plumbing.load_tokenizer(tmp_path / "rm"), "rm")  # only a pad added
-    assert plumbing.read_run_info(tmp_path / "rm") == {"role": "reward_model"}
+    assert plumbing.read_run_info(tmp_path / "rm") == {"role": "reward_model",
+                                                       "format": "AutoModelForSequenceClassification"}
 
 
 @pytest.mark.parametrize("which", ["gpt2", "llama"])
@@ -97,6 +98,35 @@ def test_discriminator_round_trips_through_auto_model_for_token_classification(w
     loaded = plumbing.load_score_model(tmp_path / "disc").eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(query_response, attention_mask)[real], ours[real], atol=1e-5, rtol=1e-5)
+
+
+def test_a_standard_save_that_fails_keeps_the_trained_model_in_the_head_file_format(tiny_dir, tmp_path,
+                                                                                      monkeypatch):
+    """The run never dies after training: if writing the standard class fails (here: forced), the model is
+    saved as backbone + score_head.safetensors with a warning and a note in token_rlhf.json, and it loads;
+    a later standard save removes the stale head file (which load_score_model would otherwise prefer)."""
+    tokenizer = plumbing.load_tokenizer(tiny_dir)
+    model = trained_score_model(tiny_dir, bias=True)
+    query_response, attention_mask = scored_batch(tokenizer, TEXTS)
+    with torch.no_grad():
+        ours = model(query_response, attention_mask)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk says no")
+
+    monkeypatch.setattr(plumbing, "_save_standard", broken)
+    with pytest.warns(UserWarning, match="disk says no"):
+        plumbing.save_score_model(model, tokenizer, tmp_path / "disc", kind="token", extra={"role": "d"})
+    info = plumbing.read_run_info(tmp_path / "disc")
+    assert info["role"] == "d" and info["format"] == plumbing.HEAD_FILE_FORMAT and "disk says no" in info["format_note"]
+    real = attention_mask.bool()
+    loaded = plumbing.load_score_model(tmp_path / "disc").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(query_response, attention_mask)[real], ours[real], atol=1e-5, rtol=1e-5)
+    monkeypatch.undo()
+    plumbing.save_score_model(model, tokenizer, tmp_path / "disc", kind="token")
+    assert not (tmp_path / "disc" / "score_head.safetensors").exists()
+    assert AutoModelForTokenClassification.from_pretrained(tmp_path / "disc") is not None
 
 
 def test_older_trl_and_openrlhf_reward_models_load(tiny_dir, tiny_tokenizer, tmp_path):
