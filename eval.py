@@ -105,6 +105,7 @@ def parse_args(argv=None):
     out = parser.add_argument_group("output")
     out.add_argument("--out", default="runs/demo/eval", help="output folder")
     out.add_argument("--show-prompts", type=int, default=4, help="prompts whose responses the report shades token by token")
+    plumbing.add_report_args(out)
     plumbing.add_system_args(parser)
     args = parser.parse_args(argv)
     args.policies = parse_named(parser, args.policies, "--policies")
@@ -465,6 +466,10 @@ def main(argv=None):
                for k in range(min(args.show_prompts, len(prompts)))]
     logs = args.logs if args.logs is not None else report.find_logs(args.policies)
     plumbing.atomic_write(out / "results.json", json.dumps(results, indent=2))
+    tracker = plumbing.open_tracker(args, out)  # --report-to: each policy's metrics, as in results.json
+    if tracker is not None:
+        tracker.log({f"{name}/{k}": v for name, m in metrics.items() for k, v in m.items()})
+        tracker.close()
     plumbing.atomic_write(out / "results.md", report.results_markdown(results))
     plumbing.atomic_write(out / "report.html", report.report_html(results, samples, report.training_curves(logs)))
     print(report.results_markdown(results))

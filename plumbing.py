@@ -20,11 +20,13 @@ in this order:
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import copy
 import email.utils
 import gzip
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -635,7 +637,7 @@ def check_positive(parser, args, *names):
 # Options that change how a run is carried out but not what it computes: a resume may change them.
 NOT_DEFINING = {"out", "resume", "force_resume", "device", "save_every", "eval_every", "log_every", "stop_after",
                 "log_gold", "gradient_checkpointing", "trust_remote_code", "eval_batch_size", "eval_examples",
-                "micro_batch_size", "offload_frozen", "command", "fsdp"}
+                "micro_batch_size", "offload_frozen", "command", "fsdp", "report_to"}
 
 
 def frozen_dtype(args, device: torch.device) -> torch.dtype:
@@ -1074,12 +1076,85 @@ def read_jsonl_tolerant(path, what: str = "line") -> list[dict]:
     return rows
 
 
-class JsonlLogger:
-    """Appends one JSON object per line (rank 0 only); prints nothing itself."""
+# --- live curves: --report-to tensorboard | wandb, beside log.jsonl (which stays the source of truth) ---
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # --report-to -> the package it needs
 
-    def __init__(self, path, enabled: bool = True):
+
+def report_to(value: str) -> str:
+    """--report-to's type: none, or a tracker whose package is installed; a missing one is one line
+    naming the package (an InputError: exit code 2 under cli, before any work)."""
+    if value != "none" and value in TRACKERS and importlib.util.find_spec(TRACKERS[value]) is None:
+        raise InputError(f"--report-to {value} needs the {TRACKERS[value]} package: pip install {TRACKERS[value]}")
+    return value
+
+
+def add_report_args(group):
+    group.add_argument("--report-to", default="none", type=report_to, choices=("none", *TRACKERS),
+                       help="also send every log.jsonl line to a tracker, from rank 0, with the run's arguments "
+                            "as its config: tensorboard (OUT/tensorboard; `tensorboard --logdir OUT`) or wandb "
+                            "(project $WANDB_PROJECT, default token-rlhf); log.jsonl is written either way")
+    return group
+
+
+class Tracker:
+    """The scalars of each log record, sent to TensorBoard or Weights & Biases (rank 0 only). Fields that
+    are not numbers (strings, lists, None) are left to log.jsonl. `step` is the record's own step."""
+
+    def __init__(self, kind: str, out_dir, config: dict, start_step: int = 0):
+        self.kind, self.out_dir = kind, Path(out_dir)
+        config = json.loads(json.dumps(config, default=str))
+        if kind == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+
+            # purge_step: on a resume, what was logged after the checkpoint is dropped, as in log.jsonl
+            self.writer = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"),
+                                        purge_step=start_step + 1 if start_step else None)
+            self.writer.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```", 0)
+        elif kind == "wandb":
+            import wandb
+
+            id_file = self.out_dir / "wandb_run_id"  # a resumed run continues the same W&B run
+            run_id = id_file.read_text().strip() if start_step and id_file.exists() else wandb.util.generate_id()
+            atomic_write(id_file, run_id + "\n")
+            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "token-rlhf"), name=self.out_dir.name,
+                                  id=run_id, resume="allow", dir=str(self.out_dir), config=config)
+        else:
+            raise ValueError(f"unknown tracker {kind!r}")
+        atexit.register(self.close)
+
+    def log(self, record: dict):
+        step = int(record.get("step", 0))
+        scalars = {k: float(v) for k, v in record.items()
+                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.kind == "tensorboard":
+            for name, value in scalars.items():
+                self.writer.add_scalar(name, value, step)
+            self.writer.flush()  # a run killed a moment later still shows its curves
+        else:
+            self.run.log(scalars, step=step)
+
+    def close(self):
+        if self.kind == "tensorboard":
+            self.writer.close()
+        elif self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+def open_tracker(args, out_dir, start_step: int = 0, enabled: bool = True) -> Tracker | None:
+    """The tracker --report-to asks for (None for none, on ranks other than 0, or without the option)."""
+    kind = getattr(args, "report_to", "none")
+    return Tracker(kind, out_dir, vars(args), start_step) if enabled and kind != "none" else None
+
+
+class JsonlLogger:
+    """Appends one JSON object per line (rank 0 only); prints nothing itself. With a tracker (--report-to),
+    every record goes there too."""
+
+    def __init__(self, path, enabled: bool = True, tracker: Tracker | None = None):
         self.path = Path(path) if path else None
         self.enabled = enabled and self.path is not None
+        self.tracker = tracker if self.enabled else None
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -1094,6 +1169,8 @@ class JsonlLogger:
         if self.enabled:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.tracker is not None:
+                self.tracker.log(record)
 
 
 def save_hf(model: nn.Module, tokenizer, out_dir, **save_kwargs):
@@ -1231,7 +1308,8 @@ def resume(out_dir, models: dict, optimizers: dict, schedulers: dict | None, run
     state = load_checkpoint(out_dir, models, optimizers, schedulers, run_config, args.force_resume,
                             map_location) if args.resume else None
     step = state["step"] if state else 0
-    logger = JsonlLogger(Path(out_dir) / "log.jsonl", enabled=dist_info.master)
+    logger = JsonlLogger(Path(out_dir) / "log.jsonl", enabled=dist_info.master,
+                         tracker=open_tracker(args, out_dir, step, enabled=dist_info.master))
     logger.rewind(step)  # the lines of steps after the checkpoint will be logged again
     return step, logger
 

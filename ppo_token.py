@@ -145,6 +145,7 @@ def parse_args(argv=None):
     system.add_argument("--stop-after", type=int, default=None,
                         help="checkpoint and stop after this many iterations (as if interrupted); run again to resume")
     plumbing.add_resume_args(system)
+    plumbing.add_report_args(system)
     args = parser.parse_args(argv)
     lora.check_lora_args(parser, args)
     if args.offload_frozen and args.fsdp:

@@ -65,6 +65,7 @@ def parse_args(argv=None):
     out.add_argument("--stop-after", type=int, default=None,
                      help="checkpoint and stop after this many steps (as if interrupted); run again to resume")
     plumbing.add_resume_args(out)
+    plumbing.add_report_args(out)
     lora.add_lora_args(parser)
     plumbing.add_system_args(parser)
     args = parser.parse_args(argv)
