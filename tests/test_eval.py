@@ -384,6 +384,20 @@ def eval_argv(tiny_dir, root, out, *policies):
             "--max-new-tokens", "10", "--show-prompts", "2", "--out", str(out), "--device", "cpu"]
 
 
+def test_report_to_tensorboard_holds_every_policys_metrics(tiny_dir, run_dir, tmp_path):
+    from test_trackers import read_tensorboard
+
+    out = tmp_path / "eval"
+    results = ev.main(eval_argv(tiny_dir, run_dir, out, f"sft={tiny_dir}", f"copy={run_dir / 'copy'}")
+                      + ["--report-to", "tensorboard"])
+    scalars = read_tensorboard(out / "tensorboard")
+    expected = {f"{name}/{k}": v for name, m in results["policies"].items() for k, v in m.items()
+                if isinstance(v, (int, float))}
+    assert set(scalars) == set(expected) and "copy/win_rate" in scalars
+    for tag, value in expected.items():
+        assert scalars[tag] == {0: pytest.approx(value, rel=1e-6, abs=1e-7)}, tag
+
+
 def test_main_end_to_end_with_reward_model_judge(tiny_dir, run_dir, tmp_path):
     out = tmp_path / "eval"
     results = ev.main(eval_argv(tiny_dir, run_dir, out, f"sft={tiny_dir}", f"copy={run_dir / 'copy'}",
