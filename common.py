@@ -150,15 +150,17 @@ def row_to_pair(row, where: str) -> tuple[Pair | None, str]:
 
 
 def _utf8(data: bytes, path, line_no: int | None = None) -> str:
-    """Decode UTF-8 (a BOM at the start is dropped), or a DataError naming the file and the line. A NUL
-    byte (never in JSON text, always in a binary file) counts as not UTF-8 text too."""
+    """Decode UTF-8 (a BOM at the start is dropped), or a DataError naming the file and the line.
+    A NUL byte (never in JSON text, always in a binary file) counts as not UTF-8 text too."""
     try:
         if b"\0" in data:
-            raise UnicodeDecodeError("utf-8", data, data.index(b"\0"), data.index(b"\0") + 1, "NUL byte")
+            nul = data.index(b"\0")
+            raise UnicodeDecodeError("utf-8", data, nul, nul + 1, "NUL byte")
         return data.decode("utf-8-sig" if line_no in (None, 1) else "utf-8")
     except UnicodeDecodeError as e:
         line_no = line_no or data[: e.start].count(b"\n") + 1
-        raise DataError(f"{path} line {line_no}: not UTF-8 text (a binary file, or another encoding?)") from None
+        raise DataError(f"{path} line {line_no}: not UTF-8 text (a binary file, or another "
+                        "encoding?)") from None
 
 
 def read_rows(path):
@@ -180,7 +182,8 @@ def read_rows(path):
             for k, row in enumerate(pyarrow.parquet.read_table(path).to_pylist(), start=1):
                 yield f"{path} row {k}", row
             return
-        opener = (lambda: gzip.open(path, "rb")) if name.endswith(".gz") else (lambda: open(path, "rb"))
+        opener = (lambda: gzip.open(path, "rb")) if name.endswith(".gz") else \
+            (lambda: open(path, "rb"))
         if name.endswith((".json", ".json.gz")):
             with opener() as f:
                 rows = json.loads(_utf8(f.read(), path))
@@ -190,7 +193,7 @@ def read_rows(path):
                 yield f"{path} row {k}", row
             return
         with opener() as f:
-            for line_no, raw in enumerate(f, start=1):  # bytes, decoded line by line: an error names its line
+            for line_no, raw in enumerate(f, start=1):  # decoded line by line: errors name it
                 line = _utf8(raw, path, line_no)
                 if line.strip():
                     try:

@@ -381,8 +381,9 @@ def train(args):
     model = plumbing.new_score_model(args.sft, bias=True, dtype=plumbing.base_dtype(args, dist_info.device),
                                      trust_remote_code=args.trust_remote_code, what="--sft", meta=dist_info.meta)
     lora.add_lora_from_args(model.backbone, args)  # --lora-rank 0: nothing; else the head stays trainable
-    if dist_info.master and plumbing.score_save_note(model.config, "token"):  # said before training, not after
-        print(f"discriminator: note: {plumbing.score_save_note(model.config, 'token')}")
+    save_note = plumbing.score_save_note(model.config, "token")  # said before training, not after
+    if dist_info.master and save_note:
+        print(f"discriminator: note: {save_note}")
     max_positions = getattr(model.config, "max_position_embeddings", None)
     if max_positions and args.max_prompt_len + args.max_response_len > max_positions:
         raise common.InputError(f"--max-prompt-len + --max-response-len = {args.max_prompt_len + args.max_response_len} "

@@ -99,9 +99,10 @@ def parse_args(argv=None):
     gen.add_argument("--retry-after-cap", type=float, default=plumbing.RETRY_AFTER_CAP,
                      help="openai judge: longest wait a server's Retry-After may ask for, seconds")
     gen.add_argument("--retry-failed", action="store_true",
-                     help="openai judge: on a rerun, ask again for the verdicts whose answer came back and could "
-                          "not be used (paid again; at temperature 0 the answer is the same); transient failures "
-                          "(network, timeout, 429, 5xx) are always asked again")
+                     help="openai judge: on a rerun, ask again for the verdicts whose answer came "
+                          "back and could not be used (paid again; at temperature 0 the answer is "
+                          "the same); transient failures (network, timeout, 429, 5xx) are always "
+                          "asked again")
     out = parser.add_argument_group("output")
     out.add_argument("--out", default="runs/demo/eval", help="output folder")
     out.add_argument("--show-prompts", type=int, default=4, help="prompts whose responses the report shades token by token")
@@ -285,7 +286,7 @@ class OpenAIJudge:
     retry_after_cap: float = plumbing.RETRY_AFTER_CAP
     concurrency: int = 4
     key_env: str = "OPENAI_API_KEY"
-    retry_failed: bool = False  # ask again for verdicts whose answer came back unusable in an earlier run
+    retry_failed: bool = False  # ask again for verdicts whose answer came back unusable before
 
     def __post_init__(self):
         self.client = plumbing.ChatClient(self.api_base, self.api_model, self.api_key or "", key_env=self.key_env,
@@ -294,7 +295,7 @@ class OpenAIJudge:
                                             retry_after_cap=self.retry_after_cap)
         self.cache = None if self.cache_path is None else plumbing.JsonlCache(
             self.cache_path, valid=lambda record: record.get("verdict") in POINTS_AS_A)
-        self.failures = []  # the error of every failed verdict of this run, kept from the cache or new
+        self.failures = []  # the error of every failed verdict of this run (cached or new)
 
     @property
     def calls(self) -> int:
@@ -315,13 +316,13 @@ def judge_verdict(judge, prompt, first, second):
         return judge.cache.get(key)["verdict"]
     failed = judge.cache.refused.get(key) if judge.cache is not None else None
     if failed and not judge.retry_failed and not plumbing.transient_error(failed.get("error", "")):
-        judge.failures.append(failed["error"])  # an unusable answer at temperature 0: not paid for twice
+        judge.failures.append(failed["error"])  # unusable at temperature 0: not paid for twice
         return None
     reply = judge.client.complete(judge_messages(prompt, first, second), parse=parse_verdict,
                                   invalid="answer is not A, B or tie", temperature=0, max_tokens=8)
-    if judge.cache is not None:  # appended as answers arrive; a failure with its error and raw answer
-        judge.cache.add({"key": key, "verdict": reply.value, "model": judge.api_model,
-                         **({"error": reply.error, "answer": reply.text} if reply.value is None else {})})
+    if judge.cache is not None:  # appended as answers arrive; a failure with its error and answer
+        failure = {"error": reply.error, "answer": reply.text} if reply.value is None else {}
+        judge.cache.add({"key": key, "verdict": reply.value, "model": judge.api_model, **failure})
     if reply.value is None:
         judge.failures.append(reply.error)
     return reply.value
@@ -444,7 +445,8 @@ def main(argv=None):
                 metrics[name].update(openai_win_rate(judge, prompts, generated[name]["texts"], base["texts"],
                                                      desc=f"judge {name}"))
             except JudgeError as e:  # scrubbed; the verdicts so far are in the cache
-                raise common.InputError(f"--judge openai: {e}; the responses are in {out / 'responses.jsonl'}") from None
+                raise common.InputError(f"--judge openai: {e}; the responses are in "
+                                        f"{out / 'responses.jsonl'}") from None
 
     if judge is not None and judge.failures:
         print(plumbing.rerun_note(plumbing.failure_counts(judge.failures), what="verdicts"))
@@ -461,12 +463,12 @@ def main(argv=None):
                "max_new_tokens": args.max_new_tokens, "top_p": args.top_p, "temperature": args.temperature,
                "policies": metrics, "discriminator_accuracy": accuracy,
                "judge_calls": judge.calls if judge is not None else 0,
-               "judge_failed": plumbing.failure_counts(judge.failures) if judge is not None else None}
+               "judge_failed": None if judge is None else plumbing.failure_counts(judge.failures)}
     samples = [{"prompt": prompts[k], "responses": {name: shaded[name][k] for name in args.policies}}
                for k in range(min(args.show_prompts, len(prompts)))]
     logs = args.logs if args.logs is not None else report.find_logs(args.policies)
     plumbing.atomic_write(out / "results.json", json.dumps(results, indent=2))
-    tracker = plumbing.open_tracker(args, out)  # --report-to: each policy's metrics, as in results.json
+    tracker = plumbing.open_tracker(args, out)  # --report-to: each policy's metrics (results.json)
     if tracker is not None:
         tracker.log({f"{name}/{k}": v for name, m in metrics.items() for k, v in m.items()})
         tracker.close()

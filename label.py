@@ -123,9 +123,10 @@ def parse_args(argv=None):
     system.add_argument("--no-resume", dest="resume", action="store_false",
                         help="ignore and overwrite <out>.cache.jsonl instead of reusing its answers")
     system.add_argument("--retry-failed", action="store_true",
-                        help="on a rerun, ask again for the pairs whose answer came back and could not be used "
-                             "(no delimiter, another 4xx; paid again, and at temperature 0 the answer is the "
-                             "same); transient failures (network, timeout, 429, 5xx) are always asked again")
+                        help="on a rerun, ask again for the pairs whose answer came back and "
+                             "could not be used (no delimiter, another 4xx; paid again, and at "
+                             "temperature 0 the answer is the same); transient failures (network, "
+                             "timeout, 429, 5xx) are always asked again")
     args = parser.parse_args(argv)
     if args.max_response_len < 2:
         parser.error("--max-response-len must be at least 2 (one token and the EOS)")

@@ -55,7 +55,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import (ByteLevelBPETokenizer, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors,
                         trainers)
 from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GPT2Config,
-                          GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast)
+                          PreTrainedTokenizerFast)
 from transformers.utils import logging as hf_logging
 
 import common
@@ -265,20 +265,20 @@ def check_same_tokenizer(policy_tokenizer, other_tokenizer, what: str):
 
 
 # The tiny families build_tiny makes: the tokenizer layout and special tokens each family ships with
-# (bytelevel: GPT-2-style byte-level BPE; sentencepiece: the "legacy" '▁' layout of Llama 2 / Mistral /
-# Gemma / Phi-3), whether it adds BOS, and its transformers model type. What users bring, in small.
+# (bytelevel: GPT-2-style byte-level BPE; sentencepiece: the "legacy" '▁' layout of Llama 2,
+# Mistral, Gemma, Phi-3), whether it adds BOS, and its transformers model type. What users bring.
 TINY_FAMILIES = {
-    #  arch       model type   tokenizer        bos                   eos                 pad       adds BOS
-    "gpt2":     ("gpt2",      "bytelevel",     "<|endoftext|>",      "<|endoftext|>",    None,     False),
-    "llama":    ("llama",     "sentencepiece", "<s>",                "</s>",             None,     True),
-    "llama3":   ("llama",     "bytelevel",     "<|begin_of_text|>",  "<|end_of_text|>",  None,     True),
-    "mistral":  ("mistral",   "sentencepiece", "<s>",                "</s>",             None,     True),
-    "qwen2":    ("qwen2",     "bytelevel",     None,                 "<|endoftext|>",    None,     False),
-    "qwen3":    ("qwen3",     "bytelevel",     None,                 "<|endoftext|>",    None,     False),
-    "gemma2":   ("gemma2",    "sentencepiece", "<bos>",              "<eos>",            "<pad>",  True),
-    "phi3":     ("phi3",      "sentencepiece", "<s>",                "<|endoftext|>",    None,     True),
-    "gpt_neox": ("gpt_neox",  "bytelevel",     "<|endoftext|>",      "<|endoftext|>",    None,     False),
-    "opt":      ("opt",       "bytelevel",     "</s>",               "</s>",             "<pad>",  True),
+    # arch: (model type, tokenizer layout, bos, eos, pad, adds BOS)
+    "gpt2": ("gpt2", "bytelevel", "<|endoftext|>", "<|endoftext|>", None, False),
+    "llama": ("llama", "sentencepiece", "<s>", "</s>", None, True),
+    "llama3": ("llama", "bytelevel", "<|begin_of_text|>", "<|end_of_text|>", None, True),
+    "mistral": ("mistral", "sentencepiece", "<s>", "</s>", None, True),
+    "qwen2": ("qwen2", "bytelevel", None, "<|endoftext|>", None, False),
+    "qwen3": ("qwen3", "bytelevel", None, "<|endoftext|>", None, False),
+    "gemma2": ("gemma2", "sentencepiece", "<bos>", "<eos>", "<pad>", True),
+    "phi3": ("phi3", "sentencepiece", "<s>", "<|endoftext|>", None, True),
+    "gpt_neox": ("gpt_neox", "bytelevel", "<|endoftext|>", "<|endoftext|>", None, False),
+    "opt": ("opt", "bytelevel", "</s>", "</s>", "<pad>", True),
 }
 
 
@@ -297,60 +297,68 @@ def build_tiny(texts: list[str], out_dir=None, arch: str = "gpt2", vocab_size: i
         raise ValueError(f"arch must be one of {', '.join(TINY_FAMILIES)}, not {arch!r}")
     tokenizer = train_tiny_tokenizer(texts, vocab_size, arch)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, tokenizer, layers, width, dropout, max_positions))
+    config = tiny_config(arch, tokenizer, layers, width, dropout, max_positions)
+    model = AutoModelForCausalLM.from_config(config)
     if out_dir is not None:
         save_hf(model, tokenizer, out_dir)
     return model, configure_tokenizer(tokenizer)
 
 
 def tiny_config(arch: str, tokenizer, layers: int, width: int, dropout: float, max_positions: int):
-    """The config of a tiny random `arch` model on `tokenizer` (2 heads, one KV head where there are groups)."""
+    """The config of a tiny random `arch` model on `tokenizer`: 2 heads (one KV head where the
+    family groups them), an MLP twice as wide, untied output embeddings where the family allows."""
     model_type = TINY_FAMILIES[arch][0]
+    own_pad = tokenizer.pad_token is not None and tokenizer.pad_token != tokenizer.eos_token
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-           "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token != tokenizer.eos_token else None,
+           "pad_token_id": tokenizer.pad_token_id if own_pad else None,
            "vocab_size": len(tokenizer)}
     if arch == "gpt2":
-        return GPT2Config(n_layer=layers, n_embd=width, n_head=2, n_positions=max_positions, resid_pdrop=dropout,
-                          embd_pdrop=dropout, attn_pdrop=dropout, **{**ids, "pad_token_id": tokenizer.eos_token_id,
-                                                                     "bos_token_id": tokenizer.eos_token_id})
+        ids.update(pad_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
+        return GPT2Config(n_layer=layers, n_embd=width, n_head=2, n_positions=max_positions,
+                          resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout, **ids)
     if arch == "gpt_neox":
         return AutoConfig.for_model(model_type, hidden_size=width, intermediate_size=2 * width,
                                     num_hidden_layers=layers, num_attention_heads=2,
-                                    max_position_embeddings=max_positions, attention_dropout=dropout,
-                                    hidden_dropout=dropout, tie_word_embeddings=False, **ids)
+                                    max_position_embeddings=max_positions,
+                                    attention_dropout=dropout, hidden_dropout=dropout,
+                                    tie_word_embeddings=False, **ids)
     if arch == "opt":
-        return AutoConfig.for_model(model_type, hidden_size=width, ffn_dim=2 * width, word_embed_proj_dim=width,
-                                    num_hidden_layers=layers, num_attention_heads=2,
-                                    max_position_embeddings=max_positions, dropout=dropout,
-                                    attention_dropout=dropout, **ids)
-    extra = {"head_dim": width // 2, "query_pre_attn_scalar": width // 2, "sliding_window": max_positions} \
-        if arch == "gemma2" else {}
+        return AutoConfig.for_model(model_type, hidden_size=width, ffn_dim=2 * width,
+                                    word_embed_proj_dim=width, num_hidden_layers=layers,
+                                    num_attention_heads=2, max_position_embeddings=max_positions,
+                                    dropout=dropout, attention_dropout=dropout, **ids)
+    extra = {}
+    if arch == "gemma2":
+        extra = {"head_dim": width // 2, "query_pre_attn_scalar": width // 2,
+                 "sliding_window": max_positions}
     if arch == "phi3":
         extra = {"original_max_position_embeddings": max_positions, "resid_pdrop": dropout,
                  "embd_pdrop": dropout}
     return AutoConfig.for_model(model_type, hidden_size=width, intermediate_size=2 * width,
-                                num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
-                                max_position_embeddings=max_positions, attention_dropout=dropout,
-                                tie_word_embeddings=False, **extra, **ids)
+                                num_hidden_layers=layers, num_attention_heads=2,
+                                num_key_value_heads=1, max_position_embeddings=max_positions,
+                                attention_dropout=dropout, tie_word_embeddings=False, **extra,
+                                **ids)
 
 
 def train_tiny_tokenizer(texts: list[str], vocab_size: int = 2048, arch: str = "gpt2"):
-    """A BPE tokenizer trained on `texts` in the layout of `arch` (TINY_FAMILIES), as a transformers fast
-    tokenizer. Trained once per layout and size, then given the family's special tokens."""
+    """A BPE tokenizer trained on `texts` in the layout of `arch` (TINY_FAMILIES), with the family's
+    special tokens, as a transformers fast tokenizer."""
     _, layout, bos, eos, pad, adds_bos = TINY_FAMILIES[arch]
     specials = list(dict.fromkeys(t for t in (bos, eos, pad) if t))
+    pad_kwarg = {"pad_token": pad} if pad else {}
     if layout == "bytelevel":
         bpe = ByteLevelBPETokenizer()
-        bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=specials,
-                                show_progress=False)
+        bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2,
+                                special_tokens=specials, show_progress=False)
         tok = bpe._tokenizer
-        if adds_bos:  # Llama 3, OPT: BOS before every text (kept: the byte-level offsets)
+        if adds_bos:  # Llama 3, OPT: BOS before every text (the byte-level offsets kept)
             tok.post_processor = processors.Sequence([
                 processors.ByteLevel(trim_offsets=False),
                 processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
                                               special_tokens=[(bos, tok.token_to_id(bos))])])
-        return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, bos_token=bos, unk_token=eos,
-                                       **({"pad_token": pad} if pad else {}))
+        return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, bos_token=bos,
+                                       unk_token=eos, **pad_kwarg)
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
     # the "legacy" SentencePiece layout of Llama 2 / Mistral: '▁' before every text, spaces as '▁'
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
@@ -361,10 +369,10 @@ def train_tiny_tokenizer(texts: list[str], vocab_size: int = 2048, arch: str = "
     specials = list(dict.fromkeys(["<unk>", *specials]))
     tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
                                                        special_tokens=[*specials, *byte_tokens]))
-    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                       special_tokens=[(bos, tok.token_to_id(bos))])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, unk_token="<unk>",
-                                   **({"pad_token": pad} if pad else {}))
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos,
+                                   unk_token="<unk>", **pad_kwarg)
 
 
 def disable_dropout(model: nn.Module) -> nn.Module:
@@ -412,8 +420,9 @@ HEAD_FILE_FORMAT = "backbone + score_head.safetensors"
 
 
 def standard_score_class(config, kind: str):
-    """The transformers class a `kind` score model of this family saves as (e.g. LlamaForTokenClassification),
-    or None where transformers has none (OPT, GPT-J, Gemma 3 and OLMo 2 have no token classifier)."""
+    """The transformers class a `kind` score model of this family saves as (e.g.
+    LlamaForTokenClassification), or None where transformers has none (OPT, GPT-J, Gemma 3 and
+    OLMo 2 have no token classifier)."""
     try:
         return getattr(transformers, SCORE_KINDS[kind])._model_mapping[type(config)]
     except KeyError:
@@ -421,12 +430,14 @@ def standard_score_class(config, kind: str):
 
 
 def score_save_note(config, kind: str) -> str | None:
-    """Why a `kind` model of this family is saved as a backbone plus score_head.safetensors (None: it is not)."""
+    """Why a `kind` model of this family is saved as backbone + score_head.safetensors (None: it is
+    saved as the standard class)."""
     if standard_score_class(config, kind) is not None:
         return None
-    return (f"transformers has no {SCORE_KINDS[kind].removeprefix('AutoModel')} class for model type "
-            f"{config.model_type!r}: saved as its backbone (AutoModel) plus score_head.safetensors (the head's weight "
-            "and bias), which plumbing.load_score_model reads (and so every stage of token-rlhf)")
+    missing = SCORE_KINDS[kind].removeprefix("AutoModel")
+    return (f"transformers has no {missing} class for model type {config.model_type!r}: saved "
+            "as its backbone (AutoModel) plus score_head.safetensors (the head's weight and bias), "
+            "which plumbing.load_score_model reads (and so every stage of token-rlhf)")
 
 
 def save_score_model(model: ScoreModel, tokenizer, out_dir, kind: str, extra: dict | None = None):
@@ -438,10 +449,11 @@ def save_score_model(model: ScoreModel, tokenizer, out_dir, kind: str, extra: di
     pad == eos (GPT-2, Llama) that would skip the EOS the reward model is read at, so a sequence model
     whose tokenizer has no pad of its own gets one extra token, <|pad|>, and one extra (never used, zero)
     embedding row; every other token keeps its id, so it still shares the policy's tokenizer.
-    `extra` is written to token_rlhf.json (what the run was: role, data, held-out settings), with the
-    format saved. A family without the standard class (OPT has no token classifier), or a standard save
-    that fails, is saved as the backbone plus score_head.safetensors instead (the project's own format,
-    which load_score_model reads), and token_rlhf.json says why: trained weights are never lost.
+    `extra` is written to token_rlhf.json (what the run was: role, data, held-out settings), with
+    the format saved. A family without the standard class (OPT has no token classifier), or a
+    standard save that fails, is saved as the backbone plus score_head.safetensors instead (the
+    project's own format, which load_score_model reads), and token_rlhf.json says why: a trained
+    model is never lost.
     """
     model = unwrap(model)
     if kind == "sequence" and model.head.bias is not None:
@@ -451,26 +463,28 @@ def save_score_model(model: ScoreModel, tokenizer, out_dir, kind: str, extra: di
         return
     backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
     head = {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}
-    info = dict(extra or {})
+    info, out_dir = dict(extra or {}), Path(out_dir)
     note = score_save_note(model.backbone.config, kind)
     if note is None:
         try:
             _save_standard(model, tokenizer, out_dir, kind, dict(backbone), head)
-            (Path(out_dir) / "score_head.safetensors").unlink(missing_ok=True)  # an older save's: it would win
+            (out_dir / "score_head.safetensors").unlink(missing_ok=True)  # an old one would win
             info["format"] = SCORE_KINDS[kind]
-        except Exception as e:  # never lose a trained model to a save format: the project's own format instead
-            note = f"saving as {SCORE_KINDS[kind]} failed ({type(e).__name__}: {e}); saved as {HEAD_FILE_FORMAT}"
+        except Exception as e:  # never lose a trained model to a format: the project's own instead
+            note = (f"saving as {SCORE_KINDS[kind]} failed ({type(e).__name__}: {e}); "
+                    f"saved as {HEAD_FILE_FORMAT}")
             warnings.warn(note)
     if note is not None:
         save_hf(model.backbone, tokenizer, out_dir, state_dict=backbone)
-        save_file({k: v.contiguous() for k, v in head.items()}, str(Path(out_dir) / ".score_head.tmp"))
-        os.replace(Path(out_dir) / ".score_head.tmp", Path(out_dir) / "score_head.safetensors")
+        tmp = out_dir / ".score_head.safetensors.tmp"
+        save_file({k: v.contiguous() for k, v in head.items()}, str(tmp))
+        os.replace(tmp, out_dir / "score_head.safetensors")
         info.update(format=HEAD_FILE_FORMAT, format_note=note)
-    atomic_write(Path(out_dir) / "token_rlhf.json", json.dumps(info, indent=2) + "\n")
+    atomic_write(out_dir / "token_rlhf.json", json.dumps(info, indent=2) + "\n")
 
 
-def _save_standard(model: ScoreModel, tokenizer, out_dir, kind: str, backbone: dict, head_state: dict):
-    """save_score_model's standard Hugging Face checkpoint (AutoModelFor{Sequence,Token}Classification)."""
+def _save_standard(model, tokenizer, out_dir, kind: str, backbone: dict, head_state: dict):
+    """save_score_model's standard checkpoint: AutoModelFor{Sequence,Token}Classification."""
     embedding = next(name for name, module in model.backbone.named_modules()
                      if module is model.backbone.get_input_embeddings()) + ".weight"
     tokenizer = copy.deepcopy(tokenizer)
@@ -1076,37 +1090,39 @@ def read_jsonl_tolerant(path, what: str = "line") -> list[dict]:
     return rows
 
 
-# --- live curves: --report-to tensorboard | wandb, beside log.jsonl (which stays the source of truth) ---
+# --- live curves: --report-to tensorboard | wandb, beside log.jsonl (the source of truth) ---------
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # --report-to -> the package it needs
 
 
 def report_to(value: str) -> str:
     """--report-to's type: none, or a tracker whose package is installed; a missing one is one line
     naming the package (an InputError: exit code 2 under cli, before any work)."""
-    if value != "none" and value in TRACKERS and importlib.util.find_spec(TRACKERS[value]) is None:
-        raise InputError(f"--report-to {value} needs the {TRACKERS[value]} package: pip install {TRACKERS[value]}")
+    package = TRACKERS.get(value)
+    if package and importlib.util.find_spec(package) is None:
+        raise InputError(f"--report-to {value} needs the {package} package: pip install {package}")
     return value
 
 
 def add_report_args(group):
     group.add_argument("--report-to", default="none", type=report_to, choices=("none", *TRACKERS),
-                       help="also send every log.jsonl line to a tracker, from rank 0, with the run's arguments "
-                            "as its config: tensorboard (OUT/tensorboard; `tensorboard --logdir OUT`) or wandb "
-                            "(project $WANDB_PROJECT, default token-rlhf); log.jsonl is written either way")
+                       help="also send every log.jsonl line to a tracker, from rank 0, with the "
+                            "run's arguments as its config: tensorboard (OUT/tensorboard; "
+                            "`tensorboard --logdir OUT`) or wandb (project $WANDB_PROJECT, default "
+                            "token-rlhf); log.jsonl is written either way")
     return group
 
 
 class Tracker:
-    """The scalars of each log record, sent to TensorBoard or Weights & Biases (rank 0 only). Fields that
-    are not numbers (strings, lists, None) are left to log.jsonl. `step` is the record's own step."""
+    """The numbers of each log record, sent to TensorBoard or Weights & Biases (rank 0 only) under
+    their log.jsonl names, at the record's own step. Strings, lists and None stay in log.jsonl."""
 
     def __init__(self, kind: str, out_dir, config: dict, start_step: int = 0):
-        self.kind, self.out_dir = kind, Path(out_dir)
+        self.kind, self.out_dir, self.run = kind, Path(out_dir), None
         config = json.loads(json.dumps(config, default=str))
         if kind == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
 
-            # purge_step: on a resume, what was logged after the checkpoint is dropped, as in log.jsonl
+            # purge_step: on a resume, what was logged after the checkpoint is dropped
             self.writer = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"),
                                         purge_step=start_step + 1 if start_step else None)
             self.writer.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```", 0)
@@ -1114,10 +1130,12 @@ class Tracker:
             import wandb
 
             id_file = self.out_dir / "wandb_run_id"  # a resumed run continues the same W&B run
-            run_id = id_file.read_text().strip() if start_step and id_file.exists() else wandb.util.generate_id()
+            resumed = start_step and id_file.exists()
+            run_id = id_file.read_text().strip() if resumed else wandb.util.generate_id()
             atomic_write(id_file, run_id + "\n")
-            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "token-rlhf"), name=self.out_dir.name,
-                                  id=run_id, resume="allow", dir=str(self.out_dir), config=config)
+            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "token-rlhf"),
+                                  name=self.out_dir.name, id=run_id, resume="allow",
+                                  dir=str(self.out_dir), config=config)
         else:
             raise ValueError(f"unknown tracker {kind!r}")
         atexit.register(self.close)
@@ -1142,14 +1160,14 @@ class Tracker:
 
 
 def open_tracker(args, out_dir, start_step: int = 0, enabled: bool = True) -> Tracker | None:
-    """The tracker --report-to asks for (None for none, on ranks other than 0, or without the option)."""
+    """The tracker --report-to asks for; None for none, on ranks but 0, or without the option."""
     kind = getattr(args, "report_to", "none")
     return Tracker(kind, out_dir, vars(args), start_step) if enabled and kind != "none" else None
 
 
 class JsonlLogger:
-    """Appends one JSON object per line (rank 0 only); prints nothing itself. With a tracker (--report-to),
-    every record goes there too."""
+    """Appends one JSON object per line (rank 0 only); prints nothing itself. With a tracker
+    (--report-to), every record goes there too."""
 
     def __init__(self, path, enabled: bool = True, tracker: Tracker | None = None):
         self.path = Path(path) if path else None
@@ -1506,9 +1524,9 @@ def answer_content(text: str) -> str | None:
 
 
 # The errors ChatClient reports for a failure a later run may not meet again: the network, a
-# timeout, 429, 5xx, a body cut off. Every other failure is an answer that came back and could not be
-# used (no delimiter, not A / B / tie, another 4xx): at temperature 0 the same question gets the same
-# answer, so a rerun does not pay for it again unless asked (--retry-failed).
+# timeout, 429, 5xx, a body cut off. Every other failure is an answer that came back and could not
+# be used (no delimiter, not A / B / tie, another 4xx): at temperature 0 the same question gets the
+# same answer, so a rerun does not pay for it again unless asked (--retry-failed).
 TRANSIENT_ERRORS = ("timeout", "request failed", "HTTP 429", "HTTP 5", "malformed answer")
 
 
@@ -1526,10 +1544,10 @@ def failure_counts(errors) -> dict:
 def rerun_note(counts: dict, what: str = "pairs") -> str:
     """One line: the failures of each kind and the calls a rerun will make for them."""
     transient, unusable = counts["transient"], counts["unusable"]
-    asks = (f"a rerun asks again for the {transient} transient ones (at least {transient + 1} calls with the "
-            "test request)" if transient else "a rerun makes no calls for them")
-    return (f"failed {what}: {transient} transient (network, timeout, 429, 5xx), {unusable} with an unusable "
-            f"answer (not asked again unless --retry-failed); {asks}")
+    asks = (f"a rerun asks again for the {transient} transient ones (at least {transient + 1} "
+            "calls with the test request)" if transient else "a rerun makes no calls for them")
+    return (f"failed {what}: {transient} transient (network, timeout, 429, 5xx), {unusable} with "
+            f"an unusable answer (not asked again unless --retry-failed); {asks}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1654,7 +1672,7 @@ class JsonlCache:
     A line torn by a kill (or otherwise unreadable) is skipped with a warning; before the first
     append a torn last line is closed off with a newline, so the new record starts a line of its own.
     The first record of a key wins. fresh=True starts the file anew (the old records are dropped).
-    Records that `valid` refuses (a failure kept with its error) are in `refused`, the last one of a key.
+    Records that `valid` refuses (a failure kept with its error) are in `refused`, the last wins.
     """
 
     def __init__(self, path, fresh: bool = False, valid=None):

@@ -155,8 +155,9 @@ def parse_args(argv=None):
         parser.error(f"--reward {args.reward} needs --reward-model DIR")
     if args.reward.startswith("tlcr") and not args.discriminator:
         parser.error(f"--reward {args.reward} needs --discriminator DIR")
-    if args.reward in ("seq", "red") and args.discriminator:  # never read: neither checked nor loaded
-        warnings.warn(f"--reward {args.reward} does not use --discriminator; ignoring {args.discriminator}")
+    if args.reward in ("seq", "red") and args.discriminator:  # never read: not checked, not loaded
+        warnings.warn(f"--reward {args.reward} does not use --discriminator; "
+                      f"ignoring {args.discriminator}")
         args.discriminator = None
     plumbing.check_positive(parser, args, "iterations", "rollout_batch_size", "minibatch_size", "ppo_epochs",
                             "max_new_tokens", "max_prompt_len")
@@ -541,9 +542,10 @@ def load_models(args, dist_info):
         option = "--reward-model" if args.reward in ("seq", "red") else "--discriminator"
         critic_path = getattr(args, option[2:].replace("-", "_"))
         if critic_path is None:
-            raise common.InputError(f"--critic-init reward needs {option} (--reward {args.reward}); "
-                                    "or use --critic-init policy")
-        critic = plumbing.load_score_model(critic_path, dtype, args.trust_remote_code, what=option, meta=meta)
+            raise common.InputError(f"--critic-init reward needs {option} (--reward "
+                                    f"{args.reward}); or use --critic-init policy")
+        critic = plumbing.load_score_model(critic_path, dtype, args.trust_remote_code, what=option,
+                                           meta=meta)
     critic.head.float()  # the value head is trained: fp32
     lora.add_lora_from_args(critic.backbone, args)  # the head stays trainable
     plumbing.disable_dropout(critic)

@@ -350,8 +350,9 @@ def train(args):
     model = plumbing.new_score_model(args.sft, bias=False, dtype=plumbing.base_dtype(args, device),
                                      trust_remote_code=args.trust_remote_code, what="--sft", meta=dist_info.meta)
     lora.add_lora_from_args(model.backbone, args)  # --lora-rank 0: nothing; else the head stays trainable
-    if dist_info.master and plumbing.score_save_note(model.config, "sequence"):  # said before training
-        print(f"reward model: note: {plumbing.score_save_note(model.config, 'sequence')}")
+    save_note = plumbing.score_save_note(model.config, "sequence")  # said before training
+    if dist_info.master and save_note:
+        print(f"reward model: note: {save_note}")
     plumbing.disable_dropout(model).train()
     if args.gradient_checkpointing:
         plumbing.enable_gradient_checkpointing(model)

@@ -38,8 +38,9 @@ def parse_args(argv=None):
                        help="'tiny' (a small random model + BPE tokenizer trained on the data), or any Hugging Face "
                             "causal LM by name or path (gpt2, meta-llama/Llama-2-7b-hf, ./my-model)")
     model.add_argument("--tiny-arch", default="gpt2", choices=tuple(plumbing.TINY_FAMILIES),
-                       help="tiny model family: gpt2 (byte-level BPE, no BOS), llama (RoPE, SentencePiece-style BPE, "
-                            "BOS), or another of plumbing.TINY_FAMILIES (qwen2, gemma2, opt, ...)")
+                       help="tiny model family: gpt2 (byte-level BPE, no BOS), llama (RoPE, "
+                            "SentencePiece-style BPE, BOS), or another of plumbing.TINY_FAMILIES "
+                            "(llama3, mistral, qwen2, qwen3, gemma2, phi3, gpt_neox, opt)")
     model.add_argument("--tiny-layers", type=int, default=2, help="tiny model: transformer blocks")
     model.add_argument("--tiny-width", type=int, default=64, help="tiny model: hidden size")
     model.add_argument("--tiny-dropout", type=float, default=0.1, help="tiny model: dropout probability")

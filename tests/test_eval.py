@@ -209,10 +209,11 @@ def test_judge_fatal_error_hides_the_key_and_exhausted_retries_count_as_failed(j
 
 
 def test_a_rerun_asks_the_judge_again_only_for_transient_failures(judge_server, tmp_path, capsys):
-    """An answer that came back and is not A / B / tie is kept as a failure in the cache and not paid for
-    again by a rerun unless retry_failed (--retry-failed); a 500 is asked again. Before, failures were
-    not cached and every rerun re-asked them with the full retry budget."""
-    server = judge_server(lambda *a: "A", faults=["say:maybe"] * 2 + ["500"] * 2)  # order 0, then order 1
+    """An answer that came back and is not A / B / tie is kept as a failure in the cache and not
+    paid for again by a rerun unless retry_failed (--retry-failed); a 500 is asked again. Before,
+    failures were not cached and every rerun re-asked them with the full retry budget."""
+    faults = ["say:maybe"] * 2 + ["500"] * 2  # order 0, then order 1
+    server = judge_server(lambda *a: "A", faults=faults)
     result = ev.openai_win_rate(make_judge(server, tmp_path, concurrency=1, max_retries=1),
                                 PROMPTS[:1], POLICY[:1], BASELINE[:1])
     assert result["failed"] == 1 and len(server.calls) == 4
@@ -388,8 +389,8 @@ def test_report_to_tensorboard_holds_every_policys_metrics(tiny_dir, run_dir, tm
     from test_trackers import read_tensorboard
 
     out = tmp_path / "eval"
-    results = ev.main(eval_argv(tiny_dir, run_dir, out, f"sft={tiny_dir}", f"copy={run_dir / 'copy'}")
-                      + ["--report-to", "tensorboard"])
+    policies = f"sft={tiny_dir}", f"copy={run_dir / 'copy'}"
+    results = ev.main(eval_argv(tiny_dir, run_dir, out, *policies) + ["--report-to", "tensorboard"])
     scalars = read_tensorboard(out / "tensorboard")
     expected = {f"{name}/{k}": v for name, m in results["policies"].items() for k, v in m.items()
                 if isinstance(v, (int, float))}
@@ -439,8 +440,9 @@ def test_main_end_to_end_with_reward_model_judge(tiny_dir, run_dir, tmp_path):
 
 def test_main_stops_on_a_bad_judge_key_before_generating(tiny_dir, run_dir, tmp_path, judge_server,
                                                         monkeypatch, capsys):
-    """Before the fix a 401 came as a traceback, after every policy had been generated and scored; then
-    as exit code 1 without the `error:` prefix. Now: one line `error: --judge openai: ...`, exit code 2."""
+    """Before the fix a 401 came as a traceback, after every policy had been generated and scored;
+    then as exit code 1 without the `error:` prefix. Now: one line `error: --judge openai: ...`,
+    exit code 2."""
     def no_generation(*args, **kwargs):
         raise AssertionError("generated before the judge was checked")
 

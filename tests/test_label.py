@@ -311,10 +311,11 @@ def test_openai_reviser_survives_faults_and_never_leaks_the_key(splits, tiny_dir
             assert SECRET not in text
         assert "***" in Path(f"{out}.cache.jsonl").read_text()
 
-        # a second run asks only for the two failed pairs (their scripts are used up: they succeed now);
-        # pair 5's answer came back without the delimiter: asked again only with --retry-failed
+        # a second run asks only for the two failed pairs (their scripts are used up: they
+        # succeed now); pair 5's answer had no delimiter: asked again only with --retry-failed
         before = len(server.calls)
-        summary = label.main(openai_args(tiny_dir, out, server.url, 10, "--max-retries", "2", "--retry-failed"))
+        summary = label.main(openai_args(tiny_dir, out, server.url, 10, "--max-retries", "2",
+                                         "--retry-failed"))
         assert sorted(c[0] for c in server.calls[before:] if c[0] != "check") == [5, 6]
         assert summary["done"] == 10 and summary["failed"] == 0 and summary["from_cache"] == 8
         assert len(read_lines(out)) == 10 and len(read_lines(f"{out}.cache.jsonl")) == 12
@@ -322,11 +323,12 @@ def test_openai_reviser_survives_faults_and_never_leaks_the_key(splits, tiny_dir
         server.close()
 
 
-def test_a_rerun_pays_again_only_for_transient_failures(splits, tiny_dir, tmp_path, no_proxy_env, capsys):
-    """Answers that came back and could not be used (no delimiter, a 400) are not asked again by a rerun
-    unless --retry-failed; transient failures (500, 429, a timeout, a refused connection) are. Before,
-    a rerun re-asked every failed pair with the full retry budget: a paid API billed twice for the same
-    malformed answer at temperature 0."""
+def test_a_rerun_pays_again_only_for_transient_failures(splits, tiny_dir, tmp_path, no_proxy_env,
+                                                         capsys):
+    """Answers that came back and could not be used (no delimiter, a 400) are not asked again by a
+    rerun unless --retry-failed; transient failures (500, 429, a timeout, a refused connection) are.
+    Before, a rerun re-asked every failed pair with the full retry budget: a paid API billed twice
+    for the same malformed answer at temperature 0."""
     pairs = splits["reward"][:6]
     nodelim = "say:I would rather not rewrite this."
     scripts = {0: [nodelim] * 2, 1: ["400"], 2: ["500"] * 2, 3: ["429:0"] * 2}  # 4, 5: fine
@@ -340,7 +342,7 @@ def test_a_rerun_pays_again_only_for_transient_failures(splits, tiny_dir, tmp_pa
         assert "2 transient" in printed and "2 with an unusable answer" in printed
         assert "at least 3 calls" in printed  # the test request and the two transient pairs
 
-        before = len(server.calls)  # a rerun: the 500 and the 429 are asked again (and answered now)
+        before = len(server.calls)  # a rerun: the 500 and the 429 are asked again (answered now)
         summary = label.main(argv)
         assert sorted(map(str, (c[0] for c in server.calls[before:]))) == ["2", "3", "check"]
         assert summary["done"] == 4 and summary["failed_kinds"] == {"transient": 0, "unusable": 2}

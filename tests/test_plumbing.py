@@ -75,8 +75,8 @@ def test_reward_model_round_trips_through_auto_model_for_sequence_classification
         torch.testing.assert_close(redistribute.sequence_reward(loaded, query_response, attention_mask, attention_mask),
                                    ours, atol=1e-5, rtol=1e-5)
     plumbing.check_same_tokenizer(tokenizer, plumbing.load_tokenizer(tmp_path / "rm"), "rm")  # only a pad added
-    assert plumbing.read_run_info(tmp_path / "rm") == {"role": "reward_model",
-                                                       "format": "AutoModelForSequenceClassification"}
+    info = plumbing.read_run_info(tmp_path / "rm")
+    assert info == {"role": "reward_model", "format": "AutoModelForSequenceClassification"}
 
 
 @pytest.mark.parametrize("which", ["gpt2", "llama"])
@@ -100,11 +100,12 @@ def test_discriminator_round_trips_through_auto_model_for_token_classification(w
         torch.testing.assert_close(loaded(query_response, attention_mask)[real], ours[real], atol=1e-5, rtol=1e-5)
 
 
-def test_a_standard_save_that_fails_keeps_the_trained_model_in_the_head_file_format(tiny_dir, tmp_path,
-                                                                                      monkeypatch):
-    """The run never dies after training: if writing the standard class fails (here: forced), the model is
-    saved as backbone + score_head.safetensors with a warning and a note in token_rlhf.json, and it loads;
-    a later standard save removes the stale head file (which load_score_model would otherwise prefer)."""
+def test_a_standard_save_that_fails_keeps_the_model_in_the_head_file_format(tiny_dir, tmp_path,
+                                                                             monkeypatch):
+    """The run never dies after training: if writing the standard class fails (here: forced), the
+    model is saved as backbone + score_head.safetensors with a warning and a note in
+    token_rlhf.json, and it loads; a later standard save removes the stale head file (which
+    load_score_model would otherwise prefer)."""
     tokenizer = plumbing.load_tokenizer(tiny_dir)
     model = trained_score_model(tiny_dir, bias=True)
     query_response, attention_mask = scored_batch(tokenizer, TEXTS)
@@ -116,13 +117,16 @@ def test_a_standard_save_that_fails_keeps_the_trained_model_in_the_head_file_for
 
     monkeypatch.setattr(plumbing, "_save_standard", broken)
     with pytest.warns(UserWarning, match="disk says no"):
-        plumbing.save_score_model(model, tokenizer, tmp_path / "disc", kind="token", extra={"role": "d"})
+        plumbing.save_score_model(model, tokenizer, tmp_path / "disc", kind="token",
+                                  extra={"role": "d"})
     info = plumbing.read_run_info(tmp_path / "disc")
-    assert info["role"] == "d" and info["format"] == plumbing.HEAD_FILE_FORMAT and "disk says no" in info["format_note"]
+    assert info["role"] == "d" and info["format"] == plumbing.HEAD_FILE_FORMAT
+    assert "disk says no" in info["format_note"]
     real = attention_mask.bool()
     loaded = plumbing.load_score_model(tmp_path / "disc").eval()
     with torch.no_grad():
-        torch.testing.assert_close(loaded(query_response, attention_mask)[real], ours[real], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(loaded(query_response, attention_mask)[real], ours[real],
+                                   atol=1e-5, rtol=1e-5)
     monkeypatch.undo()
     plumbing.save_score_model(model, tokenizer, tmp_path / "disc", kind="token")
     assert not (tmp_path / "disc" / "score_head.safetensors").exists()
@@ -327,19 +331,22 @@ def test_help_shows_every_default():
 
 
 def test_bad_data_is_one_line_and_exit_code_2_in_every_stage(tmp_path, tiny_dir):
-    """Unreadable data stops every stage with one line that names the file and the line, and exit code 2:
-    a Latin-1 row on line 3 of the data, a binary labels file (line 1) for the discriminator. (Before,
-    the line was not named; earlier still, sft.py, redistribute.py, ppo_token.py and eval.py showed a
-    traceback.)"""
+    """Unreadable data stops every stage with one line that names the file and the line, and exit
+    code 2: a Latin-1 row on line 3 of the data, a binary labels file (line 1) for the
+    discriminator. (Before, the line was not named; earlier still, sft.py, redistribute.py,
+    ppo_token.py and eval.py showed a traceback.)"""
     bad = tmp_path / "bad.jsonl"
-    good_row = json.dumps({"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!", "rejected": "\n\nHuman: Hi\n\nAssistant: No."})
-    bad.write_bytes((good_row + "\n\n").encode() + '{"chosen": "café", "rejected": "thé"}\n'.encode("latin-1"))
+    good_row = json.dumps({"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!",
+                           "rejected": "\n\nHuman: Hi\n\nAssistant: No."})
+    latin1_row = '{"chosen": "café", "rejected": "thé"}\n'.encode("latin-1")
+    bad.write_bytes((good_row + "\n\n").encode() + latin1_row)
     binary = tmp_path / "labels.jsonl"
     binary.write_bytes(bytes(range(256)) * 8)
     stages = {
         "sft": ["sft.py", "--data", bad, "--out", tmp_path / "sft"],
         "label": ["label.py", "--reviser", "chosen", "--tokenizer", tiny_dir, "--data", bad, "--out", tmp_path / "l"],
-        "discriminator": ["discriminator.py", "train", "--sft", tiny_dir, "--labels", binary, "--out", tmp_path / "d"],
+        "discriminator": ["discriminator.py", "train", "--sft", tiny_dir, "--labels", binary,
+                          "--out", tmp_path / "d"],
         "reward model": ["redistribute.py", "train", "--sft", tiny_dir, "--data", bad, "--out", tmp_path / "r"],
         "ppo": ["ppo_token.py", "--policy", tiny_dir, "--reward", "tlcr", "--discriminator", tiny_dir,
                 "--critic-init", "policy", "--data", bad, "--out", tmp_path / "p"],
@@ -354,4 +361,5 @@ def test_bad_data_is_one_line_and_exit_code_2_in_every_stage(tmp_path, tiny_dir)
         lines = err.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1, (name, err[-2000:])
         where = f"{binary} line 1" if name == "discriminator" else f"{bad} line 3"
-        assert lines[0] == f"error: {where}: not UTF-8 text (a binary file, or another encoding?)", (name, lines)
+        expected = f"error: {where}: not UTF-8 text (a binary file, or another encoding?)"
+        assert lines[0] == expected, (name, lines)

@@ -382,15 +382,17 @@ def test_models_that_do_not_belong_together_stop_the_run_at_once(tiny_dir, llama
 
 @pytest.mark.parametrize("reward", ["seq", "red"])
 def test_seq_and_red_ignore_a_discriminator_and_name_the_reward_model(reward, tiny_dir, tmp_path):
-    """--reward seq / red never read --discriminator: a folder that is no model at all is ignored with a
-    warning, not refused; and the reward model the critic starts from is named by its option, not "critic"."""
+    """--reward seq / red never read --discriminator: a folder that is no model at all is ignored
+    with a warning, not refused; and the reward model the critic starts from is named by its option,
+    not "critic"."""
     (tmp_path / "not_a_model").mkdir()
-    argv = ["--policy", str(tiny_dir), "--reward", reward, "--out", str(tmp_path / "out"), "--iterations", "1",
-            "--reward-model", str(tiny_dir), "--discriminator", str(tmp_path / "not_a_model")]
+    argv = ["--policy", str(tiny_dir), "--reward", reward, "--out", str(tmp_path / "out"),
+            "--iterations", "1", "--reward-model", str(tiny_dir),
+            "--discriminator", str(tmp_path / "not_a_model")]
     with pytest.warns(UserWarning, match="does not use --discriminator"):
         assert ppo.parse_args(argv).discriminator is None
-    with pytest.warns(UserWarning), \
-            pytest.raises(common.InputError, match=f"^--reward-model {tiny_dir}: no trained score head"):
+    refused = f"^--reward-model {tiny_dir}: no trained score head"
+    with pytest.warns(UserWarning), pytest.raises(common.InputError, match=refused):
         ppo.main(argv)
 
 
