@@ -28,7 +28,9 @@ noisier than the paper's).
 
 No torchrun: the reviser runs concurrently (API) or batched (hf). Every reviser answer, parsed or
 not, is appended to <out>.cache.jsonl as it arrives (so a killed run started again asks only for the
-pairs still missing, and the raw answers of pairs that could not be parsed can be read there).
+pairs still missing, and the raw answers of pairs that could not be parsed can be read there). A
+rerun asks again for transient failures (network, timeout, 429, 5xx), not for answers that came back
+and could not be used, unless --retry-failed: at temperature 0 they would come back the same.
 Outputs: <out> (JSONL, one record per labelled pair: id, prompt, messages, chat_template, tokenizer,
 chosen, rejected, revised, rejected_ids, revised_ids, rejected_labels, revised_labels, distance; ids
 are the response tokens without EOS, cut to --max-response-len − 1 like common.encode_response) and
