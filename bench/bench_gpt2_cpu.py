@@ -10,7 +10,8 @@ the 124M shape). Nothing is downloaded. The stages run with the `gpt2` preset of
 run_pipeline.sh (512 prompt + 256 response tokens, PPO 128 new tokens, gradient checkpointing, its learning
 rates) but a tiny batch: micro-batch 2, one micro-batch per step, PPO rollout 2 and one PPO epoch. The
 precision is fp32, the CPU default (this CPU's bf16 matmuls run ~60× slower than its fp32 ones: a bf16
-step of this size would take hours; tests/test_precision.py covers bf16 on tiny models instead).
+step of this size would take hours, so bf16 against fp32 is left out here: tests/test_precision.py covers
+it on tiny models).
 
 It is bench/gpu_check.py on the CPU with these settings: every stage in its own subprocess, whose peak RSS
 growth (ru_maxrss minus the RSS before the stage's models are loaded) is the measured peak; the planner's
@@ -41,7 +42,7 @@ def main(argv=None):
           f"{len(tokenizer)} tokens (as many merges as the data allows; the other rows are never read by text, the "
           "bench feeds random ids over all of them)")
     defaults = ["--device", "cpu", "--precision", "fp32", "--steps", "1", "--micro-batch", "2",
-                "--micro-batches", "1", "--rollout-batch", "2", "--ppo-epochs", "1", "--isolate",
+                "--micro-batches", "1", "--rollout-batch", "2", "--ppo-epochs", "1", "--isolate", "--no-agreement",
                 "--stages", "sft,sft_lora,discriminator,reward,ppo,ppo_lora,sft_fsdp",
                 "--out", "bench_gpt2_cpu.json"]
     return gpu_check.main(defaults + list(argv if argv is not None else sys.argv[1:]), {"gpt2": config}, tokenizer)

@@ -343,6 +343,9 @@ def parse_args(argv=None):
     parser.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (preset: 512)")
     parser.add_argument("--response-len", type=int, default=None, help="response tokens (preset: 256)")
     parser.add_argument("--new-tokens", type=int, default=None, help="PPO response tokens (preset: 128)")
+    parser.add_argument("--agreement", action=argparse.BooleanOptionalAction, default=True,
+                        help="measure bf16 against fp32 on the SFT loss (--no-agreement: skip; on a CPU without "
+                             "bf16 matmul units one GPT-2-sized bf16 forward takes minutes)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's dense bf16 peak, TFLOP/s (default: looked up from the device name)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
@@ -369,7 +372,7 @@ def peak_tflops(args, device) -> tuple[float | None, str]:
 
 def jobs_of(args, name) -> list[dict]:
     stages = args.stages.split(",")
-    jobs = [dict(stage="agreement")]
+    jobs = [dict(stage="agreement")] if args.agreement else []
     for stage in stages:
         job = dict(stage=stage, steps=args.steps, micro_batches=args.micro_batches, ppo_epochs=args.ppo_epochs)
         if stage.endswith("_lora"):
