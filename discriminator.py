@@ -273,9 +273,10 @@ def token_rewards(discriminator, query_response, attention_mask, response_mask, 
 
 
 def load_discriminator(path, device="cpu", dtype=torch.float32, trust_remote_code=False):
-    """A trained discriminator in eval mode with dropout off, ready for token_rewards."""
+    """A trained discriminator in eval mode with dropout off, ready for token_rewards (stored in `dtype`,
+    computing like an fp32 model: plumbing.compute_in_fp32)."""
     model = plumbing.load_score_model(path, dtype=dtype, trust_remote_code=trust_remote_code, what="--discriminator")
-    return plumbing.disable_dropout(model).eval().to(device)
+    return plumbing.compute_in_fp32(plumbing.disable_dropout(model).eval().to(device))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -459,7 +460,7 @@ def evaluate(args):
     info = plumbing.read_run_info(args.discriminator)
     info.update({k: v for k in ("max_prompt_len", "max_response_len") if (v := getattr(args, k)) is not None})
     tokenizer = plumbing.load_tokenizer(args.discriminator, what="--discriminator")
-    model = load_discriminator(args.discriminator, device, trust_remote_code=args.trust_remote_code)
+    model = load_discriminator(args.discriminator, device, plumbing.frozen_dtype(args, device), args.trust_remote_code)
     records = load_labels(args.labels, tokenizer)
     examples, n_pairs = heldout_examples_of(records, tokenizer, info, args.split)
     if not examples:
@@ -477,7 +478,7 @@ def show(args):
     info = plumbing.read_run_info(args.discriminator)
     max_prompt_len = args.max_prompt_len or info.get("max_prompt_len", 256)
     tokenizer = plumbing.load_tokenizer(args.discriminator, what="--discriminator")
-    model = load_discriminator(args.discriminator, device, trust_remote_code=args.trust_remote_code)
+    model = load_discriminator(args.discriminator, device, plumbing.frozen_dtype(args, device), args.trust_remote_code)
     if args.labels is not None:
         records = load_labels(args.labels, tokenizer)
         if not 0 <= args.index < len(records):

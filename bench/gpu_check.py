@@ -32,6 +32,7 @@ The figures in this table are measured; the planner's are computed.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -274,6 +275,7 @@ def run_job(job: dict) -> dict:
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
         dist_info = plumbing.DistInfo(device=device, fsdp=True)
+    gc.collect()  # the previous stage's models (in-process runs)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
