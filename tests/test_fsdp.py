@@ -281,7 +281,7 @@ def work(tmp_path_factory, llama_dir, tiny_tokenizer):
     gpt2.save_pretrained(work / "gpt2")
     (work / "inputs.json").write_text(json.dumps({"llama": str(llama_dir), "gpt2": str(work / "gpt2"),
                                                   "score": str(work / "rm_init")}))
-    code, output = run_torchrun([__file__, "launch", work], timeout=240, cwd=ROOT)  # ~20 s; a hang fails here
+    code, output = run_torchrun([__file__, "launch", work], timeout=480, cwd=ROOT)  # ~30 s; a hang fails here
     assert code == 0, output[-6000:]
     torch.set_num_threads(1)
     for name, (stage, argv) in stage_runs(work, llama_dir).items():
