@@ -1,7 +1,7 @@
 """The `gpt2` preset's shape on a CPU: one step (PPO: one iteration) of every stage on a random
 GPT-2-124M, with LoRA too, a tiny batch, and each stage's peak host memory against the planner.
 
-    python bench/bench_gpt2_cpu.py      # ~20 min on 2 cores; writes bench_gpt2_cpu.json
+    python bench/bench_gpt2_cpu.py      # ~35 min on 2 busy cores; bench_gpt2_cpu.json
 
 The model is GPT-2-124M's published shape (12 layers, 768 wide, 12 heads, 1024 positions) built from
 its config with random weights, and the project's tokenizer: a byte-level BPE trained on the bundled
