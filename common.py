@@ -506,4 +506,5 @@ class ScoreModel(nn.Module):
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                                position_ids=position_ids_from_mask(attention_mask),
                                use_cache=False).last_hidden_state  # [B, T, H]
-        return head(hidden.to(head.weight.dtype)).squeeze(-1)  # [B, T]
+        with torch.autocast(hidden.device.type, enabled=False):  # the head in its own dtype (fp32), not bf16:
+            return head(hidden.to(head.weight.dtype)).squeeze(-1)  # [B, T]  a score keeps its small differences

@@ -135,7 +135,7 @@ def add_scoring_args(parser):
     group.add_argument("--max-prompt-len", type=int, default=None, help="prompt tokens kept (default: as in training)")
     group.add_argument("--max-response-len", type=int, default=None, help="response tokens kept (default: as in training)")
     group.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    group.add_argument("--no-bf16", dest="bf16", action="store_false", help="disable bf16 autocast on CUDA")
+    plumbing.add_precision_args(group)
     group.add_argument("--trust-remote-code", action="store_true",
                        help="allow model repos that ship their own Python code (off by default)")
     return group
@@ -274,9 +274,10 @@ def token_rewards(discriminator, query_response, attention_mask, response_mask, 
 
 
 def load_discriminator(path, device="cpu", dtype=torch.float32, trust_remote_code=False):
-    """A trained discriminator in eval mode with dropout off, ready for token_rewards."""
+    """A trained discriminator in eval mode with dropout off, ready for token_rewards (stored in `dtype`,
+    computing like an fp32 model: plumbing.compute_in_fp32)."""
     model = plumbing.load_score_model(path, dtype=dtype, trust_remote_code=trust_remote_code, what="--discriminator")
-    return plumbing.disable_dropout(model).eval().to(device)
+    return plumbing.compute_in_fp32(plumbing.disable_dropout(model).eval().to(device))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,7 +299,7 @@ def train_step(model, optimizer, scheduler, batch, args, dist_info, pad_id) -> d
     for k, examples in enumerate(micro_batches):
         query_response, attention_mask, response_mask, labels = (t.to(dist_info.device) for t in collate(examples, pad_id))
         with plumbing.accumulate(model, last=k == len(micro_batches) - 1):
-            with plumbing.autocast(dist_info.device, args.bf16):
+            with plumbing.autocast(dist_info.device, args.precision):
                 logits = model(query_response, attention_mask)  # [B, T]
             loss, bce_sum = discriminator_loss(logits, labels, response_mask, normaliser)  # eq. 6
             loss.backward()
@@ -316,7 +317,7 @@ def train_step(model, optimizer, scheduler, batch, args, dist_info, pad_id) -> d
 
 
 @torch.no_grad()
-def evaluate_accuracy(model, examples, batch_size, dist_info, bf16=True, pad_id=0) -> dict:
+def evaluate_accuracy(model, examples, batch_size, dist_info, precision="auto", pad_id=0) -> dict:
     """Token-level accuracy on held-out labels: a positive token is right if D > 0.5, a negative one
     if D < 0.5 (the paper's 81.4% figure); neutral tokens have no right answer, we report their mean D.
     Each rank scores its share of the sequences; the counts are summed over ranks."""
@@ -327,7 +328,7 @@ def evaluate_accuracy(model, examples, batch_size, dist_info, bf16=True, pad_id=
     sums = torch.zeros(8, dtype=torch.float64)
     for chunk, weight in plumbing.rank_batches(examples, batch_size, dist_info):
         query_response, attention_mask, response_mask, labels = (t.to(dist_info.device) for t in collate(chunk, pad_id))
-        with plumbing.autocast(dist_info.device, bf16):
+        with plumbing.autocast(dist_info.device, precision):
             probs = torch.sigmoid(model(query_response, attention_mask).float())  # D at every position, [B, T]
         in_response = response_mask.bool()
         pos, neg, neu = in_response & (labels > 0), in_response & (labels < 0), in_response & (labels == 0)
@@ -396,7 +397,7 @@ def train(args):
         raise common.DataError(f"{args.labels}: no non-empty response to train on")
     if args.gradient_checkpointing:
         plumbing.enable_gradient_checkpointing(model)
-    model = plumbing.wrap_model(model, dist_info, args.bf16)  # DDP, or sharded with --fsdp
+    model = plumbing.wrap_model(model, dist_info, args.precision)  # DDP, or sharded with --fsdp
 
     batch_size = min(args.batch_size, len(train_examples))
     plumbing.check_batch_size(batch_size, dist_info)
@@ -425,7 +426,7 @@ def train(args):
         record = {"step": step, "epoch": step / steps_per_epoch, **metrics, "lr": scheduler.get_last_lr()[0],
                   "elapsed_s": round(time.time() - start, 2)}
         if args.eval_every and step % args.eval_every == 0 and heldout_examples:
-            accuracy = evaluate_accuracy(model, heldout_examples, args.eval_batch_size, dist_info, args.bf16, pad_id)
+            accuracy = evaluate_accuracy(model, heldout_examples, args.eval_batch_size, dist_info, args.precision, pad_id)
             record.update(log_fields(accuracy))
         if step % args.log_every == 0 or step == total_steps or "eval_accuracy" in record:
             logger.log(record)
@@ -445,7 +446,7 @@ def train(args):
     plumbing.save_score_model(model, tokenizer, out, kind="token", extra=info)  # every rank; keeps log.jsonl, checkpoint/
     metrics = None
     if heldout_examples:
-        metrics = evaluate_accuracy(model, heldout_examples, args.eval_batch_size, dist_info, args.bf16, pad_id)
+        metrics = evaluate_accuracy(model, heldout_examples, args.eval_batch_size, dist_info, args.precision, pad_id)
         metrics.update(labels=str(args.labels), n_pairs=len(heldout_records), split="heldout")
         if dist_info.master:
             report_accuracy(metrics, out / "accuracy.json")
@@ -463,12 +464,12 @@ def evaluate(args):
     info = plumbing.read_run_info(args.discriminator)
     info.update({k: v for k in ("max_prompt_len", "max_response_len") if (v := getattr(args, k)) is not None})
     tokenizer = plumbing.load_tokenizer(args.discriminator, what="--discriminator")
-    model = load_discriminator(args.discriminator, device, trust_remote_code=args.trust_remote_code)
+    model = load_discriminator(args.discriminator, device, plumbing.frozen_dtype(args, device), args.trust_remote_code)
     records = load_labels(args.labels, tokenizer)
     examples, n_pairs = heldout_examples_of(records, tokenizer, info, args.split)
     if not examples:
         raise common.InputError(f"{args.labels}: no held-out pairs; use --split all")
-    metrics = evaluate_accuracy(model, examples, args.eval_batch_size, plumbing.DistInfo(device=device), args.bf16,
+    metrics = evaluate_accuracy(model, examples, args.eval_batch_size, plumbing.DistInfo(device=device), args.precision,
                                 tokenizer.pad_token_id)
     metrics.update(labels=str(args.labels), n_pairs=n_pairs, split=args.split)
     report_accuracy(metrics, Path(args.out) if args.out else Path(args.discriminator) / "accuracy.json")
@@ -481,7 +482,7 @@ def show(args):
     info = plumbing.read_run_info(args.discriminator)
     max_prompt_len = args.max_prompt_len or info.get("max_prompt_len", 256)
     tokenizer = plumbing.load_tokenizer(args.discriminator, what="--discriminator")
-    model = load_discriminator(args.discriminator, device, trust_remote_code=args.trust_remote_code)
+    model = load_discriminator(args.discriminator, device, plumbing.frozen_dtype(args, device), args.trust_remote_code)
     if args.labels is not None:
         records = load_labels(args.labels, tokenizer)
         if not 0 <= args.index < len(records):
@@ -500,7 +501,7 @@ def show(args):
             continue
         batch = collate([(prompt_ids, response_ids, [0] * len(response_ids))], tokenizer.pad_token_id)
         inputs = [t.to(device) for t in batch[:3]]  # query_response, attention_mask, response_mask
-        with plumbing.autocast(device, args.bf16):
+        with plumbing.autocast(device, args.precision):
             probs = token_probs(model, *inputs)  # [1, T_resp]
         rewards = rewards_from_probs(probs, torch.ones_like(probs), args.mode)[0]  # [T_resp]
         probs = probs[0]

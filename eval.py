@@ -209,14 +209,14 @@ def summarize(batches, eos_flags):
             "response_length": valid.sum(-1).mean().item(), "eos_share": sum(eos_flags) / len(eos_flags)}
 
 
-def discriminator_accuracy(disc_model, tokenizer, disc_dir, labels_path, split, batch_size, device, bf16=True):
+def discriminator_accuracy(disc_model, tokenizer, disc_dir, labels_path, split, batch_size, device, precision="auto"):
     """Token accuracy on positive/negative labels, measured by discriminator.py's own function on the
     pairs its training held out (split "heldout", same seed and fraction) or on every pair ("all")."""
     records = discriminator.load_labels(labels_path, tokenizer)
     examples, _ = discriminator.heldout_examples_of(records, tokenizer, plumbing.read_run_info(disc_dir), split)
     if not examples:
         raise common.InputError(f"{labels_path}: no held-out pairs; use --labels-split all")
-    return discriminator.evaluate_accuracy(disc_model, examples, batch_size, plumbing.DistInfo(device=device), bf16,
+    return discriminator.evaluate_accuracy(disc_model, examples, batch_size, plumbing.DistInfo(device=device), precision,
                                            tokenizer.pad_token_id)
 
 
@@ -378,8 +378,9 @@ def main(argv=None):
                                     args.max_prompt_len) for p in pairs]
     eos_ids = None
 
-    def frozen(model):
-        return plumbing.disable_dropout(model).to(device).eval().requires_grad_(False)
+    def frozen(model):  # in --frozen-dtype, computing like the trained models (plumbing.prepare_frozen)
+        model = plumbing.cast_frozen(model, plumbing.frozen_dtype(args, device))
+        return plumbing.prepare_frozen(model, plumbing.DistInfo(device=device), precision=args.precision)
 
     reference = frozen(plumbing.load_policy(args.reference, trust_remote_code=args.trust_remote_code, what="--reference"))
     eos_ids = common.eos_token_ids(tokenizer, reference)
@@ -398,7 +399,7 @@ def main(argv=None):
         for start in tqdm(range(0, len(prompts), args.eval_batch_size), desc=f"eval {name}"):
             prompt_ids, prompt_mask = common.pad_left(encoded[start:start + args.eval_batch_size], tokenizer.pad_token_id)
             prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-            with plumbing.autocast(device, args.bf16):
+            with plumbing.autocast(device, args.precision):
                 query_response, attention_mask, response_mask = generate_responses(
                     policy, prompt_ids, prompt_mask, args.max_new_tokens, eos_ids, tokenizer.pad_token_id,
                     args.top_p, args.temperature)
@@ -455,7 +456,7 @@ def main(argv=None):
     accuracy = None
     if args.labels:
         accuracy = discriminator_accuracy(disc_model, tokenizer, args.discriminator, args.labels,
-                                          args.labels_split, args.eval_batch_size, device, args.bf16)
+                                          args.labels_split, args.eval_batch_size, device, args.precision)
         accuracy.update(split=args.labels_split, labels=str(args.labels))
     results = {"baseline": args.baseline, "judge": args.judge if args.judge != "openai" else f"openai:{args.api_model}",
                "paths": {"policies": args.policies, "reference": args.reference, "reward_model": args.reward_model,

@@ -289,7 +289,7 @@ def run_hf(todo, args, on_answer):
         return 0
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     tokenizer = plumbing.load_tokenizer(args.reviser_model, args.trust_remote_code, what="--reviser-model")
-    dtype = torch.bfloat16 if device.type == "cuda" and args.bf16 else torch.float32
+    dtype = torch.bfloat16 if plumbing.use_bf16(args.precision, device) else torch.float32
     model = plumbing.load_policy(args.reviser_model, dtype=dtype, trust_remote_code=args.trust_remote_code,
                                  what="--reviser-model").to(device).eval()
     context = getattr(model.config, "max_position_embeddings", None) or 10**9

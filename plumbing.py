@@ -526,7 +526,9 @@ def load_score_model(path, dtype: torch.dtype = torch.float32, trust_remote_code
     check_model_source(path, what)
     _quiet_transformers()
     with torch.device("meta") if meta else contextlib.nullcontext():  # meta: the heads built on it too
-        return _load_score_model(Path(path), dtype, trust_remote_code, what, meta)
+        model = _load_score_model(Path(path), dtype, trust_remote_code, what, meta)
+    model.head.float()  # the scalar head stays fp32 whatever the backbone's dtype (a few hundred numbers)
+    return model
 
 
 def _load_score_model(path: Path, dtype, trust_remote_code, what, meta) -> ScoreModel:
@@ -620,17 +622,12 @@ def add_system_args(parser):
     """The options every training stage shares (device, precision, memory, seed)."""
     group = parser.add_argument_group("system")
     group.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    group.add_argument("--no-bf16", dest="bf16", action="store_false",
-                       help="disable bf16 autocast on CUDA (it is on by default there; CPU runs in fp32)")
+    add_precision_args(group)
     group.add_argument("--gradient-checkpointing", action="store_true",
                        help="recompute activations in the backward pass: less memory, ~30%% more compute")
     group.add_argument("--fsdp", action="store_true",
                        help="under torchrun: shard weights, gradients and optimizer states over the ranks (FSDP2) "
                             "instead of replicating them (DDP); for models that outgrow one GPU")
-    group.add_argument("--frozen-dtype", default="auto", choices=("auto", "float32", "bfloat16"),
-                       help="dtype of the weights that are never trained (a LoRA base; PPO's reference, reward model "
-                            "and discriminator); auto: bfloat16 on CUDA, float32 on CPU. Trained weights and their "
-                            "optimizer states are float32")
     group.add_argument("--seed", type=int, default=0,
                        help="random seed of initialisation, data order and sampling (not of the data split)")
     group.add_argument("--trust-remote-code", action="store_true",
@@ -655,9 +652,9 @@ NOT_DEFINING = {"out", "resume", "force_resume", "device", "save_every", "eval_e
 
 
 def frozen_dtype(args, device: torch.device) -> torch.dtype:
-    """--frozen-dtype as a torch dtype (auto: bfloat16 on CUDA, float32 on CPU)."""
+    """--frozen-dtype as a torch dtype (auto: bfloat16 when the run computes in bf16, float32 otherwise)."""
     if args.frozen_dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if use_bf16(args.precision, device) else torch.float32
     return getattr(torch, args.frozen_dtype)
 
 
@@ -741,12 +738,13 @@ def all_reduce_mean(value, dist_info: DistInfo) -> float:
     return all_reduce_sum(value, dist_info).item() / dist_info.world_size
 
 
-def wrap_model(model: nn.Module, dist_info: DistInfo, bf16: bool = True) -> nn.Module:
+def wrap_model(model: nn.Module, dist_info: DistInfo, precision="auto") -> nn.Module:
     """The trained model on this rank's device, data parallel over the ranks: replicated (DDP), or sharded
-    (FSDP2, --fsdp: see shard_model; `bf16` then picks the mixed-precision policy on CUDA). The model
-    itself in a single process. Call it before building the optimizer (FSDP replaces the parameters)."""
+    (FSDP2, --fsdp: see shard_model; a bf16 `precision` then picks the bf16 mixed-precision policy, on CUDA
+    and, since FSDP2 supports it with gloo, on CPU). The model itself in a single process. Call it before
+    building the optimizer (FSDP replaces the parameters)."""
     if dist_info.fsdp:
-        return shard_model(model, dist_info, mixed_precision=bf16 and dist_info.device.type == "cuda")
+        return shard_model(model, dist_info, mixed_precision=use_bf16(precision, dist_info.device))
     model = model.to(dist_info.device)
     if not dist_info.enabled:
         return model
@@ -754,16 +752,27 @@ def wrap_model(model: nn.Module, dist_info: DistInfo, bf16: bool = True) -> nn.M
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
-def prepare_frozen(model: nn.Module, dist_info: DistInfo, offload: bool = False) -> nn.Module:
+def cast_frozen(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A loaded model in the frozen dtype, a ScoreModel's scalar head kept fp32."""
+    model = model.to(dtype)
+    if isinstance(model, ScoreModel):
+        model.head.float()
+    return model
+
+
+def prepare_frozen(model: nn.Module, dist_info: DistInfo, offload: bool = False, precision="fp32") -> nn.Module:
     """A model that is only read (PPO's reference, reward model, discriminator): eval mode, no gradients,
-    dropout off; on this rank's device (the CPU with offload), or sharded like the trained ones under FSDP."""
+    dropout off; on this rank's device (the CPU with offload), or sharded like the trained ones under FSDP.
+    It computes the way the trained models do (the precision section): one process or DDP, bf16 weights
+    upcast layer by layer (compute_in_fp32); FSDP, the trained models' mixed-precision policy (bf16
+    weights all-gathered and used in bf16, which the bf16-rounded policy then shares exactly)."""
     model = disable_dropout(model).eval().requires_grad_(False)
     if dist_info.fsdp:
         if offload:
             raise InputError("--offload-frozen and --fsdp do not go together: FSDP already spreads the frozen "
                              "models over the ranks")
-        return shard_model(model, dist_info)
-    return model.to("cpu" if offload else dist_info.device)
+        return shard_model(model, dist_info, mixed_precision=use_bf16(precision, dist_info.device))
+    return compute_in_fp32(model.to("cpu" if offload else dist_info.device))
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -823,11 +832,96 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
     return float(norm)
 
 
-def autocast(device: torch.device, bf16: bool = True):
-    """bf16 autocast on CUDA (if asked); a no-op context on CPU."""
-    if device.type == "cuda" and bf16:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+# ----------------------------------------------------------------------------------------------
+# Precision: one flag, the same meaning in every stage
+# ----------------------------------------------------------------------------------------------
+# --precision bf16 is the path every GPU run takes, and it runs on the CPU too (torch.autocast has a
+# CPU bf16 kernel set), so the tests exercise it:
+#   trained weights, their gradients and AdamW states   fp32 ("master weights")
+#   matmuls of the forward and backward                  bf16, by torch.autocast (fp32 accumulation)
+#   frozen weights (reference, reward model, discriminator, a LoRA base)   stored in bf16 (--frozen-dtype auto)
+#   scalar heads (reward, discriminator logit, value)    fp32, outside autocast (common.ScoreModel)
+#   log-probs, losses, rewards, advantages               fp32 (the logits are upcast before log_softmax)
+# One design rule keeps PPO exact at its first iteration: a frozen model computes the way a trained model
+# computes. A bf16-stored model run as it is keeps its residual stream, embeddings and norms in bf16,
+# while the fp32 policy under autocast keeps them in fp32: the log-probs differ by bf16 noise, KL is not 0
+# at iteration 0 and the KL penalty rewards noise. So a bf16 frozen model is *stored* in bf16 but run with
+# each layer's weights upcast to fp32 for the duration of that layer's call (compute_in_fp32: one small
+# layer's fp32 copy at a time), and PPO starts the policy at the bf16 values of its weights
+# (round_like_frozen), the point the reference stores. The two then run the same arithmetic on the
+# same numbers, and KL = 0, ratio = 1 hold at iteration 0 in bf16 as they do in fp32
+# (tests/test_precision.py). Under FSDP the same rule holds through the sharding: see prepare_frozen.
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def add_precision_args(group):
+    group.add_argument("--precision", default="auto", choices=PRECISIONS,
+                       help="bf16: bf16 autocast, frozen models stored in bf16, trained weights, heads and optimizer "
+                            "states in fp32 (the GPU path; runs on the CPU too); fp32: everything in fp32; "
+                            "auto: bf16 on CUDA, fp32 on CPU")
+    group.add_argument("--no-bf16", dest="precision", action="store_const", const="fp32",
+                       help="the same as --precision fp32 (kept for older command lines)")
+    group.add_argument("--frozen-dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                       help="storage dtype of the weights that are never trained (a LoRA base; PPO's reference, "
+                            "reward model and discriminator); auto: bfloat16 when --precision is bf16, else float32")
+    return group
+
+
+def use_bf16(precision, device: torch.device) -> bool:
+    """Whether a run of --precision `precision` computes in bf16 on `device` (auto: on CUDA only).
+    (True / False are read as auto / fp32: the meaning of the older bf16 switch.)"""
+    if isinstance(precision, bool):
+        precision = "auto" if precision else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: one of {', '.join(PRECISIONS)}")
+    return precision == "bf16" or (precision == "auto" and torch.device(device).type == "cuda")
+
+
+def autocast(device: torch.device, precision="auto"):
+    """bf16 autocast where --precision asks for it (auto: on CUDA), on CUDA and CPU alike; else no-op."""
+    device = torch.device(device)
+    if use_bf16(precision, device):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def _upcast_params(module, _inputs):
+    for param in module.parameters(recurse=False):
+        if param.dtype == torch.bfloat16:
+            param.data = param.data.float()
+
+
+def _downcast_params(module, _inputs, _output):
+    for param in module.parameters(recurse=False):
+        if param.dtype == torch.float32:
+            param.data = param.data.to(torch.bfloat16)  # exact: these values came from bf16
+
+
+def compute_in_fp32(model: nn.Module) -> nn.Module:
+    """A frozen bf16-stored model that computes like an fp32 model: each module that owns bf16 weights
+    (a linear, an embedding, a norm) gets them as fp32 for its own call and bf16 again right after (both
+    casts exact). Under autocast the matmuls still run in bf16; embeddings, norms and the residual stream
+    in fp32, as in the trained fp32 models. For frozen models run under no_grad only (not a LoRA base)."""
+    if getattr(model, "_computes_in_fp32", False) or not any(p.dtype == torch.bfloat16 for p in model.parameters()):
+        return model
+    for module in model.modules():
+        if any(p.dtype == torch.bfloat16 for p in module.parameters(recurse=False)):
+            module.register_forward_pre_hook(_upcast_params)
+            module.register_forward_hook(_downcast_params)
+    model._computes_in_fp32 = True
+    return model
+
+
+@torch.no_grad()
+def round_like_frozen(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Round a trained model's fp32 weights to the values a frozen copy stored in `dtype` holds (bf16), so
+    that PPO's policy starts exactly at its bf16 reference (a change below bf16's 3 significant digits,
+    the rounding every frozen copy already makes). Nothing for fp32."""
+    if dtype != torch.float32:
+        for param in model.parameters():
+            if param.dtype == torch.float32:
+                param.copy_(param.to(dtype))
+    return model
 
 
 def seed_everything(seed: int):
@@ -882,7 +976,8 @@ def enable_gradient_checkpointing(model: nn.Module):
 #
 # --fsdp reaches this section through the functions the stages already call:
 #   wrap_model          shard_model: each decoder layer (the model's own _no_split_modules), then the root;
-#                       mixed precision on CUDA (bf16 weights for compute, fp32 gradient reduction);
+#                       with --precision bf16 (CUDA, or CPU with gloo) mixed precision: bf16 weights for
+#                       compute, fp32 gradient reduction;
 #                       activation checkpointing is switched on before (enable_gradient_checkpointing)
 #   prepare_frozen      the frozen models (reference, reward model, discriminator) are sharded too
 #   load_*(meta=...)    rank 0 reads the weights; the other ranks build the model on the meta device
@@ -925,8 +1020,8 @@ def shard_model(model: nn.Module, dist_info: DistInfo, mixed_precision: bool = F
     Each fully_shard call makes one unit that is all-gathered together just before it runs; layer by layer
     keeps one layer's full weights in memory at a time. reshard_after_forward=True for the root too: a
     frozen model runs under no_grad and never reaches the backward where a root left whole would be freed.
-    mixed_precision (CUDA): weights all-gathered and used in bf16 (half the traffic), gradients reduced in
-    fp32, the sharded fp32 weights stepped by AdamW in fp32.
+    mixed_precision (--precision bf16; CUDA, and CPU with gloo): weights all-gathered and used in bf16 (half
+    the traffic), gradients reduced in fp32, the sharded fp32 weights stepped by AdamW in fp32.
 
     Weights come from rank 0. The other ranks may have built the model on the meta device (load_policy,
     load_score_model, new_score_model with meta=True) instead of reading it: they allocate their pieces

@@ -38,7 +38,7 @@ policy with its adapters switched off (lora.adapters_disabled), and the critic i
 model's (or discriminator's) backbone plus a value head started from the reward head, the reward being
 read from that backbone with the critic's adapters switched off and the frozen reward head. Two frozen
 backbones instead of four models (three for tlcr* with a --reward-model read for logging, or with
---critic-init policy); --frozen-dtype (bf16 on CUDA) for them, adapters and heads in fp32.
+--critic-init policy); --frozen-dtype (bf16 with --precision bf16) for them, adapters and heads in fp32.
 
 Log: OUT/log.jsonl, one JSON line per iteration ("step"), averaged over ranks: task_reward (Σ_j task_j per
 response, after the clip and the EOS penalty), token_reward (mean r_j per token), rm_score (R_φ(x, y),
@@ -49,7 +49,7 @@ rollout values), elapsed_s (seconds since the start), tokens_per_s (response tok
 
 Commands (outputs: OUT/log.jsonl, OUT/checkpoint/ to resume, OUT/policy/ the final Hugging Face model):
     python ppo_token.py --policy runs/demo/sft --reward tlcr --discriminator runs/demo/discriminator \\
-        --reward-model runs/demo/reward_model --out runs/demo/ppo_tlcr        # CPU or one GPU (bf16 autocast)
+        --reward-model runs/demo/reward_model --out runs/demo/ppo_tlcr        # CPU (fp32) or one GPU (bf16)
     python ppo_token.py --policy runs/demo/sft --reward red --reward-model runs/demo/reward_model \\
         --out runs/demo/ppo_red
     python ppo_token.py ... --gradient-checkpointing --offload-frozen          # one GPU, less memory
@@ -316,7 +316,7 @@ def rollout(policy, ref_policy, critic, reward_fn, prompt, prompt_mask, args, eo
     # Under FSDP every forward all-gathers each layer's weights and frees them again. Generation runs the policy
     # once per new token, so the rollout keeps it gathered (plumbing.gathered): one all-gather per layer per
     # rollout instead of one per layer per token, for the price of the whole policy on every rank meanwhile.
-    with plumbing.autocast(prompt.device, args.bf16), plumbing.gathered(policy):
+    with plumbing.autocast(prompt.device, args.precision), plumbing.gathered(policy):
         # 1. generate
         response = generate(unwrap(policy), prompt, prompt_mask, eos_ids, pad_id, args.max_new_tokens,
                             args.temperature, args.top_p)  # [B, R]
@@ -382,7 +382,7 @@ def minibatch_losses(policy, critic, batch: dict, idx, n_tokens, args):
     query_response, attention_mask, full_response_mask = (batch[k][idx, :columns] for k in
                                                           ("query_response", "attention_mask", "full_response_mask"))
     mask = batch["response_mask"][idx, :width].float()  # [b, width]
-    with plumbing.autocast(query_response.device, args.bf16):
+    with plumbing.autocast(query_response.device, args.precision):
         new_logprobs, _ = common.response_logprobs(policy, query_response, attention_mask, full_response_mask,
                                                    args.temperature)  # [b, width]
         new_values = critic_values(critic, query_response, attention_mask, full_response_mask)  # [b, width]
@@ -466,7 +466,7 @@ def load_frozen_score_model(path, args, dist_info, what):
     """A trained reward model or discriminator, frozen (eval, no grad, dropout off), in --frozen-dtype."""
     model = plumbing.load_score_model(path, dtype=plumbing.frozen_dtype(args, dist_info.device), what=what,
                                       trust_remote_code=args.trust_remote_code, meta=dist_info.meta)
-    return plumbing.prepare_frozen(model, dist_info, args.offload_frozen)
+    return plumbing.prepare_frozen(model, dist_info, args.offload_frozen, args.precision)
 
 
 class RewardInCritic(nn.Module):
@@ -531,9 +531,10 @@ def load_models(args, dist_info):
     lora.add_lora_from_args(policy, args)
     ref_policy = None
     if not args.lora_rank:
-        ref_policy = plumbing.load_policy(args.policy, plumbing.frozen_dtype(args, dist_info.device),
-                                          args.trust_remote_code, meta=meta)
-        ref_policy = plumbing.prepare_frozen(ref_policy, dist_info, args.offload_frozen)
+        ref_dtype = plumbing.frozen_dtype(args, dist_info.device)
+        ref_policy = plumbing.load_policy(args.policy, ref_dtype, args.trust_remote_code, meta=meta)
+        ref_policy = plumbing.prepare_frozen(ref_policy, dist_info, args.offload_frozen, args.precision)
+        plumbing.round_like_frozen(policy, ref_dtype)  # start where the bf16 reference is: KL 0 at iteration 0
     if args.critic_init == "policy":
         critic = plumbing.new_score_model(args.policy, bias=True, dtype=dtype, trust_remote_code=args.trust_remote_code,
                                           meta=meta)
@@ -552,7 +553,8 @@ def load_models(args, dist_info):
     if args.gradient_checkpointing:  # active in train() mode only, so generation keeps its KV cache
         plumbing.enable_gradient_checkpointing(policy)
         plumbing.enable_gradient_checkpointing(critic)
-    policy, critic = plumbing.wrap_model(policy, dist_info, args.bf16), plumbing.wrap_model(critic, dist_info, args.bf16)
+    policy = plumbing.wrap_model(policy, dist_info, args.precision)
+    critic = plumbing.wrap_model(critic, dist_info, args.precision)
     shared = {}
     if args.lora_rank and critic_path is not None:  # the value head starts as the reward head, which stays frozen
         reward_head = plumbing.frozen_copy(unwrap(critic).head)  # taken before a checkpoint moves the value head

@@ -215,7 +215,7 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, normaliser=
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(model, examples: list[dict], pad_id: int, batch_size: int, device: torch.device,
-             dist_info: plumbing.DistInfo | None = None, bf16: bool = True) -> dict:
+             dist_info: plumbing.DistInfo | None = None, precision="auto") -> dict:
     """Share of held-out pairs with R(x, y_c) > R(x, y_r) (ties count as wrong), and the mean
     margin R(x, y_c) − R(x, y_r). Under torchrun each rank scores every world_size-th pair."""
     dist_info = dist_info or plumbing.DistInfo(device=device)
@@ -225,7 +225,7 @@ def evaluate(model, examples: list[dict], pad_id: int, batch_size: int, device: 
     correct = margin_sum = 0.0
     for chunk, weight in plumbing.rank_batches(examples, batch_size, dist_info):
         batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id).items()}
-        with plumbing.autocast(device, bf16):
+        with plumbing.autocast(device, precision):
             chosen, rejected = pair_rewards(model, batch)
         correct += weight * (chosen > rejected).sum().item()
         margin_sum += weight * (chosen - rejected).sum().item()
@@ -312,7 +312,7 @@ def train_step(model, optimizer, scheduler, batch: list[dict], args, dist_info, 
     for k, examples in enumerate(micro_batches):
         micro = {key: v.to(dist_info.device) for key, v in collate_pairs(examples, pad_id).items()}
         with plumbing.accumulate(model, last=k == len(micro_batches) - 1):
-            with plumbing.autocast(dist_info.device, args.bf16):
+            with plumbing.autocast(dist_info.device, args.precision):
                 chosen, rejected = pair_rewards(model, micro)  # [B], [B]
             loss, loss_sum = bradley_terry_loss(chosen, rejected, normaliser)
             loss.backward()
@@ -356,7 +356,7 @@ def train(args):
     plumbing.disable_dropout(model).train()
     if args.gradient_checkpointing:
         plumbing.enable_gradient_checkpointing(model)
-    model = plumbing.wrap_model(model, dist_info, args.bf16)  # DDP, or sharded with --fsdp
+    model = plumbing.wrap_model(model, dist_info, args.precision)  # DDP, or sharded with --fsdp
     batch_size = min(args.batch_size, len(train_examples))  # global pairs per optimizer step
     plumbing.check_batch_size(batch_size, dist_info)
     total_steps = plumbing.total_steps_of(len(train_examples), batch_size, args.epochs, args.max_steps)
@@ -386,7 +386,7 @@ def train(args):
         record = {"step": step, "epoch": step / steps_per_epoch, **metrics, "lr": scheduler.get_last_lr()[0],
                   "elapsed_s": round(time.time() - start, 2)}
         if args.eval_every and step % args.eval_every == 0:
-            result = evaluate(model, eval_examples, pad_id, args.eval_batch_size, device, dist_info, args.bf16)
+            result = evaluate(model, eval_examples, pad_id, args.eval_batch_size, device, dist_info, args.precision)
             record.update({f"eval_{k}": v for k, v in result.items() if k != "pairs"})
         if step % args.log_every == 0 or step == total_steps or "eval_accuracy" in record:
             logger.log(record)
@@ -401,7 +401,7 @@ def train(args):
     bar.close()
 
     # held-out accuracy, final model
-    result = evaluate(model, eval_examples, pad_id, args.eval_batch_size, device, dist_info, args.bf16)
+    result = evaluate(model, eval_examples, pad_id, args.eval_batch_size, device, dist_info, args.precision)
     checkpoint()
     info = {"role": "reward_model", "sft": str(args.sft), "data": str(args.data), "split": args.split,
             "split_seed": args.split_seed, "eval_fraction": args.eval_fraction, "preference": args.preference,

@@ -126,7 +126,7 @@ def train_step(model, optimizer, scheduler, batch, args, dist_info, pad_id) -> d
     for k, examples in enumerate(micro_batches):
         inputs = [t.to(dist_info.device) for t in common.collate_right(examples, pad_id)]
         with plumbing.accumulate(model, last=k == len(micro_batches) - 1):
-            with plumbing.autocast(dist_info.device, args.bf16):
+            with plumbing.autocast(dist_info.device, args.precision):
                 loss, nll = sft_loss(model, *inputs, normaliser=normaliser)
             loss.backward()
         nll_sum += nll.double().cpu()
@@ -147,7 +147,7 @@ def evaluate(model, examples, args, dist_info, pad_id) -> float:
     nll_sum, count = 0.0, 0
     for chunk, weight in plumbing.rank_batches(examples[: args.eval_examples], args.eval_batch_size, dist_info):
         inputs = [t.to(dist_info.device) for t in common.collate_right(chunk, pad_id)]
-        with plumbing.autocast(dist_info.device, args.bf16):
+        with plumbing.autocast(dist_info.device, args.precision):
             _, nll = sft_loss(model, *inputs)
         nll_sum, count = nll_sum + weight * nll.item(), count + weight * int(inputs[2].sum())
     model.train(was_training)
@@ -194,7 +194,7 @@ def main(argv=None):
     # model fitting a few hundred dialogues needs the regularisation; every RL stage turns it off
     if args.gradient_checkpointing:
         plumbing.enable_gradient_checkpointing(model)
-    model = plumbing.wrap_model(model, dist_info, args.bf16)  # DDP, or sharded with --fsdp
+    model = plumbing.wrap_model(model, dist_info, args.precision)  # DDP, or sharded with --fsdp
 
     total_steps = plumbing.total_steps_of(len(train_examples), args.batch_size, args.epochs, args.max_steps)
     optimizer = plumbing.adamw(model, args.lr, args.weight_decay)

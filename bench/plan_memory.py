@@ -89,6 +89,9 @@ def parse_args(argv=None):
                              "linear layers of the decoder blocks")
     parser.add_argument("--frozen-dtype", choices=("bf16", "fp32"), default="bf16",
                         help="dtype of frozen weights (the LoRA base, PPO's reference and reward model)")
+    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                        help="the stages' --precision: bf16 (autocast, the GPU default) or fp32 (the CPU default: "
+                             "no autocast copies, 4-byte activations, KV cache and logits)")
     parser.add_argument("--micro-batch", type=int, default=4,
                         help="sequences per forward/backward pass (reward model: pairs, so twice the sequences)")
     parser.add_argument("--prompt-len", type=int, default=512, help="prompt tokens per sequence")
@@ -159,30 +162,32 @@ def count_parameters(config, rank: int, targets: list[str] | None = None) -> dic
 # ----------------------------------------------------------------------------------------------
 # 2. Activations, KV cache, logits (the formulas of the docstring)
 # ----------------------------------------------------------------------------------------------
-def block_bytes_per_token(shape: dict, counts: dict, lora_on: bool) -> int:
-    """One decoder block's activations saved for backward, per token (bf16 autocast, SDPA attention)."""
+def block_bytes_per_token(shape: dict, counts: dict, lora_on: bool, act: int = BF16) -> int:
+    """One decoder block's activations saved for backward, per token (bf16 autocast, SDPA attention;
+    act = 4 bytes per activation under --precision fp32)."""
     H, Hkv, I = shape["hidden"], shape["kv_dim"], shape["mlp"]
     elements = 9 * H + 2 * Hkv + 4 * I if counts["gated"] else 12 * H + 4 * I
-    extra = BF16 * counts["lora_act"] if lora_on else 0  # each adapter's input copy and its r values
-    return BF16 * elements + extra
+    extra = act * counts["lora_act"] if lora_on else 0  # each adapter's input copy and its r values
+    return act * elements + extra
 
 
-def forward_bytes_per_token(shape: dict) -> int:
+def forward_bytes_per_token(shape: dict, act: int = BF16) -> int:
     """The tensors alive at once inside one block in a forward pass without autograd (rollouts)."""
-    return BF16 * (3 * shape["mlp"] + 4 * shape["hidden"])
+    return act * (3 * shape["mlp"] + 4 * shape["hidden"])
 
 
 def train_activations(shape, counts, sequences: int, tokens: int, residual_bytes: int, lora_on: bool,
-                      n_models: int = 1, logit_positions: int = 0) -> int:
-    """Gradient checkpointing: every block's input for n_models models, one block recomputed, the loss's logits."""
+                      n_models: int = 1, logit_positions: int = 0, act: int = BF16) -> int:
+    """Gradient checkpointing: every block's input for n_models models, one block recomputed, the loss's logits
+    (bf16 logits + their fp32 copy + its gradient: 10 bytes each; fp32: logits and gradient, 8)."""
     saved_inputs = n_models * shape["layers"] * sequences * tokens * shape["hidden"] * residual_bytes
-    one_block = sequences * tokens * block_bytes_per_token(shape, counts, lora_on)
-    logits = 10 * sequences * logit_positions * shape["vocab"]
+    one_block = sequences * tokens * block_bytes_per_token(shape, counts, lora_on, act)
+    logits = (act + 2 * FP32 if act == BF16 else 2 * FP32) * sequences * logit_positions * shape["vocab"]
     return saved_inputs + one_block + logits
 
 
-def kv_cache_bytes(shape, sequences: int, tokens: int) -> int:
-    return 2 * shape["layers"] * sequences * tokens * shape["kv_dim"] * BF16  # keys and values, bf16
+def kv_cache_bytes(shape, sequences: int, tokens: int, act: int = BF16) -> int:
+    return 2 * shape["layers"] * sequences * tokens * shape["kv_dim"] * act  # keys and values, bf16 (fp32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,6 +195,8 @@ def kv_cache_bytes(shape, sequences: int, tokens: int) -> int:
 # ----------------------------------------------------------------------------------------------
 def plan(stage: str, lora_on: bool, counts: dict, shape: dict, args, rollout_batch: int) -> dict:
     frozen_bytes = BF16 if args.frozen_dtype == "bf16" else FP32
+    act = BF16 if getattr(args, "precision", "bf16") == "bf16" else FP32  # activation bytes
+    autocast_copy = BF16 if act == BF16 else 0  # the bf16 copies autocast caches of fp32 weights
     lm, backbone, head = counts["lm"], counts["backbone"], shape["hidden"] + 1
     T, R, b = args.prompt_len + args.response_len, args.response_len, args.micro_batch
     # the models: (parameters trained, parameters frozen, root parameters for FSDP)
@@ -211,18 +218,18 @@ def plan(stage: str, lora_on: bool, counts: dict, shape: dict, args, rollout_bat
     residual_bytes = frozen_bytes if lora_on else FP32
     out = dict(stage=stage, method=f"LoRA r{args.lora_rank}" if lora_on else "full",
                trained_params=trained, frozen_params=frozen,
-               weights=trained * (FP32 + BF16) + frozen * frozen_bytes,  # fp32 + autocast's bf16 copies
+               weights=trained * (FP32 + autocast_copy) + frozen * frozen_bytes,  # fp32 + autocast's bf16 copies
                gradients=trained * FP32, adamw=trained * 2 * FP32)
     if stage == "SFT":
-        out["activations"] = train_activations(shape, counts, b, T, residual_bytes, lora_on, 1, T)
+        out["activations"] = train_activations(shape, counts, b, T, residual_bytes, lora_on, 1, T, act)
     elif stage == "discriminator":
-        out["activations"] = train_activations(shape, counts, b, T, residual_bytes, lora_on, 1)
+        out["activations"] = train_activations(shape, counts, b, T, residual_bytes, lora_on, 1, act=act)
     elif stage == "reward model":
-        out["activations"] = train_activations(shape, counts, 2 * b, T, residual_bytes, lora_on, 1)
+        out["activations"] = train_activations(shape, counts, 2 * b, T, residual_bytes, lora_on, 1, act=act)
     else:
-        out["activations"] = train_activations(shape, counts, b, T, residual_bytes, lora_on, 2, R + 1)
-        block = forward_bytes_per_token(shape)
-        out["kv_cache"] = kv_cache_bytes(shape, rollout_batch, T)
+        out["activations"] = train_activations(shape, counts, b, T, residual_bytes, lora_on, 2, R + 1, act)
+        block = forward_bytes_per_token(shape, act)
+        out["kv_cache"] = kv_cache_bytes(shape, rollout_batch, T, act)
         out["generation"] = out["kv_cache"] + rollout_batch * args.prompt_len * block
         out["scoring"] = 12 * rollout_batch * (R + 1) * shape["vocab"] + rollout_batch * T * block
     phases = max(out["activations"], out.get("generation", 0), out.get("scoring", 0))

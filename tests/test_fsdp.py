@@ -14,7 +14,9 @@ results.json, the stage runs write their usual folders, and the tests below asse
     unsharded model samples, and keeps the policy gathered during the rollout;
   - rank 0 loads, the others build on the meta device: the same logits (Llama's rotary buffers included),
     half the parameters per rank; a frozen model sharded under no_grad gives the unsharded logits and is
-    left resharded; the bf16 mixed-precision policy computes in bf16 and keeps fp32 weights and gradients.
+    left resharded; the bf16 mixed-precision policy computes in bf16 and keeps fp32 weights and gradients;
+  - --precision bf16: one step of each stage with FSDP2's bf16 MixedPrecisionPolicy (it runs with gloo on CPU)
+    agrees with DDP under bf16 autocast to bf16 rounding; PPO's KL is exactly 0 at iteration 0 in both.
 
     python -m pytest tests/test_fsdp.py        # ~1 min on 2 CPU cores
 """
@@ -82,6 +84,14 @@ def stage_runs(work: Path, llama_dir: Path) -> dict[str, tuple[str, list[str]]]:
         "ppo_lora_ddp": ("ppo_token", ppo_lora), "ppo_lora_fsdp": ("ppo_token", ppo_lora + ["--fsdp"]),
         "ppo_lora_fsdp_cut": ("ppo_token", ppo_lora + ["--fsdp", "--stop-after", "2"]),
     }
+    bf16 = ["--precision", "bf16", "--max-steps", "1"]  # FSDP2's bf16 MixedPrecisionPolicy against DDP + autocast
+    for name, (stage, argv) in {"sft": ("sft", sft_args), "disc": ("discriminator", disc_args),
+                                "rm": ("redistribute", rm_args), "rm_lora": ("redistribute", rm_lora)}.items():
+        runs[f"{name}_bf16_ddp"] = (stage, argv + bf16)
+        runs[f"{name}_bf16_fsdp"] = (stage, argv + bf16 + ["--fsdp"])
+    for name, argv in (("ppo", ppo_args), ("ppo_lora", ppo_lora)):
+        runs[f"{name}_bf16_ddp"] = ("ppo_token", argv + ["--precision", "bf16", "--iterations", "1"])
+        runs[f"{name}_bf16_fsdp"] = ("ppo_token", argv + ["--precision", "bf16", "--iterations", "1", "--fsdp"])
     return {name: (stage, argv + ["--out", str(work / name)]) for name, (stage, argv) in runs.items()}
 
 
@@ -271,7 +281,7 @@ def work(tmp_path_factory, llama_dir, tiny_tokenizer):
     gpt2.save_pretrained(work / "gpt2")
     (work / "inputs.json").write_text(json.dumps({"llama": str(llama_dir), "gpt2": str(work / "gpt2"),
                                                   "score": str(work / "rm_init")}))
-    code, output = run_torchrun([__file__, "launch", work], timeout=240, cwd=ROOT)  # ~20 s; a hang fails here
+    code, output = run_torchrun([__file__, "launch", work], timeout=480, cwd=ROOT)  # ~30 s; a hang fails here
     assert code == 0, output[-6000:]
     torch.set_num_threads(1)
     for name, (stage, argv) in stage_runs(work, llama_dir).items():
@@ -353,6 +363,39 @@ def test_ppo_under_fsdp_matches_ddp(work, lora):
     assert_weights_match(weights(work / f"{name}_fsdp" / "policy"), weights(work / f"{name}_ddp" / "policy"))
     log = read_log(work / f"{name}_fsdp")
     assert log[0]["kl"] == 0.0 and log[-1]["kl"] != 0.0
+
+
+# FSDP2's bf16 mixed-precision policy runs on the CPU with gloo (torch 2.13): weights all-gathered and used
+# in bf16, gradients reduced in fp32. DDP under --precision bf16 keeps fp32 weights and lets autocast round
+# the matmuls' inputs. The two compute the same step up to bf16 rounding (tolerance: tests/test_precision.py).
+BF16_RTOL = 2e-2
+
+
+@pytest.mark.parametrize("stage", ["sft", "disc", "rm", "rm_lora"])
+def test_stage_under_fsdp_mixed_precision_matches_ddp_in_bf16(work, stage):
+    fsdp, ddp = read_log(work / f"{stage}_bf16_fsdp")[0], read_log(work / f"{stage}_bf16_ddp")[0]
+    loss = "train_loss" if stage == "sft" else "loss"
+    for key in (loss, "grad_norm"):
+        assert fsdp[key] == pytest.approx(ddp[key], rel=BF16_RTOL), key
+    assert fsdp[loss] != read_log(work / f"{stage}_fsdp")[0][loss]  # bf16 did run (not bitwise the fp32 loss)
+
+
+@pytest.mark.parametrize("name", ["ppo", "ppo_lora"])
+def test_ppo_under_fsdp_mixed_precision_starts_exactly_at_its_reference(work, name):
+    """Iteration 0 in bf16, sharded and not: KL = 0 exactly (the policy and its bf16 reference compute alike),
+    and the first iteration's statistics of FSDP and DDP agree to bf16 rounding. Full fine-tuning samples other
+    tokens under the two: DDP's fp32 weights keep embeddings, norms and the residual stream in fp32, FSDP's
+    bf16 policy casts every weight of a layer; the sampling distributions differ by bf16 rounding, so do some
+    draws. Only per-token averages that hardly depend on which tokens were drawn are compared then. With LoRA
+    both run the same bf16 base and draw the same tokens: the rewards and the value loss are compared too.
+    (policy_loss is a mean of whitened advantages, a sum that cancels to ~0: a relative tolerance means
+    nothing there.)"""
+    fsdp, ddp = read_log(work / f"{name}_bf16_fsdp")[0], read_log(work / f"{name}_bf16_ddp")[0]
+    assert fsdp["kl"] == 0.0 and ddp["kl"] == 0.0
+    keys = ("entropy", "perplexity", "response_length") + (("task_reward", "rm_score", "value_loss") if "lora" in name
+                                                           else ())
+    for key in keys:
+        assert fsdp[key] == pytest.approx(ddp[key], rel=BF16_RTOL, abs=1e-3), key
 
 
 def test_fsdp_resume_continues_exactly(work):

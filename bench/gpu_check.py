@@ -1,0 +1,736 @@
+"""The prepared device check: every stage on random-weight models, measured against the memory
+planner.
+
+    python bench/gpu_check.py                      # one GPU: GPT-2-124M, a ~1B Llama, bf16, < 8 min
+    python bench/gpu_check.py --peak-tflops 989    # a GPU the lookup table below does not know
+    python bench/gpu_check.py --device cpu --tiny  # the same in seconds (tests/test_gpu_check.py)
+
+Nothing is downloaded: the models are built from their published configs with random weights (saved
+to a temporary folder and read back by the stages' own loaders) and fed random token ids of exactly
+the planned shape, so bench/plan_memory.py can be asked about the same shape. For each model, in
+--precision (bf16 on a GPU) with gradient checkpointing and the `gpt2` preset's micro-batch
+(run_pipeline.sh SIZE=gpt2): SFT, discriminator and reward model (--steps optimizer steps each,
+through each stage's train_step), PPO (--steps iterations of ppo_token's rollout and update, reward
+red), PPO with LoRA, then SFT under FSDP2 on one rank (plumbing.shard_model, the --fsdp path, with
+the bf16 mixed-precision policy).
+
+One table, printed and written as JSON (--out):
+  peak memory   measured: CUDA, torch.cuda.max_memory_allocated above what was allocated before the
+                stage; CPU, the growth of the process's peak RSS (ru_maxrss) over its RSS before the
+                stage, each stage in a fresh subprocess (so that one stage's peak does not hide the
+                next one's)
+  planner       plan_memory.plan() for the same shape, micro-batch, lengths and precision (1
+                device); error = measured / planned − 1
+  tokens/s      tokens through the stage per second (SFT etc.: the trained sequences' tokens; PPO:
+                response tokens per second of whole iterations, rollout and update), the first step
+                excluded when --steps > 1 (it warms up kernels and allocators)
+  MFU           model FLOPs utilisation of the SFT step and of the PPO update: 6·N + 12·L·H·T FLOPs
+                per trained token (N parameters without the input embedding; the PaLM paper's count,
+                which ignores the recomputation of gradient checkpointing) over the device's dense
+                bf16 peak
+  rollout tok/s response tokens per second of the PPO rollout (generation and scoring)
+  bf16 vs fp32  per model: the SFT loss of one batch in bf16 against fp32 (relative difference), and
+                in the PPO rows the largest |KL_j| at iteration 0 and the largest |ratio − 1| of the
+                first update
+The figures in this table are measured; the planner's are computed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+import torch  # noqa: E402
+
+import common  # noqa: E402
+import discriminator  # noqa: E402
+import plan_memory  # noqa: E402
+import plumbing  # noqa: E402
+import ppo_token  # noqa: E402
+import redistribute  # noqa: E402
+import sft  # noqa: E402
+
+# Dense bf16 peak TFLOP/s (no sparsity), from the vendors' data sheets; the first key found in the
+# device's name wins.
+PEAK_BF16_TFLOPS = {
+    "H200": 989.0,
+    "H100 PCIe": 756.0,
+    "H100": 989.0,
+    "GH200": 989.0,
+    "B200": 2250.0,
+    "A100": 312.0,
+    "A10G": 70.0,
+    "A10": 125.0,
+    "L40S": 362.0,
+    "L40": 181.0,
+    "L4": 121.0,
+    "RTX 4090": 165.0,
+    "RTX 3090": 71.0,
+    "V100": 125.0,
+    "T4": 65.0,
+}
+STAGE_NAMES = {
+    "sft": "SFT",
+    "sft_lora": "SFT",
+    "discriminator": "discriminator",
+    "reward": "reward model",
+    "ppo": "PPO",
+    "ppo_lora": "PPO",
+    "sft_fsdp": "SFT",
+}
+
+# The gpt2 preset of run_pipeline.sh (SIZE=gpt2): micro-batches, lengths, learning rates.
+PRESET = dict(
+    prompt_len=512,
+    response_len=256,
+    new_tokens=128,
+    micro_batch=8,
+    rollout_batch=64,
+    minibatch=16,
+    sft_lr=2e-5,
+    disc_lr=1e-5,
+    rm_lr=1e-5,
+    policy_lr=1e-6,
+    critic_lr=5e-6,
+)
+TINY = dict(
+    prompt_len=16,
+    response_len=8,
+    new_tokens=8,
+    micro_batch=2,
+    rollout_batch=4,
+    minibatch=2,
+    sft_lr=1e-3,
+    disc_lr=1e-3,
+    rm_lr=1e-3,
+    policy_lr=1e-3,
+    critic_lr=1e-3,
+)
+
+
+def model_configs(tiny: bool, only=None) -> dict:
+    """name -> config: GPT-2-124M's and Llama-3.2-1B's published shapes (plan_memory.MODELS)."""
+    if tiny:
+        from transformers import GPT2Config, LlamaConfig
+
+        configs = {
+            "gpt2": GPT2Config(
+                n_layer=2,
+                n_embd=64,
+                n_head=2,
+                n_positions=64,
+                vocab_size=512,
+                bos_token_id=1,
+                eos_token_id=1,
+                resid_pdrop=0.0,
+                embd_pdrop=0.0,
+                attn_pdrop=0.0,
+            ),
+            "llama": LlamaConfig(
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                vocab_size=512,
+                max_position_embeddings=64,
+                tie_word_embeddings=False,
+            ),
+        }
+    else:
+        configs = {
+            "gpt2": plan_memory.load_config("gpt2"),
+            "llama-1b": plan_memory.load_config("llama-3.2-1b"),
+        }
+    for config in configs.values():
+        config.bos_token_id = config.eos_token_id = (
+            1  # EOS: id 1, never the argmax of a random model's rows
+        )
+        config.pad_token_id = 0
+    return {k: v for k, v in configs.items() if not only or k in only}
+
+
+# ----------------------------------------------------------------------------------------------
+# Models on disk (random weights), read back by the stages' loaders
+# ----------------------------------------------------------------------------------------------
+def save_models(config, folder: Path, tokenizer=None):
+    """policy/ (a causal LM) and reward/ (a ScoreModel: the PPO reward model, its critic's start),
+    with `tokenizer` (default: a three-word stand-in; the models are fed random ids anyway)."""
+    from tokenizers import Tokenizer, models
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    tokenizer = tokenizer or PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(
+            models.WordLevel({"<pad>": 0, "<eos>": 1, "<unk>": 2}, unk_token="<unk>")
+        ),
+        pad_token="<pad>",
+        eos_token="<eos>",
+    )
+    torch.manual_seed(0)
+    policy = AutoModelForCausalLM.from_config(config)
+    plumbing.save_hf(policy, tokenizer, folder / "policy")
+    del policy
+    torch.manual_seed(1)
+    plumbing.save_score_model(
+        plumbing.new_score_model(folder / "policy", bias=False),
+        tokenizer,
+        folder / "reward",
+        "sequence",
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# One stage, measured
+# ----------------------------------------------------------------------------------------------
+def random_rows(n, length, vocab, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(
+        3, vocab, (n, length), generator=g
+    ).tolist()  # ids 0-2 (pad, EOS, unk) left out
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def training_flops_per_token(config, n_params: int, tokens: int) -> float:
+    """6·N + 12·L·H·T (forward and backward, attention included), N without the input embedding."""
+    embedding = config.vocab_size * config.hidden_size
+    return 6 * (n_params - embedding) + 12 * config.num_hidden_layers * config.hidden_size * tokens
+
+
+def supervised_stage(job, folder, sizes, device, dist_info):
+    """SFT, discriminator or reward model: --steps optimizer steps of the stage's train_step."""
+    stage, lora_rank = job["stage"], job.get("lora_rank", 0)
+    P, R, b = sizes["prompt_len"], sizes["response_len"], sizes["micro_batch"]
+    common_argv = [
+        "--micro-batch-size",
+        str(b),
+        "--batch-size",
+        str(b * job["micro_batches"]),
+        "--max-prompt-len",
+        str(P),
+        "--max-response-len",
+        str(R),
+        "--gradient-checkpointing",
+        "--precision",
+        job["precision"],
+        "--lora-rank",
+        str(lora_rank),
+    ]
+    path = folder / "policy"
+    vocab = job["vocab"]
+    n_examples = b * job["micro_batches"]
+    if stage.startswith("sft"):
+        args = sft.parse_args(common_argv + ["--model", str(path), "--lr", str(sizes["sft_lr"])])
+        model = plumbing.load_policy(path, plumbing.base_dtype(args, device))
+        module, examples = (
+            sft,
+            list(zip(random_rows(n_examples, P, vocab, 1), random_rows(n_examples, R, vocab, 2))),
+        )
+    elif stage == "discriminator":
+        args = discriminator.parse_args(
+            [
+                "train",
+                "--sft",
+                str(path),
+                "--labels",
+                "x",
+                "--out",
+                "x",
+                "--lr",
+                str(sizes["disc_lr"]),
+                *common_argv,
+            ]
+        )
+        model = plumbing.new_score_model(path, bias=True, dtype=plumbing.base_dtype(args, device))
+        labels = [[(-1, 0, 1)[(i + j) % 3] for j in range(R)] for i in range(n_examples)]
+        module = discriminator
+        examples = list(
+            zip(random_rows(n_examples, P, vocab, 1), random_rows(n_examples, R, vocab, 2), labels)
+        )
+    else:
+        args = redistribute.parse_args(
+            ["train", "--sft", str(path), "--out", "x", "--lr", str(sizes["rm_lr"]), *common_argv]
+        )
+        model = plumbing.new_score_model(path, bias=False, dtype=plumbing.base_dtype(args, device))
+        module = redistribute
+        examples = [
+            dict(prompt=p, chosen=c, rejected=r)
+            for p, c, r in zip(
+                random_rows(n_examples, P, vocab, 1),
+                random_rows(n_examples, R, vocab, 2),
+                random_rows(n_examples, R, vocab, 3),
+            )
+        ]
+    import lora
+
+    lora.add_lora_from_args(model.backbone if hasattr(model, "backbone") else model, args)
+    n_params = sum(p.numel() for p in model.parameters())
+    plumbing.disable_dropout(model)
+    plumbing.enable_gradient_checkpointing(model)
+    model = plumbing.wrap_model(model, dist_info, args.precision)
+    optimizer = plumbing.adamw(model, args.lr)
+    scheduler = plumbing.cosine_schedule(optimizer, job["steps"])
+    times, losses = [], []
+    for _ in range(job["steps"]):
+        sync(device)
+        start = time.perf_counter()
+        metrics = module.train_step(model, optimizer, scheduler, examples, args, dist_info, 0)
+        sync(device)
+        times.append(time.perf_counter() - start)
+        losses.append(metrics["loss"])
+    rows = 2 * n_examples if stage == "reward" else n_examples
+    tokens = rows * (P + R)
+    steady = times[1:] or times
+    out = dict(
+        tokens_per_s=tokens / (sum(steady) / len(steady)),
+        step_s=sum(times) / len(times),
+        loss=losses[0],
+    )
+    if stage.startswith("sft"):
+        out["mfu_flops_per_token"] = training_flops_per_token(job["config"], n_params, P + R)
+    return out
+
+
+def ppo_stage(job, folder, sizes, device, dist_info):
+    """--steps PPO iterations (reward red), rollout and update timed apart; KL, ratio at step 0."""
+    P, R = sizes["prompt_len"], sizes["new_tokens"]
+    B, minibatch, b = sizes["rollout_batch"], sizes["minibatch"], sizes["micro_batch"]
+    argv = [
+        "--policy",
+        str(folder / "policy"),
+        "--out",
+        "x",
+        "--reward",
+        "red",
+        "--reward-model",
+        str(folder / "reward"),
+        "--rollout-batch-size",
+        str(B),
+        "--minibatch-size",
+        str(minibatch),
+        "--micro-batch-size",
+        str(b),
+        "--max-new-tokens",
+        str(R),
+        "--max-prompt-len",
+        str(P),
+        "--ppo-epochs",
+        str(job["ppo_epochs"]),
+        "--policy-lr",
+        str(sizes["policy_lr"]),
+        "--critic-lr",
+        str(sizes["critic_lr"]),
+        "--gradient-checkpointing",
+        "--precision",
+        job["precision"],
+        "--lora-rank",
+        str(job.get("lora_rank", 0)),
+        "--device",
+        device.type,
+    ]
+    args = ppo_token.parse_args(argv)
+    torch.manual_seed(0)
+    policy, ref_policy, critic, shared = ppo_token.load_models(args, dist_info)
+    reward_fn, _ = ppo_token.make_reward_fn(args, dist_info, shared)
+    policy_opt, critic_opt = (
+        plumbing.adamw(policy, args.policy_lr),
+        plumbing.adamw(critic, args.critic_lr),
+    )
+    prompt = torch.tensor(random_rows(B, P, job["vocab"], 4), device=device)
+    prompt_mask = torch.ones_like(prompt)
+    n_params = sum(p.numel() for p in plumbing.unwrap(policy).parameters())
+    rollout_s, update_s, response_tokens, update_tokens, first = [], [], [], [], {}
+    for step in range(job["steps"]):
+        torch.manual_seed(step)
+        sync(device)
+        start = time.perf_counter()
+        batch = ppo_token.rollout(
+            policy, ref_policy, critic, reward_fn, prompt, prompt_mask, args, [1], 0
+        )
+        sync(device)
+        middle = time.perf_counter()
+        if step == 0:
+            first["kl0_max"] = float(batch["kl"].abs().max())
+            first["ratio_max"] = first_ratio(policy, batch, args, minibatch)
+        ppo_token.ppo_update(policy, critic, policy_opt, critic_opt, batch, args, minibatch)
+        sync(device)
+        rollout_s.append(middle - start)
+        update_s.append(time.perf_counter() - middle)
+        response_tokens.append(int(batch["response_mask"].sum()))
+        update_tokens.append(
+            batch["query_response"].numel() * args.ppo_epochs
+        )  # prompt + response, each epoch
+    k = 1 if job["steps"] > 1 else 0
+    tokens, roll, upd = sum(response_tokens[k:]), sum(rollout_s[k:]), sum(update_s[k:])
+    T = batch["query_response"].shape[1]
+    flops = 2 * training_flops_per_token(
+        job["config"], n_params, T
+    )  # policy and critic, ~ the same size
+    return dict(
+        tokens_per_s=tokens / (roll + upd),
+        step_s=(sum(rollout_s) + sum(update_s)) / job["steps"],
+        rollout_tokens_per_s=tokens / roll,
+        update_tokens_per_s=sum(update_tokens[k:]) / upd,
+        mfu_flops_per_token=flops,
+        response_len=tokens / B / (len(response_tokens) - k),
+        **first,
+    )
+
+
+def first_ratio(policy, batch, args, minibatch) -> float:
+    """max |π_θ / π_old − 1| on the first minibatch, in the training forward (train mode)."""
+    plumbing.unwrap(policy).train()
+    idx = torch.arange(
+        min(minibatch, batch["response_mask"].shape[0]), device=batch["response_mask"].device
+    )
+    idx = idx[: args.micro_batch_size or len(idx)]
+    with torch.no_grad(), plumbing.autocast(batch["response_mask"].device, args.precision):
+        new_logprobs, _ = common.response_logprobs(
+            policy,
+            *(batch[k][idx] for k in ("query_response", "attention_mask", "full_response_mask")),
+            args.temperature,
+        )
+    mask = batch["response_mask"][idx].bool()
+    return float((torch.exp(new_logprobs - batch["logprobs"][idx]) - 1)[mask].abs().max())
+
+
+def sft_loss_agreement(folder, sizes, device) -> float:
+    """|L_bf16 / L_fp32 − 1| of the SFT loss of one micro-batch (the same weights, the same ids)."""
+    model = plumbing.disable_dropout(plumbing.load_policy(folder / "policy")).to(device).eval()
+    vocab = model.config.vocab_size
+    examples = list(
+        zip(
+            random_rows(2, sizes["prompt_len"], vocab, 5),
+            random_rows(2, sizes["response_len"], vocab, 6),
+        )
+    )
+    query_response, attention_mask, response_mask = (
+        t.to(device) for t in common.collate_right(examples, 0)
+    )
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        with torch.no_grad(), plumbing.autocast(device, precision):
+            losses[precision] = float(
+                sft.sft_loss(model, query_response, attention_mask, response_mask)[0]
+            )
+    return abs(losses["bf16"] / losses["fp32"] - 1)
+
+
+def run_job(job: dict) -> dict:
+    """One stage of one model, in this process: measured figures (the caller adds the planner's)."""
+    device = torch.device(job["device"])
+    torch.set_num_threads(job.get("threads") or torch.get_num_threads())
+    plumbing._quiet_transformers()
+    folder = Path(job["folder"])
+    sizes = job["sizes"]
+    job["config"] = plumbing.load_policy(folder / "policy", meta=True).config
+    job["vocab"] = job["config"].vocab_size
+    dist_info = plumbing.DistInfo(device=device)
+    if (
+        job["stage"] == "sft_fsdp"
+    ):  # FSDP2 on one rank: the sharding code path, the bf16 mixed-precision policy
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group(
+                "nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1
+            )
+        dist_info = plumbing.DistInfo(device=device, fsdp=True)
+    gc.collect()  # the previous stage's models (in-process runs)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    else:
+        before = rss_bytes()
+    if job["stage"] == "agreement":
+        return dict(sft_loss_bf16_vs_fp32=sft_loss_agreement(folder, sizes, device))
+    result = (
+        ppo_stage(job, folder, sizes, device, dist_info)
+        if job["stage"].startswith("ppo")
+        else supervised_stage(job, folder, sizes, device, dist_info)
+    )
+    if device.type == "cuda":
+        result["peak_bytes"] = torch.cuda.max_memory_allocated(device) - before
+    else:
+        result["peak_bytes"] = peak_rss_bytes() - before
+    mfu = result.pop("mfu_flops_per_token", None)
+    if mfu is not None:
+        tokens_per_s = result.get("update_tokens_per_s", result["tokens_per_s"])
+        result["tflops"] = tokens_per_s * mfu / 1e12
+    return result
+
+
+def run_isolated(job: dict) -> dict:
+    """run_job in a fresh Python process (on CPU: its own peak RSS); result: its last line."""
+    proc = subprocess.run(
+        [sys.executable, __file__, "--job", json.dumps(job)], capture_output=True, text=True
+    )
+    if proc.returncode:
+        raise RuntimeError(f"{job['model']} {job['stage']} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------------------------
+# The planner for the same shape
+# ----------------------------------------------------------------------------------------------
+def planned_bytes(config, job, sizes) -> int:
+    lora_rank = job.get("lora_rank", 0)
+    counts = plan_memory.count_parameters(config, lora_rank or 8)
+    shape = plan_memory.shape_of(config)
+    ppo = job["stage"].startswith("ppo")
+    bf16 = job["precision"] == "bf16"
+    args = SimpleNamespace(
+        frozen_dtype="bf16" if bf16 else "fp32",
+        precision=job["precision"],
+        gpus=1,
+        lora_rank=lora_rank or 8,
+        micro_batch=sizes["micro_batch"],
+        prompt_len=sizes["prompt_len"],
+        response_len=sizes["new_tokens"] if ppo else sizes["response_len"],
+    )
+    row = plan_memory.plan(
+        STAGE_NAMES[job["stage"]], bool(lora_rank), counts, shape, args, sizes["rollout_batch"]
+    )
+    return row["total"]
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu")
+    parser.add_argument(
+        "--tiny", action="store_true", help="tiny models and lengths (seconds on a CPU)"
+    )
+    parser.add_argument(
+        "--models", default=None, help="comma-separated subset of the models (gpt2, llama-1b)"
+    )
+    parser.add_argument(
+        "--stages",
+        default="sft,discriminator,reward,ppo,ppo_lora,sft_fsdp",
+        help="comma-separated subset of: sft, sft_lora, discriminator, reward, ppo, ppo_lora, "
+        "sft_fsdp",
+    )
+    parser.add_argument(
+        "--precision",
+        default="bf16",
+        choices=("bf16", "fp32"),
+        help="the stages' --precision (bf16: the GPU path; on a CPU without bf16 matmul units it "
+        "is slow beyond --tiny)",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=3, help="optimizer steps (PPO: iterations) per stage"
+    )
+    parser.add_argument(
+        "--micro-batches", type=int, default=2, help="micro-batches per supervised step"
+    )
+    parser.add_argument(
+        "--ppo-epochs", type=int, default=1, help="PPO epochs per iteration (the preset's: 4)"
+    )
+    parser.add_argument(
+        "--rollout-batch",
+        type=int,
+        default=None,
+        help="PPO prompts per iteration (default: the preset's 64; --tiny 4)",
+    )
+    parser.add_argument(
+        "--micro-batch", type=int, default=None, help="sequences per micro-batch (preset: 8)"
+    )
+    parser.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (preset: 512)")
+    parser.add_argument(
+        "--response-len", type=int, default=None, help="response tokens (preset: 256)"
+    )
+    parser.add_argument(
+        "--new-tokens", type=int, default=None, help="PPO response tokens (preset: 128)"
+    )
+    parser.add_argument(
+        "--agreement",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure bf16 against fp32 on the SFT loss (--no-agreement: skip; on a CPU without "
+        "bf16 matmul units one GPT-2-sized bf16 forward takes minutes)",
+    )
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the device's dense bf16 peak, TFLOP/s (default: looked up from the device name)",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument(
+        "--isolate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="each stage in its own process (default: on CPU without --tiny, where peak RSS "
+        "needs it; --tiny figures of memory are noise either way)",
+    )
+    parser.add_argument("--out", default="gpu_check.json", help="the table as JSON")
+    parser.add_argument("--job", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    return args
+
+
+def peak_tflops(args, device) -> tuple[float | None, str]:
+    if args.peak_tflops:
+        return args.peak_tflops, "--peak-tflops"
+    if device.type != "cuda":
+        return None, "CPU: no MFU"
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return value, name
+    return None, f"{name}: unknown, give --peak-tflops"
+
+
+def jobs_of(args, name) -> list[dict]:
+    stages = args.stages.split(",")
+    jobs = [dict(stage="agreement")] if args.agreement else []
+    for stage in stages:
+        job = dict(
+            stage=stage,
+            steps=args.steps,
+            micro_batches=args.micro_batches,
+            ppo_epochs=args.ppo_epochs,
+        )
+        if stage.endswith("_lora"):
+            job["lora_rank"] = 16
+        jobs.append(job)
+    return jobs
+
+
+def fmt_gib(x):
+    return "–" if x is None else f"{x / 2**30:.2f}"
+
+
+def print_table(rows, header):
+    print(header)
+    print(
+        "| model | stage | peak GiB measured | planner GiB | error | tokens/s | rollout tok/s "
+        "| MFU "
+        "| bf16 vs fp32 |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|")
+    for r in rows:
+        mfu = "–" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
+        rollout = f"{r['rollout_tokens_per_s']:.0f}" if "rollout_tokens_per_s" in r else "–"
+        if "kl0_max" in r:
+            agree = f"KL0 {r['kl0_max']:.1e}, ratio−1 {r['ratio_max']:.1e}"
+        else:
+            agree = (
+                f"SFT loss {r['sft_loss_bf16_vs_fp32']:.1e}" if "sft_loss_bf16_vs_fp32" in r else ""
+            )
+        print(
+            f"| {r['model']} | {r['stage']} | {fmt_gib(r['peak_bytes'])} | "
+            f"{fmt_gib(r['planned_bytes'])} | "
+            f"{r['error']:+.0%} | {r['tokens_per_s']:.0f} | {rollout} | {mfu} | {agree} |"
+        )
+
+
+def main(argv=None, configs=None, tokenizer=None):
+    """configs: {name: config} instead of the built-in shapes; tokenizer: saved with the models."""
+    args = parse_args(argv)
+    if args.job:  # a subprocess of run_isolated
+        print(json.dumps(run_job(json.loads(args.job))))
+        return None
+    device = torch.device(args.device)
+    isolate = args.isolate if args.isolate is not None else device.type == "cpu" and not args.tiny
+    sizes = dict(TINY if args.tiny else PRESET)
+    for key in ("rollout_batch", "micro_batch", "prompt_len", "response_len", "new_tokens"):
+        if getattr(args, key) is not None:
+            sizes[key] = getattr(args, key)
+    sizes["minibatch"] = min(sizes["minibatch"], sizes["rollout_batch"])
+    peak, peak_source = peak_tflops(args, device)
+    rows, started = [], time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
+        configs = configs or model_configs(
+            args.tiny, args.models.split(",") if args.models else None
+        )
+        for name, config in configs.items():
+            folder = Path(tmp) / name
+            save_models(config, folder, tokenizer)
+            agreement = {}
+            for job in jobs_of(args, name):
+                job.update(
+                    model=name,
+                    device=str(device),
+                    folder=str(folder),
+                    tiny=args.tiny,
+                    precision=args.precision,
+                    threads=args.threads,
+                    sizes=sizes,
+                )
+                start = time.perf_counter()
+                result = run_isolated(job) if isolate else run_job(dict(job))
+                if job["stage"] == "agreement":
+                    agreement = result
+                    continue
+                row = dict(
+                    model=name,
+                    stage=job["stage"],
+                    seconds=round(time.perf_counter() - start, 1),
+                    **result,
+                )
+                row["planned_bytes"] = planned_bytes(config, job, sizes)
+                row["error"] = row["peak_bytes"] / row["planned_bytes"] - 1
+                row["mfu"] = row["tflops"] / peak if peak and "tflops" in row else None
+                if job["stage"] == "sft":
+                    row.update(agreement)
+                rows.append(row)
+                print(f"{name} {job['stage']}: {row['seconds']} s", file=sys.stderr, flush=True)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    header = (
+        f"\n## gpu_check on {device_name} "
+        f"(measured; planner computed): {args.precision}, gradient checkpointing, micro-batch "
+        f"{sizes['micro_batch']}, prompt {sizes['prompt_len']} + response {sizes['response_len']} "
+        f"tokens (PPO: {sizes['new_tokens']} new, rollout {sizes['rollout_batch']}, "
+        f"{args.ppo_epochs} epoch), "
+        f"{args.steps} steps; peak bf16 {peak or '–'} TFLOP/s ({peak_source}); "
+        f"{time.perf_counter() - started:.0f} s in all\n"
+    )
+    print_table(rows, header)
+    report = dict(
+        device=str(device),
+        precision=args.precision,
+        sizes=sizes,
+        steps=args.steps,
+        peak_tflops=peak,
+        peak_source=peak_source,
+        rows=rows,
+    )
+    plumbing.atomic_write(args.out, json.dumps(report, indent=1))
+    print(f"\nwritten: {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
