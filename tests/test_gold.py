@@ -400,3 +400,18 @@ def test_token_credit_rules_on_hand_made_pieces():
     # "-kill" (the hyphen outside any word) belongs to kill; " co" "caine" both carry cocaine's weight
     m = gold.credit_metrics(credit, credit, word_of_token)
     assert m["words"] == 7 and m["harm_words"] == 4 and m["safe_words"] == 0
+
+
+def test_binned_frontier_and_its_chart():
+    import report
+
+    points = [(0.2, 1.0), (3.5, 7.0), (0.4, 3.0), (1.5, 2.0), (3.0, 5.0), (100.0, 0.0)]  # time order
+    frontier = report.binned_frontier(points)
+    assert frontier[0] == pytest.approx((0.3, 2.0, 1.0, 2))  # s.e. = sd / √n = √2 / √2
+    assert frontier[1] == (1.5, 2.0, None, 1)  # one step: no error bar
+    assert frontier[2] == pytest.approx((3.25, 6.0, 1.0, 2))
+    assert frontier[3] == (100.0, 0.0, None, 1)  # past the last edge: the last bin
+    svg = report.gold_frontier_svg({"tlcr": points})
+    assert svg.count("<circle") == len(points) + len(frontier)  # faint steps, then the bin means
+    assert svg.count('stroke-width="1.2"') == 2  # an error bar where a bin holds two steps or more
+    assert report.GOLD_VS_KL in svg and ">KL</text>" in svg
