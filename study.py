@@ -1,14 +1,14 @@
-"""study.py — the lab as a measuring instrument: the whole pipeline over several seeds, each method's
-gold score at equal KL with 95% confidence intervals, and which differences between methods are
-significant.
+"""study.py — the lab as a measuring instrument: the whole pipeline over several seeds, each
+method's gold score at equal KL with 95% confidence intervals, and which differences between
+methods are significant.
 
 One seed of the lab is an example, not a result: RL amplifies the last bit of floating-point
 difference, so the same command gives other final numbers on another machine. This script runs
 `run_pipeline.sh` once per seed (RUN=OUT/seed-N SEED=N: every stage's seed, SFT to eval; the data
 split stays put) and reads what each seed wrote:
 
-    gold at KL k    from each PPO run's per-step log (ppo_token.py --log-gold): the gold score of the
-                    rollouts against their KL to the reference, smoothed, read at k = 1, 2, 4
+    gold at KL k    from each PPO run's per-step log (ppo_token.py --log-gold): the gold score of
+                    the rollouts against their KL to the reference, smoothed, read at k = 1, 2, 4
     final gold, KL  eval.py --gold on the held-out test prompts, the final policies
     token credit    eval.py --gold: AUC harm, AUC safe and per-word r of each method's own reward
                     source on held-out replies (and on its own samples, in study.json)
@@ -20,26 +20,27 @@ normal; with 5 seeds nothing weaker can reach 5%: the exact sign-flip permutatio
 beside it, cannot go below 2/2^5 = 0.0625), two-sided, Holm-corrected over the method pairs of each
 figure. A difference is called significant when its Holm-corrected p < --alpha.
 
-The curve. The per-step PPO log can serve as the gold-against-KL curve, and this study uses it: every
-iteration samples fresh prompts of the RL split (one seeded permutation, 30 × 16 = 480 of ~875 at
-demo size: no prompt twice) from the current policy, before that iteration's update, with eval's
-sampler (top-p 0.9, temperature 1) and eval's KL (k1, Σ_t per reply, averaged); so each step is an
-unbiased estimate on prompts the policy has not trained on. Evaluating held-out checkpoints instead
-would cost a generation pass over the test prompts per checkpoint. One step averages only
+The curve. The per-step PPO log can serve as the gold-against-KL curve, and this study uses it:
+every iteration samples fresh prompts of the RL split (one seeded permutation, 30 × 16 = 480 of
+~875 at demo size: no prompt twice) from the current policy, before that iteration's update, with
+eval's sampler (top-p 0.9, temperature 1) and eval's KL (k1, Σ_t per reply, averaged); so each step
+is an unbiased estimate on prompts the policy has not trained on yet (of the RL split's
+distribution, not the test split's 115 prompts). Evaluating held-out checkpoints instead would cost
+a generation pass over the test prompts per checkpoint, more than the PPO run itself on CPU. One step averages only
 --rollout-batch-size replies, so the curve is smoothed first: a centred running mean over --smooth
-iterations of both KL and gold (the points stay pairs). Gold at KL k is then the linear interpolation
-on that smoothed path where it crosses k, averaged over its crossings (KL may pass k more than once);
-a run whose smoothed KL never reaches k contributes nothing there, and the count of runs that did is
-shown. The study's frontier chart (frontier.svg, study.html) draws each seed's smoothed value at each
-KL point faint and the mean over seeds with its 95% interval.
+iterations of both KL and gold (the points stay pairs). Gold at KL k is then the linear
+interpolation on that smoothed path where it crosses k, averaged over its crossings (KL may pass k
+more than once); a run whose smoothed KL never reaches k contributes nothing there, and the count of
+runs that did is shown. The study's frontier chart (frontier.svg, study.html) draws each seed's
+smoothed value at each KL point faint and the mean over seeds with its 95% interval.
 
 Commands (the default is the lab at demo size; --jobs 2 runs two seeds at once, one thread each):
 
-    python study.py                                  # 5 seeds (0-4): runs/study/{study.json,study.md,study.html}
+    python study.py                          # 5 seeds (0-4): runs/study/study.{json,md,html}
     python study.py --seeds 0 1 2 3 4 5 6 7 --jobs 2
-    python study.py --size smoke --seeds 0 1 --out /tmp/study     # seconds: the test suite's size
-    python study.py --env SOME_SETTING=1             # passed to run_pipeline.sh (also any exported variable)
-    python study.py --report-only                    # tables and chart from the seeds already run
+    python study.py --size smoke --seeds 0 1 --out /tmp/study   # the test suite's size
+    python study.py --env SOME_SETTING=1     # to run_pipeline.sh (exported variables reach it too)
+    python study.py --report-only            # tables and chart from the seeds already run
 
 Resumable: a seed whose eval/results.json already holds every --rewards policy is not run again;
 an interrupted seed resumes where it stopped (every stage resumes from its checkpoint). Each seed's
@@ -50,6 +51,7 @@ The PPO runs: seq, red and tlcr (--rewards), the three methods compared. The TLC
 rank; leaving them out makes a seed 2 PPO runs cheaper, which is what lets 5 seeds fit in an hour on
 2 CPU cores. Add them with --rewards when wanted.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -79,27 +81,67 @@ METHODS = ("seq", "red", "tlcr")
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=plumbing.HelpFormatter)
     run = parser.add_argument_group("runs")
-    run.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
-                     help="one pipeline run per seed (SEED of every stage)")
-    run.add_argument("--size", default="demo", choices=["smoke", "demo", "gpt2"], help="run_pipeline.sh SIZE")
-    run.add_argument("--rewards", nargs="+", default=list(METHODS),
-                     help="the PPO runs of each seed (run_pipeline.sh REWARDS); the methods compared")
-    run.add_argument("--env", nargs="*", default=[], metavar="NAME=VALUE",
-                     help="extra settings for run_pipeline.sh (exported variables reach it too)")
-    run.add_argument("--jobs", type=int, default=1,
-                     help="seeds run at once; each gets cores / jobs threads (OMP_NUM_THREADS) unless set")
-    run.add_argument("--pipeline", default=str(ROOT / "run_pipeline.sh"), help="the pipeline script")
-    run.add_argument("--report-only", action="store_true",
-                     help="run nothing: tables and chart from the seeds already in --out")
+    run.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2, 3, 4],
+        help="one pipeline run per seed (SEED of every stage)",
+    )
+    run.add_argument(
+        "--size", default="demo", choices=["smoke", "demo", "gpt2"], help="run_pipeline.sh SIZE"
+    )
+    run.add_argument(
+        "--rewards",
+        nargs="+",
+        default=list(METHODS),
+        help="the PPO runs of each seed (run_pipeline.sh REWARDS); the methods compared",
+    )
+    run.add_argument(
+        "--env",
+        nargs="*",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra settings for run_pipeline.sh (exported variables reach it too)",
+    )
+    run.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="seeds run at once; each gets cores / jobs threads (OMP_NUM_THREADS) unless set",
+    )
+    run.add_argument(
+        "--pipeline", default=str(ROOT / "run_pipeline.sh"), help="the pipeline script"
+    )
+    run.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: tables and chart from the seeds already in --out",
+    )
     stats = parser.add_argument_group("statistics")
-    stats.add_argument("--kl-points", type=float, nargs="+", default=[1.0, 2.0, 4.0],
-                       help="KL values at which each run's gold-against-KL curve is read")
-    stats.add_argument("--smooth", type=int, default=5,
-                       help="centred running mean over this many PPO iterations before reading the curve")
-    stats.add_argument("--alpha", type=float, default=0.05,
-                       help="level of the confidence intervals (1 − alpha) and of the significance calls")
+    stats.add_argument(
+        "--kl-points",
+        type=float,
+        nargs="+",
+        default=[1.0, 2.0, 4.0],
+        help="KL values at which each run's gold-against-KL curve is read",
+    )
+    stats.add_argument(
+        "--smooth",
+        type=int,
+        default=5,
+        help="centred running mean over this many PPO iterations before reading the curve",
+    )
+    stats.add_argument(
+        "--alpha",
+        type=float,
+        default=0.05,
+        help="level of the confidence intervals (1 − alpha) and of the significance calls",
+    )
     out = parser.add_argument_group("output")
-    out.add_argument("--out", default="runs/study", help="study folder: seed-N/ runs, study.json, study.md")
+    out.add_argument(
+        "--out", default="runs/study", help="study folder: seed-N/ runs, study.json, study.md"
+    )
     args = parser.parse_args(argv)
     plumbing.check_positive(parser, args, "jobs", "smooth")
     if not 0 < args.alpha < 1:
@@ -116,22 +158,26 @@ def parse_args(argv=None):
 # 1. Statistics, written out: Student t, intervals, paired tests
 # ----------------------------------------------------------------------------------------------
 def incomplete_beta(x: float, a: float, b: float) -> float:
-    """The regularised incomplete beta function I_x(a, b), by its continued fraction (Lentz's method;
-    Numerical Recipes §6.4), used on the side where it converges fast."""
+    """The regularised incomplete beta function I_x(a, b), by its continued fraction (Lentz's
+    method; Numerical Recipes §6.4), used on the side where it converges fast."""
     if x <= 0.0:
         return 0.0
     if x >= 1.0:
         return 1.0
     if x > (a + 1) / (a + b + 2):
         return 1.0 - incomplete_beta(1.0 - x, b, a)
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    log_front = (
+        math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    )
     tiny = 1e-300
     c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
     d = 1.0 / (d if abs(d) > tiny else tiny)
     fraction = d
     for m in range(1, 500):
-        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+        for numerator in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
             d = 1.0 + numerator * d
             d = 1.0 / (d if abs(d) > tiny else tiny)
             c = 1.0 + numerator / c
@@ -167,15 +213,23 @@ def mean_ci(values, alpha=0.05) -> dict:
     if n == 1:
         return {"n": 1, "mean": mean, "sd": None, "ci": None}
     sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
-    return {"n": n, "mean": mean, "sd": sd, "ci": t_quantile(1 - alpha / 2, n - 1) * sd / math.sqrt(n)}
+    return {
+        "n": n,
+        "mean": mean,
+        "sd": sd,
+        "ci": t_quantile(1 - alpha / 2, n - 1) * sd / math.sqrt(n),
+    }
 
 
 def sign_flip_p(differences) -> float:
-    """Exact two-sided permutation p of paired differences: under 'no difference' each sign is a fair
-    coin; p = share of the 2^n sign patterns whose |mean| reaches the observed one."""
+    """Exact two-sided permutation p of paired differences: under 'no difference' each sign is a
+    fair coin; p = share of the 2^n sign patterns whose |mean| reaches the observed one."""
     observed = abs(sum(differences))
     patterns = list(itertools.product((1, -1), repeat=len(differences)))
-    hits = sum(abs(sum(s * d for s, d in zip(signs, differences))) >= observed - 1e-12 for signs in patterns)
+    hits = sum(
+        abs(sum(s * d for s, d in zip(signs, differences))) >= observed - 1e-12
+        for signs in patterns
+    )
     return hits / len(patterns)
 
 
@@ -184,8 +238,14 @@ def paired_test(a, b, alpha=0.05) -> dict:
     (1 − alpha) interval, t, two-sided p, and the exact sign-flip p beside it."""
     differences = [x - y for x, y in zip(a, b) if x is not None and y is not None]
     summary = mean_ci(differences, alpha)
-    result = {"n": summary["n"], "mean_diff": summary["mean"], "ci": summary["ci"], "t": None, "p": None,
-              "sign_flip_p": sign_flip_p(differences) if 0 < len(differences) <= 16 else None}
+    result = {
+        "n": summary["n"],
+        "mean_diff": summary["mean"],
+        "ci": summary["ci"],
+        "t": None,
+        "p": None,
+        "sign_flip_p": sign_flip_p(differences) if 0 < len(differences) <= 16 else None,
+    }
     if summary["n"] >= 2:
         if summary["sd"] > 0:
             result["t"] = summary["mean"] / (summary["sd"] / math.sqrt(summary["n"]))
@@ -211,15 +271,26 @@ def holm(p_values):
 def running_mean(values, window: int) -> list[float]:
     """Centred running mean; the window shrinks at both ends (window 1: the values themselves)."""
     half = window // 2
-    return [sum(values[max(0, i - half): i + half + 1]) / len(values[max(0, i - half): i + half + 1])
-            for i in range(len(values))]
+    return [
+        sum(values[max(0, i - half) : i + half + 1]) / len(values[max(0, i - half) : i + half + 1])
+        for i in range(len(values))
+    ]
 
 
 def smoothed_curve(log_rows, window: int) -> list[tuple[float, float]]:
     """[(KL, gold)] per PPO iteration, in step order, both smoothed by the same running mean."""
-    rows = [r for r in log_rows if isinstance(r.get("kl"), (int, float)) and isinstance(r.get("gold_score"), (int, float))]
+    rows = [
+        r
+        for r in log_rows
+        if isinstance(r.get("kl"), (int, float)) and isinstance(r.get("gold_score"), (int, float))
+    ]
     rows.sort(key=lambda r: r.get("step", 0))
-    return list(zip(running_mean([r["kl"] for r in rows], window), running_mean([r["gold_score"] for r in rows], window)))
+    return list(
+        zip(
+            running_mean([r["kl"] for r in rows], window),
+            running_mean([r["gold_score"] for r in rows], window),
+        )
+    )
 
 
 def gold_at_kl(curve, kl: float):
@@ -252,7 +323,12 @@ def pipeline_env(args) -> dict:
     """The environment of run_pipeline.sh: ours, --env, the lab (TASK=gold), size and rewards."""
     env = dict(os.environ)
     env.update(item.partition("=")[::2] for item in args.env)
-    env.update(TASK="gold", SIZE=args.size, REWARDS=" ".join(args.rewards), PYTHON=env.get("PYTHON", sys.executable))
+    env.update(
+        TASK="gold",
+        SIZE=args.size,
+        REWARDS=" ".join(args.rewards),
+        PYTHON=env.get("PYTHON", sys.executable),
+    )
     if args.jobs > 1 and "OMP_NUM_THREADS" not in env:  # seeds side by side: share the cores out
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
     return env
@@ -265,13 +341,20 @@ def run_seed(args, seed) -> float:
     env = {**pipeline_env(args), "RUN": str(folder), "SEED": str(seed)}
     start = time.time()
     with open(folder / "pipeline.log", "a", encoding="utf-8") as log:
-        done = subprocess.run(["bash", args.pipeline], env=env, stdout=log, stderr=subprocess.STDOUT)
+        done = subprocess.run(
+            ["bash", args.pipeline], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
     seconds = time.time() - start
     if done.returncode != 0:
-        raise RuntimeError(f"seed {seed}: run_pipeline.sh failed (exit {done.returncode}); see "
-                           f"{folder / 'pipeline.log'}, then run the study again (it resumes)")
-    plumbing.atomic_write(folder / "study_seconds.json", json.dumps({"seconds": round(seconds, 1), "size": args.size,
-                                                                    "rewards": args.rewards}) + "\n")
+        raise RuntimeError(
+            f"seed {seed}: run_pipeline.sh failed (exit {done.returncode}); see "
+            f"{folder / 'pipeline.log'}, then run the study again (it resumes)"
+        )
+    plumbing.atomic_write(
+        folder / "study_seconds.json",
+        json.dumps({"seconds": round(seconds, 1), "size": args.size, "rewards": args.rewards})
+        + "\n",
+    )
     return seconds
 
 
@@ -297,7 +380,7 @@ def run_seeds(args):
 # 4. Reading the seeds: one record per seed and method
 # ----------------------------------------------------------------------------------------------
 def seed_record(args, seed) -> dict:
-    """{method: {figure: value}} of one finished seed, plus "_seed" facts (time, reward model, ...)."""
+    """{method: {figure: value}} of one finished seed, and "_seed": time, reward model, ..."""
     folder = seed_dir(args, seed)
     results = json.loads((folder / "eval" / "results.json").read_text())
     credit = results.get("credit") or {"heldout": {"by_source": {}}, "samples": {}}
@@ -306,34 +389,47 @@ def seed_record(args, seed) -> dict:
         policy = results["policies"].get(method, {})
         row = {"final_gold": policy.get("gold_score"), "final_kl": policy.get("kl")}
         if method != "sft":
-            curve = smoothed_curve(plumbing.read_jsonl_tolerant(folder / f"ppo_{method}" / "log.jsonl"), args.smooth)
+            curve = smoothed_curve(
+                plumbing.read_jsonl_tolerant(folder / f"ppo_{method}" / "log.jsonl"), args.smooth
+            )
             row["max_kl"] = max((k for k, _ in curve), default=None)
             row["curve"] = curve
             row.update({f"gold_at_kl_{kl:g}": gold_at_kl(curve, kl) for kl in args.kl_points})
             held = credit["heldout"]["by_source"].get(method, {})
             own = credit["samples"].get(method, {}).get(method, {})
-            row.update({f"heldout_{k}": held.get(k) for k in ("auc_harm", "auc_safe", "word_r", "reply_r")})
-            row.update({f"samples_{k}": own.get(k) for k in ("auc_harm", "auc_safe", "word_r", "harm_tokens",
-                                                            "safe_tokens")})
+            row.update(
+                {f"heldout_{k}": held.get(k) for k in ("auc_harm", "auc_safe", "word_r", "reply_r")}
+            )
+            row.update(
+                {
+                    f"samples_{k}": own.get(k)
+                    for k in ("auc_harm", "auc_safe", "word_r", "harm_tokens", "safe_tokens")
+                }
+            )
         record[method] = row
     timing = folder / "study_seconds.json"
     rm_accuracy = folder / "reward_model" / "accuracy.json"
     record["_seed"] = {
         "seconds": json.loads(timing.read_text())["seconds"] if timing.exists() else None,
-        "reward_model_accuracy": json.loads(rm_accuracy.read_text()).get("accuracy") if rm_accuracy.exists() else None,
-        "discriminator_accuracy": (results.get("discriminator_accuracy") or {}).get("accuracy")}
+        "reward_model_accuracy": json.loads(rm_accuracy.read_text()).get("accuracy")
+        if rm_accuracy.exists()
+        else None,
+        "discriminator_accuracy": (results.get("discriminator_accuracy") or {}).get("accuracy"),
+    }
     return record
 
 
 def figures(args) -> list[tuple[str, str, str]]:
     """(key, label, format) of every figure the study summarises, in table order."""
-    return ([(f"gold_at_kl_{kl:g}", f"gold at KL {kl:g}", "{:+.3f}") for kl in args.kl_points]
-            + [("final_gold", "held-out gold (end)", "{:+.3f}"), ("final_kl", "held-out KL (end)", "{:.2f}"),
-               ("heldout_auc_harm", "AUC harm (held-out)", "{:.3f}"),
-               ("heldout_auc_safe", "AUC safe (held-out)", "{:.3f}"),
-               ("heldout_word_r", "per-word r (held-out)", "{:+.3f}"),
-               ("samples_auc_harm", "AUC harm (own samples)", "{:.3f}"),
-               ("samples_auc_safe", "AUC safe (own samples)", "{:.3f}")])
+    return [(f"gold_at_kl_{kl:g}", f"gold at KL {kl:g}", "{:+.3f}") for kl in args.kl_points] + [
+        ("final_gold", "held-out gold (end)", "{:+.3f}"),
+        ("final_kl", "held-out KL (end)", "{:.2f}"),
+        ("heldout_auc_harm", "AUC harm (held-out)", "{:.3f}"),
+        ("heldout_auc_safe", "AUC safe (held-out)", "{:.3f}"),
+        ("heldout_word_r", "per-word r (held-out)", "{:+.3f}"),
+        ("samples_auc_harm", "AUC harm (own samples)", "{:.3f}"),
+        ("samples_auc_safe", "AUC safe (own samples)", "{:.3f}"),
+    ]
 
 
 def summarise(args, records: dict) -> dict:
@@ -347,8 +443,14 @@ def summarise(args, records: dict) -> dict:
                 continue
             summary[key][method] = {**mean_ci(values, args.alpha), "values": values}
         pairs = list(itertools.combinations(args.rewards, 2))
-        tests = [{"a": a, "b": b, **paired_test(summary[key][a]["values"], summary[key][b]["values"], args.alpha)}
-                 for a, b in pairs]
+        tests = [
+            {
+                "a": a,
+                "b": b,
+                **paired_test(summary[key][a]["values"], summary[key][b]["values"], args.alpha),
+            }
+            for a, b in pairs
+        ]
         for test, adjusted in zip(tests, holm([t["p"] for t in tests])):
             test["p_holm"] = adjusted
             test["significant"] = adjusted is not None and adjusted < args.alpha
@@ -375,38 +477,87 @@ def study_tables(args, study) -> list[tuple[str, list[str], list[list[str]]]]:
             if s is None or s["n"] == 0:
                 row.append("—")
                 continue
-            cell = fmt(s["mean"], pattern) + (f" ± {pattern.format(s['ci']).lstrip('+')}" if s["ci"] else "")
+            cell = fmt(s["mean"], pattern) + (
+                f" ± {pattern.format(s['ci']).lstrip('+')}" if s["ci"] else ""
+            )
             row.append(cell + (f" ({s['n']}/{len(seeds)})" if s["n"] < len(seeds) else ""))
         summary_rows.append(row)
-    seed_rows = [[f"{method} · {label}", *[fmt(v, pattern) for v in study["summary"][key][method]["values"]]]
-                 for key, label, pattern in figures(args) for method in ["sft", *args.rewards]
-                 if method in study["summary"][key]]
-    test_rows = [[label, f"{t['a']} − {t['b']}", str(t["n"]), fmt(t["mean_diff"], "{:+.3f}"),
-                  fmt(t["ci"], "± {:.3f}"), fmt(t["t"], "{:+.2f}"), fmt(t["p"], "{:.3g}"), fmt(t["p_holm"], "{:.3g}"),
-                  fmt(t["sign_flip_p"], "{:.3g}"), "yes" if t["significant"] else "no"]
-                 for key, label, _ in figures(args) for t in study["comparisons"][key]]
-    return [(f"Mean ± {level} t-interval over {len(seeds)} seeds ({', '.join(map(str, seeds))}); "
-             "(k/n): only k of the n seeds' runs reached that KL or had that class", head, summary_rows),
-            ("Per seed", ["method · figure", *[f"seed {s}" for s in seeds]], seed_rows),
-            (f"Paired differences over seeds: paired t-test, two-sided, Holm-corrected over the method pairs "
-             f"of each figure; significant: Holm p < {args.alpha:g}. Sign-flip: the exact permutation p "
-             f"(its floor with n seeds is 2/2^n)",
-             ["figure", "difference", "seeds", "mean", f"{level} CI", "t", "p", "Holm p", "sign-flip p",
-              "significant"], test_rows)]
+    seed_rows = [
+        [f"{method} · {label}", *[fmt(v, pattern) for v in study["summary"][key][method]["values"]]]
+        for key, label, pattern in figures(args)
+        for method in ["sft", *args.rewards]
+        if method in study["summary"][key]
+    ]
+    test_rows = [
+        [
+            label,
+            f"{t['a']} − {t['b']}",
+            str(t["n"]),
+            fmt(t["mean_diff"], "{:+.3f}"),
+            fmt(t["ci"], "± {:.3f}"),
+            fmt(t["t"], "{:+.2f}"),
+            fmt(t["p"], "{:.3g}"),
+            fmt(t["p_holm"], "{:.3g}"),
+            fmt(t["sign_flip_p"], "{:.3g}"),
+            "yes" if t["significant"] else "no",
+        ]
+        for key, label, _ in figures(args)
+        for t in study["comparisons"][key]
+    ]
+    return [
+        (
+            f"Mean ± {level} t-interval over {len(seeds)} seeds ({', '.join(map(str, seeds))}); "
+            "(k/n): only k of the n seeds' runs reached that KL or had that class",
+            head,
+            summary_rows,
+        ),
+        ("Per seed", ["method · figure", *[f"seed {s}" for s in seeds]], seed_rows),
+        (
+            "Paired differences over seeds: paired t-test, two-sided, Holm-corrected over the "
+            f"method pairs of each figure; significant: Holm p < {args.alpha:g}. Sign-flip: the "
+            "exact permutation p (its floor with n seeds is 2/2^n)",
+            [
+                "figure",
+                "difference",
+                "seeds",
+                "mean",
+                f"{level} CI",
+                "t",
+                "p",
+                "Holm p",
+                "sign-flip p",
+                "significant",
+            ],
+            test_rows,
+        ),
+    ]
 
 
 def study_markdown(args, study, records) -> str:
-    lines = [f"# Study: {len(args.seeds)} seeds of the lab (SIZE={args.size}, PPO runs: {' '.join(args.rewards)})",
-             "", f"Gold at KL k: each PPO run's per-step log, smoothed over {args.smooth} iterations, read where "
-             "its KL crosses k (study.py's docstring says why and how). Held-out: eval.py --gold on the test "
-             "split. Credit: each method's own reward source on held-out replies (AUC 0.5 = chance)."]
+    lines = [
+        f"# Study: {len(args.seeds)} seeds of the lab "
+        f"(SIZE={args.size}, PPO runs: {' '.join(args.rewards)})",
+        "",
+        f"Gold at KL k: each PPO run's per-step log, smoothed over {args.smooth} iterations, read "
+        "where its KL crosses k (study.py's docstring says why and how). Held-out: eval.py --gold "
+        "on the test split. Credit: each method's own reward source on held-out replies (AUC 0.5 "
+        "= chance).",
+    ]
     for title, head, rows in study_tables(args, study):
         lines += ["", f"{title}:", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+        lines += [
+            "| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows
+        ]
     seconds = [records[s]["_seed"]["seconds"] for s in args.seeds]
-    facts = [f"seed {s}: reward model held-out accuracy {fmt(records[s]['_seed']['reward_model_accuracy'], '{:.1%}')}, "
-             f"discriminator token accuracy {fmt(records[s]['_seed']['discriminator_accuracy'], '{:.1%}')}, "
-             f"pipeline {fmt(t, '{:.0f} s')}" for s, t in zip(args.seeds, seconds)]
+    facts = []
+    for seed, seconds_of_seed in zip(args.seeds, seconds):
+        known = records[seed]["_seed"]
+        facts.append(
+            f"seed {seed}: reward model held-out accuracy "
+            f"{fmt(known['reward_model_accuracy'], '{:.1%}')}, discriminator token accuracy "
+            f"{fmt(known['discriminator_accuracy'], '{:.1%}')}, "
+            f"pipeline {fmt(seconds_of_seed, '{:.0f} s')}"
+        )
     lines += ["", "Per seed:", ""] + [f"- {fact}" for fact in facts]
     if args.env:
         lines += ["", f"Settings passed to run_pipeline.sh: {' '.join(args.env)}"]
@@ -417,43 +568,76 @@ def frontier_svg(args, study, records) -> str:
     """Per method: each seed's gold at each KL point (faint) and the mean over seeds ± its CI."""
     series, points = {}, {}
     for method in args.rewards:
-        series[method] = [(kl, s["mean"], s["ci"]) for kl in args.kl_points
-                          if (s := study["summary"][f"gold_at_kl_{kl:g}"][method])["n"]]
-        points[method] = [(kl, v) for kl in args.kl_points
-                          for v in study["summary"][f"gold_at_kl_{kl:g}"][method]["values"] if v is not None]
-    return report.frontier_chart_svg(f"gold against KL, {len(args.seeds)} seeds", series, points=points,
-                                     note=f"mean ± {1 - args.alpha:.0%} CI over seeds; faint: each seed",
-                                     width=460)
+        series[method] = [
+            (kl, s["mean"], s["ci"])
+            for kl in args.kl_points
+            if (s := study["summary"][f"gold_at_kl_{kl:g}"][method])["n"]
+        ]
+        points[method] = [
+            (kl, v)
+            for kl in args.kl_points
+            for v in study["summary"][f"gold_at_kl_{kl:g}"][method]["values"]
+            if v is not None
+        ]
+    return report.frontier_chart_svg(
+        f"gold against KL, {len(args.seeds)} seeds",
+        series,
+        points=points,
+        note=f"mean ± {1 - args.alpha:.0%} CI over seeds; faint: each seed",
+        width=460,
+    )
 
 
 def study_html(args, study, records, svg) -> str:
-    body = [f"<h1>Study: {len(args.seeds)} seeds of the lab</h1>",
-            f"<p>SIZE={html.escape(args.size)}, PPO runs: {html.escape(' '.join(args.rewards))}. "
-            f"Curves smoothed over {args.smooth} iterations.</p>", svg]
-    body += [f"<h3>{html.escape(title)}</h3>" + report.html_table(head, rows)
-             for title, head, rows in study_tables(args, study)]
-    style = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
-             "table.results{border-collapse:collapse;font-size:13px}table.results td,table.results th{border:1px "
-             "solid #bbb;padding:3px 6px;text-align:right}svg.curve{font-size:10px;background:#fafafa}"
-             "svg .axis{stroke:#888}svg .title{font-size:12px;font-weight:600}svg .note{fill:#666}")
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>token-rlhf study</title>"
-            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+    body = [
+        f"<h1>Study: {len(args.seeds)} seeds of the lab</h1>",
+        f"<p>SIZE={html.escape(args.size)}, PPO runs: {html.escape(' '.join(args.rewards))}. "
+        f"Curves smoothed over {args.smooth} iterations.</p>",
+        svg,
+    ]
+    body += [
+        f"<h3>{html.escape(title)}</h3>" + report.html_table(head, rows)
+        for title, head, rows in study_tables(args, study)
+    ]
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
+        "table.results{border-collapse:collapse;font-size:13px}"
+        "table.results td,table.results th{border:1px solid #bbb;padding:3px 6px;text-align:right}"
+        "svg.curve{font-size:10px;background:#fafafa}"
+        "svg .axis{stroke:#888}svg .title{font-size:12px;font-weight:600}svg .note{fill:#666}"
+    )
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        "<title>token-rlhf study</title>"
+        f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
 
 
 def write_outputs(args, records, study):
     out = Path(args.out)
-    config = {"seeds": args.seeds, "size": args.size, "rewards": args.rewards, "env": args.env,
-              "kl_points": args.kl_points, "smooth": args.smooth, "alpha": args.alpha,
-              "test": "paired t-test over seeds, two-sided, Holm-corrected per figure; exact sign-flip p beside"}
+    config = {
+        "seeds": args.seeds,
+        "size": args.size,
+        "rewards": args.rewards,
+        "env": args.env,
+        "kl_points": args.kl_points,
+        "smooth": args.smooth,
+        "alpha": args.alpha,
+        "test": "paired t-test over seeds, two-sided, Holm-corrected per figure; "
+        "exact sign-flip p beside",
+    }
     per_seed = {str(seed): records[seed] for seed in args.seeds}
-    plumbing.atomic_write(out / "study.json", json.dumps({"config": config, **study, "per_seed": per_seed},
-                                                        indent=1) + "\n")
+    plumbing.atomic_write(
+        out / "study.json",
+        json.dumps({"config": config, **study, "per_seed": per_seed}, indent=1) + "\n",
+    )
     plumbing.atomic_write(out / "study.md", study_markdown(args, study, records))
     svg = frontier_svg(args, study, records)
     plumbing.atomic_write(out / "frontier.svg", svg + "\n")
     plumbing.atomic_write(out / "study.html", study_html(args, study, records, svg))
     print(study_markdown(args, study, records))
-    print(f"wrote {out / 'study.json'}, {out / 'study.md'}, {out / 'study.html'}, {out / 'frontier.svg'}")
+    written = ", ".join(str(out / name) for name in ("study.json", "study.md", "study.html"))
+    print(f"wrote {written}, {out / 'frontier.svg'}")
 
 
 def main(argv=None):
@@ -462,7 +646,10 @@ def main(argv=None):
         run_seeds(args)
     missing = [seed for seed in args.seeds if not seed_done(args, seed)]
     if missing:
-        raise SystemExit(f"study.py: seeds {missing} have no finished run in {args.out}; run without --report-only")
+        raise SystemExit(
+            f"study.py: seeds {missing} have no finished run in {args.out}; "
+            "run without --report-only"
+        )
     records = {seed: seed_record(args, seed) for seed in args.seeds}
     study = summarise(args, records)
     write_outputs(args, records, study)
