@@ -26,9 +26,9 @@ every iteration samples fresh prompts of the RL split (one seeded permutation, 3
 eval's sampler (top-p 0.9, temperature 1) and eval's KL (k1, Σ_t per reply, averaged); so each step
 is an unbiased estimate on prompts the policy has not trained on yet (of the RL split's
 distribution, not the test split's 115 prompts). Evaluating held-out checkpoints instead would cost
-a generation pass over the test prompts per checkpoint, more than the PPO run itself on CPU. One step averages only
---rollout-batch-size replies, so the curve is smoothed first: a centred running mean over --smooth
-iterations of both KL and gold (the points stay pairs). Gold at KL k is then the linear
+a generation pass over the test prompts per checkpoint, more than the PPO run itself on CPU.
+One step averages only --rollout-batch-size replies, so the curve is smoothed first: a centred
+running mean over --smooth iterations of both KL and gold (the points stay pairs). Gold at KL k is then the linear
 interpolation on that smoothed path where it crosses k, averaged over its crossings (KL may pass k
 more than once); a run whose smoothed KL never reaches k contributes nothing there, and the count of
 runs that did is shown. The study's frontier chart (frontier.svg, study.html) draws each seed's
@@ -297,7 +297,7 @@ def gold_at_kl(curve, kl: float):
     """Gold where the path [(KL, gold)] crosses KL = kl, linearly interpolated and averaged over its
     crossings; None when the path never reaches kl."""
     values = [g for k, g in curve if k == kl]  # points exactly at kl, each once
-    for (k0, g0), (k1, g1) in zip(curve, curve[1:]):
+    for (k0, g0), (k1, g1) in itertools.pairwise(curve):
         if (k0 - kl) * (k1 - kl) < 0:  # a segment strictly across kl
             values.append(g0 + (kl - k0) / (k1 - k0) * (g1 - g0))
     return sum(values) / len(values) if values else None
@@ -342,7 +342,7 @@ def run_seed(args, seed) -> float:
     start = time.time()
     with open(folder / "pipeline.log", "a", encoding="utf-8") as log:
         done = subprocess.run(
-            ["bash", args.pipeline], env=env, stdout=log, stderr=subprocess.STDOUT
+            ["bash", args.pipeline], env=env, stdout=log, stderr=subprocess.STDOUT, check=False
         )
     seconds = time.time() - start
     if done.returncode != 0:
