@@ -30,9 +30,10 @@ a generation pass over the test prompts per checkpoint, more than the PPO run it
 One step averages only --rollout-batch-size replies, so the curve is smoothed first: a centred
 running mean over --smooth iterations of both KL and gold (the points stay pairs). Gold at KL k
 is then the linear interpolation on that smoothed path where it crosses k, averaged over its
-crossings (KL may pass k more than once); a run whose smoothed KL never reaches k contributes nothing there, and the count of
-runs that did is shown. The study's frontier chart (frontier.svg, study.html) draws each seed's
-smoothed value at each KL point faint and the mean over seeds with its 95% interval.
+crossings (KL may pass k more than once); a run whose smoothed KL never reaches k contributes
+nothing there, and the count of runs that did is shown. The study's frontier chart (frontier.svg,
+study.html) draws each seed's smoothed value at each KL point faint and the mean over seeds with
+its 95% interval.
 
 Commands (the default is the lab at demo size; --jobs 2 runs two seeds at once, one thread each):
 
