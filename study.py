@@ -566,25 +566,21 @@ def study_markdown(args, study, records) -> str:
 
 
 def frontier_svg(args, study, records) -> str:
-    """Per method: each seed's gold at each KL point (faint) and the mean over seeds ± its CI."""
+    """Per method: the mean over seeds of the gold at each KL point ± its CI, joined; behind it,
+    faint, every seed's smoothed curve (one point per PPO iteration)."""
     series, points = {}, {}
     for method in args.rewards:
-        series[method] = [
-            (kl, s["mean"], s["ci"])
-            for kl in args.kl_points
-            if (s := study["summary"][f"gold_at_kl_{kl:g}"][method])["n"]
-        ]
-        points[method] = [
-            (kl, v)
-            for kl in args.kl_points
-            for v in study["summary"][f"gold_at_kl_{kl:g}"][method]["values"]
-            if v is not None
-        ]
+        series[method] = []
+        for kl in args.kl_points:
+            summary = study["summary"][f"gold_at_kl_{kl:g}"][method]
+            if summary["n"]:
+                series[method].append((kl, summary["mean"], summary["ci"]))
+        points[method] = [point for seed in args.seeds for point in records[seed][method]["curve"]]
     return report.frontier_chart_svg(
         f"gold against KL, {len(args.seeds)} seeds",
         series,
         points=points,
-        note=f"mean ± {1 - args.alpha:.0%} CI over seeds; faint: each seed",
+        note=f"mean ± {1 - args.alpha:.0%} CI over seeds at each KL; faint: every seed's curve",
         width=460,
     )
 
