@@ -95,9 +95,10 @@ def credit_tables(results):
     if own:
         sections.append(("Token credit on each policy's own samples, by the reward it trained on",
                          own))
-    head = ["source"] + [h for _, h, _ in CREDIT_COLUMNS]
-    return [(title, head, [[name] + [fmt(m.get(k), f) for k, _, f in CREDIT_COLUMNS]
-                           for name, m in rows]) for title, rows in sections]
+    heads = ["source", "policy = source"]
+    return [(title, [first] + [h for _, h, _ in CREDIT_COLUMNS],
+             [[name] + [fmt(m.get(k), f) for k, _, f in CREDIT_COLUMNS] for name, m in rows])
+            for first, (title, rows) in zip(heads, sections)]
 
 
 def credit_markdown(results):
