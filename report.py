@@ -64,7 +64,67 @@ def results_markdown(results):
         lines.append("| " + " | ".join(cells) + " |")
     if results.get("discriminator_accuracy") is not None:
         lines += ["", accuracy_line(results["discriminator_accuracy"])]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + credit_markdown(results)
+
+
+# the token credit tables (eval.py --gold): (key in eval.credit_summary, header, format)
+CREDIT_COLUMNS = [("auc_harm", "AUC harm ↑", "{:.3f}"), ("auc_safe", "AUC safe ↑", "{:.3f}"),
+                  ("word_r", "per-word r ↑", "{:+.3f}"), ("reply_r", "per-reply r ↑", "{:+.3f}"),
+                  ("tokens", "tokens", "{}"), ("harm_tokens", "harm tokens", "{}"),
+                  ("safe_tokens", "safe tokens", "{}"), ("words", "words", "{}")]
+CREDIT_NOTE = ("AUC harm: how well −reward separates the tokens of harm words from all others; "
+               "AUC safe: how well the reward separates the tokens of safe words; 0.5 is chance, "
+               "1 perfect. Per-word r: Pearson r between a word's summed token reward and its gold "
+               "weight, over all words; per-reply r: between a reply's summed token reward and its "
+               "gold score. Every token of a word carries the word's weight (gold.token_credit); "
+               "— where a class is empty.")
+
+
+def credit_tables(results):
+    """[(title, header, rows of cells)] of the token credit tables; [] without eval.py --gold.
+    Held-out replies: every reward source; samples: each policy by the source it trained on."""
+    credit = results.get("credit")
+    if not credit:
+        return []
+    kinds = credit["heldout"]["replies"]
+    sections = [(f"Token credit on held-out replies ({kinds['chosen']} chosen, {kinds['rejected']} "
+                 f"rejected, {kinds['revised']} revised by the rule), by reward source",
+                 credit["heldout"]["by_source"].items())]
+    own = [(name, by_source[name]) for name, by_source in credit["samples"].items()
+           if name in by_source]
+    if own:
+        sections.append(("Token credit on each policy's own samples, by the reward it trained on",
+                         own))
+    heads = ["source", "policy = source"]
+    return [(title, [first] + [h for _, h, _ in CREDIT_COLUMNS],
+             [[name] + [fmt(m.get(k), f) for k, _, f in CREDIT_COLUMNS] for name, m in rows])
+            for first, (title, rows) in zip(heads, sections)]
+
+
+def credit_markdown(results):
+    """The credit tables as markdown ('' without eval.py --gold)."""
+    lines = []
+    for title, head, rows in credit_tables(results):
+        lines += ["", title + ":", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(md_cell(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n\n" + CREDIT_NOTE + "\n" if lines else ""
+
+
+def html_table(head, rows):
+    """A results table: header cells, rows of cells (escaped)."""
+    cells = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>"
+                    for row in rows)
+    header = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    return f'<table class="results"><thead><tr>{header}</tr></thead><tbody>{cells}</tbody></table>'
+
+
+def credit_html(results):
+    """The credit tables as HTML ('' without eval.py --gold)."""
+    parts = [f"<h3>{html.escape(title)}</h3>" + html_table(head, rows)
+             for title, head, rows in credit_tables(results)]
+    if not parts:
+        return ""
+    return "<h2>True token credit</h2>" + "".join(parts) + f"<p>{html.escape(CREDIT_NOTE)}</p>"
 
 
 def curve_series(rows, keys):
@@ -121,6 +181,99 @@ def line_chart_svg(title, series, width=360, height=230, x_label="step"):
     return "\n".join(parts)
 
 
+KL_BIN_EDGES = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)  # the frontier's KL bins
+
+
+def binned_frontier(points, edges=KL_BIN_EDGES):
+    """[(KL, gold)] -> [(mean KL, mean gold, standard error or None, n)] per non-empty KL bin, in KL
+    order: the frontier of one run read as averages over the steps that reached each range of KL.
+    Points below the first edge join the first bin, those above the last edge the last one."""
+    bins = {}
+    for x, y in points:
+        k = sum(x >= edge for edge in edges[1:-1])  # the bin index, 0 .. len(edges) − 2
+        bins.setdefault(k, []).append((x, y))
+    frontier = []
+    for k in sorted(bins):
+        xs, ys = [p[0] for p in bins[k]], [p[1] for p in bins[k]]
+        n, mean = len(ys), sum(ys) / len(ys)
+        sem = math.sqrt(sum((y - mean) ** 2 for y in ys) / (n - 1) / n) if n > 1 else None
+        frontier.append((sum(xs) / n, mean, sem, n))
+    return frontier
+
+
+def chart_frame(title, x_range, y_range, width, height, margins, x_label, x_ticks=5):
+    """The frame of an SVG chart: title, axes, tick labels. Returns (parts, sx, sy), the SVG pieces
+    so far and the maps from data to pixel coordinates."""
+    (x0, x1), (y0, y1), (left, right, top, bottom) = x_range, y_range, margins
+
+    def sx(x):
+        return left + (x - x0) / (x1 - x0) * (width - left - right)
+
+    def sy(y):
+        return height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom)
+
+    base = height - bottom
+    parts = [f'<svg class="curve" xmlns="http://www.w3.org/2000/svg" width="{width}" '
+             f'height="{height}" viewBox="0 0 {width} {height}" role="img" '
+             f'aria-label="{html.escape(title)}">',
+             f'<text x="{width / 2:.0f}" y="15" text-anchor="middle" class="title">'
+             f'{html.escape(title)}</text>',
+             f'<line x1="{left}" y1="{base}" x2="{width - right}" y2="{base}" class="axis"></line>',
+             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{base}" class="axis"></line>']
+    for k in range(3):
+        y = y0 + (y1 - y0) * k / 2
+        parts.append(f'<text x="{left - 4}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:.3g}</text>')
+    for k in range(x_ticks):
+        x = x0 + (x1 - x0) * k / (x_ticks - 1)
+        parts.append(f'<text x="{sx(x):.1f}" y="{base + 14}" text-anchor="middle">{x:.3g}</text>')
+    parts.append(f'<text x="{(left + width - right) / 2:.0f}" y="{base + 28}" '
+                 f'text-anchor="middle">{html.escape(x_label)}</text>')
+    return parts, sx, sy
+
+
+def frontier_chart_svg(title, series, points=None, width=420, height=270, x_label="KL", note=""):
+    """An inline SVG frontier: series = {name: [(x, y, error or None)]}, one line of means with a
+    vertical bar of ± error at each point, joined in x order; points = {name: [(x, y)]}, the raw
+    values drawn faint behind it (per step, or per seed)."""
+    points = points or {}
+    pts = [(x, y) for line in series.values() for x, y, _ in line]
+    pts += [p for line in points.values() for p in line]
+    pts += [(x, y + sign * e) for line in series.values() for x, y, e in line if e
+            for sign in (-1, 1)]
+    if not pts:
+        return ""
+    x0, x1 = min(0.0, min(p[0] for p in pts)), max(p[0] for p in pts)
+    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + abs(y0) * 0.1 + 1e-3)
+    left, bottom = 56, 74
+    parts, sx, sy = chart_frame(title, (x0, x1), (y0, y1), width, height, (left, 22, 24, bottom),
+                                x_label)
+    for k, name in enumerate(dict.fromkeys([*series, *points])):
+        colour = PALETTE[k % len(PALETTE)]
+        for x, y in points.get(name, []):
+            parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="1.8" fill="{colour}" '
+                         f'fill-opacity="0.25"></circle>')
+        line = sorted(series.get(name, []))
+        if line:
+            coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y, _ in line)
+            parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.8" '
+                         f'points="{coords}"><title>{html.escape(name)}</title></polyline>')
+        for x, y, e in line:
+            if e:
+                parts.append(f'<line x1="{sx(x):.1f}" y1="{sy(y - e):.1f}" x2="{sx(x):.1f}" '
+                             f'y2="{sy(y + e):.1f}" stroke="{colour}" stroke-width="1.2"></line>')
+            parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.6" fill="{colour}">'
+                         f'<title>{html.escape(name)}: {html.escape(x_label)} {x:.3g}, {y:+.3f}'
+                         f'{f" ± {e:.3f}" if e else ""}</title></circle>')
+        lx, ly = left + (k % 3) * 110, height - bottom + 44 + (k // 3) * 12
+        parts.append(f'<rect x="{lx}" y="{ly - 8}" width="10" height="3" fill="{colour}"></rect>'
+                     f'<text x="{lx + 14}" y="{ly - 4}">{html.escape(name)}</text>')
+    if note:
+        parts.append(f'<text x="{left}" y="{height - 3}" class="note">{html.escape(note)}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
 def token_colour(value, scale):
     """Green for positive, red for negative; opacity grows with |value| / scale."""
     alpha = min(abs(value) / scale, 1.0) * 0.85 if scale > 0 else 0.0
@@ -149,17 +302,24 @@ def report_html(results, samples, curves):
             f'<table class="results"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>']
     if results.get("discriminator_accuracy") is not None:
         body.append(f"<p>{html.escape(accuracy_line(results['discriminator_accuracy']))}</p>")
-    charts = [line_chart_svg(title, series, x_label="KL" if title.startswith(GOLD_VS_KL) else "step")
+    charts = [gold_frontier_svg(series) if title == GOLD_VS_KL else line_chart_svg(title, series)
               for title, series in curves.items() if series]
     body.append("<h2>PPO training curves</h2>")
     body.append(f'<div class="charts">{"".join(charts)}</div>' if charts else "<p>No PPO logs found.</p>")
-    body.append("<h2>Token rewards</h2><p>Each token shaded by its TLCR reward (2·D − 1) and its RED reward "
-                "(R(x, y≤t) − R(x, y≤t−1)): green positive, red negative; hover for the value.</p>")
+    body.append(credit_html(results))
+    body.append("<h2>Token rewards</h2><p>Each token shaded by its TLCR reward (2·D − 1) and its "
+                "RED reward (R(x, y≤t) − R(x, y≤t−1)): green positive, red negative; hover for the "
+                "value. With --gold the first row is each token's gold credit, the weight of"
+                " the word it belongs to (−1 harm, +1 safe), the answer both rows should find.</p>")
     red_scale = max([abs(v) for s in samples for r in s["responses"].values() for v in r["red"]] + [1e-6])
     for k, sample in enumerate(samples):
         body.append(f'<h3>Prompt {k + 1}</h3><pre class="prompt">{html.escape(sample["prompt"][-800:])}</pre>')
         for name, resp in sample["responses"].items():
-            body.append(f'<div class="resp"><div class="name">{html.escape(name)}</div>'
+            gold_row = "" if "gold" not in resp else (
+                '<div class="row"><span class="lbl">gold credit</span><span class="toks">'
+                + shaded_tokens_html(resp["tokens"], resp["gold"], "gold credit", 1.0)
+                + '</span></div>')
+            body.append(f'<div class="resp"><div class="name">{html.escape(name)}</div>{gold_row}'
                         f'<div class="row"><span class="lbl">TLCR</span><span class="toks">'
                         f'{shaded_tokens_html(resp["tokens"], resp["tlcr"], "TLCR", 1.0)}</span></div>'
                         f'<div class="row"><span class="lbl">RED</span><span class="toks">'
@@ -168,13 +328,23 @@ def report_html(results, samples, curves):
              "table.results{border-collapse:collapse}table.results td,table.results th{border:1px solid #bbb;"
              "padding:4px 8px;text-align:right}table.results td:first-child{text-align:left}"
              ".charts{display:flex;flex-wrap:wrap;gap:12px}svg.curve{font-size:10px;background:#fafafa}"
-             "svg .axis{stroke:#888}svg .title{font-size:12px;font-weight:600}"
+             "svg .axis{stroke:#888}svg .title{font-size:12px;font-weight:600}svg .note{fill:#666}"
              "pre.prompt{white-space:pre-wrap;background:#f4f4f4;padding:6px;font-size:12px}"
              ".resp{margin:6px 0 12px}.name{font-weight:600}.row{display:flex;gap:8px;margin:2px 0}"
-             ".lbl{width:40px;flex:none;color:#666;font-size:12px}.toks{white-space:pre-wrap;font-family:monospace;"
+             ".lbl{width:72px;flex:none;color:#666;font-size:12px}"
+             ".toks{white-space:pre-wrap;font-family:monospace;"
              "font-size:12px}.tok{border-radius:2px}")
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>token-rlhf evaluation</title>"
             f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def gold_frontier_svg(series):
+    """The gold-against-KL chart of one PPO run per policy: every step a faint point, and the mean
+    gold of the steps in each KL bin (KL_BIN_EDGES), ± one standard error, joined in KL order."""
+    means = {name: [(x, y, e) for x, y, e, _ in binned_frontier(points)]
+             for name, points in series.items()}
+    return frontier_chart_svg(GOLD_VS_KL, means, points=series,
+                              note="mean ± s.e. of the steps in each KL bin; faint: every step")
 
 
 def find_logs(policies):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import common
+import gold
 import eval as ev
 import plumbing
 import report
@@ -483,3 +484,54 @@ def test_main_with_openai_judge_pays_once(tiny_dir, run_dir, tmp_path, judge_ser
         assert SECRET not in path.read_text()
     ev.main(argv)  # a rerun: every verdict from judge_cache.jsonl, only the test request is paid
     assert len(server.calls) == 2 + 2 * 5 + 1 and server.calls[-1][0] == "check"
+
+
+# ----------------------------------------------------------------------------------------------
+# the true token credit (--gold): every source on held-out replies and on each policy's samples
+# ----------------------------------------------------------------------------------------------
+def test_main_gold_measures_token_credit_on_heldout_replies_and_samples(tiny_dir, tiny_tokenizer, run_dir, tmp_path,
+                                                                          monkeypatch, splits):
+    out = tmp_path / "eval"
+    argv = eval_argv(tiny_dir, run_dir, out, f"sft={tiny_dir}", f"copy={run_dir / 'copy'}") + [
+        "--gold", "--num-prompts", "20", "--credit-response-len", "40"]
+    results = ev.main(argv)
+    credit = results["credit"]
+    pairs = splits["test"][:20]
+    ranked, _ = gold.rank_pairs(pairs)
+    revised = sum(gold.gold_revise(p.rejected) is not None for p in ranked)
+    assert credit["heldout"]["replies"] == {"chosen": 20, "rejected": 20, "revised": revised} and revised > 0
+    held = credit["heldout"]["by_source"]
+    assert set(held) == set(ev.CREDIT_SOURCES) == {"tlcr", "tlcr_fixed", "tlcr_no_negative", "tlcr_no_positive",
+                                                   "red", "seq"}
+    rows = ev.heldout_credit_replies(pairs, tiny_tokenizer, 24, 40)
+    assert held["tlcr"]["tokens"] == sum(len(r) for _, _, r in rows)  # every token of every reply, EOS included
+    assert held["tlcr"]["harm_tokens"] > 0 and held["tlcr"]["safe_tokens"] > 0
+    assert all(m["tokens"] == held["tlcr"]["tokens"] for m in held.values())
+    # the same responses (the copy of the reference) give the same credit metrics
+    assert credit["samples"]["sft"] == credit["samples"]["copy"]
+    md = (out / "results.md").read_text()
+    assert "Token credit on held-out replies (20 chosen, 20 rejected" in md and "| red |" in md
+    page = (out / "report.html").read_text()
+    check_html(page)
+    assert page.count('title="gold credit ') >= 2 * 3 and "True token credit" in page
+    assert json.loads((out / "results.json").read_text())["credit"] == json.loads(json.dumps(credit))
+
+    # a reward source that IS the gold credit scores perfectly: rows and replies line up token by token
+    def gold_as_reward(reward_model, disc_model, query_response, attention_mask, response_mask):
+        ids = common.gather_response(query_response, response_mask)  # [B, T_resp]
+        _, valid = common.response_index(response_mask)
+        exact = torch.zeros(ids.shape)
+        for row in range(ids.shape[0]):
+            n = int(valid[row].sum())
+            credit, words = gold.token_credit(tiny_tokenizer, ids[row, :n].tolist())
+            counts = Counter(words)
+            exact[row, :n] = torch.tensor([c / counts[w] if w >= 0 else 0.0 for c, w in zip(credit, words)])
+        late = torch.nn.functional.pad(exact, (1, 0))[:, :-1]  # one token late
+        return {**{name: exact for name in ev.CREDIT_SOURCES}, "red": late}
+
+    monkeypatch.setattr(ev, "source_token_rewards", gold_as_reward)
+    held = ev.main(argv[:-2] + ["--credit-response-len", "40", "--out", str(tmp_path / "exact")]
+                   )["credit"]["heldout"]["by_source"]
+    assert held["tlcr"]["auc_harm"] == held["tlcr"]["auc_safe"] == 1.0
+    assert held["tlcr"]["word_r"] == pytest.approx(1.0) and held["tlcr"]["reply_r"] == pytest.approx(1.0)
+    assert held["red"]["auc_harm"] < 0.8 and held["red"]["word_r"] < 0.5  # off by one token: far worse

@@ -89,7 +89,8 @@ def test_readme_test_command_is_what_ci_runs():
 
 
 def test_every_stage_script_has_help():
-    for script in ("sft.py", "label.py", "discriminator.py", "redistribute.py", "ppo_token.py", "eval.py"):
+    for script in ("sft.py", "label.py", "discriminator.py", "redistribute.py", "ppo_token.py", "eval.py",
+                   "study.py"):
         done = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True,
                               timeout=120)
         assert done.returncode == 0 and "usage:" in done.stdout, script
