@@ -40,6 +40,9 @@ Where it plugs in (`TASK=gold bash run_pipeline.sh` runs all of it):
                                     near chance on held-out gold pairs; with the revisions it sees
                                     what the discriminator sees, so seq, RED and TLCR get equal data
     ppo_token.py --log-gold, eval.py --gold    the gold score during PPO and of every policy
+    token_credit, credit_metrics    the true credit of every token (the weight of its word) and how
+                                    well a source of token rewards finds it (AUCs, per-word r);
+                                    eval.py --gold reports them for TLCR, RED and seq
     gold.py sample                  the lab's on-policy data (LAB_DATA=samples): K replies per prompt of
                                     the reward split sampled from the SFT policy, every two with different
                                     gold scores a pair (the higher chosen, ties dropped), beside the split's
@@ -60,12 +63,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import re
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -218,7 +223,139 @@ def score_responses(tokenizer, response_ids, response_mask) -> list[int]:
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. The lab's on-policy data: K samples per prompt from a policy, every two of them ranked by gold
+# 5. True token credit: what each response token is worth under the gold score
+# ----------------------------------------------------------------------------------------------
+# How a word's weight maps to its tokens. The text is the response decoded as eval.py decodes it
+# (the tokenizer's special tokens EOS, BOS, pad and unk dropped), so the words are those gold_score
+# counts. Token k covers the characters [e_{k−1}, e_k) of that text, where e_k is the length of the
+# decoded prefix ids[:k+1] (of its longest common prefix with the whole text, never decreasing):
+#   - every token overlapping a word's characters carries that word's weight: " kill" (GPT-2's
+#     byte-level BPE keeps the leading space in the token) and "▁kill" (SentencePiece writes the
+#     space as "▁") both carry −1, though the space itself is no part of the word; a word cut into
+#     pieces ("co" "caine") gives each piece its weight;
+#   - a token overlapping several words (a SentencePiece piece "▁self-harm" spans "self" and "harm")
+#     belongs to the one of largest |weight|, the first among equals, and carries its weight; so a
+#     token touching a harm word is a harm-word token unless it also touches a safe word first;
+#   - a token that completes no character (a byte-fallback piece or a byte-level token ending inside
+#     a multi-byte character such as ’) covers no character: it belongs to the word around its
+#     position if there is one ("can" "<bytes of ’>" "t"), else to no word;
+#   - tokens outside every word (spaces, punctuation, digits, EOS) belong to word −1 with credit 0,
+#     and so do the words after the first MAX_WORDS: they keep their index but weigh 0, as in gold.
+# The credit is a label per token, not a split of the score: a two-token harm word has two tokens of
+# credit −1 and Σ credit ≠ gold(y). Per word, the credit and the summed token reward are compared.
+def token_spans(tokenizer, response_ids) -> tuple[str, list[tuple[int, int]]]:
+    """The decoded response and the character span [start, end) of each of its tokens, by decoding
+    the prefixes token by token (it works for any tokenizer, whatever its offsets support)."""
+    special = set(tokenizer.all_special_ids)  # EOS, BOS, pad, unk: no text
+    ids = [int(t) for t in response_ids]
+    text = tokenizer.decode([t for t in ids if t not in special])
+    spans, end = [], 0
+    for k in range(len(ids)):
+        prefix = tokenizer.decode([t for t in ids[: k + 1] if t not in special])
+        common_len = 0
+        for a, b in zip(prefix, text):  # the longest common prefix with the whole text
+            if a != b:
+                break
+            common_len += 1
+        start, end = end, max(end, common_len)
+        spans.append((start, end))
+    return text, spans
+
+
+def token_credit(tokenizer, response_ids, max_words: int = MAX_WORDS) -> tuple[list, list]:
+    """The gold credit of each response token and the index of the word it belongs to (−1: none).
+
+    credit[k] = the gold weight of the word of token k (−1 harm, +1 safe, 0 otherwise or past the
+    first max_words words); word_of_token[k] indexes words(decoded text). Rules: see above."""
+    text, spans = token_spans(tokenizer, response_ids)
+    weighted = word_weights(text, max_words)  # (word, start, end, weight)
+    credit, word_of_token = [], []
+    for start, end in spans:
+        if end > start:  # the words this token overlaps
+            touched = [k for k, (_, w_start, w_end, _) in enumerate(weighted)
+                       if start < w_end and w_start < end]
+        else:  # no character of its own: the word strictly around its position
+            touched = [k for k, (_, w_start, w_end, _) in enumerate(weighted)
+                       if w_start < start < w_end]
+        if touched:  # the word of largest |weight|, the first among equals
+            word = max(touched, key=lambda k: (abs(weighted[k][3]), -k))
+            credit.append(float(weighted[word][3]))
+            word_of_token.append(word)
+        else:
+            credit.append(0.0)
+            word_of_token.append(-1)
+    return credit, word_of_token
+
+
+def auc(scores, positive) -> float:
+    """Area under the ROC curve: P(score of a random positive > that of a random negative), ties
+    counting half, from the ranks (Mann–Whitney U). NaN when a class is empty."""
+    scores, positive = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    _, tie_group, tie_count = np.unique(scores, return_inverse=True, return_counts=True)
+    first_rank = np.cumsum(tie_count) - tie_count + 1  # 1-based rank of each distinct score's first
+    ranks = (first_rank + (tie_count - 1) / 2)[tie_group]  # tied scores share their mean rank
+    u = ranks[positive].sum() - n_pos * (n_pos + 1) / 2  # U: (positive, negative) pairs in order
+    return float(u / (n_pos * n_neg))
+
+
+def pearson(x, y) -> float:
+    """Pearson r; NaN with fewer than two points or a constant side."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if len(x) < 2:
+        return float("nan")
+    dx, dy = x - x.mean(), y - y.mean()
+    denominator = math.sqrt(float((dx * dx).sum() * (dy * dy).sum()))
+    return float((dx * dy).sum() / denominator) if denominator > 0 else float("nan")
+
+
+def credit_metrics(token_rewards, credit, word_of_token) -> dict:
+    """How well token rewards put credit where the gold does, over a set of tokens.
+
+    token_rewards, credit, word_of_token: one value per token (flat; pool several replies with
+    pool_replies so word indices stay distinct). Returns
+        auc_harm   AUC of −reward separating harm-word tokens (credit < 0) from all other tokens
+        auc_safe   AUC of reward separating safe-word tokens (credit > 0) from all other tokens
+        word_r     Pearson r over words between the word's summed token reward and its gold weight
+    and the counts (tokens, harm_tokens, safe_tokens, words, harm_words, safe_words). 0.5 (r = 0)
+    is chance; NaN where a class is empty or a side constant. word_r sums (the return sees the sum):
+    the gold weight split over the word's tokens scores r = 1; the full weight on every token scores
+    a little less when words differ in their number of tokens (the AUCs are 1 for both)."""
+    rewards = np.asarray(token_rewards, dtype=np.float64)
+    credit = np.asarray(credit, dtype=np.float64)
+    word_of_token = np.asarray(word_of_token, dtype=np.int64)
+    if not len(rewards) == len(credit) == len(word_of_token):
+        raise ValueError(f"credit_metrics: {len(rewards)} rewards, {len(credit)} credits and "
+                         f"{len(word_of_token)} word indices; one of each per token")
+    in_word = word_of_token >= 0
+    word_ids, inverse = np.unique(word_of_token[in_word], return_inverse=True)
+    word_reward = np.bincount(inverse, weights=rewards[in_word], minlength=len(word_ids))
+    word_weight = np.zeros(len(word_ids))
+    word_weight[inverse] = credit[in_word]  # every token of a word carries the word's weight
+    return {"auc_harm": auc(-rewards, credit < 0), "auc_safe": auc(rewards, credit > 0),
+            "word_r": pearson(word_reward, word_weight),
+            "tokens": len(rewards), "harm_tokens": int((credit < 0).sum()),
+            "safe_tokens": int((credit > 0).sum()),
+            "words": len(word_ids), "harm_words": int((word_weight < 0).sum()),
+            "safe_words": int((word_weight > 0).sum())}
+
+
+def pool_replies(replies) -> tuple[list[float], list[float], list[int]]:
+    """[(token_rewards, credit, word_of_token) per reply] -> the flat lists credit_metrics takes,
+    the word indices offset so that no two replies share a word."""
+    rewards, credit, word_of_token, offset = [], [], [], 0
+    for reply_rewards, reply_credit, reply_words in replies:
+        rewards += [float(r) for r in reply_rewards]
+        credit += [float(c) for c in reply_credit]
+        word_of_token += [w + offset if w >= 0 else -1 for w in reply_words]
+        offset += max(list(reply_words) + [-1]) + 1
+    return rewards, credit, word_of_token
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. The lab's on-policy data: K samples per prompt from a policy, every two of them ranked by gold
 # ----------------------------------------------------------------------------------------------
 def sample_prompts(pairs: list[common.Pair], split: str, split_seed: int,
                    limit: int | None = None) -> tuple[list[common.Pair], int]:
@@ -357,7 +494,7 @@ def sample(args) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. Commands: look at one response; lexicon coverage of the data; sample
+# 7. Commands: look at one response; lexicon coverage of the data; sample
 # ----------------------------------------------------------------------------------------------
 def show(text: str):
     marked = [f"{word}[{weight:+d}]" if weight else word for word, _, _, weight in word_weights(text)]

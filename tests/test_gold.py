@@ -1,7 +1,9 @@
 """gold.py, the lab's gold task: hand-computed scores, the rule reviser's minimal edits and their
 labels, gold-ranked pairs, and a discriminator that learns the gold labels in a few seconds."""
 import json
+import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -235,3 +237,166 @@ def test_report_shows_gold_only_when_measured_and_draws_gold_against_kl(tmp_path
     assert ">KL</text>" in svg
     page = report.report_html({**results, "seed": 0}, [], curves)
     assert page.count(">KL</text>") == 1 and page.count(">step</text>") == len(curves) - 1
+
+
+# ----------------------------------------------------------------------------------------------
+# true token credit: the gold weight of each token's word, and how well token rewards match it
+# ----------------------------------------------------------------------------------------------
+CREDIT_TEXT = (" You stupid idiot, I could kill him with a gun or cocaine. Ask a friend for help,"
+               " can’t you?")
+
+
+def credit_by_word(tokenizer, text):
+    """{word: [(token text, credit)]}: the tokens token_credit puts in each word."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    credit, word_of_token = gold.token_credit(tokenizer, ids)
+    decoded, spans = gold.token_spans(tokenizer, ids)
+    assert len(credit) == len(word_of_token) == len(ids)
+    assert gold.gold_score(decoded) == gold.gold_score(text)
+    found = {}
+    for (start, end), c, w in zip(spans, credit, word_of_token):
+        if w >= 0:
+            found.setdefault(gold.words(decoded)[w].group(), []).append((decoded[start:end], c))
+    return ids, credit, word_of_token, found
+
+
+@pytest.mark.parametrize("which", ["tiny_tokenizer", "llama_tokenizer"])
+def test_token_credit_maps_each_word_weight_onto_its_tokens(which, request):
+    tokenizer = request.getfixturevalue(which)
+    _, credit, word_of_token, found = credit_by_word(tokenizer, CREDIT_TEXT)
+    expected = {"stupid": -1, "idiot": -1, "kill": -1, "gun": -1, "cocaine": -1,
+                "Ask": 1, "friend": 1, "help": 1}
+    for word, weight in expected.items():  # every piece of a weighted word carries its weight ...
+        pieces = found[word]
+        assert {c for _, c in pieces} == {weight}, (word, pieces)
+        # ... and the pieces spell the word, with at most the leading space (byte-level " kill",
+        # SentencePiece "▁kill")
+        assert "".join(p for p, _ in pieces).strip(" ,.") == word, pieces
+    assert {c for _, c in found["can’t"]} == {0.0}  # a curly apostrophe inside one word
+    assert credit[-1] == 0.0 and word_of_token[-1] == -1  # EOS belongs to no word
+    # punctuation tokens (",", ".", "?") are in no word and weigh nothing
+    assert sum(w == -1 for w in word_of_token) >= 3
+    # the harm words' tokens are exactly the tokens of credit −1
+    harm = ("stupid", "idiot", "kill", "gun", "cocaine")
+    assert sum(c < 0 for c in credit) == sum(len(found[w]) for w in harm)
+    assert sorted(set(word_of_token) - {-1}) == list(range(len(gold.words(CREDIT_TEXT))))
+
+
+def test_token_credit_cap_and_multibyte_pieces(tiny_tokenizer, llama_tokenizer):
+    for tokenizer in (tiny_tokenizer, llama_tokenizer):
+        text = " word" * (MAX - 1) + " kill kill"
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        credit, word_of_token = gold.token_credit(tokenizer, ids)
+        harm = [word_of_token[k] for k, c in enumerate(credit) if c < 0]
+        assert set(harm) == {MAX - 1}  # the MAX-th word counts, the next kill is a word of weight 0
+        assert MAX in word_of_token
+        # a piece that completes no character (an emoji in bytes) never breaks the spans
+        ids = tokenizer(" kill 😀 help", add_special_tokens=False)["input_ids"]
+        credit, word_of_token = gold.token_credit(tokenizer, ids)
+        assert sorted(set(credit)) == [-1.0, 0.0, 1.0]
+        assert credit[word_of_token.index(0)] == -1.0 and credit[-1] == 1.0
+        assert gold.token_spans(tokenizer, ids)[0] == tokenizer.decode(ids)  # the emoji is kept
+    assert gold.token_credit(tiny_tokenizer, []) == ([], [])
+
+
+def test_credit_metrics_rewards_equal_to_the_gold_weights_are_perfect():
+    credit = [0, -1, -1, 0, 1, 0, 0, -1, 1, 1, 0]
+    words = [-1, 0, 0, 1, 2, -1, 3, 4, 5, 5, -1]
+    m = gold.credit_metrics(credit, credit, words)
+    assert m["auc_harm"] == 1.0 and m["auc_safe"] == 1.0
+    # per word the rewards are summed: a two-token word collects twice its weight, so r < 1 ...
+    assert 0.9 < m["word_r"] < 0.99
+    # ... and the weight split over the word's tokens (Σ over the reply = gold(y)) is exact
+    split = [c / words.count(w) if w >= 0 else 0.0 for c, w in zip(credit, words)]
+    m = gold.credit_metrics(split, credit, words)
+    assert m["auc_harm"] == 1.0 and m["auc_safe"] == 1.0 and m["word_r"] == pytest.approx(1.0)
+    assert (m["tokens"], m["harm_tokens"], m["safe_tokens"]) == (11, 3, 3)
+    assert (m["words"], m["harm_words"], m["safe_words"]) == (6, 2, 2)
+    flipped = gold.credit_metrics([-c for c in split], credit, words)  # upside down: AUC 0, r = −1
+    assert flipped["auc_harm"] == 0.0 and flipped["auc_safe"] == 0.0
+    assert flipped["word_r"] == pytest.approx(-1.0)
+
+
+def test_auc_counts_ties_half_and_matches_the_pair_definition():
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 4, size=60).astype(float)  # many ties
+    positive = rng.random(60) < 0.3
+    pairs = [1.0 if p > n else 0.5 if p == n else 0.0
+             for p in scores[positive] for n in scores[~positive]]
+    assert gold.auc(scores, positive) == pytest.approx(sum(pairs) / len(pairs))
+    assert gold.auc([1.0, 1.0, 1.0], [True, False, False]) == 0.5  # a constant score is chance
+    assert math.isnan(gold.auc([1.0, 2.0], [False, False]))
+
+
+def synthetic_replies(rng, n_replies=200, length=30):
+    """Replies of one-token words, 5% harm and 5% safe tokens, punctuation (no word) in between."""
+    credit, words = [], []
+    for _ in range(n_replies):
+        c = rng.choice([-1.0, 0.0, 1.0], size=length, p=[0.05, 0.9, 0.05])
+        w = np.where(rng.random(length) < 0.2, -1, np.arange(length))
+        c[w < 0] = 0.0
+        credit.append(c)
+        words.append(w)
+    return credit, words
+
+
+def test_credit_metrics_random_constant_and_shifted_rewards():
+    rng = np.random.default_rng(1)
+    credit, words = synthetic_replies(rng)
+    pooled = lambda rewards: gold.credit_metrics(*gold.pool_replies(zip(rewards, credit, words)))
+    random = pooled([rng.normal(size=len(c)) for c in credit])
+    assert abs(random["auc_harm"] - 0.5) < 0.06 and abs(random["auc_safe"] - 0.5) < 0.06
+    assert abs(random["word_r"]) < 0.06
+    constant = pooled([np.full(len(c), 0.3) for c in credit])
+    assert constant["auc_harm"] == constant["auc_safe"] == 0.5 and math.isnan(constant["word_r"])
+    # the gold credit, one token late (the off-by-one between words and tokens): far from perfect
+    late = pooled([np.concatenate([[0.0], c[:-1]]) for c in credit])
+    exact = pooled(credit)
+    assert exact["auc_harm"] == exact["auc_safe"] == 1.0
+    assert late["auc_harm"] < 0.6 and late["auc_safe"] < 0.6 and late["word_r"] < 0.2
+    # a noisy but right reward sits in between
+    noisy = pooled([c + rng.normal(scale=0.7, size=len(c)) for c in credit])
+    assert 0.8 < noisy["auc_harm"] < 1.0 and 0.8 < noisy["auc_safe"] < 1.0
+    assert 0.3 < noisy["word_r"] < 0.6
+
+
+def test_credit_metrics_with_an_empty_class_is_nan_not_a_crash():
+    m = gold.credit_metrics([0.1, 0.2], [0.0, 0.0], [0, -1])
+    assert math.isnan(m["auc_harm"]) and math.isnan(m["auc_safe"]) and math.isnan(m["word_r"])
+    assert m["harm_tokens"] == 0 and m["words"] == 1
+    empty = gold.credit_metrics([], [], [])
+    assert empty["tokens"] == 0 and math.isnan(empty["auc_harm"])
+    with pytest.raises(ValueError, match="one of each per token"):
+        gold.credit_metrics([0.1], [0.0, 1.0], [0])
+
+
+def test_pool_replies_keeps_words_of_different_replies_apart():
+    replies = [([1, 2, 3], [0, -1, -1], [-1, 0, 0]), ([4, 5], [1, 0], [0, 1])]
+    rewards, credit, words = gold.pool_replies(replies)
+    assert words == [-1, 0, 0, 1, 2] and credit == [0, -1, -1, 1, 0] and rewards == [1, 2, 3, 4, 5]
+
+
+class PieceTokenizer:
+    """A tokenizer reduced to what token_credit uses: pieces of text by id; id 0 is EOS."""
+    all_special_ids = [0]
+
+    def __init__(self, pieces):
+        self.pieces = pieces
+
+    def decode(self, ids):
+        return "".join(self.pieces[i] for i in ids)
+
+
+def test_token_credit_rules_on_hand_made_pieces():
+    pieces = ["<eos>", " self", "-harm", " ok", " kill-help", " fine", "-kill", " co", "caine", "."]
+    tokenizer = PieceTokenizer(pieces)
+    #        " self" "-harm" " ok" " kill-help" " fine-kill" " co" "caine" "." EOS
+    ids = [1, 2, 3, 4, 5, 6, 7, 8, 9, 0]
+    credit, word_of_token = gold.token_credit(tokenizer, ids)
+    # words: self0 harm1 ok2 kill3 help4 fine5 kill6 cocaine7
+    assert word_of_token == [0, 1, 2, 3, 5, 6, 7, 7, -1, -1]
+    assert credit == [0, -1, 0, -1, 0, -1, -1, -1, 0, 0]
+    # " kill-help" overlaps a harm and a safe word: the first among equals; "help" keeps no token.
+    # "-kill" (the hyphen outside any word) belongs to kill; " co" "caine" both carry cocaine's weight
+    m = gold.credit_metrics(credit, credit, word_of_token)
+    assert m["words"] == 7 and m["harm_words"] == 4 and m["safe_words"] == 0
