@@ -245,25 +245,25 @@ def split_pairs(pairs: list[Pair], seed: int = 0, test_fraction: float = 0.05) -
 
 def select_split(pairs: list[Pair], split: str, split_seed: int, limit: int | None = None) -> list[Pair]:
     """One part of split_pairs (or "all"), then at most `limit` pairs: --limit never changes the
-    split. Grouped pairs (ids GROUP/k: a gold.py sample file) are one split's already: split "all"."""
+    split. Grouped pairs (ids GROUP/k, from gold.py sample) are one split's already: "all" only."""
     if split != "all" and any("/" in pair.id for pair in pairs):
-        raise DataError(f"the data holds grouped pairs (ids GROUP/k, as gold.py sample writes them), "
-                        f"which are one split's already: read them with --split all, not --split {split}")
+        raise DataError(f"the data holds grouped pairs (ids GROUP/k, written by gold.py sample), "
+                        f"one split's already: read them with --split all, not --split {split}")
     chosen = pairs if split == "all" else split_pairs(pairs, split_seed)[split]
     return chosen[:limit] if limit is not None else chosen
 
 
 def pair_group(pair_id: str) -> str:
-    """The group of a pair id: GROUP for GROUP/k, else the id itself. gold.py sample names the pairs
-    it samples for one prompt PROMPT_PAIR_ID/k, so a held-out part keeps a prompt's pairs together."""
+    """The group of a pair id: GROUP for GROUP/k, else the id itself. gold.py sample names the
+    pairs it samples for one prompt PAIR_ID/k: a held-out part keeps a prompt's pairs together."""
     return pair_id.split("/", 1)[0]
 
 
 def heldout_split(items: list, fraction: float, seed: int, key=lambda item: item.id) -> tuple[list, list]:
     """(train, heldout): the `fraction` of groups (pair_group of each id; a plain id is its own
     group) with the smallest seeded hash are held out, at least one when fraction > 0 and there are
-    two groups, so no prompt of a held-out pair is trained on. The reward model and the discriminator
-    call it on the same reward split with the same seed, so they hold out the same pairs."""
+    two groups, so no prompt of a held-out pair is trained on. The reward model and the
+    discriminator call it on the same split with the same seed: they hold out the same pairs."""
     groups = _hash_order(sorted({pair_group(key(item)) for item in items}), seed, key=lambda g: g)
     n_heldout = 0 if fraction <= 0 or len(groups) < 2 else max(1, round(len(groups) * fraction))
     rank = {group: k for k, group in enumerate(groups)}

@@ -13,17 +13,17 @@ The reward of token a_t is read at a_t's own position (the hidden state that has
 belongs to the action that produced a_t. ppo_token.py calls `redistribute` (RED) and
 `sparse_token_rewards` (the sequence-PPO baseline): both come from the same forward pass and code.
 
-Prefix pairs (--prefix-pairs, the lab only; not in the R3HF paper). The paper trains R on whole replies
-and reads it at every prefix, where it was never trained. In the lab the gold score labels any prefix,
-so this option adds a Bradley–Terry term over the prefixes of each training reply: every two prefixes
-y≤s, y≤t (the empty one, at the last prompt token, included) whose gold scores differ are a pair, the
-higher one preferred, and the loss of a pair of replies becomes
+Prefix pairs (--prefix-pairs, the lab only; not in the R3HF paper). The paper trains R on whole
+replies and reads it at every prefix, where it was never trained. In the lab the gold score labels
+any prefix, so this option adds a Bradley–Terry term over the prefixes of each training reply: every
+two prefixes y≤s, y≤t (the empty one, at the last prompt token, included) whose gold scores differ
+are a pair, the higher one preferred, and the loss of a pair of replies becomes
 
     L = −log σ(R(x, y_c) − R(x, y_r)) + ½ (L_pre(y_c) + L_pre(y_r)),
     L_pre(y) = mean over s, t with gold(y≤t) > gold(y≤s) of −log σ(R(x, y≤t) − R(x, y≤s))
 
-so R is trained where RED reads it. It needs supervision no human preference gives (a score for every
-prefix): it measures whether RED's credit is limited by its reward model's prefixes, not the method.
+so R is trained where RED reads it. It needs supervision no human preference gives (a score for
+every prefix): it measures whether RED's credit is limited by its reward model's prefixes.
 
 Commands (the paper's lr 1e-5 is for 7B models; pass a larger one, e.g. 3e-4, for tiny ones):
 
@@ -75,9 +75,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="the lab: also train on (revised ≻ rejected) pairs from label.py's output, so the reward "
                            "model learns from what the discriminator learns from (held-out pairs left out)")
     data.add_argument("--prefix-pairs", action="store_true",
-                      help="the lab (needs --preference gold): also rank every two prefixes of each training reply "
-                           "by their gold scores (Bradley–Terry), so R is trained at the prefixes RED reads; not in "
-                           "the R3HF paper (see the docstring)")
+                      help="the lab (needs --preference gold): also rank every two prefixes of "
+                           "each training reply by their gold scores (Bradley–Terry), so R is "
+                           "trained at the prefixes RED reads; not in the R3HF paper (docstring)")
     model = train.add_argument_group("model")
     model.add_argument("--sft", required=True, help="SFT model directory (or HF name): backbone and tokenizer")
     algo = train.add_argument_group("algorithm")
@@ -129,7 +129,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if args.limit is not None and args.limit < 2:
             train.error(f"--limit must be at least 2 (one training and one held-out pair), got {args.limit}")
         if args.prefix_pairs and args.preference != "gold":
-            train.error("--prefix-pairs needs --preference gold: the gold score labels the prefixes")
+            train.error("--prefix-pairs needs --preference gold: the gold scores the prefixes")
     elif not 0.0 <= args.beta_c <= 1.0:
         show.error(f"--beta-c must be in [0, 1], got {args.beta_c}")
     return args
@@ -155,13 +155,14 @@ def select_pairs(args, quiet: bool = False):
         raise common.InputError(f"--data {args.data} --split {args.split}: {len(pairs)} pairs, too few to hold "
                                 f"out {args.eval_fraction:.0%} and train on the rest")
     if args.revision_pairs:
-        train_pairs = train_pairs + revision_pairs(args.revision_pairs, {common.pair_group(p.id) for p in eval_pairs})
+        heldout_groups = {common.pair_group(p.id) for p in eval_pairs}
+        train_pairs = train_pairs + revision_pairs(args.revision_pairs, heldout_groups)
     return train_pairs, eval_pairs
 
 
 def revision_pairs(labels_path, heldout_groups: set[str]) -> list[common.Pair]:
-    """(prompt, chosen = revised, rejected) pairs from label.py's output, those of held-out pairs left out
-    (a record whose id's group, common.pair_group, is held out: no held-out prompt is trained on)."""
+    """(prompt, chosen = revised, rejected) pairs from label.py's output, those of held-out pairs
+    left out (a record whose id's group, common.pair_group, is held out: no held-out prompt)."""
     pairs = []
     for where, record in common.read_rows(labels_path):
         if not isinstance(record, dict) or not all(isinstance(record.get(k), str)
@@ -172,10 +173,10 @@ def revision_pairs(labels_path, heldout_groups: set[str]) -> list[common.Pair]:
     return pairs
 
 
-def encode_pairs(pairs, tokenizer, max_prompt_len: int, max_response_len: int, chat_template: bool = True,
-                 prefix_gold: bool = False):
-    """Token ids of each pair: prompt, chosen and rejected response (each response ends with EOS). With
-    prefix_gold, also the gold score of every prefix of each response (prefix_gold_scores)."""
+def encode_pairs(pairs, tokenizer, max_prompt_len: int, max_response_len: int,
+                 chat_template: bool = True, prefix_gold: bool = False):
+    """Token ids of each pair: prompt, chosen and rejected response (each response ends with EOS).
+    With prefix_gold, also the gold score of every prefix of each response (prefix_gold_scores)."""
     examples = []
     for pair in pairs:
         prompt = common.prompt_text(tokenizer, pair.prompt, pair.messages, chat_template)
@@ -185,15 +186,15 @@ def encode_pairs(pairs, tokenizer, max_prompt_len: int, max_response_len: int, c
                    "chosen": common.encode_response(tokenizer, chosen, max_response_len),
                    "rejected": common.encode_response(tokenizer, rejected, max_response_len)}
         if prefix_gold:
-            example["chosen_gold"] = prefix_gold_scores(tokenizer, chosen, len(example["chosen"]))
-            example["rejected_gold"] = prefix_gold_scores(tokenizer, rejected, len(example["rejected"]))
+            for side, text in (("chosen", chosen), ("rejected", rejected)):
+                example[f"{side}_gold"] = prefix_gold_scores(tokenizer, text, len(example[side]))
         examples.append(example)
     return examples
 
 
 def prefix_gold_scores(tokenizer, text: str, n_tokens: int) -> list[int]:
-    """gold(y≤t) for the first n_tokens of encode_response(text) (EOS last): the gold score of the text up
-    to the end of token t (a word cut mid-way is scored as the text it is); EOS adds nothing."""
+    """gold(y≤t) for the first n_tokens of encode_response(text) (EOS last): the gold score of the
+    text up to the end of token t (a word cut mid-way is scored as the text it is); EOS adds 0."""
     ids, offsets = common.response_encodings(tokenizer, [text])[0]
     n_text = min(n_tokens - 1, len(ids))  # encode_response keeps max_len − 1 text tokens, then EOS
     scores = [gold.gold_score(text[:end]) for _, end in offsets[:n_text]]
@@ -203,17 +204,21 @@ def prefix_gold_scores(tokenizer, text: str, n_tokens: int) -> list[int]:
 def collate_pairs(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """B pairs -> one right-padded batch of 2B rows: rows 0..B−1 chosen, rows B..2B−1 rejected,
     so both sides of a pair go through the same forward pass. Examples with prefix gold scores also
-    give prefix_index [2B, L]: the positions of the empty prefix (the last prompt token) and of every
-    response token, prefix_gold [2B, L] their gold scores (0 for the empty one), prefix_valid [2B, L]."""
+    give prefix_index [2B, L]: the positions of the empty prefix (the last prompt token) and of
+    every response token; prefix_gold [2B, L]: their gold scores (0 for the empty prefix);
+    prefix_valid [2B, L]: 1 where a prefix is real."""
     rows = [(e["prompt"], e["chosen"]) for e in examples] + [(e["prompt"], e["rejected"]) for e in examples]
     query_response, attention_mask, response_mask = common.collate_right(rows, pad_id)  # [2B, T]
-    batch = {"query_response": query_response, "attention_mask": attention_mask, "response_mask": response_mask}
+    batch = {"query_response": query_response, "attention_mask": attention_mask,
+             "response_mask": response_mask}
     if examples and "chosen_gold" in examples[0]:
         golds = [e["chosen_gold"] for e in examples] + [e["rejected_gold"] for e in examples]
-        # position len(prompt) − 1 reads the empty prefix (none without a prompt), then every response token
-        batch["prefix_index"], _ = common.pad_right([[max(len(p) - 1, 0)] + list(range(len(p), len(p) + len(g)))
-                                                     for (p, _), g in zip(rows, golds)], 0)
-        batch["prefix_valid"], _ = common.pad_right([[int(len(p) > 0)] + [1] * len(g) for (p, _), g in zip(rows, golds)], 0)
+        # the empty prefix at len(prompt) − 1 (none without a prompt), then every response token
+        starts = [len(prompt) for prompt, _ in rows]
+        index = [[max(s - 1, 0)] + list(range(s, s + len(g))) for s, g in zip(starts, golds)]
+        valid = [[int(s > 0)] + [1] * len(g) for s, g in zip(starts, golds)]
+        batch["prefix_index"] = common.pad_right(index, 0)[0]
+        batch["prefix_valid"] = common.pad_right(valid, 0)[0]
         batch["prefix_gold"] = common.pad_right([[0] + g for g in golds], 0)[0].float()
     return batch
 
@@ -258,10 +263,11 @@ def prefix_pair_loss(scores: torch.Tensor, prefix_index: torch.Tensor, prefix_go
                      prefix_valid: torch.Tensor) -> torch.Tensor:
     """--prefix-pairs: per row, the mean over every two prefixes s, t with gold(y≤t) > gold(y≤s) of
     −log σ(R(x, y≤t) − R(x, y≤s)); 0 for a row whose prefixes all score the same. [2B]"""
-    prefix_scores = scores.gather(1, prefix_index)  # R(x, y≤t) at the empty prefix and every token  [2B, L]
-    margin = prefix_scores[:, None, :] - prefix_scores[:, :, None]  # [2B, L, L]: R(y≤t) − R(y≤s) at [s, t]
+    prefix_scores = scores.gather(1, prefix_index)  # R(x, y≤t): empty prefix, t = 0, 1, …  [2B, L]
+    margin = prefix_scores[:, None, :] - prefix_scores[:, :, None]  # [s, t]: R(y≤t) − R(y≤s)
     valid = prefix_valid.bool()
-    better = (prefix_gold[:, None, :] > prefix_gold[:, :, None]) & valid[:, None, :] & valid[:, :, None]
+    both_real = valid[:, None, :] & valid[:, :, None]  # [2B, L, L]
+    better = (prefix_gold[:, None, :] > prefix_gold[:, :, None]) & both_real  # gold(t) > gold(s)
     losses = torch.where(better, -F.logsigmoid(margin), 0.0).sum((1, 2))  # [2B]
     return losses / better.sum((1, 2)).clamp(min=1)
 
@@ -369,11 +375,12 @@ def train_step(model, optimizer, scheduler, batch: list[dict], args, dist_info, 
         micro = {key: v.to(dist_info.device) for key, v in collate_pairs(examples, pad_id).items()}
         with plumbing.accumulate(model, last=k == len(micro_batches) - 1):
             with plumbing.autocast(dist_info.device, args.bf16):
-                chosen, rejected, scores = pair_rewards(model, micro, return_scores=True)  # [B], [B], [2B, T]
+                chosen, rejected, scores = pair_rewards(model, micro, return_scores=True)
             loss, loss_sum = bradley_terry_loss(chosen, rejected, normaliser)
             if "prefix_index" in micro:  # --prefix-pairs: + ½ (L_pre(y_c) + L_pre(y_r)) per pair
-                prefix_sum = 0.5 * prefix_pair_loss(scores, micro["prefix_index"], micro["prefix_gold"],
-                                                    micro["prefix_valid"]).sum()
+                prefix_losses = prefix_pair_loss(  # [2B]
+                    scores, micro["prefix_index"], micro["prefix_gold"], micro["prefix_valid"])
+                prefix_sum = 0.5 * prefix_losses.sum()
                 loss, loss_sum = loss + prefix_sum / normaliser, loss_sum + prefix_sum.detach()
             loss.backward()
         sums += torch.tensor([loss_sum.item(), (chosen > rejected).sum().item(), (chosen - rejected).sum().item()],
@@ -402,7 +409,8 @@ def train(args):
     train_pairs, eval_pairs = select_pairs(args, quiet=not master)
     tokenizer = plumbing.load_tokenizer(args.sft, trust_remote_code=args.trust_remote_code, what="--sft")
     pad_id = tokenizer.pad_token_id
-    train_examples = encode_pairs(train_pairs, tokenizer, args.max_prompt_len, args.max_response_len, args.chat_template,
+    train_examples = encode_pairs(train_pairs, tokenizer, args.max_prompt_len,
+                                  args.max_response_len, args.chat_template,
                                   prefix_gold=args.prefix_pairs)
     eval_examples = encode_pairs(eval_pairs, tokenizer, args.max_prompt_len, args.max_response_len, args.chat_template)
 

@@ -75,7 +75,7 @@ case "$SIZE" in
   smoke)  # seconds: for the end-to-end test
     SFT="--tiny-layers 1 --tiny-width 32 --tiny-vocab 512 --max-prompt-len 48 --max-response-len 32 --limit 60 --max-steps 6 --lr 3e-3 --batch-size 8 --micro-batch-size 8 --eval-examples 16"
     LABEL="--limit 40 --max-response-len 32"
-    SAMPLE="--limit 20 --samples-per-prompt 3 --max-prompt-len 48 --max-new-tokens 31 --batch-size 20"
+    SAMPLE="--limit 20 --samples-per-prompt 3 --max-prompt-len 48 --max-new-tokens 12 --batch-size 20"
     DISC="--epochs 1 --lr 1e-3 --max-prompt-len 48 --max-response-len 32 --batch-size 8 --micro-batch-size 8"
     RM="--limit 40 --epochs 1 --lr 1e-3 --max-prompt-len 48 --max-response-len 32 --batch-size 8 --micro-batch-size 8"
     PPO="--iterations 2 --rollout-batch-size 4 --minibatch-size 4 --ppo-epochs 1 --max-prompt-len 48 --max-new-tokens 12 --policy-lr 1e-4 --critic-lr 1e-4"
@@ -83,7 +83,7 @@ case "$SIZE" in
   demo)   # minutes on 2 CPU cores
     SFT="--tiny-layers 2 --tiny-width 128 --tiny-vocab 4096 --max-prompt-len 192 --max-response-len 96 --epochs 8 --lr 3e-3 --batch-size 16 --micro-batch-size 16 --eval-every 25 --eval-examples 128 --eval-batch-size 16"
     LABEL="--max-response-len 96"
-    SAMPLE="--samples-per-prompt 4 --max-prompt-len 192 --max-new-tokens 95 --batch-size 32"
+    SAMPLE="--samples-per-prompt 4 --max-prompt-len 192 --max-new-tokens 48 --batch-size 32"
     DISC="--epochs 2 --lr 1e-3 --max-prompt-len 192 --max-response-len 96 --batch-size 32 --micro-batch-size 32"
     RM="--epochs 2 --lr 3e-4 --max-prompt-len 192 --max-response-len 96 --batch-size 16 --micro-batch-size 16"
     PPO="--iterations 30 --rollout-batch-size 16 --minibatch-size 8 --ppo-epochs 2 --max-prompt-len 192 --max-new-tokens 48 --policy-lr 5e-5 --critic-lr 1e-4"
@@ -91,7 +91,7 @@ case "$SIZE" in
   gpt2)   # one GPU or more: the papers' learning rates scaled for a 124M model
     SFT="--max-prompt-len 512 --max-response-len 256 --epochs 1 --lr 2e-5 --batch-size 64 --micro-batch-size 8"
     LABEL="--max-response-len 256"
-    SAMPLE="--samples-per-prompt 4 --max-prompt-len 512 --max-new-tokens 255 --batch-size 16"
+    SAMPLE="--samples-per-prompt 4 --max-prompt-len 512 --max-new-tokens 128 --batch-size 16"
     DISC="--epochs 2 --lr 1e-5 --max-prompt-len 512 --max-response-len 256 --batch-size 32 --micro-batch-size 8"
     RM="--epochs 1 --lr 1e-5 --max-prompt-len 512 --max-response-len 256 --batch-size 64 --micro-batch-size 8"
     PPO="--iterations 200 --rollout-batch-size 64 --minibatch-size 16 --micro-batch-size 8 --max-prompt-len 512 --max-new-tokens 128 --policy-lr 1e-6 --critic-lr 5e-6 --gradient-checkpointing"
