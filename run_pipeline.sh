@@ -110,6 +110,11 @@ if [ "$TASK" = gold ]; then  # the lab: gold preferences, gold revisions, gold s
            RM="${RM/--epochs 2 --lr 3e-4/--epochs 3 --lr 1e-3}"
            EVAL="${EVAL/--num-prompts 64/--num-prompts 115}" ;;  # the whole test split
   esac
+  if [ "$LAB_DATA" = samples ]; then  # about 5x the pairs and labels: as many optimizer steps as with
+    case "$SIZE" in                   # the data's pairs (93 and ~200), so samples add data, not compute
+      demo) DISC="${DISC/--epochs 20/--epochs 4}"; RM="${RM/--epochs 3/--epochs 0.5}" ;;
+    esac
+  fi
 fi
 
 if [ "$NPROC" -gt 1 ]; then
