@@ -101,7 +101,6 @@ esac
 if [ "$TASK" = gold ]; then  # the lab: gold preferences, gold revisions, gold scores (gold.py)
   LABEL+=" --preference gold"
   RM+=" --preference gold --revision-pairs $RUN/labels.jsonl"
-  [ "$PREFIX_PAIRS" != 0 ] && RM+=" --prefix-pairs"
   PPO+=" --log-gold"
   EVAL+=" --gold"
   case "$SIZE" in  # the gold labels are sparse (4% of the tokens): the discriminator wants more passes
@@ -113,6 +112,12 @@ if [ "$TASK" = gold ]; then  # the lab: gold preferences, gold revisions, gold s
   if [ "$LAB_DATA" = samples ]; then  # about 5x the pairs and labels: as many optimizer steps as with
     case "$SIZE" in                   # the data's pairs (93 and ~200), so samples add data, not compute
       demo) DISC="${DISC/--epochs 20/--epochs 4}"; RM="${RM/--epochs 3/--epochs 0.5}" ;;
+    esac
+  fi
+  if [ "$PREFIX_PAIRS" != 0 ]; then  # measured: the prefix term learns with the discriminator's budget
+    RM+=" --prefix-pairs"            # (200 steps, lr 2e-3), not with the reward model's 93 steps at 1e-3
+    case "$SIZE" in
+      demo) RM="${RM/--lr 1e-3/--lr 2e-3} --max-steps 200" ;;
     esac
   fi
 fi

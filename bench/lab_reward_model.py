@@ -105,8 +105,10 @@ def encode_rows(rows, tokenizer, args):
 # scores at every position, one forward pass per batch
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def position_scores(model, encoded, pad_id, batch_size, desc):
-    """Per row, the model's output at the last prompt token and at every response token [1 + R]."""
+def position_scores(model, encoded, batch_size, desc):
+    """Per row, the model's output at the last prompt token and at every response token [1 + R].
+    Rows are padded with the model's own pad id (a saved reward model may have added one)."""
+    pad_id = model.config.pad_token_id or 0
     out = []
     for start in tqdm(range(0, len(encoded), batch_size), desc=desc, leave=False):
         chunk = encoded[start : start + batch_size]
@@ -141,7 +143,7 @@ def pair_accuracy(model, pairs, tokenizer, args):
     )
     scores = [
         s[-1]
-        for s in position_scores(model, encoded, tokenizer.pad_token_id, args.batch_size, "pairs")
+        for s in position_scores(model, encoded, args.batch_size, "pairs")
     ]
     return float(np.mean(np.array(scores[: len(pairs)]) > np.array(scores[len(pairs) :])))
 
@@ -149,7 +151,7 @@ def pair_accuracy(model, pairs, tokenizer, args):
 def reward_model_figures(model, tokenizer, heldout, samples, args):
     encoded, credit, prefix = heldout["encoded"], heldout["credit"], heldout["prefix"]
     scores = position_scores(
-        model, encoded, tokenizer.pad_token_id, args.batch_size, "held-out replies"
+        model, encoded, args.batch_size, "held-out replies"
     )
     red_rewards = [
         np.diff(s) for s in scores
@@ -172,7 +174,7 @@ def reward_model_figures(model, tokenizer, heldout, samples, args):
     if samples is not None:
         figures["acc_samples"] = pair_accuracy(model, samples["pairs"], tokenizer, args)
         sample_scores = position_scores(
-            model, samples["encoded"], tokenizer.pad_token_id, args.batch_size, "samples"
+            model, samples["encoded"], args.batch_size, "samples"
         )
         figures["r_samples"] = pearson([s[-1] for s in sample_scores], samples["gold"])
     return figures
@@ -181,7 +183,7 @@ def reward_model_figures(model, tokenizer, heldout, samples, args):
 def discriminator_figures(model, tokenizer, heldout, args):
     encoded, credit, prefix = heldout["encoded"], heldout["credit"], heldout["prefix"]
     logits = position_scores(
-        model, encoded, tokenizer.pad_token_id, args.batch_size, "held-out replies"
+        model, encoded, args.batch_size, "held-out replies"
     )
     rewards = [
         2 * (1 / (1 + np.exp(-lg[1:]))) - 1 for lg in logits
