@@ -103,6 +103,8 @@ def row_to_pair(row, where: str) -> tuple[Pair | None, str]:
       chat messages        {"chosen": [...], "rejected": [...]} message lists sharing all but the last
                            message (UltraFeedback-binarized), or {"prompt": [...], "chosen": [assistant],
                            "rejected": [assistant]} (TRL conversational with explicit prompt)
+    Any form may carry an "id" string, the pair's id (default: a hash of its content). An id
+    GROUP/k puts the pair in group GROUP (see pair_group).
     """
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object")
@@ -146,7 +148,10 @@ def row_to_pair(row, where: str) -> tuple[Pair | None, str]:
                         f"'prompt'/'chosen'/'rejected' strings, or chat message lists); keys {sorted(row)}")
     if not chosen.strip() or not rejected.strip():
         return None, "empty response"
-    return Pair(prompt, chosen, rejected, messages), ""
+    pair_id = row.get("id")  # a row may name its pair (gold.py sample does); else: a content hash
+    if pair_id is not None and (not isinstance(pair_id, str) or not pair_id):
+        raise DataError(f"{where}: field 'id' must be a non-empty string (or absent)")
+    return Pair(prompt, chosen, rejected, messages, id=pair_id or ""), ""
 
 
 def _utf8(data: bytes, path, line_no: int | None = None) -> str:
@@ -250,18 +255,33 @@ def split_pairs(pairs: list[Pair], seed: int = 0, test_fraction: float = 0.05) -
 
 
 def select_split(pairs: list[Pair], split: str, split_seed: int, limit: int | None = None) -> list[Pair]:
-    """One part of split_pairs (or "all"), then at most `limit` pairs: --limit never changes the split."""
+    """One part of split_pairs (or "all"), then at most `limit` pairs: --limit never changes the
+    split. Grouped pairs (ids GROUP/k, from gold.py sample) are one split's already: "all" only."""
+    if split != "all" and any("/" in pair.id for pair in pairs):
+        raise DataError(f"the data holds grouped pairs (ids GROUP/k, written by gold.py sample), "
+                        f"one split's already: read them with --split all, not --split {split}")
     chosen = pairs if split == "all" else split_pairs(pairs, split_seed)[split]
     return chosen[:limit] if limit is not None else chosen
 
 
+def pair_group(pair_id: str) -> str:
+    """The group of a pair id: GROUP for GROUP/k, else the id itself. gold.py sample names the
+    pairs it samples for one prompt PAIR_ID/k: a held-out part keeps a prompt's pairs together."""
+    return pair_id.split("/", 1)[0]
+
+
 def heldout_split(items: list, fraction: float, seed: int, key=lambda item: item.id) -> tuple[list, list]:
-    """(train, heldout): the `fraction` of items with the smallest seeded hash of their id are held out
-    (at least one when fraction > 0 and there are two items). The reward model and the discriminator
-    call it on the same reward split with the same seed, so they hold out the same pairs."""
-    ordered = _hash_order(items, seed, key)
-    n_heldout = 0 if fraction <= 0 or len(ordered) < 2 else max(1, round(len(ordered) * fraction))
-    return ordered[n_heldout:], ordered[:n_heldout]
+    """(train, heldout): the `fraction` of groups (pair_group of each id; a plain id is its own
+    group) with the smallest seeded hash are held out, at least one when fraction > 0 and there are
+    two groups, so no prompt of a held-out pair is trained on. The reward model and the
+    discriminator call it on the same split with the same seed: they hold out the same pairs."""
+    groups = _hash_order(sorted({pair_group(key(item)) for item in items}), seed, key=lambda g: g)
+    n_heldout = 0 if fraction <= 0 or len(groups) < 2 else max(1, round(len(groups) * fraction))
+    rank = {group: k for k, group in enumerate(groups)}
+    # items of held-out groups first (a stable sort: in hash order within a group)
+    ordered = sorted(_hash_order(items, seed, key), key=lambda item: rank[pair_group(key(item))])
+    cut = sum(rank[pair_group(key(item))] < n_heldout for item in items)
+    return ordered[cut:], ordered[:cut]
 
 
 def global_batch(examples: list, step: int, batch_size: int, seed: int) -> list:

@@ -306,7 +306,7 @@ def heldout_credit_replies(pairs, tokenizer, max_prompt_len, max_response_len, c
 
 @torch.no_grad()
 def heldout_credit(rows, tokenizer, reward_model, disc_model, batch_size, device,
-                   bf16=True) -> dict:
+                   precision="auto") -> dict:
     """credit_summary of every source on the held-out replies, with the count of each kind."""
     replies, source_rewards = [], {name: [] for name in CREDIT_SOURCES}
     for start in range(0, len(rows), batch_size):
@@ -314,7 +314,7 @@ def heldout_credit(rows, tokenizer, reward_model, disc_model, batch_size, device
         batch = common.collate_right([(prompt, response) for _, prompt, response in chunk],
                                      tokenizer.pad_token_id)
         query_response, attention_mask, response_mask = (t.to(device) for t in batch)  # [B, T] each
-        with plumbing.autocast(device, bf16):
+        with plumbing.autocast(device, precision):
             rewards = source_token_rewards(reward_model, disc_model, query_response, attention_mask,
                                            response_mask)
         for row, (_, _, response) in enumerate(chunk):
@@ -500,7 +500,7 @@ def main(argv=None):
         rows = heldout_credit_replies(pairs, tokenizer, args.max_prompt_len,
                                       args.credit_response_len, args.chat_template)
         held = heldout_credit(rows, tokenizer, reward_model, disc_model, args.eval_batch_size,
-                              device, args.bf16)
+                              device, args.precision)
         credit = {"heldout": held, "samples": {}}
         print("token credit on held-out replies: " + ", ".join(
             f"{source} AUC harm {report.fmt(m['auc_harm'], '{:.3f}')} "

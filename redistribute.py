@@ -13,6 +13,18 @@ The reward of token a_t is read at a_t's own position (the hidden state that has
 belongs to the action that produced a_t. ppo_token.py calls `redistribute` (RED) and
 `sparse_token_rewards` (the sequence-PPO baseline): both come from the same forward pass and code.
 
+Prefix pairs (--prefix-pairs, the lab only; not in the R3HF paper). The paper trains R on whole
+replies and reads it at every prefix, where it was never trained. In the lab the gold score labels
+any prefix, so this option adds a Bradley–Terry term over the prefixes of each training reply: every
+two prefixes y≤s, y≤t (the empty one, at the last prompt token, included) whose gold scores differ
+are a pair, the higher one preferred, and the loss of a pair of replies becomes
+
+    L = −log σ(R(x, y_c) − R(x, y_r)) + ½ (L_pre(y_c) + L_pre(y_r)),
+    L_pre(y) = mean over s, t with gold(y≤t) > gold(y≤s) of −log σ(R(x, y≤t) − R(x, y≤s))
+
+so R is trained where RED reads it. It needs supervision no human preference gives (a score for
+every prefix): it measures whether RED's credit is limited by its reward model's prefixes.
+
 Commands (the paper's lr 1e-5 is for 7B models; pass a larger one, e.g. 3e-4, for tiny ones):
 
     # train on the 40% reward split, one process (CPU or one GPU; bf16 autocast on CUDA)
@@ -62,6 +74,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--revision-pairs", default=None, metavar="LABELS",
                       help="the lab: also train on (revised ≻ rejected) pairs from label.py's output, so the reward "
                            "model learns from what the discriminator learns from (held-out pairs left out)")
+    data.add_argument("--prefix-pairs", action="store_true",
+                      help="the lab (needs --preference gold): also rank every two prefixes of "
+                           "each training reply by their gold scores (Bradley–Terry), so R is "
+                           "trained at the prefixes RED reads; not in the R3HF paper (docstring)")
     model = train.add_argument_group("model")
     model.add_argument("--sft", required=True, help="SFT model directory (or HF name): backbone and tokenizer")
     algo = train.add_argument_group("algorithm")
@@ -113,6 +129,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         lora.check_lora_args(train, args)
         if args.limit is not None and args.limit < 2:
             train.error(f"--limit must be at least 2 (one training and one held-out pair), got {args.limit}")
+        if args.prefix_pairs and args.preference != "gold":
+            train.error("--prefix-pairs needs --preference gold: the gold scores the prefixes")
     elif not 0.0 <= args.beta_c <= 1.0:
         show.error(f"--beta-c must be in [0, 1], got {args.beta_c}")
     return args
@@ -138,41 +156,72 @@ def select_pairs(args, quiet: bool = False):
         raise common.InputError(f"--data {args.data} --split {args.split}: {len(pairs)} pairs, too few to hold "
                                 f"out {args.eval_fraction:.0%} and train on the rest")
     if args.revision_pairs:
-        train_pairs = train_pairs + revision_pairs(args.revision_pairs, {p.id for p in eval_pairs})
+        heldout_groups = {common.pair_group(p.id) for p in eval_pairs}
+        train_pairs = train_pairs + revision_pairs(args.revision_pairs, heldout_groups)
     return train_pairs, eval_pairs
 
 
-def revision_pairs(labels_path, heldout_ids: set[str]) -> list[common.Pair]:
-    """(prompt, chosen = revised, rejected) pairs from label.py's output, the held-out pair ids left out."""
+def revision_pairs(labels_path, heldout_groups: set[str]) -> list[common.Pair]:
+    """(prompt, chosen = revised, rejected) pairs from label.py's output, those of held-out pairs
+    left out (a record whose id's group, common.pair_group, is held out: no held-out prompt)."""
     pairs = []
     for where, record in common.read_rows(labels_path):
         if not isinstance(record, dict) or not all(isinstance(record.get(k), str)
                                                    for k in ("id", "prompt", "rejected", "revised")):
             raise common.DataError(f"{where}: a label.py record needs string fields id, prompt, rejected, revised")
-        if record["id"] not in heldout_ids:
+        if common.pair_group(record["id"]) not in heldout_groups:
             pairs.append(common.Pair(record["prompt"], record["revised"], record["rejected"], record.get("messages")))
     return pairs
 
 
-def encode_pairs(pairs, tokenizer, max_prompt_len: int, max_response_len: int, chat_template: bool = True):
-    """Token ids of each pair: prompt, chosen and rejected response (each response ends with EOS)."""
+def encode_pairs(pairs, tokenizer, max_prompt_len: int, max_response_len: int,
+                 chat_template: bool = True, prefix_gold: bool = False):
+    """Token ids of each pair: prompt, chosen and rejected response (each response ends with EOS).
+    With prefix_gold, also the gold score of every prefix of each response (prefix_gold_scores)."""
     examples = []
     for pair in pairs:
         prompt = common.prompt_text(tokenizer, pair.prompt, pair.messages, chat_template)
         chosen, rejected = (common.response_text(tokenizer, text, pair.messages, chat_template)
                             for text in (pair.chosen, pair.rejected))
-        examples.append({"prompt": common.encode_prompt(tokenizer, prompt, max_prompt_len),
-                         "chosen": common.encode_response(tokenizer, chosen, max_response_len),
-                         "rejected": common.encode_response(tokenizer, rejected, max_response_len)})
+        example = {"prompt": common.encode_prompt(tokenizer, prompt, max_prompt_len),
+                   "chosen": common.encode_response(tokenizer, chosen, max_response_len),
+                   "rejected": common.encode_response(tokenizer, rejected, max_response_len)}
+        if prefix_gold:
+            for side, text in (("chosen", chosen), ("rejected", rejected)):
+                example[f"{side}_gold"] = prefix_gold_scores(tokenizer, text, len(example[side]))
+        examples.append(example)
     return examples
+
+
+def prefix_gold_scores(tokenizer, text: str, n_tokens: int) -> list[int]:
+    """gold(y≤t) for the first n_tokens of encode_response(text) (EOS last): the gold score of the
+    text up to the end of token t (a word cut mid-way is scored as the text it is); EOS adds 0."""
+    ids, offsets = common.response_encodings(tokenizer, [text])[0]
+    n_text = min(n_tokens - 1, len(ids))  # encode_response keeps max_len − 1 text tokens, then EOS
+    scores = [gold.gold_score(text[:end]) for _, end in offsets[:n_text]]
+    return scores + [scores[-1] if scores else 0] * (n_tokens - n_text)
 
 
 def collate_pairs(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """B pairs -> one right-padded batch of 2B rows: rows 0..B−1 chosen, rows B..2B−1 rejected,
-    so both sides of a pair go through the same forward pass."""
+    so both sides of a pair go through the same forward pass. Examples with prefix gold scores also
+    give prefix_index [2B, L]: the positions of the empty prefix (the last prompt token) and of
+    every response token; prefix_gold [2B, L]: their gold scores (0 for the empty prefix);
+    prefix_valid [2B, L]: 1 where a prefix is real."""
     rows = [(e["prompt"], e["chosen"]) for e in examples] + [(e["prompt"], e["rejected"]) for e in examples]
     query_response, attention_mask, response_mask = common.collate_right(rows, pad_id)  # [2B, T]
-    return {"query_response": query_response, "attention_mask": attention_mask, "response_mask": response_mask}
+    batch = {"query_response": query_response, "attention_mask": attention_mask,
+             "response_mask": response_mask}
+    if examples and "chosen_gold" in examples[0]:
+        golds = [e["chosen_gold"] for e in examples] + [e["rejected_gold"] for e in examples]
+        # the empty prefix at len(prompt) − 1 (none without a prompt), then every response token
+        starts = [len(prompt) for prompt, _ in rows]
+        index = [[max(s - 1, 0)] + list(range(s, s + len(g))) for s, g in zip(starts, golds)]
+        valid = [[int(s > 0)] + [1] * len(g) for s, g in zip(starts, golds)]
+        batch["prefix_index"] = common.pad_right(index, 0)[0]
+        batch["prefix_valid"] = common.pad_right(valid, 0)[0]
+        batch["prefix_gold"] = common.pad_right([[0] + g for g in golds], 0)[0].float()
+    return batch
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,12 +243,13 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return T - 1 - attention_mask.long().flip(-1).argmax(-1)
 
 
-def pair_rewards(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """R(x, y_c) and R(x, y_r) of a collate_pairs batch, from one forward pass. ([B], [B])"""
+def pair_rewards(model, batch: dict[str, torch.Tensor], return_scores: bool = False):
+    """R(x, y_c) and R(x, y_r) of a collate_pairs batch, from one forward pass. ([B], [B]); with
+    return_scores also the scores at every position [2B, T] (for prefix_pair_loss)."""
     scores = score_positions(model, batch["query_response"], batch["attention_mask"])  # [2B, T]
     rewards = scores.gather(1, last_token_index(batch["attention_mask"])[:, None]).squeeze(1)  # [2B]
     chosen, rejected = rewards.chunk(2)
-    return chosen, rejected
+    return (chosen, rejected, scores) if return_scores else (chosen, rejected)
 
 
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, normaliser=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,6 +258,19 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, normaliser=
     loss_sum = -F.logsigmoid(chosen - rejected).sum()
     count = chosen.numel() if normaliser is None else normaliser
     return loss_sum / count, loss_sum.detach()
+
+
+def prefix_pair_loss(scores: torch.Tensor, prefix_index: torch.Tensor, prefix_gold: torch.Tensor,
+                     prefix_valid: torch.Tensor) -> torch.Tensor:
+    """--prefix-pairs: per row, the mean over every two prefixes s, t with gold(y≤t) > gold(y≤s) of
+    −log σ(R(x, y≤t) − R(x, y≤s)); 0 for a row whose prefixes all score the same. [2B]"""
+    prefix_scores = scores.gather(1, prefix_index)  # R(x, y≤t): empty prefix, t = 0, 1, …  [2B, L]
+    margin = prefix_scores[:, None, :] - prefix_scores[:, :, None]  # [s, t]: R(y≤t) − R(y≤s)
+    valid = prefix_valid.bool()
+    both_real = valid[:, None, :] & valid[:, :, None]  # [2B, L, L]
+    better = (prefix_gold[:, None, :] > prefix_gold[:, :, None]) & both_real  # gold(t) > gold(s)
+    losses = torch.where(better, -F.logsigmoid(margin), 0.0).sum((1, 2))  # [2B]
+    return losses / better.sum((1, 2)).clamp(min=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,8 +376,13 @@ def train_step(model, optimizer, scheduler, batch: list[dict], args, dist_info, 
         micro = {key: v.to(dist_info.device) for key, v in collate_pairs(examples, pad_id).items()}
         with plumbing.accumulate(model, last=k == len(micro_batches) - 1):
             with plumbing.autocast(dist_info.device, args.precision):
-                chosen, rejected = pair_rewards(model, micro)  # [B], [B]
+                chosen, rejected, scores = pair_rewards(model, micro, return_scores=True)
             loss, loss_sum = bradley_terry_loss(chosen, rejected, normaliser)
+            if "prefix_index" in micro:  # --prefix-pairs: + ½ (L_pre(y_c) + L_pre(y_r)) per pair
+                prefix_losses = prefix_pair_loss(  # [2B]
+                    scores, micro["prefix_index"], micro["prefix_gold"], micro["prefix_valid"])
+                prefix_sum = 0.5 * prefix_losses.sum()
+                loss, loss_sum = loss + prefix_sum / normaliser, loss_sum + prefix_sum.detach()
             loss.backward()
         sums += torch.tensor([loss_sum.item(), (chosen > rejected).sum().item(), (chosen - rejected).sum().item()],
                              dtype=torch.float64)
@@ -342,7 +410,9 @@ def train(args):
     train_pairs, eval_pairs = select_pairs(args, quiet=not master)
     tokenizer = plumbing.load_tokenizer(args.sft, trust_remote_code=args.trust_remote_code, what="--sft")
     pad_id = tokenizer.pad_token_id
-    train_examples = encode_pairs(train_pairs, tokenizer, args.max_prompt_len, args.max_response_len, args.chat_template)
+    train_examples = encode_pairs(train_pairs, tokenizer, args.max_prompt_len,
+                                  args.max_response_len, args.chat_template,
+                                  prefix_gold=args.prefix_pairs)
     eval_examples = encode_pairs(eval_pairs, tokenizer, args.max_prompt_len, args.max_response_len, args.chat_template)
 
     # model: SFT backbone + fresh scalar head without bias, dropout off (the two sides of a pair must be
@@ -405,7 +475,7 @@ def train(args):
     checkpoint()
     info = {"role": "reward_model", "sft": str(args.sft), "data": str(args.data), "split": args.split,
             "split_seed": args.split_seed, "eval_fraction": args.eval_fraction, "preference": args.preference,
-            "revision_pairs": args.revision_pairs, "steps": step}
+            "revision_pairs": args.revision_pairs, "prefix_pairs": args.prefix_pairs, "steps": step}
     plumbing.save_score_model(model, tokenizer, out, kind="sequence", extra=info)  # every rank; keeps log, checkpoint/
     if master:
         result.update({"step": step, "split": args.split, "data": str(args.data), "preference": args.preference,

@@ -6,6 +6,7 @@
 #   sequence baseline) → ppo_token.py with each reward → eval.py (table + report.html)
 #
 #   bash run_pipeline.sh                                   # the offline lab: tiny GPT-2, CPU, minutes
+#   LAB_DATA=samples bash run_pipeline.sh                  # the lab, discriminator and reward model also on SFT samples
 #   TASK=human bash run_pipeline.sh                        # human labels; TLCR labels from REVISER
 #   SIZE=gpt2 MODEL=gpt2 bash run_pipeline.sh              # a real model on one GPU
 #   SIZE=gpt2 MODEL=gpt2 NPROC=8 bash run_pipeline.sh      # torchrun, 8 GPUs (training stages)
@@ -19,6 +20,11 @@
 #             trained on the revisions, the gold score logged in PPO and reported by eval.py, and the
 #             TLCR ablations of Figure 7 among the PPO runs. human: the data's own labels, and TLCR labels
 #             from REVISER (an LLM, or the coarse offline `chosen`)
+#   LAB_DATA  TASK=gold: pairs | samples (default pairs). samples: gold.py sample draws K replies per
+#             reward-split prompt from the SFT policy and ranks every two by gold; the discriminator (through
+#             the rule reviser's labels) and the reward model train on those beside the split's own pairs
+#   PREFIX_PAIRS  TASK=gold: 1 trains the reward model on gold-ranked prefixes too (redistribute.py
+#             --prefix-pairs; not in the R3HF paper; default 0)
 #   SIZE      smoke | demo | gpt2   preset of lengths, steps and learning rates (default demo)
 #   MODEL     tiny, or any Hugging Face causal LM name or path (default tiny)
 #   RUN       output folder (default runs/gold-$SIZE, or runs/$SIZE with TASK=human)
@@ -41,6 +47,15 @@ cd "$(dirname "$0")"
 
 SIZE=${SIZE:-demo}
 TASK=${TASK:-gold}
+LAB_DATA=${LAB_DATA:-pairs}
+PREFIX_PAIRS=${PREFIX_PAIRS:-0}
+case "$LAB_DATA" in
+  pairs|samples) ;;
+  *) echo "run_pipeline.sh: LAB_DATA must be pairs or samples, not '$LAB_DATA'" >&2; exit 2 ;;
+esac
+if [ "$TASK" != gold ] && { [ "$LAB_DATA" != pairs ] || [ "$PREFIX_PAIRS" != 0 ]; }; then
+  echo "run_pipeline.sh: LAB_DATA=samples and PREFIX_PAIRS=1 are lab settings (TASK=gold)" >&2; exit 2
+fi
 case "$TASK" in
   gold)  RUN=${RUN:-runs/gold-$SIZE}; REVISER=gold; REWARDS=${REWARDS:-seq red tlcr tlcr_no_negative tlcr_no_positive} ;;
   human) RUN=${RUN:-runs/$SIZE}; REVISER=${REVISER:-chosen}; REWARDS=${REWARDS:-seq red tlcr} ;;
@@ -60,6 +75,7 @@ case "$SIZE" in
   smoke)  # seconds: for the end-to-end test
     SFT="--tiny-layers 1 --tiny-width 32 --tiny-vocab 512 --max-prompt-len 48 --max-response-len 32 --limit 60 --max-steps 6 --lr 3e-3 --batch-size 8 --micro-batch-size 8 --eval-examples 16"
     LABEL="--limit 40 --max-response-len 32"
+    SAMPLE="--limit 20 --samples-per-prompt 3 --max-prompt-len 48 --max-new-tokens 12 --batch-size 20"
     DISC="--epochs 1 --lr 1e-3 --max-prompt-len 48 --max-response-len 32 --batch-size 8 --micro-batch-size 8"
     RM="--limit 40 --epochs 1 --lr 1e-3 --max-prompt-len 48 --max-response-len 32 --batch-size 8 --micro-batch-size 8"
     PPO="--iterations 2 --rollout-batch-size 4 --minibatch-size 4 --ppo-epochs 1 --max-prompt-len 48 --max-new-tokens 12 --policy-lr 1e-4 --critic-lr 1e-4"
@@ -67,6 +83,7 @@ case "$SIZE" in
   demo)   # minutes on 2 CPU cores
     SFT="--tiny-layers 2 --tiny-width 128 --tiny-vocab 4096 --max-prompt-len 192 --max-response-len 96 --epochs 8 --lr 3e-3 --batch-size 16 --micro-batch-size 16 --eval-every 25 --eval-examples 128 --eval-batch-size 16"
     LABEL="--max-response-len 96"
+    SAMPLE="--samples-per-prompt 4 --max-prompt-len 192 --max-new-tokens 48 --batch-size 32"
     DISC="--epochs 2 --lr 1e-3 --max-prompt-len 192 --max-response-len 96 --batch-size 32 --micro-batch-size 32"
     RM="--epochs 2 --lr 3e-4 --max-prompt-len 192 --max-response-len 96 --batch-size 16 --micro-batch-size 16"
     PPO="--iterations 30 --rollout-batch-size 16 --minibatch-size 8 --ppo-epochs 2 --max-prompt-len 192 --max-new-tokens 48 --policy-lr 5e-5 --critic-lr 1e-4"
@@ -74,6 +91,7 @@ case "$SIZE" in
   gpt2)   # one GPU or more: the papers' learning rates scaled for a 124M model
     SFT="--max-prompt-len 512 --max-response-len 256 --epochs 1 --lr 2e-5 --batch-size 64 --micro-batch-size 8"
     LABEL="--max-response-len 256"
+    SAMPLE="--samples-per-prompt 4 --max-prompt-len 512 --max-new-tokens 128 --batch-size 16"
     DISC="--epochs 2 --lr 1e-5 --max-prompt-len 512 --max-response-len 256 --batch-size 32 --micro-batch-size 8"
     RM="--epochs 1 --lr 1e-5 --max-prompt-len 512 --max-response-len 256 --batch-size 64 --micro-batch-size 8"
     PPO="--iterations 200 --rollout-batch-size 64 --minibatch-size 16 --micro-batch-size 8 --max-prompt-len 512 --max-new-tokens 128 --policy-lr 1e-6 --critic-lr 5e-6 --gradient-checkpointing"
@@ -91,6 +109,17 @@ if [ "$TASK" = gold ]; then  # the lab: gold preferences, gold revisions, gold s
            RM="${RM/--epochs 2 --lr 3e-4/--epochs 3 --lr 1e-3}"
            EVAL="${EVAL/--num-prompts 64/--num-prompts 115}" ;;  # the whole test split
   esac
+  if [ "$LAB_DATA" = samples ]; then  # about 5x the pairs and labels: as many optimizer steps as with
+    case "$SIZE" in                   # the data's pairs (93 and ~200), so samples add data, not compute
+      demo) DISC="${DISC/--epochs 20/--epochs 4}"; RM="${RM/--epochs 3/--epochs 0.5}" ;;
+    esac
+  fi
+  if [ "$PREFIX_PAIRS" != 0 ]; then  # measured: the prefix term learns with the discriminator's budget
+    RM+=" --prefix-pairs"            # (200 steps, lr 2e-3), not with the reward model's 93 steps at 1e-3
+    case "$SIZE" in
+      demo) RM="${RM/--lr 1e-3/--lr 2e-3} --max-steps 200" ;;
+    esac
+  fi
 fi
 
 if [ "$NPROC" -gt 1 ]; then
@@ -120,9 +149,14 @@ step() {  # print the command, then run it
 start=$(date +%s)
 # shellcheck disable=SC2086  # the presets are word lists on purpose
 step "${TRAIN[@]}" sft.py --model "$MODEL" --data "$DATA" --out "$RUN/sft" --device "$DEVICE" "${SCALE[@]}" $SFT
-step $PYTHON label.py --data "$DATA" --split reward --tokenizer "$RUN/sft" --out "$RUN/labels.jsonl" "${REVISER_ARGS[@]}" $LABEL
+PAIRS=(--data "$DATA" --split reward)  # what the discriminator's labels and the reward model learn from
+if [ "$LAB_DATA" = samples ]; then  # the lab's on-policy data: the reward split's prompts, sampled from SFT
+  step $PYTHON gold.py sample --policy "$RUN/sft" --data "$DATA" --split reward --out "$RUN/samples.jsonl" --device "$DEVICE" --seed "$SEED" $SAMPLE
+  PAIRS=(--data "$RUN/samples.jsonl" --split all)
+fi
+step $PYTHON label.py "${PAIRS[@]}" --tokenizer "$RUN/sft" --out "$RUN/labels.jsonl" "${REVISER_ARGS[@]}" $LABEL
 step "${TRAIN[@]}" discriminator.py train --sft "$RUN/sft" --labels "$RUN/labels.jsonl" --out "$RUN/discriminator" --device "$DEVICE" "${SCALE[@]}" $DISC
-step "${TRAIN[@]}" redistribute.py train --sft "$RUN/sft" --data "$DATA" --out "$RUN/reward_model" --device "$DEVICE" "${SCALE[@]}" $RM
+step "${TRAIN[@]}" redistribute.py train --sft "$RUN/sft" "${PAIRS[@]}" --out "$RUN/reward_model" --device "$DEVICE" "${SCALE[@]}" $RM
 
 POLICIES=(sft="$RUN/sft")
 for reward in $REWARDS; do

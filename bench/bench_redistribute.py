@@ -89,7 +89,7 @@ def main():
     P, T = batch[0].shape[1] - args.response_len, args.response_len
     print(f"model {args.config} ({n_params:.0f}M params, {cfg.n_layer} layers × {cfg.n_embd}), device {device}, "
           f"{torch.get_num_threads()} threads; batch {args.batch_size} × ({P} prompt + {T} response) tokens")
-    ctx = lambda: plumbing.autocast(device, args.bf16)  # noqa: E731
+    ctx = lambda: plumbing.autocast(device, "bf16" if args.bf16 else "fp32")  # noqa: E731
 
     def score():
         with ctx():

@@ -210,7 +210,7 @@ def test_revision_pairs_leave_out_held_out_ids(tmp_path):
             for k in range(3)]
     path = tmp_path / "labels.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    pairs = redistribute.revision_pairs(path, heldout_ids={"p1"})
+    pairs = redistribute.revision_pairs(path, heldout_groups={"p1"})
     assert [(p.chosen, p.rejected) for p in pairs] == [(" help 0", " kill 0"), (" help 2", " kill 2")]
     path.write_text(json.dumps({"id": "p0", "prompt": "x"}) + "\n")
     with pytest.raises(common.DataError, match="line 1"):

@@ -54,6 +54,24 @@ def test_the_lab_pipeline_at_smoke_size(tmp_path):
     assert page.startswith("<!DOCTYPE html>") and report.GOLD_VS_KL in page and "</html>" in page
 
 
+def test_the_lab_pipeline_on_samples_with_prefix_pairs(tmp_path):
+    """LAB_DATA=samples PREFIX_PAIRS=1: gold.py sample after SFT, label.py and redistribute.py on its file
+    (--split all), the reward model with --prefix-pairs; PPO and eval still on the bundled data."""
+    run, commands = run_pipeline(tmp_path, LAB_DATA="samples", PREFIX_PAIRS="1", REWARDS="red")
+    assert [c.split()[2] for c in commands] == ["sft.py", "gold.py", "label.py", "discriminator.py",
+                                                "redistribute.py", "ppo_token.py", "eval.py"]
+    samples = f"--data {run}/samples.jsonl --split all"
+    assert samples in commands[2] and samples in commands[4] and "--prefix-pairs" in commands[4]
+    assert "--data bundled" in commands[5] and "--data bundled" in commands[6]
+    summary = json.loads((run / "samples.jsonl.summary.json").read_text())
+    assert summary["prompts"] == 20 and summary["samples"] == 60 and summary["test_prompts_dropped"] == 0
+    info = json.loads((run / "reward_model" / "token_rlhf.json").read_text())
+    assert info["prefix_pairs"] is True and info["split"] == "all"
+    bad = subprocess.run(["bash", str(ROOT / "run_pipeline.sh")], env={**os.environ, "LAB_DATA": "sample"},
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "LAB_DATA must be pairs or samples" in bad.stderr
+
+
 def test_the_human_pipeline_with_lora_at_smoke_size(tmp_path):
     """TASK=human with LoRA on every training stage: the saved models are the standard ones, adapters merged."""
     run, commands = run_pipeline(tmp_path, TASK="human", LORA_RANK="4")
