@@ -354,12 +354,8 @@ def ppo_stage(job, folder, sizes, device, dist_info):
     ]
     args = ppo_token.parse_args(argv)
     torch.manual_seed(0)
-    policy, ref_policy, critic, shared = ppo_token.load_models(args, dist_info)
-    reward_fn, _ = ppo_token.make_reward_fn(args, dist_info, shared)
-    policy_opt, critic_opt = (
-        plumbing.adamw(policy, args.policy_lr),
-        plumbing.adamw(critic, args.critic_lr),
-    )
+    models = ppo_token.load_models(args, dist_info)  # with their AdamW optimizers
+    policy = models.policy
     prompt = torch.tensor(random_rows(B, P, job["vocab"], 4), device=device)
     prompt_mask = torch.ones_like(prompt)
     n_params = sum(p.numel() for p in plumbing.unwrap(policy).parameters())
@@ -368,25 +364,23 @@ def ppo_stage(job, folder, sizes, device, dist_info):
         torch.manual_seed(step)
         sync(device)
         start = time.perf_counter()
-        batch = ppo_token.rollout(
-            policy, ref_policy, critic, reward_fn, prompt, prompt_mask, args, [1], 0
-        )
+        batch = ppo_token.rollout(models, prompt, prompt_mask, [1], 0, args)
         sync(device)
         middle = time.perf_counter()
         if step == 0:
-            first["kl0_max"] = float(batch["kl"].abs().max())
+            first["kl0_max"] = float(batch.kl.abs().max())
             first["ratio_max"] = first_ratio(policy, batch, args, minibatch)
-        ppo_token.ppo_update(policy, critic, policy_opt, critic_opt, batch, args, minibatch)
+        ppo_token.ppo_update(models, batch, args, minibatch)
         sync(device)
         rollout_s.append(middle - start)
         update_s.append(time.perf_counter() - middle)
-        response_tokens.append(int(batch["response_mask"].sum()))
+        response_tokens.append(int(batch.response_mask.sum()))
         update_tokens.append(
-            batch["query_response"].numel() * args.ppo_epochs
+            batch.query_response.numel() * args.ppo_epochs
         )  # prompt + response, each epoch
     k = 1 if job["steps"] > 1 else 0
     tokens, roll, upd = sum(response_tokens[k:]), sum(rollout_s[k:]), sum(update_s[k:])
-    T = batch["query_response"].shape[1]
+    T = batch.query_response.shape[1]
     flops = 2 * training_flops_per_token(
         job["config"], n_params, T
     )  # policy and critic, ~ the same size
@@ -405,17 +399,19 @@ def first_ratio(policy, batch, args, minibatch) -> float:
     """max |π_θ / π_old − 1| on the first minibatch, in the training forward (train mode)."""
     plumbing.unwrap(policy).train()
     idx = torch.arange(
-        min(minibatch, batch["response_mask"].shape[0]), device=batch["response_mask"].device
+        min(minibatch, batch.response_mask.shape[0]), device=batch.response_mask.device
     )
     idx = idx[: args.micro_batch_size or len(idx)]
-    with torch.no_grad(), plumbing.autocast(batch["response_mask"].device, args.precision):
+    with torch.no_grad(), plumbing.autocast(batch.response_mask.device, args.precision):
         new_logprobs, _ = common.response_logprobs(
             policy,
-            *(batch[k][idx] for k in ("query_response", "attention_mask", "full_response_mask")),
+            batch.query_response[idx],
+            batch.attention_mask[idx],
+            batch.full_response_mask[idx],
             args.temperature,
         )
-    mask = batch["response_mask"][idx].bool()
-    return float((torch.exp(new_logprobs - batch["logprobs"][idx]) - 1)[mask].abs().max())
+    mask = batch.response_mask[idx].bool()
+    return float((torch.exp(new_logprobs - batch.logprobs[idx]) - 1)[mask].abs().max())
 
 
 def sft_loss_agreement(folder, sizes, device) -> float:

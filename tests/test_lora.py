@@ -324,13 +324,20 @@ def test_ppo_with_lora_reference_is_the_policy_with_adapters_off(policy_and_rm, 
     head were trained."""
     model_dir, rm_dir = policy_and_rm
     args = ppo.parse_args(ppo_argv(model_dir, rm_dir, "unused"))
-    policy, ref_policy, critic, shared = ppo.load_models(args, plumbing.DistInfo())
-    assert ref_policy is None and list(shared) == [str(rm_dir)]
+    loads = []
+
+    def counted(name):
+        load = getattr(plumbing, name)
+        monkeypatch.setattr(plumbing, name, lambda *a, **kw: loads.append(name) or load(*a, **kw))
+
+    counted("load_policy")
+    counted("load_score_model")
+    models = ppo.load_models(args, plumbing.DistInfo())
+    monkeypatch.undo()
+    assert loads == ["load_policy", "load_score_model"]  # no reference copy; the reward model read once
+    policy, critic, reward_fn = models.policy, models.critic, models.reward_fn
     assert trained_names(policy) and all(".lora_" in n for n in trained_names(policy))
     assert {n for n in trained_names(critic) if ".lora_" not in n} == {"head.weight"}
-    monkeypatch.setattr(plumbing, "load_score_model", None)  # the reward model must not be loaded a second time
-    reward_fn, score_fn = ppo.make_reward_fn(args, plumbing.DistInfo(), shared)
-    monkeypatch.undo()
 
     tokenizer = plumbing.load_tokenizer(model_dir)
     prompts = ppo.load_prompts(args, tokenizer, quiet=True)[:4]
@@ -340,27 +347,26 @@ def test_ppo_with_lora_reference_is_the_policy_with_adapters_off(policy_and_rm, 
     base_rm = redistribute.load_reward_model(rm_dir)
 
     def check_against_the_bases(batch):
-        inputs = [batch[k] for k in ("query_response", "attention_mask", "full_response_mask")]
+        inputs = [batch.query_response, batch.attention_mask, batch.full_response_mask]
         with torch.no_grad(), lora.adapters_disabled(policy):
             assert torch.equal(common.response_logprobs(policy, *inputs)[0],
                                common.response_logprobs(base_policy, *inputs)[0])
         assert torch.equal(reward_fn(*inputs), redistribute.redistribute(base_rm, *inputs))
 
     torch.manual_seed(0)
-    batch = ppo.rollout(policy, ref_policy, critic, reward_fn, prompt, prompt_mask, args, eos_ids, pad_id)
-    assert torch.equal(batch["logprobs"], batch["ref_logprobs"]) and batch["kl"].abs().max() == 0  # step 0: KL = 0
+    batch = ppo.rollout(models, prompt, prompt_mask, eos_ids, pad_id, args)
+    assert torch.equal(batch.logprobs, batch.ref_logprobs) and batch.kl.abs().max() == 0  # step 0: KL = 0
     check_against_the_bases(batch)
 
-    optimizers = plumbing.adamw(policy, args.policy_lr), plumbing.adamw(critic, args.critic_lr)
-    for step in range(3):
+    for step in range(3):  # main's loop: rollout, then PPO epochs
         torch.manual_seed(step + 1)
-        ppo.train_step(policy, ref_policy, critic, *optimizers, reward_fn, prompt, prompt_mask, args, eos_ids, pad_id,
+        ppo.ppo_update(models, ppo.rollout(models, prompt, prompt_mask, eos_ids, pad_id, args), args,
                        args.minibatch_size)
     assert {n for n, p in policy.named_parameters() if p.grad is not None} == trained_names(policy)
     assert {n for n, p in critic.named_parameters() if p.grad is not None} == trained_names(critic)
     torch.manual_seed(9)
-    batch = ppo.rollout(policy, ref_policy, critic, reward_fn, prompt, prompt_mask, args, eos_ids, pad_id)
-    assert batch["kl"].abs().max() > 0  # the adapters moved the policy away from the reference...
+    batch = ppo.rollout(models, prompt, prompt_mask, eos_ids, pad_id, args)
+    assert batch.kl.abs().max() > 0  # the adapters moved the policy away from the reference...
     check_against_the_bases(batch)  # ...and switched off they are still exactly the bases
     state = policy.state_dict()  # the frozen weights are the base's, unchanged
     assert all(torch.equal(state[k], v) for k, v in base_policy.state_dict().items())

@@ -42,6 +42,12 @@ def toy_models(lr=3e-3, eos=0):
     return policy, ref_policy, critic, plumbing.adamw(policy, lr), plumbing.adamw(critic, lr)
 
 
+def as_models(policy, ref_policy, critic, reward_fn, args, optimizers=(None, None)):
+    """The record load_models builds, around hand-made models: the reference read as a frozen copy."""
+    return ppo.Models(policy, critic, *optimizers, ppo.reference_logprobs_fn(policy, ref_policy, args.temperature),
+                      reward_fn)
+
+
 PROMPTS = [[1, 2, 3], [4, 5], [6], [2, 2, 2, 2]]  # different lengths: left padding on every row but one
 
 
@@ -160,21 +166,22 @@ def test_rollout_positions_are_pinned_down():
         return common.gather_response(query_response.float(), response_mask)
 
     torch.manual_seed(3)
-    batch = ppo.rollout(policy, ref_policy, critic, reward_is_token_id, prompt, prompt_mask, args, [eos], eos)
-    mask = batch["response_mask"]
-    assert torch.equal(batch["task_rewards"], batch["response"].float() * mask)
-    assert batch["ended"].any() and (mask.sum(-1) > 1).any()
+    batch = ppo.rollout(as_models(policy, ref_policy, critic, reward_is_token_id, args), prompt, prompt_mask,
+                        [eos], eos, args)
+    mask = batch.response_mask
+    assert torch.equal(batch.task_rewards, batch.response.float() * mask)
+    assert batch.ended.any() and (mask.sum(-1) > 1).any()
     for b, p in enumerate(PROMPTS):
         for j in range(int(mask[b].sum())):
-            prefix = torch.tensor([p + batch["response"][b, :j].tolist()])  # x, a_<j without any padding
+            prefix = torch.tensor([p + batch.response[b, :j].tolist()])  # x, a_<j without any padding
             with torch.no_grad():
                 logits = policy(input_ids=prefix).logits[0, -1] / 0.7
                 value = critic(prefix, torch.ones_like(prefix))[0, -1]
-            expected = torch.log_softmax(logits, -1)[batch["response"][b, j]]
-            assert batch["logprobs"][b, j].item() == pytest.approx(expected.item(), abs=1e-5)
-            assert batch["values"][b, j].item() == pytest.approx(value.item(), abs=1e-5)
+            expected = torch.log_softmax(logits, -1)[batch.response[b, j]]
+            assert batch.logprobs[b, j].item() == pytest.approx(expected.item(), abs=1e-5)
+            assert batch.values[b, j].item() == pytest.approx(value.item(), abs=1e-5)
     # the reference starts equal to the policy: KL 0, so r_j = task_j exactly
-    assert torch.allclose(batch["token_rewards"], batch["task_rewards"], atol=1e-5)
+    assert torch.allclose(batch.token_rewards, batch.task_rewards, atol=1e-5)
 
 
 def test_first_ppo_ratio_is_one_under_left_padding():
@@ -184,19 +191,21 @@ def test_first_ppo_ratio_is_one_under_left_padding():
     args = make_args()
     prompt, prompt_mask = common.pad_left(PROMPTS * 2, 0)
     torch.manual_seed(4)
-    batch = ppo.rollout(policy, ref_policy, critic, lambda qr, am, rm: torch.zeros(len(qr), int(rm.sum(-1).max())),
-                        prompt, prompt_mask, args, [0], 0)
+    def no_reward(query_response, attention_mask, response_mask):
+        return torch.zeros(len(query_response), int(response_mask.sum(-1).max()))
+
+    batch = ppo.rollout(as_models(policy, ref_policy, critic, no_reward, args), prompt, prompt_mask, [0], 0, args)
     policy.train(), critic.train()  # the training forward: train mode, gradient checkpointing, a shuffled minibatch
     idx = torch.tensor([6, 1, 3])
-    inputs = [batch[k][idx] for k in ("query_response", "attention_mask", "full_response_mask")]
+    inputs = [batch.query_response[idx], batch.attention_mask[idx], batch.full_response_mask[idx]]
     new_logprobs, _ = common.response_logprobs(policy, *inputs)  # [3, longest of these 3 responses]
     new_values = ppo.critic_values(critic, *inputs)
     width = new_logprobs.shape[1]
-    mask = batch["response_mask"][idx, :width].bool()
-    assert mask.sum() == batch["response_mask"][idx].sum()  # nothing is lost by the narrower batch
-    ratio = torch.exp(new_logprobs - batch["logprobs"][idx, :width])[mask]
+    mask = batch.response_mask[idx, :width].bool()
+    assert mask.sum() == batch.response_mask[idx].sum()  # nothing is lost by the narrower batch
+    ratio = torch.exp(new_logprobs - batch.logprobs[idx, :width])[mask]
     assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5)
-    assert torch.allclose(new_values[mask], batch["values"][idx, :width][mask], atol=1e-5)
+    assert torch.allclose(new_values[mask], batch.values[idx, :width][mask], atol=1e-5)
     assert new_logprobs.requires_grad
 
 
@@ -213,11 +222,13 @@ def run_toy(reward, steps, seed=0, *extra):
         valid = common.gather_response(torch.ones_like(query_response), response_mask).float()
         return reward(common.gather_response(query_response, response_mask), valid)
 
+    models = as_models(policy, ref_policy, critic, reward_fn, args, (policy_opt, critic_opt))
     history = []
-    for step in range(steps):
+    for step in range(steps):  # main's loop: rollout (steps 1-4), then PPO epochs (step 5)
         torch.manual_seed(seed * 1000 + step)
-        history.append(ppo.train_step(policy, ref_policy, critic, policy_opt, critic_opt, reward_fn, prompt,
-                                      prompt_mask, args, [0], 0, args.minibatch_size))
+        batch = ppo.rollout(models, prompt, prompt_mask, [0], 0, args)
+        history.append(ppo.rollout_stats(batch))
+        history[-1].update(ppo.ppo_update(models, batch, args, args.minibatch_size))
     return history
 
 
@@ -359,9 +370,10 @@ def test_micro_batches_accumulate_to_the_same_update():
         policy_opt, critic_opt = torch.optim.SGD(policy.parameters(), 0.1), torch.optim.SGD(critic.parameters(), 0.1)
         args.micro_batch_size = int(micro)
         torch.manual_seed(5)
-        batch = ppo.rollout(policy, ref_policy, critic, lambda qr, am, rm: common.gather_response(qr.float(), rm) / V,
-                            prompt, prompt_mask, args, [0], 0)
-        ppo.ppo_update(policy, critic, policy_opt, critic_opt, batch, args, args.minibatch_size)
+        models = as_models(policy, ref_policy, critic, lambda qr, am, rm: common.gather_response(qr.float(), rm) / V,
+                           args, (policy_opt, critic_opt))
+        batch = ppo.rollout(models, prompt, prompt_mask, [0], 0, args)
+        ppo.ppo_update(models, batch, args, args.minibatch_size)
         weights.append([p.detach().clone() for p in list(policy.parameters()) + list(critic.parameters())])
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*weights))
     assert not torch.allclose(weights[0][0], toy_models()[0].transformer.wte.weight)  # the update did change the policy

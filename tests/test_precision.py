@@ -269,21 +269,24 @@ def ppo_setup(model_dir, rm_dir, precision, lora=0, extra=()):
     )
     dist_info = plumbing.DistInfo()
     torch.manual_seed(0)  # the same LoRA adapters in every precision
-    policy, ref_policy, critic, shared = ppo.load_models(args, dist_info)
-    reward_fn, _ = ppo.make_reward_fn(args, dist_info, shared)
+    loaded = []  # the policies load_models reads: the trained one, then (no LoRA) the reference
+    load_policy = plumbing.load_policy
+    plumbing.load_policy = lambda *a, **kw: loaded.append(load_policy(*a, **kw)) or loaded[-1]
+    try:
+        models = ppo.load_models(args, dist_info)
+    finally:
+        plumbing.load_policy = load_policy
     tokenizer = plumbing.load_tokenizer(model_dir)
     prompt, prompt_mask = common.pad_left(
         [[5, 6, 7, 8], [9, 10], [11, 12, 13], [14]] * 2, tokenizer.pad_token_id
     )
     return (
         args,
-        policy,
-        ref_policy,
-        critic,
-        reward_fn,
+        models,
+        loaded[1] if len(loaded) > 1 else None,
         prompt,
         prompt_mask,
-        common.eos_token_ids(tokenizer, policy),
+        common.eos_token_ids(tokenizer, models.policy),
         tokenizer.pad_token_id,
     )
 
@@ -293,15 +296,16 @@ def first_ratio(policy, batch, args, idx=(6, 1, 3)):
     unwrap = plumbing.unwrap(policy)
     unwrap.train()
     idx = torch.tensor(idx)
-    width = int(batch["response_mask"][idx].sum(-1).max())
-    columns = batch["prompt_width"] + width
+    width = int(batch.response_mask[idx].sum(-1).max())
+    columns = batch.prompt_width + width
     inputs = [
-        batch[k][idx, :columns] for k in ("query_response", "attention_mask", "full_response_mask")
+        t[idx, :columns]
+        for t in (batch.query_response, batch.attention_mask, batch.full_response_mask)
     ]
     with plumbing.autocast(CPU, args.precision):
         new_logprobs, _ = common.response_logprobs(policy, *inputs, args.temperature)
-    mask = batch["response_mask"][idx, :width].bool()
-    return torch.exp(new_logprobs - batch["logprobs"][idx, :width])[mask]
+    mask = batch.response_mask[idx, :width].bool()
+    return torch.exp(new_logprobs - batch.logprobs[idx, :width])[mask]
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -311,19 +315,17 @@ def test_ppo_iteration_zero_in_bf16_kl_is_zero_and_ratio_is_one(
 ):
     """The reference stored in bf16 (full fine-tuning: a bf16 copy; LoRA: the base, no adapters)."""
     model_dir = tiny_dir if arch == "gpt2" else llama_dir
-    args, policy, ref_policy, critic, reward_fn, prompt, prompt_mask, eos_ids, pad_id = ppo_setup(
+    args, models, ref_policy, prompt, prompt_mask, eos_ids, pad_id = ppo_setup(
         model_dir, reward_models / arch, "bf16", lora
     )
     if not lora:
         assert {p.dtype for p in ref_policy.parameters()} == {torch.bfloat16}
-        assert {p.dtype for p in policy.parameters()} == {torch.float32}
+        assert {p.dtype for p in models.policy.parameters()} == {torch.float32}
     torch.manual_seed(0)
-    batch = ppo.rollout(
-        policy, ref_policy, critic, reward_fn, prompt, prompt_mask, args, eos_ids, pad_id
-    )
-    assert batch["response_mask"].sum() > 8
-    assert batch["kl"].abs().max() <= EXACT  # KL_j at iteration 0, every token
-    ratio = first_ratio(policy, batch, args)
+    batch = ppo.rollout(models, prompt, prompt_mask, eos_ids, pad_id, args)
+    assert batch.response_mask.sum() > 8
+    assert batch.kl.abs().max() <= EXACT  # KL_j at iteration 0, every token
+    ratio = first_ratio(models.policy, batch, args)
     assert (ratio - 1).abs().max() <= EXACT
 
 
@@ -335,14 +337,12 @@ def test_without_the_design_a_bf16_reference_gives_kl_at_iteration_zero(
     reward) from the first step."""
     monkeypatch.setattr(plumbing, "compute_in_fp32", lambda model: model)
     monkeypatch.setattr(plumbing, "round_like_frozen", lambda model, dtype: model)
-    args, policy, ref_policy, critic, reward_fn, prompt, prompt_mask, eos_ids, pad_id = ppo_setup(
+    args, models, _, prompt, prompt_mask, eos_ids, pad_id = ppo_setup(
         tiny_dir, reward_models / "gpt2", "bf16"
     )
     torch.manual_seed(0)
-    batch = ppo.rollout(
-        policy, ref_policy, critic, reward_fn, prompt, prompt_mask, args, eos_ids, pad_id
-    )
-    assert batch["kl"].abs().max() > 1e-4
+    batch = ppo.rollout(models, prompt, prompt_mask, eos_ids, pad_id, args)
+    assert batch.kl.abs().max() > 1e-4
 
 
 @pytest.mark.parametrize("lora", [0, 4])
@@ -352,21 +352,20 @@ def test_ppo_scoring_and_update_in_bf16_agree_with_fp32(lora, llama_dir, reward_
     results = {}
     batch = None
     for precision in ("fp32", "bf16"):
-        args, policy, ref_policy, critic, reward_fn, prompt, prompt_mask, eos_ids, pad_id = (
-            ppo_setup(llama_dir, reward_models / "llama", precision, lora)
+        args, models, _, prompt, prompt_mask, eos_ids, pad_id = ppo_setup(
+            llama_dir, reward_models / "llama", precision, lora
         )
+        policy, critic, reward_fn = models.policy, models.critic, models.reward_fn
         if batch is None:
             torch.manual_seed(0)
-            batch = ppo.rollout(
-                policy, ref_policy, critic, reward_fn, prompt, prompt_mask, args, eos_ids, pad_id
-            )
-        qr, am, rm = batch["query_response"], batch["attention_mask"], batch["full_response_mask"]
+            batch = ppo.rollout(models, prompt, prompt_mask, eos_ids, pad_id, args)
+        qr, am, rm = batch.query_response, batch.attention_mask, batch.full_response_mask
         with torch.no_grad(), plumbing.autocast(CPU, precision):
             logprobs, _ = common.response_logprobs(policy, qr, am, rm)
             values = ppo.critic_values(critic, qr, am, rm)
         rewards = reward_fn(qr, am, rm)  # the frozen reward model, in --frozen-dtype (bf16 here)
         losses = ppo.minibatch_losses(
-            policy, critic, batch, torch.arange(4), batch["response_mask"][:4].sum(), args
+            policy, critic, batch, torch.arange(4), batch.response_mask[:4].sum(), args
         )
         (losses[0] + losses[1]).backward()
         results[precision] = dict(
