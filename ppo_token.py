@@ -62,7 +62,8 @@ import lora
 import plumbing
 import redistribute
 from common import masked_mean, position_ids_from_mask
-from plumbing import unwrap
+from plumbing import amp, checkpoint, distributed, hf_models
+from plumbing.distributed import unwrap
 
 REWARDS = ("seq", "red", "tlcr", "tlcr_fixed", "tlcr_no_negative", "tlcr_no_positive")
 TLCR_MODES = {"tlcr": "continuous", "tlcr_fixed": "fixed", "tlcr_no_negative": "no_negative",
@@ -228,8 +229,8 @@ def generate(policy, prompt, prompt_mask, eos_ids: list[int], pad_id: int, max_n
         finished = bool(done.all())
         # FSDP: every forward all-gathers weights, a collective of all ranks, so no rank may stop
         # while another decodes
-        if plumbing.is_sharded(policy):
-            finished = plumbing.on_every_rank(finished, done.device)
+        if distributed.is_sharded(policy):
+            finished = distributed.on_every_rank(finished, done.device)
         if finished or t == max_new_tokens - 1:
             break
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], 1)
@@ -327,10 +328,10 @@ def rollout(models: Models, prompt, prompt_mask, eos_ids: list[int], pad_id: int
     policy.eval()  # dropout is 0 either way; eval() switches gradient checkpointing off (KV cache)
     critic.eval()
     # Under FSDP every forward all-gathers each layer's weights and frees them again. Generation
-    # runs the policy once per new token, so the rollout keeps it gathered (plumbing.gathered): one
-    # all-gather per layer per rollout instead of one per layer per token, for the price of the
-    # whole policy on every rank meanwhile.
-    with plumbing.autocast(prompt.device, args.precision), plumbing.gathered(models.policy):
+    # runs the policy once per new token, so the rollout keeps it gathered (distributed.gathered):
+    # one all-gather per layer per rollout instead of one per layer per token, for the price of
+    # the whole policy on every rank meanwhile.
+    with amp.autocast(prompt.device, args.precision), distributed.gathered(models.policy):
         # 1. generate
         response = generate(policy, prompt, prompt_mask, eos_ids, pad_id, args.max_new_tokens,
                             args.temperature, args.top_p)  # [B, R]
@@ -417,7 +418,7 @@ def minibatch_losses(policy, critic, batch: Rollout, idx, n_tokens, args):
     sequences = (batch.query_response[idx, :columns], batch.attention_mask[idx, :columns],
                  batch.full_response_mask[idx, :columns])
     mask = batch.response_mask[idx, :width].float()  # [b, width]
-    with plumbing.autocast(sequences[0].device, args.precision):
+    with amp.autocast(sequences[0].device, args.precision):
         new_logprobs, _ = common.response_logprobs(policy, *sequences, args.temperature)
         new_values = critic_values(critic, *sequences)  # [b, width]
     pg_loss, pg_clipped = policy_loss(new_logprobs, batch.logprobs[idx, :width],
@@ -449,14 +450,14 @@ def ppo_update(models: Models, batch: Rollout, args, minibatch: int) -> dict:
             models.critic_optimizer.zero_grad(set_to_none=True)
             for m_start in range(0, len(indices), micro):  # gradient accumulation: micro-batches
                 micro_indices = indices[m_start:m_start + micro]
-                with plumbing.accumulate((policy, critic), last=m_start + micro >= len(indices)):
+                with distributed.accumulate((policy, critic), last=m_start + micro >= len(indices)):
                     losses = minibatch_losses(policy, critic, batch, micro_indices, n_tokens, args)
                     # disjoint parameters: one backward fills both models' grads
                     (losses[0] + losses[1]).backward()
                 for key, value in zip(sums, losses):
                     sums[key] += value.detach()
-            plumbing.clip_grad_norm(policy, args.max_grad_norm)
-            plumbing.clip_grad_norm(critic, args.max_grad_norm)
+            distributed.clip_grad_norm(policy, args.max_grad_norm)
+            distributed.clip_grad_norm(critic, args.max_grad_norm)
             models.policy_optimizer.step()
             models.critic_optimizer.step()
             n_updates += 1
@@ -494,10 +495,10 @@ def reference_logprobs_fn(policy, ref_policy, temperature: float) -> Callable[..
 def load_frozen_score_model(path, args, dist_info, what):
     """A trained reward model or discriminator, frozen (eval, no grad, dropout off), in
     --frozen-dtype."""
-    model = plumbing.load_score_model(path, dtype=plumbing.frozen_dtype(args, dist_info.device),
-                                      what=what, trust_remote_code=args.trust_remote_code,
-                                      meta=dist_info.meta)
-    return plumbing.prepare_frozen(model, dist_info, args.offload_frozen, args.precision)
+    model = hf_models.load_score_model(path, dtype=amp.frozen_dtype(args, dist_info.device),
+                                       what=what, trust_remote_code=args.trust_remote_code,
+                                       meta=dist_info.meta)
+    return distributed.prepare_frozen(model, dist_info, args.offload_frozen, args.precision)
 
 
 class RewardInCritic(nn.Module):
@@ -555,8 +556,8 @@ def check_tokenizers(args, tokenizer):
     for option, path in (("--reward-model", args.reward_model),
                          ("--discriminator", args.discriminator)):
         if path is not None:  # parse_args dropped a --discriminator that seq / red never use
-            other = plumbing.load_tokenizer(path, args.trust_remote_code, what=option)
-            plumbing.check_same_tokenizer(tokenizer, other, f"{option} {path}")
+            other = hf_models.load_tokenizer(path, args.trust_remote_code, what=option)
+            hf_models.check_same_tokenizer(tokenizer, other, f"{option} {path}")
 
 
 def load_models(args, dist_info, reward_fn=None) -> Models:
@@ -564,24 +565,25 @@ def load_models(args, dist_info, reward_fn=None) -> Models:
     models as callables: the reference log-probs (a frozen copy of --policy; with LoRA the policy
     with its adapters off) and the --reward source (with LoRA read from the critic's backbone with
     its adapters off). `reward_fn` (optional) replaces the --reward source, e.g. a toy reward."""
-    dtype = plumbing.base_dtype(args, dist_info.device)  # fp32, or --frozen-dtype for a LoRA base
+    dtype = amp.base_dtype(args, dist_info.device)  # fp32, or --frozen-dtype for a LoRA base
     # FSDP: rank 0 reads the weights, the other ranks receive their shards (wrap_model)
     meta = dist_info.meta
-    policy = plumbing.load_policy(args.policy, dtype, args.trust_remote_code, what="--policy",
-                                  meta=meta)
-    plumbing.disable_dropout(policy)
+    policy = hf_models.load_policy(args.policy, dtype, args.trust_remote_code, what="--policy",
+                                   meta=meta)
+    hf_models.disable_dropout(policy)
     lora.add_lora_from_args(policy, args)
     ref_policy = None
     if not args.lora_rank:
-        ref_dtype = plumbing.frozen_dtype(args, dist_info.device)
-        ref_policy = plumbing.load_policy(args.policy, ref_dtype, args.trust_remote_code, meta=meta)
-        ref_policy = plumbing.prepare_frozen(ref_policy, dist_info, args.offload_frozen,
-                                             args.precision)
+        ref_dtype = amp.frozen_dtype(args, dist_info.device)
+        ref_policy = hf_models.load_policy(args.policy, ref_dtype, args.trust_remote_code,
+                                           meta=meta)
+        ref_policy = distributed.prepare_frozen(ref_policy, dist_info, args.offload_frozen,
+                                                args.precision)
         # start where the bf16 reference is: KL 0 at iteration 0
-        plumbing.round_like_frozen(policy, ref_dtype)
+        amp.round_like_frozen(policy, ref_dtype)
     if args.critic_init == "policy":
-        critic = plumbing.new_score_model(args.policy, bias=True, dtype=dtype,
-                                          trust_remote_code=args.trust_remote_code, meta=meta)
+        critic = hf_models.new_score_model(args.policy, bias=True, dtype=dtype,
+                                           trust_remote_code=args.trust_remote_code, meta=meta)
         critic_path = None
     else:
         option = "--reward-model" if args.reward in ("seq", "red") else "--discriminator"
@@ -589,21 +591,21 @@ def load_models(args, dist_info, reward_fn=None) -> Models:
         if critic_path is None:
             raise common.InputError(f"--critic-init reward needs {option} (--reward "
                                     f"{args.reward}); or use --critic-init policy")
-        critic = plumbing.load_score_model(critic_path, dtype, args.trust_remote_code, what=option,
-                                           meta=meta)
+        critic = hf_models.load_score_model(critic_path, dtype, args.trust_remote_code, what=option,
+                                            meta=meta)
     critic.head.float()  # the value head is trained: fp32
     lora.add_lora_from_args(critic.backbone, args)  # the head stays trainable
-    plumbing.disable_dropout(critic)
+    hf_models.disable_dropout(critic)
     if args.gradient_checkpointing:  # active in train() mode only: generation keeps its KV cache
-        plumbing.enable_gradient_checkpointing(policy)
-        plumbing.enable_gradient_checkpointing(critic)
-    policy = plumbing.wrap_model(policy, dist_info, args.precision)
-    critic = plumbing.wrap_model(critic, dist_info, args.precision)
+        hf_models.enable_gradient_checkpointing(policy)
+        hf_models.enable_gradient_checkpointing(critic)
+    policy = distributed.wrap_model(policy, dist_info, args.precision)
+    critic = distributed.wrap_model(critic, dist_info, args.precision)
     shared = {}
     if args.lora_rank and critic_path is not None:
         # the value head starts as the reward head, which stays frozen; taken before a checkpoint
         # moves the value head
-        reward_head = plumbing.frozen_copy(unwrap(critic).head)
+        reward_head = distributed.frozen_copy(unwrap(critic).head)
         shared[critic_path] = RewardInCritic(unwrap(critic), reward_head).eval()
     score_fn = None
     if reward_fn is None:
@@ -676,8 +678,8 @@ def parse_args(argv=None):
     system.add_argument("--stop-after", type=int, default=None,
                         help="checkpoint and stop after this many iterations (as if interrupted); "
                              "run again to resume")
-    plumbing.add_resume_args(system)
-    plumbing.add_report_args(system)
+    checkpoint.add_resume_args(system)
+    checkpoint.add_report_args(system)
     args = parser.parse_args(argv)
     lora.check_lora_args(parser, args)
     if args.offload_frozen and args.fsdp:
@@ -704,7 +706,7 @@ def parse_args(argv=None):
 def main(argv=None, reward_fn=None):
     """Train. `reward_fn` (optional) replaces the --reward source, e.g. a toy reward in tests."""
     args = parse_args(argv)
-    dist_info = plumbing.setup_distributed(args.device, args.fsdp)
+    dist_info = distributed.setup_distributed(args.device, args.fsdp)
     device, master, rank = dist_info.device, dist_info.master, dist_info.rank
     for name in ("rollout_batch_size", "minibatch_size"):
         if getattr(args, name) % dist_info.world_size:
@@ -714,10 +716,10 @@ def main(argv=None, reward_fn=None):
     minibatch_per_rank = args.minibatch_size // dist_info.world_size
     out = Path(args.out)
     if master:
-        plumbing.clean_stale_temp(out)
+        checkpoint.clean_stale_temp(out)
     plumbing.seed_everything(args.seed)
 
-    tokenizer = plumbing.load_tokenizer(args.policy, args.trust_remote_code, what="--policy")
+    tokenizer = hf_models.load_tokenizer(args.policy, args.trust_remote_code, what="--policy")
     if reward_fn is None:
         check_tokenizers(args, tokenizer)  # before any model is loaded: mismatches stop at once
     prompts = load_prompts(args, tokenizer, quiet=not master)
@@ -730,14 +732,14 @@ def main(argv=None, reward_fn=None):
                                 f"{n_positions} positions")
 
     # constant learning rates: a longer run may resume
-    run_config = plumbing.run_config(args, ignore=("iterations",))
+    run_config = checkpoint.run_config(args, ignore=("iterations",))
     trained = {"policy": models.policy, "critic": models.critic}
     optimizers = {"policy": models.policy_optimizer, "critic": models.critic_optimizer}
-    start_step, logger = plumbing.resume(out, trained, optimizers, None, run_config, args,
-                                         dist_info)
+    start_step, logger = checkpoint.resume(out, trained, optimizers, None, run_config, args,
+                                           dist_info)
     if master:
         out.mkdir(parents=True, exist_ok=True)
-        plumbing.atomic_write(out / "args.json", json.dumps(vars(args), indent=2))
+        checkpoint.atomic_write(out / "args.json", json.dumps(vars(args), indent=2))
         print(f"ppo_token: reward={args.reward}, {len(prompts)} prompts, world size "
               f"{dist_info.world_size}, "
               f"{'resuming at iteration ' + str(start_step) if start_step else 'fresh start'}")
@@ -762,7 +764,7 @@ def main(argv=None, reward_fn=None):
         stats.update(ppo_update(models, batch, args, minibatch_per_rank))
         # log: means over the ranks (every rank takes part)
         stats["tokens"] = float(batch.response_mask.sum())
-        stats = {k: plumbing.all_reduce_mean(v, dist_info) for k, v in stats.items()}
+        stats = {k: distributed.all_reduce_mean(v, dist_info) for k, v in stats.items()}
         tokens = stats.pop("tokens") * dist_info.world_size
         record = {"step": step + 1, **stats, "elapsed_s": round(time.perf_counter() - start, 2),
                   "tokens_per_s": tokens / (time.perf_counter() - t0)}
@@ -772,15 +774,15 @@ def main(argv=None, reward_fn=None):
                             f"vf {record['value_loss']:.3f} ev {record['explained_variance']:.2f}")
         # checkpoint
         if (step + 1) % args.save_every == 0 or step + 1 in (args.iterations, args.stop_after):
-            plumbing.save_checkpoint(out, step + 1, trained, optimizers, None, run_config)
+            checkpoint.save_checkpoint(out, step + 1, trained, optimizers, None, run_config)
         if step + 1 == args.stop_after and step + 1 < args.iterations:
             bar.close()
-            plumbing.cleanup_distributed(dist_info)
+            distributed.cleanup_distributed(dist_info)
             return None
-    plumbing.save_policy(models.policy, tokenizer, out / "policy")  # gathered (FSDP), LoRA merged
+    hf_models.save_policy(models.policy, tokenizer, out / "policy")  # gathered (FSDP), LoRA merged
     if master:
         print(f"ppo_token: done, policy saved to {out / 'policy'}")
-    plumbing.cleanup_distributed(dist_info)
+    distributed.cleanup_distributed(dist_info)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
-import plumbing  # noqa: E402
+from plumbing import distributed, hf_models  # noqa: E402
 import ppo_token as ppo  # noqa: E402
 
 
@@ -89,7 +89,7 @@ def run_variant(args) -> dict:
                                str(models / "reward_model"), "--out", "-", "--rollout-batch-size", str(args.batch_size),
                                "--minibatch-size", str(args.minibatch_size), "--max-new-tokens", str(args.new_tokens),
                                "--device", args.device, "--lora-rank", str(args.lora_rank if args.variant == "lora" else 0)])
-    dist_info = plumbing.DistInfo(device=device)
+    dist_info = distributed.DistInfo(device=device)
     models = ppo.load_models(ppo_args, dist_info)  # with their AdamW optimizers
     torch.manual_seed(0)
     lengths = torch.randint(args.prompt_len // 2, args.prompt_len + 1, (args.batch_size,)).tolist()
@@ -124,7 +124,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.variant:
-        plumbing._quiet_transformers()
+        hf_models._quiet_transformers()
         print(json.dumps(run_variant(args)))
         return
     print(f"tiny GPT-2: {args.layers} layers x {args.width} wide, vocab {args.vocab}; {args.batch_size} prompts "
@@ -133,7 +133,7 @@ def main(argv=None):
     memory = "peak CUDA memory allocated" if args.device.startswith("cuda") else "peak RSS growth (VmHWM)"
     print(f"  {'variant':<8} {'trained params':>15} {'rollout tok/s':>14} {'update tok/s':>13}  {memory} MiB")
     passthrough = list(argv if argv is not None else sys.argv[1:])
-    plumbing._quiet_transformers()
+    hf_models._quiet_transformers()
     with tempfile.TemporaryDirectory() as folder:
         save_models(args, Path(folder))
         for variant in ("full", "lora"):
