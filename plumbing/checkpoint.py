@@ -222,8 +222,8 @@ SHARDED = "sharded"
 def trained_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """What training changes: every parameter that requires grad (all of them in full fine-tuning,
     only adapters and heads with LoRA), on the CPU."""
-    return {name: p.detach().contiguous().cpu() for name, p in distributed.unwrap(model).named_parameters()
-            if p.requires_grad}
+    return {name: p.detach().contiguous().cpu()
+            for name, p in distributed.unwrap(model).named_parameters() if p.requires_grad}
 
 
 def rng_state() -> dict:
