@@ -22,7 +22,6 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from common import InputError
-
 from plumbing import distributed
 
 try:  # FSDP2's sharded checkpoints (torch >= 2.6; see plumbing/distributed.py)
@@ -35,7 +34,7 @@ except ImportError:  # pragma: no cover
 
 
 # ----------------------------------------------------------------------------------------------
-# Files: atomic writes, logs, caches, checkpoints
+# Files: atomic writes, logs (log.jsonl and the trackers)
 # ----------------------------------------------------------------------------------------------
 def atomic_write(path, text: str):
     """Write text to a temp file beside `path`, then rename: readers never see half a file."""
