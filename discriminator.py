@@ -92,8 +92,7 @@ def parse_args(argv=None):
     out.add_argument("--save-every", type=int, default=200, help="write a resumable checkpoint every N steps")
     out.add_argument("--stop-after", type=int, default=None,
                      help="checkpoint and stop after this many steps (as if interrupted); run again to resume")
-    checkpoint.add_resume_args(out)
-    checkpoint.add_report_args(out)
+    plumbing.add_run_args(out)  # --no-resume, --force-resume, --report-to
     lora.add_lora_args(train)
     plumbing.add_system_args(train)
 
@@ -371,11 +370,8 @@ def heldout_examples_of(records, tokenizer, info: dict, split: str = "heldout"):
 # 5. the commands
 # ----------------------------------------------------------------------------------------------
 def train(args):
-    dist_info = distributed.setup_distributed(args.device, args.fsdp)
-    plumbing.seed_everything(args.seed)
-    out = Path(args.out)
-    if dist_info.master:
-        checkpoint.clean_stale_temp(out)
+    run = plumbing.start_run(args)  # torchrun, --seed, a killed save's temp folders in --out
+    dist_info, out = run.dist_info, run.out
     tokenizer = hf_models.load_tokenizer(args.sft, trust_remote_code=args.trust_remote_code, what="--sft")
     records = load_labels(args.labels, tokenizer)  # before the model: a bad file stops the run at once
     # dropout stays on while the discriminator learns (per-token targets, no pair to keep consistent: it is plain
@@ -405,17 +401,13 @@ def train(args):
     total_steps = plumbing.total_steps_of(len(train_examples), batch_size, args.epochs, args.max_steps)
     optimizer = plumbing.adamw(model, args.lr, args.weight_decay)
     scheduler = plumbing.cosine_schedule(optimizer, total_steps)
-    run_config = checkpoint.run_config(args, total_steps=total_steps)
-    step, logger = checkpoint.resume(out, {"model": model}, {"model": optimizer}, {"model": scheduler}, run_config,
-                                     args, dist_info)
+    step = run.resume({"model": model}, {"model": optimizer}, {"model": scheduler},
+                      total_steps=total_steps)  # 0, or where the newest checkpoint stopped
     pad_id = tokenizer.pad_token_id
     if dist_info.master:
         print(f"discriminator: {len(train_records)} pairs ({len(train_examples)} sequences) to train on, "
               f"{len(heldout_records)} held out; {total_steps} steps of {batch_size} sequences"
               f"{f', resuming at step {step}' if step else ''}")
-
-    def save():  # every rank (under FSDP each writes its shards)
-        checkpoint.save_checkpoint(out, step, {"model": model}, {"model": optimizer}, {"model": scheduler}, run_config)
 
     steps_per_epoch = max(1, len(train_examples) // batch_size)
     bar = tqdm(total=total_steps, initial=step, desc="discriminator", disable=not dist_info.master)
@@ -430,20 +422,18 @@ def train(args):
             accuracy = evaluate_accuracy(model, heldout_examples, args.eval_batch_size, dist_info, args.precision, pad_id)
             record.update(log_fields(accuracy))
         if step % args.log_every == 0 or step == total_steps or "eval_accuracy" in record:
-            logger.log(record)
+            run.logger.log(record)
         bar.update(1)
         bar.set_postfix(loss=round(record["loss"], 4), acc=round(record["batch_accuracy"], 3))
-        if step % args.save_every == 0 or step == args.stop_after:
-            save()
-        if step == args.stop_after and step < total_steps:
+        run.save_if_due(step)  # every --save-every steps, and at --stop-after
+        if run.stop_here(step, total_steps):  # --stop-after: stop as if killed, resume later
             bar.close()
-            distributed.cleanup_distributed(dist_info)
             return None
     bar.close()
     info = {"role": "tlcr_discriminator", "sft": str(args.sft), "labels": str(args.labels),
             "split_seed": args.split_seed, "eval_fraction": args.eval_fraction,
             "max_prompt_len": args.max_prompt_len, "max_response_len": args.max_response_len, "steps": step}
-    save()
+    run.save(step)
     hf_models.save_score_model(model, tokenizer, out, kind="token", extra=info)  # every rank; keeps log.jsonl, checkpoint/
     metrics = None
     if heldout_examples:
@@ -451,12 +441,12 @@ def train(args):
         metrics.update(labels=str(args.labels), n_pairs=len(heldout_records), split="heldout")
         if dist_info.master:
             report_accuracy(metrics, out / "accuracy.json")
-            logger.log({"step": step, **log_fields(metrics)})
+            run.logger.log({"step": step, **log_fields(metrics)})
     elif dist_info.master:
         print("no held-out pairs (--eval-fraction 0 or a single pair): accuracy not measured")
     if dist_info.master:
         print(f"discriminator saved to {out}")
-    distributed.cleanup_distributed(dist_info)
+    run.finish()
     return metrics
 
 

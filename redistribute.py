@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -86,8 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     out.add_argument("--save-every", type=int, default=200, help="steps between checkpoints")
     out.add_argument("--stop-after", type=int, default=None,
                      help="checkpoint and stop after this many steps (as if interrupted); run again to resume")
-    checkpoint.add_resume_args(out)
-    checkpoint.add_report_args(out)
+    plumbing.add_run_args(out)  # --no-resume, --force-resume, --report-to
     lora.add_lora_args(train)
     plumbing.add_system_args(train)
 
@@ -332,12 +330,9 @@ def train_step(model, optimizer, scheduler, batch: list[dict], args, dist_info, 
 # 6. The stages: train, show
 # ----------------------------------------------------------------------------------------------
 def train(args):
-    dist_info = distributed.setup_distributed(args.device, args.fsdp)
+    run = plumbing.start_run(args)  # torchrun, --seed, a killed save's temp folders in --out
+    dist_info, out = run.dist_info, run.out
     master, device = dist_info.master, dist_info.device
-    plumbing.seed_everything(args.seed)
-    out = Path(args.out)
-    if master:
-        checkpoint.clean_stale_temp(out)
 
     # data: the split (--split-seed), its held-out part (hashed, the same pairs the discriminator holds out)
     train_pairs, eval_pairs = select_pairs(args, quiet=not master)
@@ -363,16 +358,12 @@ def train(args):
     total_steps = plumbing.total_steps_of(len(train_examples), batch_size, args.epochs, args.max_steps)
     optimizer = plumbing.adamw(model, args.lr, args.weight_decay)
     scheduler = plumbing.cosine_schedule(optimizer, total_steps)
-    run_config = checkpoint.run_config(args, total_steps=total_steps)
-    step, logger = checkpoint.resume(out, {"model": model}, {"model": optimizer}, {"model": scheduler}, run_config,
-                                     args, dist_info, map_location=device)
+    step = run.resume({"model": model}, {"model": optimizer}, {"model": scheduler},
+                      map_location=device, total_steps=total_steps)  # 0, or the last checkpoint's
     if master:
         print(f"reward model: {len(train_examples)} training pairs, {len(eval_examples)} held out; {total_steps} "
               f"steps of {batch_size} pairs on {dist_info.world_size} rank(s), device {device}"
               f"{f', resuming at step {step}' if step else ''}")
-
-    def save():  # every rank (under FSDP each writes its shards)
-        checkpoint.save_checkpoint(out, step, {"model": model}, {"model": optimizer}, {"model": scheduler}, run_config)
 
     steps_per_epoch = max(1, len(train_examples) // batch_size)
     bar = tqdm(total=total_steps, initial=step, disable=not master, desc="reward model")
@@ -390,20 +381,18 @@ def train(args):
             result = evaluate(model, eval_examples, pad_id, args.eval_batch_size, device, dist_info, args.precision)
             record.update({f"eval_{k}": v for k, v in result.items() if k != "pairs"})
         if step % args.log_every == 0 or step == total_steps or "eval_accuracy" in record:
-            logger.log(record)
+            run.logger.log(record)
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.3f}")
-        if step % args.save_every == 0 or step == args.stop_after:
-            save()
-        if step == args.stop_after and step < total_steps:
+        run.save_if_due(step)  # every --save-every steps, and at --stop-after
+        if run.stop_here(step, total_steps):  # --stop-after: stop as if killed, resume later
             bar.close()
-            distributed.cleanup_distributed(dist_info)
             return None
     bar.close()
 
     # held-out accuracy, final model
     result = evaluate(model, eval_examples, pad_id, args.eval_batch_size, device, dist_info, args.precision)
-    save()
+    run.save(step)
     info = {"role": "reward_model", "sft": str(args.sft), "data": str(args.data), "split": args.split,
             "split_seed": args.split_seed, "eval_fraction": args.eval_fraction, "preference": args.preference,
             "revision_pairs": args.revision_pairs, "steps": step}
@@ -411,11 +400,11 @@ def train(args):
     if master:
         result.update({"step": step, "split": args.split, "data": str(args.data), "preference": args.preference,
                        "training_pairs": len(train_examples)})
-        logger.log({"step": step, **{f"eval_{k}": v for k, v in result.items() if k in ("accuracy", "mean_margin")}})
+        run.logger.log({"step": step, **{f"eval_{k}": v for k, v in result.items() if k in ("accuracy", "mean_margin")}})
         checkpoint.atomic_write(out / "accuracy.json", json.dumps(result, indent=2) + "\n")
         print(f"held-out pair accuracy {result['accuracy']:.4f}, mean margin {result['mean_margin']:+.4f} "
               f"over {result['pairs']} pairs -> {out / 'accuracy.json'}")
-    distributed.cleanup_distributed(dist_info)
+    run.finish()
     return result
 
 

@@ -66,8 +66,7 @@ def parse_args(argv=None):
     out.add_argument("--save-every", type=int, default=100, help="write a resumable checkpoint every N steps")
     out.add_argument("--stop-after", type=int, default=None,
                      help="checkpoint and stop after this many steps (as if interrupted); run again to resume")
-    checkpoint.add_resume_args(out)
-    checkpoint.add_report_args(out)
+    plumbing.add_run_args(out)  # --no-resume, --force-resume, --report-to
     lora.add_lora_args(parser)
     plumbing.add_system_args(parser)
     args = parser.parse_args(argv)
@@ -179,14 +178,11 @@ def load_or_build_model(args, sft_pairs, out: Path, dist_info):
 
 def main(argv=None):
     args = parse_args(argv)
-    dist_info = distributed.setup_distributed(args.device, args.fsdp)
+    run = plumbing.start_run(args)  # torchrun, --seed, a killed save's temp folders in --out
+    dist_info, out = run.dist_info, run.out
     distributed.check_batch_size(args.batch_size, dist_info)
-    plumbing.seed_everything(args.seed)
-    out = Path(args.out)
     if args.model != "tiny":
         hf_models.check_model_source(args.model, "--model")  # before any long work
-    if dist_info.master:
-        checkpoint.clean_stale_temp(out)
     sft_pairs, test_pairs = select_pairs(args, quiet=not dist_info.master)
     model, tokenizer = load_or_build_model(args, sft_pairs, out, dist_info)
     lora.add_lora_from_args(model, args)  # --lora-rank 0: nothing (full fine-tuning)
@@ -201,16 +197,12 @@ def main(argv=None):
     total_steps = plumbing.total_steps_of(len(train_examples), args.batch_size, args.epochs, args.max_steps)
     optimizer = plumbing.adamw(model, args.lr, args.weight_decay)
     scheduler = plumbing.cosine_schedule(optimizer, total_steps)
-    run_config = checkpoint.run_config(args, total_steps=total_steps)
-    step, logger = checkpoint.resume(out, {"model": model}, {"model": optimizer}, {"model": scheduler}, run_config,
-                                     args, dist_info)
+    step = run.resume({"model": model}, {"model": optimizer}, {"model": scheduler},
+                      total_steps=total_steps)  # 0, or where the newest checkpoint stopped
     pad_id = tokenizer.pad_token_id
     if dist_info.master:
         print(f"sft: {len(train_examples)} examples, {total_steps} steps of {args.batch_size}"
               f"{f', resuming at step {step}' if step else ''}")
-
-    def save():  # every rank (under FSDP each writes its shards)
-        checkpoint.save_checkpoint(out, step, {"model": model}, {"model": optimizer}, {"model": scheduler}, run_config)
 
     eval_loss = None
     bar = tqdm(total=total_steps, initial=step, desc="sft", disable=not dist_info.master)
@@ -223,24 +215,22 @@ def main(argv=None):
                   "lr": scheduler.get_last_lr()[0], "elapsed_s": round(time.time() - start, 2)}
         if step % args.eval_every == 0 or step == total_steps:
             record["eval_loss"] = eval_loss = evaluate(model, test_examples, args, dist_info, pad_id)
-        logger.log(record)
+        run.logger.log(record)
         bar.update(1)
         bar.set_postfix({k: round(v, 4) for k, v in record.items() if k.endswith("loss")})
-        if step % args.save_every == 0 or step == args.stop_after:
-            save()
-        if step == args.stop_after and step < total_steps:
+        run.save_if_due(step)  # every --save-every steps, and at --stop-after
+        if run.stop_here(step, total_steps):  # --stop-after: stop as if killed, resume later
             bar.close()
-            distributed.cleanup_distributed(dist_info)
             return None
     bar.close()
     if eval_loss is None:  # resumed after the last step: nothing was evaluated in this run
         eval_loss = evaluate(model, test_examples, args, dist_info, pad_id)
-    save()
+    run.save(step)
     hf_models.save_policy(model, tokenizer, out)  # every rank: gathered under FSDP, LoRA merged; rank 0 writes
     if dist_info.master:
         checkpoint.atomic_write(out / "sft_summary.json", json.dumps({"step": step, "eval_loss": eval_loss}, indent=2))
         print(f"sft: {step} steps, held-out response NLL {eval_loss:.4f}, model saved to {out}")
-    distributed.cleanup_distributed(dist_info)
+    run.finish()
     return out
 
 

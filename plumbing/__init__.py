@@ -5,20 +5,20 @@ common.py). The package keeps the stages short by holding the machinery three or
 one file per concern; a stage imports the parts it uses (`from plumbing import checkpoint`) and
 calls them by their part's name (`checkpoint.save_checkpoint(...)`):
 
-    plumbing/__init__.py     the command line: errors -> one line and exit code 2 (cli), HelpFormatter,
-                             the shared argument groups, --data to pairs (load_data), seeds, AdamW, the
-                             cosine schedule
-    plumbing/hf_models.py    load_tokenizer, load_policy, load_score_model / save_score_model (the
-                             project's, TRL's and OpenRLHF's formats), save_policy, save_hf, build_tiny,
-                             tokenizer checks (the models of one run must agree), disable_dropout
-    plumbing/distributed.py  DistInfo / setup_distributed (torchrun), wrap_model (DDP, or FSDP2 with
-                             --fsdp), prepare_frozen, accumulate, clip_grad_norm, all-reduces, FSDP2
-    plumbing/amp.py          --precision: autocast, the frozen models' dtype, compute_in_fp32
-    plumbing/checkpoint.py   atomic_write, JsonlLogger, trackers (--report-to), save_checkpoint /
-                             resume / load_checkpoint (crash-safe, refuses to resume a different run;
-                             sharded under FSDP), run_config, clean_stale_temp
-    plumbing/chat.py         one chat-completions client (label.py's reviser, eval.py's judge), the
-                             append-only JSONL cache of their answers, one download (hh-rlhf)
+    __init__.py     the command line: errors -> one line and exit code 2 (cli), HelpFormatter, the
+                    shared argument groups, --data to pairs (load_data), seeds, AdamW, the cosine
+                    schedule, the trainers' run helper (start_run -> Run)
+    hf_models.py    load_tokenizer, load_policy, load_score_model / save_score_model (the project's,
+                    TRL's and OpenRLHF's formats), save_policy, save_hf, build_tiny, tokenizer
+                    checks (the models of one run must agree), disable_dropout
+    distributed.py  DistInfo / setup_distributed (torchrun), wrap_model (DDP, or FSDP2 with --fsdp),
+                    prepare_frozen, accumulate, clip_grad_norm, all-reduces, the FSDP2 section
+    amp.py          --precision: autocast, the frozen models' dtype, compute_in_fp32
+    checkpoint.py   atomic_write, JsonlLogger, trackers (--report-to), save_checkpoint / resume /
+                    load_checkpoint (crash-safe, refuses to resume a different run; sharded under
+                    FSDP), run_config, clean_stale_temp
+    chat.py         one chat-completions client (label.py's reviser, eval.py's judge), the
+                    append-only JSONL cache of their answers, one download (hh-rlhf)
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ import os
 import random
 import sys
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -118,7 +119,8 @@ def data_paths(source: str, cache_dir=None) -> list[Path]:
     if source == "bundled":
         return [common.BUNDLED_DATA]
     if source.startswith("hh-rlhf") and not Path(source).exists():
-        subsets = source.split(":", 1)[1].split(",") if ":" in source else list(chat.HH_RLHF_SUBSETS)
+        subsets = (source.split(":", 1)[1].split(",") if ":" in source
+                   else list(chat.HH_RLHF_SUBSETS))
         return [chat.download_hh_rlhf(s, "train", cache_dir) for s in subsets]
     return [Path(source)]
 
@@ -158,6 +160,93 @@ def total_steps_of(n_examples: int, batch_size: int, epochs: float, max_steps: i
         return max_steps
     return max(1, math.ceil(epochs * max(1, n_examples // batch_size)))
 
+
+
+# ----------------------------------------------------------------------------------------------
+# The run helper: the bookkeeping every trainer repeats (sft.py, discriminator.py train,
+# redistribute.py train, ppo_token.py). Each keeps its own loop and its own train_step:
+#
+#     run = plumbing.start_run(args)                 # torchrun, --seed, a killed save's temp files
+#     model, optimizer, scheduler = ...
+#     step = run.resume({"model": model}, {"model": optimizer}, {"model": scheduler},
+#                       total_steps=total_steps)     # 0, or where the newest checkpoint stopped
+#     while step < total_steps:
+#         metrics = train_step(...)
+#         step += 1
+#         run.logger.log({"step": step, **metrics})  # OUT/log.jsonl (and --report-to)
+#         run.save_if_due(step)                      # every --save-every steps, at --stop-after
+#         if run.stop_here(step, total_steps):       # --stop-after: stop as if killed
+#             return None
+#     run.save(step)
+#     ...save the trained model...
+#     run.finish()
+# ----------------------------------------------------------------------------------------------
+def add_run_args(group):
+    """--no-resume, --force-resume and --report-to: the options of a run that resumes and logs."""
+    checkpoint.add_resume_args(group)
+    checkpoint.add_report_args(group)
+    return group
+
+
+@dataclass
+class Run:
+    """One training run's bookkeeping, none of its maths: this process under torchrun, --out, and
+    what a checkpoint holds (the models, optimizers and schedules given to resume) and the log."""
+
+    args: argparse.Namespace
+    dist_info: distributed.DistInfo
+    out: Path
+    models: dict = field(default_factory=dict)
+    optimizers: dict = field(default_factory=dict)
+    schedulers: dict | None = None
+    config: dict = field(default_factory=dict)  # the defining settings (checkpoint.run_config)
+    logger: checkpoint.JsonlLogger | None = None  # OUT/log.jsonl, opened by resume
+
+    def resume(self, models: dict, optimizers: dict, schedulers: dict | None = None, ignore=(),
+               map_location="cpu", **derived) -> int:
+        """The step to start at: 0, or the newest checkpoint's, loaded into the models, optimizers
+        and schedulers (dicts with the same keys), the RNG restored. The checkpoint must be of this
+        run: checkpoint.run_config (the options less `ignore`, plus `derived`, e.g. total_steps)
+        must match, unless --force-resume; --no-resume ignores it. Opens run.logger (OUT/log.jsonl,
+        rewound to that step)."""
+        self.models, self.optimizers, self.schedulers = models, optimizers, schedulers
+        self.config = checkpoint.run_config(self.args, ignore, **derived)
+        step, self.logger = checkpoint.resume(self.out, models, optimizers, schedulers, self.config,
+                                              self.args, self.dist_info, map_location)
+        return step
+
+    def save(self, step: int):
+        """OUT/checkpoint/step-N. Every rank calls it (under FSDP each writes its shards)."""
+        checkpoint.save_checkpoint(self.out, step, self.models, self.optimizers, self.schedulers,
+                                   self.config)
+
+    def save_if_due(self, step: int, last_step: int | None = None):
+        """save() every --save-every steps, at --stop-after, and at last_step if given."""
+        if step % self.args.save_every == 0 or step == self.args.stop_after or step == last_step:
+            self.save(step)
+
+    def stop_here(self, step: int, total_steps: int) -> bool:
+        """True at --stop-after before the last step: the run ends there as if killed (run it again
+        to resume), and finish() has been called."""
+        if step == self.args.stop_after and step < total_steps:
+            self.finish()
+            return True
+        return False
+
+    def finish(self):
+        """Wait for every rank, then end the process group (distributed.cleanup_distributed)."""
+        distributed.cleanup_distributed(self.dist_info)
+
+
+def start_run(args) -> Run:
+    """A training run begins: this process under torchrun (--device, --fsdp), every seed (--seed),
+    and the temp folders a killed save left in --out removed (rank 0)."""
+    dist_info = distributed.setup_distributed(args.device, args.fsdp)
+    seed_everything(args.seed)
+    out = Path(args.out)
+    if dist_info.master:
+        checkpoint.clean_stale_temp(out)
+    return Run(args, dist_info, out)
 
 
 # --- TEMPORARY (issue 22): plumbing.NAME for files not yet converted to plumbing.<part>.NAME -----

@@ -22,7 +22,6 @@ import requests
 import urllib3
 
 from common import DataError, InputError
-
 from plumbing import checkpoint
 
 

@@ -22,7 +22,6 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from common import InputError
-
 from plumbing import distributed
 
 try:  # FSDP2's sharded checkpoints (torch >= 2.6; see plumbing/distributed.py)
@@ -35,7 +34,7 @@ except ImportError:  # pragma: no cover
 
 
 # ----------------------------------------------------------------------------------------------
-# Files: atomic writes, logs, caches, checkpoints
+# Files: atomic writes, logs (log.jsonl and the trackers)
 # ----------------------------------------------------------------------------------------------
 def atomic_write(path, text: str):
     """Write text to a temp file beside `path`, then rename: readers never see half a file."""
@@ -222,8 +221,8 @@ SHARDED = "sharded"
 def trained_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """What training changes: every parameter that requires grad (all of them in full fine-tuning,
     only adapters and heads with LoRA), on the CPU."""
-    return {name: p.detach().contiguous().cpu() for name, p in distributed.unwrap(model).named_parameters()
-            if p.requires_grad}
+    return {name: p.detach().contiguous().cpu()
+            for name, p in distributed.unwrap(model).named_parameters() if p.requires_grad}
 
 
 def rng_state() -> dict:

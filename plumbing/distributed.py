@@ -18,7 +18,6 @@ import torch.nn as nn
 
 import lora
 from common import InputError
-
 from plumbing import amp
 
 try:  # FSDP2 (torch >= 2.6); the project runs without it on older torch, --fsdp then says what is missing
@@ -226,11 +225,11 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
 #                       compute, fp32 gradient reduction;
 #                       activation checkpointing is switched on before (enable_gradient_checkpointing)
 #   prepare_frozen      the frozen models (reference, reward model, discriminator) are sharded too
-#   load_*(meta=...)    rank 0 reads the weights; the other ranks build the model on the meta device
-#                       and shard_model sends each its pieces (host memory: see shard_model)
+#   hf_models.load_*(meta=...)  rank 0 reads the weights; the other ranks build the model on the
+#                       meta device; shard_model sends them their pieces (host memory: shard_model)
 #   accumulate, clip_grad_norm, rank_batches    gradient accumulation, clipping, equal forward counts
-#   save_checkpoint / load_checkpoint           every rank writes and reads its own shards (DCP format)
-#   save_policy / save_score_model              full_state_dict: gathered to rank 0, LoRA merged
+#   checkpoint.save_checkpoint / load_checkpoint    every rank writes and reads its own shards (DCP)
+#   hf_models.save_policy / save_score_model    full_state_dict: gathered to rank 0, LoRA merged
 # and in ppo_token.py: gathered (the policy stays whole during the rollout), on_every_rank (generation
 # stops when every rank is done).
 # Rules that come with it: every rank runs the same sequence of forwards, backwards and state-dict

@@ -29,7 +29,6 @@ from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoToken
 from transformers.utils import logging as hf_logging
 
 from common import InputError, ScoreModel
-
 from plumbing import checkpoint, distributed
 
 

@@ -1,7 +1,7 @@
 """Every stage on every model family users bring: tiny random models built from a config (no
 download), each with a tokenizer in its family's layout and special tokens
-(hf_models.TINY_FAMILIES): GPT-2, Llama 2 (SentencePiece layout) and Llama 3 (byte-level, BOS), Mistral, Qwen2, Qwen3, Gemma 2,
-Phi-3, GPT-NeoX, OPT.
+(hf_models.TINY_FAMILIES): GPT-2, Llama 2 (SentencePiece layout) and Llama 3 (byte-level, BOS),
+Mistral, Qwen2, Qwen3, Gemma 2, Phi-3, GPT-NeoX, OPT.
 
 One step or one iteration of each stage, in process: SFT, labels, the discriminator, the reward
 model, PPO with TLCR rewards (the reward model loaded too), eval (RED, TLCR and reward-model scores
