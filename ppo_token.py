@@ -48,7 +48,6 @@ import json
 import time
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -678,8 +677,7 @@ def parse_args(argv=None):
     system.add_argument("--stop-after", type=int, default=None,
                         help="checkpoint and stop after this many iterations (as if interrupted); "
                              "run again to resume")
-    checkpoint.add_resume_args(system)
-    checkpoint.add_report_args(system)
+    plumbing.add_run_args(system)
     args = parser.parse_args(argv)
     lora.check_lora_args(parser, args)
     if args.offload_frozen and args.fsdp:
@@ -706,7 +704,8 @@ def parse_args(argv=None):
 def main(argv=None, reward_fn=None):
     """Train. `reward_fn` (optional) replaces the --reward source, e.g. a toy reward in tests."""
     args = parse_args(argv)
-    dist_info = distributed.setup_distributed(args.device, args.fsdp)
+    run = plumbing.start_run(args)  # torchrun or one process, seeds, a killed save's temp removed
+    dist_info, out = run.dist_info, run.out
     device, master, rank = dist_info.device, dist_info.master, dist_info.rank
     for name in ("rollout_batch_size", "minibatch_size"):
         if getattr(args, name) % dist_info.world_size:
@@ -714,10 +713,6 @@ def main(argv=None, reward_fn=None):
                                     f"divisible by the {dist_info.world_size} processes")
     rollout_per_rank = args.rollout_batch_size // dist_info.world_size
     minibatch_per_rank = args.minibatch_size // dist_info.world_size
-    out = Path(args.out)
-    if master:
-        checkpoint.clean_stale_temp(out)
-    plumbing.seed_everything(args.seed)
 
     tokenizer = hf_models.load_tokenizer(args.policy, args.trust_remote_code, what="--policy")
     if reward_fn is None:
@@ -731,12 +726,9 @@ def main(argv=None, reward_fn=None):
         raise common.InputError(f"--max-prompt-len + --max-new-tokens exceeds the model's "
                                 f"{n_positions} positions")
 
-    # constant learning rates: a longer run may resume
-    run_config = checkpoint.run_config(args, ignore=("iterations",))
-    trained = {"policy": models.policy, "critic": models.critic}
-    optimizers = {"policy": models.policy_optimizer, "critic": models.critic_optimizer}
-    start_step, logger = checkpoint.resume(out, trained, optimizers, None, run_config, args,
-                                           dist_info)
+    start_step = run.resume({"policy": models.policy, "critic": models.critic},
+                            {"policy": models.policy_optimizer, "critic": models.critic_optimizer},
+                            ignore=("iterations",))  # constant learning rates: a run may grow
     if master:
         out.mkdir(parents=True, exist_ok=True)
         checkpoint.atomic_write(out / "args.json", json.dumps(vars(args), indent=2))
@@ -768,21 +760,19 @@ def main(argv=None, reward_fn=None):
         tokens = stats.pop("tokens") * dist_info.world_size
         record = {"step": step + 1, **stats, "elapsed_s": round(time.perf_counter() - start, 2),
                   "tokens_per_s": tokens / (time.perf_counter() - t0)}
-        logger.log(record)
+        run.logger.log(record)
         bar.set_postfix_str(f"task {record['task_reward']:.3f} kl {record['kl']:.3f} "
                             f"len {record['response_length']:.1f} eos {record['eos_fraction']:.2f} "
                             f"vf {record['value_loss']:.3f} ev {record['explained_variance']:.2f}")
-        # checkpoint
-        if (step + 1) % args.save_every == 0 or step + 1 in (args.iterations, args.stop_after):
-            checkpoint.save_checkpoint(out, step + 1, trained, optimizers, None, run_config)
-        if step + 1 == args.stop_after and step + 1 < args.iterations:
+        # checkpoint: every --save-every iterations, at --stop-after (then stop) and at the end
+        run.save_if_due(step + 1, last_step=args.iterations)
+        if run.stop_here(step + 1, args.iterations):
             bar.close()
-            distributed.cleanup_distributed(dist_info)
             return None
     hf_models.save_policy(models.policy, tokenizer, out / "policy")  # gathered (FSDP), LoRA merged
     if master:
         print(f"ppo_token: done, policy saved to {out / 'policy'}")
-    distributed.cleanup_distributed(dist_info)
+    run.finish()
 
 
 if __name__ == "__main__":

@@ -247,14 +247,3 @@ def start_run(args) -> Run:
     if dist_info.master:
         checkpoint.clean_stale_temp(out)
     return Run(args, dist_info, out)
-
-
-# --- TEMPORARY (issue 22): plumbing.NAME for files not yet converted to plumbing.<part>.NAME -----
-# (ppo_token.py). Looked up at each access, so a test that patches hf_models.X reaches them too.
-# Delete this block once /work/notes/plumbing_rename.py has converted them.
-def __getattr__(name):
-    for part in (hf_models, distributed, amp, checkpoint, chat):
-        if name in vars(part):
-            return vars(part)[name]
-    raise AttributeError(f"module 'plumbing' has no attribute {name!r}")
-# --- end TEMPORARY ------------------------------------------------------------------------------
