@@ -10,7 +10,7 @@
                model, critic)
 
 The machinery no reader needs to study (loading models, torchrun, checkpoints, logs, HTTP) is in
-plumbing.py; the algorithms are written out in the stage files.
+plumbing/; the algorithms are written out in the stage files.
 """
 from __future__ import annotations
 

@@ -50,6 +50,7 @@ from tqdm import tqdm
 import common
 import lora
 import plumbing
+from plumbing import amp, checkpoint, distributed, hf_models
 
 REWARD_MODES = ("continuous", "fixed", "no_negative", "no_positive")
 PAPER_ACCURACY = 0.814  # TLCR, Llama-2-7B discriminator, held-out positive/negative tokens
@@ -91,8 +92,7 @@ def parse_args(argv=None):
     out.add_argument("--save-every", type=int, default=200, help="write a resumable checkpoint every N steps")
     out.add_argument("--stop-after", type=int, default=None,
                      help="checkpoint and stop after this many steps (as if interrupted); run again to resume")
-    plumbing.add_resume_args(out)
-    plumbing.add_report_args(out)
+    plumbing.add_run_args(out)  # --no-resume, --force-resume, --report-to
     lora.add_lora_args(train)
     plumbing.add_system_args(train)
 
@@ -135,7 +135,7 @@ def add_scoring_args(parser):
     group.add_argument("--max-prompt-len", type=int, default=None, help="prompt tokens kept (default: as in training)")
     group.add_argument("--max-response-len", type=int, default=None, help="response tokens kept (default: as in training)")
     group.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    plumbing.add_precision_args(group)
+    amp.add_precision_args(group)
     group.add_argument("--trust-remote-code", action="store_true",
                        help="allow model repos that ship their own Python code (off by default)")
     return group
@@ -148,7 +148,7 @@ def load_labels(path, tokenizer=None) -> list[dict]:
     """Read label.py's JSONL; every record is checked, and a bad one raises naming file and line. With
     `tokenizer`, the file must have been made with it (label.py records the tokenizer's fingerprint):
     token ids from another tokenizer would train the discriminator on meaningless labels."""
-    fingerprint = plumbing.tokenizer_fingerprint(tokenizer) if tokenizer is not None else None
+    fingerprint = hf_models.tokenizer_fingerprint(tokenizer) if tokenizer is not None else None
     records = []
     for where, record in common.read_rows(path):
         if not isinstance(record, dict):
@@ -275,9 +275,9 @@ def token_rewards(discriminator, query_response, attention_mask, response_mask, 
 
 def load_discriminator(path, device="cpu", dtype=torch.float32, trust_remote_code=False):
     """A trained discriminator in eval mode with dropout off, ready for token_rewards (stored in `dtype`,
-    computing like an fp32 model: plumbing.compute_in_fp32)."""
-    model = plumbing.load_score_model(path, dtype=dtype, trust_remote_code=trust_remote_code, what="--discriminator")
-    return plumbing.compute_in_fp32(plumbing.disable_dropout(model).eval().to(device))
+    computing like an fp32 model: amp.compute_in_fp32)."""
+    model = hf_models.load_score_model(path, dtype=dtype, trust_remote_code=trust_remote_code, what="--discriminator")
+    return amp.compute_in_fp32(hf_models.disable_dropout(model).eval().to(device))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -295,22 +295,22 @@ def train_step(model, optimizer, scheduler, batch, args, dist_info, pad_id) -> d
     normaliser = sum(len(r) for _, r, _ in batch) / dist_info.world_size  # labelled response tokens
     model.train()
     sums = torch.zeros(3, dtype=torch.float64)  # summed BCE, right decisions, decided (±1) tokens
-    micro_batches = plumbing.micro_batches(rank_examples, args.micro_batch_size)
+    micro_batches = distributed.micro_batches(rank_examples, args.micro_batch_size)
     for k, examples in enumerate(micro_batches):
         query_response, attention_mask, response_mask, labels = (t.to(dist_info.device) for t in collate(examples, pad_id))
-        with plumbing.accumulate(model, last=k == len(micro_batches) - 1):
-            with plumbing.autocast(dist_info.device, args.precision):
+        with distributed.accumulate(model, last=k == len(micro_batches) - 1):
+            with amp.autocast(dist_info.device, args.precision):
                 logits = model(query_response, attention_mask)  # [B, T]
             loss, bce_sum = discriminator_loss(logits, labels, response_mask, normaliser)  # eq. 6
             loss.backward()
         decided = response_mask.bool() & (labels != 0)
         sums += torch.tensor([bce_sum.item(), ((logits > 0) == (labels > 0))[decided].sum().item(),
                               decided.sum().item()], dtype=torch.float64)
-    grad_norm = plumbing.clip_grad_norm(model, args.max_grad_norm)
+    grad_norm = distributed.clip_grad_norm(model, args.max_grad_norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    sums = plumbing.all_reduce_sum(sums, dist_info)
+    sums = distributed.all_reduce_sum(sums, dist_info)
     tokens = normaliser * dist_info.world_size
     return {"loss": sums[0].item() / tokens, "batch_accuracy": sums[1].item() / max(sums[2].item(), 1),
             "grad_norm": grad_norm}
@@ -321,14 +321,14 @@ def evaluate_accuracy(model, examples, batch_size, dist_info, precision="auto", 
     """Token-level accuracy on held-out labels: a positive token is right if D > 0.5, a negative one
     if D < 0.5 (the paper's 81.4% figure); neutral tokens have no right answer, we report their mean D.
     Each rank scores its share of the sequences; the counts are summed over ranks."""
-    model = plumbing.unwrap(model)
+    model = distributed.unwrap(model)
     was_training = model.training
     model.eval()
     # counts: positive n / right / ΣD, negative n / right / ΣD, neutral n / ΣD
     sums = torch.zeros(8, dtype=torch.float64)
-    for chunk, weight in plumbing.rank_batches(examples, batch_size, dist_info):
+    for chunk, weight in distributed.rank_batches(examples, batch_size, dist_info):
         query_response, attention_mask, response_mask, labels = (t.to(dist_info.device) for t in collate(chunk, pad_id))
-        with plumbing.autocast(dist_info.device, precision):
+        with amp.autocast(dist_info.device, precision):
             probs = torch.sigmoid(model(query_response, attention_mask).float())  # D at every position, [B, T]
         in_response = response_mask.bool()
         pos, neg, neu = in_response & (labels > 0), in_response & (labels < 0), in_response & (labels == 0)
@@ -336,7 +336,7 @@ def evaluate_accuracy(model, examples, batch_size, dist_info, precision="auto", 
                   probs[neg].sum(), neu.sum(), probs[neu].sum()]
         sums += weight * torch.tensor([c.item() for c in counts], dtype=torch.float64)
     model.train(was_training)
-    n_pos, right_pos, d_pos, n_neg, right_neg, d_neg, n_neu, d_neu = plumbing.all_reduce_sum(sums, dist_info).tolist()
+    n_pos, right_pos, d_pos, n_neg, right_neg, d_neg, n_neu, d_neu = distributed.all_reduce_sum(sums, dist_info).tolist()
     return {"accuracy": (right_pos + right_neg) / max(n_pos + n_neg, 1),
             "positive_accuracy": right_pos / max(n_pos, 1), "negative_accuracy": right_neg / max(n_neg, 1),
             "n_positive": int(n_pos), "n_negative": int(n_neg), "n_neutral": int(n_neu),
@@ -350,7 +350,7 @@ def log_fields(metrics: dict) -> dict:
 
 
 def report_accuracy(metrics: dict, path: Path):
-    plumbing.atomic_write(path, json.dumps(metrics, indent=2) + "\n")
+    checkpoint.atomic_write(path, json.dumps(metrics, indent=2) + "\n")
     print(f"token accuracy {metrics['accuracy']:.3f} (positive {metrics['positive_accuracy']:.3f} of "
           f"{metrics['n_positive']}, negative {metrics['negative_accuracy']:.3f} of {metrics['n_negative']}); "
           f"mean D on {metrics['n_neutral']} neutral tokens {metrics['mean_d_neutral']:.3f}; "
@@ -370,19 +370,16 @@ def heldout_examples_of(records, tokenizer, info: dict, split: str = "heldout"):
 # 5. the commands
 # ----------------------------------------------------------------------------------------------
 def train(args):
-    dist_info = plumbing.setup_distributed(args.device, args.fsdp)
-    plumbing.seed_everything(args.seed)
-    out = Path(args.out)
-    if dist_info.master:
-        plumbing.clean_stale_temp(out)
-    tokenizer = plumbing.load_tokenizer(args.sft, trust_remote_code=args.trust_remote_code, what="--sft")
+    run = plumbing.start_run(args)  # torchrun, --seed, a killed save's temp folders in --out
+    dist_info, out = run.dist_info, run.out
+    tokenizer = hf_models.load_tokenizer(args.sft, trust_remote_code=args.trust_remote_code, what="--sft")
     records = load_labels(args.labels, tokenizer)  # before the model: a bad file stops the run at once
     # dropout stays on while the discriminator learns (per-token targets, no pair to keep consistent: it is plain
     # regularisation, as in SFT); load_discriminator turns it off, so the rewards PPO reads are deterministic
-    model = plumbing.new_score_model(args.sft, bias=True, dtype=plumbing.base_dtype(args, dist_info.device),
-                                     trust_remote_code=args.trust_remote_code, what="--sft", meta=dist_info.meta)
+    model = hf_models.new_score_model(args.sft, bias=True, dtype=amp.base_dtype(args, dist_info.device),
+                                      trust_remote_code=args.trust_remote_code, what="--sft", meta=dist_info.meta)
     lora.add_lora_from_args(model.backbone, args)  # --lora-rank 0: nothing; else the head stays trainable
-    save_note = plumbing.score_save_note(model.config, "token")  # said before training, not after
+    save_note = hf_models.score_save_note(model.config, "token")  # said before training, not after
     if dist_info.master and save_note:
         print(f"discriminator: note: {save_note}")
     max_positions = getattr(model.config, "max_position_embeddings", None)
@@ -396,25 +393,21 @@ def train(args):
     if not train_examples:
         raise common.DataError(f"{args.labels}: no non-empty response to train on")
     if args.gradient_checkpointing:
-        plumbing.enable_gradient_checkpointing(model)
-    model = plumbing.wrap_model(model, dist_info, args.precision)  # DDP, or sharded with --fsdp
+        hf_models.enable_gradient_checkpointing(model)
+    model = distributed.wrap_model(model, dist_info, args.precision)  # DDP, or sharded with --fsdp
 
     batch_size = min(args.batch_size, len(train_examples))
-    plumbing.check_batch_size(batch_size, dist_info)
+    distributed.check_batch_size(batch_size, dist_info)
     total_steps = plumbing.total_steps_of(len(train_examples), batch_size, args.epochs, args.max_steps)
     optimizer = plumbing.adamw(model, args.lr, args.weight_decay)
     scheduler = plumbing.cosine_schedule(optimizer, total_steps)
-    run_config = plumbing.run_config(args, total_steps=total_steps)
-    step, logger = plumbing.resume(out, {"model": model}, {"model": optimizer}, {"model": scheduler}, run_config,
-                                   args, dist_info)
+    step = run.resume({"model": model}, {"model": optimizer}, {"model": scheduler},
+                      total_steps=total_steps)  # 0, or where the newest checkpoint stopped
     pad_id = tokenizer.pad_token_id
     if dist_info.master:
         print(f"discriminator: {len(train_records)} pairs ({len(train_examples)} sequences) to train on, "
               f"{len(heldout_records)} held out; {total_steps} steps of {batch_size} sequences"
               f"{f', resuming at step {step}' if step else ''}")
-
-    def checkpoint():  # every rank (under FSDP each writes its shards)
-        plumbing.save_checkpoint(out, step, {"model": model}, {"model": optimizer}, {"model": scheduler}, run_config)
 
     steps_per_epoch = max(1, len(train_examples) // batch_size)
     bar = tqdm(total=total_steps, initial=step, desc="discriminator", disable=not dist_info.master)
@@ -429,47 +422,45 @@ def train(args):
             accuracy = evaluate_accuracy(model, heldout_examples, args.eval_batch_size, dist_info, args.precision, pad_id)
             record.update(log_fields(accuracy))
         if step % args.log_every == 0 or step == total_steps or "eval_accuracy" in record:
-            logger.log(record)
+            run.logger.log(record)
         bar.update(1)
         bar.set_postfix(loss=round(record["loss"], 4), acc=round(record["batch_accuracy"], 3))
-        if step % args.save_every == 0 or step == args.stop_after:
-            checkpoint()
-        if step == args.stop_after and step < total_steps:
+        run.save_if_due(step)  # every --save-every steps, and at --stop-after
+        if run.stop_here(step, total_steps):  # --stop-after: stop as if killed, resume later
             bar.close()
-            plumbing.cleanup_distributed(dist_info)
             return None
     bar.close()
     info = {"role": "tlcr_discriminator", "sft": str(args.sft), "labels": str(args.labels),
             "split_seed": args.split_seed, "eval_fraction": args.eval_fraction,
             "max_prompt_len": args.max_prompt_len, "max_response_len": args.max_response_len, "steps": step}
-    checkpoint()
-    plumbing.save_score_model(model, tokenizer, out, kind="token", extra=info)  # every rank; keeps log.jsonl, checkpoint/
+    run.save(step)
+    hf_models.save_score_model(model, tokenizer, out, kind="token", extra=info)  # every rank; keeps log.jsonl, checkpoint/
     metrics = None
     if heldout_examples:
         metrics = evaluate_accuracy(model, heldout_examples, args.eval_batch_size, dist_info, args.precision, pad_id)
         metrics.update(labels=str(args.labels), n_pairs=len(heldout_records), split="heldout")
         if dist_info.master:
             report_accuracy(metrics, out / "accuracy.json")
-            logger.log({"step": step, **log_fields(metrics)})
+            run.logger.log({"step": step, **log_fields(metrics)})
     elif dist_info.master:
         print("no held-out pairs (--eval-fraction 0 or a single pair): accuracy not measured")
     if dist_info.master:
         print(f"discriminator saved to {out}")
-    plumbing.cleanup_distributed(dist_info)
+    run.finish()
     return metrics
 
 
 def evaluate(args):
-    device = plumbing.setup_distributed(args.device).device
-    info = plumbing.read_run_info(args.discriminator)
+    device = distributed.setup_distributed(args.device).device
+    info = hf_models.read_run_info(args.discriminator)
     info.update({k: v for k in ("max_prompt_len", "max_response_len") if (v := getattr(args, k)) is not None})
-    tokenizer = plumbing.load_tokenizer(args.discriminator, what="--discriminator")
-    model = load_discriminator(args.discriminator, device, plumbing.frozen_dtype(args, device), args.trust_remote_code)
+    tokenizer = hf_models.load_tokenizer(args.discriminator, what="--discriminator")
+    model = load_discriminator(args.discriminator, device, amp.frozen_dtype(args, device), args.trust_remote_code)
     records = load_labels(args.labels, tokenizer)
     examples, n_pairs = heldout_examples_of(records, tokenizer, info, args.split)
     if not examples:
         raise common.InputError(f"{args.labels}: no held-out pairs; use --split all")
-    metrics = evaluate_accuracy(model, examples, args.eval_batch_size, plumbing.DistInfo(device=device), args.precision,
+    metrics = evaluate_accuracy(model, examples, args.eval_batch_size, distributed.DistInfo(device=device), args.precision,
                                 tokenizer.pad_token_id)
     metrics.update(labels=str(args.labels), n_pairs=n_pairs, split=args.split)
     report_accuracy(metrics, Path(args.out) if args.out else Path(args.discriminator) / "accuracy.json")
@@ -478,11 +469,11 @@ def evaluate(args):
 
 def show(args):
     """Print each response token with D and its reward (and its label when shown from a labels file)."""
-    device = plumbing.setup_distributed(args.device).device
-    info = plumbing.read_run_info(args.discriminator)
+    device = distributed.setup_distributed(args.device).device
+    info = hf_models.read_run_info(args.discriminator)
     max_prompt_len = args.max_prompt_len or info.get("max_prompt_len", 256)
-    tokenizer = plumbing.load_tokenizer(args.discriminator, what="--discriminator")
-    model = load_discriminator(args.discriminator, device, plumbing.frozen_dtype(args, device), args.trust_remote_code)
+    tokenizer = hf_models.load_tokenizer(args.discriminator, what="--discriminator")
+    model = load_discriminator(args.discriminator, device, amp.frozen_dtype(args, device), args.trust_remote_code)
     if args.labels is not None:
         records = load_labels(args.labels, tokenizer)
         if not 0 <= args.index < len(records):
@@ -501,7 +492,7 @@ def show(args):
             continue
         batch = collate([(prompt_ids, response_ids, [0] * len(response_ids))], tokenizer.pad_token_id)
         inputs = [t.to(device) for t in batch[:3]]  # query_response, attention_mask, response_mask
-        with plumbing.autocast(device, args.precision):
+        with amp.autocast(device, args.precision):
             probs = token_probs(model, *inputs)  # [1, T_resp]
         rewards = rewards_from_probs(probs, torch.ones_like(probs), args.mode)[0]  # [T_resp]
         probs = probs[0]

@@ -68,6 +68,7 @@ import common
 import discriminator
 import gold
 import plumbing
+from plumbing import amp, chat, checkpoint, distributed, hf_models
 import ppo_token
 import redistribute
 import report
@@ -110,7 +111,7 @@ def parse_args(argv=None):
     gen.add_argument("--timeout", type=float, default=60.0,
                      help="openai judge: seconds for a whole request (connect, headers and the full answer)")
     gen.add_argument("--max-retries", type=int, default=5, help="openai judge: retries on 429/5xx/timeouts/bad answers")
-    gen.add_argument("--retry-after-cap", type=float, default=plumbing.RETRY_AFTER_CAP,
+    gen.add_argument("--retry-after-cap", type=float, default=chat.RETRY_AFTER_CAP,
                      help="openai judge: longest wait a server's Retry-After may ask for, seconds")
     gen.add_argument("--retry-failed", action="store_true",
                      help="openai judge: on a rerun, ask again for the verdicts whose answer came "
@@ -120,7 +121,7 @@ def parse_args(argv=None):
     out = parser.add_argument_group("output")
     out.add_argument("--out", default="runs/demo/eval", help="output folder")
     out.add_argument("--show-prompts", type=int, default=4, help="prompts whose responses the report shades token by token")
-    plumbing.add_report_args(out)
+    checkpoint.add_report_args(out)
     plumbing.add_system_args(parser)
     args = parser.parse_args(argv)
     args.policies = parse_named(parser, args.policies, "--policies")
@@ -231,10 +232,10 @@ def discriminator_accuracy(disc_model, tokenizer, disc_dir, labels_path, split, 
     """Token accuracy on positive/negative labels, measured by discriminator.py's own function on the
     pairs its training held out (split "heldout", same seed and fraction) or on every pair ("all")."""
     records = discriminator.load_labels(labels_path, tokenizer)
-    examples, _ = discriminator.heldout_examples_of(records, tokenizer, plumbing.read_run_info(disc_dir), split)
+    examples, _ = discriminator.heldout_examples_of(records, tokenizer, hf_models.read_run_info(disc_dir), split)
     if not examples:
         raise common.InputError(f"{labels_path}: no held-out pairs; use --labels-split all")
-    return discriminator.evaluate_accuracy(disc_model, examples, batch_size, plumbing.DistInfo(device=device), precision,
+    return discriminator.evaluate_accuracy(disc_model, examples, batch_size, distributed.DistInfo(device=device), precision,
                                            tokenizer.pad_token_id)
 
 
@@ -314,7 +315,7 @@ def heldout_credit(rows, tokenizer, reward_model, disc_model, batch_size, device
         batch = common.collate_right([(prompt, response) for _, prompt, response in chunk],
                                      tokenizer.pad_token_id)
         query_response, attention_mask, response_mask = (t.to(device) for t in batch)  # [B, T] each
-        with plumbing.autocast(device, precision):
+        with amp.autocast(device, precision):
             rewards = source_token_rewards(reward_model, disc_model, query_response, attention_mask,
                                            response_mask)
         for row, (_, _, response) in enumerate(chunk):
@@ -372,12 +373,12 @@ def reward_model_win_rate(scores, baseline_scores):
     return aggregate_win_rate(pair)
 
 
-JudgeError = plumbing.ChatFatal  # bad key, unknown model, bad URL: retrying will not fix it
+JudgeError = chat.ChatFatal  # bad key, unknown model, bad URL: retrying will not fix it
 
 
 @dataclass
 class OpenAIJudge:
-    """An OpenAI-compatible chat endpoint (plumbing.ChatClient: retries, whole-request timeout, the
+    """An OpenAI-compatible chat endpoint (chat.ChatClient: retries, whole-request timeout, the
     key scrubbed from every error) and its verdict cache (OUT/judge_cache.jsonl, append-only)."""
 
     api_base: str
@@ -388,17 +389,17 @@ class OpenAIJudge:
     max_retries: int = 5
     backoff: float = 1.0  # seconds, doubled each retry, with jitter
     max_wait: float = 60.0  # the longest backoff
-    retry_after_cap: float = plumbing.RETRY_AFTER_CAP
+    retry_after_cap: float = chat.RETRY_AFTER_CAP
     concurrency: int = 4
     key_env: str = "OPENAI_API_KEY"
     retry_failed: bool = False  # ask again for verdicts whose answer came back unusable before
 
     def __post_init__(self):
-        self.client = plumbing.ChatClient(self.api_base, self.api_model, self.api_key or "", key_env=self.key_env,
+        self.client = chat.ChatClient(self.api_base, self.api_model, self.api_key or "", key_env=self.key_env,
                                             timeout=self.timeout, max_retries=self.max_retries,
                                             backoff_base=self.backoff, backoff_cap=self.max_wait,
                                             retry_after_cap=self.retry_after_cap)
-        self.cache = None if self.cache_path is None else plumbing.JsonlCache(
+        self.cache = None if self.cache_path is None else chat.JsonlCache(
             self.cache_path, valid=lambda record: record.get("verdict") in POINTS_AS_A)
         self.failures = []  # the error of every failed verdict of this run (cached or new)
 
@@ -420,7 +421,7 @@ def judge_verdict(judge, prompt, first, second):
     if judge.cache is not None and key in judge.cache:
         return judge.cache.get(key)["verdict"]
     failed = judge.cache.refused.get(key) if judge.cache is not None else None
-    if failed and not judge.retry_failed and not plumbing.transient_error(failed.get("error", "")):
+    if failed and not judge.retry_failed and not chat.transient_error(failed.get("error", "")):
         judge.failures.append(failed["error"])  # unusable at temperature 0: not paid for twice
         return None
     reply = judge.client.complete(judge_messages(prompt, first, second), parse=parse_verdict,
@@ -454,7 +455,7 @@ def openai_win_rate(judge, prompts, responses, baseline_responses, desc="judge")
 
 def main(argv=None):
     args = parse_args(argv)
-    dist_info = plumbing.setup_distributed(args.device)
+    dist_info = distributed.setup_distributed(args.device)
     if dist_info.enabled:
         raise common.InputError("eval.py runs in one process: start it with python, not torchrun")
     device, out = dist_info.device, Path(args.out)
@@ -463,36 +464,36 @@ def main(argv=None):
     if args.judge == "openai":  # one test request now: a bad key, model or URL fails before any generation
         try:
             judge = OpenAIJudge(args.api_base, args.api_model, out / "judge_cache.jsonl",
-                                api_key=plumbing.api_key_from_env(args.api_key_env, args.api_base),
+                                api_key=chat.api_key_from_env(args.api_key_env, args.api_base),
                                 timeout=args.timeout, max_retries=args.max_retries,
                                 retry_after_cap=args.retry_after_cap, concurrency=args.concurrency,
                                 key_env=args.api_key_env, retry_failed=args.retry_failed)
             judge.client.check()
-        except plumbing.ChatFatal as e:
+        except chat.ChatFatal as e:
             raise common.InputError(f"--judge openai: {e}") from None  # one line, exit code 2
 
     # 1. prompts and the frozen models (every tokenizer checked against the reference's first)
     pairs = select_pairs(args)
-    tokenizer = plumbing.load_tokenizer(args.reference, trust_remote_code=args.trust_remote_code, what="--reference")
+    tokenizer = hf_models.load_tokenizer(args.reference, trust_remote_code=args.trust_remote_code, what="--reference")
     for option, path in [("--reward-model", args.reward_model), ("--discriminator", args.discriminator),
                          *((f"--policies {name}", p) for name, p in args.policies.items())]:
-        plumbing.check_same_tokenizer(tokenizer, plumbing.load_tokenizer(path, args.trust_remote_code, what=option),
-                                      f"{option} {path}")
+        hf_models.check_same_tokenizer(tokenizer, hf_models.load_tokenizer(path, args.trust_remote_code, what=option),
+                                       f"{option} {path}")
     prompts = [pair.prompt for pair in pairs]
     encoded = [common.encode_prompt(tokenizer, common.prompt_text(tokenizer, p.prompt, p.messages, args.chat_template),
                                     args.max_prompt_len) for p in pairs]
     eos_ids = None
 
-    def frozen(model):  # in --frozen-dtype, computing like the trained models (plumbing.prepare_frozen)
-        model = plumbing.cast_frozen(model, plumbing.frozen_dtype(args, device))
-        return plumbing.prepare_frozen(model, plumbing.DistInfo(device=device), precision=args.precision)
+    def frozen(model):  # in --frozen-dtype, computing like the trained models (distributed.prepare_frozen)
+        model = amp.cast_frozen(model, amp.frozen_dtype(args, device))
+        return distributed.prepare_frozen(model, distributed.DistInfo(device=device), precision=args.precision)
 
-    reference = frozen(plumbing.load_policy(args.reference, trust_remote_code=args.trust_remote_code, what="--reference"))
+    reference = frozen(hf_models.load_policy(args.reference, trust_remote_code=args.trust_remote_code, what="--reference"))
     eos_ids = common.eos_token_ids(tokenizer, reference)
-    reward_model = frozen(plumbing.load_score_model(args.reward_model, trust_remote_code=args.trust_remote_code,
-                                                    what="--reward-model"))
-    disc_model = frozen(plumbing.load_score_model(args.discriminator, trust_remote_code=args.trust_remote_code,
-                                                  what="--discriminator"))
+    reward_model = frozen(hf_models.load_score_model(args.reward_model, trust_remote_code=args.trust_remote_code,
+                                                     what="--reward-model"))
+    disc_model = frozen(hf_models.load_score_model(args.discriminator, trust_remote_code=args.trust_remote_code,
+                                                   what="--discriminator"))
 
     # 2. the true token credit of every reward source on held-out replies (--gold)
     credit = None
@@ -511,14 +512,14 @@ def main(argv=None):
     generated, metrics, shaded = {}, {}, {}
     for name, path in args.policies.items():
         policy = reference if Path(path).resolve() == Path(args.reference).resolve() else \
-            frozen(plumbing.load_policy(path, trust_remote_code=args.trust_remote_code, what=f"--policies {name}"))
+            frozen(hf_models.load_policy(path, trust_remote_code=args.trust_remote_code, what=f"--policies {name}"))
         torch.manual_seed(args.seed)  # the same sampling noise for every policy
         batches, texts, eos_flags, shaded[name] = [], [], [], []
         replies, source_rewards = [], {source: [] for source in CREDIT_SOURCES}  # --gold: credit
         for start in tqdm(range(0, len(prompts), args.eval_batch_size), desc=f"eval {name}"):
             prompt_ids, prompt_mask = common.pad_left(encoded[start:start + args.eval_batch_size], tokenizer.pad_token_id)
             prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-            with plumbing.autocast(device, args.precision):
+            with amp.autocast(device, args.precision):
                 query_response, attention_mask, response_mask = generate_responses(
                     policy, prompt_ids, prompt_mask, args.max_new_tokens, eos_ids, tokenizer.pad_token_id,
                     args.top_p, args.temperature)
@@ -555,7 +556,7 @@ def main(argv=None):
                 torch.cuda.empty_cache()
         print(f"{name}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics[name].items()))
     # every response on disk before any judge is paid (a judge failure loses no generation)
-    plumbing.atomic_write(out / "responses.jsonl", "".join(
+    checkpoint.atomic_write(out / "responses.jsonl", "".join(
         json.dumps({"prompt_index": i, "policy": name, "prompt": prompts[i], "response": g["texts"][i],
                     "rm_score": g["rm_scores"][i], "ended_at_eos": g["eos"][i],
                     **({"gold_score": g["gold"][i]} if "gold" in g else {})}) + "\n"
@@ -577,7 +578,7 @@ def main(argv=None):
                                         f"{out / 'responses.jsonl'}") from None
 
     if judge is not None and judge.failures:
-        print(plumbing.rerun_note(plumbing.failure_counts(judge.failures), what="verdicts"))
+        print(chat.rerun_note(chat.failure_counts(judge.failures), what="verdicts"))
 
     # 5. discriminator accuracy, results, report
     accuracy = None
@@ -591,17 +592,18 @@ def main(argv=None):
                "max_new_tokens": args.max_new_tokens, "top_p": args.top_p, "temperature": args.temperature,
                "policies": metrics, "discriminator_accuracy": accuracy, "credit": credit,
                "judge_calls": judge.calls if judge is not None else 0,
-               "judge_failed": None if judge is None else plumbing.failure_counts(judge.failures)}
+               "judge_failed": None if judge is None else chat.failure_counts(judge.failures)}
     samples = [{"prompt": prompts[k], "responses": {name: shaded[name][k] for name in args.policies}}
                for k in range(min(args.show_prompts, len(prompts)))]
     logs = args.logs if args.logs is not None else report.find_logs(args.policies)
-    plumbing.atomic_write(out / "results.json", json.dumps(results, indent=2))
-    tracker = plumbing.open_tracker(args, out)  # --report-to: each policy's metrics (results.json)
+    checkpoint.atomic_write(out / "results.json", json.dumps(results, indent=2))
+    # --report-to: each policy's metrics (results.json)
+    tracker = checkpoint.open_tracker(args, out)
     if tracker is not None:
         tracker.log({f"{name}/{k}": v for name, m in metrics.items() for k, v in m.items()})
         tracker.close()
-    plumbing.atomic_write(out / "results.md", report.results_markdown(results))
-    plumbing.atomic_write(out / "report.html", report.report_html(results, samples, report.training_curves(logs)))
+    checkpoint.atomic_write(out / "results.md", report.results_markdown(results))
+    checkpoint.atomic_write(out / "report.html", report.report_html(results, samples, report.training_curves(logs)))
     print(report.results_markdown(results))
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'report.html'}")
     return results

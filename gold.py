@@ -78,6 +78,7 @@ from tqdm import tqdm
 
 import common
 import plumbing
+from plumbing import chat, checkpoint, distributed, hf_models
 
 MAX_WORDS = 64  # only the first MAX_WORDS words of a response count (the length convention)
 WORD = re.compile(r"[A-Za-z]+(?:['’][A-Za-z]+)*")  # a word: letters, with apostrophes inside
@@ -442,8 +443,8 @@ def sample(args) -> dict:
                                     args.split_seed, args.limit)
     if not pairs:
         raise common.InputError(f"--data {args.data} --split {args.split}: no prompts to sample")
-    device = plumbing.setup_distributed(args.device).device
-    tokenizer = plumbing.load_tokenizer(args.policy, args.trust_remote_code, what="--policy")
+    device = distributed.setup_distributed(args.device).device
+    tokenizer = hf_models.load_tokenizer(args.policy, args.trust_remote_code, what="--policy")
     settings = [policy_stamp(args.policy), args.samples_per_prompt, args.max_prompt_len,
                 args.max_new_tokens, args.temperature, args.top_p, args.seed, args.chat_template]
 
@@ -452,8 +453,8 @@ def sample(args) -> dict:
 
     # 1. sample: batch b of prompts with seed·1000003 + b, so a resumed run draws what an
     #    uninterrupted one would; every prompt's samples go to the cache as they come
-    cache = plumbing.JsonlCache(cache_path, fresh=not args.resume,
-                                valid=lambda r: len(r.get("samples") or []) == args.samples_per_prompt)
+    cache = chat.JsonlCache(cache_path, fresh=not args.resume,
+                            valid=lambda r: len(r.get("samples") or []) == args.samples_per_prompt)
     batches = [pairs[k:k + args.batch_size] for k in range(0, len(pairs), args.batch_size)]
     todo = [(b, batch) for b, batch in enumerate(batches) if any(key(p) not in cache for p in batch)]
     policy = None
@@ -461,8 +462,8 @@ def sample(args) -> dict:
                      desc="sample", unit="prompt") as bar:
         for b, batch in todo:
             if policy is None:  # loaded only when something is left to sample
-                policy = plumbing.load_policy(args.policy, trust_remote_code=args.trust_remote_code,
-                                              what="--policy").to(device).eval()
+                policy = hf_models.load_policy(args.policy, trust_remote_code=args.trust_remote_code,
+                                               what="--policy").to(device).eval()
             torch.manual_seed(args.seed * 1_000_003 + b)
             replies = sample_replies(policy, tokenizer, batch, args.samples_per_prompt, args)
             for pair, texts in zip(batch, replies):
@@ -486,7 +487,7 @@ def sample(args) -> dict:
     rows = [pair_row(p) for p in data_pairs + sampled]
     if not rows:
         raise common.InputError("no pair to write: every two samples tie (try more --samples-per-prompt)")
-    plumbing.atomic_write(out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    checkpoint.atomic_write(out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     summary = {
         "policy": str(args.policy), "data": str(args.data), "split": args.split,
         "split_seed": args.split_seed, "prompts": len(pairs), "test_prompts_dropped": dropped,
@@ -498,7 +499,7 @@ def sample(args) -> dict:
         "max_prompt_len": args.max_prompt_len, "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
         "elapsed_s": round(time.time() - start, 1)}
-    plumbing.atomic_write(summary_path, json.dumps(summary, indent=2) + "\n")
+    checkpoint.atomic_write(summary_path, json.dumps(summary, indent=2) + "\n")
     print(f"sampled {summary['samples']} replies to {len(pairs)} prompts (mean gold "
           f"{summary['mean_gold']:+.3f}, {summary['negative_samples']} below 0, "
           f"{summary['positive_samples']} above); {len(sampled)} sampled pairs ({ties} ties dropped) "

@@ -57,6 +57,7 @@ from tqdm import tqdm
 import common
 import gold
 import plumbing
+from plumbing import amp, chat, checkpoint, hf_models
 
 DELIMITER = "### REVISED RESPONSE ###"
 DELIMITER_LINE = re.compile(r"^[ \t*_#]*REVISED RESPONSE[ \t*_#:]*$", re.IGNORECASE | re.MULTILINE)
@@ -119,7 +120,7 @@ def parse_args(argv=None):
                              "answer / missing delimiter")
     system.add_argument("--backoff-base", type=float, default=1.0, help="first retry delay, seconds (doubles each retry)")
     system.add_argument("--backoff-cap", type=float, default=60.0, help="longest retry delay, seconds (Retry-After overrides)")
-    system.add_argument("--retry-after-cap", type=float, default=plumbing.RETRY_AFTER_CAP,
+    system.add_argument("--retry-after-cap", type=float, default=chat.RETRY_AFTER_CAP,
                         help="longest wait a server's Retry-After may ask for, seconds (a longer one is cut to this)")
     system.add_argument("--workers", type=int, default=1, help="processes for the alignment")
     system.add_argument("--no-resume", dest="resume", action="store_false",
@@ -217,8 +218,8 @@ def cache_key(kind: str, model: str, pair) -> str:
     return hashlib.sha256(json.dumps([kind, model, pair.prompt, pair.chosen, pair.rejected]).encode()).hexdigest()
 
 
-def revise_openai(pair, args, client: plumbing.ChatClient) -> tuple[str | None, str, str, int]:
-    """One pair through the chat-completions endpoint, with the client's retries (plumbing.ChatClient:
+def revise_openai(pair, args, client: chat.ChatClient) -> tuple[str | None, str, str, int]:
+    """One pair through the chat-completions endpoint, with the client's retries (chat.ChatClient:
     429, 5xx, timeouts, malformed or null answers, and answers without the delimiter are tried
     again; other 4xx fail the pair; 401/403/404 stop the run). Returns (revised or None, answer,
     error, calls); the answer and the error are scrubbed of the key."""
@@ -232,10 +233,10 @@ def revise_openai(pair, args, client: plumbing.ChatClient) -> tuple[str | None, 
 def run_openai(todo, args, on_answer):
     """--concurrency threads send requests; answers are handed to on_answer in this thread.
     One cheap request first: a bad key, model or URL stops the run before the first pair."""
-    client = plumbing.ChatClient(args.api_base, args.api_model,
-                                 plumbing.api_key_from_env(args.api_key_env, args.api_base), key_env=args.api_key_env,
-                                 timeout=args.timeout, max_retries=args.max_retries, backoff_base=args.backoff_base,
-                                 backoff_cap=args.backoff_cap, retry_after_cap=args.retry_after_cap)
+    client = chat.ChatClient(args.api_base, args.api_model,
+                             chat.api_key_from_env(args.api_key_env, args.api_base), key_env=args.api_key_env,
+                             timeout=args.timeout, max_retries=args.max_retries, backoff_base=args.backoff_base,
+                             backoff_cap=args.backoff_cap, retry_after_cap=args.retry_after_cap)
     client.check()
     checked = client.calls
     with cf.ThreadPoolExecutor(max_workers=args.concurrency) as pool:
@@ -288,10 +289,10 @@ def run_hf(todo, args, on_answer):
     if not todo:
         return 0
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    tokenizer = plumbing.load_tokenizer(args.reviser_model, args.trust_remote_code, what="--reviser-model")
-    dtype = torch.bfloat16 if plumbing.use_bf16(args.precision, device) else torch.float32
-    model = plumbing.load_policy(args.reviser_model, dtype=dtype, trust_remote_code=args.trust_remote_code,
-                                 what="--reviser-model").to(device).eval()
+    tokenizer = hf_models.load_tokenizer(args.reviser_model, args.trust_remote_code, what="--reviser-model")
+    dtype = torch.bfloat16 if amp.use_bf16(args.precision, device) else torch.float32
+    model = hf_models.load_policy(args.reviser_model, dtype=dtype, trust_remote_code=args.trust_remote_code,
+                                  what="--reviser-model").to(device).eval()
     context = getattr(model.config, "max_position_embeddings", None) or 10**9
     max_prompt_len = min(args.reviser_max_prompt_len, context - args.reviser_max_new_tokens)
     if max_prompt_len < 1:
@@ -345,14 +346,14 @@ def revise_all(pairs, args, cache_path: Path):
         return {p.id: p.chosen for p in pairs}, {}, {"calls": 0, "cached": 0}
     model = reviser_model(args)
     keys = {p.id: cache_key(args.reviser, model, p) for p in pairs}
-    cache = plumbing.JsonlCache(cache_path, fresh=not args.resume,
-                                valid=lambda record: isinstance(record.get("revised"), str))
+    cache = chat.JsonlCache(cache_path, fresh=not args.resume,
+                            valid=lambda record: isinstance(record.get("revised"), str))
     revisions = {p.id: cache.get(keys[p.id])["revised"] for p in pairs if keys[p.id] in cache}
     failures = {}  # a rerun asks again for transient failures only, unless --retry-failed
     if not args.retry_failed:
         failures = {p.id: cache.refused[keys[p.id]].get("error", "unusable answer") for p in pairs
                     if p.id not in revisions and keys[p.id] in cache.refused
-                    and not plumbing.transient_error(cache.refused[keys[p.id]].get("error", ""))}
+                    and not chat.transient_error(cache.refused[keys[p.id]].get("error", ""))}
     todo = [p for p in pairs if p.id not in revisions and p.id not in failures]
     counts = {"calls": 0, "cached": len(revisions), "failed_before": len(failures)}
     with cache, tqdm(total=len(todo), desc="revise", unit="pair") as bar:
@@ -484,7 +485,7 @@ def label_pairs(pairs, revisions: dict[str, str], tokenizer, layout: str = "sepa
     stats = {"boundary_mismatch": 0, "truncated": 0}
     if not pairs:
         return [], stats
-    fingerprint = plumbing.tokenizer_fingerprint(tokenizer)
+    fingerprint = hf_models.tokenizer_fingerprint(tokenizer)
     templated = [common.uses_chat_template(tokenizer, p.messages, chat_template) for p in pairs]
     prompts = [common.prompt_text(tokenizer, p.prompt, p.messages, chat_template) for p in pairs]
     texts = {"rejected": [common.response_text(tokenizer, p.rejected, p.messages, chat_template) for p in pairs],
@@ -541,7 +542,7 @@ def summarize(args, pairs, records, failures, skipped, notes, counts, stats, ela
         "revised_tokens": {"positive": share(revised, 1), "neutral": share(revised, 0)},
         "mean_distance": round(float(np.mean([r["distance"] for r in records])), 3) if records else 0.0,
         "reviser_calls": counts["calls"], "from_cache": counts["cached"],
-        "failed_kinds": plumbing.failure_counts(failures.values()),
+        "failed_kinds": chat.failure_counts(failures.values()),
         "failed_not_asked_again": counts.get("failed_before", 0),
         "boundary_mismatch": stats["boundary_mismatch"], "truncated": stats["truncated"],
         "elapsed_s": round(elapsed, 1),
@@ -665,7 +666,7 @@ def main(argv=None) -> dict:
     plumbing.seed_everything(args.seed)
     out = Path(args.out)
     cache_path, summary_path = Path(f"{out}.cache.jsonl"), Path(f"{out}.summary.json")
-    tokenizer = plumbing.load_tokenizer(args.tokenizer, args.trust_remote_code, what="--tokenizer")
+    tokenizer = hf_models.load_tokenizer(args.tokenizer, args.trust_remote_code, what="--tokenizer")
     pairs, skipped, notes = select_pairs(args)
 
     # 1. revise (cached, resumable; a ChatFatal, e.g. a bad key, stops here with one line, scrubbed)
@@ -679,15 +680,15 @@ def main(argv=None) -> dict:
               "the labels follow the response's own ids, as common.encode_response feeds it "
               "(--layout joint maps them onto the joint tokenisation)", file=sys.stderr)
     # 3. write atomically
-    plumbing.atomic_write(out, "".join(json.dumps(r) + "\n" for r in records))
+    checkpoint.atomic_write(out, "".join(json.dumps(r) + "\n" for r in records))
     summary = summarize(args, pairs, records, failures, skipped, notes, counts, stats, time.time() - start)
-    plumbing.atomic_write(summary_path, json.dumps(summary, indent=2) + "\n")
+    checkpoint.atomic_write(summary_path, json.dumps(summary, indent=2) + "\n")
     t = summary["tokens"]
     print(f"labelled {summary['done']}/{summary['pairs']} pairs ({summary['failed']} failed) -> {out}; "
           f"tokens positive {t['positive']:.1%}, negative {t['negative']:.1%}, neutral {t['neutral']:.1%}; "
           f"mean distance {summary['mean_distance']:.1f}; reviser calls {summary['reviser_calls']}")
     if failures:
-        print(plumbing.rerun_note(summary["failed_kinds"]) +
+        print(chat.rerun_note(summary["failed_kinds"]) +
               (f" ({summary['failed_not_asked_again']} failed before, kept from the cache)"
                if summary["failed_not_asked_again"] else ""))
     if not records:

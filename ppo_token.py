@@ -2,60 +2,43 @@
 
 For each prompt the policy samples a response; a reward source scores it token by token; the
 per-token reward r_j = task_j − β·KL_j feeds generalised advantage estimation (GAE), and PPO's
-clipped objective updates the policy and a value model (the critic). `--reward` picks the task reward:
+clipped objective updates the policy and a value model (the critic). `--reward` picks the task
+reward:
 
     seq               Bradley–Terry reward model R_φ(x, y), all of it on the last response token
                       (sequence-level PPO, the baseline of both papers)
-    red               RED eq. 6/7: r̂_j = β_c·(R_φ(x, y≤j) − R_φ(x, y≤j−1)) + (1 − β_c)·R_φ(x, y)·[j = T]
-                      (redistribute.py)
+    red               RED eq. 6/7: r̂_j = β_c·(R_φ(x, y≤j) − R_φ(x, y≤j−1))
+                                        + (1 − β_c)·R_φ(x, y)·[j = T]   (redistribute.py)
     tlcr              TLCR eq. 7: r_j = 2·D(a_j | x, a_<j) − 1 from the token discriminator D
     tlcr_fixed        +1 if D > 0.6, −1 if D < 0.4, else 0 (TLCR ablation)
     tlcr_no_negative  max(r_j, 0);  tlcr_no_positive: min(r_j, 0) (TLCR ablations, Figure 7)
 
-Who gets what (pinned down in tests/test_ppo_token.py). query_response = [left-padded prompt, P
-columns | response, R columns], so response token a_j sits at column P + j. Action j samples a_j:
-    log π(a_j | x, a_<j)    read from the policy logits at column P + j − 1 (divided by temperature)
-    V(s_j), s_j = (x, a_<j) read from the critic at column P + j − 1 (the state before a_j)
-    task reward of a_j      read at a_j's own column P + j (common.gather_response), given to action j
-    KL_j = log π_θ(a_j) − log π_ref(a_j)   (k1 estimator) enters the reward of action j: −β·KL_j
-    seq: R_φ(x, y) is read at the last response token and given to the last action.
-A response ends at, and includes, its first EOS (any of the model's EOS ids); everything after is
-masked by position (pad == eos for GPT-2, so never by token id). A response that reaches
---max-new-tokens without EOS is "truncated": it keeps its token rewards (seq: R_φ read at its last
-token), is treated as finished (no bootstrapped value after it: the next state does not exist in the
-data, and a critic guess there would only add noise), and its last token's task reward is lowered by
---missing-eos-penalty (default 0: off).
+One iteration (main's loop): a batch of prompts → `rollout`, steps 1-4 (generate, score, per-token
+rewards, advantages and returns), which returns a `Rollout` whose fields say which action each
+column belongs to → `ppo_update`, step 5 (PPO epochs) → one log line → a checkpoint when due.
 
-The critic is a ScoreModel (backbone + one scalar per position). By default (--critic-init reward) it
-starts as a copy of the reward model (seq, red) or the discriminator (tlcr*), head included, so its
-first values are already on the scale of the rewards; --critic-init policy starts it from the policy's
-backbone with a fresh head. Dropout is off in the policy, reference, critic and reward models: the
-log-probs of the rollout and of the update must come from the same function, or the first PPO ratio
-is not 1. The reference π_ref is a frozen copy of --policy.
+The critic is a ScoreModel (backbone + one scalar per position). By default (--critic-init reward)
+it starts as a copy of the reward model (seq, red) or the discriminator (tlcr*), head included, so
+its first values are already on the scale of the rewards; --critic-init policy starts it from the
+policy's backbone with a fresh head. Dropout is off in the policy, reference, critic and reward
+models: the log-probs of the rollout and of the update must come from the same function, or the
+first PPO ratio is not 1. The reference π_ref is a frozen copy of --policy (with LoRA: the policy
+with its adapters off). `load_models` decides the mode (full or LoRA, offloaded, FSDP) once and
+hands the rollout the reference log-probs and the task reward as callables.
 
-With LoRA (--lora-rank > 0) the frozen weights are shared instead of copied: the reference is the
-policy with its adapters switched off (lora.adapters_disabled), and the critic is a LoRA on the reward
-model's (or discriminator's) backbone plus a value head started from the reward head, the reward being
-read from that backbone with the critic's adapters switched off and the frozen reward head. Two frozen
-backbones instead of four models (three for tlcr* with a --reward-model read for logging, or with
---critic-init policy); --frozen-dtype (bf16 with --precision bf16) for them, adapters and heads in fp32.
+The log fields and the LoRA layout (what is shared, what is frozen): README.md, section
+"PPO: log fields and LoRA layout".
 
-Log: OUT/log.jsonl, one JSON line per iteration ("step"), averaged over ranks: task_reward (Σ_j task_j per
-response, after the clip and the EOS penalty), token_reward (mean r_j per token), rm_score (R_φ(x, y),
-when --reward-model is given), kl (Σ_j KL_j per response), entropy (of π_θ, per token), perplexity (exp
-of the mean −log π_θ(a_j) over the sampled tokens), response_length, eos_fraction (share ending at EOS),
-policy_clipfrac, value_clipfrac, policy_loss, value_loss, explained_variance (of the returns by the
-rollout values), elapsed_s (seconds since the start), tokens_per_s (response tokens of all ranks per second).
-
-Commands (outputs: OUT/log.jsonl, OUT/checkpoint/ to resume, OUT/policy/ the final Hugging Face model):
-    python ppo_token.py --policy runs/demo/sft --reward tlcr --discriminator runs/demo/discriminator \\
-        --reward-model runs/demo/reward_model --out runs/demo/ppo_tlcr        # CPU (fp32) or one GPU (bf16)
+Commands (outputs: OUT/log.jsonl, OUT/checkpoint/ to resume, OUT/policy/ the final HF model):
+    python ppo_token.py --policy runs/demo/sft --reward tlcr \\
+        --discriminator runs/demo/discriminator --reward-model runs/demo/reward_model \\
+        --out runs/demo/ppo_tlcr                                  # CPU (fp32) or one GPU (bf16)
     python ppo_token.py --policy runs/demo/sft --reward red --reward-model runs/demo/reward_model \\
         --out runs/demo/ppo_red
-    python ppo_token.py ... --gradient-checkpointing --offload-frozen          # one GPU, less memory
-    python ppo_token.py ... --lora-rank 64                                     # LoRA: two frozen backbones
-    torchrun --nproc_per_node=8 ppo_token.py ...    # --rollout-batch-size prompts in all, shared by the ranks
-    torchrun --nproc_per_node=8 ppo_token.py ... --fsdp    # models sharded over the ranks (FSDP2)
+    python ppo_token.py ... --gradient-checkpointing --offload-frozen  # one GPU, less memory
+    python ppo_token.py ... --lora-rank 64                             # LoRA: two frozen backbones
+    torchrun --nproc_per_node=8 ppo_token.py ...   # --rollout-batch-size prompts over all ranks
+    torchrun --nproc_per_node=8 ppo_token.py ... --fsdp   # models sharded over the ranks (FSDP2)
 """
 from __future__ import annotations
 
@@ -64,10 +47,11 @@ import inspect
 import json
 import time
 import warnings
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm import tqdm
 
 import common
@@ -77,108 +61,135 @@ import lora
 import plumbing
 import redistribute
 from common import masked_mean, position_ids_from_mask
-from plumbing import unwrap
+from plumbing import amp, checkpoint, distributed, hf_models
+from plumbing.distributed import unwrap
 
 REWARDS = ("seq", "red", "tlcr", "tlcr_fixed", "tlcr_no_negative", "tlcr_no_positive")
 TLCR_MODES = {"tlcr": "continuous", "tlcr_fixed": "fixed", "tlcr_no_negative": "no_negative",
               "tlcr_no_positive": "no_positive"}
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=plumbing.HelpFormatter)
-    data = plumbing.add_data_args(parser.add_argument_group("data"), split="rl", response_len=False)
-    data.add_argument("--out", required=True, help="output dir: log.jsonl, checkpoint/, policy/")
-    model = parser.add_argument_group("model")
-    model.add_argument("--policy", required=True,
-                       help="SFT model dir (HF causal LM); also loaded again as the frozen reference")
-    model.add_argument("--reward", required=True, choices=REWARDS, help="task reward source, see the docstring")
-    model.add_argument("--reward-model", help="Bradley–Terry reward model dir; required by seq/red, optional for "
-                                              "tlcr* (then its score is logged as rm_score)")
-    model.add_argument("--discriminator", help="TLCR discriminator dir; required by tlcr*")
-    model.add_argument("--critic-init", default="reward", choices=("reward", "policy"),
-                       help="reward: critic = copy of the reward model (seq/red) or discriminator (tlcr*), "
-                            "head included; policy: the policy's backbone with a fresh head")
+def add_algorithm_args(parser):
+    """The algorithm's options (data, model, system and scale options: parse_args, near main)."""
     algo = parser.add_argument_group("algorithm")
+    algo.add_argument("--reward", required=True, choices=REWARDS,
+                      help="task reward source, see the docstring")
     algo.add_argument("--iterations", type=int, default=200,
-                      help="PPO iterations of the whole run (each: one rollout, then --ppo-epochs passes over it)")
+                      help="PPO iterations of the whole run (each: one rollout, then --ppo-epochs "
+                           "passes over it)")
     algo.add_argument("--rollout-batch-size", type=int, default=16,
-                      help="prompts per iteration, all ranks together (each rank samples its share)")
+                      help="prompts per iteration, all ranks together (each rank samples its "
+                           "share)")
     algo.add_argument("--minibatch-size", type=int, default=8,
                       help="responses per optimizer step, all ranks together")
     algo.add_argument("--micro-batch-size", type=int, default=0,
-                      help="responses per forward/backward on one rank (gradient accumulation); 0 = the rank's "
-                           "share of a minibatch")
+                      help="responses per forward/backward on one rank (gradient accumulation); "
+                           "0 = the rank's share of a minibatch")
     algo.add_argument("--ppo-epochs", type=int, default=4, help="passes over each rollout")
     algo.add_argument("--max-new-tokens", type=int, default=128, help="response length limit")
     algo.add_argument("--temperature", type=float, default=1.0,
                       help="sampling temperature (log-probs are recomputed with it)")
     algo.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")
-    algo.add_argument("--kl-coef", type=float, default=0.1, help="β of the per-token KL penalty (TLCR 0.1, RED 0.02)")
+    algo.add_argument("--kl-coef", type=float, default=0.1,
+                      help="β of the per-token KL penalty (TLCR 0.1, RED 0.02)")
     algo.add_argument("--gamma", type=float, default=1.0, help="discount γ of GAE")
     algo.add_argument("--lam", type=float, default=0.95, help="λ of GAE")
-    algo.add_argument("--clip-ratio", type=float, default=0.2, help="ε of the clipped ratio π_θ/π_old")
-    algo.add_argument("--clip-value", type=float, default=0.2, help="value clip around the rollout values")
+    algo.add_argument("--clip-ratio", type=float, default=0.2,
+                      help="ε of the clipped ratio π_θ/π_old")
+    algo.add_argument("--clip-value", type=float, default=0.2,
+                      help="value clip around the rollout values")
     algo.add_argument("--policy-lr", type=float, default=1e-5,
-                      help="constant policy learning rate (the papers: 1e-6 for 7B models; smaller models take "
-                           "larger steps, 1e-5 is the usual GPT-2-sized setting)")
+                      help="constant policy learning rate (the papers: 1e-6 for 7B models; smaller "
+                           "models take larger steps, 1e-5 is the usual GPT-2-sized setting)")
     algo.add_argument("--critic-lr", type=float, default=3e-5,
-                      help="constant critic learning rate (higher than the policy's: a critic started from the "
-                           "reward model must move from rewards to values quickly)")
-    algo.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping, each model apart")
+                      help="constant critic learning rate (higher than the policy's: a critic "
+                           "started from the reward model must move from rewards to values "
+                           "quickly)")
+    algo.add_argument("--max-grad-norm", type=float, default=1.0,
+                      help="gradient clipping, each model apart")
     algo.add_argument("--whiten-advantages", action=argparse.BooleanOptionalAction, default=True,
                       help="normalise advantages over the rank's rollout tokens (masked)")
-    algo.add_argument("--reward-clip", type=float, default=5.0, help="clamp the task reward to ±this (0 = off)")
+    algo.add_argument("--reward-clip", type=float, default=5.0,
+                      help="clamp the task reward to ±this (0 = off)")
     algo.add_argument("--missing-eos-penalty", type=float, default=0.0,
-                      help="subtracted from the last token's task reward of responses that hit --max-new-tokens")
-    algo.add_argument("--beta-c", type=float, default=1.0, help="red: β_c of RED eq. 7 (1 = pure redistribution)")
+                      help="subtracted from the last token's task reward of responses that hit "
+                           "--max-new-tokens")
+    algo.add_argument("--beta-c", type=float, default=1.0,
+                      help="red: β_c of RED eq. 7 (1 = pure redistribution)")
     algo.add_argument("--zero-first", action="store_true",
-                      help="red: take R(x, y≤−1) = 0 instead of the prompt's score, so the token rewards "
-                           "sum to R(x, y) rather than R(x, y) − R(x, ∅)")
-    lora.add_lora_args(parser)
-    system = plumbing.add_system_args(parser)
-    system.add_argument("--log-gold", action="store_true",
-                        help="the offline lab: log gold_score, the mean gold.py score of each rollout's responses")
-    system.add_argument("--offload-frozen", action="store_true",
-                        help="keep the frozen reference and reward models on the CPU (with LoRA: those that do not "
-                             "share the policy's or the critic's backbone)")
-    system.add_argument("--save-every", type=int, default=50, help="checkpoint every N iterations (and at the end)")
-    system.add_argument("--stop-after", type=int, default=None,
-                        help="checkpoint and stop after this many iterations (as if interrupted); run again to resume")
-    plumbing.add_resume_args(system)
-    plumbing.add_report_args(system)
-    args = parser.parse_args(argv)
-    lora.check_lora_args(parser, args)
-    if args.offload_frozen and args.fsdp:
-        parser.error("--offload-frozen and --fsdp do not go together: FSDP already spreads the frozen models over "
-                     "the ranks")
-    if args.reward in ("seq", "red") and not args.reward_model:
-        parser.error(f"--reward {args.reward} needs --reward-model DIR")
-    if args.reward.startswith("tlcr") and not args.discriminator:
-        parser.error(f"--reward {args.reward} needs --discriminator DIR")
-    if args.reward in ("seq", "red") and args.discriminator:  # never read: not checked, not loaded
-        warnings.warn(f"--reward {args.reward} does not use --discriminator; "
-                      f"ignoring {args.discriminator}")
-        args.discriminator = None
-    plumbing.check_positive(parser, args, "iterations", "rollout_batch_size", "minibatch_size", "ppo_epochs",
-                            "max_new_tokens", "max_prompt_len")
-    if args.rollout_batch_size % args.minibatch_size:
-        parser.error(f"--rollout-batch-size {args.rollout_batch_size} must be a multiple of --minibatch-size "
-                     f"{args.minibatch_size}")
-    if args.temperature <= 0 or not 0 < args.top_p <= 1:
-        parser.error("--temperature must be > 0 and --top-p in (0, 1]")
-    return args
+                      help="red: take R(x, y≤−1) = 0 instead of the prompt's score, so the token "
+                           "rewards sum to R(x, y) rather than R(x, y) − R(x, ∅)")
+    return algo
+
+
+# ----------------------------------------------------------------------------------------------
+# What one iteration works on: the models, and the rollout that steps 1-4 produce
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Models:
+    """The trained models and their optimizers, and the frozen ones as callables. load_models builds
+    them for the run's mode (full or LoRA, offloaded, FSDP); the rollout calls them the same way in
+    every mode, each on (query_response, attention_mask, full_response_mask), all [B, P+R]."""
+
+    policy: nn.Module  # π_θ (DDP- or FSDP-wrapped; unwrap() for the module)
+    critic: nn.Module  # V, a common.ScoreModel
+    policy_optimizer: torch.optim.Optimizer
+    critic_optimizer: torch.optim.Optimizer
+    ref_logprobs_fn: Callable[..., Tensor]  # -> [B, R] log π_ref(a_j | x, a_<j)
+    reward_fn: Callable[..., Tensor]  # -> [B, R] the task reward of each action (--reward)
+    score_fn: Callable[..., Tensor] | None = None  # -> [B] R_φ(x, y), logged; None: no reward model
+
+
+@dataclass
+class Rollout:
+    """Steps 1-4 for B prompts. query_response = [left-padded prompt, P columns | response, R
+    columns], so response token a_j sits at column P + j; action j samples a_j in the state
+    s_j = (x, a_<j). Per-action fields are [B, R] and zero past a response's end; which column each
+    is read at is pinned down in tests/test_ppo_token.py."""
+
+    # the sequences
+    query_response: Tensor  # [B, P+R] prompt ids, then response ids
+    attention_mask: Tensor  # [B, P+R] 0 on the prompt's left pads and after the response's end
+    full_response_mask: Tensor  # [B, P+R] 1 on the response's tokens, columns P .. P+R−1
+    prompt_width: int  # P
+    response: Tensor  # [B, R] a_j; pad_id after the end
+    # [B, R] 1 on the actions up to and including the first EOS (any of the model's EOS ids), masked
+    # by position, never by token id (pad == eos for GPT-2); 1 everywhere when no EOS came
+    response_mask: Tensor
+    # [B] False: truncated at --max-new-tokens. Such a response keeps its token rewards (seq: R_φ
+    # read at its last token) and ends there (no bootstrapped value after it: the next state is not
+    # in the data, and a critic guess would only add noise); --missing-eos-penalty charges it
+    ended: Tensor
+
+    # action j, read at column P + j − 1 (the state s_j, the column before a_j)
+    logprobs: Tensor  # log π_old(a_j | s_j), the policy's logits divided by --temperature
+    ref_logprobs: Tensor  # log π_ref(a_j | s_j), likewise
+    entropy: Tensor  # H(π_old(· | s_j))
+    values: Tensor  # V(s_j), the critic's scalar
+
+    # action j, read at a_j's own column P + j (common.gather_response) and given to action j
+    task_rewards: Tensor  # the --reward score of a_j, clipped, penalised (seq: all on the last)
+    rm_score: Tensor | None  # [B] R_φ(x, y) at the last token, for the log (None: no reward model)
+
+    # steps 3-4, per action j
+    kl: Tensor  # KL_j = log π_old(a_j) − log π_ref(a_j) (k1 estimator)
+    token_rewards: Tensor  # r_j = task_j − β·KL_j
+    advantages: Tensor  # A_j by GAE (whitened over the rank's tokens with --whiten-advantages)
+    returns: Tensor  # A_j + V(s_j), the critic's target
 
 
 # ----------------------------------------------------------------------------------------------
 # 1. Generate: sample responses with a KV cache; mask everything after the first EOS
 # ----------------------------------------------------------------------------------------------
-def sample_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Nucleus sampling: draw from the smallest set of tokens whose probability reaches top_p. [B, V] -> [B]"""
+def sample_top_p(logits: Tensor, top_p: float) -> Tensor:
+    """Nucleus sampling: draw from the smallest set of tokens whose probability reaches top_p.
+    [B, V] -> [B]"""
     probs = logits.float().softmax(-1)
     if top_p >= 1:
         return torch.multinomial(probs, 1).squeeze(-1)
     sorted_probs, sorted_ids = probs.sort(-1, descending=True)
-    keep = sorted_probs.cumsum(-1) - sorted_probs < top_p  # mass before a token < top_p; the top token always stays
+    # mass before a token < top_p; the top token always stays
+    keep = sorted_probs.cumsum(-1) - sorted_probs < top_p
     choice = torch.multinomial(sorted_probs * keep, 1)  # multinomial renormalises
     return sorted_ids.gather(-1, choice).squeeze(-1)
 
@@ -187,15 +198,15 @@ def cache_kwargs(policy, out) -> dict:
     """The KV cache of the last forward, under the name this transformers version's forward takes it
     (`cache` from 5.x on, `past_key_values` before)."""
     cache = out.get("cache", None) if "cache" in out else out.past_key_values
-    name = "cache" if "cache" in inspect.signature(unwrap(policy).forward).parameters else "past_key_values"
-    return {name: cache}
+    parameters = inspect.signature(unwrap(policy).forward).parameters
+    return {"cache" if "cache" in parameters else "past_key_values": cache}
 
 
 @torch.no_grad()
-def generate(policy, prompt, prompt_mask, eos_ids: list[int], pad_id: int, max_new_tokens: int, temperature=1.0,
-             top_p=0.9):
-    """Sample up to max_new_tokens per row; stop once every row has produced one of eos_ids (under FSDP:
-    every row of every rank, so that all ranks take the same number of decode steps).
+def generate(policy, prompt, prompt_mask, eos_ids: list[int], pad_id: int, max_new_tokens: int,
+             temperature=1.0, top_p=0.9):
+    """Sample up to max_new_tokens per row; stop once every row has produced one of eos_ids (under
+    FSDP: every row of every rank, so that all ranks take the same number of decode steps).
 
     prompt [B, P] is left-padded, so every response starts at column P. Position ids count real
     tokens only (common.position_ids_from_mask), the same ones the training forward uses.
@@ -203,9 +214,10 @@ def generate(policy, prompt, prompt_mask, eos_ids: list[int], pad_id: int, max_n
     """
     eos = torch.tensor(eos_ids, device=prompt.device)
     attention_mask = prompt_mask.long()
-    out = policy(input_ids=prompt, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
-                 use_cache=True, **common.logits_to_keep(policy, 1))
-    next_position = attention_mask.sum(-1, keepdim=True)  # [B, 1] the first response token's position
+    out = policy(input_ids=prompt, attention_mask=attention_mask,
+                 position_ids=position_ids_from_mask(attention_mask), use_cache=True,
+                 **common.logits_to_keep(policy, 1))
+    next_position = attention_mask.sum(-1, keepdim=True)  # [B, 1] position of the response's 1st
     done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
     tokens = []
     for t in range(max_new_tokens):
@@ -214,18 +226,21 @@ def generate(policy, prompt, prompt_mask, eos_ids: list[int], pad_id: int, max_n
         tokens.append(token)
         done |= torch.isin(token, eos)
         finished = bool(done.all())
-        if plumbing.is_sharded(policy):  # FSDP: every forward all-gathers weights, a collective of all ranks, so
-            finished = plumbing.on_every_rank(finished, done.device)  # no rank may stop while another decodes
+        # FSDP: every forward all-gathers weights, a collective of all ranks, so no rank may stop
+        # while another decodes
+        if distributed.is_sharded(policy):
+            finished = distributed.on_every_rank(finished, done.device)
         if finished or t == max_new_tokens - 1:
             break
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], 1)
-        out = policy(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position + t,
-                     use_cache=True, **cache_kwargs(policy, out))
+        out = policy(input_ids=token[:, None], attention_mask=attention_mask,
+                     position_ids=next_position + t, use_cache=True, **cache_kwargs(policy, out))
     return torch.stack(tokens, 1)  # [B, R]
 
 
-def response_mask_from(response: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """1 on tokens up to and including the first EOS (all tokens if none). Returns mask [B, R], ended [B]."""
+def response_mask_from(response: Tensor, eos_ids: list[int]) -> tuple[Tensor, Tensor]:
+    """1 on tokens up to and including the first EOS (all tokens if none).
+    Returns mask [B, R], ended [B]."""
     is_eos = torch.isin(response, torch.tensor(eos_ids, device=response.device))
     ended = is_eos.any(-1)  # [B]
     first_eos = is_eos.long().argmax(-1)  # [B] (0 when none)
@@ -235,22 +250,14 @@ def response_mask_from(response: torch.Tensor, eos_ids: list[int]) -> tuple[torc
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. Score: log-probs of policy and reference, values, task rewards
+# 2. Score: values (log-probs: common.response_logprobs; reference and task reward: Models)
 # ----------------------------------------------------------------------------------------------
-def critic_values(critic, query_response, attention_mask, response_mask) -> torch.Tensor:
-    """V(s_j) for each action j: the critic's scalar at column P+j−1, the state before a_j. [B, T_resp]
-    (the same columns common.response_logprobs reads the policy's logits at)."""
+def critic_values(critic, query_response, attention_mask, response_mask) -> Tensor:
+    """V(s_j) for each action j: the critic's scalar at column P+j−1, the state before a_j.
+    [B, T_resp] (the same columns common.response_logprobs reads the policy's logits at)."""
     values = critic(query_response, attention_mask).float()  # [B, T]
     index, valid = common.response_index(response_mask)  # [B, T_resp]
     return values.gather(1, (index - 1).clamp(min=0)) * valid
-
-
-def frozen_call(fn, model, query_response, attention_mask, *rest, **kw):
-    """Run fn(model, ...) where the frozen model lives (GPU or, with --offload-frozen, CPU); result back."""
-    device = next(model.parameters()).device
-    moved = [t.to(device) for t in (query_response, attention_mask, *rest)]
-    with torch.no_grad():
-        return fn(model, *moved, **kw).to(query_response.device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -261,10 +268,13 @@ def build_token_rewards(task_rewards, logprobs, ref_logprobs, response_mask, end
     """r_j = clip(task_j) − β·KL_j, with KL_j = log π_θ(a_j) − log π_ref(a_j) (k1), per action j.
 
     All tensors [B, R] (ended [B]). A truncated row (ended False) loses missing_eos_penalty on its
-    last action's task reward. Returns token_rewards, task_rewards (clipped, penalised), kl; zero past the end.
+    last action's task reward. Returns token_rewards, task_rewards (clipped, penalised), kl; zero
+    past the end.
     """
     mask = response_mask.to(logprobs.dtype)
-    task = task_rewards.float().clamp(-reward_clip, reward_clip) if reward_clip > 0 else task_rewards.float()
+    task = task_rewards.float()
+    if reward_clip > 0:
+        task = task.clamp(-reward_clip, reward_clip)
     last = response_mask.long().sum(-1) - 1  # [B] column of each row's last action
     rows = torch.arange(task.shape[0], device=task.device)
     task = task.clone()
@@ -279,7 +289,8 @@ def build_token_rewards(task_rewards, logprobs, ref_logprobs, response_mask, end
 # 4. Advantages and returns
 # ----------------------------------------------------------------------------------------------
 def gae(token_rewards, values, response_mask, gamma=1.0, lam=0.95):
-    """Generalised advantage estimation over response tokens. All [B, R]; returns (advantages, returns).
+    """Generalised advantage estimation over response tokens. All [B, R]; returns (advantages,
+    returns).
 
     δ_j = r_j + γ·V(s_{j+1}) − V(s_j), A_j = δ_j + γλ·A_{j+1}; after the last action V = 0 (the
     episode ends at EOS or at the length limit). returns R_j = A_j + V(s_j), the critic's target.
@@ -298,7 +309,8 @@ def gae(token_rewards, values, response_mask, gamma=1.0, lam=0.95):
 
 
 def masked_whiten(values, mask, eps=1e-8):
-    """(x − mean) / std over the unmasked entries; 0 where masked. One or no valid value gives zeros."""
+    """(x − mean) / std over the unmasked entries; 0 where masked. One or no valid value gives
+    zeros."""
     mask = mask.to(values.dtype)
     centred = (values - masked_mean(values, mask)) * mask
     var = (centred ** 2).sum() / (mask.sum() - 1).clamp(min=1)  # unbiased
@@ -309,49 +321,71 @@ def masked_whiten(values, mask, eps=1e-8):
 # 1-4 together: one rollout
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def rollout(policy, ref_policy, critic, reward_fn, prompt, prompt_mask, args, eos_ids, pad_id, score_fn=None) -> dict:
-    """Steps 1-4 for one batch of prompts. Everything returned is [B, R] unless noted."""
-    unwrap(policy).eval()  # dropout is 0 either way; eval() switches gradient checkpointing off for the KV cache
-    unwrap(critic).eval()
-    # Under FSDP every forward all-gathers each layer's weights and frees them again. Generation runs the policy
-    # once per new token, so the rollout keeps it gathered (plumbing.gathered): one all-gather per layer per
-    # rollout instead of one per layer per token, for the price of the whole policy on every rank meanwhile.
-    with plumbing.autocast(prompt.device, args.precision), plumbing.gathered(policy):
+def rollout(models: Models, prompt, prompt_mask, eos_ids: list[int], pad_id: int, args) -> Rollout:
+    """Steps 1-4 for one batch of left-padded prompts [B, P]."""
+    policy, critic = unwrap(models.policy), unwrap(models.critic)
+    policy.eval()  # dropout is 0 either way; eval() switches gradient checkpointing off (KV cache)
+    critic.eval()
+    # Under FSDP every forward all-gathers each layer's weights and frees them again. Generation
+    # runs the policy once per new token, so the rollout keeps it gathered (distributed.gathered):
+    # one all-gather per layer per rollout instead of one per layer per token, for the price of
+    # the whole policy on every rank meanwhile.
+    with amp.autocast(prompt.device, args.precision), distributed.gathered(models.policy):
         # 1. generate
-        response = generate(unwrap(policy), prompt, prompt_mask, eos_ids, pad_id, args.max_new_tokens,
+        response = generate(policy, prompt, prompt_mask, eos_ids, pad_id, args.max_new_tokens,
                             args.temperature, args.top_p)  # [B, R]
         mask, ended = response_mask_from(response, eos_ids)  # [B, R], [B]
         query_response = torch.cat([prompt, response], 1)  # [B, P+R]
         attention_mask = torch.cat([prompt_mask.long(), mask], 1)  # 0 on left pads and after EOS
         full_response_mask = torch.cat([torch.zeros_like(prompt_mask.long()), mask], 1)  # [B, P+R]
-        # 2. score (the longest response fills all R columns, so every [B, T_resp] below is [B, R])
-        logprobs, entropy = common.response_logprobs(unwrap(policy), query_response, attention_mask,
-                                                     full_response_mask, args.temperature, with_entropy=True)
-        if ref_policy is None:  # LoRA: the reference is the same network with its adapters switched off
-            with lora.adapters_disabled(unwrap(policy)):
-                ref_logprobs, _ = common.response_logprobs(unwrap(policy), query_response, attention_mask,
-                                                           full_response_mask, args.temperature)
-        else:
-            ref_logprobs = frozen_call(lambda model, *inputs: common.response_logprobs(model, *inputs, args.temperature)[0],
-                                       ref_policy, query_response, attention_mask, full_response_mask)
-        values = critic_values(unwrap(critic), query_response, attention_mask, full_response_mask)
-        task_rewards = reward_fn(query_response, attention_mask, full_response_mask).float()  # [B, R]
+        sequences = (query_response, attention_mask, full_response_mask)
+        # 2. score (the longest response fills all R columns, so every [B, T_resp] here is [B, R])
+        logprobs, entropy = common.response_logprobs(policy, *sequences, args.temperature,
+                                                     with_entropy=True)
+        ref_logprobs = models.ref_logprobs_fn(*sequences)
+        values = critic_values(critic, *sequences)
+        task_rewards = models.reward_fn(*sequences).float()  # [B, R]
         if task_rewards.shape != mask.shape:
-            raise ValueError(f"reward_fn returned {tuple(task_rewards.shape)}, expected [B, R] = {tuple(mask.shape)}")
-        rm_score = score_fn(query_response, attention_mask, full_response_mask).float() if score_fn else None  # [B]
+            raise ValueError(f"reward_fn returned {tuple(task_rewards.shape)}, expected [B, R] = "
+                             f"{tuple(mask.shape)}")
+        rm_score = models.score_fn(*sequences).float() if models.score_fn else None  # [B]
     # 3. compute per-token rewards
-    token_rewards, task_rewards, kl = build_token_rewards(task_rewards, logprobs, ref_logprobs, mask, ended,
-                                                          args.kl_coef, args.reward_clip, args.missing_eos_penalty)
+    token_rewards, task_rewards, kl = build_token_rewards(
+        task_rewards, logprobs, ref_logprobs, mask, ended, args.kl_coef, args.reward_clip,
+        args.missing_eos_penalty)
     # 4. compute advantages and returns
     advantages, returns = gae(token_rewards, values, mask, args.gamma, args.lam)
     if args.whiten_advantages:
-        # over this rank's rollout only: ranks stay independent between the gradient all-reduces, and
-        # with a rollout of a few hundred tokens per rank the statistics are already stable
+        # over this rank's rollout only: ranks stay independent between the gradient all-reduces,
+        # and with a rollout of a few hundred tokens per rank the statistics are already stable
         advantages = masked_whiten(advantages, mask)
-    return dict(query_response=query_response, attention_mask=attention_mask, full_response_mask=full_response_mask,
-                prompt_width=prompt.shape[1], response=response, response_mask=mask, ended=ended, logprobs=logprobs,
-                ref_logprobs=ref_logprobs, entropy=entropy, values=values, task_rewards=task_rewards,
-                token_rewards=token_rewards, kl=kl, advantages=advantages, returns=returns, rm_score=rm_score)
+    return Rollout(query_response=query_response, attention_mask=attention_mask,
+                   full_response_mask=full_response_mask, prompt_width=prompt.shape[1],
+                   response=response, response_mask=mask, ended=ended, logprobs=logprobs,
+                   ref_logprobs=ref_logprobs, entropy=entropy, values=values,
+                   task_rewards=task_rewards, rm_score=rm_score, kl=kl, token_rewards=token_rewards,
+                   advantages=advantages, returns=returns)
+
+
+def rollout_stats(batch: Rollout) -> dict:
+    """Per-step statistics of one rollout (the TLCR paper's Figure 7 curves), as plain floats."""
+    mask = batch.response_mask.float()
+    returns, values = batch.returns, batch.values
+    residual_var = masked_mean((returns - values - masked_mean(returns - values, mask)) ** 2, mask)
+    returns_var = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    stats = dict(
+        task_reward=batch.task_rewards.sum(-1).mean(),  # Σ_j task_j per response, averaged
+        token_reward=masked_mean(batch.token_rewards, mask),  # mean r_j = task_j − β·KL_j per token
+        kl=batch.kl.sum(-1).mean(),  # Σ_j (log π_θ − log π_ref) per response (k1), averaged
+        entropy=masked_mean(batch.entropy, mask),  # policy entropy per token
+        perplexity=torch.exp(-masked_mean(batch.logprobs, mask)),  # of the responses under π_θ
+        response_length=mask.sum(-1).mean(),
+        eos_fraction=batch.ended.float().mean(),
+        explained_variance=1 - residual_var / returns_var.clamp(min=1e-8),
+    )
+    if batch.rm_score is not None:
+        stats["rm_score"] = batch.rm_score.mean()
+    return {k: float(v) for k, v in stats.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -374,104 +408,102 @@ def value_loss(new_values, old_values, returns, clip_value=0.2):
     return 0.5 * torch.max(unclipped, clipped), clipped > unclipped
 
 
-def minibatch_losses(policy, critic, batch: dict, idx, n_tokens, args):
+def minibatch_losses(policy, critic, batch: Rollout, idx, n_tokens, args):
     """Policy loss, value loss and their clip fractions on responses `idx`, each as a share of the
     minibatch's token mean (sum over these tokens / n_tokens), so micro-batches add up exactly."""
-    width = int(batch["response_mask"][idx].sum(-1).max())  # longest response here: later columns are padding
-    columns = batch["prompt_width"] + width
-    query_response, attention_mask, full_response_mask = (batch[k][idx, :columns] for k in
-                                                          ("query_response", "attention_mask", "full_response_mask"))
-    mask = batch["response_mask"][idx, :width].float()  # [b, width]
-    with plumbing.autocast(query_response.device, args.precision):
-        new_logprobs, _ = common.response_logprobs(policy, query_response, attention_mask, full_response_mask,
-                                                   args.temperature)  # [b, width]
-        new_values = critic_values(critic, query_response, attention_mask, full_response_mask)  # [b, width]
-    rollout_part = {k: batch[k][idx, :width] for k in ("logprobs", "advantages", "values", "returns")}
-    pg_loss, pg_clipped = policy_loss(new_logprobs, rollout_part["logprobs"], rollout_part["advantages"], args.clip_ratio)
-    vf_loss, vf_clipped = value_loss(new_values, rollout_part["values"], rollout_part["returns"], args.clip_value)
+    # the longest response here: later columns are padding
+    width = int(batch.response_mask[idx].sum(-1).max())
+    columns = batch.prompt_width + width
+    sequences = (batch.query_response[idx, :columns], batch.attention_mask[idx, :columns],
+                 batch.full_response_mask[idx, :columns])
+    mask = batch.response_mask[idx, :width].float()  # [b, width]
+    with amp.autocast(sequences[0].device, args.precision):
+        new_logprobs, _ = common.response_logprobs(policy, *sequences, args.temperature)
+        new_values = critic_values(critic, *sequences)  # [b, width]
+    pg_loss, pg_clipped = policy_loss(new_logprobs, batch.logprobs[idx, :width],
+                                      batch.advantages[idx, :width], args.clip_ratio)
+    vf_loss, vf_clipped = value_loss(new_values, batch.values[idx, :width],
+                                     batch.returns[idx, :width], args.clip_value)
     return [(x * mask).sum() / n_tokens for x in (pg_loss, vf_loss, pg_clipped, vf_clipped)]
 
 
-def ppo_update(policy, critic, policy_optimizer, critic_optimizer, batch: dict, args, minibatch: int) -> dict:
-    """ppo-epochs passes over the rollout in shuffled minibatches of `minibatch` responses (this rank's
-    share). Returns mean losses and clip fractions."""
-    unwrap(policy).train()  # dropout is 0 already; train() turns gradient checkpointing on (if enabled)
+def ppo_update(models: Models, batch: Rollout, args, minibatch: int) -> dict:
+    """ppo-epochs passes over the rollout in shuffled minibatches of `minibatch` responses (this
+    rank's share). Returns mean losses and clip fractions."""
+    policy, critic = models.policy, models.critic
+    unwrap(policy).train()  # dropout is 0 already; train() turns gradient checkpointing on (if set)
     unwrap(critic).train()
-    device = batch["query_response"].device
-    B = batch["response_mask"].shape[0]
+    device = batch.query_response.device
+    B = batch.response_mask.shape[0]
     micro = args.micro_batch_size or minibatch
-    names = ("policy_loss", "value_loss", "policy_clipfrac", "value_clipfrac")  # minibatch_losses' order
+    names = ("policy_loss", "value_loss", "policy_clipfrac", "value_clipfrac")  # minibatch_losses'
     sums = {k: torch.zeros((), device=device) for k in names}
     n_updates = 0
     for _ in range(args.ppo_epochs):
         order = torch.randperm(B, device=device)
         for start in range(0, B, minibatch):
             indices = order[start:start + minibatch]
-            n_tokens = batch["response_mask"][indices].sum().clamp(min=1)  # losses: token means over the minibatch
-            policy_optimizer.zero_grad(set_to_none=True)
-            critic_optimizer.zero_grad(set_to_none=True)
-            for m_start in range(0, len(indices), micro):  # gradient accumulation over micro-batches
-                with plumbing.accumulate((policy, critic), last=m_start + micro >= len(indices)):
-                    losses = minibatch_losses(policy, critic, batch, indices[m_start:m_start + micro], n_tokens, args)
-                    (losses[0] + losses[1]).backward()  # disjoint parameters: one backward fills both models' grads
+            # losses: token means over the minibatch
+            n_tokens = batch.response_mask[indices].sum().clamp(min=1)
+            models.policy_optimizer.zero_grad(set_to_none=True)
+            models.critic_optimizer.zero_grad(set_to_none=True)
+            for m_start in range(0, len(indices), micro):  # gradient accumulation: micro-batches
+                micro_indices = indices[m_start:m_start + micro]
+                with distributed.accumulate((policy, critic), last=m_start + micro >= len(indices)):
+                    losses = minibatch_losses(policy, critic, batch, micro_indices, n_tokens, args)
+                    # disjoint parameters: one backward fills both models' grads
+                    (losses[0] + losses[1]).backward()
                 for key, value in zip(sums, losses):
                     sums[key] += value.detach()
-            plumbing.clip_grad_norm(policy, args.max_grad_norm)
-            plumbing.clip_grad_norm(critic, args.max_grad_norm)
-            policy_optimizer.step()
-            critic_optimizer.step()
+            distributed.clip_grad_norm(policy, args.max_grad_norm)
+            distributed.clip_grad_norm(critic, args.max_grad_norm)
+            models.policy_optimizer.step()
+            models.critic_optimizer.step()
             n_updates += 1
     return {k: float(v) / max(n_updates, 1) for k, v in sums.items()}
-
-
-def rollout_stats(batch: dict) -> dict:
-    """Per-step statistics of one rollout (the TLCR paper's Figure 7 curves), as plain floats."""
-    mask = batch["response_mask"].float()
-    returns, values = batch["returns"], batch["values"]
-    residual_var = masked_mean((returns - values - masked_mean(returns - values, mask)) ** 2, mask)
-    returns_var = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
-    stats = dict(
-        task_reward=batch["task_rewards"].sum(-1).mean(),  # Σ_j task_j per response, averaged
-        token_reward=masked_mean(batch["token_rewards"], mask),  # mean r_j = task_j − β·KL_j per token
-        kl=batch["kl"].sum(-1).mean(),  # Σ_j (log π_θ − log π_ref) per response (k1), averaged
-        entropy=masked_mean(batch["entropy"], mask),  # policy entropy per token
-        perplexity=torch.exp(-masked_mean(batch["logprobs"], mask)),  # of the sampled responses under π_θ
-        response_length=mask.sum(-1).mean(),
-        eos_fraction=batch["ended"].float().mean(),
-        explained_variance=1 - residual_var / returns_var.clamp(min=1e-8),
-    )
-    if batch["rm_score"] is not None:
-        stats["rm_score"] = batch["rm_score"].mean()
-    return {k: float(v) for k, v in stats.items()}
-
-
-def train_step(policy, ref_policy, critic, policy_optimizer, critic_optimizer, reward_fn, prompt, prompt_mask,
-               args, eos_ids, pad_id, minibatch: int, score_fn=None, gold_fn=None) -> dict:
-    """One PPO iteration: rollout (steps 1-4) then PPO epochs (step 5). Returns this rank's statistics."""
-    batch = rollout(policy, ref_policy, critic, reward_fn, prompt, prompt_mask, args, eos_ids, pad_id, score_fn)
-    stats = rollout_stats(batch)
-    if gold_fn is not None:  # the lab's known reward (gold.py): logged, never seen by the optimiser
-        scores = gold_fn(batch["response"], batch["response_mask"])
-        stats["gold_score"] = sum(scores) / len(scores)
-    # 5. PPO epochs
-    stats.update(ppo_update(policy, critic, policy_optimizer, critic_optimizer, batch, args, minibatch))
-    stats["tokens"] = float(batch["response_mask"].sum())
-    return stats
 
 
 # ----------------------------------------------------------------------------------------------
 # Setup: models, reward sources, prompts
 # ----------------------------------------------------------------------------------------------
+def frozen_call(fn, model, query_response, attention_mask, *rest, **kw):
+    """Run fn(model, ...) where the frozen model lives (GPU or, with --offload-frozen, CPU); the
+    result comes back to the inputs' device."""
+    device = next(model.parameters()).device
+    moved = [t.to(device) for t in (query_response, attention_mask, *rest)]
+    with torch.no_grad():
+        return fn(model, *moved, **kw).to(query_response.device)
+
+
+def reference_logprobs_fn(policy, ref_policy, temperature: float) -> Callable[..., Tensor]:
+    """log π_ref(a_j) [B, R] as ref_logprobs_fn(query_response, attention_mask, full_response_mask):
+    read from the frozen copy `ref_policy` (where it lives: offloaded or sharded as loaded) or, with
+    LoRA (ref_policy None), from the policy itself with its adapters switched off."""
+    def logprobs(model, *sequences):
+        return common.response_logprobs(model, *sequences, temperature)[0]
+
+    def frozen_copy(query_response, attention_mask, full_response_mask):
+        return frozen_call(logprobs, ref_policy, query_response, attention_mask, full_response_mask)
+
+    def adapters_off(query_response, attention_mask, full_response_mask):
+        with torch.no_grad(), lora.adapters_disabled(unwrap(policy)):
+            return logprobs(unwrap(policy), query_response, attention_mask, full_response_mask)
+    return adapters_off if ref_policy is None else frozen_copy
+
+
 def load_frozen_score_model(path, args, dist_info, what):
-    """A trained reward model or discriminator, frozen (eval, no grad, dropout off), in --frozen-dtype."""
-    model = plumbing.load_score_model(path, dtype=plumbing.frozen_dtype(args, dist_info.device), what=what,
-                                      trust_remote_code=args.trust_remote_code, meta=dist_info.meta)
-    return plumbing.prepare_frozen(model, dist_info, args.offload_frozen, args.precision)
+    """A trained reward model or discriminator, frozen (eval, no grad, dropout off), in
+    --frozen-dtype."""
+    model = hf_models.load_score_model(path, dtype=amp.frozen_dtype(args, dist_info.device),
+                                       what=what, trust_remote_code=args.trust_remote_code,
+                                       meta=dist_info.meta)
+    return distributed.prepare_frozen(model, dist_info, args.offload_frozen, args.precision)
 
 
 class RewardInCritic(nn.Module):
-    """With LoRA, the reward model (or discriminator) the critic was started from: the critic's backbone with
-    its adapters switched off, read by the frozen reward head. Called like a ScoreModel: -> scores [B, T]."""
+    """With LoRA, the reward model (or discriminator) the critic was started from: the critic's
+    backbone with its adapters switched off, read by the frozen reward head. Called like a
+    ScoreModel: -> scores [B, T]."""
 
     def __init__(self, critic: common.ScoreModel, reward_head: nn.Linear):
         super().__init__()
@@ -483,61 +515,74 @@ class RewardInCritic(nn.Module):
 
 
 def make_reward_fn(args, dist_info, shared: dict | None = None):
-    """The task reward source of --reward as reward_fn(query_response, attention_mask, response_mask) -> [B, T_resp],
-    plus score_fn(...) -> [B] (the reward model's sequence score, for logging) or None without --reward-model.
-    shared: {path: model} already loaded (with LoRA, the reward model or discriminator inside the critic)."""
+    """The task reward source of --reward as reward_fn(query_response, attention_mask,
+    response_mask) -> [B, T_resp], plus score_fn(...) -> [B] (the reward model's sequence score,
+    for logging) or None without --reward-model. shared: {path: model} already loaded (with LoRA,
+    the reward model or discriminator inside the critic)."""
     shared = shared or {}
 
     def load(path, what):
-        return shared[path] if path in shared else load_frozen_score_model(path, args, dist_info, what)
+        if path in shared:
+            return shared[path]
+        return load_frozen_score_model(path, args, dist_info, what)
 
     reward_model = load(args.reward_model, "--reward-model") if args.reward_model else None
 
     def score_fn(query_response, attention_mask, response_mask):
-        return frozen_call(redistribute.sequence_reward, reward_model, query_response, attention_mask, response_mask)
+        return frozen_call(redistribute.sequence_reward, reward_model, query_response,
+                           attention_mask, response_mask)
 
     if args.reward == "seq":
-        def reward_fn(query_response, attention_mask, response_mask):  # R_φ(x, y) on the last action
-            return frozen_call(redistribute.sparse_token_rewards, reward_model, query_response, attention_mask,
-                               response_mask)
+        def reward_fn(query_response, attention_mask, response_mask):  # R_φ(x, y) on the last
+            return frozen_call(redistribute.sparse_token_rewards, reward_model, query_response,
+                               attention_mask, response_mask)
     elif args.reward == "red":
-        def reward_fn(query_response, attention_mask, response_mask):  # RED eq. 6/7, one forward pass
-            return frozen_call(redistribute.redistribute, reward_model, query_response, attention_mask, response_mask,
-                               beta_c=args.beta_c, zero_first=args.zero_first)
+        def reward_fn(query_response, attention_mask, response_mask):  # RED eq. 6/7, one forward
+            return frozen_call(redistribute.redistribute, reward_model, query_response,
+                               attention_mask, response_mask, beta_c=args.beta_c,
+                               zero_first=args.zero_first)
     else:
         disc = load(args.discriminator, "--discriminator")
 
-        def reward_fn(query_response, attention_mask, response_mask):  # TLCR eq. 7 (or an ablation)
-            return frozen_call(discriminator.token_rewards, disc, query_response, attention_mask, response_mask,
-                               mode=TLCR_MODES[args.reward])
+        def reward_fn(query_response, attention_mask, response_mask):  # TLCR eq. 7 or an ablation
+            return frozen_call(discriminator.token_rewards, disc, query_response, attention_mask,
+                               response_mask, mode=TLCR_MODES[args.reward])
     return reward_fn, (score_fn if reward_model is not None else None)
 
 
 def check_tokenizers(args, tokenizer):
     """The reward model and the discriminator must read token ids as the policy writes them."""
-    for option, path in (("--reward-model", args.reward_model), ("--discriminator", args.discriminator)):
+    for option, path in (("--reward-model", args.reward_model),
+                         ("--discriminator", args.discriminator)):
         if path is not None:  # parse_args dropped a --discriminator that seq / red never use
-            other = plumbing.load_tokenizer(path, args.trust_remote_code, what=option)
-            plumbing.check_same_tokenizer(tokenizer, other, f"{option} {path}")
+            other = hf_models.load_tokenizer(path, args.trust_remote_code, what=option)
+            hf_models.check_same_tokenizer(tokenizer, other, f"{option} {path}")
 
 
-def load_models(args, dist_info):
-    """Policy and critic (trained, wrapped for DDP or FSDP), the reference (a frozen copy of --policy; None with
-    LoRA), and {path: model} of the reward model or discriminator that shares the critic's backbone (LoRA)."""
-    dtype = plumbing.base_dtype(args, dist_info.device)  # fp32, or --frozen-dtype for a LoRA base
-    meta = dist_info.meta  # FSDP: rank 0 reads the weights, the other ranks receive their shards (wrap_model)
-    policy = plumbing.load_policy(args.policy, dtype, args.trust_remote_code, what="--policy", meta=meta)
-    plumbing.disable_dropout(policy)
+def load_models(args, dist_info, reward_fn=None) -> Models:
+    """Policy and critic (trained, wrapped for DDP or FSDP) with their optimizers, and the frozen
+    models as callables: the reference log-probs (a frozen copy of --policy; with LoRA the policy
+    with its adapters off) and the --reward source (with LoRA read from the critic's backbone with
+    its adapters off). `reward_fn` (optional) replaces the --reward source, e.g. a toy reward."""
+    dtype = amp.base_dtype(args, dist_info.device)  # fp32, or --frozen-dtype for a LoRA base
+    # FSDP: rank 0 reads the weights, the other ranks receive their shards (wrap_model)
+    meta = dist_info.meta
+    policy = hf_models.load_policy(args.policy, dtype, args.trust_remote_code, what="--policy",
+                                   meta=meta)
+    hf_models.disable_dropout(policy)
     lora.add_lora_from_args(policy, args)
     ref_policy = None
     if not args.lora_rank:
-        ref_dtype = plumbing.frozen_dtype(args, dist_info.device)
-        ref_policy = plumbing.load_policy(args.policy, ref_dtype, args.trust_remote_code, meta=meta)
-        ref_policy = plumbing.prepare_frozen(ref_policy, dist_info, args.offload_frozen, args.precision)
-        plumbing.round_like_frozen(policy, ref_dtype)  # start where the bf16 reference is: KL 0 at iteration 0
+        ref_dtype = amp.frozen_dtype(args, dist_info.device)
+        ref_policy = hf_models.load_policy(args.policy, ref_dtype, args.trust_remote_code,
+                                           meta=meta)
+        ref_policy = distributed.prepare_frozen(ref_policy, dist_info, args.offload_frozen,
+                                                args.precision)
+        # start where the bf16 reference is: KL 0 at iteration 0
+        amp.round_like_frozen(policy, ref_dtype)
     if args.critic_init == "policy":
-        critic = plumbing.new_score_model(args.policy, bias=True, dtype=dtype, trust_remote_code=args.trust_remote_code,
-                                          meta=meta)
+        critic = hf_models.new_score_model(args.policy, bias=True, dtype=dtype,
+                                           trust_remote_code=args.trust_remote_code, meta=meta)
         critic_path = None
     else:
         option = "--reward-model" if args.reward in ("seq", "red") else "--discriminator"
@@ -545,25 +590,33 @@ def load_models(args, dist_info):
         if critic_path is None:
             raise common.InputError(f"--critic-init reward needs {option} (--reward "
                                     f"{args.reward}); or use --critic-init policy")
-        critic = plumbing.load_score_model(critic_path, dtype, args.trust_remote_code, what=option,
-                                           meta=meta)
+        critic = hf_models.load_score_model(critic_path, dtype, args.trust_remote_code, what=option,
+                                            meta=meta)
     critic.head.float()  # the value head is trained: fp32
     lora.add_lora_from_args(critic.backbone, args)  # the head stays trainable
-    plumbing.disable_dropout(critic)
-    if args.gradient_checkpointing:  # active in train() mode only, so generation keeps its KV cache
-        plumbing.enable_gradient_checkpointing(policy)
-        plumbing.enable_gradient_checkpointing(critic)
-    policy = plumbing.wrap_model(policy, dist_info, args.precision)
-    critic = plumbing.wrap_model(critic, dist_info, args.precision)
+    hf_models.disable_dropout(critic)
+    if args.gradient_checkpointing:  # active in train() mode only: generation keeps its KV cache
+        hf_models.enable_gradient_checkpointing(policy)
+        hf_models.enable_gradient_checkpointing(critic)
+    policy = distributed.wrap_model(policy, dist_info, args.precision)
+    critic = distributed.wrap_model(critic, dist_info, args.precision)
     shared = {}
-    if args.lora_rank and critic_path is not None:  # the value head starts as the reward head, which stays frozen
-        reward_head = plumbing.frozen_copy(unwrap(critic).head)  # taken before a checkpoint moves the value head
+    if args.lora_rank and critic_path is not None:
+        # the value head starts as the reward head, which stays frozen; taken before a checkpoint
+        # moves the value head
+        reward_head = distributed.frozen_copy(unwrap(critic).head)
         shared[critic_path] = RewardInCritic(unwrap(critic), reward_head).eval()
-    return policy, ref_policy, critic, shared
+    score_fn = None
+    if reward_fn is None:
+        reward_fn, score_fn = make_reward_fn(args, dist_info, shared)
+    return Models(policy, critic, plumbing.adamw(policy, args.policy_lr),
+                  plumbing.adamw(critic, args.critic_lr),
+                  reference_logprobs_fn(policy, ref_policy, args.temperature), reward_fn, score_fn)
 
 
 def select_pairs(args, quiet: bool = False):
-    """The pairs whose prompts PPO trains on: --split (the RL part by default) of --split-seed's split."""
+    """The pairs whose prompts PPO trains on: --split (the RL part by default) of --split-seed's
+    split."""
     pairs = plumbing.load_data(args.data, args.split, args.split_seed, args.limit, quiet=quiet)
     if not pairs:
         raise common.InputError(f"--data {args.data}: split {args.split!r} is empty")
@@ -572,12 +625,14 @@ def select_pairs(args, quiet: bool = False):
 
 def load_prompts(args, tokenizer, quiet=False) -> list[list[int]]:
     """Token ids of the --split prompts (rendered, BOS once, left-truncated to --max-prompt-len)."""
-    return [common.encode_prompt(tokenizer, common.prompt_text(tokenizer, p.prompt, p.messages, args.chat_template),
-                                 args.max_prompt_len) for p in select_pairs(args, quiet)]
+    texts = [common.prompt_text(tokenizer, p.prompt, p.messages, args.chat_template)
+             for p in select_pairs(args, quiet)]
+    return [common.encode_prompt(tokenizer, text, args.max_prompt_len) for text in texts]
 
 
 def prompt_batch(prompts, step: int, batch_size: int, seed: int, rank: int, pad_id: int, device):
-    """This rank's prompts for `step`: a walk through one seeded permutation per epoch (resumable)."""
+    """This rank's prompts for `step`: a walk through one seeded permutation per epoch
+    (resumable)."""
     ids = []
     for k in range(step * batch_size, (step + 1) * batch_size):
         epoch, offset = divmod(k, len(prompts))
@@ -588,83 +643,136 @@ def prompt_batch(prompts, step: int, batch_size: int, seed: int, rank: int, pad_
     return prompt.to(device), prompt_mask.to(device)
 
 
+# ----------------------------------------------------------------------------------------------
+# The script: options (the algorithm's first, above), then main
+# ----------------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=plumbing.HelpFormatter)
+    add_algorithm_args(parser)
+    data = plumbing.add_data_args(parser.add_argument_group("data"), split="rl",
+                                  response_len=False)
+    data.add_argument("--out", required=True, help="output dir: log.jsonl, checkpoint/, policy/")
+    model = parser.add_argument_group("model")
+    model.add_argument("--policy", required=True,
+                       help="SFT model dir (HF causal LM); also loaded again as the frozen "
+                            "reference")
+    model.add_argument("--reward-model",
+                       help="Bradley–Terry reward model dir; required by seq/red, optional for "
+                            "tlcr* (then its score is logged as rm_score)")
+    model.add_argument("--discriminator", help="TLCR discriminator dir; required by tlcr*")
+    model.add_argument("--critic-init", default="reward", choices=("reward", "policy"),
+                       help="reward: critic = copy of the reward model (seq/red) or discriminator "
+                            "(tlcr*), head included; policy: the policy's backbone with a fresh "
+                            "head")
+    lora.add_lora_args(parser)
+    system = plumbing.add_system_args(parser)
+    system.add_argument("--log-gold", action="store_true",
+                        help="the offline lab: log gold_score, the mean gold.py score of each "
+                             "rollout's responses")
+    system.add_argument("--offload-frozen", action="store_true",
+                        help="keep the frozen reference and reward models on the CPU (with LoRA: "
+                             "those that do not share the policy's or the critic's backbone)")
+    system.add_argument("--save-every", type=int, default=50,
+                        help="checkpoint every N iterations (and at the end)")
+    system.add_argument("--stop-after", type=int, default=None,
+                        help="checkpoint and stop after this many iterations (as if interrupted); "
+                             "run again to resume")
+    plumbing.add_run_args(system)
+    args = parser.parse_args(argv)
+    lora.check_lora_args(parser, args)
+    if args.offload_frozen and args.fsdp:
+        parser.error("--offload-frozen and --fsdp do not go together: FSDP already spreads the "
+                     "frozen models over the ranks")
+    if args.reward in ("seq", "red") and not args.reward_model:
+        parser.error(f"--reward {args.reward} needs --reward-model DIR")
+    if args.reward.startswith("tlcr") and not args.discriminator:
+        parser.error(f"--reward {args.reward} needs --discriminator DIR")
+    if args.reward in ("seq", "red") and args.discriminator:  # never read: not checked, not loaded
+        warnings.warn(f"--reward {args.reward} does not use --discriminator; "
+                      f"ignoring {args.discriminator}")
+        args.discriminator = None
+    plumbing.check_positive(parser, args, "iterations", "rollout_batch_size", "minibatch_size",
+                            "ppo_epochs", "max_new_tokens", "max_prompt_len")
+    if args.rollout_batch_size % args.minibatch_size:
+        parser.error(f"--rollout-batch-size {args.rollout_batch_size} must be a multiple of "
+                     f"--minibatch-size {args.minibatch_size}")
+    if args.temperature <= 0 or not 0 < args.top_p <= 1:
+        parser.error("--temperature must be > 0 and --top-p in (0, 1]")
+    return args
+
+
 def main(argv=None, reward_fn=None):
     """Train. `reward_fn` (optional) replaces the --reward source, e.g. a toy reward in tests."""
     args = parse_args(argv)
-    dist_info = plumbing.setup_distributed(args.device, args.fsdp)
-    device, master = dist_info.device, dist_info.master
+    run = plumbing.start_run(args)  # torchrun or one process, seeds, a killed save's temp removed
+    dist_info, out = run.dist_info, run.out
+    device, master, rank = dist_info.device, dist_info.master, dist_info.rank
     for name in ("rollout_batch_size", "minibatch_size"):
         if getattr(args, name) % dist_info.world_size:
-            raise common.InputError(f"--{name.replace('_', '-')} {getattr(args, name)} is not divisible by the "
-                                    f"{dist_info.world_size} processes")
-    rollout_per_rank, minibatch_per_rank = (args.rollout_batch_size // dist_info.world_size,
-                                            args.minibatch_size // dist_info.world_size)
-    out = Path(args.out)
-    if master:
-        plumbing.clean_stale_temp(out)
-    plumbing.seed_everything(args.seed)
+            raise common.InputError(f"--{name.replace('_', '-')} {getattr(args, name)} is not "
+                                    f"divisible by the {dist_info.world_size} processes")
+    rollout_per_rank = args.rollout_batch_size // dist_info.world_size
+    minibatch_per_rank = args.minibatch_size // dist_info.world_size
 
-    tokenizer = plumbing.load_tokenizer(args.policy, args.trust_remote_code, what="--policy")
+    tokenizer = hf_models.load_tokenizer(args.policy, args.trust_remote_code, what="--policy")
     if reward_fn is None:
-        check_tokenizers(args, tokenizer)  # before any model is loaded: mismatches stop the run at once
+        check_tokenizers(args, tokenizer)  # before any model is loaded: mismatches stop at once
     prompts = load_prompts(args, tokenizer, quiet=not master)
-    policy, ref_policy, critic, shared = load_models(args, dist_info)
-    eos_ids, pad_id = common.eos_token_ids(tokenizer, unwrap(policy)), tokenizer.pad_token_id
-    n_positions = getattr(unwrap(policy).config, "max_position_embeddings", None)
+    models = load_models(args, dist_info, reward_fn)
+    eos_ids = common.eos_token_ids(tokenizer, unwrap(models.policy))
+    pad_id = tokenizer.pad_token_id
+    n_positions = getattr(unwrap(models.policy).config, "max_position_embeddings", None)
     if n_positions and max(map(len, prompts)) + args.max_new_tokens > n_positions:
-        raise common.InputError(f"--max-prompt-len + --max-new-tokens exceeds the model's {n_positions} positions")
-    score_fn = None
-    if reward_fn is None:
-        reward_fn, score_fn = make_reward_fn(args, dist_info, shared)
+        raise common.InputError(f"--max-prompt-len + --max-new-tokens exceeds the model's "
+                                f"{n_positions} positions")
 
-    def gold_fn(response, response_mask):  # --log-gold: the gold score of each response's text
-        return gold.score_responses(tokenizer, response.cpu(), response_mask.cpu())
-    policy_optimizer = plumbing.adamw(policy, args.policy_lr)
-    critic_optimizer = plumbing.adamw(critic, args.critic_lr)
-
-    run_config = plumbing.run_config(args, ignore=("iterations",))  # constant learning rates: a longer run may resume
-    start_step, logger = plumbing.resume(out, {"policy": policy, "critic": critic},
-                                         {"policy": policy_optimizer, "critic": critic_optimizer}, None, run_config,
-                                         args, dist_info)
+    start_step = run.resume({"policy": models.policy, "critic": models.critic},
+                            {"policy": models.policy_optimizer, "critic": models.critic_optimizer},
+                            ignore=("iterations",))  # constant learning rates: a run may grow
     if master:
         out.mkdir(parents=True, exist_ok=True)
-        plumbing.atomic_write(out / "args.json", json.dumps(vars(args), indent=2))
-        print(f"ppo_token: reward={args.reward}, {len(prompts)} prompts, world size {dist_info.world_size}, "
+        checkpoint.atomic_write(out / "args.json", json.dumps(vars(args), indent=2))
+        print(f"ppo_token: reward={args.reward}, {len(prompts)} prompts, world size "
+              f"{dist_info.world_size}, "
               f"{'resuming at iteration ' + str(start_step) if start_step else 'fresh start'}")
 
-    def checkpoint(step):
-        plumbing.save_checkpoint(out, step, {"policy": policy, "critic": critic},
-                                 {"policy": policy_optimizer, "critic": critic_optimizer}, None, run_config)
-
-    bar = tqdm(range(start_step, args.iterations), initial=start_step, total=args.iterations, disable=not master,
-               desc="ppo")
+    bar = tqdm(range(start_step, args.iterations), initial=start_step, total=args.iterations,
+               disable=not master, desc="ppo")
     start = time.perf_counter()
     for step in bar:
         t0 = time.perf_counter()
-        # all randomness of a step (sampling, minibatch order) is a function of (seed, rank, step): resumable
-        torch.manual_seed(args.seed + 1000 * dist_info.rank + 1_000_003 * (step + 1))
-        prompt, prompt_mask = prompt_batch(prompts, step, rollout_per_rank, args.seed, dist_info.rank, pad_id, device)
-        stats = train_step(policy, ref_policy, critic, policy_optimizer, critic_optimizer, reward_fn, prompt,
-                           prompt_mask, args, eos_ids, pad_id, minibatch_per_rank, score_fn,
-                           gold_fn if args.log_gold else None)
-        stats = {k: plumbing.all_reduce_mean(v, dist_info) for k, v in stats.items()}  # every rank takes part
-        record = {"step": step + 1, **{k: v for k, v in stats.items() if k != "tokens"},
-                  "elapsed_s": round(time.perf_counter() - start, 2),
-                  "tokens_per_s": stats["tokens"] * dist_info.world_size / (time.perf_counter() - t0)}
-        logger.log(record)
+        # all randomness of a step (sampling, minibatch order) is a function of (seed, rank, step)
+        torch.manual_seed(args.seed + 1000 * rank + 1_000_003 * (step + 1))
+        prompt, prompt_mask = prompt_batch(prompts, step, rollout_per_rank, args.seed, rank, pad_id,
+                                           device)
+        # 1-4. generate, score, per-token rewards, advantages and returns
+        batch = rollout(models, prompt, prompt_mask, eos_ids, pad_id, args)
+        stats = rollout_stats(batch)
+        if args.log_gold:  # the lab's known reward (gold.py): logged, never seen by the optimiser
+            scores = gold.score_responses(tokenizer, batch.response.cpu(),
+                                          batch.response_mask.cpu())
+            stats["gold_score"] = sum(scores) / len(scores)
+        # 5. PPO epochs
+        stats.update(ppo_update(models, batch, args, minibatch_per_rank))
+        # log: means over the ranks (every rank takes part)
+        stats["tokens"] = float(batch.response_mask.sum())
+        stats = {k: distributed.all_reduce_mean(v, dist_info) for k, v in stats.items()}
+        tokens = stats.pop("tokens") * dist_info.world_size
+        record = {"step": step + 1, **stats, "elapsed_s": round(time.perf_counter() - start, 2),
+                  "tokens_per_s": tokens / (time.perf_counter() - t0)}
+        run.logger.log(record)
         bar.set_postfix_str(f"task {record['task_reward']:.3f} kl {record['kl']:.3f} "
                             f"len {record['response_length']:.1f} eos {record['eos_fraction']:.2f} "
                             f"vf {record['value_loss']:.3f} ev {record['explained_variance']:.2f}")
-        if (step + 1) % args.save_every == 0 or step + 1 == args.iterations or step + 1 == args.stop_after:
-            checkpoint(step + 1)
-        if step + 1 == args.stop_after and step + 1 < args.iterations:
+        # checkpoint: every --save-every iterations, at --stop-after (then stop) and at the end
+        run.save_if_due(step + 1, last_step=args.iterations)
+        if run.stop_here(step + 1, args.iterations):
             bar.close()
-            plumbing.cleanup_distributed(dist_info)
             return None
-    plumbing.save_policy(policy, tokenizer, out / "policy")  # every rank: gathered under FSDP, LoRA merged
+    hf_models.save_policy(models.policy, tokenizer, out / "policy")  # gathered (FSDP), LoRA merged
     if master:
         print(f"ppo_token: done, policy saved to {out / 'policy'}")
-    plumbing.cleanup_distributed(dist_info)
+    run.finish()
 
 
 if __name__ == "__main__":

@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +57,7 @@ import common
 import gold
 import lora
 import plumbing
+from plumbing import amp, checkpoint, distributed, hf_models
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,8 +101,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     out.add_argument("--save-every", type=int, default=200, help="steps between checkpoints")
     out.add_argument("--stop-after", type=int, default=None,
                      help="checkpoint and stop after this many steps (as if interrupted); run again to resume")
-    plumbing.add_resume_args(out)
-    plumbing.add_report_args(out)
+    plumbing.add_run_args(out)  # --no-resume, --force-resume, --report-to
     lora.add_lora_args(train)
     plumbing.add_system_args(train)
 
@@ -231,7 +230,7 @@ def score_positions(reward_model, query_response: torch.Tensor, attention_mask: 
     """ONE forward pass: R(x, y≤t) at every position t, in float32; 0 at padding. [B, T]
 
     Gradients flow (training uses this too); wrap in torch.no_grad() to score. The caller puts
-    the model in eval mode (dropout off) and, on CUDA, inside plumbing.autocast.
+    the model in eval mode (dropout off) and, on CUDA, inside amp.autocast.
     """
     scores = reward_model(query_response, attention_mask).float()  # [B, T]
     return scores.masked_fill(attention_mask == 0, 0.0)  # garbage (or NaN) at padding never leaks
@@ -278,23 +277,23 @@ def prefix_pair_loss(scores: torch.Tensor, prefix_index: torch.Tensor, prefix_go
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(model, examples: list[dict], pad_id: int, batch_size: int, device: torch.device,
-             dist_info: plumbing.DistInfo | None = None, precision="auto") -> dict:
+             dist_info: distributed.DistInfo | None = None, precision="auto") -> dict:
     """Share of held-out pairs with R(x, y_c) > R(x, y_r) (ties count as wrong), and the mean
     margin R(x, y_c) − R(x, y_r). Under torchrun each rank scores every world_size-th pair."""
-    dist_info = dist_info or plumbing.DistInfo(device=device)
-    model = plumbing.unwrap(model)
+    dist_info = dist_info or distributed.DistInfo(device=device)
+    model = distributed.unwrap(model)
     was_training = model.training
     model.eval()
     correct = margin_sum = 0.0
-    for chunk, weight in plumbing.rank_batches(examples, batch_size, dist_info):
+    for chunk, weight in distributed.rank_batches(examples, batch_size, dist_info):
         batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id).items()}
-        with plumbing.autocast(device, precision):
+        with amp.autocast(device, precision):
             chosen, rejected = pair_rewards(model, batch)
         correct += weight * (chosen > rejected).sum().item()
         margin_sum += weight * (chosen - rejected).sum().item()
     model.train(was_training)
     n = len(examples)
-    correct, margin_sum = plumbing.all_reduce_sum([correct, margin_sum], dist_info).tolist()
+    correct, margin_sum = distributed.all_reduce_sum([correct, margin_sum], dist_info).tolist()
     return {"accuracy": correct / n, "mean_margin": margin_sum / n, "pairs": n}
 
 
@@ -352,8 +351,8 @@ def sequence_reward(reward_model, query_response: torch.Tensor, attention_mask: 
 
 def load_reward_model(path, device="cpu", dtype=torch.float32, trust_remote_code=False):
     """A trained reward model (this project's, or TRL's / OpenRLHF's) in eval mode with dropout off."""
-    model = plumbing.load_score_model(path, dtype=dtype, trust_remote_code=trust_remote_code, what="--reward-model")
-    return plumbing.disable_dropout(model).eval().to(device)
+    model = hf_models.load_score_model(path, dtype=dtype, trust_remote_code=trust_remote_code, what="--reward-model")
+    return hf_models.disable_dropout(model).eval().to(device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,11 +370,11 @@ def train_step(model, optimizer, scheduler, batch: list[dict], args, dist_info, 
     normaliser = len(batch) / dist_info.world_size  # pairs
     model.train()
     sums = torch.zeros(3, dtype=torch.float64)  # summed loss, pairs ranked right, summed margin
-    micro_batches = plumbing.micro_batches(rank_examples, args.micro_batch_size)
+    micro_batches = distributed.micro_batches(rank_examples, args.micro_batch_size)
     for k, examples in enumerate(micro_batches):
         micro = {key: v.to(dist_info.device) for key, v in collate_pairs(examples, pad_id).items()}
-        with plumbing.accumulate(model, last=k == len(micro_batches) - 1):
-            with plumbing.autocast(dist_info.device, args.precision):
+        with distributed.accumulate(model, last=k == len(micro_batches) - 1):
+            with amp.autocast(dist_info.device, args.precision):
                 chosen, rejected, scores = pair_rewards(model, micro, return_scores=True)
             loss, loss_sum = bradley_terry_loss(chosen, rejected, normaliser)
             if "prefix_index" in micro:  # --prefix-pairs: + ½ (L_pre(y_c) + L_pre(y_r)) per pair
@@ -386,11 +385,11 @@ def train_step(model, optimizer, scheduler, batch: list[dict], args, dist_info, 
             loss.backward()
         sums += torch.tensor([loss_sum.item(), (chosen > rejected).sum().item(), (chosen - rejected).sum().item()],
                              dtype=torch.float64)
-    grad_norm = plumbing.clip_grad_norm(model, args.max_grad_norm)
+    grad_norm = distributed.clip_grad_norm(model, args.max_grad_norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    sums = plumbing.all_reduce_sum(sums, dist_info)
+    sums = distributed.all_reduce_sum(sums, dist_info)
     return {"loss": sums[0].item() / len(batch), "accuracy": sums[1].item() / len(batch),
             "margin": sums[2].item() / len(batch), "grad_norm": grad_norm}
 
@@ -399,16 +398,13 @@ def train_step(model, optimizer, scheduler, batch: list[dict], args, dist_info, 
 # 6. The stages: train, show
 # ----------------------------------------------------------------------------------------------
 def train(args):
-    dist_info = plumbing.setup_distributed(args.device, args.fsdp)
+    run = plumbing.start_run(args)  # torchrun, --seed, a killed save's temp folders in --out
+    dist_info, out = run.dist_info, run.out
     master, device = dist_info.master, dist_info.device
-    plumbing.seed_everything(args.seed)
-    out = Path(args.out)
-    if master:
-        plumbing.clean_stale_temp(out)
 
     # data: the split (--split-seed), its held-out part (hashed, the same pairs the discriminator holds out)
     train_pairs, eval_pairs = select_pairs(args, quiet=not master)
-    tokenizer = plumbing.load_tokenizer(args.sft, trust_remote_code=args.trust_remote_code, what="--sft")
+    tokenizer = hf_models.load_tokenizer(args.sft, trust_remote_code=args.trust_remote_code, what="--sft")
     pad_id = tokenizer.pad_token_id
     train_examples = encode_pairs(train_pairs, tokenizer, args.max_prompt_len,
                                   args.max_response_len, args.chat_template,
@@ -417,31 +413,27 @@ def train(args):
 
     # model: SFT backbone + fresh scalar head without bias, dropout off (the two sides of a pair must be
     # scored by the same function), optimizer, cosine schedule without warm-up
-    model = plumbing.new_score_model(args.sft, bias=False, dtype=plumbing.base_dtype(args, device),
-                                     trust_remote_code=args.trust_remote_code, what="--sft", meta=dist_info.meta)
+    model = hf_models.new_score_model(args.sft, bias=False, dtype=amp.base_dtype(args, device),
+                                      trust_remote_code=args.trust_remote_code, what="--sft", meta=dist_info.meta)
     lora.add_lora_from_args(model.backbone, args)  # --lora-rank 0: nothing; else the head stays trainable
-    save_note = plumbing.score_save_note(model.config, "sequence")  # said before training
+    save_note = hf_models.score_save_note(model.config, "sequence")  # said before training
     if dist_info.master and save_note:
         print(f"reward model: note: {save_note}")
-    plumbing.disable_dropout(model).train()
+    hf_models.disable_dropout(model).train()
     if args.gradient_checkpointing:
-        plumbing.enable_gradient_checkpointing(model)
-    model = plumbing.wrap_model(model, dist_info, args.precision)  # DDP, or sharded with --fsdp
+        hf_models.enable_gradient_checkpointing(model)
+    model = distributed.wrap_model(model, dist_info, args.precision)  # DDP, or sharded with --fsdp
     batch_size = min(args.batch_size, len(train_examples))  # global pairs per optimizer step
-    plumbing.check_batch_size(batch_size, dist_info)
+    distributed.check_batch_size(batch_size, dist_info)
     total_steps = plumbing.total_steps_of(len(train_examples), batch_size, args.epochs, args.max_steps)
     optimizer = plumbing.adamw(model, args.lr, args.weight_decay)
     scheduler = plumbing.cosine_schedule(optimizer, total_steps)
-    run_config = plumbing.run_config(args, total_steps=total_steps)
-    step, logger = plumbing.resume(out, {"model": model}, {"model": optimizer}, {"model": scheduler}, run_config,
-                                   args, dist_info, map_location=device)
+    step = run.resume({"model": model}, {"model": optimizer}, {"model": scheduler},
+                      map_location=device, total_steps=total_steps)  # 0, or the last checkpoint's
     if master:
         print(f"reward model: {len(train_examples)} training pairs, {len(eval_examples)} held out; {total_steps} "
               f"steps of {batch_size} pairs on {dist_info.world_size} rank(s), device {device}"
               f"{f', resuming at step {step}' if step else ''}")
-
-    def checkpoint():  # every rank (under FSDP each writes its shards)
-        plumbing.save_checkpoint(out, step, {"model": model}, {"model": optimizer}, {"model": scheduler}, run_config)
 
     steps_per_epoch = max(1, len(train_examples) // batch_size)
     bar = tqdm(total=total_steps, initial=step, disable=not master, desc="reward model")
@@ -459,40 +451,39 @@ def train(args):
             result = evaluate(model, eval_examples, pad_id, args.eval_batch_size, device, dist_info, args.precision)
             record.update({f"eval_{k}": v for k, v in result.items() if k != "pairs"})
         if step % args.log_every == 0 or step == total_steps or "eval_accuracy" in record:
-            logger.log(record)
+            run.logger.log(record)
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.3f}")
-        if step % args.save_every == 0 or step == args.stop_after:
-            checkpoint()
-        if step == args.stop_after and step < total_steps:
+        run.save_if_due(step)  # every --save-every steps, and at --stop-after
+        if run.stop_here(step, total_steps):  # --stop-after: stop as if killed, resume later
             bar.close()
-            plumbing.cleanup_distributed(dist_info)
             return None
     bar.close()
 
     # held-out accuracy, final model
     result = evaluate(model, eval_examples, pad_id, args.eval_batch_size, device, dist_info, args.precision)
-    checkpoint()
+    run.save(step)
     info = {"role": "reward_model", "sft": str(args.sft), "data": str(args.data), "split": args.split,
             "split_seed": args.split_seed, "eval_fraction": args.eval_fraction, "preference": args.preference,
             "revision_pairs": args.revision_pairs, "prefix_pairs": args.prefix_pairs, "steps": step}
-    plumbing.save_score_model(model, tokenizer, out, kind="sequence", extra=info)  # every rank; keeps log, checkpoint/
+    hf_models.save_score_model(model, tokenizer, out, kind="sequence", extra=info)  # every rank; keeps log, checkpoint/
     if master:
         result.update({"step": step, "split": args.split, "data": str(args.data), "preference": args.preference,
                        "training_pairs": len(train_examples)})
-        logger.log({"step": step, **{f"eval_{k}": v for k, v in result.items() if k in ("accuracy", "mean_margin")}})
-        plumbing.atomic_write(out / "accuracy.json", json.dumps(result, indent=2) + "\n")
+        run.logger.log({"step": step, **{f"eval_{k}": v for k, v in result.items() if k in ("accuracy", "mean_margin")}})
+        checkpoint.atomic_write(out / "accuracy.json", json.dumps(result, indent=2) + "\n")
         print(f"held-out pair accuracy {result['accuracy']:.4f}, mean margin {result['mean_margin']:+.4f} "
               f"over {result['pairs']} pairs -> {out / 'accuracy.json'}")
-    plumbing.cleanup_distributed(dist_info)
+    run.finish()
     return result
 
 
 @torch.no_grad()
 def show(args):
-    device = plumbing.setup_distributed(args.device).device
-    tokenizer = plumbing.load_tokenizer(args.reward_model, trust_remote_code=args.trust_remote_code,
-                                        what="--reward-model")
+    device = distributed.setup_distributed(args.device).device
+    tokenizer = hf_models.load_tokenizer(args.reward_model,
+                                         trust_remote_code=args.trust_remote_code,
+                                         what="--reward-model")
     model = load_reward_model(args.reward_model, device, trust_remote_code=args.trust_remote_code)
     prompt = common.encode_prompt(tokenizer, args.prompt, args.max_prompt_len)
     response = common.encode_response(tokenizer, args.response, args.max_response_len)

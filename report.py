@@ -9,7 +9,7 @@ import html
 import math
 from pathlib import Path
 
-import plumbing
+from plumbing import checkpoint
 
 # columns of results.md / the report table: (key in results.json, header, format)
 COLUMNS = [("rm_score", "RM score ↑", "{:+.3f}"), ("tlcr_reward", "TLCR reward ↑", "{:+.3f}"),
@@ -360,7 +360,7 @@ def find_logs(policies):
 
 def training_curves(logs):
     """{chart title: {run name: [(step, value)]}} from the PPO logs (missing keys are skipped)."""
-    rows = {name: plumbing.read_jsonl_tolerant(path) for name, path in logs.items() if Path(path).exists()}
+    rows = {name: checkpoint.read_jsonl_tolerant(path) for name, path in logs.items() if Path(path).exists()}
     curves = {}
     for title, keys in CURVES:
         series, used = {}, set()

@@ -28,6 +28,7 @@ from tqdm import tqdm
 import common
 import lora
 import plumbing
+from plumbing import amp, checkpoint, distributed, hf_models
 
 
 def parse_args(argv=None):
@@ -37,9 +38,9 @@ def parse_args(argv=None):
     model.add_argument("--model", default="tiny",
                        help="'tiny' (a small random model + BPE tokenizer trained on the data), or any Hugging Face "
                             "causal LM by name or path (gpt2, meta-llama/Llama-2-7b-hf, ./my-model)")
-    model.add_argument("--tiny-arch", default="gpt2", choices=tuple(plumbing.TINY_FAMILIES),
+    model.add_argument("--tiny-arch", default="gpt2", choices=tuple(hf_models.TINY_FAMILIES),
                        help="tiny model family: gpt2 (byte-level BPE, no BOS), llama (RoPE, "
-                            "SentencePiece-style BPE, BOS), or another of plumbing.TINY_FAMILIES "
+                            "SentencePiece-style BPE, BOS), or another of hf_models.TINY_FAMILIES "
                             "(llama3, mistral, qwen2, qwen3, gemma2, phi3, gpt_neox, opt)")
     model.add_argument("--tiny-layers", type=int, default=2, help="tiny model: transformer blocks")
     model.add_argument("--tiny-width", type=int, default=64, help="tiny model: hidden size")
@@ -65,8 +66,7 @@ def parse_args(argv=None):
     out.add_argument("--save-every", type=int, default=100, help="write a resumable checkpoint every N steps")
     out.add_argument("--stop-after", type=int, default=None,
                      help="checkpoint and stop after this many steps (as if interrupted); run again to resume")
-    plumbing.add_resume_args(out)
-    plumbing.add_report_args(out)
+    plumbing.add_run_args(out)  # --no-resume, --force-resume, --report-to
     lora.add_lora_args(parser)
     plumbing.add_system_args(parser)
     args = parser.parse_args(argv)
@@ -122,36 +122,36 @@ def train_step(model, optimizer, scheduler, batch, args, dist_info, pad_id) -> d
     normaliser = sum(len(r) for _, r in batch) / dist_info.world_size  # response tokens (targets)
     model.train()
     nll_sum = torch.zeros((), dtype=torch.float64)
-    micro_batches = plumbing.micro_batches(rank_examples, args.micro_batch_size)
+    micro_batches = distributed.micro_batches(rank_examples, args.micro_batch_size)
     for k, examples in enumerate(micro_batches):
         inputs = [t.to(dist_info.device) for t in common.collate_right(examples, pad_id)]
-        with plumbing.accumulate(model, last=k == len(micro_batches) - 1):
-            with plumbing.autocast(dist_info.device, args.precision):
+        with distributed.accumulate(model, last=k == len(micro_batches) - 1):
+            with amp.autocast(dist_info.device, args.precision):
                 loss, nll = sft_loss(model, *inputs, normaliser=normaliser)
             loss.backward()
         nll_sum += nll.double().cpu()
-    grad_norm = plumbing.clip_grad_norm(model, args.max_grad_norm)
+    grad_norm = distributed.clip_grad_norm(model, args.max_grad_norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     tokens = normaliser * dist_info.world_size
-    return {"loss": plumbing.all_reduce_sum(nll_sum, dist_info).item() / tokens, "grad_norm": grad_norm}
+    return {"loss": distributed.all_reduce_sum(nll_sum, dist_info).item() / tokens, "grad_norm": grad_norm}
 
 
 @torch.no_grad()
 def evaluate(model, examples, args, dist_info, pad_id) -> float:
     """Held-out mean response NLL over the first --eval-examples test examples (shared over ranks)."""
-    model = plumbing.unwrap(model)
+    model = distributed.unwrap(model)
     was_training = model.training
     model.eval()
     nll_sum, count = 0.0, 0
-    for chunk, weight in plumbing.rank_batches(examples[: args.eval_examples], args.eval_batch_size, dist_info):
+    for chunk, weight in distributed.rank_batches(examples[: args.eval_examples], args.eval_batch_size, dist_info):
         inputs = [t.to(dist_info.device) for t in common.collate_right(chunk, pad_id)]
-        with plumbing.autocast(dist_info.device, args.precision):
+        with amp.autocast(dist_info.device, args.precision):
             _, nll = sft_loss(model, *inputs)
         nll_sum, count = nll_sum + weight * nll.item(), count + weight * int(inputs[2].sum())
     model.train(was_training)
-    nll_total, count_total = plumbing.all_reduce_sum([nll_sum, count], dist_info).tolist()
+    nll_total, count_total = distributed.all_reduce_sum([nll_sum, count], dist_info).tolist()
     return nll_total / max(count_total, 1)
 
 
@@ -166,25 +166,23 @@ def load_or_build_model(args, sft_pairs, out: Path, dist_info):
         path = out / "init"
         if not (path / "config.json").exists():
             if dist_info.master:
-                plumbing.build_tiny([p.prompt + p.chosen for p in sft_pairs], path, arch=args.tiny_arch,
-                                    vocab_size=args.tiny_vocab, seed=args.seed, layers=args.tiny_layers,
-                                    width=args.tiny_width, dropout=args.tiny_dropout)
-            plumbing.barrier()
-    dtype = plumbing.base_dtype(args, dist_info.device)
-    return (plumbing.load_policy(path, dtype, args.trust_remote_code, what="--model", meta=dist_info.meta),
-            plumbing.load_tokenizer(path, trust_remote_code=args.trust_remote_code, what="--model"))
+                hf_models.build_tiny([p.prompt + p.chosen for p in sft_pairs], path, arch=args.tiny_arch,
+                                     vocab_size=args.tiny_vocab, seed=args.seed, layers=args.tiny_layers,
+                                     width=args.tiny_width, dropout=args.tiny_dropout)
+            distributed.barrier()
+    dtype = amp.base_dtype(args, dist_info.device)
+    return (hf_models.load_policy(path, dtype, args.trust_remote_code, what="--model", meta=dist_info.meta),
+            hf_models.load_tokenizer(path, trust_remote_code=args.trust_remote_code,
+                                     what="--model"))
 
 
 def main(argv=None):
     args = parse_args(argv)
-    dist_info = plumbing.setup_distributed(args.device, args.fsdp)
-    plumbing.check_batch_size(args.batch_size, dist_info)
-    plumbing.seed_everything(args.seed)
-    out = Path(args.out)
+    run = plumbing.start_run(args)  # torchrun, --seed, a killed save's temp folders in --out
+    dist_info, out = run.dist_info, run.out
+    distributed.check_batch_size(args.batch_size, dist_info)
     if args.model != "tiny":
-        plumbing.check_model_source(args.model, "--model")  # before any long work
-    if dist_info.master:
-        plumbing.clean_stale_temp(out)
+        hf_models.check_model_source(args.model, "--model")  # before any long work
     sft_pairs, test_pairs = select_pairs(args, quiet=not dist_info.master)
     model, tokenizer = load_or_build_model(args, sft_pairs, out, dist_info)
     lora.add_lora_from_args(model, args)  # --lora-rank 0: nothing (full fine-tuning)
@@ -193,22 +191,18 @@ def main(argv=None):
     # dropout stays as the model was built (0.1 in the tiny model): SFT is ordinary supervised learning, and a small
     # model fitting a few hundred dialogues needs the regularisation; every RL stage turns it off
     if args.gradient_checkpointing:
-        plumbing.enable_gradient_checkpointing(model)
-    model = plumbing.wrap_model(model, dist_info, args.precision)  # DDP, or sharded with --fsdp
+        hf_models.enable_gradient_checkpointing(model)
+    model = distributed.wrap_model(model, dist_info, args.precision)  # DDP, or sharded with --fsdp
 
     total_steps = plumbing.total_steps_of(len(train_examples), args.batch_size, args.epochs, args.max_steps)
     optimizer = plumbing.adamw(model, args.lr, args.weight_decay)
     scheduler = plumbing.cosine_schedule(optimizer, total_steps)
-    run_config = plumbing.run_config(args, total_steps=total_steps)
-    step, logger = plumbing.resume(out, {"model": model}, {"model": optimizer}, {"model": scheduler}, run_config,
-                                   args, dist_info)
+    step = run.resume({"model": model}, {"model": optimizer}, {"model": scheduler},
+                      total_steps=total_steps)  # 0, or where the newest checkpoint stopped
     pad_id = tokenizer.pad_token_id
     if dist_info.master:
         print(f"sft: {len(train_examples)} examples, {total_steps} steps of {args.batch_size}"
               f"{f', resuming at step {step}' if step else ''}")
-
-    def checkpoint():  # every rank (under FSDP each writes its shards)
-        plumbing.save_checkpoint(out, step, {"model": model}, {"model": optimizer}, {"model": scheduler}, run_config)
 
     eval_loss = None
     bar = tqdm(total=total_steps, initial=step, desc="sft", disable=not dist_info.master)
@@ -221,24 +215,22 @@ def main(argv=None):
                   "lr": scheduler.get_last_lr()[0], "elapsed_s": round(time.time() - start, 2)}
         if step % args.eval_every == 0 or step == total_steps:
             record["eval_loss"] = eval_loss = evaluate(model, test_examples, args, dist_info, pad_id)
-        logger.log(record)
+        run.logger.log(record)
         bar.update(1)
         bar.set_postfix({k: round(v, 4) for k, v in record.items() if k.endswith("loss")})
-        if step % args.save_every == 0 or step == args.stop_after:
-            checkpoint()
-        if step == args.stop_after and step < total_steps:
+        run.save_if_due(step)  # every --save-every steps, and at --stop-after
+        if run.stop_here(step, total_steps):  # --stop-after: stop as if killed, resume later
             bar.close()
-            plumbing.cleanup_distributed(dist_info)
             return None
     bar.close()
     if eval_loss is None:  # resumed after the last step: nothing was evaluated in this run
         eval_loss = evaluate(model, test_examples, args, dist_info, pad_id)
-    checkpoint()
-    plumbing.save_policy(model, tokenizer, out)  # every rank: gathered under FSDP, LoRA merged; rank 0 writes
+    run.save(step)
+    hf_models.save_policy(model, tokenizer, out)  # every rank: gathered under FSDP, LoRA merged; rank 0 writes
     if dist_info.master:
-        plumbing.atomic_write(out / "sft_summary.json", json.dumps({"step": step, "eval_loss": eval_loss}, indent=2))
+        checkpoint.atomic_write(out / "sft_summary.json", json.dumps({"step": step, "eval_loss": eval_loss}, indent=2))
         print(f"sft: {step} steps, held-out response NLL {eval_loss:.4f}, model saved to {out}")
-    plumbing.cleanup_distributed(dist_info)
+    run.finish()
     return out
 
 

@@ -70,6 +70,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 import plumbing
+from plumbing import checkpoint
 import report
 
 ROOT = Path(__file__).resolve().parent
@@ -351,7 +352,7 @@ def run_seed(args, seed) -> float:
             f"seed {seed}: run_pipeline.sh failed (exit {done.returncode}); see "
             f"{folder / 'pipeline.log'}, then run the study again (it resumes)"
         )
-    plumbing.atomic_write(
+    checkpoint.atomic_write(
         folder / "study_seconds.json",
         json.dumps({"seconds": round(seconds, 1), "size": args.size, "rewards": args.rewards})
         + "\n",
@@ -391,7 +392,7 @@ def seed_record(args, seed) -> dict:
         row = {"final_gold": policy.get("gold_score"), "final_kl": policy.get("kl")}
         if method != "sft":
             curve = smoothed_curve(
-                plumbing.read_jsonl_tolerant(folder / f"ppo_{method}" / "log.jsonl"), args.smooth
+                checkpoint.read_jsonl_tolerant(folder / f"ppo_{method}" / "log.jsonl"), args.smooth
             )
             row["max_kl"] = max((k for k, _ in curve), default=None)
             row["curve"] = curve
@@ -624,14 +625,14 @@ def write_outputs(args, records, study):
         "exact sign-flip p beside",
     }
     per_seed = {str(seed): records[seed] for seed in args.seeds}
-    plumbing.atomic_write(
+    checkpoint.atomic_write(
         out / "study.json",
         json.dumps({"config": config, **study, "per_seed": per_seed}, indent=1) + "\n",
     )
-    plumbing.atomic_write(out / "study.md", study_markdown(args, study, records))
+    checkpoint.atomic_write(out / "study.md", study_markdown(args, study, records))
     svg = frontier_svg(args, study, records)
-    plumbing.atomic_write(out / "frontier.svg", svg + "\n")
-    plumbing.atomic_write(out / "study.html", study_html(args, study, records, svg))
+    checkpoint.atomic_write(out / "frontier.svg", svg + "\n")
+    checkpoint.atomic_write(out / "study.html", study_html(args, study, records, svg))
     print(study_markdown(args, study, records))
     written = ", ".join(str(out / name) for name in ("study.json", "study.md", "study.html"))
     print(f"wrote {written}, {out / 'frontier.svg'}")

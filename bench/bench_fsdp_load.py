@@ -1,7 +1,7 @@
 """Host memory of loading a model for FSDP: every rank reading the whole model, or rank 0 alone (--fsdp).
 
-With --fsdp, plumbing.load_policy(meta=True) builds the model on the meta device on every rank but 0, and
-plumbing.shard_model sends each rank its pieces of rank 0's weights. This measures what that saves: the
+With --fsdp, hf_models.load_policy(meta=True) builds the model on the meta device on every rank but 0, and
+distributed.shard_model sends each rank its pieces of rank 0's weights. This measures what that saves: the
 growth of each rank's peak resident set (VmHWM) while one model is loaded and sharded, both ways, on 2
 gloo processes on the CPU, for two GPT-2s of ~50 M parameters saved in fp32:
     vocab 8192, 16 layers x 512   the embedding is 2 % of the weights, as in a 7B model
@@ -20,7 +20,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import plumbing  # noqa: E402
+from plumbing import distributed, hf_models  # noqa: E402
 
 SHAPES = {"vocab 8192, 16 x 512": dict(n_layer=16, n_embd=512, n_head=8, vocab_size=8192, bos_token_id=0,
                                        eos_token_id=0),
@@ -37,26 +37,26 @@ def launched(model_dir: str, how: str):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.set_num_threads(1)
-    plumbing._quiet_transformers()
-    dist_info = plumbing.setup_distributed("cpu", fsdp=True)
-    plumbing.shard_model(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16)), dist_info)
+    hf_models._quiet_transformers()
+    dist_info = distributed.setup_distributed("cpu", fsdp=True)
+    distributed.shard_model(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16)), dist_info)
     before = rss_mib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     meta = dist_info.meta if how == "rank 0 loads" else False
-    model = plumbing.shard_model(plumbing.load_policy(model_dir, meta=meta), dist_info)
+    model = distributed.shard_model(hf_models.load_policy(model_dir, meta=meta), dist_info)
     result = {"rank": dist_info.rank, "peak_growth_mib": round(rss_mib("VmHWM") - before),
               "shard_mib": round(sum(p.to_local().numel() * p.element_size() for p in model.parameters()) / 2 ** 20)}
     everyone = [None] * dist_info.world_size
     torch.distributed.all_gather_object(everyone, result)
     if dist_info.master:
         print("RESULT " + json.dumps(everyone))
-    plumbing.cleanup_distributed(dist_info)
+    distributed.cleanup_distributed(dist_info)
 
 
 def main():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    plumbing._quiet_transformers()
+    hf_models._quiet_transformers()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "MALLOC_MMAP_THRESHOLD_": "65536",
            "MALLOC_TRIM_THRESHOLD_": "0"}
     with tempfile.TemporaryDirectory() as tmp:

@@ -30,13 +30,13 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 import common  # noqa: E402
 import gpu_check  # noqa: E402
 import plan_memory  # noqa: E402
-import plumbing  # noqa: E402
+from plumbing import hf_models  # noqa: E402
 
 
 def main(argv=None):
     pairs = common.load_pairs(common.BUNDLED_DATA, quiet=True)
-    tokenizer = plumbing.configure_tokenizer(
-        plumbing.train_tiny_tokenizer([p.prompt + p.chosen for p in pairs], vocab_size=50257)
+    tokenizer = hf_models.configure_tokenizer(
+        hf_models.train_tiny_tokenizer([p.prompt + p.chosen for p in pairs], vocab_size=50257)
     )
     config = plan_memory.load_config(
         "gpt2"

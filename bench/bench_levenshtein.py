@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import common  # noqa: E402
 import label  # noqa: E402
-import plumbing  # noqa: E402
+from plumbing import hf_models  # noqa: E402
 
 
 def revision_like(n, rng, vocab=50257, edit_rate=0.15):
@@ -86,9 +86,9 @@ def main():
     # the whole reviser-free path on real pairs
     pairs = common.load_pairs(common.BUNDLED_DATA, quiet=True)
     if args.tokenizer:
-        tokenizer = plumbing.load_tokenizer(args.tokenizer)
+        tokenizer = hf_models.load_tokenizer(args.tokenizer)
     else:
-        tokenizer = plumbing.train_tiny_tokenizer([p.prompt + p.chosen for p in pairs], vocab_size=8192)
+        tokenizer = hf_models.train_tiny_tokenizer([p.prompt + p.chosen for p in pairs], vocab_size=8192)
     revisions = {p.id: p.chosen for p in pairs}
     for workers in sorted({1, args.workers}):
         # one process: CPU seconds (one core, whatever else runs); several: wall-clock seconds

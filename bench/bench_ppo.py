@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
-import plumbing  # noqa: E402
+from plumbing import distributed, hf_models  # noqa: E402
 import ppo_token as ppo  # noqa: E402
 
 
@@ -89,10 +89,8 @@ def run_variant(args) -> dict:
                                str(models / "reward_model"), "--out", "-", "--rollout-batch-size", str(args.batch_size),
                                "--minibatch-size", str(args.minibatch_size), "--max-new-tokens", str(args.new_tokens),
                                "--device", args.device, "--lora-rank", str(args.lora_rank if args.variant == "lora" else 0)])
-    dist_info = plumbing.DistInfo(device=device)
-    policy, ref_policy, critic, shared = ppo.load_models(ppo_args, dist_info)
-    reward_fn, _ = ppo.make_reward_fn(ppo_args, dist_info, shared)
-    optimizers = plumbing.adamw(policy, ppo_args.policy_lr), plumbing.adamw(critic, ppo_args.critic_lr)
+    dist_info = distributed.DistInfo(device=device)
+    models = ppo.load_models(ppo_args, dist_info)  # with their AdamW optimizers
     torch.manual_seed(0)
     lengths = torch.randint(args.prompt_len // 2, args.prompt_len + 1, (args.batch_size,)).tolist()
     prompt, prompt_mask = common.pad_left([torch.randint(1, args.vocab, (n,)).tolist() for n in lengths], 0)
@@ -101,17 +99,17 @@ def run_variant(args) -> dict:
     for k in range(args.repeats + 1):
         sync(device)
         t0 = time.perf_counter()
-        batch = ppo.rollout(policy, ref_policy, critic, reward_fn, prompt, prompt_mask, ppo_args, [-1], 0)  # no EOS
+        batch = ppo.rollout(models, prompt, prompt_mask, [-1], 0, ppo_args)  # no EOS
         sync(device)
         t1 = time.perf_counter()
-        ppo.ppo_update(policy, critic, *optimizers, batch, ppo_args, args.minibatch_size)
+        ppo.ppo_update(models, batch, ppo_args, args.minibatch_size)
         sync(device)
         if k:  # the first iteration warms up (and creates the AdamW states)
             rollout_s, update_s = rollout_s + t1 - t0, update_s + time.perf_counter() - t1
     tokens = args.batch_size * args.new_tokens * args.repeats
     peak = ((rss_kib("VmHWM") - before) / 1024 if device.type == "cpu"
             else (torch.cuda.max_memory_allocated() - before) / 2 ** 20)
-    trained = sum(p.numel() for m in (policy, critic) for p in m.parameters() if p.requires_grad)
+    trained = sum(p.numel() for m in (models.policy, models.critic) for p in m.parameters() if p.requires_grad)
     return {"trained_params": trained, "rollout_tokens_per_s": tokens / rollout_s,
             "update_tokens_per_s": tokens * ppo_args.ppo_epochs / update_s, "peak_mib": peak}
 
@@ -126,7 +124,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.variant:
-        plumbing._quiet_transformers()
+        hf_models._quiet_transformers()
         print(json.dumps(run_variant(args)))
         return
     print(f"tiny GPT-2: {args.layers} layers x {args.width} wide, vocab {args.vocab}; {args.batch_size} prompts "
@@ -135,7 +133,7 @@ def main(argv=None):
     memory = "peak CUDA memory allocated" if args.device.startswith("cuda") else "peak RSS growth (VmHWM)"
     print(f"  {'variant':<8} {'trained params':>15} {'rollout tok/s':>14} {'update tok/s':>13}  {memory} MiB")
     passthrough = list(argv if argv is not None else sys.argv[1:])
-    plumbing._quiet_transformers()
+    hf_models._quiet_transformers()
     with tempfile.TemporaryDirectory() as folder:
         save_models(args, Path(folder))
         for variant in ("full", "lora"):

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import common  # noqa: E402
-import plumbing  # noqa: E402
+from plumbing import amp, hf_models  # noqa: E402
 import redistribute as red  # noqa: E402
 
 CONFIGS = {  # GPT2Config fields
@@ -83,13 +83,13 @@ def main():
     shape = CONFIGS[args.config]
     cfg = GPT2Config(n_positions=max(1024, args.prompt_len + args.response_len), bos_token_id=shape["vocab_size"] - 1,
                      eos_token_id=shape["vocab_size"] - 1, **shape)
-    model = plumbing.disable_dropout(common.ScoreModel(GPT2Model(cfg))).to(device).eval()
+    model = hf_models.disable_dropout(common.ScoreModel(GPT2Model(cfg))).to(device).eval()
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
     batch = make_batch(args, cfg.vocab_size, device)
     P, T = batch[0].shape[1] - args.response_len, args.response_len
     print(f"model {args.config} ({n_params:.0f}M params, {cfg.n_layer} layers × {cfg.n_embd}), device {device}, "
           f"{torch.get_num_threads()} threads; batch {args.batch_size} × ({P} prompt + {T} response) tokens")
-    ctx = lambda: plumbing.autocast(device, "bf16" if args.bf16 else "fp32")  # noqa: E731
+    ctx = lambda: amp.autocast(device, "bf16" if args.bf16 else "fp32")  # noqa: E731
 
     def score():
         with ctx():

@@ -28,6 +28,7 @@ def one_step(args):
 
     import common
     import plumbing
+    from plumbing import amp, hf_models
     import sft
 
     device = torch.device(args.device)
@@ -36,7 +37,7 @@ def one_step(args):
                         vocab_size=50257)
     model = GPT2LMHeadModel(config).to(device)
     if args.checkpointing:
-        plumbing.enable_gradient_checkpointing(model)
+        hf_models.enable_gradient_checkpointing(model)
     optimizer = plumbing.adamw(model, 1e-5)
     prompt_len = args.seq_len // 2
     examples = [(torch.randint(0, 50257, (prompt_len,)).tolist(),
@@ -60,7 +61,7 @@ def one_step(args):
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
             start = time.perf_counter()
-        with plumbing.autocast(device, True), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with amp.autocast(device, True), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss, _ = sft.sft_loss(model, query_response, attention_mask, response_mask)
         activations = sum(saved.values())
         loss.backward()

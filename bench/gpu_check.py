@@ -11,8 +11,8 @@ the planned shape, so bench/plan_memory.py can be asked about the same shape. Fo
 --precision (bf16 on a GPU) with gradient checkpointing and the `gpt2` preset's micro-batch
 (run_pipeline.sh SIZE=gpt2): SFT, discriminator and reward model (--steps optimizer steps each,
 through each stage's train_step), PPO (--steps iterations of ppo_token's rollout and update, reward
-red), PPO with LoRA, then SFT under FSDP2 on one rank (plumbing.shard_model, the --fsdp path, with
-the bf16 mixed-precision policy).
+red), PPO with LoRA, then SFT under FSDP2 on one rank (distributed.shard_model, the --fsdp path,
+with the bf16 mixed-precision policy).
 
 One table, printed and written as JSON (--out):
   peak memory   measured: CUDA, torch.cuda.max_memory_allocated above what was allocated before the
@@ -58,6 +58,7 @@ import common  # noqa: E402
 import discriminator  # noqa: E402
 import plan_memory  # noqa: E402
 import plumbing  # noqa: E402
+from plumbing import amp, checkpoint, distributed, hf_models  # noqa: E402
 import ppo_token  # noqa: E402
 import redistribute  # noqa: E402
 import sft  # noqa: E402
@@ -180,11 +181,11 @@ def save_models(config, folder: Path, tokenizer=None):
     )
     torch.manual_seed(0)
     policy = AutoModelForCausalLM.from_config(config)
-    plumbing.save_hf(policy, tokenizer, folder / "policy")
+    hf_models.save_hf(policy, tokenizer, folder / "policy")
     del policy
     torch.manual_seed(1)
-    plumbing.save_score_model(
-        plumbing.new_score_model(folder / "policy", bias=False),
+    hf_models.save_score_model(
+        hf_models.new_score_model(folder / "policy", bias=False),
         tokenizer,
         folder / "reward",
         "sequence",
@@ -245,7 +246,7 @@ def supervised_stage(job, folder, sizes, device, dist_info):
     n_examples = b * job["micro_batches"]
     if stage.startswith("sft"):
         args = sft.parse_args(common_argv + ["--model", str(path), "--lr", str(sizes["sft_lr"])])
-        model = plumbing.load_policy(path, plumbing.base_dtype(args, device))
+        model = hf_models.load_policy(path, amp.base_dtype(args, device))
         module, examples = (
             sft,
             list(zip(random_rows(n_examples, P, vocab, 1), random_rows(n_examples, R, vocab, 2))),
@@ -265,7 +266,7 @@ def supervised_stage(job, folder, sizes, device, dist_info):
                 *common_argv,
             ]
         )
-        model = plumbing.new_score_model(path, bias=True, dtype=plumbing.base_dtype(args, device))
+        model = hf_models.new_score_model(path, bias=True, dtype=amp.base_dtype(args, device))
         labels = [[(-1, 0, 1)[(i + j) % 3] for j in range(R)] for i in range(n_examples)]
         module = discriminator
         examples = list(
@@ -275,7 +276,7 @@ def supervised_stage(job, folder, sizes, device, dist_info):
         args = redistribute.parse_args(
             ["train", "--sft", str(path), "--out", "x", "--lr", str(sizes["rm_lr"]), *common_argv]
         )
-        model = plumbing.new_score_model(path, bias=False, dtype=plumbing.base_dtype(args, device))
+        model = hf_models.new_score_model(path, bias=False, dtype=amp.base_dtype(args, device))
         module = redistribute
         examples = [
             dict(prompt=p, chosen=c, rejected=r)
@@ -289,9 +290,9 @@ def supervised_stage(job, folder, sizes, device, dist_info):
 
     lora.add_lora_from_args(model.backbone if hasattr(model, "backbone") else model, args)
     n_params = sum(p.numel() for p in model.parameters())
-    plumbing.disable_dropout(model)
-    plumbing.enable_gradient_checkpointing(model)
-    model = plumbing.wrap_model(model, dist_info, args.precision)
+    hf_models.disable_dropout(model)
+    hf_models.enable_gradient_checkpointing(model)
+    model = distributed.wrap_model(model, dist_info, args.precision)
     optimizer = plumbing.adamw(model, args.lr)
     scheduler = plumbing.cosine_schedule(optimizer, job["steps"])
     times, losses = [], []
@@ -354,39 +355,33 @@ def ppo_stage(job, folder, sizes, device, dist_info):
     ]
     args = ppo_token.parse_args(argv)
     torch.manual_seed(0)
-    policy, ref_policy, critic, shared = ppo_token.load_models(args, dist_info)
-    reward_fn, _ = ppo_token.make_reward_fn(args, dist_info, shared)
-    policy_opt, critic_opt = (
-        plumbing.adamw(policy, args.policy_lr),
-        plumbing.adamw(critic, args.critic_lr),
-    )
+    models = ppo_token.load_models(args, dist_info)  # with their AdamW optimizers
+    policy = models.policy
     prompt = torch.tensor(random_rows(B, P, job["vocab"], 4), device=device)
     prompt_mask = torch.ones_like(prompt)
-    n_params = sum(p.numel() for p in plumbing.unwrap(policy).parameters())
+    n_params = sum(p.numel() for p in distributed.unwrap(policy).parameters())
     rollout_s, update_s, response_tokens, update_tokens, first = [], [], [], [], {}
     for step in range(job["steps"]):
         torch.manual_seed(step)
         sync(device)
         start = time.perf_counter()
-        batch = ppo_token.rollout(
-            policy, ref_policy, critic, reward_fn, prompt, prompt_mask, args, [1], 0
-        )
+        batch = ppo_token.rollout(models, prompt, prompt_mask, [1], 0, args)
         sync(device)
         middle = time.perf_counter()
         if step == 0:
-            first["kl0_max"] = float(batch["kl"].abs().max())
+            first["kl0_max"] = float(batch.kl.abs().max())
             first["ratio_max"] = first_ratio(policy, batch, args, minibatch)
-        ppo_token.ppo_update(policy, critic, policy_opt, critic_opt, batch, args, minibatch)
+        ppo_token.ppo_update(models, batch, args, minibatch)
         sync(device)
         rollout_s.append(middle - start)
         update_s.append(time.perf_counter() - middle)
-        response_tokens.append(int(batch["response_mask"].sum()))
+        response_tokens.append(int(batch.response_mask.sum()))
         update_tokens.append(
-            batch["query_response"].numel() * args.ppo_epochs
+            batch.query_response.numel() * args.ppo_epochs
         )  # prompt + response, each epoch
     k = 1 if job["steps"] > 1 else 0
     tokens, roll, upd = sum(response_tokens[k:]), sum(rollout_s[k:]), sum(update_s[k:])
-    T = batch["query_response"].shape[1]
+    T = batch.query_response.shape[1]
     flops = 2 * training_flops_per_token(
         job["config"], n_params, T
     )  # policy and critic, ~ the same size
@@ -403,24 +398,26 @@ def ppo_stage(job, folder, sizes, device, dist_info):
 
 def first_ratio(policy, batch, args, minibatch) -> float:
     """max |π_θ / π_old − 1| on the first minibatch, in the training forward (train mode)."""
-    plumbing.unwrap(policy).train()
+    distributed.unwrap(policy).train()
     idx = torch.arange(
-        min(minibatch, batch["response_mask"].shape[0]), device=batch["response_mask"].device
+        min(minibatch, batch.response_mask.shape[0]), device=batch.response_mask.device
     )
     idx = idx[: args.micro_batch_size or len(idx)]
-    with torch.no_grad(), plumbing.autocast(batch["response_mask"].device, args.precision):
+    with torch.no_grad(), amp.autocast(batch.response_mask.device, args.precision):
         new_logprobs, _ = common.response_logprobs(
             policy,
-            *(batch[k][idx] for k in ("query_response", "attention_mask", "full_response_mask")),
+            batch.query_response[idx],
+            batch.attention_mask[idx],
+            batch.full_response_mask[idx],
             args.temperature,
         )
-    mask = batch["response_mask"][idx].bool()
-    return float((torch.exp(new_logprobs - batch["logprobs"][idx]) - 1)[mask].abs().max())
+    mask = batch.response_mask[idx].bool()
+    return float((torch.exp(new_logprobs - batch.logprobs[idx]) - 1)[mask].abs().max())
 
 
 def sft_loss_agreement(folder, sizes, device) -> float:
     """|L_bf16 / L_fp32 − 1| of the SFT loss of one micro-batch (the same weights, the same ids)."""
-    model = plumbing.disable_dropout(plumbing.load_policy(folder / "policy")).to(device).eval()
+    model = hf_models.disable_dropout(hf_models.load_policy(folder / "policy")).to(device).eval()
     vocab = model.config.vocab_size
     examples = list(
         zip(
@@ -433,7 +430,7 @@ def sft_loss_agreement(folder, sizes, device) -> float:
     )
     losses = {}
     for precision in ("fp32", "bf16"):
-        with torch.no_grad(), plumbing.autocast(device, precision):
+        with torch.no_grad(), amp.autocast(device, precision):
             losses[precision] = float(
                 sft.sft_loss(model, query_response, attention_mask, response_mask)[0]
             )
@@ -444,12 +441,12 @@ def run_job(job: dict) -> dict:
     """One stage of one model, in this process: measured figures (the caller adds the planner's)."""
     device = torch.device(job["device"])
     torch.set_num_threads(job.get("threads") or torch.get_num_threads())
-    plumbing._quiet_transformers()
+    hf_models._quiet_transformers()
     folder = Path(job["folder"])
     sizes = job["sizes"]
-    job["config"] = plumbing.load_policy(folder / "policy", meta=True).config
+    job["config"] = hf_models.load_policy(folder / "policy", meta=True).config
     job["vocab"] = job["config"].vocab_size
-    dist_info = plumbing.DistInfo(device=device)
+    dist_info = distributed.DistInfo(device=device)
     if (
         job["stage"] == "sft_fsdp"
     ):  # FSDP2 on one rank: the sharding code path, the bf16 mixed-precision policy
@@ -461,7 +458,7 @@ def run_job(job: dict) -> dict:
             dist.init_process_group(
                 "nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1
             )
-        dist_info = plumbing.DistInfo(device=device, fsdp=True)
+        dist_info = distributed.DistInfo(device=device, fsdp=True)
     gc.collect()  # the previous stage's models (in-process runs)
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -727,7 +724,7 @@ def main(argv=None, configs=None, tokenizer=None):
         peak_source=peak_source,
         rows=rows,
     )
-    plumbing.atomic_write(args.out, json.dumps(report, indent=1))
+    checkpoint.atomic_write(args.out, json.dumps(report, indent=1))
     print(f"\nwritten: {args.out}")
     return report
 

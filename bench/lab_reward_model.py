@@ -36,6 +36,7 @@ import common  # noqa: E402
 import discriminator as disc  # noqa: E402
 import gold  # noqa: E402
 import plumbing  # noqa: E402
+from plumbing import checkpoint, hf_models  # noqa: E402
 import redistribute as red  # noqa: E402
 
 
@@ -203,7 +204,7 @@ def main(argv=None):
     models = named(args.reward_models)
     discriminators = named(args.discriminators)
     first = next(iter({**models, **discriminators}.values()))
-    tokenizer = plumbing.load_tokenizer(first)
+    tokenizer = hf_models.load_tokenizer(first)
     splits = common.split_pairs(
         plumbing.load_data(args.data, "all", args.split_seed, quiet=True), args.split_seed
     )
@@ -265,7 +266,7 @@ def main(argv=None):
         print(f"{name:>14}: TLCR auc harm {tlcr['auc_harm']:.3f} safe {tlcr['auc_safe']:.3f}"
               f" word r {tlcr['word_r']:+.3f} | r(Σ reward, gold) {f['r_test_sum']:+.3f}")
     if args.out:
-        plumbing.atomic_write(args.out, json.dumps(results, indent=2) + "\n")
+        checkpoint.atomic_write(args.out, json.dumps(results, indent=2) + "\n")
     return results
 
 

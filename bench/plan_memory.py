@@ -239,7 +239,7 @@ def plan(stage: str, lora_on: bool, counts: dict, shape: dict, args, rollout_bat
     out["fsdp_states"] = (trained * (FP32 + FP32 + 2 * FP32) + frozen * frozen_bytes) // n
     layer_trained = counts["layer_lora"] if lora_on else counts["layer"]
     out["fsdp_gathered"] = roots * BF16 + 2 * counts["layer"] * BF16 + layer_trained * FP32
-    # the PPO rollout keeps the policy gathered whole (ppo_token.rollout: plumbing.gathered), in bf16
+    # the PPO rollout keeps the policy gathered whole (ppo_token.rollout: distributed.gathered), in bf16
     rollout_policy = (lm + (counts["lora"] if lora_on else 0)) * BF16 if stage == "PPO" else 0
     out["fsdp_phase"] = max(out["activations"], out.get("generation", 0) + rollout_policy,
                             out.get("scoring", 0) + rollout_policy)

@@ -1,5 +1,5 @@
-"""A chat-completions server on 127.0.0.1 that injects faults, shared by the tests of plumbing.py,
-label.py (the reviser) and eval.py (the judge).
+"""A chat-completions server on 127.0.0.1 that injects faults, shared by the tests of
+plumbing/chat.py, label.py (the reviser) and eval.py (the judge).
 
     server = ChatServer(answer, plan)      # answer(messages) -> (tag, good answer text)
     ...server.url...                       # http://127.0.0.1:PORT/v1

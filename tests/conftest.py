@@ -12,6 +12,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 import plumbing  # noqa: E402
+from plumbing import distributed, hf_models  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -31,13 +32,13 @@ def tiny_dir(tmp_path_factory, splits):
     """A tiny GPT-2 (2 layers, 64 wide) and a 2048-token byte-level BPE, saved with save_pretrained."""
     out = tmp_path_factory.mktemp("tiny")
     texts = [p.prompt + p.chosen for p in splits["sft"]]
-    plumbing.build_tiny(texts, out, vocab_size=2048, seed=0)
+    hf_models.build_tiny(texts, out, vocab_size=2048, seed=0)
     return out
 
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_dir):
-    return plumbing.load_tokenizer(tiny_dir)
+    return hf_models.load_tokenizer(tiny_dir)
 
 
 @pytest.fixture(scope="session")
@@ -46,13 +47,13 @@ def llama_dir(tmp_path_factory, splits):
     layout that adds BOS and puts '▁' before every text it tokenises: what users bring from Llama / Mistral."""
     out = tmp_path_factory.mktemp("llama")
     texts = [p.prompt + p.chosen for p in splits["sft"]]
-    plumbing.build_tiny(texts, out, arch="llama", vocab_size=1024, seed=0, dropout=0.0)
+    hf_models.build_tiny(texts, out, arch="llama", vocab_size=1024, seed=0, dropout=0.0)
     return out
 
 
 @pytest.fixture(scope="session")
 def llama_tokenizer(llama_dir):
-    return plumbing.load_tokenizer(llama_dir)
+    return hf_models.load_tokenizer(llama_dir)
 
 
 def descendants(pid: int) -> list[int]:
@@ -109,6 +110,6 @@ def assert_train_step_equals_one_pass(model, train_step, examples, args, pad_id,
     accumulated = {}
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     optimizer.register_step_pre_hook(lambda *_: accumulated.update(grads=[p.grad.clone() for p in model.parameters()]))
-    train_step(model, optimizer, plumbing.cosine_schedule(optimizer, 1), examples, args, plumbing.DistInfo(), pad_id)
+    train_step(model, optimizer, plumbing.cosine_schedule(optimizer, 1), examples, args, distributed.DistInfo(), pad_id)
     for got, want in zip(accumulated["grads"], expected):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)

@@ -1,4 +1,4 @@
-"""plumbing.py: the chat client against a loopback server that injects faults (the key never shown,
+"""plumbing/chat.py: ChatClient against a loopback server that injects faults (the key never shown,
 whatever the offset; the whole-request timeout against a trickling server; Retry-After; what is
 retried and what is fatal; the test request; one session per thread), the append-only JSONL cache,
 and the download's failure."""
@@ -15,6 +15,7 @@ import requests
 
 import common
 import plumbing
+from plumbing import chat
 from chat_server import SECRET, ChatServer, key_fragment
 
 
@@ -43,7 +44,7 @@ def serve():
 def client_for(server_or_url, **kw):
     url = getattr(server_or_url, "url", server_or_url)
     kw = {"timeout": 0.5, "max_retries": 2, "backoff_base": 0.01, "backoff_cap": 0.02, **kw}
-    return plumbing.ChatClient(url, "test-model", SECRET, **kw)
+    return chat.ChatClient(url, "test-model", SECRET, **kw)
 
 
 HELLO = [{"role": "user", "content": "Say hello."}]
@@ -59,17 +60,17 @@ def closed_port() -> int:
 # Retry-After and backoff
 # ----------------------------------------------------------------------------------------------
 def test_retry_after_parses_seconds_and_dates_validates_and_caps():
-    parse = plumbing.retry_after_seconds
+    parse = chat.retry_after_seconds
     assert parse("2") == 2.0 and parse(" 0.5 ") == 0.5 and parse("0") == 0.0
     assert parse(None) is None and parse("") is None and parse("soon") is None
     assert parse("nan") is None and parse("-5") is None  # unusable: the client's own backoff applies
-    assert parse("inf") == parse("1e12") == parse("1e999") == plumbing.RETRY_AFTER_CAP  # never a crash
+    assert parse("inf") == parse("1e12") == parse("1e999") == chat.RETRY_AFTER_CAP  # never a crash
     assert parse("300", cap=7.5) == 7.5 and parse("inf", cap=7.5) == 7.5
     now = time.time()
     date = lambda t: time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(t))  # noqa: E731
     assert parse(date(now + 30), now=now) == pytest.approx(30, abs=1.0)
     assert parse(date(now - 3600), now=now) == 0.0  # already past
-    assert parse(date(now + 10**8), now=now) == plumbing.RETRY_AFTER_CAP  # years ahead
+    assert parse(date(now + 10**8), now=now) == chat.RETRY_AFTER_CAP  # years ahead
     no_zone = time.strftime("%a, %d %b %Y %H:%M:%S -0000", time.gmtime(now + 30))
     assert parse(no_zone, now=now) == pytest.approx(30, abs=1.0)
     assert parse("Mon, 99 Foo 2024 99:99:99 GMT") is None
@@ -78,11 +79,11 @@ def test_retry_after_parses_seconds_and_dates_validates_and_caps():
 def test_backoff_doubles_up_to_the_cap_with_jitter():
     import random
     rng = random.Random(0)
-    delays = [plumbing.backoff_delay(k, 1.0, 8.0, rng) for k in range(6)]
+    delays = [chat.backoff_delay(k, 1.0, 8.0, rng) for k in range(6)]
     assert 0.5 <= delays[0] <= 1.0 and 1.0 <= delays[1] <= 2.0 and 4.0 <= delays[3] <= 8.0
     assert all(4.0 <= d <= 8.0 for d in delays[3:])
-    assert len({plumbing.backoff_delay(2, 1.0, 8.0, rng) for _ in range(5)}) > 1  # jitter
-    assert plumbing.backoff_delay(5000, 1.0, 8.0, rng) <= 8.0  # no overflow after very many retries
+    assert len({chat.backoff_delay(2, 1.0, 8.0, rng) for _ in range(5)}) > 1  # jitter
+    assert chat.backoff_delay(5000, 1.0, 8.0, rng) <= 8.0  # no overflow after very many retries
 
 
 # ----------------------------------------------------------------------------------------------
@@ -92,7 +93,7 @@ def test_key_is_scrubbed_before_any_cut_at_every_offset(serve):
     """The server echoes the key at character offset k of its error body, for every k up to past
     the snippet length: every cut position straddles the key for some k. Before the fix, label.py cut
     at 200 and eval.py at 300 characters before scrubbing, and up to 55 of the 56 characters survived."""
-    offsets = range(plumbing.SNIPPET_CHARS + 2)
+    offsets = range(chat.SNIPPET_CHARS + 2)
     server = serve(*[f"echo500:{k}" for k in offsets], *[f"echo401:{k}" for k in offsets])
     client = client_for(server, max_retries=0)
     for k in offsets:  # retried errors: the text a failed pair reports
@@ -100,11 +101,11 @@ def test_key_is_scrubbed_before_any_cut_at_every_offset(serve):
         assert reply.value is None and reply.error.startswith("HTTP 500")
         assert key_fragment(reply.error) < 4, (k, reply.error)
     for k in offsets:  # fatal errors: the one line a run stops with
-        with pytest.raises(plumbing.ChatFatal) as info:
+        with pytest.raises(chat.ChatFatal) as info:
             client.complete(HELLO)
         message = str(info.value)
         assert "HTTP 401" in message and "\n" not in message and key_fragment(message) < 4, (k, message)
-        if k < plumbing.SNIPPET_CHARS - 4:
+        if k < chat.SNIPPET_CHARS - 4:
             assert "***" in message  # where the key was
     assert client.calls == 2 * len(offsets)
     # an answer that echoes the key is scrubbed whole
@@ -116,11 +117,11 @@ def test_key_is_scrubbed_before_any_cut_at_every_offset(serve):
 
 def test_api_key_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("MY_KEY", SECRET)
-    assert plumbing.api_key_from_env("MY_KEY", "https://api.example.com/v1") == SECRET
+    assert chat.api_key_from_env("MY_KEY", "https://api.example.com/v1") == SECRET
     monkeypatch.delenv("MY_KEY")
-    assert plumbing.api_key_from_env("MY_KEY", "http://localhost:8000/v1") == ""  # localhost: no key needed
-    with pytest.raises(plumbing.ChatFatal, match="set the MY_KEY environment variable"):
-        plumbing.api_key_from_env("MY_KEY", "https://api.example.com/v1")
+    assert chat.api_key_from_env("MY_KEY", "http://localhost:8000/v1") == ""  # localhost: no key needed
+    with pytest.raises(chat.ChatFatal, match="set the MY_KEY environment variable"):
+        chat.api_key_from_env("MY_KEY", "https://api.example.com/v1")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,10 +169,10 @@ def test_bad_key_model_or_url_is_fatal_at_once_and_other_4xx_fail_one_request(se
     for status in ("401", "403", "404"):
         server = serve(status)
         client = client_for(server)
-        with pytest.raises(plumbing.ChatFatal, match=f"HTTP {status} from {server.url}"):
+        with pytest.raises(chat.ChatFatal, match=f"HTTP {status} from {server.url}"):
             client.complete(HELLO)
         assert client.calls == 1  # no retry
-    with pytest.raises(plumbing.ChatFatal, match="cannot send a request to localhost:8000/v1/chat"):
+    with pytest.raises(chat.ChatFatal, match="cannot send a request to localhost:8000/v1/chat"):
         client_for("localhost:8000/v1").complete(HELLO)  # no scheme: fatal at once, not retried
     server = serve("400")
     reply = client_for(server).complete(HELLO)
@@ -193,14 +194,14 @@ def test_check_is_one_tiny_request_and_fails_in_one_line(serve):
     server = serve("null")  # a body with choices is enough: content may be empty for one token
     client_for(server).check()
     for behaviour in ("401", "404"):
-        with pytest.raises(plumbing.ChatFatal) as info:
+        with pytest.raises(chat.ChatFatal) as info:
             client_for(serve(behaviour)).check()
         assert f"HTTP {behaviour}" in str(info.value) and "\n" not in str(info.value)
         assert key_fragment(str(info.value)) < 4
     refused = r"failed a one-token test request \(3 tries\): request failed: ConnectionError"
-    with pytest.raises(plumbing.ChatFatal, match=refused):
+    with pytest.raises(chat.ChatFatal, match=refused):
         client_for(f"http://127.0.0.1:{closed_port()}/v1").check()
-    with pytest.raises(plumbing.ChatFatal, match="\\(3 tries\\): malformed answer"):
+    with pytest.raises(chat.ChatFatal, match="\\(3 tries\\): malformed answer"):
         client_for(serve("badjson", "badjson", "badjson")).check()
 
 
@@ -211,7 +212,7 @@ def test_one_session_per_thread_and_every_call_counted(serve, monkeypatch):
         sessions.append(make())
         return sessions[-1]
 
-    monkeypatch.setattr(plumbing.requests, "Session", counted_session)
+    monkeypatch.setattr(chat.requests, "Session", counted_session)
     server = serve(*["500"] * 6)
     client = client_for(server, max_retries=3)
     with cf.ThreadPoolExecutor(4) as pool:
@@ -227,14 +228,14 @@ def test_one_session_per_thread_and_every_call_counted(serve, monkeypatch):
 def test_jsonl_cache_survives_a_torn_last_line(tmp_path, capsys):
     path = tmp_path / "cache.jsonl"
     path.write_text('{"key": "a", "verdict": "A"}\n{"key": "b", "verd')  # killed mid-write
-    with plumbing.JsonlCache(path) as cache:
+    with chat.JsonlCache(path) as cache:
         assert "a" in cache and "b" not in cache
         assert "line 2: unreadable" in capsys.readouterr().err
         cache.add({"key": "c", "verdict": "B"})
-    with plumbing.JsonlCache(path, valid=lambda r: r.get("verdict") in ("A", "B")) as again:
+    with chat.JsonlCache(path, valid=lambda r: r.get("verdict") in ("A", "B")) as again:
         assert again.get("c") == {"key": "c", "verdict": "B"} and again.get("a")["verdict"] == "A"
     assert path.read_text().splitlines()[-1] == '{"key": "c", "verdict": "B"}'  # its own line
-    with plumbing.JsonlCache(path, fresh=True) as fresh:
+    with chat.JsonlCache(path, fresh=True) as fresh:
         assert "a" not in fresh
     assert path.read_text() == ""
 
@@ -257,7 +258,7 @@ class _FailingHandler(http.server.BaseHTTPRequestHandler):
 
 
 def test_download_failure_is_one_line_naming_the_url_and_the_local_way(tmp_path, monkeypatch):
-    monkeypatch.setattr(plumbing, "DOWNLOAD_BACKOFF", 0.01)
+    monkeypatch.setattr(chat, "DOWNLOAD_BACKOFF", 0.01)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FailingHandler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -279,7 +280,7 @@ def test_download_failure_is_one_line_naming_the_url_and_the_local_way(tmp_path,
 
 
 def test_download_retries_a_server_error_then_succeeds(tmp_path, monkeypatch):
-    monkeypatch.setattr(plumbing, "DOWNLOAD_BACKOFF", 0.01)
+    monkeypatch.setattr(chat, "DOWNLOAD_BACKOFF", 0.01)
     payload = gzip.compress(b'{"chosen": "\\n\\nHuman: hi\\n\\nAssistant: yes", '
                             b'"rejected": "\\n\\nHuman: hi\\n\\nAssistant: no"}\n')
 
@@ -300,8 +301,8 @@ def test_download_retries_a_server_error_then_succeeds(tmp_path, monkeypatch):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        target = plumbing.download(f"http://127.0.0.1:{server.server_port}/f.jsonl.gz", tmp_path / "f.jsonl.gz",
-                                     verify=plumbing.verify_gzip)
+        target = chat.download(f"http://127.0.0.1:{server.server_port}/f.jsonl.gz", tmp_path / "f.jsonl.gz",
+                               verify=chat.verify_gzip)
     finally:
         server.shutdown()
         server.server_close()
@@ -316,7 +317,7 @@ def test_label_without_network_exits_with_one_line(tiny_dir, tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    code = ("import sys, plumbing, label; plumbing.DOWNLOAD_BACKOFF = 0.01; "
+    code = ("import sys, plumbing, label; from plumbing import chat; chat.DOWNLOAD_BACKOFF = 0.01; "
             "plumbing.cli(lambda: label.main(sys.argv[1:]))")
     env = {k: v for k, v in __import__("os").environ.items() if "proxy" not in k.lower()}
     env.update(HH_RLHF_URL=f"http://127.0.0.1:{closed_port()}", TOKEN_RLHF_CACHE=str(tmp_path / "cache"))

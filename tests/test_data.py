@@ -13,6 +13,7 @@ import common
 import eval as eval_stage
 import label
 import plumbing
+from plumbing import hf_models
 import ppo_token
 import redistribute
 import sft
@@ -264,7 +265,7 @@ CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m[
 
 
 def test_chat_template_renders_message_data_and_only_message_data(llama_dir):
-    tokenizer = plumbing.load_tokenizer(llama_dir)
+    tokenizer = hf_models.load_tokenizer(llama_dir)
     tokenizer.chat_template = CHAT_TEMPLATE
     messages = [{"role": "user", "content": "What is 2+2?"}]
     pair = common.Pair(common.transcript(messages), " 4", " 5", messages)
@@ -280,7 +281,7 @@ def test_chat_template_renders_message_data_and_only_message_data(llama_dir):
 
 
 def test_eos_ids_include_the_generation_config_list(tiny_dir):
-    tokenizer, model = plumbing.load_tokenizer(tiny_dir), plumbing.load_policy(tiny_dir)
+    tokenizer, model = hf_models.load_tokenizer(tiny_dir), hf_models.load_policy(tiny_dir)
     assert common.eos_token_ids(tokenizer, model) == [tokenizer.eos_token_id]
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, 7, 9]  # as Llama 3 instruct lists two
     assert common.eos_token_ids(tokenizer, model) == [tokenizer.eos_token_id, 7, 9]
@@ -346,7 +347,7 @@ def test_every_stage_renders_a_chat_prompt_the_same_way(llama_dir, tmp_path):
     (BOS once); --no-chat-template gives the hh-rlhf transcript in every stage alike."""
     import discriminator
 
-    tokenizer = plumbing.load_tokenizer(llama_dir)
+    tokenizer = hf_models.load_tokenizer(llama_dir)
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(tmp_path / "tok")
     user = {"role": "user", "content": "How do I stay safe online?"}

@@ -11,7 +11,7 @@ import torch
 import common
 import discriminator as D
 import label
-import plumbing
+from plumbing import checkpoint, hf_models
 from conftest import assert_train_step_equals_one_pass, run_torchrun
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,7 +47,7 @@ def small_nodrop_dir(tmp_path_factory, tiny_tokenizer):
 @pytest.fixture
 def scorer(small_dir):
     torch.manual_seed(1)
-    return plumbing.disable_dropout(plumbing.new_score_model(small_dir, bias=True)).eval()  # a fresh random head
+    return hf_models.disable_dropout(hf_models.new_score_model(small_dir, bias=True)).eval()  # a fresh random head
 
 
 def synthetic_records(n, seed=0):
@@ -72,7 +72,7 @@ def synthetic_records(n, seed=0):
 
 def write_jsonl(path, records, tokenizer=None):
     """label.py's file: every record names the tokenizer that made its ids."""
-    fingerprint = plumbing.tokenizer_fingerprint(tokenizer) if tokenizer is not None else None
+    fingerprint = hf_models.tokenizer_fingerprint(tokenizer) if tokenizer is not None else None
     path.write_text("".join(json.dumps({**r, "tokenizer": fingerprint}) + "\n" for r in records))
     return path
 
@@ -202,12 +202,12 @@ def test_prompt_and_padding_get_no_reward(scorer):
 
 def test_save_load_same_rewards(small_dir, tiny_tokenizer, tmp_path):
     torch.manual_seed(3)
-    model = plumbing.new_score_model(small_dir, bias=True)
+    model = hf_models.new_score_model(small_dir, bias=True)
     torch.nn.init.normal_(model.head.weight, std=1.0)
     out = tmp_path / "disc"
     out.mkdir()
     (out / "log.jsonl").write_text("{}\n")
-    plumbing.save_score_model(model, tiny_tokenizer, out, kind="token", extra={"role": "tlcr_discriminator"})
+    hf_models.save_score_model(model, tiny_tokenizer, out, kind="token", extra={"role": "tlcr_discriminator"})
     assert (out / "log.jsonl").exists()  # other files in the run folder survive the save
     assert (out / "model.safetensors").exists() and not list(out.glob("*.bin")) and not list(out.glob("*.pt"))
     assert json.loads((out / "config.json").read_text())["architectures"] == ["GPT2ForTokenClassification"]
@@ -216,7 +216,7 @@ def test_save_load_same_rewards(small_dir, tiny_tokenizer, tmp_path):
     model.eval()
     for mode in D.REWARD_MODES:
         assert torch.equal(D.token_rewards(model, qr, am, rm, mode), D.token_rewards(loaded, qr, am, rm, mode))
-    assert plumbing.load_tokenizer(out)("Hello there")["input_ids"] == tiny_tokenizer("Hello there")["input_ids"]
+    assert hf_models.load_tokenizer(out)("Hello there")["input_ids"] == tiny_tokenizer("Hello there")["input_ids"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,7 +282,7 @@ def train_args(sft, labels, out, *extra):
 
 
 def test_learns_synthetic_token_labels(small_dir, tmp_path, capsys):
-    labels = write_jsonl(tmp_path / "labels.jsonl", synthetic_records(100), plumbing.load_tokenizer(small_dir))
+    labels = write_jsonl(tmp_path / "labels.jsonl", synthetic_records(100), hf_models.load_tokenizer(small_dir))
     metrics = D.main(train_args(small_dir, labels, tmp_path / "disc", "--epochs", 3, "--lr", 5e-3,
                                 "--batch-size", 16, "--micro-batch-size", 16, "--eval-fraction", 0.2))
     saved = json.loads((tmp_path / "disc" / "accuracy.json").read_text())
@@ -297,18 +297,18 @@ def test_learns_synthetic_token_labels(small_dir, tmp_path, capsys):
     assert log[0]["loss"] > log[-2]["loss"]
     # the trained discriminator gives the positive token a positive reward and the negative one a negative reward
     disc = D.load_discriminator(tmp_path / "disc")
-    prompt = common.encode_prompt(plumbing.load_tokenizer(tmp_path / "disc"), "\n\nHuman: hi\n\nAssistant:")
+    prompt = common.encode_prompt(hf_models.load_tokenizer(tmp_path / "disc"), "\n\nHuman: hi\n\nAssistant:")
     _, (qr, am, rm) = two_layouts([prompt], [[700, POS_ID, 800, NEG_ID, 900]], 0)
     rewards = D.token_rewards(disc, qr, am, rm, "fixed")[0]
     assert rewards[1] == 1 and rewards[3] == -1
 
 
 def test_resume_reproduces_an_uninterrupted_run(small_dir, tmp_path):
-    labels = write_jsonl(tmp_path / "labels.jsonl", synthetic_records(24), plumbing.load_tokenizer(small_dir))
+    labels = write_jsonl(tmp_path / "labels.jsonl", synthetic_records(24), hf_models.load_tokenizer(small_dir))
     common_args = ("--epochs", 1, "--lr", 1e-3, "--batch-size", 8, "--micro-batch-size", 4)  # dropout on
     D.main(train_args(small_dir, labels, tmp_path / "full", *common_args))
     assert D.main(train_args(small_dir, labels, tmp_path / "cut", *common_args, "--stop-after", 2)) is None
-    assert plumbing.latest_checkpoint(tmp_path / "cut").name == "step-000000002"
+    assert checkpoint.latest_checkpoint(tmp_path / "cut").name == "step-000000002"
     assert not (tmp_path / "cut" / "accuracy.json").exists()
     D.main(train_args(small_dir, labels, tmp_path / "cut", *common_args))
     full, cut = D.load_discriminator(tmp_path / "full"), D.load_discriminator(tmp_path / "cut")
@@ -319,7 +319,7 @@ def test_resume_reproduces_an_uninterrupted_run(small_dir, tmp_path):
 
 
 def test_torchrun_two_processes_match_one(small_nodrop_dir, tmp_path):
-    labels = write_jsonl(tmp_path / "labels.jsonl", synthetic_records(24), plumbing.load_tokenizer(small_nodrop_dir))
+    labels = write_jsonl(tmp_path / "labels.jsonl", synthetic_records(24), hf_models.load_tokenizer(small_nodrop_dir))
     args = train_args(small_nodrop_dir, labels, tmp_path / "ddp", "--epochs", 1, "--lr", 1e-3,
                       "--batch-size", 8, "--micro-batch-size", 2)
     returncode, output = run_torchrun([REPO / "discriminator.py", *args], cwd=REPO)
@@ -347,7 +347,7 @@ def test_train_step_gradient_is_the_global_batch_mean_loss(small_nodrop_dir, tin
     examples = D.encode_records(records, tiny_tokenizer)
     args = D.parse_args(train_args(small_nodrop_dir, "x", "x", "--micro-batch-size", 5, "--max-grad-norm", 0))
     torch.manual_seed(0)
-    model = plumbing.new_score_model(small_nodrop_dir, bias=True)
+    model = hf_models.new_score_model(small_nodrop_dir, bias=True)
     qr, am, rm, labels = D.collate(examples, tiny_tokenizer.pad_token_id)
     assert_train_step_equals_one_pass(model, D.train_step, examples, args, tiny_tokenizer.pad_token_id,
                                       lambda: D.discriminator_loss(model(qr, am), labels, rm)[0])

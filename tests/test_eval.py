@@ -13,6 +13,7 @@ import common
 import gold
 import eval as ev
 import plumbing
+from plumbing import chat, hf_models
 import report
 from chat_server import SECRET, ChatServer, key_fragment
 
@@ -32,7 +33,7 @@ def one_thread():
 # ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_policy(tiny_dir):
-    return plumbing.disable_dropout(plumbing.load_policy(tiny_dir)).eval()
+    return hf_models.disable_dropout(hf_models.load_policy(tiny_dir)).eval()
 
 
 def left_padded_batch(tokenizer, splits, n=3):
@@ -67,8 +68,8 @@ def test_kl_of_a_model_against_itself_is_zero(tiny_policy, tiny_dir, tiny_tokeni
     _, valid = common.response_index(rm)
     with torch.no_grad():
         logprobs, _ = common.response_logprobs(tiny_policy, qr, am, rm)
-        same, _ = common.response_logprobs(plumbing.load_policy(tiny_dir).eval(), qr, am, rm)
-        other = plumbing.load_policy(tiny_dir).eval()
+        same, _ = common.response_logprobs(hf_models.load_policy(tiny_dir).eval(), qr, am, rm)
+        other = hf_models.load_policy(tiny_dir).eval()
         other.transformer.h[0].mlp.c_fc.weight.add_(torch.randn_like(other.transformer.h[0].mlp.c_fc.weight))
         different, _ = common.response_logprobs(other, qr, am, rm)
     assert ev.kl_to_reference(logprobs, same, valid) == {"kl": 0.0, "kl_per_token": 0.0}  # a separate load
@@ -200,7 +201,7 @@ def test_win_rate_with_swapping_ties_faults_and_cache(judge_server, tmp_path):
 
 def test_judge_fatal_error_hides_the_key_and_exhausted_retries_count_as_failed(judge_server, tmp_path):
     server = judge_server(lambda *a: "A", faults=["401"])
-    with pytest.raises(plumbing.ChatFatal) as info:
+    with pytest.raises(chat.ChatFatal) as info:
         ev.openai_win_rate(make_judge(server, tmp_path, concurrency=1), PROMPTS[:1], POLICY[:1], BASELINE[:1])
     assert "401" in str(info.value) and SECRET not in str(info.value)
     server = judge_server(lambda *a: "A", faults=["500"] * 4)  # max_retries=3: the first order fails
@@ -221,7 +222,7 @@ def test_a_rerun_asks_the_judge_again_only_for_transient_failures(judge_server, 
     judge = make_judge(server, tmp_path, concurrency=1, max_retries=1)
     result = ev.openai_win_rate(judge, PROMPTS[:1], POLICY[:1], BASELINE[:1])
     assert result["failed"] == 1 and len(server.calls) == 5  # the 500's order only, answered now
-    assert plumbing.failure_counts(judge.failures) == {"transient": 0, "unusable": 1}
+    assert chat.failure_counts(judge.failures) == {"transient": 0, "unusable": 1}
     judge = make_judge(server, tmp_path, concurrency=1, max_retries=1, retry_failed=True)
     result = ev.openai_win_rate(judge, PROMPTS[:1], POLICY[:1], BASELINE[:1])
     assert result["failed"] == 0 and result["win_rate"] == 50.0 and len(server.calls) == 6
@@ -231,11 +232,11 @@ def test_judge_errors_never_show_the_key_at_any_offset(judge_server, tmp_path):
     """The judge server answers 401 with the key at character offset k of its body, for every k up
     to past the snippet: before the fix the body was cut at 300 characters, then scrubbed, and up to
     55 of the key's 56 characters reached the error."""
-    offsets = range(plumbing.SNIPPET_CHARS + 2)
+    offsets = range(chat.SNIPPET_CHARS + 2)
     server = judge_server(lambda *a: "A", faults=[f"echo401:{k}" for k in offsets])
     judge = make_judge(server, tmp_path)
     for k in offsets:
-        with pytest.raises(plumbing.ChatFatal) as info:
+        with pytest.raises(chat.ChatFatal) as info:
             ev.judge_verdict(judge, PROMPTS[0], POLICY[0], BASELINE[0])
         assert "HTTP 401" in str(info.value) and "\n" not in str(info.value)
         assert key_fragment(str(info.value)) < 4, (k, str(info.value))
@@ -358,10 +359,10 @@ def run_dir(tmp_path_factory, tiny_dir, tiny_tokenizer, splits):
     SFT model, another policy with changed weights and a PPO log, and a small labels file."""
     root = tmp_path_factory.mktemp("run")
     torch.manual_seed(0)
-    plumbing.save_score_model(plumbing.new_score_model(tiny_dir, bias=False), tiny_tokenizer, root / "rm", "sequence")
-    plumbing.save_score_model(plumbing.new_score_model(tiny_dir, bias=True), tiny_tokenizer, root / "disc", "token")
+    hf_models.save_score_model(hf_models.new_score_model(tiny_dir, bias=False), tiny_tokenizer, root / "rm", "sequence")
+    hf_models.save_score_model(hf_models.new_score_model(tiny_dir, bias=True), tiny_tokenizer, root / "disc", "token")
     shutil.copytree(tiny_dir, root / "copy")  # the same weights, loaded separately
-    other = plumbing.load_policy(tiny_dir)
+    other = hf_models.load_policy(tiny_dir)
     with torch.no_grad():
         other.transformer.h[1].mlp.c_proj.weight.mul_(3.0)
     other.save_pretrained(root / "ppo_other" / "policy")
@@ -373,7 +374,7 @@ def run_dir(tmp_path_factory, tiny_dir, tiny_tokenizer, splits):
         ids = tiny_tokenizer(pair.rejected, add_special_tokens=False)["input_ids"][:12]
         rev = tiny_tokenizer(pair.chosen, add_special_tokens=False)["input_ids"][:12]
         labels.append({"id": pair.id, "prompt": pair.prompt, "rejected_ids": ids, "revised_ids": rev,
-                       "tokenizer": plumbing.tokenizer_fingerprint(tiny_tokenizer),
+                       "tokenizer": hf_models.tokenizer_fingerprint(tiny_tokenizer),
                        "rejected_labels": [-1 if j % 2 else 0 for j in range(len(ids))],
                        "revised_labels": [1 if j % 3 else 0 for j in range(len(rev))]})
     (root / "labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in labels))

@@ -1,7 +1,7 @@
 """Every stage on every model family users bring: tiny random models built from a config (no
-download), each with a tokenizer in its family's layout and special tokens (plumbing.TINY_FAMILIES):
-GPT-2, Llama 2 (SentencePiece layout) and Llama 3 (byte-level, BOS), Mistral, Qwen2, Qwen3, Gemma 2,
-Phi-3, GPT-NeoX, OPT.
+download), each with a tokenizer in its family's layout and special tokens
+(hf_models.TINY_FAMILIES): GPT-2, Llama 2 (SentencePiece layout) and Llama 3 (byte-level, BOS),
+Mistral, Qwen2, Qwen3, Gemma 2, Phi-3, GPT-NeoX, OPT.
 
 One step or one iteration of each stage, in process: SFT, labels, the discriminator, the reward
 model, PPO with TLCR rewards (the reward model loaded too), eval (RED, TLCR and reward-model scores
@@ -22,12 +22,12 @@ import common
 import discriminator
 import eval as ev
 import label
-import plumbing
+from plumbing import hf_models
 import ppo_token
 import redistribute
 import sft
 
-FAMILIES = list(plumbing.TINY_FAMILIES)
+FAMILIES = list(hf_models.TINY_FAMILIES)
 TINY = ["--device", "cpu", "--max-prompt-len", "24"]
 
 
@@ -40,7 +40,7 @@ def family_dir(tmp_path_factory, splits):
     def get(family):
         if family not in built:
             built[family] = root / family
-            plumbing.build_tiny(
+            hf_models.build_tiny(
                 texts,
                 built[family],
                 arch=family,
@@ -61,10 +61,10 @@ def test_every_stage_runs_on_every_family(family, family_dir, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         run_stages(base, tmp_path)
-    policy_tokenizer = plumbing.load_tokenizer(tmp_path / "sft")
+    policy_tokenizer = hf_models.load_tokenizer(tmp_path / "sft")
 
     # the reward model: the standard class, the same score as the project reads (at the EOS)
-    rm = plumbing.load_score_model(tmp_path / "rm")
+    rm = hf_models.load_score_model(tmp_path / "rm")
     standard = transformers.AutoModelForSequenceClassification.from_pretrained(
         tmp_path / "rm"
     ).eval()
@@ -79,15 +79,15 @@ def test_every_stage_runs_on_every_family(family, family_dir, tmp_path):
     torch.testing.assert_close(standard(**padded).logits[:, 0], ours, atol=1e-5, rtol=1e-4)
 
     # the discriminator: the standard token classifier where there is one, else the head file
-    info = plumbing.read_run_info(tmp_path / "disc")
+    info = hf_models.read_run_info(tmp_path / "disc")
     config = transformers.AutoConfig.from_pretrained(base)
-    has_class = plumbing.standard_score_class(config, "token") is not None
+    has_class = hf_models.standard_score_class(config, "token") is not None
     assert has_class == (family != "opt")
     assert info["format"] == (
-        "AutoModelForTokenClassification" if has_class else plumbing.HEAD_FILE_FORMAT
+        "AutoModelForTokenClassification" if has_class else hf_models.HEAD_FILE_FORMAT
     )
     assert (tmp_path / "disc" / "score_head.safetensors").exists() != has_class
-    disc = plumbing.load_score_model(tmp_path / "disc").eval()
+    disc = hf_models.load_score_model(tmp_path / "disc").eval()
     if has_class:
         standard = transformers.AutoModelForTokenClassification.from_pretrained(tmp_path / "disc")
         torch.testing.assert_close(

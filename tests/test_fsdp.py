@@ -1,4 +1,4 @@
-"""--fsdp (plumbing.py's FSDP2 section) and LoRA under torchrun: 2 gloo processes on CPU, fp32, a tiny GPT-2
+"""--fsdp (plumbing/distributed.py's FSDP2 section) and LoRA under torchrun: 2 gloo processes on CPU, fp32, a tiny GPT-2
 (tied embeddings) and a tiny Llama (RoPE buffers, no pad token).
 
 ONE torchrun launch (a start costs seconds) runs every check; rank 0 writes what it measured to
@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import common  # noqa: E402
 import discriminator  # noqa: E402
-import plumbing  # noqa: E402
+from plumbing import checkpoint, distributed, hf_models  # noqa: E402
 import ppo_token  # noqa: E402
 import redistribute  # noqa: E402
 import sft  # noqa: E402
@@ -145,7 +145,7 @@ def check_generation(dist_info):
         hits = (row == eos).nonzero()
         if len(hits):
             row[hits[0, 0]:] = eos
-    plumbing.shard_model(policy, dist_info)  # 3. sharded: gathered per token, then for the whole rollout
+    distributed.shard_model(policy, dist_info)  # 3. sharded: gathered per token, then for the whole rollout
     sharded_at_entry = []  # one entry per layer forward that found its weights sharded (= an all-gather)
     for layer in policy.transformer.h:
         layer.register_forward_pre_hook(
@@ -154,7 +154,7 @@ def check_generation(dist_info):
     for mode in ("per_token", "gathered"):
         sharded_at_entry.clear()
         torch.manual_seed(100 + rank)
-        with plumbing.gathered(policy) if mode == "gathered" else torch.no_grad():
+        with distributed.gathered(policy) if mode == "gathered" else torch.no_grad():
             response = ppo_token.generate(policy, prompt, prompt_mask, [eos], eos, max_new)
         results[f"{mode}_steps"] = response.shape[1]
         results[f"{mode}_equal"] = bool(torch.equal(response, expected))
@@ -172,14 +172,14 @@ def check_rank0_loads(dist_info, paths: dict):
     rows = random_rows(3, seed=60 + dist_info.rank, vocab=300)
     ids, mask = common.pad_left(rows, 0)
     results = {}
-    loaders = {"gpt2": lambda meta: plumbing.load_policy(paths["gpt2"], meta=meta),
-               "llama": lambda meta: plumbing.load_policy(paths["llama"], meta=meta),
-               "score": lambda meta: plumbing.load_score_model(paths["score"], meta=meta)}
+    loaders = {"gpt2": lambda meta: hf_models.load_policy(paths["gpt2"], meta=meta),
+               "llama": lambda meta: hf_models.load_policy(paths["llama"], meta=meta),
+               "score": lambda meta: hf_models.load_score_model(paths["score"], meta=meta)}
     for name, load in loaders.items():
         plain, built = load(False), load(dist_info.meta)
         results[f"{name}_built_on_meta"] = all(p.is_meta for p in built.parameters())
         results[f"{name}_same_modes"] = [m.training for m in built.modules()] == [m.training for m in plain.modules()]
-        sharded = plumbing.shard_model(built, dist_info).eval()
+        sharded = distributed.shard_model(built, dist_info).eval()
         plain.eval()
         with torch.no_grad():
             a, b = (plain(ids, mask), sharded(ids, mask)) if name == "score" else (logits_of(plain, rows),
@@ -197,13 +197,13 @@ def check_frozen_and_mixed_precision(dist_info, paths: dict):
     """prepare_frozen under FSDP: unsharded logits under no_grad, resharded after. Mixed precision (allowed
     on CPU too): layers compute in bf16, the sharded weights and their gradients stay fp32."""
     rows = random_rows(3, seed=70 + dist_info.rank, vocab=300)
-    plain = plumbing.load_policy(paths["llama"]).eval()
-    frozen = plumbing.prepare_frozen(plumbing.load_policy(paths["llama"], meta=dist_info.meta), dist_info)
+    plain = hf_models.load_policy(paths["llama"]).eval()
+    frozen = distributed.prepare_frozen(hf_models.load_policy(paths["llama"], meta=dist_info.meta), dist_info)
     with torch.no_grad():
         difference = (logits_of(frozen, rows) - logits_of(plain, rows)).abs().max().item()
     resharded = all(p._local_tensor.numel() < p.numel() for p in frozen.parameters() if p.numel() > 1)
-    model = plumbing.shard_model(plumbing.load_policy(paths["llama"], meta=dist_info.meta), dist_info,
-                                 mixed_precision=True)
+    model = distributed.shard_model(hf_models.load_policy(paths["llama"], meta=dist_info.meta), dist_info,
+                                    mixed_precision=True)
     seen = []
     model.model.layers[0].mlp.register_forward_hook(
         lambda module, args, out: seen.append([str(args[0].dtype), str(module.up_proj.weight.dtype), str(out.dtype)]))
@@ -226,13 +226,13 @@ def check_refusals(work: Path):
 
 def launched(work: Path):
     torch.set_num_threads(1)
-    plumbing._quiet_transformers()
+    hf_models._quiet_transformers()
     inputs = json.loads((work / "inputs.json").read_text())
     results, seconds = {}, {}
-    dist_info = plumbing.setup_distributed("cpu", fsdp=True)
+    dist_info = distributed.setup_distributed("cpu", fsdp=True)
     # one process group for the whole launch: the stages' setup_distributed finds it, and their cleanup only
     # waits (a second init_process_group in the same processes can pick up the first one's rendezvous keys)
-    cleanup, plumbing.cleanup_distributed = plumbing.cleanup_distributed, lambda dist_info: plumbing.barrier()
+    cleanup, distributed.cleanup_distributed = distributed.cleanup_distributed, lambda dist_info: distributed.barrier()
     for name, check in {"generation": lambda: check_generation(dist_info),
                         "rank0_loads": lambda: check_rank0_loads(dist_info, inputs),
                         "frozen_and_mixed_precision": lambda: check_frozen_and_mixed_precision(dist_info, inputs)
@@ -261,7 +261,7 @@ def write_labels(path, tokenizer, n=20, seed=0):
     rows = []
     for i in range(n):
         row = {"id": f"pair{i}", "prompt": f"\n\nHuman: question {i}\n\nAssistant:",
-               "tokenizer": plumbing.tokenizer_fingerprint(tokenizer)}
+               "tokenizer": hf_models.tokenizer_fingerprint(tokenizer)}
         for side in ("rejected", "revised"):
             ids = [rng.randrange(300, len(tokenizer)) for _ in range(rng.randint(3, 12))]
             row[f"{side}_ids"], row[f"{side}_labels"] = ids, [rng.choice((-1, 0, 1)) for _ in ids]
@@ -272,11 +272,11 @@ def write_labels(path, tokenizer, n=20, seed=0):
 @pytest.fixture(scope="module")
 def work(tmp_path_factory, llama_dir, tiny_tokenizer):
     work = tmp_path_factory.mktemp("fsdp")
-    llama_tokenizer = plumbing.load_tokenizer(llama_dir)
+    llama_tokenizer = hf_models.load_tokenizer(llama_dir)
     write_labels(work / "labels.jsonl", llama_tokenizer)
     torch.manual_seed(1)
-    plumbing.save_score_model(plumbing.new_score_model(llama_dir, bias=False), llama_tokenizer, work / "rm_init",
-                              "sequence")  # PPO's reward model, and its critic's start
+    hf_models.save_score_model(hf_models.new_score_model(llama_dir, bias=False), llama_tokenizer, work / "rm_init",
+                               "sequence")  # PPO's reward model, and its critic's start
     gpt2 = tiny_gpt2(7, vocab=300)
     gpt2.save_pretrained(work / "gpt2")
     (work / "inputs.json").write_text(json.dumps({"llama": str(llama_dir), "gpt2": str(work / "gpt2"),
@@ -419,10 +419,10 @@ def test_sharded_checkpoints(work, results):
     """One .distcp file per rank; with LoRA only what is trained (adapters, the critic's value head)."""
     from torch.distributed.checkpoint import FileSystemReader
 
-    step = plumbing.latest_checkpoint(work / "sft_fsdp")
+    step = checkpoint.latest_checkpoint(work / "sft_fsdp")
     assert sorted(p.name for p in (step / "sharded").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     assert not list((step / "sharded").glob("*.safetensors")) and (step / "state.pt").exists()
-    saved = FileSystemReader(str(plumbing.latest_checkpoint(work / "ppo_lora_fsdp") / "sharded")).read_metadata()
+    saved = FileSystemReader(str(checkpoint.latest_checkpoint(work / "ppo_lora_fsdp") / "sharded")).read_metadata()
     names = [k for k in saved.state_dict_metadata if k.startswith("model.")]
     assert names and all(".lora_" in k or k.startswith("model.critic.head.") for k in names), names
     assert any(k.startswith("model.critic.head.") for k in names)
@@ -440,7 +440,7 @@ def test_final_models_are_standard_hugging_face_models(work):
     for name, auto_class in (("disc_fsdp", AutoModelForTokenClassification),
                              ("rm_lora_fsdp", AutoModelForSequenceClassification)):
         state = weights(work / name, auto_class)
-        assert not any("lora" in k for k in state) and plumbing.load_score_model(work / name) is not None
+        assert not any("lora" in k for k in state) and hf_models.load_score_model(work / name) is not None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -451,14 +451,15 @@ def test_decoder_layers_are_the_units_of_sharding(llama_dir):
     import lora
     from torch import nn
 
-    assert [type(m).__name__ for m in plumbing.decoder_layers(tiny_gpt2())] == ["GPT2Block"] * 2
-    llama = plumbing.load_policy(llama_dir)
+    assert [type(m).__name__ for m in distributed.decoder_layers(tiny_gpt2())] == ["GPT2Block"] * 2
+    llama = hf_models.load_policy(llama_dir)
     lora.add_lora(llama, rank=2)
-    assert [type(m).__name__ for m in plumbing.decoder_layers(llama)] == ["LlamaDecoderLayer"] * 2
-    score = plumbing.new_score_model(llama_dir, bias=True)
-    assert plumbing.decoder_layers(score) == list(score.backbone.layers)
+    layers = distributed.decoder_layers(llama)
+    assert [type(m).__name__ for m in layers] == ["LlamaDecoderLayer"] * 2
+    score = hf_models.new_score_model(llama_dir, bias=True)
+    assert distributed.decoder_layers(score) == list(score.backbone.layers)
     with pytest.raises(ValueError, match="_no_split_modules"):
-        plumbing.decoder_layers(nn.Sequential(nn.Linear(2, 2)))
+        distributed.decoder_layers(nn.Sequential(nn.Linear(2, 2)))
 
 
 def test_generation_with_uneven_ends_finishes_and_keeps_the_policy_gathered(results):

@@ -317,7 +317,7 @@ def test_prefix_pairs_train_step_gradient_is_the_global_batch_loss(
 ):
     """With prefix pairs the accumulated gradient is still that of the whole batch's loss in one
     pass: mean over pairs of BT + ½ (L_pre(y_c) + L_pre(y_r))."""
-    model = red.plumbing.disable_dropout(red.plumbing.new_score_model(tiny_dir, bias=False))
+    model = red.hf_models.disable_dropout(red.hf_models.new_score_model(tiny_dir, bias=False))
     pairs, _ = gold.rank_pairs(splits["reward"][:40])
     examples = red.encode_pairs(pairs[:8], tiny_tokenizer, 32, 24, prefix_gold=True)
     batch = red.collate_pairs(examples, tiny_tokenizer.pad_token_id)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import common
-import plumbing
+from plumbing import chat, hf_models
 import label
 from chat_server import SECRET, ChatServer, key_fragment
 
@@ -165,7 +165,7 @@ def test_labelled_ids_are_what_the_discriminator_feeds_with_bos_and_sentencepiec
             alone = llama_tokenizer(text, add_special_tokens=False)["input_ids"]  # has a stray '▁' in front
             assert llama_tokenizer.convert_ids_to_tokens(alone[:1]) == ["▁"] and alone[1:] == response_ids
             assert labels == records[k][f"{side}_labels"]
-        assert records[k]["tokenizer"] == plumbing.tokenizer_fingerprint(llama_tokenizer)
+        assert records[k]["tokenizer"] == hf_models.tokenizer_fingerprint(llama_tokenizer)
 
 
 def merged_word(tokenizer):
@@ -366,7 +366,7 @@ def test_openai_key_never_leaks_at_any_offset(splits, tiny_dir, tmp_path, monkey
     shows: pair 2k fails with the key in its error body (-> the summary), pair 2k+1 answers with the
     key in its answer (-> the cache). Before the fix the error body was cut at 200 characters, then
     scrubbed: up to 55 of the key's 56 characters reached labels.jsonl.summary.json."""
-    n = 2 * (plumbing.SNIPPET_CHARS + 2)
+    n = 2 * (chat.SNIPPET_CHARS + 2)
     pairs = splits["reward"][:n]
     scripts = {j: [f"echo500:{j // 2}" if j % 2 == 0 else f"okkey:{j // 2}"] for j in range(n)}
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
@@ -390,7 +390,7 @@ def test_openai_key_never_leaks_at_any_offset(splits, tiny_dir, tmp_path, monkey
     for k in (150, 170, 185, 199, 250, 280, 299):
         server = fake_chat(pairs[:1], {"check": [f"echo401:{k}"]})
         try:
-            with pytest.raises(plumbing.ChatFatal) as exc:
+            with pytest.raises(chat.ChatFatal) as exc:
                 label.main(openai_args(tiny_dir, tmp_path / "l.jsonl", server.url, 1))
         finally:
             server.close()
@@ -402,7 +402,7 @@ def test_openai_bad_key_stops_the_run_without_leaking_it(splits, tiny_dir, tmp_p
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
     server = fake_chat(pairs, {"check": ["401"]})
     try:
-        with pytest.raises(plumbing.ChatFatal) as exc:
+        with pytest.raises(chat.ChatFatal) as exc:
             label.main(openai_args(tiny_dir, tmp_path / "l.jsonl", server.url, 2, "--concurrency", "1"))
         assert "HTTP 401" in str(exc.value) and SECRET not in str(exc.value) and "***" in str(exc.value)
         assert "\n" not in str(exc.value) and len(server.calls) == 1  # the test request, no pair asked
@@ -412,7 +412,7 @@ def test_openai_bad_key_stops_the_run_without_leaking_it(splits, tiny_dir, tmp_p
 
 
 def test_openai_without_key_is_a_clear_error(tiny_dir, tmp_path, no_proxy_env):
-    with pytest.raises(plumbing.ChatFatal, match="OPENAI_API_KEY"):
+    with pytest.raises(chat.ChatFatal, match="OPENAI_API_KEY"):
         label.main(openai_args(tiny_dir, tmp_path / "l.jsonl", "https://api.example.com/v1", 2))
 
 
@@ -548,7 +548,7 @@ def test_a_long_reviser_prompt_loses_dialogue_turns_never_its_instructions(split
 
 
 def test_chat_text_uses_the_template_when_there_is_one(tiny_dir):
-    tokenizer = plumbing.load_tokenizer(tiny_dir)
+    tokenizer = hf_models.load_tokenizer(tiny_dir)
     assert label.chat_text(tokenizer, "Fix this.") == "Fix this.\n\n"  # no template: plain text
     tokenizer.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
                                "{% if add_generation_prompt %}<|assistant|>{% endif %}")

@@ -18,7 +18,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
                           GPT2Model, LlamaConfig, LlamaForCausalLM, LlamaModel)
 
 import common
-import plumbing
+from plumbing import checkpoint, distributed, hf_models
 import lora
 import ppo_token as ppo
 import redistribute
@@ -129,7 +129,7 @@ def test_merged_save_reloads_as_plain_hf_model(kind, tmp_path):
     model = build(kind)
     lora.add_lora(model, rank=4, alpha=8)
     train_a_little(model)
-    tokenizer = plumbing.configure_tokenizer(plumbing.train_tiny_tokenizer(["hello world, a tiny corpus"] * 20, vocab_size=300))
+    tokenizer = hf_models.configure_tokenizer(hf_models.train_tiny_tokenizer(["hello world, a tiny corpus"] * 20, vocab_size=300))
     lora.save_merged(model, tokenizer, tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert not any(isinstance(m, lora.LoRALinear) for m in reloaded.modules())
@@ -300,9 +300,9 @@ def policy_and_rm(request, tmp_path_factory):
     model_dir = request.getfixturevalue("tiny_dir" if request.param == "gpt2" else "llama_dir")
     rm_dir = tmp_path_factory.mktemp("rm")
     torch.manual_seed(1)
-    rm = plumbing.new_score_model(model_dir, bias=False)
+    rm = hf_models.new_score_model(model_dir, bias=False)
     torch.nn.init.normal_(rm.head.weight)
-    plumbing.save_score_model(rm, plumbing.load_tokenizer(model_dir), rm_dir, "sequence")
+    hf_models.save_score_model(rm, hf_models.load_tokenizer(model_dir), rm_dir, "sequence")
     return model_dir, rm_dir
 
 
@@ -324,43 +324,49 @@ def test_ppo_with_lora_reference_is_the_policy_with_adapters_off(policy_and_rm, 
     head were trained."""
     model_dir, rm_dir = policy_and_rm
     args = ppo.parse_args(ppo_argv(model_dir, rm_dir, "unused"))
-    policy, ref_policy, critic, shared = ppo.load_models(args, plumbing.DistInfo())
-    assert ref_policy is None and list(shared) == [str(rm_dir)]
+    loads = []
+
+    def counted(name):
+        load = getattr(hf_models, name)
+        monkeypatch.setattr(hf_models, name, lambda *a, **kw: loads.append(name) or load(*a, **kw))
+
+    counted("load_policy")
+    counted("load_score_model")
+    models = ppo.load_models(args, distributed.DistInfo())
+    monkeypatch.undo()
+    assert loads == ["load_policy", "load_score_model"]  # no reference copy; the reward model read once
+    policy, critic, reward_fn = models.policy, models.critic, models.reward_fn
     assert trained_names(policy) and all(".lora_" in n for n in trained_names(policy))
     assert {n for n in trained_names(critic) if ".lora_" not in n} == {"head.weight"}
-    monkeypatch.setattr(plumbing, "load_score_model", None)  # the reward model must not be loaded a second time
-    reward_fn, score_fn = ppo.make_reward_fn(args, plumbing.DistInfo(), shared)
-    monkeypatch.undo()
 
-    tokenizer = plumbing.load_tokenizer(model_dir)
+    tokenizer = hf_models.load_tokenizer(model_dir)
     prompts = ppo.load_prompts(args, tokenizer, quiet=True)[:4]
     prompt, prompt_mask = common.pad_left(prompts, tokenizer.pad_token_id)
     eos_ids, pad_id = common.eos_token_ids(tokenizer, policy), tokenizer.pad_token_id
-    base_policy = plumbing.disable_dropout(plumbing.load_policy(model_dir)).eval()
+    base_policy = hf_models.disable_dropout(hf_models.load_policy(model_dir)).eval()
     base_rm = redistribute.load_reward_model(rm_dir)
 
     def check_against_the_bases(batch):
-        inputs = [batch[k] for k in ("query_response", "attention_mask", "full_response_mask")]
+        inputs = [batch.query_response, batch.attention_mask, batch.full_response_mask]
         with torch.no_grad(), lora.adapters_disabled(policy):
             assert torch.equal(common.response_logprobs(policy, *inputs)[0],
                                common.response_logprobs(base_policy, *inputs)[0])
         assert torch.equal(reward_fn(*inputs), redistribute.redistribute(base_rm, *inputs))
 
     torch.manual_seed(0)
-    batch = ppo.rollout(policy, ref_policy, critic, reward_fn, prompt, prompt_mask, args, eos_ids, pad_id)
-    assert torch.equal(batch["logprobs"], batch["ref_logprobs"]) and batch["kl"].abs().max() == 0  # step 0: KL = 0
+    batch = ppo.rollout(models, prompt, prompt_mask, eos_ids, pad_id, args)
+    assert torch.equal(batch.logprobs, batch.ref_logprobs) and batch.kl.abs().max() == 0  # step 0: KL = 0
     check_against_the_bases(batch)
 
-    optimizers = plumbing.adamw(policy, args.policy_lr), plumbing.adamw(critic, args.critic_lr)
-    for step in range(3):
+    for step in range(3):  # main's loop: rollout, then PPO epochs
         torch.manual_seed(step + 1)
-        ppo.train_step(policy, ref_policy, critic, *optimizers, reward_fn, prompt, prompt_mask, args, eos_ids, pad_id,
+        ppo.ppo_update(models, ppo.rollout(models, prompt, prompt_mask, eos_ids, pad_id, args), args,
                        args.minibatch_size)
     assert {n for n, p in policy.named_parameters() if p.grad is not None} == trained_names(policy)
     assert {n for n, p in critic.named_parameters() if p.grad is not None} == trained_names(critic)
     torch.manual_seed(9)
-    batch = ppo.rollout(policy, ref_policy, critic, reward_fn, prompt, prompt_mask, args, eos_ids, pad_id)
-    assert batch["kl"].abs().max() > 0  # the adapters moved the policy away from the reference...
+    batch = ppo.rollout(models, prompt, prompt_mask, eos_ids, pad_id, args)
+    assert batch.kl.abs().max() > 0  # the adapters moved the policy away from the reference...
     check_against_the_bases(batch)  # ...and switched off they are still exactly the bases
     state = policy.state_dict()  # the frozen weights are the base's, unchanged
     assert all(torch.equal(state[k], v) for k, v in base_policy.state_dict().items())
@@ -369,8 +375,8 @@ def test_ppo_with_lora_reference_is_the_policy_with_adapters_off(policy_and_rm, 
 def adapted_from_checkpoint(model, out, name):
     """`model` (the base) with LoRA rank 4 and the trained tensors of checkpoint `name` (adapters, heads)."""
     lora.add_lora(model.backbone if isinstance(model, common.ScoreModel) else model, rank=4)
-    lora.load_trainable_state_dict(model, load_file(str(plumbing.latest_checkpoint(out) / f"{name}.safetensors")))
-    return plumbing.disable_dropout(model).eval()
+    lora.load_trainable_state_dict(model, load_file(str(checkpoint.latest_checkpoint(out) / f"{name}.safetensors")))
+    return hf_models.disable_dropout(model).eval()
 
 
 def test_ppo_with_lora_saves_a_merged_policy_and_resumes_from_adapters(policy_and_rm, tmp_path):
@@ -380,9 +386,9 @@ def test_ppo_with_lora_saves_a_merged_policy_and_resumes_from_adapters(policy_an
     straight, cut = tmp_path / "straight", tmp_path / "cut"
     ppo.main(ppo_argv(model_dir, rm_dir, straight, "--iterations", 3))
     assert ppo.main(ppo_argv(model_dir, rm_dir, cut, "--iterations", 3, "--stop-after", 2)) is None
-    checkpoint = plumbing.latest_checkpoint(cut)
-    policy_keys = load_file(str(checkpoint / "policy.safetensors")).keys()
-    critic_keys = load_file(str(checkpoint / "critic.safetensors")).keys()
+    ckpt = checkpoint.latest_checkpoint(cut)
+    policy_keys = load_file(str(ckpt / "policy.safetensors")).keys()
+    critic_keys = load_file(str(ckpt / "critic.safetensors")).keys()
     assert policy_keys and all(".lora_" in k for k in policy_keys)
     assert {k for k in critic_keys if ".lora_" not in k} == {"head.weight"}
     ppo.main(ppo_argv(model_dir, rm_dir, cut, "--iterations", 3))
@@ -392,17 +398,17 @@ def test_ppo_with_lora_saves_a_merged_policy_and_resumes_from_adapters(policy_an
         assert log_b[-1][key] == pytest.approx(log_a[-1][key], rel=1e-5, abs=1e-6), key
 
     merged = AutoModelForCausalLM.from_pretrained(straight / "policy", dtype=torch.float32).eval()
-    adapted = adapted_from_checkpoint(plumbing.load_policy(model_dir), straight, "policy")
+    adapted = adapted_from_checkpoint(hf_models.load_policy(model_dir), straight, "policy")
     assert not any("lora" in k for k in merged.state_dict())
     ids = torch.tensor([ppo.load_prompts(ppo.parse_args(ppo_argv(model_dir, rm_dir, "x")),
-                                         plumbing.load_tokenizer(model_dir), quiet=True)[0]])
+                                         hf_models.load_tokenizer(model_dir), quiet=True)[0]])
     mask, response_mask = torch.ones_like(ids), torch.zeros_like(ids)
     response_mask[0, ids.shape[1] // 2:] = 1
     with torch.no_grad():
         torch.testing.assert_close(common.response_logprobs(merged, ids, mask, response_mask)[0],
                                    common.response_logprobs(adapted, ids, mask, response_mask)[0], atol=1e-5, rtol=0)
         assert not torch.allclose(common.response_logprobs(merged, ids, mask, response_mask)[0],
-                                  common.response_logprobs(plumbing.load_policy(model_dir), ids, mask, response_mask)[0])
+                                  common.response_logprobs(hf_models.load_policy(model_dir), ids, mask, response_mask)[0])
 
 
 def test_sft_and_reward_model_with_lora_save_merged_standard_models(tiny_dir, tmp_path):
@@ -412,12 +418,12 @@ def test_sft_and_reward_model_with_lora_save_merged_standard_models(tiny_dir, tm
     sft.main(["--model", str(tiny_dir), "--out", str(out), "--lora-rank", "4", "--limit", "40", "--max-steps", "3",
               "--batch-size", "4", "--micro-batch-size", "2", "--max-prompt-len", "32", "--max-response-len", "16",
               "--eval-examples", "4", "--lr", "1e-2"])
-    keys = load_file(str(plumbing.latest_checkpoint(out) / "model.safetensors")).keys()
+    keys = load_file(str(checkpoint.latest_checkpoint(out) / "model.safetensors")).keys()
     assert keys and all(".lora_" in k for k in keys)
     ids = torch.tensor([list(range(5, 25))])
     mask, response_mask = torch.ones_like(ids), (torch.arange(20) >= 8).long()[None]
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    adapted = adapted_from_checkpoint(plumbing.load_policy(tiny_dir), out, "model")
+    adapted = adapted_from_checkpoint(hf_models.load_policy(tiny_dir), out, "model")
     with torch.no_grad():
         torch.testing.assert_close(common.response_logprobs(merged, ids, mask, response_mask)[0],
                                    common.response_logprobs(adapted, ids, mask, response_mask)[0], atol=1e-5, rtol=0)
@@ -426,10 +432,10 @@ def test_sft_and_reward_model_with_lora_save_merged_standard_models(tiny_dir, tm
     redistribute.main(["train", "--sft", str(tiny_dir), "--out", str(rm_out), "--lora-rank", "4", "--limit", "24",
                        "--max-steps", "3", "--batch-size", "4", "--micro-batch-size", "2", "--max-prompt-len", "32",
                        "--max-response-len", "16", "--lr", "1e-2"])
-    keys = load_file(str(plumbing.latest_checkpoint(rm_out) / "model.safetensors")).keys()
+    keys = load_file(str(checkpoint.latest_checkpoint(rm_out) / "model.safetensors")).keys()
     assert {k for k in keys if ".lora_" not in k} == {"head.weight"}
     hf_model = AutoModelForSequenceClassification.from_pretrained(rm_out, dtype=torch.float32).eval()
-    adapted = adapted_from_checkpoint(plumbing.new_score_model(tiny_dir, bias=False), rm_out, "model")
+    adapted = adapted_from_checkpoint(hf_models.new_score_model(tiny_dir, bias=False), rm_out, "model")
     with torch.no_grad():
         ours = redistribute.sequence_reward(adapted, ids, mask, mask)  # at the last token
         theirs = hf_model(input_ids=ids, attention_mask=mask).logits.squeeze(-1)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import gold
-import plumbing
+from plumbing import hf_models
 import report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,15 +79,15 @@ def test_the_human_pipeline_with_lora_at_smoke_size(tmp_path):
                                                 "ppo_token.py", "ppo_token.py", "ppo_token.py", "eval.py"]
     lora_stages = [c.split()[2] for c in commands if "--lora-rank 4" in c]
     assert lora_stages == ["sft.py", "discriminator.py", "redistribute.py"] + ["ppo_token.py"] * 3
-    tokenizer = plumbing.load_tokenizer(run / "sft")
+    tokenizer = hf_models.load_tokenizer(run / "sft")
     ids = torch.tensor([tokenizer("\n\nHuman: hi\n\nAssistant: hello")["input_ids"]])
     mask = torch.ones_like(ids)
     for policy_dir in [run / "sft"] + [run / f"ppo_{r}" / "policy" for r in ("seq", "red", "tlcr")]:
-        policy = plumbing.load_policy(policy_dir)
+        policy = hf_models.load_policy(policy_dir)
         assert torch.isfinite(policy(input_ids=ids, attention_mask=mask).logits).all(), policy_dir
         assert not any("lora" in name for name in policy.state_dict())  # merged: a plain model
     for score_dir in (run / "discriminator", run / "reward_model"):
-        scores = plumbing.load_score_model(score_dir)(ids, mask)
+        scores = hf_models.load_score_model(score_dir)(ids, mask)
         assert scores.shape == ids.shape and torch.isfinite(scores).all()
     assert json.loads((run / "reward_model" / "accuracy.json").read_text())["pairs"] == 4  # 10% of --limit 40
     assert json.loads((run / "discriminator" / "accuracy.json").read_text())["n_pairs"] == 4  # the same pairs

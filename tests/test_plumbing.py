@@ -1,4 +1,4 @@
-"""plumbing.py: score models in the standard Hugging Face forms (and TRL's, OpenRLHF's, our older one),
+"""plumbing/hf_models.py: score models in the standard Hugging Face forms (and TRL's, OpenRLHF's, our older one),
 models that do not belong together, crash-safe checkpoints that refuse another run, logs that survive a
 torn line, and one-line errors for models that cannot be found."""
 import json
@@ -15,6 +15,7 @@ from transformers import AutoModel, AutoModelForSequenceClassification, AutoMode
 
 import common
 import plumbing
+from plumbing import checkpoint, hf_models
 import redistribute
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +31,7 @@ def scored_batch(tokenizer, texts):
 def trained_score_model(model_dir, bias, seed=0):
     """A ScoreModel whose head is not at its initialisation (so a random head would be caught)."""
     torch.manual_seed(seed)
-    model = plumbing.disable_dropout(plumbing.new_score_model(model_dir, bias=bias)).eval()
+    model = hf_models.disable_dropout(hf_models.new_score_model(model_dir, bias=bias)).eval()
     with torch.no_grad():
         model.head.weight.normal_()
         if bias:
@@ -48,17 +49,17 @@ TEXTS = ["\n\nHuman: hi\n\nAssistant: hello there", "\n\nHuman: how are you?\n\n
 @pytest.mark.parametrize("which", ["gpt2", "llama"])
 def test_reward_model_round_trips_through_auto_model_for_sequence_classification(which, request, tmp_path):
     model_dir = request.getfixturevalue("tiny_dir" if which == "gpt2" else "llama_dir")
-    tokenizer = plumbing.load_tokenizer(model_dir)
+    tokenizer = hf_models.load_tokenizer(model_dir)
     assert tokenizer.pad_token_id == tokenizer.eos_token_id  # neither tokenizer has a pad token of its own
     model = trained_score_model(model_dir, bias=False)
     query_response, attention_mask = scored_batch(tokenizer, TEXTS)
     with torch.no_grad():
         ours = redistribute.sequence_reward(model, query_response, attention_mask, attention_mask)  # at the EOS
-    plumbing.save_score_model(model, tokenizer, tmp_path / "rm", kind="sequence", extra={"role": "reward_model"})
+    hf_models.save_score_model(model, tokenizer, tmp_path / "rm", kind="sequence", extra={"role": "reward_model"})
 
     # a Hugging Face user: the standard class and the saved tokenizer, nothing of ours
     hf_model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
-    hf_tokenizer = plumbing.AutoTokenizer.from_pretrained(tmp_path / "rm")
+    hf_tokenizer = hf_models.AutoTokenizer.from_pretrained(tmp_path / "rm")
     assert hf_tokenizer.pad_token_id != hf_tokenizer.eos_token_id  # so it reads the EOS, not the token before
     batch = hf_tokenizer([t + hf_tokenizer.eos_token for t in TEXTS], padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -70,24 +71,24 @@ def test_reward_model_round_trips_through_auto_model_for_sequence_classification
     with torch.no_grad():
         torch.testing.assert_close(hf_model(**batch).logits.squeeze(-1), ours, atol=1e-5, rtol=1e-5)
 
-    loaded = plumbing.disable_dropout(plumbing.load_score_model(tmp_path / "rm")).eval()
+    loaded = hf_models.disable_dropout(hf_models.load_score_model(tmp_path / "rm")).eval()
     with torch.no_grad():
         torch.testing.assert_close(redistribute.sequence_reward(loaded, query_response, attention_mask, attention_mask),
                                    ours, atol=1e-5, rtol=1e-5)
-    plumbing.check_same_tokenizer(tokenizer, plumbing.load_tokenizer(tmp_path / "rm"), "rm")  # only a pad added
-    info = plumbing.read_run_info(tmp_path / "rm")
+    hf_models.check_same_tokenizer(tokenizer, hf_models.load_tokenizer(tmp_path / "rm"), "rm")  # only a pad added
+    info = hf_models.read_run_info(tmp_path / "rm")
     assert info == {"role": "reward_model", "format": "AutoModelForSequenceClassification"}
 
 
 @pytest.mark.parametrize("which", ["gpt2", "llama"])
 def test_discriminator_round_trips_through_auto_model_for_token_classification(which, request, tmp_path):
     model_dir = request.getfixturevalue("tiny_dir" if which == "gpt2" else "llama_dir")
-    tokenizer = plumbing.load_tokenizer(model_dir)
+    tokenizer = hf_models.load_tokenizer(model_dir)
     model = trained_score_model(model_dir, bias=True)
     query_response, attention_mask = scored_batch(tokenizer, TEXTS)
     with torch.no_grad():
         ours = model(query_response, attention_mask)  # [B, T]
-    plumbing.save_score_model(model, tokenizer, tmp_path / "disc", kind="token")
+    hf_models.save_score_model(model, tokenizer, tmp_path / "disc", kind="token")
     hf_model = AutoModelForTokenClassification.from_pretrained(tmp_path / "disc").eval()
     position_ids = common.position_ids_from_mask(attention_mask)
     with torch.no_grad():
@@ -95,7 +96,7 @@ def test_discriminator_round_trips_through_auto_model_for_token_classification(w
                           position_ids=position_ids).logits.squeeze(-1)
     real = attention_mask.bool()
     torch.testing.assert_close(theirs[real], ours[real], atol=1e-5, rtol=1e-5)
-    loaded = plumbing.load_score_model(tmp_path / "disc").eval()
+    loaded = hf_models.load_score_model(tmp_path / "disc").eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(query_response, attention_mask)[real], ours[real], atol=1e-5, rtol=1e-5)
 
@@ -106,7 +107,7 @@ def test_a_standard_save_that_fails_keeps_the_model_in_the_head_file_format(tiny
     model is saved as backbone + score_head.safetensors with a warning and a note in
     token_rlhf.json, and it loads; a later standard save removes the stale head file (which
     load_score_model would otherwise prefer)."""
-    tokenizer = plumbing.load_tokenizer(tiny_dir)
+    tokenizer = hf_models.load_tokenizer(tiny_dir)
     model = trained_score_model(tiny_dir, bias=True)
     query_response, attention_mask = scored_batch(tokenizer, TEXTS)
     with torch.no_grad():
@@ -115,20 +116,20 @@ def test_a_standard_save_that_fails_keeps_the_model_in_the_head_file_format(tiny
     def broken(*args, **kwargs):
         raise RuntimeError("disk says no")
 
-    monkeypatch.setattr(plumbing, "_save_standard", broken)
+    monkeypatch.setattr(hf_models, "_save_standard", broken)
     with pytest.warns(UserWarning, match="disk says no"):
-        plumbing.save_score_model(model, tokenizer, tmp_path / "disc", kind="token",
-                                  extra={"role": "d"})
-    info = plumbing.read_run_info(tmp_path / "disc")
-    assert info["role"] == "d" and info["format"] == plumbing.HEAD_FILE_FORMAT
+        hf_models.save_score_model(model, tokenizer, tmp_path / "disc", kind="token",
+                                   extra={"role": "d"})
+    info = hf_models.read_run_info(tmp_path / "disc")
+    assert info["role"] == "d" and info["format"] == hf_models.HEAD_FILE_FORMAT
     assert "disk says no" in info["format_note"]
     real = attention_mask.bool()
-    loaded = plumbing.load_score_model(tmp_path / "disc").eval()
+    loaded = hf_models.load_score_model(tmp_path / "disc").eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(query_response, attention_mask)[real], ours[real],
                                    atol=1e-5, rtol=1e-5)
     monkeypatch.undo()
-    plumbing.save_score_model(model, tokenizer, tmp_path / "disc", kind="token")
+    hf_models.save_score_model(model, tokenizer, tmp_path / "disc", kind="token")
     assert not (tmp_path / "disc" / "score_head.safetensors").exists()
     assert AutoModelForTokenClassification.from_pretrained(tmp_path / "disc") is not None
 
@@ -141,7 +142,7 @@ def test_older_trl_and_openrlhf_reward_models_load(tiny_dir, tiny_tokenizer, tmp
     model = trained_score_model(tiny_dir, bias=True)
     model.backbone.save_pretrained(tmp_path / "old")
     save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, str(tmp_path / "old" / "score_head.safetensors"))
-    loaded = plumbing.load_score_model(tmp_path / "old").eval()
+    loaded = hf_models.load_score_model(tmp_path / "old").eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(query_response, attention_mask), model(query_response, attention_mask))
 
@@ -150,7 +151,7 @@ def test_older_trl_and_openrlhf_reward_models_load(tiny_dir, tiny_tokenizer, tmp
     trl = AutoModelForSequenceClassification.from_pretrained(tiny_dir, num_labels=1).eval()
     trl.config.pad_token_id = None  # batch of one below: the standard class then reads the last position
     trl.save_pretrained(tmp_path / "trl")
-    loaded = plumbing.load_score_model(tmp_path / "trl").eval()
+    loaded = hf_models.load_score_model(tmp_path / "trl").eval()
     with torch.no_grad():
         one = query_response[:1, attention_mask[0].argmax():]
         expected = trl(input_ids=one).logits.squeeze()
@@ -165,7 +166,7 @@ def test_older_trl_and_openrlhf_reward_models_load(tiny_dir, tiny_tokenizer, tmp
     from safetensors.torch import load_file
     state = {f"transformer.{k}": v for k, v in load_file(str(weights)).items()}
     save_file({**state, "value_head.weight": head}, str(weights))
-    loaded = plumbing.load_score_model(tmp_path / "openrlhf").eval()
+    loaded = hf_models.load_score_model(tmp_path / "openrlhf").eval()
     with torch.no_grad():
         hidden = backbone.eval()(input_ids=query_response, attention_mask=attention_mask,
                                  position_ids=common.position_ids_from_mask(attention_mask)).last_hidden_state
@@ -176,19 +177,19 @@ def test_older_trl_and_openrlhf_reward_models_load(tiny_dir, tiny_tokenizer, tmp
 def test_a_folder_without_a_trained_head_is_refused(tiny_dir, tmp_path):
     """A causal LM (the SFT model, say) passed as --reward-model would give a random head: refuse it."""
     with pytest.raises(common.InputError, match=f"reward model {tiny_dir}: no trained score head"):
-        plumbing.load_score_model(tiny_dir, what="reward model")
+        hf_models.load_score_model(tiny_dir, what="reward model")
     hf = AutoModelForSequenceClassification.from_pretrained(tiny_dir, num_labels=3)
     hf.save_pretrained(tmp_path / "three")
     with pytest.raises(common.InputError, match="with 3 labels"):
-        plumbing.load_score_model(tmp_path / "three")
+        hf_models.load_score_model(tmp_path / "three")
 
 
 def test_tokenizers_that_do_not_belong_together_are_refused(tiny_tokenizer, splits):
-    other = plumbing.train_tiny_tokenizer([p.prompt + p.chosen for p in splits["rl"][:300]], 2048)
+    other = hf_models.train_tiny_tokenizer([p.prompt + p.chosen for p in splits["rl"][:300]], 2048)
     with pytest.raises(common.InputError, match=r"--reward-model x: its tokenizer differs from the policy's \(\d+ of"):
-        plumbing.check_same_tokenizer(tiny_tokenizer, other, "--reward-model x")
-    plumbing.check_same_tokenizer(tiny_tokenizer, tiny_tokenizer, "same")
-    assert plumbing.tokenizer_fingerprint(tiny_tokenizer) != plumbing.tokenizer_fingerprint(other)
+        hf_models.check_same_tokenizer(tiny_tokenizer, other, "--reward-model x")
+    hf_models.check_same_tokenizer(tiny_tokenizer, tiny_tokenizer, "same")
+    assert hf_models.tokenizer_fingerprint(tiny_tokenizer) != hf_models.tokenizer_fingerprint(other)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,11 +220,11 @@ def test_missing_models_fail_in_a_moment_with_one_line(tmp_path):
 
 
 def test_an_unreachable_hub_is_one_line(tmp_path, monkeypatch):
-    monkeypatch.setattr(plumbing, "HUB_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on port 9
+    monkeypatch.setattr(hf_models, "HUB_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on port 9
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     started = time.monotonic()
     with pytest.raises(common.InputError, match="cannot be reached"):
-        plumbing.check_model_source("nobody-xyz/no-model", "--model")
+        hf_models.check_model_source("nobody-xyz/no-model", "--model")
     assert time.monotonic() - started < 5
 
 
@@ -231,7 +232,7 @@ def test_an_unreachable_hub_is_one_line(tmp_path, monkeypatch):
 # Checkpoints: crash-safe, and never the checkpoint of another run
 # ----------------------------------------------------------------------------------------------
 def small_training_state(tiny_dir):
-    model = plumbing.load_policy(tiny_dir)
+    model = hf_models.load_policy(tiny_dir)
     optimizer = plumbing.adamw(model, 1e-3)
     scheduler = plumbing.cosine_schedule(optimizer, 10)
     model(torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]])).loss.backward()
@@ -243,69 +244,69 @@ def small_training_state(tiny_dir):
 def test_checkpoint_round_trip_restores_weights_optimizer_schedule_and_rng(tmp_path, tiny_dir):
     model, optimizer, scheduler = small_training_state(tiny_dir)
     torch.manual_seed(123)
-    plumbing.save_checkpoint(tmp_path, 7, {"model": model}, {"model": optimizer}, {"model": scheduler}, {"lr": 1})
+    checkpoint.save_checkpoint(tmp_path, 7, {"model": model}, {"model": optimizer}, {"model": scheduler}, {"lr": 1})
     expected_draw = torch.rand(3)
-    fresh = plumbing.load_policy(tiny_dir)
+    fresh = hf_models.load_policy(tiny_dir)
     fresh_optimizer = plumbing.adamw(fresh, 1e-3)
     fresh_scheduler = plumbing.cosine_schedule(fresh_optimizer, 10)
-    state = plumbing.load_checkpoint(tmp_path, {"model": fresh}, {"model": fresh_optimizer},
-                                     {"model": fresh_scheduler}, {"lr": 1})
+    state = checkpoint.load_checkpoint(tmp_path, {"model": fresh}, {"model": fresh_optimizer},
+                                       {"model": fresh_scheduler}, {"lr": 1})
     assert state["step"] == 7 and fresh_scheduler.last_epoch == 1
     assert torch.equal(torch.rand(3), expected_draw)
     for (name, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items()):
         assert torch.equal(a, b), name
     assert fresh_optimizer.state_dict()["state"][0]["exp_avg"].abs().sum() > 0
-    assert plumbing.load_checkpoint(tmp_path / "nothing", {"model": fresh}, {}) is None
+    assert checkpoint.load_checkpoint(tmp_path / "nothing", {"model": fresh}, {}) is None
 
 
 def test_a_kill_at_any_point_of_a_save_leaves_a_complete_checkpoint(tmp_path, tiny_dir, monkeypatch):
     model, optimizer, scheduler = small_training_state(tiny_dir)
     args = ({"model": model}, {"model": optimizer}, {"model": scheduler}, {})
-    plumbing.save_checkpoint(tmp_path, 3, *args)
+    checkpoint.save_checkpoint(tmp_path, 3, *args)
 
     # killed while writing step 6: the half-written folder is never taken, step 3 is
     real_save = torch.save
     monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
-        plumbing.save_checkpoint(tmp_path, 6, *args)
+        checkpoint.save_checkpoint(tmp_path, 6, *args)
     monkeypatch.setattr(torch, "save", real_save)
-    assert plumbing.latest_checkpoint(tmp_path).name == "step-000000003"
-    assert plumbing.load_checkpoint(tmp_path, *args)["step"] == 3
+    assert checkpoint.latest_checkpoint(tmp_path).name == "step-000000003"
+    assert checkpoint.load_checkpoint(tmp_path, *args)["step"] == 3
 
     # killed after step 6 was published, before step 3 was deleted: resume from 6, and 3 goes next time
-    real_rmtree = plumbing.shutil.rmtree
+    real_rmtree = checkpoint.shutil.rmtree
 
     def killed_on_delete(path, *a, **k):
         if Path(path).name.startswith("step-"):
             raise KeyboardInterrupt
         return real_rmtree(path, *a, **k)
 
-    monkeypatch.setattr(plumbing.shutil, "rmtree", killed_on_delete)
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_on_delete)
     with pytest.raises(KeyboardInterrupt):
-        plumbing.save_checkpoint(tmp_path, 6, *args)
-    monkeypatch.setattr(plumbing.shutil, "rmtree", real_rmtree)
+        checkpoint.save_checkpoint(tmp_path, 6, *args)
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", real_rmtree)
     assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == ["step-000000003", "step-000000006"]
-    assert plumbing.load_checkpoint(tmp_path, *args)["step"] == 6
-    plumbing.clean_stale_temp(tmp_path)
-    plumbing.save_checkpoint(tmp_path, 9, *args)
+    assert checkpoint.load_checkpoint(tmp_path, *args)["step"] == 6
+    checkpoint.clean_stale_temp(tmp_path)
+    checkpoint.save_checkpoint(tmp_path, 9, *args)
     assert [p.name for p in (tmp_path / "checkpoint").iterdir()] == ["step-000000009"]
 
 
 def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, tiny_dir):
     model, optimizer, scheduler = small_training_state(tiny_dir)
     args = ({"model": model}, {"model": optimizer}, {"model": scheduler})
-    plumbing.save_checkpoint(tmp_path, 2, *args, {"reward": "tlcr", "total_steps": 10})
+    checkpoint.save_checkpoint(tmp_path, 2, *args, {"reward": "tlcr", "total_steps": 10})
     with pytest.raises(common.InputError, match=r"--reward was 'tlcr', now 'seq'.*--total-steps was 10, now 20"):
-        plumbing.load_checkpoint(tmp_path, *args, {"reward": "seq", "total_steps": 20})
+        checkpoint.load_checkpoint(tmp_path, *args, {"reward": "seq", "total_steps": 20})
     with pytest.warns(UserWarning, match="--force-resume"):
-        assert plumbing.load_checkpoint(tmp_path, *args, {"reward": "seq", "total_steps": 10}, force=True)["step"] == 2
+        assert checkpoint.load_checkpoint(tmp_path, *args, {"reward": "seq", "total_steps": 10}, force=True)["step"] == 2
 
 
 def test_stale_temp_folders_are_cleaned(tmp_path):
     for stale in (tmp_path / ".save-abc", tmp_path / "checkpoint" / ".tmp-step-000000004", tmp_path / "policy" / ".save-x"):
         stale.mkdir(parents=True)
     (tmp_path / "checkpoint" / "step-000000002").mkdir()
-    plumbing.clean_stale_temp(tmp_path)
+    checkpoint.clean_stale_temp(tmp_path)
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == \
         ["checkpoint", "checkpoint/step-000000002", "policy"]
 
@@ -313,10 +314,10 @@ def test_stale_temp_folders_are_cleaned(tmp_path):
 def test_a_torn_last_log_line_is_dropped_on_resume(tmp_path, capsys):
     log = tmp_path / "log.jsonl"
     log.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
-    plumbing.JsonlLogger(log).rewind(2)
+    checkpoint.JsonlLogger(log).rewind(2)
     assert f"warning: {log} line 3: unreadable" in capsys.readouterr().err
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2]
-    plumbing.JsonlLogger(log).log({"step": 3})
+    checkpoint.JsonlLogger(log).log({"step": 3})
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3]
 
 

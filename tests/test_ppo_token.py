@@ -8,6 +8,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import common
 import plumbing
+from plumbing import checkpoint, distributed, hf_models
 import ppo_token as ppo
 from conftest import run_torchrun
 
@@ -28,7 +29,7 @@ def tiny_lm(seed=0, eos=0):
     torch.manual_seed(seed)
     cfg = GPT2Config(vocab_size=V, n_layer=1, n_embd=32, n_head=2, n_positions=64,
                      eos_token_id=eos, bos_token_id=eos, pad_token_id=eos)
-    return plumbing.disable_dropout(GPT2LMHeadModel(cfg))
+    return hf_models.disable_dropout(GPT2LMHeadModel(cfg))
 
 
 def make_args(*extra):
@@ -40,6 +41,12 @@ def toy_models(lr=3e-3, eos=0):
     policy, ref_policy = tiny_lm(0, eos), tiny_lm(0, eos).requires_grad_(False)
     critic = common.ScoreModel(tiny_lm(1, eos).transformer)
     return policy, ref_policy, critic, plumbing.adamw(policy, lr), plumbing.adamw(critic, lr)
+
+
+def as_models(policy, ref_policy, critic, reward_fn, args, optimizers=(None, None)):
+    """The record load_models builds, around hand-made models: the reference read as a frozen copy."""
+    return ppo.Models(policy, critic, *optimizers, ppo.reference_logprobs_fn(policy, ref_policy, args.temperature),
+                      reward_fn)
 
 
 PROMPTS = [[1, 2, 3], [4, 5], [6], [2, 2, 2, 2]]  # different lengths: left padding on every row but one
@@ -160,43 +167,46 @@ def test_rollout_positions_are_pinned_down():
         return common.gather_response(query_response.float(), response_mask)
 
     torch.manual_seed(3)
-    batch = ppo.rollout(policy, ref_policy, critic, reward_is_token_id, prompt, prompt_mask, args, [eos], eos)
-    mask = batch["response_mask"]
-    assert torch.equal(batch["task_rewards"], batch["response"].float() * mask)
-    assert batch["ended"].any() and (mask.sum(-1) > 1).any()
+    batch = ppo.rollout(as_models(policy, ref_policy, critic, reward_is_token_id, args), prompt, prompt_mask,
+                        [eos], eos, args)
+    mask = batch.response_mask
+    assert torch.equal(batch.task_rewards, batch.response.float() * mask)
+    assert batch.ended.any() and (mask.sum(-1) > 1).any()
     for b, p in enumerate(PROMPTS):
         for j in range(int(mask[b].sum())):
-            prefix = torch.tensor([p + batch["response"][b, :j].tolist()])  # x, a_<j without any padding
+            prefix = torch.tensor([p + batch.response[b, :j].tolist()])  # x, a_<j without any padding
             with torch.no_grad():
                 logits = policy(input_ids=prefix).logits[0, -1] / 0.7
                 value = critic(prefix, torch.ones_like(prefix))[0, -1]
-            expected = torch.log_softmax(logits, -1)[batch["response"][b, j]]
-            assert batch["logprobs"][b, j].item() == pytest.approx(expected.item(), abs=1e-5)
-            assert batch["values"][b, j].item() == pytest.approx(value.item(), abs=1e-5)
+            expected = torch.log_softmax(logits, -1)[batch.response[b, j]]
+            assert batch.logprobs[b, j].item() == pytest.approx(expected.item(), abs=1e-5)
+            assert batch.values[b, j].item() == pytest.approx(value.item(), abs=1e-5)
     # the reference starts equal to the policy: KL 0, so r_j = task_j exactly
-    assert torch.allclose(batch["token_rewards"], batch["task_rewards"], atol=1e-5)
+    assert torch.allclose(batch.token_rewards, batch.task_rewards, atol=1e-5)
 
 
 def test_first_ppo_ratio_is_one_under_left_padding():
     policy, ref_policy, critic, _, _ = toy_models()
-    plumbing.enable_gradient_checkpointing(policy)
-    plumbing.enable_gradient_checkpointing(critic)
+    hf_models.enable_gradient_checkpointing(policy)
+    hf_models.enable_gradient_checkpointing(critic)
     args = make_args()
     prompt, prompt_mask = common.pad_left(PROMPTS * 2, 0)
     torch.manual_seed(4)
-    batch = ppo.rollout(policy, ref_policy, critic, lambda qr, am, rm: torch.zeros(len(qr), int(rm.sum(-1).max())),
-                        prompt, prompt_mask, args, [0], 0)
+    def no_reward(query_response, attention_mask, response_mask):
+        return torch.zeros(len(query_response), int(response_mask.sum(-1).max()))
+
+    batch = ppo.rollout(as_models(policy, ref_policy, critic, no_reward, args), prompt, prompt_mask, [0], 0, args)
     policy.train(), critic.train()  # the training forward: train mode, gradient checkpointing, a shuffled minibatch
     idx = torch.tensor([6, 1, 3])
-    inputs = [batch[k][idx] for k in ("query_response", "attention_mask", "full_response_mask")]
+    inputs = [batch.query_response[idx], batch.attention_mask[idx], batch.full_response_mask[idx]]
     new_logprobs, _ = common.response_logprobs(policy, *inputs)  # [3, longest of these 3 responses]
     new_values = ppo.critic_values(critic, *inputs)
     width = new_logprobs.shape[1]
-    mask = batch["response_mask"][idx, :width].bool()
-    assert mask.sum() == batch["response_mask"][idx].sum()  # nothing is lost by the narrower batch
-    ratio = torch.exp(new_logprobs - batch["logprobs"][idx, :width])[mask]
+    mask = batch.response_mask[idx, :width].bool()
+    assert mask.sum() == batch.response_mask[idx].sum()  # nothing is lost by the narrower batch
+    ratio = torch.exp(new_logprobs - batch.logprobs[idx, :width])[mask]
     assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5)
-    assert torch.allclose(new_values[mask], batch["values"][idx, :width][mask], atol=1e-5)
+    assert torch.allclose(new_values[mask], batch.values[idx, :width][mask], atol=1e-5)
     assert new_logprobs.requires_grad
 
 
@@ -213,11 +223,13 @@ def run_toy(reward, steps, seed=0, *extra):
         valid = common.gather_response(torch.ones_like(query_response), response_mask).float()
         return reward(common.gather_response(query_response, response_mask), valid)
 
+    models = as_models(policy, ref_policy, critic, reward_fn, args, (policy_opt, critic_opt))
     history = []
-    for step in range(steps):
+    for step in range(steps):  # main's loop: rollout (steps 1-4), then PPO epochs (step 5)
         torch.manual_seed(seed * 1000 + step)
-        history.append(ppo.train_step(policy, ref_policy, critic, policy_opt, critic_opt, reward_fn, prompt,
-                                      prompt_mask, args, [0], 0, args.minibatch_size))
+        batch = ppo.rollout(models, prompt, prompt_mask, [0], 0, args)
+        history.append(ppo.rollout_stats(batch))
+        history[-1].update(ppo.ppo_update(models, batch, args, args.minibatch_size))
     return history
 
 
@@ -290,10 +302,10 @@ def test_resume_reproduces_the_next_step(tiny_dir, tmp_path):
         if key not in ("elapsed_s", "tokens_per_s"):
             assert log_a[-1][key] == pytest.approx(log_b[-1][key], rel=1e-5, abs=1e-6), key
     assert log_a[-1]["kl"] != 0  # the policy did move away from the reference
-    weights_a = plumbing.load_policy(a / "policy").state_dict()
-    weights_b = plumbing.load_policy(b / "policy").state_dict()
+    weights_a = hf_models.load_policy(a / "policy").state_dict()
+    weights_b = hf_models.load_policy(b / "policy").state_dict()
     assert all(torch.allclose(weights_a[k], weights_b[k], atol=1e-6) for k in weights_b)
-    state = torch.load(plumbing.latest_checkpoint(a) / "state.pt", weights_only=True)
+    state = torch.load(checkpoint.latest_checkpoint(a) / "state.pt", weights_only=True)
     assert state["step"] == 3 and set(state["optimizers"]) == {"policy", "critic"}
     assert state["optimizers"]["policy"]["state"]  # Adam moments were saved, not an empty optimizer
     # a resume with another reward (or model, or data) is refused, not silently continued
@@ -313,17 +325,17 @@ def test_torchrun_two_ranks(tiny_dir, tmp_path):
     assert "world size 2" in output
     log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2] and all(r["response_length"] > 0 for r in log)
-    assert (out / "policy" / "config.json").exists() and plumbing.latest_checkpoint(out).name == "step-000000002"
+    assert (out / "policy" / "config.json").exists() and checkpoint.latest_checkpoint(out).name == "step-000000002"
 
 
 def test_every_reward_source_runs_a_step(tiny_dir, tmp_path):
     """seq / red / tlcr from redistribute.py and discriminator.py on untrained ScoreModels; the critic starts
     from the reward model or the discriminator (--critic-init reward); seq puts R_φ on the last action."""
-    tokenizer = plumbing.load_tokenizer(tiny_dir)
+    tokenizer = hf_models.load_tokenizer(tiny_dir)
     for name, seed, kind in (("rm", 1, "sequence"), ("disc", 2, "token")):
         torch.manual_seed(seed)
-        plumbing.save_score_model(plumbing.new_score_model(tiny_dir, bias=kind == "token"), tokenizer, tmp_path / name,
-                                  kind)
+        hf_models.save_score_model(hf_models.new_score_model(tiny_dir, bias=kind == "token"), tokenizer, tmp_path / name,
+                                   kind)
     for reward in ("seq", "red", "tlcr"):
         argv = [a if a != "unused" else str(tmp_path / "disc") for a in cli(tiny_dir, tmp_path / reward, 1)]
         argv = [a for a in argv if a not in ("--critic-init", "policy")]
@@ -336,7 +348,7 @@ def test_every_reward_source_runs_a_step(tiny_dir, tmp_path):
             assert record["task_reward"] == pytest.approx(record["rm_score"], abs=1e-5)
     args = ppo.parse_args(["--policy", str(tiny_dir), "--out", str(tmp_path / "x"), "--reward", "seq",
                            "--reward-model", str(tmp_path / "rm")])
-    reward_fn, score_fn = ppo.make_reward_fn(args, plumbing.DistInfo())
+    reward_fn, score_fn = ppo.make_reward_fn(args, distributed.DistInfo())
     prompt, prompt_mask = common.pad_left([[5, 6, 7], [8, 9]], tokenizer.eos_token_id)
     response = torch.tensor([[11, 12, tokenizer.eos_token_id, tokenizer.eos_token_id], [13, 14, 15, 16]])
     mask, _ = ppo.response_mask_from(response, [tokenizer.eos_token_id])
@@ -359,9 +371,10 @@ def test_micro_batches_accumulate_to_the_same_update():
         policy_opt, critic_opt = torch.optim.SGD(policy.parameters(), 0.1), torch.optim.SGD(critic.parameters(), 0.1)
         args.micro_batch_size = int(micro)
         torch.manual_seed(5)
-        batch = ppo.rollout(policy, ref_policy, critic, lambda qr, am, rm: common.gather_response(qr.float(), rm) / V,
-                            prompt, prompt_mask, args, [0], 0)
-        ppo.ppo_update(policy, critic, policy_opt, critic_opt, batch, args, args.minibatch_size)
+        models = as_models(policy, ref_policy, critic, lambda qr, am, rm: common.gather_response(qr.float(), rm) / V,
+                           args, (policy_opt, critic_opt))
+        batch = ppo.rollout(models, prompt, prompt_mask, [0], 0, args)
+        ppo.ppo_update(models, batch, args, args.minibatch_size)
         weights.append([p.detach().clone() for p in list(policy.parameters()) + list(critic.parameters())])
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*weights))
     assert not torch.allclose(weights[0][0], toy_models()[0].transformer.wte.weight)  # the update did change the policy
@@ -370,8 +383,8 @@ def test_micro_batches_accumulate_to_the_same_update():
 def test_models_that_do_not_belong_together_stop_the_run_at_once(tiny_dir, llama_dir, tmp_path):
     """A reward model on another tokenizer (Llama's here, a different vocabulary) or a folder without a
     trained head: refused before any model is loaded, with the option and the folder named."""
-    llama_tokenizer = plumbing.load_tokenizer(llama_dir)
-    plumbing.save_score_model(plumbing.new_score_model(llama_dir, bias=False), llama_tokenizer, tmp_path / "rm", "sequence")
+    llama_tokenizer = hf_models.load_tokenizer(llama_dir)
+    hf_models.save_score_model(hf_models.new_score_model(llama_dir, bias=False), llama_tokenizer, tmp_path / "rm", "sequence")
     argv = ["--policy", str(tiny_dir), "--reward", "seq", "--out", str(tmp_path / "out"), "--iterations", "1"]
     with pytest.raises(common.InputError, match=f"--reward-model {tmp_path / 'rm'}: its tokenizer differs"):
         ppo.main(argv + ["--reward-model", str(tmp_path / "rm")])
@@ -399,7 +412,7 @@ def test_seq_and_red_ignore_a_discriminator_and_name_the_reward_model(reward, ti
 def test_llama_policy_runs_ppo_with_bos_and_stops_at_a_second_eos_id(llama_dir, tmp_path):
     """The tiny Llama (RoPE, BOS, no pad token) through the PPO script, with a generation_config that lists a
     second EOS id: generation stops at it as at the first, in ppo_token.generate and in the script."""
-    policy, tokenizer = plumbing.load_policy(llama_dir), plumbing.load_tokenizer(llama_dir)
+    policy, tokenizer = hf_models.load_policy(llama_dir), hf_models.load_tokenizer(llama_dir)
     args = ppo.parse_args(["--policy", "p", "--out", "o", "--reward", "seq", "--reward-model", "r",
                            "--max-prompt-len", "24"])
     prompts = ppo.load_prompts(args, tokenizer, quiet=True)[:16]
@@ -423,7 +436,7 @@ def test_llama_policy_runs_ppo_with_bos_and_stops_at_a_second_eos_id(llama_dir, 
     policy.generation_config.eos_token_id = [tokenizer.eos_token_id, second_eos]
     policy.save_pretrained(tmp_path / "policy")
     tokenizer.save_pretrained(tmp_path / "policy")
-    assert common.eos_token_ids(tokenizer, plumbing.load_policy(tmp_path / "policy")) == [tokenizer.eos_token_id,
+    assert common.eos_token_ids(tokenizer, hf_models.load_policy(tmp_path / "policy")) == [tokenizer.eos_token_id,
                                                                                         second_eos]
     ppo.main(["--policy", str(tmp_path / "policy"), "--reward", "tlcr", "--discriminator", "unused",
               "--critic-init", "policy", "--out", str(tmp_path / "ppo"), "--iterations", "2",
@@ -436,7 +449,7 @@ def test_llama_policy_runs_ppo_with_bos_and_stops_at_a_second_eos_id(llama_dir, 
 def test_stop_after_then_resume_matches_an_uninterrupted_run(tiny_dir, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     assert ppo.main(cli(tiny_dir, a, 3, "--stop-after", "2"), reward_fn=toy_reward) is None
-    assert plumbing.latest_checkpoint(a).name == "step-000000002" and not (a / "policy").exists()
+    assert checkpoint.latest_checkpoint(a).name == "step-000000002" and not (a / "policy").exists()
     ppo.main(cli(tiny_dir, a, 3), reward_fn=toy_reward)
     ppo.main(cli(tiny_dir, b, 3), reward_fn=toy_reward)
     log_a = [json.loads(l) for l in (a / "log.jsonl").read_text().splitlines()]

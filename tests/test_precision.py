@@ -11,7 +11,7 @@ worth, all in the same direction: beyond it something other than rounding is at 
 computed in bf16 or a model left in fp32) and BF16_ATOL = 0.05 on a single log-probability or score
 of magnitude ~1-7 (a few roundings of the largest logit). Each test also checks that bf16 really ran
 (its numbers are not bitwise the fp32 ones). PPO's two invariants at iteration 0, KL = 0 and ratio =
-1, hold *exactly* in bf16, by design (plumbing.py, the precision section), so they are tested to
+1, hold *exactly* in bf16, by design (plumbing/amp.py), so they are tested to
 1e-6, as in fp32.
 
     python -m pytest -q tests/test_precision.py        # ~1 min on 2 CPU cores
@@ -27,7 +27,7 @@ import common
 import discriminator
 import eval as evaluation
 import label
-import plumbing
+from plumbing import amp, distributed, hf_models
 import ppo_token as ppo
 import redistribute
 import sft
@@ -81,21 +81,21 @@ def test_one_precision_flag_with_the_same_meaning_in_every_stage():
         assert parse(["--precision", "bf16"]).precision == "bf16", stage
         assert parse(["--no-bf16"]).precision == "fp32", stage  # the older switch, kept
         args = parse(["--precision", "bf16"])
-        assert plumbing.frozen_dtype(args, CPU) == torch.bfloat16, (
+        assert amp.frozen_dtype(args, CPU) == torch.bfloat16, (
             stage
         )  # --frozen-dtype auto follows it
     args = sft.parse_args([])
     assert (
-        plumbing.frozen_dtype(args, CPU) == torch.float32
+        amp.frozen_dtype(args, CPU) == torch.float32
     )  # auto on CPU: fp32, the tests' numbers
-    assert plumbing.frozen_dtype(args, torch.device("cuda")) == torch.bfloat16  # auto on CUDA: bf16
+    assert amp.frozen_dtype(args, torch.device("cuda")) == torch.bfloat16  # auto on CUDA: bf16
     assert (
-        plumbing.frozen_dtype(sft.parse_args(["--no-bf16"]), torch.device("cuda")) == torch.float32
+        amp.frozen_dtype(sft.parse_args(["--no-bf16"]), torch.device("cuda")) == torch.float32
     )
     assert (
-        not plumbing.use_bf16("auto", CPU)
-        and plumbing.use_bf16("auto", "cuda")
-        and plumbing.use_bf16("bf16", CPU)
+        not amp.use_bf16("auto", CPU)
+        and amp.use_bf16("auto", "cuda")
+        and amp.use_bf16("bf16", CPU)
     )
     linear = torch.nn.Linear(4, 4)
     for precision, dtype in (
@@ -103,18 +103,18 @@ def test_one_precision_flag_with_the_same_meaning_in_every_stage():
         ("fp32", torch.float32),
         ("bf16", torch.bfloat16),
     ):
-        with plumbing.autocast(CPU, precision):
+        with amp.autocast(CPU, precision):
             assert linear(torch.ones(2, 4)).dtype == dtype
 
 
 def test_frozen_bf16_model_computes_like_its_fp32_original(llama_dir):
     """compute_in_fp32: stored in bf16 between calls; the rounded fp32 model's logits in them."""
     rows, mask = common.pad_left([[5, 6, 7, 8], [9, 10]], 0)
-    rounded = plumbing.round_like_frozen(plumbing.load_policy(llama_dir), torch.bfloat16).eval()
-    frozen = plumbing.prepare_frozen(
-        plumbing.load_policy(llama_dir, torch.bfloat16), plumbing.DistInfo()
+    rounded = amp.round_like_frozen(hf_models.load_policy(llama_dir), torch.bfloat16).eval()
+    frozen = distributed.prepare_frozen(
+        hf_models.load_policy(llama_dir, torch.bfloat16), distributed.DistInfo()
     )
-    with torch.no_grad(), plumbing.autocast(CPU, "bf16"):
+    with torch.no_grad(), amp.autocast(CPU, "bf16"):
         kw = dict(
             input_ids=rows, attention_mask=mask, position_ids=common.position_ids_from_mask(mask)
         )
@@ -133,7 +133,7 @@ def write_labels(path, tokenizer, n=12, seed=0):
         row = {
             "id": f"pair{i}",
             "prompt": f"\n\nHuman: question {i}\n\nAssistant:",
-            "tokenizer": plumbing.tokenizer_fingerprint(tokenizer),
+            "tokenizer": hf_models.tokenizer_fingerprint(tokenizer),
         }
         for side in ("rejected", "revised"):
             ids = [rng.randrange(300, len(tokenizer)) for _ in range(rng.randint(3, 12))]
@@ -170,7 +170,7 @@ def stage_argv(stage, model_dir, tmp_path):
             *common_args,
         ]
     if stage == "discriminator":
-        write_labels(tmp_path / "labels.jsonl", plumbing.load_tokenizer(model_dir))
+        write_labels(tmp_path / "labels.jsonl", hf_models.load_tokenizer(model_dir))
         return discriminator.main, [
             "train",
             "--sft",
@@ -233,9 +233,9 @@ def reward_models(tmp_path_factory, tiny_dir, llama_dir):
     out = tmp_path_factory.mktemp("rm")
     for arch, model_dir in (("gpt2", tiny_dir), ("llama", llama_dir)):
         torch.manual_seed(1)
-        plumbing.save_score_model(
-            plumbing.new_score_model(model_dir, bias=False),
-            plumbing.load_tokenizer(model_dir),
+        hf_models.save_score_model(
+            hf_models.new_score_model(model_dir, bias=False),
+            hf_models.load_tokenizer(model_dir),
             out / arch,
             "sequence",
         )
@@ -267,41 +267,45 @@ def ppo_setup(model_dir, rm_dir, precision, lora=0, extra=()):
             *extra,
         ]
     )
-    dist_info = plumbing.DistInfo()
+    dist_info = distributed.DistInfo()
     torch.manual_seed(0)  # the same LoRA adapters in every precision
-    policy, ref_policy, critic, shared = ppo.load_models(args, dist_info)
-    reward_fn, _ = ppo.make_reward_fn(args, dist_info, shared)
-    tokenizer = plumbing.load_tokenizer(model_dir)
+    loaded = []  # the policies load_models reads: the trained one, then (no LoRA) the reference
+    load_policy = hf_models.load_policy
+    hf_models.load_policy = lambda *a, **kw: loaded.append(load_policy(*a, **kw)) or loaded[-1]
+    try:
+        models = ppo.load_models(args, dist_info)
+    finally:
+        hf_models.load_policy = load_policy
+    tokenizer = hf_models.load_tokenizer(model_dir)
     prompt, prompt_mask = common.pad_left(
         [[5, 6, 7, 8], [9, 10], [11, 12, 13], [14]] * 2, tokenizer.pad_token_id
     )
     return (
         args,
-        policy,
-        ref_policy,
-        critic,
-        reward_fn,
+        models,
+        loaded[1] if len(loaded) > 1 else None,
         prompt,
         prompt_mask,
-        common.eos_token_ids(tokenizer, policy),
+        common.eos_token_ids(tokenizer, models.policy),
         tokenizer.pad_token_id,
     )
 
 
 def first_ratio(policy, batch, args, idx=(6, 1, 3)):
     """π_θ / π_old on a minibatch in the training forward (train mode, checkpointing)."""
-    unwrap = plumbing.unwrap(policy)
+    unwrap = distributed.unwrap(policy)
     unwrap.train()
     idx = torch.tensor(idx)
-    width = int(batch["response_mask"][idx].sum(-1).max())
-    columns = batch["prompt_width"] + width
+    width = int(batch.response_mask[idx].sum(-1).max())
+    columns = batch.prompt_width + width
     inputs = [
-        batch[k][idx, :columns] for k in ("query_response", "attention_mask", "full_response_mask")
+        t[idx, :columns]
+        for t in (batch.query_response, batch.attention_mask, batch.full_response_mask)
     ]
-    with plumbing.autocast(CPU, args.precision):
+    with amp.autocast(CPU, args.precision):
         new_logprobs, _ = common.response_logprobs(policy, *inputs, args.temperature)
-    mask = batch["response_mask"][idx, :width].bool()
-    return torch.exp(new_logprobs - batch["logprobs"][idx, :width])[mask]
+    mask = batch.response_mask[idx, :width].bool()
+    return torch.exp(new_logprobs - batch.logprobs[idx, :width])[mask]
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -311,38 +315,34 @@ def test_ppo_iteration_zero_in_bf16_kl_is_zero_and_ratio_is_one(
 ):
     """The reference stored in bf16 (full fine-tuning: a bf16 copy; LoRA: the base, no adapters)."""
     model_dir = tiny_dir if arch == "gpt2" else llama_dir
-    args, policy, ref_policy, critic, reward_fn, prompt, prompt_mask, eos_ids, pad_id = ppo_setup(
+    args, models, ref_policy, prompt, prompt_mask, eos_ids, pad_id = ppo_setup(
         model_dir, reward_models / arch, "bf16", lora
     )
     if not lora:
         assert {p.dtype for p in ref_policy.parameters()} == {torch.bfloat16}
-        assert {p.dtype for p in policy.parameters()} == {torch.float32}
+        assert {p.dtype for p in models.policy.parameters()} == {torch.float32}
     torch.manual_seed(0)
-    batch = ppo.rollout(
-        policy, ref_policy, critic, reward_fn, prompt, prompt_mask, args, eos_ids, pad_id
-    )
-    assert batch["response_mask"].sum() > 8
-    assert batch["kl"].abs().max() <= EXACT  # KL_j at iteration 0, every token
-    ratio = first_ratio(policy, batch, args)
+    batch = ppo.rollout(models, prompt, prompt_mask, eos_ids, pad_id, args)
+    assert batch.response_mask.sum() > 8
+    assert batch.kl.abs().max() <= EXACT  # KL_j at iteration 0, every token
+    ratio = first_ratio(models.policy, batch, args)
     assert (ratio - 1).abs().max() <= EXACT
 
 
 def test_without_the_design_a_bf16_reference_gives_kl_at_iteration_zero(
     tiny_dir, reward_models, monkeypatch
 ):
-    """Why plumbing.compute_in_fp32 and round_like_frozen exist: a bf16 reference run as it is,
+    """Why amp.compute_in_fp32 and round_like_frozen exist: a bf16 reference run as it is,
     beside the fp32 policy under autocast, puts bf16 noise into KL (and so into every token's
     reward) from the first step."""
-    monkeypatch.setattr(plumbing, "compute_in_fp32", lambda model: model)
-    monkeypatch.setattr(plumbing, "round_like_frozen", lambda model, dtype: model)
-    args, policy, ref_policy, critic, reward_fn, prompt, prompt_mask, eos_ids, pad_id = ppo_setup(
+    monkeypatch.setattr(amp, "compute_in_fp32", lambda model: model)
+    monkeypatch.setattr(amp, "round_like_frozen", lambda model, dtype: model)
+    args, models, _, prompt, prompt_mask, eos_ids, pad_id = ppo_setup(
         tiny_dir, reward_models / "gpt2", "bf16"
     )
     torch.manual_seed(0)
-    batch = ppo.rollout(
-        policy, ref_policy, critic, reward_fn, prompt, prompt_mask, args, eos_ids, pad_id
-    )
-    assert batch["kl"].abs().max() > 1e-4
+    batch = ppo.rollout(models, prompt, prompt_mask, eos_ids, pad_id, args)
+    assert batch.kl.abs().max() > 1e-4
 
 
 @pytest.mark.parametrize("lora", [0, 4])
@@ -352,21 +352,20 @@ def test_ppo_scoring_and_update_in_bf16_agree_with_fp32(lora, llama_dir, reward_
     results = {}
     batch = None
     for precision in ("fp32", "bf16"):
-        args, policy, ref_policy, critic, reward_fn, prompt, prompt_mask, eos_ids, pad_id = (
-            ppo_setup(llama_dir, reward_models / "llama", precision, lora)
+        args, models, _, prompt, prompt_mask, eos_ids, pad_id = ppo_setup(
+            llama_dir, reward_models / "llama", precision, lora
         )
+        policy, critic, reward_fn = models.policy, models.critic, models.reward_fn
         if batch is None:
             torch.manual_seed(0)
-            batch = ppo.rollout(
-                policy, ref_policy, critic, reward_fn, prompt, prompt_mask, args, eos_ids, pad_id
-            )
-        qr, am, rm = batch["query_response"], batch["attention_mask"], batch["full_response_mask"]
-        with torch.no_grad(), plumbing.autocast(CPU, precision):
+            batch = ppo.rollout(models, prompt, prompt_mask, eos_ids, pad_id, args)
+        qr, am, rm = batch.query_response, batch.attention_mask, batch.full_response_mask
+        with torch.no_grad(), amp.autocast(CPU, precision):
             logprobs, _ = common.response_logprobs(policy, qr, am, rm)
             values = ppo.critic_values(critic, qr, am, rm)
         rewards = reward_fn(qr, am, rm)  # the frozen reward model, in --frozen-dtype (bf16 here)
         losses = ppo.minibatch_losses(
-            policy, critic, batch, torch.arange(4), batch["response_mask"][:4].sum(), args
+            policy, critic, batch, torch.arange(4), batch.response_mask[:4].sum(), args
         )
         (losses[0] + losses[1]).backward()
         results[precision] = dict(
@@ -375,8 +374,8 @@ def test_ppo_scoring_and_update_in_bf16_agree_with_fp32(lora, llama_dir, reward_
             rewards=rewards,
             policy_loss=losses[0].item(),
             value_loss=losses[1].item(),
-            policy_grad=plumbing.clip_grad_norm(policy, 0),
-            critic_grad=plumbing.clip_grad_norm(critic, 0),
+            policy_grad=distributed.clip_grad_norm(policy, 0),
+            critic_grad=distributed.clip_grad_norm(critic, 0),
         )
     fp32, bf16 = results["fp32"], results["bf16"]
     for key in ("logprobs", "values", "rewards"):
@@ -389,13 +388,13 @@ def test_ppo_scoring_and_update_in_bf16_agree_with_fp32(lora, llama_dir, reward_
 def test_eval_scoring_in_bf16_agrees_with_fp32(tiny_dir, reward_models, tmp_path):
     """eval.py's score_batch with its models loaded as eval.py loads them, in each precision."""
     torch.manual_seed(2)
-    plumbing.save_score_model(
-        plumbing.new_score_model(tiny_dir, bias=True),
-        plumbing.load_tokenizer(tiny_dir),
+    hf_models.save_score_model(
+        hf_models.new_score_model(tiny_dir, bias=True),
+        hf_models.load_tokenizer(tiny_dir),
         tmp_path / "disc",
         "token",
     )
-    tokenizer = plumbing.load_tokenizer(tiny_dir)
+    tokenizer = hf_models.load_tokenizer(tiny_dir)
     prompt, prompt_mask = common.pad_left(
         [[5, 6, 7, 8], [9, 10], [11, 12, 13]], tokenizer.pad_token_id
     )
@@ -404,20 +403,20 @@ def test_eval_scoring_in_bf16_agrees_with_fp32(tiny_dir, reward_models, tmp_path
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
 
         def frozen(model):
-            return plumbing.prepare_frozen(
-                plumbing.cast_frozen(model, dtype), plumbing.DistInfo(), precision=precision
+            return distributed.prepare_frozen(
+                amp.cast_frozen(model, dtype), distributed.DistInfo(), precision=precision
             )
 
-        policy = frozen(plumbing.load_policy(tiny_dir))
-        reward_model = frozen(plumbing.load_score_model(reward_models / "gpt2"))
-        disc = frozen(plumbing.load_score_model(tmp_path / "disc"))
+        policy = frozen(hf_models.load_policy(tiny_dir))
+        reward_model = frozen(hf_models.load_score_model(reward_models / "gpt2"))
+        disc = frozen(hf_models.load_score_model(tmp_path / "disc"))
         assert reward_model.head.weight.dtype == torch.float32  # heads stay fp32
         if precision == "fp32":
             torch.manual_seed(0)
             generated = evaluation.generate_responses(
                 policy, prompt, prompt_mask, 10, [tokenizer.eos_token_id], tokenizer.pad_token_id
             )
-        with plumbing.autocast(CPU, precision):
+        with amp.autocast(CPU, precision):
             scores[precision] = evaluation.score_batch(
                 policy, policy, reward_model, disc, *generated, 1.0, True
             )

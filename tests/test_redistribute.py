@@ -9,6 +9,7 @@ from transformers import GPT2Config, GPT2Model
 
 import common
 import plumbing
+from plumbing import checkpoint, hf_models
 import redistribute as red
 from conftest import assert_train_step_equals_one_pass, run_torchrun
 
@@ -21,7 +22,7 @@ def tiny_score_model(vocab=48, n_layer=2, n_embd=32, seed=0):
     torch.manual_seed(seed)
     cfg = GPT2Config(vocab_size=vocab, n_layer=n_layer, n_head=2, n_embd=n_embd, n_positions=128,
                      bos_token_id=PAD, eos_token_id=PAD, pad_token_id=PAD)
-    return plumbing.disable_dropout(common.ScoreModel(GPT2Model(cfg))).eval()
+    return hf_models.disable_dropout(common.ScoreModel(GPT2Model(cfg))).eval()
 
 
 def random_rows(n=4, vocab=48, seed=0):
@@ -194,8 +195,8 @@ def test_bradley_terry_loss_values():
 
 
 def test_save_load_gives_same_scores(tiny_dir, tiny_tokenizer, tmp_path):
-    model = plumbing.new_score_model(tiny_dir, bias=False).eval()  # a fresh random head
-    plumbing.save_score_model(model, tiny_tokenizer, tmp_path / "rm", kind="sequence")
+    model = hf_models.new_score_model(tiny_dir, bias=False).eval()  # a fresh random head
+    hf_models.save_score_model(model, tiny_tokenizer, tmp_path / "rm", kind="sequence")
     loaded = red.load_reward_model(tmp_path / "rm")
     rows = random_rows(4, vocab=len(tiny_tokenizer), seed=4)
     batch = batch_left(rows)
@@ -214,7 +215,7 @@ def test_train_step_gradient_is_the_global_batch_mean_loss(tiny_dir, tiny_tokeni
     micro-batches of 3 pairs equals that of bradley_terry_loss over the 8 pairs in one pass."""
     args = red.parse_args(train_argv(tiny_dir, "x", "--micro-batch-size", "3", "--max-grad-norm", "0"))
     examples = red.encode_pairs(splits["reward"][:8], tiny_tokenizer, 32, 16)
-    model = plumbing.disable_dropout(plumbing.new_score_model(tiny_dir, bias=False))
+    model = hf_models.disable_dropout(hf_models.new_score_model(tiny_dir, bias=False))
     batch = red.collate_pairs(examples, tiny_tokenizer.pad_token_id)
     assert_train_step_equals_one_pass(model, red.train_step, examples, args, tiny_tokenizer.pad_token_id,
                                       lambda: red.bradley_terry_loss(*red.pair_rewards(model, batch))[0])
@@ -229,7 +230,7 @@ def test_train_cli_end_to_end_and_resume(tiny_dir, tiny_tokenizer, tmp_path, cap
     log = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [2, 4, 5]
     assert "held-out pair accuracy" in capsys.readouterr().out
-    assert plumbing.latest_checkpoint(tmp_path / "a").name == "step-000000005"
+    assert checkpoint.latest_checkpoint(tmp_path / "a").name == "step-000000005"
     # the held-out pairs are the reward split's hashed tenth, the ones the discriminator holds out too
     _, eval_pairs = red.select_pairs(red.parse_args(train_argv(tiny_dir, "x")), quiet=True)
     split = plumbing.load_data("bundled", "reward", 0, 24, quiet=True)
@@ -242,7 +243,7 @@ def test_train_cli_end_to_end_and_resume(tiny_dir, tiny_tokenizer, tmp_path, cap
     a, b = red.load_reward_model(tmp_path / "a"), red.load_reward_model(tmp_path / "b")
     for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
         torch.testing.assert_close(pa, pb, atol=1e-6, rtol=1e-5, msg=name)
-    sft = plumbing.new_score_model(tiny_dir, bias=False)
+    sft = hf_models.new_score_model(tiny_dir, bias=False)
     assert not torch.equal(a.backbone.wte.weight[:len(tiny_tokenizer)], sft.backbone.wte.weight)  # it did train
     # a resume with other settings is refused instead of continuing another schedule
     with pytest.raises(common.InputError, match="--lr was 0.0005, now 0.001"):
@@ -251,7 +252,7 @@ def test_train_cli_end_to_end_and_resume(tiny_dir, tiny_tokenizer, tmp_path, cap
     token_rewards = red.main(["show", "--reward-model", str(tmp_path / "a"), "--prompt",
                               "\n\nHuman: Hi\n\nAssistant:", "--response", " Hello there"])
     out = capsys.readouterr().out.splitlines()
-    n_tokens = len(common.encode_response(plumbing.load_tokenizer(tmp_path / "a"), " Hello there"))
+    n_tokens = len(common.encode_response(hf_models.load_tokenizer(tmp_path / "a"), " Hello there"))
     assert len(token_rewards) == n_tokens and len(out) == n_tokens + 2
     assert out[-1].startswith(f"sum of token rewards {token_rewards.sum().item():+.4f}")
 

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 import common
-import plumbing
+from plumbing import hf_models
 import sft
 from conftest import assert_train_step_equals_one_pass, run_torchrun
 
@@ -23,7 +23,7 @@ def read_log(out):
 def test_sft_loss_ignores_prompt_tokens(tiny_dir):
     """The loss equals the mean NLL of the response tokens alone, and its gradient w.r.t. the logits
     that predict prompt tokens is exactly zero: prompt targets do not count."""
-    model = plumbing.load_policy(tiny_dir).eval()
+    model = hf_models.load_policy(tiny_dir).eval()
     examples = [([11, 12, 13, 14], [21, 22, 23]), ([31, 32], [41, 42, 43, 44])]
     query_response, attention_mask, response_mask = common.collate_right(examples, pad_id=0)
     captured = {}
@@ -59,7 +59,7 @@ def test_train_step_gradient_is_the_global_batch_mean_loss(tiny_dir, tiny_tokeni
     accumulates over micro-batches of 3 equals that of sft_loss over the 8 examples in one pass."""
     args = sft.parse_args(SMALL + ["--micro-batch-size", "3", "--max-grad-norm", "0"])
     examples = sft.encode_examples(splits["sft"][:8], tiny_tokenizer, args)
-    model = plumbing.disable_dropout(plumbing.load_policy(tiny_dir))
+    model = hf_models.disable_dropout(hf_models.load_policy(tiny_dir))
     batch = common.collate_right(examples, tiny_tokenizer.pad_token_id)
     assert_train_step_equals_one_pass(model, sft.train_step, examples, args, tiny_tokenizer.pad_token_id,
                                       lambda: sft.sft_loss(model, *batch)[0])
@@ -70,8 +70,8 @@ def test_short_run_lowers_held_out_loss(tmp_path):
     sft.main(SMALL + ["--out", str(out), "--max-steps", "25", "--lr", "3e-3", "--eval-every", "5"])
     evals = [r["eval_loss"] for r in read_log(out) if "eval_loss" in r]
     assert evals[-1] < evals[0] - 0.3
-    model = plumbing.load_policy(out)  # the final model loads by path
-    assert plumbing.load_tokenizer(out).pad_token_id == model.config.pad_token_id
+    model = hf_models.load_policy(out)  # the final model loads by path
+    assert hf_models.load_tokenizer(out).pad_token_id == model.config.pad_token_id
 
 
 def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypatch):

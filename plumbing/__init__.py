@@ -1,0 +1,249 @@
+"""plumbing — what every stage needs and no reader has to study: skip it on a first reading.
+
+Nothing here is part of an algorithm (those are in the stage files, and the ideas they share are in
+common.py). The package keeps the stages short by holding the machinery three or more of them use,
+one file per concern; a stage imports the parts it uses (`from plumbing import checkpoint`) and
+calls them by their part's name (`checkpoint.save_checkpoint(...)`):
+
+    __init__.py     the command line: errors -> one line and exit code 2 (cli), HelpFormatter, the
+                    shared argument groups, --data to pairs (load_data), seeds, AdamW, the cosine
+                    schedule, the trainers' run helper (start_run -> Run)
+    hf_models.py    load_tokenizer, load_policy, load_score_model / save_score_model (the project's,
+                    TRL's and OpenRLHF's formats), save_policy, save_hf, build_tiny, tokenizer
+                    checks (the models of one run must agree), disable_dropout
+    distributed.py  DistInfo / setup_distributed (torchrun), wrap_model (DDP, or FSDP2 with --fsdp),
+                    prepare_frozen, accumulate, clip_grad_norm, all-reduces, the FSDP2 section
+    amp.py          --precision: autocast, the frozen models' dtype, compute_in_fp32
+    checkpoint.py   atomic_write, JsonlLogger, trackers (--report-to), save_checkpoint / resume /
+                    load_checkpoint (crash-safe, refuses to resume a different run; sharded under
+                    FSDP), run_config, clean_stale_temp
+    chat.py         one chat-completions client (label.py's reviser, eval.py's judge), the
+                    append-only JSONL cache of their answers, one download (hh-rlhf)
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import common
+from common import InputError
+from plumbing import amp, chat, checkpoint, distributed, hf_models
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors: bad input is one line on stderr and exit code 2, never a traceback
+# ----------------------------------------------------------------------------------------------
+def cli(main):
+    """Run a stage's main(); an InputError (bad data, a missing model, models that do not belong
+    together) prints `error: ...` once (rank 0 under torchrun) and exits with code 2. Warnings print
+    as one line each, `warning: ...`, without the source line Python shows by default."""
+    warnings.formatwarning = lambda message, category, *rest, **kw: f"warning: {message}\n"
+    try:
+        return main()
+    except InputError as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the docstring's layout and shows every option's default."""
+
+
+def check_positive(parser, args, *names):
+    for name in names:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+
+
+def add_system_args(parser):
+    """The options every training stage shares (device, precision, memory, seed)."""
+    group = parser.add_argument_group("system")
+    group.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    amp.add_precision_args(group)
+    group.add_argument("--gradient-checkpointing", action="store_true",
+                       help="recompute activations in the backward pass: less memory, ~30%% more compute")
+    group.add_argument("--fsdp", action="store_true",
+                       help="under torchrun: shard weights, gradients and optimizer states over the ranks (FSDP2) "
+                            "instead of replicating them (DDP); for models that outgrow one GPU")
+    group.add_argument("--seed", type=int, default=0,
+                       help="random seed of initialisation, data order and sampling (not of the data split)")
+    group.add_argument("--trust-remote-code", action="store_true",
+                       help="allow model repos that ship their own Python code (off by default)")
+    return group
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: --data to files (the bundled slice, a local file, or hh-rlhf downloaded), then one split
+# ----------------------------------------------------------------------------------------------
+def add_data_args(group, split: str | None = None, response_len: bool = True, prompt_len: bool = True,
+                  limit: bool = True, preference: bool = False):
+    """The data options the stages share: --data, --split, --split-seed, --limit, lengths, chat template."""
+    group.add_argument("--data", default="bundled",
+                       help="'bundled' (the hh-rlhf slice in data/), a local .jsonl/.jsonl.gz/.json/.parquet of "
+                            "preference pairs (formats: README.md, Data), or 'hh-rlhf[:SUBSET,...]' to download")
+    if split is not None:
+        group.add_argument("--split", default=split, choices=("sft", "reward", "rl", "test", "all"),
+                           help="which part of the 20/40/40 + test split (common.split_pairs) to use")
+    group.add_argument("--split-seed", type=int, default=0,
+                       help="seed of the data split; keep it equal across stages (nothing else depends on it)")
+    if limit:
+        group.add_argument("--limit", type=int, default=None, help="use at most this many pairs of the split")
+    if prompt_len:
+        group.add_argument("--max-prompt-len", type=int, default=256, help="prompt tokens kept (the last ones)")
+    if response_len:
+        group.add_argument("--max-response-len", type=int, default=256, help="response tokens kept, EOS included")
+    if preference:
+        group.add_argument("--preference", default="human", choices=("human", "gold"),
+                           help="which reply of a pair is chosen: the data's (human) or the one with the higher gold.py "
+                                "score (gold: the offline lab; ties are dropped)")
+    group.add_argument("--no-chat-template", dest="chat_template", action="store_false",
+                       help="render chat-message data as the hh-rlhf transcript even when the tokenizer has a "
+                            "chat template (the bundled hh-rlhf data always uses the transcript)")
+    return group
+
+
+def data_paths(source: str, cache_dir=None) -> list[Path]:
+    """The files behind --data: 'bundled', a local file, or 'hh-rlhf[:SUBSET,...]' (downloaded once)."""
+    source = str(source)
+    if source == "bundled":
+        return [common.BUNDLED_DATA]
+    if source.startswith("hh-rlhf") and not Path(source).exists():
+        subsets = (source.split(":", 1)[1].split(",") if ":" in source
+                   else list(chat.HH_RLHF_SUBSETS))
+        return [chat.download_hh_rlhf(s, "train", cache_dir) for s in subsets]
+    return [Path(source)]
+
+
+def load_data(source: str, split: str, split_seed: int, limit: int | None = None, quiet: bool = False):
+    """The pairs of one split of --data (common.load_pairs, common.select_split)."""
+    return common.select_split(common.load_pairs(data_paths(source), quiet=quiet), split, split_seed, limit)
+
+
+# ----------------------------------------------------------------------------------------------
+# A training run's basics: seeds, AdamW, the cosine schedule, the planned steps
+# ----------------------------------------------------------------------------------------------
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def adamw(model: nn.Module, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.95)) -> torch.optim.AdamW:
+    """AdamW over the trained parameters, with weight decay on matrices only (not on biases and norms)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Cosine decay from the base learning rate to 0 over total_steps, no warm-up."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps))))
+
+
+def total_steps_of(n_examples: int, batch_size: int, epochs: float, max_steps: int | None) -> int:
+    """The planned optimizer steps of a run: --max-steps, or --epochs passes of full global batches."""
+    if max_steps is not None:
+        return max_steps
+    return max(1, math.ceil(epochs * max(1, n_examples // batch_size)))
+
+
+
+# ----------------------------------------------------------------------------------------------
+# The run helper: the bookkeeping every trainer repeats (sft.py, discriminator.py train,
+# redistribute.py train, ppo_token.py). Each keeps its own loop and its own train_step:
+#
+#     run = plumbing.start_run(args)                 # torchrun, --seed, a killed save's temp files
+#     model, optimizer, scheduler = ...
+#     step = run.resume({"model": model}, {"model": optimizer}, {"model": scheduler},
+#                       total_steps=total_steps)     # 0, or where the newest checkpoint stopped
+#     while step < total_steps:
+#         metrics = train_step(...)
+#         step += 1
+#         run.logger.log({"step": step, **metrics})  # OUT/log.jsonl (and --report-to)
+#         run.save_if_due(step)                      # every --save-every steps, at --stop-after
+#         if run.stop_here(step, total_steps):       # --stop-after: stop as if killed
+#             return None
+#     run.save(step)
+#     ...save the trained model...
+#     run.finish()
+# ----------------------------------------------------------------------------------------------
+def add_run_args(group):
+    """--no-resume, --force-resume and --report-to: the options of a run that resumes and logs."""
+    checkpoint.add_resume_args(group)
+    checkpoint.add_report_args(group)
+    return group
+
+
+@dataclass
+class Run:
+    """One training run's bookkeeping, none of its maths: this process under torchrun, --out, and
+    what a checkpoint holds (the models, optimizers and schedules given to resume) and the log."""
+
+    args: argparse.Namespace
+    dist_info: distributed.DistInfo
+    out: Path
+    models: dict = field(default_factory=dict)
+    optimizers: dict = field(default_factory=dict)
+    schedulers: dict | None = None
+    config: dict = field(default_factory=dict)  # the defining settings (checkpoint.run_config)
+    logger: checkpoint.JsonlLogger | None = None  # OUT/log.jsonl, opened by resume
+
+    def resume(self, models: dict, optimizers: dict, schedulers: dict | None = None, ignore=(),
+               map_location="cpu", **derived) -> int:
+        """The step to start at: 0, or the newest checkpoint's, loaded into the models, optimizers
+        and schedulers (dicts with the same keys), the RNG restored. The checkpoint must be of this
+        run: checkpoint.run_config (the options less `ignore`, plus `derived`, e.g. total_steps)
+        must match, unless --force-resume; --no-resume ignores it. Opens run.logger (OUT/log.jsonl,
+        rewound to that step)."""
+        self.models, self.optimizers, self.schedulers = models, optimizers, schedulers
+        self.config = checkpoint.run_config(self.args, ignore, **derived)
+        step, self.logger = checkpoint.resume(self.out, models, optimizers, schedulers, self.config,
+                                              self.args, self.dist_info, map_location)
+        return step
+
+    def save(self, step: int):
+        """OUT/checkpoint/step-N. Every rank calls it (under FSDP each writes its shards)."""
+        checkpoint.save_checkpoint(self.out, step, self.models, self.optimizers, self.schedulers,
+                                   self.config)
+
+    def save_if_due(self, step: int, last_step: int | None = None):
+        """save() every --save-every steps, at --stop-after, and at last_step if given."""
+        if step % self.args.save_every == 0 or step == self.args.stop_after or step == last_step:
+            self.save(step)
+
+    def stop_here(self, step: int, total_steps: int) -> bool:
+        """True at --stop-after before the last step: the run ends there as if killed (run it again
+        to resume), and finish() has been called."""
+        if step == self.args.stop_after and step < total_steps:
+            self.finish()
+            return True
+        return False
+
+    def finish(self):
+        """Wait for every rank, then end the process group (distributed.cleanup_distributed)."""
+        distributed.cleanup_distributed(self.dist_info)
+
+
+def start_run(args) -> Run:
+    """A training run begins: this process under torchrun (--device, --fsdp), every seed (--seed),
+    and the temp folders a killed save left in --out removed (rank 0)."""
+    dist_info = distributed.setup_distributed(args.device, args.fsdp)
+    seed_everything(args.seed)
+    out = Path(args.out)
+    if dist_info.master:
+        checkpoint.clean_stale_temp(out)
+    return Run(args, dist_info, out)
