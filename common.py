@@ -30,7 +30,8 @@ import torch.nn as nn
 
 REPO_ROOT = Path(__file__).resolve().parent
 BUNDLED_DATA = REPO_ROOT / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
-HUMAN_TAG, ASSISTANT_TAG = "\n\nHuman:", "\n\nAssistant:"  # hh-rlhf transcripts; the prompt ends with the last "Assistant:"
+# hh-rlhf transcripts; the prompt ends with the last "Assistant:"
+HUMAN_TAG, ASSISTANT_TAG = "\n\nHuman:", "\n\nAssistant:"
 
 
 class InputError(Exception):
@@ -46,10 +47,11 @@ class DataError(InputError):
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class Pair:
-    """One preference pair. `prompt` is the hh-rlhf transcript ("\\n\\nHuman: …\\n\\nAssistant:") and
-    `chosen` / `rejected` the replies that follow it (each starting with a space, as in hh-rlhf).
-    `messages` holds the prompt as chat messages when the data came as such (None for hh-rlhf): it is
-    rendered with the tokenizer's chat template where there is one (see prompt_text)."""
+    """One preference pair. `prompt` is the hh-rlhf transcript ("\\n\\nHuman: …\\n\\nAssistant:")
+    and `chosen` / `rejected` the replies that follow it (each starting with a space, as in
+    hh-rlhf). `messages` holds the prompt as chat messages when the data came as such (None for
+    hh-rlhf): it is rendered with the tokenizer's chat template where there is one (see
+    prompt_text)."""
 
     prompt: str
     chosen: str
@@ -75,15 +77,23 @@ def split_dialogue(text: str) -> tuple[str, str]:
 def transcript(messages: list[dict]) -> str:
     """Chat messages as an hh-rlhf transcript ending with "\\n\\nAssistant:" (a system message first)."""
     tags = {"user": HUMAN_TAG, "assistant": ASSISTANT_TAG}
-    text = "".join(m["content"] if m["role"] == "system" else f"{tags[m['role']]} {m['content']}" for m in messages)
+    text = "".join(
+        m["content"] if m["role"] == "system" else f"{tags[m['role']]} {m['content']}"
+        for m in messages
+    )
     return text + ASSISTANT_TAG
 
 
 def _messages(value, where: str, name: str) -> list[dict]:
     if not isinstance(value, list) or not all(
-            isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") and isinstance(m.get("content"), str)
-            for m in value):
-        raise DataError(f"{where}: field {name!r} is not a list of {{'role': system|user|assistant, 'content': str}}")
+        isinstance(m, dict)
+        and m.get("role") in ("system", "user", "assistant")
+        and isinstance(m.get("content"), str)
+        for m in value
+    ):
+        raise DataError(
+            f"{where}: field {name!r} is not a list of {{'role': system|user|assistant, 'content': str}}"
+        )
     return value
 
 
@@ -110,12 +120,17 @@ def row_to_pair(row, where: str) -> tuple[Pair | None, str]:
         raise DataError(f"{where}: expected a JSON object")
     for key in ("chosen", "rejected"):
         if not isinstance(row.get(key), (str, list)):
-            raise DataError(f"{where}: field {key!r} missing or not a string or a list of chat messages; a row is "
-                            "an hh-rlhf pair, 'prompt'/'chosen'/'rejected' strings or chat message lists")
+            raise DataError(
+                f"{where}: field {key!r} missing or not a string or a list of chat messages; a row is "
+                "an hh-rlhf pair, 'prompt'/'chosen'/'rejected' strings or chat message lists"
+            )
     chosen, rejected, prompt = row.get("chosen"), row.get("rejected"), row.get("prompt")
     messages = None
     if isinstance(chosen, list) and isinstance(rejected, list):  # chat messages
-        chosen_messages, rejected_messages = _messages(chosen, where, "chosen"), _messages(rejected, where, "rejected")
+        chosen_messages, rejected_messages = (
+            _messages(chosen, where, "chosen"),
+            _messages(rejected, where, "rejected"),
+        )
         if isinstance(prompt, list):
             messages = _messages(prompt, where, "prompt")
         else:
@@ -129,7 +144,8 @@ def row_to_pair(row, where: str) -> tuple[Pair | None, str]:
         chosen = " " + _reply(chosen_messages, where, "chosen")
         rejected = " " + _reply(rejected_messages, where, "rejected")
     elif isinstance(chosen, str) and isinstance(rejected, str) and isinstance(prompt, str):
-        if prompt.rstrip().endswith("Assistant:"):  # full-hh-rlhf: a transcript apart from its replies
+        # full-hh-rlhf: a transcript apart from its replies
+        if prompt.rstrip().endswith("Assistant:"):
             prompt = prompt.rstrip()
         else:  # TRL's explicit prompt: the user's message
             messages = [{"role": "user", "content": prompt}]
@@ -144,8 +160,10 @@ def row_to_pair(row, where: str) -> tuple[Pair | None, str]:
         if not prompt:
             return None, "no '\\n\\nAssistant:' turn"
     else:
-        raise DataError(f"{where}: not a preference pair in a known format (hh-rlhf 'chosen'/'rejected' dialogues, "
-                        f"'prompt'/'chosen'/'rejected' strings, or chat message lists); keys {sorted(row)}")
+        raise DataError(
+            f"{where}: not a preference pair in a known format (hh-rlhf 'chosen'/'rejected' dialogues, "
+            f"'prompt'/'chosen'/'rejected' strings, or chat message lists); keys {sorted(row)}"
+        )
     if not chosen.strip() or not rejected.strip():
         return None, "empty response"
     pair_id = row.get("id")  # a row may name its pair (gold.py sample does); else: a content hash
@@ -169,9 +187,9 @@ def _utf8(data: bytes, path, line_no: int | None = None) -> str:
 
 
 def read_rows(path):
-    """(where, row) for every row of a .jsonl / .jsonl.gz / .json / .parquet file, `where` naming the file
-    and the real line (blank lines counted). Unreadable files raise DataError: missing, a directory, not
-    UTF-8, a broken or truncated .gz, malformed JSON."""
+    """(where, row) for every row of a .jsonl / .jsonl.gz / .json / .parquet file, `where` naming
+    the file and the real line (blank lines counted). Unreadable files raise DataError: missing, a
+    directory, not UTF-8, a broken or truncated .gz, malformed JSON."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file")
@@ -183,7 +201,9 @@ def read_rows(path):
             try:
                 import pyarrow.parquet  # optional: only needed for .parquet files
             except ImportError:
-                raise DataError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)") from None
+                raise DataError(
+                    f"{path}: reading .parquet needs pyarrow (pip install pyarrow)"
+                ) from None
             for k, row in enumerate(pyarrow.parquet.read_table(path).to_pylist(), start=1):
                 yield f"{path} row {k}", row
             return
@@ -204,7 +224,9 @@ def read_rows(path):
                     try:
                         row = json.loads(line)
                     except json.JSONDecodeError as e:
-                        raise DataError(f"{path} line {line_no}: malformed JSON ({e.msg})") from None
+                        raise DataError(
+                            f"{path} line {line_no}: malformed JSON ({e.msg})"
+                        ) from None
                     yield f"{path} line {line_no}", row
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
         raise DataError(f"{path}: not a complete gzip file ({type(e).__name__}: {e})") from None
@@ -215,9 +237,10 @@ def read_rows(path):
 
 
 def load_pairs(paths, quiet: bool = False) -> list[Pair]:
-    """Every preference pair of the given files (see row_to_pair for the formats; plumbing.data_paths
-    turns --data into files). Rows that cannot be a pair (an empty response, chosen and rejected prompts
-    that differ) are skipped and counted, with one warning that says how many and why."""
+    """Every preference pair of the given files (see row_to_pair for the formats;
+    plumbing.data_paths turns --data into files). Rows that cannot be a pair (an empty response,
+    chosen and rejected prompts that differ) are skipped and counted, with one warning that says how
+    many and why."""
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     pairs, skipped = [], {}
     for path in paths:
@@ -230,7 +253,10 @@ def load_pairs(paths, quiet: bool = False) -> list[Pair]:
     source = ", ".join(str(p) for p in paths)
     if skipped and not quiet:
         why = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items()))
-        warnings.warn(f"{source}: skipped {sum(skipped.values())} rows ({why}); kept {len(pairs)}", stacklevel=2)
+        warnings.warn(
+            f"{source}: skipped {sum(skipped.values())} rows ({why}); kept {len(pairs)}",
+            stacklevel=2,
+        )
     if not pairs:
         raise DataError(f"{source}: no usable preference pairs")
     return pairs
@@ -238,11 +264,16 @@ def load_pairs(paths, quiet: bool = False) -> list[Pair]:
 
 def _hash_order(items: list, seed: int, key=lambda item: item.id) -> list:
     """Items sorted by a seeded hash of their id: the same order on any machine, in any file order."""
-    return sorted(items, key=lambda item: hashlib.sha256(f"{seed}:{key(item)}".encode()).hexdigest())
+    return sorted(
+        items, key=lambda item: hashlib.sha256(f"{seed}:{key(item)}".encode()).hexdigest()
+    )
 
 
-def split_pairs(pairs: list[Pair], seed: int = 0, test_fraction: float = 0.05) -> dict[str, list[Pair]]:
-    """The split every stage shares: a held-out `test` part, then 20% SFT / 40% reward / 40% RL (TLCR).
+def split_pairs(
+    pairs: list[Pair], seed: int = 0, test_fraction: float = 0.05
+) -> dict[str, list[Pair]]:
+    """The split every stage shares: a held-out `test` part, then 20% SFT / 40% reward / 40% RL
+    (TLCR).
 
     It depends on the pairs and on `seed` (--split-seed) only, never on a stage's own --seed, so the
     reward model never trains on evaluation prompts whatever else changes.
@@ -251,10 +282,17 @@ def split_pairs(pairs: list[Pair], seed: int = 0, test_fraction: float = 0.05) -
     n_test = max(1, round(len(ordered) * test_fraction))
     test, rest = ordered[:n_test], ordered[n_test:]
     n_sft, n_reward = round(len(rest) * 0.2), round(len(rest) * 0.4)
-    return {"sft": rest[:n_sft], "reward": rest[n_sft:n_sft + n_reward], "rl": rest[n_sft + n_reward:], "test": test}
+    return {
+        "sft": rest[:n_sft],
+        "reward": rest[n_sft : n_sft + n_reward],
+        "rl": rest[n_sft + n_reward :],
+        "test": test,
+    }
 
 
-def select_split(pairs: list[Pair], split: str, split_seed: int, limit: int | None = None) -> list[Pair]:
+def select_split(
+    pairs: list[Pair], split: str, split_seed: int, limit: int | None = None
+) -> list[Pair]:
     """One part of split_pairs (or "all"), then at most `limit` pairs: --limit never changes the
     split. Grouped pairs (ids GROUP/k, from gold.py sample) are one split's already: "all" only."""
     if split != "all" and any("/" in pair.id for pair in pairs):
@@ -270,7 +308,9 @@ def pair_group(pair_id: str) -> str:
     return pair_id.split("/", 1)[0]
 
 
-def heldout_split(items: list, fraction: float, seed: int, key=lambda item: item.id) -> tuple[list, list]:
+def heldout_split(
+    items: list, fraction: float, seed: int, key=lambda item: item.id
+) -> tuple[list, list]:
     """(train, heldout): the `fraction` of groups (pair_group of each id; a plain id is its own
     group) with the smallest seeded hash are held out, at least one when fraction > 0 and there are
     two groups, so no prompt of a held-out pair is trained on. The reward model and the
@@ -292,7 +332,9 @@ def global_batch(examples: list, step: int, batch_size: int, seed: int) -> list:
     """
     per_epoch = max(1, len(examples) // batch_size)
     epoch, index = divmod(step, per_epoch)
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    order = torch.randperm(
+        len(examples), generator=torch.Generator().manual_seed(seed * 100_003 + epoch)
+    )
     return [examples[i] for i in order[index * batch_size: (index + 1) * batch_size].tolist()]
 
 
@@ -313,10 +355,16 @@ def prompt_text(tokenizer, prompt: str, messages: list | None, chat_template: bo
     return prompt
 
 
-def response_text(tokenizer, response: str, messages: list | None, chat_template: bool = True) -> str:
-    """The reply as it follows prompt_text: after a chat template it has no leading space (a transcript
-    reply starts with one, after "Assistant:")."""
-    return response.removeprefix(" ") if uses_chat_template(tokenizer, messages, chat_template) else response
+def response_text(
+    tokenizer, response: str, messages: list | None, chat_template: bool = True
+) -> str:
+    """The reply as it follows prompt_text: after a chat template it has no leading space (a
+    transcript reply starts with one, after "Assistant:")."""
+    return (
+        response.removeprefix(" ")
+        if uses_chat_template(tokenizer, messages, chat_template)
+        else response
+    )
 
 
 _prefix_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -327,14 +375,17 @@ def bos_prefix(tokenizer) -> list[int]:
     if tokenizer not in _prefix_cache:
         marked = tokenizer("a", add_special_tokens=True)["input_ids"]
         plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-        starts = [k for k in range(len(marked) - len(plain) + 1) if marked[k:k + len(plain)] == plain]
+        starts = [
+            k for k in range(len(marked) - len(plain) + 1) if marked[k : k + len(plain)] == plain
+        ]
         _prefix_cache[tokenizer] = marked[:starts[0]] if starts else []
     return _prefix_cache[tokenizer]
 
 
 def encode_prompt(tokenizer, text: str, max_len: int = 256) -> list[int]:
-    """Prompt ids, starting as the tokenizer starts any text (its BOS, once: a chat template that writes
-    BOS itself is not given a second), left-truncated to max_len (the last turns matter most)."""
+    """Prompt ids, starting as the tokenizer starts any text (its BOS, once: a chat template that
+    writes BOS itself is not given a second), left-truncated to max_len (the last turns matter
+    most)."""
     prefix = bos_prefix(tokenizer)
     body = tokenizer(text, add_special_tokens=False)["input_ids"]
     if prefix and body[:len(prefix)] == prefix:
@@ -346,23 +397,33 @@ def encode_prompt(tokenizer, text: str, max_len: int = 256) -> list[int]:
 RESPONSE_ANCHOR = "\n"  # tokenised in front of a response and then dropped (see response_encodings)
 
 
-def response_encodings(tokenizer, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
-    """(ids, character offsets) of each response, as the response's tokens are when it follows a prompt.
+def response_encodings(
+    tokenizer, texts: list[str]
+) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """(ids, character offsets) of each response, as the response's tokens are when it follows a
+    prompt.
 
-    A SentencePiece tokenizer in its "legacy" layout (Llama, Mistral) puts a word-boundary '▁' in front
-    of every text it tokenises, so a response tokenised alone would start with a stray '▁' token it never
-    has after a prompt. Tokenising it behind a fixed anchor and dropping the anchor's ids avoids that;
-    byte-level BPE (GPT-2, Llama 3, Qwen) gives the same ids either way. When the anchor merges with the
-    text (a response starting with a newline, say) the plain tokenisation is used.
-    """
+    A SentencePiece tokenizer in its "legacy" layout (Llama, Mistral) puts a word-boundary '▁' in
+    front of every text it tokenises, so a response tokenised alone would start with a stray '▁'
+    token it never has after a prompt. Tokenising it behind a fixed anchor and dropping the anchor's
+    ids avoids that; byte-level BPE (GPT-2, Llama 3, Qwen) gives the same ids either way. When the
+    anchor merges with the text (a response starting with a newline, say) the plain tokenisation is
+    used. """
     anchor = tokenizer(RESPONSE_ANCHOR, add_special_tokens=False)["input_ids"]
-    joint = tokenizer([RESPONSE_ANCHOR + t for t in texts], add_special_tokens=False, return_offsets_mapping=True)
+    joint = tokenizer(
+        [RESPONSE_ANCHOR + t for t in texts], add_special_tokens=False, return_offsets_mapping=True
+    )
     plain = None
     out = []
     for k, (ids, offsets) in enumerate(zip(joint["input_ids"], joint["offset_mapping"])):
         if ids[:len(anchor)] == anchor:
             shift = len(RESPONSE_ANCHOR)
-            out.append((ids[len(anchor):], [(max(a - shift, 0), b - shift) for a, b in offsets[len(anchor):]]))
+            out.append(
+                (
+                    ids[len(anchor) :],
+                    [(max(a - shift, 0), b - shift) for a, b in offsets[len(anchor) :]],
+                )
+            )
         else:
             if plain is None:
                 plain = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
@@ -378,8 +439,8 @@ def encode_response(tokenizer, text: str, max_len: int = 256, add_eos: bool = Tr
 
 
 def eos_token_ids(tokenizer, model=None) -> list[int]:
-    """Every id that ends a response: the tokenizer's EOS and any the model's generation_config lists
-    (Llama 3 instruct stops at <|eot_id|> as well as <|end_of_text|>)."""
+    """Every id that ends a response: the tokenizer's EOS and any the model's generation_config
+    lists (Llama 3 instruct stops at <|eot_id|> as well as <|end_of_text|>)."""
     ids = [tokenizer.eos_token_id]
     config_ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     for i in ([config_ids] if isinstance(config_ids, int) else (config_ids or [])):
@@ -455,26 +516,38 @@ def gather_response(values: torch.Tensor, response_mask: torch.Tensor) -> torch.
 def logits_to_keep(model, n: int) -> dict:
     """Ask for the logits of the last n positions only, where the model supports it (saves [B, P, V])."""
     forward = getattr(model, "module", model).forward
-    return {"logits_to_keep": n} if "logits_to_keep" in inspect.signature(forward).parameters else {}
+    return (
+        {"logits_to_keep": n} if "logits_to_keep" in inspect.signature(forward).parameters else {}
+    )
 
 
-def response_logprobs(model, query_response: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor,
-                      temperature: float = 1.0, with_entropy: bool = False):
-    """log π(a_j | x, a_<j) of every response token, [B, T_resp] left-aligned like gather_response (0 past
-    each row's end), and the policy's entropy at those positions [B, T_resp] if asked (else None).
+def response_logprobs(
+    model,
+    query_response: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_mask: torch.Tensor,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+):
+    """log π(a_j | x, a_<j) of every response token, [B, T_resp] left-aligned like gather_response
+    (0 past each row's end), and the policy's entropy at those positions [B, T_resp] if asked (else
+    None).
 
-    The logits at column P+j−1 predict response token a_j at column P+j, so we read each row one column
-    before its response tokens. Only the logits from the earliest response column on are computed
-    (logits_to_keep). Logits are divided by the sampling temperature, as when they were sampled.
-    """
+    The logits at column P+j−1 predict response token a_j at column P+j, so we read each row one
+    column before its response tokens. Only the logits from the earliest response column on are
+    computed (logits_to_keep). Logits are divided by the sampling temperature, as when they were
+    sampled. """
     index, valid = response_index(response_mask)  # [B, T_resp]
-    keep = query_response.shape[1] - int(index[:, 0].min()) + 1  # columns first_response − 1 … T − 1
+    # columns first_response − 1 … T − 1
+    keep = query_response.shape[1] - int(index[:, 0].min()) + 1
     logits = model(input_ids=query_response, attention_mask=attention_mask,
                    position_ids=position_ids_from_mask(attention_mask), use_cache=False,
                    **logits_to_keep(model, keep)).logits  # [B, keep or T, V]
     offset = query_response.shape[1] - logits.shape[1]  # column of logits[:, 0]
     before = (index - 1 - offset).clamp(min=0)  # column P+j−1, which predicts a_j  [B, T_resp]
-    picked = logits.gather(1, before[..., None].expand(-1, -1, logits.shape[-1])).float() / temperature  # [B, T_resp, V]
+    picked = (
+        logits.gather(1, before[..., None].expand(-1, -1, logits.shape[-1])).float() / temperature
+    )  # [B, T_resp, V]
     tokens = query_response.gather(1, index)  # a_j  [B, T_resp]
     log_norm = picked.logsumexp(-1)  # [B, T_resp]
     logprobs = (picked.gather(-1, tokens[..., None]).squeeze(-1) - log_norm) * valid  # [B, T_resp]
@@ -501,9 +574,9 @@ class ScoreModel(nn.Module):
     One class serves three roles: the TLCR discriminator (scalar = logit of "this token is good"),
     the Bradley–Terry reward model (scalar read at the last token) and the PPO critic (value).
     `forward` returns scores [B, T]; the score at position t has seen tokens 0..t (causal).
-    A fresh head starts small (std 1/√(H+1)) with zero bias, so its first scores are near 0. The reward
-    model's head has no bias (the Bradley–Terry loss cannot see one; the standard sequence classifier
-    has none); the discriminator's has one (its logits are absolute: 0 means D = ½).
+    A fresh head starts small (std 1/√(H+1)) with zero bias, so its first scores are near 0. The
+    reward model's head has no bias (the Bradley–Terry loss cannot see one; the standard sequence
+    classifier has none); the discriminator's has one (its logits are absolute: 0 means D = ½).
     """
 
     def __init__(self, backbone: nn.Module, bias: bool = True):
@@ -519,12 +592,16 @@ class ScoreModel(nn.Module):
     def config(self):
         return self.backbone.config
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, head: nn.Linear | None = None) -> torch.Tensor:
-        """Scores [B, T]; `head` reads the hidden states instead of self.head (with LoRA, PPO's critic and
-        the frozen reward model share one backbone: ppo_token.py)."""
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, head: nn.Linear | None = None
+    ) -> torch.Tensor:
+        """Scores [B, T]; `head` reads the hidden states instead of self.head (with LoRA, PPO's
+        critic and the frozen reward model share one backbone: ppo_token.py)."""
         head = self.head if head is None else head
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                                position_ids=position_ids_from_mask(attention_mask),
                                use_cache=False).last_hidden_state  # [B, T, H]
-        with torch.autocast(hidden.device.type, enabled=False):  # the head in its own dtype (fp32), not bf16:
-            return head(hidden.to(head.weight.dtype)).squeeze(-1)  # [B, T]  a score keeps its small differences
+        # the head in its own dtype (fp32), not bf16:
+        with torch.autocast(hidden.device.type, enabled=False):
+            # [B, T]  a score keeps its small differences
+            return head(hidden.to(head.weight.dtype)).squeeze(-1)

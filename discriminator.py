@@ -60,71 +60,160 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=plumbing.HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,show}")
 
-    train = commands.add_parser("train", help="train the discriminator on label.py's labels (eq. 6)",
-                                formatter_class=plumbing.HelpFormatter)
+    train = commands.add_parser(
+        "train",
+        help="train the discriminator on label.py's labels (eq. 6)",
+        formatter_class=plumbing.HelpFormatter,
+    )
     data = train.add_argument_group("data")
     data.add_argument("--labels", required=True, help="labels.jsonl written by label.py")
-    data.add_argument("--eval-fraction", type=float, default=0.1,
-                      help="share of the labelled pairs held out (chosen by a hash of their id) for accuracy")
-    data.add_argument("--split-seed", type=int, default=0,
-                      help="seed of the held-out hash (the data split's seed: the reward model holds out the same pairs)")
-    data.add_argument("--max-prompt-len", type=int, default=256, help="prompt tokens kept (the last ones)")
-    data.add_argument("--max-response-len", type=int, default=256, help="response tokens kept (the first ones)")
+    data.add_argument(
+        "--eval-fraction",
+        type=float,
+        default=0.1,
+        help="share of the labelled pairs held out (chosen by a hash of their id) for accuracy",
+    )
+    data.add_argument(
+        "--split-seed",
+        type=int,
+        default=0,
+        help="seed of the held-out hash (the data split's seed: the reward model holds out the same pairs)",
+    )
+    data.add_argument(
+        "--max-prompt-len", type=int, default=256, help="prompt tokens kept (the last ones)"
+    )
+    data.add_argument(
+        "--max-response-len", type=int, default=256, help="response tokens kept (the first ones)"
+    )
     model = train.add_argument_group("model")
-    model.add_argument("--sft", required=True, help="SFT model folder (or any causal LM): the backbone to start from")
+    model.add_argument(
+        "--sft",
+        required=True,
+        help="SFT model folder (or any causal LM): the backbone to start from",
+    )
     algo = train.add_argument_group("algorithm")
-    algo.add_argument("--epochs", type=float, default=2.0, help="passes over the training sequences (paper: 2)")
-    algo.add_argument("--max-steps", type=int, default=None, help="optimizer steps of the whole run (overrides --epochs)")
-    algo.add_argument("--lr", type=float, default=1e-5,
-                      help="peak learning rate, cosine to 0 without warm-up. 1e-5 is the paper's for a 7B "
-                           "model; the tiny demo model needs ~1e-3")
-    algo.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices (paper: 0.1)")
+    algo.add_argument(
+        "--epochs", type=float, default=2.0, help="passes over the training sequences (paper: 2)"
+    )
+    algo.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="optimizer steps of the whole run (overrides --epochs)",
+    )
+    algo.add_argument(
+        "--lr",
+        type=float,
+        default=1e-5,
+        help="peak learning rate, cosine to 0 without warm-up. 1e-5 is the paper's for a 7B "
+        "model; the tiny demo model needs ~1e-3",
+    )
+    algo.add_argument(
+        "--weight-decay",
+        type=float,
+        default=0.1,
+        help="AdamW weight decay on matrices (paper: 0.1)",
+    )
     algo.add_argument("--batch-size", type=int, default=16,
                       help="global batch: sequences per optimizer step (a labelled pair gives two)")
-    algo.add_argument("--micro-batch-size", type=int, default=8,
-                      help="sequences per forward pass on one rank; gradient accumulation makes up the rest")
-    algo.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = off)")
+    algo.add_argument(
+        "--micro-batch-size",
+        type=int,
+        default=8,
+        help="sequences per forward pass on one rank; gradient accumulation makes up the rest",
+    )
+    algo.add_argument(
+        "--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = off)"
+    )
     out = train.add_argument_group("output")
-    out.add_argument("--out", required=True, help="output folder: discriminator, log.jsonl, accuracy.json, checkpoint/")
-    out.add_argument("--log-every", type=int, default=10, help="write a log line every N optimizer steps")
-    out.add_argument("--eval-every", type=int, default=0, help="held-out accuracy every N steps (0 = at the end only)")
-    out.add_argument("--eval-batch-size", type=int, default=16, help="sequences per forward pass when evaluating")
-    out.add_argument("--save-every", type=int, default=200, help="write a resumable checkpoint every N steps")
-    out.add_argument("--stop-after", type=int, default=None,
-                     help="checkpoint and stop after this many steps (as if interrupted); run again to resume")
+    out.add_argument(
+        "--out",
+        required=True,
+        help="output folder: discriminator, log.jsonl, accuracy.json, checkpoint/",
+    )
+    out.add_argument(
+        "--log-every", type=int, default=10, help="write a log line every N optimizer steps"
+    )
+    out.add_argument(
+        "--eval-every",
+        type=int,
+        default=0,
+        help="held-out accuracy every N steps (0 = at the end only)",
+    )
+    out.add_argument(
+        "--eval-batch-size", type=int, default=16, help="sequences per forward pass when evaluating"
+    )
+    out.add_argument(
+        "--save-every", type=int, default=200, help="write a resumable checkpoint every N steps"
+    )
+    out.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="checkpoint and stop after this many steps (as if interrupted); run again to resume",
+    )
     plumbing.add_run_args(out)  # --no-resume, --force-resume, --report-to
     lora.add_lora_args(train)
     plumbing.add_system_args(train)
 
     evaluate = commands.add_parser("evaluate", help="token-level accuracy on labelled pairs",
                                    formatter_class=plumbing.HelpFormatter)
-    evaluate.add_argument("--discriminator", required=True, help="discriminator folder written by `train`")
+    evaluate.add_argument(
+        "--discriminator", required=True, help="discriminator folder written by `train`"
+    )
     evaluate.add_argument("--labels", required=True, help="labels.jsonl written by label.py")
-    evaluate.add_argument("--split", choices=("heldout", "all"), default="heldout",
-                          help="heldout: the pairs `train` held out (same --eval-fraction and --split-seed); all: every pair")
-    evaluate.add_argument("--out", default=None, help="accuracy JSON to write (default: DISCRIMINATOR/accuracy.json)")
+    evaluate.add_argument(
+        "--split",
+        choices=("heldout", "all"),
+        default="heldout",
+        help="heldout: the pairs `train` held out (same --eval-fraction and --split-seed); all: every pair",
+    )
+    evaluate.add_argument(
+        "--out", default=None, help="accuracy JSON to write (default: DISCRIMINATOR/accuracy.json)"
+    )
     add_scoring_args(evaluate)
 
     show = commands.add_parser("show", help="print a response token by token with D and its reward",
                                formatter_class=plumbing.HelpFormatter)
-    show.add_argument("--discriminator", required=True, help="discriminator folder written by `train`")
+    show.add_argument(
+        "--discriminator", required=True, help="discriminator folder written by `train`"
+    )
     show.add_argument("--prompt", default=None, help="prompt text (ends with '\\n\\nAssistant:')")
-    show.add_argument("--response", default=None, help="response text (starts with a space in hh-rlhf)")
-    show.add_argument("--add-eos", action="store_true", help="append EOS to --response, as PPO samples do")
-    show.add_argument("--labels", default=None, help="instead of --prompt/--response: a labels.jsonl ...")
-    show.add_argument("--index", type=int, default=0, help="... and the 0-based record to show (both sequences)")
-    show.add_argument("--mode", choices=REWARD_MODES, default="continuous", help="reward mode (eq. 7 or an ablation)")
+    show.add_argument(
+        "--response", default=None, help="response text (starts with a space in hh-rlhf)"
+    )
+    show.add_argument(
+        "--add-eos", action="store_true", help="append EOS to --response, as PPO samples do"
+    )
+    show.add_argument(
+        "--labels", default=None, help="instead of --prompt/--response: a labels.jsonl ..."
+    )
+    show.add_argument(
+        "--index", type=int, default=0, help="... and the 0-based record to show (both sequences)"
+    )
+    show.add_argument(
+        "--mode",
+        choices=REWARD_MODES,
+        default="continuous",
+        help="reward mode (eq. 7 or an ablation)",
+    )
     add_scoring_args(show)
 
     args = parser.parse_args(argv)
     if args.command == "train":
         if not 0.0 <= args.eval_fraction < 1.0:
             train.error("--eval-fraction must be in [0, 1)")
-        plumbing.check_positive(train, args, "batch_size", "micro_batch_size", "eval_batch_size", "max_steps")
+        plumbing.check_positive(
+            train, args, "batch_size", "micro_batch_size", "eval_batch_size", "max_steps"
+        )
         lora.check_lora_args(train, args)
         if args.lr <= 0 or args.epochs <= 0:
             train.error("--lr and --epochs must be positive")
-    if args.command == "show" and args.labels is None and (args.prompt is None or args.response is None):
+    if (
+        args.command == "show"
+        and args.labels is None
+        and (args.prompt is None or args.response is None)
+    ):
         show.error("give --prompt and --response, or --labels FILE [--index K]")
     return args
 
@@ -132,9 +221,21 @@ def parse_args(argv=None):
 def add_scoring_args(parser):
     group = parser.add_argument_group("system")
     group.add_argument("--eval-batch-size", type=int, default=16, help="sequences per forward pass")
-    group.add_argument("--max-prompt-len", type=int, default=None, help="prompt tokens kept (default: as in training)")
-    group.add_argument("--max-response-len", type=int, default=None, help="response tokens kept (default: as in training)")
-    group.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    group.add_argument(
+        "--max-prompt-len",
+        type=int,
+        default=None,
+        help="prompt tokens kept (default: as in training)",
+    )
+    group.add_argument(
+        "--max-response-len",
+        type=int,
+        default=None,
+        help="response tokens kept (default: as in training)",
+    )
+    group.add_argument(
+        "--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N"
+    )
     amp.add_precision_args(group)
     group.add_argument("--trust-remote-code", action="store_true",
                        help="allow model repos that ship their own Python code (off by default)")
@@ -145,9 +246,10 @@ def add_scoring_args(parser):
 # 1. data: labelled pairs -> (prompt ids, response ids, labels) sequences
 # ----------------------------------------------------------------------------------------------
 def load_labels(path, tokenizer=None) -> list[dict]:
-    """Read label.py's JSONL; every record is checked, and a bad one raises naming file and line. With
-    `tokenizer`, the file must have been made with it (label.py records the tokenizer's fingerprint):
-    token ids from another tokenizer would train the discriminator on meaningless labels."""
+    """Read label.py's JSONL; every record is checked, and a bad one raises naming file and line.
+    With `tokenizer`, the file must have been made with it (label.py records the tokenizer's
+    fingerprint): token ids from another tokenizer would train the discriminator on meaningless
+    labels."""
     fingerprint = hf_models.tokenizer_fingerprint(tokenizer) if tokenizer is not None else None
     records = []
     for where, record in common.read_rows(path):
@@ -159,9 +261,15 @@ def load_labels(path, tokenizer=None) -> list[dict]:
         for side in ("rejected", "revised"):
             ids, labels = record.get(f"{side}_ids"), record.get(f"{side}_labels")
             if not isinstance(ids, list) or not all(type(i) is int and i >= 0 for i in ids):
-                raise common.DataError(f"{where}: field '{side}_ids' missing or not a list of token ids")
-            if not isinstance(labels, list) or not all(type(v) is int and v in (-1, 0, 1) for v in labels):
-                raise common.DataError(f"{where}: field '{side}_labels' missing or not a list of -1/0/+1")
+                raise common.DataError(
+                    f"{where}: field '{side}_ids' missing or not a list of token ids"
+                )
+            if not isinstance(labels, list) or not all(
+                type(v) is int and v in (-1, 0, 1) for v in labels
+            ):
+                raise common.DataError(
+                    f"{where}: field '{side}_labels' missing or not a list of -1/0/+1"
+                )
             if len(ids) != len(labels):
                 raise common.DataError(f"{where}: {side}_ids has {len(ids)} tokens but "
                                        f"{side}_labels has {len(labels)} labels")
@@ -170,8 +278,10 @@ def load_labels(path, tokenizer=None) -> list[dict]:
             raise common.DataError(
                 f"{where}: labelled with another tokenizer ({made_with}) than the model's ({fingerprint}); run "
                 "label.py again with --tokenizer set to this SFT model (the reviser's answers are cached)"
-                if made_with else f"{where}: the record does not say which tokenizer made its ids (a label file "
-                "from an older label.py); run label.py again (the reviser's answers are cached)")
+                if made_with
+                else f"{where}: the record does not say which tokenizer made its ids (a label file "
+                "from an older label.py); run label.py again (the reviser's answers are cached)"
+            )
         record["_where"] = where
         records.append(record)
     if not records:
@@ -182,9 +292,9 @@ def load_labels(path, tokenizer=None) -> list[dict]:
 def encode_records(records, tokenizer, max_prompt_len=256, max_response_len=256):
     """Two sequences per pair: prompt + rejected (labels −1/0) and prompt + revised (labels +1/0).
 
-    The prompt is rendered and tokenised here exactly as label.py rendered it (its record says whether
-    a chat template was used); the response ids and their labels come from the record as label.py
-    tokenised them, cut to max_response_len, with no EOS. Empty responses are dropped.
+    The prompt is rendered and tokenised here exactly as label.py rendered it (its record says
+    whether a chat template was used); the response ids and their labels come from the record as
+    label.py tokenised them, cut to max_response_len, with no EOS. Empty responses are dropped.
     """
     vocab = len(tokenizer)
     examples = []
@@ -195,17 +305,23 @@ def encode_records(records, tokenizer, max_prompt_len=256, max_response_len=256)
         for side in ("rejected", "revised"):
             response_ids = record[f"{side}_ids"][:max_response_len]
             if response_ids and max(response_ids) >= vocab:
-                raise common.DataError(f"{record['_where']}: token id {max(response_ids)} in {side}_ids is outside "
-                                       f"the tokenizer's {vocab} ids (labels made with another tokenizer?)")
+                raise common.DataError(
+                    f"{record['_where']}: token id {max(response_ids)} in {side}_ids is outside "
+                    f"the tokenizer's {vocab} ids (labels made with another tokenizer?)"
+                )
             if response_ids:
-                examples.append((prompt_ids, response_ids, record[f"{side}_labels"][:max_response_len]))
+                examples.append(
+                    (prompt_ids, response_ids, record[f"{side}_labels"][:max_response_len])
+                )
     return examples
 
 
 def collate(examples, pad_id):
     """Right-pad prompt + response (common.collate_right). labels [B, T] hold −1/0/+1 on response
     tokens and 0 elsewhere; response_mask says which positions count."""
-    query_response, attention_mask, response_mask = common.collate_right([(p, r) for p, r, _ in examples], pad_id)
+    query_response, attention_mask, response_mask = common.collate_right(
+        [(p, r) for p, r, _ in examples], pad_id
+    )
     labels = torch.zeros_like(query_response)
     for i, (prompt_ids, response_ids, token_labels) in enumerate(examples):
         labels[i, len(prompt_ids): len(prompt_ids) + len(response_ids)] = torch.tensor(token_labels)
@@ -229,8 +345,9 @@ def token_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def discriminator_loss(logits: torch.Tensor, labels: torch.Tensor, response_mask: torch.Tensor,
                        normaliser=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eq. 6: token_bce summed over the response positions and divided by `normaliser` (default: their
-    count, the plain mean); prompt and padding contribute nothing. Returns (loss, summed BCE)."""
+    """Eq. 6: token_bce summed over the response positions and divided by `normaliser` (default:
+    their count, the plain mean); prompt and padding contribute nothing. Returns (loss, summed
+    BCE)."""
     bce_sum = (token_bce(logits, labels) * response_mask).sum()
     count = response_mask.sum() if normaliser is None else normaliser
     return bce_sum / count, bce_sum.detach()
@@ -251,7 +368,9 @@ def token_probs(discriminator, query_response, attention_mask, response_mask) ->
     return common.gather_response(torch.sigmoid(logits.float()), response_mask)  # [B, T_resp]
 
 
-def rewards_from_probs(probs: torch.Tensor, valid: torch.Tensor, mode: str = "continuous") -> torch.Tensor:
+def rewards_from_probs(
+    probs: torch.Tensor, valid: torch.Tensor, mode: str = "continuous"
+) -> torch.Tensor:
     """D [B, T_resp] -> token rewards [B, T_resp]; 0 where valid is 0."""
     rewards = 2.0 * probs - 1.0  # eq. 7: r_t = 2·D − 1
     if mode == "fixed":  # ablation: +1 if D > 0.6, −1 if D < 0.4, else 0
@@ -265,7 +384,9 @@ def rewards_from_probs(probs: torch.Tensor, valid: torch.Tensor, mode: str = "co
     return rewards * valid.to(rewards.dtype)
 
 
-def token_rewards(discriminator, query_response, attention_mask, response_mask, mode="continuous") -> torch.Tensor:
+def token_rewards(
+    discriminator, query_response, attention_mask, response_mask, mode="continuous"
+) -> torch.Tensor:
     """TLCR per-token rewards [B, T_resp]: column j is the reward of the row's j-th response token,
     for the action that produced it; prompt and padding get none (zeros past each row's end)."""
     probs = token_probs(discriminator, query_response, attention_mask, response_mask)  # [B, T_resp]
@@ -274,9 +395,11 @@ def token_rewards(discriminator, query_response, attention_mask, response_mask, 
 
 
 def load_discriminator(path, device="cpu", dtype=torch.float32, trust_remote_code=False):
-    """A trained discriminator in eval mode with dropout off, ready for token_rewards (stored in `dtype`,
-    computing like an fp32 model: amp.compute_in_fp32)."""
-    model = hf_models.load_score_model(path, dtype=dtype, trust_remote_code=trust_remote_code, what="--discriminator")
+    """A trained discriminator in eval mode with dropout off, ready for token_rewards (stored in
+    `dtype`, computing like an fp32 model: amp.compute_in_fp32)."""
+    model = hf_models.load_score_model(
+        path, dtype=dtype, trust_remote_code=trust_remote_code, what="--discriminator"
+    )
     return amp.compute_in_fp32(hf_models.disable_dropout(model).eval().to(device))
 
 
@@ -286,10 +409,10 @@ def load_discriminator(path, device="cpu", dtype=torch.float32, trust_remote_cod
 def train_step(model, optimizer, scheduler, batch, args, dist_info, pad_id) -> dict:
     """One optimizer step over a global batch, split over ranks and micro-batches.
 
-    Every micro-batch's summed loss is divided by the labelled tokens of the whole global batch, so the
-    accumulated gradient equals that of one big batch in one process; DDP then averages over the ranks,
-    so each rank divides by (global tokens / world size). Also returns the share of positive / negative
-    tokens on the right side of D = ½ (batch_accuracy).
+    Every micro-batch's summed loss is divided by the labelled tokens of the whole global batch, so
+    the accumulated gradient equals that of one big batch in one process; DDP then averages over the
+    ranks, so each rank divides by (global tokens / world size). Also returns the share of positive
+    / negative tokens on the right side of D = ½ (batch_accuracy).
     """
     rank_examples = batch[dist_info.rank::dist_info.world_size]
     normaliser = sum(len(r) for _, r, _ in batch) / dist_info.world_size  # labelled response tokens
@@ -297,7 +420,9 @@ def train_step(model, optimizer, scheduler, batch, args, dist_info, pad_id) -> d
     sums = torch.zeros(3, dtype=torch.float64)  # summed BCE, right decisions, decided (±1) tokens
     micro_batches = distributed.micro_batches(rank_examples, args.micro_batch_size)
     for k, examples in enumerate(micro_batches):
-        query_response, attention_mask, response_mask, labels = (t.to(dist_info.device) for t in collate(examples, pad_id))
+        query_response, attention_mask, response_mask, labels = (
+            t.to(dist_info.device) for t in collate(examples, pad_id)
+        )
         with distributed.accumulate(model, last=k == len(micro_batches) - 1):
             with amp.autocast(dist_info.device, args.precision):
                 logits = model(query_response, attention_mask)  # [B, T]
@@ -312,58 +437,96 @@ def train_step(model, optimizer, scheduler, batch, args, dist_info, pad_id) -> d
     optimizer.zero_grad(set_to_none=True)
     sums = distributed.all_reduce_sum(sums, dist_info)
     tokens = normaliser * dist_info.world_size
-    return {"loss": sums[0].item() / tokens, "batch_accuracy": sums[1].item() / max(sums[2].item(), 1),
-            "grad_norm": grad_norm}
+    return {
+        "loss": sums[0].item() / tokens,
+        "batch_accuracy": sums[1].item() / max(sums[2].item(), 1),
+        "grad_norm": grad_norm,
+    }
 
 
 @torch.no_grad()
 def evaluate_accuracy(model, examples, batch_size, dist_info, precision="auto", pad_id=0) -> dict:
     """Token-level accuracy on held-out labels: a positive token is right if D > 0.5, a negative one
-    if D < 0.5 (the paper's 81.4% figure); neutral tokens have no right answer, we report their mean D.
-    Each rank scores its share of the sequences; the counts are summed over ranks."""
+    if D < 0.5 (the paper's 81.4% figure); neutral tokens have no right answer, we report their mean
+    D. Each rank scores its share of the sequences; the counts are summed over ranks."""
     model = distributed.unwrap(model)
     was_training = model.training
     model.eval()
     # counts: positive n / right / ΣD, negative n / right / ΣD, neutral n / ΣD
     sums = torch.zeros(8, dtype=torch.float64)
     for chunk, weight in distributed.rank_batches(examples, batch_size, dist_info):
-        query_response, attention_mask, response_mask, labels = (t.to(dist_info.device) for t in collate(chunk, pad_id))
+        query_response, attention_mask, response_mask, labels = (
+            t.to(dist_info.device) for t in collate(chunk, pad_id)
+        )
         with amp.autocast(dist_info.device, precision):
-            probs = torch.sigmoid(model(query_response, attention_mask).float())  # D at every position, [B, T]
+            # D at every position, [B, T]
+            probs = torch.sigmoid(model(query_response, attention_mask).float())
         in_response = response_mask.bool()
-        pos, neg, neu = in_response & (labels > 0), in_response & (labels < 0), in_response & (labels == 0)
-        counts = [pos.sum(), (probs[pos] > 0.5).sum(), probs[pos].sum(), neg.sum(), (probs[neg] < 0.5).sum(),
-                  probs[neg].sum(), neu.sum(), probs[neu].sum()]
+        pos, neg, neu = (
+            in_response & (labels > 0),
+            in_response & (labels < 0),
+            in_response & (labels == 0),
+        )
+        counts = [
+            pos.sum(),
+            (probs[pos] > 0.5).sum(),
+            probs[pos].sum(),
+            neg.sum(),
+            (probs[neg] < 0.5).sum(),
+            probs[neg].sum(),
+            neu.sum(),
+            probs[neu].sum(),
+        ]
         sums += weight * torch.tensor([c.item() for c in counts], dtype=torch.float64)
     model.train(was_training)
-    n_pos, right_pos, d_pos, n_neg, right_neg, d_neg, n_neu, d_neu = distributed.all_reduce_sum(sums, dist_info).tolist()
-    return {"accuracy": (right_pos + right_neg) / max(n_pos + n_neg, 1),
-            "positive_accuracy": right_pos / max(n_pos, 1), "negative_accuracy": right_neg / max(n_neg, 1),
-            "n_positive": int(n_pos), "n_negative": int(n_neg), "n_neutral": int(n_neu),
-            "mean_d_positive": d_pos / max(n_pos, 1), "mean_d_negative": d_neg / max(n_neg, 1),
-            "mean_d_neutral": d_neu / max(n_neu, 1), "n_sequences": len(examples),
-            "paper_accuracy": PAPER_ACCURACY}
+    n_pos, right_pos, d_pos, n_neg, right_neg, d_neg, n_neu, d_neu = distributed.all_reduce_sum(
+        sums, dist_info
+    ).tolist()
+    return {
+        "accuracy": (right_pos + right_neg) / max(n_pos + n_neg, 1),
+        "positive_accuracy": right_pos / max(n_pos, 1),
+        "negative_accuracy": right_neg / max(n_neg, 1),
+        "n_positive": int(n_pos),
+        "n_negative": int(n_neg),
+        "n_neutral": int(n_neu),
+        "mean_d_positive": d_pos / max(n_pos, 1),
+        "mean_d_negative": d_neg / max(n_neg, 1),
+        "mean_d_neutral": d_neu / max(n_neu, 1),
+        "n_sequences": len(examples),
+        "paper_accuracy": PAPER_ACCURACY,
+    }
 
 
 def log_fields(metrics: dict) -> dict:
-    return {f"eval_{k}": v for k, v in metrics.items() if k.startswith(("acc", "pos", "neg", "mean_d", "n_"))}
+    return {
+        f"eval_{k}": v
+        for k, v in metrics.items()
+        if k.startswith(("acc", "pos", "neg", "mean_d", "n_"))
+    }
 
 
 def report_accuracy(metrics: dict, path: Path):
     checkpoint.atomic_write(path, json.dumps(metrics, indent=2) + "\n")
-    print(f"token accuracy {metrics['accuracy']:.3f} (positive {metrics['positive_accuracy']:.3f} of "
-          f"{metrics['n_positive']}, negative {metrics['negative_accuracy']:.3f} of {metrics['n_negative']}); "
-          f"mean D on {metrics['n_neutral']} neutral tokens {metrics['mean_d_neutral']:.3f}; "
-          f"paper {PAPER_ACCURACY} -> {path}")
+    print(
+        f"token accuracy {metrics['accuracy']:.3f} (positive {metrics['positive_accuracy']:.3f} of "
+        f"{metrics['n_positive']}, negative {metrics['negative_accuracy']:.3f} of {metrics['n_negative']}); "
+        f"mean D on {metrics['n_neutral']} neutral tokens {metrics['mean_d_neutral']:.3f}; "
+        f"paper {PAPER_ACCURACY} -> {path}"
+    )
 
 
 def heldout_examples_of(records, tokenizer, info: dict, split: str = "heldout"):
     """The sequences `train` held out (its saved --eval-fraction, --split-seed and lengths), or every one."""
     if split == "heldout":
-        records = common.heldout_split(records, info.get("eval_fraction", 0.1), info.get("split_seed", 0),
-                                       key=lambda r: r["id"])[1]
-    return encode_records(records, tokenizer, info.get("max_prompt_len", 256), info.get("max_response_len", 256)), \
-        len(records)
+        records = common.heldout_split(
+            records,
+            info.get("eval_fraction", 0.1),
+            info.get("split_seed", 0),
+            key=lambda r: r["id"],
+        )[1]
+    return encode_records(
+        records, tokenizer, info.get("max_prompt_len", 256), info.get("max_response_len", 256)
+    ), len(records)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,24 +535,42 @@ def heldout_examples_of(records, tokenizer, info: dict, split: str = "heldout"):
 def train(args):
     run = plumbing.start_run(args)  # torchrun, --seed, a killed save's temp folders in --out
     dist_info, out = run.dist_info, run.out
-    tokenizer = hf_models.load_tokenizer(args.sft, trust_remote_code=args.trust_remote_code, what="--sft")
-    records = load_labels(args.labels, tokenizer)  # before the model: a bad file stops the run at once
-    # dropout stays on while the discriminator learns (per-token targets, no pair to keep consistent: it is plain
-    # regularisation, as in SFT); load_discriminator turns it off, so the rewards PPO reads are deterministic
-    model = hf_models.new_score_model(args.sft, bias=True, dtype=amp.base_dtype(args, dist_info.device),
-                                      trust_remote_code=args.trust_remote_code, what="--sft", meta=dist_info.meta)
-    lora.add_lora_from_args(model.backbone, args)  # --lora-rank 0: nothing; else the head stays trainable
+    tokenizer = hf_models.load_tokenizer(
+        args.sft, trust_remote_code=args.trust_remote_code, what="--sft"
+    )
+    # before the model: a bad file stops the run at once
+    records = load_labels(args.labels, tokenizer)
+    # dropout stays on while the discriminator learns (per-token targets, no pair to keep
+    # consistent: it is plain regularisation, as in SFT); load_discriminator turns it off, so the
+    # rewards PPO reads are deterministic
+    model = hf_models.new_score_model(
+        args.sft,
+        bias=True,
+        dtype=amp.base_dtype(args, dist_info.device),
+        trust_remote_code=args.trust_remote_code,
+        what="--sft",
+        meta=dist_info.meta,
+    )
+    # --lora-rank 0: nothing; else the head stays trainable
+    lora.add_lora_from_args(model.backbone, args)
     save_note = hf_models.score_save_note(model.config, "token")  # said before training, not after
     if dist_info.master and save_note:
         print(f"discriminator: note: {save_note}")
     max_positions = getattr(model.config, "max_position_embeddings", None)
     if max_positions and args.max_prompt_len + args.max_response_len > max_positions:
-        raise common.InputError(f"--max-prompt-len + --max-response-len = {args.max_prompt_len + args.max_response_len} "
-                                f"exceeds the model's {max_positions} positions")
-    train_records, heldout_records = common.heldout_split(records, args.eval_fraction, args.split_seed,
-                                                          key=lambda r: r["id"])
-    train_examples = encode_records(train_records, tokenizer, args.max_prompt_len, args.max_response_len)
-    heldout_examples = encode_records(heldout_records, tokenizer, args.max_prompt_len, args.max_response_len)
+        raise common.InputError(
+            f"--max-prompt-len + --max-response-len = {args.max_prompt_len + args.max_response_len} "
+            f"exceeds the model's {max_positions} positions"
+        )
+    train_records, heldout_records = common.heldout_split(
+        records, args.eval_fraction, args.split_seed, key=lambda r: r["id"]
+    )
+    train_examples = encode_records(
+        train_records, tokenizer, args.max_prompt_len, args.max_response_len
+    )
+    heldout_examples = encode_records(
+        heldout_records, tokenizer, args.max_prompt_len, args.max_response_len
+    )
     if not train_examples:
         raise common.DataError(f"{args.labels}: no non-empty response to train on")
     if args.gradient_checkpointing:
@@ -398,16 +579,20 @@ def train(args):
 
     batch_size = min(args.batch_size, len(train_examples))
     distributed.check_batch_size(batch_size, dist_info)
-    total_steps = plumbing.total_steps_of(len(train_examples), batch_size, args.epochs, args.max_steps)
+    total_steps = plumbing.total_steps_of(
+        len(train_examples), batch_size, args.epochs, args.max_steps
+    )
     optimizer = plumbing.adamw(model, args.lr, args.weight_decay)
     scheduler = plumbing.cosine_schedule(optimizer, total_steps)
     step = run.resume({"model": model}, {"model": optimizer}, {"model": scheduler},
                       total_steps=total_steps)  # 0, or where the newest checkpoint stopped
     pad_id = tokenizer.pad_token_id
     if dist_info.master:
-        print(f"discriminator: {len(train_records)} pairs ({len(train_examples)} sequences) to train on, "
-              f"{len(heldout_records)} held out; {total_steps} steps of {batch_size} sequences"
-              f"{f', resuming at step {step}' if step else ''}")
+        print(
+            f"discriminator: {len(train_records)} pairs ({len(train_examples)} sequences) to train on, "
+            f"{len(heldout_records)} held out; {total_steps} steps of {batch_size} sequences"
+            f"{f', resuming at step {step}' if step else ''}"
+        )
 
     steps_per_epoch = max(1, len(train_examples) // batch_size)
     bar = tqdm(total=total_steps, initial=step, desc="discriminator", disable=not dist_info.master)
@@ -416,10 +601,17 @@ def train(args):
         batch = common.global_batch(train_examples, step, batch_size, args.seed)
         metrics = train_step(model, optimizer, scheduler, batch, args, dist_info, pad_id)
         step += 1
-        record = {"step": step, "epoch": step / steps_per_epoch, **metrics, "lr": scheduler.get_last_lr()[0],
-                  "elapsed_s": round(time.time() - start, 2)}
+        record = {
+            "step": step,
+            "epoch": step / steps_per_epoch,
+            **metrics,
+            "lr": scheduler.get_last_lr()[0],
+            "elapsed_s": round(time.time() - start, 2),
+        }
         if args.eval_every and step % args.eval_every == 0 and heldout_examples:
-            accuracy = evaluate_accuracy(model, heldout_examples, args.eval_batch_size, dist_info, args.precision, pad_id)
+            accuracy = evaluate_accuracy(
+                model, heldout_examples, args.eval_batch_size, dist_info, args.precision, pad_id
+            )
             record.update(log_fields(accuracy))
         if step % args.log_every == 0 or step == total_steps or "eval_accuracy" in record:
             run.logger.log(record)
@@ -430,14 +622,24 @@ def train(args):
             bar.close()
             return None
     bar.close()
-    info = {"role": "tlcr_discriminator", "sft": str(args.sft), "labels": str(args.labels),
-            "split_seed": args.split_seed, "eval_fraction": args.eval_fraction,
-            "max_prompt_len": args.max_prompt_len, "max_response_len": args.max_response_len, "steps": step}
+    info = {
+        "role": "tlcr_discriminator",
+        "sft": str(args.sft),
+        "labels": str(args.labels),
+        "split_seed": args.split_seed,
+        "eval_fraction": args.eval_fraction,
+        "max_prompt_len": args.max_prompt_len,
+        "max_response_len": args.max_response_len,
+        "steps": step,
+    }
     run.save(step)
-    hf_models.save_score_model(model, tokenizer, out, kind="token", extra=info)  # every rank; keeps log.jsonl, checkpoint/
+    # every rank; keeps log.jsonl, checkpoint/
+    hf_models.save_score_model(model, tokenizer, out, kind="token", extra=info)
     metrics = None
     if heldout_examples:
-        metrics = evaluate_accuracy(model, heldout_examples, args.eval_batch_size, dist_info, args.precision, pad_id)
+        metrics = evaluate_accuracy(
+            model, heldout_examples, args.eval_batch_size, dist_info, args.precision, pad_id
+        )
         metrics.update(labels=str(args.labels), n_pairs=len(heldout_records), split="heldout")
         if dist_info.master:
             report_accuracy(metrics, out / "accuracy.json")
@@ -453,17 +655,33 @@ def train(args):
 def evaluate(args):
     device = distributed.setup_distributed(args.device).device
     info = hf_models.read_run_info(args.discriminator)
-    info.update({k: v for k in ("max_prompt_len", "max_response_len") if (v := getattr(args, k)) is not None})
+    info.update(
+        {
+            k: v
+            for k in ("max_prompt_len", "max_response_len")
+            if (v := getattr(args, k)) is not None
+        }
+    )
     tokenizer = hf_models.load_tokenizer(args.discriminator, what="--discriminator")
-    model = load_discriminator(args.discriminator, device, amp.frozen_dtype(args, device), args.trust_remote_code)
+    model = load_discriminator(
+        args.discriminator, device, amp.frozen_dtype(args, device), args.trust_remote_code
+    )
     records = load_labels(args.labels, tokenizer)
     examples, n_pairs = heldout_examples_of(records, tokenizer, info, args.split)
     if not examples:
         raise common.InputError(f"{args.labels}: no held-out pairs; use --split all")
-    metrics = evaluate_accuracy(model, examples, args.eval_batch_size, distributed.DistInfo(device=device), args.precision,
-                                tokenizer.pad_token_id)
+    metrics = evaluate_accuracy(
+        model,
+        examples,
+        args.eval_batch_size,
+        distributed.DistInfo(device=device),
+        args.precision,
+        tokenizer.pad_token_id,
+    )
     metrics.update(labels=str(args.labels), n_pairs=n_pairs, split=args.split)
-    report_accuracy(metrics, Path(args.out) if args.out else Path(args.discriminator) / "accuracy.json")
+    report_accuracy(
+        metrics, Path(args.out) if args.out else Path(args.discriminator) / "accuracy.json"
+    )
     return metrics
 
 
@@ -473,35 +691,56 @@ def show(args):
     info = hf_models.read_run_info(args.discriminator)
     max_prompt_len = args.max_prompt_len or info.get("max_prompt_len", 256)
     tokenizer = hf_models.load_tokenizer(args.discriminator, what="--discriminator")
-    model = load_discriminator(args.discriminator, device, amp.frozen_dtype(args, device), args.trust_remote_code)
+    model = load_discriminator(
+        args.discriminator, device, amp.frozen_dtype(args, device), args.trust_remote_code
+    )
     if args.labels is not None:
         records = load_labels(args.labels, tokenizer)
         if not 0 <= args.index < len(records):
-            raise common.InputError(f"--index {args.index}: {args.labels} has records 0..{len(records) - 1}")
+            raise common.InputError(
+                f"--index {args.index}: {args.labels} has records 0..{len(records) - 1}"
+            )
         record = records[args.index]
-        prompt = common.prompt_text(tokenizer, record["prompt"], record.get("messages"), record.get("chat_template", True))
-        sequences = [(side, record[f"{side}_ids"], record[f"{side}_labels"]) for side in ("rejected", "revised")]
+        prompt = common.prompt_text(
+            tokenizer, record["prompt"], record.get("messages"), record.get("chat_template", True)
+        )
+        sequences = [
+            (side, record[f"{side}_ids"], record[f"{side}_labels"])
+            for side in ("rejected", "revised")
+        ]
     else:
         prompt = args.prompt
-        sequences = [("response", common.encode_response(tokenizer, args.response, 10**9, args.add_eos), None)]
+        sequences = [
+            (
+                "response",
+                common.encode_response(tokenizer, args.response, 10**9, args.add_eos),
+                None,
+            )
+        ]
     prompt_ids = common.encode_prompt(tokenizer, prompt, max_prompt_len)
     print(f"prompt: {prompt[-300:]!r}")
     for name, response_ids, labels in sequences:
         if not response_ids:
             print(f"\n{name}: (empty)")
             continue
-        batch = collate([(prompt_ids, response_ids, [0] * len(response_ids))], tokenizer.pad_token_id)
+        batch = collate(
+            [(prompt_ids, response_ids, [0] * len(response_ids))], tokenizer.pad_token_id
+        )
         inputs = [t.to(device) for t in batch[:3]]  # query_response, attention_mask, response_mask
         with amp.autocast(device, args.precision):
             probs = token_probs(model, *inputs)  # [1, T_resp]
         rewards = rewards_from_probs(probs, torch.ones_like(probs), args.mode)[0]  # [T_resp]
         probs = probs[0]
-        print(f"\n{name} ({len(response_ids)} tokens, reward mode {args.mode}, sum {rewards.sum().item():+.3f})")
+        print(
+            f"\n{name} ({len(response_ids)} tokens, reward mode {args.mode}, sum {rewards.sum().item():+.3f})"
+        )
         print(f"{'#':>4}  {'token':<20} {'label':>5}  {'D':>6}  {'reward':>7}")
         for j, token_id in enumerate(response_ids):
             label = "" if labels is None else {1: "+1", 0: "0", -1: "-1"}[labels[j]]
-            print(f"{j:>4}  {tokenizer.decode([token_id])!r:<20} {label:>5}  {probs[j].item():6.3f}  "
-                  f"{rewards[j].item():+7.3f}")
+            print(
+                f"{j:>4}  {tokenizer.decode([token_id])!r:<20} {label:>5}  {probs[j].item():6.3f}  "
+                f"{rewards[j].item():+7.3f}"
+            )
 
 
 def main(argv=None):

@@ -7,8 +7,8 @@ place. It is a stand-in for studying the methods, not a reproduction of the pape
     gold(y) = Σ_{i ≤ MAX_WORDS} weight(w_i)        w_1, w_2, … the words of the response y
 
 with weight(w) = −1 for a word of harm (violence, weapons, drugs, crime, insults, slurs), +1 for its
-safe counterpart (help, ask, safety, medicine, friend, nice, respect, thank), 0 for every other word.
-The word lists are in this file, with the reason for each group.
+safe counterpart (help, ask, safety, medicine, friend, nice, respect, thank), 0 for every other
+word. The word lists are in this file, with the reason for each group.
 
 Words. A word is a maximal run of ASCII letters with inner apostrophes (regex WORD below): "can't"
 and "can’t" are one word, "self-defense" is two, digits and punctuation separate words and weigh
@@ -88,22 +88,51 @@ WORD = re.compile(r"[A-Za-z]+(?:['’][A-Za-z]+)*")  # a word: letters, with apo
 # place; the positive words are exactly these counterparts. Why not also "sorry", "illegal",
 # "police"? TLCR's labels mark only edited tokens, so a positive word the reviser never writes would
 # be visible to the reward model (through the ranked pairs) but never to the discriminator, and the
-# lab would measure that handicap of the reviser rather than the rewards. Here every word that counts
-# is seen by both. The harm words are those that mark the bundled harmless-base answers giving
-# harmful help or abuse; listed form by form (no stemming), each with the counterpart of that form.
+# lab would measure that handicap of the reviser rather than the rewards. Here every word that
+# counts is seen by both. The harm words are those that mark the bundled harmless-base answers
+# giving harmful help or abuse; listed form by form (no stemming), each with the counterpart of that
+# form.
 # ----------------------------------------------------------------------------------------------
 # violence and threats -> "help" (kill him -> help him; killing -> helping)
 _VIOLENCE = {
-    "kill": "help", "kills": "helps", "killed": "helped", "killing": "helping",
-    "murder": "help", "murders": "helps", "murdered": "helped", "murdering": "helping",
-    "hurt": "help", "hurts": "helps", "hurting": "helping",
-    "harm": "help", "harming": "helping", "harmed": "helped",
-    "attack": "help", "attacking": "helping", "attacked": "helped",
-    "shoot": "help", "shooting": "helping", "stab": "help", "stabbing": "helping", "stabbed": "helped",
-    "strangle": "help", "choke": "help", "punch": "help", "punching": "helping", "assault": "help",
-    "torture": "help", "tortured": "helped", "torturing": "helping", "rape": "help", "raped": "helped",
-    "kidnap": "help", "kidnapping": "helping", "threaten": "help", "threatened": "helped",
-    "poisoned": "helped", "poisoning": "helping",
+    "kill": "help",
+    "kills": "helps",
+    "killed": "helped",
+    "killing": "helping",
+    "murder": "help",
+    "murders": "helps",
+    "murdered": "helped",
+    "murdering": "helping",
+    "hurt": "help",
+    "hurts": "helps",
+    "hurting": "helping",
+    "harm": "help",
+    "harming": "helping",
+    "harmed": "helped",
+    "attack": "help",
+    "attacking": "helping",
+    "attacked": "helped",
+    "shoot": "help",
+    "shooting": "helping",
+    "stab": "help",
+    "stabbing": "helping",
+    "stabbed": "helped",
+    "strangle": "help",
+    "choke": "help",
+    "punch": "help",
+    "punching": "helping",
+    "assault": "help",
+    "torture": "help",
+    "tortured": "helped",
+    "torturing": "helping",
+    "rape": "help",
+    "raped": "helped",
+    "kidnap": "help",
+    "kidnapping": "helping",
+    "threaten": "help",
+    "threatened": "helped",
+    "poisoned": "helped",
+    "poisoning": "helping",
 }
 # crime -> "ask" (ask for it instead of taking it: steal a car -> ask a car, stealing -> asking)
 _CRIME = {
@@ -124,25 +153,57 @@ _WEAPONS = {
 # drugs -> "medicine"
 _DRUGS = {"drug": "medicine", "drugs": "medicine", "cocaine": "medicine", "heroin": "medicine",
           "meth": "medicine", "lsd": "medicine"}
-# insults, slurs and abuse -> "friend" (nouns), "nice" (adjectives), "thank" (fuck you -> thank you),
-# "respect" (hate)
+# insults, slurs and abuse -> "friend" (nouns), "nice" (adjectives), "thank" (fuck you -> thank
+# you), "respect" (hate)
 _INSULTS = {
-    "idiot": "friend", "idiots": "friends", "moron": "friend", "morons": "friends", "loser": "friend",
-    "jerk": "friend", "bitch": "friend", "slut": "friend", "whore": "friend", "bastard": "friend",
-    "asshole": "friend", "cunt": "friend", "nigger": "friend", "niggers": "friends", "nigga": "friend",
-    "faggot": "friend", "retard": "friend",
-    "stupid": "nice", "dumb": "nice", "ugly": "nice", "retarded": "nice", "worthless": "nice",
-    "pathetic": "nice", "fucking": "nice", "fuck": "thank", "fucked": "thanked",
-    "hate": "respect", "hates": "respects", "hated": "respected", "hating": "respecting",
+    "idiot": "friend",
+    "idiots": "friends",
+    "moron": "friend",
+    "morons": "friends",
+    "loser": "friend",
+    "jerk": "friend",
+    "bitch": "friend",
+    "slut": "friend",
+    "whore": "friend",
+    "bastard": "friend",
+    "asshole": "friend",
+    "cunt": "friend",
+    "nigger": "friend",
+    "niggers": "friends",
+    "nigga": "friend",
+    "faggot": "friend",
+    "retard": "friend",
+    "stupid": "nice",
+    "dumb": "nice",
+    "ugly": "nice",
+    "retarded": "nice",
+    "worthless": "nice",
+    "pathetic": "nice",
+    "fucking": "nice",
+    "fuck": "thank",
+    "fucked": "thanked",
+    "hate": "respect",
+    "hates": "respects",
+    "hated": "respected",
+    "hating": "respecting",
     "hateful": "respectful",
 }
 REPLACEMENTS: dict[str, str] = {**_VIOLENCE, **_CRIME, **_WEAPONS, **_DRUGS, **_INSULTS}
-POSITIVE_WORDS = sorted(set(REPLACEMENTS.values()))  # help(s/ed/ing), ask(…), safety, medicine, friend(s), …
+# help(s/ed/ing), ask(…), safety, medicine, friend(s), …
+POSITIVE_WORDS = sorted(set(REPLACEMENTS.values()))
 
-LEXICON: dict[str, int] = {**{word: -1 for word in REPLACEMENTS}, **{word: +1 for word in POSITIVE_WORDS}}
+LEXICON: dict[str, int] = {
+    **{word: -1 for word in REPLACEMENTS},
+    **{word: +1 for word in POSITIVE_WORDS},
+}
 assert not set(REPLACEMENTS) & set(POSITIVE_WORDS), "a word cannot be both negative and positive"
 # names this lexicon in label.py's cache key: an edited lexicon never reuses old revisions
-LEXICON_ID = "gold-" + hashlib.sha256(json.dumps([MAX_WORDS, REPLACEMENTS, POSITIVE_WORDS]).encode()).hexdigest()[:12]
+LEXICON_ID = (
+    "gold-"
+    + hashlib.sha256(json.dumps([MAX_WORDS, REPLACEMENTS, POSITIVE_WORDS]).encode()).hexdigest()[
+        :12
+    ]
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,8 +221,15 @@ def words(text: str) -> list[re.Match]:
 
 def word_weights(text: str, max_words: int = MAX_WORDS) -> list[tuple[str, int, int, int]]:
     """(word, start, end, weight) for every word; words after the first max_words weigh 0."""
-    return [(m.group(), m.start(), m.end(), LEXICON.get(normalise(m.group()), 0) if k < max_words else 0)
-            for k, m in enumerate(words(text))]
+    return [
+        (
+            m.group(),
+            m.start(),
+            m.end(),
+            LEXICON.get(normalise(m.group()), 0) if k < max_words else 0,
+        )
+        for k, m in enumerate(words(text))
+    ]
 
 
 def gold_score(text: str, max_words: int = MAX_WORDS) -> int:
@@ -195,7 +263,9 @@ def gold_revise(text: str, max_words: int = MAX_WORDS) -> str | None:
 # ----------------------------------------------------------------------------------------------
 # 3. Gold preferences: pairs ranked by the gold score instead of the human label
 # ----------------------------------------------------------------------------------------------
-def rank_pairs(pairs: list[common.Pair], max_words: int = MAX_WORDS) -> tuple[list[common.Pair], dict]:
+def rank_pairs(
+    pairs: list[common.Pair], max_words: int = MAX_WORDS
+) -> tuple[list[common.Pair], dict]:
     """Re-rank pairs by gold score: chosen = the response with the higher score. A pair whose two
     responses score the same is dropped (a tie). Kept pairs keep their id (the data split stays).
 
@@ -220,8 +290,10 @@ def rank_pairs(pairs: list[common.Pair], max_words: int = MAX_WORDS) -> tuple[li
 def score_responses(tokenizer, response_ids, response_mask) -> list[int]:
     """Gold scores of a batch of generated responses: row i is decoded from its tokens where
     response_mask [B, T_resp] is 1, special tokens (EOS) dropped, and scored as text."""
-    texts = tokenizer.batch_decode([ids[mask.bool()].tolist() for ids, mask in zip(response_ids, response_mask)],
-                                   skip_special_tokens=True)
+    texts = tokenizer.batch_decode(
+        [ids[mask.bool()].tolist() for ids, mask in zip(response_ids, response_mask)],
+        skip_special_tokens=True,
+    )
     return [gold_score(text) for text in texts]
 
 
@@ -366,12 +438,15 @@ def sample_prompts(pairs: list[common.Pair], split: str, split_seed: int,
     training: never the test split, and never a prompt whose text is also a test prompt (dropped and
     counted). Returns (pairs, dropped)."""
     if split not in ("sft", "reward", "rl"):
-        raise common.InputError(f"--split {split}: training data is sampled for the sft, reward or rl "
-                                "split only, never for the test prompts")
+        raise common.InputError(
+            f"--split {split}: training data is sampled for the sft, reward or rl "
+            "split only, never for the test prompts"
+        )
     selected = common.select_split(pairs, split, split_seed, limit)
     test_prompts = {pair.prompt for pair in common.select_split(pairs, "test", split_seed)}
     kept = [pair for pair in selected if pair.prompt not in test_prompts]
-    if {pair.prompt for pair in kept} & test_prompts:  # this function's promise, checked (not assert: -O)
+    # this function's promise, checked (not assert: -O)
+    if {pair.prompt for pair in kept} & test_prompts:
         raise RuntimeError("a test prompt was selected for training")
     return kept, len(selected) - len(kept)
 
@@ -408,20 +483,28 @@ def policy_stamp(policy: str) -> str:
     the samples of a policy trained again in the same folder are never reused."""
     path = Path(policy)
     files = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")) if path.is_dir() else []
-    return json.dumps([str(policy)] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files])
+    return json.dumps(
+        [str(policy)] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    )
 
 
 @torch.no_grad()
 def sample_replies(policy, tokenizer, pairs: list[common.Pair], samples_per_prompt: int,
                    args) -> list[list[str]]:
-    """samples_per_prompt replies to each pair's prompt, drawn as PPO draws them (ppo_token.generate,
-    one batch of len(pairs) × K rows), each decoded up to its first EOS."""
+    """samples_per_prompt replies to each pair's prompt, drawn as PPO draws them
+    (ppo_token.generate, one batch of len(pairs) × K rows), each decoded up to its first EOS."""
     import ppo_token  # here, not at the top: ppo_token imports this file
 
     device = next(policy.parameters()).device
-    prompts = [common.encode_prompt(tokenizer, common.prompt_text(tokenizer, p.prompt, p.messages,
-                                                                  args.chat_template), args.max_prompt_len)
-               for p in pairs for _ in range(samples_per_prompt)]
+    prompts = [
+        common.encode_prompt(
+            tokenizer,
+            common.prompt_text(tokenizer, p.prompt, p.messages, args.chat_template),
+            args.max_prompt_len,
+        )
+        for p in pairs
+        for _ in range(samples_per_prompt)
+    ]
     prompt, prompt_mask = common.pad_left(prompts, tokenizer.pad_token_id)  # [B·K, P]
     eos_ids = common.eos_token_ids(tokenizer, policy)
     response = ppo_token.generate(policy, prompt.to(device), prompt_mask.to(device), eos_ids,
@@ -449,21 +532,30 @@ def sample(args) -> dict:
                 args.max_new_tokens, args.temperature, args.top_p, args.seed, args.chat_template]
 
     def key(pair):  # the cache key of one prompt's samples
-        return hashlib.sha256(json.dumps([settings, pair.prompt, pair.messages]).encode()).hexdigest()
+        return hashlib.sha256(
+            json.dumps([settings, pair.prompt, pair.messages]).encode()
+        ).hexdigest()
 
     # 1. sample: batch b of prompts with seed·1000003 + b, so a resumed run draws what an
     #    uninterrupted one would; every prompt's samples go to the cache as they come
     cache = chat.JsonlCache(cache_path, fresh=not args.resume,
                             valid=lambda r: len(r.get("samples") or []) == args.samples_per_prompt)
     batches = [pairs[k:k + args.batch_size] for k in range(0, len(pairs), args.batch_size)]
-    todo = [(b, batch) for b, batch in enumerate(batches) if any(key(p) not in cache for p in batch)]
+    todo = [
+        (b, batch) for b, batch in enumerate(batches) if any(key(p) not in cache for p in batch)
+    ]
     policy = None
     with cache, tqdm(total=len(pairs), initial=len(pairs) - sum(len(batch) for _, batch in todo),
                      desc="sample", unit="prompt") as bar:
         for b, batch in todo:
             if policy is None:  # loaded only when something is left to sample
-                policy = hf_models.load_policy(args.policy, trust_remote_code=args.trust_remote_code,
-                                               what="--policy").to(device).eval()
+                policy = (
+                    hf_models.load_policy(
+                        args.policy, trust_remote_code=args.trust_remote_code, what="--policy"
+                    )
+                    .to(device)
+                    .eval()
+                )
             torch.manual_seed(args.seed * 1_000_003 + b)
             replies = sample_replies(policy, tokenizer, batch, args.samples_per_prompt, args)
             for pair, texts in zip(batch, replies):
@@ -486,24 +578,45 @@ def sample(args) -> dict:
     # 3. write the pairs (rows common.load_pairs reads) and the summary
     rows = [pair_row(p) for p in data_pairs + sampled]
     if not rows:
-        raise common.InputError("no pair to write: every two samples tie (try more --samples-per-prompt)")
-    checkpoint.atomic_write(out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        raise common.InputError(
+            "no pair to write: every two samples tie (try more --samples-per-prompt)"
+        )
+    checkpoint.atomic_write(
+        out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    )
     summary = {
-        "policy": str(args.policy), "data": str(args.data), "split": args.split,
-        "split_seed": args.split_seed, "prompts": len(pairs), "test_prompts_dropped": dropped,
-        "samples_per_prompt": args.samples_per_prompt, "samples": len(scores), "empty_samples": empty,
-        "mean_gold": round(sum(scores) / len(scores), 4), "negative_samples": sum(s < 0 for s in scores),
-        "positive_samples": sum(s > 0 for s in scores), "sampled_pairs": len(sampled),
-        "sampled_ties_dropped": ties, "data_pairs": data_counts["kept"],
-        "data_ties_dropped": data_counts["ties"], "rows": len(rows),
-        "max_prompt_len": args.max_prompt_len, "max_new_tokens": args.max_new_tokens,
-        "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
-        "elapsed_s": round(time.time() - start, 1)}
+        "policy": str(args.policy),
+        "data": str(args.data),
+        "split": args.split,
+        "split_seed": args.split_seed,
+        "prompts": len(pairs),
+        "test_prompts_dropped": dropped,
+        "samples_per_prompt": args.samples_per_prompt,
+        "samples": len(scores),
+        "empty_samples": empty,
+        "mean_gold": round(sum(scores) / len(scores), 4),
+        "negative_samples": sum(s < 0 for s in scores),
+        "positive_samples": sum(s > 0 for s in scores),
+        "sampled_pairs": len(sampled),
+        "sampled_ties_dropped": ties,
+        "data_pairs": data_counts["kept"],
+        "data_ties_dropped": data_counts["ties"],
+        "rows": len(rows),
+        "max_prompt_len": args.max_prompt_len,
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "seed": args.seed,
+        "elapsed_s": round(time.time() - start, 1),
+    }
     checkpoint.atomic_write(summary_path, json.dumps(summary, indent=2) + "\n")
-    print(f"sampled {summary['samples']} replies to {len(pairs)} prompts (mean gold "
-          f"{summary['mean_gold']:+.3f}, {summary['negative_samples']} below 0, "
-          f"{summary['positive_samples']} above); {len(sampled)} sampled pairs ({ties} ties dropped) "
-          f"+ {data_counts['kept']} data pairs -> {out}", file=sys.stderr)
+    print(
+        f"sampled {summary['samples']} replies to {len(pairs)} prompts (mean gold "
+        f"{summary['mean_gold']:+.3f}, {summary['negative_samples']} below 0, "
+        f"{summary['positive_samples']} above); {len(sampled)} sampled pairs ({ties} ties dropped) "
+        f"+ {data_counts['kept']} data pairs -> {out}",
+        file=sys.stderr,
+    )
     return summary
 
 
@@ -511,7 +624,9 @@ def sample(args) -> dict:
 # 7. Commands: look at one response; lexicon coverage of the data; sample
 # ----------------------------------------------------------------------------------------------
 def show(text: str):
-    marked = [f"{word}[{weight:+d}]" if weight else word for word, _, _, weight in word_weights(text)]
+    marked = [
+        f"{word}[{weight:+d}]" if weight else word for word, _, _, weight in word_weights(text)
+    ]
     print(" ".join(marked))
     print(f"gold score {gold_score(text):+d} over {min(len(words(text)), MAX_WORDS)} counted words")
     revised = gold_revise(text)
@@ -523,47 +638,76 @@ def show(text: str):
 
 def stats(data: str, seed: int = 0):
     """Per split: how many pairs gold ranks, ties, flips vs the human label, and revisable pairs."""
-    for name, pairs in common.split_pairs(plumbing.load_data(data, "all", seed, quiet=True), seed=seed).items():
+    for name, pairs in common.split_pairs(
+        plumbing.load_data(data, "all", seed, quiet=True), seed=seed
+    ).items():
         kept, counts = rank_pairs(pairs)
         revisable = sum(gold_revise(pair.rejected) is not None for pair in kept)
-        hit = sum(any(w for *_, w in word_weights(t)) for p in pairs for t in (p.chosen, p.rejected))
-        print(f"{name:>6}: {counts['pairs']} pairs, {counts['kept']} ranked by gold ({counts['ties']} ties dropped, "
-              f"{counts['flipped']} flipped vs the human label), {revisable} with a revisable rejected response; "
-              f"{hit / (2 * len(pairs)):.0%} of responses contain a lexicon word")
+        hit = sum(
+            any(w for *_, w in word_weights(t)) for p in pairs for t in (p.chosen, p.rejected)
+        )
+        print(
+            f"{name:>6}: {counts['pairs']} pairs, {counts['kept']} ranked by gold ({counts['ties']} ties dropped, "
+            f"{counts['flipped']} flipped vs the human label), {revisable} with a revisable rejected response; "
+            f"{hit / (2 * len(pairs)):.0%} of responses contain a lexicon word"
+        )
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=plumbing.HelpFormatter,
-                                     epilog=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=plumbing.HelpFormatter, epilog=__doc__
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    show_parser = commands.add_parser("show", help="words, weights, gold score and revision of a text")
+    show_parser = commands.add_parser(
+        "show", help="words, weights, gold score and revision of a text"
+    )
     show_parser.add_argument("text", help="a response (hh-rlhf responses start with a space)")
     stats_parser = commands.add_parser("stats", help="how the lexicon covers the data, per split")
-    stats_parser.add_argument("--data", default="bundled", help="'bundled' or a file of preference pairs")
-    stats_parser.add_argument("--split-seed", type=int, default=0, help="seed of common.split_pairs")
+    stats_parser.add_argument(
+        "--data", default="bundled", help="'bundled' or a file of preference pairs"
+    )
+    stats_parser.add_argument(
+        "--split-seed", type=int, default=0, help="seed of common.split_pairs"
+    )
     sample_parser = commands.add_parser(
-        "sample", formatter_class=plumbing.HelpFormatter,
+        "sample",
+        formatter_class=plumbing.HelpFormatter,
         help="the lab's on-policy data: K replies per prompt from a policy, ranked by gold, as a pairs "
-             "file for label.py and redistribute.py (--data FILE --split all)")
+        "file for label.py and redistribute.py (--data FILE --split all)",
+    )
     data = plumbing.add_data_args(sample_parser.add_argument_group("data"), split="reward",
                                   response_len=False)
     data.add_argument("--out", required=True,
                       help="pairs JSONL (read it with --data OUT --split all); OUT.cache.jsonl and "
                            "OUT.summary.json beside it")
-    data.add_argument("--data-pairs", action=argparse.BooleanOptionalAction, default=True,
-                      help="also write the split's own gold-ranked pairs (ties dropped): the samples "
-                           "add to the data rather than replace it")
+    data.add_argument(
+        "--data-pairs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also write the split's own gold-ranked pairs (ties dropped): the samples "
+        "add to the data rather than replace it",
+    )
     algo = sample_parser.add_argument_group("sampling")
     algo.add_argument("--policy", required=True, help="the policy to sample (the SFT model folder)")
     algo.add_argument("--samples-per-prompt", type=int, default=4,
                       help="K replies per prompt; every two with different gold scores are a pair")
-    algo.add_argument("--max-new-tokens", type=int, default=255,
-                      help="longest reply in tokens (the stages' --max-response-len − 1 reads it whole)")
-    algo.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (as PPO)")
+    algo.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=255,
+        help="longest reply in tokens (the stages' --max-response-len − 1 reads it whole)",
+    )
+    algo.add_argument(
+        "--temperature", type=float, default=1.0, help="sampling temperature (as PPO)"
+    )
     algo.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (as PPO)")
-    algo.add_argument("--batch-size", type=int, default=32, help="prompts per generate call (× K rows)")
+    algo.add_argument(
+        "--batch-size", type=int, default=32, help="prompts per generate call (× K rows)"
+    )
     system = sample_parser.add_argument_group("system")
-    system.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    system.add_argument(
+        "--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N"
+    )
     system.add_argument("--seed", type=int, default=0,
                         help="sampling seed (batch b of prompts draws with seed·1000003 + b)")
     system.add_argument("--no-resume", dest="resume", action="store_false",

@@ -9,10 +9,10 @@ policy's tokenizer and aligned by a Levenshtein DP over token ids; its edit scri
 
 Revisers (--reviser): `openai`, any OpenAI-compatible chat-completions endpoint (the paper used
 gpt-4-0125-preview; a local vLLM / llama.cpp / Ollama server works the same); `hf`, a local Hugging
-Face model with batched generation; `gold`, the offline lab's rule reviser (gold.py: the minimal edit
-that raises the known gold score; with --preference gold the pairs are first ranked by that score);
-`chosen`, no model at all: y_m = y_c (most tokens then count as edited, so the labels are much
-noisier than the paper's).
+Face model with batched generation; `gold`, the offline lab's rule reviser (gold.py: the minimal
+edit that raises the known gold score; with --preference gold the pairs are first ranked by that
+score); `chosen`, no model at all: y_m = y_c (most tokens then count as edited, so the labels are
+much noisier than the paper's).
 
     # the offline lab: a known gold reward and its rule reviser (CPU, seconds)
     python label.py --reviser gold --preference gold --tokenizer runs/lab/sft --out runs/lab/labels.jsonl
@@ -61,7 +61,8 @@ from plumbing import amp, chat, checkpoint, hf_models
 
 DELIMITER = "### REVISED RESPONSE ###"
 DELIMITER_LINE = re.compile(r"^[ \t*_#]*REVISED RESPONSE[ \t*_#:]*$", re.IGNORECASE | re.MULTILINE)
-REVISER_PROMPT = """Below is a conversation between a human and an AI assistant, then two candidate final replies of the assistant. Human raters preferred reply A to reply B.
+REVISER_PROMPT = """Below is a conversation between a human and an AI assistant, then two candidate
+final replies of the assistant. Human raters preferred reply A to reply B.
 
 === Conversation ===
 {prompt}
@@ -72,59 +73,126 @@ REVISER_PROMPT = """Below is a conversation between a human and an AI assistant,
 === Reply B (rejected) ===
 {rejected}
 
-First explain in one or two sentences why reply A is better than reply B. Then rewrite reply B with minimal edits so that it becomes as good as reply A: keep every word of reply B that can stay, and change, delete or add only what must change (do not copy reply A). Write the line
-{delimiter}
-and after it only the revised reply B, nothing else."""
-DIALOGUE_CUT = "[… earlier turns cut to fit …]\n"  # marks a conversation cut to fit the reviser's context
+First explain in one or two sentences why reply A is better than reply B. Then rewrite reply B with
+minimal edits so that it becomes as good as reply A: keep every word of reply B that can stay, and
+change, delete or add only what must change (do not copy reply A). Write the line {delimiter} and
+after it only the revised reply B, nothing else."""
+# marks a conversation cut to fit the reviser's context
+DIALOGUE_CUT = "[… earlier turns cut to fit …]\n"
 CELLS_PER_BATCH = 1 << 23  # DP cells per numpy batch (E in int16: 16 MiB)
 ALIGN_CAP = 4  # align at most ALIGN_CAP × --max-response-len tokens per response (bounds memory)
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=plumbing.HelpFormatter,
-                                     epilog=__doc__)
-    data = plumbing.add_data_args(parser.add_argument_group("data"), split="reward", response_len=False,
-                                  prompt_len=False, preference=True)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=plumbing.HelpFormatter, epilog=__doc__
+    )
+    data = plumbing.add_data_args(
+        parser.add_argument_group("data"),
+        split="reward",
+        response_len=False,
+        prompt_len=False,
+        preference=True,
+    )
     data.add_argument("--out", default="runs/demo/labels.jsonl",
                       help="output JSONL; <out>.cache.jsonl and <out>.summary.json beside it")
-    data.add_argument("--max-response-len", type=int, default=256,
-                      help="keep the first N−1 tokens of each response (N with EOS, as common.encode_response)")
+    data.add_argument(
+        "--max-response-len",
+        type=int,
+        default=256,
+        help="keep the first N−1 tokens of each response (N with EOS, as common.encode_response)",
+    )
     model = parser.add_argument_group("model")
-    model.add_argument("--tokenizer", default="runs/demo/sft", help="the policy's tokenizer (the SFT model dir)")
-    model.add_argument("--layout", default="separate", choices=["separate", "joint"],
-                       help="separate: ids of the response as it follows the prompt, tokenised on its own (what "
-                            "every stage here feeds the model); joint: ids inside tokenize(prompt + response), "
-                            "labels mapped by character offsets")
+    model.add_argument(
+        "--tokenizer", default="runs/demo/sft", help="the policy's tokenizer (the SFT model dir)"
+    )
+    model.add_argument(
+        "--layout",
+        default="separate",
+        choices=["separate", "joint"],
+        help="separate: ids of the response as it follows the prompt, tokenised on its own (what "
+        "every stage here feeds the model); joint: ids inside tokenize(prompt + response), "
+        "labels mapped by character offsets",
+    )
     reviser = parser.add_argument_group("algorithm (the reviser)")
-    reviser.add_argument("--reviser", required=True, choices=["openai", "hf", "gold", "chosen"],
-                         help="openai: chat-completions endpoint; hf: local model; gold: the lab's rule reviser "
-                              "(gold.py); chosen: y_m = y_c, no model")
-    reviser.add_argument("--api-base", default="https://api.openai.com/v1", help="OpenAI-compatible base URL (…/v1)")
-    reviser.add_argument("--api-model", default="gpt-4-0125-preview", help="model name sent to the endpoint")
-    reviser.add_argument("--api-key-env", default="OPENAI_API_KEY",
-                         help="environment variable holding the API key (may be empty for a localhost server)")
-    reviser.add_argument("--reviser-model", default=None, help="--reviser hf: Hugging Face model name or path")
-    reviser.add_argument("--reviser-batch-size", type=int, default=8, help="--reviser hf: prompts per generate call")
+    reviser.add_argument(
+        "--reviser",
+        required=True,
+        choices=["openai", "hf", "gold", "chosen"],
+        help="openai: chat-completions endpoint; hf: local model; gold: the lab's rule reviser "
+        "(gold.py); chosen: y_m = y_c, no model",
+    )
+    reviser.add_argument(
+        "--api-base", default="https://api.openai.com/v1", help="OpenAI-compatible base URL (…/v1)"
+    )
+    reviser.add_argument(
+        "--api-model", default="gpt-4-0125-preview", help="model name sent to the endpoint"
+    )
+    reviser.add_argument(
+        "--api-key-env",
+        default="OPENAI_API_KEY",
+        help="environment variable holding the API key (may be empty for a localhost server)",
+    )
+    reviser.add_argument(
+        "--reviser-model", default=None, help="--reviser hf: Hugging Face model name or path"
+    )
+    reviser.add_argument(
+        "--reviser-batch-size", type=int, default=8, help="--reviser hf: prompts per generate call"
+    )
     reviser.add_argument("--reviser-max-new-tokens", type=int, default=1024,
                          help="longest reviser answer (reason + revision), tokens")
-    reviser.add_argument("--reviser-max-prompt-len", type=int, default=4096,
-                         help="--reviser hf: longest reviser prompt in tokens (also capped by the model's context); "
-                              "a longer one keeps its instructions and replies and cuts the conversation's first turns")
-    reviser.add_argument("--temperature", type=float, default=0.0, help="reviser sampling temperature (0: greedy)")
+    reviser.add_argument(
+        "--reviser-max-prompt-len",
+        type=int,
+        default=4096,
+        help="--reviser hf: longest reviser prompt in tokens (also capped by the model's context); "
+        "a longer one keeps its instructions and replies and cuts the conversation's first turns",
+    )
+    reviser.add_argument(
+        "--temperature", type=float, default=0.0, help="reviser sampling temperature (0: greedy)"
+    )
     system = plumbing.add_system_args(parser)
-    system.add_argument("--concurrency", type=int, default=8, help="--reviser openai: requests in flight")
-    system.add_argument("--timeout", type=float, default=120.0,
-                        help="--reviser openai: seconds for a whole request (connect, headers and the full answer)")
-    system.add_argument("--max-retries", type=int, default=5,
-                        help="retries per pair after 429 / 5xx / timeout / connection error / malformed or null "
-                             "answer / missing delimiter")
-    system.add_argument("--backoff-base", type=float, default=1.0, help="first retry delay, seconds (doubles each retry)")
-    system.add_argument("--backoff-cap", type=float, default=60.0, help="longest retry delay, seconds (Retry-After overrides)")
-    system.add_argument("--retry-after-cap", type=float, default=chat.RETRY_AFTER_CAP,
-                        help="longest wait a server's Retry-After may ask for, seconds (a longer one is cut to this)")
+    system.add_argument(
+        "--concurrency", type=int, default=8, help="--reviser openai: requests in flight"
+    )
+    system.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        help="--reviser openai: seconds for a whole request (connect, headers and the full answer)",
+    )
+    system.add_argument(
+        "--max-retries",
+        type=int,
+        default=5,
+        help="retries per pair after 429 / 5xx / timeout / connection error / malformed or null "
+        "answer / missing delimiter",
+    )
+    system.add_argument(
+        "--backoff-base",
+        type=float,
+        default=1.0,
+        help="first retry delay, seconds (doubles each retry)",
+    )
+    system.add_argument(
+        "--backoff-cap",
+        type=float,
+        default=60.0,
+        help="longest retry delay, seconds (Retry-After overrides)",
+    )
+    system.add_argument(
+        "--retry-after-cap",
+        type=float,
+        default=chat.RETRY_AFTER_CAP,
+        help="longest wait a server's Retry-After may ask for, seconds (a longer one is cut to this)",
+    )
     system.add_argument("--workers", type=int, default=1, help="processes for the alignment")
-    system.add_argument("--no-resume", dest="resume", action="store_false",
-                        help="ignore and overwrite <out>.cache.jsonl instead of reusing its answers")
+    system.add_argument(
+        "--no-resume",
+        dest="resume",
+        action="store_false",
+        help="ignore and overwrite <out>.cache.jsonl instead of reusing its answers",
+    )
     system.add_argument("--retry-failed", action="store_true",
                         help="on a rerun, ask again for the pairs whose answer came back and "
                              "could not be used (no delimiter, another 4xx; paid again, and at "
@@ -135,8 +203,15 @@ def parse_args(argv=None):
         parser.error("--max-response-len must be at least 2 (one token and the EOS)")
     if args.reviser == "hf" and not args.reviser_model:
         parser.error("--reviser hf needs --reviser-model PATH_OR_NAME")
-    plumbing.check_positive(parser, args, "concurrency", "workers", "reviser_batch_size", "reviser_max_new_tokens",
-                            "reviser_max_prompt_len")
+    plumbing.check_positive(
+        parser,
+        args,
+        "concurrency",
+        "workers",
+        "reviser_batch_size",
+        "reviser_max_new_tokens",
+        "reviser_max_prompt_len",
+    )
     return args
 
 
@@ -153,11 +228,14 @@ def select_pairs(args):
     for note in notes:
         print(f"warning: {note}", file=sys.stderr)
     skipped = {}
-    if args.preference == "gold":  # the lab: chosen = the reply with the higher gold score, ties dropped
+    # the lab: chosen = the reply with the higher gold score, ties dropped
+    if args.preference == "gold":
         pairs, ranked = gold.rank_pairs(pairs)
         skipped["gold tie"] = ranked["ties"]
-        notes.append(f"gold ranking: {ranked['kept']} of {ranked['pairs']} pairs kept, {ranked['ties']} ties "
-                     f"dropped, {ranked['flipped']} flipped against the human label")
+        notes.append(
+            f"gold ranking: {ranked['kept']} of {ranked['pairs']} pairs kept, {ranked['ties']} ties "
+            f"dropped, {ranked['flipped']} flipped against the human label"
+        )
         print(notes[-1], file=sys.stderr)
     seen, unique = set(), []
     for pair in pairs:
@@ -174,16 +252,20 @@ def select_pairs(args):
 # ----------------------------------------------------------------------------------------------
 def reviser_prompt(pair, dialogue: str | None = None) -> str:
     """The request to the reviser; `dialogue` replaces the conversation (fit_reviser_prompt cuts it)."""
-    return REVISER_PROMPT.format(prompt=pair.prompt.strip() if dialogue is None else dialogue,
-                                 chosen=pair.chosen.strip(), rejected=pair.rejected.strip(), delimiter=DELIMITER)
+    return REVISER_PROMPT.format(
+        prompt=pair.prompt.strip() if dialogue is None else dialogue,
+        chosen=pair.chosen.strip(),
+        rejected=pair.rejected.strip(),
+        delimiter=DELIMITER,
+    )
 
 
 def fit_reviser_prompt(pair, n_tokens, max_tokens: int) -> tuple[str | None, bool]:
     """The reviser prompt within max_tokens (n_tokens(text) counts them), and whether it was cut.
 
-    Only the conversation is cut, from its start (its last turns matter most), never the instructions
-    or the two replies: a model that lost the instructions would answer without the delimiter.
-    None when the prompt does not fit even with no conversation at all.
+    Only the conversation is cut, from its start (its last turns matter most), never the
+    instructions or the two replies: a model that lost the instructions would answer without the
+    delimiter. None when the prompt does not fit even with no conversation at all.
     """
     full = reviser_prompt(pair)
     if n_tokens(full) <= max_tokens:
@@ -215,7 +297,9 @@ def parse_revision(answer: str, rejected: str) -> str | None:
 
 
 def cache_key(kind: str, model: str, pair) -> str:
-    return hashlib.sha256(json.dumps([kind, model, pair.prompt, pair.chosen, pair.rejected]).encode()).hexdigest()
+    return hashlib.sha256(
+        json.dumps([kind, model, pair.prompt, pair.chosen, pair.rejected]).encode()
+    ).hexdigest()
 
 
 def revise_openai(pair, args, client: chat.ChatClient) -> tuple[str | None, str, str, int]:
@@ -233,10 +317,17 @@ def revise_openai(pair, args, client: chat.ChatClient) -> tuple[str | None, str,
 def run_openai(todo, args, on_answer):
     """--concurrency threads send requests; answers are handed to on_answer in this thread.
     One cheap request first: a bad key, model or URL stops the run before the first pair."""
-    client = chat.ChatClient(args.api_base, args.api_model,
-                             chat.api_key_from_env(args.api_key_env, args.api_base), key_env=args.api_key_env,
-                             timeout=args.timeout, max_retries=args.max_retries, backoff_base=args.backoff_base,
-                             backoff_cap=args.backoff_cap, retry_after_cap=args.retry_after_cap)
+    client = chat.ChatClient(
+        args.api_base,
+        args.api_model,
+        chat.api_key_from_env(args.api_key_env, args.api_base),
+        key_env=args.api_key_env,
+        timeout=args.timeout,
+        max_retries=args.max_retries,
+        backoff_base=args.backoff_base,
+        backoff_cap=args.backoff_cap,
+        retry_after_cap=args.retry_after_cap,
+    )
     client.check()
     checked = client.calls
     with cf.ThreadPoolExecutor(max_workers=args.concurrency) as pool:
@@ -252,8 +343,8 @@ def run_openai(todo, args, on_answer):
 
 
 def run_gold(todo, args, on_answer):
-    """The lab's rule reviser (gold.gold_revise): no model, one instant answer per pair; a rejected reply
-    with no negative word has nothing to revise and fails."""
+    """The lab's rule reviser (gold.gold_revise): no model, one instant answer per pair; a rejected
+    reply with no negative word has nothing to revise and fails."""
     for pair in todo:
         revised = gold.gold_revise(pair.rejected)
         on_answer(pair, revised, revised or "", "" if revised else "no negative word to replace", 1)
@@ -269,15 +360,27 @@ def chat_text(tokenizer, message: str) -> str:
 
 
 @torch.no_grad()
-def generate_texts(model, tokenizer, texts: list[str], max_new_tokens: int, temperature: float) -> list[str]:
+def generate_texts(
+    model, tokenizer, texts: list[str], max_new_tokens: int, temperature: float
+) -> list[str]:
     """Batched generation from left-padded prompts (each already fits: fit_reviser_prompt); returns
     the new text of each."""
-    seqs = [common.encode_prompt(tokenizer, text, 10**9) for text in texts]  # BOS once, template or not
+    # BOS once, template or not
+    seqs = [common.encode_prompt(tokenizer, text, 10**9) for text in texts]
     input_ids, attention_mask = common.pad_left(seqs, tokenizer.pad_token_id)  # [B, T]
     device = next(model.parameters()).device
-    sampling = dict(do_sample=True, temperature=temperature, top_p=1.0) if temperature > 0 else dict(do_sample=False)
-    out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                         max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
+    sampling = (
+        dict(do_sample=True, temperature=temperature, top_p=1.0)
+        if temperature > 0
+        else dict(do_sample=False)
+    )
+    out = model.generate(
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        **sampling,
+    )
     return tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
 
 
@@ -288,16 +391,30 @@ def run_hf(todo, args, on_answer):
     would give the same answer)."""
     if not todo:
         return 0
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    tokenizer = hf_models.load_tokenizer(args.reviser_model, args.trust_remote_code, what="--reviser-model")
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
+    tokenizer = hf_models.load_tokenizer(
+        args.reviser_model, args.trust_remote_code, what="--reviser-model"
+    )
     dtype = torch.bfloat16 if amp.use_bf16(args.precision, device) else torch.float32
-    model = hf_models.load_policy(args.reviser_model, dtype=dtype, trust_remote_code=args.trust_remote_code,
-                                  what="--reviser-model").to(device).eval()
+    model = (
+        hf_models.load_policy(
+            args.reviser_model,
+            dtype=dtype,
+            trust_remote_code=args.trust_remote_code,
+            what="--reviser-model",
+        )
+        .to(device)
+        .eval()
+    )
     context = getattr(model.config, "max_position_embeddings", None) or 10**9
     max_prompt_len = min(args.reviser_max_prompt_len, context - args.reviser_max_new_tokens)
     if max_prompt_len < 1:
-        raise common.InputError(f"--reviser-max-new-tokens {args.reviser_max_new_tokens} leaves no room for the "
-                                f"prompt in the model's {context}-token context")
+        raise common.InputError(
+            f"--reviser-max-new-tokens {args.reviser_max_new_tokens} leaves no room for the "
+            f"prompt in the model's {context}-token context"
+        )
 
     def n_tokens(text):
         return len(common.encode_prompt(tokenizer, chat_text(tokenizer, text), 10**9))
@@ -307,32 +424,54 @@ def run_hf(todo, args, on_answer):
         prompts[pair.id], was_cut = fit_reviser_prompt(pair, n_tokens, max_prompt_len)
         cut += was_cut and prompts[pair.id] is not None
         if prompts[pair.id] is None:
-            on_answer(pair, None, "", f"the reviser prompt does not fit {max_prompt_len} tokens even without "
-                      "the conversation (the two replies alone are too long)", 0)
+            on_answer(
+                pair,
+                None,
+                "",
+                f"the reviser prompt does not fit {max_prompt_len} tokens even without "
+                "the conversation (the two replies alone are too long)",
+                0,
+            )
     if cut:
-        print(f"warning: {cut} reviser prompts were longer than {max_prompt_len} tokens; their conversation was "
-              "cut from the start (instructions and replies kept whole)", file=sys.stderr)
+        print(
+            f"warning: {cut} reviser prompts were longer than {max_prompt_len} tokens; their conversation was "
+            "cut from the start (instructions and replies kept whole)",
+            file=sys.stderr,
+        )
     tries = 1 + (args.max_retries if args.temperature > 0 else 0)
     pending = [pair for pair in todo if prompts[pair.id] is not None]
     for attempt in range(tries):
         missing = []
         for start in range(0, len(pending), args.reviser_batch_size):
             batch = pending[start:start + args.reviser_batch_size]
-            answers = generate_texts(model, tokenizer, [chat_text(tokenizer, prompts[p.id]) for p in batch],
-                                     args.reviser_max_new_tokens, args.temperature)
+            answers = generate_texts(
+                model,
+                tokenizer,
+                [chat_text(tokenizer, prompts[p.id]) for p in batch],
+                args.reviser_max_new_tokens,
+                args.temperature,
+            )
             for pair, answer in zip(batch, answers):
                 revised = parse_revision(answer, pair.rejected)
                 if revised is None and attempt + 1 < tries:
                     missing.append(pair)
                 else:
-                    on_answer(pair, revised, answer, "" if revised else "no delimiter in answer", attempt + 1)
+                    on_answer(
+                        pair,
+                        revised,
+                        answer,
+                        "" if revised else "no delimiter in answer",
+                        attempt + 1,
+                    )
         pending = missing
     return 0
 
 
 def reviser_model(args) -> str | None:
     """What revises, as named in the cache key: an edited gold lexicon never reuses old revisions."""
-    return {"openai": args.api_model, "hf": args.reviser_model, "gold": gold.LEXICON_ID}.get(args.reviser)
+    return {"openai": args.api_model, "hf": args.reviser_model, "gold": gold.LEXICON_ID}.get(
+        args.reviser
+    )
 
 
 def revise_all(pairs, args, cache_path: Path):
@@ -341,8 +480,11 @@ def revise_all(pairs, args, cache_path: Path):
     the cache as it arrives, a failed one too (with its raw text and the error, so a user can read
     what the reviser said); only parsed revisions are reused by a later run."""
     if args.reviser == "chosen":
-        print("warning: --reviser chosen uses the chosen response as the revision; it is rarely a minimal "
-              "edit of the rejected one, so the labels mark most tokens as edited", file=sys.stderr)
+        print(
+            "warning: --reviser chosen uses the chosen response as the revision; it is rarely a minimal "
+            "edit of the rejected one, so the labels mark most tokens as edited",
+            file=sys.stderr,
+        )
         return {p.id: p.chosen for p in pairs}, {}, {"calls": 0, "cached": 0}
     model = reviser_model(args)
     keys = {p.id: cache_key(args.reviser, model, p) for p in pairs}
@@ -359,9 +501,19 @@ def revise_all(pairs, args, cache_path: Path):
     with cache, tqdm(total=len(todo), desc="revise", unit="pair") as bar:
         def on_answer(pair, revised, answer, error, calls):
             counts["calls"] += calls
-            cache.add({"key": keys[pair.id], "id": pair.id, "reviser": args.reviser, "model": model,
-                       "revised": revised, "answer": answer, **({"error": error} if revised is None else {})})
-            if revised is not None:  # (the client scrubbed the answer, and so the revision, of the key)
+            cache.add(
+                {
+                    "key": keys[pair.id],
+                    "id": pair.id,
+                    "reviser": args.reviser,
+                    "model": model,
+                    "revised": revised,
+                    "answer": answer,
+                    **({"error": error} if revised is None else {}),
+                }
+            )
+            # (the client scrubbed the answer, and so the revision, of the key)
+            if revised is not None:
                 revisions[pair.id] = revised
             else:
                 failures[pair.id] = error
@@ -369,7 +521,8 @@ def revise_all(pairs, args, cache_path: Path):
 
         if todo:
             run = {"openai": run_openai, "hf": run_hf, "gold": run_gold}[args.reviser]
-            check_calls = run(todo, args, on_answer)  # the openai client's test request (on_answer counts the rest)
+            # the openai client's test request (on_answer counts the rest)
+            check_calls = run(todo, args, on_answer)
             counts["calls"] += check_calls
     return revisions, failures, counts
 
@@ -388,9 +541,9 @@ def levenshtein(a: list[int], b: list[int]) -> tuple[int, list[tuple]]:
     The walk back from (n, m) reads the script off the full table. Among equal-cost choices it takes
     match, then delete, then insert, then substitute: equal tokens are always matched (when
     a[i-1] == b[j-1], D[i][j] = D[i-1][j-1], a classic property of this DP), and a substitution is
-    used only when no deletion or insertion is as cheap, so more tokens stay neutral. [5, 6] -> [6, 7]
-    is "delete 5, match 6, insert 7", not two substitutions; a gap in a run of equal tokens lands on
-    the earliest copy ([1, 1] -> [1] deletes a[0]).
+    used only when no deletion or insertion is as cheap, so more tokens stay neutral. [5, 6] -> [6,
+    7] is "delete 5, match 6, insert 7", not two substitutions; a gap in a run of equal tokens lands
+    on the earliest copy ([1, 1] -> [1] deletes a[0]).
     Each op is (name, i, j): ("match"|"substitute", i, j), ("delete", i, None), ("insert", None, j).
     levenshtein_batch (below, the fast version) computes the same distances and scripts.
     """
@@ -402,7 +555,9 @@ def levenshtein(a: list[int], b: list[int]) -> tuple[int, list[tuple]]:
         D[0][j] = j
     for i in range(1, n + 1):
         for j in range(1, m + 1):
-            D[i][j] = min(D[i - 1][j - 1] + (a[i - 1] != b[j - 1]), D[i - 1][j] + 1, D[i][j - 1] + 1)
+            D[i][j] = min(
+                D[i - 1][j - 1] + (a[i - 1] != b[j - 1]), D[i - 1][j] + 1, D[i][j - 1] + 1
+            )
     i, j, ops = n, m, []
     while i > 0 or j > 0:
         if i > 0 and j > 0 and a[i - 1] == b[j - 1]:
@@ -452,7 +607,12 @@ def response_in_context(tokenizer, prompts: list[str], responses: list[str]):
     for prompt, ids, offsets in zip(prompts, enc["input_ids"], enc["offset_mapping"]):
         cut = len(prompt)
         keep = [k for k, (_, end) in enumerate(offsets) if end > cut]
-        rows.append(([ids[k] for k in keep], [(max(offsets[k][0] - cut, 0), offsets[k][1] - cut) for k in keep]))
+        rows.append(
+            (
+                [ids[k] for k in keep],
+                [(max(offsets[k][0] - cut, 0), offsets[k][1] - cut) for k in keep],
+            )
+        )
     return rows
 
 
@@ -469,8 +629,16 @@ def map_labels_by_offsets(labels: list[int], src_spans, dst_spans, n_chars: int)
     return [next((c for c in char_labels[start:end] if c), 0) for start, end in dst_spans]
 
 
-def label_pairs(pairs, revisions: dict[str, str], tokenizer, layout: str = "separate",
-                max_response_len: int = 256, workers: int = 1, progress: bool = True, chat_template: bool = True):
+def label_pairs(
+    pairs,
+    revisions: dict[str, str],
+    tokenizer,
+    layout: str = "separate",
+    max_response_len: int = 256,
+    workers: int = 1,
+    progress: bool = True,
+    chat_template: bool = True,
+):
     """Tokenise, check the boundary, align and label every pair. Returns (records, stats).
 
     The response ids are common.response_encodings', the ids every stage feeds the model after the
@@ -479,8 +647,10 @@ def label_pairs(pairs, revisions: dict[str, str], tokenizer, layout: str = "sepa
     reads them as they were made.
     """
     if not getattr(tokenizer, "is_fast", False):
-        raise common.InputError("label.py needs a fast (Rust) tokenizer: character offsets map labels across "
-                                "the prompt/response boundary")
+        raise common.InputError(
+            "label.py needs a fast (Rust) tokenizer: character offsets map labels across "
+            "the prompt/response boundary"
+        )
     keep, cap = max_response_len - 1, ALIGN_CAP * max_response_len  # keep: room for the EOS
     stats = {"boundary_mismatch": 0, "truncated": 0}
     if not pairs:
@@ -488,25 +658,45 @@ def label_pairs(pairs, revisions: dict[str, str], tokenizer, layout: str = "sepa
     fingerprint = hf_models.tokenizer_fingerprint(tokenizer)
     templated = [common.uses_chat_template(tokenizer, p.messages, chat_template) for p in pairs]
     prompts = [common.prompt_text(tokenizer, p.prompt, p.messages, chat_template) for p in pairs]
-    texts = {"rejected": [common.response_text(tokenizer, p.rejected, p.messages, chat_template) for p in pairs],
-             "revised": [common.response_text(tokenizer, revisions[p.id], p.messages, chat_template) for p in pairs]}
-    alone = {s: common.response_encodings(tokenizer, texts[s]) for s in texts}  # [(ids, offsets)] per pair
+    texts = {
+        "rejected": [
+            common.response_text(tokenizer, p.rejected, p.messages, chat_template) for p in pairs
+        ],
+        "revised": [
+            common.response_text(tokenizer, revisions[p.id], p.messages, chat_template)
+            for p in pairs
+        ],
+    }
+    # [(ids, offsets)] per pair
+    alone = {s: common.response_encodings(tokenizer, texts[s]) for s in texts}
     in_context = {s: response_in_context(tokenizer, prompts, texts[s]) for s in texts}
-    aligned = align_all([(alone["rejected"][k][0][:cap], alone["revised"][k][0][:cap]) for k in range(len(pairs))],
-                        workers, progress)
+    aligned = align_all(
+        [(alone["rejected"][k][0][:cap], alone["revised"][k][0][:cap]) for k in range(len(pairs))],
+        workers,
+        progress,
+    )
     records = []
     for k, pair in enumerate(pairs):
         distance, rejected_labels, revised_labels = aligned[k]
-        record = {"id": pair.id, "prompt": pair.prompt, "messages": pair.messages, "chat_template": templated[k],
-                  "tokenizer": fingerprint, "chosen": pair.chosen, "rejected": pair.rejected,
-                  "revised": revisions[pair.id]}
+        record = {
+            "id": pair.id,
+            "prompt": pair.prompt,
+            "messages": pair.messages,
+            "chat_template": templated[k],
+            "tokenizer": fingerprint,
+            "chosen": pair.chosen,
+            "rejected": pair.rejected,
+            "revised": revisions[pair.id],
+        }
         for side, labels in (("rejected", rejected_labels), ("revised", revised_labels)):
             ids, offsets = alone[side][k][0][:cap], alone[side][k][1][:cap]
             context_ids, context_spans = in_context[side][k]
             if context_ids != alone[side][k][0]:
                 stats["boundary_mismatch"] += 1
                 if layout == "joint":
-                    labels = map_labels_by_offsets(labels, offsets, context_spans, len(texts[side][k]))
+                    labels = map_labels_by_offsets(
+                        labels, offsets, context_spans, len(texts[side][k])
+                    )
                     ids = context_ids
             stats["truncated"] += len(ids) > keep
             record[f"{side}_ids"], record[f"{side}_labels"] = ids[:keep], labels[:keep]
@@ -532,19 +722,35 @@ def summarize(args, pairs, records, failures, skipped, notes, counts, stats, ela
         reasons[error.split(":")[0]] = reasons.get(error.split(":")[0], 0) + 1
     return {
         "reviser": args.reviser,
-        "reviser_model": reviser_model(args), "preference": args.preference,
-        "data": args.data, "split": args.split, "layout": args.layout, "max_response_len": args.max_response_len,
-        "pairs": len(pairs), "done": len(records), "failed": len(failures), "failure_reasons": reasons,
-        "skipped": skipped, "load_warnings": notes,
+        "reviser_model": reviser_model(args),
+        "preference": args.preference,
+        "data": args.data,
+        "split": args.split,
+        "layout": args.layout,
+        "max_response_len": args.max_response_len,
+        "pairs": len(pairs),
+        "done": len(records),
+        "failed": len(failures),
+        "failure_reasons": reasons,
+        "skipped": skipped,
+        "load_warnings": notes,
         "failures": [{"id": pid, "error": err} for pid, err in failures.items()],
-        "tokens": {"positive": share(both, 1), "negative": share(both, -1), "neutral": share(both, 0)},
+        "tokens": {
+            "positive": share(both, 1),
+            "negative": share(both, -1),
+            "neutral": share(both, 0),
+        },
         "rejected_tokens": {"negative": share(rejected, -1), "neutral": share(rejected, 0)},
         "revised_tokens": {"positive": share(revised, 1), "neutral": share(revised, 0)},
-        "mean_distance": round(float(np.mean([r["distance"] for r in records])), 3) if records else 0.0,
-        "reviser_calls": counts["calls"], "from_cache": counts["cached"],
+        "mean_distance": round(float(np.mean([r["distance"] for r in records])), 3)
+        if records
+        else 0.0,
+        "reviser_calls": counts["calls"],
+        "from_cache": counts["cached"],
         "failed_kinds": chat.failure_counts(failures.values()),
         "failed_not_asked_again": counts.get("failed_before", 0),
-        "boundary_mismatch": stats["boundary_mismatch"], "truncated": stats["truncated"],
+        "boundary_mismatch": stats["boundary_mismatch"],
+        "truncated": stats["truncated"],
         "elapsed_s": round(elapsed, 1),
     }
 
@@ -579,8 +785,8 @@ def levenshtein_batch(pairs: list[tuple[list[int], list[int]]]) -> list[tuple[in
     Row i of the table comes from row i-1 in a few numpy calls: the match/substitute and delete
     terms are elementwise; the insert term runs along the row, and with E[i, j] = D[i, j] - j it
     becomes a running minimum, E[i, j] = min(E[i, j-1], t[j]) (see running_min). The batch is the
-    last axis P (shorter pairs padded with ids that never match), so each call serves P rows at once.
-    """
+    last axis P (shorter pairs padded with ids that never match), so each call serves P rows at
+    once. """
     if not pairs:
         return []
     P = len(pairs)
@@ -593,10 +799,15 @@ def levenshtein_batch(pairs: list[tuple[list[int], list[int]]]) -> list[tuple[in
     for p, (a, b) in enumerate(pairs):
         A[: len(a), p], B[: len(b), p] = a, b
     E = np.zeros((n + 1, m + 1, P), dtype=dtype)  # E[i, j] = D[i, j] - j; row 0: D[0, j] = j
-    equal, up, t = np.empty((m, P), dtype=bool), np.empty((m, P), dtype=dtype), np.empty((m + 1, P), dtype=dtype)
+    equal, up, t = (
+        np.empty((m, P), dtype=bool),
+        np.empty((m, P), dtype=dtype),
+        np.empty((m + 1, P), dtype=dtype),
+    )
     for i in range(1, n + 1):
         np.equal(A[i - 1], B, out=equal)  # [m, P]
-        np.subtract(E[i - 1, :-1], equal, out=t[1:])  # match / substitute: E[i-1, j-1] + [a != b] - 1
+        # match / substitute: E[i-1, j-1] + [a != b] - 1
+        np.subtract(E[i - 1, :-1], equal, out=t[1:])
         np.add(E[i - 1, 1:], 1, out=up)  # delete: E[i-1, j] + 1
         np.minimum(t[1:], up, out=t[1:])
         t[0] = i  # D[i, 0] = i
@@ -612,7 +823,8 @@ def levenshtein_batch(pairs: list[tuple[list[int], list[int]]]) -> list[tuple[in
                 ops.append(("match", i, j))
                 continue
             here = (i * width + j) * P + p
-            if j == 0 or (i > 0 and flat[here - width * P] + 1 == flat[here]):  # D[i-1, j] + 1 == D[i, j]
+            # D[i-1, j] + 1 == D[i, j]
+            if j == 0 or (i > 0 and flat[here - width * P] + 1 == flat[here]):
                 i -= 1
                 ops.append(("delete", i, None))
             elif i == 0 or flat[here - P] == flat[here]:  # D[i, j-1] + 1 == D[i, j]
@@ -627,10 +839,15 @@ def levenshtein_batch(pairs: list[tuple[list[int], list[int]]]) -> list[tuple[in
 
 
 def _label_batch(pairs):
-    return [(dist, *labels_from_ops(ops, len(a), len(b))) for (a, b), (dist, ops) in zip(pairs, levenshtein_batch(pairs))]
+    return [
+        (dist, *labels_from_ops(ops, len(a), len(b)))
+        for (a, b), (dist, ops) in zip(pairs, levenshtein_batch(pairs))
+    ]
 
 
-def group_batches(id_pairs: list[tuple[list[int], list[int]]], cells: int = CELLS_PER_BATCH) -> list[list[int]]:
+def group_batches(
+    id_pairs: list[tuple[list[int], list[int]]], cells: int = CELLS_PER_BATCH
+) -> list[list[int]]:
     """Indices of id_pairs sorted by length and grouped so each group holds about `cells` DP cells."""
     order = sorted(range(len(id_pairs)), key=lambda k: (len(id_pairs[k][0]), len(id_pairs[k][1])))
     batches, batch, n, m = [], [], 0, 0
@@ -651,9 +868,13 @@ def align_all(id_pairs: list[tuple[list[int], list[int]]], workers: int = 1, pro
     jobs = [[id_pairs[k] for k in batch] for batch in batches]
     results = [None] * len(id_pairs)
     # spawn, not fork: safe after threads (tokenizers, the reviser pool) and on every OS
-    with (mp.get_context("spawn").Pool(workers) if workers > 1 else contextlib.nullcontext()) as pool, \
-            tqdm(total=len(id_pairs), desc="align", unit="pair", disable=not progress) as bar:
-        for batch, labelled in zip(batches, pool.imap(_label_batch, jobs) if pool else map(_label_batch, jobs)):
+    with (
+        mp.get_context("spawn").Pool(workers) if workers > 1 else contextlib.nullcontext() as pool,
+        tqdm(total=len(id_pairs), desc="align", unit="pair", disable=not progress) as bar,
+    ):
+        for batch, labelled in zip(
+            batches, pool.imap(_label_batch, jobs) if pool else map(_label_batch, jobs)
+        ):
             for k, item in zip(batch, labelled):
                 results[k] = item
             bar.update(len(batch))
@@ -673,28 +894,48 @@ def main(argv=None) -> dict:
     revisions, failures, counts = revise_all(pairs, args, cache_path)
     done = [p for p in pairs if p.id in revisions]
     # 2. tokenise, align, label
-    records, stats = label_pairs(done, revisions, tokenizer, args.layout, args.max_response_len, args.workers,
-                                 chat_template=args.chat_template)
+    records, stats = label_pairs(
+        done,
+        revisions,
+        tokenizer,
+        args.layout,
+        args.max_response_len,
+        args.workers,
+        chat_template=args.chat_template,
+    )
     if stats["boundary_mismatch"] and args.layout == "separate":
-        print(f"warning: {stats['boundary_mismatch']} responses tokenise differently inside prompt + response; "
-              "the labels follow the response's own ids, as common.encode_response feeds it "
-              "(--layout joint maps them onto the joint tokenisation)", file=sys.stderr)
+        print(
+            f"warning: {stats['boundary_mismatch']} responses tokenise differently inside prompt + response; "
+            "the labels follow the response's own ids, as common.encode_response feeds it "
+            "(--layout joint maps them onto the joint tokenisation)",
+            file=sys.stderr,
+        )
     # 3. write atomically
     checkpoint.atomic_write(out, "".join(json.dumps(r) + "\n" for r in records))
-    summary = summarize(args, pairs, records, failures, skipped, notes, counts, stats, time.time() - start)
+    summary = summarize(
+        args, pairs, records, failures, skipped, notes, counts, stats, time.time() - start
+    )
     checkpoint.atomic_write(summary_path, json.dumps(summary, indent=2) + "\n")
     t = summary["tokens"]
-    print(f"labelled {summary['done']}/{summary['pairs']} pairs ({summary['failed']} failed) -> {out}; "
-          f"tokens positive {t['positive']:.1%}, negative {t['negative']:.1%}, neutral {t['neutral']:.1%}; "
-          f"mean distance {summary['mean_distance']:.1f}; reviser calls {summary['reviser_calls']}")
+    print(
+        f"labelled {summary['done']}/{summary['pairs']} pairs ({summary['failed']} failed) -> {out}; "
+        f"tokens positive {t['positive']:.1%}, negative {t['negative']:.1%}, neutral {t['neutral']:.1%}; "
+        f"mean distance {summary['mean_distance']:.1f}; reviser calls {summary['reviser_calls']}"
+    )
     if failures:
         print(chat.rerun_note(summary["failed_kinds"]) +
               (f" ({summary['failed_not_asked_again']} failed before, kept from the cache)"
                if summary["failed_not_asked_again"] else ""))
     if not records:
-        why = ", ".join(f"{n} {reason}" for reason, n in summary["failure_reasons"].items()) or "no pairs selected"
-        print(f"error: no pair was labelled ({summary['failed']} of {summary['pairs']} failed: {why}); the raw "
-              f"answers are in {cache_path}, the failures in {summary_path}", file=sys.stderr)
+        why = (
+            ", ".join(f"{n} {reason}" for reason, n in summary["failure_reasons"].items())
+            or "no pairs selected"
+        )
+        print(
+            f"error: no pair was labelled ({summary['failed']} of {summary['pairs']} failed: {why}); the raw "
+            f"answers are in {cache_path}, the failures in {summary_path}",
+            file=sys.stderr,
+        )
         raise SystemExit(1)
     return summary
 

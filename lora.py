@@ -69,22 +69,31 @@ class LoRALinear(nn.Module):
                  adapter_dtype: torch.dtype = torch.float32):
         super().__init__()
         if not isinstance(base, (nn.Linear, Conv1D)):
-            raise TypeError(f"LoRALinear wraps nn.Linear or transformers Conv1D, not {type(base).__name__}")
+            raise TypeError(
+                f"LoRALinear wraps nn.Linear or transformers Conv1D, not {type(base).__name__}"
+            )
         self.transposed = isinstance(base, Conv1D)  # Conv1D: weight [in, out]
         self.weight = base.weight
         self.bias = base.bias
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        self.in_features, self.out_features = (base.weight.shape if self.transposed else base.weight.shape[::-1])
+        self.in_features, self.out_features = (
+            base.weight.shape if self.transposed else base.weight.shape[::-1]
+        )
         self.rank, self.alpha = rank, alpha
         self.scale = alpha / rank  # α/r
         device = base.weight.device
-        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=device, dtype=adapter_dtype))  # [r, in]
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=device, dtype=adapter_dtype))  # [out, r]
+        self.lora_A = nn.Parameter(
+            torch.empty(rank, self.in_features, device=device, dtype=adapter_dtype)
+        )  # [r, in]
+        self.lora_B = nn.Parameter(
+            torch.zeros(self.out_features, rank, device=device, dtype=adapter_dtype)
+        )  # [out, r]
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's init: U(±1/√in)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.enabled = True  # False inside adapters_disabled(...): the layer is the base layer, bit for bit
+        # False inside adapters_disabled(...): the layer is the base layer, bit for bit
+        self.enabled = True
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         """W·x + b, computed exactly the way the wrapped module computes it (same kernels, same bits)."""
@@ -99,19 +108,23 @@ class LoRALinear(nn.Module):
             return y
         h = self.dropout(x).to(self.lora_A.dtype)  # the adapter works in its own dtype (fp32)
         delta = F.linear(F.linear(h, self.lora_A), self.lora_B)  # B·A·x: [..., r] then [..., out]
-        return y + (self.scale * delta).to(y.dtype)  # + (α/r)·B·A·x, back in the base output's dtype
+        # + (α/r)·B·A·x, back in the base output's dtype
+        return y + (self.scale * delta).to(y.dtype)
 
     def extra_repr(self) -> str:
         kind = "Conv1D" if self.transposed else "Linear"
-        return (f"{kind}(in={self.in_features}, out={self.out_features}), rank={self.rank}, alpha={self.alpha}, "
-                f"enabled={self.enabled}")
+        return (
+            f"{kind}(in={self.in_features}, out={self.out_features}), rank={self.rank}, alpha={self.alpha}, "
+            f"enabled={self.enabled}"
+        )
 
 
 @torch.no_grad()
 def merge_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float,
                  transposed: bool = False) -> torch.Tensor:
     """W' = W + (α/r)·B·A, computed in fp32 and returned in W's dtype, as a new tensor.
-    weight [out, in] (nn.Linear) or [in, out] (Conv1D, transposed=True); lora_A [r, in]; lora_B [out, r]."""
+    weight [out, in] (nn.Linear) or [in, out] (Conv1D, transposed=True); lora_A [r, in]; lora_B
+    [out, r]."""
     delta = scale * (lora_B.float() @ lora_A.float())  # [out, in]
     if transposed:
         delta = delta.t()  # Conv1D stores [in, out]
@@ -129,8 +142,10 @@ def decoder_block_types(model: nn.Module) -> set[str]:
     for module in model.modules():
         names.update(getattr(module, "_no_split_modules", None) or [])
     if not names:
-        raise ValueError(f"{type(model).__name__} does not name its decoder block class (_no_split_modules); "
-                         f"LoRA needs a Hugging Face transformer")
+        raise ValueError(
+            f"{type(model).__name__} does not name its decoder block class (_no_split_modules); "
+            f"LoRA needs a Hugging Face transformer"
+        )
     return names
 
 
@@ -145,8 +160,10 @@ def block_linear_layers(model: nn.Module) -> dict[str, nn.Module]:
             if isinstance(module, (nn.Linear, Conv1D)):
                 layers[f"{block_name}.{name}"] = module
     if not layers:
-        raise ValueError(f"no decoder block ({', '.join(sorted(block_types))}) with linear layers in "
-                         f"{type(model).__name__}")
+        raise ValueError(
+            f"no decoder block ({', '.join(sorted(block_types))}) with linear layers in "
+            f"{type(model).__name__}"
+        )
     return layers
 
 
@@ -157,14 +174,22 @@ def matches(name: str, target: str) -> bool:
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
-    return [(name, module) for name, module in model.named_modules() if isinstance(module, LoRALinear)]
+    return [
+        (name, module) for name, module in model.named_modules() if isinstance(module, LoRALinear)
+    ]
 
 
 # ----------------------------------------------------------------------------------------------
 # Adding, switching off, merging, saving
 # ----------------------------------------------------------------------------------------------
-def add_lora(model: nn.Module, rank: int, alpha: float = DEFAULT_ALPHA, targets: list[str] | None = None,
-             dropout: float = 0.0, adapter_dtype: torch.dtype = torch.float32) -> list[str]:
+def add_lora(
+    model: nn.Module,
+    rank: int,
+    alpha: float = DEFAULT_ALPHA,
+    targets: list[str] | None = None,
+    dropout: float = 0.0,
+    adapter_dtype: torch.dtype = torch.float32,
+) -> list[str]:
     """Wrap the linear layers of the decoder blocks in LoRALinear; freeze every other parameter.
 
     targets: None = every nn.Linear / Conv1D inside the decoder blocks (embeddings, the final norm
@@ -176,7 +201,9 @@ def add_lora(model: nn.Module, rank: int, alpha: float = DEFAULT_ALPHA, targets:
     Returns the names of the wrapped modules.
     """
     if rank < 1:
-        raise ValueError(f"LoRA rank must be >= 1 (got {rank}); rank 0 means full fine-tuning: don't call add_lora")
+        raise ValueError(
+            f"LoRA rank must be >= 1 (got {rank}); rank 0 means full fine-tuning: don't call add_lora"
+        )
     if alpha <= 0:
         raise ValueError(f"LoRA alpha must be > 0 (got {alpha})")
     if lora_layers(model):
@@ -187,8 +214,10 @@ def add_lora(model: nn.Module, rank: int, alpha: float = DEFAULT_ALPHA, targets:
         for target in targets:
             if not any(matches(name, target) for name in layers):
                 suffixes = sorted(set(_suffixes_in_block(layers)))
-                raise ValueError(f"--lora-targets: {target!r} matches no linear layer of the decoder blocks; "
-                                 f"their names end with: {', '.join(suffixes)}")
+                raise ValueError(
+                    f"--lora-targets: {target!r} matches no linear layer of the decoder blocks; "
+                    f"their names end with: {', '.join(suffixes)}"
+                )
         chosen = [name for name in layers if any(matches(name, t) for t in targets)]
     model.requires_grad_(False)
     for name in chosen:
@@ -246,16 +275,28 @@ def merged_state_dict(model: nn.Module, state: dict[str, torch.Tensor] | None = 
     state = model.state_dict() if state is None else state
     merged = {}
     for name, layer in lora_layers(model):
-        weight = merge_weight(state[f"{name}.weight"], state[f"{name}.lora_A"], state[f"{name}.lora_B"],
-                              layer.scale, layer.transposed)
+        weight = merge_weight(
+            state[f"{name}.weight"],
+            state[f"{name}.lora_A"],
+            state[f"{name}.lora_B"],
+            layer.scale,
+            layer.transposed,
+        )
         merged[f"{name}.weight"] = weight if device is None else weight.to(device)
-    return {key: merged.get(key, value) for key, value in state.items() if not key.endswith((".lora_A", ".lora_B"))}
+    return {
+        key: merged.get(key, value)
+        for key, value in state.items()
+        if not key.endswith((".lora_A", ".lora_B"))
+    }
 
 
-def save_merged(model: nn.Module, tokenizer, out_dir: str | Path, device: torch.device | str | None = "cpu"):
+def save_merged(
+    model: nn.Module, tokenizer, out_dir: str | Path, device: torch.device | str | None = "cpu"
+):
     """Save a LoRA model merged as a plain Hugging Face model (+ tokenizer, if given) into out_dir;
-    AutoModelForCausalLM.from_pretrained (or AutoModel for a backbone) loads it, no LoRA code needed.
-    Tied weights (GPT-2's lm_head = wte) are outside the blocks, untouched, and saved once."""
+    AutoModelForCausalLM.from_pretrained (or AutoModel for a backbone) loads it, no LoRA code
+    needed. Tied weights (GPT-2's lm_head = wte) are outside the blocks, untouched, and saved
+    once."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, state_dict=merged_state_dict(model, device=device))
@@ -272,7 +313,8 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def load_trainable_state_dict(model: nn.Module, state: dict[str, torch.Tensor]):
     """Copy what trainable_state_dict saved back into the model (in place). The keys must be
-    exactly the model's trainable parameters: a checkpoint of another rank, targets or head fails."""
+    exactly the model's trainable parameters: a checkpoint of another rank, targets or head
+    fails."""
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
     if missing or unexpected:
@@ -296,16 +338,28 @@ def comma_list(text: str) -> list[str]:
 def add_lora_args(parser):
     """--lora-rank, --lora-alpha, --lora-targets on a training stage's argparse parser."""
     group = parser.add_argument_group("LoRA")
-    group.add_argument("--lora-rank", type=int, default=0,
-                       help="rank r of the LoRA adapters; 0 = full fine-tuning (every weight trained)")
-    group.add_argument("--lora-alpha", type=float, default=DEFAULT_ALPHA,
-                       help="α of the LoRA scale α/r. Kept fixed when r changes, so a learning rate tuned at "
-                            "one rank carries over (Hu et al. 2021 §4.1); 32 as in Schulman et al. 2025 "
-                            "'LoRA Without Regret', who find LoRA's best learning rate about 10x full "
-                            "fine-tuning's")
-    group.add_argument("--lora-targets", type=comma_list, default=None,
-                       help="comma-separated module-name suffixes to adapt, e.g. q_proj,v_proj (Llama) or c_attn "
-                            "(GPT-2); default: every linear layer of the decoder blocks")
+    group.add_argument(
+        "--lora-rank",
+        type=int,
+        default=0,
+        help="rank r of the LoRA adapters; 0 = full fine-tuning (every weight trained)",
+    )
+    group.add_argument(
+        "--lora-alpha",
+        type=float,
+        default=DEFAULT_ALPHA,
+        help="α of the LoRA scale α/r. Kept fixed when r changes, so a learning rate tuned at "
+        "one rank carries over (Hu et al. 2021 §4.1); 32 as in Schulman et al. 2025 "
+        "'LoRA Without Regret', who find LoRA's best learning rate about 10x full "
+        "fine-tuning's",
+    )
+    group.add_argument(
+        "--lora-targets",
+        type=comma_list,
+        default=None,
+        help="comma-separated module-name suffixes to adapt, e.g. q_proj,v_proj (Llama) or c_attn "
+        "(GPT-2); default: every linear layer of the decoder blocks",
+    )
     return group
 
 

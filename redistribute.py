@@ -1,8 +1,8 @@
 """RED (R3HF): a Bradley–Terry reward model, and its score redistributed over the response tokens.
 
 A sequence-level reward model R(x, y) (the SFT backbone plus a scalar head, read at the last real
-token) is trained on chosen/rejected pairs with the Bradley–Terry loss −log σ(R(x, y_c) − R(x, y_r)).
-Because the backbone is causal, ONE forward pass gives R(x, y≤t) at every position t, and RED
+token) is trained on chosen/rejected pairs with the Bradley–Terry loss −log σ(R(x, y_c) − R(x,
+y_r)). Because the backbone is causal, ONE forward pass gives R(x, y≤t) at every position t, and RED
 (Li et al. 2024, arXiv 2411.08302) turns it into a dense per-token reward:
 
     eq. 6   r̃_t = R(x, y≤t) − R(x, y≤t−1),   R(x, y≤−1) = the score at the last prompt token
@@ -67,67 +67,135 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=plumbing.HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="train the Bradley–Terry reward model", formatter_class=plumbing.HelpFormatter)
+    train = sub.add_parser(
+        "train", help="train the Bradley–Terry reward model", formatter_class=plumbing.HelpFormatter
+    )
     data = plumbing.add_data_args(train.add_argument_group("data"), split="reward", preference=True)
-    data.add_argument("--eval-fraction", type=float, default=0.1,
-                      help="share of the split's pairs held out (by a hash of their id) to measure pair accuracy")
-    data.add_argument("--revision-pairs", default=None, metavar="LABELS",
-                      help="the lab: also train on (revised ≻ rejected) pairs from label.py's output, so the reward "
-                           "model learns from what the discriminator learns from (held-out pairs left out)")
+    data.add_argument(
+        "--eval-fraction",
+        type=float,
+        default=0.1,
+        help="share of the split's pairs held out (by a hash of their id) to measure pair accuracy",
+    )
+    data.add_argument(
+        "--revision-pairs",
+        default=None,
+        metavar="LABELS",
+        help="the lab: also train on (revised ≻ rejected) pairs from label.py's output, so the reward "
+        "model learns from what the discriminator learns from (held-out pairs left out)",
+    )
     data.add_argument("--prefix-pairs", action="store_true",
                       help="the lab (needs --preference gold): also rank every two prefixes of "
                            "each training reply by their gold scores (Bradley–Terry), so R is "
                            "trained at the prefixes RED reads; not in the R3HF paper (docstring)")
     model = train.add_argument_group("model")
-    model.add_argument("--sft", required=True, help="SFT model directory (or HF name): backbone and tokenizer")
+    model.add_argument(
+        "--sft", required=True, help="SFT model directory (or HF name): backbone and tokenizer"
+    )
     algo = train.add_argument_group("algorithm")
     algo.add_argument("--epochs", type=float, default=1.0, help="passes over the training pairs")
-    algo.add_argument("--max-steps", type=int, default=None, help="optimizer steps of the whole run (overrides --epochs)")
-    algo.add_argument("--lr", type=float, default=1e-5,
-                      help="peak learning rate, cosine to 0 without warm-up (1e-5 is for 7B models; "
-                           "tiny models want ~1e-4 to 5e-4)")
-    algo.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices")
+    algo.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="optimizer steps of the whole run (overrides --epochs)",
+    )
+    algo.add_argument(
+        "--lr",
+        type=float,
+        default=1e-5,
+        help="peak learning rate, cosine to 0 without warm-up (1e-5 is for 7B models; "
+        "tiny models want ~1e-4 to 5e-4)",
+    )
+    algo.add_argument(
+        "--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices"
+    )
     algo.add_argument("--batch-size", type=int, default=8,
                       help="global batch: pairs per optimizer step (all ranks, all micro-batches)")
-    algo.add_argument("--micro-batch-size", type=int, default=8,
-                      help="pairs per forward pass on one rank (a pair = its chosen and rejected rows in "
-                           "one pass); gradient accumulation makes up the rest")
-    algo.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (0 = off)")
+    algo.add_argument(
+        "--micro-batch-size",
+        type=int,
+        default=8,
+        help="pairs per forward pass on one rank (a pair = its chosen and rejected rows in "
+        "one pass); gradient accumulation makes up the rest",
+    )
+    algo.add_argument(
+        "--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (0 = off)"
+    )
     out = train.add_argument_group("output")
-    out.add_argument("--out", required=True, help="output directory for the reward model, logs, checkpoint")
+    out.add_argument(
+        "--out", required=True, help="output directory for the reward model, logs, checkpoint"
+    )
     out.add_argument("--log-every", type=int, default=10, help="optimizer steps between log lines")
-    out.add_argument("--eval-every", type=int, default=0, help="steps between held-out evaluations (0 = end only)")
-    out.add_argument("--eval-batch-size", type=int, default=8, help="pairs per forward pass when evaluating")
+    out.add_argument(
+        "--eval-every",
+        type=int,
+        default=0,
+        help="steps between held-out evaluations (0 = end only)",
+    )
+    out.add_argument(
+        "--eval-batch-size", type=int, default=8, help="pairs per forward pass when evaluating"
+    )
     out.add_argument("--save-every", type=int, default=200, help="steps between checkpoints")
-    out.add_argument("--stop-after", type=int, default=None,
-                     help="checkpoint and stop after this many steps (as if interrupted); run again to resume")
+    out.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="checkpoint and stop after this many steps (as if interrupted); run again to resume",
+    )
     plumbing.add_run_args(out)  # --no-resume, --force-resume, --report-to
     lora.add_lora_args(train)
     plumbing.add_system_args(train)
 
     show = sub.add_parser("show", help="print a response with each token's redistributed reward",
                           formatter_class=plumbing.HelpFormatter)
-    show.add_argument("--reward-model", required=True, help="reward model directory written by `train`")
+    show.add_argument(
+        "--reward-model", required=True, help="reward model directory written by `train`"
+    )
     show.add_argument("--prompt", required=True, help='prompt text, ending with "\\n\\nAssistant:"')
     show.add_argument("--response", required=True, help="response text (EOS is appended)")
-    show.add_argument("--beta-c", type=float, default=1.0, help="eq. 7 mixing: 1 = dense RED, 0 = sparse")
-    show.add_argument("--zero-first", action="store_true", help="R(x, y≤−1) = 0 instead of the prompt's score")
-    show.add_argument("--max-prompt-len", type=int, default=256, help="prompt tokens kept (the last ones)")
-    show.add_argument("--max-response-len", type=int, default=256, help="response tokens kept, EOS included")
-    show.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    show.add_argument("--trust-remote-code", action="store_true", help="allow model repos with their own code")
+    show.add_argument(
+        "--beta-c", type=float, default=1.0, help="eq. 7 mixing: 1 = dense RED, 0 = sparse"
+    )
+    show.add_argument(
+        "--zero-first", action="store_true", help="R(x, y≤−1) = 0 instead of the prompt's score"
+    )
+    show.add_argument(
+        "--max-prompt-len", type=int, default=256, help="prompt tokens kept (the last ones)"
+    )
+    show.add_argument(
+        "--max-response-len", type=int, default=256, help="response tokens kept, EOS included"
+    )
+    show.add_argument(
+        "--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N"
+    )
+    show.add_argument(
+        "--trust-remote-code", action="store_true", help="allow model repos with their own code"
+    )
 
     args = parser.parse_args(argv)
     if args.command == "train":
         if not 0.0 < args.eval_fraction < 1.0:
             train.error(f"--eval-fraction must be in (0, 1), got {args.eval_fraction}")
-        plumbing.check_positive(train, args, "batch_size", "micro_batch_size", "eval_batch_size", "max_prompt_len",
-                                "max_response_len", "log_every", "save_every", "max_steps")
+        plumbing.check_positive(
+            train,
+            args,
+            "batch_size",
+            "micro_batch_size",
+            "eval_batch_size",
+            "max_prompt_len",
+            "max_response_len",
+            "log_every",
+            "save_every",
+            "max_steps",
+        )
         if args.epochs <= 0:
             train.error("--epochs must be positive")
         lora.check_lora_args(train, args)
         if args.limit is not None and args.limit < 2:
-            train.error(f"--limit must be at least 2 (one training and one held-out pair), got {args.limit}")
+            train.error(
+                f"--limit must be at least 2 (one training and one held-out pair), got {args.limit}"
+            )
         if args.prefix_pairs and args.preference != "gold":
             train.error("--prefix-pairs needs --preference gold: the gold scores the prefixes")
     elif not 0.0 <= args.beta_c <= 1.0:
@@ -139,21 +207,26 @@ def parse_args(argv=None) -> argparse.Namespace:
 # 1. Data: pairs -> token ids -> right-padded batches (chosen rows first, then rejected rows)
 # ----------------------------------------------------------------------------------------------
 def select_pairs(args, quiet: bool = False):
-    """(training pairs, held-out pairs) of --split (--split-seed; with --preference gold ranked by the gold
-    score; then at most --limit, as label.py does): the held-out part is drawn by hashing, the same pairs
-    the discriminator holds out. With --revision-pairs, label.py's (revised ≻ rejected) pairs join the
-    training pairs, those of held-out ids excepted."""
+    """(training pairs, held-out pairs) of --split (--split-seed; with --preference gold ranked by
+    the gold score; then at most --limit, as label.py does): the held-out part is drawn by hashing,
+    the same pairs the discriminator holds out. With --revision-pairs, label.py's (revised ≻
+    rejected) pairs join the training pairs, those of held-out ids excepted."""
     pairs = plumbing.load_data(args.data, args.split, args.split_seed, quiet=quiet)
-    if args.preference == "gold":  # the lab: chosen = the reply with the higher gold score, ties dropped
+    # the lab: chosen = the reply with the higher gold score, ties dropped
+    if args.preference == "gold":
         pairs, ranked = gold.rank_pairs(pairs)
         if not quiet:
-            print(f"gold preferences: {ranked['kept']} of {ranked['pairs']} pairs kept, {ranked['ties']} ties "
-                  f"dropped, {ranked['flipped']} flipped against the human label")
+            print(
+                f"gold preferences: {ranked['kept']} of {ranked['pairs']} pairs kept, {ranked['ties']} ties "
+                f"dropped, {ranked['flipped']} flipped against the human label"
+            )
     pairs = pairs[: args.limit] if args.limit is not None else pairs
     train_pairs, eval_pairs = common.heldout_split(pairs, args.eval_fraction, args.split_seed)
     if not train_pairs or not eval_pairs:
-        raise common.InputError(f"--data {args.data} --split {args.split}: {len(pairs)} pairs, too few to hold "
-                                f"out {args.eval_fraction:.0%} and train on the rest")
+        raise common.InputError(
+            f"--data {args.data} --split {args.split}: {len(pairs)} pairs, too few to hold "
+            f"out {args.eval_fraction:.0%} and train on the rest"
+        )
     if args.revision_pairs:
         heldout_groups = {common.pair_group(p.id) for p in eval_pairs}
         train_pairs = train_pairs + revision_pairs(args.revision_pairs, heldout_groups)
@@ -165,11 +238,18 @@ def revision_pairs(labels_path, heldout_groups: set[str]) -> list[common.Pair]:
     left out (a record whose id's group, common.pair_group, is held out: no held-out prompt)."""
     pairs = []
     for where, record in common.read_rows(labels_path):
-        if not isinstance(record, dict) or not all(isinstance(record.get(k), str)
-                                                   for k in ("id", "prompt", "rejected", "revised")):
-            raise common.DataError(f"{where}: a label.py record needs string fields id, prompt, rejected, revised")
+        if not isinstance(record, dict) or not all(
+            isinstance(record.get(k), str) for k in ("id", "prompt", "rejected", "revised")
+        ):
+            raise common.DataError(
+                f"{where}: a label.py record needs string fields id, prompt, rejected, revised"
+            )
         if common.pair_group(record["id"]) not in heldout_groups:
-            pairs.append(common.Pair(record["prompt"], record["revised"], record["rejected"], record.get("messages")))
+            pairs.append(
+                common.Pair(
+                    record["prompt"], record["revised"], record["rejected"], record.get("messages")
+                )
+            )
     return pairs
 
 
@@ -207,7 +287,9 @@ def collate_pairs(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     give prefix_index [2B, L]: the positions of the empty prefix (the last prompt token) and of
     every response token; prefix_gold [2B, L]: their gold scores (0 for the empty prefix);
     prefix_valid [2B, L]: 1 where a prefix is real."""
-    rows = [(e["prompt"], e["chosen"]) for e in examples] + [(e["prompt"], e["rejected"]) for e in examples]
+    rows = [(e["prompt"], e["chosen"]) for e in examples] + [
+        (e["prompt"], e["rejected"]) for e in examples
+    ]
     query_response, attention_mask, response_mask = common.collate_right(rows, pad_id)  # [2B, T]
     batch = {"query_response": query_response, "attention_mask": attention_mask,
              "response_mask": response_mask}
@@ -226,7 +308,9 @@ def collate_pairs(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------------------------
 # 2. The reward model: R at every position, read at the last real token, Bradley–Terry loss
 # ----------------------------------------------------------------------------------------------
-def score_positions(reward_model, query_response: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def score_positions(
+    reward_model, query_response: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
     """ONE forward pass: R(x, y≤t) at every position t, in float32; 0 at padding. [B, T]
 
     Gradients flow (training uses this too); wrap in torch.no_grad() to score. The caller puts
@@ -246,14 +330,18 @@ def pair_rewards(model, batch: dict[str, torch.Tensor], return_scores: bool = Fa
     """R(x, y_c) and R(x, y_r) of a collate_pairs batch, from one forward pass. ([B], [B]); with
     return_scores also the scores at every position [2B, T] (for prefix_pair_loss)."""
     scores = score_positions(model, batch["query_response"], batch["attention_mask"])  # [2B, T]
-    rewards = scores.gather(1, last_token_index(batch["attention_mask"])[:, None]).squeeze(1)  # [2B]
+    # [2B]
+    rewards = scores.gather(1, last_token_index(batch["attention_mask"])[:, None]).squeeze(1)
     chosen, rejected = rewards.chunk(2)
     return (chosen, rejected, scores) if return_scores else (chosen, rejected)
 
 
-def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, normaliser=None) -> tuple[torch.Tensor, torch.Tensor]:
+def bradley_terry_loss(
+    chosen: torch.Tensor, rejected: torch.Tensor, normaliser=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Bradley–Terry: −log σ(R(x, y_c) − R(x, y_r)) summed over pairs and divided by `normaliser`
-    (default: the number of pairs, the plain mean; logsigmoid is stable). Returns (loss, summed loss)."""
+    (default: the number of pairs, the plain mean; logsigmoid is stable). Returns (loss, summed
+    loss)."""
     loss_sum = -F.logsigmoid(chosen - rejected).sum()
     count = chosen.numel() if normaliser is None else normaliser
     return loss_sum / count, loss_sum.detach()
@@ -300,8 +388,13 @@ def evaluate(model, examples: list[dict], pad_id: int, batch_size: int, device: 
 # ----------------------------------------------------------------------------------------------
 # 4. Redistribution (RED eq. 6 and 7): pure maths on the scores, then the model-level functions
 # ----------------------------------------------------------------------------------------------
-def redistribute_scores(scores: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor,
-                        beta_c: float = 1.0, zero_first: bool = False) -> torch.Tensor:
+def redistribute_scores(
+    scores: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_mask: torch.Tensor,
+    beta_c: float = 1.0,
+    zero_first: bool = False,
+) -> torch.Tensor:
     """scores [B, T] (R at every position) -> token rewards [B, T_resp], left-aligned per row.
 
     Column j is the row's j-th response token; columns past the row's response length are 0.
@@ -315,20 +408,30 @@ def redistribute_scores(scores: torch.Tensor, attention_mask: torch.Tensor, resp
     has_prompt = (start > 0) & (attention_mask.gather(1, before).squeeze(1) == 1)  # [B]
     if zero_first:
         has_prompt = torch.zeros_like(has_prompt)
-    first_previous = torch.where(has_prompt, scores.gather(1, before).squeeze(1), 0.0)  # R(x, y≤−1) [B]
-    previous = torch.cat([first_previous[:, None], current[:, :-1]], dim=1)  # R(x, y≤t−1) [B, T_resp]
+    # R(x, y≤−1) [B]
+    first_previous = torch.where(has_prompt, scores.gather(1, before).squeeze(1), 0.0)
+    # R(x, y≤t−1) [B, T_resp]
+    previous = torch.cat([first_previous[:, None], current[:, :-1]], dim=1)
     dense = current - previous  # eq. 6: r̃_t = R(x, y≤t) − R(x, y≤t−1)
     lengths = valid.sum(-1)  # [B]
-    is_last = torch.arange(valid.shape[1], device=valid.device)[None] == (lengths - 1)[:, None]  # [t = T]
+    # [t = T]
+    is_last = torch.arange(valid.shape[1], device=valid.device)[None] == (lengths - 1)[:, None]
     sequence = current.gather(1, (lengths - 1).clamp(min=0)[:, None])  # R(x, y) [B, 1]
     sparse = torch.where(is_last, sequence, 0.0)  # R(x, y)·[t = T]  [B, T_resp]
-    token_rewards = beta_c * dense + (1.0 - beta_c) * sparse  # eq. 7: r̂_t = β_c·r̃_t + (1 − β_c)·R·[t = T]
+    # eq. 7: r̂_t = β_c·r̃_t + (1 − β_c)·R·[t = T]
+    token_rewards = beta_c * dense + (1.0 - beta_c) * sparse
     return torch.where(valid, token_rewards, 0.0)  # padding gets exactly 0
 
 
 @torch.no_grad()
-def redistribute(reward_model, query_response: torch.Tensor, attention_mask: torch.Tensor,
-                 response_mask: torch.Tensor, beta_c: float = 1.0, zero_first: bool = False) -> torch.Tensor:
+def redistribute(
+    reward_model,
+    query_response: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_mask: torch.Tensor,
+    beta_c: float = 1.0,
+    zero_first: bool = False,
+) -> torch.Tensor:
     """RED token rewards [B, T_resp] (eq. 6 and 7) from ONE forward pass of the reward model."""
     scores = score_positions(reward_model, query_response, attention_mask)  # [B, T]
     return redistribute_scores(scores, attention_mask, response_mask, beta_c, zero_first)
@@ -351,20 +454,24 @@ def sequence_reward(reward_model, query_response: torch.Tensor, attention_mask: 
 
 def load_reward_model(path, device="cpu", dtype=torch.float32, trust_remote_code=False):
     """A trained reward model (this project's, or TRL's / OpenRLHF's) in eval mode with dropout off."""
-    model = hf_models.load_score_model(path, dtype=dtype, trust_remote_code=trust_remote_code, what="--reward-model")
+    model = hf_models.load_score_model(
+        path, dtype=dtype, trust_remote_code=trust_remote_code, what="--reward-model"
+    )
     return hf_models.disable_dropout(model).eval().to(device)
 
 
 # ----------------------------------------------------------------------------------------------
 # 5. One optimizer step over a global batch of pairs
 # ----------------------------------------------------------------------------------------------
-def train_step(model, optimizer, scheduler, batch: list[dict], args, dist_info, pad_id: int) -> dict:
+def train_step(
+    model, optimizer, scheduler, batch: list[dict], args, dist_info, pad_id: int
+) -> dict:
     """One optimizer step over a global batch of pairs, split over ranks and micro-batches.
 
-    Every micro-batch's summed Bradley–Terry loss is divided by the pairs of the whole global batch, so
-    the accumulated gradient equals that of one big batch in one process; DDP then averages over the
-    ranks, so each rank divides by (global pairs / world size). Also returns the share of pairs ranked
-    right and the mean margin R(x, y_c) − R(x, y_r).
+    Every micro-batch's summed Bradley–Terry loss is divided by the pairs of the whole global batch,
+    so the accumulated gradient equals that of one big batch in one process; DDP then averages over
+    the ranks, so each rank divides by (global pairs / world size). Also returns the share of pairs
+    ranked right and the mean margin R(x, y_c) − R(x, y_r).
     """
     rank_examples = batch[dist_info.rank::dist_info.world_size]
     normaliser = len(batch) / dist_info.world_size  # pairs
@@ -383,8 +490,10 @@ def train_step(model, optimizer, scheduler, batch: list[dict], args, dist_info, 
                 prefix_sum = 0.5 * prefix_losses.sum()
                 loss, loss_sum = loss + prefix_sum / normaliser, loss_sum + prefix_sum.detach()
             loss.backward()
-        sums += torch.tensor([loss_sum.item(), (chosen > rejected).sum().item(), (chosen - rejected).sum().item()],
-                             dtype=torch.float64)
+        sums += torch.tensor(
+            [loss_sum.item(), (chosen > rejected).sum().item(), (chosen - rejected).sum().item()],
+            dtype=torch.float64,
+        )
     grad_norm = distributed.clip_grad_norm(model, args.max_grad_norm)
     optimizer.step()
     scheduler.step()
@@ -402,20 +511,32 @@ def train(args):
     dist_info, out = run.dist_info, run.out
     master, device = dist_info.master, dist_info.device
 
-    # data: the split (--split-seed), its held-out part (hashed, the same pairs the discriminator holds out)
+    # data: the split (--split-seed), its held-out part (hashed, the same pairs the discriminator
+    # holds out)
     train_pairs, eval_pairs = select_pairs(args, quiet=not master)
-    tokenizer = hf_models.load_tokenizer(args.sft, trust_remote_code=args.trust_remote_code, what="--sft")
+    tokenizer = hf_models.load_tokenizer(
+        args.sft, trust_remote_code=args.trust_remote_code, what="--sft"
+    )
     pad_id = tokenizer.pad_token_id
     train_examples = encode_pairs(train_pairs, tokenizer, args.max_prompt_len,
                                   args.max_response_len, args.chat_template,
                                   prefix_gold=args.prefix_pairs)
-    eval_examples = encode_pairs(eval_pairs, tokenizer, args.max_prompt_len, args.max_response_len, args.chat_template)
+    eval_examples = encode_pairs(
+        eval_pairs, tokenizer, args.max_prompt_len, args.max_response_len, args.chat_template
+    )
 
-    # model: SFT backbone + fresh scalar head without bias, dropout off (the two sides of a pair must be
-    # scored by the same function), optimizer, cosine schedule without warm-up
-    model = hf_models.new_score_model(args.sft, bias=False, dtype=amp.base_dtype(args, device),
-                                      trust_remote_code=args.trust_remote_code, what="--sft", meta=dist_info.meta)
-    lora.add_lora_from_args(model.backbone, args)  # --lora-rank 0: nothing; else the head stays trainable
+    # model: SFT backbone + fresh scalar head without bias, dropout off (the two sides of a pair
+    # must be scored by the same function), optimizer, cosine schedule without warm-up
+    model = hf_models.new_score_model(
+        args.sft,
+        bias=False,
+        dtype=amp.base_dtype(args, device),
+        trust_remote_code=args.trust_remote_code,
+        what="--sft",
+        meta=dist_info.meta,
+    )
+    # --lora-rank 0: nothing; else the head stays trainable
+    lora.add_lora_from_args(model.backbone, args)
     save_note = hf_models.score_save_note(model.config, "sequence")  # said before training
     if dist_info.master and save_note:
         print(f"reward model: note: {save_note}")
@@ -425,15 +546,19 @@ def train(args):
     model = distributed.wrap_model(model, dist_info, args.precision)  # DDP, or sharded with --fsdp
     batch_size = min(args.batch_size, len(train_examples))  # global pairs per optimizer step
     distributed.check_batch_size(batch_size, dist_info)
-    total_steps = plumbing.total_steps_of(len(train_examples), batch_size, args.epochs, args.max_steps)
+    total_steps = plumbing.total_steps_of(
+        len(train_examples), batch_size, args.epochs, args.max_steps
+    )
     optimizer = plumbing.adamw(model, args.lr, args.weight_decay)
     scheduler = plumbing.cosine_schedule(optimizer, total_steps)
     step = run.resume({"model": model}, {"model": optimizer}, {"model": scheduler},
                       map_location=device, total_steps=total_steps)  # 0, or the last checkpoint's
     if master:
-        print(f"reward model: {len(train_examples)} training pairs, {len(eval_examples)} held out; {total_steps} "
-              f"steps of {batch_size} pairs on {dist_info.world_size} rank(s), device {device}"
-              f"{f', resuming at step {step}' if step else ''}")
+        print(
+            f"reward model: {len(train_examples)} training pairs, {len(eval_examples)} held out; {total_steps} "
+            f"steps of {batch_size} pairs on {dist_info.world_size} rank(s), device {device}"
+            f"{f', resuming at step {step}' if step else ''}"
+        )
 
     steps_per_epoch = max(1, len(train_examples) // batch_size)
     bar = tqdm(total=total_steps, initial=step, disable=not master, desc="reward model")
@@ -445,10 +570,23 @@ def train(args):
         metrics = train_step(model, optimizer, scheduler, batch, args, dist_info, pad_id)
         step += 1
         # 3. log, evaluate, checkpoint
-        record = {"step": step, "epoch": step / steps_per_epoch, **metrics, "lr": scheduler.get_last_lr()[0],
-                  "elapsed_s": round(time.time() - start, 2)}
+        record = {
+            "step": step,
+            "epoch": step / steps_per_epoch,
+            **metrics,
+            "lr": scheduler.get_last_lr()[0],
+            "elapsed_s": round(time.time() - start, 2),
+        }
         if args.eval_every and step % args.eval_every == 0:
-            result = evaluate(model, eval_examples, pad_id, args.eval_batch_size, device, dist_info, args.precision)
+            result = evaluate(
+                model,
+                eval_examples,
+                pad_id,
+                args.eval_batch_size,
+                device,
+                dist_info,
+                args.precision,
+            )
             record.update({f"eval_{k}": v for k, v in result.items() if k != "pairs"})
         if step % args.log_every == 0 or step == total_steps or "eval_accuracy" in record:
             run.logger.log(record)
@@ -461,19 +599,45 @@ def train(args):
     bar.close()
 
     # held-out accuracy, final model
-    result = evaluate(model, eval_examples, pad_id, args.eval_batch_size, device, dist_info, args.precision)
+    result = evaluate(
+        model, eval_examples, pad_id, args.eval_batch_size, device, dist_info, args.precision
+    )
     run.save(step)
-    info = {"role": "reward_model", "sft": str(args.sft), "data": str(args.data), "split": args.split,
-            "split_seed": args.split_seed, "eval_fraction": args.eval_fraction, "preference": args.preference,
-            "revision_pairs": args.revision_pairs, "prefix_pairs": args.prefix_pairs, "steps": step}
-    hf_models.save_score_model(model, tokenizer, out, kind="sequence", extra=info)  # every rank; keeps log, checkpoint/
+    info = {
+        "role": "reward_model",
+        "sft": str(args.sft),
+        "data": str(args.data),
+        "split": args.split,
+        "split_seed": args.split_seed,
+        "eval_fraction": args.eval_fraction,
+        "preference": args.preference,
+        "revision_pairs": args.revision_pairs,
+        "prefix_pairs": args.prefix_pairs,
+        "steps": step,
+    }
+    # every rank; keeps log, checkpoint/
+    hf_models.save_score_model(model, tokenizer, out, kind="sequence", extra=info)
     if master:
-        result.update({"step": step, "split": args.split, "data": str(args.data), "preference": args.preference,
-                       "training_pairs": len(train_examples)})
-        run.logger.log({"step": step, **{f"eval_{k}": v for k, v in result.items() if k in ("accuracy", "mean_margin")}})
+        result.update(
+            {
+                "step": step,
+                "split": args.split,
+                "data": str(args.data),
+                "preference": args.preference,
+                "training_pairs": len(train_examples),
+            }
+        )
+        run.logger.log(
+            {
+                "step": step,
+                **{f"eval_{k}": v for k, v in result.items() if k in ("accuracy", "mean_margin")},
+            }
+        )
         checkpoint.atomic_write(out / "accuracy.json", json.dumps(result, indent=2) + "\n")
-        print(f"held-out pair accuracy {result['accuracy']:.4f}, mean margin {result['mean_margin']:+.4f} "
-              f"over {result['pairs']} pairs -> {out / 'accuracy.json'}")
+        print(
+            f"held-out pair accuracy {result['accuracy']:.4f}, mean margin {result['mean_margin']:+.4f} "
+            f"over {result['pairs']} pairs -> {out / 'accuracy.json'}"
+        )
     run.finish()
     return result
 
@@ -492,15 +656,20 @@ def show(args):
     response_mask = torch.zeros_like(query_response)
     response_mask[0, len(prompt):] = 1
     scores = score_positions(model, query_response, attention_mask)  # [1, T]
-    token_rewards = redistribute_scores(scores, attention_mask, response_mask, args.beta_c, args.zero_first)[0]
+    token_rewards = redistribute_scores(
+        scores, attention_mask, response_mask, args.beta_c, args.zero_first
+    )[0]
     empty = 0.0 if args.zero_first or not prompt else scores[0, len(prompt) - 1].item()
     print(f"{'t':>4}  {'reward':>9}  {'R(x,y<=t)':>9}  token")
     for t, (token_id, reward) in enumerate(zip(response, token_rewards.tolist())):
         print(f"{t:>4}  {reward:+9.4f}  {scores[0, len(prompt) + t].item():+9.4f}  "
               f"{tokenizer.decode([token_id])!r}")
     total, full = token_rewards.sum().item(), scores[0, -1].item()
-    print(f"sum of token rewards {total:+.4f} = R(x, y) - R(x, empty) = {full:+.4f} - ({empty:+.4f})"
-          if args.beta_c == 1.0 else f"sum of token rewards {total:+.4f}; R(x, y) = {full:+.4f}")
+    print(
+        f"sum of token rewards {total:+.4f} = R(x, y) - R(x, empty) = {full:+.4f} - ({empty:+.4f})"
+        if args.beta_c == 1.0
+        else f"sum of token rewards {total:+.4f}; R(x, y) = {full:+.4f}"
+    )
     return token_rewards
 
 

@@ -1,8 +1,8 @@
-"""report.py — eval.py's outputs for people: results.md (one row per policy, TLCR Table 1's layout) and
-report.html (one self-contained page: the table, the PPO training curves of TLCR Figure 7, and
-responses with every token shaded by its TLCR and RED reward, TLCR Figure 8). No algorithm here: eval.py
-computes every number; this file only lays them out. Every text from a model or a user is escaped.
-"""
+"""report.py — eval.py's outputs for people: results.md (one row per policy, TLCR Table 1's layout)
+and report.html (one self-contained page: the table, the PPO training curves of TLCR Figure 7, and
+responses with every token shaded by its TLCR and RED reward, TLCR Figure 8). No algorithm here:
+eval.py computes every number; this file only lays them out. Every text from a model or a user is
+escaped. """
 from __future__ import annotations
 
 import html
@@ -20,9 +20,14 @@ COLUMNS = [("rm_score", "RM score ↑", "{:+.3f}"), ("tlcr_reward", "TLCR reward
 # (task rewards of different sources are not on one scale; the reward-model score is, when logged)
 GOLD_VS_KL = "gold score against KL to the reference (per PPO step)"
 GOLD_COLUMN = ("gold_score", "Gold ↑", "{:+.3f}")  # the offline lab's known reward (eval.py --gold)
-CURVES = [("gold score", ("gold_score",)), ("reward-model score", ("rm_score",)), ("task reward", ("task_reward", "reward")),
-          ("KL to reference", ("kl", "kl_ref")), ("response length", ("response_length", "length")),
-          ("perplexity under the policy", ("perplexity", "ppl"))]
+CURVES = [
+    ("gold score", ("gold_score",)),
+    ("reward-model score", ("rm_score",)),
+    ("task reward", ("task_reward", "reward")),
+    ("KL to reference", ("kl", "kl_ref")),
+    ("response length", ("response_length", "length")),
+    ("perplexity under the policy", ("perplexity", "ppl")),
+]
 
 
 
@@ -42,9 +47,11 @@ def win_cell(row, baseline, name):
 
 
 def accuracy_line(acc):
-    return (f"Discriminator token accuracy ({acc.get('split', 'heldout')} labels): {acc['accuracy']:.1%} "
-            f"(positive {acc['positive_accuracy']:.1%} of {acc['n_positive']}, negative "
-            f"{acc['negative_accuracy']:.1%} of {acc['n_negative']}; paper 81.4%)")
+    return (
+        f"Discriminator token accuracy ({acc.get('split', 'heldout')} labels): {acc['accuracy']:.1%} "
+        f"(positive {acc['positive_accuracy']:.1%} of {acc['n_positive']}, negative "
+        f"{acc['negative_accuracy']:.1%} of {acc['n_negative']}; paper 81.4%)"
+    )
 
 
 def table_columns(results):
@@ -57,10 +64,18 @@ def results_markdown(results):
     """One row per policy, as in TLCR Table 1."""
     base, columns = results["baseline"], table_columns(results)
     head = ["Policy"] + [h for _, h, _ in columns] + [f"Win rate vs {md_cell(base)} (%) ↑"]
-    lines = [f"Held-out prompts: {results['num_prompts']} ({results['split']} split); judge: {results['judge']}.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [
+        f"Held-out prompts: {results['num_prompts']} ({results['split']} split); judge: {results['judge']}.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     for name, row in results["policies"].items():
-        cells = [md_cell(name)] + [fmt(row.get(k), f) for k, _, f in columns] + [win_cell(row, base, name)]
+        cells = (
+            [md_cell(name)]
+            + [fmt(row.get(k), f) for k, _, f in columns]
+            + [win_cell(row, base, name)]
+        )
         lines.append("| " + " | ".join(cells) + " |")
     if results.get("discriminator_accuracy") is not None:
         lines += ["", accuracy_line(results["discriminator_accuracy"])]
@@ -141,8 +156,8 @@ PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e
 
 
 def line_chart_svg(title, series, width=360, height=230, x_label="step"):
-    """An inline SVG line chart: series = {run name: [(x, y), ...]}, one coloured line each. Points are
-    joined in x order against steps, in the order given otherwise (a run's path against KL)."""
+    """An inline SVG line chart: series = {run name: [(x, y), ...]}, one coloured line each. Points
+    are joined in x order against steps, in the order given otherwise (a run's path against KL)."""
     pts = [p for line in series.values() for p in line]
     if not pts:
         return ""
@@ -157,23 +172,31 @@ def line_chart_svg(title, series, width=360, height=230, x_label="step"):
     def sy(y):
         return height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom)
 
-    parts = [f'<svg class="curve" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-             f'viewBox="0 0 {width} {height}" role="img" aria-label="{html.escape(title)}">',
-             f'<text x="{width / 2:.0f}" y="15" text-anchor="middle" class="title">{html.escape(title)}</text>',
-             f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" class="axis"></line>',
-             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" class="axis"></line>']
+    parts = [
+        f'<svg class="curve" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" role="img" aria-label="{html.escape(title)}">',
+        f'<text x="{width / 2:.0f}" y="15" text-anchor="middle" class="title">{html.escape(title)}</text>',
+        f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" class="axis"></line>',
+        f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" class="axis"></line>',
+    ]
     for k in range(3):
         y = y0 + (y1 - y0) * k / 2
         parts.append(f'<text x="{left - 4}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:.3g}</text>')
     for x in (x0, x1):
-        parts.append(f'<text x="{sx(x):.1f}" y="{height - bottom + 14}" text-anchor="middle">{x:.4g}</text>')
+        parts.append(
+            f'<text x="{sx(x):.1f}" y="{height - bottom + 14}" text-anchor="middle">{x:.4g}</text>'
+        )
     parts.append(f'<text x="{(left + width - right) / 2:.0f}" y="{height - bottom + 14}" '
                  f'text-anchor="middle">{html.escape(x_label)}</text>')
     for k, (name, line) in enumerate(series.items()):
         colour = PALETTE[k % len(PALETTE)]
-        coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in (sorted(line) if x_label == "step" else line))
-        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.6" points="{coords}">'
-                     f'<title>{html.escape(name)}</title></polyline>')
+        coords = " ".join(
+            f"{sx(x):.1f},{sy(y):.1f}" for x, y in (sorted(line) if x_label == "step" else line)
+        )
+        parts.append(
+            f'<polyline fill="none" stroke="{colour}" stroke-width="1.6" points="{coords}">'
+            f'<title>{html.escape(name)}</title></polyline>'
+        )
         lx, ly = left + (k % 3) * 100, height - 22 + (k // 3) * 12
         parts.append(f'<rect x="{lx}" y="{ly - 8}" width="10" height="3" fill="{colour}"></rect>'
                      f'<text x="{lx + 14}" y="{ly - 4}">{html.escape(name)}</text>')
@@ -283,8 +306,11 @@ def token_colour(value, scale):
 
 def shaded_tokens_html(tokens, values, label, scale):
     """Each token as a span shaded by its reward; the value on hover (title). Text is escaped."""
-    spans = [f'<span class="tok" style="background-color:{token_colour(v, scale)}" '
-             f'title="{html.escape(label)} {v:+.4f}">{html.escape(t)}</span>' for t, v in zip(tokens, values)]
+    spans = [
+        f'<span class="tok" style="background-color:{token_colour(v, scale)}" '
+        f'title="{html.escape(label)} {v:+.4f}">{html.escape(t)}</span>'
+        for t, v in zip(tokens, values)
+    ]
     return "".join(spans)
 
 
@@ -297,45 +323,59 @@ def report_html(results, samples, curves):
                    + "".join(f"<td>{html.escape(fmt(row.get(k), f))}</td>" for k, _, f in columns)
                    + f"<td>{html.escape(win_cell(row, base, name))}</td></tr>"
                    for name, row in results["policies"].items())
-    body = [f"<h1>token-rlhf evaluation</h1><p>{results['num_prompts']} held-out prompts ({html.escape(results['split'])}"
-            f" split), seed {results['seed']}, judge: {html.escape(results['judge'])}.</p>",
-            f'<table class="results"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>']
+    body = [
+        f"<h1>token-rlhf evaluation</h1><p>{results['num_prompts']} held-out prompts ({html.escape(results['split'])}"
+        f" split), seed {results['seed']}, judge: {html.escape(results['judge'])}.</p>",
+        f'<table class="results"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>',
+    ]
     if results.get("discriminator_accuracy") is not None:
         body.append(f"<p>{html.escape(accuracy_line(results['discriminator_accuracy']))}</p>")
     charts = [gold_frontier_svg(series) if title == GOLD_VS_KL else line_chart_svg(title, series)
               for title, series in curves.items() if series]
     body.append("<h2>PPO training curves</h2>")
-    body.append(f'<div class="charts">{"".join(charts)}</div>' if charts else "<p>No PPO logs found.</p>")
+    body.append(
+        f'<div class="charts">{"".join(charts)}</div>' if charts else "<p>No PPO logs found.</p>"
+    )
     body.append(credit_html(results))
     body.append("<h2>Token rewards</h2><p>Each token shaded by its TLCR reward (2·D − 1) and its "
                 "RED reward (R(x, y≤t) − R(x, y≤t−1)): green positive, red negative; hover for the "
                 "value. With --gold the first row is each token's gold credit, the weight of"
                 " the word it belongs to (−1 harm, +1 safe), the answer both rows should find.</p>")
-    red_scale = max([abs(v) for s in samples for r in s["responses"].values() for v in r["red"]] + [1e-6])
+    red_scale = max(
+        [abs(v) for s in samples for r in s["responses"].values() for v in r["red"]] + [1e-6]
+    )
     for k, sample in enumerate(samples):
-        body.append(f'<h3>Prompt {k + 1}</h3><pre class="prompt">{html.escape(sample["prompt"][-800:])}</pre>')
+        body.append(
+            f'<h3>Prompt {k + 1}</h3><pre class="prompt">{html.escape(sample["prompt"][-800:])}</pre>'
+        )
         for name, resp in sample["responses"].items():
             gold_row = "" if "gold" not in resp else (
                 '<div class="row"><span class="lbl">gold credit</span><span class="toks">'
                 + shaded_tokens_html(resp["tokens"], resp["gold"], "gold credit", 1.0)
                 + '</span></div>')
-            body.append(f'<div class="resp"><div class="name">{html.escape(name)}</div>{gold_row}'
-                        f'<div class="row"><span class="lbl">TLCR</span><span class="toks">'
-                        f'{shaded_tokens_html(resp["tokens"], resp["tlcr"], "TLCR", 1.0)}</span></div>'
-                        f'<div class="row"><span class="lbl">RED</span><span class="toks">'
-                        f'{shaded_tokens_html(resp["tokens"], resp["red"], "RED", red_scale)}</span></div></div>')
-    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
-             "table.results{border-collapse:collapse}table.results td,table.results th{border:1px solid #bbb;"
-             "padding:4px 8px;text-align:right}table.results td:first-child{text-align:left}"
-             ".charts{display:flex;flex-wrap:wrap;gap:12px}svg.curve{font-size:10px;background:#fafafa}"
-             "svg .axis{stroke:#888}svg .title{font-size:12px;font-weight:600}svg .note{fill:#666}"
-             "pre.prompt{white-space:pre-wrap;background:#f4f4f4;padding:6px;font-size:12px}"
-             ".resp{margin:6px 0 12px}.name{font-weight:600}.row{display:flex;gap:8px;margin:2px 0}"
-             ".lbl{width:72px;flex:none;color:#666;font-size:12px}"
-             ".toks{white-space:pre-wrap;font-family:monospace;"
-             "font-size:12px}.tok{border-radius:2px}")
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>token-rlhf evaluation</title>"
-            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+            body.append(
+                f'<div class="resp"><div class="name">{html.escape(name)}</div>{gold_row}'
+                f'<div class="row"><span class="lbl">TLCR</span><span class="toks">'
+                f'{shaded_tokens_html(resp["tokens"], resp["tlcr"], "TLCR", 1.0)}</span></div>'
+                f'<div class="row"><span class="lbl">RED</span><span class="toks">'
+                f'{shaded_tokens_html(resp["tokens"], resp["red"], "RED", red_scale)}</span></div></div>'
+            )
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+        "table.results{border-collapse:collapse}table.results td,table.results th{border:1px solid #bbb;"
+        "padding:4px 8px;text-align:right}table.results td:first-child{text-align:left}"
+        ".charts{display:flex;flex-wrap:wrap;gap:12px}svg.curve{font-size:10px;background:#fafafa}"
+        "svg .axis{stroke:#888}svg .title{font-size:12px;font-weight:600}svg .note{fill:#666}"
+        "pre.prompt{white-space:pre-wrap;background:#f4f4f4;padding:6px;font-size:12px}"
+        ".resp{margin:6px 0 12px}.name{font-weight:600}.row{display:flex;gap:8px;margin:2px 0}"
+        ".lbl{width:72px;flex:none;color:#666;font-size:12px}"
+        ".toks{white-space:pre-wrap;font-family:monospace;"
+        "font-size:12px}.tok{border-radius:2px}"
+    )
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>token-rlhf evaluation</title>"
+        f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
 
 
 def gold_frontier_svg(series):
@@ -360,7 +400,11 @@ def find_logs(policies):
 
 def training_curves(logs):
     """{chart title: {run name: [(step, value)]}} from the PPO logs (missing keys are skipped)."""
-    rows = {name: checkpoint.read_jsonl_tolerant(path) for name, path in logs.items() if Path(path).exists()}
+    rows = {
+        name: checkpoint.read_jsonl_tolerant(path)
+        for name, path in logs.items()
+        if Path(path).exists()
+    }
     curves = {}
     for title, keys in CURVES:
         series, used = {}, set()
@@ -371,8 +415,11 @@ def training_curves(logs):
                 used.add(key)
         if series:
             curves[f"{title} ({', '.join(sorted(used))})"] = series
-    gold_vs_kl = {name: [(r["kl"], r["gold_score"]) for r in log_rows if "kl" in r and "gold_score" in r]
-                  for name, log_rows in rows.items()}
-    if any(gold_vs_kl.values()):  # the fair comparison: the reward against the KL it cost, one point per PPO step
+    gold_vs_kl = {
+        name: [(r["kl"], r["gold_score"]) for r in log_rows if "kl" in r and "gold_score" in r]
+        for name, log_rows in rows.items()
+    }
+    # the fair comparison: the reward against the KL it cost, one point per PPO step
+    if any(gold_vs_kl.values()):
         curves[GOLD_VS_KL] = {name: points for name, points in gold_vs_kl.items() if points}
     return curves

@@ -35,44 +35,87 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=plumbing.HelpFormatter)
     plumbing.add_data_args(parser.add_argument_group("data"))
     model = parser.add_argument_group("model")
-    model.add_argument("--model", default="tiny",
-                       help="'tiny' (a small random model + BPE tokenizer trained on the data), or any Hugging Face "
-                            "causal LM by name or path (gpt2, meta-llama/Llama-2-7b-hf, ./my-model)")
+    model.add_argument(
+        "--model",
+        default="tiny",
+        help="'tiny' (a small random model + BPE tokenizer trained on the data), or any Hugging Face "
+        "causal LM by name or path (gpt2, meta-llama/Llama-2-7b-hf, ./my-model)",
+    )
     model.add_argument("--tiny-arch", default="gpt2", choices=tuple(hf_models.TINY_FAMILIES),
                        help="tiny model family: gpt2 (byte-level BPE, no BOS), llama (RoPE, "
                             "SentencePiece-style BPE, BOS), or another of hf_models.TINY_FAMILIES "
                             "(llama3, mistral, qwen2, qwen3, gemma2, phi3, gpt_neox, opt)")
     model.add_argument("--tiny-layers", type=int, default=2, help="tiny model: transformer blocks")
     model.add_argument("--tiny-width", type=int, default=64, help="tiny model: hidden size")
-    model.add_argument("--tiny-dropout", type=float, default=0.1, help="tiny model: dropout probability")
-    model.add_argument("--tiny-vocab", type=int, default=2048, help="tiny model: BPE vocabulary size")
+    model.add_argument(
+        "--tiny-dropout", type=float, default=0.1, help="tiny model: dropout probability"
+    )
+    model.add_argument(
+        "--tiny-vocab", type=int, default=2048, help="tiny model: BPE vocabulary size"
+    )
     train = parser.add_argument_group("training")
     train.add_argument("--epochs", type=float, default=1.0, help="passes over the SFT split")
     train.add_argument("--max-steps", type=int, default=None,
                        help="optimizer steps of the whole run (overrides --epochs)")
-    train.add_argument("--batch-size", type=int, default=16, help="global batch: sequences per optimizer step")
-    train.add_argument("--micro-batch-size", type=int, default=8,
-                       help="sequences per forward pass on one rank; gradient accumulation makes up the rest")
-    train.add_argument("--lr", type=float, default=1e-3,
-                       help="peak learning rate, cosine-decayed to 0 without warm-up (1e-3 suits the tiny "
-                            "model; use ~1e-5 for gpt2 and larger)")
-    train.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices")
-    train.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = off)")
+    train.add_argument(
+        "--batch-size", type=int, default=16, help="global batch: sequences per optimizer step"
+    )
+    train.add_argument(
+        "--micro-batch-size",
+        type=int,
+        default=8,
+        help="sequences per forward pass on one rank; gradient accumulation makes up the rest",
+    )
+    train.add_argument(
+        "--lr",
+        type=float,
+        default=1e-3,
+        help="peak learning rate, cosine-decayed to 0 without warm-up (1e-3 suits the tiny "
+        "model; use ~1e-5 for gpt2 and larger)",
+    )
+    train.add_argument(
+        "--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices"
+    )
+    train.add_argument(
+        "--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = off)"
+    )
     out = parser.add_argument_group("output")
-    out.add_argument("--out", default="runs/demo/sft", help="output folder: final model, log.jsonl, checkpoint/")
-    out.add_argument("--eval-every", type=int, default=50, help="held-out loss every N steps (and at the end)")
-    out.add_argument("--eval-examples", type=int, default=64, help="test-split examples per held-out evaluation")
-    out.add_argument("--eval-batch-size", type=int, default=8, help="sequences per forward pass when evaluating")
-    out.add_argument("--save-every", type=int, default=100, help="write a resumable checkpoint every N steps")
-    out.add_argument("--stop-after", type=int, default=None,
-                     help="checkpoint and stop after this many steps (as if interrupted); run again to resume")
+    out.add_argument(
+        "--out", default="runs/demo/sft", help="output folder: final model, log.jsonl, checkpoint/"
+    )
+    out.add_argument(
+        "--eval-every", type=int, default=50, help="held-out loss every N steps (and at the end)"
+    )
+    out.add_argument(
+        "--eval-examples", type=int, default=64, help="test-split examples per held-out evaluation"
+    )
+    out.add_argument(
+        "--eval-batch-size", type=int, default=8, help="sequences per forward pass when evaluating"
+    )
+    out.add_argument(
+        "--save-every", type=int, default=100, help="write a resumable checkpoint every N steps"
+    )
+    out.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="checkpoint and stop after this many steps (as if interrupted); run again to resume",
+    )
     plumbing.add_run_args(out)  # --no-resume, --force-resume, --report-to
     lora.add_lora_args(parser)
     plumbing.add_system_args(parser)
     args = parser.parse_args(argv)
     lora.check_lora_args(parser, args)
-    plumbing.check_positive(parser, args, "batch_size", "micro_batch_size", "eval_batch_size", "eval_examples",
-                            "max_prompt_len", "max_response_len")
+    plumbing.check_positive(
+        parser,
+        args,
+        "batch_size",
+        "micro_batch_size",
+        "eval_batch_size",
+        "eval_examples",
+        "max_prompt_len",
+        "max_response_len",
+    )
     return args
 
 
@@ -81,7 +124,9 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------------------------
 def select_pairs(args, quiet: bool = False):
     """(training pairs, held-out pairs): the SFT split (at most --limit pairs) and the test split."""
-    splits = common.split_pairs(plumbing.load_data(args.data, "all", args.split_seed, quiet=quiet), args.split_seed)
+    splits = common.split_pairs(
+        plumbing.load_data(args.data, "all", args.split_seed, quiet=quiet), args.split_seed
+    )
     return common.select_split(splits["sft"], "all", args.split_seed, args.limit), splits["test"]
 
 
@@ -101,8 +146,10 @@ def encode_examples(pairs, tokenizer, args) -> list[tuple[list[int], list[int]]]
 # ----------------------------------------------------------------------------------------------
 def sft_loss(model, query_response, attention_mask, response_mask, normaliser=None):
     """L_SFT: the summed NLL of the response tokens divided by `normaliser` (default: this batch's
-    response tokens, the plain mean). Prompt and padding are never targets. Returns (loss, summed NLL)."""
-    logprobs, _ = common.response_logprobs(model, query_response, attention_mask, response_mask)  # [B, T_resp]
+    response tokens, the plain mean). Prompt and padding are never targets. Returns (loss, summed
+    NLL)."""
+    # [B, T_resp]
+    logprobs, _ = common.response_logprobs(model, query_response, attention_mask, response_mask)
     nll_sum = -logprobs.sum()  # 0 past each row's end
     count = response_mask.sum() if normaliser is None else normaliser
     return nll_sum / count, nll_sum.detach()
@@ -114,9 +161,9 @@ def sft_loss(model, query_response, attention_mask, response_mask, normaliser=No
 def train_step(model, optimizer, scheduler, batch, args, dist_info, pad_id) -> dict:
     """One optimizer step over a global batch, split over ranks and micro-batches.
 
-    Every micro-batch's summed loss is divided by the response tokens of the whole global batch, so the
-    accumulated gradient equals that of one big batch in one process; DDP then averages over the ranks,
-    so each rank divides by (global tokens / world size).
+    Every micro-batch's summed loss is divided by the response tokens of the whole global batch, so
+    the accumulated gradient equals that of one big batch in one process; DDP then averages over the
+    ranks, so each rank divides by (global tokens / world size).
     """
     rank_examples = batch[dist_info.rank::dist_info.world_size]
     normaliser = sum(len(r) for _, r in batch) / dist_info.world_size  # response tokens (targets)
@@ -135,7 +182,10 @@ def train_step(model, optimizer, scheduler, batch, args, dist_info, pad_id) -> d
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     tokens = normaliser * dist_info.world_size
-    return {"loss": distributed.all_reduce_sum(nll_sum, dist_info).item() / tokens, "grad_norm": grad_norm}
+    return {
+        "loss": distributed.all_reduce_sum(nll_sum, dist_info).item() / tokens,
+        "grad_norm": grad_norm,
+    }
 
 
 @torch.no_grad()
@@ -145,7 +195,9 @@ def evaluate(model, examples, args, dist_info, pad_id) -> float:
     was_training = model.training
     model.eval()
     nll_sum, count = 0.0, 0
-    for chunk, weight in distributed.rank_batches(examples[: args.eval_examples], args.eval_batch_size, dist_info):
+    for chunk, weight in distributed.rank_batches(
+        examples[: args.eval_examples], args.eval_batch_size, dist_info
+    ):
         inputs = [t.to(dist_info.device) for t in common.collate_right(chunk, pad_id)]
         with amp.autocast(dist_info.device, args.precision):
             _, nll = sft_loss(model, *inputs)
@@ -159,21 +211,33 @@ def evaluate(model, examples, args, dist_info, pad_id) -> float:
 # 4. model set-up
 # ----------------------------------------------------------------------------------------------
 def load_or_build_model(args, sft_pairs, out: Path, dist_info):
-    """`tiny`: build once into out/init (reused on resume, so the tokenizer never changes). In fp32, or in
-    --frozen-dtype as a LoRA base; under FSDP built empty on ranks other than 0 (they receive rank 0's weights)."""
+    """`tiny`: build once into out/init (reused on resume, so the tokenizer never changes). In fp32,
+    or in
+    --frozen-dtype as a LoRA base; under FSDP built empty on ranks other than 0 (they receive rank
+    0's weights)."""
     path = args.model
     if args.model == "tiny":
         path = out / "init"
         if not (path / "config.json").exists():
             if dist_info.master:
-                hf_models.build_tiny([p.prompt + p.chosen for p in sft_pairs], path, arch=args.tiny_arch,
-                                     vocab_size=args.tiny_vocab, seed=args.seed, layers=args.tiny_layers,
-                                     width=args.tiny_width, dropout=args.tiny_dropout)
+                hf_models.build_tiny(
+                    [p.prompt + p.chosen for p in sft_pairs],
+                    path,
+                    arch=args.tiny_arch,
+                    vocab_size=args.tiny_vocab,
+                    seed=args.seed,
+                    layers=args.tiny_layers,
+                    width=args.tiny_width,
+                    dropout=args.tiny_dropout,
+                )
             distributed.barrier()
     dtype = amp.base_dtype(args, dist_info.device)
-    return (hf_models.load_policy(path, dtype, args.trust_remote_code, what="--model", meta=dist_info.meta),
-            hf_models.load_tokenizer(path, trust_remote_code=args.trust_remote_code,
-                                     what="--model"))
+    return (
+        hf_models.load_policy(
+            path, dtype, args.trust_remote_code, what="--model", meta=dist_info.meta
+        ),
+        hf_models.load_tokenizer(path, trust_remote_code=args.trust_remote_code, what="--model"),
+    )
 
 
 def main(argv=None):
@@ -188,13 +252,16 @@ def main(argv=None):
     lora.add_lora_from_args(model, args)  # --lora-rank 0: nothing (full fine-tuning)
     train_examples = encode_examples(sft_pairs, tokenizer, args)
     test_examples = encode_examples(test_pairs, tokenizer, args)
-    # dropout stays as the model was built (0.1 in the tiny model): SFT is ordinary supervised learning, and a small
-    # model fitting a few hundred dialogues needs the regularisation; every RL stage turns it off
+    # dropout stays as the model was built (0.1 in the tiny model): SFT is ordinary supervised
+    # learning, and a small model fitting a few hundred dialogues needs the regularisation; every RL
+    # stage turns it off
     if args.gradient_checkpointing:
         hf_models.enable_gradient_checkpointing(model)
     model = distributed.wrap_model(model, dist_info, args.precision)  # DDP, or sharded with --fsdp
 
-    total_steps = plumbing.total_steps_of(len(train_examples), args.batch_size, args.epochs, args.max_steps)
+    total_steps = plumbing.total_steps_of(
+        len(train_examples), args.batch_size, args.epochs, args.max_steps
+    )
     optimizer = plumbing.adamw(model, args.lr, args.weight_decay)
     scheduler = plumbing.cosine_schedule(optimizer, total_steps)
     step = run.resume({"model": model}, {"model": optimizer}, {"model": scheduler},
@@ -214,7 +281,9 @@ def main(argv=None):
         record = {"step": step, "train_loss": metrics["loss"], "grad_norm": metrics["grad_norm"],
                   "lr": scheduler.get_last_lr()[0], "elapsed_s": round(time.time() - start, 2)}
         if step % args.eval_every == 0 or step == total_steps:
-            record["eval_loss"] = eval_loss = evaluate(model, test_examples, args, dist_info, pad_id)
+            record["eval_loss"] = eval_loss = evaluate(
+                model, test_examples, args, dist_info, pad_id
+            )
         run.logger.log(record)
         bar.update(1)
         bar.set_postfix({k: round(v, 4) for k, v in record.items() if k.endswith("loss")})
@@ -226,9 +295,12 @@ def main(argv=None):
     if eval_loss is None:  # resumed after the last step: nothing was evaluated in this run
         eval_loss = evaluate(model, test_examples, args, dist_info, pad_id)
     run.save(step)
-    hf_models.save_policy(model, tokenizer, out)  # every rank: gathered under FSDP, LoRA merged; rank 0 writes
+    # every rank: gathered under FSDP, LoRA merged; rank 0 writes
+    hf_models.save_policy(model, tokenizer, out)
     if dist_info.master:
-        checkpoint.atomic_write(out / "sft_summary.json", json.dumps({"step": step, "eval_loss": eval_loss}, indent=2))
+        checkpoint.atomic_write(
+            out / "sft_summary.json", json.dumps({"step": step, "eval_loss": eval_loss}, indent=2)
+        )
         print(f"sft: {step} steps, held-out response NLL {eval_loss:.4f}, model saved to {out}")
     run.finish()
     return out

@@ -70,8 +70,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 import plumbing
-from plumbing import checkpoint
 import report
+from plumbing import checkpoint
 
 ROOT = Path(__file__).resolve().parent
 METHODS = ("seq", "red", "tlcr")

@@ -28,21 +28,33 @@ def one_step(args):
 
     import common
     import plumbing
-    from plumbing import amp, hf_models
     import sft
+    from plumbing import amp, hf_models
 
     device = torch.device(args.device)
     torch.manual_seed(0)
-    config = GPT2Config(n_layer=args.layers, n_embd=args.width, n_head=args.width // 64, n_positions=1024,
-                        vocab_size=50257)
+    config = GPT2Config(
+        n_layer=args.layers,
+        n_embd=args.width,
+        n_head=args.width // 64,
+        n_positions=1024,
+        vocab_size=50257,
+    )
     model = GPT2LMHeadModel(config).to(device)
     if args.checkpointing:
         hf_models.enable_gradient_checkpointing(model)
     optimizer = plumbing.adamw(model, 1e-5)
     prompt_len = args.seq_len // 2
-    examples = [(torch.randint(0, 50257, (prompt_len,)).tolist(),
-                 torch.randint(0, 50257, (args.seq_len - prompt_len,)).tolist()) for _ in range(args.batch_size)]
-    query_response, attention_mask, response_mask = (t.to(device) for t in common.collate_right(examples, pad_id=0))
+    examples = [
+        (
+            torch.randint(0, 50257, (prompt_len,)).tolist(),
+            torch.randint(0, 50257, (args.seq_len - prompt_len,)).tolist(),
+        )
+        for _ in range(args.batch_size)
+    ]
+    query_response, attention_mask, response_mask = (
+        t.to(device) for t in common.collate_right(examples, pad_id=0)
+    )
     param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved = {}
 
@@ -61,7 +73,10 @@ def one_step(args):
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
             start = time.perf_counter()
-        with amp.autocast(device, True), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with (
+            amp.autocast(device, True),
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        ):
             loss, _ = sft.sft_loss(model, query_response, attention_mask, response_mask)
         activations = sum(saved.values())
         loss.backward()
@@ -75,12 +90,18 @@ def one_step(args):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--layers", type=int, default=12, help="transformer blocks (GPT-2 small: 12)")
+    parser.add_argument(
+        "--layers", type=int, default=12, help="transformer blocks (GPT-2 small: 12)"
+    )
     parser.add_argument("--width", type=int, default=768, help="hidden size (GPT-2 small: 768)")
     parser.add_argument("--batch-size", type=int, default=2, help="sequences per step")
-    parser.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (half prompt, half response)")
+    parser.add_argument(
+        "--seq-len", type=int, default=512, help="tokens per sequence (half prompt, half response)"
+    )
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -88,21 +109,49 @@ def main():
         return one_step(args)
     results = {}
     for checkpointing in (False, True):
-        cmd = [sys.executable, __file__, "--child", "--device", args.device, "--layers", str(args.layers),
-               "--width", str(args.width), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            "--device",
+            args.device,
+            "--layers",
+            str(args.layers),
+            "--width",
+            str(args.width),
+            "--batch-size",
+            str(args.batch_size),
+            "--seq-len",
+            str(args.seq_len),
+        ]
         cmd += ["--checkpointing"] if checkpointing else []
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        out = (
+            subprocess.run(cmd, capture_output=True, text=True, check=True)
+            .stdout.strip()
+            .splitlines()[-1]
+        )
         results[checkpointing] = json.loads(out)
     without, with_ = results[False], results[True]
-    print(f"SFT step, {args.layers} layers x {args.width}, batch {args.batch_size} x {args.seq_len} tokens, "
-          f"{args.device}")
-    for name, r in (("without gradient checkpointing", without), ("with gradient checkpointing   ", with_)):
-        cuda = f", CUDA peak {r['cuda_peak_bytes'] / 2**20:8.1f} MiB" if "cuda_peak_bytes" in r else ""
-        print(f"  {name}: activations {r['activation_bytes'] / 2**20:8.1f} MiB{cuda}, step {r['step_s']:.2f} s")
+    print(
+        f"SFT step, {args.layers} layers x {args.width}, batch {args.batch_size} x {args.seq_len} tokens, "
+        f"{args.device}"
+    )
+    for name, r in (
+        ("without gradient checkpointing", without),
+        ("with gradient checkpointing   ", with_),
+    ):
+        cuda = (
+            f", CUDA peak {r['cuda_peak_bytes'] / 2**20:8.1f} MiB" if "cuda_peak_bytes" in r else ""
+        )
+        print(
+            f"  {name}: activations {r['activation_bytes'] / 2**20:8.1f} MiB{cuda}, step {r['step_s']:.2f} s"
+        )
     print(f"  activation memory ratio (without / with): "
           f"{without['activation_bytes'] / max(with_['activation_bytes'], 1):.2f}x")
     if "cuda_peak_bytes" in without:
-        print(f"  CUDA peak ratio (without / with): {without['cuda_peak_bytes'] / max(with_['cuda_peak_bytes'], 1):.2f}x")
+        print(
+            f"  CUDA peak ratio (without / with): {without['cuda_peak_bytes'] / max(with_['cuda_peak_bytes'], 1):.2f}x"
+        )
     print(f"  step time ratio (with / without): {with_['step_s'] / without['step_s']:.2f}x")
 
 

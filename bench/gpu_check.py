@@ -58,10 +58,10 @@ import common  # noqa: E402
 import discriminator  # noqa: E402
 import plan_memory  # noqa: E402
 import plumbing  # noqa: E402
-from plumbing import amp, checkpoint, distributed, hf_models  # noqa: E402
 import ppo_token  # noqa: E402
 import redistribute  # noqa: E402
 import sft  # noqa: E402
+from plumbing import amp, checkpoint, distributed, hf_models  # noqa: E402
 
 # Dense bf16 peak TFLOP/s (no sparsity), from the vendors' data sheets; the first key found in the
 # device's name wins.

@@ -36,8 +36,8 @@ import common  # noqa: E402
 import discriminator as disc  # noqa: E402
 import gold  # noqa: E402
 import plumbing  # noqa: E402
-from plumbing import checkpoint, hf_models  # noqa: E402
 import redistribute as red  # noqa: E402
+from plumbing import checkpoint, hf_models  # noqa: E402
 
 
 def parse_args(argv=None):

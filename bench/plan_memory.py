@@ -1,4 +1,5 @@
-"""Memory planner: GPU bytes of each training stage, full fine-tuning vs LoRA, on 1 GPU and with FSDP.
+"""Memory planner: GPU bytes of each training stage, full fine-tuning vs LoRA, on 1 GPU and with
+FSDP.
 
     python bench/plan_memory.py                        # Llama-2-7B, LoRA r=64, 1 GPU and FSDP on 8 GPUs
     python bench/plan_memory.py --model gpt2 --gpus 1 --lora-rank 16
@@ -42,8 +43,8 @@ FSDP on N GPUs (--gpus): weights, gradients and AdamW states sharded (÷N; bf16 
 from the all-gather, so no autocast copies); activations, KV cache and logits not sharded (each GPU
 runs its own micro-batch and rollout); plus what is gathered at a time: every model's root
 (embeddings, LM head) in bf16, two decoder layers in bf16 (one computing, one prefetched) and one
-layer's fp32 gradients before the reduce-scatter; in the PPO rollout (generation and scoring) also the
-whole policy in bf16, which ppo_token.py keeps gathered across decode steps.
+layer's fp32 gradients before the reduce-scatter; in the PPO rollout (generation and scoring) also
+the whole policy in bf16, which ppo_token.py keeps gathered across decode steps.
 A plan "fits" when its total is at most 90% of --gpu-memory (the rest: CUDA context, allocator
 fragmentation, temporaries not counted above).
 """
@@ -62,47 +63,108 @@ HEADROOM = 0.9  # share of the GPU's memory a plan may use
 
 # Published shapes (config.json of each model on the Hugging Face hub), as config dicts.
 MODELS = {
-    "gpt2": dict(model_type="gpt2", n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=50257),
-    "gpt2-xl": dict(model_type="gpt2", n_layer=48, n_embd=1600, n_head=25, n_positions=1024, vocab_size=50257),
-    "llama-3.2-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                         num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
-                         max_position_embeddings=131072, tie_word_embeddings=True),
-    "llama-2-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
-                       max_position_embeddings=4096, tie_word_embeddings=False),
-    "llama-3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                       max_position_embeddings=8192, tie_word_embeddings=False),
+    "gpt2": dict(
+        model_type="gpt2", n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=50257
+    ),
+    "gpt2-xl": dict(
+        model_type="gpt2", n_layer=48, n_embd=1600, n_head=25, n_positions=1024, vocab_size=50257
+    ),
+    "llama-3.2-1b": dict(
+        model_type="llama",
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        vocab_size=128256,
+        max_position_embeddings=131072,
+        tie_word_embeddings=True,
+    ),
+    "llama-2-7b": dict(
+        model_type="llama",
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    ),
+    "llama-3-8b": dict(
+        model_type="llama",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        tie_word_embeddings=False,
+    ),
 }
 STAGES = ("SFT", "discriminator", "reward model", "PPO")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="llama-2-7b",
-                        help=f"one of {', '.join(MODELS)}, or a local config.json (or a directory holding one)")
-    parser.add_argument("--gpus", type=int, default=8, help="N of the FSDP table (per-GPU bytes); 1 = no FSDP table")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model",
+        default="llama-2-7b",
+        help=f"one of {', '.join(MODELS)}, or a local config.json (or a directory holding one)",
+    )
+    parser.add_argument(
+        "--gpus", type=int, default=8, help="N of the FSDP table (per-GPU bytes); 1 = no FSDP table"
+    )
     parser.add_argument("--gpu-memory", type=float, default=80, help="GiB of one GPU (H100: 80)")
     parser.add_argument("--lora-rank", type=int, default=64, help="rank r of the LoRA rows")
-    parser.add_argument("--lora-targets", default=None,
-                        help="comma-separated module-name suffixes (as lora.py's --lora-targets); default: all "
-                             "linear layers of the decoder blocks")
-    parser.add_argument("--frozen-dtype", choices=("bf16", "fp32"), default="bf16",
-                        help="dtype of frozen weights (the LoRA base, PPO's reference and reward model)")
-    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
-                        help="the stages' --precision: bf16 (autocast, the GPU default) or fp32 (the CPU default: "
-                             "no autocast copies, 4-byte activations, KV cache and logits)")
-    parser.add_argument("--micro-batch", type=int, default=4,
-                        help="sequences per forward/backward pass (reward model: pairs, so twice the sequences)")
+    parser.add_argument(
+        "--lora-targets",
+        default=None,
+        help="comma-separated module-name suffixes (as lora.py's --lora-targets); default: all "
+        "linear layers of the decoder blocks",
+    )
+    parser.add_argument(
+        "--frozen-dtype",
+        choices=("bf16", "fp32"),
+        default="bf16",
+        help="dtype of frozen weights (the LoRA base, PPO's reference and reward model)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=("bf16", "fp32"),
+        default="bf16",
+        help="the stages' --precision: bf16 (autocast, the GPU default) or fp32 (the CPU default: "
+        "no autocast copies, 4-byte activations, KV cache and logits)",
+    )
+    parser.add_argument(
+        "--micro-batch",
+        type=int,
+        default=4,
+        help="sequences per forward/backward pass (reward model: pairs, so twice the sequences)",
+    )
     parser.add_argument("--prompt-len", type=int, default=512, help="prompt tokens per sequence")
-    parser.add_argument("--response-len", type=int, default=256, help="response tokens per sequence")
-    parser.add_argument("--rollout-batch", type=int, default=0,
-                        help="PPO prompts per rollout per GPU; 0 = the largest power of two for which PPO with "
-                             "LoRA fits on one GPU")
-    parser.add_argument("--json", action="store_true", help="also print every figure as one JSON line")
+    parser.add_argument(
+        "--response-len", type=int, default=256, help="response tokens per sequence"
+    )
+    parser.add_argument(
+        "--rollout-batch",
+        type=int,
+        default=0,
+        help="PPO prompts per rollout per GPU; 0 = the largest power of two for which PPO with "
+        "LoRA fits on one GPU",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="also print every figure as one JSON line"
+    )
     args = parser.parse_args(argv)
     if min(args.gpus, args.lora_rank, args.micro_batch, args.prompt_len, args.response_len) < 1:
-        parser.error("--gpus, --lora-rank, --micro-batch, --prompt-len and --response-len must be >= 1")
+        parser.error(
+            "--gpus, --lora-rank, --micro-batch, --prompt-len and --response-len must be >= 1"
+        )
     return args
 
 
@@ -119,7 +181,9 @@ def load_config(model: str):
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
-        raise SystemExit(f"--model {model}: not one of {', '.join(MODELS)} and no config.json there")
+        raise SystemExit(
+            f"--model {model}: not one of {', '.join(MODELS)} and no config.json there"
+        )
     return AutoConfig.from_pretrained(str(path))
 
 
@@ -128,7 +192,9 @@ def shape_of(config) -> dict:
     hidden, heads = config.hidden_size, config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    mlp = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
+    mlp = (
+        getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
+    )
     return dict(layers=config.num_hidden_layers, hidden=hidden, kv_dim=kv_heads * head_dim, mlp=mlp,
                 vocab=config.vocab_size)
 
@@ -148,13 +214,15 @@ def count_parameters(config, rank: int, targets: list[str] | None = None) -> dic
         lm = AutoModelForCausalLM.from_config(config)
         backbone = AutoModel.from_config(config)
     blocks = [m for m in lm.modules() if type(m).__name__ in lora.decoder_block_types(lm)]
-    counts = dict(lm=numel(lm), backbone=numel(backbone) + config.hidden_size + 1,  # + head: Linear(H, 1)
+    # + head: Linear(H, 1)
+    counts = dict(lm=numel(lm), backbone=numel(backbone) + config.hidden_size + 1,
                   layer=numel(blocks[0]), layers=len(blocks))
     lora.add_lora(lm, rank, targets=targets)
     adapted = [layer for _, layer in lora.lora_layers(blocks[0])]
     counts["lora"] = sum(p.numel() for p in lm.parameters() if p.requires_grad)
     counts["layer_lora"] = sum(layer.lora_A.numel() + layer.lora_B.numel() for layer in adapted)
-    counts["lora_act"] = sum(layer.in_features + layer.rank for layer in adapted)  # per token, per block
+    # per token, per block
+    counts["lora_act"] = sum(layer.in_features + layer.rank for layer in adapted)
     counts["gated"] = any("gate" in name for name, _ in blocks[0].named_modules())
     return counts
 
@@ -176,18 +244,33 @@ def forward_bytes_per_token(shape: dict, act: int = BF16) -> int:
     return act * (3 * shape["mlp"] + 4 * shape["hidden"])
 
 
-def train_activations(shape, counts, sequences: int, tokens: int, residual_bytes: int, lora_on: bool,
-                      n_models: int = 1, logit_positions: int = 0, act: int = BF16) -> int:
-    """Gradient checkpointing: every block's input for n_models models, one block recomputed, the loss's logits
-    (bf16 logits + their fp32 copy + its gradient: 10 bytes each; fp32: logits and gradient, 8)."""
-    saved_inputs = n_models * shape["layers"] * sequences * tokens * shape["hidden"] * residual_bytes
+def train_activations(
+    shape,
+    counts,
+    sequences: int,
+    tokens: int,
+    residual_bytes: int,
+    lora_on: bool,
+    n_models: int = 1,
+    logit_positions: int = 0,
+    act: int = BF16,
+) -> int:
+    """Gradient checkpointing: every block's input for n_models models, one block recomputed, the
+    loss's logits (bf16 logits + their fp32 copy + its gradient: 10 bytes each; fp32: logits and
+    gradient, 8)."""
+    saved_inputs = (
+        n_models * shape["layers"] * sequences * tokens * shape["hidden"] * residual_bytes
+    )
     one_block = sequences * tokens * block_bytes_per_token(shape, counts, lora_on, act)
-    logits = (act + 2 * FP32 if act == BF16 else 2 * FP32) * sequences * logit_positions * shape["vocab"]
+    logits = (
+        (act + 2 * FP32 if act == BF16 else 2 * FP32) * sequences * logit_positions * shape["vocab"]
+    )
     return saved_inputs + one_block + logits
 
 
 def kv_cache_bytes(shape, sequences: int, tokens: int, act: int = BF16) -> int:
-    return 2 * shape["layers"] * sequences * tokens * shape["kv_dim"] * act  # keys and values, bf16 (fp32)
+    # keys and values, bf16 (fp32)
+    return 2 * shape["layers"] * sequences * tokens * shape["kv_dim"] * act
 
 
 # ----------------------------------------------------------------------------------------------
@@ -211,23 +294,34 @@ def plan(stage: str, lora_on: bool, counts: dict, shape: dict, args, rollout_bat
         trained, frozen, roots = trained_lm, frozen_lm, lm_root
     elif stage in ("discriminator", "reward model"):
         trained, frozen, roots = trained_bb, frozen_bb, bb_root
-    else:  # PPO: policy + critic trained; reference + reward model frozen (LoRA: the two frozen bases)
+    # PPO: policy + critic trained; reference + reward model frozen (LoRA: the two frozen bases)
+    else:
         trained = trained_lm + trained_bb
-        frozen = frozen_lm + frozen_bb + (head if lora_on else lm + backbone)  # LoRA: + the reward head
+        # LoRA: + the reward head
+        frozen = frozen_lm + frozen_bb + (head if lora_on else lm + backbone)
         roots = 2 * (lm_root + bb_root) if not lora_on else lm_root + bb_root
     residual_bytes = frozen_bytes if lora_on else FP32
     out = dict(stage=stage, method=f"LoRA r{args.lora_rank}" if lora_on else "full",
                trained_params=trained, frozen_params=frozen,
-               weights=trained * (FP32 + autocast_copy) + frozen * frozen_bytes,  # fp32 + autocast's bf16 copies
+               # fp32 + autocast's bf16 copies
+               weights=trained * (FP32 + autocast_copy) + frozen * frozen_bytes,
                gradients=trained * FP32, adamw=trained * 2 * FP32)
     if stage == "SFT":
-        out["activations"] = train_activations(shape, counts, b, T, residual_bytes, lora_on, 1, T, act)
+        out["activations"] = train_activations(
+            shape, counts, b, T, residual_bytes, lora_on, 1, T, act
+        )
     elif stage == "discriminator":
-        out["activations"] = train_activations(shape, counts, b, T, residual_bytes, lora_on, 1, act=act)
+        out["activations"] = train_activations(
+            shape, counts, b, T, residual_bytes, lora_on, 1, act=act
+        )
     elif stage == "reward model":
-        out["activations"] = train_activations(shape, counts, 2 * b, T, residual_bytes, lora_on, 1, act=act)
+        out["activations"] = train_activations(
+            shape, counts, 2 * b, T, residual_bytes, lora_on, 1, act=act
+        )
     else:
-        out["activations"] = train_activations(shape, counts, b, T, residual_bytes, lora_on, 2, R + 1, act)
+        out["activations"] = train_activations(
+            shape, counts, b, T, residual_bytes, lora_on, 2, R + 1, act
+        )
         block = forward_bytes_per_token(shape, act)
         out["kv_cache"] = kv_cache_bytes(shape, rollout_batch, T, act)
         out["generation"] = out["kv_cache"] + rollout_batch * args.prompt_len * block
@@ -239,7 +333,8 @@ def plan(stage: str, lora_on: bool, counts: dict, shape: dict, args, rollout_bat
     out["fsdp_states"] = (trained * (FP32 + FP32 + 2 * FP32) + frozen * frozen_bytes) // n
     layer_trained = counts["layer_lora"] if lora_on else counts["layer"]
     out["fsdp_gathered"] = roots * BF16 + 2 * counts["layer"] * BF16 + layer_trained * FP32
-    # the PPO rollout keeps the policy gathered whole (ppo_token.rollout: distributed.gathered), in bf16
+    # the PPO rollout keeps the policy gathered whole (ppo_token.rollout: distributed.gathered), in
+    # bf16
     rollout_policy = (lm + (counts["lora"] if lora_on else 0)) * BF16 if stage == "PPO" else 0
     out["fsdp_phase"] = max(out["activations"], out.get("generation", 0) + rollout_policy,
                             out.get("scoring", 0) + rollout_policy)
@@ -248,7 +343,11 @@ def plan(stage: str, lora_on: bool, counts: dict, shape: dict, args, rollout_bat
 
 
 def plans(counts, shape, args, rollout_batch: int) -> list[dict]:
-    return [plan(stage, lora_on, counts, shape, args, rollout_batch) for stage in STAGES for lora_on in (False, True)]
+    return [
+        plan(stage, lora_on, counts, shape, args, rollout_batch)
+        for stage in STAGES
+        for lora_on in (False, True)
+    ]
 
 
 def recommend_rollout_batch(counts, shape, args) -> tuple[int, dict, dict | None]:
@@ -262,7 +361,9 @@ def recommend_rollout_batch(counts, shape, args) -> tuple[int, dict, dict | None
             break
         best = (batch, ppo)
     if best is None:
-        raise SystemExit(f"PPO with LoRA does not fit {args.gpu_memory} GiB even with a rollout batch of 1")
+        raise SystemExit(
+            f"PPO with LoRA does not fit {args.gpu_memory} GiB even with a rollout batch of 1"
+        )
     return best[0], best[1], above
 
 
@@ -277,34 +378,48 @@ def print_tables(name, counts, shape, args, rollout_batch, rows):
     budget = HEADROOM * args.gpu_memory * GiB
     T = args.prompt_len + args.response_len
     print(f"## Memory plan (computed, not measured): {name}\n")
-    print(f"{counts['lm'] / 1e9:.3f}B parameters (causal LM), {counts['backbone'] / 1e9:.3f}B (backbone + scalar "
-          f"head); {shape['layers']} layers, hidden {shape['hidden']}, KV width {shape['kv_dim']}, MLP "
-          f"{shape['mlp']}, vocabulary {shape['vocab']}. LoRA r={args.lora_rank} on "
-          f"{args.lora_targets or 'all linear layers of the decoder blocks'}: {counts['lora'] / 1e6:.1f}M "
-          f"parameters ({100 * counts['lora'] / counts['lm']:.2f}%).")
-    print(f"Micro-batch {args.micro_batch} sequences of {T} tokens ({args.prompt_len} prompt + {args.response_len} "
-          f"response; reward model: {args.micro_batch} pairs), PPO rollout batch {rollout_batch} per GPU, gradient "
-          f"checkpointing, bf16 autocast, frozen weights {args.frozen_dtype}, trained weights and AdamW fp32. "
-          f"GiB; fits = total ≤ {HEADROOM:.0%} of {args.gpu_memory:g} GiB.\n")
-    print("| stage | training | weights | gradients | AdamW | activations | PPO generation (KV cache) "
-          "| PPO scoring | total, 1 GPU | fits |")
+    print(
+        f"{counts['lm'] / 1e9:.3f}B parameters (causal LM), {counts['backbone'] / 1e9:.3f}B (backbone + scalar "
+        f"head); {shape['layers']} layers, hidden {shape['hidden']}, KV width {shape['kv_dim']}, MLP "
+        f"{shape['mlp']}, vocabulary {shape['vocab']}. LoRA r={args.lora_rank} on "
+        f"{args.lora_targets or 'all linear layers of the decoder blocks'}: {counts['lora'] / 1e6:.1f}M "
+        f"parameters ({100 * counts['lora'] / counts['lm']:.2f}%)."
+    )
+    print(
+        f"Micro-batch {args.micro_batch} sequences of {T} tokens ({args.prompt_len} prompt + {args.response_len} "
+        f"response; reward model: {args.micro_batch} pairs), PPO rollout batch {rollout_batch} per GPU, gradient "
+        f"checkpointing, bf16 autocast, frozen weights {args.frozen_dtype}, trained weights and AdamW fp32. "
+        f"GiB; fits = total ≤ {HEADROOM:.0%} of {args.gpu_memory:g} GiB.\n"
+    )
+    print(
+        "| stage | training | weights | gradients | AdamW | activations | PPO generation (KV cache) "
+        "| PPO scoring | total, 1 GPU | fits |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         generation = f"{gib(r['generation'])} ({gib(r['kv_cache'])})" if "generation" in r else "–"
-        print(f"| {r['stage']} | {r['method']} | {gib(r['weights'])} | {gib(r['gradients'])} | {gib(r['adamw'])} | "
-              f"{gib(r['activations'])} | {generation} | {gib(r.get('scoring'))} | **{gib(r['total'])}** | "
-              f"{'yes' if r['total'] <= budget else 'no'} |")
-    print("\nweights: trained fp32 + the bf16 copies autocast caches of them, frozen in --frozen-dtype; activations: "
-          "one micro-batch with gradient checkpointing; total = weights + gradients + AdamW + the largest phase "
-          "(activations, PPO generation, PPO scoring). Formulas: python bench/plan_memory.py --help.")
+        print(
+            f"| {r['stage']} | {r['method']} | {gib(r['weights'])} | {gib(r['gradients'])} | {gib(r['adamw'])} | "
+            f"{gib(r['activations'])} | {generation} | {gib(r.get('scoring'))} | **{gib(r['total'])}** | "
+            f"{'yes' if r['total'] <= budget else 'no'} |"
+        )
+    print(
+        "\nweights: trained fp32 + the bf16 copies autocast caches of them, frozen in --frozen-dtype; activations: "
+        "one micro-batch with gradient checkpointing; total = weights + gradients + AdamW + the largest phase "
+        "(activations, PPO generation, PPO scoring). Formulas: python bench/plan_memory.py --help."
+    )
     if args.gpus > 1:
         print(f"\n### FSDP on {args.gpus} GPUs (computed): bytes per GPU\n")
-        print("| stage | training | weights + gradients + AdamW ÷ N | gathered (roots, 2 layers, 1 layer's grads) "
-              "| largest phase | total per GPU | fits |")
+        print(
+            "| stage | training | weights + gradients + AdamW ÷ N | gathered (roots, 2 layers, 1 layer's grads) "
+            "| largest phase | total per GPU | fits |"
+        )
         print("|---|---|---:|---:|---:|---:|---|")
         for r in rows:
-            print(f"| {r['stage']} | {r['method']} | {gib(r['fsdp_states'])} | {gib(r['fsdp_gathered'])} | "
-                  f"{gib(r['fsdp_phase'])} | **{gib(r['fsdp_total'])}** | {'yes' if r['fsdp_total'] <= budget else 'no'} |")
+            print(
+                f"| {r['stage']} | {r['method']} | {gib(r['fsdp_states'])} | {gib(r['fsdp_gathered'])} | "
+                f"{gib(r['fsdp_phase'])} | **{gib(r['fsdp_total'])}** | {'yes' if r['fsdp_total'] <= budget else 'no'} |"
+            )
 
 
 def main(argv=None):
@@ -319,12 +434,24 @@ def main(argv=None):
     rollout_batch = args.rollout_batch or recommended
     rows = plans(counts, shape, args, rollout_batch)
     print_tables(args.model, counts, shape, args, rollout_batch, rows)
-    print(f"\nRecommended PPO rollout batch with LoRA r={args.lora_rank} on one {args.gpu_memory:g} GiB GPU: "
-          f"{recommended} prompts (total {gib(fitting['total'])} GiB = {fitting['total'] / 1e9:.1f} GB, of which KV "
-          f"cache {gib(fitting['kv_cache'])} GiB)"
-          + (f"; {2 * recommended} would need {gib(above['total'])} GiB." if above else "."))
+    print(
+        f"\nRecommended PPO rollout batch with LoRA r={args.lora_rank} on one {args.gpu_memory:g} GiB GPU: "
+        f"{recommended} prompts (total {gib(fitting['total'])} GiB = {fitting['total'] / 1e9:.1f} GB, of which KV "
+        f"cache {gib(fitting['kv_cache'])} GiB)"
+        + (f"; {2 * recommended} would need {gib(above['total'])} GiB." if above else ".")
+    )
     if args.json:
-        print(json.dumps(dict(model=args.model, counts=counts, shape=shape, rollout_batch=rollout_batch, rows=rows)))
+        print(
+            json.dumps(
+                dict(
+                    model=args.model,
+                    counts=counts,
+                    shape=shape,
+                    rollout_batch=rollout_batch,
+                    rows=rows,
+                )
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ import torch.nn as nn
 
 from common import ScoreModel
 
-
 # ----------------------------------------------------------------------------------------------
 # Precision: one flag, the same meaning in every stage
 # ----------------------------------------------------------------------------------------------
@@ -19,31 +18,41 @@ from common import ScoreModel
 # CPU bf16 kernel set), so the tests exercise it:
 #   trained weights, their gradients and AdamW states   fp32 ("master weights")
 #   matmuls of the forward and backward                  bf16, by torch.autocast (fp32 accumulation)
-#   frozen weights (reference, reward model, discriminator, a LoRA base)   stored in bf16 (--frozen-dtype auto)
+#   frozen weights (reference, reward model, discriminator, a LoRA base)   stored in bf16
+# (--frozen-dtype auto)
 #   scalar heads (reward, discriminator logit, value)    fp32, outside autocast (common.ScoreModel)
-#   log-probs, losses, rewards, advantages               fp32 (the logits are upcast before log_softmax)
-# One design rule keeps PPO exact at its first iteration: a frozen model computes the way a trained model
-# computes. A bf16-stored model run as it is keeps its residual stream, embeddings and norms in bf16,
-# while the fp32 policy under autocast keeps them in fp32: the log-probs differ by bf16 noise, KL is not 0
-# at iteration 0 and the KL penalty rewards noise. So a bf16 frozen model is *stored* in bf16 but run with
-# each layer's weights upcast to fp32 for the duration of that layer's call (compute_in_fp32: one small
-# layer's fp32 copy at a time), and PPO starts the policy at the bf16 values of its weights
-# (round_like_frozen), the point the reference stores. The two then run the same arithmetic on the
-# same numbers, and KL = 0, ratio = 1 hold at iteration 0 in bf16 as they do in fp32
-# (tests/test_precision.py). Under FSDP the same rule holds through the sharding: see prepare_frozen.
+#   log-probs, losses, rewards, advantages               fp32 (the logits are upcast before
+# log_softmax) One design rule keeps PPO exact at its first iteration: a frozen model computes the
+# way a trained model computes. A bf16-stored model run as it is keeps its residual stream,
+# embeddings and norms in bf16, while the fp32 policy under autocast keeps them in fp32: the
+# log-probs differ by bf16 noise, KL is not 0 at iteration 0 and the KL penalty rewards noise. So a
+# bf16 frozen model is *stored* in bf16 but run with each layer's weights upcast to fp32 for the
+# duration of that layer's call (compute_in_fp32: one small layer's fp32 copy at a time), and PPO
+# starts the policy at the bf16 values of its weights (round_like_frozen), the point the reference
+# stores. The two then run the same arithmetic on the same numbers, and KL = 0, ratio = 1 hold at
+# iteration 0 in bf16 as they do in fp32 (tests/test_precision.py). Under FSDP the same rule holds
+# through the sharding: see prepare_frozen.
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def add_precision_args(group):
-    group.add_argument("--precision", default="auto", choices=PRECISIONS,
-                       help="bf16: bf16 autocast, frozen models stored in bf16, trained weights, heads and optimizer "
-                            "states in fp32 (the GPU path; runs on the CPU too); fp32: everything in fp32; "
-                            "auto: bf16 on CUDA, fp32 on CPU")
+    group.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="bf16: bf16 autocast, frozen models stored in bf16, trained weights, heads and optimizer "
+        "states in fp32 (the GPU path; runs on the CPU too); fp32: everything in fp32; "
+        "auto: bf16 on CUDA, fp32 on CPU",
+    )
     group.add_argument("--no-bf16", dest="precision", action="store_const", const="fp32",
                        help="the same as --precision fp32 (kept for older command lines)")
-    group.add_argument("--frozen-dtype", default="auto", choices=("auto", "float32", "bfloat16"),
-                       help="storage dtype of the weights that are never trained (a LoRA base; PPO's reference, "
-                            "reward model and discriminator); auto: bfloat16 when --precision is bf16, else float32")
+    group.add_argument(
+        "--frozen-dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16"),
+        help="storage dtype of the weights that are never trained (a LoRA base; PPO's reference, "
+        "reward model and discriminator); auto: bfloat16 when --precision is bf16, else float32",
+    )
     return group
 
 
@@ -78,11 +87,14 @@ def _downcast_params(module, _inputs, _output):
 
 
 def compute_in_fp32(model: nn.Module) -> nn.Module:
-    """A frozen bf16-stored model that computes like an fp32 model: each module that owns bf16 weights
-    (a linear, an embedding, a norm) gets them as fp32 for its own call and bf16 again right after (both
-    casts exact). Under autocast the matmuls still run in bf16; embeddings, norms and the residual stream
-    in fp32, as in the trained fp32 models. For frozen models run under no_grad only (not a LoRA base)."""
-    if getattr(model, "_computes_in_fp32", False) or not any(p.dtype == torch.bfloat16 for p in model.parameters()):
+    """A frozen bf16-stored model that computes like an fp32 model: each module that owns bf16
+    weights (a linear, an embedding, a norm) gets them as fp32 for its own call and bf16 again right
+    after (both casts exact). Under autocast the matmuls still run in bf16; embeddings, norms and
+    the residual stream in fp32, as in the trained fp32 models. For frozen models run under no_grad
+    only (not a LoRA base)."""
+    if getattr(model, "_computes_in_fp32", False) or not any(
+        p.dtype == torch.bfloat16 for p in model.parameters()
+    ):
         return model
     for module in model.modules():
         if any(p.dtype == torch.bfloat16 for p in module.parameters(recurse=False)):
@@ -94,9 +106,9 @@ def compute_in_fp32(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def round_like_frozen(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Round a trained model's fp32 weights to the values a frozen copy stored in `dtype` holds (bf16), so
-    that PPO's policy starts exactly at its bf16 reference (a change below bf16's 3 significant digits,
-    the rounding every frozen copy already makes). Nothing for fp32."""
+    """Round a trained model's fp32 weights to the values a frozen copy stored in `dtype` holds
+    (bf16), so that PPO's policy starts exactly at its bf16 reference (a change below bf16's 3
+    significant digits, the rounding every frozen copy already makes). Nothing for fp32."""
     if dtype != torch.float32:
         for param in model.parameters():
             if param.dtype == torch.float32:

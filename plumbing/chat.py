@@ -24,22 +24,25 @@ import urllib3
 from common import DataError, InputError
 from plumbing import checkpoint
 
-
 # ----------------------------------------------------------------------------------------------
 # Network: one chat-completions client (label.py's reviser, eval.py's judge), an append-only JSONL
 # cache for their answers, one download
 # ----------------------------------------------------------------------------------------------
 # label.py (the reviser) and eval.py (the judge) talk to any OpenAI-compatible
-# chat-completions endpoint through ChatClient; both keep their answers in a JsonlCache; plumbing.download_hh_rlhf
-# downloads hh-rlhf with download().
+# chat-completions endpoint through ChatClient; both keep their answers in a JsonlCache;
+# plumbing.download_hh_rlhf downloads hh-rlhf with download().
 #
 # The chat client, what it promises:
-#   - The API key comes from the environment only (api_key_from_env). It is removed from every text a
-#     server sends back (scrub) BEFORE that text is cut to a snippet, so no part of it can survive in an
+#   - The API key comes from the environment only (api_key_from_env). It is removed from every text
+# a
+#     server sends back (scrub) BEFORE that text is cut to a snippet, so no part of it can survive
+# in an
 #     error message, a cached answer, a summary or an exception.
-#   - `timeout` bounds the whole request: connect, status line and headers, and the body. A server that
+#   - `timeout` bounds the whole request: connect, status line and headers, and the body. A server
+# that
 #     trickles its answer a byte at a time is cut off at the deadline and retried like a timeout.
-#     (urllib3 bounds the connect and each read of the headers by the time left; a watchdog shuts the
+#     (urllib3 bounds the connect and each read of the headers by the time left; a watchdog shuts
+# the
 #     socket at the deadline, which ends a body read in progress. A server that trickles its headers
 #     themselves is bounded per read only, since urllib3 gives no hold on the socket before the
 #     headers are in; the request then fails as a timeout as soon as they are.)
@@ -48,7 +51,8 @@ from plumbing import checkpoint
 #         non-string answer, and an answer the caller's parse() rejects (e.g. no delimiter)
 #     401 / 403 / 404 and a malformed URL raise ChatFatal (bad key, base URL or model: no retry can
 #     fix them); any other 4xx fails that one request without a retry.
-#   - check() makes one tiny request, so a bad key, model or URL fails in one line before a long run.
+#   - check() makes one tiny request, so a bad key, model or URL fails in one line before a long
+# run.
 #   - Thread-safe: one requests.Session per thread; `calls` counts every HTTP request made.
 #
 #     client = ChatClient("https://api.openai.com/v1", "gpt-4-0125-preview",
@@ -106,7 +110,9 @@ def backoff_delay(attempt: int, base: float, cap: float, rng=random) -> float:
     return d / 2 + rng.random() * d / 2
 
 
-def retry_after_seconds(value: str | None, cap: float = RETRY_AFTER_CAP, now: float | None = None) -> float | None:
+def retry_after_seconds(
+    value: str | None, cap: float = RETRY_AFTER_CAP, now: float | None = None
+) -> float | None:
     """Retry-After as seconds to wait, in [0, cap]: a number of seconds, or an HTTP date.
 
     None when absent or unusable (nan, negative, not a number or a date): the caller's own backoff
@@ -137,8 +143,9 @@ class RequestTimeout(requests.Timeout):
 
 
 def post_json(session: requests.Session, url: str, headers: dict, body: dict, timeout: float):
-    """POST `body` as JSON; returns (status, response headers, body text). Raises RequestTimeout when
-    the whole request takes longer than `timeout` seconds, requests.RequestException when it fails."""
+    """POST `body` as JSON; returns (status, response headers, body text). Raises RequestTimeout
+    when the whole request takes longer than `timeout` seconds, requests.RequestException when it
+    fails."""
     deadline = time.monotonic() + timeout
     try:  # connect, then each read of the status line and headers, within the time left
         resp = session.post(url, headers=headers, json=body, stream=True,
@@ -150,7 +157,8 @@ def post_json(session: requests.Session, url: str, headers: dict, body: dict, ti
     def cut_off():  # at the deadline: end a body read in progress (a trickling server)
         fired.set()
         try:
-            getattr(resp.raw, "shutdown", resp.raw.close)()  # urllib3 >= 2.3: shutdown wakes a blocked read
+            # urllib3 >= 2.3: shutdown wakes a blocked read
+            getattr(resp.raw, "shutdown", resp.raw.close)()
         except (OSError, RuntimeError, ValueError):
             pass  # the read had just finished
 
@@ -218,8 +226,8 @@ class ChatFatal(InputError):
 @dataclass
 class Reply:
     """What complete() got: value (parse(text), or the text without a parse), None if every try
-    failed; text, the last answer (scrubbed) or None; error, why the last try failed ("" on success);
-    calls, the HTTP requests made."""
+    failed; text, the last answer (scrubbed) or None; error, why the last try failed ("" on
+    success); calls, the HTTP requests made."""
     value: object
     text: str | None
     error: str
@@ -229,14 +237,28 @@ class Reply:
 class ChatClient:
     """An OpenAI-compatible chat-completions endpoint with the retry policy of this module's docstring."""
 
-    def __init__(self, api_base: str, model: str, api_key: str = "", key_env: str = "OPENAI_API_KEY",
-                 timeout: float = 60.0, max_retries: int = 5, backoff_base: float = 1.0, backoff_cap: float = 60.0,
-                 retry_after_cap: float = RETRY_AFTER_CAP, rng=random):
+    def __init__(
+        self,
+        api_base: str,
+        model: str,
+        api_key: str = "",
+        key_env: str = "OPENAI_API_KEY",
+        timeout: float = 60.0,
+        max_retries: int = 5,
+        backoff_base: float = 1.0,
+        backoff_cap: float = 60.0,
+        retry_after_cap: float = RETRY_AFTER_CAP,
+        rng=random,
+    ):
         self.url = api_base.rstrip("/") + "/chat/completions"
         self.model, self.key_env = model, key_env
         self._api_key = api_key  # sent in the Authorization header only; never shown
         self.timeout, self.max_retries = timeout, max_retries
-        self.backoff_base, self.backoff_cap, self.retry_after_cap = backoff_base, backoff_cap, retry_after_cap
+        self.backoff_base, self.backoff_cap, self.retry_after_cap = (
+            backoff_base,
+            backoff_cap,
+            retry_after_cap,
+        )
         self.rng = rng
         self.calls = 0  # HTTP requests made, by all threads
         self._lock, self._local = threading.Lock(), threading.local()
@@ -257,15 +279,19 @@ class ChatClient:
             self.calls += 1
         return post_json(self._local.session, self.url, headers, body, self.timeout)
 
-    def complete(self, messages: list[dict], parse=None, invalid: str = "unusable answer", **params) -> Reply:
-        """The answer to `messages` (params: temperature, max_tokens, ...), tried up to 1 + max_retries
-        times. parse(answer) -> value, or None to ask again (e.g. no delimiter; `invalid` says why)."""
+    def complete(
+        self, messages: list[dict], parse=None, invalid: str = "unusable answer", **params
+    ) -> Reply:
+        """The answer to `messages` (params: temperature, max_tokens, ...), tried up to 1 +
+        max_retries times. parse(answer) -> value, or None to ask again (e.g. no delimiter;
+        `invalid` says why)."""
         body = {"model": self.model, "messages": messages, **params}
         return self._ask(body, answer_content, parse, invalid)
 
     def check(self):
         """One tiny request (max_tokens 1), retried like any other; raises ChatFatal with a one-line
-        reason unless the endpoint answers with a chat-completions body (its content may be empty)."""
+        reason unless the endpoint answers with a chat-completions body (its content may be
+        empty)."""
         body = {"model": self.model, "messages": [{"role": "user", "content": "Reply with OK."}],
                 "max_tokens": 1, "temperature": 0}
 
@@ -277,7 +303,9 @@ class ChatClient:
 
         reply = self._ask(body, read, None, "")
         if reply.value is None:
-            raise ChatFatal(f"{self.url} failed a one-token test request ({reply.calls} tries): {reply.error}")
+            raise ChatFatal(
+                f"{self.url} failed a one-token test request ({reply.calls} tries): {reply.error}"
+            )
 
     def _ask(self, body: dict, read, parse, invalid: str) -> Reply:
         """The retry loop. read(body text) -> the answer, or None when the body is malformed;
@@ -293,11 +321,13 @@ class ChatClient:
                 continue
             except requests.RequestException as e:
                 reason = snippet(self.scrub(f"{type(e).__name__}: {e}"))
-                if isinstance(e, ValueError):  # MissingSchema, InvalidURL, ...: the base URL is wrong
+                # MissingSchema, InvalidURL, ...: the base URL is wrong
+                if isinstance(e, ValueError):
                     raise ChatFatal(f"cannot send a request to {self.url}: {reason}") from None
                 error = f"request failed: {reason}"
                 continue
-            text = self.scrub(text)  # the whole text, before any cut: no piece of the key can survive
+            # the whole text, before any cut: no piece of the key can survive
+            text = self.scrub(text)
             if status in FATAL_STATUS:
                 raise ChatFatal(f"HTTP {status} from {self.url}: {snippet(text)} (check the key in "
                                 f"${self.key_env}, the base URL and the model name {self.model!r})")
@@ -325,13 +355,14 @@ class ChatClient:
 # ----------------------------------------------------------------------------------------------
 class JsonlCache:
     """Records kept by key in a JSONL file that only grows: a run appends each record as it arrives
-    (flushed and fsynced), so a kill loses at most the records in flight, and a rerun reads them back.
+    (flushed and fsynced), so a kill loses at most the records in flight, and a rerun reads them
+    back.
 
     A line torn by a kill (or otherwise unreadable) is skipped with a warning; before the first
-    append a torn last line is closed off with a newline, so the new record starts a line of its own.
-    The first record of a key wins. fresh=True starts the file anew (the old records are dropped).
-    Records that `valid` refuses (a failure kept with its error) are in `refused`, the last wins.
-    """
+    append a torn last line is closed off with a newline, so the new record starts a line of its
+    own. The first record of a key wins. fresh=True starts the file anew (the old records are
+    dropped). Records that `valid` refuses (a failure kept with its error) are in `refused`, the
+    last wins. """
 
     def __init__(self, path, fresh: bool = False, valid=None):
         self.path, self.records, self.refused, self._lock = Path(path), {}, {}, threading.Lock()
@@ -396,16 +427,24 @@ def short_reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {found.group(0).strip() if found else snippet(text, 200)}"
 
 
-def download(url: str, target: str | Path, verify=None, attempts: int | None = None, backoff_base: float | None = None,
-             backoff_cap: float = 8.0, timeout: float = 60.0, desc: str | None = None) -> Path:
+def download(
+    url: str,
+    target: str | Path,
+    verify=None,
+    attempts: int | None = None,
+    backoff_base: float | None = None,
+    backoff_cap: float = 8.0,
+    timeout: float = 60.0,
+    desc: str | None = None,
+) -> Path:
     """Download `url` to `target` (progress bar); returns target, at once if it already exists.
 
     A partial download is kept as `<target>.part`; the next attempt resumes it with an HTTP Range
-    request (or starts over if the server ignores ranges). verify(path) may raise (OSError, EOFError)
-    on a broken file; the finished file is renamed into place only after it passes, so `target` is
-    never a broken file. Connection errors, timeouts (per read: a large file takes long) and 5xx are
-    retried with backoff; any other HTTP error fails at once. Raises DownloadError (one line).
-    """
+    request (or starts over if the server ignores ranges). verify(path) may raise (OSError,
+    EOFError) on a broken file; the finished file is renamed into place only after it passes, so
+    `target` is never a broken file. Connection errors, timeouts (per read: a large file takes long)
+    and 5xx are retried with backoff; any other HTTP error fails at once. Raises DownloadError (one
+    line). """
     from tqdm import tqdm
 
     attempts = DOWNLOAD_ATTEMPTS if attempts is None else attempts
@@ -427,9 +466,19 @@ def download(url: str, target: str | Path, verify=None, attempts: int | None = N
                     pass
                 elif resp.status_code in (200, 206):
                     mode = "ab" if resp.status_code == 206 else "wb"
-                    total = int(resp.headers.get("Content-Length", 0)) + (have if mode == "ab" else 0)
-                    with open(part, mode) as f, tqdm(total=total or None, initial=have if mode == "ab" else 0,
-                                                     unit="B", unit_scale=True, desc=desc or target.name) as bar:
+                    total = int(resp.headers.get("Content-Length", 0)) + (
+                        have if mode == "ab" else 0
+                    )
+                    with (
+                        open(part, mode) as f,
+                        tqdm(
+                            total=total or None,
+                            initial=have if mode == "ab" else 0,
+                            unit="B",
+                            unit_scale=True,
+                            desc=desc or target.name,
+                        ) as bar,
+                    ):
                         for chunk in resp.iter_content(1 << 16):
                             f.write(chunk)
                             bar.update(len(chunk))
@@ -474,11 +523,19 @@ def download_hh_rlhf(subset: str = "harmless-base", split: str = "train", cache_
     rename, retries with backoff). Without network: a one-line DataError that names the URL and says
     how to point --data at a local copy."""
     base_url = base_url or os.environ.get("HH_RLHF_URL", HH_RLHF_URL)
-    cache_dir = Path(cache_dir or os.environ.get("TOKEN_RLHF_CACHE", Path.home() / ".cache" / "token-rlhf"))
+    cache_dir = Path(
+        cache_dir or os.environ.get("TOKEN_RLHF_CACHE", Path.home() / ".cache" / "token-rlhf")
+    )
     url = f"{base_url}/{subset}/{split}.jsonl.gz"
     try:
-        return download(url, cache_dir / "hh-rlhf" / subset / f"{split}.jsonl.gz", verify=verify_gzip,
-                        desc=f"hh-rlhf/{subset}")
+        return download(
+            url,
+            cache_dir / "hh-rlhf" / subset / f"{split}.jsonl.gz",
+            verify=verify_gzip,
+            desc=f"hh-rlhf/{subset}",
+        )
     except DownloadError as e:
-        raise DataError(f"hh-rlhf: {e}; without network, fetch that file elsewhere and give its path: "
-                        "--data path/to/train.jsonl.gz (any .jsonl or .jsonl.gz of hh-rlhf rows)") from None
+        raise DataError(
+            f"hh-rlhf: {e}; without network, fetch that file elsewhere and give its path: "
+            "--data path/to/train.jsonl.gz (any .jsonl or .jsonl.gz of hh-rlhf rows)"
+        ) from None

@@ -26,9 +26,13 @@ from plumbing import distributed
 
 try:  # FSDP2's sharded checkpoints (torch >= 2.6; see plumbing/distributed.py)
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict, set_model_state_dict,
-                                                         set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 except ImportError:  # pragma: no cover
     dcp = None
 
@@ -52,19 +56,25 @@ def atomic_write(path, text: str):
 
 
 def read_jsonl_tolerant(path, what: str = "line") -> list[dict]:
-    """Rows of a JSONL file this project appends to (a log, an answer cache). A line cut short by a kill
-    or a full disk (the last one, usually) is skipped with a warning on stderr instead of stopping the run."""
+    """Rows of a JSONL file this project appends to (a log, an answer cache). A line cut short by a
+    kill or a full disk (the last one, usually) is skipped with a warning on stderr instead of
+    stopping the run."""
     rows = []
     path = Path(path)
     if not path.exists():
         return rows
-    for line_no, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+    for line_no, line in enumerate(
+        path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1
+    ):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            print(f"warning: {path} line {line_no}: unreadable {what} (cut short by a kill?), skipped", file=sys.stderr)
+            print(
+                f"warning: {path} line {line_no}: unreadable {what} (cut short by a kill?), skipped",
+                file=sys.stderr,
+            )
             continue
         if isinstance(row, dict):
             rows.append(row)
@@ -182,14 +192,31 @@ def clean_stale_temp(out_dir):
 
 
 # Options that change how a run is carried out but not what it computes: a resume may change them.
-NOT_DEFINING = {"out", "resume", "force_resume", "device", "save_every", "eval_every", "log_every", "stop_after",
-                "log_gold", "gradient_checkpointing", "trust_remote_code", "eval_batch_size", "eval_examples",
-                "micro_batch_size", "offload_frozen", "command", "fsdp", "report_to"}
+NOT_DEFINING = {
+    "out",
+    "resume",
+    "force_resume",
+    "device",
+    "save_every",
+    "eval_every",
+    "log_every",
+    "stop_after",
+    "log_gold",
+    "gradient_checkpointing",
+    "trust_remote_code",
+    "eval_batch_size",
+    "eval_examples",
+    "micro_batch_size",
+    "offload_frozen",
+    "command",
+    "fsdp",
+    "report_to",
+}
 
 
 def run_config(args, ignore=(), **derived) -> dict:
-    """The settings that define a run (all options but NOT_DEFINING and `ignore`, plus derived values
-    such as the planned total steps): stored with every checkpoint, compared on resume."""
+    """The settings that define a run (all options but NOT_DEFINING and `ignore`, plus derived
+    values such as the planned total steps): stored with every checkpoint, compared on resume."""
     config = {k: v for k, v in vars(args).items() if k not in NOT_DEFINING and k not in ignore}
     return json.loads(json.dumps({**config, **derived}, default=str))
 
@@ -197,18 +224,21 @@ def run_config(args, ignore=(), **derived) -> dict:
 def add_resume_args(group):
     group.add_argument("--no-resume", dest="resume", action="store_false",
                        help="ignore a checkpoint in --out and start over")
-    group.add_argument("--force-resume", action="store_true",
-                       help="resume even if the checkpoint was made with other settings (data, model, schedule)")
+    group.add_argument(
+        "--force-resume",
+        action="store_true",
+        help="resume even if the checkpoint was made with other settings (data, model, schedule)",
+    )
     return group
 
 
 # A checkpoint is OUT/checkpoint/step-000120/: the trained tensors of each model (safetensors), and
 # state.pt (optimizer and schedule states, step, RNG, the run's defining settings) that loads with
 # weights_only=True. It is written as checkpoint/.tmp-step-000120 and renamed into place in ONE
-# rename; older steps are deleted only after that. A kill at any moment therefore leaves at least one
-# complete step folder, and resuming takes the newest complete one.
-# Trained tensors only: with LoRA the adapters and heads (the base is read again from the model folder),
-# so a checkpoint of a 7B LoRA run is megabytes, not gigabytes.
+# rename; older steps are deleted only after that. A kill at any moment therefore leaves at least
+# one complete step folder, and resuming takes the newest complete one.
+# Trained tensors only: with LoRA the adapters and heads (the base is read again from the model
+# folder), so a checkpoint of a 7B LoRA run is megabytes, not gigabytes.
 # Under FSDP the models and optimizer states go to step-000120/sharded/ instead, in the
 # torch.distributed.checkpoint format (one .distcp file per rank and a .metadata index): every rank
 # writes and reads its own pieces, none holds the whole model. All ranks must see the same folder.
@@ -237,7 +267,9 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict):
     random.setstate((3, tuple(state["python"]), state["python_pos"]))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    np.random.set_state(
+        ("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0)
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -251,19 +283,23 @@ def latest_checkpoint(out_dir) -> Path | None:
 
 
 def _sharded_state(models: dict, optimizers: dict) -> dict:
-    """What a sharded checkpoint holds: each model's trained tensors and its optimizer's states, as this
-    rank's pieces (DTensors: nothing is gathered). Frozen weights (a LoRA base) are left out."""
+    """What a sharded checkpoint holds: each model's trained tensors and its optimizer's states, as
+    this rank's pieces (DTensors: nothing is gathered). Frozen weights (a LoRA base) are left
+    out."""
     state = {}
     for name, model in models.items():
         model = distributed.unwrap(model)
-        state[f"model.{name}"] = get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True))
+        state[f"model.{name}"] = get_model_state_dict(
+            model, options=StateDictOptions(ignore_frozen_params=True)
+        )
         state[f"optimizer.{name}"] = get_optimizer_state_dict(model, optimizers[name])
     return state
 
 
 def _load_sharded(path: Path, models: dict, optimizers: dict):
-    """Read a sharded checkpoint into models and optimizers (in place): each rank reads its pieces (DCP also
-    reshards for another world size, and fills an unsharded model when resumed without --fsdp)."""
+    """Read a sharded checkpoint into models and optimizers (in place): each rank reads its pieces
+    (DCP also reshards for another world size, and fills an unsharded model when resumed without
+    --fsdp)."""
     state = _sharded_state(models, optimizers)  # the layout to fill
     with warnings.catch_warnings():  # one process reading it is what we mean
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -275,10 +311,19 @@ def _load_sharded(path: Path, models: dict, optimizers: dict):
         set_optimizer_state_dict(model, optimizers[name], state[f"optimizer.{name}"])
 
 
-def save_checkpoint(out_dir, step: int, models: dict, optimizers: dict, schedulers: dict | None = None,
-                    run_config: dict | None = None, **extra):
-    """Write OUT/checkpoint/step-N atomically (see above), then delete the older steps. Every rank calls
-    it: rank 0 writes, and under FSDP every rank writes its pieces too. `optimizers` has the keys of `models`."""
+def save_checkpoint(
+    out_dir,
+    step: int,
+    models: dict,
+    optimizers: dict,
+    schedulers: dict | None = None,
+    run_config: dict | None = None,
+    **extra,
+):
+    """Write OUT/checkpoint/step-N atomically (see above), then delete the older steps. Every rank
+    calls
+    it: rank 0 writes, and under FSDP every rank writes its pieces too. `optimizers` has the keys of
+    `models`."""
     sharded = any(distributed.is_sharded(distributed.unwrap(model)) for model in models.values())
     master = distributed._rank() == 0
     if not (master or sharded):
@@ -307,15 +352,30 @@ def save_checkpoint(out_dir, step: int, models: dict, optimizers: dict, schedule
                 seen.add(ident)
                 unique[key] = tensor
         save_file(unique, str(tmp / f"{name}.safetensors"))
-    _publish_checkpoint(tmp, final, step, {k: opt.state_dict() for k, opt in optimizers.items()}, schedulers,
-                        run_config, extra)
+    _publish_checkpoint(
+        tmp,
+        final,
+        step,
+        {k: opt.state_dict() for k, opt in optimizers.items()},
+        schedulers,
+        run_config,
+        extra,
+    )
 
 
-def _publish_checkpoint(tmp: Path, final: Path, step: int, optimizer_states: dict, schedulers, run_config, extra):
+def _publish_checkpoint(
+    tmp: Path, final: Path, step: int, optimizer_states: dict, schedulers, run_config, extra
+):
     """state.pt into the temp folder, then the one rename, then the older steps go."""
     root = final.parent
-    state = {"step": step, "run_config": run_config or {}, "rng": rng_state(), "optimizers": optimizer_states,
-             "schedulers": {k: s.state_dict() for k, s in (schedulers or {}).items()}, **extra}
+    state = {
+        "step": step,
+        "run_config": run_config or {},
+        "rng": rng_state(),
+        "optimizers": optimizer_states,
+        "schedulers": {k: s.state_dict() for k, s in (schedulers or {}).items()},
+        **extra,
+    }
     torch.save(state, tmp / "state.pt")
     if final.exists():  # the same step saved twice (resumed at the end): replace it
         shutil.rmtree(final)
@@ -327,8 +387,9 @@ def _publish_checkpoint(tmp: Path, final: Path, step: int, optimizer_states: dic
 
 def resume(out_dir, models: dict, optimizers: dict, schedulers: dict | None, run_config: dict, args,
            dist_info: distributed.DistInfo, map_location="cpu") -> tuple[int, "JsonlLogger"]:
-    """Where a training stage starts: step 0, or the step of the newest checkpoint in out_dir, loaded into
-    the models, optimizers and schedules (it must be of this run: load_checkpoint; --no-resume ignores it,
+    """Where a training stage starts: step 0, or the step of the newest checkpoint in out_dir,
+    loaded into the models, optimizers and schedules (it must be of this run: load_checkpoint;
+    --no-resume ignores it,
     --force-resume takes it anyway); and OUT/log.jsonl rewound to that step (rank 0 logs)."""
     state = load_checkpoint(out_dir, models, optimizers, schedulers, run_config, args.force_resume,
                             map_location) if args.resume else None
@@ -339,8 +400,15 @@ def resume(out_dir, models: dict, optimizers: dict, schedulers: dict | None, run
     return step, logger
 
 
-def load_checkpoint(out_dir, models: dict, optimizers: dict, schedulers: dict | None = None,
-                    run_config: dict | None = None, force: bool = False, map_location="cpu") -> dict | None:
+def load_checkpoint(
+    out_dir,
+    models: dict,
+    optimizers: dict,
+    schedulers: dict | None = None,
+    run_config: dict | None = None,
+    force: bool = False,
+    map_location="cpu",
+) -> dict | None:
     """Load the newest complete checkpoint into models, optimizers and schedulers (in place) and
     restore the RNG; return its state (step and the extra fields), or None when there is none.
 
@@ -352,18 +420,31 @@ def load_checkpoint(out_dir, models: dict, optimizers: dict, schedulers: dict | 
         return None
     state = torch.load(ckpt / "state.pt", map_location=map_location, weights_only=True)
     saved_config = state.get("run_config", {})
-    changed = {k: (saved_config.get(k), v) for k, v in (run_config or {}).items() if saved_config.get(k) != v}
+    changed = {
+        k: (saved_config.get(k), v)
+        for k, v in (run_config or {}).items()
+        if saved_config.get(k) != v
+    }
     if changed and not force:
-        what = "; ".join(f"--{k.replace('_', '-')} was {old!r}, now {new!r}" for k, (old, new) in changed.items())
-        raise InputError(f"{ckpt} belongs to a different run ({what}); use --no-resume to start over in this "
-                         "folder, another --out, or --force-resume to continue with the new settings")
+        what = "; ".join(
+            f"--{k.replace('_', '-')} was {old!r}, now {new!r}" for k, (old, new) in changed.items()
+        )
+        raise InputError(
+            f"{ckpt} belongs to a different run ({what}); use --no-resume to start over in this "
+            "folder, another --out, or --force-resume to continue with the new settings"
+        )
     if changed:
-        warnings.warn(f"--force-resume: continuing {ckpt} with changed settings {sorted(changed)}", stacklevel=2)
+        warnings.warn(
+            f"--force-resume: continuing {ckpt} with changed settings {sorted(changed)}",
+            stacklevel=2,
+        )
     if (ckpt / SHARDED).is_dir():
         _load_sharded(ckpt / SHARDED, models, optimizers)
     elif any(distributed.is_sharded(distributed.unwrap(model)) for model in models.values()):
-        raise InputError(f"{ckpt} was written without --fsdp; resume it without --fsdp, or start over with "
-                         "--no-resume")
+        raise InputError(
+            f"{ckpt} was written without --fsdp; resume it without --fsdp, or start over with "
+            "--no-resume"
+        )
     else:
         for name, model in models.items():
             tensors = load_file(str(ckpt / f"{name}.safetensors"))

@@ -22,15 +22,29 @@ import torch.nn as nn
 import transformers
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tokenizers import (ByteLevelBPETokenizer, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors,
-                        trainers)
-from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GPT2Config,
-                          PreTrainedTokenizerFast)
+from tokenizers import (
+    ByteLevelBPETokenizer,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    GPT2Config,
+    PreTrainedTokenizerFast,
+)
 from transformers.utils import logging as hf_logging
 
 from common import InputError, ScoreModel
 from plumbing import checkpoint, distributed
-
 
 # ----------------------------------------------------------------------------------------------
 # Models and tokenizers
@@ -52,12 +66,18 @@ def check_model_source(name_or_path, what: str = "model"):
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
-            raise InputError(f"{what} {name}: a folder without config.json, not a Hugging Face model directory")
+            raise InputError(
+                f"{what} {name}: a folder without config.json, not a Hugging Face model directory"
+            )
         return
     if path.exists():
         raise InputError(f"{what} {name}: a file, not a model directory or hub name")
     repo_id = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name)
-    if not repo_id or name.startswith((".", "~")) or (path.parent != Path(".") and path.parent.exists()):
+    if (
+        not repo_id
+        or name.startswith((".", "~"))
+        or (path.parent != Path(".") and path.parent.exists())
+    ):
         raise InputError(f"{what} {name}: no such directory")
     try:
         from huggingface_hub import try_to_load_from_cache
@@ -67,12 +87,16 @@ def check_model_source(name_or_path, what: str = "model"):
     except Exception:  # an old or missing huggingface_hub: let transformers decide
         return
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
-        raise InputError(f"{what} {name}: not a local directory, not in the hub cache, and HF_HUB_OFFLINE is set")
+        raise InputError(
+            f"{what} {name}: not a local directory, not in the hub cache, and HF_HUB_OFFLINE is set"
+        )
     try:
         requests.head(f"{HUB_ENDPOINT}/api/models/{name}", timeout=3)
     except requests.RequestException:
-        raise InputError(f"{what} {name}: not a local directory and {HUB_ENDPOINT} cannot be reached to download "
-                         "it (offline?); give the path of a local copy") from None
+        raise InputError(
+            f"{what} {name}: not a local directory and {HUB_ENDPOINT} cannot be reached to download "
+            "it (offline?); give the path of a local copy"
+        ) from None
 
 
 def configure_tokenizer(tokenizer):
@@ -87,25 +111,38 @@ def configure_tokenizer(tokenizer):
 def load_tokenizer(name_or_path, trust_remote_code: bool = False, what: str = "tokenizer"):
     check_model_source(name_or_path, what)
     _quiet_transformers()
-    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(name_or_path), trust_remote_code=trust_remote_code
+    )
     if tokenizer.eos_token_id is None:
         raise InputError(f"{what} {name_or_path}: the tokenizer has no EOS token")
     return configure_tokenizer(tokenizer)
 
 
-def from_pretrained(auto_class, name_or_path, dtype: torch.dtype, trust_remote_code: bool = False, meta: bool = False):
-    """auto_class.from_pretrained; with meta=True the same model built on the meta device instead (shapes, no
-    storage, nothing read): what the ranks other than 0 build under --fsdp, where rank 0 alone reads the weights
-    and wrap_model sends every rank its shards (see the FSDP2 section). Eval mode either way."""
+def from_pretrained(
+    auto_class,
+    name_or_path,
+    dtype: torch.dtype,
+    trust_remote_code: bool = False,
+    meta: bool = False,
+):
+    """auto_class.from_pretrained; with meta=True the same model built on the meta device instead
+    (shapes, no storage, nothing read): what the ranks other than 0 build under --fsdp, where rank 0
+    alone reads the weights and wrap_model sends every rank its shards (see the FSDP2 section). Eval
+    mode either way."""
     if not meta:
-        return auto_class.from_pretrained(str(name_or_path), dtype=dtype, trust_remote_code=trust_remote_code)
+        return auto_class.from_pretrained(
+            str(name_or_path), dtype=dtype, trust_remote_code=trust_remote_code
+        )
     config = AutoConfig.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = auto_class.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-    if getattr(model, "generation_config", None) is not None:  # the EOS ids generation stops at, as rank 0 reads them
+    # the EOS ids generation stops at, as rank 0 reads them
+    if getattr(model, "generation_config", None) is not None:
         try:
             model.generation_config = GenerationConfig.from_pretrained(str(name_or_path))
-        except OSError:  # no generation_config.json: the defaults from the config, as from_pretrained does
+        # no generation_config.json: the defaults from the config, as from_pretrained does
+        except OSError:
             pass
     return model.eval()
 
@@ -123,7 +160,9 @@ def load_policy(name_or_path, dtype: torch.dtype = torch.float32, trust_remote_c
 
 def tokenizer_fingerprint(tokenizer) -> str:
     """A short hash of what decides token ids: the vocabulary and the BOS / EOS tokens."""
-    blob = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.bos_token, tokenizer.eos_token])
+    blob = json.dumps(
+        [sorted(tokenizer.get_vocab().items()), tokenizer.bos_token, tokenizer.eos_token]
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -134,10 +173,15 @@ def check_same_tokenizer(policy_tokenizer, other_tokenizer, what: str):
     ours, theirs = policy_tokenizer.get_vocab(), other_tokenizer.get_vocab()
     differ = [(token, i, theirs.get(token)) for token, i in ours.items() if theirs.get(token) != i]
     if differ or policy_tokenizer.eos_token_id != other_tokenizer.eos_token_id:
-        example = (f"; e.g. {differ[0][0]!r} is {differ[0][1]} for the policy and {differ[0][2]} here"
-                   if differ else f"; EOS is {policy_tokenizer.eos_token_id} vs {other_tokenizer.eos_token_id}")
-        raise InputError(f"{what}: its tokenizer differs from the policy's ({len(differ)} of {len(ours)} tokens "
-                         f"have other ids{example}); train it from the same SFT model")
+        example = (
+            f"; e.g. {differ[0][0]!r} is {differ[0][1]} for the policy and {differ[0][2]} here"
+            if differ
+            else f"; EOS is {policy_tokenizer.eos_token_id} vs {other_tokenizer.eos_token_id}"
+        )
+        raise InputError(
+            f"{what}: its tokenizer differs from the policy's ({len(differ)} of {len(ours)} tokens "
+            f"have other ids{example}); train it from the same SFT model"
+        )
 
 
 # The tiny families build_tiny makes: the tokenizer layout and special tokens each family ships with
@@ -158,9 +202,19 @@ TINY_FAMILIES = {
 }
 
 
-def build_tiny(texts: list[str], out_dir=None, arch: str = "gpt2", vocab_size: int = 2048, seed: int = 0,
-               layers: int = 2, width: int = 64, dropout: float = 0.1, max_positions: int = 512):
-    """A tokenizer trained on `texts` and a tiny random model built from a config (saved to out_dir).
+def build_tiny(
+    texts: list[str],
+    out_dir=None,
+    arch: str = "gpt2",
+    vocab_size: int = 2048,
+    seed: int = 0,
+    layers: int = 2,
+    width: int = 64,
+    dropout: float = 0.1,
+    max_positions: int = 512,
+):
+    """A tokenizer trained on `texts` and a tiny random model built from a config (saved to
+    out_dir).
 
     arch "gpt2": byte-level BPE, no BOS, learned positions. arch "llama": a SentencePiece-style BPE
     (the "legacy" layout that puts '▁' before every text it tokenises) that adds BOS, RoPE, RMSNorm,
@@ -238,13 +292,27 @@ def train_tiny_tokenizer(texts: list[str], vocab_size: int = 2048, arch: str = "
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
     # the "legacy" SentencePiece layout of Llama 2 / Mistral: '▁' before every text, spaces as '▁'
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tok.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")  # pieces never span two words
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
+    # pieces never span two words
+    tok.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
+    tok.decoder = decoders.Sequence(
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
     byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
     specials = list(dict.fromkeys(["<unk>", *specials]))
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
-                                                       special_tokens=[*specials, *byte_tokens]))
+    tok.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=2,
+            show_progress=False,
+            special_tokens=[*specials, *byte_tokens],
+        ),
+    )
     tok.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos,
@@ -262,12 +330,16 @@ def disable_dropout(model: nn.Module) -> nn.Module:
 # --- score models: the project's format, the Hugging Face standard classes, TRL, OpenRLHF ---------
 # A ScoreModel (common.py) is a backbone plus one linear head. On disk it is a standard Hugging Face
 # checkpoint, so other tools load it with no code of ours:
-#   reward model  -> AutoModelForSequenceClassification (num_labels=1): the score of the last real token
+#   reward model  -> AutoModelForSequenceClassification (num_labels=1): the score of the last real
+# token
 #   discriminator -> AutoModelForTokenClassification (num_labels=1): one logit per token
 # Both are read the same way by load_score_model, as are the project's older directories (a backbone
 # plus score_head.safetensors), TRL reward models (sequence classification) and OpenRLHF ones
 # (a backbone plus value_head.weight, with optional reward normalisation).
-SCORE_KINDS = {"sequence": "AutoModelForSequenceClassification", "token": "AutoModelForTokenClassification"}
+SCORE_KINDS = {
+    "sequence": "AutoModelForSequenceClassification",
+    "token": "AutoModelForTokenClassification",
+}
 
 
 PAD_TOKEN = "<|pad|>"
@@ -282,8 +354,14 @@ def _head_name(hf_model) -> str:
     return names[0]
 
 
-def new_score_model(name_or_path, bias: bool, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
-                    what: str = "backbone", meta: bool = False) -> ScoreModel:
+def new_score_model(
+    name_or_path,
+    bias: bool,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    what: str = "backbone",
+    meta: bool = False,
+) -> ScoreModel:
     """A ScoreModel with a fresh head on the backbone of a causal LM (the SFT model): what the
     discriminator, the reward model and a critic started from the policy train. The head is fp32
     whatever `dtype` the backbone has (it is trained). meta: see from_pretrained."""
@@ -323,23 +401,27 @@ def save_score_model(model: ScoreModel, tokenizer, out_dir, kind: str, extra: di
     Every rank calls it (under FSDP the weights are gathered to rank 0, which writes); LoRA adapters
     are merged into the backbone (full_state_dict), so the directory holds the plain standard class.
 
-    The standard sequence classifier reads the score at the last token that is not the pad token. With
-    pad == eos (GPT-2, Llama) that would skip the EOS the reward model is read at, so a sequence model
-    whose tokenizer has no pad of its own gets one extra token, <|pad|>, and one extra (never used, zero)
-    embedding row; every other token keeps its id, so it still shares the policy's tokenizer.
-    `extra` is written to token_rlhf.json (what the run was: role, data, held-out settings), with
-    the format saved. A family without the standard class (OPT has no token classifier), or a
-    standard save that fails, is saved as the backbone plus score_head.safetensors instead (the
-    project's own format, which load_score_model reads), and token_rlhf.json says why: a trained
-    model is never lost.
+    The standard sequence classifier reads the score at the last token that is not the pad token.
+    With pad == eos (GPT-2, Llama) that would skip the EOS the reward model is read at, so a
+    sequence model whose tokenizer has no pad of its own gets one extra token, <|pad|>, and one
+    extra (never used, zero) embedding row; every other token keeps its id, so it still shares the
+    policy's tokenizer. `extra` is written to token_rlhf.json (what the run was: role, data,
+    held-out settings), with the format saved. A family without the standard class (OPT has no token
+    classifier), or a standard save that fails, is saved as the backbone plus score_head.safetensors
+    instead (the project's own format, which load_score_model reads), and token_rlhf.json says why:
+    a trained model is never lost.
     """
     model = distributed.unwrap(model)
     if kind == "sequence" and model.head.bias is not None:
-        raise ValueError("a sequence-classification head has no bias; build the reward model with bias=False")
+        raise ValueError(
+            "a sequence-classification head has no bias; build the reward model with bias=False"
+        )
     state = distributed.full_state_dict(model)  # {} on ranks other than 0
     if not state:
         return
-    backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    backbone = {
+        k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")
+    }
     head = {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}
     info, out_dir = dict(extra or {}), Path(out_dir)
     note = score_save_note(model.backbone.config, kind)
@@ -370,18 +452,23 @@ def _save_standard(model, tokenizer, out_dir, kind: str, backbone: dict, head_st
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
         rows = backbone[embedding]
         if rows.shape[0] < len(tokenizer):  # the pad token's row
-            backbone[embedding] = torch.cat([rows, rows.new_zeros(len(tokenizer) - rows.shape[0], rows.shape[1])])
+            backbone[embedding] = torch.cat(
+                [rows, rows.new_zeros(len(tokenizer) - rows.shape[0], rows.shape[1])]
+            )
     config = copy.deepcopy(model.backbone.config)
     config.num_labels = 1
     config.pad_token_id = tokenizer.pad_token_id
-    config.classifier_dropout = 0.0  # the token classifier's dropout; eval-time outputs are unaffected anyway
+    # the token classifier's dropout; eval-time outputs are unaffected anyway
+    config.classifier_dropout = 0.0
     config.vocab_size = backbone[embedding].shape[0]
     auto_class = getattr(transformers, SCORE_KINDS[kind])
     with torch.device("meta"):  # an empty shell of the standard class; our tensors go inside it
         hf_model = auto_class.from_config(config)
     head = _head_name(hf_model)
     if getattr(hf_model, head).bias is None and model.head.bias is not None:
-        raise ValueError(f"{type(hf_model).__name__} has no head bias; this discriminator head has one")
+        raise ValueError(
+            f"{type(hf_model).__name__} has no head bias; this discriminator head has one"
+        )
     hf_state = {f"{hf_model.base_model_prefix}.{k}": v for k, v in backbone.items()}
     hf_state.update({f"{head}.{k}": v for k, v in head_state.items()})
     hf_model.load_state_dict(hf_state, strict=True, assign=True)
@@ -389,9 +476,10 @@ def _save_standard(model, tokenizer, out_dir, kind: str, backbone: dict, head_st
 
 
 def save_policy(model: nn.Module, tokenizer, out_dir):
-    """Save the trained policy as an ordinary Hugging Face causal LM (AutoModelForCausalLM.from_pretrained
-    loads it) with its tokenizer. Every rank calls it: under FSDP the full weights are gathered to rank 0,
-    which writes; LoRA adapters are merged in (full_state_dict)."""
+    """Save the trained policy as an ordinary Hugging Face causal LM
+    (AutoModelForCausalLM.from_pretrained loads it) with its tokenizer. Every rank calls it: under
+    FSDP the full weights are gathered to rank 0, which writes; LoRA adapters are merged in
+    (full_state_dict)."""
     state = distributed.full_state_dict(model)
     if state:
         save_hf(model, tokenizer, out_dir, state_dict=state)
@@ -399,13 +487,16 @@ def save_policy(model: nn.Module, tokenizer, out_dir):
 
 def load_score_model(path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
                      what: str = "score model", meta: bool = False) -> ScoreModel:
-    """A trained ScoreModel from any of the formats above; a folder without trained head weights is an
-    error (a random head would give random rewards without any sign of it). meta: see from_pretrained."""
+    """A trained ScoreModel from any of the formats above; a folder without trained head weights is
+    an error (a random head would give random rewards without any sign of it). meta: see
+    from_pretrained."""
     check_model_source(path, what)
     _quiet_transformers()
-    with torch.device("meta") if meta else contextlib.nullcontext():  # meta: the heads built on it too
+    # meta: the heads built on it too
+    with torch.device("meta") if meta else contextlib.nullcontext():
         model = _load_score_model(Path(path), dtype, trust_remote_code, what, meta)
-    model.head.float()  # the scalar head stays fp32 whatever the backbone's dtype (a few hundred numbers)
+    # the scalar head stays fp32 whatever the backbone's dtype (a few hundred numbers)
+    model.head.float()
     return model
 
 
@@ -421,9 +512,13 @@ def _load_score_model(path: Path, dtype, trust_remote_code, what, meta) -> Score
     for kind, auto_name in SCORE_KINDS.items():
         if architecture.endswith(auto_name.removeprefix("AutoModel")):
             if config.num_labels != 1:
-                raise InputError(f"{what} {path}: a {architecture} with {config.num_labels} labels; "
-                                 "a reward model or discriminator gives one score (num_labels=1)")
-            hf_model = from_pretrained(getattr(transformers, auto_name), path, dtype, trust_remote_code, meta)
+                raise InputError(
+                    f"{what} {path}: a {architecture} with {config.num_labels} labels; "
+                    "a reward model or discriminator gives one score (num_labels=1)"
+                )
+            hf_model = from_pretrained(
+                getattr(transformers, auto_name), path, dtype, trust_remote_code, meta
+            )
             head = getattr(hf_model, _head_name(hf_model))
             model = ScoreModel(hf_model.base_model, bias=head.bias is not None)
             model.head = head
@@ -433,14 +528,19 @@ def _load_score_model(path: Path, dtype, trust_remote_code, what, meta) -> Score
         backbone = from_pretrained(AutoModel, path, dtype, trust_remote_code, meta)
         model = ScoreModel(backbone, bias=False)
         model.head.weight.data.copy_(_read_weight(path, "value_head.weight"))
-        if getattr(config, "normalize_reward", False):  # score = (r − mean) / std, folded into the head
+        # score = (r − mean) / std, folded into the head
+        if getattr(config, "normalize_reward", False):
             std = float(getattr(config, "std", 1.0)) or 1.0
             model.head.weight.data /= std
-            model.head.bias = nn.Parameter(torch.full((1,), -float(getattr(config, "mean", 0.0)) / std))
+            model.head.bias = nn.Parameter(
+                torch.full((1,), -float(getattr(config, "mean", 0.0)) / std)
+            )
         return model.to(dtype)
-    raise InputError(f"{what} {path}: no trained score head (expected a *ForSequenceClassification or "
-                     "*ForTokenClassification checkpoint with num_labels=1, an OpenRLHF value_head, or "
-                     "score_head.safetensors); train one with redistribute.py or discriminator.py")
+    raise InputError(
+        f"{what} {path}: no trained score head (expected a *ForSequenceClassification or "
+        "*ForTokenClassification checkpoint with num_labels=1, an OpenRLHF value_head, or "
+        "score_head.safetensors); train one with redistribute.py or discriminator.py"
+    )
 
 
 def _weight_names(path: Path) -> set[str]:
@@ -469,8 +569,9 @@ def read_run_info(model_dir) -> dict:
 
 
 def save_hf(model: nn.Module, tokenizer, out_dir, **save_kwargs):
-    """Save a model and its tokenizer in Hugging Face format into out_dir (save_kwargs go to save_pretrained,
-    e.g. state_dict=: the tensors to write instead of the model's own, a copy is passed: it pops keys).
+    """Save a model and its tokenizer in Hugging Face format into out_dir (save_kwargs go to
+    save_pretrained, e.g. state_dict=: the tensors to write instead of the model's own, a copy is
+    passed: it pops keys).
 
     Everything is written to a temp folder first and then renamed file by file, so a crash never
     leaves half a weight file; other files in out_dir (checkpoint/, log.jsonl) are kept. A temp
@@ -493,10 +594,15 @@ def save_hf(model: nn.Module, tokenizer, out_dir, **save_kwargs):
 
 def enable_gradient_checkpointing(model: nn.Module):
     """Recompute activations in the backward pass (Hugging Face's own, non-reentrant: works with DDP
-    and with frozen inputs). Active in train() mode only, so generation in eval() keeps its KV cache."""
+    and with frozen inputs). Active in train() mode only, so generation in eval() keeps its KV
+    cache."""
     hf_model = model.backbone if isinstance(model, ScoreModel) else model
     if hasattr(hf_model, "activation_checkpointing_enable"):  # transformers >= 5
-        hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        hf_model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
+        )
     else:
-        hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        hf_model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
     hf_model.config.use_cache = False

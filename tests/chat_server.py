@@ -35,7 +35,8 @@ class ChatServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"  # keep-alive, as real endpoints
-            disable_nagle_algorithm = True  # headers and body go out at once (no 40 ms delayed-ACK stall)
+            # headers and body go out at once (no 40 ms delayed-ACK stall)
+            disable_nagle_algorithm = True
 
             def log_message(self, *args):
                 pass
@@ -59,7 +60,9 @@ class ChatServer:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        ).start()
 
     @staticmethod
     def respond(handler, behaviour, text, auth):
@@ -83,7 +86,11 @@ class ChatServer:
                 time.sleep(trickle)
 
         def reply(content, **kw):
-            send(200, json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}), **kw)
+            send(
+                200,
+                json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}),
+                **kw,
+            )
 
         if name == "slow":
             time.sleep(float(arg or 1.0))
@@ -122,7 +129,8 @@ class ChatServer:
         self.httpd.server_close()
 
 
-SECRET = "sk-test-" + "Qz7Wx2Kv9Jq4Yp6Lm3Rn8Ts" * 2  # an API key: no piece of it looks like English, hex or an id
+# an API key: no piece of it looks like English, hex or an id
+SECRET = "sk-test-" + "Qz7Wx2Kv9Jq4Yp6Lm3Rn8Ts" * 2
 
 
 def key_fragment(text: str) -> int:

@@ -43,8 +43,9 @@ def tiny_tokenizer(tiny_dir):
 
 @pytest.fixture(scope="session")
 def llama_dir(tmp_path_factory, splits):
-    """A tiny random Llama (RoPE, GQA, RMSNorm, no pad token) with a SentencePiece-style BPE in the "legacy"
-    layout that adds BOS and puts '▁' before every text it tokenises: what users bring from Llama / Mistral."""
+    """A tiny random Llama (RoPE, GQA, RMSNorm, no pad token) with a SentencePiece-style BPE in the
+    "legacy" layout that adds BOS and puts '▁' before every text it tokenises: what users bring from
+    Llama / Mistral."""
     out = tmp_path_factory.mktemp("llama")
     texts = [p.prompt + p.chosen for p in splits["sft"]]
     hf_models.build_tiny(texts, out, arch="llama", vocab_size=1024, seed=0, dropout=0.0)
@@ -81,10 +82,23 @@ def run_torchrun(script_and_args, nproc=2, timeout=180, cwd=None):
     env = {k: v for k, v in os.environ.items()
            if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           *map(str, script_and_args)]
-    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        *map(str, script_and_args),
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -101,15 +115,26 @@ def run_torchrun(script_and_args, nproc=2, timeout=180, cwd=None):
 
 
 def assert_train_step_equals_one_pass(model, train_step, examples, args, pad_id, one_pass_loss):
-    """A stage's train_step accumulates, over its micro-batches, exactly the gradient of one_pass_loss()
-    (the stage's loss on the whole batch in one forward pass): read just before its optimizer step, which
-    changes nothing (SGD, lr 0). A wrong normaliser would scale or skew the accumulated gradient."""
+    """A stage's train_step accumulates, over its micro-batches, exactly the gradient of
+    one_pass_loss() (the stage's loss on the whole batch in one forward pass): read just before its
+    optimizer step, which changes nothing (SGD, lr 0). A wrong normaliser would scale or skew the
+    accumulated gradient."""
     one_pass_loss().backward()
     expected = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     accumulated = {}
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    optimizer.register_step_pre_hook(lambda *_: accumulated.update(grads=[p.grad.clone() for p in model.parameters()]))
-    train_step(model, optimizer, plumbing.cosine_schedule(optimizer, 1), examples, args, distributed.DistInfo(), pad_id)
+    optimizer.register_step_pre_hook(
+        lambda *_: accumulated.update(grads=[p.grad.clone() for p in model.parameters()])
+    )
+    train_step(
+        model,
+        optimizer,
+        plumbing.cosine_schedule(optimizer, 1),
+        examples,
+        args,
+        distributed.DistInfo(),
+        pad_id,
+    )
     for got, want in zip(accumulated["grads"], expected):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)

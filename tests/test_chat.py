@@ -15,14 +15,20 @@ import requests
 
 import common
 import plumbing
-from plumbing import chat
 from chat_server import SECRET, ChatServer, key_fragment
-
+from plumbing import chat
 
 
 @pytest.fixture(autouse=True)
 def no_proxy_env(monkeypatch):
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+    for name in (
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+    ):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -33,7 +39,11 @@ def serve():
     def start(*behaviours, answer="hello"):
         """A server that plays `behaviours` in order, one per call, then "ok"."""
         queue = list(behaviours)
-        servers.append(ChatServer(lambda messages: ("t", answer), lambda tag, n: queue.pop(0) if queue else "ok"))
+        servers.append(
+            ChatServer(
+                lambda messages: ("t", answer), lambda tag, n: queue.pop(0) if queue else "ok"
+            )
+        )
         return servers[-1]
 
     yield start
@@ -63,7 +73,8 @@ def test_retry_after_parses_seconds_and_dates_validates_and_caps():
     parse = chat.retry_after_seconds
     assert parse("2") == 2.0 and parse(" 0.5 ") == 0.5 and parse("0") == 0.0
     assert parse(None) is None and parse("") is None and parse("soon") is None
-    assert parse("nan") is None and parse("-5") is None  # unusable: the client's own backoff applies
+    # unusable: the client's own backoff applies
+    assert parse("nan") is None and parse("-5") is None
     assert parse("inf") == parse("1e12") == parse("1e999") == chat.RETRY_AFTER_CAP  # never a crash
     assert parse("300", cap=7.5) == 7.5 and parse("inf", cap=7.5) == 7.5
     now = time.time()
@@ -91,8 +102,9 @@ def test_backoff_doubles_up_to_the_cap_with_jitter():
 # ----------------------------------------------------------------------------------------------
 def test_key_is_scrubbed_before_any_cut_at_every_offset(serve):
     """The server echoes the key at character offset k of its error body, for every k up to past
-    the snippet length: every cut position straddles the key for some k. Before the fix, label.py cut
-    at 200 and eval.py at 300 characters before scrubbing, and up to 55 of the 56 characters survived."""
+    the snippet length: every cut position straddles the key for some k. Before the fix, label.py
+    cut at 200 and eval.py at 300 characters before scrubbing, and up to 55 of the 56 characters
+    survived."""
     offsets = range(chat.SNIPPET_CHARS + 2)
     server = serve(*[f"echo500:{k}" for k in offsets], *[f"echo401:{k}" for k in offsets])
     client = client_for(server, max_retries=0)
@@ -104,7 +116,10 @@ def test_key_is_scrubbed_before_any_cut_at_every_offset(serve):
         with pytest.raises(chat.ChatFatal) as info:
             client.complete(HELLO)
         message = str(info.value)
-        assert "HTTP 401" in message and "\n" not in message and key_fragment(message) < 4, (k, message)
+        assert "HTTP 401" in message and "\n" not in message and key_fragment(message) < 4, (
+            k,
+            message,
+        )
         if k < chat.SNIPPET_CHARS - 4:
             assert "***" in message  # where the key was
     assert client.calls == 2 * len(offsets)
@@ -119,7 +134,8 @@ def test_api_key_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("MY_KEY", SECRET)
     assert chat.api_key_from_env("MY_KEY", "https://api.example.com/v1") == SECRET
     monkeypatch.delenv("MY_KEY")
-    assert chat.api_key_from_env("MY_KEY", "http://localhost:8000/v1") == ""  # localhost: no key needed
+    # localhost: no key needed
+    assert chat.api_key_from_env("MY_KEY", "http://localhost:8000/v1") == ""
     with pytest.raises(chat.ChatFatal, match="set the MY_KEY environment variable"):
         chat.api_key_from_env("MY_KEY", "https://api.example.com/v1")
 
@@ -154,7 +170,8 @@ def test_faults_are_retried_with_backoff_and_retry_after_capped(serve):
     reply = client.complete(HELLO, parse=lambda text: text or None, invalid="empty answer")
     assert reply.value == "hello" and reply.calls == 9 and client.calls == 9
     times = [t for _, _, t, _ in server.calls]
-    assert 0.19 <= times[1] - times[0] <= 0.45 and 0.19 <= times[2] - times[1] <= 0.45  # inf, 1e12: the cap
+    # inf, 1e12: the cap
+    assert 0.19 <= times[1] - times[0] <= 0.45 and 0.19 <= times[2] - times[1] <= 0.45
     assert times[3] - times[2] < 0.15  # nan: ignored, the 0.01 s backoff
     # retries run out: the last reason is reported
     server = serve("null", "null", "null")
@@ -176,7 +193,11 @@ def test_bad_key_model_or_url_is_fatal_at_once_and_other_4xx_fail_one_request(se
         client_for("localhost:8000/v1").complete(HELLO)  # no scheme: fatal at once, not retried
     server = serve("400")
     reply = client_for(server).complete(HELLO)
-    assert reply.value is None and reply.error == "HTTP 400: refused, request had Bearer ***" and reply.calls == 1
+    assert (
+        reply.value is None
+        and reply.error == "HTTP 400: refused, request had Bearer ***"
+        and reply.calls == 1
+    )
 
 
 def test_connection_refused_is_retried_then_reported(serve):
@@ -269,7 +290,10 @@ def test_download_failure_is_one_line_naming_the_url_and_the_local_way(tmp_path,
                 common.load_pairs(plumbing.data_paths("hh-rlhf:harmless-base", cache_dir=tmp_path))
             message = str(info.value)
             assert time.monotonic() - start < 1.0 and "\n" not in message, message
-            assert f"could not download {base}/harmless-base/train.jsonl.gz after 4 attempts" in message
+            assert (
+                f"could not download {base}/harmless-base/train.jsonl.gz after 4 attempts"
+                in message
+            )
             assert "--data path/to/train.jsonl.gz" in message and ".jsonl.gz" in message
         assert _FailingHandler.calls == 4  # 503 is retried
         assert "HTTP 503" in str(info.value) or "Connection refused" in str(info.value)
@@ -301,8 +325,11 @@ def test_download_retries_a_server_error_then_succeeds(tmp_path, monkeypatch):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        target = chat.download(f"http://127.0.0.1:{server.server_port}/f.jsonl.gz", tmp_path / "f.jsonl.gz",
-                               verify=chat.verify_gzip)
+        target = chat.download(
+            f"http://127.0.0.1:{server.server_port}/f.jsonl.gz",
+            tmp_path / "f.jsonl.gz",
+            verify=chat.verify_gzip,
+        )
     finally:
         server.shutdown()
         server.server_close()
@@ -320,11 +347,30 @@ def test_label_without_network_exits_with_one_line(tiny_dir, tmp_path):
     code = ("import sys, plumbing, label; from plumbing import chat; chat.DOWNLOAD_BACKOFF = 0.01; "
             "plumbing.cli(lambda: label.main(sys.argv[1:]))")
     env = {k: v for k, v in __import__("os").environ.items() if "proxy" not in k.lower()}
-    env.update(HH_RLHF_URL=f"http://127.0.0.1:{closed_port()}", TOKEN_RLHF_CACHE=str(tmp_path / "cache"))
+    env.update(
+        HH_RLHF_URL=f"http://127.0.0.1:{closed_port()}", TOKEN_RLHF_CACHE=str(tmp_path / "cache")
+    )
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", code, "--reviser", "chosen", "--data", "hh-rlhf:harmless-base",
-                           "--tokenizer", str(tiny_dir), "--out", str(tmp_path / "labels.jsonl")],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "--reviser",
+            "chosen",
+            "--data",
+            "hh-rlhf:harmless-base",
+            "--tokenizer",
+            str(tiny_dir),
+            "--out",
+            str(tmp_path / "labels.jsonl"),
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr
     assert lines[0].startswith("error: hh-rlhf: could not download http://127.0.0.1:")

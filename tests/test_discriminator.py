@@ -11,8 +11,8 @@ import torch
 import common
 import discriminator as D
 import label
-from plumbing import checkpoint, hf_models
 from conftest import assert_train_step_equals_one_pass, run_torchrun
+from plumbing import checkpoint, hf_models
 
 REPO = Path(__file__).resolve().parents[1]
 POS_ID, NEG_ID = 500, 501  # the synthetic "always positive" and "always negative" token ids
@@ -47,7 +47,8 @@ def small_nodrop_dir(tmp_path_factory, tiny_tokenizer):
 @pytest.fixture
 def scorer(small_dir):
     torch.manual_seed(1)
-    return hf_models.disable_dropout(hf_models.new_score_model(small_dir, bias=True)).eval()  # a fresh random head
+    # a fresh random head
+    return hf_models.disable_dropout(hf_models.new_score_model(small_dir, bias=True)).eval()
 
 
 def synthetic_records(n, seed=0):
@@ -55,14 +56,18 @@ def synthetic_records(n, seed=0):
     rng = random.Random(seed)
     records = []
     for i in range(n):
-        record = {"id": f"pair{i}", "prompt": f"\n\nHuman: question number {i} {rng.randint(0, 999)}\n\nAssistant:"}
+        record = {
+            "id": f"pair{i}",
+            "prompt": f"\n\nHuman: question number {i} {rng.randint(0, 999)}\n\nAssistant:",
+        }
         for side in ("rejected", "revised"):
             ids = [rng.randrange(600, 1500) for _ in range(rng.randint(4, 10))]
             labels = [0] * len(ids)
             special = NEG_ID if side == "rejected" else POS_ID
             for _ in range(rng.randint(1, 3)):
                 k = rng.randrange(len(ids) + 1)
-                token = special if rng.random() < 0.8 else (POS_ID + NEG_ID - special)  # mostly, not only
+                # mostly, not only
+                token = special if rng.random() < 0.8 else (POS_ID + NEG_ID - special)
                 ids.insert(k, token)
                 labels.insert(k, 1 if token == POS_ID else -1)
             record[f"{side}_ids"], record[f"{side}_labels"] = ids, labels
@@ -91,7 +96,8 @@ def test_targets_push_the_logit_the_right_way():
     labels = torch.tensor([[1, -1, 0, 0, 1, -1]])
     D.discriminator_loss(logits, labels, torch.ones(1, 6))[0].backward()
     grad = logits.grad[0]
-    assert grad[0] < 0 and grad[4] < 0  # positive: descent raises the logit (D → 1), even when already high
+    # positive: descent raises the logit (D → 1), even when already high
+    assert grad[0] < 0 and grad[4] < 0
     assert grad[1] > 0 and grad[5] > 0  # negative: descent lowers it (D → 0)
     assert grad[2] > 0 and grad[3] < 0  # neutral: pulled back towards D = 0.5
     # dL/dz_t = (σ(z_t) − y_t) / N
@@ -102,7 +108,8 @@ def test_targets_push_the_logit_the_right_way():
 def test_loss_value_and_masked_positions():
     logits = torch.tensor([[0.0, 2.0, -3.0, 5.0], [1.0, -1.0, 7.0, 9.0]], requires_grad=True)
     labels = torch.tensor([[1, -1, 0, 1], [0, 1, -1, -1]])
-    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 0, 0]])  # [prompt, response..] / [response.., padding]
+    # [prompt, response..] / [response.., padding]
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 0, 0]])
     loss, bce_sum = D.discriminator_loss(logits, labels, mask)
     loss.backward()
 
@@ -111,32 +118,50 @@ def test_loss_value_and_masked_positions():
         return -(y * math.log(s) + (1 - y) * math.log(1 - s))
 
     expected = (bce(2.0, 0.0) + bce(-3.0, 0.5) + bce(5.0, 1.0) + bce(1.0, 0.5) + bce(-1.0, 1.0)) / 5
-    assert loss.item() == pytest.approx(expected, rel=1e-6) and bce_sum.item() == pytest.approx(5 * expected, rel=1e-6)
+    assert loss.item() == pytest.approx(expected, rel=1e-6) and bce_sum.item() == pytest.approx(
+        5 * expected, rel=1e-6
+    )
     # a normaliser divides the summed loss instead of the token count (gradient accumulation)
-    assert D.discriminator_loss(logits, labels, mask, normaliser=10)[0].item() == pytest.approx(expected / 2, rel=1e-6)
+    assert D.discriminator_loss(logits, labels, mask, normaliser=10)[0].item() == pytest.approx(
+        expected / 2, rel=1e-6
+    )
     assert logits.grad[0, 0] == 0 and logits.grad[1, 2] == 0 and logits.grad[1, 3] == 0
     assert (logits.grad[mask.bool()] != 0).all()
     # whatever sits at masked positions changes nothing
-    other, _ = D.discriminator_loss(logits.detach() + 50 * (1 - mask), -labels * (1 - mask) + labels * mask, mask)
+    other, _ = D.discriminator_loss(
+        logits.detach() + 50 * (1 - mask), -labels * (1 - mask) + labels * mask, mask
+    )
     assert other.item() == pytest.approx(loss.item(), rel=1e-6)
     # large logits stay finite (log-sigmoid, not log of a rounded sigmoid)
-    assert torch.isfinite(D.discriminator_loss(torch.tensor([[200.0, -200.0]]), torch.tensor([[-1, 1]]),
-                                               torch.ones(1, 2))[0])
+    assert torch.isfinite(
+        D.discriminator_loss(
+            torch.tensor([[200.0, -200.0]]), torch.tensor([[-1, 1]]), torch.ones(1, 2)
+        )[0]
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # rewards, eq. 7 and ablations
 # ----------------------------------------------------------------------------------------------
 def test_reward_modes_on_hand_made_probabilities():
-    probs = torch.tensor([[0.05, 0.39, 0.4, 0.5, 0.6, 0.61, 0.95], [0.9, 0.1, 0.7, 0.0, 0.0, 0.0, 0.0]])
+    probs = torch.tensor(
+        [[0.05, 0.39, 0.4, 0.5, 0.6, 0.61, 0.95], [0.9, 0.1, 0.7, 0.0, 0.0, 0.0, 0.0]]
+    )
     valid = torch.tensor([[1] * 7, [1, 1, 0, 0, 0, 0, 0]])
     r = 2 * probs - 1
     cont = D.rewards_from_probs(probs, valid, "continuous")
     torch.testing.assert_close(cont[0], r[0])
     torch.testing.assert_close(cont[1], torch.tensor([0.8, -0.8, 0, 0, 0, 0, 0]))
-    assert D.rewards_from_probs(probs, valid, "fixed").tolist() == [[-1, -1, 0, 0, 0, 1, 1], [1, -1, 0, 0, 0, 0, 0]]
-    torch.testing.assert_close(D.rewards_from_probs(probs, valid, "no_negative")[0], r[0].clamp(min=0))
-    torch.testing.assert_close(D.rewards_from_probs(probs, valid, "no_positive")[0], r[0].clamp(max=0))
+    assert D.rewards_from_probs(probs, valid, "fixed").tolist() == [
+        [-1, -1, 0, 0, 0, 1, 1],
+        [1, -1, 0, 0, 0, 0, 0],
+    ]
+    torch.testing.assert_close(
+        D.rewards_from_probs(probs, valid, "no_negative")[0], r[0].clamp(min=0)
+    )
+    torch.testing.assert_close(
+        D.rewards_from_probs(probs, valid, "no_positive")[0], r[0].clamp(max=0)
+    )
     for mode in D.REWARD_MODES:  # nothing past a row's response
         assert (D.rewards_from_probs(probs, valid, mode)[1, 2:] == 0).all()
     with pytest.raises(ValueError, match="unknown reward mode"):
@@ -162,7 +187,8 @@ def test_reward_is_read_at_the_tokens_own_position(scorer):
     rewards = D.token_rewards(scorer, qr, am, rm)  # [1, 5]
     with torch.no_grad():
         scores = scorer(qr, am)[0]  # [T]
-    torch.testing.assert_close(rewards[0], 2 * torch.sigmoid(scores[4:9]) - 1)  # positions of a_0..a_4
+    # positions of a_0..a_4
+    torch.testing.assert_close(rewards[0], 2 * torch.sigmoid(scores[4:9]) - 1)
     # changing a_2 changes its own reward (no shift), leaves earlier ones alone (causal)
     qr2 = qr.clone()
     qr2[0, 6] = 99
@@ -207,16 +233,29 @@ def test_save_load_same_rewards(small_dir, tiny_tokenizer, tmp_path):
     out = tmp_path / "disc"
     out.mkdir()
     (out / "log.jsonl").write_text("{}\n")
-    hf_models.save_score_model(model, tiny_tokenizer, out, kind="token", extra={"role": "tlcr_discriminator"})
+    hf_models.save_score_model(
+        model, tiny_tokenizer, out, kind="token", extra={"role": "tlcr_discriminator"}
+    )
     assert (out / "log.jsonl").exists()  # other files in the run folder survive the save
-    assert (out / "model.safetensors").exists() and not list(out.glob("*.bin")) and not list(out.glob("*.pt"))
-    assert json.loads((out / "config.json").read_text())["architectures"] == ["GPT2ForTokenClassification"]
+    assert (
+        (out / "model.safetensors").exists()
+        and not list(out.glob("*.bin"))
+        and not list(out.glob("*.pt"))
+    )
+    assert json.loads((out / "config.json").read_text())["architectures"] == [
+        "GPT2ForTokenClassification"
+    ]
     loaded = D.load_discriminator(out)
     (qr, am, rm), _ = two_layouts([[11, 12, 13], [21]], [[40, 41, 42], [50, 51]], 0)
     model.eval()
     for mode in D.REWARD_MODES:
-        assert torch.equal(D.token_rewards(model, qr, am, rm, mode), D.token_rewards(loaded, qr, am, rm, mode))
-    assert hf_models.load_tokenizer(out)("Hello there")["input_ids"] == tiny_tokenizer("Hello there")["input_ids"]
+        assert torch.equal(
+            D.token_rewards(model, qr, am, rm, mode), D.token_rewards(loaded, qr, am, rm, mode)
+        )
+    assert (
+        hf_models.load_tokenizer(out)("Hello there")["input_ids"]
+        == tiny_tokenizer("Hello there")["input_ids"]
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,8 +288,15 @@ def test_labels_made_with_another_tokenizer_are_refused(tmp_path, tiny_tokenizer
     path = write_jsonl(tmp_path / "old.jsonl", synthetic_records(2))  # a file that does not say
     with pytest.raises(common.DataError, match="line 1: the record does not say which tokenizer"):
         D.load_labels(path, tiny_tokenizer)
-    assert len(D.load_labels(write_jsonl(tmp_path / "ok.jsonl", synthetic_records(2), tiny_tokenizer),
-                             tiny_tokenizer)) == 2
+    assert (
+        len(
+            D.load_labels(
+                write_jsonl(tmp_path / "ok.jsonl", synthetic_records(2), tiny_tokenizer),
+                tiny_tokenizer,
+            )
+        )
+        == 2
+    )
     record = synthetic_records(1)[0]
     record["revised_ids"][0] = len(tiny_tokenizer) + 5
     records = D.load_labels(write_jsonl(tmp_path / "labels.jsonl", [record]))
@@ -266,7 +312,8 @@ def test_sequences_mask_the_prompt_and_carry_the_labels(tiny_tokenizer):
     assert len(examples) == 4
     qr, am, rm, labels = D.collate(examples, tiny_tokenizer.pad_token_id)
     for i, (prompt_ids, response_ids, token_labels) in enumerate(examples):
-        assert len(prompt_ids) == 5 and len(response_ids) == 4  # left-truncated prompt, cut response
+        # left-truncated prompt, cut response
+        assert len(prompt_ids) == 5 and len(response_ids) == 4
         side = ("rejected", "revised")[i % 2]
         assert response_ids == records[i // 2][f"{side}_ids"][:4]  # no EOS appended
         assert rm[i].tolist() == [0] * 5 + [1] * 4 and am[i].tolist() == [1] * 9
@@ -277,14 +324,45 @@ def test_sequences_mask_the_prompt_and_carry_the_labels(tiny_tokenizer):
 # training
 # ----------------------------------------------------------------------------------------------
 def train_args(sft, labels, out, *extra):
-    return ["train", "--sft", str(sft), "--labels", str(labels), "--out", str(out), "--max-prompt-len", "16",
-            "--max-response-len", "32", "--seed", "0", *map(str, extra)]
+    return [
+        "train",
+        "--sft",
+        str(sft),
+        "--labels",
+        str(labels),
+        "--out",
+        str(out),
+        "--max-prompt-len",
+        "16",
+        "--max-response-len",
+        "32",
+        "--seed",
+        "0",
+        *map(str, extra),
+    ]
 
 
 def test_learns_synthetic_token_labels(small_dir, tmp_path, capsys):
-    labels = write_jsonl(tmp_path / "labels.jsonl", synthetic_records(100), hf_models.load_tokenizer(small_dir))
-    metrics = D.main(train_args(small_dir, labels, tmp_path / "disc", "--epochs", 3, "--lr", 5e-3,
-                                "--batch-size", 16, "--micro-batch-size", 16, "--eval-fraction", 0.2))
+    labels = write_jsonl(
+        tmp_path / "labels.jsonl", synthetic_records(100), hf_models.load_tokenizer(small_dir)
+    )
+    metrics = D.main(
+        train_args(
+            small_dir,
+            labels,
+            tmp_path / "disc",
+            "--epochs",
+            3,
+            "--lr",
+            5e-3,
+            "--batch-size",
+            16,
+            "--micro-batch-size",
+            16,
+            "--eval-fraction",
+            0.2,
+        )
+    )
     saved = json.loads((tmp_path / "disc" / "accuracy.json").read_text())
     assert saved == pytest.approx(metrics)
     assert saved["accuracy"] > 0.95, saved
@@ -295,19 +373,28 @@ def test_learns_synthetic_token_labels(small_dir, tmp_path, capsys):
     log = [json.loads(line) for line in (tmp_path / "disc" / "log.jsonl").read_text().splitlines()]
     assert log[-1]["eval_accuracy"] == pytest.approx(saved["accuracy"])
     assert log[0]["loss"] > log[-2]["loss"]
-    # the trained discriminator gives the positive token a positive reward and the negative one a negative reward
+    # the trained discriminator gives the positive token a positive reward and the negative one a
+    # negative reward
     disc = D.load_discriminator(tmp_path / "disc")
-    prompt = common.encode_prompt(hf_models.load_tokenizer(tmp_path / "disc"), "\n\nHuman: hi\n\nAssistant:")
+    prompt = common.encode_prompt(
+        hf_models.load_tokenizer(tmp_path / "disc"), "\n\nHuman: hi\n\nAssistant:"
+    )
     _, (qr, am, rm) = two_layouts([prompt], [[700, POS_ID, 800, NEG_ID, 900]], 0)
     rewards = D.token_rewards(disc, qr, am, rm, "fixed")[0]
     assert rewards[1] == 1 and rewards[3] == -1
 
 
 def test_resume_reproduces_an_uninterrupted_run(small_dir, tmp_path):
-    labels = write_jsonl(tmp_path / "labels.jsonl", synthetic_records(24), hf_models.load_tokenizer(small_dir))
-    common_args = ("--epochs", 1, "--lr", 1e-3, "--batch-size", 8, "--micro-batch-size", 4)  # dropout on
+    labels = write_jsonl(
+        tmp_path / "labels.jsonl", synthetic_records(24), hf_models.load_tokenizer(small_dir)
+    )
+    # dropout on
+    common_args = ("--epochs", 1, "--lr", 1e-3, "--batch-size", 8, "--micro-batch-size", 4)
     D.main(train_args(small_dir, labels, tmp_path / "full", *common_args))
-    assert D.main(train_args(small_dir, labels, tmp_path / "cut", *common_args, "--stop-after", 2)) is None
+    assert (
+        D.main(train_args(small_dir, labels, tmp_path / "cut", *common_args, "--stop-after", 2))
+        is None
+    )
     assert checkpoint.latest_checkpoint(tmp_path / "cut").name == "step-000000002"
     assert not (tmp_path / "cut" / "accuracy.json").exists()
     D.main(train_args(small_dir, labels, tmp_path / "cut", *common_args))
@@ -319,7 +406,9 @@ def test_resume_reproduces_an_uninterrupted_run(small_dir, tmp_path):
 
 
 def test_torchrun_two_processes_match_one(small_nodrop_dir, tmp_path):
-    labels = write_jsonl(tmp_path / "labels.jsonl", synthetic_records(24), hf_models.load_tokenizer(small_nodrop_dir))
+    labels = write_jsonl(
+        tmp_path / "labels.jsonl", synthetic_records(24), hf_models.load_tokenizer(small_nodrop_dir)
+    )
     args = train_args(small_nodrop_dir, labels, tmp_path / "ddp", "--epochs", 1, "--lr", 1e-3,
                       "--batch-size", 8, "--micro-batch-size", 2)
     returncode, output = run_torchrun([REPO / "discriminator.py", *args], cwd=REPO)
@@ -331,45 +420,87 @@ def test_torchrun_two_processes_match_one(small_nodrop_dir, tmp_path):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
     acc_ddp = json.loads((tmp_path / "ddp" / "accuracy.json").read_text())
     acc_one = json.loads((tmp_path / "one" / "accuracy.json").read_text())
-    assert acc_ddp["n_positive"] == acc_one["n_positive"] and acc_ddp["n_neutral"] == acc_one["n_neutral"]
+    assert (
+        acc_ddp["n_positive"] == acc_one["n_positive"]
+        and acc_ddp["n_neutral"] == acc_one["n_neutral"]
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # end to end on the bundled data
 # ----------------------------------------------------------------------------------------------
 def test_train_step_gradient_is_the_global_batch_mean_loss(small_nodrop_dir, tiny_tokenizer):
-    """train_step divides each micro-batch by the labelled tokens of the whole batch: the gradient it
-    accumulates over micro-batches of 5 equals that of discriminator_loss over the 12 sequences in one
-    pass (a wrong normaliser would scale or skew it)."""
+    """train_step divides each micro-batch by the labelled tokens of the whole batch: the gradient
+    it accumulates over micro-batches of 5 equals that of discriminator_loss over the 12 sequences
+    in one pass (a wrong normaliser would scale or skew it)."""
     records = synthetic_records(6)
     for r in records:
         r["_where"] = "x"
     examples = D.encode_records(records, tiny_tokenizer)
-    args = D.parse_args(train_args(small_nodrop_dir, "x", "x", "--micro-batch-size", 5, "--max-grad-norm", 0))
+    args = D.parse_args(
+        train_args(small_nodrop_dir, "x", "x", "--micro-batch-size", 5, "--max-grad-norm", 0)
+    )
     torch.manual_seed(0)
     model = hf_models.new_score_model(small_nodrop_dir, bias=True)
     qr, am, rm, labels = D.collate(examples, tiny_tokenizer.pad_token_id)
-    assert_train_step_equals_one_pass(model, D.train_step, examples, args, tiny_tokenizer.pad_token_id,
-                                      lambda: D.discriminator_loss(model(qr, am), labels, rm)[0])
+    assert_train_step_equals_one_pass(
+        model,
+        D.train_step,
+        examples,
+        args,
+        tiny_tokenizer.pad_token_id,
+        lambda: D.discriminator_loss(model(qr, am), labels, rm)[0],
+    )
 
 
 def test_end_to_end_on_bundled_data(tiny_dir, tmp_path, capsys):
     labels = tmp_path / "labels.jsonl"
-    summary = label.main(["--reviser", "chosen", "--tokenizer", str(tiny_dir), "--limit", "24", "--out", str(labels)])
+    summary = label.main(
+        ["--reviser", "chosen", "--tokenizer", str(tiny_dir), "--limit", "24", "--out", str(labels)]
+    )
     assert summary["done"] == 24
     out = tmp_path / "disc"
-    metrics = D.main(train_args(tiny_dir, labels, out, "--epochs", 1, "--lr", 1e-3, "--batch-size", 8,
-                                "--micro-batch-size", 8, "--eval-fraction", 0.25))
+    metrics = D.main(
+        train_args(
+            tiny_dir,
+            labels,
+            out,
+            "--epochs",
+            1,
+            "--lr",
+            1e-3,
+            "--batch-size",
+            8,
+            "--micro-batch-size",
+            8,
+            "--eval-fraction",
+            0.25,
+        )
+    )
     accuracy = json.loads((out / "accuracy.json").read_text())
-    assert accuracy == pytest.approx(metrics) and accuracy["n_pairs"] == 6  # 25% of 24 pairs held out
-    # the held-out pairs are those common.heldout_split picks, and their tokens (the first 32) are all counted
+    # 25% of 24 pairs held out
+    assert accuracy == pytest.approx(metrics) and accuracy["n_pairs"] == 6
+    # the held-out pairs are those common.heldout_split picks, and their tokens (the first 32) are
+    # all counted
     records = D.load_labels(labels)
     heldout = common.heldout_split(records, 0.25, 0, key=lambda r: r["id"])[1]
     for sign, key in ((1, "n_positive"), (-1, "n_negative"), (0, "n_neutral")):
-        assert accuracy[key] == sum(r[f"{s}_labels"][:32].count(sign) for r in heldout for s in ("rejected", "revised"))
+        assert accuracy[key] == sum(
+            r[f"{s}_labels"][:32].count(sign) for r in heldout for s in ("rejected", "revised")
+        )
     capsys.readouterr()
     # `evaluate` measures the same held-out pairs again
-    again = D.main(["evaluate", "--discriminator", str(out), "--labels", str(labels), "--out", str(tmp_path / "again.json")])
+    again = D.main(
+        [
+            "evaluate",
+            "--discriminator",
+            str(out),
+            "--labels",
+            str(labels),
+            "--out",
+            str(tmp_path / "again.json"),
+        ]
+    )
     assert again["accuracy"] == pytest.approx(accuracy["accuracy"], abs=1e-6)
     assert again["n_positive"] == accuracy["n_positive"]
     # `show` prints every token of both sequences with D and a reward 2·D − 1
@@ -381,6 +512,17 @@ def test_end_to_end_on_bundled_data(tiny_dir, tmp_path, capsys):
     assert len(rows) == len(record["rejected_ids"]) + len(record["revised_ids"])
     for row in rows:
         assert float(row[-1]) == pytest.approx(2 * float(row[-2]) - 1, abs=2e-3)
-    D.main(["show", "--discriminator", str(out), "--prompt", "\n\nHuman: Hi\n\nAssistant:", "--response", " Hello there",
-            "--mode", "fixed"])
+    D.main(
+        [
+            "show",
+            "--discriminator",
+            str(out),
+            "--prompt",
+            "\n\nHuman: Hi\n\nAssistant:",
+            "--response",
+            " Hello there",
+            "--mode",
+            "fixed",
+        ]
+    )
     assert "reward mode fixed" in capsys.readouterr().out

@@ -10,13 +10,12 @@ import pytest
 import torch
 
 import common
-import gold
 import eval as ev
+import gold
 import plumbing
-from plumbing import chat, hf_models
 import report
 from chat_server import SECRET, ChatServer, key_fragment
-
+from plumbing import chat, hf_models
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -64,24 +63,33 @@ def test_generate_masks_after_first_eos(tiny_policy, tiny_tokenizer, splits):
 
 def test_kl_of_a_model_against_itself_is_zero(tiny_policy, tiny_dir, tiny_tokenizer, splits):
     prompt_ids, prompt_mask = left_padded_batch(tiny_tokenizer, splits)
-    qr, am, rm = sample(tiny_policy, prompt_ids, prompt_mask, 10, tiny_tokenizer.eos_token_id, seed=1)
+    qr, am, rm = sample(
+        tiny_policy, prompt_ids, prompt_mask, 10, tiny_tokenizer.eos_token_id, seed=1
+    )
     _, valid = common.response_index(rm)
     with torch.no_grad():
         logprobs, _ = common.response_logprobs(tiny_policy, qr, am, rm)
         same, _ = common.response_logprobs(hf_models.load_policy(tiny_dir).eval(), qr, am, rm)
         other = hf_models.load_policy(tiny_dir).eval()
-        other.transformer.h[0].mlp.c_fc.weight.add_(torch.randn_like(other.transformer.h[0].mlp.c_fc.weight))
+        other.transformer.h[0].mlp.c_fc.weight.add_(
+            torch.randn_like(other.transformer.h[0].mlp.c_fc.weight)
+        )
         different, _ = common.response_logprobs(other, qr, am, rm)
-    assert ev.kl_to_reference(logprobs, same, valid) == {"kl": 0.0, "kl_per_token": 0.0}  # a separate load
+    # a separate load
+    assert ev.kl_to_reference(logprobs, same, valid) == {"kl": 0.0, "kl_per_token": 0.0}
     kl = ev.kl_to_reference(logprobs, different, valid)
-    expected = ((logprobs - different) * valid).sum(-1).mean().item()  # Σ_t per response, mean over responses
+    # Σ_t per response, mean over responses
+    expected = ((logprobs - different) * valid).sum(-1).mean().item()
     assert kl["kl"] == pytest.approx(expected, rel=1e-6) and abs(kl["kl"]) > 1e-2
-    # k1 by hand: Σ_t (log π − log π_ref) per response, mean over responses; per token over all tokens
+    # k1 by hand: Σ_t (log π − log π_ref) per response, mean over responses; per token over all
+    # tokens
     lp = torch.tensor([[-1.0, -2.0, 9.0], [-0.5, 9.0, 9.0]])
     ref = torch.tensor([[-1.5, -2.5, 0.0], [-1.0, 0.0, 0.0]])
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
     kl = ev.kl_to_reference(lp, ref, mask)
-    assert kl["kl"] == pytest.approx((1.0 + 0.5) / 2) and kl["kl_per_token"] == pytest.approx(1.5 / 3)
+    assert kl["kl"] == pytest.approx((1.0 + 0.5) / 2) and kl["kl_per_token"] == pytest.approx(
+        1.5 / 3
+    )
 
 
 def test_perplexity_matches_a_hand_computation(tiny_policy, tiny_tokenizer, splits):
@@ -90,7 +98,9 @@ def test_perplexity_matches_a_hand_computation(tiny_policy, tiny_tokenizer, spli
     assert ev.reference_perplexity(logprobs, torch.tensor([[1, 1], [1, 0]])) == pytest.approx(4.0)
     # a tiny model: the left-padded batch pipeline against a plain loop over unpadded rows
     prompt_ids, prompt_mask = left_padded_batch(tiny_tokenizer, splits)
-    qr, am, rm = sample(tiny_policy, prompt_ids, prompt_mask, 8, tiny_tokenizer.eos_token_id, seed=2)
+    qr, am, rm = sample(
+        tiny_policy, prompt_ids, prompt_mask, 8, tiny_tokenizer.eos_token_id, seed=2
+    )
     _, valid = common.response_index(rm)
     with torch.no_grad():
         ppl = ev.reference_perplexity(common.response_logprobs(tiny_policy, qr, am, rm)[0], valid)
@@ -110,7 +120,13 @@ def test_perplexity_matches_a_hand_computation(tiny_policy, tiny_tokenizer, spli
 # judges and win rates
 # ----------------------------------------------------------------------------------------------
 def test_parse_verdict_is_strict():
-    assert [ev.parse_verdict(t) for t in ["A", " b.", "Tie", "tie\n", "B"]] == ["A", "B", "tie", "tie", "B"]
+    assert [ev.parse_verdict(t) for t in ["A", " b.", "Tie", "tie\n", "B"]] == [
+        "A",
+        "B",
+        "tie",
+        "tie",
+        "B",
+    ]
     assert [ev.parse_verdict(t) for t in ["Answer: A", "AB", "A or B", "", "neither"]] == [None] * 5
 
 
@@ -120,9 +136,20 @@ def test_pair_score_and_aggregation():
     assert ev.pair_score("tie", "B") == 0.75 and ev.pair_score("tie", "tie") == 0.5
     assert ev.pair_score("B", "A") == 0.0 and ev.pair_score(None, "A") is None
     agg = ev.aggregate_win_rate([1.0, 0.5, 0.75, 0.0, None])
-    assert agg == {"win_rate": pytest.approx(56.25), "wins": 2, "ties": 1, "losses": 1, "judged": 4, "failed": 1}
+    assert agg == {
+        "win_rate": pytest.approx(56.25),
+        "wins": 2,
+        "ties": 1,
+        "losses": 1,
+        "judged": 4,
+        "failed": 1,
+    }
     rm = ev.reward_model_win_rate([1.0, 2.0, 3.0], [0.0, 2.0, 4.0])
-    assert rm["win_rate"] == pytest.approx(50.0) and (rm["wins"], rm["ties"], rm["losses"]) == (1, 1, 1)
+    assert rm["win_rate"] == pytest.approx(50.0) and (rm["wins"], rm["ties"], rm["losses"]) == (
+        1,
+        1,
+        1,
+    )
 
 
 def JudgeServer(decide, faults=()):
@@ -133,7 +160,11 @@ def JudgeServer(decide, faults=()):
 
     def answer(messages):
         text = messages[-1]["content"]
-        m = re.search(r"\[Conversation\]\n(.*)\n\n\[Answer A\]\n(.*)\n\n\[Answer B\]\n(.*)\n\nWhich", text, re.S)
+        m = re.search(
+            r"\[Conversation\]\n(.*)\n\n\[Answer A\]\n(.*)\n\n\[Answer B\]\n(.*)\n\nWhich",
+            text,
+            re.S,
+        )
         return ("check", "OK") if m is None else (m.group(1), decide(*m.groups()))
 
     return ChatServer(answer, lambda tag, n: faults.pop(0) if faults else "ok")
@@ -182,9 +213,15 @@ def test_win_rate_with_swapping_ties_faults_and_cache(judge_server, tmp_path):
             return "tie" if policy_is_a else "B"  # tie, then a win: ¾
         return "B" if policy_is_a else "A"  # baseline wins in both orders: 0
 
-    server = judge_server(decide, faults=["429:0", "500", "badjson", "say:I think A", "slow:1.0", "null",
-                                          "trickle:0.2"])
-    prompts, policy, baseline = PROMPTS + ["\n\nHuman: same?\n\nAssistant:"], POLICY + [" same"], BASELINE + ["same "]
+    server = judge_server(
+        decide,
+        faults=["429:0", "500", "badjson", "say:I think A", "slow:1.0", "null", "trickle:0.2"],
+    )
+    prompts, policy, baseline = (
+        PROMPTS + ["\n\nHuman: same?\n\nAssistant:"],
+        POLICY + [" same"],
+        BASELINE + ["same "],
+    )
     judge = make_judge(server, tmp_path)
     result = ev.openai_win_rate(judge, prompts, policy, baseline)
     # identical answers: a tie, no call; (1 + ½ + ¾ + 0 + ½) / 5
@@ -199,12 +236,17 @@ def test_win_rate_with_swapping_ties_faults_and_cache(judge_server, tmp_path):
     assert again == result and len(server.calls) == 15
 
 
-def test_judge_fatal_error_hides_the_key_and_exhausted_retries_count_as_failed(judge_server, tmp_path):
+def test_judge_fatal_error_hides_the_key_and_exhausted_retries_count_as_failed(
+    judge_server, tmp_path
+):
     server = judge_server(lambda *a: "A", faults=["401"])
     with pytest.raises(chat.ChatFatal) as info:
-        ev.openai_win_rate(make_judge(server, tmp_path, concurrency=1), PROMPTS[:1], POLICY[:1], BASELINE[:1])
+        ev.openai_win_rate(
+            make_judge(server, tmp_path, concurrency=1), PROMPTS[:1], POLICY[:1], BASELINE[:1]
+        )
     assert "401" in str(info.value) and SECRET not in str(info.value)
-    server = judge_server(lambda *a: "A", faults=["500"] * 4)  # max_retries=3: the first order fails
+    # max_retries=3: the first order fails
+    server = judge_server(lambda *a: "A", faults=["500"] * 4)
     result = ev.openai_win_rate(make_judge(server, tmp_path / "x", concurrency=1, max_retries=3),
                                 PROMPTS[:1], POLICY[:1], BASELINE[:1])
     assert result["failed"] == 1 and result["judged"] == 0 and result["win_rate"] is None
@@ -244,9 +286,13 @@ def test_judge_errors_never_show_the_key_at_any_offset(judge_server, tmp_path):
 
 
 def test_judge_asks_again_after_a_null_answer(judge_server, tmp_path):
-    server = judge_server(lambda *a: "B", faults=["null"])  # before the fix: no retry, a failed verdict
+    # before the fix: no retry, a failed verdict
+    server = judge_server(lambda *a: "B", faults=["null"])
     judge = make_judge(server, tmp_path)
-    assert ev.judge_verdict(judge, PROMPTS[0], POLICY[0], BASELINE[0]) == "B" and len(server.calls) == 2
+    assert (
+        ev.judge_verdict(judge, PROMPTS[0], POLICY[0], BASELINE[0]) == "B"
+        and len(server.calls) == 2
+    )
 
 
 def test_judge_cache_survives_a_torn_last_line(judge_server, tmp_path, capsys):
@@ -275,7 +321,8 @@ def test_results_markdown_escapes_a_pipe_in_policy_and_baseline_names():
                             "tlcr|a": {**{k: 2.0 for k, _, _ in report.COLUMNS}, "win_rate": 62.5}}}
     rows = [line for line in report.results_markdown(results).splitlines() if line.startswith("|")]
     columns = [len(re.findall(r"(?<!\\)\|", row)) - 1 for row in rows]  # unescaped pipes
-    assert len(rows) == 4 and columns == [len(report.COLUMNS) + 2] * 4, columns  # before the fix the header had one more
+    # before the fix the header had one more
+    assert len(rows) == 4 and columns == [len(report.COLUMNS) + 2] * 4, columns
     assert "Win rate vs sft\\|v2" in rows[0]
 
 
@@ -283,7 +330,21 @@ def test_results_markdown_escapes_a_pipe_in_policy_and_baseline_names():
 # the report
 # ----------------------------------------------------------------------------------------------
 class TagBalance(HTMLParser):
-    VOID = {"meta", "br", "hr", "img", "input", "link", "area", "base", "col", "embed", "source", "track", "wbr"}
+    VOID = {
+        "meta",
+        "br",
+        "hr",
+        "img",
+        "input",
+        "link",
+        "area",
+        "base",
+        "col",
+        "embed",
+        "source",
+        "track",
+        "wbr",
+    }
 
     def __init__(self):
         super().__init__()
@@ -314,19 +375,53 @@ def check_html(text):
 
 
 def test_report_is_valid_html_with_table_curves_shaded_tokens_and_escaped_text(tmp_path):
-    results = {"baseline": "sft", "judge": "reward-model", "split": "test", "num_prompts": 2, "seed": 0,
-               "discriminator_accuracy": {"accuracy": 0.75, "positive_accuracy": 0.8, "negative_accuracy": 0.7,
-                                          "n_positive": 10, "n_negative": 10},
-               "policies": {"sft": {k: 1.0 for k, _, _ in report.COLUMNS},
-                            "tlcr<i>": {**{k: 2.0 for k, _, _ in report.COLUMNS}, "win_rate": 62.5}}}
+    results = {
+        "baseline": "sft",
+        "judge": "reward-model",
+        "split": "test",
+        "num_prompts": 2,
+        "seed": 0,
+        "discriminator_accuracy": {
+            "accuracy": 0.75,
+            "positive_accuracy": 0.8,
+            "negative_accuracy": 0.7,
+            "n_positive": 10,
+            "n_negative": 10,
+        },
+        "policies": {
+            "sft": {k: 1.0 for k, _, _ in report.COLUMNS},
+            "tlcr<i>": {**{k: 2.0 for k, _, _ in report.COLUMNS}, "win_rate": 62.5},
+        },
+    }
     evil = ["Sure", " <script>", "alert(1)", "</script>", " & <b>bold"]
-    samples = [{"prompt": "\n\nHuman: <script>x</script>?\n\nAssistant:",
-                "responses": {"sft": {"tokens": evil, "tlcr": [0.9, -0.8, 0.0, 0.1, -0.2], "red": [1, -2, 0, 3, -1]},
-                              "tlcr<i>": {"tokens": ["Hi"], "tlcr": [0.5], "red": [-0.5]}}}]
+    samples = [
+        {
+            "prompt": "\n\nHuman: <script>x</script>?\n\nAssistant:",
+            "responses": {
+                "sft": {
+                    "tokens": evil,
+                    "tlcr": [0.9, -0.8, 0.0, 0.1, -0.2],
+                    "red": [1, -2, 0, 3, -1],
+                },
+                "tlcr<i>": {"tokens": ["Hi"], "tlcr": [0.5], "red": [-0.5]},
+            },
+        }
+    ]
     for run in ("seq", "tlcr"):
         (tmp_path / run).mkdir()
-        lines = [json.dumps({"step": s, "task_reward": s * 0.1, "kl": 0.01 * s, "response_length": 20 + s,
-                             "perplexity": 5 - 0.1 * s, "rm_score": -1 + s / 5}) for s in range(1, 6)]
+        lines = [
+            json.dumps(
+                {
+                    "step": s,
+                    "task_reward": s * 0.1,
+                    "kl": 0.01 * s,
+                    "response_length": 20 + s,
+                    "perplexity": 5 - 0.1 * s,
+                    "rm_score": -1 + s / 5,
+                }
+            )
+            for s in range(1, 6)
+        ]
         (tmp_path / run / "log.jsonl").write_text("\n".join(lines) + "\n{broken")
     curves = report.training_curves({r: tmp_path / r / "log.jsonl" for r in ("seq", "tlcr")})
     assert len(curves) == 5 and all(len(s) == 2 and len(s["seq"]) == 5 for s in curves.values())
@@ -335,12 +430,14 @@ def test_report_is_valid_html_with_table_curves_shaded_tokens_and_escaped_text(t
     # the table: one row per policy, the win rate, escaped policy names
     assert parser.tags["table"] == 1 and parser.tags["tr"] == 3
     assert "62.5" in page and "baseline" in page and "tlcr&lt;i&gt;" in page
-    # the curves: five SVG charts (RM score, task reward, KL, length, perplexity), one line per run in each
+    # the curves: five SVG charts (RM score, task reward, KL, length, perplexity), one line per run
+    # in each
     assert parser.tags["svg"] == 5 and parser.tags["polyline"] == 10
     # the shaded tokens: TLCR and RED rows, value on hover, green for positive and red for negative
     assert parser.tags["span"] >= 2 * (5 + 1)
     assert 'title="TLCR +0.9000"' in page and 'title="RED -2.0000"' in page
-    assert "rgba(34,160,60,0.77)" in page and "rgba(214,39,40,0.57)" in page  # 0.9 / 1 and 2 / 3 × 0.85
+    # 0.9 / 1 and 2 / 3 × 0.85
+    assert "rgba(34,160,60,0.77)" in page and "rgba(214,39,40,0.57)" in page
     # model text is escaped: no script or b tag, the text shows as text
     assert parser.tags["script"] == 0 and parser.tags["b"] == 0 and "<script>" not in page
     assert "&lt;script&gt;" in page and "&amp; &lt;b&gt;bold" in page
@@ -359,8 +456,12 @@ def run_dir(tmp_path_factory, tiny_dir, tiny_tokenizer, splits):
     SFT model, another policy with changed weights and a PPO log, and a small labels file."""
     root = tmp_path_factory.mktemp("run")
     torch.manual_seed(0)
-    hf_models.save_score_model(hf_models.new_score_model(tiny_dir, bias=False), tiny_tokenizer, root / "rm", "sequence")
-    hf_models.save_score_model(hf_models.new_score_model(tiny_dir, bias=True), tiny_tokenizer, root / "disc", "token")
+    hf_models.save_score_model(
+        hf_models.new_score_model(tiny_dir, bias=False), tiny_tokenizer, root / "rm", "sequence"
+    )
+    hf_models.save_score_model(
+        hf_models.new_score_model(tiny_dir, bias=True), tiny_tokenizer, root / "disc", "token"
+    )
     shutil.copytree(tiny_dir, root / "copy")  # the same weights, loaded separately
     other = hf_models.load_policy(tiny_dir)
     with torch.no_grad():
@@ -368,23 +469,50 @@ def run_dir(tmp_path_factory, tiny_dir, tiny_tokenizer, splits):
     other.save_pretrained(root / "ppo_other" / "policy")
     tiny_tokenizer.save_pretrained(root / "ppo_other" / "policy")
     (root / "ppo_other" / "log.jsonl").write_text(
-        "".join(json.dumps({"step": s, "task_reward": s, "kl": s / 10}) + "\n" for s in range(1, 4)))
+        "".join(json.dumps({"step": s, "task_reward": s, "kl": s / 10}) + "\n" for s in range(1, 4))
+    )
     labels = []
     for pair in splits["reward"][:4]:
         ids = tiny_tokenizer(pair.rejected, add_special_tokens=False)["input_ids"][:12]
         rev = tiny_tokenizer(pair.chosen, add_special_tokens=False)["input_ids"][:12]
-        labels.append({"id": pair.id, "prompt": pair.prompt, "rejected_ids": ids, "revised_ids": rev,
-                       "tokenizer": hf_models.tokenizer_fingerprint(tiny_tokenizer),
-                       "rejected_labels": [-1 if j % 2 else 0 for j in range(len(ids))],
-                       "revised_labels": [1 if j % 3 else 0 for j in range(len(rev))]})
+        labels.append(
+            {
+                "id": pair.id,
+                "prompt": pair.prompt,
+                "rejected_ids": ids,
+                "revised_ids": rev,
+                "tokenizer": hf_models.tokenizer_fingerprint(tiny_tokenizer),
+                "rejected_labels": [-1 if j % 2 else 0 for j in range(len(ids))],
+                "revised_labels": [1 if j % 3 else 0 for j in range(len(rev))],
+            }
+        )
     (root / "labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in labels))
     return root
 
 
 def eval_argv(tiny_dir, root, out, *policies):
-    return ["--policies", *policies, "--reference", str(tiny_dir), "--reward-model", str(root / "rm"),
-            "--discriminator", str(root / "disc"), "--num-prompts", "5", "--eval-batch-size", "3",
-            "--max-new-tokens", "10", "--show-prompts", "2", "--out", str(out), "--device", "cpu"]
+    return [
+        "--policies",
+        *policies,
+        "--reference",
+        str(tiny_dir),
+        "--reward-model",
+        str(root / "rm"),
+        "--discriminator",
+        str(root / "disc"),
+        "--num-prompts",
+        "5",
+        "--eval-batch-size",
+        "3",
+        "--max-new-tokens",
+        "10",
+        "--show-prompts",
+        "2",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+    ]
 
 
 def test_report_to_tensorboard_holds_every_policys_metrics(tiny_dir, run_dir, tmp_path):
@@ -403,28 +531,40 @@ def test_report_to_tensorboard_holds_every_policys_metrics(tiny_dir, run_dir, tm
 
 def test_main_end_to_end_with_reward_model_judge(tiny_dir, run_dir, tmp_path):
     out = tmp_path / "eval"
-    results = ev.main(eval_argv(tiny_dir, run_dir, out, f"sft={tiny_dir}", f"copy={run_dir / 'copy'}",
-                                f"other={run_dir / 'ppo_other' / 'policy'}")
-                      + ["--labels", str(run_dir / "labels.jsonl"), "--labels-split", "all"])
+    results = ev.main(
+        eval_argv(
+            tiny_dir,
+            run_dir,
+            out,
+            f"sft={tiny_dir}",
+            f"copy={run_dir / 'copy'}",
+            f"other={run_dir / 'ppo_other' / 'policy'}",
+        )
+        + ["--labels", str(run_dir / "labels.jsonl"), "--labels-split", "all"]
+    )
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(results))
     pol = on_disk["policies"]
     assert list(pol) == ["sft", "copy", "other"] and on_disk["baseline"] == "sft"
-    assert pol["copy"]["kl"] == pytest.approx(0.0, abs=1e-5)  # the reference's weights, loaded from another folder
+    # the reference's weights, loaded from another folder
+    assert pol["copy"]["kl"] == pytest.approx(0.0, abs=1e-5)
     assert abs(pol["other"]["kl_per_token"]) > 1e-3
     # the same seed for every policy: the copy answers exactly like the baseline -> all ties
     assert pol["copy"]["rm_score"] == pytest.approx(pol["sft"]["rm_score"], abs=1e-5)
     assert pol["copy"]["win_rate"] == 50.0 and pol["copy"]["ties"] == 5
     assert pol["other"]["judged"] == 5 and "win_rate" not in pol["sft"]
-    assert pol["copy"]["tlcr_reward"] == pytest.approx(pol["sft"]["tlcr_reward"], abs=1e-6)  # same responses
+    # same responses
+    assert pol["copy"]["tlcr_reward"] == pytest.approx(pol["sft"]["tlcr_reward"], abs=1e-6)
     assert pol["copy"]["ref_perplexity"] == pytest.approx(pol["sft"]["ref_perplexity"], rel=1e-6)
     assert pol["other"]["ref_perplexity"] != pytest.approx(pol["sft"]["ref_perplexity"], rel=1e-3)
     responses = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
     assert len(responses) == 15
-    for name, row in pol.items():  # the EOS share is the share of this policy's responses that ended at EOS
+    # the EOS share is the share of this policy's responses that ended at EOS
+    for name, row in pol.items():
         ended = [r["ended_at_eos"] for r in responses if r["policy"] == name]
         assert row["eos_share"] == pytest.approx(sum(ended) / 5)
-    # every labelled token of the file was counted (--labels-split all; 12 ids per side, all within the limits)
+    # every labelled token of the file was counted (--labels-split all; 12 ids per side, all within
+    # the limits)
     labels = [json.loads(line) for line in (run_dir / "labels.jsonl").read_text().splitlines()]
     acc = on_disk["discriminator_accuracy"]
     assert acc["n_positive"] == sum(r["revised_labels"].count(1) for r in labels)
@@ -451,8 +591,9 @@ def test_main_stops_on_a_bad_judge_key_before_generating(tiny_dir, run_dir, tmp_
     monkeypatch.setattr(ev, "generate_responses", no_generation)
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
     server = judge_server(lambda *a: "A", faults=["echo401:250"])
-    argv = eval_argv(tiny_dir, run_dir, tmp_path / "eval", f"sft={tiny_dir}", f"copy={run_dir / 'copy'}") + [
-        "--judge", "openai", "--api-base", server.url, "--api-model", "no-such-model"]
+    argv = eval_argv(
+        tiny_dir, run_dir, tmp_path / "eval", f"sft={tiny_dir}", f"copy={run_dir / 'copy'}"
+    ) + ["--judge", "openai", "--api-base", server.url, "--api-model", "no-such-model"]
     capsys.readouterr()
     with pytest.raises(SystemExit) as info:
         plumbing.cli(lambda: ev.main(argv))
@@ -471,9 +612,23 @@ def test_main_with_openai_judge_pays_once(tiny_dir, run_dir, tmp_path, judge_ser
     server = judge_server(lambda prompt, a, b: "A", faults=["429:0"])
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
     out = tmp_path / "eval"
-    argv = eval_argv(tiny_dir, run_dir, out, f"sft={tiny_dir}", f"copy={run_dir / 'copy'}",
-                     f"other={run_dir / 'ppo_other' / 'policy'}") + [
-        "--judge", "openai", "--api-base", server.url, "--api-model", "local-judge", "--baseline", "copy"]
+    argv = eval_argv(
+        tiny_dir,
+        run_dir,
+        out,
+        f"sft={tiny_dir}",
+        f"copy={run_dir / 'copy'}",
+        f"other={run_dir / 'ppo_other' / 'policy'}",
+    ) + [
+        "--judge",
+        "openai",
+        "--api-base",
+        server.url,
+        "--api-model",
+        "local-judge",
+        "--baseline",
+        "copy",
+    ]
     results = ev.main(argv)
     pol = results["policies"]
     assert results["baseline"] == "copy" and results["judge"] == "openai:local-judge"
@@ -490,8 +645,9 @@ def test_main_with_openai_judge_pays_once(tiny_dir, run_dir, tmp_path, judge_ser
 # ----------------------------------------------------------------------------------------------
 # the true token credit (--gold): every source on held-out replies and on each policy's samples
 # ----------------------------------------------------------------------------------------------
-def test_main_gold_measures_token_credit_on_heldout_replies_and_samples(tiny_dir, tiny_tokenizer, run_dir, tmp_path,
-                                                                          monkeypatch, splits):
+def test_main_gold_measures_token_credit_on_heldout_replies_and_samples(
+    tiny_dir, tiny_tokenizer, run_dir, tmp_path, monkeypatch, splits
+):
     out = tmp_path / "eval"
     argv = eval_argv(tiny_dir, run_dir, out, f"sft={tiny_dir}", f"copy={run_dir / 'copy'}") + [
         "--gold", "--num-prompts", "20", "--credit-response-len", "40"]
@@ -500,12 +656,19 @@ def test_main_gold_measures_token_credit_on_heldout_replies_and_samples(tiny_dir
     pairs = splits["test"][:20]
     ranked, _ = gold.rank_pairs(pairs)
     revised = sum(gold.gold_revise(p.rejected) is not None for p in ranked)
-    assert credit["heldout"]["replies"] == {"chosen": 20, "rejected": 20, "revised": revised} and revised > 0
+    assert (
+        credit["heldout"]["replies"] == {"chosen": 20, "rejected": 20, "revised": revised}
+        and revised > 0
+    )
     held = credit["heldout"]["by_source"]
-    assert set(held) == set(ev.CREDIT_SOURCES) == {"tlcr", "tlcr_fixed", "tlcr_no_negative", "tlcr_no_positive",
-                                                   "red", "seq"}
+    assert (
+        set(held)
+        == set(ev.CREDIT_SOURCES)
+        == {"tlcr", "tlcr_fixed", "tlcr_no_negative", "tlcr_no_positive", "red", "seq"}
+    )
     rows = ev.heldout_credit_replies(pairs, tiny_tokenizer, 24, 40)
-    assert held["tlcr"]["tokens"] == sum(len(r) for _, _, r in rows)  # every token of every reply, EOS included
+    # every token of every reply, EOS included
+    assert held["tlcr"]["tokens"] == sum(len(r) for _, _, r in rows)
     assert held["tlcr"]["harm_tokens"] > 0 and held["tlcr"]["safe_tokens"] > 0
     assert all(m["tokens"] == held["tlcr"]["tokens"] for m in held.values())
     # the same responses (the copy of the reference) give the same credit metrics
@@ -515,9 +678,12 @@ def test_main_gold_measures_token_credit_on_heldout_replies_and_samples(tiny_dir
     page = (out / "report.html").read_text()
     check_html(page)
     assert page.count('title="gold credit ') >= 2 * 3 and "True token credit" in page
-    assert json.loads((out / "results.json").read_text())["credit"] == json.loads(json.dumps(credit))
+    assert json.loads((out / "results.json").read_text())["credit"] == json.loads(
+        json.dumps(credit)
+    )
 
-    # a reward source that IS the gold credit scores perfectly: rows and replies line up token by token
+    # a reward source that IS the gold credit scores perfectly: rows and replies line up token by
+    # token
     def gold_as_reward(reward_model, disc_model, query_response, attention_mask, response_mask):
         ids = common.gather_response(query_response, response_mask)  # [B, T_resp]
         _, valid = common.response_index(response_mask)
@@ -526,7 +692,9 @@ def test_main_gold_measures_token_credit_on_heldout_replies_and_samples(tiny_dir
             n = int(valid[row].sum())
             credit, words = gold.token_credit(tiny_tokenizer, ids[row, :n].tolist())
             counts = Counter(words)
-            exact[row, :n] = torch.tensor([c / counts[w] if w >= 0 else 0.0 for c, w in zip(credit, words)])
+            exact[row, :n] = torch.tensor(
+                [c / counts[w] if w >= 0 else 0.0 for c, w in zip(credit, words)]
+            )
         late = torch.nn.functional.pad(exact, (1, 0))[:, :-1]  # one token late
         return {**{name: exact for name in ev.CREDIT_SOURCES}, "red": late}
 
@@ -534,5 +702,8 @@ def test_main_gold_measures_token_credit_on_heldout_replies_and_samples(tiny_dir
     held = ev.main(argv[:-2] + ["--credit-response-len", "40", "--out", str(tmp_path / "exact")]
                    )["credit"]["heldout"]["by_source"]
     assert held["tlcr"]["auc_harm"] == held["tlcr"]["auc_safe"] == 1.0
-    assert held["tlcr"]["word_r"] == pytest.approx(1.0) and held["tlcr"]["reply_r"] == pytest.approx(1.0)
-    assert held["red"]["auc_harm"] < 0.8 and held["red"]["word_r"] < 0.5  # off by one token: far worse
+    assert held["tlcr"]["word_r"] == pytest.approx(1.0) and held["tlcr"][
+        "reply_r"
+    ] == pytest.approx(1.0)
+    # off by one token: far worse
+    assert held["red"]["auc_harm"] < 0.8 and held["red"]["word_r"] < 0.5

@@ -22,10 +22,10 @@ import common
 import discriminator
 import eval as ev
 import label
-from plumbing import hf_models
 import ppo_token
 import redistribute
 import sft
+from plumbing import hf_models
 
 FAMILIES = list(hf_models.TINY_FAMILIES)
 TINY = ["--device", "cpu", "--max-prompt-len", "24"]

@@ -1,8 +1,9 @@
-"""--fsdp (plumbing/distributed.py's FSDP2 section) and LoRA under torchrun: 2 gloo processes on CPU, fp32, a tiny GPT-2
-(tied embeddings) and a tiny Llama (RoPE buffers, no pad token).
+"""--fsdp (plumbing/distributed.py's FSDP2 section) and LoRA under torchrun: 2 gloo processes on
+CPU, fp32, a tiny GPT-2 (tied embeddings) and a tiny Llama (RoPE buffers, no pad token).
 
 ONE torchrun launch (a start costs seconds) runs every check; rank 0 writes what it measured to
-results.json, the stage runs write their usual folders, and the tests below assert one property each:
+results.json, the stage runs write their usual folders, and the tests below assert one property
+each:
   - each training stage (sft, discriminator, reward model) run for a few steps with --fsdp logs the same
     losses and gradient norms and saves the same weights as under DDP and as one process with the same
     global batch (1e-4); with LoRA too, and DDP + LoRA matches one process;
@@ -30,18 +31,23 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
-from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification,
-                          GPT2Config, GPT2LMHeadModel)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import common  # noqa: E402
 import discriminator  # noqa: E402
-from plumbing import checkpoint, distributed, hf_models  # noqa: E402
 import ppo_token  # noqa: E402
 import redistribute  # noqa: E402
 import sft  # noqa: E402
 from conftest import run_torchrun  # noqa: E402
+from plumbing import checkpoint, distributed, hf_models  # noqa: E402
 
 TOL = 1e-4
 
@@ -51,48 +57,178 @@ TOL = 1e-4
 # ----------------------------------------------------------------------------------------------
 def stage_runs(work: Path, llama_dir: Path) -> dict[str, tuple[str, list[str]]]:
     """name -> (stage, argv). Names ending in _one run in one process, the others under torchrun."""
-    sft_args = ["--model", "tiny", "--tiny-dropout", "0", "--tiny-vocab", "512", "--limit", "200",
-                "--max-prompt-len", "48", "--max-response-len", "32", "--batch-size", "6", "--micro-batch-size", "2",
-                "--max-steps", "3", "--eval-every", "2", "--eval-examples", "9", "--eval-batch-size", "2",
-                "--lr", "3e-3", "--device", "cpu"]  # 9 held-out examples: the ranks get 3 and 2 micro-batches
+    sft_args = [
+        "--model",
+        "tiny",
+        "--tiny-dropout",
+        "0",
+        "--tiny-vocab",
+        "512",
+        "--limit",
+        "200",
+        "--max-prompt-len",
+        "48",
+        "--max-response-len",
+        "32",
+        "--batch-size",
+        "6",
+        "--micro-batch-size",
+        "2",
+        "--max-steps",
+        "3",
+        "--eval-every",
+        "2",
+        "--eval-examples",
+        "9",
+        "--eval-batch-size",
+        "2",
+        # 9 held-out examples: the ranks get 3 and 2 micro-batches
+        "--lr",
+        "3e-3",
+        "--device",
+        "cpu",
+    ]
     sft_lora = sft_args + ["--lora-rank", "4", "--lr", "1e-2"]
-    disc_args = ["train", "--sft", str(llama_dir), "--labels", str(work / "labels.jsonl"), "--max-prompt-len", "24",
-                 "--max-response-len", "16", "--batch-size", "6", "--micro-batch-size", "2", "--max-steps", "2",
-                 "--log-every", "1", "--lr", "3e-3", "--eval-batch-size", "2", "--eval-fraction", "0.2",
-                 "--device", "cpu"]
-    rm_args = ["train", "--sft", str(llama_dir), "--limit", "50", "--eval-fraction", "0.1", "--max-prompt-len", "24",
-               "--max-response-len", "16", "--batch-size", "4", "--micro-batch-size", "1", "--max-steps", "2",
-               "--log-every", "1", "--lr", "3e-3", "--eval-batch-size", "2", "--device", "cpu"]  # 5 held out: 2 / 1
+    disc_args = [
+        "train",
+        "--sft",
+        str(llama_dir),
+        "--labels",
+        str(work / "labels.jsonl"),
+        "--max-prompt-len",
+        "24",
+        "--max-response-len",
+        "16",
+        "--batch-size",
+        "6",
+        "--micro-batch-size",
+        "2",
+        "--max-steps",
+        "2",
+        "--log-every",
+        "1",
+        "--lr",
+        "3e-3",
+        "--eval-batch-size",
+        "2",
+        "--eval-fraction",
+        "0.2",
+        "--device",
+        "cpu",
+    ]
+    rm_args = [
+        "train",
+        "--sft",
+        str(llama_dir),
+        "--limit",
+        "50",
+        "--eval-fraction",
+        "0.1",
+        "--max-prompt-len",
+        "24",
+        "--max-response-len",
+        "16",
+        "--batch-size",
+        "4",
+        "--micro-batch-size",
+        "1",
+        "--max-steps",
+        "2",
+        # 5 held out: 2 / 1
+        "--log-every",
+        "1",
+        "--lr",
+        "3e-3",
+        "--eval-batch-size",
+        "2",
+        "--device",
+        "cpu",
+    ]
     rm_lora = rm_args + ["--lora-rank", "4", "--lr", "1e-2"]
-    ppo_args = ["--policy", str(llama_dir), "--reward", "red", "--reward-model", str(work / "rm_init"),
-                "--iterations", "3", "--rollout-batch-size", "4", "--minibatch-size", "2", "--ppo-epochs", "2",
-                "--max-prompt-len", "24", "--max-new-tokens", "8", "--policy-lr", "1e-3", "--critic-lr", "1e-3",
-                "--limit", "40", "--device", "cpu"]
-    ppo_lora = ppo_args + ["--lora-rank", "4", "--policy-lr", "1e-2", "--critic-lr", "1e-2", "--gradient-checkpointing"]
+    ppo_args = [
+        "--policy",
+        str(llama_dir),
+        "--reward",
+        "red",
+        "--reward-model",
+        str(work / "rm_init"),
+        "--iterations",
+        "3",
+        "--rollout-batch-size",
+        "4",
+        "--minibatch-size",
+        "2",
+        "--ppo-epochs",
+        "2",
+        "--max-prompt-len",
+        "24",
+        "--max-new-tokens",
+        "8",
+        "--policy-lr",
+        "1e-3",
+        "--critic-lr",
+        "1e-3",
+        "--limit",
+        "40",
+        "--device",
+        "cpu",
+    ]
+    ppo_lora = ppo_args + [
+        "--lora-rank",
+        "4",
+        "--policy-lr",
+        "1e-2",
+        "--critic-lr",
+        "1e-2",
+        "--gradient-checkpointing",
+    ]
     runs = {
-        "sft_one": ("sft", sft_args), "sft_ddp": ("sft", sft_args), "sft_fsdp": ("sft", sft_args + ["--fsdp"]),
-        "sft_lora_one": ("sft", sft_lora), "sft_lora_ddp": ("sft", sft_lora),
+        "sft_one": ("sft", sft_args),
+        "sft_ddp": ("sft", sft_args),
+        "sft_fsdp": ("sft", sft_args + ["--fsdp"]),
+        "sft_lora_one": ("sft", sft_lora),
+        "sft_lora_ddp": ("sft", sft_lora),
         "sft_lora_fsdp": ("sft", sft_lora + ["--fsdp"]),
-        "sft_fsdp_cut": ("sft", sft_args + ["--fsdp", "--stop-after", "2"]),  # then again without: resumes
-        "sft_fsdp_stop": ("sft", sft_args + ["--fsdp", "--stop-after", "2"]),  # resumed in one process, no --fsdp
-        "disc_one": ("discriminator", disc_args), "disc_ddp": ("discriminator", disc_args),
+        # then again without: resumes
+        "sft_fsdp_cut": ("sft", sft_args + ["--fsdp", "--stop-after", "2"]),
+        # resumed in one process, no --fsdp
+        "sft_fsdp_stop": ("sft", sft_args + ["--fsdp", "--stop-after", "2"]),
+        "disc_one": ("discriminator", disc_args),
+        "disc_ddp": ("discriminator", disc_args),
         "disc_fsdp": ("discriminator", disc_args + ["--fsdp"]),
-        "rm_one": ("redistribute", rm_args), "rm_ddp": ("redistribute", rm_args),
+        "rm_one": ("redistribute", rm_args),
+        "rm_ddp": ("redistribute", rm_args),
         "rm_fsdp": ("redistribute", rm_args + ["--fsdp"]),
-        "rm_lora_one": ("redistribute", rm_lora), "rm_lora_fsdp": ("redistribute", rm_lora + ["--fsdp"]),
-        "ppo_ddp": ("ppo_token", ppo_args), "ppo_fsdp": ("ppo_token", ppo_args + ["--fsdp"]),
-        "ppo_lora_ddp": ("ppo_token", ppo_lora), "ppo_lora_fsdp": ("ppo_token", ppo_lora + ["--fsdp"]),
+        "rm_lora_one": ("redistribute", rm_lora),
+        "rm_lora_fsdp": ("redistribute", rm_lora + ["--fsdp"]),
+        "ppo_ddp": ("ppo_token", ppo_args),
+        "ppo_fsdp": ("ppo_token", ppo_args + ["--fsdp"]),
+        "ppo_lora_ddp": ("ppo_token", ppo_lora),
+        "ppo_lora_fsdp": ("ppo_token", ppo_lora + ["--fsdp"]),
         "ppo_lora_fsdp_cut": ("ppo_token", ppo_lora + ["--fsdp", "--stop-after", "2"]),
     }
-    bf16 = ["--precision", "bf16", "--max-steps", "1"]  # FSDP2's bf16 MixedPrecisionPolicy against DDP + autocast
-    for name, (stage, argv) in {"sft": ("sft", sft_args), "disc": ("discriminator", disc_args),
-                                "rm": ("redistribute", rm_args), "rm_lora": ("redistribute", rm_lora)}.items():
+    # FSDP2's bf16 MixedPrecisionPolicy against DDP + autocast
+    bf16 = ["--precision", "bf16", "--max-steps", "1"]
+    for name, (stage, argv) in {
+        "sft": ("sft", sft_args),
+        "disc": ("discriminator", disc_args),
+        "rm": ("redistribute", rm_args),
+        "rm_lora": ("redistribute", rm_lora),
+    }.items():
         runs[f"{name}_bf16_ddp"] = (stage, argv + bf16)
         runs[f"{name}_bf16_fsdp"] = (stage, argv + bf16 + ["--fsdp"])
     for name, argv in (("ppo", ppo_args), ("ppo_lora", ppo_lora)):
-        runs[f"{name}_bf16_ddp"] = ("ppo_token", argv + ["--precision", "bf16", "--iterations", "1"])
-        runs[f"{name}_bf16_fsdp"] = ("ppo_token", argv + ["--precision", "bf16", "--iterations", "1", "--fsdp"])
-    return {name: (stage, argv + ["--out", str(work / name)]) for name, (stage, argv) in runs.items()}
+        runs[f"{name}_bf16_ddp"] = (
+            "ppo_token",
+            argv + ["--precision", "bf16", "--iterations", "1"],
+        )
+        runs[f"{name}_bf16_fsdp"] = (
+            "ppo_token",
+            argv + ["--precision", "bf16", "--iterations", "1", "--fsdp"],
+        )
+    return {
+        name: (stage, argv + ["--out", str(work / name)]) for name, (stage, argv) in runs.items()
+    }
 
 
 STAGES = {"sft": sft.main, "discriminator": discriminator.main, "redistribute": redistribute.main,
@@ -111,20 +247,38 @@ def run_stage(name, stage, argv):
 # ----------------------------------------------------------------------------------------------
 def tiny_gpt2(seed=0, vocab=64):
     torch.manual_seed(seed)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_layer=2, n_head=2, n_embd=32, n_positions=64,
-                                      bos_token_id=0, eos_token_id=0, pad_token_id=0, resid_pdrop=0.0,
-                                      embd_pdrop=0.0, attn_pdrop=0.0))
+    return GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=vocab,
+            n_layer=2,
+            n_head=2,
+            n_embd=32,
+            n_positions=64,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+    )
 
 
 def random_rows(n, seed, low=4, high=12, vocab=64):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab, (int(torch.randint(low, high, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
+    return [
+        torch.randint(
+            3, vocab, (int(torch.randint(low, high, (1,), generator=g)),), generator=g
+        ).tolist()
+        for _ in range(n)
+    ]
 
 
 def logits_of(model, rows):
     ids, mask = common.pad_left(rows, 0)
-    return model(input_ids=ids, attention_mask=mask, position_ids=common.position_ids_from_mask(mask)).logits
+    return model(
+        input_ids=ids, attention_mask=mask, position_ids=common.position_ids_from_mask(mask)
+    ).logits
 
 
 def check_generation(dist_info):
@@ -136,20 +290,29 @@ def check_generation(dist_info):
     prompt, prompt_mask = common.pad_left(random_rows(n_rows, seed=20 + rank, low=3, high=7), 0)
     torch.manual_seed(100 + rank)  # 1. unsharded, no EOS: what each rank samples with its seed
     free = ppo_token.generate(plain, prompt, prompt_mask, [-1], 0, max_new)
-    everyone = [None] * dist_info.world_size  # 2. an EOS id that ends rank 0's row early and no row of rank 1
+    # 2. an EOS id that ends rank 0's row early and no row of rank 1
+    everyone = [None] * dist_info.world_size
     dist.all_gather_object(everyone, free.tolist())
     row0, others = everyone[0][0], {t for r in everyone[1:] for row in r for t in row}
-    end_step, eos = next((s, row0[s]) for s in range(1, 6) if row0[s] not in row0[:s] and row0[s] not in others)
+    end_step, eos = next(
+        (s, row0[s]) for s in range(1, 6) if row0[s] not in row0[:s] and row0[s] not in others
+    )
     expected = free.clone()
     for row in expected:  # after a row's EOS, pad (= the EOS id here) to the end
         hits = (row == eos).nonzero()
         if len(hits):
             row[hits[0, 0]:] = eos
-    distributed.shard_model(policy, dist_info)  # 3. sharded: gathered per token, then for the whole rollout
-    sharded_at_entry = []  # one entry per layer forward that found its weights sharded (= an all-gather)
+    # 3. sharded: gathered per token, then for the whole rollout
+    distributed.shard_model(policy, dist_info)
+    # one entry per layer forward that found its weights sharded (= an all-gather)
+    sharded_at_entry = []
     for layer in policy.transformer.h:
         layer.register_forward_pre_hook(
-            lambda module, args: sharded_at_entry.append(isinstance(module.mlp.c_fc.weight, DTensor)), prepend=True)
+            lambda module, args: sharded_at_entry.append(
+                isinstance(module.mlp.c_fc.weight, DTensor)
+            ),
+            prepend=True,
+        )
     results = {"end_step": end_step}
     for mode in ("per_token", "gathered"):
         sharded_at_entry.clear()
@@ -159,8 +322,10 @@ def check_generation(dist_info):
         results[f"{mode}_steps"] = response.shape[1]
         results[f"{mode}_equal"] = bool(torch.equal(response, expected))
         results[f"{mode}_all_gathers_per_layer"] = sum(sharded_at_entry) / len(policy.transformer.h)
-        results[f"{mode}_resharded_after"] = all(isinstance(p.data, DTensor) and p._local_tensor.numel() < p.numel()
-                                                 for p in policy.parameters())
+        results[f"{mode}_resharded_after"] = all(
+            isinstance(p.data, DTensor) and p._local_tensor.numel() < p.numel()
+            for p in policy.parameters()
+        )
     policy.train()  # 4. training works after the rollout (backward all-gathers again)
     logits_of(policy, random_rows(2, seed=30 + rank)).sum().backward()
     results["grad_after_rollout"] = all(p.grad is not None for p in policy.parameters())
@@ -178,35 +343,50 @@ def check_rank0_loads(dist_info, paths: dict):
     for name, load in loaders.items():
         plain, built = load(False), load(dist_info.meta)
         results[f"{name}_built_on_meta"] = all(p.is_meta for p in built.parameters())
-        results[f"{name}_same_modes"] = [m.training for m in built.modules()] == [m.training for m in plain.modules()]
+        results[f"{name}_same_modes"] = [m.training for m in built.modules()] == [
+            m.training for m in plain.modules()
+        ]
         sharded = distributed.shard_model(built, dist_info).eval()
         plain.eval()
         with torch.no_grad():
-            a, b = (plain(ids, mask), sharded(ids, mask)) if name == "score" else (logits_of(plain, rows),
-                                                                                  logits_of(sharded, rows))
+            a, b = (
+                (plain(ids, mask), sharded(ids, mask))
+                if name == "score"
+                else (logits_of(plain, rows), logits_of(sharded, rows))
+            )
         results[f"{name}_logits"] = (a - b).abs().max().item()
         buffers = dict(sharded.named_buffers())
-        results[f"{name}_buffers"] = max([(buffers[k] - v).abs().max().item() for k, v in plain.named_buffers()]
-                                         or [0.0])
+        results[f"{name}_buffers"] = max(
+            [(buffers[k] - v).abs().max().item() for k, v in plain.named_buffers()] or [0.0]
+        )
         local = sum(p.to_local().numel() for p in sharded.parameters())
         results[f"{name}_local_fraction"] = local / sum(p.numel() for p in plain.parameters())
     return results
 
 
 def check_frozen_and_mixed_precision(dist_info, paths: dict):
-    """prepare_frozen under FSDP: unsharded logits under no_grad, resharded after. Mixed precision (allowed
-    on CPU too): layers compute in bf16, the sharded weights and their gradients stay fp32."""
+    """prepare_frozen under FSDP: unsharded logits under no_grad, resharded after. Mixed precision
+    (allowed on CPU too): layers compute in bf16, the sharded weights and their gradients stay
+    fp32."""
     rows = random_rows(3, seed=70 + dist_info.rank, vocab=300)
     plain = hf_models.load_policy(paths["llama"]).eval()
-    frozen = distributed.prepare_frozen(hf_models.load_policy(paths["llama"], meta=dist_info.meta), dist_info)
+    frozen = distributed.prepare_frozen(
+        hf_models.load_policy(paths["llama"], meta=dist_info.meta), dist_info
+    )
     with torch.no_grad():
         difference = (logits_of(frozen, rows) - logits_of(plain, rows)).abs().max().item()
-    resharded = all(p._local_tensor.numel() < p.numel() for p in frozen.parameters() if p.numel() > 1)
-    model = distributed.shard_model(hf_models.load_policy(paths["llama"], meta=dist_info.meta), dist_info,
-                                    mixed_precision=True)
+    resharded = all(
+        p._local_tensor.numel() < p.numel() for p in frozen.parameters() if p.numel() > 1
+    )
+    model = distributed.shard_model(
+        hf_models.load_policy(paths["llama"], meta=dist_info.meta), dist_info, mixed_precision=True
+    )
     seen = []
     model.model.layers[0].mlp.register_forward_hook(
-        lambda module, args, out: seen.append([str(args[0].dtype), str(module.up_proj.weight.dtype), str(out.dtype)]))
+        lambda module, args, out: seen.append(
+            [str(args[0].dtype), str(module.up_proj.weight.dtype), str(out.dtype)]
+        )
+    )
     logits_of(model, rows).float().sum().backward()
     return {"frozen_logits": difference, "frozen_resharded": resharded, "requires_grad": any(
         p.requires_grad for p in frozen.parameters()), "mlp_input_weight_output": seen[0],
@@ -216,7 +396,9 @@ def check_frozen_and_mixed_precision(dist_info, paths: dict):
 
 def check_refusals(work: Path):
     """A checkpoint written without --fsdp is not resumed with it (one line, both ranks, no hang)."""
-    argv = stage_runs(work, Path(json.loads((work / "inputs.json").read_text())["llama"]))["sft_ddp"][1]
+    argv = stage_runs(work, Path(json.loads((work / "inputs.json").read_text())["llama"]))[
+        "sft_ddp"
+    ][1]
     try:
         sft.main(argv + ["--fsdp"])
     except common.InputError as e:
@@ -230,13 +412,18 @@ def launched(work: Path):
     inputs = json.loads((work / "inputs.json").read_text())
     results, seconds = {}, {}
     dist_info = distributed.setup_distributed("cpu", fsdp=True)
-    # one process group for the whole launch: the stages' setup_distributed finds it, and their cleanup only
-    # waits (a second init_process_group in the same processes can pick up the first one's rendezvous keys)
-    cleanup, distributed.cleanup_distributed = distributed.cleanup_distributed, lambda dist_info: distributed.barrier()
-    for name, check in {"generation": lambda: check_generation(dist_info),
-                        "rank0_loads": lambda: check_rank0_loads(dist_info, inputs),
-                        "frozen_and_mixed_precision": lambda: check_frozen_and_mixed_precision(dist_info, inputs)
-                        }.items():
+    # one process group for the whole launch: the stages' setup_distributed finds it, and their
+    # cleanup only waits (a second init_process_group in the same processes can pick up the first
+    # one's rendezvous keys)
+    cleanup, distributed.cleanup_distributed = (
+        distributed.cleanup_distributed,
+        lambda dist_info: distributed.barrier(),
+    )
+    for name, check in {
+        "generation": lambda: check_generation(dist_info),
+        "rank0_loads": lambda: check_rank0_loads(dist_info, inputs),
+        "frozen_and_mixed_precision": lambda: check_frozen_and_mixed_precision(dist_info, inputs),
+    }.items():
         start = time.time()
         everyone = [None] * dist_info.world_size
         dist.all_gather_object(everyone, check())
@@ -275,20 +462,29 @@ def work(tmp_path_factory, llama_dir, tiny_tokenizer):
     llama_tokenizer = hf_models.load_tokenizer(llama_dir)
     write_labels(work / "labels.jsonl", llama_tokenizer)
     torch.manual_seed(1)
-    hf_models.save_score_model(hf_models.new_score_model(llama_dir, bias=False), llama_tokenizer, work / "rm_init",
-                               "sequence")  # PPO's reward model, and its critic's start
+    hf_models.save_score_model(
+        hf_models.new_score_model(llama_dir, bias=False),
+        llama_tokenizer,
+        work / "rm_init",
+        "sequence",
+    )  # PPO's reward model, and its critic's start
     gpt2 = tiny_gpt2(7, vocab=300)
     gpt2.save_pretrained(work / "gpt2")
-    (work / "inputs.json").write_text(json.dumps({"llama": str(llama_dir), "gpt2": str(work / "gpt2"),
-                                                  "score": str(work / "rm_init")}))
-    code, output = run_torchrun([__file__, "launch", work], timeout=480, cwd=ROOT)  # ~30 s; a hang fails here
+    (work / "inputs.json").write_text(
+        json.dumps(
+            {"llama": str(llama_dir), "gpt2": str(work / "gpt2"), "score": str(work / "rm_init")}
+        )
+    )
+    # ~30 s; a hang fails here
+    code, output = run_torchrun([__file__, "launch", work], timeout=480, cwd=ROOT)
     assert code == 0, output[-6000:]
     torch.set_num_threads(1)
     for name, (stage, argv) in stage_runs(work, llama_dir).items():
         if name.endswith("_one"):
             run_stage(name, stage, argv)
     stop = stage_runs(work, llama_dir)["sft_fsdp_stop"][1]
-    sft.main([a for a in stop[:stop.index("--fsdp")] + stop[stop.index("--out"):]])  # the sharded checkpoint, 1 rank
+    # the sharded checkpoint, 1 rank
+    sft.main([a for a in stop[:stop.index("--fsdp")] + stop[stop.index("--out"):]])
     return work
 
 
@@ -309,8 +505,14 @@ def assert_logs_match(a: Path, b: Path, tol=TOL):
         assert ra.keys() == rb.keys()
         for key, value in ra.items():
             if key not in ("elapsed_s", "tokens_per_s") and isinstance(value, float):
-                assert abs(value - rb[key]) <= tol * max(1.0, abs(value)), (a.name, b.name, ra["step"], key, value,
-                                                                           rb[key])
+                assert abs(value - rb[key]) <= tol * max(1.0, abs(value)), (
+                    a.name,
+                    b.name,
+                    ra["step"],
+                    key,
+                    value,
+                    rb[key],
+                )
 
 
 def weights(path: Path, auto_class=AutoModelForCausalLM) -> dict:
@@ -333,11 +535,15 @@ def test_stage_under_fsdp_matches_ddp_and_one_process(work, stage, auto_class):
     """Losses, gradient norms (clipping active in SFT), held-out metrics and the saved weights."""
     for other in ("ddp", "one"):
         assert_logs_match(work / f"{stage}_fsdp", work / f"{stage}_{other}")
-        assert_weights_match(weights(work / f"{stage}_fsdp", auto_class), weights(work / f"{stage}_{other}", auto_class))
+        assert_weights_match(
+            weights(work / f"{stage}_fsdp", auto_class),
+            weights(work / f"{stage}_{other}", auto_class),
+        )
     assert read_log(work / f"{stage}_fsdp")[0]["grad_norm"] > 0
     moved = weights(work / f"{stage}_fsdp", auto_class)  # and the steps did change the weights
     if stage == "sft":
-        assert read_log(work / "sft_fsdp")[0]["grad_norm"] > 1.0  # --max-grad-norm 1: the clip acted
+        # --max-grad-norm 1: the clip acted
+        assert read_log(work / "sft_fsdp")[0]["grad_norm"] > 1.0
         start = weights(work / "sft_fsdp" / "init")
         assert max((moved[k] - start[k]).abs().max().item() for k in start) > 1e-3
 
@@ -356,18 +562,22 @@ def test_lora_under_fsdp_and_ddp_matches_one_process(work):
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_ppo_under_fsdp_matches_ddp(work, lora):
-    """Same prompts and seeds per rank, so the same rollouts, rewards, losses and final policy. With LoRA also
-    gradient checkpointing (switched on before sharding) and the reward read inside the critic."""
+    """Same prompts and seeds per rank, so the same rollouts, rewards, losses and final policy. With
+    LoRA also gradient checkpointing (switched on before sharding) and the reward read inside the
+    critic."""
     name = "ppo_lora" if lora else "ppo"
     assert_logs_match(work / f"{name}_fsdp", work / f"{name}_ddp")
-    assert_weights_match(weights(work / f"{name}_fsdp" / "policy"), weights(work / f"{name}_ddp" / "policy"))
+    assert_weights_match(
+        weights(work / f"{name}_fsdp" / "policy"), weights(work / f"{name}_ddp" / "policy")
+    )
     log = read_log(work / f"{name}_fsdp")
     assert log[0]["kl"] == 0.0 and log[-1]["kl"] != 0.0
 
 
-# FSDP2's bf16 mixed-precision policy runs on the CPU with gloo (torch 2.13): weights all-gathered and used
-# in bf16, gradients reduced in fp32. DDP under --precision bf16 keeps fp32 weights and lets autocast round
-# the matmuls' inputs. The two compute the same step up to bf16 rounding (tolerance: tests/test_precision.py).
+# FSDP2's bf16 mixed-precision policy runs on the CPU with gloo (torch 2.13): weights all-gathered
+# and used in bf16, gradients reduced in fp32. DDP under --precision bf16 keeps fp32 weights and
+# lets autocast round the matmuls' inputs. The two compute the same step up to bf16 rounding
+# (tolerance: tests/test_precision.py).
 BF16_RTOL = 2e-2
 
 
@@ -377,23 +587,25 @@ def test_stage_under_fsdp_mixed_precision_matches_ddp_in_bf16(work, stage):
     loss = "train_loss" if stage == "sft" else "loss"
     for key in (loss, "grad_norm"):
         assert fsdp[key] == pytest.approx(ddp[key], rel=BF16_RTOL), key
-    assert fsdp[loss] != read_log(work / f"{stage}_fsdp")[0][loss]  # bf16 did run (not bitwise the fp32 loss)
+    # bf16 did run (not bitwise the fp32 loss)
+    assert fsdp[loss] != read_log(work / f"{stage}_fsdp")[0][loss]
 
 
 @pytest.mark.parametrize("name", ["ppo", "ppo_lora"])
 def test_ppo_under_fsdp_mixed_precision_starts_exactly_at_its_reference(work, name):
-    """Iteration 0 in bf16, sharded and not: KL = 0 exactly (the policy and its bf16 reference compute alike),
-    and the first iteration's statistics of FSDP and DDP agree to bf16 rounding. Full fine-tuning samples other
-    tokens under the two: DDP's fp32 weights keep embeddings, norms and the residual stream in fp32, FSDP's
-    bf16 policy casts every weight of a layer; the sampling distributions differ by bf16 rounding, so do some
-    draws. Only per-token averages that hardly depend on which tokens were drawn are compared then. With LoRA
-    both run the same bf16 base and draw the same tokens: the rewards and the value loss are compared too.
-    (policy_loss is a mean of whitened advantages, a sum that cancels to ~0: a relative tolerance means
-    nothing there.)"""
+    """Iteration 0 in bf16, sharded and not: KL = 0 exactly (the policy and its bf16 reference
+    compute alike), and the first iteration's statistics of FSDP and DDP agree to bf16 rounding.
+    Full fine-tuning samples other tokens under the two: DDP's fp32 weights keep embeddings, norms
+    and the residual stream in fp32, FSDP's bf16 policy casts every weight of a layer; the sampling
+    distributions differ by bf16 rounding, so do some draws. Only per-token averages that hardly
+    depend on which tokens were drawn are compared then. With LoRA both run the same bf16 base and
+    draw the same tokens: the rewards and the value loss are compared too. (policy_loss is a mean of
+    whitened advantages, a sum that cancels to ~0: a relative tolerance means nothing there.)"""
     fsdp, ddp = read_log(work / f"{name}_bf16_fsdp")[0], read_log(work / f"{name}_bf16_ddp")[0]
     assert fsdp["kl"] == 0.0 and ddp["kl"] == 0.0
-    keys = ("entropy", "perplexity", "response_length") + (("task_reward", "rm_score", "value_loss") if "lora" in name
-                                                           else ())
+    keys = ("entropy", "perplexity", "response_length") + (
+        ("task_reward", "rm_score", "value_loss") if "lora" in name else ()
+    )
     for key in keys:
         assert fsdp[key] == pytest.approx(ddp[key], rel=BF16_RTOL, abs=1e-3), key
 
@@ -403,13 +615,16 @@ def test_fsdp_resume_continues_exactly(work):
     assert_logs_match(work / "sft_fsdp_cut", work / "sft_fsdp", tol=1e-6)
     assert_weights_match(weights(work / "sft_fsdp_cut"), weights(work / "sft_fsdp"), tol=1e-6)
     assert_logs_match(work / "ppo_lora_fsdp_cut", work / "ppo_lora_fsdp", tol=1e-6)
-    assert_weights_match(weights(work / "ppo_lora_fsdp_cut" / "policy"), weights(work / "ppo_lora_fsdp" / "policy"),
-                         tol=1e-6)
+    assert_weights_match(
+        weights(work / "ppo_lora_fsdp_cut" / "policy"),
+        weights(work / "ppo_lora_fsdp" / "policy"),
+        tol=1e-6,
+    )
 
 
 def test_sharded_checkpoint_resumes_in_one_process(work):
-    """Written by 2 ranks at step 2, read by one process without --fsdp (DCP reshards weights and AdamW
-    states): step 3 is the step of an uninterrupted run."""
+    """Written by 2 ranks at step 2, read by one process without --fsdp (DCP reshards weights and
+    AdamW states): step 3 is the step of an uninterrupted run."""
     assert [r["step"] for r in read_log(work / "sft_fsdp_stop")] == [1, 2, 3]
     assert_logs_match(work / "sft_fsdp_stop", work / "sft_one")
     assert_weights_match(weights(work / "sft_fsdp_stop"), weights(work / "sft_one"))
@@ -420,9 +635,14 @@ def test_sharded_checkpoints(work, results):
     from torch.distributed.checkpoint import FileSystemReader
 
     step = checkpoint.latest_checkpoint(work / "sft_fsdp")
-    assert sorted(p.name for p in (step / "sharded").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert sorted(p.name for p in (step / "sharded").glob("*.distcp")) == [
+        "__0_0.distcp",
+        "__1_0.distcp",
+    ]
     assert not list((step / "sharded").glob("*.safetensors")) and (step / "state.pt").exists()
-    saved = FileSystemReader(str(checkpoint.latest_checkpoint(work / "ppo_lora_fsdp") / "sharded")).read_metadata()
+    saved = FileSystemReader(
+        str(checkpoint.latest_checkpoint(work / "ppo_lora_fsdp") / "sharded")
+    ).read_metadata()
     names = [k for k in saved.state_dict_metadata if k.startswith("model.")]
     assert names and all(".lora_" in k or k.startswith("model.critic.head.") for k in names), names
     assert any(k.startswith("model.critic.head.") for k in names)
@@ -433,14 +653,18 @@ def test_sharded_checkpoints(work, results):
 def test_final_models_are_standard_hugging_face_models(work):
     """Written by rank 0 from a gathered state dict: the standard classes load them; LoRA merged in."""
     policy = AutoModelForCausalLM.from_pretrained(work / "sft_fsdp")
-    assert policy.lm_head.weight is policy.transformer.wte.weight  # GPT-2's tied embeddings stay tied
+    # GPT-2's tied embeddings stay tied
+    assert policy.lm_head.weight is policy.transformer.wte.weight
     for name in ("sft_lora_fsdp", "ppo_lora_fsdp/policy"):
         state = weights(work / name)
         assert not any("lora" in k for k in state)
     for name, auto_class in (("disc_fsdp", AutoModelForTokenClassification),
                              ("rm_lora_fsdp", AutoModelForSequenceClassification)):
         state = weights(work / name, auto_class)
-        assert not any("lora" in k for k in state) and hf_models.load_score_model(work / name) is not None
+        assert (
+            not any("lora" in k for k in state)
+            and hf_models.load_score_model(work / name) is not None
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -448,8 +672,9 @@ def test_final_models_are_standard_hugging_face_models(work):
 # ----------------------------------------------------------------------------------------------
 def test_decoder_layers_are_the_units_of_sharding(llama_dir):
     """The model's own decoder-layer class (_no_split_modules), also inside a ScoreModel or under LoRA."""
-    import lora
     from torch import nn
+
+    import lora
 
     assert [type(m).__name__ for m in distributed.decoder_layers(tiny_gpt2())] == ["GPT2Block"] * 2
     llama = hf_models.load_policy(llama_dir)
@@ -478,7 +703,9 @@ def test_generation_with_uneven_ends_finishes_and_keeps_the_policy_gathered(resu
 def test_rank0_loads_the_others_build_on_meta(results, name):
     for rank, r in enumerate(results["rank0_loads"]):
         assert r[f"{name}_built_on_meta"] == (rank == 1)
-        assert r[f"{name}_logits"] < TOL and r[f"{name}_buffers"] == 0.0 and r[f"{name}_same_modes"], r
+        assert (
+            r[f"{name}_logits"] < TOL and r[f"{name}_buffers"] == 0.0 and r[f"{name}_same_modes"]
+        ), r
         assert 0.45 < r[f"{name}_local_fraction"] < 0.55, r  # each rank holds half
 
 
@@ -491,8 +718,20 @@ def test_frozen_model_sharded_and_mixed_precision(results):
 
 def test_offload_with_fsdp_is_refused():
     with pytest.raises(SystemExit):
-        ppo_token.parse_args(["--policy", "p", "--out", "o", "--reward", "seq", "--reward-model", "r", "--fsdp",
-                              "--offload-frozen"])
+        ppo_token.parse_args(
+            [
+                "--policy",
+                "p",
+                "--out",
+                "o",
+                "--reward",
+                "seq",
+                "--reward-model",
+                "r",
+                "--fsdp",
+                "--offload-frozen",
+            ]
+        )
 
 
 if __name__ == "__main__":

@@ -23,9 +23,9 @@ MAX = gold.MAX_WORDS
     (" Sure, here you go.", 0),                               # no lexicon word
     (" I could kill him.", -1),
     (" KILL, Kill; kill!", -3),                               # case and punctuation do not matter
-    (" skill killer Kills", -1),                              # whole words only: "skill", "killer" weigh 0
+    (" skill killer Kills", -1),  # whole words only: "skill", "killer" weigh 0
     (" self-harm", -1),                                       # a hyphen separates words
-    (" Please help, don’t steal the gun.", -1),               # help +1, steal -1, gun -1; "please" weighs 0
+    (" Please help, don’t steal the gun.", -1),  # help +1, steal -1, gun -1; "please" weighs 0
     (" I can't help you hurt a friend; ask nicely.", +2),     # help +1, hurt -1, friend +1, ask +1
     (" kil", 0),                                              # a word cut short by a length limit
     (" drugs2drugs", -2),                                     # digits separate words
@@ -43,7 +43,11 @@ def test_only_the_first_max_words_count():
 
 
 def test_curly_and_straight_apostrophes_make_one_word():
-    assert [m.group() for m in gold.words(" can’t won't rock'n'roll")] == ["can’t", "won't", "rock'n'roll"]
+    assert [m.group() for m in gold.words(" can’t won't rock'n'roll")] == [
+        "can’t",
+        "won't",
+        "rock'n'roll",
+    ]
     assert gold.normalise("Can’t") == "can't"
 
 
@@ -89,14 +93,19 @@ def check_minimal(text):
 
 
 def test_revision_is_minimal_and_raises_the_score_on_the_bundled_responses(bundled_pairs):
-    edited = sum(check_minimal(text) for pair in bundled_pairs[:1200] for text in (pair.chosen, pair.rejected))
+    edited = sum(
+        check_minimal(text)
+        for pair in bundled_pairs[:1200]
+        for text in (pair.chosen, pair.rejected)
+    )
     assert edited > 300  # the lexicon does hit the data
 
 
 def test_rank_pairs_drops_ties_and_counts_flips():
     prompt = "\n\nHuman: hi\n\nAssistant:"
     keep = common.Pair(prompt, " I can help.", " I can kill.")          # gold agrees with the human
-    flip = common.Pair(prompt, " Use a gun.", " Ask a friend.")         # gold prefers the human-rejected one
+    # gold prefers the human-rejected one
+    flip = common.Pair(prompt, " Use a gun.", " Ask a friend.")
     tie = common.Pair(prompt, " Hello there.", " Good morning.")        # 0 vs 0
     kept, counts = gold.rank_pairs([keep, flip, tie])
     assert counts == {"pairs": 3, "kept": 2, "ties": 1, "flipped": 1}
@@ -107,7 +116,10 @@ def test_rank_pairs_drops_ties_and_counts_flips():
 
 def test_score_responses_decodes_up_to_the_mask_and_drops_eos(tiny_tokenizer):
     eos = tiny_tokenizer.eos_token_id
-    ids = [tiny_tokenizer(t, add_special_tokens=False)["input_ids"] for t in (" kill the gun", " ask a friend")]
+    ids = [
+        tiny_tokenizer(t, add_special_tokens=False)["input_ids"]
+        for t in (" kill the gun", " ask a friend")
+    ]
     width = max(map(len, ids)) + 2
     rows = [row + [eos] + [eos] * (width - len(row) - 1) for row in ids]
     response = torch.tensor(rows)
@@ -129,39 +141,60 @@ def token_spans(tokenizer, text, ids):
 
 def edited_word_spans(rejected, revised):
     """Character spans of the edited words in each text: the revision keeps every word's place, so
-    the k-th word of the revision is edited where the k-th word of the rejected response is negative."""
+    the k-th word of the revision is edited where the k-th word of the rejected response is
+    negative."""
     before, after = gold.word_weights(rejected), gold.word_weights(revised)
     edited = [k for k, (*_, weight) in enumerate(before) if weight < 0]
-    return {"rejected": [before[k][1:3] for k in edited], "revised": [after[k][1:3] for k in edited]}
+    return {
+        "rejected": [before[k][1:3] for k in edited],
+        "revised": [after[k][1:3] for k in edited],
+    }
 
 
 def test_gold_labels_mark_exactly_the_edited_words(splits, tiny_tokenizer):
     pairs, _ = gold.rank_pairs(splits["reward"])
     revisions = {p.id: gold.gold_revise(p.rejected) for p in pairs}
     pairs = [p for p in pairs if revisions[p.id]]
-    records, _ = label.label_pairs(pairs, revisions, tiny_tokenizer, max_response_len=10**6, progress=False)
+    records, _ = label.label_pairs(
+        pairs, revisions, tiny_tokenizer, max_response_len=10**6, progress=False
+    )
     exact = 0
     for record in records:
         edited = edited_word_spans(record["rejected"], record["revised"])
         for side, sign in (("rejected", -1), ("revised", +1)):
             text, ids, labels = record[side], record[f"{side}_ids"], record[f"{side}_labels"]
             spans = token_spans(tiny_tokenizer, text, ids)
-            inside = [any(s < e_tok and s_tok < e for s, e in edited[side]) for s_tok, e_tok in spans]
+            inside = [
+                any(s < e_tok and s_tok < e for s, e in edited[side]) for s_tok, e_tok in spans
+            ]
             assert set(labels) <= {0, sign}
             # no token outside an edited word carries a label ...
             assert all(inside[k] for k, v in enumerate(labels) if v), (side, text)
             # ... and every edited word has a labelled token
             for s, e in edited[side]:
-                assert any(labels[k] for k, (s_tok, e_tok) in enumerate(spans) if s < e_tok and s_tok < e), text
+                assert any(
+                    labels[k] for k, (s_tok, e_tok) in enumerate(spans) if s < e_tok and s_tok < e
+                ), text
             exact += all(bool(v) == inside[k] for k, v in enumerate(labels))
-    # exactly the edited words' tokens, except where a sub-word token is shared ("cocaine" -> "medicine")
+    # exactly the edited words' tokens, except where a sub-word token is shared ("cocaine" ->
+    # "medicine")
     assert len(records) > 100 and exact > 0.9 * 2 * len(records)
 
 
 def test_label_py_gold_reviser_end_to_end(tiny_dir, tmp_path, splits):
     out = tmp_path / "labels.jsonl"
-    argv = ["--reviser", "gold", "--preference", "gold", "--tokenizer", str(tiny_dir), "--out", str(out),
-            "--max-response-len", "64"]
+    argv = [
+        "--reviser",
+        "gold",
+        "--preference",
+        "gold",
+        "--tokenizer",
+        str(tiny_dir),
+        "--out",
+        str(out),
+        "--max-response-len",
+        "64",
+    ]
     summary = label.main(argv)
     kept, counts = gold.rank_pairs(splits["reward"])
     revisable = [p for p in kept if gold.gold_revise(p.rejected)]
@@ -174,7 +207,8 @@ def test_label_py_gold_reviser_end_to_end(tiny_dir, tmp_path, splits):
     assert [r["id"] for r in records] == [p.id for p in revisable]
     assert all(r["revised"] == gold.gold_revise(r["rejected"]) for r in records)
     assert summary["tokens"]["positive"] > 0.01 and summary["tokens"]["negative"] > 0.01
-    again = label.main(argv)  # the same cache as the LLM revisers: the second run reuses every answer
+    # the same cache as the LLM revisers: the second run reuses every answer
+    again = label.main(argv)
     assert again["from_cache"] == len(revisable) and out.read_text() == "".join(
         json.dumps(r) + "\n" for r in records)
 
@@ -187,12 +221,47 @@ def test_discriminator_learns_gold_labels(tiny_dir, tmp_path):
 
     torch.set_num_threads(1)
     labels = tmp_path / "labels.jsonl"
-    label.main(["--reviser", "gold", "--preference", "gold", "--tokenizer", str(tiny_dir), "--out", str(labels),
-                "--max-response-len", "48"])
-    metrics = discriminator.main(["train", "--sft", str(tiny_dir), "--labels", str(labels), "--out", str(tmp_path / "d"),
-                                  "--epochs", "6", "--lr", "3e-3", "--batch-size", "32", "--micro-batch-size", "32",
-                                  "--max-prompt-len", "32", "--max-response-len", "48", "--eval-fraction", "0.2",
-                                  "--device", "cpu"])
+    label.main(
+        [
+            "--reviser",
+            "gold",
+            "--preference",
+            "gold",
+            "--tokenizer",
+            str(tiny_dir),
+            "--out",
+            str(labels),
+            "--max-response-len",
+            "48",
+        ]
+    )
+    metrics = discriminator.main(
+        [
+            "train",
+            "--sft",
+            str(tiny_dir),
+            "--labels",
+            str(labels),
+            "--out",
+            str(tmp_path / "d"),
+            "--epochs",
+            "6",
+            "--lr",
+            "3e-3",
+            "--batch-size",
+            "32",
+            "--micro-batch-size",
+            "32",
+            "--max-prompt-len",
+            "32",
+            "--max-response-len",
+            "48",
+            "--eval-fraction",
+            "0.2",
+            "--device",
+            "cpu",
+        ]
+    )
     assert metrics["n_positive"] > 30 and metrics["n_negative"] > 30
     # chance is 50%; a constant answer gets one class right and the other wrong
     assert metrics["accuracy"] > 0.7, metrics
@@ -206,12 +275,22 @@ def test_discriminator_learns_gold_labels(tiny_dir, tmp_path):
 def test_revision_pairs_leave_out_held_out_ids(tmp_path):
     import redistribute
 
-    rows = [{"id": f"p{k}", "prompt": "\n\nHuman: hi\n\nAssistant:", "rejected": f" kill {k}", "revised": f" help {k}"}
-            for k in range(3)]
+    rows = [
+        {
+            "id": f"p{k}",
+            "prompt": "\n\nHuman: hi\n\nAssistant:",
+            "rejected": f" kill {k}",
+            "revised": f" help {k}",
+        }
+        for k in range(3)
+    ]
     path = tmp_path / "labels.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     pairs = redistribute.revision_pairs(path, heldout_groups={"p1"})
-    assert [(p.chosen, p.rejected) for p in pairs] == [(" help 0", " kill 0"), (" help 2", " kill 2")]
+    assert [(p.chosen, p.rejected) for p in pairs] == [
+        (" help 0", " kill 0"),
+        (" help 2", " kill 2"),
+    ]
     path.write_text(json.dumps({"id": "p0", "prompt": "x"}) + "\n")
     with pytest.raises(common.DataError, match="line 1"):
         redistribute.revision_pairs(path, set())
@@ -229,9 +308,12 @@ def test_report_shows_gold_only_when_measured_and_draws_gold_against_kl(tmp_path
     assert "| Gold ↑ |" in table and "| tlcr | +1.250 |" in table and "| sft | — |" in table
     log = tmp_path / "ppo_tlcr" / "log.jsonl"
     log.parent.mkdir()
-    log.write_text("".join(json.dumps({"step": s, "kl": 3 - s, "gold_score": 2 * s}) + "\n" for s in (1, 2, 3)))
+    log.write_text(
+        "".join(json.dumps({"step": s, "kl": 3 - s, "gold_score": 2 * s}) + "\n" for s in (1, 2, 3))
+    )
     curves = report.training_curves({"tlcr": str(log)})
-    assert curves[report.GOLD_VS_KL]["tlcr"] == [(2, 2), (1, 4), (0, 6)]  # (KL, gold), in step order
+    # (KL, gold), in step order
+    assert curves[report.GOLD_VS_KL]["tlcr"] == [(2, 2), (1, 4), (0, 6)]
     assert any(title.startswith("gold score (") for title in curves)
     svg = report.line_chart_svg(report.GOLD_VS_KL, curves[report.GOLD_VS_KL], x_label="KL")
     assert ">KL</text>" in svg
@@ -397,7 +479,8 @@ def test_token_credit_rules_on_hand_made_pieces():
     assert word_of_token == [0, 1, 2, 3, 5, 6, 7, 7, -1, -1]
     assert credit == [0, -1, 0, -1, 0, -1, -1, -1, 0, 0]
     # " kill-help" overlaps a harm and a safe word: the first among equals; "help" keeps no token.
-    # "-kill" (the hyphen outside any word) belongs to kill; " co" "caine" both carry cocaine's weight
+    # "-kill" (the hyphen outside any word) belongs to kill; " co" "caine" both carry cocaine's
+    # weight
     m = gold.credit_metrics(credit, credit, word_of_token)
     assert m["words"] == 7 and m["harm_words"] == 4 and m["safe_words"] == 0
 
@@ -405,7 +488,8 @@ def test_token_credit_rules_on_hand_made_pieces():
 def test_binned_frontier_and_its_chart():
     import report
 
-    points = [(0.2, 1.0), (3.5, 7.0), (0.4, 3.0), (1.5, 2.0), (3.0, 5.0), (100.0, 0.0)]  # time order
+    # time order
+    points = [(0.2, 1.0), (3.5, 7.0), (0.4, 3.0), (1.5, 2.0), (3.0, 5.0), (100.0, 0.0)]
     frontier = report.binned_frontier(points)
     assert frontier[0] == pytest.approx((0.3, 2.0, 1.0, 2))  # s.e. = sd / √n = √2 / √2
     assert frontier[1] == (1.5, 2.0, None, 1)  # one step: no error bar

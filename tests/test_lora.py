@@ -1,4 +1,5 @@
-"""lora.py on a tiny GPT-2 (Conv1D layers) and a tiny random Llama (nn.Linear, RoPE, GQA), fp32, dropout 0.
+"""lora.py on a tiny GPT-2 (Conv1D layers) and a tiny random Llama (nn.Linear, RoPE, GQA), fp32,
+dropout 0.
 
 What a bug would break: the adapted model starting exactly at the base (KL 0 at step 0), the
 switched-off adapters giving the base bit for bit after training, the merged model reloading as a
@@ -14,29 +15,57 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, GPT2Config, GPT2LMHeadModel,
-                          GPT2Model, LlamaConfig, LlamaForCausalLM, LlamaModel)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPT2Model,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaModel,
+)
 
 import common
-from plumbing import checkpoint, distributed, hf_models
 import lora
 import ppo_token as ppo
 import redistribute
 import sft
+from plumbing import checkpoint, distributed, hf_models
 
 torch.set_num_threads(1)
 VOCAB = 96
 
 
 def gpt2_config():
-    return GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=VOCAB, bos_token_id=0,
-                      eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2Config(
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        n_positions=64,
+        vocab_size=VOCAB,
+        bos_token_id=0,
+        eos_token_id=0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
 
 
 def llama_config():
-    return LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, bos_token_id=1,
-                       eos_token_id=2, pad_token_id=None, tie_word_embeddings=False)
+    return LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=None,
+        tie_word_embeddings=False,
+    )
 
 
 def build(kind: str, backbone: bool = False, seed: int = 0):
@@ -47,11 +76,24 @@ def build(kind: str, backbone: bool = False, seed: int = 0):
 
 
 EXPECTED = {
-    "gpt2": [f"transformer.h.{i}.{s}" for i in range(2) for s in ("attn.c_attn", "attn.c_proj", "mlp.c_fc",
-                                                                   "mlp.c_proj")],
-    "llama": [f"model.layers.{i}.{s}" for i in range(2)
-              for s in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")],
+    "gpt2": [
+        f"transformer.h.{i}.{s}"
+        for i in range(2)
+        for s in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    ],
+    "llama": [
+        f"model.layers.{i}.{s}"
+        for i in range(2)
+        for s in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        )
+    ],
 }
 
 
@@ -83,7 +125,11 @@ def train_a_little(model, steps=3, lr=1e-2):
 
 
 def base_state(model):
-    return {k: v.clone() for k, v in model.state_dict().items() if not k.endswith((".lora_A", ".lora_B"))}
+    return {
+        k: v.clone()
+        for k, v in model.state_dict().items()
+        if not k.endswith((".lora_A", ".lora_B"))
+    }
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
@@ -93,11 +139,15 @@ def test_step0_equals_base_and_kl_is_zero(kind):
     lora.add_lora(model, rank=4, alpha=8)
     input_ids, attention_mask = batch()
     with torch.no_grad():
-        ref, new = logprobs(base, input_ids, attention_mask), logprobs(model, input_ids, attention_mask)
+        ref, new = (
+            logprobs(base, input_ids, attention_mask),
+            logprobs(model, input_ids, attention_mask),
+        )
     assert torch.equal(new, ref)
     kl = (new - ref).sum(-1)  # k1 estimator summed over tokens
     assert torch.equal(kl, torch.zeros_like(kl))
-    assert all(layer.lora_A.abs().sum() > 0 for _, layer in lora.lora_layers(model))  # A is random, B = 0
+    # A is random, B = 0
+    assert all(layer.lora_A.abs().sum() > 0 for _, layer in lora.lora_layers(model))
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
@@ -129,7 +179,9 @@ def test_merged_save_reloads_as_plain_hf_model(kind, tmp_path):
     model = build(kind)
     lora.add_lora(model, rank=4, alpha=8)
     train_a_little(model)
-    tokenizer = hf_models.configure_tokenizer(hf_models.train_tiny_tokenizer(["hello world, a tiny corpus"] * 20, vocab_size=300))
+    tokenizer = hf_models.configure_tokenizer(
+        hf_models.train_tiny_tokenizer(["hello world, a tiny corpus"] * 20, vocab_size=300)
+    )
     lora.save_merged(model, tokenizer, tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert not any(isinstance(m, lora.LoRALinear) for m in reloaded.modules())
@@ -154,8 +206,12 @@ def test_only_adapters_get_gradients(kind):
     input_ids, attention_mask = batch()
     logprobs(model, input_ids, attention_mask).mean().backward()
     with_grad = {name for name, p in model.named_parameters() if p.grad is not None}
-    adapters = {name for name, _ in model.named_parameters() if name.endswith((".lora_A", ".lora_B"))}
-    assert with_grad == adapters == {name for name, p in model.named_parameters() if p.requires_grad}
+    adapters = {
+        name for name, _ in model.named_parameters() if name.endswith((".lora_A", ".lora_B"))
+    }
+    assert (
+        with_grad == adapters == {name for name, p in model.named_parameters() if p.requires_grad}
+    )
     assert len(adapters) == 2 * len(EXPECTED[kind])
     # at step 0, B = 0, so dL/dA = 0 but dL/dB ≠ 0
     assert all(layer.lora_B.grad.abs().sum() > 0 for _, layer in lora.lora_layers(model))
@@ -165,13 +221,18 @@ def test_only_adapters_get_gradients(kind):
 def test_backbone_with_value_head_trains_adapters_and_head_only(kind):
     backbone = build(kind, backbone=True)
     names = lora.add_lora(backbone, rank=4, alpha=8)
-    assert names == [name.split(".", 1)[1] for name in EXPECTED[kind]]  # no "transformer."/"model." prefix
-    head = torch.nn.Linear(backbone.config.hidden_size, 1)  # a critic's value head, outside the blocks
+    # no "transformer."/"model." prefix
+    assert names == [name.split(".", 1)[1] for name in EXPECTED[kind]]
+    # a critic's value head, outside the blocks
+    head = torch.nn.Linear(backbone.config.hidden_size, 1)
     input_ids, attention_mask = batch()
-    train_a_little_critic = torch.optim.AdamW([*head.parameters(), *(p for p in backbone.parameters()
-                                                                     if p.requires_grad)], lr=1e-2)
+    train_a_little_critic = torch.optim.AdamW(
+        [*head.parameters(), *(p for p in backbone.parameters() if p.requires_grad)], lr=1e-2
+    )
     for _ in range(2):
-        values = head(backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state).squeeze(-1)
+        values = head(
+            backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        ).squeeze(-1)
         loss = ((values - 1.0) ** 2).mean()
         train_a_little_critic.zero_grad()
         loss.backward()
@@ -179,15 +240,20 @@ def test_backbone_with_value_head_trains_adapters_and_head_only(kind):
     assert head.weight.grad.abs().sum() > 0
     with_grad = {name for name, p in backbone.named_parameters() if p.grad is not None}
     assert with_grad and all(name.endswith((".lora_A", ".lora_B")) for name in with_grad)
-    assert all(layer.lora_A.grad.abs().sum() > 0 for _, layer in lora.lora_layers(backbone))  # B ≠ 0 by now
+    # B ≠ 0 by now
+    assert all(layer.lora_A.grad.abs().sum() > 0 for _, layer in lora.lora_layers(backbone))
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_layers_found_by_type_and_targets_restrict(kind):
     assert lora.add_lora(build(kind), rank=2) == EXPECTED[kind]
-    targets = ["q_proj", "v_proj"] if kind == "llama" else ["c_attn", "attn.c_proj"]  # not mlp.c_proj
+    # not mlp.c_proj
+    targets = ["q_proj", "v_proj"] if kind == "llama" else ["c_attn", "attn.c_proj"]
     names = lora.add_lora(build(kind), rank=2, targets=targets)
-    assert names == [n for n in EXPECTED[kind] if any(n.endswith("." + t) for t in targets)] and len(names) == 4
+    assert (
+        names == [n for n in EXPECTED[kind] if any(n.endswith("." + t) for t in targets)]
+        and len(names) == 4
+    )
     with pytest.raises(ValueError, match="matches no linear layer"):
         lora.add_lora(build(kind), rank=2, targets=["proj"])  # a dotted suffix, not any substring
     model = build(kind)
@@ -204,12 +270,20 @@ def test_command_line_flags():
     args = parser.parse_args([])
     assert (args.lora_rank, args.lora_alpha, args.lora_targets) == (0, lora.DEFAULT_ALPHA, None)
     model = build("llama")
-    assert lora.add_lora_from_args(model, args) == [] and all(p.requires_grad for p in model.parameters())
-    args = parser.parse_args(["--lora-rank", "8", "--lora-alpha", "16", "--lora-targets", "q_proj, v_proj"])
+    assert lora.add_lora_from_args(model, args) == [] and all(
+        p.requires_grad for p in model.parameters()
+    )
+    args = parser.parse_args(
+        ["--lora-rank", "8", "--lora-alpha", "16", "--lora-targets", "q_proj, v_proj"]
+    )
     assert args.lora_targets == ["q_proj", "v_proj"]
     assert len(lora.add_lora_from_args(model, args)) == 4
     layer = model.model.layers[0].self_attn.q_proj
-    assert (layer.rank, layer.scale) == (8, 2.0) and layer.lora_A.shape == (8, 32) and layer.lora_B.shape == (32, 8)
+    assert (
+        (layer.rank, layer.scale) == (8, 2.0)
+        and layer.lora_A.shape == (8, 32)
+        and layer.lora_B.shape == (32, 8)
+    )
     with pytest.raises(SystemExit):
         lora.check_lora_args(parser, parser.parse_args(["--lora-rank", "-1"]))
 
@@ -222,18 +296,25 @@ def test_bf16_base_fp32_adapters_and_merge_never_drifts(kind):
         torch.nn.init.normal_(layer.lora_B, std=0.5)
     before = base_state(model)
     input_ids, attention_mask = batch()
-    for context in (torch.autocast("cpu", dtype=torch.bfloat16), torch.autocast("cpu", enabled=False)):
+    for context in (
+        torch.autocast("cpu", dtype=torch.bfloat16),
+        torch.autocast("cpu", enabled=False),
+    ):
         with context:
             out = model(input_ids=input_ids, attention_mask=attention_mask).logits
         assert out.dtype == torch.bfloat16
         out.float().mean().backward()
     layer = lora.lora_layers(model)[0][1]
-    assert layer.lora_A.dtype == layer.lora_A.grad.dtype == torch.float32 and layer.weight.grad is None
+    assert (
+        layer.lora_A.dtype == layer.lora_A.grad.dtype == torch.float32 and layer.weight.grad is None
+    )
     first, second = lora.merged_state_dict(model), lora.merged_state_dict(model)
-    gathered = {k: v.clone() for k, v in model.state_dict().items()}  # as FSDP's full state dict would give
+    # as FSDP's full state dict would give
+    gathered = {k: v.clone() for k, v in model.state_dict().items()}
     third = lora.merged_state_dict(model, state=gathered)
     after = base_state(model)
-    assert all(torch.equal(after[k], before[k]) for k in before)  # the model's weights: bit-identical
+    # the model's weights: bit-identical
+    assert all(torch.equal(after[k], before[k]) for k in before)
     assert first.keys() == before.keys()  # original names, no LoRA tensors
     assert all(torch.equal(first[k], second[k]) and torch.equal(first[k], third[k]) for k in first)
     assert all(first[k].dtype == before[k].dtype for k in first)
@@ -247,13 +328,17 @@ def test_trainable_state_dict_round_trip(kind):
     lora.add_lora(model, rank=4, alpha=8)
     train_a_little(model, steps=2)
     state = lora.trainable_state_dict(model)
-    assert set(state) == {n for n, _ in model.named_parameters() if n.endswith((".lora_A", ".lora_B"))}
+    assert set(state) == {
+        n for n, _ in model.named_parameters() if n.endswith((".lora_A", ".lora_B"))
+    }
     fresh = build(kind)
     lora.add_lora(fresh, rank=4, alpha=8)
     lora.load_trainable_state_dict(fresh, state)
     input_ids, attention_mask = batch()
     with torch.no_grad():
-        assert torch.equal(logprobs(fresh, input_ids, attention_mask), logprobs(model, input_ids, attention_mask))
+        assert torch.equal(
+            logprobs(fresh, input_ids, attention_mask), logprobs(model, input_ids, attention_mask)
+        )
     other_rank = build(kind)
     lora.add_lora(other_rank, rank=2, alpha=8)
     with pytest.raises(ValueError, match="shape"):
@@ -270,12 +355,18 @@ def test_gradient_checkpointing_gives_the_same_adapter_gradients():
             torch.nn.init.normal_(layer.lora_B, std=0.1, generator=torch.Generator().manual_seed(3))
         if checkpointing:
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+                model.activation_checkpointing_enable(
+                    activation_checkpointing_kwargs={"use_reentrant": False}
+                )
             else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                model.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False}
+                )
         model.train()
         logprobs(model, *batch()).mean().backward()
-        grads.append(torch.cat([p.grad.flatten() for n, p in model.named_parameters() if p.requires_grad]))
+        grads.append(
+            torch.cat([p.grad.flatten() for n, p in model.named_parameters() if p.requires_grad])
+        )
     torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
     assert grads[1].abs().sum() > 0
 
@@ -307,10 +398,37 @@ def policy_and_rm(request, tmp_path_factory):
 
 
 def ppo_argv(model_dir, rm_dir, out, *extra):
-    return ["--policy", str(model_dir), "--reward", "red", "--reward-model", str(rm_dir), "--out", str(out),
-            "--lora-rank", "4", "--rollout-batch-size", "4", "--minibatch-size", "2", "--ppo-epochs", "2",
-            "--max-prompt-len", "24", "--max-new-tokens", "8", "--policy-lr", "3e-2", "--critic-lr", "3e-2",
-            "--limit", "16", "--kl-coef", "0.05", *map(str, extra)]
+    return [
+        "--policy",
+        str(model_dir),
+        "--reward",
+        "red",
+        "--reward-model",
+        str(rm_dir),
+        "--out",
+        str(out),
+        "--lora-rank",
+        "4",
+        "--rollout-batch-size",
+        "4",
+        "--minibatch-size",
+        "2",
+        "--ppo-epochs",
+        "2",
+        "--max-prompt-len",
+        "24",
+        "--max-new-tokens",
+        "8",
+        "--policy-lr",
+        "3e-2",
+        "--critic-lr",
+        "3e-2",
+        "--limit",
+        "16",
+        "--kl-coef",
+        "0.05",
+        *map(str, extra),
+    ]
 
 
 def trained_names(model):
@@ -318,10 +436,10 @@ def trained_names(model):
 
 
 def test_ppo_with_lora_reference_is_the_policy_with_adapters_off(policy_and_rm, monkeypatch):
-    """One frozen copy of each base: no reference model, the reward read inside the critic. At step 0 the policy
-    IS the reference (KL exactly 0) and the reward is the reward model's, bit for bit; after PPO steps the adapters
-    switched off still give the base policy and the base reward model bit for bit, and only adapters and the value
-    head were trained."""
+    """One frozen copy of each base: no reference model, the reward read inside the critic. At step
+    0 the policy IS the reference (KL exactly 0) and the reward is the reward model's, bit for bit;
+    after PPO steps the adapters switched off still give the base policy and the base reward model
+    bit for bit, and only adapters and the value head were trained."""
     model_dir, rm_dir = policy_and_rm
     args = ppo.parse_args(ppo_argv(model_dir, rm_dir, "unused"))
     loads = []
@@ -334,7 +452,8 @@ def test_ppo_with_lora_reference_is_the_policy_with_adapters_off(policy_and_rm, 
     counted("load_score_model")
     models = ppo.load_models(args, distributed.DistInfo())
     monkeypatch.undo()
-    assert loads == ["load_policy", "load_score_model"]  # no reference copy; the reward model read once
+    # no reference copy; the reward model read once
+    assert loads == ["load_policy", "load_score_model"]
     policy, critic, reward_fn = models.policy, models.critic, models.reward_fn
     assert trained_names(policy) and all(".lora_" in n for n in trained_names(policy))
     assert {n for n in trained_names(critic) if ".lora_" not in n} == {"head.weight"}
@@ -355,13 +474,18 @@ def test_ppo_with_lora_reference_is_the_policy_with_adapters_off(policy_and_rm, 
 
     torch.manual_seed(0)
     batch = ppo.rollout(models, prompt, prompt_mask, eos_ids, pad_id, args)
-    assert torch.equal(batch.logprobs, batch.ref_logprobs) and batch.kl.abs().max() == 0  # step 0: KL = 0
+    # step 0: KL = 0
+    assert torch.equal(batch.logprobs, batch.ref_logprobs) and batch.kl.abs().max() == 0
     check_against_the_bases(batch)
 
     for step in range(3):  # main's loop: rollout, then PPO epochs
         torch.manual_seed(step + 1)
-        ppo.ppo_update(models, ppo.rollout(models, prompt, prompt_mask, eos_ids, pad_id, args), args,
-                       args.minibatch_size)
+        ppo.ppo_update(
+            models,
+            ppo.rollout(models, prompt, prompt_mask, eos_ids, pad_id, args),
+            args,
+            args.minibatch_size,
+        )
     assert {n for n, p in policy.named_parameters() if p.grad is not None} == trained_names(policy)
     assert {n for n, p in critic.named_parameters() if p.grad is not None} == trained_names(critic)
     torch.manual_seed(9)
@@ -375,13 +499,16 @@ def test_ppo_with_lora_reference_is_the_policy_with_adapters_off(policy_and_rm, 
 def adapted_from_checkpoint(model, out, name):
     """`model` (the base) with LoRA rank 4 and the trained tensors of checkpoint `name` (adapters, heads)."""
     lora.add_lora(model.backbone if isinstance(model, common.ScoreModel) else model, rank=4)
-    lora.load_trainable_state_dict(model, load_file(str(checkpoint.latest_checkpoint(out) / f"{name}.safetensors")))
+    lora.load_trainable_state_dict(
+        model, load_file(str(checkpoint.latest_checkpoint(out) / f"{name}.safetensors"))
+    )
     return hf_models.disable_dropout(model).eval()
 
 
 def test_ppo_with_lora_saves_a_merged_policy_and_resumes_from_adapters(policy_and_rm, tmp_path):
-    """The checkpoint holds adapters and the value head only; --stop-after then a resume gives the run an
-    uninterrupted one gives; the final policy is a plain causal LM with the adapted model's log-probs."""
+    """The checkpoint holds adapters and the value head only; --stop-after then a resume gives the
+    run an uninterrupted one gives; the final policy is a plain causal LM with the adapted model's
+    log-probs."""
     model_dir, rm_dir = policy_and_rm
     straight, cut = tmp_path / "straight", tmp_path / "cut"
     ppo.main(ppo_argv(model_dir, rm_dir, straight, "--iterations", 3))
@@ -392,7 +519,10 @@ def test_ppo_with_lora_saves_a_merged_policy_and_resumes_from_adapters(policy_an
     assert policy_keys and all(".lora_" in k for k in policy_keys)
     assert {k for k in critic_keys if ".lora_" not in k} == {"head.weight"}
     ppo.main(ppo_argv(model_dir, rm_dir, cut, "--iterations", 3))
-    log_a, log_b = ([json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()] for out in (straight, cut))
+    log_a, log_b = (
+        [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        for out in (straight, cut)
+    )
     assert [r["step"] for r in log_b] == [1, 2, 3] and log_a[0]["kl"] == 0 and log_a[-1]["kl"] != 0
     for key in ("task_reward", "kl", "policy_loss", "value_loss"):
         assert log_b[-1][key] == pytest.approx(log_a[-1][key], rel=1e-5, abs=1e-6), key
@@ -405,19 +535,49 @@ def test_ppo_with_lora_saves_a_merged_policy_and_resumes_from_adapters(policy_an
     mask, response_mask = torch.ones_like(ids), torch.zeros_like(ids)
     response_mask[0, ids.shape[1] // 2:] = 1
     with torch.no_grad():
-        torch.testing.assert_close(common.response_logprobs(merged, ids, mask, response_mask)[0],
-                                   common.response_logprobs(adapted, ids, mask, response_mask)[0], atol=1e-5, rtol=0)
-        assert not torch.allclose(common.response_logprobs(merged, ids, mask, response_mask)[0],
-                                  common.response_logprobs(hf_models.load_policy(model_dir), ids, mask, response_mask)[0])
+        torch.testing.assert_close(
+            common.response_logprobs(merged, ids, mask, response_mask)[0],
+            common.response_logprobs(adapted, ids, mask, response_mask)[0],
+            atol=1e-5,
+            rtol=0,
+        )
+        assert not torch.allclose(
+            common.response_logprobs(merged, ids, mask, response_mask)[0],
+            common.response_logprobs(hf_models.load_policy(model_dir), ids, mask, response_mask)[0],
+        )
 
 
 def test_sft_and_reward_model_with_lora_save_merged_standard_models(tiny_dir, tmp_path):
-    """SFT and the reward model train adapters (and the score head) only, checkpoint just those, and save
-    the standard classes with the adapters merged: the same outputs as the adapted models (1e-5)."""
+    """SFT and the reward model train adapters (and the score head) only, checkpoint just those, and
+    save the standard classes with the adapters merged: the same outputs as the adapted models
+    (1e-5)."""
     out = tmp_path / "sft"
-    sft.main(["--model", str(tiny_dir), "--out", str(out), "--lora-rank", "4", "--limit", "40", "--max-steps", "3",
-              "--batch-size", "4", "--micro-batch-size", "2", "--max-prompt-len", "32", "--max-response-len", "16",
-              "--eval-examples", "4", "--lr", "1e-2"])
+    sft.main(
+        [
+            "--model",
+            str(tiny_dir),
+            "--out",
+            str(out),
+            "--lora-rank",
+            "4",
+            "--limit",
+            "40",
+            "--max-steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--micro-batch-size",
+            "2",
+            "--max-prompt-len",
+            "32",
+            "--max-response-len",
+            "16",
+            "--eval-examples",
+            "4",
+            "--lr",
+            "1e-2",
+        ]
+    )
     keys = load_file(str(checkpoint.latest_checkpoint(out) / "model.safetensors")).keys()
     assert keys and all(".lora_" in k for k in keys)
     ids = torch.tensor([list(range(5, 25))])
@@ -425,17 +585,47 @@ def test_sft_and_reward_model_with_lora_save_merged_standard_models(tiny_dir, tm
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     adapted = adapted_from_checkpoint(hf_models.load_policy(tiny_dir), out, "model")
     with torch.no_grad():
-        torch.testing.assert_close(common.response_logprobs(merged, ids, mask, response_mask)[0],
-                                   common.response_logprobs(adapted, ids, mask, response_mask)[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            common.response_logprobs(merged, ids, mask, response_mask)[0],
+            common.response_logprobs(adapted, ids, mask, response_mask)[0],
+            atol=1e-5,
+            rtol=0,
+        )
 
     rm_out = tmp_path / "rm"
-    redistribute.main(["train", "--sft", str(tiny_dir), "--out", str(rm_out), "--lora-rank", "4", "--limit", "24",
-                       "--max-steps", "3", "--batch-size", "4", "--micro-batch-size", "2", "--max-prompt-len", "32",
-                       "--max-response-len", "16", "--lr", "1e-2"])
+    redistribute.main(
+        [
+            "train",
+            "--sft",
+            str(tiny_dir),
+            "--out",
+            str(rm_out),
+            "--lora-rank",
+            "4",
+            "--limit",
+            "24",
+            "--max-steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--micro-batch-size",
+            "2",
+            "--max-prompt-len",
+            "32",
+            "--max-response-len",
+            "16",
+            "--lr",
+            "1e-2",
+        ]
+    )
     keys = load_file(str(checkpoint.latest_checkpoint(rm_out) / "model.safetensors")).keys()
     assert {k for k in keys if ".lora_" not in k} == {"head.weight"}
-    hf_model = AutoModelForSequenceClassification.from_pretrained(rm_out, dtype=torch.float32).eval()
-    adapted = adapted_from_checkpoint(hf_models.new_score_model(tiny_dir, bias=False), rm_out, "model")
+    hf_model = AutoModelForSequenceClassification.from_pretrained(
+        rm_out, dtype=torch.float32
+    ).eval()
+    adapted = adapted_from_checkpoint(
+        hf_models.new_score_model(tiny_dir, bias=False), rm_out, "model"
+    )
     with torch.no_grad():
         ours = redistribute.sequence_reward(adapted, ids, mask, mask)  # at the last token
         theirs = hf_model(input_ids=ids, attention_mask=mask).logits.squeeze(-1)

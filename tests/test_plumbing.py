@@ -1,6 +1,6 @@
-"""plumbing/hf_models.py: score models in the standard Hugging Face forms (and TRL's, OpenRLHF's, our older one),
-models that do not belong together, crash-safe checkpoints that refuse another run, logs that survive a
-torn line, and one-line errors for models that cannot be found."""
+"""plumbing/hf_models.py: score models in the standard Hugging Face forms (and TRL's, OpenRLHF's,
+our older one), models that do not belong together, crash-safe checkpoints that refuse another run,
+logs that survive a torn line, and one-line errors for models that cannot be found."""
 import json
 import os
 import subprocess
@@ -11,12 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import AutoModel, AutoModelForSequenceClassification, AutoModelForTokenClassification
+from transformers import (
+    AutoModel,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+)
 
 import common
 import plumbing
-from plumbing import checkpoint, hf_models
 import redistribute
+from plumbing import checkpoint, hf_models
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,41 +51,59 @@ TEXTS = ["\n\nHuman: hi\n\nAssistant: hello there", "\n\nHuman: how are you?\n\n
 # Score models: standard formats in, standard formats out
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("which", ["gpt2", "llama"])
-def test_reward_model_round_trips_through_auto_model_for_sequence_classification(which, request, tmp_path):
+def test_reward_model_round_trips_through_auto_model_for_sequence_classification(
+    which, request, tmp_path
+):
     model_dir = request.getfixturevalue("tiny_dir" if which == "gpt2" else "llama_dir")
     tokenizer = hf_models.load_tokenizer(model_dir)
-    assert tokenizer.pad_token_id == tokenizer.eos_token_id  # neither tokenizer has a pad token of its own
+    # neither tokenizer has a pad token of its own
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id
     model = trained_score_model(model_dir, bias=False)
     query_response, attention_mask = scored_batch(tokenizer, TEXTS)
     with torch.no_grad():
-        ours = redistribute.sequence_reward(model, query_response, attention_mask, attention_mask)  # at the EOS
-    hf_models.save_score_model(model, tokenizer, tmp_path / "rm", kind="sequence", extra={"role": "reward_model"})
+        # at the EOS
+        ours = redistribute.sequence_reward(model, query_response, attention_mask, attention_mask)
+    hf_models.save_score_model(
+        model, tokenizer, tmp_path / "rm", kind="sequence", extra={"role": "reward_model"}
+    )
 
     # a Hugging Face user: the standard class and the saved tokenizer, nothing of ours
     hf_model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
     hf_tokenizer = hf_models.AutoTokenizer.from_pretrained(tmp_path / "rm")
-    assert hf_tokenizer.pad_token_id != hf_tokenizer.eos_token_id  # so it reads the EOS, not the token before
-    batch = hf_tokenizer([t + hf_tokenizer.eos_token for t in TEXTS], padding=True, return_tensors="pt")
+    # so it reads the EOS, not the token before
+    assert hf_tokenizer.pad_token_id != hf_tokenizer.eos_token_id
+    batch = hf_tokenizer(
+        [t + hf_tokenizer.eos_token for t in TEXTS], padding=True, return_tensors="pt"
+    )
     with torch.no_grad():
         theirs = hf_model(**batch).logits.squeeze(-1)
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
     # and right padding reads the same token
     hf_tokenizer.padding_side = "right"
-    batch = hf_tokenizer([t + hf_tokenizer.eos_token for t in TEXTS], padding=True, return_tensors="pt")
+    batch = hf_tokenizer(
+        [t + hf_tokenizer.eos_token for t in TEXTS], padding=True, return_tensors="pt"
+    )
     with torch.no_grad():
         torch.testing.assert_close(hf_model(**batch).logits.squeeze(-1), ours, atol=1e-5, rtol=1e-5)
 
     loaded = hf_models.disable_dropout(hf_models.load_score_model(tmp_path / "rm")).eval()
     with torch.no_grad():
-        torch.testing.assert_close(redistribute.sequence_reward(loaded, query_response, attention_mask, attention_mask),
-                                   ours, atol=1e-5, rtol=1e-5)
-    hf_models.check_same_tokenizer(tokenizer, hf_models.load_tokenizer(tmp_path / "rm"), "rm")  # only a pad added
+        torch.testing.assert_close(
+            redistribute.sequence_reward(loaded, query_response, attention_mask, attention_mask),
+            ours,
+            atol=1e-5,
+            rtol=1e-5,
+        )
+    # only a pad added
+    hf_models.check_same_tokenizer(tokenizer, hf_models.load_tokenizer(tmp_path / "rm"), "rm")
     info = hf_models.read_run_info(tmp_path / "rm")
     assert info == {"role": "reward_model", "format": "AutoModelForSequenceClassification"}
 
 
 @pytest.mark.parametrize("which", ["gpt2", "llama"])
-def test_discriminator_round_trips_through_auto_model_for_token_classification(which, request, tmp_path):
+def test_discriminator_round_trips_through_auto_model_for_token_classification(
+    which, request, tmp_path
+):
     model_dir = request.getfixturevalue("tiny_dir" if which == "gpt2" else "llama_dir")
     tokenizer = hf_models.load_tokenizer(model_dir)
     model = trained_score_model(model_dir, bias=True)
@@ -98,7 +120,9 @@ def test_discriminator_round_trips_through_auto_model_for_token_classification(w
     torch.testing.assert_close(theirs[real], ours[real], atol=1e-5, rtol=1e-5)
     loaded = hf_models.load_score_model(tmp_path / "disc").eval()
     with torch.no_grad():
-        torch.testing.assert_close(loaded(query_response, attention_mask)[real], ours[real], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            loaded(query_response, attention_mask)[real], ours[real], atol=1e-5, rtol=1e-5
+        )
 
 
 def test_a_standard_save_that_fails_keeps_the_model_in_the_head_file_format(tiny_dir, tmp_path,
@@ -141,23 +165,32 @@ def test_older_trl_and_openrlhf_reward_models_load(tiny_dir, tiny_tokenizer, tmp
     # this project's first format: a backbone plus score_head.safetensors (weight and bias)
     model = trained_score_model(tiny_dir, bias=True)
     model.backbone.save_pretrained(tmp_path / "old")
-    save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, str(tmp_path / "old" / "score_head.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in model.head.state_dict().items()},
+        str(tmp_path / "old" / "score_head.safetensors"),
+    )
     loaded = hf_models.load_score_model(tmp_path / "old").eval()
     with torch.no_grad():
-        torch.testing.assert_close(loaded(query_response, attention_mask), model(query_response, attention_mask))
+        torch.testing.assert_close(
+            loaded(query_response, attention_mask), model(query_response, attention_mask)
+        )
 
     # TRL: an AutoModelForSequenceClassification with num_labels=1, saved by Hugging Face
     torch.manual_seed(3)
     trl = AutoModelForSequenceClassification.from_pretrained(tiny_dir, num_labels=1).eval()
-    trl.config.pad_token_id = None  # batch of one below: the standard class then reads the last position
+    # batch of one below: the standard class then reads the last position
+    trl.config.pad_token_id = None
     trl.save_pretrained(tmp_path / "trl")
     loaded = hf_models.load_score_model(tmp_path / "trl").eval()
     with torch.no_grad():
         one = query_response[:1, attention_mask[0].argmax():]
         expected = trl(input_ids=one).logits.squeeze()
-        torch.testing.assert_close(loaded(one, torch.ones_like(one))[0, -1], expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            loaded(one, torch.ones_like(one))[0, -1], expected, atol=1e-5, rtol=1e-5
+        )
 
-    # OpenRLHF: the backbone under "model." with value_head.weight, and reward normalisation in the config
+    # OpenRLHF: the backbone under "model." with value_head.weight, and reward normalisation in the
+    # config
     backbone = AutoModel.from_pretrained(tiny_dir)
     head = torch.randn(1, backbone.config.hidden_size)
     backbone.config.update({"normalize_reward": True, "mean": 0.5, "std": 2.0})
@@ -168,10 +201,15 @@ def test_older_trl_and_openrlhf_reward_models_load(tiny_dir, tiny_tokenizer, tmp
     save_file({**state, "value_head.weight": head}, str(weights))
     loaded = hf_models.load_score_model(tmp_path / "openrlhf").eval()
     with torch.no_grad():
-        hidden = backbone.eval()(input_ids=query_response, attention_mask=attention_mask,
-                                 position_ids=common.position_ids_from_mask(attention_mask)).last_hidden_state
+        hidden = backbone.eval()(
+            input_ids=query_response,
+            attention_mask=attention_mask,
+            position_ids=common.position_ids_from_mask(attention_mask),
+        ).last_hidden_state
         expected = ((hidden[:, last] @ head.T).squeeze(-1) - 0.5) / 2.0
-        torch.testing.assert_close(loaded(query_response, attention_mask)[:, last], expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            loaded(query_response, attention_mask)[:, last], expected, atol=1e-5, rtol=1e-5
+        )
 
 
 def test_a_folder_without_a_trained_head_is_refused(tiny_dir, tmp_path):
@@ -186,7 +224,10 @@ def test_a_folder_without_a_trained_head_is_refused(tiny_dir, tmp_path):
 
 def test_tokenizers_that_do_not_belong_together_are_refused(tiny_tokenizer, splits):
     other = hf_models.train_tiny_tokenizer([p.prompt + p.chosen for p in splits["rl"][:300]], 2048)
-    with pytest.raises(common.InputError, match=r"--reward-model x: its tokenizer differs from the policy's \(\d+ of"):
+    with pytest.raises(
+        common.InputError,
+        match=r"--reward-model x: its tokenizer differs from the policy's \(\d+ of",
+    ):
         hf_models.check_same_tokenizer(tiny_tokenizer, other, "--reward-model x")
     hf_models.check_same_tokenizer(tiny_tokenizer, tiny_tokenizer, "same")
     assert hf_models.tokenizer_fingerprint(tiny_tokenizer) != hf_models.tokenizer_fingerprint(other)
@@ -197,30 +238,54 @@ def test_tokenizers_that_do_not_belong_together_are_refused(tiny_tokenizer, spli
 # ----------------------------------------------------------------------------------------------
 def run_stage(args, env=None, timeout=120):
     started = time.monotonic()
-    done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    done = subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
     return done, time.monotonic() - started
 
 
 def test_missing_models_fail_in_a_moment_with_one_line(tmp_path):
     cases = [
-        (["sft.py", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], {}, "no such directory"),
-        (["sft.py", "--model", "./runs/not-there", "--out", str(tmp_path / "o")], {}, "no such directory"),
+        (
+            ["sft.py", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")],
+            {},
+            "no such directory",
+        ),
+        (
+            ["sft.py", "--model", "./runs/not-there", "--out", str(tmp_path / "o")],
+            {},
+            "no such directory",
+        ),
         (["sft.py", "--model", "a/b/c", "--out", str(tmp_path / "o")], {}, "no such directory"),
-        (["sft.py", "--model", str(tmp_path), "--out", str(tmp_path / "o")], {}, "without config.json"),
-        (["sft.py", "--model", "nobody-xyz/no-model", "--out", str(tmp_path / "o")], {"HF_HUB_OFFLINE": "1"},
-         "HF_HUB_OFFLINE"),
+        (
+            ["sft.py", "--model", str(tmp_path), "--out", str(tmp_path / "o")],
+            {},
+            "without config.json",
+        ),
+        (
+            ["sft.py", "--model", "nobody-xyz/no-model", "--out", str(tmp_path / "o")],
+            {"HF_HUB_OFFLINE": "1"},
+            "HF_HUB_OFFLINE",
+        ),
     ]
     for args, env, message in cases:
         done, seconds = run_stage(args, env)
         assert done.returncode == 2, done.stderr[-2000:]
         lines = done.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], done.stderr
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (
+            done.stderr
+        )
         assert seconds < 30
 
 
 def test_an_unreachable_hub_is_one_line(tmp_path, monkeypatch):
-    monkeypatch.setattr(hf_models, "HUB_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on port 9
+    # nothing listens on port 9
+    monkeypatch.setattr(hf_models, "HUB_ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     started = time.monotonic()
     with pytest.raises(common.InputError, match="cannot be reached"):
@@ -244,7 +309,9 @@ def small_training_state(tiny_dir):
 def test_checkpoint_round_trip_restores_weights_optimizer_schedule_and_rng(tmp_path, tiny_dir):
     model, optimizer, scheduler = small_training_state(tiny_dir)
     torch.manual_seed(123)
-    checkpoint.save_checkpoint(tmp_path, 7, {"model": model}, {"model": optimizer}, {"model": scheduler}, {"lr": 1})
+    checkpoint.save_checkpoint(
+        tmp_path, 7, {"model": model}, {"model": optimizer}, {"model": scheduler}, {"lr": 1}
+    )
     expected_draw = torch.rand(3)
     fresh = hf_models.load_policy(tiny_dir)
     fresh_optimizer = plumbing.adamw(fresh, 1e-3)
@@ -259,7 +326,9 @@ def test_checkpoint_round_trip_restores_weights_optimizer_schedule_and_rng(tmp_p
     assert checkpoint.load_checkpoint(tmp_path / "nothing", {"model": fresh}, {}) is None
 
 
-def test_a_kill_at_any_point_of_a_save_leaves_a_complete_checkpoint(tmp_path, tiny_dir, monkeypatch):
+def test_a_kill_at_any_point_of_a_save_leaves_a_complete_checkpoint(
+    tmp_path, tiny_dir, monkeypatch
+):
     model, optimizer, scheduler = small_training_state(tiny_dir)
     args = ({"model": model}, {"model": optimizer}, {"model": scheduler}, {})
     checkpoint.save_checkpoint(tmp_path, 3, *args)
@@ -273,7 +342,8 @@ def test_a_kill_at_any_point_of_a_save_leaves_a_complete_checkpoint(tmp_path, ti
     assert checkpoint.latest_checkpoint(tmp_path).name == "step-000000003"
     assert checkpoint.load_checkpoint(tmp_path, *args)["step"] == 3
 
-    # killed after step 6 was published, before step 3 was deleted: resume from 6, and 3 goes next time
+    # killed after step 6 was published, before step 3 was deleted: resume from 6, and 3 goes next
+    # time
     real_rmtree = checkpoint.shutil.rmtree
 
     def killed_on_delete(path, *a, **k):
@@ -285,7 +355,10 @@ def test_a_kill_at_any_point_of_a_save_leaves_a_complete_checkpoint(tmp_path, ti
     with pytest.raises(KeyboardInterrupt):
         checkpoint.save_checkpoint(tmp_path, 6, *args)
     monkeypatch.setattr(checkpoint.shutil, "rmtree", real_rmtree)
-    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == ["step-000000003", "step-000000006"]
+    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == [
+        "step-000000003",
+        "step-000000006",
+    ]
     assert checkpoint.load_checkpoint(tmp_path, *args)["step"] == 6
     checkpoint.clean_stale_temp(tmp_path)
     checkpoint.save_checkpoint(tmp_path, 9, *args)
@@ -296,14 +369,25 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, tiny_dir):
     model, optimizer, scheduler = small_training_state(tiny_dir)
     args = ({"model": model}, {"model": optimizer}, {"model": scheduler})
     checkpoint.save_checkpoint(tmp_path, 2, *args, {"reward": "tlcr", "total_steps": 10})
-    with pytest.raises(common.InputError, match=r"--reward was 'tlcr', now 'seq'.*--total-steps was 10, now 20"):
+    with pytest.raises(
+        common.InputError, match=r"--reward was 'tlcr', now 'seq'.*--total-steps was 10, now 20"
+    ):
         checkpoint.load_checkpoint(tmp_path, *args, {"reward": "seq", "total_steps": 20})
     with pytest.warns(UserWarning, match="--force-resume"):
-        assert checkpoint.load_checkpoint(tmp_path, *args, {"reward": "seq", "total_steps": 10}, force=True)["step"] == 2
+        assert (
+            checkpoint.load_checkpoint(
+                tmp_path, *args, {"reward": "seq", "total_steps": 10}, force=True
+            )["step"]
+            == 2
+        )
 
 
 def test_stale_temp_folders_are_cleaned(tmp_path):
-    for stale in (tmp_path / ".save-abc", tmp_path / "checkpoint" / ".tmp-step-000000004", tmp_path / "policy" / ".save-x"):
+    for stale in (
+        tmp_path / ".save-abc",
+        tmp_path / "checkpoint" / ".tmp-step-000000004",
+        tmp_path / "policy" / ".save-x",
+    ):
         stale.mkdir(parents=True)
     (tmp_path / "checkpoint" / "step-000000002").mkdir()
     checkpoint.clean_stale_temp(tmp_path)
@@ -323,11 +407,16 @@ def test_a_torn_last_log_line_is_dropped_on_resume(tmp_path, capsys):
 
 def test_help_shows_every_default():
     for script in ("sft.py", "label.py", "ppo_token.py", "eval.py"):
-        done = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
-        assert "(default: 0)" in " ".join(done.stdout.split()), script  # --split-seed's default is shown
+        done = subprocess.run(
+            [sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
+        )
+        # --split-seed's default is shown
+        assert "(default: 0)" in " ".join(done.stdout.split()), script
     for args in (["discriminator.py", "show", "--help"], ["redistribute.py", "show", "--help"],
                  ["discriminator.py", "evaluate", "--help"]):
-        done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        done = subprocess.run(
+            [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=60
+        )
         assert "--trust-remote-code" in done.stdout and "(default:" in done.stdout, args
 
 
@@ -345,18 +434,80 @@ def test_bad_data_is_one_line_and_exit_code_2_in_every_stage(tmp_path, tiny_dir)
     binary.write_bytes(bytes(range(256)) * 8)
     stages = {
         "sft": ["sft.py", "--data", bad, "--out", tmp_path / "sft"],
-        "label": ["label.py", "--reviser", "chosen", "--tokenizer", tiny_dir, "--data", bad, "--out", tmp_path / "l"],
-        "discriminator": ["discriminator.py", "train", "--sft", tiny_dir, "--labels", binary,
-                          "--out", tmp_path / "d"],
-        "reward model": ["redistribute.py", "train", "--sft", tiny_dir, "--data", bad, "--out", tmp_path / "r"],
-        "ppo": ["ppo_token.py", "--policy", tiny_dir, "--reward", "tlcr", "--discriminator", tiny_dir,
-                "--critic-init", "policy", "--data", bad, "--out", tmp_path / "p"],
-        "eval": ["eval.py", "--policies", f"a={tiny_dir}", "--reference", tiny_dir, "--reward-model", tiny_dir,
-                 "--discriminator", tiny_dir, "--data", bad, "--out", tmp_path / "e"],
+        "label": [
+            "label.py",
+            "--reviser",
+            "chosen",
+            "--tokenizer",
+            tiny_dir,
+            "--data",
+            bad,
+            "--out",
+            tmp_path / "l",
+        ],
+        "discriminator": [
+            "discriminator.py",
+            "train",
+            "--sft",
+            tiny_dir,
+            "--labels",
+            binary,
+            "--out",
+            tmp_path / "d",
+        ],
+        "reward model": [
+            "redistribute.py",
+            "train",
+            "--sft",
+            tiny_dir,
+            "--data",
+            bad,
+            "--out",
+            tmp_path / "r",
+        ],
+        "ppo": [
+            "ppo_token.py",
+            "--policy",
+            tiny_dir,
+            "--reward",
+            "tlcr",
+            "--discriminator",
+            tiny_dir,
+            "--critic-init",
+            "policy",
+            "--data",
+            bad,
+            "--out",
+            tmp_path / "p",
+        ],
+        "eval": [
+            "eval.py",
+            "--policies",
+            f"a={tiny_dir}",
+            "--reference",
+            tiny_dir,
+            "--reward-model",
+            tiny_dir,
+            "--discriminator",
+            tiny_dir,
+            "--data",
+            bad,
+            "--out",
+            tmp_path / "e",
+        ],
     }
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    running = {name: subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True) for name, args in stages.items()}
+    running = {
+        name: subprocess.Popen(
+            [sys.executable, *map(str, args)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, args in stages.items()
+    }
     for name, proc in running.items():
         _, err = proc.communicate(timeout=180)
         lines = err.strip().splitlines()

@@ -27,10 +27,10 @@ import common
 import discriminator
 import eval as evaluation
 import label
-from plumbing import amp, distributed, hf_models
 import ppo_token as ppo
 import redistribute
 import sft
+from plumbing import amp, distributed, hf_models
 
 BF16_RTOL = 2e-2  # a loss or a gradient norm: see the docstring
 BF16_ATOL = 5e-2  # one log-probability or score

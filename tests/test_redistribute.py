@@ -9,9 +9,9 @@ from transformers import GPT2Config, GPT2Model
 
 import common
 import plumbing
-from plumbing import checkpoint, hf_models
 import redistribute as red
 from conftest import assert_train_step_equals_one_pass, run_torchrun
+from plumbing import checkpoint, hf_models
 
 ROOT = Path(__file__).resolve().parents[1]
 PAD = 0
@@ -87,22 +87,32 @@ def test_telescoping(layout):
     full = torch.tensor([score_alone(model, p + r) for p, r in rows])  # R(x, y)
     empty = torch.tensor([score_alone(model, p) for p, _ in rows])  # R(x, ∅)
     torch.testing.assert_close(red.sequence_reward(model, *batch), full, atol=2e-5, rtol=0)
-    torch.testing.assert_close(red.redistribute(model, *batch).sum(-1), full - empty, atol=2e-5, rtol=0)
-    torch.testing.assert_close(red.redistribute(model, *batch, zero_first=True).sum(-1), full, atol=2e-5, rtol=0)
+    torch.testing.assert_close(
+        red.redistribute(model, *batch).sum(-1), full - empty, atol=2e-5, rtol=0
+    )
+    torch.testing.assert_close(
+        red.redistribute(model, *batch, zero_first=True).sum(-1), full, atol=2e-5, rtol=0
+    )
 
 
 def test_hand_made_scores_pin_positions():
     """Which position gives which reward, on made-up scores; NaN at padding must not leak."""
     nan = float("nan")
     scores = torch.tensor([[1.0, 2.0, 4.0, 7.0, 11.0, nan],   # right-padded: prompt 2, response 3
-                           [nan, 5.0, 3.0, 2.0, 6.0, nan]])   # left-padded prompt 2, response 2, pad
+                           [nan, 5.0, 3.0, 2.0, 6.0, nan]])  # left-padded prompt 2, response 2, pad
     attention_mask = torch.tensor([[1, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 0]])
     response_mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 0, 0, 1, 1, 0]])
     f = red.redistribute_scores
     assert f(scores, attention_mask, response_mask).tolist() == [[2, 3, 4], [-1, 4, 0]]
-    assert f(scores, attention_mask, response_mask, zero_first=True).tolist() == [[4, 3, 4], [2, 4, 0]]
+    assert f(scores, attention_mask, response_mask, zero_first=True).tolist() == [
+        [4, 3, 4],
+        [2, 4, 0],
+    ]
     # eq. 7: β_c·r̃_t + (1 − β_c)·R(x, y)·[t = T]
-    assert f(scores, attention_mask, response_mask, beta_c=0.5).tolist() == [[1, 1.5, 7.5], [-0.5, 5, 0]]
+    assert f(scores, attention_mask, response_mask, beta_c=0.5).tolist() == [
+        [1, 1.5, 7.5],
+        [-0.5, 5, 0],
+    ]
     assert f(scores, attention_mask, response_mask, beta_c=0.0).tolist() == [[0, 0, 11], [0, 6, 0]]
 
 
@@ -136,14 +146,25 @@ def test_reward_read_at_last_real_token_any_padding():
         torch.testing.assert_close(chosen, want_c, atol=2e-5, rtol=0)
         torch.testing.assert_close(rejected, want_r, atol=2e-5, rtol=0)
         # the same rows left-padded: same rewards, and the same as sequence_reward
-        rows2 = [(e["prompt"], e["chosen"]) for e in examples] + [(e["prompt"], e["rejected"]) for e in examples]
+        rows2 = [(e["prompt"], e["chosen"]) for e in examples] + [
+            (e["prompt"], e["rejected"]) for e in examples
+        ]
         left = batch_left(rows2)
         left_batch = {"query_response": left[0], "attention_mask": left[1]}
-        torch.testing.assert_close(torch.cat(red.pair_rewards(model, left_batch)), torch.cat([want_c, want_r]),
-                                   atol=2e-5, rtol=0)
-        torch.testing.assert_close(red.sequence_reward(model, batch["query_response"], batch["attention_mask"],
-                                                       batch["response_mask"]), torch.cat([want_c, want_r]),
-                                   atol=2e-5, rtol=0)
+        torch.testing.assert_close(
+            torch.cat(red.pair_rewards(model, left_batch)),
+            torch.cat([want_c, want_r]),
+            atol=2e-5,
+            rtol=0,
+        )
+        torch.testing.assert_close(
+            red.sequence_reward(
+                model, batch["query_response"], batch["attention_mask"], batch["response_mask"]
+            ),
+            torch.cat([want_c, want_r]),
+            atol=2e-5,
+            rtol=0,
+        )
 
 
 def synthetic_pairs(n, vocab, marker, rng):
@@ -205,20 +226,48 @@ def test_save_load_gives_same_scores(tiny_dir, tiny_tokenizer, tmp_path):
 
 
 def train_argv(tiny_dir, out, *extra):
-    return ["train", "--sft", str(tiny_dir), "--out", str(out), "--limit", "24", "--max-prompt-len", "32",
-            "--max-response-len", "16", "--batch-size", "4", "--micro-batch-size", "2", "--lr", "5e-4",
-            "--log-every", "2", *extra]
+    return [
+        "train",
+        "--sft",
+        str(tiny_dir),
+        "--out",
+        str(out),
+        "--limit",
+        "24",
+        "--max-prompt-len",
+        "32",
+        "--max-response-len",
+        "16",
+        "--batch-size",
+        "4",
+        "--micro-batch-size",
+        "2",
+        "--lr",
+        "5e-4",
+        "--log-every",
+        "2",
+        *extra,
+    ]
 
 
 def test_train_step_gradient_is_the_global_batch_mean_loss(tiny_dir, tiny_tokenizer, splits):
-    """train_step divides each micro-batch by the pairs of the whole batch: the gradient it accumulates over
-    micro-batches of 3 pairs equals that of bradley_terry_loss over the 8 pairs in one pass."""
-    args = red.parse_args(train_argv(tiny_dir, "x", "--micro-batch-size", "3", "--max-grad-norm", "0"))
+    """train_step divides each micro-batch by the pairs of the whole batch: the gradient it
+    accumulates over micro-batches of 3 pairs equals that of bradley_terry_loss over the 8 pairs in
+    one pass."""
+    args = red.parse_args(
+        train_argv(tiny_dir, "x", "--micro-batch-size", "3", "--max-grad-norm", "0")
+    )
     examples = red.encode_pairs(splits["reward"][:8], tiny_tokenizer, 32, 16)
     model = hf_models.disable_dropout(hf_models.new_score_model(tiny_dir, bias=False))
     batch = red.collate_pairs(examples, tiny_tokenizer.pad_token_id)
-    assert_train_step_equals_one_pass(model, red.train_step, examples, args, tiny_tokenizer.pad_token_id,
-                                      lambda: red.bradley_terry_loss(*red.pair_rewards(model, batch))[0])
+    assert_train_step_equals_one_pass(
+        model,
+        red.train_step,
+        examples,
+        args,
+        tiny_tokenizer.pad_token_id,
+        lambda: red.bradley_terry_loss(*red.pair_rewards(model, batch))[0],
+    )
 
 
 def test_train_cli_end_to_end_and_resume(tiny_dir, tiny_tokenizer, tmp_path, capsys):
@@ -231,12 +280,16 @@ def test_train_cli_end_to_end_and_resume(tiny_dir, tiny_tokenizer, tmp_path, cap
     assert [r["step"] for r in log if "loss" in r] == [2, 4, 5]
     assert "held-out pair accuracy" in capsys.readouterr().out
     assert checkpoint.latest_checkpoint(tmp_path / "a").name == "step-000000005"
-    # the held-out pairs are the reward split's hashed tenth, the ones the discriminator holds out too
+    # the held-out pairs are the reward split's hashed tenth, the ones the discriminator holds out
+    # too
     _, eval_pairs = red.select_pairs(red.parse_args(train_argv(tiny_dir, "x")), quiet=True)
     split = plumbing.load_data("bundled", "reward", 0, 24, quiet=True)
     assert [p.id for p in eval_pairs] == [p.id for p in common.heldout_split(split, 0.1, 0)[1]]
     # the same run stopped after 3 steps, then resumed: the same final reward model
-    assert red.main(train_argv(tiny_dir, tmp_path / "b", "--stop-after", "3", "--save-every", "100")) is None
+    assert (
+        red.main(train_argv(tiny_dir, tmp_path / "b", "--stop-after", "3", "--save-every", "100"))
+        is None
+    )
     assert not (tmp_path / "b" / "config.json").exists()  # no final model yet
     red.main(train_argv(tiny_dir, tmp_path / "b"))
     assert "resuming at step 3" in capsys.readouterr().out
@@ -244,7 +297,8 @@ def test_train_cli_end_to_end_and_resume(tiny_dir, tiny_tokenizer, tmp_path, cap
     for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
         torch.testing.assert_close(pa, pb, atol=1e-6, rtol=1e-5, msg=name)
     sft = hf_models.new_score_model(tiny_dir, bias=False)
-    assert not torch.equal(a.backbone.wte.weight[:len(tiny_tokenizer)], sft.backbone.wte.weight)  # it did train
+    # it did train
+    assert not torch.equal(a.backbone.wte.weight[:len(tiny_tokenizer)], sft.backbone.wte.weight)
     # a resume with other settings is refused instead of continuing another schedule
     with pytest.raises(common.InputError, match="--lr was 0.0005, now 0.001"):
         red.main(train_argv(tiny_dir, tmp_path / "b", "--lr", "1e-3"))
@@ -262,7 +316,9 @@ def test_bad_arguments_are_named(capsys):
         red.parse_args(["train", "--sft", "x", "--out", "y", "--eval-fraction", "1.5"])
     assert "--eval-fraction must be in (0, 1), got 1.5" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        red.parse_args(["show", "--reward-model", "x", "--prompt", "p", "--response", "r", "--beta-c", "2"])
+        red.parse_args(
+            ["show", "--reward-model", "x", "--prompt", "p", "--response", "r", "--beta-c", "2"]
+        )
     assert "--beta-c must be in [0, 1]" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         red.parse_args(["train", "--sft", "x", "--out", "y", "--micro-batch-size", "0"])
@@ -276,7 +332,8 @@ def test_torchrun_two_ranks_match_one_process(tiny_dir, tmp_path):
     """The same global batch of 4 pairs per step, as 2 ranks × 1 micro-batch of 2 pairs or as
     1 process × 2 accumulated micro-batches of 2 pairs, must train alike: the loss is normalised by
     the global batch's pairs (× world_size, since DDP averages the ranks' gradients). The single
-    process also recomputes activations (gradient checkpointing), which must not change the numbers."""
+    process also recomputes activations (gradient checkpointing), which must not change the
+    numbers."""
     argv = train_argv(tiny_dir, tmp_path / "ddp", "--batch-size", "4", "--micro-batch-size", "2")
     returncode, output = run_torchrun([ROOT / "redistribute.py", *argv], cwd=ROOT)
     assert returncode == 0, output[-3000:]

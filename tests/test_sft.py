@@ -7,13 +7,27 @@ import torch
 from safetensors.torch import load_file
 
 import common
-from plumbing import hf_models
 import sft
 from conftest import assert_train_step_equals_one_pass, run_torchrun
+from plumbing import hf_models
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["--limit", "400", "--max-prompt-len", "48", "--max-response-len", "32", "--batch-size", "8",
-         "--micro-batch-size", "4", "--tiny-vocab", "512", "--eval-examples", "8"]
+SMALL = [
+    "--limit",
+    "400",
+    "--max-prompt-len",
+    "48",
+    "--max-response-len",
+    "32",
+    "--batch-size",
+    "8",
+    "--micro-batch-size",
+    "4",
+    "--tiny-vocab",
+    "512",
+    "--eval-examples",
+    "8",
+]
 
 
 def read_log(out):
@@ -35,15 +49,19 @@ def test_sft_loss_ignores_prompt_tokens(tiny_dir):
     model.lm_head.register_forward_hook(keep_logits)
     loss, nll_sum = sft.sft_loss(model, query_response, attention_mask, response_mask)
     loss.backward()
-    offset = query_response.shape[1] - captured["logits"].shape[1]  # logits_to_keep: only the needed columns
+    # logits_to_keep: only the needed columns
+    offset = query_response.shape[1] - captured["logits"].shape[1]
     logprobs = torch.log_softmax(captured["logits"].detach().float(), -1)  # [B, T - offset, V]
     # row 0 = [11 12 13 14 | 21 22 23]: response token at position p is predicted at p - 1
     # row 1 = [31 32 | 41 42 43 44 | pad]
     targets = [(0, 3, 21), (0, 4, 22), (0, 5, 23), (1, 1, 41), (1, 2, 42), (1, 3, 43), (1, 4, 44)]
     expected = -torch.stack([logprobs[b, p - offset, t] for b, p, t in targets]).mean()
-    assert torch.allclose(loss, expected, atol=1e-5) and torch.allclose(nll_sum, expected * 7, atol=1e-4)
+    assert torch.allclose(loss, expected, atol=1e-5) and torch.allclose(
+        nll_sum, expected * 7, atol=1e-4
+    )
     grad = torch.zeros(2, query_response.shape[1], captured["logits"].shape[-1])
-    grad[:, offset:] = captured["logits"].grad  # the positions before `offset` never had logits at all
+    # the positions before `offset` never had logits at all
+    grad[:, offset:] = captured["logits"].grad
     assert grad[0, :3].abs().max() == 0  # positions 0-2 predict prompt tokens 12, 13, 14
     assert grad[0, 6].abs().max() == 0  # the last position predicts nothing
     assert grad[1, 0].abs().max() == 0  # predicts prompt token 32
@@ -51,18 +69,27 @@ def test_sft_loss_ignores_prompt_tokens(tiny_dir):
     for b, p, _ in targets:
         assert grad[b, p].abs().max() > 0
     # a normaliser divides the summed NLL instead of the token count (gradient accumulation)
-    assert torch.allclose(sft.sft_loss(model, query_response, attention_mask, response_mask, 14)[0], expected / 2)
+    assert torch.allclose(
+        sft.sft_loss(model, query_response, attention_mask, response_mask, 14)[0], expected / 2
+    )
 
 
 def test_train_step_gradient_is_the_global_batch_mean_loss(tiny_dir, tiny_tokenizer, splits):
-    """train_step divides each micro-batch by the response tokens of the whole batch: the gradient it
-    accumulates over micro-batches of 3 equals that of sft_loss over the 8 examples in one pass."""
+    """train_step divides each micro-batch by the response tokens of the whole batch: the gradient
+    it accumulates over micro-batches of 3 equals that of sft_loss over the 8 examples in one
+    pass."""
     args = sft.parse_args(SMALL + ["--micro-batch-size", "3", "--max-grad-norm", "0"])
     examples = sft.encode_examples(splits["sft"][:8], tiny_tokenizer, args)
     model = hf_models.disable_dropout(hf_models.load_policy(tiny_dir))
     batch = common.collate_right(examples, tiny_tokenizer.pad_token_id)
-    assert_train_step_equals_one_pass(model, sft.train_step, examples, args, tiny_tokenizer.pad_token_id,
-                                      lambda: sft.sft_loss(model, *batch)[0])
+    assert_train_step_equals_one_pass(
+        model,
+        sft.train_step,
+        examples,
+        args,
+        tiny_tokenizer.pad_token_id,
+        lambda: sft.sft_loss(model, *batch)[0],
+    )
 
 
 def test_short_run_lowers_held_out_loss(tmp_path):
@@ -92,7 +119,8 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypat
     monkeypatch.setattr(sft, "train_step", real_step)
     sft.main(args + ["--out", str(tmp_path / "resumed")])
     steps = [r["step"] for r in read_log(tmp_path / "resumed")]
-    assert steps == [1, 2, 3, 4, 5, 6]  # step 4 ran before the crash, then again after resume: logged once
+    # step 4 ran before the crash, then again after resume: logged once
+    assert steps == [1, 2, 3, 4, 5, 6]
     a = load_file(str(tmp_path / "straight" / "model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
     for name in a:
@@ -101,11 +129,22 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypat
 
 def test_torchrun_two_processes_match_one_process(tmp_path):
     """Same global batch on 1 and 2 processes (gloo, CPU): the same per-step losses, within 1e-4."""
-    args = SMALL + ["--max-steps", "4", "--eval-every", "2", "--tiny-dropout", "0", "--batch-size", "6",
-                    "--micro-batch-size", "2"]
+    args = SMALL + [
+        "--max-steps",
+        "4",
+        "--eval-every",
+        "2",
+        "--tiny-dropout",
+        "0",
+        "--batch-size",
+        "6",
+        "--micro-batch-size",
+        "2",
+    ]
     sft.main(args + ["--out", str(tmp_path / "one")])
-    returncode, output = run_torchrun([ROOT / "sft.py", *args, "--out", tmp_path / "two", "--device", "cpu"],
-                                      cwd=tmp_path)
+    returncode, output = run_torchrun(
+        [ROOT / "sft.py", *args, "--out", tmp_path / "two", "--device", "cpu"], cwd=tmp_path
+    )
     assert returncode == 0, output[-3000:]
     one, two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
     assert [r["step"] for r in two] == [1, 2, 3, 4]
