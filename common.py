@@ -1,13 +1,13 @@
 """common.py — the ideas every stage shares; read this after the first stage file.
 
-    data       Pair, the preference-data formats (load_pairs), the 20 / 40 / 40 + test split (split_pairs),
-               held-out parts by hashing (heldout_split)
+    data       Pair, the preference-data formats (load_pairs), the 20 / 40 / 40 + test split
+               (split_pairs), held-out parts by hashing (heldout_split)
     encoding   prompt rendering (hh-rlhf transcript or the tokenizer's chat template), BOS once,
                response ids exactly as they follow a prompt (encode_prompt, encode_response)
     batches    left / right padding, position ids, where the response sits (response_index,
                gather_response), log-probs of the response tokens (response_logprobs), masked_mean
-    models     ScoreModel: a transformer backbone plus one scalar per position (discriminator, reward
-               model, critic)
+    models     ScoreModel: a transformer backbone plus one scalar per position (discriminator,
+               reward model, critic)
 
 The machinery no reader needs to study (loading models, torchrun, checkpoints, logs, HTTP) is in
 plumbing/; the algorithms are written out in the stage files.
@@ -35,7 +35,8 @@ HUMAN_TAG, ASSISTANT_TAG = "\n\nHuman:", "\n\nAssistant:"
 
 
 class InputError(Exception):
-    """Bad input from the user (a file, a model, a flag): stages print it as one line and exit with 2."""
+    """Bad input from the user (a file, a model, a flag): stages print it as one line and exit
+    with 2."""
 
 
 class DataError(InputError):
@@ -75,7 +76,8 @@ def split_dialogue(text: str) -> tuple[str, str]:
 
 
 def transcript(messages: list[dict]) -> str:
-    """Chat messages as an hh-rlhf transcript ending with "\\n\\nAssistant:" (a system message first)."""
+    """Chat messages as an hh-rlhf transcript ending with "\\n\\nAssistant:" (a system message
+    first)."""
     tags = {"user": HUMAN_TAG, "assistant": ASSISTANT_TAG}
     text = "".join(
         m["content"] if m["role"] == "system" else f"{tags[m['role']]} {m['content']}"
@@ -92,7 +94,8 @@ def _messages(value, where: str, name: str) -> list[dict]:
         for m in value
     ):
         raise DataError(
-            f"{where}: field {name!r} is not a list of {{'role': system|user|assistant, 'content': str}}"
+            f"{where}: field {name!r} is not a list of "
+            "{'role': system|user|assistant, 'content': str}"
         )
     return value
 
@@ -107,12 +110,14 @@ def row_to_pair(row, where: str) -> tuple[Pair | None, str]:
     """One data row as a Pair, or (None, reason) for a row to skip (counted by load_pairs).
 
     Accepted forms (one-line examples in README.md, "Data"):
-      hh-rlhf              {"chosen": dialogue, "rejected": dialogue}: split at the last "Assistant:"
-      prompt strings       {"prompt", "chosen", "rejected"} strings: a transcript prompt ending with
-                           "Assistant:" (full-hh-rlhf), or else the user's message (TRL's explicit prompt)
-      chat messages        {"chosen": [...], "rejected": [...]} message lists sharing all but the last
-                           message (UltraFeedback-binarized), or {"prompt": [...], "chosen": [assistant],
-                           "rejected": [assistant]} (TRL conversational with explicit prompt)
+      hh-rlhf         {"chosen": dialogue, "rejected": dialogue}: split at the last "Assistant:"
+      prompt strings  {"prompt", "chosen", "rejected"} strings: a transcript prompt ending with
+                      "Assistant:" (full-hh-rlhf), or else the user's message (TRL's explicit
+                      prompt)
+      chat messages   {"chosen": [...], "rejected": [...]} message lists sharing all but the last
+                      message (UltraFeedback-binarized), or {"prompt": [...], "chosen":
+                      [assistant], "rejected": [assistant]} (TRL conversational with explicit
+                      prompt)
     Any form may carry an "id" string, the pair's id (default: a hash of its content). An id
     GROUP/k puts the pair in group GROUP (see pair_group).
     """
@@ -121,8 +126,9 @@ def row_to_pair(row, where: str) -> tuple[Pair | None, str]:
     for key in ("chosen", "rejected"):
         if not isinstance(row.get(key), (str, list)):
             raise DataError(
-                f"{where}: field {key!r} missing or not a string or a list of chat messages; a row is "
-                "an hh-rlhf pair, 'prompt'/'chosen'/'rejected' strings or chat message lists"
+                f"{where}: field {key!r} missing or not a string or a list of chat messages; "
+                "a row is an hh-rlhf pair, 'prompt'/'chosen'/'rejected' strings or chat message "
+                "lists"
             )
     chosen, rejected, prompt = row.get("chosen"), row.get("rejected"), row.get("prompt")
     messages = None
@@ -161,7 +167,8 @@ def row_to_pair(row, where: str) -> tuple[Pair | None, str]:
             return None, "no '\\n\\nAssistant:' turn"
     else:
         raise DataError(
-            f"{where}: not a preference pair in a known format (hh-rlhf 'chosen'/'rejected' dialogues, "
+            f"{where}: not a preference pair in a known format "
+            "(hh-rlhf 'chosen'/'rejected' dialogues, "
             f"'prompt'/'chosen'/'rejected' strings, or chat message lists); keys {sorted(row)}"
         )
     if not chosen.strip() or not rejected.strip():
@@ -263,7 +270,8 @@ def load_pairs(paths, quiet: bool = False) -> list[Pair]:
 
 
 def _hash_order(items: list, seed: int, key=lambda item: item.id) -> list:
-    """Items sorted by a seeded hash of their id: the same order on any machine, in any file order."""
+    """Items sorted by a seeded hash of their id: the same order on any machine, in any file
+    order."""
     return sorted(
         items, key=lambda item: hashlib.sha256(f"{seed}:{key(item)}".encode()).hexdigest()
     )
@@ -371,7 +379,8 @@ _prefix_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def bos_prefix(tokenizer) -> list[int]:
-    """The ids a tokenizer puts before any text (BOS for Llama, Mistral, OPT; none for GPT-2, Qwen)."""
+    """The ids a tokenizer puts before any text (BOS for Llama, Mistral, OPT; none for GPT-2,
+    Qwen)."""
     if tokenizer not in _prefix_cache:
         marked = tokenizer("a", add_special_tokens=True)["input_ids"]
         plain = tokenizer("a", add_special_tokens=False)["input_ids"]
@@ -408,7 +417,8 @@ def response_encodings(
     token it never has after a prompt. Tokenising it behind a fixed anchor and dropping the anchor's
     ids avoids that; byte-level BPE (GPT-2, Llama 3, Qwen) gives the same ids either way. When the
     anchor merges with the text (a response starting with a newline, say) the plain tokenisation is
-    used. """
+    used.
+    """
     anchor = tokenizer(RESPONSE_ANCHOR, add_special_tokens=False)["input_ids"]
     joint = tokenizer(
         [RESPONSE_ANCHOR + t for t in texts], add_special_tokens=False, return_offsets_mapping=True
@@ -432,7 +442,8 @@ def response_encodings(
 
 
 def encode_response(tokenizer, text: str, max_len: int = 256, add_eos: bool = True) -> list[int]:
-    """Response ids (see response_encodings), cut to max_len, EOS appended (within max_len) if add_eos."""
+    """Response ids (see response_encodings), cut to max_len, EOS appended (within max_len) if
+    add_eos."""
     ids = response_encodings(tokenizer, [text])[0][0]
     ids = ids[: max_len - (1 if add_eos else 0)]
     return ids + [tokenizer.eos_token_id] if add_eos else ids
@@ -508,13 +519,15 @@ def response_index(response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 def gather_response(values: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """values [B, T] -> [B, T_resp]: each row's values at its response tokens, left-aligned, 0 after."""
+    """values [B, T] -> [B, T_resp]: each row's values at its response tokens, left-aligned, 0
+    after."""
     index, valid = response_index(response_mask)
     return values.gather(1, index) * valid.to(values.dtype)
 
 
 def logits_to_keep(model, n: int) -> dict:
-    """Ask for the logits of the last n positions only, where the model supports it (saves [B, P, V])."""
+    """Ask for the logits of the last n positions only, where the model supports it (saves
+    [B, P, V])."""
     forward = getattr(model, "module", model).forward
     return (
         {"logits_to_keep": n} if "logits_to_keep" in inspect.signature(forward).parameters else {}
@@ -536,7 +549,8 @@ def response_logprobs(
     The logits at column P+j−1 predict response token a_j at column P+j, so we read each row one
     column before its response tokens. Only the logits from the earliest response column on are
     computed (logits_to_keep). Logits are divided by the sampling temperature, as when they were
-    sampled. """
+    sampled.
+    """
     index, valid = response_index(response_mask)  # [B, T_resp]
     # columns first_response − 1 … T − 1
     keep = query_response.shape[1] - int(index[:, 0].min()) + 1
@@ -601,7 +615,6 @@ class ScoreModel(nn.Module):
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                                position_ids=position_ids_from_mask(attention_mask),
                                use_cache=False).last_hidden_state  # [B, T, H]
-        # the head in its own dtype (fp32), not bf16:
+        # the head in its own dtype (fp32), not bf16: a score keeps its small differences
         with torch.autocast(hidden.device.type, enabled=False):
-            # [B, T]  a score keeps its small differences
-            return head(hidden.to(head.weight.dtype)).squeeze(-1)
+            return head(hidden.to(head.weight.dtype)).squeeze(-1)  # [B, T]

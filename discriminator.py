@@ -23,14 +23,17 @@ given to the action that produced a_t (no one-token shift), plus the paper's abl
     # one GPU, paper settings (lr 1e-5, weight decay 0.1, cosine without warm-up, 2 epochs)
     python discriminator.py train --sft runs/llama/sft --labels runs/llama/labels.jsonl \\
         --out runs/llama/discriminator --batch-size 64 --micro-batch-size 4 --gradient-checkpointing
-    # several GPUs (add --fsdp to shard the model over them, --lora-rank 64 to train LoRA adapters only)
+    # several GPUs (add --fsdp to shard the model over them, --lora-rank 64 to train LoRA adapters
+    # only)
     torchrun --nproc_per_node=8 discriminator.py train --sft ... --labels ... --out ...
     # measure again (held-out token accuracy; --split all for a separate labels file)
-    python discriminator.py evaluate --discriminator runs/demo/discriminator --labels runs/demo/labels.jsonl
+    python discriminator.py evaluate --discriminator runs/demo/discriminator \\
+        --labels runs/demo/labels.jsonl
     # look at the rewards of one response, or of a labelled pair
     python discriminator.py show --discriminator runs/demo/discriminator \\
         --prompt "\\n\\nHuman: Hi\\n\\nAssistant:" --response " Hello!"
-    python discriminator.py show --discriminator runs/demo/discriminator --labels runs/demo/labels.jsonl --index 3
+    python discriminator.py show --discriminator runs/demo/discriminator \\
+        --labels runs/demo/labels.jsonl --index 3
 
 `train` writes to --out: the discriminator as a standard Hugging Face token classifier
 (AutoModelForTokenClassification, num_labels=1: one logit per token) with its tokenizer and
@@ -77,7 +80,8 @@ def parse_args(argv=None):
         "--split-seed",
         type=int,
         default=0,
-        help="seed of the held-out hash (the data split's seed: the reward model holds out the same pairs)",
+        help="seed of the held-out hash (the data split's seed: the reward model holds out the "
+        "same pairs)",
     )
     data.add_argument(
         "--max-prompt-len", type=int, default=256, help="prompt tokens kept (the last ones)"
@@ -166,7 +170,8 @@ def parse_args(argv=None):
         "--split",
         choices=("heldout", "all"),
         default="heldout",
-        help="heldout: the pairs `train` held out (same --eval-fraction and --split-seed); all: every pair",
+        help="heldout: the pairs `train` held out (same --eval-fraction and --split-seed); "
+        "all: every pair",
     )
     evaluate.add_argument(
         "--out", default=None, help="accuracy JSON to write (default: DISCRIMINATOR/accuracy.json)"
@@ -276,8 +281,9 @@ def load_labels(path, tokenizer=None) -> list[dict]:
         if fingerprint is not None and record.get("tokenizer") != fingerprint:
             made_with = record.get("tokenizer")
             raise common.DataError(
-                f"{where}: labelled with another tokenizer ({made_with}) than the model's ({fingerprint}); run "
-                "label.py again with --tokenizer set to this SFT model (the reviser's answers are cached)"
+                f"{where}: labelled with another tokenizer ({made_with}) than the model's "
+                f"({fingerprint}); run label.py again with --tokenizer set to this SFT model "
+                "(the reviser's answers are cached)"
                 if made_with
                 else f"{where}: the record does not say which tokenizer made its ids (a label file "
                 "from an older label.py); run label.py again (the reviser's answers are cached)"
@@ -337,7 +343,8 @@ def soft_targets(labels: torch.Tensor) -> torch.Tensor:
 
 
 def token_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-token BCE with soft targets [B, T]; log σ(z) and log(1 − σ(z)) = log σ(−z) computed stably."""
+    """Per-token BCE with soft targets [B, T]; log σ(z) and log(1 − σ(z)) = log σ(−z) computed
+    stably."""
     y = soft_targets(labels)  # [B, T]
     z = logits.float()  # [B, T]
     return -(y * F.logsigmoid(z) + (1.0 - y) * F.logsigmoid(-z))  # eq. 6, per token
@@ -509,14 +516,16 @@ def report_accuracy(metrics: dict, path: Path):
     checkpoint.atomic_write(path, json.dumps(metrics, indent=2) + "\n")
     print(
         f"token accuracy {metrics['accuracy']:.3f} (positive {metrics['positive_accuracy']:.3f} of "
-        f"{metrics['n_positive']}, negative {metrics['negative_accuracy']:.3f} of {metrics['n_negative']}); "
+        f"{metrics['n_positive']}, negative {metrics['negative_accuracy']:.3f} of "
+        f"{metrics['n_negative']}); "
         f"mean D on {metrics['n_neutral']} neutral tokens {metrics['mean_d_neutral']:.3f}; "
         f"paper {PAPER_ACCURACY} -> {path}"
     )
 
 
 def heldout_examples_of(records, tokenizer, info: dict, split: str = "heldout"):
-    """The sequences `train` held out (its saved --eval-fraction, --split-seed and lengths), or every one."""
+    """The sequences `train` held out (its saved --eval-fraction, --split-seed and lengths), or
+    every one."""
     if split == "heldout":
         records = common.heldout_split(
             records,
@@ -559,7 +568,8 @@ def train(args):
     max_positions = getattr(model.config, "max_position_embeddings", None)
     if max_positions and args.max_prompt_len + args.max_response_len > max_positions:
         raise common.InputError(
-            f"--max-prompt-len + --max-response-len = {args.max_prompt_len + args.max_response_len} "
+            "--max-prompt-len + --max-response-len = "
+            f"{args.max_prompt_len + args.max_response_len} "
             f"exceeds the model's {max_positions} positions"
         )
     train_records, heldout_records = common.heldout_split(
@@ -589,7 +599,8 @@ def train(args):
     pad_id = tokenizer.pad_token_id
     if dist_info.master:
         print(
-            f"discriminator: {len(train_records)} pairs ({len(train_examples)} sequences) to train on, "
+            f"discriminator: {len(train_records)} pairs ({len(train_examples)} sequences) "
+            "to train on, "
             f"{len(heldout_records)} held out; {total_steps} steps of {batch_size} sequences"
             f"{f', resuming at step {step}' if step else ''}"
         )
@@ -686,7 +697,8 @@ def evaluate(args):
 
 
 def show(args):
-    """Print each response token with D and its reward (and its label when shown from a labels file)."""
+    """Print each response token with D and its reward (and its label when shown from a labels
+    file)."""
     device = distributed.setup_distributed(args.device).device
     info = hf_models.read_run_info(args.discriminator)
     max_prompt_len = args.max_prompt_len or info.get("max_prompt_len", 256)
@@ -732,7 +744,8 @@ def show(args):
         rewards = rewards_from_probs(probs, torch.ones_like(probs), args.mode)[0]  # [T_resp]
         probs = probs[0]
         print(
-            f"\n{name} ({len(response_ids)} tokens, reward mode {args.mode}, sum {rewards.sum().item():+.3f})"
+            f"\n{name} ({len(response_ids)} tokens, reward mode {args.mode}, "
+            f"sum {rewards.sum().item():+.3f})"
         )
         print(f"{'#':>4}  {'token':<20} {'label':>5}  {'D':>6}  {'reward':>7}")
         for j, token_id in enumerate(response_ids):

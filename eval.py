@@ -6,11 +6,12 @@ runs up to and including its first EOS, or stops at --max-new-tokens. Per policy
 
     RM score       mean R_φ(x, y), the Bradley–Terry reward at the last response token
     TLCR reward    mean over all response tokens of r_t = 2·D(a_t | x, a_<t) − 1 (TLCR eq. 7)
-    KL             k1 estimator, Σ_t log π(a_t) − log π_ref(a_t) per response, averaged; and per token
+    KL             k1 estimator, Σ_t log π(a_t) − log π_ref(a_t) per response, averaged; and per
+                   token
     PPL (ref)      exp(−mean log π_ref(a_t)) over all response tokens: fluency under the SFT model
     Length, EOS %  response tokens (EOS included), share of responses that ended at EOS
-    Gold           with --gold (the offline lab): mean gold.py score of the response texts, a known reward
-                   that no policy optimised directly; compare it at equal KL
+    Gold           with --gold (the offline lab): mean gold.py score of the response texts, a known
+                   reward that no policy optimised directly; compare it at equal KL
 and, with --gold, the true token credit: how well each source of token rewards PPO can train on
 (TLCR's 2·D − 1 and its ablations tlcr_fixed / tlcr_no_negative / tlcr_no_positive, the same
 discriminator clipped or thresholded; RED's R(x, y≤t) − R(x, y≤t−1); seq's R(x, y) on the last
@@ -25,15 +26,16 @@ and, with --labels, the discriminator's token accuracy on held-out labels (paper
 
 Win rate against a baseline (AlpacaEval style), % = 100 · mean pair score:
     reward-model   offline: the reward model prefers the higher R_φ; equal scores are a tie (½)
-    openai         any OpenAI-compatible chat endpoint (key from $OPENAI_API_KEY, never written out).
-                   Each pair is judged in both orders to cancel position bias: pair score =
-                   (points with the policy as A + points with it as B) / 2, a win 1, a tie ½, a loss 0,
-                   so a judge that always picks A gives 50%. Identical answers are a tie without a
-                   call. One test request before anything is generated (a bad key, model or URL stops
-                   the run at once); retries with backoff on 429/5xx/timeouts/malformed or null
-                   answers (Retry-After honoured, capped); answers other than exactly A / B / tie are
-                   asked again within the same --max-retries, then counted as failed (left out).
-                   Every verdict is appended to OUT/judge_cache.jsonl: a rerun pays only for new pairs.
+    openai         any OpenAI-compatible chat endpoint (key from $OPENAI_API_KEY, never written
+                   out). Each pair is judged in both orders to cancel position bias:
+                   pair score = (points with the policy as A + points with it as B) / 2, a win 1,
+                   a tie ½, a loss 0, so a judge that always picks A gives 50%. Identical answers
+                   are a tie without a call. One test request before anything is generated (a bad
+                   key, model or URL stops the run at once); retries with backoff on
+                   429/5xx/timeouts/malformed or null answers (Retry-After honoured, capped);
+                   answers other than exactly A / B / tie are asked again within the same
+                   --max-retries, then counted as failed (left out). Every verdict is appended to
+                   OUT/judge_cache.jsonl: a rerun pays only for new pairs.
     none           no win rates
 
 Outputs in --out: results.json, results.md (one row per policy, the layout of TLCR Table 1),
@@ -43,8 +45,8 @@ its TLCR and RED reward as in TLCR Figure 8, the value on hover).
 
     python eval.py --policies sft=runs/demo/sft seq=runs/demo/ppo_seq/policy \\
         red=runs/demo/ppo_red/policy tlcr=runs/demo/ppo_tlcr/policy --reference runs/demo/sft \\
-        --reward-model runs/demo/rm --discriminator runs/demo/disc --labels runs/demo/labels.jsonl \\
-        --out runs/demo/eval                                          # CPU or one GPU (auto)
+        --reward-model runs/demo/rm --discriminator runs/demo/disc \\
+        --labels runs/demo/labels.jsonl --out runs/demo/eval          # CPU or one GPU (auto)
     OPENAI_API_KEY=... python eval.py ... --judge openai --api-model gpt-4-0125-preview
     python eval.py ... --judge openai --api-base http://localhost:8000/v1 --api-model my-model
 
@@ -136,8 +138,8 @@ def parse_args(argv=None):
     gen.add_argument(
         "--gold",
         action="store_true",
-        help="the offline lab: the gold.py score of every response (a column, and curves against PPO "
-        "steps and against KL in the report)",
+        help="the offline lab: the gold.py score of every response (a column, and curves against "
+        "PPO steps and against KL in the report)",
     )
     gen.add_argument("--credit-response-len", type=int, default=96,
                      help="--gold: held-out replies scored for token credit are cut to this many "
@@ -218,7 +220,8 @@ def parse_named(parser, items, option):
 # 1. the held-out prompts
 # ----------------------------------------------------------------------------------------------
 def select_pairs(args, quiet=False):
-    """The first --num-prompts pairs of a split (--split-seed): the same prompts for every policy."""
+    """The first --num-prompts pairs of a split (--split-seed): the same prompts for every
+    policy."""
     return plumbing.load_data(args.data, args.split, args.split_seed, args.num_prompts, quiet=quiet)
 
 
@@ -246,7 +249,8 @@ def generate_responses(
 # 3. per-policy metrics
 # ----------------------------------------------------------------------------------------------
 def kl_to_reference(logprobs, ref_logprobs, valid):
-    """k1 estimator: KL(x, y) = Σ_t log π(a_t) − log π_ref(a_t). Mean over responses and per token."""
+    """k1 estimator: KL(x, y) = Σ_t log π(a_t) − log π_ref(a_t). Mean over responses and per
+    token."""
     valid = valid.to(logprobs.dtype)
     log_ratio = (logprobs - ref_logprobs) * valid  # [B, T_resp]
     return {"kl": log_ratio.sum(-1).mean().item(),

@@ -35,10 +35,11 @@ before and after, and each replacement raises the score by 2.
 Where it plugs in (`TASK=gold bash run_pipeline.sh` runs all of it):
     label.py --reviser gold         pairs ranked by rank_pairs, the gold-rejected response revised
     redistribute.py train --preference gold --revision-pairs LABELS
-                                    reward-model pairs ranked by rank_pairs, plus (revised ≻ rejected)
-                                    pairs: on the ~330 ranked pairs alone the tiny reward model stays
-                                    near chance on held-out gold pairs; with the revisions it sees
-                                    what the discriminator sees, so seq, RED and TLCR get equal data
+                                    reward-model pairs ranked by rank_pairs, plus (revised ≻
+                                    rejected) pairs: on the ~330 ranked pairs alone the tiny reward
+                                    model stays near chance on held-out gold pairs; with the
+                                    revisions it sees what the discriminator sees, so seq, RED and
+                                    TLCR get equal data
     ppo_token.py --log-gold, eval.py --gold    the gold score during PPO and of every policy
     token_credit, credit_metrics    the true credit of every token (the weight of its word) and how
                                     well a source of token rewards finds it (AUCs, per-word r);
@@ -647,8 +648,10 @@ def stats(data: str, seed: int = 0):
             any(w for *_, w in word_weights(t)) for p in pairs for t in (p.chosen, p.rejected)
         )
         print(
-            f"{name:>6}: {counts['pairs']} pairs, {counts['kept']} ranked by gold ({counts['ties']} ties dropped, "
-            f"{counts['flipped']} flipped vs the human label), {revisable} with a revisable rejected response; "
+            f"{name:>6}: {counts['pairs']} pairs, {counts['kept']} ranked by gold "
+            f"({counts['ties']} ties dropped, "
+            f"{counts['flipped']} flipped vs the human label), {revisable} with a revisable "
+            "rejected response; "
             f"{hit / (2 * len(pairs)):.0%} of responses contain a lexicon word"
         )
 
@@ -672,7 +675,8 @@ def main(argv=None):
     sample_parser = commands.add_parser(
         "sample",
         formatter_class=plumbing.HelpFormatter,
-        help="the lab's on-policy data: K replies per prompt from a policy, ranked by gold, as a pairs "
+        help="the lab's on-policy data: K replies per prompt from a policy, ranked by gold, "
+        "as a pairs "
         "file for label.py and redistribute.py (--data FILE --split all)",
     )
     data = plumbing.add_data_args(sample_parser.add_argument_group("data"), split="reward",

@@ -15,16 +15,19 @@ score); `chosen`, no model at all: y_m = y_c (most tokens then count as edited, 
 much noisier than the paper's).
 
     # the offline lab: a known gold reward and its rule reviser (CPU, seconds)
-    python label.py --reviser gold --preference gold --tokenizer runs/lab/sft --out runs/lab/labels.jsonl
+    python label.py --reviser gold --preference gold --tokenizer runs/lab/sft \\
+        --out runs/lab/labels.jsonl
     # offline, no model at all
     python label.py --reviser chosen --tokenizer runs/demo/sft --out runs/demo/labels.jsonl
     # the paper's reviser; the key is read from OPENAI_API_KEY and never written anywhere
     python label.py --reviser openai --api-model gpt-4-0125-preview --concurrency 8 \\
         --tokenizer runs/demo/sft --out runs/demo/labels.jsonl
     # a local OpenAI-compatible server (no key needed on localhost)
-    python label.py --reviser openai --api-base http://localhost:8000/v1 --api-model Qwen/Qwen2.5-7B-Instruct ...
+    python label.py --reviser openai --api-base http://localhost:8000/v1 \\
+        --api-model Qwen/Qwen2.5-7B-Instruct ...
     # a Hugging Face model on one GPU
-    python label.py --reviser hf --reviser-model Qwen/Qwen2.5-7B-Instruct --reviser-batch-size 16 ...
+    python label.py --reviser hf --reviser-model Qwen/Qwen2.5-7B-Instruct \\
+        --reviser-batch-size 16 ...
 
 No torchrun: the reviser runs concurrently (API) or batched (hf). Every reviser answer, parsed or
 not, is appended to <out>.cache.jsonl as it arrives (so a killed run started again asks only for the
@@ -61,22 +64,26 @@ from plumbing import amp, chat, checkpoint, hf_models
 
 DELIMITER = "### REVISED RESPONSE ###"
 DELIMITER_LINE = re.compile(r"^[ \t*_#]*REVISED RESPONSE[ \t*_#:]*$", re.IGNORECASE | re.MULTILINE)
-REVISER_PROMPT = """Below is a conversation between a human and an AI assistant, then two candidate
-final replies of the assistant. Human raters preferred reply A to reply B.
-
-=== Conversation ===
-{prompt}
-
-=== Reply A (preferred) ===
-{chosen}
-
-=== Reply B (rejected) ===
-{rejected}
-
-First explain in one or two sentences why reply A is better than reply B. Then rewrite reply B with
-minimal edits so that it becomes as good as reply A: keep every word of reply B that can stay, and
-change, delete or add only what must change (do not copy reply A). Write the line {delimiter} and
-after it only the revised reply B, nothing else."""
+REVISER_PROMPT = (
+    "Below is a conversation between a human and an AI assistant, then two candidate final replies "
+    "of the assistant. Human raters preferred reply A to reply B.\n"
+    "\n"
+    "=== Conversation ===\n"
+    "{prompt}\n"
+    "\n"
+    "=== Reply A (preferred) ===\n"
+    "{chosen}\n"
+    "\n"
+    "=== Reply B (rejected) ===\n"
+    "{rejected}\n"
+    "\n"
+    "First explain in one or two sentences why reply A is better than reply B. Then rewrite reply "
+    "B with minimal edits so that it becomes as good as reply A: keep every word of reply B that "
+    "can stay, and change, delete or add only what must change (do not copy reply A). Write the "
+    "line\n"
+    "{delimiter}\n"
+    "and after it only the revised reply B, nothing else."
+)
 # marks a conversation cut to fit the reviser's context
 DIALOGUE_CUT = "[… earlier turns cut to fit …]\n"
 CELLS_PER_BATCH = 1 << 23  # DP cells per numpy batch (E in int16: 16 MiB)
@@ -184,7 +191,8 @@ def parse_args(argv=None):
         "--retry-after-cap",
         type=float,
         default=chat.RETRY_AFTER_CAP,
-        help="longest wait a server's Retry-After may ask for, seconds (a longer one is cut to this)",
+        help="longest wait a server's Retry-After may ask for, seconds "
+        "(a longer one is cut to this)",
     )
     system.add_argument("--workers", type=int, default=1, help="processes for the alignment")
     system.add_argument(
@@ -233,8 +241,8 @@ def select_pairs(args):
         pairs, ranked = gold.rank_pairs(pairs)
         skipped["gold tie"] = ranked["ties"]
         notes.append(
-            f"gold ranking: {ranked['kept']} of {ranked['pairs']} pairs kept, {ranked['ties']} ties "
-            f"dropped, {ranked['flipped']} flipped against the human label"
+            f"gold ranking: {ranked['kept']} of {ranked['pairs']} pairs kept, "
+            f"{ranked['ties']} ties dropped, {ranked['flipped']} flipped against the human label"
         )
         print(notes[-1], file=sys.stderr)
     seen, unique = set(), []
@@ -251,7 +259,8 @@ def select_pairs(args):
 # 2. The reviser: its prompt, reading its answer, the revisers, the cache
 # ----------------------------------------------------------------------------------------------
 def reviser_prompt(pair, dialogue: str | None = None) -> str:
-    """The request to the reviser; `dialogue` replaces the conversation (fit_reviser_prompt cuts it)."""
+    """The request to the reviser; `dialogue` replaces the conversation (fit_reviser_prompt cuts
+    it)."""
     return REVISER_PROMPT.format(
         prompt=pair.prompt.strip() if dialogue is None else dialogue,
         chosen=pair.chosen.strip(),
@@ -434,8 +443,8 @@ def run_hf(todo, args, on_answer):
             )
     if cut:
         print(
-            f"warning: {cut} reviser prompts were longer than {max_prompt_len} tokens; their conversation was "
-            "cut from the start (instructions and replies kept whole)",
+            f"warning: {cut} reviser prompts were longer than {max_prompt_len} tokens; "
+            "their conversation was cut from the start (instructions and replies kept whole)",
             file=sys.stderr,
         )
     tries = 1 + (args.max_retries if args.temperature > 0 else 0)
@@ -468,7 +477,8 @@ def run_hf(todo, args, on_answer):
 
 
 def reviser_model(args) -> str | None:
-    """What revises, as named in the cache key: an edited gold lexicon never reuses old revisions."""
+    """What revises, as named in the cache key: an edited gold lexicon never reuses old
+    revisions."""
     return {"openai": args.api_model, "hf": args.reviser_model, "gold": gold.LEXICON_ID}.get(
         args.reviser
     )
@@ -481,8 +491,8 @@ def revise_all(pairs, args, cache_path: Path):
     what the reviser said); only parsed revisions are reused by a later run."""
     if args.reviser == "chosen":
         print(
-            "warning: --reviser chosen uses the chosen response as the revision; it is rarely a minimal "
-            "edit of the rejected one, so the labels mark most tokens as edited",
+            "warning: --reviser chosen uses the chosen response as the revision; it is rarely a "
+            "minimal edit of the rejected one, so the labels mark most tokens as edited",
             file=sys.stderr,
         )
         return {p.id: p.chosen for p in pairs}, {}, {"calls": 0, "cached": 0}
@@ -541,9 +551,9 @@ def levenshtein(a: list[int], b: list[int]) -> tuple[int, list[tuple]]:
     The walk back from (n, m) reads the script off the full table. Among equal-cost choices it takes
     match, then delete, then insert, then substitute: equal tokens are always matched (when
     a[i-1] == b[j-1], D[i][j] = D[i-1][j-1], a classic property of this DP), and a substitution is
-    used only when no deletion or insertion is as cheap, so more tokens stay neutral. [5, 6] -> [6,
-    7] is "delete 5, match 6, insert 7", not two substitutions; a gap in a run of equal tokens lands
-    on the earliest copy ([1, 1] -> [1] deletes a[0]).
+    used only when no deletion or insertion is as cheap, so more tokens stay neutral.
+    [5, 6] -> [6, 7] is "delete 5, match 6, insert 7", not two substitutions; a gap in a run of
+    equal tokens lands on the earliest copy ([1, 1] -> [1] deletes a[0]).
     Each op is (name, i, j): ("match"|"substitute", i, j), ("delete", i, None), ("insert", None, j).
     levenshtein_batch (below, the fast version) computes the same distances and scripts.
     """
@@ -577,7 +587,8 @@ def levenshtein(a: list[int], b: list[int]) -> tuple[int, list[tuple]]:
 
 
 def labels_from_ops(ops: list[tuple], n: int, m: int) -> tuple[list[int], list[int]]:
-    """TLCR labels from an edit script: rejected deleted/substituted -> -1, revised inserted/substituted -> +1."""
+    """TLCR labels from an edit script: rejected deleted/substituted -> -1, revised
+    inserted/substituted -> +1."""
     rejected_labels, revised_labels = [0] * n, [0] * m
     for name, i, j in ops:
         if name in ("delete", "substitute"):
@@ -709,7 +720,8 @@ def label_pairs(
 # 5. The summary
 # ----------------------------------------------------------------------------------------------
 def summarize(args, pairs, records, failures, skipped, notes, counts, stats, elapsed) -> dict:
-    """Counts, shares of positive / negative / neutral tokens (over rejected and revised), mean distance."""
+    """Counts, shares of positive / negative / neutral tokens (over rejected and revised), mean
+    distance."""
     rejected = np.array([v for r in records for v in r["rejected_labels"]], dtype=np.int64)
     revised = np.array([v for r in records for v in r["revised_labels"]], dtype=np.int64)
     both = np.concatenate([rejected, revised])
@@ -786,7 +798,8 @@ def levenshtein_batch(pairs: list[tuple[list[int], list[int]]]) -> list[tuple[in
     terms are elementwise; the insert term runs along the row, and with E[i, j] = D[i, j] - j it
     becomes a running minimum, E[i, j] = min(E[i, j-1], t[j]) (see running_min). The batch is the
     last axis P (shorter pairs padded with ids that never match), so each call serves P rows at
-    once. """
+    once.
+    """
     if not pairs:
         return []
     P = len(pairs)
@@ -848,7 +861,8 @@ def _label_batch(pairs):
 def group_batches(
     id_pairs: list[tuple[list[int], list[int]]], cells: int = CELLS_PER_BATCH
 ) -> list[list[int]]:
-    """Indices of id_pairs sorted by length and grouped so each group holds about `cells` DP cells."""
+    """Indices of id_pairs sorted by length and grouped so each group holds about `cells` DP
+    cells."""
     order = sorted(range(len(id_pairs)), key=lambda k: (len(id_pairs[k][0]), len(id_pairs[k][1])))
     batches, batch, n, m = [], [], 0, 0
     for k in order:
@@ -905,7 +919,8 @@ def main(argv=None) -> dict:
     )
     if stats["boundary_mismatch"] and args.layout == "separate":
         print(
-            f"warning: {stats['boundary_mismatch']} responses tokenise differently inside prompt + response; "
+            f"warning: {stats['boundary_mismatch']} responses tokenise differently inside "
+            "prompt + response; "
             "the labels follow the response's own ids, as common.encode_response feeds it "
             "(--layout joint maps them onto the joint tokenisation)",
             file=sys.stderr,
@@ -918,8 +933,10 @@ def main(argv=None) -> dict:
     checkpoint.atomic_write(summary_path, json.dumps(summary, indent=2) + "\n")
     t = summary["tokens"]
     print(
-        f"labelled {summary['done']}/{summary['pairs']} pairs ({summary['failed']} failed) -> {out}; "
-        f"tokens positive {t['positive']:.1%}, negative {t['negative']:.1%}, neutral {t['neutral']:.1%}; "
+        f"labelled {summary['done']}/{summary['pairs']} pairs ({summary['failed']} failed) "
+        f"-> {out}; "
+        f"tokens positive {t['positive']:.1%}, negative {t['negative']:.1%}, "
+        f"neutral {t['neutral']:.1%}; "
         f"mean distance {summary['mean_distance']:.1f}; reviser calls {summary['reviser_calls']}"
     )
     if failures:
@@ -932,7 +949,8 @@ def main(argv=None) -> dict:
             or "no pairs selected"
         )
         print(
-            f"error: no pair was labelled ({summary['failed']} of {summary['pairs']} failed: {why}); the raw "
+            f"error: no pair was labelled ({summary['failed']} of {summary['pairs']} failed: "
+            f"{why}); the raw "
             f"answers are in {cache_path}, the failures in {summary_path}",
             file=sys.stderr,
         )

@@ -39,7 +39,8 @@ Usage:
     with torch.no_grad(), lora.adapters_disabled(model):
         ref_logits = model(input_ids).logits          # the base model = the reference policy
     torch.save(lora.trainable_state_dict(model), "checkpoint.pt")   # a few hundred MB, not 13 GB
-    lora.save_merged(model, tokenizer, "out/policy")  # AutoModelForCausalLM.from_pretrained loads it
+    lora.save_merged(model, tokenizer, "out/policy")  # AutoModelForCausalLM.from_pretrained
+                                                      # loads it
 """
 from __future__ import annotations
 
@@ -96,7 +97,8 @@ class LoRALinear(nn.Module):
         self.enabled = True
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """W·x + b, computed exactly the way the wrapped module computes it (same kernels, same bits)."""
+        """W·x + b, computed exactly the way the wrapped module computes it (same kernels, same
+        bits)."""
         if self.transposed:  # transformers Conv1D.forward: b + x·W on the flattened tokens
             y = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
             return y.view(*x.shape[:-1], self.out_features)
@@ -114,7 +116,8 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         kind = "Conv1D" if self.transposed else "Linear"
         return (
-            f"{kind}(in={self.in_features}, out={self.out_features}), rank={self.rank}, alpha={self.alpha}, "
+            f"{kind}(in={self.in_features}, out={self.out_features}), rank={self.rank}, "
+            f"alpha={self.alpha}, "
             f"enabled={self.enabled}"
         )
 
@@ -202,7 +205,8 @@ def add_lora(
     """
     if rank < 1:
         raise ValueError(
-            f"LoRA rank must be >= 1 (got {rank}); rank 0 means full fine-tuning: don't call add_lora"
+            f"LoRA rank must be >= 1 (got {rank}); rank 0 means full fine-tuning: don't call "
+            "add_lora"
         )
     if alpha <= 0:
         raise ValueError(f"LoRA alpha must be > 0 (got {alpha})")
@@ -228,7 +232,8 @@ def add_lora(
 
 
 def _suffixes_in_block(layers: dict[str, nn.Module]) -> list[str]:
-    """'model.layers.3.self_attn.q_proj' -> 'self_attn.q_proj' (the name inside its block), for error messages."""
+    """'model.layers.3.self_attn.q_proj' -> 'self_attn.q_proj' (the name inside its block), for
+    error messages."""
     out = []
     for name in layers:
         parts = name.split(".")
@@ -238,7 +243,8 @@ def _suffixes_in_block(layers: dict[str, nn.Module]) -> list[str]:
 
 
 def add_lora_from_args(model: nn.Module, args) -> list[str]:
-    """add_lora with --lora-rank/--lora-alpha/--lora-targets; nothing (full fine-tuning) when the rank is 0."""
+    """add_lora with --lora-rank/--lora-alpha/--lora-targets; nothing (full fine-tuning) when the
+    rank is 0."""
     if args.lora_rank == 0:
         return []
     return add_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets)

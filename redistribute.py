@@ -1,9 +1,9 @@
 """RED (R3HF): a Bradley–Terry reward model, and its score redistributed over the response tokens.
 
 A sequence-level reward model R(x, y) (the SFT backbone plus a scalar head, read at the last real
-token) is trained on chosen/rejected pairs with the Bradley–Terry loss −log σ(R(x, y_c) − R(x,
-y_r)). Because the backbone is causal, ONE forward pass gives R(x, y≤t) at every position t, and RED
-(Li et al. 2024, arXiv 2411.08302) turns it into a dense per-token reward:
+token) is trained on chosen/rejected pairs with the Bradley–Terry loss
+−log σ(R(x, y_c) − R(x, y_r)). Because the backbone is causal, ONE forward pass gives R(x, y≤t) at
+every position t, and RED (Li et al. 2024, arXiv 2411.08302) turns it into a dense per-token reward:
 
     eq. 6   r̃_t = R(x, y≤t) − R(x, y≤t−1),   R(x, y≤−1) = the score at the last prompt token
             (or 0 with --zero-first), so Σ_t r̃_t = R(x, y) − R(x, ∅)  (or R(x, y))
@@ -33,7 +33,8 @@ Commands (the paper's lr 1e-5 is for 7B models; pass a larger one, e.g. 3e-4, fo
     # forward passes of 8 pairs (gradient accumulation makes up the rest); rank 0 logs and saves
     torchrun --standalone --nproc_per_node=8 redistribute.py train --sft runs/demo/sft \\
         --out runs/demo/reward_model --batch-size 64 --micro-batch-size 8
-    # add --fsdp to shard the model over the ranks, --lora-rank 64 to train LoRA adapters (and the head) only
+    # add --fsdp to shard the model over the ranks, --lora-rank 64 to train LoRA adapters (and the
+    # head) only
     # look at one response, token by token
     python redistribute.py show --reward-model runs/demo/reward_model \\
         --prompt $'\\n\\nHuman: Hi\\n\\nAssistant:' --response " Hello!"
@@ -81,8 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--revision-pairs",
         default=None,
         metavar="LABELS",
-        help="the lab: also train on (revised ≻ rejected) pairs from label.py's output, so the reward "
-        "model learns from what the discriminator learns from (held-out pairs left out)",
+        help="the lab: also train on (revised ≻ rejected) pairs from label.py's output, so the "
+        "reward model learns from what the discriminator learns from (held-out pairs left out)",
     )
     data.add_argument("--prefix-pairs", action="store_true",
                       help="the lab (needs --preference gold): also rank every two prefixes of "
@@ -209,16 +210,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 def select_pairs(args, quiet: bool = False):
     """(training pairs, held-out pairs) of --split (--split-seed; with --preference gold ranked by
     the gold score; then at most --limit, as label.py does): the held-out part is drawn by hashing,
-    the same pairs the discriminator holds out. With --revision-pairs, label.py's (revised ≻
-    rejected) pairs join the training pairs, those of held-out ids excepted."""
+    the same pairs the discriminator holds out. With --revision-pairs, label.py's
+    (revised ≻ rejected) pairs join the training pairs, those of held-out ids excepted."""
     pairs = plumbing.load_data(args.data, args.split, args.split_seed, quiet=quiet)
     # the lab: chosen = the reply with the higher gold score, ties dropped
     if args.preference == "gold":
         pairs, ranked = gold.rank_pairs(pairs)
         if not quiet:
             print(
-                f"gold preferences: {ranked['kept']} of {ranked['pairs']} pairs kept, {ranked['ties']} ties "
-                f"dropped, {ranked['flipped']} flipped against the human label"
+                f"gold preferences: {ranked['kept']} of {ranked['pairs']} pairs kept, "
+                f"{ranked['ties']} ties dropped, {ranked['flipped']} flipped against the human "
+                "label"
             )
     pairs = pairs[: args.limit] if args.limit is not None else pairs
     train_pairs, eval_pairs = common.heldout_split(pairs, args.eval_fraction, args.split_seed)
@@ -453,7 +455,8 @@ def sequence_reward(reward_model, query_response: torch.Tensor, attention_mask: 
 
 
 def load_reward_model(path, device="cpu", dtype=torch.float32, trust_remote_code=False):
-    """A trained reward model (this project's, or TRL's / OpenRLHF's) in eval mode with dropout off."""
+    """A trained reward model (this project's, or TRL's / OpenRLHF's) in eval mode with dropout
+    off."""
     model = hf_models.load_score_model(
         path, dtype=dtype, trust_remote_code=trust_remote_code, what="--reward-model"
     )
@@ -555,8 +558,9 @@ def train(args):
                       map_location=device, total_steps=total_steps)  # 0, or the last checkpoint's
     if master:
         print(
-            f"reward model: {len(train_examples)} training pairs, {len(eval_examples)} held out; {total_steps} "
-            f"steps of {batch_size} pairs on {dist_info.world_size} rank(s), device {device}"
+            f"reward model: {len(train_examples)} training pairs, {len(eval_examples)} held out; "
+            f"{total_steps} steps of {batch_size} pairs on {dist_info.world_size} rank(s), "
+            f"device {device}"
             f"{f', resuming at step {step}' if step else ''}"
         )
 
@@ -635,7 +639,8 @@ def train(args):
         )
         checkpoint.atomic_write(out / "accuracy.json", json.dumps(result, indent=2) + "\n")
         print(
-            f"held-out pair accuracy {result['accuracy']:.4f}, mean margin {result['mean_margin']:+.4f} "
+            f"held-out pair accuracy {result['accuracy']:.4f}, "
+            f"mean margin {result['mean_margin']:+.4f} "
             f"over {result['pairs']} pairs -> {out / 'accuracy.json'}"
         )
     run.finish()

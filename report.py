@@ -48,7 +48,8 @@ def win_cell(row, baseline, name):
 
 def accuracy_line(acc):
     return (
-        f"Discriminator token accuracy ({acc.get('split', 'heldout')} labels): {acc['accuracy']:.1%} "
+        f"Discriminator token accuracy ({acc.get('split', 'heldout')} labels): "
+        f"{acc['accuracy']:.1%} "
         f"(positive {acc['positive_accuracy']:.1%} of {acc['n_positive']}, negative "
         f"{acc['negative_accuracy']:.1%} of {acc['n_negative']}; paper 81.4%)"
     )
@@ -65,7 +66,8 @@ def results_markdown(results):
     base, columns = results["baseline"], table_columns(results)
     head = ["Policy"] + [h for _, h, _ in columns] + [f"Win rate vs {md_cell(base)} (%) ↑"]
     lines = [
-        f"Held-out prompts: {results['num_prompts']} ({results['split']} split); judge: {results['judge']}.",
+        f"Held-out prompts: {results['num_prompts']} ({results['split']} split); judge: "
+        f"{results['judge']}.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -143,7 +145,8 @@ def credit_html(results):
 
 
 def curve_series(rows, keys):
-    """[(step, value)] for the first of `keys` present in the log (x = "step" or the line number)."""
+    """[(step, value)] for the first of `keys` present in the log (x = "step" or the line
+    number)."""
     key = next((k for k in keys if any(isinstance(r.get(k), (int, float)) for r in rows)), None)
     if key is None:
         return None, []
@@ -175,8 +178,10 @@ def line_chart_svg(title, series, width=360, height=230, x_label="step"):
     parts = [
         f'<svg class="curve" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
         f'viewBox="0 0 {width} {height}" role="img" aria-label="{html.escape(title)}">',
-        f'<text x="{width / 2:.0f}" y="15" text-anchor="middle" class="title">{html.escape(title)}</text>',
-        f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" class="axis"></line>',
+        f'<text x="{width / 2:.0f}" y="15" text-anchor="middle" '
+        f'class="title">{html.escape(title)}</text>',
+        f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" '
+        'class="axis"></line>',
         f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" class="axis"></line>',
     ]
     for k in range(3):
@@ -324,7 +329,8 @@ def report_html(results, samples, curves):
                    + f"<td>{html.escape(win_cell(row, base, name))}</td></tr>"
                    for name, row in results["policies"].items())
     body = [
-        f"<h1>token-rlhf evaluation</h1><p>{results['num_prompts']} held-out prompts ({html.escape(results['split'])}"
+        f"<h1>token-rlhf evaluation</h1><p>{results['num_prompts']} held-out prompts "
+        f"({html.escape(results['split'])}"
         f" split), seed {results['seed']}, judge: {html.escape(results['judge'])}.</p>",
         f'<table class="results"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>',
     ]
@@ -346,7 +352,8 @@ def report_html(results, samples, curves):
     )
     for k, sample in enumerate(samples):
         body.append(
-            f'<h3>Prompt {k + 1}</h3><pre class="prompt">{html.escape(sample["prompt"][-800:])}</pre>'
+            f'<h3>Prompt {k + 1}</h3><pre '
+            f'class="prompt">{html.escape(sample["prompt"][-800:])}</pre>'
         )
         for name, resp in sample["responses"].items():
             gold_row = "" if "gold" not in resp else (
@@ -358,11 +365,14 @@ def report_html(results, samples, curves):
                 f'<div class="row"><span class="lbl">TLCR</span><span class="toks">'
                 f'{shaded_tokens_html(resp["tokens"], resp["tlcr"], "TLCR", 1.0)}</span></div>'
                 f'<div class="row"><span class="lbl">RED</span><span class="toks">'
-                f'{shaded_tokens_html(resp["tokens"], resp["red"], "RED", red_scale)}</span></div></div>'
+                f'{shaded_tokens_html(resp["tokens"], resp["red"], "RED", red_scale)}'
+                "</span></div></div>"
             )
     style = (
-        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
-        "table.results{border-collapse:collapse}table.results td,table.results th{border:1px solid #bbb;"
+        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 "
+        "1em;color:#222}"
+        "table.results{border-collapse:collapse}table.results td,table.results th{border:1px solid "
+        "#bbb;"
         "padding:4px 8px;text-align:right}table.results td:first-child{text-align:left}"
         ".charts{display:flex;flex-wrap:wrap;gap:12px}svg.curve{font-size:10px;background:#fafafa}"
         "svg .axis{stroke:#888}svg .title{font-size:12px;font-weight:600}svg .note{fill:#666}"
@@ -373,7 +383,8 @@ def report_html(results, samples, curves):
         "font-size:12px}.tok{border-radius:2px}"
     )
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>token-rlhf evaluation</title>"
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        "<title>token-rlhf evaluation</title>"
         f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
     )
 
@@ -388,7 +399,8 @@ def gold_frontier_svg(series):
 
 
 def find_logs(policies):
-    """log.jsonl in or beside each policy dir (runs/x/ppo_tlcr/policy -> runs/x/ppo_tlcr/log.jsonl)."""
+    """log.jsonl in or beside each policy dir (runs/x/ppo_tlcr/policy ->
+    runs/x/ppo_tlcr/log.jsonl)."""
     found = {}
     for name, path in policies.items():
         for candidate in (Path(path) / "log.jsonl", Path(path).parent / "log.jsonl"):

@@ -3,7 +3,8 @@
 The policy learns to imitate the preferred answers of the SFT split (20% of the pairs, as in the
 TLCR paper). The loss is the mean negative log-likelihood of the *response* tokens only:
 
-    L_SFT = −(1/N) Σ_i Σ_{t ∈ response_i} log π_θ(y_t | x_i, y_<t),   N = response tokens in the batch
+    L_SFT = −(1/N) Σ_i Σ_{t ∈ response_i} log π_θ(y_t | x_i, y_<t),
+        N = response tokens in the batch
 
 Prompt tokens are inputs but never targets. Every later stage starts from the model saved here.
 
@@ -11,7 +12,8 @@ Prompt tokens are inputs but never targets. Every later stage starts from the mo
     python sft.py --model gpt2 --out runs/gpt2/sft --batch-size 32 --micro-batch-size 8 \\
         --lr 1e-5 --gradient-checkpointing                                 # one GPU
     torchrun --nproc_per_node=4 sft.py --model gpt2 --out runs/gpt2/sft ...  # several GPUs
-    torchrun --nproc_per_node=8 sft.py --model meta-llama/Llama-2-7b-hf --fsdp --lora-rank 64 ...  # sharded, LoRA
+    torchrun --nproc_per_node=8 sft.py --model meta-llama/Llama-2-7b-hf --fsdp \\
+        --lora-rank 64 ...                                                 # sharded, LoRA
 
 Interrupt it and start it again with the same --out: it resumes from --out/checkpoint.
 """
@@ -38,7 +40,8 @@ def parse_args(argv=None):
     model.add_argument(
         "--model",
         default="tiny",
-        help="'tiny' (a small random model + BPE tokenizer trained on the data), or any Hugging Face "
+        help="'tiny' (a small random model + BPE tokenizer trained on the data), or any "
+        "Hugging Face "
         "causal LM by name or path (gpt2, meta-llama/Llama-2-7b-hf, ./my-model)",
     )
     model.add_argument("--tiny-arch", default="gpt2", choices=tuple(hf_models.TINY_FAMILIES),
@@ -123,7 +126,8 @@ def parse_args(argv=None):
 # 1. data: (prompt ids, response ids) pairs
 # ----------------------------------------------------------------------------------------------
 def select_pairs(args, quiet: bool = False):
-    """(training pairs, held-out pairs): the SFT split (at most --limit pairs) and the test split."""
+    """(training pairs, held-out pairs): the SFT split (at most --limit pairs) and the test
+    split."""
     splits = common.split_pairs(
         plumbing.load_data(args.data, "all", args.split_seed, quiet=quiet), args.split_seed
     )
@@ -190,7 +194,8 @@ def train_step(model, optimizer, scheduler, batch, args, dist_info, pad_id) -> d
 
 @torch.no_grad()
 def evaluate(model, examples, args, dist_info, pad_id) -> float:
-    """Held-out mean response NLL over the first --eval-examples test examples (shared over ranks)."""
+    """Held-out mean response NLL over the first --eval-examples test examples (shared over
+    ranks)."""
     model = distributed.unwrap(model)
     was_training = model.training
     model.eval()
@@ -212,9 +217,8 @@ def evaluate(model, examples, args, dist_info, pad_id) -> float:
 # ----------------------------------------------------------------------------------------------
 def load_or_build_model(args, sft_pairs, out: Path, dist_info):
     """`tiny`: build once into out/init (reused on resume, so the tokenizer never changes). In fp32,
-    or in
-    --frozen-dtype as a LoRA base; under FSDP built empty on ranks other than 0 (they receive rank
-    0's weights)."""
+    or in --frozen-dtype as a LoRA base; under FSDP built empty on ranks other than 0 (they receive
+    rank 0's weights)."""
     path = args.model
     if args.model == "tiny":
         path = out / "init"

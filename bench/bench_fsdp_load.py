@@ -1,13 +1,14 @@
 """Host memory of loading a model for FSDP: every rank reading the whole model, or rank 0 alone
 (--fsdp).
 
-With --fsdp, hf_models.load_policy(meta=True) builds the model on the meta device on every rank but
-0, and distributed.shard_model sends each rank its pieces of rank 0's weights. This measures what
-that saves: the growth of each rank's peak resident set (VmHWM) while one model is loaded and
-sharded, both ways, on 2 gloo processes on the CPU, for two GPT-2s of ~50 M parameters saved in
-fp32:
+With --fsdp, hf_models.load_policy(meta=True) builds the model on the meta device on every rank
+but 0, and distributed.shard_model sends each rank its pieces of rank 0's weights. This measures
+what that saves: the growth of each rank's peak resident set (VmHWM) while one model is loaded
+and sharded, both ways, on 2 gloo processes on the CPU, for two GPT-2s of ~50 M parameters saved
+in fp32:
     vocab 8192, 16 layers x 512   the embedding is 2 % of the weights, as in a 7B model
-    vocab 50257, 8 layers x 512   the embedding is half the weights (it travels whole: no gain for it)
+    vocab 50257, 8 layers x 512   the embedding is half the weights (it travels whole: no gain
+                                  for it)
 
     python bench/bench_fsdp_load.py          # ~2 min on 2 CPU cores
 """
@@ -84,8 +85,10 @@ def main():
             model.save_pretrained(Path(tmp) / "model")
             del model
             print(
-                f"{shape}: {n_params / 1e6:.1f} M parameters, {n_params * 4 / 2**20:.0f} MiB in fp32, largest "
-                f"tensor {largest * 4 / 2**20:.0f} MiB; growth of the peak RSS while loading + sharding:"
+                f"{shape}: {n_params / 1e6:.1f} M parameters, {n_params * 4 / 2**20:.0f} MiB in "
+                "fp32, largest "
+                f"tensor {largest * 4 / 2**20:.0f} MiB; growth of the peak RSS while loading + "
+                "sharding:"
             )
             for how in ("every rank loads", "rank 0 loads"):
                 done = subprocess.run(
@@ -104,7 +107,7 @@ def main():
                     env=env,
                     timeout=600,
                 )
-                line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
+                line = next((s for s in done.stdout.splitlines() if s.startswith("RESULT ")), None)
                 if line is None:
                     raise SystemExit(done.stdout[-2000:] + done.stderr[-3000:])
                 ranks = json.loads(line.removeprefix("RESULT "))

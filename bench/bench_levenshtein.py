@@ -124,10 +124,12 @@ def main():
         align = clock() - start
         lengths = [len(r["rejected_ids"]) + len(r["revised_ids"]) for r in records]
         print(
-            f"bundled hh-rlhf, {len(pairs)} pairs (mean {sum(lengths) / len(lengths) / 2:.0f} tokens per response, "
+            f"bundled hh-rlhf, {len(pairs)} pairs (mean {sum(lengths) / len(lengths) / 2:.0f} "
+            "tokens per response, "
             f"cut at 255), workers={workers} ({'CPU' if workers == 1 else 'wall'} time): "
             f"{len(pairs) / total:.0f} pairs/s (alignment alone {len(pairs) / align:.0f} pairs/s); "
-            f"45,000 pairs: {45000 * total / len(pairs):.0f} s (alignment {45000 * align / len(pairs):.0f} s)",
+            f"45,000 pairs: {45000 * total / len(pairs):.0f} s (alignment "
+            f"{45000 * align / len(pairs):.0f} s)",
             flush=True,
         )
 

@@ -4,8 +4,9 @@
 Both variants are built by ppo_token.load_models from the same saved policy and reward model
 (--reward red, critic started from the reward model), exactly as the stage builds them:
     full   policy and critic trained; a frozen reference copy and a frozen reward model: four models
-    lora   --lora-rank adapters on the policy and the critic; the reference is the policy with its adapters
-           off, the reward is the critic's backbone with its adapters off: two frozen backbones
+    lora   --lora-rank adapters on the policy and the critic; the reference is the policy with its
+           adapters off, the reward is the critic's backbone with its adapters off: two frozen
+           backbones
 Printed for each: trained parameters, rollout tokens/s (generation + scoring of policy, reference,
 critic and reward + GAE), PPO-update tokens/s (response tokens x ppo-epochs per second), and peak
 memory.
@@ -15,8 +16,8 @@ the largest transient). CPU: the growth of the process's peak resident set (VmHW
 /proc/self/status) from just before the models are loaded to the end of the timed iterations: the
 same things, as the operating system sees them. Each variant runs in a fresh subprocess with glibc
 told to mmap every block over 64 KiB (MALLOC_MMAP_THRESHOLD_), so freed tensors leave the resident
-set and it follows the live tensors. No token ends a response (the EOS id given to the rollout is
--1), so every response has exactly
+set and it follows the live tensors.
+No token ends a response (the EOS id given to the rollout is -1), so every response has exactly
 --new-tokens tokens and every run does the same work.
 
     python bench/bench_ppo.py                      # CPU, default tiny config
@@ -76,7 +77,8 @@ def parse_args(argv=None):
 
 
 def save_models(args, folder: Path):
-    """A random GPT-2 policy and a reward model (its backbone and a head: the project's first score format)."""
+    """A random GPT-2 policy and a reward model (its backbone and a head: the project's first score
+    format)."""
     from safetensors.torch import save_file
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model
 
@@ -182,8 +184,10 @@ def main(argv=None):
         print(json.dumps(run_variant(args)))
         return
     print(
-        f"tiny GPT-2: {args.layers} layers x {args.width} wide, vocab {args.vocab}; {args.batch_size} prompts "
-        f"(<= {args.prompt_len} tokens, left-padded), {args.new_tokens} new tokens, minibatch {args.minibatch_size}; "
+        f"tiny GPT-2: {args.layers} layers x {args.width} wide, vocab {args.vocab}; "
+        f"{args.batch_size} prompts "
+        f"(<= {args.prompt_len} tokens, left-padded), {args.new_tokens} new tokens, minibatch "
+        f"{args.minibatch_size}; "
         f"device {args.device}, torch {torch.__version__}; LoRA rank {args.lora_rank}"
     )
     memory = (
@@ -192,7 +196,8 @@ def main(argv=None):
         else "peak RSS growth (VmHWM)"
     )
     print(
-        f"  {'variant':<8} {'trained params':>15} {'rollout tok/s':>14} {'update tok/s':>13}  {memory} MiB"
+        f"  {'variant':<8} {'trained params':>15} {'rollout tok/s':>14} {'update tok/s':>13}  "
+        f"{memory} MiB"
     )
     passthrough = list(argv if argv is not None else sys.argv[1:])
     hf_models._quiet_transformers()

@@ -110,8 +110,10 @@ def main():
     batch = make_batch(args, cfg.vocab_size, device)
     P, T = batch[0].shape[1] - args.response_len, args.response_len
     print(
-        f"model {args.config} ({n_params:.0f}M params, {cfg.n_layer} layers × {cfg.n_embd}), device {device}, "
-        f"{torch.get_num_threads()} threads; batch {args.batch_size} × ({P} prompt + {T} response) tokens"
+        f"model {args.config} ({n_params:.0f}M params, {cfg.n_layer} layers × {cfg.n_embd}), "
+        f"device {device}, "
+        f"{torch.get_num_threads()} threads; batch {args.batch_size} × ({P} prompt + {T} response) "
+        "tokens"
     )
     ctx = lambda: amp.autocast(device, "bf16" if args.bf16 else "fp32")  # noqa: E731
 
@@ -164,7 +166,8 @@ def main():
     for name, (wall, cpu) in (("score", best["score"]), ("red", best["red"]), ("naive", naive)):
         print(f"{name:8} {wall:9.3f} {cpu:9.3f} {wall / base_wall:15.2f} {cpu / base_cpu:14.2f}")
     print(
-        f"median wall over {args.repeats} repeats: score {median['score']:.3f} s, red {median['red']:.3f} s "
+        f"median wall over {args.repeats} repeats: score {median['score']:.3f} s, red "
+        f"{median['red']:.3f} s "
         f"(ratio {median['red'] / median['score']:.3f})"
     )
     extrapolated = (
@@ -173,7 +176,8 @@ def main():
         else f", extrapolated from {len(prefixes)} of {T} prefix lengths × {scale:.0f}"
     )
     print(
-        f"naive: {T} forward passes{extrapolated}; its prefix scores match the single pass to {max_diff:.1e}"
+        f"naive: {T} forward passes{extrapolated}; its prefix scores match the single pass to "
+        f"{max_diff:.1e}"
     )
     ratio = best["red"][0] / base_wall
     print(f"target red ≤ 1.1× score: {'met' if ratio <= 1.1 else 'NOT met'} ({ratio:.3f}×); "

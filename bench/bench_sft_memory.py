@@ -1,6 +1,6 @@
 """Peak memory of one SFT step with and without gradient checkpointing.
 
-    python bench/bench_sft_memory.py                       # CPU: GPT-2-small shape, batch 4 x 512 tokens
+    python bench/bench_sft_memory.py                 # CPU: GPT-2-small shape, batch 4 x 512 tokens
     python bench/bench_sft_memory.py --device cuda --batch-size 16
 
 Each setting runs in a fresh process. Two figures:
@@ -133,7 +133,8 @@ def main():
         results[checkpointing] = json.loads(out)
     without, with_ = results[False], results[True]
     print(
-        f"SFT step, {args.layers} layers x {args.width}, batch {args.batch_size} x {args.seq_len} tokens, "
+        f"SFT step, {args.layers} layers x {args.width}, batch {args.batch_size} x {args.seq_len} "
+        "tokens, "
         f"{args.device}"
     )
     for name, r in (
@@ -144,13 +145,15 @@ def main():
             f", CUDA peak {r['cuda_peak_bytes'] / 2**20:8.1f} MiB" if "cuda_peak_bytes" in r else ""
         )
         print(
-            f"  {name}: activations {r['activation_bytes'] / 2**20:8.1f} MiB{cuda}, step {r['step_s']:.2f} s"
+            f"  {name}: activations {r['activation_bytes'] / 2**20:8.1f} MiB{cuda}, step "
+            f"{r['step_s']:.2f} s"
         )
     print(f"  activation memory ratio (without / with): "
           f"{without['activation_bytes'] / max(with_['activation_bytes'], 1):.2f}x")
     if "cuda_peak_bytes" in without:
         print(
-            f"  CUDA peak ratio (without / with): {without['cuda_peak_bytes'] / max(with_['cuda_peak_bytes'], 1):.2f}x"
+            "  CUDA peak ratio (without / with): "
+            f"{without['cuda_peak_bytes'] / max(with_['cuda_peak_bytes'], 1):.2f}x"
         )
     print(f"  step time ratio (with / without): {with_['step_s'] / without['step_s']:.2f}x")
 

@@ -1,7 +1,6 @@
-"""Memory planner: GPU bytes of each training stage, full fine-tuning vs LoRA, on 1 GPU and with
-FSDP.
+"""Memory planner: GPU bytes of each training stage, full fine-tuning vs LoRA, 1 GPU and FSDP.
 
-    python bench/plan_memory.py                        # Llama-2-7B, LoRA r=64, 1 GPU and FSDP on 8 GPUs
+    python bench/plan_memory.py                  # Llama-2-7B, LoRA r=64, 1 GPU and FSDP on 8 GPUs
     python bench/plan_memory.py --model gpt2 --gpus 1 --lora-rank 16
     python bench/plan_memory.py --model path/to/config.json --rollout-batch 32 --response-len 512
 
@@ -9,9 +8,11 @@ Nothing is downloaded and no weight is allocated: the model is built from its pu
 PyTorch's meta device, its parameters are counted exactly, and lora.add_lora is run on it to count
 the adapters. Everything else is a formula, printed as "computed" (not measured). GiB = 2^30 bytes.
 
-Per model (P its parameters; full fine-tuning as the stages run today: fp32 weights, bf16 autocast):
-  weights      trained: 4·P fp32 + 2·P bf16 copies that autocast caches for the step; frozen: 2·P (bf16,
-               --frozen-dtype) or 4·P. With LoRA the base is frozen and only the adapters are trained.
+Per model (P its parameters; full fine-tuning as the stages run today: fp32 weights, bf16
+autocast):
+  weights      trained: 4·P fp32 + 2·P bf16 copies that autocast caches for the step; frozen: 2·P
+               (bf16, --frozen-dtype) or 4·P. With LoRA the base is frozen and only the adapters
+               are trained.
   gradients    4 bytes per trained parameter (fp32)
   AdamW        8 bytes per trained parameter (exp_avg and exp_avg_sq, fp32)
 Per phase (b = --micro-batch sequences of T = prompt + response tokens; L layers, H hidden, Hkv = kv
@@ -19,20 +20,23 @@ heads × head dim, I = MLP width, V vocabulary):
   activations  gradient checkpointing on every decoder block:
                L·b·T·H·s          the saved block inputs (s = 4: fp32 residual stream when the
                                   weights are fp32; 2 with a bf16 base)
-               + b·T·2·E          one block recomputed in backward: E activations per token, 2 bytes
-                                  each, E = 9H + 2Hkv + 4I (gated MLP: Llama, Qwen, Mistral) or 12H + 4I
-                                  (GPT-2): what torch's saved-tensor hooks count (CPU, bf16 autocast,
-                                  SDPA attention without T² scores) within 4%, for a 256-wide
-                                  Llama and GPT-2 block; with LoRA
-                                  at most 2·(in + r) more per adapted layer (the adapter's input copy
-                                  and B·A·x's r values)
-               + 10·b·T'·V        the loss's logits: bf16 (2) + fp32 copy (4) + its gradient (4), over
-                                  T' = T (SFT) or response + 1 (PPO) positions; none for scalar heads
-  generation   PPO rollout: KV cache 2·L·B·T·Hkv·2 bytes (keys and values of every layer, bf16) for
-               B = --rollout-batch prompts, plus the prefill's live tensors in one block without
-               autograd, 2·(3I + 4H) bytes per prompt token (the MLP's intermediates, a few [B, P, H])
-  scoring      PPO rollout: log-probs and entropy of B responses at once: 12·B·(R+1)·V bytes (fp32
-               logits, softmax, softmax·logits), plus one block's live tensors over B·T tokens
+               + b·T·2·E          one block recomputed in backward: E activations per token,
+                                  2 bytes each, E = 9H + 2Hkv + 4I (gated MLP: Llama, Qwen,
+                                  Mistral) or 12H + 4I (GPT-2): what torch's saved-tensor hooks
+                                  count (CPU, bf16 autocast, SDPA attention without T² scores)
+                                  within 4%, for a 256-wide Llama and GPT-2 block; with LoRA
+                                  at most 2·(in + r) more per adapted layer (the adapter's input
+                                  copy and B·A·x's r values)
+               + 10·b·T'·V        the loss's logits: bf16 (2) + fp32 copy (4) + its gradient (4),
+                                  over T' = T (SFT) or response + 1 (PPO) positions; none for
+                                  scalar heads
+  generation   PPO rollout: KV cache 2·L·B·T·Hkv·2 bytes (keys and values of every layer, bf16)
+               for B = --rollout-batch prompts, plus the prefill's live tensors in one block
+               without autograd, 2·(3I + 4H) bytes per prompt token (the MLP's intermediates,
+               a few [B, P, H])
+  scoring      PPO rollout: log-probs and entropy of B responses at once: 12·B·(R+1)·V bytes
+               (fp32 logits, softmax, softmax·logits), plus one block's live tensors over B·T
+               tokens
   total        all weights, gradients and AdamW states + the largest of the phases (each frees its
                memory before the next starts)
 Reward-model micro-batches hold b pairs = 2b sequences. PPO holds policy, reference, critic (a copy
@@ -233,8 +237,8 @@ def count_parameters(config, rank: int, targets: list[str] | None = None) -> dic
 def block_bytes_per_token(shape: dict, counts: dict, lora_on: bool, act: int = BF16) -> int:
     """One decoder block's activations saved for backward, per token (bf16 autocast, SDPA attention;
     act = 4 bytes per activation under --precision fp32)."""
-    H, Hkv, I = shape["hidden"], shape["kv_dim"], shape["mlp"]
-    elements = 9 * H + 2 * Hkv + 4 * I if counts["gated"] else 12 * H + 4 * I
+    H, Hkv, mlp = shape["hidden"], shape["kv_dim"], shape["mlp"]  # mlp: the docstring's I
+    elements = 9 * H + 2 * Hkv + 4 * mlp if counts["gated"] else 12 * H + 4 * mlp
     extra = act * counts["lora_act"] if lora_on else 0  # each adapter's input copy and its r values
     return act * elements + extra
 
@@ -333,8 +337,8 @@ def plan(stage: str, lora_on: bool, counts: dict, shape: dict, args, rollout_bat
     out["fsdp_states"] = (trained * (FP32 + FP32 + 2 * FP32) + frozen * frozen_bytes) // n
     layer_trained = counts["layer_lora"] if lora_on else counts["layer"]
     out["fsdp_gathered"] = roots * BF16 + 2 * counts["layer"] * BF16 + layer_trained * FP32
-    # the PPO rollout keeps the policy gathered whole (ppo_token.rollout: distributed.gathered), in
-    # bf16
+    # the PPO rollout keeps the policy gathered whole, in bf16
+    # (ppo_token.rollout: distributed.gathered)
     rollout_policy = (lm + (counts["lora"] if lora_on else 0)) * BF16 if stage == "PPO" else 0
     out["fsdp_phase"] = max(out["activations"], out.get("generation", 0) + rollout_policy,
                             out.get("scoring", 0) + rollout_policy)
@@ -351,7 +355,8 @@ def plans(counts, shape, args, rollout_batch: int) -> list[dict]:
 
 
 def recommend_rollout_batch(counts, shape, args) -> tuple[int, dict, dict | None]:
-    """The largest power of two for which PPO with LoRA fits one GPU (and the plan just above it)."""
+    """The largest power of two for which PPO with LoRA fits one GPU (and the plan just above
+    it)."""
     budget = HEADROOM * args.gpu_memory * GiB
     best, above = None, None
     for batch in (2 ** k for k in range(0, 11)):
@@ -379,46 +384,60 @@ def print_tables(name, counts, shape, args, rollout_batch, rows):
     T = args.prompt_len + args.response_len
     print(f"## Memory plan (computed, not measured): {name}\n")
     print(
-        f"{counts['lm'] / 1e9:.3f}B parameters (causal LM), {counts['backbone'] / 1e9:.3f}B (backbone + scalar "
-        f"head); {shape['layers']} layers, hidden {shape['hidden']}, KV width {shape['kv_dim']}, MLP "
+        f"{counts['lm'] / 1e9:.3f}B parameters (causal LM), "
+        f"{counts['backbone'] / 1e9:.3f}B (backbone + scalar "
+        f"head); {shape['layers']} layers, hidden {shape['hidden']}, "
+        f"KV width {shape['kv_dim']}, MLP "
         f"{shape['mlp']}, vocabulary {shape['vocab']}. LoRA r={args.lora_rank} on "
-        f"{args.lora_targets or 'all linear layers of the decoder blocks'}: {counts['lora'] / 1e6:.1f}M "
+        f"{args.lora_targets or 'all linear layers of the decoder blocks'}: "
+        f"{counts['lora'] / 1e6:.1f}M "
         f"parameters ({100 * counts['lora'] / counts['lm']:.2f}%)."
     )
     print(
-        f"Micro-batch {args.micro_batch} sequences of {T} tokens ({args.prompt_len} prompt + {args.response_len} "
-        f"response; reward model: {args.micro_batch} pairs), PPO rollout batch {rollout_batch} per GPU, gradient "
-        f"checkpointing, bf16 autocast, frozen weights {args.frozen_dtype}, trained weights and AdamW fp32. "
+        f"Micro-batch {args.micro_batch} sequences of {T} tokens ({args.prompt_len} prompt + "
+        f"{args.response_len} "
+        f"response; reward model: {args.micro_batch} pairs), PPO rollout batch {rollout_batch} "
+        f"per GPU, gradient "
+        f"checkpointing, bf16 autocast, frozen weights {args.frozen_dtype}, trained weights and "
+        f"AdamW fp32. "
         f"GiB; fits = total ≤ {HEADROOM:.0%} of {args.gpu_memory:g} GiB.\n"
     )
     print(
-        "| stage | training | weights | gradients | AdamW | activations | PPO generation (KV cache) "
+        "| stage | training | weights | gradients | AdamW | activations "
+        "| PPO generation (KV cache) "
         "| PPO scoring | total, 1 GPU | fits |"
     )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         generation = f"{gib(r['generation'])} ({gib(r['kv_cache'])})" if "generation" in r else "–"
         print(
-            f"| {r['stage']} | {r['method']} | {gib(r['weights'])} | {gib(r['gradients'])} | {gib(r['adamw'])} | "
-            f"{gib(r['activations'])} | {generation} | {gib(r.get('scoring'))} | **{gib(r['total'])}** | "
+            f"| {r['stage']} | {r['method']} | {gib(r['weights'])} | {gib(r['gradients'])} | "
+            f"{gib(r['adamw'])} | "
+            f"{gib(r['activations'])} | {generation} | {gib(r.get('scoring'))} | "
+            f"**{gib(r['total'])}** | "
             f"{'yes' if r['total'] <= budget else 'no'} |"
         )
     print(
-        "\nweights: trained fp32 + the bf16 copies autocast caches of them, frozen in --frozen-dtype; activations: "
-        "one micro-batch with gradient checkpointing; total = weights + gradients + AdamW + the largest phase "
+        "\nweights: trained fp32 + the bf16 copies autocast caches of them, frozen in "
+        "--frozen-dtype; activations: "
+        "one micro-batch with gradient checkpointing; total = weights + gradients + AdamW + the "
+        "largest phase "
         "(activations, PPO generation, PPO scoring). Formulas: python bench/plan_memory.py --help."
     )
     if args.gpus > 1:
         print(f"\n### FSDP on {args.gpus} GPUs (computed): bytes per GPU\n")
         print(
-            "| stage | training | weights + gradients + AdamW ÷ N | gathered (roots, 2 layers, 1 layer's grads) "
+            "| stage | training | weights + gradients + AdamW ÷ N "
+            "| gathered (roots, 2 layers, 1 layer's grads) "
             "| largest phase | total per GPU | fits |"
         )
         print("|---|---|---:|---:|---:|---:|---|")
         for r in rows:
             print(
-                f"| {r['stage']} | {r['method']} | {gib(r['fsdp_states'])} | {gib(r['fsdp_gathered'])} | "
-                f"{gib(r['fsdp_phase'])} | **{gib(r['fsdp_total'])}** | {'yes' if r['fsdp_total'] <= budget else 'no'} |"
+                f"| {r['stage']} | {r['method']} | {gib(r['fsdp_states'])} | "
+                f"{gib(r['fsdp_gathered'])} | "
+                f"{gib(r['fsdp_phase'])} | **{gib(r['fsdp_total'])}** | "
+                f"{'yes' if r['fsdp_total'] <= budget else 'no'} |"
             )
 
 
@@ -435,8 +454,10 @@ def main(argv=None):
     rows = plans(counts, shape, args, rollout_batch)
     print_tables(args.model, counts, shape, args, rollout_batch, rows)
     print(
-        f"\nRecommended PPO rollout batch with LoRA r={args.lora_rank} on one {args.gpu_memory:g} GiB GPU: "
-        f"{recommended} prompts (total {gib(fitting['total'])} GiB = {fitting['total'] / 1e9:.1f} GB, of which KV "
+        f"\nRecommended PPO rollout batch with LoRA r={args.lora_rank} on one "
+        f"{args.gpu_memory:g} GiB GPU: "
+        f"{recommended} prompts (total {gib(fitting['total'])} GiB = "
+        f"{fitting['total'] / 1e9:.1f} GB, of which KV "
         f"cache {gib(fitting['kv_cache'])} GiB)"
         + (f"; {2 * recommended} would need {gib(above['total'])} GiB." if above else ".")
     )

@@ -37,7 +37,8 @@ import torch.nn as nn
 
 import common
 from common import InputError
-from plumbing import amp, chat, checkpoint, distributed, hf_models
+from plumbing import amp, chat, checkpoint, distributed
+from plumbing import hf_models as hf_models  # re-exported: `import plumbing` loads every submodule
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,7 +109,8 @@ def add_data_args(
     limit: bool = True,
     preference: bool = False,
 ):
-    """The data options the stages share: --data, --split, --split-seed, --limit, lengths, chat template."""
+    """The data options the stages share: --data, --split, --split-seed, --limit, lengths, chat
+    template."""
     group.add_argument(
         "--data",
         default="bundled",
@@ -145,8 +147,8 @@ def add_data_args(
             "--preference",
             default="human",
             choices=("human", "gold"),
-            help="which reply of a pair is chosen: the data's (human) or the one with the higher gold.py "
-            "score (gold: the offline lab; ties are dropped)",
+            help="which reply of a pair is chosen: the data's (human) or the one with the higher "
+            "gold.py score (gold: the offline lab; ties are dropped)",
         )
     group.add_argument(
         "--no-chat-template",
@@ -159,7 +161,8 @@ def add_data_args(
 
 
 def data_paths(source: str, cache_dir=None) -> list[Path]:
-    """The files behind --data: 'bundled', a local file, or 'hh-rlhf[:SUBSET,...]' (downloaded once)."""
+    """The files behind --data: 'bundled', a local file, or 'hh-rlhf[:SUBSET,...]' (downloaded
+    once)."""
     source = str(source)
     if source == "bundled":
         return [common.BUNDLED_DATA]
@@ -191,7 +194,8 @@ def seed_everything(seed: int):
 def adamw(
     model: nn.Module, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.95)
 ) -> torch.optim.AdamW:
-    """AdamW over the trained parameters, with weight decay on matrices only (not on biases and norms)."""
+    """AdamW over the trained parameters, with weight decay on matrices only (not on biases and
+    norms)."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -213,7 +217,8 @@ def cosine_schedule(
 
 
 def total_steps_of(n_examples: int, batch_size: int, epochs: float, max_steps: int | None) -> int:
-    """The planned optimizer steps of a run: --max-steps, or --epochs passes of full global batches."""
+    """The planned optimizer steps of a run: --max-steps, or --epochs passes of full global
+    batches."""
     if max_steps is not None:
         return max_steps
     return max(1, math.ceil(epochs * max(1, n_examples // batch_size)))

@@ -18,20 +18,21 @@ from common import ScoreModel
 # CPU bf16 kernel set), so the tests exercise it:
 #   trained weights, their gradients and AdamW states   fp32 ("master weights")
 #   matmuls of the forward and backward                  bf16, by torch.autocast (fp32 accumulation)
-#   frozen weights (reference, reward model, discriminator, a LoRA base)   stored in bf16
-# (--frozen-dtype auto)
+#   frozen weights (reference, reward model,             stored in bf16 (--frozen-dtype auto)
+#     discriminator, a LoRA base)
 #   scalar heads (reward, discriminator logit, value)    fp32, outside autocast (common.ScoreModel)
 #   log-probs, losses, rewards, advantages               fp32 (the logits are upcast before
-# log_softmax) One design rule keeps PPO exact at its first iteration: a frozen model computes the
-# way a trained model computes. A bf16-stored model run as it is keeps its residual stream,
-# embeddings and norms in bf16, while the fp32 policy under autocast keeps them in fp32: the
-# log-probs differ by bf16 noise, KL is not 0 at iteration 0 and the KL penalty rewards noise. So a
-# bf16 frozen model is *stored* in bf16 but run with each layer's weights upcast to fp32 for the
-# duration of that layer's call (compute_in_fp32: one small layer's fp32 copy at a time), and PPO
-# starts the policy at the bf16 values of its weights (round_like_frozen), the point the reference
-# stores. The two then run the same arithmetic on the same numbers, and KL = 0, ratio = 1 hold at
-# iteration 0 in bf16 as they do in fp32 (tests/test_precision.py). Under FSDP the same rule holds
-# through the sharding: see prepare_frozen.
+#                                                        log_softmax)
+# One design rule keeps PPO exact at its first iteration: a frozen model computes the way a trained
+# model computes. A bf16-stored model run as it is keeps its residual stream, embeddings and norms
+# in bf16, while the fp32 policy under autocast keeps them in fp32: the log-probs differ by bf16
+# noise, KL is not 0 at iteration 0 and the KL penalty rewards noise. So a bf16 frozen model is
+# *stored* in bf16 but run with each layer's weights upcast to fp32 for the duration of that
+# layer's call (compute_in_fp32: one small layer's fp32 copy at a time), and PPO starts the policy
+# at the bf16 values of its weights (round_like_frozen), the point the reference stores. The two
+# then run the same arithmetic on the same numbers, and KL = 0, ratio = 1 hold at iteration 0 in
+# bf16 as they do in fp32 (tests/test_precision.py). Under FSDP the same rule holds through the
+# sharding: see prepare_frozen.
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -40,8 +41,8 @@ def add_precision_args(group):
         "--precision",
         default="auto",
         choices=PRECISIONS,
-        help="bf16: bf16 autocast, frozen models stored in bf16, trained weights, heads and optimizer "
-        "states in fp32 (the GPU path; runs on the CPU too); fp32: everything in fp32; "
+        help="bf16: bf16 autocast, frozen models stored in bf16, trained weights, heads and "
+        "optimizer states in fp32 (the GPU path; runs on the CPU too); fp32: everything in fp32; "
         "auto: bf16 on CUDA, fp32 on CPU",
     )
     group.add_argument("--no-bf16", dest="precision", action="store_const", const="fp32",
@@ -67,7 +68,8 @@ def use_bf16(precision, device: torch.device) -> bool:
 
 
 def autocast(device: torch.device, precision="auto"):
-    """bf16 autocast where --precision asks for it (auto: on CUDA), on CUDA and CPU alike; else no-op."""
+    """bf16 autocast where --precision asks for it (auto: on CUDA), on CUDA and CPU alike; else
+    no-op."""
     device = torch.device(device)
     if use_bf16(precision, device):
         return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -117,14 +119,16 @@ def round_like_frozen(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 
 def frozen_dtype(args, device: torch.device) -> torch.dtype:
-    """--frozen-dtype as a torch dtype (auto: bfloat16 when the run computes in bf16, float32 otherwise)."""
+    """--frozen-dtype as a torch dtype (auto: bfloat16 when the run computes in bf16, float32
+    otherwise)."""
     if args.frozen_dtype == "auto":
         return torch.bfloat16 if use_bf16(args.precision, device) else torch.float32
     return getattr(torch, args.frozen_dtype)
 
 
 def base_dtype(args, device: torch.device) -> torch.dtype:
-    """The dtype to load a model to train in: float32, or --frozen-dtype when LoRA freezes it (--lora-rank > 0)."""
+    """The dtype to load a model to train in: float32, or --frozen-dtype when LoRA freezes it
+    (--lora-rank > 0)."""
     return frozen_dtype(args, device) if getattr(args, "lora_rank", 0) else torch.float32
 
 

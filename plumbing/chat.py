@@ -33,26 +33,22 @@ from plumbing import checkpoint
 # plumbing.download_hh_rlhf downloads hh-rlhf with download().
 #
 # The chat client, what it promises:
-#   - The API key comes from the environment only (api_key_from_env). It is removed from every text
-# a
-#     server sends back (scrub) BEFORE that text is cut to a snippet, so no part of it can survive
-# in an
-#     error message, a cached answer, a summary or an exception.
+#   - The API key comes from the environment only (api_key_from_env). It is removed from every
+#     text a server sends back (scrub) BEFORE that text is cut to a snippet, so no part of it can
+#     survive in an error message, a cached answer, a summary or an exception.
 #   - `timeout` bounds the whole request: connect, status line and headers, and the body. A server
-# that
-#     trickles its answer a byte at a time is cut off at the deadline and retried like a timeout.
-#     (urllib3 bounds the connect and each read of the headers by the time left; a watchdog shuts
-# the
-#     socket at the deadline, which ends a body read in progress. A server that trickles its headers
-#     themselves is bounded per read only, since urllib3 gives no hold on the socket before the
-#     headers are in; the request then fails as a timeout as soon as they are.)
+#     that trickles its answer a byte at a time is cut off at the deadline and retried like a
+#     timeout. (urllib3 bounds the connect and each read of the headers by the time left; a watchdog
+#     shuts the socket at the deadline, which ends a body read in progress. A server that trickles
+#     its headers themselves is bounded per read only, since urllib3 gives no hold on the socket
+#     before the headers are in; the request then fails as a timeout as soon as they are.)
 #   - What is retried, with exponential backoff and jitter (or the server's Retry-After, capped):
 #         429, 5xx, timeouts, connection errors, a body that is not the expected JSON, a `null` or
 #         non-string answer, and an answer the caller's parse() rejects (e.g. no delimiter)
 #     401 / 403 / 404 and a malformed URL raise ChatFatal (bad key, base URL or model: no retry can
 #     fix them); any other 4xx fails that one request without a retry.
 #   - check() makes one tiny request, so a bad key, model or URL fails in one line before a long
-# run.
+#     run.
 #   - Thread-safe: one requests.Session per thread; `calls` counts every HTTP request made.
 #
 #     client = ChatClient("https://api.openai.com/v1", "gpt-4-0125-preview",
@@ -220,7 +216,8 @@ def rerun_note(counts: dict, what: str = "pairs") -> str:
 # The chat client
 # ----------------------------------------------------------------------------------------------
 class ChatFatal(InputError):
-    """An error no retry can fix (bad key, base URL or model): the run stops. The message is scrubbed."""
+    """An error no retry can fix (bad key, base URL or model): the run stops. The message is
+    scrubbed."""
 
 
 @dataclass
@@ -235,7 +232,8 @@ class Reply:
 
 
 class ChatClient:
-    """An OpenAI-compatible chat-completions endpoint with the retry policy of this module's docstring."""
+    """An OpenAI-compatible chat-completions endpoint with the retry policy of this module's
+    docstring."""
 
     def __init__(
         self,
@@ -362,7 +360,8 @@ class JsonlCache:
     append a torn last line is closed off with a newline, so the new record starts a line of its
     own. The first record of a key wins. fresh=True starts the file anew (the old records are
     dropped). Records that `valid` refuses (a failure kept with its error) are in `refused`, the
-    last wins. """
+    last wins.
+    """
 
     def __init__(self, path, fresh: bool = False, valid=None):
         self.path, self.records, self.refused, self._lock = Path(path), {}, {}, threading.Lock()
@@ -444,7 +443,8 @@ def download(
     EOFError) on a broken file; the finished file is renamed into place only after it passes, so
     `target` is never a broken file. Connection errors, timeouts (per read: a large file takes long)
     and 5xx are retried with backoff; any other HTTP error fails at once. Raises DownloadError (one
-    line). """
+    line).
+    """
     from tqdm import tqdm
 
     attempts = DOWNLOAD_ATTEMPTS if attempts is None else attempts

@@ -72,7 +72,8 @@ def read_jsonl_tolerant(path, what: str = "line") -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError:
             print(
-                f"warning: {path} line {line_no}: unreadable {what} (cut short by a kill?), skipped",
+                f"warning: {path} line {line_no}: unreadable {what} "
+                "(cut short by a kill?), skipped",
                 file=sys.stderr,
             )
             continue
@@ -321,9 +322,8 @@ def save_checkpoint(
     **extra,
 ):
     """Write OUT/checkpoint/step-N atomically (see above), then delete the older steps. Every rank
-    calls
-    it: rank 0 writes, and under FSDP every rank writes its pieces too. `optimizers` has the keys of
-    `models`."""
+    calls it: rank 0 writes, and under FSDP every rank writes its pieces too. `optimizers` has the
+    keys of `models`."""
     sharded = any(distributed.is_sharded(distributed.unwrap(model)) for model in models.values())
     master = distributed._rank() == 0
     if not (master or sharded):
@@ -389,8 +389,8 @@ def resume(out_dir, models: dict, optimizers: dict, schedulers: dict | None, run
            dist_info: distributed.DistInfo, map_location="cpu") -> tuple[int, "JsonlLogger"]:
     """Where a training stage starts: step 0, or the step of the newest checkpoint in out_dir,
     loaded into the models, optimizers and schedules (it must be of this run: load_checkpoint;
-    --no-resume ignores it,
-    --force-resume takes it anyway); and OUT/log.jsonl rewound to that step (rank 0 logs)."""
+    --no-resume ignores it, --force-resume takes it anyway); and OUT/log.jsonl rewound to that step
+    (rank 0 logs)."""
     state = load_checkpoint(out_dir, models, optimizers, schedulers, run_config, args.force_resume,
                             map_location) if args.resume else None
     step = state["step"] if state else 0

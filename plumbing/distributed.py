@@ -58,7 +58,8 @@ class DistInfo:
 
     @property
     def meta(self) -> bool:
-        """Build models on the meta device instead of reading them: under FSDP only rank 0 reads the weights."""
+        """Build models on the meta device instead of reading them: under FSDP only rank 0 reads
+        the weights."""
         return self.fsdp and not self.master
 
 
@@ -79,7 +80,8 @@ def setup_distributed(device: str = "auto", fsdp: bool = False) -> DistInfo:
             dev = torch.device("cpu")
         if fsdp and fully_shard is None:
             raise InputError(
-                f"--fsdp needs torch >= 2.6 (FSDP2's fully_shard); this is torch {torch.__version__}"
+                "--fsdp needs torch >= 2.6 (FSDP2's fully_shard); "
+                f"this is torch {torch.__version__}"
             )
         # (a caller that set up the process group itself keeps it)
         if not torch_dist.is_initialized():
@@ -87,7 +89,8 @@ def setup_distributed(device: str = "auto", fsdp: bool = False) -> DistInfo:
         return DistInfo(rank, local_rank, world_size, dev, fsdp=fsdp)
     if fsdp:
         warnings.warn(
-            "--fsdp with one process: nothing to shard over, running unsharded (launch with torchrun)",
+            "--fsdp with one process: nothing to shard over, running unsharded "
+            "(launch with torchrun)",
             stacklevel=2,
         )
     return DistInfo(
@@ -168,7 +171,8 @@ def prepare_frozen(
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel wrapper (or the model itself: FSDP shards in place)."""
+    """The module inside a DistributedDataParallel wrapper (or the model itself: FSDP shards in
+    place)."""
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
@@ -180,7 +184,8 @@ def accumulate(models, last: bool):
     them per rank). Skipping the sync (FSDP's set_requires_gradient_sync(False)) would keep a full,
     unsharded fp32 gradient on every rank until the last micro-batch, 4 bytes per parameter: the
     memory FSDP is there to save. The accumulated gradient is the same (an average of sums is a sum
-    of averages). """
+    of averages).
+    """
     stack = contextlib.ExitStack()
     for model in (models if isinstance(models, (list, tuple)) else [models]):
         if not last and isinstance(model, torch.nn.parallel.DistributedDataParallel):
@@ -210,7 +215,8 @@ def rank_batches(examples: list, size: int, dist_info: DistInfo) -> list[tuple[l
 
 
 def check_batch_size(batch_size: int, dist_info: DistInfo, what: str = "--batch-size"):
-    """Every rank needs a share of the global batch; under FSDP an equal one (each micro-batch is a collective)."""
+    """Every rank needs a share of the global batch; under FSDP an equal one (each micro-batch is a
+    collective)."""
     if batch_size < dist_info.world_size:
         raise InputError(
             f"{what} {batch_size} is smaller than the {dist_info.world_size} processes"
@@ -247,17 +253,15 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
 #
 # --fsdp reaches this section through the functions the stages already call:
 #   wrap_model          shard_model: each decoder layer (the model's own _no_split_modules), then
-# the root;
-#                       with --precision bf16 (CUDA, or CPU with gloo) mixed precision: bf16 weights
-# for
-#                       compute, fp32 gradient reduction;
+#                       the root; with --precision bf16 (CUDA, or CPU with gloo) mixed precision:
+#                       bf16 weights for compute, fp32 gradient reduction;
 #                       activation checkpointing is switched on before
-# (enable_gradient_checkpointing)
+#                       (enable_gradient_checkpointing)
 #   prepare_frozen      the frozen models (reference, reward model, discriminator) are sharded too
 #   hf_models.load_*(meta=...)  rank 0 reads the weights; the other ranks build the model on the
 #                       meta device; shard_model sends them their pieces (host memory: shard_model)
 #   accumulate, clip_grad_norm, rank_batches    gradient accumulation, clipping, equal forward
-# counts
+#                                               counts
 #   checkpoint.save_checkpoint / load_checkpoint    every rank writes and reads its own shards (DCP)
 #   hf_models.save_policy / save_score_model    full_state_dict: gathered to rank 0, LoRA merged
 # and in ppo_token.py: gathered (the policy stays whole during the rollout), on_every_rank
@@ -283,8 +287,8 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     }
     if not names:  # (every Hugging Face transformer lists them; also found inside a ScoreModel)
         raise ValueError(
-            f"{type(model).__name__} names no decoder layer class (_no_split_modules): --fsdp shards "
-            "a Hugging Face transformer layer by layer"
+            f"{type(model).__name__} names no decoder layer class (_no_split_modules): "
+            "--fsdp shards a Hugging Face transformer layer by layer"
         )
     layers, inside = [], []
     for name, module in model.named_modules():
@@ -312,16 +316,19 @@ def shard_model(model: nn.Module, dist_info: DistInfo, mixed_precision: bool = F
     (load_policy, load_score_model, new_score_model with meta=True) instead of reading it: they
     allocate their pieces only, and rank 0 sends each tensor in turn (broadcast_from_rank0), each
     rank keeping its piece. Non-persistent buffers (Llama's rotary inv_freq) are in no state dict,
-    so they are broadcast apart. Host memory for W bytes of weights on N ranks: rank 0 peaks at W +
-    W/N (the model it read and its piece), every other rank at W/N plus the largest single tensor in
-    transit, instead of W + W/N on every rank. Measured on 2 gloo ranks, growth of the peak RSS
-    while loading and sharding a GPT-2 of 55 M parameters (210 MiB fp32, 16 layers, largest tensor
-    16 MiB; bench/bench_fsdp_load.py): rank 1 123 MiB instead of 239, rank 0 319 either way. When
-    one tensor is most of the model (a 50k vocabulary on a 51 M model: 98 MiB of 196) it travels
-    whole and little is saved (197 instead of 209 MiB). For a 7B model (28 GB fp32, largest tensor
+    so they are broadcast apart.
+    Host memory for W bytes of weights on N ranks: rank 0 peaks at W + W/N (the model it read and
+    its piece), every other rank at W/N plus the largest single tensor in transit, instead of
+    W + W/N on every rank. Measured on 2 gloo ranks, growth of the peak RSS while loading and
+    sharding a GPT-2 of 55 M parameters (210 MiB fp32, 16 layers, largest tensor 16 MiB;
+    bench/bench_fsdp_load.py): rank 1 123 MiB instead of 239, rank 0 319 either way. When one
+    tensor is most of the model (a 50k vocabulary on a 51 M model: 98 MiB of 196) it travels whole
+    and little is saved (197 instead of 209 MiB). For a 7B model (28 GB fp32, largest tensor
     0.5 GB) on 8 ranks: ~32 GB on rank 0 and ~4 GB on each other rank, ~60 GB for the node instead
-    of ~250 GB. Fresh heads and LoRA adapters come from rank 0 the same way, so every rank starts
-    from the same ones. """
+    of ~250 GB.
+    Fresh heads and LoRA adapters come from rank 0 the same way, so every rank starts from the same
+    ones.
+    """
     # FSDP warns about every model output that is a view (a ScoreModel's squeeze) in case the caller
     # modifies it in place, which would skip a hook; no code here does
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
@@ -372,7 +379,8 @@ def gathered(model: nn.Module):
 
 
 def on_every_rank(flag: bool, device: torch.device) -> bool:
-    """True when `flag` is True on every rank (one all-reduce of a number; the flag itself in one process)."""
+    """True when `flag` is True on every rank (one all-reduce of a number; the flag itself in one
+    process)."""
     if not (torch_dist.is_available() and torch_dist.is_initialized()):
         return flag
     value = torch.tensor([int(flag)], device=device)  # on the rows' device: NCCL wants CUDA tensors
@@ -413,7 +421,8 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def frozen_copy(linear: nn.Linear) -> nn.Linear:
-    """A frozen, unsharded fp32 copy of a linear layer (a score head) on every rank (FSDP: all-gathered)."""
+    """A frozen, unsharded fp32 copy of a linear layer (a score head) on every rank (FSDP:
+    all-gathered)."""
     weight, bias = (
         None if t is None else (t.full_tensor() if isinstance(t, DTensor) else t).detach().float()
         for t in (linear.weight, linear.bias)

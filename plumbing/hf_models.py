@@ -94,8 +94,8 @@ def check_model_source(name_or_path, what: str = "model"):
         requests.head(f"{HUB_ENDPOINT}/api/models/{name}", timeout=3)
     except requests.RequestException:
         raise InputError(
-            f"{what} {name}: not a local directory and {HUB_ENDPOINT} cannot be reached to download "
-            "it (offline?); give the path of a local copy"
+            f"{what} {name}: not a local directory and {HUB_ENDPOINT} cannot be reached to "
+            "download it (offline?); give the path of a local copy"
         ) from None
 
 
@@ -149,7 +149,8 @@ def from_pretrained(
 
 def load_policy(name_or_path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
                 what: str = "policy", meta: bool = False):
-    """Any Hugging Face causal LM, by hub name or local path (safetensors preferred); meta: see from_pretrained."""
+    """Any Hugging Face causal LM, by hub name or local path (safetensors preferred); meta: see
+    from_pretrained."""
     check_model_source(name_or_path, what)
     _quiet_transformers()
     model = from_pretrained(AutoModelForCausalLM, name_or_path, dtype, trust_remote_code, meta)
@@ -320,7 +321,8 @@ def train_tiny_tokenizer(texts: list[str], vocab_size: int = 2048, arch: str = "
 
 
 def disable_dropout(model: nn.Module) -> nn.Module:
-    """Every dropout probability to 0: RL and scoring must be deterministic functions of the input."""
+    """Every dropout probability to 0: RL and scoring must be deterministic functions of the
+    input."""
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
@@ -330,8 +332,8 @@ def disable_dropout(model: nn.Module) -> nn.Module:
 # --- score models: the project's format, the Hugging Face standard classes, TRL, OpenRLHF ---------
 # A ScoreModel (common.py) is a backbone plus one linear head. On disk it is a standard Hugging Face
 # checkpoint, so other tools load it with no code of ours:
-#   reward model  -> AutoModelForSequenceClassification (num_labels=1): the score of the last real
-# token
+#   reward model  -> AutoModelForSequenceClassification (num_labels=1): the score of the last
+#                    real token
 #   discriminator -> AutoModelForTokenClassification (num_labels=1): one logit per token
 # Both are read the same way by load_score_model, as are the project's older directories (a backbone
 # plus score_head.safetensors), TRL reward models (sequence classification) and OpenRLHF ones
@@ -405,11 +407,12 @@ def save_score_model(model: ScoreModel, tokenizer, out_dir, kind: str, extra: di
     With pad == eos (GPT-2, Llama) that would skip the EOS the reward model is read at, so a
     sequence model whose tokenizer has no pad of its own gets one extra token, <|pad|>, and one
     extra (never used, zero) embedding row; every other token keeps its id, so it still shares the
-    policy's tokenizer. `extra` is written to token_rlhf.json (what the run was: role, data,
-    held-out settings), with the format saved. A family without the standard class (OPT has no token
-    classifier), or a standard save that fails, is saved as the backbone plus score_head.safetensors
-    instead (the project's own format, which load_score_model reads), and token_rlhf.json says why:
-    a trained model is never lost.
+    policy's tokenizer.
+    `extra` is written to token_rlhf.json (what the run was: role, data, held-out settings), with
+    the format saved. A family without the standard class (OPT has no token classifier), or a
+    standard save that fails, is saved as the backbone plus score_head.safetensors instead (the
+    project's own format, which load_score_model reads), and token_rlhf.json says why: a trained
+    model is never lost.
     """
     model = distributed.unwrap(model)
     if kind == "sequence" and model.head.bias is not None:

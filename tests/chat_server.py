@@ -3,7 +3,8 @@ plumbing/chat.py, label.py (the reviser) and eval.py (the judge).
 
     server = ChatServer(answer, plan)      # answer(messages) -> (tag, good answer text)
     ...server.url...                       # http://127.0.0.1:PORT/v1
-    server.calls                           # [(tag, behaviour, monotonic time, Authorization header)]
+    server.calls                           # [(tag, behaviour, monotonic time,
+                                           #   Authorization header)]
     server.close()
 
 `plan(tag, n)` picks the behaviour of the n-th call (0-based) for one tag (a pair, a prompt; called
@@ -134,7 +135,8 @@ SECRET = "sk-test-" + "Qz7Wx2Kv9Jq4Yp6Lm3Rn8Ts" * 2
 
 
 def key_fragment(text: str) -> int:
-    """Length of the longest piece of the key's secret part (after "sk-test-") that appears in text."""
+    """Length of the longest piece of the key's secret part (after "sk-test-") that appears in
+    text."""
     secret, best = SECRET.removeprefix("sk-test-"), 0
     for i in range(len(secret)):
         while i + best < len(secret) and secret[i:i + best + 1] in text:

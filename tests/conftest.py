@@ -29,7 +29,8 @@ def splits(bundled_pairs):
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory, splits):
-    """A tiny GPT-2 (2 layers, 64 wide) and a 2048-token byte-level BPE, saved with save_pretrained."""
+    """A tiny GPT-2 (2 layers, 64 wide) and a 2048-token byte-level BPE, saved with
+    save_pretrained."""
     out = tmp_path_factory.mktemp("tiny")
     texts = [p.prompt + p.chosen for p in splits["sft"]]
     hf_models.build_tiny(texts, out, vocab_size=2048, seed=0)

@@ -118,13 +118,12 @@ def test_json_and_parquet_files(tmp_path):
     (tmp_path / "pairs.json").write_text(json.dumps(rows))
     assert [p.chosen for p in common.load_pairs(tmp_path / "pairs.json")] == [" good", " a"]
     pyarrow = pytest.importorskip("pyarrow")
-    import pyarrow.parquet
-
+    parquet = pytest.importorskip("pyarrow.parquet")
     rows = [
         {"prompt": "hi", "chosen": "a", "rejected": "b"},
         {"prompt": "ho", "chosen": "c", "rejected": "d"},
     ]
-    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), tmp_path / "pairs.parquet")
+    parquet.write_table(pyarrow.Table.from_pylist(rows), tmp_path / "pairs.parquet")
     assert [p.rejected for p in common.load_pairs(tmp_path / "pairs.parquet")] == [" b", " d"]
 
 
@@ -212,7 +211,8 @@ def test_split_is_deterministic_disjoint_and_order_free(bundled_pairs):
 
 
 def stage_pairs(seed: int, limit: list[str] = ()) -> dict[str, set[str]]:
-    """The pair ids every stage reads, each through the stage's own argument parser and data function."""
+    """The pair ids every stage reads, each through the stage's own argument parser and data
+    function."""
     common_args = ["--seed", str(seed), *limit]
     sft_train, sft_test = sft.select_pairs(sft.parse_args(common_args), quiet=True)
     label_pairs, _, _ = label.select_pairs(label.parse_args(["--reviser", "chosen", *common_args]))
@@ -358,7 +358,8 @@ def test_gpt2_tokenizer_adds_no_bos(tiny_tokenizer):
 
 
 CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}"
+    "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 

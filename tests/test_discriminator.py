@@ -52,7 +52,8 @@ def scorer(small_dir):
 
 
 def synthetic_records(n, seed=0):
-    """POS_ID is always labelled +1 and NEG_ID always −1, at random places among random neutral tokens."""
+    """POS_ID is always labelled +1 and NEG_ID always −1, at random places among random neutral
+    tokens."""
     rng = random.Random(seed)
     records = []
     for i in range(n):

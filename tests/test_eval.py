@@ -1,4 +1,5 @@
-"""eval.py: KL and perplexity by hand, win rates against a local judge server, the HTML report, end to end."""
+"""eval.py: KL and perplexity by hand, win rates against a local judge server, the HTML report, end
+to end."""
 import json
 import math
 import re
@@ -20,7 +21,8 @@ from plumbing import chat, hf_models
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """Tiny tensors: intra-op threads only add overhead (8 ms per sampling step on a busy 2-core box)."""
+    """Tiny tensors: intra-op threads only add overhead (8 ms per sampling step on a busy 2-core
+    box)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -2,22 +2,25 @@
 CPU, fp32, a tiny GPT-2 (tied embeddings) and a tiny Llama (RoPE buffers, no pad token).
 
 ONE torchrun launch (a start costs seconds) runs every check; rank 0 writes what it measured to
-results.json, the stage runs write their usual folders, and the tests below assert one property
-each:
-  - each training stage (sft, discriminator, reward model) run for a few steps with --fsdp logs the same
-    losses and gradient norms and saves the same weights as under DDP and as one process with the same
-    global batch (1e-4); with LoRA too, and DDP + LoRA matches one process;
-  - PPO with --fsdp (and with --fsdp --lora-rank, gradient checkpointing on) matches PPO under DDP (one
-    process cannot be compared: each rank samples its own prompts and tokens);
-  - a sharded checkpoint resumes exactly (SFT; PPO with LoRA, whose checkpoint holds adapters and heads only);
+results.json, the stage runs write their usual folders, and the tests below assert one
+property each:
+  - each training stage (sft, discriminator, reward model) run for a few steps with --fsdp logs the
+    same losses and gradient norms and saves the same weights as under DDP and as one process with
+    the same global batch (1e-4); with LoRA too, and DDP + LoRA matches one process;
+  - PPO with --fsdp (and with --fsdp --lora-rank, gradient checkpointing on) matches PPO under DDP
+    (one process cannot be compared: each rank samples its own prompts and tokens);
+  - a sharded checkpoint resumes exactly (SFT; PPO with LoRA, whose checkpoint holds adapters and
+    heads only);
   - the final models load with the standard Hugging Face classes (LoRA merged);
   - generation where one rank's rows end early and the other's never do finishes, samples what an
     unsharded model samples, and keeps the policy gathered during the rollout;
-  - rank 0 loads, the others build on the meta device: the same logits (Llama's rotary buffers included),
-    half the parameters per rank; a frozen model sharded under no_grad gives the unsharded logits and is
-    left resharded; the bf16 mixed-precision policy computes in bf16 and keeps fp32 weights and gradients;
-  - --precision bf16: one step of each stage with FSDP2's bf16 MixedPrecisionPolicy (it runs with gloo on CPU)
-    agrees with DDP under bf16 autocast to bf16 rounding; PPO's KL is exactly 0 at iteration 0 in both.
+  - rank 0 loads, the others build on the meta device: the same logits (Llama's rotary buffers
+    included), half the parameters per rank; a frozen model sharded under no_grad gives the
+    unsharded logits and is left resharded; the bf16 mixed-precision policy computes in bf16 and
+    keeps fp32 weights and gradients;
+  - --precision bf16: one step of each stage with FSDP2's bf16 MixedPrecisionPolicy (it runs with
+    gloo on CPU) agrees with DDP under bf16 autocast to bf16 rounding; PPO's KL is exactly 0 at
+    iteration 0 in both.
 
     python -m pytest tests/test_fsdp.py        # ~1 min on 2 CPU cores
 """
@@ -282,7 +285,8 @@ def logits_of(model, rows):
 
 
 def check_generation(dist_info):
-    """Rank 0's only row ends at a step s ≥ 1, rank 1's rows never end: generation must still finish."""
+    """Rank 0's only row ends at a step s ≥ 1, rank 1's rows never end: generation must still
+    finish."""
     rank = dist_info.rank
     policy = tiny_gpt2(5).eval()
     plain = tiny_gpt2(5).eval()
@@ -395,7 +399,8 @@ def check_frozen_and_mixed_precision(dist_info, paths: dict):
 
 
 def check_refusals(work: Path):
-    """A checkpoint written without --fsdp is not resumed with it (one line, both ranks, no hang)."""
+    """A checkpoint written without --fsdp is not resumed with it (one line, both ranks, no
+    hang)."""
     argv = stage_runs(work, Path(json.loads((work / "inputs.json").read_text())["llama"]))[
         "sft_ddp"
     ][1]
@@ -443,7 +448,8 @@ def launched(work: Path):
 # The fixture: inputs, the one launch, the one-process runs
 # ----------------------------------------------------------------------------------------------
 def write_labels(path, tokenizer, n=20, seed=0):
-    """label.py's format with random token ids and labels (the runs compare, they need not learn)."""
+    """label.py's format with random token ids and labels (the runs compare, they need not
+    learn)."""
     rng = random.Random(seed)
     rows = []
     for i in range(n):
@@ -498,7 +504,8 @@ def read_log(out: Path) -> list[dict]:
 
 
 def assert_logs_match(a: Path, b: Path, tol=TOL):
-    """Every number logged at every step within tol (relative to the value when it exceeds 1: a perplexity)."""
+    """Every number logged at every step within tol (relative to the value when it exceeds 1: a
+    perplexity)."""
     log_a, log_b = read_log(a), read_log(b)
     assert [r["step"] for r in log_a] == [r["step"] for r in log_b] and len(log_a) >= 2
     for ra, rb in zip(log_a, log_b):
@@ -549,7 +556,8 @@ def test_stage_under_fsdp_matches_ddp_and_one_process(work, stage, auto_class):
 
 
 def test_lora_under_fsdp_and_ddp_matches_one_process(work):
-    """LoRA: the frozen base and the adapters sharded alike (FSDP), or the adapters all-reduced (DDP)."""
+    """LoRA: the frozen base and the adapters sharded alike (FSDP), or the adapters all-reduced
+    (DDP)."""
     assert_logs_match(work / "sft_lora_fsdp", work / "sft_lora_one")
     assert_logs_match(work / "sft_lora_ddp", work / "sft_lora_one")
     assert_logs_match(work / "rm_lora_fsdp", work / "rm_lora_one")
@@ -611,7 +619,8 @@ def test_ppo_under_fsdp_mixed_precision_starts_exactly_at_its_reference(work, na
 
 
 def test_fsdp_resume_continues_exactly(work):
-    """--stop-after 2, then the same command: sharded checkpoint -> the run an uninterrupted one makes."""
+    """--stop-after 2, then the same command: sharded checkpoint -> the run an uninterrupted one
+    makes."""
     assert_logs_match(work / "sft_fsdp_cut", work / "sft_fsdp", tol=1e-6)
     assert_weights_match(weights(work / "sft_fsdp_cut"), weights(work / "sft_fsdp"), tol=1e-6)
     assert_logs_match(work / "ppo_lora_fsdp_cut", work / "ppo_lora_fsdp", tol=1e-6)
@@ -631,7 +640,8 @@ def test_sharded_checkpoint_resumes_in_one_process(work):
 
 
 def test_sharded_checkpoints(work, results):
-    """One .distcp file per rank; with LoRA only what is trained (adapters, the critic's value head)."""
+    """One .distcp file per rank; with LoRA only what is trained (adapters, the critic's value
+    head)."""
     from torch.distributed.checkpoint import FileSystemReader
 
     step = checkpoint.latest_checkpoint(work / "sft_fsdp")
@@ -651,7 +661,8 @@ def test_sharded_checkpoints(work, results):
 
 
 def test_final_models_are_standard_hugging_face_models(work):
-    """Written by rank 0 from a gathered state dict: the standard classes load them; LoRA merged in."""
+    """Written by rank 0 from a gathered state dict: the standard classes load them; LoRA merged
+    in."""
     policy = AutoModelForCausalLM.from_pretrained(work / "sft_fsdp")
     # GPT-2's tied embeddings stay tied
     assert policy.lm_head.weight is policy.transformer.wte.weight
@@ -671,7 +682,8 @@ def test_final_models_are_standard_hugging_face_models(work):
 # The FSDP plumbing
 # ----------------------------------------------------------------------------------------------
 def test_decoder_layers_are_the_units_of_sharding(llama_dir):
-    """The model's own decoder-layer class (_no_split_modules), also inside a ScoreModel or under LoRA."""
+    """The model's own decoder-layer class (_no_split_modules), also inside a ScoreModel or under
+    LoRA."""
     from torch import nn
 
     import lora

@@ -23,9 +23,9 @@ MAX = gold.MAX_WORDS
     (" Sure, here you go.", 0),                               # no lexicon word
     (" I could kill him.", -1),
     (" KILL, Kill; kill!", -3),                               # case and punctuation do not matter
-    (" skill killer Kills", -1),  # whole words only: "skill", "killer" weigh 0
+    (" skill killer Kills", -1),                              # whole words: "skill", "killer": 0
     (" self-harm", -1),                                       # a hyphen separates words
-    (" Please help, don’t steal the gun.", -1),  # help +1, steal -1, gun -1; "please" weighs 0
+    (" Please help, don’t steal the gun.", -1),               # help +1, steal -1, gun -1, please 0
     (" I can't help you hurt a friend; ask nicely.", +2),     # help +1, hurt -1, friend +1, ask +1
     (" kil", 0),                                              # a word cut short by a length limit
     (" drugs2drugs", -2),                                     # digits separate words
@@ -85,7 +85,9 @@ def check_minimal(text):
         else:
             assert new == word  # a word of weight 0 (or +1, or past the cap) is never touched
     # the text between words is unchanged
-    gaps = lambda t, ws: [t[a[2]:b[1]] for a, b in zip(ws, ws[1:])] + [t[:ws[0][1]], t[ws[-1][2]:]]
+    def gaps(t, ws):
+        return [t[a[2]:b[1]] for a, b in zip(ws, ws[1:])] + [t[:ws[0][1]], t[ws[-1][2]:]]
+
     assert gaps(text, before) == gaps(revised, after)
     assert gold.gold_score(revised) == gold.gold_score(text) + 2 * len(negatives)
     assert gold.gold_revise(revised) is None  # nothing left to fix
@@ -425,7 +427,10 @@ def synthetic_replies(rng, n_replies=200, length=30):
 def test_credit_metrics_random_constant_and_shifted_rewards():
     rng = np.random.default_rng(1)
     credit, words = synthetic_replies(rng)
-    pooled = lambda rewards: gold.credit_metrics(*gold.pool_replies(zip(rewards, credit, words)))
+
+    def pooled(rewards):
+        return gold.credit_metrics(*gold.pool_replies(zip(rewards, credit, words)))
+
     random = pooled([rng.normal(size=len(c)) for c in credit])
     assert abs(random["auc_harm"] - 0.5) < 0.06 and abs(random["auc_safe"] - 0.5) < 0.06
     assert abs(random["word_r"]) < 0.06

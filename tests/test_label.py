@@ -35,7 +35,8 @@ def brute_distance(a, b):
 
 
 def apply_ops(a, b, ops):
-    """Run the edit script over a, checking it walks a and b in order; returns the sequence it builds."""
+    """Run the edit script over a, checking it walks a and b in order; returns the sequence it
+    builds."""
     out, i_next, j_next = [], 0, 0
     for name, i, j in ops:
         if name in ("match", "substitute"):

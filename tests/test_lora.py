@@ -346,7 +346,8 @@ def test_trainable_state_dict_round_trip(kind):
 
 
 def test_gradient_checkpointing_gives_the_same_adapter_gradients():
-    """Non-reentrant checkpointing (what the stages use) reaches adapters behind frozen embeddings."""
+    """Non-reentrant checkpointing (what the stages use) reaches adapters behind frozen
+    embeddings."""
     grads = []
     for checkpointing in (False, True):
         model = build("llama")
@@ -387,7 +388,8 @@ def test_meta_device_model():
 # ----------------------------------------------------------------------------------------------
 @pytest.fixture(params=["gpt2", "llama"])
 def policy_and_rm(request, tmp_path_factory):
-    """A saved policy (the conftest tiny GPT-2 or tiny Llama) and a reward model with a trained-looking head."""
+    """A saved policy (the conftest tiny GPT-2 or tiny Llama) and a reward model with a
+    trained-looking head."""
     model_dir = request.getfixturevalue("tiny_dir" if request.param == "gpt2" else "llama_dir")
     rm_dir = tmp_path_factory.mktemp("rm")
     torch.manual_seed(1)
@@ -497,7 +499,8 @@ def test_ppo_with_lora_reference_is_the_policy_with_adapters_off(policy_and_rm, 
 
 
 def adapted_from_checkpoint(model, out, name):
-    """`model` (the base) with LoRA rank 4 and the trained tensors of checkpoint `name` (adapters, heads)."""
+    """`model` (the base) with LoRA rank 4 and the trained tensors of checkpoint `name` (adapters,
+    heads)."""
     lora.add_lora(model.backbone if isinstance(model, common.ScoreModel) else model, rank=4)
     lora.load_trainable_state_dict(
         model, load_file(str(checkpoint.latest_checkpoint(out) / f"{name}.safetensors"))

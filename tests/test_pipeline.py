@@ -1,4 +1,5 @@
-"""The whole pipeline at its smallest size (run_pipeline.sh SIZE=smoke), and the README's promises."""
+"""The whole pipeline at its smallest size (run_pipeline.sh SIZE=smoke), and the README's
+promises."""
 import json
 import os
 import re
@@ -107,7 +108,8 @@ def test_the_lab_pipeline_on_samples_with_prefix_pairs(tmp_path):
 
 
 def test_the_human_pipeline_with_lora_at_smoke_size(tmp_path):
-    """TASK=human with LoRA on every training stage: the saved models are the standard ones, adapters merged."""
+    """TASK=human with LoRA on every training stage: the saved models are the standard ones,
+    adapters merged."""
     run, commands = run_pipeline(tmp_path, TASK="human", LORA_RANK="4")
     assert [c.split()[2] for c in commands] == [
         "sft.py",

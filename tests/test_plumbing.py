@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def scored_batch(tokenizer, texts):
-    """Left-padded prompt + response + EOS, as the project and a Hugging Face user would both feed them."""
+    """Left-padded prompt + response + EOS, as the project and a Hugging Face user would both feed
+    them."""
     ids = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
     query_response, attention_mask = common.pad_left(ids, tokenizer.pad_token_id)
     return query_response, attention_mask
@@ -213,7 +214,8 @@ def test_older_trl_and_openrlhf_reward_models_load(tiny_dir, tiny_tokenizer, tmp
 
 
 def test_a_folder_without_a_trained_head_is_refused(tiny_dir, tmp_path):
-    """A causal LM (the SFT model, say) passed as --reward-model would give a random head: refuse it."""
+    """A causal LM (the SFT model, say) passed as --reward-model would give a random head: refuse
+    it."""
     with pytest.raises(common.InputError, match=f"reward model {tiny_dir}: no trained score head"):
         hf_models.load_score_model(tiny_dir, what="reward model")
     hf = AutoModelForSequenceClassification.from_pretrained(tiny_dir, num_labels=3)

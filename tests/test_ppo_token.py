@@ -1,4 +1,5 @@
-"""Tests of ppo_token.py: the maths on hand-made tensors, positions under left padding, and learning on tiny GPT-2s."""
+"""Tests of ppo_token.py: the maths on hand-made tensors, positions under left padding, and learning
+on tiny GPT-2s."""
 import json
 from pathlib import Path
 
@@ -60,7 +61,8 @@ def toy_models(lr=3e-3, eos=0):
 
 
 def as_models(policy, ref_policy, critic, reward_fn, args, optimizers=(None, None)):
-    """The record load_models builds, around hand-made models: the reference read as a frozen copy."""
+    """The record load_models builds, around hand-made models: the reference read as a frozen
+    copy."""
     return ppo.Models(
         policy,
         critic,
@@ -207,7 +209,8 @@ def test_generate_with_cache_matches_full_recompute():
 
 
 def test_rollout_positions_are_pinned_down():
-    """logprob and value of action j come from the prefix before a_j; the task reward of a_j goes to action j."""
+    """logprob and value of action j come from the prefix before a_j; the task reward of a_j goes to
+    action j."""
     eos = 5
     policy, ref_policy, critic, _, _ = toy_models(eos=eos)
     args = make_args(
@@ -277,7 +280,8 @@ def test_first_ppo_ratio_is_one_under_left_padding():
 # It learns
 # ----------------------------------------------------------------------------------------------
 def run_toy(reward, steps, seed=0, *extra):
-    """Train a toy policy on `reward(response, valid) -> [B, T_resp]`; return the first and last step's stats."""
+    """Train a toy policy on `reward(response, valid) -> [B, T_resp]`; return the first and last
+    step's stats."""
     policy, ref_policy, critic, policy_opt, critic_opt = toy_models()
     args = make_args(
         "--rollout-batch-size", "32", "--minibatch-size", "16", "--kl-coef", "0.01", *extra
@@ -390,8 +394,8 @@ def test_resume_reproduces_the_next_step(tiny_dir, tmp_path):
     ppo.main(cli(tiny_dir, a, 2), reward_fn=toy_reward)  # k = 2 steps, checkpoint at the end
     ppo.main(cli(tiny_dir, a, 3), reward_fn=toy_reward)  # resumes and runs step 3
     ppo.main(cli(tiny_dir, b, 3), reward_fn=toy_reward)  # uninterrupted
-    log_a = [json.loads(l) for l in (a / "log.jsonl").read_text().splitlines()]
-    log_b = [json.loads(l) for l in (b / "log.jsonl").read_text().splitlines()]
+    log_a = [json.loads(line) for line in (a / "log.jsonl").read_text().splitlines()]
+    log_b = [json.loads(line) for line in (b / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log_a] == [1, 2, 3] == [r["step"] for r in log_b]
     assert {
         "task_reward",
@@ -438,7 +442,7 @@ def test_torchrun_two_ranks(tiny_dir, tmp_path):
     returncode, output = run_torchrun([script, *cli(tiny_dir, out, 2, "--device", "cpu")])
     assert returncode == 0, output[-3000:]
     assert "world size 2" in output
-    log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2] and all(r["response_length"] > 0 for r in log)
     assert (out / "policy" / "config.json").exists() and checkpoint.latest_checkpoint(
         out
@@ -659,6 +663,6 @@ def test_stop_after_then_resume_matches_an_uninterrupted_run(tiny_dir, tmp_path)
     assert checkpoint.latest_checkpoint(a).name == "step-000000002" and not (a / "policy").exists()
     ppo.main(cli(tiny_dir, a, 3), reward_fn=toy_reward)
     ppo.main(cli(tiny_dir, b, 3), reward_fn=toy_reward)
-    log_a = [json.loads(l) for l in (a / "log.jsonl").read_text().splitlines()]
-    log_b = [json.loads(l) for l in (b / "log.jsonl").read_text().splitlines()]
+    log_a = [json.loads(line) for line in (a / "log.jsonl").read_text().splitlines()]
+    log_b = [json.loads(line) for line in (b / "log.jsonl").read_text().splitlines()]
     assert log_a[-1]["kl"] == pytest.approx(log_b[-1]["kl"], rel=1e-5, abs=1e-7)

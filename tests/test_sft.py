@@ -1,4 +1,5 @@
-"""sft.py: the loss masks the prompt, training lowers held-out loss, resume is exact, DDP matches one process."""
+"""sft.py: the loss masks the prompt, training lowers held-out loss, resume is exact, DDP matches
+one process."""
 import json
 from pathlib import Path
 
