@@ -168,7 +168,7 @@ def test_gold_sample_end_to_end_and_resumed(fixture, request, tmp_path, splits, 
     # a second run reuses every sample: the policy is not even loaded, and the file is the same
     first = out.read_text()
     out.unlink()
-    monkeypatch.setattr(gold.plumbing, "load_policy", lambda *a, **k: pytest.fail("sampled again"))
+    monkeypatch.setattr(gold.hf_models, "load_policy", lambda *a, **k: pytest.fail("sampled again"))
     assert gold.main(sample_argv(policy, out))["samples"] == 36 and out.read_text() == first
     # a cut cache (a killed run) samples the missing batch again, with the same draws
     monkeypatch.undo()
