@@ -264,10 +264,10 @@ def frontier_chart_svg(title, series, points=None, width=420, height=270, x_labe
     vertical bar of ± error at each point, joined in x order; points = {name: [(x, y)]}, the raw
     values drawn faint behind it (per step, or per seed)."""
     points = points or {}
+    # the frame holds the means and the faint points; an error bar longer than that is cut at the
+    # frame (with few seeds one wide interval would otherwise flatten every curve)
     pts = [(x, y) for line in series.values() for x, y, _ in line]
     pts += [p for line in points.values() for p in line]
-    pts += [(x, y + sign * e) for line in series.values() for x, y, e in line if e
-            for sign in (-1, 1)]
     if not pts:
         return ""
     x0, x1 = min(0.0, min(p[0] for p in pts)), max(p[0] for p in pts)
@@ -288,8 +288,10 @@ def frontier_chart_svg(title, series, points=None, width=420, height=270, x_labe
                          f'points="{coords}"><title>{html.escape(name)}</title></polyline>')
         for x, y, e in line:
             if e:
-                parts.append(f'<line x1="{sx(x):.1f}" y1="{sy(y - e):.1f}" x2="{sx(x):.1f}" '
-                             f'y2="{sy(y + e):.1f}" stroke="{colour}" stroke-width="1.2"></line>')
+                low, high = max(y - e, y0), min(y + e, y1)
+                parts.append(f'<line x1="{sx(x):.1f}" y1="{sy(low):.1f}" x2="{sx(x):.1f}" '
+                             f'y2="{sy(high):.1f}" stroke="{colour}" stroke-width="1.2" '
+                             f'stroke-opacity="0.6"></line>')
             parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.6" fill="{colour}">'
                          f'<title>{html.escape(name)}: {html.escape(x_label)} {x:.3g}, {y:+.3f}'
                          f'{f" ± {e:.3f}" if e else ""}</title></circle>')
