@@ -209,7 +209,8 @@ def parse_args(argv=None):
         if not 0.0 <= args.eval_fraction < 1.0:
             train.error("--eval-fraction must be in [0, 1)")
         plumbing.check_positive(
-            train, args, "batch_size", "micro_batch_size", "eval_batch_size", "max_steps"
+            train, args, "batch_size", "micro_batch_size", "eval_batch_size", "max_steps",
+            "log_every", "save_every",
         )
         lora.check_lora_args(train, args)
         if args.lr <= 0 or args.epochs <= 0:

@@ -692,7 +692,7 @@ def parse_args(argv=None):
                       f"ignoring {args.discriminator}")
         args.discriminator = None
     plumbing.check_positive(parser, args, "iterations", "rollout_batch_size", "minibatch_size",
-                            "ppo_epochs", "max_new_tokens", "max_prompt_len")
+                            "ppo_epochs", "max_new_tokens", "max_prompt_len", "save_every")
     if args.rollout_batch_size % args.minibatch_size:
         parser.error(f"--rollout-batch-size {args.rollout_batch_size} must be a multiple of "
                      f"--minibatch-size {args.minibatch_size}")

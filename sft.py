@@ -87,7 +87,10 @@ def parse_args(argv=None):
         "--out", default="runs/demo/sft", help="output folder: final model, log.jsonl, checkpoint/"
     )
     out.add_argument(
-        "--eval-every", type=int, default=50, help="held-out loss every N steps (and at the end)"
+        "--eval-every",
+        type=int,
+        default=50,
+        help="held-out loss every N steps and at the end (0: only at the end)",
     )
     out.add_argument(
         "--eval-examples", type=int, default=64, help="test-split examples per held-out evaluation"
@@ -118,6 +121,7 @@ def parse_args(argv=None):
         "eval_examples",
         "max_prompt_len",
         "max_response_len",
+        "save_every",
     )
     return args
 
@@ -284,7 +288,7 @@ def main(argv=None):
         step += 1
         record = {"step": step, "train_loss": metrics["loss"], "grad_norm": metrics["grad_norm"],
                   "lr": scheduler.get_last_lr()[0], "elapsed_s": round(time.time() - start, 2)}
-        if step % args.eval_every == 0 or step == total_steps:
+        if (args.eval_every and step % args.eval_every == 0) or step == total_steps:
             record["eval_loss"] = eval_loss = evaluate(
                 model, test_examples, args, dist_info, pad_id
             )

@@ -102,6 +102,26 @@ def test_short_run_lowers_held_out_loss(tmp_path):
     assert hf_models.load_tokenizer(out).pad_token_id == model.config.pad_token_id
 
 
+def test_eval_every_zero_evaluates_only_at_the_end_and_zero_intervals_are_refused(tmp_path, capsys):
+    out = tmp_path / "sft"
+    sft.main(SMALL + ["--out", str(out), "--max-steps", "3", "--eval-every", "0"])
+    assert [r["step"] for r in read_log(out) if "eval_loss" in r] == [3]  # was a ZeroDivisionError
+    import discriminator
+    import ppo_token
+
+    disc = ["train", "--sft", "x", "--labels", "l", "--out", "o"]
+    ppo = ["--policy", "x", "--reward", "seq", "--reward-model", "r", "--out", "o"]
+    for parse, argv, flag in (
+        (sft.parse_args, [], "--save-every"),
+        (discriminator.parse_args, disc, "--log-every"),
+        (discriminator.parse_args, disc, "--save-every"),
+        (ppo_token.parse_args, ppo, "--save-every"),
+    ):
+        with pytest.raises(SystemExit):
+            parse(argv + [flag, "0"])
+        assert f"{flag} must be at least 1, got 0" in capsys.readouterr().err
+
+
 def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypatch):
     args = SMALL + ["--max-steps", "6", "--save-every", "3", "--eval-every", "100"]
     sft.main(args + ["--out", str(tmp_path / "straight")])
