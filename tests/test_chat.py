@@ -152,13 +152,15 @@ def test_timeout_bounds_the_whole_request_against_a_trickling_server(serve):
     reply = client_for(server).complete(HELLO)
     (_, _, first, _), (_, _, second, _) = server.calls
     assert reply.value == "hello" and reply.calls == 2
-    assert 0.45 <= second - first <= 0.9, second - first  # cut at the 0.5 s deadline, then retried
-    assert time.monotonic() - start < 1.5
+    # cut at the 0.5 s deadline, then retried (the upper bounds leave room for a loaded machine;
+    # without the deadline one answer takes 12.8 s)
+    assert 0.45 <= second - first <= 2.0, second - first
+    assert time.monotonic() - start < 4.0
     server = serve("trickle:0.2", "trickle:0.2")
     start = time.monotonic()
     reply = client_for(server, max_retries=1).complete(HELLO)
     assert reply.value is None and reply.error.startswith("timeout") and reply.calls == 2
-    assert time.monotonic() - start < 2 * 0.5 + 0.4
+    assert time.monotonic() - start < 4.0
     server = serve("slow:0.8")  # silent until after the deadline
     reply = client_for(server, max_retries=0).complete(HELLO)
     assert reply.value is None and reply.error.startswith("timeout")
@@ -171,7 +173,7 @@ def test_faults_are_retried_with_backoff_and_retry_after_capped(serve):
     assert reply.value == "hello" and reply.calls == 9 and client.calls == 9
     times = [t for _, _, t, _ in server.calls]
     # inf, 1e12: the cap
-    assert 0.19 <= times[1] - times[0] <= 0.45 and 0.19 <= times[2] - times[1] <= 0.45
+    assert 0.19 <= times[1] - times[0] <= 1.0 and 0.19 <= times[2] - times[1] <= 1.0
     assert times[3] - times[2] < 0.15  # nan: ignored, the 0.01 s backoff
     # retries run out: the last reason is reported
     server = serve("null", "null", "null")
