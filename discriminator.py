@@ -71,9 +71,7 @@ def parse_args(argv=None):
     data = train.add_argument_group("data")
     data.add_argument("--labels", required=True, help="labels.jsonl written by label.py")
     data.add_argument(
-        "--eval-fraction",
-        type=float,
-        default=0.1,
+        "--eval-fraction", type=float, default=0.1,
         help="share of the labelled pairs held out (chosen by a hash of their id) for accuracy",
     )
     data.add_argument(
@@ -91,8 +89,7 @@ def parse_args(argv=None):
     )
     model = train.add_argument_group("model")
     model.add_argument(
-        "--sft",
-        required=True,
+        "--sft", required=True,
         help="SFT model folder (or any causal LM): the backbone to start from",
     )
     algo = train.add_argument_group("algorithm")
@@ -100,9 +97,7 @@ def parse_args(argv=None):
         "--epochs", type=float, default=2.0, help="passes over the training sequences (paper: 2)"
     )
     algo.add_argument(
-        "--max-steps",
-        type=int,
-        default=None,
+        "--max-steps", type=int, default=None,
         help="optimizer steps of the whole run (overrides --epochs)",
     )
     algo.add_argument(
@@ -113,17 +108,13 @@ def parse_args(argv=None):
         "model; the tiny demo model needs ~1e-3",
     )
     algo.add_argument(
-        "--weight-decay",
-        type=float,
-        default=0.1,
+        "--weight-decay", type=float, default=0.1,
         help="AdamW weight decay on matrices (paper: 0.1)",
     )
     algo.add_argument("--batch-size", type=int, default=16,
                       help="global batch: sequences per optimizer step (a labelled pair gives two)")
     algo.add_argument(
-        "--micro-batch-size",
-        type=int,
-        default=8,
+        "--micro-batch-size", type=int, default=8,
         help="sequences per forward pass on one rank; gradient accumulation makes up the rest",
     )
     algo.add_argument(
@@ -131,17 +122,14 @@ def parse_args(argv=None):
     )
     out = train.add_argument_group("output")
     out.add_argument(
-        "--out",
-        required=True,
+        "--out", required=True,
         help="output folder: discriminator, log.jsonl, accuracy.json, checkpoint/",
     )
     out.add_argument(
         "--log-every", type=int, default=10, help="write a log line every N optimizer steps"
     )
     out.add_argument(
-        "--eval-every",
-        type=int,
-        default=0,
+        "--eval-every", type=int, default=0,
         help="held-out accuracy every N steps (0 = at the end only)",
     )
     out.add_argument(
@@ -151,9 +139,7 @@ def parse_args(argv=None):
         "--save-every", type=int, default=200, help="write a resumable checkpoint every N steps"
     )
     out.add_argument(
-        "--stop-after",
-        type=int,
-        default=None,
+        "--stop-after", type=int, default=None,
         help="checkpoint and stop after this many steps (as if interrupted); run again to resume",
     )
     plumbing.add_run_args(out)  # --no-resume, --force-resume, --report-to
@@ -197,9 +183,7 @@ def parse_args(argv=None):
         "--index", type=int, default=0, help="... and the 0-based record to show (both sequences)"
     )
     show.add_argument(
-        "--mode",
-        choices=REWARD_MODES,
-        default="continuous",
+        "--mode", choices=REWARD_MODES, default="continuous",
         help="reward mode (eq. 7 or an ablation)",
     )
     add_scoring_args(show)
@@ -228,15 +212,11 @@ def add_scoring_args(parser):
     group = parser.add_argument_group("system")
     group.add_argument("--eval-batch-size", type=int, default=16, help="sequences per forward pass")
     group.add_argument(
-        "--max-prompt-len",
-        type=int,
-        default=None,
+        "--max-prompt-len", type=int, default=None,
         help="prompt tokens kept (default: as in training)",
     )
     group.add_argument(
-        "--max-response-len",
-        type=int,
-        default=None,
+        "--max-response-len", type=int, default=None,
         help="response tokens kept (default: as in training)",
     )
     group.add_argument(

@@ -85,29 +85,20 @@ def parse_args(argv=None):
         "--num-prompts", type=int, default=64, help="prompts evaluated (the first N of the split)"
     )
     data.add_argument(
-        "--labels",
-        default=None,
+        "--labels", default=None,
         help="held-out labels.jsonl from label.py: discriminator token accuracy",
     )
     data.add_argument(
-        "--labels-split",
-        default="heldout",
-        choices=["heldout", "all"],
+        "--labels-split", default="heldout", choices=["heldout", "all"],
         help="heldout: the labelled pairs discriminator.py held out in training; all: every pair",
     )
     data.add_argument(
-        "--logs",
-        nargs="*",
-        default=None,
-        metavar="NAME=LOG",
+        "--logs", nargs="*", default=None, metavar="NAME=LOG",
         help="PPO log.jsonl files to draw (default: log.jsonl beside or above each policy dir)",
     )
     model = parser.add_argument_group("model")
     model.add_argument(
-        "--policies",
-        nargs="+",
-        required=True,
-        metavar="NAME=PATH",
+        "--policies", nargs="+", required=True, metavar="NAME=PATH",
         help="policies to compare, as name=path; the first is the baseline unless --baseline",
     )
     model.add_argument(
@@ -120,8 +111,7 @@ def parse_args(argv=None):
         "--discriminator", required=True, help="the TLCR discriminator dir (discriminator.py)"
     )
     model.add_argument(
-        "--baseline",
-        default=None,
+        "--baseline", default=None,
         help="name of the baseline policy for win rates (default: the first)",
     )
     gen = parser.add_argument_group("generation and judging")
@@ -148,27 +138,21 @@ def parse_args(argv=None):
     gen.add_argument("--judge", default="reward-model", choices=["reward-model", "openai", "none"],
                      help="who decides the pairwise win rates")
     gen.add_argument(
-        "--api-base",
-        default="https://api.openai.com/v1",
+        "--api-base", default="https://api.openai.com/v1",
         help="openai judge: chat-completions base URL",
     )
     gen.add_argument("--api-model", default="gpt-4-0125-preview", help="openai judge: model name")
     gen.add_argument(
-        "--api-key-env",
-        default="OPENAI_API_KEY",
+        "--api-key-env", default="OPENAI_API_KEY",
         help="openai judge: environment variable holding the API key (unset: localhost only)",
     )
     gen.add_argument("--concurrency", type=int, default=4, help="openai judge: requests in flight")
     gen.add_argument(
-        "--timeout",
-        type=float,
-        default=60.0,
+        "--timeout", type=float, default=60.0,
         help="openai judge: seconds for a whole request (connect, headers and the full answer)",
     )
     gen.add_argument(
-        "--max-retries",
-        type=int,
-        default=5,
+        "--max-retries", type=int, default=5,
         help="openai judge: retries on 429/5xx/timeouts/bad answers",
     )
     gen.add_argument("--retry-after-cap", type=float, default=chat.RETRY_AFTER_CAP,
@@ -181,9 +165,7 @@ def parse_args(argv=None):
     out = parser.add_argument_group("output")
     out.add_argument("--out", default="runs/demo/eval", help="output folder")
     out.add_argument(
-        "--show-prompts",
-        type=int,
-        default=4,
+        "--show-prompts", type=int, default=4,
         help="prompts whose responses the report shades token by token",
     )
     checkpoint.add_report_args(out)

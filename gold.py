@@ -696,9 +696,7 @@ def main(argv=None):
     algo.add_argument("--samples-per-prompt", type=int, default=4,
                       help="K replies per prompt; every two with different gold scores are a pair")
     algo.add_argument(
-        "--max-new-tokens",
-        type=int,
-        default=255,
+        "--max-new-tokens", type=int, default=255,
         help="longest reply in tokens (the stages' --max-response-len − 1 reads it whole)",
     )
     algo.add_argument(

@@ -104,9 +104,7 @@ def parse_args(argv=None):
     data.add_argument("--out", default="runs/demo/labels.jsonl",
                       help="output JSONL; <out>.cache.jsonl and <out>.summary.json beside it")
     data.add_argument(
-        "--max-response-len",
-        type=int,
-        default=256,
+        "--max-response-len", type=int, default=256,
         help="keep the first N−1 tokens of each response (N with EOS, as common.encode_response)",
     )
     model = parser.add_argument_group("model")
@@ -136,8 +134,7 @@ def parse_args(argv=None):
         "--api-model", default="gpt-4-0125-preview", help="model name sent to the endpoint"
     )
     reviser.add_argument(
-        "--api-key-env",
-        default="OPENAI_API_KEY",
+        "--api-key-env", default="OPENAI_API_KEY",
         help="environment variable holding the API key (may be empty for a localhost server)",
     )
     reviser.add_argument(
@@ -163,9 +160,7 @@ def parse_args(argv=None):
         "--concurrency", type=int, default=8, help="--reviser openai: requests in flight"
     )
     system.add_argument(
-        "--timeout",
-        type=float,
-        default=120.0,
+        "--timeout", type=float, default=120.0,
         help="--reviser openai: seconds for a whole request (connect, headers and the full answer)",
     )
     system.add_argument(
@@ -176,15 +171,11 @@ def parse_args(argv=None):
         "answer / missing delimiter",
     )
     system.add_argument(
-        "--backoff-base",
-        type=float,
-        default=1.0,
+        "--backoff-base", type=float, default=1.0,
         help="first retry delay, seconds (doubles each retry)",
     )
     system.add_argument(
-        "--backoff-cap",
-        type=float,
-        default=60.0,
+        "--backoff-cap", type=float, default=60.0,
         help="longest retry delay, seconds (Retry-After overrides)",
     )
     system.add_argument(
@@ -196,9 +187,7 @@ def parse_args(argv=None):
     )
     system.add_argument("--workers", type=int, default=1, help="processes for the alignment")
     system.add_argument(
-        "--no-resume",
-        dest="resume",
-        action="store_false",
+        "--no-resume", dest="resume", action="store_false",
         help="ignore and overwrite <out>.cache.jsonl instead of reusing its answers",
     )
     system.add_argument("--retry-failed", action="store_true",

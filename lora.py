@@ -345,9 +345,7 @@ def add_lora_args(parser):
     """--lora-rank, --lora-alpha, --lora-targets on a training stage's argparse parser."""
     group = parser.add_argument_group("LoRA")
     group.add_argument(
-        "--lora-rank",
-        type=int,
-        default=0,
+        "--lora-rank", type=int, default=0,
         help="rank r of the LoRA adapters; 0 = full fine-tuning (every weight trained)",
     )
     group.add_argument(

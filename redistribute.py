@@ -73,9 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     data = plumbing.add_data_args(train.add_argument_group("data"), split="reward", preference=True)
     data.add_argument(
-        "--eval-fraction",
-        type=float,
-        default=0.1,
+        "--eval-fraction", type=float, default=0.1,
         help="share of the split's pairs held out (by a hash of their id) to measure pair accuracy",
     )
     data.add_argument(
@@ -96,9 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     algo = train.add_argument_group("algorithm")
     algo.add_argument("--epochs", type=float, default=1.0, help="passes over the training pairs")
     algo.add_argument(
-        "--max-steps",
-        type=int,
-        default=None,
+        "--max-steps", type=int, default=None,
         help="optimizer steps of the whole run (overrides --epochs)",
     )
     algo.add_argument(
@@ -129,9 +125,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     out.add_argument("--log-every", type=int, default=10, help="optimizer steps between log lines")
     out.add_argument(
-        "--eval-every",
-        type=int,
-        default=0,
+        "--eval-every", type=int, default=0,
         help="steps between held-out evaluations (0 = end only)",
     )
     out.add_argument(
@@ -139,9 +133,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     out.add_argument("--save-every", type=int, default=200, help="steps between checkpoints")
     out.add_argument(
-        "--stop-after",
-        type=int,
-        default=None,
+        "--stop-after", type=int, default=None,
         help="checkpoint and stop after this many steps (as if interrupted); run again to resume",
     )
     plumbing.add_run_args(out)  # --no-resume, --force-resume, --report-to

@@ -64,9 +64,7 @@ def parse_args(argv=None):
         "--batch-size", type=int, default=16, help="global batch: sequences per optimizer step"
     )
     train.add_argument(
-        "--micro-batch-size",
-        type=int,
-        default=8,
+        "--micro-batch-size", type=int, default=8,
         help="sequences per forward pass on one rank; gradient accumulation makes up the rest",
     )
     train.add_argument(
@@ -87,9 +85,7 @@ def parse_args(argv=None):
         "--out", default="runs/demo/sft", help="output folder: final model, log.jsonl, checkpoint/"
     )
     out.add_argument(
-        "--eval-every",
-        type=int,
-        default=50,
+        "--eval-every", type=int, default=50,
         help="held-out loss every N steps and at the end (0: only at the end)",
     )
     out.add_argument(
@@ -102,9 +98,7 @@ def parse_args(argv=None):
         "--save-every", type=int, default=100, help="write a resumable checkpoint every N steps"
     )
     out.add_argument(
-        "--stop-after",
-        type=int,
-        default=None,
+        "--stop-after", type=int, default=None,
         help="checkpoint and stop after this many steps (as if interrupted); run again to resume",
     )
     plumbing.add_run_args(out)  # --no-resume, --force-resume, --report-to

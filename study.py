@@ -84,60 +84,42 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=plumbing.HelpFormatter)
     run = parser.add_argument_group("runs")
     run.add_argument(
-        "--seeds",
-        type=int,
-        nargs="+",
-        default=[0, 1, 2, 3, 4],
+        "--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
         help="one pipeline run per seed (SEED of every stage)",
     )
     run.add_argument(
         "--size", default="demo", choices=["smoke", "demo", "gpt2"], help="run_pipeline.sh SIZE"
     )
     run.add_argument(
-        "--rewards",
-        nargs="+",
-        default=list(METHODS),
+        "--rewards", nargs="+", default=list(METHODS),
         help="the PPO runs of each seed (run_pipeline.sh REWARDS); the methods compared",
     )
     run.add_argument(
-        "--env",
-        nargs="*",
-        default=[],
-        metavar="NAME=VALUE",
+        "--env", nargs="*", default=[], metavar="NAME=VALUE",
         help="extra settings for run_pipeline.sh (exported variables reach it too)",
     )
     run.add_argument(
-        "--jobs",
-        type=int,
-        default=1,
+        "--jobs", type=int, default=1,
         help="seeds run at once; each gets cores / jobs threads (OMP_NUM_THREADS) unless set",
     )
     run.add_argument(
         "--pipeline", default=str(ROOT / "run_pipeline.sh"), help="the pipeline script"
     )
     run.add_argument(
-        "--report-only",
-        action="store_true",
+        "--report-only", action="store_true",
         help="run nothing: tables and chart from the seeds already in --out",
     )
     stats = parser.add_argument_group("statistics")
     stats.add_argument(
-        "--kl-points",
-        type=float,
-        nargs="+",
-        default=[1.0, 2.0, 4.0],
+        "--kl-points", type=float, nargs="+", default=[1.0, 2.0, 4.0],
         help="KL values at which each run's gold-against-KL curve is read",
     )
     stats.add_argument(
-        "--smooth",
-        type=int,
-        default=5,
+        "--smooth", type=int, default=5,
         help="centred running mean over this many PPO iterations before reading the curve",
     )
     stats.add_argument(
-        "--alpha",
-        type=float,
-        default=0.05,
+        "--alpha", type=float, default=0.05,
         help="level of the confidence intervals (1 − alpha) and of the significance calls",
     )
     out = parser.add_argument_group("output")
@@ -519,16 +501,8 @@ def study_tables(args, study) -> list[tuple[str, list[str], list[list[str]]]]:
             f"method pairs of each figure; significant: Holm p < {args.alpha:g}. Sign-flip: the "
             "exact permutation p (its floor with n seeds is 2/2^n)",
             [
-                "figure",
-                "difference",
-                "seeds",
-                "mean",
-                f"{level} CI",
-                "t",
-                "p",
-                "Holm p",
-                "sign-flip p",
-                "significant",
+                "figure", "difference", "seeds", "mean", f"{level} CI", "t", "p", "Holm p",
+                "sign-flip p", "significant",
             ],
             test_rows,
         ),

@@ -93,14 +93,8 @@ def main():
             for how in ("every rank loads", "rank 0 loads"):
                 done = subprocess.run(
                     [
-                        sys.executable,
-                        "-m",
-                        "torch.distributed.run",
-                        "--standalone",
-                        "--nproc_per_node=2",
-                        __file__,
-                        str(Path(tmp) / "model"),
-                        how,
+                        sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node=2", __file__, str(Path(tmp) / "model"), how,
                     ],
                     capture_output=True,
                     text=True,

@@ -49,26 +49,10 @@ def main(argv=None):
         "random ids over all the rows)"
     )
     defaults = [
-        "--device",
-        "cpu",
-        "--precision",
-        "fp32",
-        "--steps",
-        "1",
-        "--micro-batch",
-        "2",
-        "--micro-batches",
-        "1",
-        "--rollout-batch",
-        "2",
-        "--ppo-epochs",
-        "1",
-        "--isolate",
-        "--no-agreement",
-        "--stages",
-        "sft,sft_lora,discriminator,reward,ppo,ppo_lora,sft_fsdp",
-        "--out",
-        "bench_gpt2_cpu.json",
+        "--device", "cpu", "--precision", "fp32", "--steps", "1", "--micro-batch", "2",
+        "--micro-batches", "1", "--rollout-batch", "2", "--ppo-epochs", "1", "--isolate",
+        "--no-agreement", "--stages", "sft,sft_lora,discriminator,reward,ppo,ppo_lora,sft_fsdp",
+        "--out", "bench_gpt2_cpu.json",
     ]
     return gpu_check.main(
         defaults + list(argv if argv is not None else sys.argv[1:]), {"gpt2": config}, tokenizer

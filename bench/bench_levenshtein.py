@@ -63,14 +63,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--core", type=int, default=0, help="CPU core to pin to (-1: do not pin)")
     parser.add_argument(
-        "--tokenizer",
-        default=None,
+        "--tokenizer", default=None,
         help="policy tokenizer dir (default: a BPE trained here, 8192 ids)",
     )
     parser.add_argument(
-        "--workers",
-        type=int,
-        default=1,
+        "--workers", type=int, default=1,
         help="also time the full path with this many processes (wall clock; give --core -1)",
     )
     parser.add_argument("--min-time", type=float, default=2.0, help="seconds per measurement")

@@ -55,9 +55,7 @@ def parse_args(argv=None):
         "--minibatch-size", type=int, default=8, help="responses per optimizer step"
     )
     parser.add_argument(
-        "--prompt-len",
-        type=int,
-        default=64,
+        "--prompt-len", type=int, default=64,
         help="longest prompt (rows are left-padded up to half)",
     )
     parser.add_argument(

@@ -52,9 +52,7 @@ def parse_args():
         "--repeats", type=int, default=5, help="timed repeats of score and red (best is kept)"
     )
     parser.add_argument(
-        "--naive-prefixes",
-        type=int,
-        default=8,
+        "--naive-prefixes", type=int, default=8,
         help="prefix lengths timed for the naive loop, then extrapolated (0 = all of them)",
     )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")

@@ -110,19 +110,9 @@ def main():
     results = {}
     for checkpointing in (False, True):
         cmd = [
-            sys.executable,
-            __file__,
-            "--child",
-            "--device",
-            args.device,
-            "--layers",
-            str(args.layers),
-            "--width",
-            str(args.width),
-            "--batch-size",
-            str(args.batch_size),
-            "--seq-len",
-            str(args.seq_len),
+            sys.executable, __file__, "--child", "--device", args.device,
+            "--layers", str(args.layers), "--width", str(args.width),
+            "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
         ]
         cmd += ["--checkpointing"] if checkpointing else []
         out = (

@@ -555,9 +555,7 @@ def parse_args(argv=None):
         "--ppo-epochs", type=int, default=1, help="PPO epochs per iteration (the preset's: 4)"
     )
     parser.add_argument(
-        "--rollout-batch",
-        type=int,
-        default=None,
+        "--rollout-batch", type=int, default=None,
         help="PPO prompts per iteration (default: the preset's 64; --tiny 4)",
     )
     parser.add_argument(
@@ -578,9 +576,7 @@ def parse_args(argv=None):
         "bf16 matmul units one GPT-2-sized bf16 forward takes minutes)",
     )
     parser.add_argument(
-        "--peak-tflops",
-        type=float,
-        default=None,
+        "--peak-tflops", type=float, default=None,
         help="the device's dense bf16 peak, TFLOP/s (default: looked up from the device name)",
     )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")

@@ -116,8 +116,7 @@ def parse_args(argv=None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--model",
-        default="llama-2-7b",
+        "--model", default="llama-2-7b",
         help=f"one of {', '.join(MODELS)}, or a local config.json (or a directory holding one)",
     )
     parser.add_argument(
@@ -132,9 +131,7 @@ def parse_args(argv=None):
         "linear layers of the decoder blocks",
     )
     parser.add_argument(
-        "--frozen-dtype",
-        choices=("bf16", "fp32"),
-        default="bf16",
+        "--frozen-dtype", choices=("bf16", "fp32"), default="bf16",
         help="dtype of frozen weights (the LoRA base, PPO's reference and reward model)",
     )
     parser.add_argument(
@@ -145,9 +142,7 @@ def parse_args(argv=None):
         "no autocast copies, 4-byte activations, KV cache and logits)",
     )
     parser.add_argument(
-        "--micro-batch",
-        type=int,
-        default=4,
+        "--micro-batch", type=int, default=4,
         help="sequences per forward/backward pass (reward model: pairs, so twice the sequences)",
     )
     parser.add_argument("--prompt-len", type=int, default=512, help="prompt tokens per sequence")

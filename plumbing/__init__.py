@@ -77,8 +77,7 @@ def add_system_args(parser):
     )
     amp.add_precision_args(group)
     group.add_argument(
-        "--gradient-checkpointing",
-        action="store_true",
+        "--gradient-checkpointing", action="store_true",
         help="recompute activations in the backward pass: less memory, ~30%% more compute",
     )
     group.add_argument(
@@ -88,9 +87,7 @@ def add_system_args(parser):
         "instead of replicating them (DDP); for models that outgrow one GPU",
     )
     group.add_argument(
-        "--seed",
-        type=int,
-        default=0,
+        "--seed", type=int, default=0,
         help="random seed of initialisation, data order and sampling (not of the data split)",
     )
     group.add_argument("--trust-remote-code", action="store_true",
@@ -119,15 +116,11 @@ def add_data_args(
     )
     if split is not None:
         group.add_argument(
-            "--split",
-            default=split,
-            choices=("sft", "reward", "rl", "test", "all"),
+            "--split", default=split, choices=("sft", "reward", "rl", "test", "all"),
             help="which part of the 20/40/40 + test split (common.split_pairs) to use",
         )
     group.add_argument(
-        "--split-seed",
-        type=int,
-        default=0,
+        "--split-seed", type=int, default=0,
         help="seed of the data split; keep it equal across stages (nothing else depends on it)",
     )
     if limit:

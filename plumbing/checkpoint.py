@@ -226,8 +226,7 @@ def add_resume_args(group):
     group.add_argument("--no-resume", dest="resume", action="store_false",
                        help="ignore a checkpoint in --out and start over")
     group.add_argument(
-        "--force-resume",
-        action="store_true",
+        "--force-resume", action="store_true",
         help="resume even if the checkpoint was made with other settings (data, model, schedule)",
     )
     return group

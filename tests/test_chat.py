@@ -22,12 +22,7 @@ from plumbing import chat
 @pytest.fixture(autouse=True)
 def no_proxy_env(monkeypatch):
     for name in (
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "ALL_PROXY",
-        "http_proxy",
-        "https_proxy",
-        "all_proxy",
+        "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy",
     ):
         monkeypatch.delenv(name, raising=False)
 
@@ -355,17 +350,8 @@ def test_label_without_network_exits_with_one_line(tiny_dir, tmp_path):
     start = time.monotonic()
     proc = subprocess.run(
         [
-            sys.executable,
-            "-c",
-            code,
-            "--reviser",
-            "chosen",
-            "--data",
-            "hh-rlhf:harmless-base",
-            "--tokenizer",
-            str(tiny_dir),
-            "--out",
-            str(tmp_path / "labels.jsonl"),
+            sys.executable, "-c", code, "--reviser", "chosen", "--data", "hh-rlhf:harmless-base",
+            "--tokenizer", str(tiny_dir), "--out", str(tmp_path / "labels.jsonl"),
         ],
         cwd=root,
         env=env,

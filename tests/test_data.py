@@ -227,18 +227,8 @@ def stage_pairs(seed: int, limit: list[str] = ()) -> dict[str, set[str]]:
     eval_pairs = eval_stage.select_pairs(
         eval_stage.parse_args(
             [
-                "--policies",
-                "a=x",
-                "--reference",
-                "x",
-                "--reward-model",
-                "x",
-                "--discriminator",
-                "x",
-                "--seed",
-                str(seed),
-                "--num-prompts",
-                "10000",
+                "--policies", "a=x", "--reference", "x", "--reward-model", "x",
+                "--discriminator", "x", "--seed", str(seed), "--num-prompts", "10000",
             ]
         ),
         quiet=True,
@@ -486,19 +476,8 @@ def test_every_stage_renders_a_chat_prompt_the_same_way(llama_dir, tmp_path):
         disc_prompt = discriminator.encode_records(records, tokenizer)[0][0]
         ppo_args = ppo_token.parse_args(
             [
-                "--policy",
-                "p",
-                "--out",
-                "o",
-                "--reward",
-                "seq",
-                "--reward-model",
-                "r",
-                "--data",
-                str(data),
-                "--split",
-                "all",
-                *flag,
+                "--policy", "p", "--out", "o", "--reward", "seq", "--reward-model", "r",
+                "--data", str(data), "--split", "all", *flag,
             ]
         )
         ppo_prompt = ppo_token.load_prompts(ppo_args, tokenizer, quiet=True)[0]

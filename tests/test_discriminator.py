@@ -493,13 +493,8 @@ def test_end_to_end_on_bundled_data(tiny_dir, tmp_path, capsys):
     # `evaluate` measures the same held-out pairs again
     again = D.main(
         [
-            "evaluate",
-            "--discriminator",
-            str(out),
-            "--labels",
-            str(labels),
-            "--out",
-            str(tmp_path / "again.json"),
+            "evaluate", "--discriminator", str(out), "--labels", str(labels),
+            "--out", str(tmp_path / "again.json"),
         ]
     )
     assert again["accuracy"] == pytest.approx(accuracy["accuracy"], abs=1e-6)
@@ -515,15 +510,8 @@ def test_end_to_end_on_bundled_data(tiny_dir, tmp_path, capsys):
         assert float(row[-1]) == pytest.approx(2 * float(row[-2]) - 1, abs=2e-3)
     D.main(
         [
-            "show",
-            "--discriminator",
-            str(out),
-            "--prompt",
-            "\n\nHuman: Hi\n\nAssistant:",
-            "--response",
-            " Hello there",
-            "--mode",
-            "fixed",
+            "show", "--discriminator", str(out), "--prompt", "\n\nHuman: Hi\n\nAssistant:",
+            "--response", " Hello there", "--mode", "fixed",
         ]
     )
     assert "reward mode fixed" in capsys.readouterr().out

@@ -123,11 +123,7 @@ def test_perplexity_matches_a_hand_computation(tiny_policy, tiny_tokenizer, spli
 # ----------------------------------------------------------------------------------------------
 def test_parse_verdict_is_strict():
     assert [ev.parse_verdict(t) for t in ["A", " b.", "Tie", "tie\n", "B"]] == [
-        "A",
-        "B",
-        "tie",
-        "tie",
-        "B",
+        "A", "B", "tie", "tie", "B",
     ]
     assert [ev.parse_verdict(t) for t in ["Answer: A", "AB", "A or B", "", "neither"]] == [None] * 5
 
@@ -494,26 +490,9 @@ def run_dir(tmp_path_factory, tiny_dir, tiny_tokenizer, splits):
 
 def eval_argv(tiny_dir, root, out, *policies):
     return [
-        "--policies",
-        *policies,
-        "--reference",
-        str(tiny_dir),
-        "--reward-model",
-        str(root / "rm"),
-        "--discriminator",
-        str(root / "disc"),
-        "--num-prompts",
-        "5",
-        "--eval-batch-size",
-        "3",
-        "--max-new-tokens",
-        "10",
-        "--show-prompts",
-        "2",
-        "--out",
-        str(out),
-        "--device",
-        "cpu",
+        "--policies", *policies, "--reference", str(tiny_dir), "--reward-model", str(root / "rm"),
+        "--discriminator", str(root / "disc"), "--num-prompts", "5", "--eval-batch-size", "3",
+        "--max-new-tokens", "10", "--show-prompts", "2", "--out", str(out), "--device", "cpu",
     ]
 
 
@@ -622,14 +601,8 @@ def test_main_with_openai_judge_pays_once(tiny_dir, run_dir, tmp_path, judge_ser
         f"copy={run_dir / 'copy'}",
         f"other={run_dir / 'ppo_other' / 'policy'}",
     ) + [
-        "--judge",
-        "openai",
-        "--api-base",
-        server.url,
-        "--api-model",
-        "local-judge",
-        "--baseline",
-        "copy",
+        "--judge", "openai", "--api-base", server.url, "--api-model", "local-judge",
+        "--baseline", "copy",
     ]
     results = ev.main(argv)
     pol = results["policies"]

@@ -107,121 +107,46 @@ def test_every_stage_runs_on_every_family(family, family_dir, tmp_path):
 
 def run_stages(base, out):
     small = [
-        "--max-steps",
-        "1",
-        "--batch-size",
-        "2",
-        "--micro-batch-size",
-        "2",
-        "--max-response-len",
-        "12",
-        *TINY,
+        "--max-steps", "1", "--batch-size", "2", "--micro-batch-size", "2",
+        "--max-response-len", "12", *TINY,
     ]
     sft.main(
         [
-            "--model",
-            str(base),
-            "--out",
-            str(out / "sft"),
-            "--limit",
-            "4",
-            "--eval-examples",
-            "2",
-            "--eval-batch-size",
-            "2",
-            *small,
+            "--model", str(base), "--out", str(out / "sft"), "--limit", "4", "--eval-examples", "2",
+            "--eval-batch-size", "2", *small,
         ]
     )
     label.main(
         [
-            "--reviser",
-            "chosen",
-            "--tokenizer",
-            str(out / "sft"),
-            "--out",
-            str(out / "labels.jsonl"),
-            "--limit",
-            "12",
-            "--max-response-len",
-            "12",
+            "--reviser", "chosen", "--tokenizer", str(out / "sft"),
+            "--out", str(out / "labels.jsonl"), "--limit", "12", "--max-response-len", "12",
         ]
     )
     discriminator.main(
         [
-            "train",
-            "--sft",
-            str(out / "sft"),
-            "--labels",
-            str(out / "labels.jsonl"),
-            "--out",
-            str(out / "disc"),
-            "--eval-batch-size",
-            "4",
-            *small,
+            "train", "--sft", str(out / "sft"), "--labels", str(out / "labels.jsonl"),
+            "--out", str(out / "disc"), "--eval-batch-size", "4", *small,
         ]
     )
     redistribute.main(
         [
-            "train",
-            "--sft",
-            str(out / "sft"),
-            "--out",
-            str(out / "rm"),
-            "--limit",
-            "8",
-            "--eval-batch-size",
-            "4",
-            *small,
+            "train", "--sft", str(out / "sft"), "--out", str(out / "rm"), "--limit", "8",
+            "--eval-batch-size", "4", *small,
         ]
     )
     ppo_token.main(
         [
-            "--policy",
-            str(out / "sft"),
-            "--reward",
-            "tlcr",
-            "--discriminator",
-            str(out / "disc"),
-            "--reward-model",
-            str(out / "rm"),
-            "--out",
-            str(out / "ppo"),
-            "--iterations",
-            "1",
-            "--rollout-batch-size",
-            "2",
-            "--minibatch-size",
-            "2",
-            "--ppo-epochs",
-            "1",
-            "--max-new-tokens",
-            "6",
-            "--limit",
-            "4",
-            *TINY,
+            "--policy", str(out / "sft"), "--reward", "tlcr", "--discriminator", str(out / "disc"),
+            "--reward-model", str(out / "rm"), "--out", str(out / "ppo"), "--iterations", "1",
+            "--rollout-batch-size", "2", "--minibatch-size", "2", "--ppo-epochs", "1",
+            "--max-new-tokens", "6", "--limit", "4", *TINY,
         ]
     )
     ev.main(
         [
-            "--policies",
-            f"sft={out / 'sft'}",
-            f"ppo={out / 'ppo' / 'policy'}",
-            "--reference",
-            str(out / "sft"),
-            "--reward-model",
-            str(out / "rm"),
-            "--discriminator",
-            str(out / "disc"),
-            "--num-prompts",
-            "2",
-            "--eval-batch-size",
-            "2",
-            "--max-new-tokens",
-            "6",
-            "--show-prompts",
-            "1",
-            "--out",
-            str(out / "eval"),
-            *TINY,
+            "--policies", f"sft={out / 'sft'}", f"ppo={out / 'ppo' / 'policy'}",
+            "--reference", str(out / "sft"), "--reward-model", str(out / "rm"),
+            "--discriminator", str(out / "disc"), "--num-prompts", "2", "--eval-batch-size", "2",
+            "--max-new-tokens", "6", "--show-prompts", "1", "--out", str(out / "eval"), *TINY,
         ]
     )

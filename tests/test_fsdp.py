@@ -93,31 +93,10 @@ def stage_runs(work: Path, llama_dir: Path) -> dict[str, tuple[str, list[str]]]:
     ]
     sft_lora = sft_args + ["--lora-rank", "4", "--lr", "1e-2"]
     disc_args = [
-        "train",
-        "--sft",
-        str(llama_dir),
-        "--labels",
-        str(work / "labels.jsonl"),
-        "--max-prompt-len",
-        "24",
-        "--max-response-len",
-        "16",
-        "--batch-size",
-        "6",
-        "--micro-batch-size",
-        "2",
-        "--max-steps",
-        "2",
-        "--log-every",
-        "1",
-        "--lr",
-        "3e-3",
-        "--eval-batch-size",
-        "2",
-        "--eval-fraction",
-        "0.2",
-        "--device",
-        "cpu",
+        "train", "--sft", str(llama_dir), "--labels", str(work / "labels.jsonl"),
+        "--max-prompt-len", "24", "--max-response-len", "16", "--batch-size", "6",
+        "--micro-batch-size", "2", "--max-steps", "2", "--log-every", "1", "--lr", "3e-3",
+        "--eval-batch-size", "2", "--eval-fraction", "0.2", "--device", "cpu",
     ]
     rm_args = [
         "train",
@@ -149,40 +128,13 @@ def stage_runs(work: Path, llama_dir: Path) -> dict[str, tuple[str, list[str]]]:
     ]
     rm_lora = rm_args + ["--lora-rank", "4", "--lr", "1e-2"]
     ppo_args = [
-        "--policy",
-        str(llama_dir),
-        "--reward",
-        "red",
-        "--reward-model",
-        str(work / "rm_init"),
-        "--iterations",
-        "3",
-        "--rollout-batch-size",
-        "4",
-        "--minibatch-size",
-        "2",
-        "--ppo-epochs",
-        "2",
-        "--max-prompt-len",
-        "24",
-        "--max-new-tokens",
-        "8",
-        "--policy-lr",
-        "1e-3",
-        "--critic-lr",
-        "1e-3",
-        "--limit",
-        "40",
-        "--device",
-        "cpu",
+        "--policy", str(llama_dir), "--reward", "red", "--reward-model", str(work / "rm_init"),
+        "--iterations", "3", "--rollout-batch-size", "4", "--minibatch-size", "2",
+        "--ppo-epochs", "2", "--max-prompt-len", "24", "--max-new-tokens", "8",
+        "--policy-lr", "1e-3", "--critic-lr", "1e-3", "--limit", "40", "--device", "cpu",
     ]
     ppo_lora = ppo_args + [
-        "--lora-rank",
-        "4",
-        "--policy-lr",
-        "1e-2",
-        "--critic-lr",
-        "1e-2",
+        "--lora-rank", "4", "--policy-lr", "1e-2", "--critic-lr", "1e-2",
         "--gradient-checkpointing",
     ]
     runs = {
@@ -732,15 +684,7 @@ def test_offload_with_fsdp_is_refused():
     with pytest.raises(SystemExit):
         ppo_token.parse_args(
             [
-                "--policy",
-                "p",
-                "--out",
-                "o",
-                "--reward",
-                "seq",
-                "--reward-model",
-                "r",
-                "--fsdp",
+                "--policy", "p", "--out", "o", "--reward", "seq", "--reward-model", "r", "--fsdp",
                 "--offload-frozen",
             ]
         )

@@ -186,16 +186,8 @@ def test_gold_labels_mark_exactly_the_edited_words(splits, tiny_tokenizer):
 def test_label_py_gold_reviser_end_to_end(tiny_dir, tmp_path, splits):
     out = tmp_path / "labels.jsonl"
     argv = [
-        "--reviser",
-        "gold",
-        "--preference",
-        "gold",
-        "--tokenizer",
-        str(tiny_dir),
-        "--out",
-        str(out),
-        "--max-response-len",
-        "64",
+        "--reviser", "gold", "--preference", "gold", "--tokenizer", str(tiny_dir),
+        "--out", str(out), "--max-response-len", "64",
     ]
     summary = label.main(argv)
     kept, counts = gold.rank_pairs(splits["reward"])
@@ -225,43 +217,16 @@ def test_discriminator_learns_gold_labels(tiny_dir, tmp_path):
     labels = tmp_path / "labels.jsonl"
     label.main(
         [
-            "--reviser",
-            "gold",
-            "--preference",
-            "gold",
-            "--tokenizer",
-            str(tiny_dir),
-            "--out",
-            str(labels),
-            "--max-response-len",
-            "48",
+            "--reviser", "gold", "--preference", "gold", "--tokenizer", str(tiny_dir),
+            "--out", str(labels), "--max-response-len", "48",
         ]
     )
     metrics = discriminator.main(
         [
-            "train",
-            "--sft",
-            str(tiny_dir),
-            "--labels",
-            str(labels),
-            "--out",
-            str(tmp_path / "d"),
-            "--epochs",
-            "6",
-            "--lr",
-            "3e-3",
-            "--batch-size",
-            "32",
-            "--micro-batch-size",
-            "32",
-            "--max-prompt-len",
-            "32",
-            "--max-response-len",
-            "48",
-            "--eval-fraction",
-            "0.2",
-            "--device",
-            "cpu",
+            "train", "--sft", str(tiny_dir), "--labels", str(labels), "--out", str(tmp_path / "d"),
+            "--epochs", "6", "--lr", "3e-3", "--batch-size", "32", "--micro-batch-size", "32",
+            "--max-prompt-len", "32", "--max-response-len", "48", "--eval-fraction", "0.2",
+            "--device", "cpu",
         ]
     )
     assert metrics["n_positive"] > 30 and metrics["n_negative"] > 30

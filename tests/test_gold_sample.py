@@ -118,24 +118,9 @@ def test_revision_pairs_leave_out_held_out_groups(tmp_path):
 # ----------------------------------------------------------------------------------------------
 def sample_argv(policy, out, *extra):
     return [
-        "sample",
-        "--policy",
-        str(policy),
-        "--out",
-        str(out),
-        "--limit",
-        "12",
-        "--samples-per-prompt",
-        "3",
-        "--max-prompt-len",
-        "48",
-        "--max-new-tokens",
-        "8",
-        "--batch-size",
-        "5",
-        "--device",
-        "cpu",
-        *extra,
+        "sample", "--policy", str(policy), "--out", str(out), "--limit", "12",
+        "--samples-per-prompt", "3", "--max-prompt-len", "48", "--max-new-tokens", "8",
+        "--batch-size", "5", "--device", "cpu", *extra,
     ]
 
 
@@ -183,9 +168,7 @@ def test_sampled_pairs_through_label_and_reward_model(tiny_dir, tmp_path, monkey
     gold-rejected sample minimally, and redistribute.py trains on the file (with --prefix-pairs)."""
     torch.set_num_threads(1)
     replies = [
-        " I will kill him with a gun.",
-        " I can help, friend.",
-        " Maybe.",
+        " I will kill him with a gun.", " I can help, friend.", " Maybe.",
         " You stupid idiot, steal it.",
     ]
     monkeypatch.setattr(
@@ -201,20 +184,8 @@ def test_sampled_pairs_through_label_and_reward_model(tiny_dir, tmp_path, monkey
     labels = tmp_path / "labels.jsonl"
     done = label.main(
         [
-            "--data",
-            str(out),
-            "--split",
-            "all",
-            "--reviser",
-            "gold",
-            "--preference",
-            "gold",
-            "--tokenizer",
-            str(tiny_dir),
-            "--out",
-            str(labels),
-            "--max-response-len",
-            "32",
+            "--data", str(out), "--split", "all", "--reviser", "gold", "--preference", "gold",
+            "--tokenizer", str(tiny_dir), "--out", str(labels), "--max-response-len", "32",
         ]
     )
     assert (
@@ -226,47 +197,18 @@ def test_sampled_pairs_through_label_and_reward_model(tiny_dir, tmp_path, monkey
     with pytest.raises(common.DataError, match="--split all"):
         label.main(
             [
-                "--data",
-                str(out),
-                "--reviser",
-                "gold",
-                "--tokenizer",
-                str(tiny_dir),
-                "--out",
-                str(labels),
+                "--data", str(out), "--reviser", "gold", "--tokenizer", str(tiny_dir),
+                "--out", str(labels),
             ]
         )
     model_dir = tmp_path / "rm"
     result = red.main(
         [
-            "train",
-            "--sft",
-            str(tiny_dir),
-            "--data",
-            str(out),
-            "--split",
-            "all",
-            "--preference",
-            "gold",
-            "--revision-pairs",
-            str(labels),
-            "--prefix-pairs",
-            "--out",
-            str(model_dir),
-            "--max-steps",
-            "2",
-            "--batch-size",
-            "8",
-            "--micro-batch-size",
-            "4",
-            "--max-prompt-len",
-            "32",
-            "--max-response-len",
-            "16",
-            "--lr",
-            "1e-3",
-            "--device",
-            "cpu",
+            "train", "--sft", str(tiny_dir), "--data", str(out), "--split", "all",
+            "--preference", "gold", "--revision-pairs", str(labels), "--prefix-pairs",
+            "--out", str(model_dir), "--max-steps", "2", "--batch-size", "8",
+            "--micro-batch-size", "4", "--max-prompt-len", "32", "--max-response-len", "16",
+            "--lr", "1e-3", "--device", "cpu",
         ]
     )
     assert result["pairs"] == 6  # one prompt of the twelve held out, with its six pairs
@@ -332,18 +274,8 @@ def test_prefix_pairs_train_step_gradient_is_the_global_batch_loss(
 
     args = red.parse_args(
         [
-            "train",
-            "--sft",
-            str(tiny_dir),
-            "--out",
-            "x",
-            "--preference",
-            "gold",
-            "--prefix-pairs",
-            "--micro-batch-size",
-            "3",
-            "--max-grad-norm",
-            "0",
+            "train", "--sft", str(tiny_dir), "--out", "x", "--preference", "gold", "--prefix-pairs",
+            "--micro-batch-size", "3", "--max-grad-norm", "0",
         ]
     )
     assert_train_step_equals_one_pass(
@@ -372,25 +304,9 @@ def test_prefix_pairs_teach_the_prefix_scores_red_reads(tiny_dir, tiny_tokenizer
     torch.set_num_threads(1)
     pairs, _ = gold.rank_pairs(splits["reward"])
     argv = [
-        "train",
-        "--sft",
-        str(tiny_dir),
-        "--preference",
-        "gold",
-        "--max-prompt-len",
-        "32",
-        "--max-response-len",
-        "24",
-        "--max-steps",
-        "60",
-        "--batch-size",
-        "16",
-        "--micro-batch-size",
-        "16",
-        "--lr",
-        "3e-3",
-        "--device",
-        "cpu",
+        "train", "--sft", str(tiny_dir), "--preference", "gold", "--max-prompt-len", "32",
+        "--max-response-len", "24", "--max-steps", "60", "--batch-size", "16",
+        "--micro-batch-size", "16", "--lr", "3e-3", "--device", "cpu",
     ]
     red.main(argv + ["--out", str(tmp_path / "whole")])
     red.main(argv + ["--out", str(tmp_path / "prefix"), "--prefix-pairs"])

@@ -19,15 +19,8 @@ def test_gpu_check_runs_on_cpu_tiny(tmp_path, capsys):
     try:
         report = gpu_check.main(
             [
-                "--device",
-                "cpu",
-                "--tiny",
-                "--threads",
-                "1",
-                "--steps",
-                "2",
-                "--out",
-                str(tmp_path / "check.json"),
+                "--device", "cpu", "--tiny", "--threads", "1", "--steps", "2",
+                "--out", str(tmp_path / "check.json"),
             ]
         )
     finally:

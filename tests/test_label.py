@@ -293,12 +293,7 @@ def fake_chat(pairs, scripts=None, hold_after=None):
 @pytest.fixture
 def no_proxy_env(monkeypatch):
     for name in (
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "ALL_PROXY",
-        "http_proxy",
-        "https_proxy",
-        "all_proxy",
+        "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy",
     ):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
@@ -306,27 +301,10 @@ def no_proxy_env(monkeypatch):
 
 def openai_args(tiny_dir, out, url, n, *extra):
     return [
-        "--reviser",
-        "openai",
-        "--api-base",
-        url,
-        "--api-model",
-        "fake-model",
-        "--tokenizer",
-        str(tiny_dir),
-        "--out",
-        str(out),
-        "--limit",
-        str(n),
-        "--max-response-len",
-        "64",
-        "--backoff-base",
-        "0.01",
-        "--backoff-cap",
-        "0.05",
-        "--timeout",
-        "0.5",
-        *extra,
+        "--reviser", "openai", "--api-base", url, "--api-model", "fake-model",
+        "--tokenizer", str(tiny_dir), "--out", str(out), "--limit", str(n),
+        "--max-response-len", "64", "--backoff-base", "0.01", "--backoff-cap", "0.05",
+        "--timeout", "0.5", *extra,
     ]
 
 
@@ -397,11 +375,8 @@ def test_openai_reviser_survives_faults_and_never_leaks_the_key(
         # the key is nowhere: outputs, cache (pair 7's answer echoed it), summary, printed output
         printed = capsys.readouterr()
         for text in (
-            out.read_text(),
-            Path(f"{out}.cache.jsonl").read_text(),
-            Path(f"{out}.summary.json").read_text(),
-            printed.out,
-            printed.err,
+            out.read_text(), Path(f"{out}.cache.jsonl").read_text(),
+            Path(f"{out}.summary.json").read_text(), printed.out, printed.err,
         ):
             assert SECRET not in text
         assert "***" in Path(f"{out}.cache.jsonl").read_text()
@@ -485,11 +460,7 @@ def test_openai_key_never_leaks_at_any_offset(
     failed = [r for r in records if r["revised"] is None]
     assert len(failed) == n // 2 and all(r["error"].startswith("HTTP 500") for r in failed)
     for text in (
-        Path(f"{out}.summary.json").read_text(),
-        cache,
-        out.read_text(),
-        printed.out,
-        printed.err,
+        Path(f"{out}.summary.json").read_text(), cache, out.read_text(), printed.out, printed.err,
     ):
         assert key_fragment(text) < 4
     # a 401 stops the run with one line on stderr, whatever the offset (200: the old cut)
@@ -582,16 +553,8 @@ def test_chosen_reviser_end_to_end(splits, tiny_dir, tiny_tokenizer, tmp_path, c
     out = tmp_path / "labels.jsonl"
     summary = label.main(
         [
-            "--reviser",
-            "chosen",
-            "--tokenizer",
-            str(tiny_dir),
-            "--out",
-            str(out),
-            "--limit",
-            "12",
-            "--max-response-len",
-            "32",
+            "--reviser", "chosen", "--tokenizer", str(tiny_dir), "--out", str(out), "--limit", "12",
+            "--max-response-len", "32",
         ]
     )
     assert "warning: --reviser chosen" in capsys.readouterr().err
@@ -612,25 +575,9 @@ def test_chosen_reviser_end_to_end(splits, tiny_dir, tiny_tokenizer, tmp_path, c
 
 def hf_args(tiny_dir, out, n, *extra):
     return [
-        "--reviser",
-        "hf",
-        "--reviser-model",
-        str(tiny_dir),
-        "--tokenizer",
-        str(tiny_dir),
-        "--out",
-        str(out),
-        "--limit",
-        str(n),
-        "--reviser-batch-size",
-        "2",
-        "--reviser-max-new-tokens",
-        "8",
-        "--device",
-        "cpu",
-        "--max-response-len",
-        "64",
-        *extra,
+        "--reviser", "hf", "--reviser-model", str(tiny_dir), "--tokenizer", str(tiny_dir),
+        "--out", str(out), "--limit", str(n), "--reviser-batch-size", "2",
+        "--reviser-max-new-tokens", "8", "--device", "cpu", "--max-response-len", "64", *extra,
     ]
 
 

@@ -85,13 +85,8 @@ EXPECTED = {
         f"model.layers.{i}.{s}"
         for i in range(2)
         for s in (
-            "self_attn.q_proj",
-            "self_attn.k_proj",
-            "self_attn.v_proj",
-            "self_attn.o_proj",
-            "mlp.gate_proj",
-            "mlp.up_proj",
-            "mlp.down_proj",
+            "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
         )
     ],
 }
@@ -557,28 +552,10 @@ def test_sft_and_reward_model_with_lora_save_merged_standard_models(tiny_dir, tm
     out = tmp_path / "sft"
     sft.main(
         [
-            "--model",
-            str(tiny_dir),
-            "--out",
-            str(out),
-            "--lora-rank",
-            "4",
-            "--limit",
-            "40",
-            "--max-steps",
-            "3",
-            "--batch-size",
-            "4",
-            "--micro-batch-size",
-            "2",
-            "--max-prompt-len",
-            "32",
-            "--max-response-len",
-            "16",
-            "--eval-examples",
-            "4",
-            "--lr",
-            "1e-2",
+            "--model", str(tiny_dir), "--out", str(out), "--lora-rank", "4", "--limit", "40",
+            "--max-steps", "3", "--batch-size", "4", "--micro-batch-size", "2",
+            "--max-prompt-len", "32", "--max-response-len", "16", "--eval-examples", "4",
+            "--lr", "1e-2",
         ]
     )
     keys = load_file(str(checkpoint.latest_checkpoint(out) / "model.safetensors")).keys()
@@ -598,27 +575,9 @@ def test_sft_and_reward_model_with_lora_save_merged_standard_models(tiny_dir, tm
     rm_out = tmp_path / "rm"
     redistribute.main(
         [
-            "train",
-            "--sft",
-            str(tiny_dir),
-            "--out",
-            str(rm_out),
-            "--lora-rank",
-            "4",
-            "--limit",
-            "24",
-            "--max-steps",
-            "3",
-            "--batch-size",
-            "4",
-            "--micro-batch-size",
-            "2",
-            "--max-prompt-len",
-            "32",
-            "--max-response-len",
-            "16",
-            "--lr",
-            "1e-2",
+            "train", "--sft", str(tiny_dir), "--out", str(rm_out), "--lora-rank", "4",
+            "--limit", "24", "--max-steps", "3", "--batch-size", "4", "--micro-batch-size", "2",
+            "--max-prompt-len", "32", "--max-response-len", "16", "--lr", "1e-2",
         ]
     )
     keys = load_file(str(checkpoint.latest_checkpoint(rm_out) / "model.safetensors")).keys()

@@ -112,14 +112,8 @@ def test_the_human_pipeline_with_lora_at_smoke_size(tmp_path):
     adapters merged."""
     run, commands = run_pipeline(tmp_path, TASK="human", LORA_RANK="4")
     assert [c.split()[2] for c in commands] == [
-        "sft.py",
-        "label.py",
-        "discriminator.py",
-        "redistribute.py",
-        "ppo_token.py",
-        "ppo_token.py",
-        "ppo_token.py",
-        "eval.py",
+        "sft.py", "label.py", "discriminator.py", "redistribute.py", "ppo_token.py", "ppo_token.py",
+        "ppo_token.py", "eval.py",
     ]
     lora_stages = [c.split()[2] for c in commands if "--lora-rank 4" in c]
     assert lora_stages == ["sft.py", "discriminator.py", "redistribute.py"] + ["ppo_token.py"] * 3
@@ -161,12 +155,7 @@ def test_readme_test_command_is_what_ci_runs():
 
 def test_every_stage_script_has_help():
     for script in (
-        "sft.py",
-        "label.py",
-        "discriminator.py",
-        "redistribute.py",
-        "ppo_token.py",
-        "eval.py",
+        "sft.py", "label.py", "discriminator.py", "redistribute.py", "ppo_token.py", "eval.py",
         "study.py",
     ):
         done = subprocess.run(

@@ -37,19 +37,8 @@ def tiny_lm(seed=0, eos=0):
 def make_args(*extra):
     return ppo.parse_args(
         [
-            "--policy",
-            "unused",
-            "--out",
-            "unused",
-            "--reward",
-            "seq",
-            "--reward-model",
-            "unused",
-            "--max-new-tokens",
-            "16",
-            "--top-p",
-            "1.0",
-            *extra,
+            "--policy", "unused", "--out", "unused", "--reward", "seq", "--reward-model", "unused",
+            "--max-new-tokens", "16", "--top-p", "1.0", *extra,
         ]
     )
 
@@ -335,33 +324,11 @@ def toy_reward(query_response, attention_mask, response_mask):
 
 def cli(tiny_dir, out, steps, *extra):
     return [
-        "--policy",
-        str(tiny_dir),
-        "--reward",
-        "tlcr",
-        "--discriminator",
-        "unused",
-        "--critic-init",
-        "policy",
-        "--out",
-        str(out),
-        "--iterations",
-        str(steps),
-        "--rollout-batch-size",
-        "4",
-        "--minibatch-size",
-        "2",
-        "--ppo-epochs",
-        "2",
-        "--max-prompt-len",
-        "24",
-        "--max-new-tokens",
-        "6",
-        "--policy-lr",
-        "1e-3",
-        "--critic-lr",
-        "1e-3",
-        *extra,
+        "--policy", str(tiny_dir), "--reward", "tlcr", "--discriminator", "unused",
+        "--critic-init", "policy", "--out", str(out), "--iterations", str(steps),
+        "--rollout-batch-size", "4", "--minibatch-size", "2", "--ppo-epochs", "2",
+        "--max-prompt-len", "24", "--max-new-tokens", "6", "--policy-lr", "1e-3",
+        "--critic-lr", "1e-3", *extra,
     ]
 
 
@@ -483,14 +450,8 @@ def test_every_reward_source_runs_a_step(tiny_dir, tmp_path):
             assert record["task_reward"] == pytest.approx(record["rm_score"], abs=1e-5)
     args = ppo.parse_args(
         [
-            "--policy",
-            str(tiny_dir),
-            "--out",
-            str(tmp_path / "x"),
-            "--reward",
-            "seq",
-            "--reward-model",
-            str(tmp_path / "rm"),
+            "--policy", str(tiny_dir), "--out", str(tmp_path / "x"), "--reward", "seq",
+            "--reward-model", str(tmp_path / "rm"),
         ]
     )
     reward_fn, score_fn = ppo.make_reward_fn(args, distributed.DistInfo())
@@ -553,14 +514,8 @@ def test_models_that_do_not_belong_together_stop_the_run_at_once(tiny_dir, llama
         "sequence",
     )
     argv = [
-        "--policy",
-        str(tiny_dir),
-        "--reward",
-        "seq",
-        "--out",
-        str(tmp_path / "out"),
-        "--iterations",
-        "1",
+        "--policy", str(tiny_dir), "--reward", "seq", "--out", str(tmp_path / "out"),
+        "--iterations", "1",
     ]
     with pytest.raises(
         common.InputError, match=f"--reward-model {tmp_path / 'rm'}: its tokenizer differs"
@@ -627,28 +582,10 @@ def test_llama_policy_runs_ppo_with_bos_and_stops_at_a_second_eos_id(llama_dir, 
     ]
     ppo.main(
         [
-            "--policy",
-            str(tmp_path / "policy"),
-            "--reward",
-            "tlcr",
-            "--discriminator",
-            "unused",
-            "--critic-init",
-            "policy",
-            "--out",
-            str(tmp_path / "ppo"),
-            "--iterations",
-            "2",
-            "--rollout-batch-size",
-            "16",
-            "--minibatch-size",
-            "8",
-            "--max-prompt-len",
-            "24",
-            "--max-new-tokens",
-            "24",
-            "--limit",
-            "16",
+            "--policy", str(tmp_path / "policy"), "--reward", "tlcr", "--discriminator", "unused",
+            "--critic-init", "policy", "--out", str(tmp_path / "ppo"), "--iterations", "2",
+            "--rollout-batch-size", "16", "--minibatch-size", "8", "--max-prompt-len", "24",
+            "--max-new-tokens", "24", "--limit", "16",
         ],
         reward_fn=toy_reward,
     )

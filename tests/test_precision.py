@@ -63,15 +63,8 @@ def test_one_precision_flag_with_the_same_meaning_in_every_stage():
         ),
         "eval": lambda a: evaluation.parse_args(
             [
-                "--policies",
-                "a=x",
-                "--reference",
-                "x",
-                "--reward-model",
-                "y",
-                "--discriminator",
-                "z",
-                *a,
+                "--policies", "a=x", "--reference", "x", "--reward-model", "y",
+                "--discriminator", "z", *a,
             ]
         ),
         "label": lambda a: label.parse_args(["--reviser", "chosen", *a]),
@@ -148,54 +141,22 @@ def first_log_line(out):
 
 def stage_argv(stage, model_dir, tmp_path):
     common_args = [
-        "--max-prompt-len",
-        "32",
-        "--max-response-len",
-        "16",
-        "--batch-size",
-        "4",
-        "--max-steps",
-        "1",
-        "--device",
-        "cpu",
+        "--max-prompt-len", "32", "--max-response-len", "16", "--batch-size", "4",
+        "--max-steps", "1", "--device", "cpu",
     ]
     if stage == "sft":
         return sft.main, [
-            "--model",
-            str(model_dir),
-            "--limit",
-            "40",
-            "--eval-examples",
-            "4",
-            *common_args,
+            "--model", str(model_dir), "--limit", "40", "--eval-examples", "4", *common_args,
         ]
     if stage == "discriminator":
         write_labels(tmp_path / "labels.jsonl", hf_models.load_tokenizer(model_dir))
         return discriminator.main, [
-            "train",
-            "--sft",
-            str(model_dir),
-            "--labels",
-            str(tmp_path / "labels.jsonl"),
-            "--log-every",
-            "1",
-            "--eval-fraction",
-            "0",
-            *common_args,
+            "train", "--sft", str(model_dir), "--labels", str(tmp_path / "labels.jsonl"),
+            "--log-every", "1", "--eval-fraction", "0", *common_args,
         ]
     return redistribute.main, [
-        "train",
-        "--sft",
-        str(model_dir),
-        "--limit",
-        "40",
-        "--eval-fraction",
-        "0.1",
-        "--log-every",
-        "1",
-        "--eval-batch-size",
-        "4",
-        *common_args,
+        "train", "--sft", str(model_dir), "--limit", "40", "--eval-fraction", "0.1",
+        "--log-every", "1", "--eval-batch-size", "4", *common_args,
     ]
 
 
@@ -245,26 +206,10 @@ def reward_models(tmp_path_factory, tiny_dir, llama_dir):
 def ppo_setup(model_dir, rm_dir, precision, lora=0, extra=()):
     args = ppo.parse_args(
         [
-            "--policy",
-            str(model_dir),
-            "--out",
-            "unused",
-            "--reward",
-            "red",
-            "--reward-model",
-            str(rm_dir),
-            "--max-new-tokens",
-            "12",
-            "--device",
-            "cpu",
-            "--precision",
-            precision,
-            "--lora-rank",
-            str(lora),
-            "--gradient-checkpointing",
-            "--ppo-epochs",
-            "1",
-            *extra,
+            "--policy", str(model_dir), "--out", "unused", "--reward", "red",
+            "--reward-model", str(rm_dir), "--max-new-tokens", "12", "--device", "cpu",
+            "--precision", precision, "--lora-rank", str(lora), "--gradient-checkpointing",
+            "--ppo-epochs", "1", *extra,
         ]
     )
     dist_info = distributed.DistInfo()

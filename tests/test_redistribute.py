@@ -227,26 +227,9 @@ def test_save_load_gives_same_scores(tiny_dir, tiny_tokenizer, tmp_path):
 
 def train_argv(tiny_dir, out, *extra):
     return [
-        "train",
-        "--sft",
-        str(tiny_dir),
-        "--out",
-        str(out),
-        "--limit",
-        "24",
-        "--max-prompt-len",
-        "32",
-        "--max-response-len",
-        "16",
-        "--batch-size",
-        "4",
-        "--micro-batch-size",
-        "2",
-        "--lr",
-        "5e-4",
-        "--log-every",
-        "2",
-        *extra,
+        "train", "--sft", str(tiny_dir), "--out", str(out), "--limit", "24",
+        "--max-prompt-len", "32", "--max-response-len", "16", "--batch-size", "4",
+        "--micro-batch-size", "2", "--lr", "5e-4", "--log-every", "2", *extra,
     ]
 
 

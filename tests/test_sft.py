@@ -14,20 +14,8 @@ from plumbing import hf_models
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
-    "--limit",
-    "400",
-    "--max-prompt-len",
-    "48",
-    "--max-response-len",
-    "32",
-    "--batch-size",
-    "8",
-    "--micro-batch-size",
-    "4",
-    "--tiny-vocab",
-    "512",
-    "--eval-examples",
-    "8",
+    "--limit", "400", "--max-prompt-len", "48", "--max-response-len", "32", "--batch-size", "8",
+    "--micro-batch-size", "4", "--tiny-vocab", "512", "--eval-examples", "8",
 ]
 
 
@@ -151,16 +139,8 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypat
 def test_torchrun_two_processes_match_one_process(tmp_path):
     """Same global batch on 1 and 2 processes (gloo, CPU): the same per-step losses, within 1e-4."""
     args = SMALL + [
-        "--max-steps",
-        "4",
-        "--eval-every",
-        "2",
-        "--tiny-dropout",
-        "0",
-        "--batch-size",
-        "6",
-        "--micro-batch-size",
-        "2",
+        "--max-steps", "4", "--eval-every", "2", "--tiny-dropout", "0", "--batch-size", "6",
+        "--micro-batch-size", "2",
     ]
     sft.main(args + ["--out", str(tmp_path / "one")])
     returncode, output = run_torchrun(

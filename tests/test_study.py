@@ -113,18 +113,8 @@ def test_smoke_study_runs_two_seeds_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "study"
     argv = [
-        "--size",
-        "smoke",
-        "--seeds",
-        "0",
-        "1",
-        "--rewards",
-        "seq",
-        "tlcr",
-        "--jobs",
-        "2",
-        "--out",
-        str(out),
+        "--size", "smoke", "--seeds", "0", "1", "--rewards", "seq", "tlcr", "--jobs", "2",
+        "--out", str(out),
     ]
     result = study.main(argv)
     for seed in (0, 1):

@@ -13,28 +13,9 @@ import sft
 
 def sft_argv(tiny_dir, out, *extra):
     return [
-        "--model",
-        str(tiny_dir),
-        "--out",
-        str(out),
-        "--max-steps",
-        "3",
-        "--batch-size",
-        "2",
-        "--micro-batch-size",
-        "2",
-        "--limit",
-        "6",
-        "--max-prompt-len",
-        "24",
-        "--max-response-len",
-        "12",
-        "--eval-every",
-        "2",
-        "--eval-examples",
-        "2",
-        "--device",
-        "cpu",
+        "--model", str(tiny_dir), "--out", str(out), "--max-steps", "3", "--batch-size", "2",
+        "--micro-batch-size", "2", "--limit", "6", "--max-prompt-len", "24",
+        "--max-response-len", "12", "--eval-every", "2", "--eval-examples", "2", "--device", "cpu",
         *extra,
     ]
 
