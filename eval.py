@@ -375,22 +375,27 @@ def credit_summary(replies, source_rewards) -> dict:
     return summary
 
 
-def heldout_credit_replies(pairs, tokenizer, max_prompt_len, max_response_len, chat_template=True):
-    """(kind, prompt ids, response ids) of the held-out replies: every pair's chosen and rejected
-    reply, and the rule revision of the gold-rejected reply of each pair gold ranks (ties: none)."""
+def heldout_replies(pairs) -> list[tuple[str, common.Pair, str]]:
+    """(kind, pair, reply) of the held-out replies: every pair's chosen and rejected reply, and the
+    rule revision of the gold-rejected reply of each pair gold ranks (ties: none)."""
     ranked, _ = gold.rank_pairs(pairs)
     revisions = {p.id: gold.gold_revise(p.rejected) for p in ranked}
     rows = []
     for pair in pairs:
+        rows += [("chosen", pair, pair.chosen), ("rejected", pair, pair.rejected)]
+        if revisions.get(pair.id):
+            rows.append(("revised", pair, revisions[pair.id]))
+    return rows
+
+
+def heldout_credit_replies(pairs, tokenizer, max_prompt_len, max_response_len, chat_template=True):
+    """(kind, prompt ids, response ids) of each of heldout_replies(pairs)."""
+    rows = []
+    for kind, pair, text in heldout_replies(pairs):
         prompt_text = common.prompt_text(tokenizer, pair.prompt, pair.messages, chat_template)
         prompt = common.encode_prompt(tokenizer, prompt_text, max_prompt_len)
-        texts = [("chosen", pair.chosen), ("rejected", pair.rejected)]
-        if revisions.get(pair.id):
-            texts.append(("revised", revisions[pair.id]))
-        for kind, text in texts:
-            response = common.response_text(tokenizer, text, pair.messages, chat_template)
-            response_ids = common.encode_response(tokenizer, response, max_response_len)
-            rows.append((kind, prompt, response_ids))
+        response = common.response_text(tokenizer, text, pair.messages, chat_template)
+        rows.append((kind, prompt, common.encode_response(tokenizer, response, max_response_len)))
     return rows
 
 

@@ -288,14 +288,18 @@ def rank_pairs(
 # ----------------------------------------------------------------------------------------------
 # 4. Scoring generated responses (eval.py, ppo_token.py)
 # ----------------------------------------------------------------------------------------------
-def score_responses(tokenizer, response_ids, response_mask) -> list[int]:
-    """Gold scores of a batch of generated responses: row i is decoded from its tokens where
-    response_mask [B, T_resp] is 1, special tokens (EOS) dropped, and scored as text."""
-    texts = tokenizer.batch_decode(
+def decode_responses(tokenizer, response_ids, response_mask) -> list[str]:
+    """The text of each generated response: row i decoded from its tokens where response_mask
+    [B, T_resp] is 1, special tokens (EOS) dropped."""
+    return tokenizer.batch_decode(
         [ids[mask.bool()].tolist() for ids, mask in zip(response_ids, response_mask)],
         skip_special_tokens=True,
     )
-    return [gold_score(text) for text in texts]
+
+
+def score_responses(tokenizer, response_ids, response_mask) -> list[int]:
+    """Gold scores of a batch of generated responses, each scored as its decoded text."""
+    return [gold_score(text) for text in decode_responses(tokenizer, response_ids, response_mask)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -512,8 +516,7 @@ def sample_replies(policy, tokenizer, pairs: list[common.Pair], samples_per_prom
                                   tokenizer.pad_token_id, args.max_new_tokens, args.temperature,
                                   args.top_p).cpu()  # [B·K, R]
     mask, _ = ppo_token.response_mask_from(response, eos_ids)  # [B·K, R], up to the first EOS
-    texts = tokenizer.batch_decode([ids[m.bool()].tolist() for ids, m in zip(response, mask)],
-                                   skip_special_tokens=True)
+    texts = decode_responses(tokenizer, response, mask)
     return [texts[k:k + samples_per_prompt] for k in range(0, len(texts), samples_per_prompt)]
 
 

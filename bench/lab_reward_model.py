@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import common  # noqa: E402
 import discriminator as disc  # noqa: E402
+import eval as ev  # noqa: E402
 import gold  # noqa: E402
 import plumbing  # noqa: E402
 import redistribute as red  # noqa: E402
@@ -74,17 +75,11 @@ def named(items):
 # the held-out data
 # ----------------------------------------------------------------------------------------------
 def heldout_replies(pairs):
-    """(prompt pair, reply) for the chosen and rejected reply of every pair and the rule revision of
-    the gold-rejected reply of each pair gold ranks; and how many of each kind."""
-    ranked = {p.id: p for p in gold.rank_pairs(pairs)[0]}
-    rows, revised = [], 0
-    for pair in pairs:
-        rows += [(pair, pair.chosen), (pair, pair.rejected)]
-        revision = gold.gold_revise(ranked[pair.id].rejected) if pair.id in ranked else None
-        if revision:
-            rows.append((pair, revision))
-            revised += 1
-    return rows, {"chosen": len(pairs), "rejected": len(pairs), "revised": revised}
+    """(prompt pair, reply) of eval.py --gold's held-out replies (eval.heldout_replies), and how
+    many of each kind."""
+    rows = ev.heldout_replies(pairs)
+    kinds = {kind: sum(k == kind for k, _, _ in rows) for kind in ("chosen", "rejected", "revised")}
+    return [(pair, reply) for _, pair, reply in rows], kinds
 
 
 def encode_rows(rows, tokenizer, args):
@@ -118,10 +113,6 @@ def position_scores(model, encoded, batch_size, desc):
         for row, (prompt, response) in zip(scores, chunk):
             out.append(row[len(prompt) - 1 : len(prompt) + len(response)].numpy())
     return out
-
-
-def pearson(x, y):
-    return gold.pearson(np.asarray(x, dtype=float), np.asarray(y, dtype=float))
 
 
 def prefix_gold(tokenizer, rows, encoded):
@@ -160,15 +151,15 @@ def reward_model_figures(model, tokenizer, heldout, samples, args):
     pooled = gold.pool_replies(
         (r, c["credit"], c["word_of_token"]) for r, c in zip(red_rewards, credit)
     )
-    tracking = [pearson(s, g) for s, g in zip(scores, prefix) if g.std() > 0]
+    tracking = [gold.pearson(s, g) for s, g in zip(scores, prefix) if g.std() > 0]
     figures = {
         "acc_rl": pair_accuracy(model, heldout["rl_pairs"], tokenizer, args),
         "acc_test": pair_accuracy(model, heldout["test_pairs"], tokenizer, args),
-        "r_test": pearson([s[-1] for s in scores], [g[-1] for g in prefix]),
+        "r_test": gold.pearson([s[-1] for s in scores], [g[-1] for g in prefix]),
         "red": gold.credit_metrics(*pooled),
         "prefix_r": float(np.mean(tracking)),
         "prefix_r_replies": len(tracking),
-        "step_r": pearson(
+        "step_r": gold.pearson(
             np.concatenate(red_rewards), np.concatenate([np.diff(g) for g in prefix])
         ),
     }
@@ -177,7 +168,7 @@ def reward_model_figures(model, tokenizer, heldout, samples, args):
         sample_scores = position_scores(
             model, samples["encoded"], args.batch_size, "samples"
         )
-        figures["r_samples"] = pearson([s[-1] for s in sample_scores], samples["gold"])
+        figures["r_samples"] = gold.pearson([s[-1] for s in sample_scores], samples["gold"])
     return figures
 
 
@@ -194,7 +185,7 @@ def discriminator_figures(model, tokenizer, heldout, args):
     )
     return {
         "tlcr": gold.credit_metrics(*pooled),
-        "r_test_sum": pearson([r.sum() for r in rewards], [g[-1] for g in prefix]),
+        "r_test_sum": gold.pearson([r.sum() for r in rewards], [g[-1] for g in prefix]),
     }
 
 
