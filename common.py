@@ -109,7 +109,7 @@ def _reply(messages: list[dict], where: str, name: str) -> str:
 def row_to_pair(row, where: str) -> tuple[Pair | None, str]:
     """One data row as a Pair, or (None, reason) for a row to skip (counted by load_pairs).
 
-    Accepted forms (one-line examples in README.md, "Data"):
+    Accepted forms (one-line examples in docs/data.md):
       hh-rlhf         {"chosen": dialogue, "rejected": dialogue}: split at the last "Assistant:"
       prompt strings  {"prompt", "chosen", "rejected"} strings: a transcript prompt ending with
                       "Assistant:" (full-hh-rlhf), or else the user's message (TRL's explicit

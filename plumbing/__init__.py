@@ -112,7 +112,7 @@ def add_data_args(
         "--data",
         default="bundled",
         help="'bundled' (the hh-rlhf slice in data/), a local .jsonl/.jsonl.gz/.json/.parquet of "
-        "preference pairs (formats: README.md, Data), or 'hh-rlhf[:SUBSET,...]' to download",
+        "preference pairs (formats: docs/data.md), or 'hh-rlhf[:SUBSET,...]' to download",
     )
     if split is not None:
         group.add_argument(

@@ -5,7 +5,7 @@ Mistral, Qwen2, Qwen3, Gemma 2, Phi-3, GPT-NeoX, OPT.
 
 One step or one iteration of each stage, in process: SFT, labels, the discriminator, the reward
 model, PPO with TLCR rewards (the reward model loaded too), eval (RED, TLCR and reward-model scores
-of two policies). Then what was saved loads as README.md's table says: the reward model as the
+of two policies). Then what was saved loads as docs/models.md's table says: the reward model as the
 standard AutoModelForSequenceClassification; the discriminator as AutoModelForTokenClassification
 where transformers has one for the family, else as a backbone plus score_head.safetensors, said so
 in token_rlhf.json.
