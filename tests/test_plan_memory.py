@@ -1,5 +1,6 @@
 """bench/plan_memory.py: its exact counts against real models, its KV-cache formula against a real
-cache, and the figure docs/one-gpu.md quotes (PPO with LoRA r=64 on Llama-2-7B fits one 80 GiB GPU)."""
+cache, and the figure docs/one-gpu.md quotes (PPO with LoRA r=64 on Llama-2-7B fits one 80 GiB
+GPU)."""
 import sys
 from pathlib import Path
 
