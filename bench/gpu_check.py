@@ -9,12 +9,29 @@ Nothing is downloaded: the models are built from their published configs with ra
 to a temporary folder and read back by the stages' own loaders) and fed random token ids of exactly
 the planned shape, so bench/plan_memory.py can be asked about the same shape. For each model, in
 --precision (bf16 on a GPU) with gradient checkpointing and the `gpt2` preset's micro-batch
-(run_pipeline.sh SIZE=gpt2): SFT, discriminator and reward model (--steps optimizer steps each,
-through each stage's train_step), PPO (--steps iterations of ppo_token's rollout and update, reward
-red), PPO with LoRA, then SFT under FSDP2 on one rank (distributed.shard_model, the --fsdp path,
-with the bf16 mixed-precision policy).
+(run_pipeline.sh SIZE=gpt2): the bf16-against-fp32 agreement, SFT, discriminator and reward model
+(--steps optimizer steps each, through each stage's train_step), PPO (--steps iterations of
+ppo_token's rollout and update, reward red), PPO with LoRA, then SFT under FSDP2 on one rank
+(distributed.shard_model, the --fsdp path, with the bf16 mixed-precision policy).
 
-One table, printed and written as JSON (--out):
+Nothing measured is lost (a lent GPU's minutes are few):
+  - each stage is a row of its own: in this process under try/except (the CUDA cache cleared
+    after it), or in a fresh process (--isolate; the default on a CPU without --tiny); the FSDP
+    stage always in its own process under `torchrun --nproc_per_node 1`, on this device, its
+    process group torn down at its end. An error, an out-of-memory or the deadline is the row's
+    status, its message kept; the next stage runs.
+  - the JSON (--out) and the table beside it (.md) are rewritten after every stage, each to a
+    temporary file renamed over the old one.
+  - --deadline (7 min): a stage whose estimate (the same stage of the previous model, scaled by
+    parameters) exceeds the time left is skipped, and one still running at the deadline stopped;
+    its row says which.
+  - before each stage the planner's figure is compared with torch.cuda.mem_get_info: a stage that
+    cannot fit is skipped, the row giving both figures.
+  - the script exits 0 with whatever it measured.
+A further stage is a function (job, folder, sizes, device, dist_info) -> {figure: value} and one
+line in STAGES; figures the table has no column for go to its notes column (all are in the JSON).
+
+One table, printed and written as JSON (--out) and Markdown (the same name, .md):
   peak memory   measured: CUDA, torch.cuda.max_memory_allocated above what was allocated before the
                 stage; CPU, the growth of the process's peak RSS (ru_maxrss) over its RSS before the
                 stage, each stage in a fresh subprocess (so that one stage's peak does not hide the
@@ -24,14 +41,16 @@ One table, printed and written as JSON (--out):
   tokens/s      tokens through the stage per second (SFT etc.: the trained sequences' tokens; PPO:
                 response tokens per second of whole iterations, rollout and update), the first step
                 excluded when --steps > 1 (it warms up kernels and allocators)
-  MFU           model FLOPs utilisation of the SFT step and of the PPO update: 6·N + 12·L·H·T FLOPs
-                per trained token (N parameters without the input embedding; the PaLM paper's count,
-                which ignores the recomputation of gradient checkpointing) over the device's dense
-                bf16 peak
+  MFU           model FLOPs utilisation of the SFT step and of the PPO update (policy and critic):
+                6·N + 12·L·H·T FLOPs per trained token over the device's dense bf16 peak; N counts
+                every matmul weight once, the LM head included (also when tied to the input
+                embedding), the embedding look-ups not (flop_parameters); the PaLM paper's count
+                (appendix B) and nanoGPT's estimate_mfu, which ignore the recomputation of gradient
+                checkpointing
   rollout tok/s response tokens per second of the PPO rollout (generation and scoring)
-  bf16 vs fp32  per model: the SFT loss of one batch in bf16 against fp32 (relative difference), and
-                in the PPO rows the largest |KL_j| at iteration 0 and the largest |ratio − 1| of the
-                first update
+  bf16 vs fp32  the agreement row: the SFT loss of one batch in bf16 against fp32 (relative
+                difference); the PPO rows: the largest |KL_j| at iteration 0 and the largest
+                |ratio − 1| of the first update
 The figures in this table are measured; the planner's are computed.
 """
 
@@ -779,7 +798,8 @@ def format_table(rows, header) -> str:
                   for k, v in r.items() if k not in TABLE_FIGURES]
         for why in ("reason", "error", "planner_failed"):
             if r.get(why):
-                notes.append(" ".join(str(r[why]).split())[:300])
+                # the message, not the process's stderr after it (that is in the JSON)
+                notes.append(" ".join(str(r[why]).split(" (stderr:")[0].split())[:300])
         lines.append(
             f"| {r['model']} | {r['stage']} | {r['status']} | {r.get('seconds', 0):.0f} | "
             f"{fmt_gib(r.get('peak_bytes'))} | {fmt_gib(r.get('planned_bytes'))} | {error} | "
