@@ -5,7 +5,8 @@
     encoding   prompt rendering (hh-rlhf transcript or the tokenizer's chat template), BOS once,
                response ids exactly as they follow a prompt (encode_prompt, encode_response)
     batches    left / right padding, position ids, where the response sits (response_index,
-               gather_response), log-probs of the response tokens (response_logprobs), masked_mean
+               gather_response), log-probs of the response tokens (response_logprobs, a chunk of
+               positions at a time: token_logprobs), masked_mean
     models     ScoreModel: a transformer backbone plus one scalar per position (discriminator,
                reward model, critic)
 

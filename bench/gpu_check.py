@@ -824,7 +824,7 @@ def stage_estimate(done: list[dict], stage: str, n_params: int) -> float | None:
     return None
 
 
-def check_model(args, name, config, folder, job, sizes, rows, started, device) -> dict:
+def stage_row(args, name, config, folder, job, sizes, rows, started, device) -> dict:
     """One row: skipped (deadline, memory) or run; timed; measured against the planner."""
     row = dict(model=name, stage=job["stage"], n_params=sum(
         p.numel() for p in hf_models.load_policy(folder / "policy", meta=True).parameters()))
@@ -906,7 +906,7 @@ def main(argv=None, configs=None, tokenizer=None):
             for job in jobs_of(args):
                 job.update(model=name, device=str(device), folder=str(folder), tiny=args.tiny,
                            precision=args.precision, threads=args.threads, sizes=sizes)
-                row = check_model(args, name, config, folder, job, sizes, rows, started, device)
+                row = stage_row(args, name, config, folder, job, sizes, rows, started, device)
                 if row.get("tflops") is not None and peak:
                     row["mfu"] = row["tflops"] / peak
                 rows.append(row)
