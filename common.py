@@ -5,7 +5,8 @@
     encoding   prompt rendering (hh-rlhf transcript or the tokenizer's chat template), BOS once,
                response ids exactly as they follow a prompt (encode_prompt, encode_response)
     batches    left / right padding, position ids, where the response sits (response_index,
-               gather_response), log-probs of the response tokens (response_logprobs), masked_mean
+               gather_response), log-probs of the response tokens (response_logprobs, a chunk of
+               positions at a time: token_logprobs), masked_mean
     models     ScoreModel: a transformer backbone plus one scalar per position (discriminator,
                reward model, critic)
 
@@ -534,6 +535,97 @@ def logits_to_keep(model, n: int) -> dict:
     )
 
 
+# The fp32 work of one chunk of positions in token_logprobs: rows × V × 4 bytes, a few such tensors
+# alive at once (the chunk's logits, exp(z − log Z), their product). 64 MiB holds 128 positions of
+# Llama 3's 128,256-token vocabulary, 333 of GPT-2's 50,257.
+CHUNK_BYTES = 64 * 2**20
+
+
+def chunk_positions(vocab: int, chunk_bytes: int | None = None) -> int:
+    """Positions per chunk: as many rows of `vocab` fp32 values as fit chunk_bytes (at least 1)."""
+    return max(1, (CHUNK_BYTES if chunk_bytes is None else chunk_bytes) // (4 * vocab))
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """log p(a) and H(p) of chosen rows of a logits matrix, computed a chunk of rows at a time, in
+    the forward and in the backward: nothing of size rows × V is kept or built but one chunk (and
+    the gradient of the logits themselves, which the LM head's backward reads).
+
+    With z = logits / τ, log Z = logsumexp(z), p = exp(z − log Z):
+        log p(a) = z_a − log Z                      d/dz_k = δ_ka − p_k
+        H        = log Z − Σ_k p_k z_k              d/dz_k = −p_k (z_k − log Z + H)
+    and d/dlogits = d/dz / τ.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, rows, tokens, temperature, with_entropy, chunk):
+        # logits [N0, V] (the model's dtype), rows [N] (which rows), tokens [N] (a in each row)
+        logprobs = torch.empty(rows.shape[0], dtype=torch.float32, device=logits.device)  # [N]
+        log_norm, entropy = torch.empty_like(logprobs), torch.zeros_like(logprobs)
+        for s in range(0, rows.shape[0], chunk):
+            z = logits.index_select(0, rows[s:s + chunk]).float() / temperature  # [c, V] fp32
+            log_norm[s:s + chunk] = z.logsumexp(-1)
+            logprobs[s:s + chunk] = z.gather(-1, tokens[s:s + chunk, None]).squeeze(-1) \
+                - log_norm[s:s + chunk]
+            if with_entropy:
+                p = (z - log_norm[s:s + chunk, None]).exp_()  # softmax  [c, V]
+                entropy[s:s + chunk] = log_norm[s:s + chunk] - (p.mul_(z)).sum(-1)
+        ctx.save_for_backward(logits, rows, tokens, log_norm, entropy)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.set_materialize_grads(False)  # an output not used downstream: its gradient is None
+        if not with_entropy:
+            ctx.mark_non_differentiable(entropy)
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy):
+        logits, rows, tokens, log_norm, entropy = ctx.saved_tensors
+        temperature, chunk = ctx.temperature, ctx.chunk
+        grad = torch.zeros_like(logits)  # [N0, V]; rows never read get 0
+        for s in range(0, rows.shape[0], chunk):
+            z = logits.index_select(0, rows[s:s + chunk]).float() / temperature  # [c, V]
+            p = (z - log_norm[s:s + chunk, None]).exp()  # [c, V]
+            g = torch.zeros_like(z)
+            if grad_logprobs is not None:  # Σ_rows g_lp · (δ_ka − p)
+                g_lp = grad_logprobs[s:s + chunk, None].float()  # [c, 1]
+                g.sub_(p * g_lp).scatter_add_(-1, tokens[s:s + chunk, None], g_lp)
+            if grad_entropy is not None:  # Σ_rows g_H · (−p (z − log Z + H))
+                g_h = grad_entropy[s:s + chunk, None].float()
+                shift = entropy[s:s + chunk, None] - log_norm[s:s + chunk, None]
+                g.sub_(p.mul_(z.add_(shift)).mul_(g_h))
+            grad.index_add_(0, rows[s:s + chunk], (g / temperature).to(grad.dtype))
+        return grad, None, None, None, None, None
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    before: torch.Tensor,
+    tokens: torch.Tensor,
+    valid: torch.Tensor,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    chunk_bytes: int | None = None,
+):
+    """log softmax(logits / τ)[a] and the entropy H at chosen columns, [B, T_resp] each (0 where
+    `valid` is 0), computed chunk by chunk (_TokenLogprobs): the extra memory is one chunk of
+    chunk_positions(V) positions in fp32, never B·T_resp·V, in the forward and in the backward.
+
+    logits [B, K, V] (any float dtype: upcast to fp32 a chunk at a time), before [B, T_resp] the
+    column of logits that predicts token a_j, tokens [B, T_resp] = a_j. Entropy is None unless
+    asked.
+    """
+    B, K, V = logits.shape
+    flat = logits.reshape(B * K, V)  # a view (a model's logits are contiguous)
+    picked = valid.bool()  # [B, T_resp]: only real response positions are computed
+    rows = (torch.arange(B, device=logits.device)[:, None] * K + before)[picked]  # [N]
+    logprobs, entropy = _TokenLogprobs.apply(
+        flat, rows, tokens[picked], temperature, with_entropy, chunk_positions(V, chunk_bytes)
+    )  # [N], [N]
+    out = torch.zeros(B, before.shape[1], dtype=logprobs.dtype, device=logits.device)
+    out_logprobs = out.index_put((picked,), logprobs)  # [B, T_resp], 0 past each row's end
+    return out_logprobs, out.index_put((picked,), entropy) if with_entropy else None
+
+
 def response_logprobs(
     model,
     query_response: torch.Tensor,
@@ -549,7 +641,10 @@ def response_logprobs(
     The logits at column P+j−1 predict response token a_j at column P+j, so we read each row one
     column before its response tokens. Only the logits from the earliest response column on are
     computed (logits_to_keep). Logits are divided by the sampling temperature, as when they were
-    sampled.
+    sampled. The model's own forward (its LM head, any soft-capping) makes the logits [B, K, V] in
+    its compute dtype; the fp32 log-softmax and entropy over V are then taken a chunk of positions
+    at a time (token_logprobs), so nothing more of size B·K·V is made, in the forward or the
+    backward.
     """
     index, valid = response_index(response_mask)  # [B, T_resp]
     # columns first_response − 1 … T − 1
@@ -559,16 +654,8 @@ def response_logprobs(
                    **logits_to_keep(model, keep)).logits  # [B, keep or T, V]
     offset = query_response.shape[1] - logits.shape[1]  # column of logits[:, 0]
     before = (index - 1 - offset).clamp(min=0)  # column P+j−1, which predicts a_j  [B, T_resp]
-    picked = (
-        logits.gather(1, before[..., None].expand(-1, -1, logits.shape[-1])).float() / temperature
-    )  # [B, T_resp, V]
     tokens = query_response.gather(1, index)  # a_j  [B, T_resp]
-    log_norm = picked.logsumexp(-1)  # [B, T_resp]
-    logprobs = (picked.gather(-1, tokens[..., None]).squeeze(-1) - log_norm) * valid  # [B, T_resp]
-    if not with_entropy:
-        return logprobs, None
-    entropy = (log_norm - (picked.softmax(-1) * picked).sum(-1)) * valid  # H = log Z − Σ p·logit
-    return logprobs, entropy
+    return token_logprobs(logits, before, tokens, valid, temperature, with_entropy)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:

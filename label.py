@@ -60,7 +60,7 @@ from tqdm import tqdm
 import common
 import gold
 import plumbing
-from plumbing import amp, chat, checkpoint, hf_models
+from plumbing import amp, chat, checkpoint, distributed, hf_models
 
 DELIMITER = "### REVISED RESPONSE ###"
 DELIMITER_LINE = re.compile(r"^[ \t*_#]*REVISED RESPONSE[ \t*_#:]*$", re.IGNORECASE | re.MULTILINE)
@@ -389,9 +389,7 @@ def run_hf(todo, args, on_answer):
     would give the same answer)."""
     if not todo:
         return 0
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    )
+    device = distributed.resolve_device(args.device)  # cuda:N honoured
     tokenizer = hf_models.load_tokenizer(
         args.reviser_model, args.trust_remote_code, what="--reviser-model"
     )

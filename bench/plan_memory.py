@@ -27,15 +27,19 @@ heads × head dim, I = MLP width, V vocabulary):
                                   within 4%, for a 256-wide Llama and GPT-2 block; with LoRA
                                   at most 2·(in + r) more per adapted layer (the adapter's input
                                   copy and B·A·x's r values)
-               + 10·b·T'·V        the loss's logits: bf16 (2) + fp32 copy (4) + its gradient (4),
-                                  over T' = T (SFT) or response + 1 (PPO) positions; none for
+               + 4·b·T'·V + 5·C   the loss's logits: bf16 (2) and their gradient (2), over
+                                  T' = T (SFT) or response + 1 (PPO) positions, plus the fp32
+                                  log-softmax of one chunk of positions in the backward
+                                  (common.token_logprobs, C = common.CHUNK_BYTES, or the whole
+                                  loss when smaller); none for
                                   scalar heads
   generation   PPO rollout: KV cache 2·L·B·T·Hkv·2 bytes (keys and values of every layer, bf16)
                for B = --rollout-batch prompts, plus the prefill's live tensors in one block
                without autograd, 2·(3I + 4H) bytes per prompt token (the MLP's intermediates,
                a few [B, P, H])
-  scoring      PPO rollout: log-probs and entropy of B responses at once: 12·B·(R+1)·V bytes
-               (fp32 logits, softmax, softmax·logits), plus one block's live tensors over B·T
+  scoring      PPO rollout: log-probs and entropy of B responses at once: the logits,
+               2·B·(R+1)·V bytes (bf16), plus 3·C for the fp32 log-softmax and entropy of one
+               chunk of positions (common.token_logprobs), plus one block's live tensors over B·T
                tokens
   total        all weights, gradients and AdamW states + the largest of the phases (each frees its
                memory before the next starts)
@@ -60,6 +64,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import CHUNK_BYTES  # noqa: E402  the fp32 work of one chunk of log-prob positions
 
 GiB = 2 ** 30
 FP32, BF16 = 4, 2
@@ -255,15 +261,14 @@ def train_activations(
     act: int = BF16,
 ) -> int:
     """Gradient checkpointing: every block's input for n_models models, one block recomputed, the
-    loss's logits (bf16 logits + their fp32 copy + its gradient: 10 bytes each; fp32: logits and
-    gradient, 8)."""
+    loss's logits (the logits and their gradient, 2·act bytes each) and one chunk's fp32
+    log-softmax in the backward (common.token_logprobs)."""
     saved_inputs = (
         n_models * shape["layers"] * sequences * tokens * shape["hidden"] * residual_bytes
     )
     one_block = sequences * tokens * block_bytes_per_token(shape, counts, lora_on, act)
-    logits = (
-        (act + 2 * FP32 if act == BF16 else 2 * FP32) * sequences * logit_positions * shape["vocab"]
-    )
+    positions = sequences * logit_positions * shape["vocab"]  # logit values
+    logits = 2 * act * positions + 5 * min(CHUNK_BYTES, FP32 * positions)
     return saved_inputs + one_block + logits
 
 
@@ -324,7 +329,9 @@ def plan(stage: str, lora_on: bool, counts: dict, shape: dict, args, rollout_bat
         block = forward_bytes_per_token(shape, act)
         out["kv_cache"] = kv_cache_bytes(shape, rollout_batch, T, act)
         out["generation"] = out["kv_cache"] + rollout_batch * args.prompt_len * block
-        out["scoring"] = 12 * rollout_batch * (R + 1) * shape["vocab"] + rollout_batch * T * block
+        scored = rollout_batch * (R + 1) * shape["vocab"]  # logit values
+        out["scoring"] = (act * scored + 3 * min(CHUNK_BYTES, FP32 * scored)
+                          + rollout_batch * T * block)
     phases = max(out["activations"], out.get("generation", 0), out.get("scoring", 0))
     out["total"] = out["weights"] + out["gradients"] + out["adamw"] + phases
     # FSDP: states sharded over N GPUs, bf16 compute weights gathered a layer at a time

@@ -63,11 +63,36 @@ class DistInfo:
         return self.fsdp and not self.master
 
 
+def resolve_device(device: str = "auto") -> torch.device:
+    """--device of a single process as a torch.device: auto = cuda if there is a GPU, else cpu;
+    cuda:N keeps its index (checked against the GPUs there are) and cuda alone is the current GPU,
+    by its index. A CUDA device becomes the current one, so that whatever is put on "cuda" (a
+    library's tensor, torch.cuda's memory counters) lands on the same GPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"--device {device!r}: not a device (auto, cpu, cuda, cuda:N)") from None
+    if dev.type != "cuda":
+        return dev
+    if not torch.cuda.is_available():
+        raise InputError(f"--device {device}: no CUDA GPU is visible to this process")
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        raise InputError(f"--device {device}: this machine has {count} CUDA device(s), "
+                         f"cuda:0 to cuda:{count - 1}")
+    dev = torch.device("cuda", torch.cuda.current_device() if dev.index is None else dev.index)
+    torch.cuda.set_device(dev)
+    return dev
+
+
 def setup_distributed(device: str = "auto", fsdp: bool = False) -> DistInfo:
     """Read RANK / LOCAL_RANK / WORLD_SIZE as torchrun sets them (nanoGPT style).
 
-    NCCL on CUDA, gloo on CPU. Without torchrun this is a single process (and --fsdp has nothing to
-    shard over: the run is the plain single-process one, with a warning).
+    NCCL on CUDA, gloo on CPU; under torchrun each rank takes the GPU of its LOCAL_RANK. Without
+    torchrun this is a single process on --device (resolve_device: cuda:N is honoured), and --fsdp
+    has nothing to shard over: the run is the plain single-process one, with a warning.
     """
     want_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
@@ -93,9 +118,7 @@ def setup_distributed(device: str = "auto", fsdp: bool = False) -> DistInfo:
             "(launch with torchrun)",
             stacklevel=2,
         )
-    return DistInfo(
-        device=torch.device("cuda" if want_cuda else (device if device != "auto" else "cpu"))
-    )
+    return DistInfo(device=resolve_device(device))
 
 
 def cleanup_distributed(dist_info: DistInfo):

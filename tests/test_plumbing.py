@@ -476,3 +476,31 @@ def test_bad_data_is_one_line_and_exit_code_2_in_every_stage(tmp_path, tiny_dir)
         where = f"{binary} line 1" if name == "discriminator" else f"{bad} line 3"
         expected = f"error: {where}: not UTF-8 text (a binary file, or another encoding?)"
         assert lines[0] == expected, (name, lines)
+
+
+def test_device_cuda_n_keeps_its_index_in_one_process(monkeypatch):
+    """--device cuda:1 is cuda:1 (it was turned into plain cuda, i.e. GPU 0), made the current GPU;
+    cuda alone is the current GPU by index; a GPU that is not there is refused naming --device.
+    CUDA mocked: two GPUs, the current one 0."""
+    from plumbing import distributed
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    assert distributed.setup_distributed("cuda:1").device == torch.device("cuda", 1)
+    assert current == [torch.device("cuda", 1)]
+    assert distributed.setup_distributed("cuda").device == torch.device("cuda", 0)
+    assert distributed.setup_distributed("auto").device == torch.device("cuda", 0)
+    assert distributed.setup_distributed("cpu").device == torch.device("cpu")
+    with pytest.raises(common.InputError, match=r"--device cuda:2: .* 2 CUDA device"):
+        distributed.setup_distributed("cuda:2")
+    with pytest.raises(common.InputError, match="--device 'gpu1': not a device"):
+        distributed.setup_distributed("gpu1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(common.InputError, match="--device cuda:1: no CUDA GPU"):
+        distributed.setup_distributed("cuda:1")
+    assert distributed.setup_distributed("auto").device == torch.device("cpu")
