@@ -135,14 +135,7 @@ def parse_args(argv=None):
     out.add_argument(
         "--eval-batch-size", type=int, default=16, help="sequences per forward pass when evaluating"
     )
-    out.add_argument(
-        "--save-every", type=int, default=200, help="write a resumable checkpoint every N steps"
-    )
-    out.add_argument(
-        "--stop-after", type=int, default=None,
-        help="checkpoint and stop after this many steps (as if interrupted); run again to resume",
-    )
-    plumbing.add_run_args(out)  # --no-resume, --force-resume, --report-to
+    plumbing.add_run_args(out, save_every=200)  # --save-every, --stop-after, resume, --report-to
     lora.add_lora_args(train)
     plumbing.add_system_args(train)
 
@@ -609,11 +602,12 @@ def train(args):
             run.logger.log(record)
         bar.update(1)
         bar.set_postfix(loss=round(record["loss"], 4), acc=round(record["batch_accuracy"], 3))
-        run.save_if_due(step)  # every --save-every steps, and at --stop-after
-        if run.stop_here(step, total_steps):  # --stop-after: stop as if killed, resume later
-            bar.close()
-            return None
+        run.save_if_due(step, total_steps)  # every --save-every steps, --stop-after, the last
+        if run.stop_requested(step, total_steps):  # --stop-after: stop as if killed
+            break
     bar.close()
+    if step < total_steps:  # stopped by --stop-after: run it again to resume
+        return run.finish()
     info = {
         "role": "tlcr_discriminator",
         "sft": str(args.sft),
@@ -624,7 +618,6 @@ def train(args):
         "max_response_len": args.max_response_len,
         "steps": step,
     }
-    run.save(step)
     # every rank; keeps log.jsonl, checkpoint/
     hf_models.save_score_model(model, tokenizer, out, kind="token", extra=info)
     metrics = None
@@ -640,8 +633,7 @@ def train(args):
         print("no held-out pairs (--eval-fraction 0 or a single pair): accuracy not measured")
     if dist_info.master:
         print(f"discriminator saved to {out}")
-    run.finish()
-    return metrics
+    return run.finish(metrics)
 
 
 def evaluate(args):

@@ -131,12 +131,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     out.add_argument(
         "--eval-batch-size", type=int, default=8, help="pairs per forward pass when evaluating"
     )
-    out.add_argument("--save-every", type=int, default=200, help="steps between checkpoints")
-    out.add_argument(
-        "--stop-after", type=int, default=None,
-        help="checkpoint and stop after this many steps (as if interrupted); run again to resume",
-    )
-    plumbing.add_run_args(out)  # --no-resume, --force-resume, --report-to
+    plumbing.add_run_args(out, save_every=200)  # --save-every, --stop-after, resume, --report-to
     lora.add_lora_args(train)
     plumbing.add_system_args(train)
 
@@ -588,17 +583,17 @@ def train(args):
             run.logger.log(record)
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.3f}")
-        run.save_if_due(step)  # every --save-every steps, and at --stop-after
-        if run.stop_here(step, total_steps):  # --stop-after: stop as if killed, resume later
-            bar.close()
-            return None
+        run.save_if_due(step, total_steps)  # every --save-every steps, --stop-after, the last
+        if run.stop_requested(step, total_steps):  # --stop-after: stop as if killed
+            break
     bar.close()
+    if step < total_steps:  # stopped by --stop-after: run it again to resume
+        return run.finish()
 
     # held-out accuracy, final model
     result = evaluate(
         model, eval_examples, pad_id, args.eval_batch_size, device, dist_info, args.precision
     )
-    run.save(step)
     info = {
         "role": "reward_model",
         "sft": str(args.sft),
@@ -635,8 +630,7 @@ def train(args):
             f"mean margin {result['mean_margin']:+.4f} "
             f"over {result['pairs']} pairs -> {out / 'accuracy.json'}"
         )
-    run.finish()
-    return result
+    return run.finish(result)
 
 
 @torch.no_grad()

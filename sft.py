@@ -94,14 +94,7 @@ def parse_args(argv=None):
     out.add_argument(
         "--eval-batch-size", type=int, default=8, help="sequences per forward pass when evaluating"
     )
-    out.add_argument(
-        "--save-every", type=int, default=100, help="write a resumable checkpoint every N steps"
-    )
-    out.add_argument(
-        "--stop-after", type=int, default=None,
-        help="checkpoint and stop after this many steps (as if interrupted); run again to resume",
-    )
-    plumbing.add_run_args(out)  # --no-resume, --force-resume, --report-to
+    plumbing.add_run_args(out, save_every=100)  # --save-every, --stop-after, resume, --report-to
     lora.add_lora_args(parser)
     plumbing.add_system_args(parser)
     args = parser.parse_args(argv)
@@ -289,14 +282,14 @@ def main(argv=None):
         run.logger.log(record)
         bar.update(1)
         bar.set_postfix({k: round(v, 4) for k, v in record.items() if k.endswith("loss")})
-        run.save_if_due(step)  # every --save-every steps, and at --stop-after
-        if run.stop_here(step, total_steps):  # --stop-after: stop as if killed, resume later
-            bar.close()
-            return None
+        run.save_if_due(step, total_steps)  # every --save-every steps, --stop-after, the last
+        if run.stop_requested(step, total_steps):  # --stop-after: stop as if killed
+            break
     bar.close()
+    if step < total_steps:  # stopped by --stop-after: run it again to resume
+        return run.finish()
     if eval_loss is None:  # resumed after the last step: nothing was evaluated in this run
         eval_loss = evaluate(model, test_examples, args, dist_info, pad_id)
-    run.save(step)
     # every rank: gathered under FSDP, LoRA merged; rank 0 writes
     hf_models.save_policy(model, tokenizer, out)
     if dist_info.master:
@@ -304,8 +297,7 @@ def main(argv=None):
             out / "sft_summary.json", json.dumps({"step": step, "eval_loss": eval_loss}, indent=2)
         )
         print(f"sft: {step} steps, held-out response NLL {eval_loss:.4f}, model saved to {out}")
-    run.finish()
-    return out
+    return run.finish(out)
 
 
 if __name__ == "__main__":

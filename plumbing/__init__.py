@@ -230,15 +230,22 @@ def total_steps_of(n_examples: int, batch_size: int, epochs: float, max_steps: i
 #         metrics = train_step(...)
 #         step += 1
 #         run.logger.log({"step": step, **metrics})  # OUT/log.jsonl (and --report-to)
-#         run.save_if_due(step)                      # every --save-every steps, at --stop-after
-#         if run.stop_here(step, total_steps):       # --stop-after: stop as if killed
-#             return None
-#     run.save(step)
+#         run.save_if_due(step, total_steps)         # --save-every, --stop-after, the last step
+#         if run.stop_requested(step, total_steps):  # --stop-after: stop as if killed
+#             break
+#     if step < total_steps:                         # stopped: run it again to resume
+#         return run.finish()
 #     ...save the trained model...
-#     run.finish()
+#     return run.finish(result)
 # ----------------------------------------------------------------------------------------------
-def add_run_args(group):
-    """--no-resume, --force-resume and --report-to: the options of a run that resumes and logs."""
+def add_run_args(group, save_every: int, unit: str = "steps"):
+    """Every option Run reads: --save-every, --stop-after, --no-resume, --force-resume and
+    --report-to. `unit` names a step in the help (PPO: "iterations")."""
+    group.add_argument("--save-every", type=int, default=save_every,
+                       help=f"write a resumable checkpoint every N {unit} (and at the last)")
+    group.add_argument("--stop-after", type=int, default=None,
+                       help=f"checkpoint and stop after this many {unit} (as if interrupted); run "
+                            "again to resume")
     checkpoint.add_resume_args(group)
     checkpoint.add_report_args(group)
     return group
@@ -271,27 +278,25 @@ class Run:
                                               self.args, self.dist_info, map_location)
         return step
 
-    def save(self, step: int):
-        """OUT/checkpoint/step-N. Every rank calls it (under FSDP each writes its shards)."""
-        checkpoint.save_checkpoint(self.out, step, self.models, self.optimizers, self.schedulers,
-                                   self.config)
+    def save_if_due(self, step: int, total_steps: int):
+        """OUT/checkpoint/step-N after step N if N is a multiple of --save-every, --stop-after or
+        the last step: once a step, whichever of these it is. Every rank calls it (under FSDP each
+        writes its shards)."""
+        if step % self.args.save_every == 0 or step in (self.args.stop_after, total_steps):
+            checkpoint.save_checkpoint(self.out, step, self.models, self.optimizers,
+                                       self.schedulers, self.config)
 
-    def save_if_due(self, step: int, last_step: int | None = None):
-        """save() every --save-every steps, at --stop-after, and at last_step if given."""
-        if step % self.args.save_every == 0 or step == self.args.stop_after or step == last_step:
-            self.save(step)
+    def stop_requested(self, step: int, total_steps: int) -> bool:
+        """Whether --stop-after asks the run to stop after this step, before its last (then the
+        trainer leaves its loop, and a later run with the same --out resumes there). Changes
+        nothing."""
+        return step == self.args.stop_after and step < total_steps
 
-    def stop_here(self, step: int, total_steps: int) -> bool:
-        """True at --stop-after before the last step: the run ends there as if killed (run it again
-        to resume), and finish() has been called."""
-        if step == self.args.stop_after and step < total_steps:
-            self.finish()
-            return True
-        return False
-
-    def finish(self):
-        """Wait for every rank, then end the process group (distributed.cleanup_distributed)."""
+    def finish(self, result=None):
+        """Wait for every rank, end the process group (distributed.cleanup_distributed), and hand
+        back `result`: every trainer ends with `return run.finish(...)`."""
         distributed.cleanup_distributed(self.dist_info)
+        return result
 
 
 def start_run(args) -> Run:
