@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 
 import common
+import lora
 from common import InputError
 from plumbing import amp, chat, checkpoint, distributed
 from plumbing import hf_models as hf_models  # re-exported: `import plumbing` loads every submodule
@@ -215,6 +216,93 @@ def total_steps_of(n_examples: int, batch_size: int, epochs: float, max_steps: i
     if max_steps is not None:
         return max_steps
     return max(1, math.ceil(epochs * max(1, n_examples // batch_size)))
+
+
+# ----------------------------------------------------------------------------------------------
+# What the three supervised trainers share (sft.py, discriminator.py train, redistribute.py train):
+# their optimizer and output options, their model's preparation, their optimizer and schedule
+# ----------------------------------------------------------------------------------------------
+def add_optimizer_args(group, batch_unit: str, epochs: float, lr: float, lr_note: str,
+                       batch_size: int, micro_batch_size: int, weight_decay: float = 0.0,
+                       epochs_help: str | None = None, weight_decay_note: str = ""):
+    """--epochs, --max-steps, --lr, --weight-decay, --batch-size, --micro-batch-size and
+    --max-grad-norm, with each stage's defaults; `batch_unit` is what a batch counts."""
+    group.add_argument("--epochs", type=float, default=epochs,
+                       help=epochs_help or f"passes over the training {batch_unit}")
+    group.add_argument("--max-steps", type=int, default=None,
+                       help="optimizer steps of the whole run (overrides --epochs)")
+    group.add_argument("--lr", type=float, default=lr,
+                       help=f"peak learning rate, cosine-decayed to 0 without warm-up ({lr_note})")
+    group.add_argument("--weight-decay", type=float, default=weight_decay,
+                       help=f"AdamW weight decay on matrices{weight_decay_note}")
+    group.add_argument("--batch-size", type=int, default=batch_size,
+                       help=f"global batch: {batch_unit} per optimizer step over all ranks")
+    group.add_argument("--micro-batch-size", type=int, default=micro_batch_size,
+                       help=f"{batch_unit} per forward pass on one rank; gradient accumulation "
+                            "makes up the rest")
+    group.add_argument("--max-grad-norm", type=float, default=1.0,
+                       help="gradient clipping (0 = off)")
+    return group
+
+
+def add_output_args(group, out_help: str, save_every: int, eval_every: int, eval_help: str,
+                    eval_batch_size: int, batch_unit: str, log_every: int | None = None,
+                    out_default: str | None = None):
+    """--out, --log-every (when the stage logs every N steps), --eval-every, --eval-batch-size and
+    the run's options (add_run_args)."""
+    group.add_argument("--out", required=out_default is None, default=out_default, help=out_help)
+    if log_every is not None:
+        group.add_argument("--log-every", type=int, default=log_every,
+                           help="write a log line every N optimizer steps")
+    group.add_argument("--eval-every", type=int, default=eval_every, help=eval_help)
+    group.add_argument("--eval-batch-size", type=int, default=eval_batch_size,
+                       help=f"{batch_unit} per forward pass when evaluating")
+    return add_run_args(group, save_every)
+
+
+def check_training_args(parser, args, *more_positive: str):
+    """Refuses, by name, a batch, step count or interval below 1 (and any of `more_positive`), and
+    an --epochs or --lr that is not positive."""
+    names = ["batch_size", "micro_batch_size", "eval_batch_size", "max_steps", "save_every",
+             *more_positive]
+    check_positive(parser, args, *(n for n in names if hasattr(args, n)))
+    for name in ("epochs", "lr"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name} must be positive, got {getattr(args, name)}")
+
+
+def new_score_model(args, dist_info: distributed.DistInfo, kind: str, stage: str) -> nn.Module:
+    """A score-model trainer's model (discriminator: kind "token", one logit per token; reward
+    model: "sequence"): --sft's backbone and a fresh scalar head, with a bias for the token logit
+    and none for R (only differences of R matter). Says before training, not after, when its family
+    will be saved in the project's own format."""
+    model = hf_models.new_score_model(args.sft, bias=kind == "token",
+                                      dtype=amp.base_dtype(args, dist_info.device),
+                                      trust_remote_code=args.trust_remote_code, what="--sft",
+                                      meta=dist_info.meta)
+    save_note = hf_models.score_save_note(model.config, kind)
+    if dist_info.master and save_note:
+        print(f"{stage}: note: {save_note}")
+    return model
+
+
+def prepare_to_train(model: nn.Module, args, dist_info: distributed.DistInfo) -> nn.Module:
+    """What every trainer does to its model before the optimizer sees it: LoRA adapters
+    (--lora-rank 0: none; on a score model's backbone, its head stays trained), gradient
+    checkpointing if asked, then DDP, or FSDP2 sharding with --fsdp."""
+    lora.add_lora_from_args(model.backbone if isinstance(model, common.ScoreModel) else model, args)
+    if args.gradient_checkpointing:
+        hf_models.enable_gradient_checkpointing(model)
+    return distributed.wrap_model(model, dist_info, args.precision)
+
+
+def optimizer_and_schedule(args, model: nn.Module, n_examples: int, batch_size: int):
+    """AdamW (--lr, --weight-decay) and its cosine schedule over the run's planned steps (--epochs
+    passes over n_examples in global batches of batch_size, or --max-steps).
+    Returns (total_steps, optimizer, scheduler)."""
+    total_steps = total_steps_of(n_examples, batch_size, args.epochs, args.max_steps)
+    optimizer = adamw(model, args.lr, args.weight_decay)
+    return total_steps, optimizer, cosine_schedule(optimizer, total_steps)
 
 
 
