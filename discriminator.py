@@ -92,57 +92,16 @@ def parse_args(argv=None):
         "--sft", required=True,
         help="SFT model folder (or any causal LM): the backbone to start from",
     )
-    algo = train.add_argument_group("algorithm")
-    algo.add_argument(
-        "--epochs", type=float, default=2.0, help="passes over the training sequences (paper: 2)"
-    )
-    algo.add_argument(
-        "--max-steps", type=int, default=None,
-        help="optimizer steps of the whole run (overrides --epochs)",
-    )
-    algo.add_argument(
-        "--lr",
-        type=float,
-        default=1e-5,
-        help="peak learning rate, cosine to 0 without warm-up. 1e-5 is the paper's for a 7B "
-        "model; the tiny demo model needs ~1e-3",
-    )
-    algo.add_argument(
-        "--weight-decay", type=float, default=0.1,
-        help="AdamW weight decay on matrices (paper: 0.1)",
-    )
-    algo.add_argument("--batch-size", type=int, default=16,
-                      help="global batch: sequences per optimizer step (a labelled pair gives two)")
-    algo.add_argument(
-        "--micro-batch-size", type=int, default=8,
-        help="sequences per forward pass on one rank; gradient accumulation makes up the rest",
-    )
-    algo.add_argument(
-        "--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = off)"
-    )
-    out = train.add_argument_group("output")
-    out.add_argument(
-        "--out", required=True,
-        help="output folder: discriminator, log.jsonl, accuracy.json, checkpoint/",
-    )
-    out.add_argument(
-        "--log-every", type=int, default=10, help="write a log line every N optimizer steps"
-    )
-    out.add_argument(
-        "--eval-every", type=int, default=0,
-        help="held-out accuracy every N steps (0 = at the end only)",
-    )
-    out.add_argument(
-        "--eval-batch-size", type=int, default=16, help="sequences per forward pass when evaluating"
-    )
-    out.add_argument(
-        "--save-every", type=int, default=200, help="write a resumable checkpoint every N steps"
-    )
-    out.add_argument(
-        "--stop-after", type=int, default=None,
-        help="checkpoint and stop after this many steps (as if interrupted); run again to resume",
-    )
-    plumbing.add_run_args(out)  # --no-resume, --force-resume, --report-to
+    plumbing.add_optimizer_args(train.add_argument_group("algorithm"), "sequences", epochs=2.0,
+                                lr=1e-5, lr_note="1e-5 is the paper's for a 7B model; the tiny "
+                                "demo model needs ~1e-3", batch_size=16, micro_batch_size=8,
+                                weight_decay=0.1, weight_decay_note=" (paper: 0.1)",
+                                epochs_help="passes over the training sequences, two a labelled "
+                                "pair (paper: 2)")
+    plumbing.add_output_args(train.add_argument_group("output"), "output folder: discriminator, "
+                             "log.jsonl, accuracy.json, checkpoint/", save_every=200, eval_every=0,
+                             eval_help="held-out accuracy every N steps (0 = at the end only)",
+                             eval_batch_size=16, batch_unit="sequences", log_every=10)
     lora.add_lora_args(train)
     plumbing.add_system_args(train)
 
@@ -192,13 +151,8 @@ def parse_args(argv=None):
     if args.command == "train":
         if not 0.0 <= args.eval_fraction < 1.0:
             train.error("--eval-fraction must be in [0, 1)")
-        plumbing.check_positive(
-            train, args, "batch_size", "micro_batch_size", "eval_batch_size", "max_steps",
-            "log_every", "save_every",
-        )
+        plumbing.check_training_args(train, args, "log_every")
         lora.check_lora_args(train, args)
-        if args.lr <= 0 or args.epochs <= 0:
-            train.error("--lr and --epochs must be positive")
     if (
         args.command == "show"
         and args.labels is None
@@ -533,19 +487,7 @@ def train(args):
     # dropout stays on while the discriminator learns (per-token targets, no pair to keep
     # consistent: it is plain regularisation, as in SFT); load_discriminator turns it off, so the
     # rewards PPO reads are deterministic
-    model = hf_models.new_score_model(
-        args.sft,
-        bias=True,
-        dtype=amp.base_dtype(args, dist_info.device),
-        trust_remote_code=args.trust_remote_code,
-        what="--sft",
-        meta=dist_info.meta,
-    )
-    # --lora-rank 0: nothing; else the head stays trainable
-    lora.add_lora_from_args(model.backbone, args)
-    save_note = hf_models.score_save_note(model.config, "token")  # said before training, not after
-    if dist_info.master and save_note:
-        print(f"discriminator: note: {save_note}")
+    model = plumbing.new_score_model(args, dist_info, "token", "discriminator")
     max_positions = getattr(model.config, "max_position_embeddings", None)
     if max_positions and args.max_prompt_len + args.max_response_len > max_positions:
         raise common.InputError(
@@ -564,17 +506,11 @@ def train(args):
     )
     if not train_examples:
         raise common.DataError(f"{args.labels}: no non-empty response to train on")
-    if args.gradient_checkpointing:
-        hf_models.enable_gradient_checkpointing(model)
-    model = distributed.wrap_model(model, dist_info, args.precision)  # DDP, or sharded with --fsdp
-
+    model = plumbing.prepare_to_train(model, args, dist_info)  # LoRA, checkpointing, DDP / FSDP
     batch_size = min(args.batch_size, len(train_examples))
     distributed.check_batch_size(batch_size, dist_info)
-    total_steps = plumbing.total_steps_of(
-        len(train_examples), batch_size, args.epochs, args.max_steps
-    )
-    optimizer = plumbing.adamw(model, args.lr, args.weight_decay)
-    scheduler = plumbing.cosine_schedule(optimizer, total_steps)
+    total_steps, optimizer, scheduler = plumbing.optimizer_and_schedule(
+        args, model, len(train_examples), batch_size)
     step = run.resume({"model": model}, {"model": optimizer}, {"model": scheduler},
                       total_steps=total_steps)  # 0, or where the newest checkpoint stopped
     pad_id = tokenizer.pad_token_id
@@ -609,11 +545,12 @@ def train(args):
             run.logger.log(record)
         bar.update(1)
         bar.set_postfix(loss=round(record["loss"], 4), acc=round(record["batch_accuracy"], 3))
-        run.save_if_due(step)  # every --save-every steps, and at --stop-after
-        if run.stop_here(step, total_steps):  # --stop-after: stop as if killed, resume later
-            bar.close()
-            return None
+        run.save_if_due(step, total_steps)  # every --save-every steps, --stop-after, the last
+        if run.stop_requested(step, total_steps):  # --stop-after: stop as if killed
+            break
     bar.close()
+    if step < total_steps:  # stopped by --stop-after: run it again to resume
+        return run.finish()
     info = {
         "role": "tlcr_discriminator",
         "sft": str(args.sft),
@@ -624,7 +561,6 @@ def train(args):
         "max_response_len": args.max_response_len,
         "steps": step,
     }
-    run.save(step)
     # every rank; keeps log.jsonl, checkpoint/
     hf_models.save_score_model(model, tokenizer, out, kind="token", extra=info)
     metrics = None
@@ -640,8 +576,7 @@ def train(args):
         print("no held-out pairs (--eval-fraction 0 or a single pair): accuracy not measured")
     if dist_info.master:
         print(f"discriminator saved to {out}")
-    run.finish()
-    return metrics
+    return run.finish(metrics)
 
 
 def evaluate(args):

@@ -672,12 +672,7 @@ def parse_args(argv=None):
     system.add_argument("--offload-frozen", action="store_true",
                         help="keep the frozen reference and reward models on the CPU (with LoRA: "
                              "those that do not share the policy's or the critic's backbone)")
-    system.add_argument("--save-every", type=int, default=50,
-                        help="checkpoint every N iterations (and at the end)")
-    system.add_argument("--stop-after", type=int, default=None,
-                        help="checkpoint and stop after this many iterations (as if interrupted); "
-                             "run again to resume")
-    plumbing.add_run_args(system)
+    plumbing.add_run_args(system, save_every=50, unit="iterations")
     args = parser.parse_args(argv)
     lora.check_lora_args(parser, args)
     if args.offload_frozen and args.fsdp:
@@ -739,6 +734,7 @@ def main(argv=None, reward_fn=None):
     bar = tqdm(range(start_step, args.iterations), initial=start_step, total=args.iterations,
                disable=not master, desc="ppo")
     start = time.perf_counter()
+    done = start_step  # iterations done
     for step in bar:
         t0 = time.perf_counter()
         # all randomness of a step (sampling, minibatch order) is a function of (seed, rank, step)
@@ -764,15 +760,17 @@ def main(argv=None, reward_fn=None):
         bar.set_postfix_str(f"task {record['task_reward']:.3f} kl {record['kl']:.3f} "
                             f"len {record['response_length']:.1f} eos {record['eos_fraction']:.2f} "
                             f"vf {record['value_loss']:.3f} ev {record['explained_variance']:.2f}")
-        # checkpoint: every --save-every iterations, at --stop-after (then stop) and at the end
-        run.save_if_due(step + 1, last_step=args.iterations)
-        if run.stop_here(step + 1, args.iterations):
-            bar.close()
-            return None
+        done = step + 1  # iterations done
+        run.save_if_due(done, args.iterations)  # every --save-every iterations, --stop-after, last
+        if run.stop_requested(done, args.iterations):  # --stop-after: stop as if killed
+            break
+    bar.close()
+    if done < args.iterations:  # stopped by --stop-after: run it again to resume
+        return run.finish()
     hf_models.save_policy(models.policy, tokenizer, out / "policy")  # gathered (FSDP), LoRA merged
     if master:
         print(f"ppo_token: done, policy saved to {out / 'policy'}")
-    run.finish()
+    return run.finish(out / "policy")
 
 
 if __name__ == "__main__":

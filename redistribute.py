@@ -91,52 +91,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument(
         "--sft", required=True, help="SFT model directory (or HF name): backbone and tokenizer"
     )
-    algo = train.add_argument_group("algorithm")
-    algo.add_argument("--epochs", type=float, default=1.0, help="passes over the training pairs")
-    algo.add_argument(
-        "--max-steps", type=int, default=None,
-        help="optimizer steps of the whole run (overrides --epochs)",
-    )
-    algo.add_argument(
-        "--lr",
-        type=float,
-        default=1e-5,
-        help="peak learning rate, cosine to 0 without warm-up (1e-5 is for 7B models; "
-        "tiny models want ~1e-4 to 5e-4)",
-    )
-    algo.add_argument(
-        "--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices"
-    )
-    algo.add_argument("--batch-size", type=int, default=8,
-                      help="global batch: pairs per optimizer step (all ranks, all micro-batches)")
-    algo.add_argument(
-        "--micro-batch-size",
-        type=int,
-        default=8,
-        help="pairs per forward pass on one rank (a pair = its chosen and rejected rows in "
-        "one pass); gradient accumulation makes up the rest",
-    )
-    algo.add_argument(
-        "--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (0 = off)"
-    )
-    out = train.add_argument_group("output")
-    out.add_argument(
-        "--out", required=True, help="output directory for the reward model, logs, checkpoint"
-    )
-    out.add_argument("--log-every", type=int, default=10, help="optimizer steps between log lines")
-    out.add_argument(
-        "--eval-every", type=int, default=0,
-        help="steps between held-out evaluations (0 = end only)",
-    )
-    out.add_argument(
-        "--eval-batch-size", type=int, default=8, help="pairs per forward pass when evaluating"
-    )
-    out.add_argument("--save-every", type=int, default=200, help="steps between checkpoints")
-    out.add_argument(
-        "--stop-after", type=int, default=None,
-        help="checkpoint and stop after this many steps (as if interrupted); run again to resume",
-    )
-    plumbing.add_run_args(out)  # --no-resume, --force-resume, --report-to
+    # a pair's chosen and rejected rows go through one forward pass together
+    plumbing.add_optimizer_args(train.add_argument_group("algorithm"), "pairs", epochs=1.0,
+                                lr=1e-5, lr_note="1e-5 is for 7B models; tiny models want ~1e-4 "
+                                "to 5e-4", batch_size=8, micro_batch_size=8)
+    plumbing.add_output_args(train.add_argument_group("output"), "output directory for the reward "
+                             "model, logs, checkpoint", save_every=200, eval_every=0,
+                             eval_help="steps between held-out evaluations (0 = end only)",
+                             eval_batch_size=8, batch_unit="pairs", log_every=10)
     lora.add_lora_args(train)
     plumbing.add_system_args(train)
 
@@ -170,20 +132,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.command == "train":
         if not 0.0 < args.eval_fraction < 1.0:
             train.error(f"--eval-fraction must be in (0, 1), got {args.eval_fraction}")
-        plumbing.check_positive(
-            train,
-            args,
-            "batch_size",
-            "micro_batch_size",
-            "eval_batch_size",
-            "max_prompt_len",
-            "max_response_len",
-            "log_every",
-            "save_every",
-            "max_steps",
-        )
-        if args.epochs <= 0:
-            train.error("--epochs must be positive")
+        plumbing.check_training_args(train, args, "max_prompt_len", "max_response_len",
+                                     "log_every")
         lora.check_lora_args(train, args)
         if args.limit is not None and args.limit < 2:
             train.error(
@@ -522,30 +472,13 @@ def train(args):
 
     # model: SFT backbone + fresh scalar head without bias, dropout off (the two sides of a pair
     # must be scored by the same function), optimizer, cosine schedule without warm-up
-    model = hf_models.new_score_model(
-        args.sft,
-        bias=False,
-        dtype=amp.base_dtype(args, device),
-        trust_remote_code=args.trust_remote_code,
-        what="--sft",
-        meta=dist_info.meta,
-    )
-    # --lora-rank 0: nothing; else the head stays trainable
-    lora.add_lora_from_args(model.backbone, args)
-    save_note = hf_models.score_save_note(model.config, "sequence")  # said before training
-    if dist_info.master and save_note:
-        print(f"reward model: note: {save_note}")
+    model = plumbing.new_score_model(args, dist_info, "sequence", "reward model")
     hf_models.disable_dropout(model).train()
-    if args.gradient_checkpointing:
-        hf_models.enable_gradient_checkpointing(model)
-    model = distributed.wrap_model(model, dist_info, args.precision)  # DDP, or sharded with --fsdp
+    model = plumbing.prepare_to_train(model, args, dist_info)  # LoRA, checkpointing, DDP / FSDP
     batch_size = min(args.batch_size, len(train_examples))  # global pairs per optimizer step
     distributed.check_batch_size(batch_size, dist_info)
-    total_steps = plumbing.total_steps_of(
-        len(train_examples), batch_size, args.epochs, args.max_steps
-    )
-    optimizer = plumbing.adamw(model, args.lr, args.weight_decay)
-    scheduler = plumbing.cosine_schedule(optimizer, total_steps)
+    total_steps, optimizer, scheduler = plumbing.optimizer_and_schedule(
+        args, model, len(train_examples), batch_size)
     step = run.resume({"model": model}, {"model": optimizer}, {"model": scheduler},
                       map_location=device, total_steps=total_steps)  # 0, or the last checkpoint's
     if master:
@@ -588,17 +521,17 @@ def train(args):
             run.logger.log(record)
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.3f}")
-        run.save_if_due(step)  # every --save-every steps, and at --stop-after
-        if run.stop_here(step, total_steps):  # --stop-after: stop as if killed, resume later
-            bar.close()
-            return None
+        run.save_if_due(step, total_steps)  # every --save-every steps, --stop-after, the last
+        if run.stop_requested(step, total_steps):  # --stop-after: stop as if killed
+            break
     bar.close()
+    if step < total_steps:  # stopped by --stop-after: run it again to resume
+        return run.finish()
 
     # held-out accuracy, final model
     result = evaluate(
         model, eval_examples, pad_id, args.eval_batch_size, device, dist_info, args.precision
     )
-    run.save(step)
     info = {
         "role": "reward_model",
         "sft": str(args.sft),
@@ -635,8 +568,7 @@ def train(args):
             f"mean margin {result['mean_margin']:+.4f} "
             f"over {result['pairs']} pairs -> {out / 'accuracy.json'}"
         )
-    run.finish()
-    return result
+    return run.finish(result)
 
 
 @torch.no_grad()

@@ -56,67 +56,24 @@ def parse_args(argv=None):
     model.add_argument(
         "--tiny-vocab", type=int, default=2048, help="tiny model: BPE vocabulary size"
     )
-    train = parser.add_argument_group("training")
-    train.add_argument("--epochs", type=float, default=1.0, help="passes over the SFT split")
-    train.add_argument("--max-steps", type=int, default=None,
-                       help="optimizer steps of the whole run (overrides --epochs)")
-    train.add_argument(
-        "--batch-size", type=int, default=16, help="global batch: sequences per optimizer step"
-    )
-    train.add_argument(
-        "--micro-batch-size", type=int, default=8,
-        help="sequences per forward pass on one rank; gradient accumulation makes up the rest",
-    )
-    train.add_argument(
-        "--lr",
-        type=float,
-        default=1e-3,
-        help="peak learning rate, cosine-decayed to 0 without warm-up (1e-3 suits the tiny "
-        "model; use ~1e-5 for gpt2 and larger)",
-    )
-    train.add_argument(
-        "--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices"
-    )
-    train.add_argument(
-        "--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = off)"
-    )
-    out = parser.add_argument_group("output")
-    out.add_argument(
-        "--out", default="runs/demo/sft", help="output folder: final model, log.jsonl, checkpoint/"
-    )
-    out.add_argument(
-        "--eval-every", type=int, default=50,
-        help="held-out loss every N steps and at the end (0: only at the end)",
-    )
-    out.add_argument(
-        "--eval-examples", type=int, default=64, help="test-split examples per held-out evaluation"
-    )
-    out.add_argument(
-        "--eval-batch-size", type=int, default=8, help="sequences per forward pass when evaluating"
-    )
-    out.add_argument(
-        "--save-every", type=int, default=100, help="write a resumable checkpoint every N steps"
-    )
-    out.add_argument(
-        "--stop-after", type=int, default=None,
-        help="checkpoint and stop after this many steps (as if interrupted); run again to resume",
-    )
-    plumbing.add_run_args(out)  # --no-resume, --force-resume, --report-to
+    plumbing.add_optimizer_args(parser.add_argument_group("training"), "sequences", epochs=1.0,
+                                lr=1e-3, lr_note="1e-3 suits the tiny model; use ~1e-5 for gpt2 "
+                                "and larger", batch_size=16, micro_batch_size=8,
+                                epochs_help="passes over the SFT split")
+    out = plumbing.add_output_args(parser.add_argument_group("output"),
+                                   "output folder: final model, log.jsonl, checkpoint/",
+                                   save_every=100, eval_every=50, eval_help="held-out loss every "
+                                   "N steps and at the end (0: only at the end)",
+                                   eval_batch_size=8, batch_unit="sequences",
+                                   out_default="runs/demo/sft")
+    out.add_argument("--eval-examples", type=int, default=64,
+                     help="test-split examples per held-out evaluation")
     lora.add_lora_args(parser)
     plumbing.add_system_args(parser)
     args = parser.parse_args(argv)
     lora.check_lora_args(parser, args)
-    plumbing.check_positive(
-        parser,
-        args,
-        "batch_size",
-        "micro_batch_size",
-        "eval_batch_size",
-        "eval_examples",
-        "max_prompt_len",
-        "max_response_len",
-        "save_every",
-    )
+    plumbing.check_training_args(parser, args, "eval_examples", "max_prompt_len",
+                                 "max_response_len")
     return args
 
 
@@ -251,21 +208,14 @@ def main(argv=None):
         hf_models.check_model_source(args.model, "--model")  # before any long work
     sft_pairs, test_pairs = select_pairs(args, quiet=not dist_info.master)
     model, tokenizer = load_or_build_model(args, sft_pairs, out, dist_info)
-    lora.add_lora_from_args(model, args)  # --lora-rank 0: nothing (full fine-tuning)
     train_examples = encode_examples(sft_pairs, tokenizer, args)
     test_examples = encode_examples(test_pairs, tokenizer, args)
     # dropout stays as the model was built (0.1 in the tiny model): SFT is ordinary supervised
     # learning, and a small model fitting a few hundred dialogues needs the regularisation; every RL
     # stage turns it off
-    if args.gradient_checkpointing:
-        hf_models.enable_gradient_checkpointing(model)
-    model = distributed.wrap_model(model, dist_info, args.precision)  # DDP, or sharded with --fsdp
-
-    total_steps = plumbing.total_steps_of(
-        len(train_examples), args.batch_size, args.epochs, args.max_steps
-    )
-    optimizer = plumbing.adamw(model, args.lr, args.weight_decay)
-    scheduler = plumbing.cosine_schedule(optimizer, total_steps)
+    model = plumbing.prepare_to_train(model, args, dist_info)  # LoRA, checkpointing, DDP / FSDP
+    total_steps, optimizer, scheduler = plumbing.optimizer_and_schedule(
+        args, model, len(train_examples), args.batch_size)
     step = run.resume({"model": model}, {"model": optimizer}, {"model": scheduler},
                       total_steps=total_steps)  # 0, or where the newest checkpoint stopped
     pad_id = tokenizer.pad_token_id
@@ -289,14 +239,14 @@ def main(argv=None):
         run.logger.log(record)
         bar.update(1)
         bar.set_postfix({k: round(v, 4) for k, v in record.items() if k.endswith("loss")})
-        run.save_if_due(step)  # every --save-every steps, and at --stop-after
-        if run.stop_here(step, total_steps):  # --stop-after: stop as if killed, resume later
-            bar.close()
-            return None
+        run.save_if_due(step, total_steps)  # every --save-every steps, --stop-after, the last
+        if run.stop_requested(step, total_steps):  # --stop-after: stop as if killed
+            break
     bar.close()
+    if step < total_steps:  # stopped by --stop-after: run it again to resume
+        return run.finish()
     if eval_loss is None:  # resumed after the last step: nothing was evaluated in this run
         eval_loss = evaluate(model, test_examples, args, dist_info, pad_id)
-    run.save(step)
     # every rank: gathered under FSDP, LoRA merged; rank 0 writes
     hf_models.save_policy(model, tokenizer, out)
     if dist_info.master:
@@ -304,8 +254,7 @@ def main(argv=None):
             out / "sft_summary.json", json.dumps({"step": step, "eval_loss": eval_loss}, indent=2)
         )
         print(f"sft: {step} steps, held-out response NLL {eval_loss:.4f}, model saved to {out}")
-    run.finish()
-    return out
+    return run.finish(out)
 
 
 if __name__ == "__main__":

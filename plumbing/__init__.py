@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 
 import common
+import lora
 from common import InputError
 from plumbing import amp, chat, checkpoint, distributed
 from plumbing import hf_models as hf_models  # re-exported: `import plumbing` loads every submodule
@@ -217,6 +218,93 @@ def total_steps_of(n_examples: int, batch_size: int, epochs: float, max_steps: i
     return max(1, math.ceil(epochs * max(1, n_examples // batch_size)))
 
 
+# ----------------------------------------------------------------------------------------------
+# What the three supervised trainers share (sft.py, discriminator.py train, redistribute.py train):
+# their optimizer and output options, their model's preparation, their optimizer and schedule
+# ----------------------------------------------------------------------------------------------
+def add_optimizer_args(group, batch_unit: str, epochs: float, lr: float, lr_note: str,
+                       batch_size: int, micro_batch_size: int, weight_decay: float = 0.0,
+                       epochs_help: str | None = None, weight_decay_note: str = ""):
+    """--epochs, --max-steps, --lr, --weight-decay, --batch-size, --micro-batch-size and
+    --max-grad-norm, with each stage's defaults; `batch_unit` is what a batch counts."""
+    group.add_argument("--epochs", type=float, default=epochs,
+                       help=epochs_help or f"passes over the training {batch_unit}")
+    group.add_argument("--max-steps", type=int, default=None,
+                       help="optimizer steps of the whole run (overrides --epochs)")
+    group.add_argument("--lr", type=float, default=lr,
+                       help=f"peak learning rate, cosine-decayed to 0 without warm-up ({lr_note})")
+    group.add_argument("--weight-decay", type=float, default=weight_decay,
+                       help=f"AdamW weight decay on matrices{weight_decay_note}")
+    group.add_argument("--batch-size", type=int, default=batch_size,
+                       help=f"global batch: {batch_unit} per optimizer step over all ranks")
+    group.add_argument("--micro-batch-size", type=int, default=micro_batch_size,
+                       help=f"{batch_unit} per forward pass on one rank; gradient accumulation "
+                            "makes up the rest")
+    group.add_argument("--max-grad-norm", type=float, default=1.0,
+                       help="gradient clipping (0 = off)")
+    return group
+
+
+def add_output_args(group, out_help: str, save_every: int, eval_every: int, eval_help: str,
+                    eval_batch_size: int, batch_unit: str, log_every: int | None = None,
+                    out_default: str | None = None):
+    """--out, --log-every (when the stage logs every N steps), --eval-every, --eval-batch-size and
+    the run's options (add_run_args)."""
+    group.add_argument("--out", required=out_default is None, default=out_default, help=out_help)
+    if log_every is not None:
+        group.add_argument("--log-every", type=int, default=log_every,
+                           help="write a log line every N optimizer steps")
+    group.add_argument("--eval-every", type=int, default=eval_every, help=eval_help)
+    group.add_argument("--eval-batch-size", type=int, default=eval_batch_size,
+                       help=f"{batch_unit} per forward pass when evaluating")
+    return add_run_args(group, save_every)
+
+
+def check_training_args(parser, args, *more_positive: str):
+    """Refuses, by name, a batch, step count or interval below 1 (and any of `more_positive`), and
+    an --epochs or --lr that is not positive."""
+    names = ["batch_size", "micro_batch_size", "eval_batch_size", "max_steps", "save_every",
+             *more_positive]
+    check_positive(parser, args, *(n for n in names if hasattr(args, n)))
+    for name in ("epochs", "lr"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name} must be positive, got {getattr(args, name)}")
+
+
+def new_score_model(args, dist_info: distributed.DistInfo, kind: str, stage: str) -> nn.Module:
+    """A score-model trainer's model (discriminator: kind "token", one logit per token; reward
+    model: "sequence"): --sft's backbone and a fresh scalar head, with a bias for the token logit
+    and none for R (only differences of R matter). Says before training, not after, when its family
+    will be saved in the project's own format."""
+    model = hf_models.new_score_model(args.sft, bias=kind == "token",
+                                      dtype=amp.base_dtype(args, dist_info.device),
+                                      trust_remote_code=args.trust_remote_code, what="--sft",
+                                      meta=dist_info.meta)
+    save_note = hf_models.score_save_note(model.config, kind)
+    if dist_info.master and save_note:
+        print(f"{stage}: note: {save_note}")
+    return model
+
+
+def prepare_to_train(model: nn.Module, args, dist_info: distributed.DistInfo) -> nn.Module:
+    """What every trainer does to its model before the optimizer sees it: LoRA adapters
+    (--lora-rank 0: none; on a score model's backbone, its head stays trained), gradient
+    checkpointing if asked, then DDP, or FSDP2 sharding with --fsdp."""
+    lora.add_lora_from_args(model.backbone if isinstance(model, common.ScoreModel) else model, args)
+    if args.gradient_checkpointing:
+        hf_models.enable_gradient_checkpointing(model)
+    return distributed.wrap_model(model, dist_info, args.precision)
+
+
+def optimizer_and_schedule(args, model: nn.Module, n_examples: int, batch_size: int):
+    """AdamW (--lr, --weight-decay) and its cosine schedule over the run's planned steps (--epochs
+    passes over n_examples in global batches of batch_size, or --max-steps).
+    Returns (total_steps, optimizer, scheduler)."""
+    total_steps = total_steps_of(n_examples, batch_size, args.epochs, args.max_steps)
+    optimizer = adamw(model, args.lr, args.weight_decay)
+    return total_steps, optimizer, cosine_schedule(optimizer, total_steps)
+
+
 
 # ----------------------------------------------------------------------------------------------
 # The run helper: the bookkeeping every trainer repeats (sft.py, discriminator.py train,
@@ -230,15 +318,22 @@ def total_steps_of(n_examples: int, batch_size: int, epochs: float, max_steps: i
 #         metrics = train_step(...)
 #         step += 1
 #         run.logger.log({"step": step, **metrics})  # OUT/log.jsonl (and --report-to)
-#         run.save_if_due(step)                      # every --save-every steps, at --stop-after
-#         if run.stop_here(step, total_steps):       # --stop-after: stop as if killed
-#             return None
-#     run.save(step)
+#         run.save_if_due(step, total_steps)         # --save-every, --stop-after, the last step
+#         if run.stop_requested(step, total_steps):  # --stop-after: stop as if killed
+#             break
+#     if step < total_steps:                         # stopped: run it again to resume
+#         return run.finish()
 #     ...save the trained model...
-#     run.finish()
+#     return run.finish(result)
 # ----------------------------------------------------------------------------------------------
-def add_run_args(group):
-    """--no-resume, --force-resume and --report-to: the options of a run that resumes and logs."""
+def add_run_args(group, save_every: int, unit: str = "steps"):
+    """Every option Run reads: --save-every, --stop-after, --no-resume, --force-resume and
+    --report-to. `unit` names a step in the help (PPO: "iterations")."""
+    group.add_argument("--save-every", type=int, default=save_every,
+                       help=f"write a resumable checkpoint every N {unit} (and at the last)")
+    group.add_argument("--stop-after", type=int, default=None,
+                       help=f"checkpoint and stop after this many {unit} (as if interrupted); run "
+                            "again to resume")
     checkpoint.add_resume_args(group)
     checkpoint.add_report_args(group)
     return group
@@ -271,27 +366,25 @@ class Run:
                                               self.args, self.dist_info, map_location)
         return step
 
-    def save(self, step: int):
-        """OUT/checkpoint/step-N. Every rank calls it (under FSDP each writes its shards)."""
-        checkpoint.save_checkpoint(self.out, step, self.models, self.optimizers, self.schedulers,
-                                   self.config)
+    def save_if_due(self, step: int, total_steps: int):
+        """OUT/checkpoint/step-N after step N if N is a multiple of --save-every, --stop-after or
+        the last step: once a step, whichever of these it is. Every rank calls it (under FSDP each
+        writes its shards)."""
+        if step % self.args.save_every == 0 or step in (self.args.stop_after, total_steps):
+            checkpoint.save_checkpoint(self.out, step, self.models, self.optimizers,
+                                       self.schedulers, self.config)
 
-    def save_if_due(self, step: int, last_step: int | None = None):
-        """save() every --save-every steps, at --stop-after, and at last_step if given."""
-        if step % self.args.save_every == 0 or step == self.args.stop_after or step == last_step:
-            self.save(step)
+    def stop_requested(self, step: int, total_steps: int) -> bool:
+        """Whether --stop-after asks the run to stop after this step, before its last (then the
+        trainer leaves its loop, and a later run with the same --out resumes there). Changes
+        nothing."""
+        return step == self.args.stop_after and step < total_steps
 
-    def stop_here(self, step: int, total_steps: int) -> bool:
-        """True at --stop-after before the last step: the run ends there as if killed (run it again
-        to resume), and finish() has been called."""
-        if step == self.args.stop_after and step < total_steps:
-            self.finish()
-            return True
-        return False
-
-    def finish(self):
-        """Wait for every rank, then end the process group (distributed.cleanup_distributed)."""
+    def finish(self, result=None):
+        """Wait for every rank, end the process group (distributed.cleanup_distributed), and hand
+        back `result`: every trainer ends with `return run.finish(...)`."""
         distributed.cleanup_distributed(self.dist_info)
+        return result
 
 
 def start_run(args) -> Run:

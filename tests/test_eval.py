@@ -16,7 +16,7 @@ import gold
 import plumbing
 import report
 from chat_server import SECRET, ChatServer, key_fragment
-from plumbing import chat, hf_models
+from plumbing import chat, gpt_judge, hf_models
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -122,10 +122,11 @@ def test_perplexity_matches_a_hand_computation(tiny_policy, tiny_tokenizer, spli
 # judges and win rates
 # ----------------------------------------------------------------------------------------------
 def test_parse_verdict_is_strict():
-    assert [ev.parse_verdict(t) for t in ["A", " b.", "Tie", "tie\n", "B"]] == [
+    assert [gpt_judge.parse_verdict(t) for t in ["A", " b.", "Tie", "tie\n", "B"]] == [
         "A", "B", "tie", "tie", "B",
     ]
-    assert [ev.parse_verdict(t) for t in ["Answer: A", "AB", "A or B", "", "neither"]] == [None] * 5
+    assert [gpt_judge.parse_verdict(t)
+            for t in ["Answer: A", "AB", "A or B", "", "neither"]] == [None] * 5
 
 
 def test_pair_score_and_aggregation():
@@ -183,7 +184,8 @@ def judge_server():
 
 def make_judge(server, tmp_path, **kw):
     kw = {"timeout": 0.5, "max_retries": 3, "backoff": 0.01, "concurrency": 4, **kw}
-    return ev.OpenAIJudge(server.url, "judge-model", tmp_path / "cache.jsonl", api_key=SECRET, **kw)
+    return gpt_judge.OpenAIJudge(server.url, "judge-model", tmp_path / "cache.jsonl",
+                                 api_key=SECRET, **kw)
 
 
 PROMPTS = [f"\n\nHuman: question {i}?\n\nAssistant:" for i in range(4)]
@@ -277,7 +279,7 @@ def test_judge_errors_never_show_the_key_at_any_offset(judge_server, tmp_path):
     judge = make_judge(server, tmp_path)
     for k in offsets:
         with pytest.raises(chat.ChatFatal) as info:
-            ev.judge_verdict(judge, PROMPTS[0], POLICY[0], BASELINE[0])
+            gpt_judge.judge_verdict(judge, PROMPTS[0], POLICY[0], BASELINE[0])
         assert "HTTP 401" in str(info.value) and "\n" not in str(info.value)
         assert key_fragment(str(info.value)) < 4, (k, str(info.value))
     assert len(server.calls) == len(offsets)  # a 401 is never retried
@@ -288,7 +290,7 @@ def test_judge_asks_again_after_a_null_answer(judge_server, tmp_path):
     server = judge_server(lambda *a: "B", faults=["null"])
     judge = make_judge(server, tmp_path)
     assert (
-        ev.judge_verdict(judge, PROMPTS[0], POLICY[0], BASELINE[0]) == "B"
+        gpt_judge.judge_verdict(judge, PROMPTS[0], POLICY[0], BASELINE[0]) == "B"
         and len(server.calls) == 2
     )
 
@@ -298,18 +300,18 @@ def test_judge_cache_survives_a_torn_last_line(judge_server, tmp_path, capsys):
     onto it, so that line stayed unreadable and the verdict was paid for again on every rerun."""
     server = judge_server(lambda *a: "A")
     judge = make_judge(server, tmp_path)
-    assert ev.judge_verdict(judge, PROMPTS[0], POLICY[0], BASELINE[0]) == "A"
+    assert gpt_judge.judge_verdict(judge, PROMPTS[0], POLICY[0], BASELINE[0]) == "A"
     judge.cache.close()
     cache = tmp_path / "cache.jsonl"
     cache.write_text(cache.read_text() + '{"key": "0123", "verd')  # the kill
     judge = make_judge(server, tmp_path)
     assert "line 2: unreadable" in capsys.readouterr().err
-    assert ev.judge_verdict(judge, PROMPTS[1], POLICY[1], BASELINE[1]) == "A"
+    assert gpt_judge.judge_verdict(judge, PROMPTS[1], POLICY[1], BASELINE[1]) == "A"
     judge.cache.close()
     assert len(server.calls) == 2
     judge = make_judge(server, tmp_path)  # the next run finds both verdicts
-    assert ev.judge_verdict(judge, PROMPTS[0], POLICY[0], BASELINE[0]) == "A"
-    assert ev.judge_verdict(judge, PROMPTS[1], POLICY[1], BASELINE[1]) == "A"
+    assert gpt_judge.judge_verdict(judge, PROMPTS[0], POLICY[0], BASELINE[0]) == "A"
+    assert gpt_judge.judge_verdict(judge, PROMPTS[1], POLICY[1], BASELINE[1]) == "A"
     assert len(server.calls) == 2
 
 
