@@ -112,7 +112,7 @@ WORD = re.compile(r"[A-Za-z]+(?:['’][A-Za-z]+)*")  # a word: letters, with apo
 # ----------------------------------------------------------------------------------------------
 # 0. The lexicon: a JSON file of negative -> positive replacements (--lexicon FILE)
 # ----------------------------------------------------------------------------------------------
-# The file's format is in the docstring above (LEXICON FORMAT); data/lexicon-harm.json is the
+# The file format is in the docstring above ("Lexicon format"); data/lexicon-harm.json is the
 # default. load_lexicon checks it and names the file and the entry at fault; the id names what the
 # scores depend on, so label.py never reuses the revisions of another lexicon.
 DEFAULT_LEXICON = Path(__file__).resolve().parent / "data" / "lexicon-harm.json"
