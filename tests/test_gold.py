@@ -211,7 +211,10 @@ def test_label_py_gold_reviser_end_to_end(tiny_dir, tmp_path, splits):
 # ----------------------------------------------------------------------------------------------
 # a discriminator trained for a few seconds on gold labels is above chance on held-out gold labels
 # ----------------------------------------------------------------------------------------------
-def test_discriminator_learns_gold_labels(tiny_dir, tmp_path):
+@pytest.mark.parametrize("lexicon", [[], ["--lexicon", str(gold.DEFAULT_LEXICON.parent /
+                                                         "lexicon-sentiment.json")]])
+def test_discriminator_learns_gold_labels(tiny_dir, tmp_path, lexicon):
+    """On the harm lexicon and on the sentiment one: either gold gives TLCR something to learn."""
     import discriminator
 
     torch.set_num_threads(1)
@@ -219,7 +222,7 @@ def test_discriminator_learns_gold_labels(tiny_dir, tmp_path):
     label.main(
         [
             "--reviser", "gold", "--preference", "gold", "--tokenizer", str(tiny_dir),
-            "--out", str(labels), "--max-response-len", "48",
+            "--out", str(labels), "--max-response-len", "48", *lexicon,
         ]
     )
     metrics = discriminator.main(
