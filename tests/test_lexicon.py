@@ -251,6 +251,29 @@ def test_label_py_ranks_and_revises_with_the_lexicon(tiny_dir, tmp_path, splits)
                        str(tmp_path / "chosen.jsonl"), "--limit", "3"])["lexicon"] is None
 
 
+def test_reward_model_ranks_with_the_lexicon_records_it_and_resumes_only_with_it(tiny_dir,
+                                                                                 tmp_path, splits):
+    from test_redistribute import train_argv
+
+    sentiment = gold.load_lexicon(SENTIMENT)
+    out = tmp_path / "rm"
+    argv = train_argv(tiny_dir, out, "--preference", "gold", "--save-every", "100")
+    train_pairs, eval_pairs = red.select_pairs(red.parse_args(argv + ["--lexicon", str(SENTIMENT)]),
+                                               quiet=True)
+    ranked, _ = gold.rank_pairs(splits["reward"], lexicon=sentiment)
+    assert {p.id for p in train_pairs + eval_pairs} == {p.id for p in ranked[:24]}
+    assert all(gold.gold_score(p.chosen, lexicon=sentiment) >
+               gold.gold_score(p.rejected, lexicon=sentiment) for p in train_pairs)
+    assert red.main(argv + ["--lexicon", str(SENTIMENT), "--stop-after", "2"]) is None
+    # the checkpoint belongs to the sentiment gold: another lexicon does not continue it
+    with pytest.raises(common.InputError,
+                       match=f"--lexicon was '{sentiment.id}', now '{gold.default_lexicon().id}'"):
+        red.main(argv)
+    result = red.main(argv + ["--lexicon", str(SENTIMENT)])  # the same lexicon resumes
+    assert result["lexicon"] == sentiment.id
+    assert json.loads((out / "token_rlhf.json").read_text())["lexicon"] == sentiment.id
+
+
 def test_ppo_log_gold_scores_with_the_lexicon_and_records_its_id(tiny_dir, tmp_path, monkeypatch):
     from test_ppo_token import cli, toy_reward
 
