@@ -128,6 +128,7 @@ def parse_args(argv=None):
         help="the offline lab: the gold.py score of every response (a column, and curves against "
         "PPO steps and against KL in the report)",
     )
+    gold.add_lexicon_arg(gen, "--gold")
     gen.add_argument("--credit-response-len", type=int, default=96,
                      help="--gold: held-out replies scored for token credit are cut to this many "
                           "tokens (EOS included; the reward model's and discriminator's "
@@ -177,6 +178,7 @@ def parse_args(argv=None):
         )
     plumbing.check_positive(parser, args, "num_prompts", "eval_batch_size", "max_new_tokens",
                             "max_prompt_len", "credit_response_len")
+    args.gold_lexicon = gold.lexicon_from_args(parser, args, args.gold, "--gold")  # the lab's gold
     if not 0 < args.top_p <= 1 or args.temperature <= 0:
         parser.error("--top-p must be in (0, 1] and --temperature positive")
     return args
@@ -349,11 +351,13 @@ def source_token_rewards(reward_model, disc_model, query_response, attention_mas
     return {name: r.float().cpu() for name, r in rewards.items()}
 
 
-def reply_credit(tokenizer, ids) -> dict:
-    """The gold credit of one reply's tokens (gold.token_credit) and the reply's gold score."""
-    credit, word_of_token = gold.token_credit(tokenizer, ids)
+def reply_credit(tokenizer, ids, lexicon: gold.Lexicon | None = None) -> dict:
+    """The gold credit of one reply's tokens (gold.token_credit) and the reply's gold score, under
+    `lexicon` (default: the bundled harm lexicon), as every --gold function below."""
+    credit, word_of_token = gold.token_credit(tokenizer, ids, lexicon=lexicon)
     text, _ = gold.token_spans(tokenizer, ids)
-    return {"credit": credit, "word_of_token": word_of_token, "gold": gold.gold_score(text)}
+    return {"credit": credit, "word_of_token": word_of_token,
+            "gold": gold.gold_score(text, lexicon=lexicon)}
 
 
 def credit_summary(replies, source_rewards) -> dict:
@@ -372,11 +376,12 @@ def credit_summary(replies, source_rewards) -> dict:
     return summary
 
 
-def heldout_replies(pairs) -> list[tuple[str, common.Pair, str]]:
+def heldout_replies(pairs,
+                    lexicon: gold.Lexicon | None = None) -> list[tuple[str, common.Pair, str]]:
     """(kind, pair, reply) of the held-out replies: every pair's chosen and rejected reply, and the
     rule revision of the gold-rejected reply of each pair gold ranks (ties: none)."""
-    ranked, _ = gold.rank_pairs(pairs)
-    revisions = {p.id: gold.gold_revise(p.rejected) for p in ranked}
+    ranked, _ = gold.rank_pairs(pairs, lexicon=lexicon)
+    revisions = {p.id: gold.gold_revise(p.rejected, lexicon=lexicon) for p in ranked}
     rows = []
     for pair in pairs:
         rows += [("chosen", pair, pair.chosen), ("rejected", pair, pair.rejected)]
@@ -385,10 +390,11 @@ def heldout_replies(pairs) -> list[tuple[str, common.Pair, str]]:
     return rows
 
 
-def heldout_credit_replies(pairs, tokenizer, max_prompt_len, max_response_len, chat_template=True):
+def heldout_credit_replies(pairs, tokenizer, max_prompt_len, max_response_len, chat_template=True,
+                           lexicon: gold.Lexicon | None = None):
     """(kind, prompt ids, response ids) of each of heldout_replies(pairs)."""
     rows = []
-    for kind, pair, text in heldout_replies(pairs):
+    for kind, pair, text in heldout_replies(pairs, lexicon):
         prompt_text = common.prompt_text(tokenizer, pair.prompt, pair.messages, chat_template)
         prompt = common.encode_prompt(tokenizer, prompt_text, max_prompt_len)
         response = common.response_text(tokenizer, text, pair.messages, chat_template)
@@ -398,7 +404,7 @@ def heldout_credit_replies(pairs, tokenizer, max_prompt_len, max_response_len, c
 
 @torch.no_grad()
 def heldout_credit(rows, tokenizer, reward_model, disc_model, batch_size, device,
-                   precision="auto") -> dict:
+                   precision="auto", lexicon: gold.Lexicon | None = None) -> dict:
     """credit_summary of every source on the held-out replies, with the count of each kind."""
     replies, source_rewards = [], {name: [] for name in CREDIT_SOURCES}
     for start in range(0, len(rows), batch_size):
@@ -410,7 +416,7 @@ def heldout_credit(rows, tokenizer, reward_model, disc_model, batch_size, device
             rewards = source_token_rewards(reward_model, disc_model, query_response, attention_mask,
                                            response_mask)
         for row, (_, _, response) in enumerate(chunk):
-            replies.append(reply_credit(tokenizer, response))
+            replies.append(reply_credit(tokenizer, response, lexicon))
             for name in CREDIT_SOURCES:
                 source_rewards[name].append(rewards[name][row, : len(response)].tolist())
     kinds = {kind: sum(k == kind for k, _, _ in rows) for kind in ("chosen", "rejected", "revised")}
@@ -533,9 +539,10 @@ def main(argv=None):
     credit = None
     if args.gold:
         rows = heldout_credit_replies(pairs, tokenizer, args.max_prompt_len,
-                                      args.credit_response_len, args.chat_template)
+                                      args.credit_response_len, args.chat_template,
+                                      args.gold_lexicon)
         held = heldout_credit(rows, tokenizer, reward_model, disc_model, args.eval_batch_size,
-                              device, args.precision)
+                              device, args.precision, args.gold_lexicon)
         credit = {"heldout": held, "samples": {}}
         print("token credit on held-out replies: " + ", ".join(
             f"{source} AUC harm {report.fmt(m['auc_harm'], '{:.3f}')} "
@@ -585,7 +592,7 @@ def main(argv=None):
                 eos_flags.append(ended)
                 texts.append(tokenizer.decode(ids[:-1] if ended else ids))
                 if args.gold:
-                    replies.append(reply_credit(tokenizer, ids))
+                    replies.append(reply_credit(tokenizer, ids, args.gold_lexicon))
                     for source in CREDIT_SOURCES:
                         token_rewards = scores["sources"][source][row, : len(ids)]  # [T_i]
                         source_rewards[source].append(token_rewards.tolist())
@@ -601,7 +608,8 @@ def main(argv=None):
         }
         metrics[name] = summarize(batches, eos_flags)
         if args.gold:  # the lab's known reward, scored on the text of each response
-            generated[name]["gold"] = [gold.gold_score(text) for text in texts]
+            generated[name]["gold"] = [gold.gold_score(text, lexicon=args.gold_lexicon)
+                                       for text in texts]
             metrics[name]["gold_score"] = sum(generated[name]["gold"]) / len(texts)
             credit["samples"][name] = credit_summary(replies, source_rewards)
         if policy is not reference:
@@ -686,6 +694,7 @@ def main(argv=None):
         "max_new_tokens": args.max_new_tokens,
         "top_p": args.top_p,
         "temperature": args.temperature,
+        "lexicon": args.gold_lexicon.id if args.gold_lexicon else None,  # --gold: the gold's id
         "policies": metrics,
         "discriminator_accuracy": accuracy,
         "credit": credit,

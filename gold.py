@@ -6,9 +6,11 @@ place. It is a stand-in for studying the methods, not a reproduction of the pape
 
     gold(y) = Σ_{i ≤ MAX_WORDS} weight(w_i)        w_1, w_2, … the words of the response y
 
-with weight(w) = −1 for a word of harm (violence, weapons, drugs, crime, insults, slurs), +1 for its
-safe counterpart (help, ask, safety, medicine, friend, nice, respect, thank), 0 for every other
-word. The word lists are in this file, with the reason for each group.
+with weight(w) = −1 for a negative word, +1 for a positive word and 0 for every other word, as a
+lexicon file lists them (--lexicon FILE, format below). The default, data/lexicon-harm.json, weighs
+the words of harm (violence, weapons, drugs, crime, insults, slurs) −1 and their safe counterparts
+(help, ask, safety, medicine, friend, nice, respect, thank) +1; data/lexicon-sentiment.json, a
+second gold from another domain, weighs negative sentiment −1 and its positive counterpart +1.
 
 Words. A word is a maximal run of ASCII letters with inner apostrophes (regex WORD below): "can't"
 and "can’t" are one word, "self-defense" is two, digits and punctuation separate words and weigh
@@ -24,15 +26,35 @@ the positive words a response adds, and no response can gain more than MAX_WORDS
 4,096-token BPE), so the reward model and the discriminator see what the score counts.
 
 The rule reviser, `gold_revise`, is the minimal edit that raises the gold score: it replaces each
-negative word among the counted ones by its safe counterpart (REPLACEMENTS; "kill" -> "help",
-"steal" -> "ask", "gun" -> "safety", "cocaine" -> "medicine", "stupid" -> "nice"), keeping its
-capitalisation, and changes nothing else. Every counterpart is itself a positive word, so a
-substitution gives the discriminator a −1 token (the harmful word in the rejected response) opposite
-a +1 token (its replacement in the revision): both classes of TLCR's labels, and the labels agree
-with the gold weights. A replacement keeps the number of words, so the cap counts the same words
-before and after, and each replacement raises the score by 2.
+negative word among the counted ones by its counterpart (the lexicon's replacements; in the harm
+lexicon "kill" -> "help", "steal" -> "ask", "gun" -> "safety", "cocaine" -> "medicine", "stupid" ->
+"nice"), keeping its capitalisation, and changes nothing else. Every counterpart is itself a
+positive word, so a substitution gives the discriminator a −1 token (the negative word in the
+rejected response) opposite a +1 token (its replacement in the revision): both classes of TLCR's
+labels, and the labels agree with the gold weights. A replacement keeps the number of words, so the
+cap counts the same words before and after, and each replacement raises the score by 2.
 
-Where it plugs in (`TASK=gold bash run_pipeline.sh` runs all of it):
+Lexicon format. One JSON object (load_lexicon reads and checks it):
+    {"name": "harm",                            lower-case letters, digits, - and _ (starts the id)
+     "description": ["how the lists were", "built"],   optional: a string, or lines of one text
+     "replacements": {"kill": "help", "guns": "safety", ...}
+                                                negative word -> the positive word the reviser
+                                                writes in its place (required, not empty)
+     "positive": ["please", ...]}               optional: extra positive words
+Every entry is one word as above, looked up lower-cased (so list each inflected form that should
+count, each with the counterpart of that form). Negative words weigh −1; their replacements and the
+extra positive words +1. A replacement must not itself be negative, and no word may be listed
+twice; a fault stops the run with an error naming the file and the entry. Mind that an extra
+positive word is seen by the reward model (through gold-ranked pairs) but never by the
+discriminator (the reviser never writes it), so it measures that handicap of the reviser rather than
+the rewards: the bundled lexicons have none. The lexicon's id, NAME-XXXXXXXX (the first 8 hex digits
+of the sha256 of its name, replacements and extra positive words in canonical JSON: the description,
+order and layout do not count), is recorded with what used it: label.py's summary and cache key,
+the reward model's info, gold.py sample's summary, ppo_token.py's args.json, eval.py's
+results.json, study.py's study.json.
+
+Where it plugs in (`TASK=gold bash run_pipeline.sh` runs all of it; `LEXICON=FILE` picks the
+lexicon, which every stage below takes as --lexicon FILE):
     label.py --reviser gold         pairs ranked by rank_pairs, the gold-rejected response revised
     redistribute.py train --preference gold --revision-pairs LABELS
                                     reward-model pairs ranked by rank_pairs, plus (revised ≻
@@ -54,6 +76,7 @@ Where it plugs in (`TASK=gold bash run_pipeline.sh` runs all of it):
 
     python gold.py show " I could kill him with a gun, sorry."   # words, weights, score, revision
     python gold.py stats                                         # coverage of the bundled data
+    python gold.py stats --lexicon data/lexicon-sentiment.json   # … under another lexicon
     python gold.py sample --policy runs/gold-demo/sft --samples-per-prompt 4 \\
         --out runs/gold-demo/samples.jsonl                       # the lab's on-policy pairs
 
@@ -64,13 +87,15 @@ prompt of the test split is ever sampled (checked in sample_prompts, also by pro
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
+import os
 import re
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -85,126 +110,147 @@ MAX_WORDS = 64  # only the first MAX_WORDS words of a response count (the length
 WORD = re.compile(r"[A-Za-z]+(?:['’][A-Za-z]+)*")  # a word: letters, with apostrophes inside
 
 # ----------------------------------------------------------------------------------------------
-# The lexicon. Each negative word maps to its safe counterpart, the word the reviser writes in its
-# place; the positive words are exactly these counterparts. Why not also "sorry", "illegal",
-# "police"? TLCR's labels mark only edited tokens, so a positive word the reviser never writes would
-# be visible to the reward model (through the ranked pairs) but never to the discriminator, and the
-# lab would measure that handicap of the reviser rather than the rewards. Here every word that
-# counts is seen by both. The harm words are those that mark the bundled harmless-base answers
-# giving harmful help or abuse; listed form by form (no stemming), each with the counterpart of that
-# form.
+# 0. The lexicon: a JSON file of negative -> positive replacements (--lexicon FILE)
 # ----------------------------------------------------------------------------------------------
-# violence and threats -> "help" (kill him -> help him; killing -> helping)
-_VIOLENCE = {
-    "kill": "help",
-    "kills": "helps",
-    "killed": "helped",
-    "killing": "helping",
-    "murder": "help",
-    "murders": "helps",
-    "murdered": "helped",
-    "murdering": "helping",
-    "hurt": "help",
-    "hurts": "helps",
-    "hurting": "helping",
-    "harm": "help",
-    "harming": "helping",
-    "harmed": "helped",
-    "attack": "help",
-    "attacking": "helping",
-    "attacked": "helped",
-    "shoot": "help",
-    "shooting": "helping",
-    "stab": "help",
-    "stabbing": "helping",
-    "stabbed": "helped",
-    "strangle": "help",
-    "choke": "help",
-    "punch": "help",
-    "punching": "helping",
-    "assault": "help",
-    "torture": "help",
-    "tortured": "helped",
-    "torturing": "helping",
-    "rape": "help",
-    "raped": "helped",
-    "kidnap": "help",
-    "kidnapping": "helping",
-    "threaten": "help",
-    "threatened": "helped",
-    "poisoned": "helped",
-    "poisoning": "helping",
-}
-# crime -> "ask" (ask for it instead of taking it: steal a car -> ask a car, stealing -> asking)
-_CRIME = {
-    "steal": "ask", "stealing": "asking", "stole": "asked", "stolen": "asked",
-    "rob": "ask", "robbing": "asking", "robbed": "asked", "shoplifting": "asking",
-    "smuggle": "ask", "smuggling": "asking", "scam": "ask", "scamming": "asking",
-    "blackmail": "ask", "bribe": "ask", "hack": "ask", "hacking": "asking", "hacked": "asked",
-    "cheat": "ask", "cheating": "asking", "cheated": "asked",
-}
-# weapons, poisons and the crimes named as nouns -> "safety"
-_WEAPONS = {
-    "gun": "safety", "guns": "safety", "weapon": "safety", "weapons": "safety", "knife": "safety",
-    "knives": "safety", "bomb": "safety", "bombs": "safety", "explosive": "safety",
-    "explosives": "safety", "poison": "safety", "poisons": "safety", "rifle": "safety",
-    "pistol": "safety", "ammunition": "safety", "robbery": "safety", "theft": "safety",
-    "burglary": "safety",
-}
-# drugs -> "medicine"
-_DRUGS = {"drug": "medicine", "drugs": "medicine", "cocaine": "medicine", "heroin": "medicine",
-          "meth": "medicine", "lsd": "medicine"}
-# insults, slurs and abuse -> "friend" (nouns), "nice" (adjectives), "thank" (fuck you -> thank
-# you), "respect" (hate)
-_INSULTS = {
-    "idiot": "friend",
-    "idiots": "friends",
-    "moron": "friend",
-    "morons": "friends",
-    "loser": "friend",
-    "jerk": "friend",
-    "bitch": "friend",
-    "slut": "friend",
-    "whore": "friend",
-    "bastard": "friend",
-    "asshole": "friend",
-    "cunt": "friend",
-    "nigger": "friend",
-    "niggers": "friends",
-    "nigga": "friend",
-    "faggot": "friend",
-    "retard": "friend",
-    "stupid": "nice",
-    "dumb": "nice",
-    "ugly": "nice",
-    "retarded": "nice",
-    "worthless": "nice",
-    "pathetic": "nice",
-    "fucking": "nice",
-    "fuck": "thank",
-    "fucked": "thanked",
-    "hate": "respect",
-    "hates": "respects",
-    "hated": "respected",
-    "hating": "respecting",
-    "hateful": "respectful",
-}
-REPLACEMENTS: dict[str, str] = {**_VIOLENCE, **_CRIME, **_WEAPONS, **_DRUGS, **_INSULTS}
-# help(s/ed/ing), ask(…), safety, medicine, friend(s), …
-POSITIVE_WORDS = sorted(set(REPLACEMENTS.values()))
+# The file format is in the docstring above ("Lexicon format"); data/lexicon-harm.json is the
+# default. load_lexicon checks it and names the file and the entry at fault; the id names what the
+# scores depend on, so label.py never reuses the revisions of another lexicon.
+DEFAULT_LEXICON = Path(__file__).resolve().parent / "data" / "lexicon-harm.json"
+LEXICON_FIELDS = ("name", "description", "replacements", "positive")
+LEXICON_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")  # a lexicon's name: it starts its id
 
-LEXICON: dict[str, int] = {
-    **{word: -1 for word in REPLACEMENTS},
-    **{word: +1 for word in POSITIVE_WORDS},
-}
-assert not set(REPLACEMENTS) & set(POSITIVE_WORDS), "a word cannot be both negative and positive"
-# names this lexicon in label.py's cache key: an edited lexicon never reuses old revisions
-LEXICON_ID = (
-    "gold-"
-    + hashlib.sha256(json.dumps([MAX_WORDS, REPLACEMENTS, POSITIVE_WORDS]).encode()).hexdigest()[
-        :12
-    ]
-)
+
+@dataclass(frozen=True)
+class Lexicon:
+    """A checked gold lexicon: weight(w) = weights.get(normalise(w), 0)."""
+
+    name: str  # "harm"
+    id: str  # name-XXXXXXXX: the first 8 hex digits of the sha256 of its canonical content
+    replacements: dict[str, str]  # negative word -> the positive word the reviser writes instead
+    positive: tuple[str, ...]  # every positive word, sorted: the counterparts and the extra ones
+    weights: dict[str, int]  # −1 for each negative word, +1 for each positive word
+    description: str = ""
+    path: str = ""
+
+
+def load_lexicon(path: str | os.PathLike | None = None) -> Lexicon:
+    """Read and check a lexicon file (None or "": the bundled harm lexicon, DEFAULT_LEXICON).
+
+    Every fault stops with an InputError naming the file and the key or entry: not JSON, empty,
+    not an object, an unknown key, a missing or mistyped field, an entry that is not one word, a
+    word listed twice (as a JSON key twice, or twice once lower-cased), a replacement that is
+    itself negative, an extra positive word that is also negative or already a counterpart."""
+    path = Path(path) if path else DEFAULT_LEXICON
+
+    def fault(message):
+        return common.InputError(f"lexicon {path}: {message}")
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise fault("no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise fault(f"cannot be read ({e})") from None
+    if not text.strip():
+        raise fault("the file is empty (format: python gold.py --help)")
+
+    def unique_keys(items):  # a JSON object, refusing a key given twice
+        keys = [key for key, _ in items]
+        twice = sorted({key for key in keys if keys.count(key) > 1})
+        if twice:
+            raise fault(f"the key {twice[0]!r} is given twice in one object")
+        return dict(items)
+
+    try:
+        raw = json.loads(text, object_pairs_hook=unique_keys)
+    except json.JSONDecodeError as e:
+        raise fault(f"not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    if not isinstance(raw, dict):
+        raise fault(f"the file must hold one JSON object with the keys {', '.join(LEXICON_FIELDS)}")
+    unknown = [key for key in raw if key not in LEXICON_FIELDS]
+    if unknown:
+        raise fault(f"unknown key {unknown[0]!r} (the keys are {', '.join(LEXICON_FIELDS)})")
+    name = raw.get("name")
+    if not isinstance(name, str) or not LEXICON_NAME.fullmatch(name):
+        raise fault(f'"name" must be lower-case letters, digits, - or _ (it starts the id), '
+                    f"got {name!r}")
+    description = raw.get("description", "")
+    if isinstance(description, list) and all(isinstance(line, str) for line in description):
+        description = " ".join(line.strip() for line in description)  # lines of one text
+    elif not isinstance(description, str):
+        raise fault('"description" must be a string or a list of strings (lines of one text)')
+
+    def word_of(word, entry) -> str:  # an entry's word, normalised: one word, or a fault
+        if not isinstance(word, str) or not WORD.fullmatch(word):
+            raise fault(f"{entry}: {word!r} is not one word (letters, with apostrophes inside: "
+                        "gold reads a text word by word)")
+        return normalise(word)
+
+    # the replacements: negative word -> its positive counterpart
+    raw_replacements = raw.get("replacements")
+    if not isinstance(raw_replacements, dict) or not raw_replacements:
+        raise fault('"replacements" must be a non-empty object {"negative word": "positive word"}')
+    replacements = {}
+    for negative, counterpart in raw_replacements.items():
+        entry = f'"replacements": {negative!r}: {counterpart!r}'
+        key, value = word_of(negative, entry), word_of(counterpart, entry)
+        if key in replacements:
+            raise fault(f"{entry}: the word {key!r} is listed twice")
+        replacements[key] = value
+    for negative, counterpart in replacements.items():
+        if counterpart in replacements:
+            raise fault(f'"replacements": {negative!r}: {counterpart!r}: the replacement is itself '
+                        "a negative word (a revision must raise the score)")
+    # the extra positive words: positive, but never written by the reviser
+    raw_extra = raw.get("positive", [])
+    if not isinstance(raw_extra, list):
+        raise fault('"positive" must be a list of words (the extra positive words)')
+    counterparts = {value: key for key, value in replacements.items()}
+    extra = []
+    for word in raw_extra:
+        entry = f'"positive": {word!r}'
+        key = word_of(word, entry)
+        if key in replacements:
+            raise fault(f"{entry}: the word is also negative (a key of \"replacements\")")
+        if key in counterparts:
+            raise fault(f"{entry}: already positive, as the replacement of "
+                        f"{counterparts[key]!r}; list only words the reviser never writes")
+        if key in extra:
+            raise fault(f"{entry}: the word is listed twice")
+        extra.append(key)
+    positive = tuple(sorted(set(replacements.values()) | set(extra)))
+
+    # the id: the name and a hash of what the scores depend on (not the description or layout)
+    canonical = json.dumps({"name": name, "replacements": replacements, "positive": sorted(extra)},
+                           sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    digest = hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:8]
+    weights = {**{word: -1 for word in replacements}, **{word: +1 for word in positive}}
+    return Lexicon(name=name, id=f"{name}-{digest}", replacements=replacements, positive=positive,
+                   weights=weights, description=description, path=str(path))
+
+
+@functools.cache
+def default_lexicon() -> Lexicon:
+    """The bundled harm lexicon (data/lexicon-harm.json), loaded once."""
+    return load_lexicon(DEFAULT_LEXICON)
+
+
+def add_lexicon_arg(group, needs: str | None = None):
+    """--lexicon FILE, for a stage that uses the gold (only with the option `needs`, if given)."""
+    group.add_argument(
+        "--lexicon", default=None, metavar="FILE",
+        help=f"the gold lexicon{f' (with {needs})' if needs else ''}: a JSON file of negative -> "
+             "positive word replacements and extra positive words (format: python gold.py "
+             "--help); default (or empty): the bundled harm lexicon, data/lexicon-harm.json",
+    )
+
+
+def lexicon_from_args(parser, args, used: bool, needs: str) -> Lexicon | None:
+    """The --lexicon of a stage, loaded where it uses the gold (`used`); None where it does not.
+    --lexicon without the option that uses the gold (`needs`) is an error, not a silent no-op."""
+    if args.lexicon and not used:
+        parser.error(f"--lexicon {args.lexicon} needs {needs}: nothing else here uses the gold")
+    return load_lexicon(args.lexicon) if used else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,22 +266,21 @@ def words(text: str) -> list[re.Match]:
     return list(WORD.finditer(text))
 
 
-def word_weights(text: str, max_words: int = MAX_WORDS) -> list[tuple[str, int, int, int]]:
-    """(word, start, end, weight) for every word; words after the first max_words weigh 0."""
+def word_weights(text: str, max_words: int = MAX_WORDS, *,
+                 lexicon: Lexicon | None = None) -> list[tuple[str, int, int, int]]:
+    """(word, start, end, weight) for every word; words after the first max_words weigh 0.
+    lexicon: the weights (default: the bundled harm lexicon), as in every function below."""
+    weights = (lexicon or default_lexicon()).weights
     return [
-        (
-            m.group(),
-            m.start(),
-            m.end(),
-            LEXICON.get(normalise(m.group()), 0) if k < max_words else 0,
-        )
+        (m.group(), m.start(), m.end(),
+         weights.get(normalise(m.group()), 0) if k < max_words else 0)
         for k, m in enumerate(words(text))
     ]
 
 
-def gold_score(text: str, max_words: int = MAX_WORDS) -> int:
+def gold_score(text: str, max_words: int = MAX_WORDS, *, lexicon: Lexicon | None = None) -> int:
     """gold(y) = Σ weight(w_i) over the first max_words words (0 for an empty response)."""
-    return sum(weight for *_, weight in word_weights(text, max_words))
+    return sum(weight for *_, weight in word_weights(text, max_words, lexicon=lexicon))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,13 +295,15 @@ def match_case(replacement: str, original: str) -> str:
     return replacement
 
 
-def gold_revise(text: str, max_words: int = MAX_WORDS) -> str | None:
+def gold_revise(text: str, max_words: int = MAX_WORDS, *,
+                lexicon: Lexicon | None = None) -> str | None:
     """Replace every negative word among the first max_words by its safe counterpart; nothing else
     changes (spaces, punctuation, other words). None when there is no negative word to replace."""
+    lexicon = lexicon or default_lexicon()
     pieces, last, edited = [], 0, False
-    for word, start, end, weight in word_weights(text, max_words):
+    for word, start, end, weight in word_weights(text, max_words, lexicon=lexicon):
         if weight < 0:
-            pieces += [text[last:start], match_case(REPLACEMENTS[normalise(word)], word)]
+            pieces += [text[last:start], match_case(lexicon.replacements[normalise(word)], word)]
             last, edited = end, True
     return "".join(pieces) + text[last:] if edited else None
 
@@ -265,7 +312,7 @@ def gold_revise(text: str, max_words: int = MAX_WORDS) -> str | None:
 # 3. Gold preferences: pairs ranked by the gold score instead of the human label
 # ----------------------------------------------------------------------------------------------
 def rank_pairs(
-    pairs: list[common.Pair], max_words: int = MAX_WORDS
+    pairs: list[common.Pair], max_words: int = MAX_WORDS, *, lexicon: Lexicon | None = None
 ) -> tuple[list[common.Pair], dict]:
     """Re-rank pairs by gold score: chosen = the response with the higher score. A pair whose two
     responses score the same is dropped (a tie). Kept pairs keep their id (the data split stays).
@@ -274,7 +321,8 @@ def rank_pairs(
     prefers the human-rejected response)."""
     kept, ties, flipped = [], 0, 0
     for pair in pairs:
-        chosen, rejected = gold_score(pair.chosen, max_words), gold_score(pair.rejected, max_words)
+        chosen, rejected = (gold_score(text, max_words, lexicon=lexicon)
+                            for text in (pair.chosen, pair.rejected))
         if chosen == rejected:
             ties += 1
         elif chosen > rejected:
@@ -297,9 +345,11 @@ def decode_responses(tokenizer, response_ids, response_mask) -> list[str]:
     )
 
 
-def score_responses(tokenizer, response_ids, response_mask) -> list[int]:
+def score_responses(tokenizer, response_ids, response_mask, *,
+                    lexicon: Lexicon | None = None) -> list[int]:
     """Gold scores of a batch of generated responses, each scored as its decoded text."""
-    return [gold_score(text) for text in decode_responses(tokenizer, response_ids, response_mask)]
+    return [gold_score(text, lexicon=lexicon)
+            for text in decode_responses(tokenizer, response_ids, response_mask)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -342,13 +392,14 @@ def token_spans(tokenizer, response_ids) -> tuple[str, list[tuple[int, int]]]:
     return text, spans
 
 
-def token_credit(tokenizer, response_ids, max_words: int = MAX_WORDS) -> tuple[list, list]:
+def token_credit(tokenizer, response_ids, max_words: int = MAX_WORDS, *,
+                 lexicon: Lexicon | None = None) -> tuple[list, list]:
     """The gold credit of each response token and the index of the word it belongs to (−1: none).
 
     credit[k] = the gold weight of the word of token k (−1 harm, +1 safe, 0 otherwise or past the
     first max_words words); word_of_token[k] indexes words(decoded text). Rules: see above."""
     text, spans = token_spans(tokenizer, response_ids)
-    weighted = word_weights(text, max_words)  # (word, start, end, weight)
+    weighted = word_weights(text, max_words, lexicon=lexicon)  # (word, start, end, weight)
     credit, word_of_token = [], []
     for start, end in spans:
         if end > start:  # the words this token overlaps
@@ -456,12 +507,12 @@ def sample_prompts(pairs: list[common.Pair], split: str, split_seed: int,
     return kept, len(selected) - len(kept)
 
 
-def rank_samples(pair: common.Pair, samples: list[str],
-                 max_words: int = MAX_WORDS) -> tuple[list[common.Pair], int]:
+def rank_samples(pair: common.Pair, samples: list[str], max_words: int = MAX_WORDS, *,
+                 lexicon: Lexicon | None = None) -> tuple[list[common.Pair], int]:
     """Every two samples of one prompt with different gold scores as a pair, the higher one chosen;
     two equal scores are a tie, dropped. Pair (i, j), i < j, is named PAIR_ID/i-j: its group
     (common.pair_group) is the data pair's id. Returns (pairs, ties)."""
-    scores = [gold_score(text, max_words) for text in samples]
+    scores = [gold_score(text, max_words, lexicon=lexicon) for text in samples]
     ranked, ties = [], 0
     for i in range(len(samples)):
         for j in range(i + 1, len(samples)):
@@ -568,14 +619,16 @@ def sample(args) -> dict:
             bar.update(len(batch))
 
     # 2. rank: the split's own pairs (gold-ranked, ties dropped), then each prompt's sampled pairs
-    data_pairs, data_counts = rank_pairs(pairs) if args.data_pairs else ([], {"kept": 0, "ties": 0})
+    lexicon = load_lexicon(args.lexicon)
+    data_pairs, data_counts = (rank_pairs(pairs, lexicon=lexicon) if args.data_pairs
+                               else ([], {"kept": 0, "ties": 0}))
     sampled, ties, empty, scores = [], 0, 0, []
     for pair in pairs:
         replies = cache.get(key(pair))["samples"]
-        scores += [gold_score(text) for text in replies]
+        scores += [gold_score(text, lexicon=lexicon) for text in replies]
         nonempty = [text for text in replies if text.strip()]  # an empty reply is no data row
         empty += len(replies) - len(nonempty)
-        ranked, tied = rank_samples(pair, nonempty)
+        ranked, tied = rank_samples(pair, nonempty, lexicon=lexicon)
         sampled += ranked
         ties += tied
 
@@ -593,6 +646,7 @@ def sample(args) -> dict:
         "data": str(args.data),
         "split": args.split,
         "split_seed": args.split_seed,
+        "lexicon": lexicon.id,
         "prompts": len(pairs),
         "test_prompts_dropped": dropped,
         "samples_per_prompt": args.samples_per_prompt,
@@ -627,29 +681,34 @@ def sample(args) -> dict:
 # ----------------------------------------------------------------------------------------------
 # 7. Commands: look at one response; lexicon coverage of the data; sample
 # ----------------------------------------------------------------------------------------------
-def show(text: str):
-    marked = [
-        f"{word}[{weight:+d}]" if weight else word for word, _, _, weight in word_weights(text)
-    ]
+def show(text: str, lexicon: Lexicon):
+    marked = [f"{word}[{weight:+d}]" if weight else word
+              for word, _, _, weight in word_weights(text, lexicon=lexicon)]
     print(" ".join(marked))
-    print(f"gold score {gold_score(text):+d} over {min(len(words(text)), MAX_WORDS)} counted words")
-    revised = gold_revise(text)
+    print(f"gold score {gold_score(text, lexicon=lexicon):+d} over "
+          f"{min(len(words(text)), MAX_WORDS)} counted words (lexicon {lexicon.id})")
+    revised = gold_revise(text, lexicon=lexicon)
     if revised is None:
         print("revision: none (no negative word to replace)")
     else:
-        print(f"revision: {revised!r} (gold {gold_score(revised):+d})")
+        print(f"revision: {revised!r} (gold {gold_score(revised, lexicon=lexicon):+d})")
 
 
-def stats(data: str, seed: int = 0):
-    """Per split: how many pairs gold ranks, ties, flips vs the human label, and revisable pairs."""
+def stats(data: str, seed: int = 0, lexicon: Lexicon | None = None) -> dict:
+    """Per split: how many pairs gold ranks, ties, flips vs the human label, revisable pairs, and
+    the share of responses with a lexicon word. Printed, and returned as {split: counts}."""
+    lexicon = lexicon or default_lexicon()
+    print(f"lexicon {lexicon.id} ({lexicon.path}): {len(lexicon.replacements)} negative words, "
+          f"{len(lexicon.positive)} positive words")
+    table = {}
     for name, pairs in common.split_pairs(
         plumbing.load_data(data, "all", seed, quiet=True), seed=seed
     ).items():
-        kept, counts = rank_pairs(pairs)
-        revisable = sum(gold_revise(pair.rejected) is not None for pair in kept)
-        hit = sum(
-            any(w for *_, w in word_weights(t)) for p in pairs for t in (p.chosen, p.rejected)
-        )
+        kept, counts = rank_pairs(pairs, lexicon=lexicon)
+        revisable = sum(gold_revise(pair.rejected, lexicon=lexicon) is not None for pair in kept)
+        hit = sum(any(w for *_, w in word_weights(t, lexicon=lexicon))
+                  for p in pairs for t in (p.chosen, p.rejected))
+        table[name] = {**counts, "revisable": revisable, "responses_hit": hit}
         print(
             f"{name:>6}: {counts['pairs']} pairs, {counts['kept']} ranked by gold "
             f"({counts['ties']} ties dropped, "
@@ -657,6 +716,7 @@ def stats(data: str, seed: int = 0):
             "rejected response; "
             f"{hit / (2 * len(pairs)):.0%} of responses contain a lexicon word"
         )
+    return table
 
 
 def main(argv=None):
@@ -668,6 +728,7 @@ def main(argv=None):
         "show", help="words, weights, gold score and revision of a text"
     )
     show_parser.add_argument("text", help="a response (hh-rlhf responses start with a space)")
+    add_lexicon_arg(show_parser)
     stats_parser = commands.add_parser("stats", help="how the lexicon covers the data, per split")
     stats_parser.add_argument(
         "--data", default="bundled", help="'bundled' or a file of preference pairs"
@@ -675,6 +736,7 @@ def main(argv=None):
     stats_parser.add_argument(
         "--split-seed", type=int, default=0, help="seed of common.split_pairs"
     )
+    add_lexicon_arg(stats_parser)
     sample_parser = commands.add_parser(
         "sample",
         formatter_class=plumbing.HelpFormatter,
@@ -687,6 +749,7 @@ def main(argv=None):
     data.add_argument("--out", required=True,
                       help="pairs JSONL (read it with --data OUT --split all); OUT.cache.jsonl and "
                            "OUT.summary.json beside it")
+    add_lexicon_arg(data)  # it ranks the samples; the cached samples serve every lexicon
     data.add_argument(
         "--data-pairs",
         action=argparse.BooleanOptionalAction,
@@ -721,9 +784,9 @@ def main(argv=None):
                         help="allow model repos that ship their own Python code (off by default)")
     args = parser.parse_args(argv)
     if args.command == "show":
-        show(args.text)
+        show(args.text, load_lexicon(args.lexicon))
     elif args.command == "stats":
-        stats(args.data, args.split_seed)
+        return stats(args.data, args.split_seed, load_lexicon(args.lexicon))
     else:
         plumbing.check_positive(sample_parser, args, "samples_per_prompt", "max_new_tokens",
                                 "batch_size", "max_prompt_len")

@@ -103,6 +103,7 @@ def parse_args(argv=None):
     )
     data.add_argument("--out", default="runs/demo/labels.jsonl",
                       help="output JSONL; <out>.cache.jsonl and <out>.summary.json beside it")
+    gold.add_lexicon_arg(data, "--reviser gold or --preference gold")
     data.add_argument(
         "--max-response-len", type=int, default=256,
         help="keep the first N−1 tokens of each response (N with EOS, as common.encode_response)",
@@ -200,6 +201,10 @@ def parse_args(argv=None):
         parser.error("--max-response-len must be at least 2 (one token and the EOS)")
     if args.reviser == "hf" and not args.reviser_model:
         parser.error("--reviser hf needs --reviser-model PATH_OR_NAME")
+    # the lab's lexicon (gold.py), loaded once: it ranks the pairs and/or revises
+    args.gold_lexicon = gold.lexicon_from_args(
+        parser, args, args.reviser == "gold" or args.preference == "gold",
+        "--reviser gold or --preference gold")
     plumbing.check_positive(
         parser,
         args,
@@ -227,7 +232,7 @@ def select_pairs(args):
     skipped = {}
     # the lab: chosen = the reply with the higher gold score, ties dropped
     if args.preference == "gold":
-        pairs, ranked = gold.rank_pairs(pairs)
+        pairs, ranked = gold.rank_pairs(pairs, lexicon=args.gold_lexicon)
         skipped["gold tie"] = ranked["ties"]
         notes.append(
             f"gold ranking: {ranked['kept']} of {ranked['pairs']} pairs kept, "
@@ -344,7 +349,7 @@ def run_gold(todo, args, on_answer):
     """The lab's rule reviser (gold.gold_revise): no model, one instant answer per pair; a rejected
     reply with no negative word has nothing to revise and fails."""
     for pair in todo:
-        revised = gold.gold_revise(pair.rejected)
+        revised = gold.gold_revise(pair.rejected, lexicon=args.gold_lexicon)
         on_answer(pair, revised, revised or "", "" if revised else "no negative word to replace", 1)
     return 0
 
@@ -464,11 +469,11 @@ def run_hf(todo, args, on_answer):
 
 
 def reviser_model(args) -> str | None:
-    """What revises, as named in the cache key: an edited gold lexicon never reuses old
-    revisions."""
-    return {"openai": args.api_model, "hf": args.reviser_model, "gold": gold.LEXICON_ID}.get(
-        args.reviser
-    )
+    """What revises, as named in the cache key: gold, the lexicon's id (an edited lexicon never
+    reuses old revisions)."""
+    if args.reviser == "gold":
+        return args.gold_lexicon.id
+    return {"openai": args.api_model, "hf": args.reviser_model}.get(args.reviser)
 
 
 def revise_all(pairs, args, cache_path: Path):
@@ -723,6 +728,7 @@ def summarize(args, pairs, records, failures, skipped, notes, counts, stats, ela
         "reviser": args.reviser,
         "reviser_model": reviser_model(args),
         "preference": args.preference,
+        "lexicon": args.gold_lexicon.id if args.gold_lexicon else None,  # the lab's gold
         "data": args.data,
         "split": args.split,
         "layout": args.layout,

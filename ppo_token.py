@@ -669,12 +669,14 @@ def parse_args(argv=None):
     system.add_argument("--log-gold", action="store_true",
                         help="the offline lab: log gold_score, the mean gold.py score of each "
                              "rollout's responses")
+    gold.add_lexicon_arg(system, "--log-gold")
     system.add_argument("--offload-frozen", action="store_true",
                         help="keep the frozen reference and reward models on the CPU (with LoRA: "
                              "those that do not share the policy's or the critic's backbone)")
     plumbing.add_run_args(system, save_every=50, unit="iterations")
     args = parser.parse_args(argv)
     lora.check_lora_args(parser, args)
+    gold.lexicon_from_args(parser, args, args.log_gold, "--log-gold")  # checked (a bad file: here)
     if args.offload_frozen and args.fsdp:
         parser.error("--offload-frozen and --fsdp do not go together: FSDP already spreads the "
                      "frozen models over the ranks")
@@ -721,12 +723,14 @@ def main(argv=None, reward_fn=None):
         raise common.InputError(f"--max-prompt-len + --max-new-tokens exceeds the model's "
                                 f"{n_positions} positions")
 
+    lexicon = gold.load_lexicon(args.lexicon) if args.log_gold else None  # the lab's gold
     start_step = run.resume({"policy": models.policy, "critic": models.critic},
                             {"policy": models.policy_optimizer, "critic": models.critic_optimizer},
                             ignore=("iterations",))  # constant learning rates: a run may grow
     if master:
         out.mkdir(parents=True, exist_ok=True)
-        checkpoint.atomic_write(out / "args.json", json.dumps(vars(args), indent=2))
+        checkpoint.atomic_write(out / "args.json", json.dumps(
+            {**vars(args), "lexicon_id": lexicon.id if lexicon else None}, indent=2))
         print(f"ppo_token: reward={args.reward}, {len(prompts)} prompts, world size "
               f"{dist_info.world_size}, "
               f"{'resuming at iteration ' + str(start_step) if start_step else 'fresh start'}")
@@ -746,7 +750,7 @@ def main(argv=None, reward_fn=None):
         stats = rollout_stats(batch)
         if args.log_gold:  # the lab's known reward (gold.py): logged, never seen by the optimiser
             scores = gold.score_responses(tokenizer, batch.response.cpu(),
-                                          batch.response_mask.cpu())
+                                          batch.response_mask.cpu(), lexicon=lexicon)
             stats["gold_score"] = sum(scores) / len(scores)
         # 5. PPO epochs
         stats.update(ppo_update(models, batch, args, minibatch_per_rank))

@@ -87,6 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="the lab (needs --preference gold): also rank every two prefixes of "
                            "each training reply by their gold scores (Bradley–Terry), so R is "
                            "trained at the prefixes RED reads; not in the R3HF paper (docstring)")
+    gold.add_lexicon_arg(data, "--preference gold")
     model = train.add_argument_group("model")
     model.add_argument(
         "--sft", required=True, help="SFT model directory (or HF name): backbone and tokenizer"
@@ -141,6 +142,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             )
         if args.prefix_pairs and args.preference != "gold":
             train.error("--prefix-pairs needs --preference gold: the gold scores the prefixes")
+        # the lab's lexicon (gold.py): it ranks the pairs (and scores the prefixes)
+        args.gold_lexicon = gold.lexicon_from_args(train, args, args.preference == "gold",
+                                                   "--preference gold")
     elif not 0.0 <= args.beta_c <= 1.0:
         show.error(f"--beta-c must be in [0, 1], got {args.beta_c}")
     return args
@@ -157,7 +161,7 @@ def select_pairs(args, quiet: bool = False):
     pairs = plumbing.load_data(args.data, args.split, args.split_seed, quiet=quiet)
     # the lab: chosen = the reply with the higher gold score, ties dropped
     if args.preference == "gold":
-        pairs, ranked = gold.rank_pairs(pairs)
+        pairs, ranked = gold.rank_pairs(pairs, lexicon=args.gold_lexicon)
         if not quiet:
             print(
                 f"gold preferences: {ranked['kept']} of {ranked['pairs']} pairs kept, "
@@ -198,9 +202,11 @@ def revision_pairs(labels_path, heldout_groups: set[str]) -> list[common.Pair]:
 
 
 def encode_pairs(pairs, tokenizer, max_prompt_len: int, max_response_len: int,
-                 chat_template: bool = True, prefix_gold: bool = False):
+                 chat_template: bool = True, prefix_gold: bool = False,
+                 lexicon: gold.Lexicon | None = None):
     """Token ids of each pair: prompt, chosen and rejected response (each response ends with EOS).
-    With prefix_gold, also the gold score of every prefix of each response (prefix_gold_scores)."""
+    With prefix_gold, also the gold score (under `lexicon`) of every prefix of each response
+    (prefix_gold_scores)."""
     examples = []
     for pair in pairs:
         prompt = common.prompt_text(tokenizer, pair.prompt, pair.messages, chat_template)
@@ -211,17 +217,19 @@ def encode_pairs(pairs, tokenizer, max_prompt_len: int, max_response_len: int,
                    "rejected": common.encode_response(tokenizer, rejected, max_response_len)}
         if prefix_gold:
             for side, text in (("chosen", chosen), ("rejected", rejected)):
-                example[f"{side}_gold"] = prefix_gold_scores(tokenizer, text, len(example[side]))
+                example[f"{side}_gold"] = prefix_gold_scores(tokenizer, text, len(example[side]),
+                                                             lexicon=lexicon)
         examples.append(example)
     return examples
 
 
-def prefix_gold_scores(tokenizer, text: str, n_tokens: int) -> list[int]:
+def prefix_gold_scores(tokenizer, text: str, n_tokens: int, *,
+                       lexicon: gold.Lexicon | None = None) -> list[int]:
     """gold(y≤t) for the first n_tokens of encode_response(text) (EOS last): the gold score of the
     text up to the end of token t (a word cut mid-way is scored as the text it is); EOS adds 0."""
     ids, offsets = common.response_encodings(tokenizer, [text])[0]
     n_text = min(n_tokens - 1, len(ids))  # encode_response keeps max_len − 1 text tokens, then EOS
-    scores = [gold.gold_score(text[:end]) for _, end in offsets[:n_text]]
+    scores = [gold.gold_score(text[:end], lexicon=lexicon) for _, end in offsets[:n_text]]
     return scores + [scores[-1] if scores else 0] * (n_tokens - n_text)
 
 
@@ -465,7 +473,7 @@ def train(args):
     pad_id = tokenizer.pad_token_id
     train_examples = encode_pairs(train_pairs, tokenizer, args.max_prompt_len,
                                   args.max_response_len, args.chat_template,
-                                  prefix_gold=args.prefix_pairs)
+                                  prefix_gold=args.prefix_pairs, lexicon=args.gold_lexicon)
     eval_examples = encode_pairs(
         eval_pairs, tokenizer, args.max_prompt_len, args.max_response_len, args.chat_template
     )
@@ -480,7 +488,8 @@ def train(args):
     total_steps, optimizer, scheduler = plumbing.optimizer_and_schedule(
         args, model, len(train_examples), batch_size)
     step = run.resume({"model": model}, {"model": optimizer}, {"model": scheduler},
-                      map_location=device, total_steps=total_steps)  # 0, or the last checkpoint's
+                      map_location=device, total_steps=total_steps,
+                      lexicon=args.gold_lexicon.id if args.gold_lexicon else None)  # 0 or the last
     if master:
         print(
             f"reward model: {len(train_examples)} training pairs, {len(eval_examples)} held out; "
@@ -542,6 +551,7 @@ def train(args):
         "preference": args.preference,
         "revision_pairs": args.revision_pairs,
         "prefix_pairs": args.prefix_pairs,
+        "lexicon": args.gold_lexicon.id if args.gold_lexicon else None,  # the lab's gold
         "steps": step,
     }
     # every rank; keeps log, checkpoint/
@@ -553,6 +563,7 @@ def train(args):
                 "split": args.split,
                 "data": str(args.data),
                 "preference": args.preference,
+                "lexicon": args.gold_lexicon.id if args.gold_lexicon else None,
                 "training_pairs": len(train_examples),
             }
         )

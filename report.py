@@ -67,7 +67,8 @@ def results_markdown(results):
     head = ["Policy"] + [h for _, h, _ in columns] + [f"Win rate vs {md_cell(base)} (%) ↑"]
     lines = [
         f"Held-out prompts: {results['num_prompts']} ({results['split']} split); judge: "
-        f"{results['judge']}.",
+        f"{results['judge']}."
+        + (f" Gold lexicon: {results['lexicon']}." if results.get("lexicon") else ""),
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -333,7 +334,9 @@ def report_html(results, samples, curves):
     body = [
         f"<h1>token-rlhf evaluation</h1><p>{results['num_prompts']} held-out prompts "
         f"({html.escape(results['split'])}"
-        f" split), seed {results['seed']}, judge: {html.escape(results['judge'])}.</p>",
+        f" split), seed {results['seed']}, judge: {html.escape(results['judge'])}"
+        + (f", gold lexicon {html.escape(results['lexicon'])}" if results.get("lexicon") else "")
+        + ".</p>",
         f'<table class="results"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>',
     ]
     if results.get("discriminator_accuracy") is not None:

@@ -23,6 +23,9 @@
 #   LAB_DATA  TASK=gold: pairs | samples (default pairs). samples: gold.py sample draws K replies per
 #             reward-split prompt from the SFT policy and ranks every two by gold; the discriminator (through
 #             the rule reviser's labels) and the reward model train on those beside the split's own pairs
+#   LEXICON   TASK=gold: the gold lexicon, a JSON file (format: python gold.py --help), passed as
+#             --lexicon to every stage that uses the gold (default data/lexicon-harm.json; also
+#             data/lexicon-sentiment.json, or your own)
 #   PREFIX_PAIRS  TASK=gold: 1 trains the reward model on gold-ranked prefixes too (redistribute.py
 #             --prefix-pairs; not in the R3HF paper; default 0)
 #   SIZE      smoke | demo | gpt2   preset of lengths, steps and learning rates (default demo)
@@ -43,6 +46,10 @@
 # Every stage resumes from its own checkpoint, so running this again after an interruption goes on
 # where it stopped (a finished stage only re-saves its result).
 set -euo pipefail
+case "${LEXICON:-}" in  # a path given from where the script was called
+  ""|/*) ;;
+  *) LEXICON="$PWD/$LEXICON" ;;
+esac
 cd "$(dirname "$0")"
 
 SIZE=${SIZE:-demo}
@@ -53,9 +60,10 @@ case "$LAB_DATA" in
   pairs|samples) ;;
   *) echo "run_pipeline.sh: LAB_DATA must be pairs or samples, not '$LAB_DATA'" >&2; exit 2 ;;
 esac
-if [ "$TASK" != gold ] && { [ "$LAB_DATA" != pairs ] || [ "$PREFIX_PAIRS" != 0 ]; }; then
-  echo "run_pipeline.sh: LAB_DATA=samples and PREFIX_PAIRS=1 are lab settings (TASK=gold)" >&2; exit 2
+if [ "$TASK" != gold ] && { [ "$LAB_DATA" != pairs ] || [ "$PREFIX_PAIRS" != 0 ] || [ -n "${LEXICON:-}" ]; }; then
+  echo "run_pipeline.sh: LAB_DATA=samples, PREFIX_PAIRS=1 and LEXICON are lab settings (TASK=gold)" >&2; exit 2
 fi
+LEXICON=${LEXICON:-data/lexicon-harm.json}
 case "$TASK" in
   gold)  RUN=${RUN:-runs/gold-$SIZE}; REVISER=gold; REWARDS=${REWARDS:-seq red tlcr tlcr_no_negative tlcr_no_positive} ;;
   human) RUN=${RUN:-runs/$SIZE}; REVISER=${REVISER:-chosen}; REWARDS=${REWARDS:-seq red tlcr} ;;
@@ -98,7 +106,9 @@ case "$SIZE" in
     EVAL="--num-prompts 256 --max-prompt-len 512 --max-new-tokens 128 --show-prompts 6" ;;
   *) echo "run_pipeline.sh: SIZE must be smoke, demo or gpt2, not '$SIZE'" >&2; exit 2 ;;
 esac
+LEX=()  # --lexicon for every stage that uses the gold
 if [ "$TASK" = gold ]; then  # the lab: gold preferences, gold revisions, gold scores (gold.py)
+  LEX=(--lexicon "$LEXICON")
   LABEL+=" --preference gold"
   RM+=" --preference gold --revision-pairs $RUN/labels.jsonl"
   PPO+=" --log-gold"
@@ -151,23 +161,23 @@ start=$(date +%s)
 step "${TRAIN[@]}" sft.py --model "$MODEL" --data "$DATA" --out "$RUN/sft" --device "$DEVICE" "${SCALE[@]}" $SFT
 PAIRS=(--data "$DATA" --split reward)  # what the discriminator's labels and the reward model learn from
 if [ "$LAB_DATA" = samples ]; then  # the lab's on-policy data: the reward split's prompts, sampled from SFT
-  step $PYTHON gold.py sample --policy "$RUN/sft" --data "$DATA" --split reward --out "$RUN/samples.jsonl" --device "$DEVICE" --seed "$SEED" $SAMPLE
+  step $PYTHON gold.py sample --policy "$RUN/sft" --data "$DATA" --split reward --out "$RUN/samples.jsonl" --device "$DEVICE" --seed "$SEED" "${LEX[@]}" $SAMPLE
   PAIRS=(--data "$RUN/samples.jsonl" --split all)
 fi
-step $PYTHON label.py "${PAIRS[@]}" --tokenizer "$RUN/sft" --out "$RUN/labels.jsonl" "${REVISER_ARGS[@]}" $LABEL
+step $PYTHON label.py "${PAIRS[@]}" --tokenizer "$RUN/sft" --out "$RUN/labels.jsonl" "${REVISER_ARGS[@]}" "${LEX[@]}" $LABEL
 step "${TRAIN[@]}" discriminator.py train --sft "$RUN/sft" --labels "$RUN/labels.jsonl" --out "$RUN/discriminator" --device "$DEVICE" "${SCALE[@]}" $DISC
-step "${TRAIN[@]}" redistribute.py train --sft "$RUN/sft" "${PAIRS[@]}" --out "$RUN/reward_model" --device "$DEVICE" "${SCALE[@]}" $RM
+step "${TRAIN[@]}" redistribute.py train --sft "$RUN/sft" "${PAIRS[@]}" --out "$RUN/reward_model" --device "$DEVICE" "${SCALE[@]}" "${LEX[@]}" $RM
 
 POLICIES=(sft="$RUN/sft")
 for reward in $REWARDS; do
   step "${TRAIN[@]}" ppo_token.py --policy "$RUN/sft" --reward "$reward" --reward-model "$RUN/reward_model" \
-    --discriminator "$RUN/discriminator" --data "$DATA" --out "$RUN/ppo_$reward" --device "$DEVICE" "${SCALE[@]}" $PPO
+    --discriminator "$RUN/discriminator" --data "$DATA" --out "$RUN/ppo_$reward" --device "$DEVICE" "${SCALE[@]}" "${LEX[@]}" $PPO
   POLICIES+=("$reward=$RUN/ppo_$reward/policy")
 done
 
 step $PYTHON eval.py --policies "${POLICIES[@]}" --reference "$RUN/sft" --reward-model "$RUN/reward_model" \
   --discriminator "$RUN/discriminator" --labels "$RUN/labels.jsonl" --data "$DATA" --out "$RUN/eval" \
-  --device "$DEVICE" --seed "$SEED" "${JUDGE_ARGS[@]}" $EVAL
+  --device "$DEVICE" --seed "$SEED" "${JUDGE_ARGS[@]}" "${LEX[@]}" $EVAL
 
 echo
 cat "$RUN/eval/results.md"

@@ -69,6 +69,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+import gold
 import plumbing
 import report
 from plumbing import checkpoint
@@ -98,6 +99,7 @@ def parse_args(argv=None):
         "--env", nargs="*", default=[], metavar="NAME=VALUE",
         help="extra settings for run_pipeline.sh (exported variables reach it too)",
     )
+    gold.add_lexicon_arg(run)  # run_pipeline.sh LEXICON
     run.add_argument(
         "--jobs", type=int, default=1,
         help="seeds run at once; each gets cores / jobs threads (OMP_NUM_THREADS) unless set",
@@ -128,6 +130,7 @@ def parse_args(argv=None):
     )
     args = parser.parse_args(argv)
     plumbing.check_positive(parser, args, "jobs", "smooth")
+    args.lexicon_id = gold.load_lexicon(args.lexicon).id  # a bad file stops here, before any run
     if not 0 < args.alpha < 1:
         parser.error(f"--alpha must be in (0, 1), got {args.alpha}")
     if len(set(args.seeds)) != len(args.seeds):
@@ -312,6 +315,7 @@ def pipeline_env(args) -> dict:
         SIZE=args.size,
         REWARDS=" ".join(args.rewards),
         PYTHON=env.get("PYTHON", sys.executable),
+        LEXICON=str(Path(args.lexicon).resolve()) if args.lexicon else "",  # "": the default
     )
     if args.jobs > 1 and "OMP_NUM_THREADS" not in env:  # seeds side by side: share the cores out
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
@@ -599,6 +603,7 @@ def write_outputs(args, records, study):
         "seeds": args.seeds,
         "size": args.size,
         "rewards": args.rewards,
+        "lexicon": args.lexicon_id,
         "env": args.env,
         "kl_points": args.kl_points,
         "smooth": args.smooth,

@@ -203,6 +203,8 @@ NOT_DEFINING = {
     "log_every",
     "stop_after",
     "log_gold",
+    "lexicon",  # a path; a stage whose data the lexicon changes adds its id (gold.Lexicon.id)
+    "gold_lexicon",  # the loaded lexicon
     "gradient_checkpointing",
     "trust_remote_code",
     "eval_batch_size",

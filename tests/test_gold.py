@@ -52,10 +52,11 @@ def test_curly_and_straight_apostrophes_make_one_word():
 
 
 def test_lexicon_is_consistent():
-    assert set(gold.REPLACEMENTS.values()) == set(gold.POSITIVE_WORDS)
-    assert all(gold.LEXICON[w] == -1 for w in gold.REPLACEMENTS)
-    assert all(gold.LEXICON[w] == +1 for w in gold.POSITIVE_WORDS)
-    assert all(w == gold.normalise(w) and gold.WORD.fullmatch(w) for w in gold.LEXICON)
+    lexicon = gold.default_lexicon()
+    assert set(lexicon.replacements.values()) == set(lexicon.positive)
+    assert all(lexicon.weights[w] == -1 for w in lexicon.replacements)
+    assert all(lexicon.weights[w] == +1 for w in lexicon.positive)
+    assert all(w == gold.normalise(w) and gold.WORD.fullmatch(w) for w in lexicon.weights)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,7 +82,7 @@ def check_minimal(text):
     assert len(after) == len(before)
     for (word, start, end, weight), (new, new_start, new_end, _) in zip(before, after):
         if weight < 0:
-            assert new.lower() == gold.REPLACEMENTS[gold.normalise(word)]
+            assert new.lower() == gold.default_lexicon().replacements[gold.normalise(word)]
         else:
             assert new == word  # a word of weight 0 (or +1, or past the cap) is never touched
     # the text between words is unchanged
@@ -192,7 +193,7 @@ def test_label_py_gold_reviser_end_to_end(tiny_dir, tmp_path, splits):
     summary = label.main(argv)
     kept, counts = gold.rank_pairs(splits["reward"])
     revisable = [p for p in kept if gold.gold_revise(p.rejected)]
-    assert summary["reviser"] == "gold" and summary["reviser_model"] == gold.LEXICON_ID
+    assert summary["reviser"] == "gold" and summary["reviser_model"] == gold.default_lexicon().id
     assert summary["skipped"]["gold tie"] == counts["ties"]
     assert summary["pairs"] == counts["kept"] and summary["done"] == len(revisable)
     assert summary["failed"] == counts["kept"] - len(revisable)
@@ -210,7 +211,10 @@ def test_label_py_gold_reviser_end_to_end(tiny_dir, tmp_path, splits):
 # ----------------------------------------------------------------------------------------------
 # a discriminator trained for a few seconds on gold labels is above chance on held-out gold labels
 # ----------------------------------------------------------------------------------------------
-def test_discriminator_learns_gold_labels(tiny_dir, tmp_path):
+@pytest.mark.parametrize("lexicon", [[], ["--lexicon", str(gold.DEFAULT_LEXICON.parent /
+                                                         "lexicon-sentiment.json")]])
+def test_discriminator_learns_gold_labels(tiny_dir, tmp_path, lexicon):
+    """On the harm lexicon and on the sentiment one: either gold gives TLCR something to learn."""
     import discriminator
 
     torch.set_num_threads(1)
@@ -218,7 +222,7 @@ def test_discriminator_learns_gold_labels(tiny_dir, tmp_path):
     label.main(
         [
             "--reviser", "gold", "--preference", "gold", "--tokenizer", str(tiny_dir),
-            "--out", str(labels), "--max-response-len", "48",
+            "--out", str(labels), "--max-response-len", "48", *lexicon,
         ]
     )
     metrics = discriminator.main(

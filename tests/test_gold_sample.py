@@ -155,6 +155,13 @@ def test_gold_sample_end_to_end_and_resumed(fixture, request, tmp_path, splits, 
     out.unlink()
     monkeypatch.setattr(gold.hf_models, "load_policy", lambda *a, **k: pytest.fail("sampled again"))
     assert gold.main(sample_argv(policy, out))["samples"] == 36 and out.read_text() == first
+    # another lexicon ranks the same cached samples (none drawn again) and is named in the summary
+    sentiment = gold.load_lexicon(gold.DEFAULT_LEXICON.parent / "lexicon-sentiment.json")
+    assert summary["lexicon"] == gold.default_lexicon().id
+    ranked = gold.main(sample_argv(policy, out, "--lexicon", sentiment.path))
+    assert ranked["lexicon"] == sentiment.id and ranked["samples"] == 36
+    assert all(gold.gold_score(p.chosen, lexicon=sentiment) > gold.gold_score(p.rejected,
+               lexicon=sentiment) for p in common.load_pairs(out))
     # a cut cache (a killed run) samples the missing batch again, with the same draws
     monkeypatch.undo()
     lines = (tmp_path / "samples.jsonl.cache.jsonl").read_text().splitlines()

@@ -65,7 +65,10 @@ def test_the_lab_pipeline_at_smoke_size(tmp_path):
             for line in (run / f"ppo_{reward}" / "log.jsonl").read_text().splitlines()
         ]
         assert [r["step"] for r in log] == [1, 2] and all("gold_score" in r for r in log)
+        lexicon_id = json.loads((run / f"ppo_{reward}" / "args.json").read_text())["lexicon_id"]
+        assert lexicon_id == gold.default_lexicon().id  # the lexicon is recorded with the run
     results = json.loads((run / "eval" / "results.json").read_text())
+    assert results["lexicon"] == gold.default_lexicon().id
     assert list(results["policies"]) == ["sft", *rewards] and results["num_prompts"] == 8
     responses = [
         json.loads(line) for line in (run / "eval" / "responses.jsonl").read_text().splitlines()
