@@ -154,6 +154,20 @@ def test_frontier_fit_recovers_known_alpha_beta():
     assert study.frontier_gain(alpha, beta, -0.01) == 0.0  # a negative k1 estimate: d = 0
 
 
+def test_gold_at_target_reads_the_held_out_frontier_at_exactly_the_target():
+    alpha, beta, g_sft = 0.2, -0.1, 0.09
+    curve = [(kl, g_sft + study.frontier_gain(alpha, beta, kl)) for kl in (0.62, 1.17)]
+    for target in (0.5, 1.0):  # two snapshots off the targets: the curve through them, at target
+        assert study.gold_at_target(curve, g_sft, target) == pytest.approx(
+            g_sft + study.frontier_gain(alpha, beta, target))
+    # the same snapshot saved for both targets (one distinct KL): R = α·d through it
+    assert study.gold_at_target([(0.81, 0.18), (0.81, 0.18)], 0.09, 0.25) == pytest.approx(
+        0.09 + 0.09 / 0.9 * 0.5)
+    assert study.gold_at_target([(-0.01, 0.12)], 0.09, 0.5) == 0.12  # no KL above 0: as it is
+    assert study.gold_at_target([], 0.09, 0.5) is None
+    assert study.gold_at_target([(None, None)], 0.09, 0.5) is None
+
+
 def test_frontier_mean_gain_is_the_area_over_the_width():
     alpha, beta, kl_max, steps = 0.3, 0.12, 1.5, 200000
     riemann = sum(study.frontier_gain(alpha, beta, (i + 0.5) * kl_max / steps)
@@ -198,8 +212,16 @@ def test_smoke_study_two_upstream_seeds_end_to_end_and_resumes(tmp_path, monkeyp
                                                               ("tlcr", "seq", 1000.0)]
     assert tests[0]["n"] == 2 and tests[1]["n"] == 0 and tests[1]["not_tested"]
     assert tests[1]["p"] is None and tests[1]["p_holm"] is None
-    values = on_disk["primary"]["values"]["tlcr@0.02"]["gold"]["values"]
-    assert values == [r["targets"]["0.02"]["gold"] for r in runs if r["method"] == "tlcr"]
+    tlcr = on_disk["primary"]["values"]["tlcr@0.02"]
+    assert tlcr["snapshot_gold"]["values"] == [
+        r["targets"]["0.02"]["gold"] for r in runs if r["method"] == "tlcr"]
+    for run in runs:  # the primary value: the run's held-out frontier read at the target
+        cell = run["targets"]["0.02"]
+        assert cell["gold_at_target"] == pytest.approx(study.gold_at_target(
+            [(cell["heldout_kl"], cell["gold"])], on_disk["sft_gold"], 0.02))
+    assert tlcr["gold"]["values"] == [
+        r["targets"]["0.02"]["gold_at_target"] for r in runs if r["method"] == "tlcr"]
+    assert len(on_disk["primary"]["sensitivity"]) == 2
     assert set(on_disk["times"]) == {"sft", "label", "sft_eval", "reward_model", "discriminator",
                                      "ppo", "eval", "credit"}
     sft_eval = json.loads((out / "sft_eval" / "results.json").read_text())
