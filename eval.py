@@ -82,6 +82,11 @@ def parse_args(argv=None):
         "--num-prompts", type=int, default=64, help="prompts evaluated (the first N of the split)"
     )
     data.add_argument(
+        "--samples-per-prompt", type=int, default=1,
+        help="replies sampled per prompt and policy (each prompt K times in a row; every policy "
+        "gets the same sampling seed, so the same prompts and random draws)",
+    )
+    data.add_argument(
         "--labels", default=None,
         help="held-out labels.jsonl from label.py: discriminator token accuracy",
     )
@@ -102,10 +107,12 @@ def parse_args(argv=None):
         "--reference", required=True, help="the reference (SFT) model for KL and perplexity"
     )
     model.add_argument(
-        "--reward-model", required=True, help="the Bradley–Terry reward model dir (redistribute.py)"
+        "--reward-model", help="the Bradley–Terry reward model dir (redistribute.py); required "
+        "unless --gold-only"
     )
     model.add_argument(
-        "--discriminator", required=True, help="the TLCR discriminator dir (discriminator.py)"
+        "--discriminator", help="the TLCR discriminator dir (discriminator.py); required unless "
+        "--gold-only"
     )
     model.add_argument(
         "--baseline", default=None,
@@ -127,6 +134,12 @@ def parse_args(argv=None):
         action="store_true",
         help="the offline lab: the gold.py score of every response (a column, and curves against "
         "PPO steps and against KL in the report)",
+    )
+    gen.add_argument(
+        "--gold-only", action="store_true",
+        help="the lab's fast mode (study.py): gold, KL, length and EOS per policy only; implies "
+        "--gold and --judge none; no reward model or discriminator is loaded, no token credit, no "
+        "discriminator accuracy",
     )
     gold.add_lexicon_arg(gen, "--gold")
     gen.add_argument("--credit-response-len", type=int, default=96,
@@ -177,7 +190,15 @@ def parse_args(argv=None):
             f"--baseline {args.baseline!r} is not one of --policies ({', '.join(args.policies)})"
         )
     plumbing.check_positive(parser, args, "num_prompts", "eval_batch_size", "max_new_tokens",
-                            "max_prompt_len", "credit_response_len")
+                            "max_prompt_len", "credit_response_len", "samples_per_prompt")
+    if args.gold_only:
+        if args.judge == "openai":
+            parser.error("--gold-only judges nothing: leave out --judge openai")
+        args.gold, args.judge, args.labels = True, "none", None
+    else:
+        for option in ("reward_model", "discriminator"):
+            if getattr(args, option) is None:
+                parser.error(f"--{option.replace('_', '-')} is required (unless --gold-only)")
     args.gold_lexicon = gold.lexicon_from_args(parser, args, args.gold, "--gold")  # the lab's gold
     if not 0 < args.top_p <= 1 or args.temperature <= 0:
         parser.error("--top-p must be in (0, 1] and --temperature positive")
@@ -262,13 +283,15 @@ def score_batch(policy, reference, reward_model, disc_model, query_response, att
         "logprobs": logprobs,
         "ref_logprobs": ref_logprobs,
         "ref_logprobs_t1": ref_logprobs_t1,
-        "rm_score": redistribute.sequence_reward(
-            reward_model, query_response, attention_mask, response_mask
-        ).float(),  # [B]
-        "tlcr": discriminator.token_rewards(
-            disc_model, query_response, attention_mask, response_mask, mode="continuous"
-        ).float(),
-    }  # eq. 7, [B, T_resp]
+    }
+    if reward_model is None:  # --gold-only: no reward model, no discriminator
+        return {k: v.detach().cpu() for k, v in scores.items()}
+    scores["rm_score"] = redistribute.sequence_reward(
+        reward_model, query_response, attention_mask, response_mask
+    ).float()  # [B]
+    scores["tlcr"] = discriminator.token_rewards(
+        disc_model, query_response, attention_mask, response_mask, mode="continuous"
+    ).float()  # eq. 7, [B, T_resp]
     if with_red:  # RED eq. 6 (β_c = 1): only for the responses the report shades
         scores["red"] = redistribute.redistribute(
             reward_model, query_response, attention_mask, response_mask
@@ -288,10 +311,15 @@ def cat_columns(tensors):
 def summarize(batches, eos_flags):
     """Policy metrics from the scored batches; per-token ones pooled over all response tokens."""
     valid = cat_columns([b["valid"] for b in batches]).float()  # [N, T_resp]
-    tlcr = cat_columns([b["tlcr"] for b in batches])  # [N, T_resp]
+    judged = {}
+    if "rm_score" in batches[0]:  # not with --gold-only
+        tlcr = cat_columns([b["tlcr"] for b in batches])  # [N, T_resp]
+        judged = {
+            "rm_score": torch.cat([b["rm_score"] for b in batches]).mean().item(),
+            "tlcr_reward": ((tlcr * valid).sum() / valid.sum().clamp(min=1)).item(),
+        }
     return {
-        "rm_score": torch.cat([b["rm_score"] for b in batches]).mean().item(),
-        "tlcr_reward": ((tlcr * valid).sum() / valid.sum().clamp(min=1)).item(),
+        **judged,
         **kl_to_reference(
             cat_columns([b["logprobs"] for b in batches]),
             cat_columns([b["ref_logprobs"] for b in batches]),
@@ -491,8 +519,8 @@ def main(argv=None):
         args.reference, trust_remote_code=args.trust_remote_code, what="--reference"
     )
     for option, path in [
-        ("--reward-model", args.reward_model),
-        ("--discriminator", args.discriminator),
+        *((o, p) for o, p in [("--reward-model", args.reward_model),
+                              ("--discriminator", args.discriminator)] if not args.gold_only),
         *((f"--policies {name}", p) for name, p in args.policies.items()),
     ]:
         hf_models.check_same_tokenizer(
@@ -500,14 +528,16 @@ def main(argv=None):
             hf_models.load_tokenizer(path, args.trust_remote_code, what=option),
             f"{option} {path}",
         )
-    prompts = [pair.prompt for pair in pairs]
+    # K replies per prompt: each prompt K times in a row (reply i answers prompt i // K)
+    asked = [pair for pair in pairs for _ in range(args.samples_per_prompt)]
+    prompts = [pair.prompt for pair in asked]
     encoded = [
         common.encode_prompt(
             tokenizer,
             common.prompt_text(tokenizer, p.prompt, p.messages, args.chat_template),
             args.max_prompt_len,
         )
-        for p in pairs
+        for p in asked
     ]
     eos_ids = None
 
@@ -524,20 +554,22 @@ def main(argv=None):
         )
     )
     eos_ids = common.eos_token_ids(tokenizer, reference)
-    reward_model = frozen(
-        hf_models.load_score_model(
-            args.reward_model, trust_remote_code=args.trust_remote_code, what="--reward-model"
+    reward_model = disc_model = None  # --gold-only: neither is read
+    if not args.gold_only:
+        reward_model = frozen(
+            hf_models.load_score_model(
+                args.reward_model, trust_remote_code=args.trust_remote_code, what="--reward-model"
+            )
         )
-    )
-    disc_model = frozen(
-        hf_models.load_score_model(
-            args.discriminator, trust_remote_code=args.trust_remote_code, what="--discriminator"
+        disc_model = frozen(
+            hf_models.load_score_model(
+                args.discriminator, trust_remote_code=args.trust_remote_code, what="--discriminator"
+            )
         )
-    )
 
     # 2. the true token credit of every reward source on held-out replies (--gold)
     credit = None
-    if args.gold:
+    if args.gold and not args.gold_only:
         rows = heldout_credit_replies(pairs, tokenizer, args.max_prompt_len,
                                       args.credit_response_len, args.chat_template,
                                       args.gold_lexicon)
@@ -582,7 +614,8 @@ def main(argv=None):
                 )
                 scores = score_batch(policy, reference, reward_model, disc_model, query_response,
                                      attention_mask, response_mask, args.temperature,
-                                     start < args.show_prompts, with_sources=args.gold)
+                                     start < args.show_prompts and not args.gold_only,
+                                     with_sources=args.gold and not args.gold_only)
             batches.append(scores)
             # [B, T_resp]
             response_ids = common.gather_response(query_response, response_mask).cpu()
@@ -591,19 +624,20 @@ def main(argv=None):
                 ended = bool(ids) and ids[-1] in eos_ids
                 eos_flags.append(ended)
                 texts.append(tokenizer.decode(ids[:-1] if ended else ids))
-                if args.gold:
+                if args.gold and not args.gold_only:
                     replies.append(reply_credit(tokenizer, ids, args.gold_lexicon))
                     for source in CREDIT_SOURCES:
                         token_rewards = scores["sources"][source][row, : len(ids)]  # [T_i]
                         source_rewards[source].append(token_rewards.tolist())
-                if start + row < args.show_prompts:
+                if start + row < args.show_prompts and not args.gold_only:
                     shaded[name].append({"tokens": [tokenizer.decode([t]) for t in ids],
                                          "tlcr": scores["tlcr"][row, : len(ids)].tolist(),
                                          "red": scores["red"][row, : len(ids)].tolist(),
                                          **({"gold": replies[-1]["credit"]} if args.gold else {})})
         generated[name] = {
             "texts": texts,
-            "rm_scores": torch.cat([b["rm_score"] for b in batches]).tolist(),
+            "rm_scores": torch.cat([b["rm_score"] for b in batches]).tolist()
+            if "rm_score" in batches[0] else [None] * len(texts),
             "eos": eos_flags,
         }
         metrics[name] = summarize(batches, eos_flags)
@@ -611,7 +645,8 @@ def main(argv=None):
             generated[name]["gold"] = [gold.gold_score(text, lexicon=args.gold_lexicon)
                                        for text in texts]
             metrics[name]["gold_score"] = sum(generated[name]["gold"]) / len(texts)
-            credit["samples"][name] = credit_summary(replies, source_rewards)
+            if credit is not None:
+                credit["samples"][name] = credit_summary(replies, source_rewards)
         if policy is not reference:
             del policy
             if device.type == "cuda":
@@ -689,7 +724,8 @@ def main(argv=None):
             "discriminator": args.discriminator,
         },
         "split": args.split,
-        "num_prompts": len(prompts),
+        "num_prompts": len(pairs),
+        "samples_per_prompt": args.samples_per_prompt,
         "seed": args.seed,
         "max_new_tokens": args.max_new_tokens,
         "top_p": args.top_p,
@@ -703,7 +739,7 @@ def main(argv=None):
     }
     samples = [
         {"prompt": prompts[k], "responses": {name: shaded[name][k] for name in args.policies}}
-        for k in range(min(args.show_prompts, len(prompts)))
+        for k in range(0 if args.gold_only else min(args.show_prompts, len(prompts)))
     ]
     logs = args.logs if args.logs is not None else report.find_logs(args.policies)
     checkpoint.atomic_write(out / "results.json", json.dumps(results, indent=2))

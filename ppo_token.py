@@ -45,9 +45,12 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import os
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -91,7 +94,14 @@ def add_algorithm_args(parser):
                       help="sampling temperature (log-probs are recomputed with it)")
     algo.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")
     algo.add_argument("--kl-coef", type=float, default=0.1,
-                      help="β of the per-token KL penalty (TLCR 0.1, RED 0.02)")
+                      help="β of the per-token KL penalty (TLCR 0.1, RED 0.02); with --kl-target "
+                           "its starting value")
+    algo.add_argument("--kl-target", type=float, default=0.0,
+                      help="adaptive KL controller (Ziegler et al. 2019): after each iteration β ← "
+                           "β·(1 + clip((KL − target)/target, ±0.2)·rollout size/--kl-horizon), "
+                           "KL the rollout's mean Σ_t KL_t; 0 = off (β stays --kl-coef)")
+    algo.add_argument("--kl-horizon", type=int, default=10000,
+                      help="--kl-target: responses over which β moves by up to 20%%")
     algo.add_argument("--gamma", type=float, default=1.0, help="discount γ of GAE")
     algo.add_argument("--lam", type=float, default=0.95, help="λ of GAE")
     algo.add_argument("--clip-ratio", type=float, default=0.2,
@@ -285,6 +295,17 @@ def build_token_rewards(task_rewards, logprobs, ref_logprobs, response_mask, end
     return token_rewards, task, kl
 
 
+def adaptive_kl_coef(kl_coef: float, kl: float, target: float, horizon: int, n_steps: int) -> float:
+    """The adaptive KL controller of Ziegler et al. 2019 (TRL's AdaptiveKLController), one update:
+
+        e = clip((KL − target) / target, −0.2, 0.2),   β ← β·(1 + e·n_steps / horizon)
+
+    KL above the target raises β (a stronger pull back to π_ref), below it lowers β; n_steps is the
+    rollout's number of responses, so β moves by at most 20% per `horizon` responses."""
+    error = min(max((kl - target) / target, -0.2), 0.2)
+    return kl_coef * (1 + error * n_steps / horizon)
+
+
 # ----------------------------------------------------------------------------------------------
 # 4. Advantages and returns
 # ----------------------------------------------------------------------------------------------
@@ -321,8 +342,11 @@ def masked_whiten(values, mask, eps=1e-8):
 # 1-4 together: one rollout
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def rollout(models: Models, prompt, prompt_mask, eos_ids: list[int], pad_id: int, args) -> Rollout:
-    """Steps 1-4 for one batch of left-padded prompts [B, P]."""
+def rollout(models: Models, prompt, prompt_mask, eos_ids: list[int], pad_id: int, args,
+            kl_coef: float | None = None) -> Rollout:
+    """Steps 1-4 for one batch of left-padded prompts [B, P]; β = kl_coef (the adaptive
+    controller's current value), or --kl-coef."""
+    kl_coef = args.kl_coef if kl_coef is None else kl_coef
     policy, critic = unwrap(models.policy), unwrap(models.critic)
     policy.eval()  # dropout is 0 either way; eval() switches gradient checkpointing off (KV cache)
     critic.eval()
@@ -351,7 +375,7 @@ def rollout(models: Models, prompt, prompt_mask, eos_ids: list[int], pad_id: int
         rm_score = models.score_fn(*sequences).float() if models.score_fn else None  # [B]
     # 3. compute per-token rewards
     token_rewards, task_rewards, kl = build_token_rewards(
-        task_rewards, logprobs, ref_logprobs, mask, ended, args.kl_coef, args.reward_clip,
+        task_rewards, logprobs, ref_logprobs, mask, ended, kl_coef, args.reward_clip,
         args.missing_eos_penalty)
     # 4. compute advantages and returns
     advantages, returns = gae(token_rewards, values, mask, args.gamma, args.lam)
@@ -644,6 +668,62 @@ def prompt_batch(prompts, step: int, batch_size: int, seed: int, rank: int, pad_
 
 
 # ----------------------------------------------------------------------------------------------
+# Snapshots at KL targets (--save-at-kl) and the state that a resume restores
+# ----------------------------------------------------------------------------------------------
+def snapshot_dir(out, target: float) -> Path:
+    return Path(out) / f"policy_kl{target:g}"
+
+
+def read_snapshots(out) -> dict:
+    """{"<target>": {"iteration", "trailing_kl", "rollout_kl"}} of the snapshots saved so far."""
+    path = Path(out) / "snapshots.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def trailing_mean(history: list[float], window: int) -> float:
+    """Mean of the last `window` values: the rollout KL as --save-at-kl reads it."""
+    last = history[-window:]
+    return sum(last) / len(last)
+
+
+def targets_reached(targets, saved: dict, trailing_kl: float) -> list[float]:
+    """The targets without a snapshot yet that the trailing KL has reached (KL ≥ target)."""
+    return [t for t in targets if f"{t:g}" not in saved and trailing_kl >= t]
+
+
+def save_snapshot(models: Models, tokenizer, out: Path, target: float, record: dict, master: bool):
+    """The policy to OUT/policy_kl<target>/, whole or not at all: written into a temp folder
+    (.save-*, removed at the next start if a kill leaves it), then renamed in one step; its
+    iteration and KL are added to OUT/snapshots.json."""
+    final = snapshot_dir(out, target)
+    temp = out / f".save-{final.name}"
+    if master and temp.exists():
+        shutil.rmtree(temp)
+    hf_models.save_policy(models.policy, tokenizer, temp)  # every rank (FSDP gathers to rank 0)
+    if master:
+        if final.exists():  # from an interrupted run that resumed before this iteration
+            shutil.rmtree(final)
+        os.replace(temp, final)
+        saved = read_snapshots(out)
+        saved[f"{target:g}"] = record
+        checkpoint.atomic_write(out / "snapshots.json", json.dumps(saved, indent=1) + "\n")
+
+
+def resumed_kl_state(args, out: Path, start_step: int) -> tuple[list[float], float]:
+    """The rollout KL of every iteration logged so far (--save-at-kl's trailing mean needs the last
+    few) and β: --kl-coef, or with --kl-target the controller's value after the last logged
+    iteration (log.jsonl is rewound to the checkpoint's step by run.resume)."""
+    rows = [r for r in checkpoint.read_jsonl_tolerant(out / "log.jsonl")
+            if isinstance(r.get("step"), int) and r["step"] <= start_step] if start_step else []
+    rows.sort(key=lambda r: r["step"])
+    kl_coef = args.kl_coef
+    if args.kl_target and rows and "kl_coef" in rows[-1]:
+        kl_coef = adaptive_kl_coef(rows[-1]["kl_coef"], rows[-1]["kl"], args.kl_target,
+                                   args.kl_horizon, args.rollout_batch_size)
+    return [r["kl"] for r in rows], kl_coef
+
+
+# ----------------------------------------------------------------------------------------------
 # The script: options (the algorithm's first, above), then main
 # ----------------------------------------------------------------------------------------------
 def parse_args(argv=None):
@@ -673,6 +753,17 @@ def parse_args(argv=None):
     system.add_argument("--offload-frozen", action="store_true",
                         help="keep the frozen reference and reward models on the CPU (with LoRA: "
                              "those that do not share the policy's or the critic's backbone)")
+    system.add_argument("--save-at-kl", type=float, nargs="*", default=[], metavar="KL",
+                        help="KL targets: the policy is saved to OUT/policy_kl<target>/ (before "
+                             "that iteration's update) the first time the rollouts' KL, a trailing "
+                             "mean over --save-kl-window iterations, reaches each target; "
+                             "OUT/snapshots.json records the iteration and KL of each")
+    system.add_argument("--save-kl-window", type=int, default=3,
+                        help="--save-at-kl: iterations in the trailing mean of the rollout KL (one "
+                             "rollout's KL is a mean over only --rollout-batch-size responses)")
+    system.add_argument("--stop-at-kl", action="store_true",
+                        help="--save-at-kl: end the run (OUT/policy saved) once every target is "
+                             "saved; --iterations stays the cap")
     plumbing.add_run_args(system, save_every=50, unit="iterations")
     args = parser.parse_args(argv)
     lora.check_lora_args(parser, args)
@@ -690,6 +781,12 @@ def parse_args(argv=None):
         args.discriminator = None
     plumbing.check_positive(parser, args, "iterations", "rollout_batch_size", "minibatch_size",
                             "ppo_epochs", "max_new_tokens", "max_prompt_len", "save_every")
+    plumbing.check_positive(parser, args, "save_kl_window", "kl_horizon")
+    if args.kl_target < 0 or any(kl <= 0 for kl in args.save_at_kl):
+        parser.error("--kl-target must be ≥ 0 (0 = off) and every --save-at-kl target > 0")
+    if args.stop_at_kl and not args.save_at_kl:
+        parser.error("--stop-at-kl needs --save-at-kl targets")
+    args.save_at_kl = sorted(set(args.save_at_kl))
     if args.rollout_batch_size % args.minibatch_size:
         parser.error(f"--rollout-batch-size {args.rollout_batch_size} must be a multiple of "
                      f"--minibatch-size {args.minibatch_size}")
@@ -726,7 +823,10 @@ def main(argv=None, reward_fn=None):
     lexicon = gold.load_lexicon(args.lexicon) if args.log_gold else None  # the lab's gold
     start_step = run.resume({"policy": models.policy, "critic": models.critic},
                             {"policy": models.policy_optimizer, "critic": models.critic_optimizer},
-                            ignore=("iterations",))  # constant learning rates: a run may grow
+                            # constant learning rates: a run may grow; snapshots do not train
+                            ignore=("iterations", "save_at_kl", "save_kl_window", "stop_at_kl"))
+    kl_history, kl_coef = resumed_kl_state(args, out, start_step)
+    saved = read_snapshots(out)  # every rank: each decides the same snapshots
     if master:
         out.mkdir(parents=True, exist_ok=True)
         checkpoint.atomic_write(out / "args.json", json.dumps(
@@ -738,16 +838,26 @@ def main(argv=None, reward_fn=None):
     bar = tqdm(range(start_step, args.iterations), initial=start_step, total=args.iterations,
                disable=not master, desc="ppo")
     start = time.perf_counter()
-    done = start_step  # iterations done
+    done, stopped = start_step, False  # iterations done; stopped by --stop-after
     for step in bar:
+        if args.stop_at_kl and all(f"{t:g}" in saved for t in args.save_at_kl):
+            break  # --stop-at-kl: every target has its snapshot (a resumed run that had ended)
         t0 = time.perf_counter()
         # all randomness of a step (sampling, minibatch order) is a function of (seed, rank, step)
         torch.manual_seed(args.seed + 1000 * rank + 1_000_003 * (step + 1))
         prompt, prompt_mask = prompt_batch(prompts, step, rollout_per_rank, args.seed, rank, pad_id,
                                            device)
         # 1-4. generate, score, per-token rewards, advantages and returns
-        batch = rollout(models, prompt, prompt_mask, eos_ids, pad_id, args)
+        batch = rollout(models, prompt, prompt_mask, eos_ids, pad_id, args, kl_coef)
         stats = rollout_stats(batch)
+        stats["kl_coef"] = kl_coef  # β of this rollout's rewards
+        if args.save_at_kl:  # before this iteration's update: the policy that sampled the rollout
+            kl_history.append(distributed.all_reduce_mean(stats["kl"], dist_info))
+            stats["kl_trailing"] = trailing_mean(kl_history, args.save_kl_window)
+            for target in targets_reached(args.save_at_kl, saved, stats["kl_trailing"]):
+                saved[f"{target:g}"] = {"iteration": step + 1, "trailing_kl": stats["kl_trailing"],
+                                        "rollout_kl": kl_history[-1]}
+                save_snapshot(models, tokenizer, out, target, saved[f"{target:g}"], master)
         if args.log_gold:  # the lab's known reward (gold.py): logged, never seen by the optimiser
             scores = gold.score_responses(tokenizer, batch.response.cpu(),
                                           batch.response_mask.cpu(), lexicon=lexicon)
@@ -761,15 +871,23 @@ def main(argv=None, reward_fn=None):
         record = {"step": step + 1, **stats, "elapsed_s": round(time.perf_counter() - start, 2),
                   "tokens_per_s": tokens / (time.perf_counter() - t0)}
         run.logger.log(record)
+        if args.kl_target:  # the adaptive controller moves β for the next rollout
+            kl_coef = adaptive_kl_coef(kl_coef, record["kl"], args.kl_target, args.kl_horizon,
+                                       args.rollout_batch_size)
         bar.set_postfix_str(f"task {record['task_reward']:.3f} kl {record['kl']:.3f} "
                             f"len {record['response_length']:.1f} eos {record['eos_fraction']:.2f} "
                             f"vf {record['value_loss']:.3f} ev {record['explained_variance']:.2f}")
-        done = step + 1  # iterations done
-        run.save_if_due(done, args.iterations)  # every --save-every iterations, --stop-after, last
+        done = step + 1
+        # --stop-at-kl: the run ends after the iteration that took the last snapshot
+        ended = args.stop_at_kl and all(f"{t:g}" in saved for t in args.save_at_kl)
+        run.save_if_due(done, done if ended else args.iterations)  # --save-every, --stop-after
+        if ended:
+            break
         if run.stop_requested(done, args.iterations):  # --stop-after: stop as if killed
+            stopped = True
             break
     bar.close()
-    if done < args.iterations:  # stopped by --stop-after: run it again to resume
+    if stopped:  # run it again to resume
         return run.finish()
     hf_models.save_policy(models.policy, tokenizer, out / "policy")  # gathered (FSDP), LoRA merged
     if master:

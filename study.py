@@ -1,56 +1,69 @@
-"""study.py — the lab as a measuring instrument: the whole pipeline over several seeds, each
-method's gold score at equal KL with 95% confidence intervals, and which differences between
-methods are significant.
+"""study.py — the lab decides: does token-level credit give a better policy at the same distance
+from the reference? Every method brought to the same KL targets, every run counted, the answer with
+a confidence interval, in under an hour on 2 CPU cores.
 
-One seed of the lab is an example, not a result: RL amplifies the last bit of floating-point
-difference, so the same command gives other final numbers on another machine. This script runs
-`run_pipeline.sh` once per seed (RUN=OUT/seed-N SEED=N: every stage's seed, SFT to eval; the data
-split stays put) and reads what each seed wrote:
+The design (declared here, before any result; README, "The lab"):
 
-    gold at KL k    from each PPO run's per-step log (ppo_token.py --log-gold): the gold score of
-                    the rollouts against their KL to the reference, smoothed, read at k = 1, 2, 4
-    final gold, KL  eval.py --gold on the held-out test prompts, the final policies
-    token credit    eval.py --gold: AUC harm, AUC safe and per-word r of each method's own reward
-                    source on held-out replies (and on its own samples, in study.json)
+    upstream seeds  --seeds U (default 0-9): each trains its own reward model (redistribute.py) and
+                    token discriminator (discriminator.py) with --seed U, from one SFT model and one
+                    label file shared by all (sft.py --seed 0, label.py: the gold reviser is
+                    deterministic). The upstream seed is the unit of replication: the models that
+                    differ between methods are what varies between seeds.
+    PPO runs        per upstream seed, per method (seq, red, tlcr) and per PPO seed P of
+                    --ppo-seeds (ppo_token.py --seed U + 1000·P: the same prompt order and sampling
+                    seeds for every method of a (U, P), common random numbers), fixed β = 0.1, until
+                    the rollouts' KL (trailing mean over 3 iterations) has reached every target of
+                    --kl-targets (--save-at-kl, --stop-at-kl; --max-iterations caps the run). The
+                    policy is saved whole where it first reaches each target. (ppo_token.py also
+                    has the adaptive KL controller, --kl-target; the study keeps β fixed, so every
+                    method optimises the papers' objective and one run reaches every target.)
+    primary         held-out gold at each KL target: eval.py --gold-only on the whole test
+    endpoint        split (115 prompts), --samples-per-prompt K replies a prompt (4: 460 replies),
+                    the same seed for every policy of the study (the same prompts and random
+                    draws; the SFT model, one for all seeds, is scored once). A snapshot's held-out
+                    KL misses its target (measured at demo size, seed 0: seq 0.62 and 1.17, red 0.53
+                    and 0.85 for targets 0.5 and 1: the rollout KL that triggers a snapshot is a
+                    mean over 48 replies of the RL split), so a run's value is its held-out
+                    frontier read at exactly the target: the points (0, SFT gold) and (held-out KL,
+                    held-out gold) of its snapshots, fitted by R(d) below (with two snapshots, the
+                    curve through them; gold_at_target). The snapshots' own gold is reported beside
+                    it (a sensitivity check, raw p). An upstream seed's value is the mean over its
+                    PPO seeds.
+                    A run that never reaches a target has no snapshot there: it is listed with the
+                    KL it reached and its final policy's held-out gold and KL (never dropped
+                    silently), and its upstream seed leaves the comparison at that target only if
+                    none of its PPO seeds reached it (every test prints its n).
+    comparisons     tlcr − seq and red − seq at every target, paired over the upstream seeds: the
+                    paired t-test, two-sided, its (1 − alpha) interval and the exact sign-flip p
+                    beside it. The primary family is methods × targets (2 × 2 by default): Holm's
+                    step-down adjustment over the whole family; "significant" means Holm p < alpha.
+                    Every p is labelled raw or Holm. MDD: the minimal difference detectable with 80%
+                    power by this design, (t_{1−α/2,n−1} + t_{0.8,n−1})·sd/√n (sd of the paired
+                    differences).
+    secondary       the all-steps frontier: per run, gold against KL over every logged iteration
+    endpoint        fitted by R(d) = d(α − β·log d), d = √KL (Gao et al. 2022; gold measured from
+                    the SFT level g0, the mean gold of the first rollouts of all runs, at KL 0), a
+                    linear least-squares fit on the features d and −d·log d; compared as the mean
+                    gain over KL in [0, the largest target] (the area under the fitted curve divided
+                    by its width), paired as above, Holm over its own 2 comparisons.
+    exploratory     everything else, labelled so: the rollout gold read off the smoothed training
+                    log at --kl-points (the old reading), and the token credit of each method's
+                    reward source (eval.py --gold on each method's policy at the last target: AUC
+                    harm, AUC safe, per-word r, per-reply r on held-out replies and on own samples).
+                    Credit is compared between tlcr and red only: seq puts its whole reward on the
+                    last token, so its credit is chance by construction and is never tested.
 
-Each figure is given per seed and as mean ± the half-width of a 95% t-interval over the seeds
-(t quantile from the Student t distribution, computed here: no scipy). Differences between two
-methods are tested on the same seeds' runs, paired: the paired t-test (the differences are assumed
-normal; with 5 seeds nothing weaker can reach 5%: the exact sign-flip permutation test, reported
-beside it, cannot go below 2/2^5 = 0.0625), two-sided, Holm-corrected over the method pairs of each
-figure. A difference is called significant when its Holm-corrected p < --alpha.
+Each stage is the command a student would type, printed and logged (OUT/logs/), and resumable: a
+stage with a marker in OUT/stages/ is done and not run again; an interrupted one resumes from its
+checkpoint. --jobs stages run at once with cores / jobs threads each (SFT, which runs alone, gets
+every core). The plan (stage seconds × counts / jobs) is printed before anything runs, the measured
+wall time of every stage after.
 
-The curve. The per-step PPO log can serve as the gold-against-KL curve, and this study uses it:
-every iteration samples fresh prompts of the RL split (one seeded permutation, 30 × 16 = 480 of
-~875 at demo size: no prompt twice) from the current policy, before that iteration's update, with
-eval's sampler (top-p 0.9, temperature 1) and eval's KL (k1, Σ_t per reply, averaged); so each step
-is an unbiased estimate on prompts the policy has not trained on yet (of the RL split's
-distribution, not the test split's 115 prompts). Evaluating held-out checkpoints instead would cost
-a generation pass over the test prompts per checkpoint, more than the PPO run itself on CPU.
-One step averages only --rollout-batch-size replies, so the curve is smoothed first: a centred
-running mean over --smooth iterations of both KL and gold (the points stay pairs). Gold at KL k
-is then the linear interpolation on that smoothed path where it crosses k, averaged over its
-crossings (KL may pass k more than once); a run whose smoothed KL never reaches k contributes
-nothing there, and the count of runs that did is shown. The study's frontier chart (frontier.svg,
-study.html) draws each seed's smoothed value at each KL point faint and the mean over seeds with
-its 95% interval.
-
-Commands (the default is the lab at demo size; --jobs 2 runs two seeds at once, one thread each):
-
-    python study.py                          # 5 seeds (0-4): runs/study/study.{json,md,html}
-    python study.py --seeds 0 1 2 3 4 5 6 7 --jobs 2
+    python study.py --jobs 2                             # the default design: runs/study/
+    python study.py --plan-only                          # the time plan, nothing run
+    python study.py --seeds 0 1 2 3 4 5 6 7 --ppo-seeds 2 --jobs 2
     python study.py --size smoke --seeds 0 1 --out /tmp/study   # the test suite's size
-    python study.py --env SOME_SETTING=1     # to run_pipeline.sh (exported variables reach it too)
-    python study.py --report-only            # tables and chart from the seeds already run
-
-Resumable: a seed whose eval/results.json already holds every --rewards policy is not run again;
-an interrupted seed resumes where it stopped (every stage resumes from its checkpoint). Each seed's
-pipeline output is in OUT/seed-N/pipeline.log, its wall time in OUT/seed-N/study_seconds.json.
-
-The PPO runs: seq, red and tlcr (--rewards), the three methods compared. The TLCR ablations
-(tlcr_no_negative, tlcr_no_positive) show a mechanism (lengths grow or shrink), not a method to
-rank; leaving them out makes a seed 2 PPO runs cheaper, which is what lets 5 seeds fit in an hour on
-2 CPU cores. Add them with --rewards when wanted.
+    python study.py --report-only                        # tables and chart from the runs in --out
 """
 
 from __future__ import annotations
@@ -65,9 +78,9 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-
-from tqdm import tqdm
+from typing import Callable
 
 import gold
 import plumbing
@@ -76,6 +89,49 @@ from plumbing import checkpoint
 
 ROOT = Path(__file__).resolve().parent
 METHODS = ("seq", "red", "tlcr")
+BASELINE = "seq"  # the sequence-level reward: what token-level credit is compared with
+
+# The stages' settings per --size: run_pipeline.sh's lab presets (TASK=gold), except PPO, which runs
+# to the KL targets instead of a fixed number of iterations, and eval, which scores gold only.
+PRESETS = {
+    "smoke": {
+        "sft": "--tiny-layers 1 --tiny-width 32 --tiny-vocab 512 --max-prompt-len 48 "
+               "--max-response-len 32 --limit 60 --max-steps 6 --lr 3e-3 --batch-size 8 "
+               "--micro-batch-size 8 --eval-examples 16",
+        "label": "--limit 40 --max-response-len 32",
+        "discriminator": "--epochs 2 --lr 1e-3 --max-prompt-len 48 --max-response-len 32 "
+                         "--batch-size 8 --micro-batch-size 8",
+        "reward_model": "--limit 40 --epochs 1 --lr 1e-3 --max-prompt-len 48 --max-response-len 32 "
+                        "--batch-size 8 --micro-batch-size 8",
+        "ppo": "--rollout-batch-size 4 --minibatch-size 4 --ppo-epochs 1 --max-prompt-len 48 "
+               "--max-new-tokens 12 --policy-lr 3e-3 --critic-lr 1e-4",
+        "eval": "--num-prompts 8 --max-prompt-len 48 --max-new-tokens 12 --eval-batch-size 16",
+    },
+    "demo": {
+        "sft": "--tiny-layers 2 --tiny-width 128 --tiny-vocab 4096 --max-prompt-len 192 "
+               "--max-response-len 96 --epochs 8 --lr 3e-3 --batch-size 16 --micro-batch-size 16 "
+               "--eval-every 25 --eval-examples 128 --eval-batch-size 16",
+        "label": "--max-response-len 96",
+        "discriminator": "--epochs 20 --lr 2e-3 --max-prompt-len 192 --max-response-len 96 "
+                         "--batch-size 32 --micro-batch-size 32",
+        "reward_model": "--epochs 3 --lr 1e-3 --max-prompt-len 192 --max-response-len 96 "
+                        "--batch-size 16 --micro-batch-size 16",
+        "ppo": "--rollout-batch-size 16 --minibatch-size 8 --ppo-epochs 2 --max-prompt-len 192 "
+               "--max-new-tokens 48 --policy-lr 5e-5 --critic-lr 1e-4",
+        "eval": "--num-prompts 115 --max-prompt-len 192 --max-new-tokens 48 --eval-batch-size 32",
+    },
+}
+# Seconds of each stage at one thread on an idle 2-core machine (demo: measured, README); ppo is
+# per iteration plus the start, eval per policy (at --samples-per-prompt 4) plus the start.
+STAGE_SECONDS = {
+    "smoke": {"sft": 5, "label": 3, "reward_model": 5, "discriminator": 5, "ppo_start": 5,
+              "ppo_iteration": 0.2, "eval_start": 5, "eval_policy": 0.5, "credit": 8},
+    "demo": {"sft": 131, "label": 8, "reward_model": 52, "discriminator": 148, "ppo_start": 8,
+             "ppo_iteration": 2.0, "eval_start": 8, "eval_policy": 18, "credit": 50},
+}
+# iterations to reach the last target, KL 1 (demo, seed 0, measured: seq 20, red 10; tlcr assumed
+# ~25 from the old study's final KLs): 22 on average, a little above the measured mean
+EXPECTED_ITERATIONS = {"smoke": 4, "demo": 22}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -83,62 +139,90 @@ METHODS = ("seq", "red", "tlcr")
 # ----------------------------------------------------------------------------------------------
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=plumbing.HelpFormatter)
-    run = parser.add_argument_group("runs")
+    run = parser.add_argument_group("design")
     run.add_argument(
-        "--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
-        help="one pipeline run per seed (SEED of every stage)",
+        "--seeds", type=int, nargs="+", default=list(range(10)),
+        help="upstream seeds: each trains its own reward model and discriminator (--seed U); the "
+        "unit of the paired comparisons",
     )
     run.add_argument(
-        "--size", default="demo", choices=["smoke", "demo", "gpt2"], help="run_pipeline.sh SIZE"
+        "--ppo-seeds", type=int, default=1,
+        help="PPO runs per upstream seed and method (--seed U + 1000·P), averaged within the "
+        "upstream seed",
+    )
+    run.add_argument("--size", default="demo", choices=sorted(PRESETS), help="stage presets")
+    run.add_argument(
+        "--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
+        help=f"the PPO rewards compared; each one but {BASELINE} is compared with {BASELINE}",
     )
     run.add_argument(
-        "--rewards", nargs="+", default=list(METHODS),
-        help="the PPO runs of each seed (run_pipeline.sh REWARDS); the methods compared",
+        "--kl-targets", type=float, nargs="+", default=[0.5, 1.0],
+        help="KL to the reference at which every run is saved and scored (the primary endpoint)",
     )
     run.add_argument(
-        "--env", nargs="*", default=[], metavar="NAME=VALUE",
-        help="extra settings for run_pipeline.sh (exported variables reach it too)",
+        "--samples-per-prompt", type=int, default=4,
+        help="held-out replies per test prompt and policy (eval.py --samples-per-prompt)",
     )
     gold.add_lexicon_arg(run)  # run_pipeline.sh LEXICON
     run.add_argument(
+        "--max-iterations", type=int, default=0,
+        help="PPO iterations a run may take to reach the last target (0: 90 at demo, 8 at smoke)",
+    )
+    run.add_argument(
+        "--credit", action=argparse.BooleanOptionalAction, default=True,
+        help="also measure the token credit of every method (eval.py --gold on each method's "
+        "policy at the last target, one reply a prompt); exploratory",
+    )
+    system = parser.add_argument_group("running")
+    system.add_argument(
         "--jobs", type=int, default=1,
-        help="seeds run at once; each gets cores / jobs threads (OMP_NUM_THREADS) unless set",
+        help="stages run at once; each gets cores / jobs threads (OMP_NUM_THREADS) unless set",
     )
-    run.add_argument(
-        "--pipeline", default=str(ROOT / "run_pipeline.sh"), help="the pipeline script"
-    )
-    run.add_argument(
+    system.add_argument(
         "--report-only", action="store_true",
-        help="run nothing: tables and chart from the seeds already in --out",
+        help="run nothing: tables and chart from the stages already done in --out",
     )
+    system.add_argument("--plan-only", action="store_true",
+                        help="print the design and its time plan, run nothing")
     stats = parser.add_argument_group("statistics")
     stats.add_argument(
-        "--kl-points", type=float, nargs="+", default=[1.0, 2.0, 4.0],
-        help="KL values at which each run's gold-against-KL curve is read",
+        "--alpha", type=float, default=0.05,
+        help="level of the intervals (1 − alpha) and of the calls: significant = Holm-adjusted p < "
+        "alpha, Holm over the primary family (every method × every target)",
+    )
+    stats.add_argument("--power", type=float, default=0.8,
+                       help="power of the minimal detectable difference (MDD) printed per test")
+    stats.add_argument(
+        "--kl-points", type=float, nargs="*", default=None,
+        help="exploratory: KL values at which the smoothed training log is read (default: "
+        "--kl-targets)",
     )
     stats.add_argument(
         "--smooth", type=int, default=5,
-        help="centred running mean over this many PPO iterations before reading the curve",
-    )
-    stats.add_argument(
-        "--alpha", type=float, default=0.05,
-        help="level of the confidence intervals (1 − alpha) and of the significance calls",
+        help="exploratory: centred running mean over this many PPO iterations before that reading",
     )
     out = parser.add_argument_group("output")
     out.add_argument(
-        "--out", default="runs/study", help="study folder: seed-N/ runs, study.json, study.md"
+        "--out", default="runs/study", help="study folder: sft/, up-U/, stages/, logs/, study.*"
     )
     args = parser.parse_args(argv)
-    plumbing.check_positive(parser, args, "jobs", "smooth")
+    plumbing.check_positive(parser, args, "jobs", "smooth", "ppo_seeds", "samples_per_prompt")
+    if not 0 < args.alpha < 1 or not 0.5 < args.power < 1:
+        parser.error(f"--alpha must be in (0, 1) and --power in (0.5, 1), got {args.alpha}, "
+                     f"{args.power}")
+    if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
+        parser.error(f"--seeds: each seed once, none negative, got {args.seeds}")
+    if BASELINE not in args.methods or len(set(args.methods)) < 2:
+        parser.error(f"--methods must hold {BASELINE} and at least one other, got {args.methods}")
+    if any(kl <= 0 for kl in args.kl_targets):
+        parser.error(f"--kl-targets must be > 0, got {args.kl_targets}")
+    args.methods = list(dict.fromkeys(args.methods))
+    args.kl_targets = sorted(set(args.kl_targets))
+    args.kl_points = args.kl_targets if args.kl_points is None else args.kl_points
+    args.max_iterations = args.max_iterations or {"smoke": 8, "demo": 90}[args.size]
     args.lexicon_id = gold.load_lexicon(args.lexicon).id  # a bad file stops here, before any run
-    if not 0 < args.alpha < 1:
-        parser.error(f"--alpha must be in (0, 1), got {args.alpha}")
-    if len(set(args.seeds)) != len(args.seeds):
-        parser.error(f"--seeds: a seed given twice in {args.seeds}")
-    for item in args.env:
-        if "=" not in item or not item.partition("=")[0]:
-            parser.error(f"--env: {item!r} is not NAME=VALUE")
     return args
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,299 +374,789 @@ def gold_at_kl(curve, kl: float):
     return sum(values) / len(values) if values else None
 
 
-# ----------------------------------------------------------------------------------------------
-# 3. Running the seeds
-# ----------------------------------------------------------------------------------------------
-def seed_dir(args, seed) -> Path:
-    return Path(args.out) / f"seed-{seed}"
+def mdd(sd, n: int, alpha=0.05, power=0.8):
+    """The minimal detectable difference of the paired t-test at this power, two-sided level alpha:
+    MDD = (t_{1−α/2, n−1} + t_{power, n−1})·sd/√n (sd of the paired differences); None for n < 2."""
+    if sd is None or n < 2:
+        return None
+    return (t_quantile(1 - alpha / 2, n - 1) + t_quantile(power, n - 1)) * sd / math.sqrt(n)
 
 
-def seed_done(args, seed) -> bool:
-    """A seed is done when its eval results hold every --rewards policy."""
-    path = seed_dir(args, seed) / "eval" / "results.json"
-    if not path.exists():
-        return False
-    policies = json.loads(path.read_text()).get("policies", {})
-    return all(reward in policies for reward in args.rewards)
+def compare(a, b, alpha=0.05, power=0.8) -> dict:
+    """paired_test of a − b plus the sd of the differences and the MDD; a group without values
+    (n = 0 on either side, or fewer than two pairs) is not tested: p None and the reason."""
+    test = paired_test(a, b, alpha)
+    differences = [x - y for x, y in zip(a, b) if x is not None and y is not None]
+    test["sd"] = mean_ci(differences, alpha)["sd"]
+    test["mdd"] = mdd(test["sd"], test["n"], alpha, power)
+    test["not_tested"] = None
+    if test["n"] < 2:
+        test.update(p=None, t=None, sign_flip_p=None,
+                    not_tested=f"n = {test['n']} paired value{'s' * (test['n'] != 1)}")
+    return test
+
+
+def adjust_family(tests, alpha=0.05):
+    """Holm over one family of tests (each a compare() dict): p_holm and significant added."""
+    for test, adjusted in zip(tests, holm([t["p"] for t in tests])):
+        test["p_holm"] = adjusted
+        test["significant"] = adjusted is not None and adjusted < alpha
+    return tests
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. The all-steps frontier: R(d) = d(α − β·log d), d = √KL (Gao et al. 2022)
+# ----------------------------------------------------------------------------------------------
+def fit_frontier(kls, golds, g0: float):
+    """Least squares of gold − g0 = α·d + β·(−d·log d), d = √max(KL, 0) (linear in α, β: the 2×2
+    normal equations). Returns (alpha, beta), or None when the features are collinear (fewer than
+    two distinct d > 0)."""
+    rows = [(math.sqrt(max(k, 0.0)), g - g0) for k, g in zip(kls, golds)]
+    features = [(d, -d * math.log(d) if d > 0 else 0.0, y) for d, y in rows]
+    s11 = sum(f1 * f1 for f1, _, _ in features)
+    s12 = sum(f1 * f2 for f1, f2, _ in features)
+    s22 = sum(f2 * f2 for _, f2, _ in features)
+    s1y = sum(f1 * y for f1, _, y in features)
+    s2y = sum(f2 * y for _, f2, y in features)
+    det = s11 * s22 - s12 * s12
+    if det <= 1e-12 * max(s11 * s22, 1e-300):
+        return None
+    return (s22 * s1y - s12 * s2y) / det, (s11 * s2y - s12 * s1y) / det
+
+
+def frontier_gain(alpha: float, beta: float, kl: float) -> float:
+    """R(√kl) = d(α − β·log d), the gold gained over the SFT level at this KL."""
+    d = math.sqrt(max(kl, 0.0))
+    return d * (alpha - beta * math.log(d)) if d > 0 else 0.0
+
+
+def frontier_mean_gain(alpha: float, beta: float, kl_max: float) -> float:
+    """(1/K)∫_0^K R(√k) dk, the area under the fitted curve up to K = kl_max over its width. With
+    k = d², dk = 2d·dd: ∫_0^D 2d²(α − β·log d) dd = 2αD³/3 − 2β(D³·log D/3 − D³/9), over D²."""
+    d = math.sqrt(kl_max)
+    return 2 * alpha * d / 3 - 2 * beta * (d * math.log(d) / 3 - d / 9)
+
+
+def gold_at_target(points, g_sft: float, target: float):
+    """Held-out gold at exactly KL = target, read off one run's held-out frontier: its snapshots'
+    (held-out KL, held-out gold) points and the SFT model's (0, g_sft), fitted by R(d) above (two
+    snapshots: the curve through both; one distinct KL: R = α·d). A snapshot's held-out KL is not
+    the target (the rollout KL that triggered it is a mean over a few dozen replies), so reading
+    the curve at the target compares every method at the same KL. Snapshots whose held-out KL is
+    not above 0 (a tiny model that barely moved, k1 estimates below 0) leave no curve: their mean
+    gold is the value. None without a point."""
+    points = sorted({(k, g) for k, g in points if k is not None and g is not None})
+    if not points:
+        return None
+    fit = fit_frontier([k for k, _ in points], [g for _, g in points], g_sft)
+    if fit is None:
+        line = [(math.sqrt(k), g - g_sft) for k, g in points if k > 0]
+        if not line:
+            return sum(g for _, g in points) / len(points)
+        fit = (sum(d * y for d, y in line) / sum(d * d for d, _ in line), 0.0)  # R = α·d
+    return g_sft + frontier_gain(*fit, target)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. The stages: each the command a student would type, resumable, --jobs at a time
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Stage:
+    name: str  # e.g. "up-3/ppo_tlcr_p0": also its folder under OUT
+    kind: str  # sft, label, reward_model, discriminator, ppo, eval, credit
+    argv: Callable[[], list[str]]  # built when the stage starts (eval lists the snapshots made)
+    deps: list[str] = field(default_factory=list)
+
+
+def up_dir(args, seed) -> Path:
+    return Path(args.out) / f"up-{seed}"
+
+
+def ppo_dir(args, seed, method, ppo_seed) -> Path:
+    return up_dir(args, seed) / f"ppo_{method}_p{ppo_seed}"
+
+
+def snapshot_dir(args, seed, method, ppo_seed, target) -> Path:
+    return ppo_dir(args, seed, method, ppo_seed) / f"policy_kl{target:g}"  # ppo_token.snapshot_dir
+
+
+def policy_name(method, ppo_seed, target=None) -> str:
+    """The eval name of a run's snapshot at a target, or of its final policy (target None)."""
+    return f"{method}-p{ppo_seed}-" + ("final" if target is None else f"kl{target:g}")
 
 
 def pipeline_env(args) -> dict:
-    """The environment of run_pipeline.sh: ours, --env, the lab (TASK=gold), size and rewards."""
+    """The environment of every stage command: ours, PYTHON, and one thread per stage unless set."""
     env = dict(os.environ)
-    env.update(item.partition("=")[::2] for item in args.env)
-    env.update(
-        TASK="gold",
-        SIZE=args.size,
-        REWARDS=" ".join(args.rewards),
-        PYTHON=env.get("PYTHON", sys.executable),
-        LEXICON=str(Path(args.lexicon).resolve()) if args.lexicon else "",  # "": the default
-    )
-    if args.jobs > 1 and "OMP_NUM_THREADS" not in env:  # seeds side by side: share the cores out
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
+    env.setdefault("PYTHON", sys.executable)
+    env["LEXICON"] = str(Path(args.lexicon).resolve()) if args.lexicon else ""  # "": the default
     return env
 
 
-def run_seed(args, seed) -> float:
-    """run_pipeline.sh for one seed, output to OUT/seed-N/pipeline.log; returns the wall seconds."""
-    folder = seed_dir(args, seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    env = {**pipeline_env(args), "RUN": str(folder), "SEED": str(seed)}
+def lexicon_args(env) -> list[str]:
+    """--lexicon FILE for the stages that read the gold (label, reward model, PPO, eval) when the
+    environment names one (LEXICON)."""
+    return ["--lexicon", env["LEXICON"]] if env.get("LEXICON") else []
+
+
+def stage_threads(args, stage: Stage, env) -> str:
+    """OMP_NUM_THREADS of a stage: the environment's, else SFT (which runs alone) every core and the
+    others cores / --jobs."""
+    if "OMP_NUM_THREADS" in env:
+        return env["OMP_NUM_THREADS"]
+    cores = os.cpu_count() or 1
+    return str(cores if stage.kind == "sft" else max(1, cores // args.jobs))
+
+
+def build_stages(args) -> list[Stage]:
+    """Every stage of the design, in the order they become ready."""
+    out, preset, env = Path(args.out), PRESETS[args.size], pipeline_env(args)
+    python, lex = env["PYTHON"], lexicon_args(env)
+    sft, labels = out / "sft", out / "labels.jsonl"
+    common_args = ["--data", "bundled", "--device", "cpu"]
+
+    def fixed(*words):
+        return lambda: [python, *words]
+
+    stages = [
+        Stage("sft", "sft", fixed("sft.py", "--model", "tiny", "--out", str(sft), "--seed", "0",
+                                  *common_args, *preset["sft"].split())),
+        Stage("labels", "label", fixed("label.py", "--data", "bundled", "--split", "reward",
+                                       "--tokenizer", str(sft), "--out", str(labels), "--reviser",
+                                       "gold", "--preference", "gold", *lex,
+                                       *preset["label"].split()), ["sft"]),
+        Stage("sft_eval", "sft_eval", eval_argv(args, None, python, lex), ["sft"]),
+    ]
+    for seed in args.seeds:
+        up = up_dir(args, seed)
+        seed_args = ["--sft", str(sft), "--seed", str(seed), "--device", "cpu"]
+        stages += [
+            Stage(f"up-{seed}/reward_model", "reward_model", fixed(
+                "redistribute.py", "train", *seed_args, "--data", "bundled", "--split", "reward",
+                "--out", str(up / "reward_model"), "--preference", "gold", "--revision-pairs",
+                str(labels), *lex, *preset["reward_model"].split()), ["labels"]),
+            Stage(f"up-{seed}/discriminator", "discriminator", fixed(
+                "discriminator.py", "train", *seed_args, "--labels", str(labels), "--out",
+                str(up / "discriminator"), *preset["discriminator"].split()), ["labels"]),
+        ]
+        runs = []
+        for ppo_seed in range(args.ppo_seeds):
+            for method in args.methods:
+                name = f"up-{seed}/ppo_{method}_p{ppo_seed}"
+                runs.append(name)
+                stages.append(Stage(name, "ppo", fixed(
+                    "ppo_token.py", "--policy", str(sft), "--reward", method, "--reward-model",
+                    str(up / "reward_model"),
+                    *(["--discriminator", str(up / "discriminator")] if method != "seq" and
+                      method != "red" else []),
+                    *common_args, "--out", str(ppo_dir(args, seed, method, ppo_seed)), "--seed",
+                    str(seed + 1000 * ppo_seed), "--iterations", str(args.max_iterations),
+                    "--save-at-kl", *[f"{t:g}" for t in args.kl_targets], "--stop-at-kl",
+                    "--log-gold", *lex, *preset["ppo"].split()),
+                    [f"up-{seed}/reward_model", f"up-{seed}/discriminator"]))
+        stages.append(Stage(f"up-{seed}/eval", "eval", eval_argv(args, seed, python, lex), runs))
+        if args.credit:
+            stages.append(Stage(f"up-{seed}/credit", "credit", credit_argv(args, seed, python, lex),
+                                runs))
+    return stages
+
+
+def eval_policies(args, seed) -> dict:
+    """{name: path} scored at the primary endpoint: every snapshot, and the final policy of every
+    run that missed a target (its KL and gold are reported beside the miss). The SFT model is the
+    same for every seed: it is scored once, by the stage sft_eval."""
+    policies = {}
+    for ppo_seed in range(args.ppo_seeds):
+        for method in args.methods:
+            missed = False
+            for target in args.kl_targets:
+                path = snapshot_dir(args, seed, method, ppo_seed, target)
+                if path.exists():
+                    policies[policy_name(method, ppo_seed, target)] = str(path)
+                else:
+                    missed = True
+            if missed:
+                policies[policy_name(method, ppo_seed)] = str(
+                    ppo_dir(args, seed, method, ppo_seed) / "policy")
+    return policies
+
+
+def eval_argv(args, seed, python, lex):
+    """eval.py --gold-only of every snapshot of an upstream seed (seed None: the SFT model alone),
+    K replies a test prompt, sampling seed 0 for every policy of the study."""
+    def argv():
+        sft = str(Path(args.out) / "sft")
+        policies = {"sft": sft} if seed is None else eval_policies(args, seed)
+        out = Path(args.out) / "sft_eval" if seed is None else up_dir(args, seed) / "eval"
+        return [python, "eval.py", "--policies", *[f"{k}={v}" for k, v in policies.items()],
+                "--reference", sft, "--gold-only", "--samples-per-prompt",
+                str(args.samples_per_prompt), "--seed", "0", "--data", "bundled", "--device", "cpu",
+                "--out", str(out), *lex, *PRESETS[args.size]["eval"].split()]
+    return argv
+
+
+def credit_policies(args, seed) -> dict:
+    """{method: path}: each method's first run at the last target (or its final policy)."""
+    policies = {"sft": str(Path(args.out) / "sft")}
+    for method in args.methods:
+        path = snapshot_dir(args, seed, method, 0, args.kl_targets[-1])
+        policies[method] = str(path if path.exists() else ppo_dir(args, seed, method, 0) / "policy")
+    return policies
+
+
+def credit_argv(args, seed, python, lex):
+    def argv():
+        up, policies = up_dir(args, seed), credit_policies(args, seed)
+        return [python, "eval.py", "--policies", *[f"{k}={v}" for k, v in policies.items()],
+                "--reference", policies["sft"], "--reward-model", str(up / "reward_model"),
+                "--discriminator", str(up / "discriminator"), "--labels",
+                str(Path(args.out) / "labels.jsonl"), "--gold", "--judge", "none", "--seed", "0",
+                "--data", "bundled", "--device", "cpu", "--out", str(up / "credit"), *lex,
+                *PRESETS[args.size]["eval"].split()]
+    return argv
+
+
+def marker(args, stage: Stage) -> Path:
+    return Path(args.out) / "stages" / f"{stage.name.replace('/', '__')}.json"
+
+
+def stage_done(args, stage: Stage) -> bool:
+    return marker(args, stage).exists()
+
+
+def run_stage(args, stage: Stage) -> float:
+    """One stage's command, its output appended to OUT/logs/<name>.log; a marker with its wall
+    time when it succeeds. Returns the seconds."""
+    env = pipeline_env(args)
+    env["OMP_NUM_THREADS"] = stage_threads(args, stage, env)
+    argv = stage.argv()
+    log_path = Path(args.out) / "logs" / f"{stage.name.replace('/', '__')}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    with open(folder / "pipeline.log", "a", encoding="utf-8") as log:
-        done = subprocess.run(
-            ["bash", args.pipeline], env=env, stdout=log, stderr=subprocess.STDOUT, check=False
-        )
+    with open(log_path, "a", encoding="utf-8") as log:
+        log.write("+ " + " ".join(argv) + "\n")
+        log.flush()
+        done = subprocess.run(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                              check=False)
     seconds = time.time() - start
     if done.returncode != 0:
-        raise RuntimeError(
-            f"seed {seed}: run_pipeline.sh failed (exit {done.returncode}); see "
-            f"{folder / 'pipeline.log'}, then run the study again (it resumes)"
-        )
-    checkpoint.atomic_write(
-        folder / "study_seconds.json",
-        json.dumps({"seconds": round(seconds, 1), "size": args.size, "rewards": args.rewards})
-        + "\n",
-    )
+        raise RuntimeError(f"stage {stage.name} failed (exit {done.returncode}); see {log_path}, "
+                           "then run the study again (it resumes)")
+    checkpoint.atomic_write(marker(args, stage), json.dumps(
+        {"stage": stage.name, "kind": stage.kind, "seconds": round(seconds, 1),
+         "threads": env["OMP_NUM_THREADS"], "argv": argv}) + "\n")
     return seconds
 
 
-def run_seeds(args):
-    """Every seed not done yet, --jobs at a time."""
-    todo = [seed for seed in args.seeds if not seed_done(args, seed)]
-    for seed in args.seeds:
-        if seed not in todo:
-            print(f"seed {seed}: done already ({seed_dir(args, seed)}), not run again")
-    if not todo:
-        return
-    bar = tqdm(total=len(todo), desc="study seeds", unit="seed")
+def run_stages(args, stages: list[Stage]):
+    """Every stage not done yet, --jobs at a time, each as soon as the stages it needs are done
+    (in build order otherwise: one upstream seed's runs finish before the next one's)."""
+    done = {s.name for s in stages if stage_done(args, s)}
+    pending = [s for s in stages if s.name not in done]
+    if done:
+        print(f"{len(done)} stages done already in {args.out}, not run again")
+    running, start = {}, time.time()
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        futures = {pool.submit(run_seed, args, seed): seed for seed in todo}
-        for future in concurrent.futures.as_completed(futures):
-            seconds = future.result()  # a failed seed stops the study with its log's path
-            bar.write(f"seed {futures[future]}: finished in {seconds:.0f} s")
-            bar.update(1)
-    bar.close()
+        while pending or running:
+            ready = [s for s in pending if all(d in done for d in s.deps)]
+            for stage in ready[: args.jobs - len(running)]:
+                pending.remove(stage)
+                print(f"[{time.time() - start:6.0f} s] start {stage.name}", flush=True)
+                running[pool.submit(run_stage, args, stage)] = stage
+            finished, _ = concurrent.futures.wait(
+                running, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in finished:
+                stage = running.pop(future)
+                seconds = future.result()  # a failed stage stops the study with its log's path
+                done.add(stage.name)
+                print(f"[{time.time() - start:6.0f} s] done  {stage.name}: {seconds:.0f} s",
+                      flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Reading the seeds: one record per seed and method
+# 5. The time plan: stage seconds × counts / jobs, before anything runs
 # ----------------------------------------------------------------------------------------------
-def seed_record(args, seed) -> dict:
-    """{method: {figure: value}} of one finished seed, and "_seed": time, reward model, ..."""
-    folder = seed_dir(args, seed)
-    results = json.loads((folder / "eval" / "results.json").read_text())
-    credit = results.get("credit") or {"heldout": {"by_source": {}}, "samples": {}}
-    record = {}
-    for method in ["sft", *args.rewards]:
-        policy = results["policies"].get(method, {})
-        row = {"final_gold": policy.get("gold_score"), "final_kl": policy.get("kl")}
-        if method != "sft":
-            curve = smoothed_curve(
-                checkpoint.read_jsonl_tolerant(folder / f"ppo_{method}" / "log.jsonl"), args.smooth
-            )
-            row["max_kl"] = max((k for k, _ in curve), default=None)
-            row["curve"] = curve
-            row.update({f"gold_at_kl_{kl:g}": gold_at_kl(curve, kl) for kl in args.kl_points})
+def time_plan(args) -> dict:
+    """Per stage kind: count, seconds each (one thread, idle machine), core-seconds; and the wall
+    time: SFT alone (on every core: counted at one core's time, an upper bound), the rest / jobs."""
+    s, u = STAGE_SECONDS[args.size], len(args.seeds)
+    runs = u * len(args.methods) * args.ppo_seeds
+    policies = len(args.methods) * args.ppo_seeds * len(args.kl_targets)
+    per_ppo = s["ppo_start"] + s["ppo_iteration"] * EXPECTED_ITERATIONS[args.size]
+    per_eval = s["eval_start"] + s["eval_policy"] * policies * args.samples_per_prompt / 4
+    sft_eval = s["eval_start"] + s["eval_policy"] * args.samples_per_prompt / 4
+    kinds = {
+        "sft": (1, s["sft"]),
+        "label": (1, s["label"]),
+        "sft_eval": (1, sft_eval),
+        "reward_model": (u, s["reward_model"]),
+        "discriminator": (u, s["discriminator"]),
+        "ppo": (runs, per_ppo),
+        "eval": (u, per_eval),
+        "credit": (u if args.credit else 0, s["credit"]),
+    }
+    rows = {k: {"count": n, "seconds_each": round(each, 1), "core_seconds": round(n * each)}
+            for k, (n, each) in kinds.items()}
+    rest = sum(r["core_seconds"] for k, r in rows.items() if k not in ("sft", "label"))
+    wall = s["sft"] + s["label"] + rest / args.jobs
+    return {"stages": rows, "wall_seconds": round(wall), "jobs": args.jobs}
+
+
+def plan_text(args, plan) -> str:
+    lines = [f"design: {len(args.seeds)} upstream seeds ({', '.join(map(str, args.seeds))}) × "
+             f"{args.ppo_seeds} PPO seed(s) × methods {', '.join(args.methods)}; KL targets "
+             f"{', '.join(f'{t:g}' for t in args.kl_targets)}; {args.samples_per_prompt} held-out "
+             f"replies a test prompt; SIZE={args.size}", "time plan (one thread a stage, idle "
+             "machine; PPO at the expected iterations):"]
+    for kind, row in plan["stages"].items():
+        lines.append(f"  {kind:<14} {row['count']:>3} × {row['seconds_each']:>6.1f} s = "
+                     f"{row['core_seconds']:>6} core-s")
+    lines.append(f"  wall ≈ SFT + label + the rest / {plan['jobs']} jobs = "
+                 f"{plan['wall_seconds'] / 60:.1f} min")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Reading the runs: one row per run and target
+# ----------------------------------------------------------------------------------------------
+def read_json(path: Path):
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def run_log(args, seed, method, ppo_seed) -> list[dict]:
+    rows = checkpoint.read_jsonl_tolerant(ppo_dir(args, seed, method, ppo_seed) / "log.jsonl")
+    return sorted((r for r in rows if isinstance(r.get("step"), int)), key=lambda r: r["step"])
+
+
+def read_runs(args) -> list[dict]:
+    """One record per run: its snapshots, the held-out gold and KL of each (eval), the largest
+    trailing KL it reached, its final policy's held-out values when it missed a target, its log."""
+    runs = []
+    for seed in args.seeds:
+        results = read_json(up_dir(args, seed) / "eval" / "results.json") or {"policies": {}}
+        for ppo_seed in range(args.ppo_seeds):
+            for method in args.methods:
+                folder = ppo_dir(args, seed, method, ppo_seed)
+                log = run_log(args, seed, method, ppo_seed)
+                saved = read_json(folder / "snapshots.json") or {}
+                record = {"seed": seed, "ppo_seed": ppo_seed, "method": method,
+                          "iterations": len(log),
+                          "max_trailing_kl": max((r.get("kl_trailing", r["kl"]) for r in log),
+                                                 default=None),
+                          "targets": {}, "log": [(r["kl"], r.get("gold_score")) for r in log]}
+                for target in args.kl_targets:
+                    policy = results["policies"].get(policy_name(method, ppo_seed, target), {})
+                    snap = saved.get(f"{target:g}")
+                    record["targets"][f"{target:g}"] = {
+                        "reached": snap is not None,
+                        "iteration": snap and snap["iteration"],
+                        "trailing_kl": snap and snap["trailing_kl"],
+                        "gold": policy.get("gold_score"),
+                        "heldout_kl": policy.get("kl"),
+                    }
+                final = results["policies"].get(policy_name(method, ppo_seed))
+                record["final"] = final and {"gold": final.get("gold_score"),
+                                             "heldout_kl": final.get("kl")}
+                runs.append(record)
+    return runs
+
+
+def sft_gold(args):
+    """The SFT model's held-out gold (one model for every seed, the same draws as every policy)."""
+    results = read_json(Path(args.out) / "sft_eval" / "results.json") or {"policies": {}}
+    return (results["policies"].get("sft") or {}).get("gold_score")
+
+
+def per_seed_mean(args, runs, method, value: Callable[[dict], float | None]) -> list:
+    """The mean over an upstream seed's PPO seeds of value(run) (None where no run has one)."""
+    means = []
+    for seed in args.seeds:
+        values = [value(r) for r in runs if r["seed"] == seed and r["method"] == method]
+        values = [v for v in values if v is not None]
+        means.append(sum(values) / len(values) if values else None)
+    return means
+
+
+def add_frontiers(args, runs) -> float | None:
+    """Fit every run's frontier (in place: run["frontier"]); returns g0, the SFT level: the mean
+    gold of every run's first rollout (iteration 1: the SFT policy itself, KL 0)."""
+    firsts = [r["log"][0][1] for r in runs if r["log"] and r["log"][0][1] is not None]
+    g0 = sum(firsts) / len(firsts) if firsts else None
+    kl_max = args.kl_targets[-1]
+    for run in runs:
+        points = [(k, g) for k, g in run["log"] if g is not None]
+        fit = fit_frontier([k for k, _ in points], [g for _, g in points], g0) if (
+            g0 is not None and points) else None
+        run["frontier"] = fit and {"alpha": fit[0], "beta": fit[1],
+                                   "mean_gain": frontier_mean_gain(*fit, kl_max)}
+    return g0
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. The analysis: primary, secondary, exploratory
+# ----------------------------------------------------------------------------------------------
+def analyse(args, runs) -> dict:
+    others = [m for m in args.methods if m != BASELINE]
+    g0 = add_frontiers(args, runs)
+    g_sft = sft_gold(args)
+    for run in runs:  # the primary reading: held-out gold at exactly each target (gold_at_target)
+        points = [(t["heldout_kl"], t["gold"]) for t in run["targets"].values() if t["reached"]]
+        for key, cell in run["targets"].items():
+            cell["gold_at_target"] = gold_at_target(points, g_sft, float(key)) if (
+                cell["reached"] and g_sft is not None) else None
+    primary = {"values": {}, "tests": [], "sensitivity": []}
+    for target in args.kl_targets:
+        key = f"{target:g}"
+        for method in args.methods:
+            def reached(field):
+                return lambda r: r["targets"][key][field] if r["targets"][key]["reached"] else None
+            figures_of = {"gold": reached("gold_at_target"), "snapshot_gold": reached("gold"),
+                          "heldout_kl": reached("heldout_kl")}
+            primary["values"][f"{method}@{key}"] = {
+                name: {**mean_ci(v, args.alpha), "values": v} for name, v in (
+                    (name, per_seed_mean(args, runs, method, f))
+                    for name, f in figures_of.items())}
+        for method in others:
+            a, b = primary["values"][f"{method}@{key}"], primary["values"][f"{BASELINE}@{key}"]
+            kl_gap = compare(a["heldout_kl"]["values"], b["heldout_kl"]["values"], args.alpha)
+            primary["tests"].append({
+                "a": method, "b": BASELINE, "target": target,
+                **compare(a["gold"]["values"], b["gold"]["values"], args.alpha, args.power),
+                "kl_diff": {"mean": kl_gap["mean_diff"], "ci": kl_gap["ci"]}})
+            primary["sensitivity"].append({  # the snapshots as they are, at unmatched KL
+                "a": method, "b": BASELINE, "target": target,
+                **compare(a["snapshot_gold"]["values"], b["snapshot_gold"]["values"], args.alpha,
+                          args.power)})
+    adjust_family(primary["tests"], args.alpha)  # Holm over methods × targets
+    missed = [{"seed": r["seed"], "ppo_seed": r["ppo_seed"], "method": r["method"],
+               "target": float(k), "max_trailing_kl": r["max_trailing_kl"],
+               "iterations": r["iterations"], "final": r["final"]}
+              for r in runs for k, t in r["targets"].items() if not t["reached"]]
+
+    gains = {m: per_seed_mean(args, runs, m, lambda r: r["frontier"] and r["frontier"]["mean_gain"])
+             for m in args.methods}
+    secondary = {"g0": g0, "kl_max": args.kl_targets[-1],
+                 "values": {m: {**mean_ci(v, args.alpha), "values": v} for m, v in gains.items()},
+                 "tests": adjust_family([{"a": m, "b": BASELINE, **compare(
+                     gains[m], gains[BASELINE], args.alpha, args.power)} for m in others],
+                     args.alpha)}
+    return {"primary": primary, "missed": missed, "secondary": secondary,
+            "exploratory": exploratory(args, runs)}
+
+
+CREDIT_FIGURES = [("heldout_auc_harm", "AUC harm (held-out)", "{:.3f}"),
+                  ("heldout_auc_safe", "AUC safe (held-out)", "{:.3f}"),
+                  ("heldout_word_r", "per-word r (held-out)", "{:+.3f}"),
+                  ("heldout_reply_r", "per-reply r (held-out)", "{:+.3f}"),
+                  ("samples_auc_harm", "AUC harm (own samples)", "{:.3f}"),
+                  ("samples_auc_safe", "AUC safe (own samples)", "{:.3f}")]
+
+
+def credit_values(args) -> dict:
+    """{figure: {method: [value per upstream seed]}} from each seed's credit eval (None: not run,
+    or an empty class: seq's per-word r has no spread, it is constant by construction)."""
+    table = {key: {m: [] for m in args.methods} for key, _, _ in CREDIT_FIGURES}
+    for seed in args.seeds:
+        results = read_json(up_dir(args, seed) / "credit" / "results.json") or {}
+        credit = results.get("credit") or {"heldout": {"by_source": {}}, "samples": {}}
+        for method in args.methods:
             held = credit["heldout"]["by_source"].get(method, {})
             own = credit["samples"].get(method, {}).get(method, {})
-            row.update(
-                {f"heldout_{k}": held.get(k) for k in ("auc_harm", "auc_safe", "word_r", "reply_r")}
-            )
-            row.update(
-                {
-                    f"samples_{k}": own.get(k)
-                    for k in ("auc_harm", "auc_safe", "word_r", "harm_tokens", "safe_tokens")
-                }
-            )
-        record[method] = row
-    timing = folder / "study_seconds.json"
-    rm_accuracy = folder / "reward_model" / "accuracy.json"
-    record["_seed"] = {
-        "seconds": json.loads(timing.read_text())["seconds"] if timing.exists() else None,
-        "reward_model_accuracy": json.loads(rm_accuracy.read_text()).get("accuracy")
-        if rm_accuracy.exists()
-        else None,
-        "discriminator_accuracy": (results.get("discriminator_accuracy") or {}).get("accuracy"),
-    }
-    return record
+            for key, _, _ in CREDIT_FIGURES:
+                source, _, metric = key.partition("_")
+                table[key][method].append((held if source == "heldout" else own).get(metric))
+    return table
 
 
-def figures(args) -> list[tuple[str, str, str]]:
-    """(key, label, format) of every figure the study summarises, in table order."""
-    return [(f"gold_at_kl_{kl:g}", f"gold at KL {kl:g}", "{:+.3f}") for kl in args.kl_points] + [
-        ("final_gold", "held-out gold (end)", "{:+.3f}"),
-        ("final_kl", "held-out KL (end)", "{:.2f}"),
-        ("heldout_auc_harm", "AUC harm (held-out)", "{:.3f}"),
-        ("heldout_auc_safe", "AUC safe (held-out)", "{:.3f}"),
-        ("heldout_word_r", "per-word r (held-out)", "{:+.3f}"),
-        ("samples_auc_harm", "AUC harm (own samples)", "{:.3f}"),
-        ("samples_auc_safe", "AUC safe (own samples)", "{:.3f}"),
-    ]
+def exploratory(args, runs) -> dict:
+    """The figures that decide nothing, each with its raw p: the old reading of the training log,
+    and the token credit (tlcr − red only: seq's credit is constant by construction)."""
+    log_reading = {}
+    for kl in args.kl_points:
+        values = {m: per_seed_mean(args, runs, m, lambda r: gold_at_kl(
+            smoothed_curve([{"step": i, "kl": k, "gold_score": g} for i, (k, g) in
+                            enumerate(r["log"])], args.smooth), kl)) for m in args.methods}
+        log_reading[f"{kl:g}"] = {
+            "values": {m: {**mean_ci(v, args.alpha), "values": v} for m, v in values.items()},
+            "tests": [{"a": m, "b": BASELINE, **compare(values[m], values[BASELINE], args.alpha,
+                                                         args.power)}
+                      for m in args.methods if m != BASELINE]}
+    credit = {}
+    table = credit_values(args)
+    for key, _, _ in CREDIT_FIGURES:
+        entry = {"values": {m: {**mean_ci(v, args.alpha), "values": v}
+                            for m, v in table[key].items()}, "tests": []}
+        if "tlcr" in args.methods and "red" in args.methods:
+            entry["tests"] = [{"a": "tlcr", "b": "red", **compare(
+                table[key]["tlcr"], table[key]["red"], args.alpha, args.power)}]
+        credit[key] = entry
+    accuracy = []
+    for seed in args.seeds:
+        rm = read_json(up_dir(args, seed) / "reward_model" / "accuracy.json") or {}
+        results = read_json(up_dir(args, seed) / "credit" / "results.json") or {}
+        accuracy.append({"seed": seed, "reward_model": rm.get("accuracy"),
+                         "discriminator": (results.get("discriminator_accuracy") or {})
+                         .get("accuracy")})
+    return {"log_reading": log_reading, "credit": credit, "accuracy": accuracy}
 
 
-def summarise(args, records: dict) -> dict:
-    """Per figure and method: the per-seed values, n, mean and CI; per figure: the paired tests."""
-    summary, comparisons = {}, {}
-    for key, _, _ in figures(args):
-        summary[key] = {}
-        for method in ["sft", *args.rewards]:
-            values = [records[seed][method].get(key) for seed in args.seeds]
-            if method == "sft" and all(v is None for v in values):
-                continue
-            summary[key][method] = {**mean_ci(values, args.alpha), "values": values}
-        pairs = list(itertools.combinations(args.rewards, 2))
-        tests = [
-            {
-                "a": a,
-                "b": b,
-                **paired_test(summary[key][a]["values"], summary[key][b]["values"], args.alpha),
-            }
-            for a, b in pairs
-        ]
-        for test, adjusted in zip(tests, holm([t["p"] for t in tests])):
-            test["p_holm"] = adjusted
-            test["significant"] = adjusted is not None and adjusted < args.alpha
-        comparisons[key] = tests
-    return {"summary": summary, "comparisons": comparisons}
+def stage_times(args, stages) -> dict:
+    """Measured wall seconds per stage kind (from the markers): count, total, mean, max."""
+    times = {}
+    for stage in stages:
+        info = read_json(marker(args, stage))
+        if info:
+            times.setdefault(stage.kind, []).append(info["seconds"])
+    return {k: {"count": len(v), "total": round(sum(v)), "mean": round(sum(v) / len(v), 1),
+                "max": round(max(v), 1)} for k, v in times.items()}
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. Output: study.json, study.md, frontier.svg, study.html
+# 8. Output: study.json, study.md, frontier.svg, study.html — the decision table first
 # ----------------------------------------------------------------------------------------------
 def fmt(value, pattern):
     return "—" if value is None else pattern.format(value)
 
 
-def study_tables(args, study) -> list[tuple[str, list[str], list[list[str]]]]:
-    """[(title, header, rows)]: the summary, the per-seed values, the tests."""
-    level, seeds = f"{1 - args.alpha:.0%}", args.seeds
-    head = ["method"] + [label for _, label, _ in figures(args)]
-    summary_rows = []
-    for method in ["sft", *args.rewards]:
+def mean_cell(summary, pattern, total) -> str:
+    if summary["n"] == 0:
+        return "—"
+    cell = fmt(summary["mean"], pattern)
+    if summary["ci"] is not None:
+        cell += f" ± {pattern.format(summary['ci']).lstrip('+')}"
+    return cell + (f" (n {summary['n']}/{total})" if summary["n"] < total else "")
+
+
+def test_cells(test, alpha) -> list[str]:
+    """n, mean, CI, t, raw p, Holm p, sign-flip p, significant, MDD; 'not tested' says why."""
+    if test["not_tested"]:
+        return [str(test["n"]), fmt(test["mean_diff"], "{:+.3f}"), "—", "—",
+                f"not tested ({test['not_tested']})", "—", "—", "—", "—"]
+    return [str(test["n"]), fmt(test["mean_diff"], "{:+.3f}"), fmt(test["ci"], "± {:.3f}"),
+            fmt(test["t"], "{:+.2f}"), fmt(test["p"], "{:.3g}"), fmt(test.get("p_holm"), "{:.3g}"),
+            fmt(test["sign_flip_p"], "{:.3g}"),
+            ("yes" if test["significant"] else "no") if "significant" in test else "—",
+            fmt(test["mdd"], "{:.3f}")]
+
+
+def raw_cell(test) -> str:
+    """An exploratory comparison in one cell: the mean difference and its raw p."""
+    if test["not_tested"]:
+        return f"not tested ({test['not_tested']})"
+    return f"{fmt(test['mean_diff'], '{:+.3f}')}, p {fmt(test['p'], '{:.3g}')}"
+
+
+TEST_HEAD = ["n seeds", "mean difference", "CI", "t", "p (raw)", "p (Holm)", "sign-flip p (raw)",
+             "significant", "MDD (80% power)"]
+
+
+def study_tables(args, study, runs) -> list[tuple[str, list[str], list[list[str]]]]:
+    """[(title, header, rows)]: the decision table first, then the rest (exploratory last)."""
+    level, n = f"{1 - args.alpha:.0%}", len(args.seeds)
+    prim, sec, exp = study["primary"], study["secondary"], study["exploratory"]
+    tables = []
+    head = ["method"] + [f"{c} (KL {t:g})" for t in args.kl_targets
+                         for c in ("held-out gold at the target", "snapshot gold",
+                                   "snapshot held-out KL")]
+    rows = [["sft (one model)"] + [c for _ in args.kl_targets
+                                   for c in (fmt(study["sft_gold"], "{:+.3f}"), "", "0")]]
+    for method in args.methods:
         row = [method]
-        for key, _, pattern in figures(args):
-            s = study["summary"][key].get(method)
-            if s is None or s["n"] == 0:
-                row.append("—")
-                continue
-            cell = fmt(s["mean"], pattern) + (
-                f" ± {pattern.format(s['ci']).lstrip('+')}" if s["ci"] else ""
-            )
-            row.append(cell + (f" ({s['n']}/{len(seeds)})" if s["n"] < len(seeds) else ""))
-        summary_rows.append(row)
-    seed_rows = [
-        [f"{method} · {label}", *[fmt(v, pattern) for v in study["summary"][key][method]["values"]]]
-        for key, label, pattern in figures(args)
-        for method in ["sft", *args.rewards]
-        if method in study["summary"][key]
-    ]
-    test_rows = [
-        [
-            label,
-            f"{t['a']} − {t['b']}",
-            str(t["n"]),
-            fmt(t["mean_diff"], "{:+.3f}"),
-            fmt(t["ci"], "± {:.3f}"),
-            fmt(t["t"], "{:+.2f}"),
-            fmt(t["p"], "{:.3g}"),
-            fmt(t["p_holm"], "{:.3g}"),
-            fmt(t["sign_flip_p"], "{:.3g}"),
-            "yes" if t["significant"] else "no",
-        ]
-        for key, label, _ in figures(args)
-        for t in study["comparisons"][key]
-    ]
-    return [
-        (
-            f"Mean ± {level} t-interval over {len(seeds)} seeds ({', '.join(map(str, seeds))}); "
-            "(k/n): only k of the n seeds' runs reached that KL or had that class",
-            head,
-            summary_rows,
-        ),
-        ("Per seed", ["method · figure", *[f"seed {s}" for s in seeds]], seed_rows),
-        (
-            "Paired differences over seeds: paired t-test, two-sided, Holm-corrected over the "
-            f"method pairs of each figure; significant: Holm p < {args.alpha:g}. Sign-flip: the "
-            "exact permutation p (its floor with n seeds is 2/2^n)",
-            [
-                "figure", "difference", "seeds", "mean", f"{level} CI", "t", "p", "Holm p",
-                "sign-flip p", "significant",
-            ],
-            test_rows,
-        ),
-    ]
+        for t in args.kl_targets:
+            values = prim["values"][f"{method}@{t:g}"]
+            row += [mean_cell(values["gold"], "{:+.3f}", n),
+                    mean_cell(values["snapshot_gold"], "{:+.3f}", n),
+                    mean_cell(values["heldout_kl"], "{:.2f}", n)]
+        rows.append(row)
+    tables.append((
+        f"PRIMARY ENDPOINT — held-out gold at each KL target: mean ± {level} t-interval over {n} "
+        f"upstream seeds ({args.ppo_seeds} PPO seed(s) each, averaged within a seed), "
+        f"{args.samples_per_prompt} replies × every test prompt, the same draws for every policy. "
+        "Read at exactly the target on each run's held-out frontier (the SFT point and the run's "
+        "snapshots, fitted by R(d) = d(α − β·log d)); beside it the snapshots as they are, whose "
+        "held-out KL misses the target",
+        head, rows))
+    tables.append((
+        f"PRIMARY COMPARISONS — paired over upstream seeds, two-sided paired t-test; Holm over the "
+        f"whole primary family ({len(prim['tests'])} tests: every method × every target); "
+        f"significant: Holm p < {args.alpha:g}; MDD: the difference this design detects with "
+        f"{args.power:.0%} power",
+        ["difference", "KL target", *TEST_HEAD, "held-out KL difference"],
+        [[f"{t['a']} − {t['b']}", f"{t['target']:g}", *test_cells(t, args.alpha),
+          fmt(t["kl_diff"]["mean"], "{:+.2f}") + fmt(t["kl_diff"]["ci"], " ± {:.2f}")
+          .replace("—", "")] for t in prim["tests"]]))
+    tables.append((
+        "SENSITIVITY (exploratory) — the same comparisons on the snapshots' own held-out gold, at "
+        "their unmatched KL (the held-out KL difference above); p raw, not adjusted",
+        ["difference", "KL target", "n seeds", "mean difference", "CI", "p (raw)"],
+        [[f"{t['a']} − {t['b']}", f"{t['target']:g}", *test_cells(t, args.alpha)[:3],
+          test_cells(t, args.alpha)[4]] for t in prim["sensitivity"]]))
+    per_run = []
+    for r in runs:
+        for t in args.kl_targets:
+            cell = r["targets"][f"{t:g}"]
+            per_run.append([str(r["seed"]), str(r["ppo_seed"]), r["method"], f"{t:g}",
+                            fmt(cell.get("gold_at_target"), "{:+.3f}"),
+                            fmt(cell["gold"], "{:+.3f}"), fmt(cell["heldout_kl"], "{:.2f}"),
+                            fmt(cell["iteration"], "{}"), fmt(cell["trailing_kl"], "{:.2f}")
+                            if cell["reached"] else "not reached"])
+    tables.append(("Per run: the snapshot at each target (iteration: the PPO iteration whose "
+                   "rollouts' trailing KL first reached it)",
+                   ["seed", "PPO seed", "method", "KL target", "held-out gold at the target",
+                    "snapshot gold", "snapshot held-out KL", "iteration", "trailing KL"], per_run))
+    tables.append((
+        f"Runs that missed a target (within {args.max_iterations} iterations): "
+        f"{len(study['missed'])}",
+        ["seed", "PPO seed", "method", "KL target", "largest trailing KL", "iterations",
+         "final policy held-out gold", "final policy held-out KL"],
+        [[str(m["seed"]), str(m["ppo_seed"]), m["method"], f"{m['target']:g}",
+          fmt(m["max_trailing_kl"], "{:.2f}"), str(m["iterations"]),
+          fmt((m["final"] or {}).get("gold"), "{:+.3f}"),
+          fmt((m["final"] or {}).get("heldout_kl"), "{:.2f}")] for m in study["missed"]]))
+    tables.append((
+        f"SECONDARY ENDPOINT — all-steps frontier: mean gold gain over KL in "
+        f"[0, {sec['kl_max']:g}] of each run's fit R(d) = d(α − β·log d), d = √KL, from g0 = "
+        f"{fmt(sec['g0'], '{:+.3f}')} (rollout gold, RL-split prompts); mean ± {level} CI",
+        ["method", "mean gain"],
+        [[m, mean_cell(v, "{:+.4f}", n)] for m, v in sec["values"].items()]))
+    tables.append((
+        f"Secondary comparisons — paired t-test; Holm over these {len(sec['tests'])} only (not "
+        "part of the primary family)",
+        ["difference", *TEST_HEAD],
+        [[f"{t['a']} − {t['b']}", *test_cells(t, args.alpha)] for t in sec["tests"]]))
+    fits = [[str(r["seed"]), str(r["ppo_seed"]), r["method"],
+             fmt(r["frontier"] and r["frontier"]["alpha"], "{:+.4f}"),
+             fmt(r["frontier"] and r["frontier"]["beta"], "{:+.4f}"),
+             fmt(r["frontier"] and r["frontier"]["mean_gain"], "{:+.4f}"), str(r["iterations"])]
+            for r in runs]
+    tables.append(("Per run: the frontier fit", ["seed", "PPO seed", "method", "α", "β",
+                                                  "mean gain", "iterations"], fits))
+    reading = exp["log_reading"]
+    tables.append((
+        f"EXPLORATORY — rollout gold read off the smoothed training log ({args.smooth} iterations) "
+        "at KL k (the old reading; RL-split prompts, ~80 replies a reading); p raw, no adjustment",
+        ["method"] + [f"log gold at KL {k}" for k in reading],
+        [[m] + [mean_cell(reading[k]["values"][m], "{:+.3f}", n) for k in reading]
+         for m in args.methods]
+        + [[f"{m} − {BASELINE} (p raw)"] + [raw_cell(reading[k]["tests"][i]) for k in reading]
+           for i, m in enumerate(m for m in args.methods if m != BASELINE)]))
+    credit = exp["credit"]
+    tables.append((
+        "EXPLORATORY — token credit of each method's reward source (eval.py --gold at the last "
+        "target; AUC 0.5 = chance); only tlcr − red is tested (seq's token reward is constant "
+        "before the last token by construction), p raw",
+        ["method"] + [label for _, label, _ in CREDIT_FIGURES],
+        [[m] + [mean_cell(credit[k]["values"][m], f, n) for k, _, f in CREDIT_FIGURES]
+         for m in args.methods]
+        + ([["tlcr − red (p raw)"]
+            + [raw_cell(credit[k]["tests"][0]) for k, _, _ in CREDIT_FIGURES]]
+           if all(credit[k]["tests"] for k, _, _ in CREDIT_FIGURES) else [])))
+    times = study["times"]
+    tables.append((
+        f"Wall time per stage (measured, {args.jobs} jobs) against the plan (one thread, idle "
+        "machine)",
+        ["stage", "count", "plan each (s)", "measured mean (s)", "measured max (s)",
+         "measured total (s)"],
+        [[k, str(p["count"]), f"{p['seconds_each']:.0f}",
+          fmt((times.get(k) or {}).get("mean"), "{:.0f}"),
+          fmt((times.get(k) or {}).get("max"), "{:.0f}"),
+          fmt((times.get(k) or {}).get("total"), "{:.0f}")]
+         for k, p in study["plan"]["stages"].items()]))
+    return tables
 
 
-def study_markdown(args, study, records) -> str:
-    lines = [
-        f"# Study: {len(args.seeds)} seeds of the lab "
-        f"(SIZE={args.size}, PPO runs: {' '.join(args.rewards)})",
-        "",
-        f"Gold at KL k: each PPO run's per-step log, smoothed over {args.smooth} iterations, read "
-        "where its KL crosses k (study.py's docstring says why and how). Held-out: eval.py --gold "
-        "on the test split. Credit: each method's own reward source on held-out replies (AUC 0.5 "
-        "= chance).",
-    ]
-    for title, head, rows in study_tables(args, study):
+def study_markdown(args, study, runs) -> str:
+    lines = [f"# Study: {len(args.seeds)} upstream seeds × {args.ppo_seeds} PPO seed(s), "
+             f"methods {', '.join(args.methods)} (SIZE={args.size})", "",
+             "Design declared in study.py's docstring before any result. Primary endpoint: "
+             "held-out gold at each KL target; p-values labelled raw or Holm."]
+    for title, head, rows in study_tables(args, study, runs):
         lines += ["", f"{title}:", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines += [
-            "| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows
-        ]
-    seconds = [records[s]["_seed"]["seconds"] for s in args.seeds]
-    facts = []
-    for seed, seconds_of_seed in zip(args.seeds, seconds):
-        known = records[seed]["_seed"]
-        facts.append(
-            f"seed {seed}: reward model held-out accuracy "
-            f"{fmt(known['reward_model_accuracy'], '{:.1%}')}, discriminator token accuracy "
-            f"{fmt(known['discriminator_accuracy'], '{:.1%}')}, "
-            f"pipeline {fmt(seconds_of_seed, '{:.0f} s')}"
-        )
-    lines += ["", "Per seed:", ""] + [f"- {fact}" for fact in facts]
-    if args.env:
-        lines += ["", f"Settings passed to run_pipeline.sh: {' '.join(args.env)}"]
+        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+    wall = study.get("wall_seconds")
+    lines += ["", f"Study wall time: {fmt(wall, '{:.0f} s')} (this invocation; plan "
+              f"{study['plan']['wall_seconds']} s). Accuracy per upstream seed (reward model "
+              "held-out pairs, discriminator held-out tokens): " + "; ".join(
+                  f"{a['seed']}: {fmt(a['reward_model'], '{:.1%}')}, "
+                  f"{fmt(a['discriminator'], '{:.1%}')}" for a in study["exploratory"]["accuracy"])]
     return "\n".join(lines) + "\n"
 
 
-FRONTIER_GRID = [0.25 * k for k in range(1, 81)]  # KL 0.25, 0.5, …, 20: where the chart reads
+def frontier_svg(args, study, runs, width=560, height=330) -> str:
+    """Each run's fitted frontier g0 + R(√KL) faint, each method's mean fitted curve bold, and the
+    primary endpoint (held-out gold at each target, at its mean held-out KL) as squares ± CI."""
+    g0, kl_max = study["secondary"]["g0"], args.kl_targets[-1]
+    grid = [kl_max * i / 40 for i in range(41)]
+    curves = {}
+    for r in runs:
+        if r["frontier"] and g0 is not None:
+            curves.setdefault(r["method"], []).append(
+                [(k, g0 + frontier_gain(r["frontier"]["alpha"], r["frontier"]["beta"], k))
+                 for k in grid])
+    points = {m: [(t, study["primary"]["values"][f"{m}@{t:g}"]["gold"]["mean"],
+                   study["primary"]["values"][f"{m}@{t:g}"]["gold"]["ci"])
+                  for t in args.kl_targets] for m in args.methods}
+    points = {m: [p for p in ps if p[1] is not None] for m, ps in points.items()}
+    snapshots = {m: [(c["heldout_kl"], c["gold"]) for r in runs if r["method"] == m
+                     for c in r["targets"].values()
+                     if c["heldout_kl"] is not None and c["gold"] is not None]
+                 for m in args.methods}
+    ys = [y for cs in curves.values() for c in cs for _, y in c] + [
+        p[1] for ps in [*points.values(), *snapshots.values()] for p in ps]
+    xs = [kl_max] + [p[0] for ps in snapshots.values() for p in ps]
+    if not ys:
+        return ""
+    y0, y1 = min(ys), max(ys)
+    y1 = y1 if y1 > y0 else y0 + 1e-3
+    left, bottom = 56, 74
+    parts, sx, sy = report.chart_frame(
+        f"gold against KL: {len(args.seeds)} upstream seeds × {args.ppo_seeds} PPO seed(s)",
+        (0.0, max(xs)), (y0, y1), width, height, (left, 22, 24, bottom), "KL")
+    for k, method in enumerate(args.methods):
+        colour = report.PALETTE[k % len(report.PALETTE)]
+        for curve in curves.get(method, []):
+            coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in curve)
+            parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="0.8" '
+                         f'stroke-opacity="0.3" points="{coords}"></polyline>')
+        if curves.get(method):
+            mean = [(x, sum(c[i][1] for c in curves[method]) / len(curves[method]))
+                    for i, x in enumerate(grid)]
+            coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in mean)
+            parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2.2" '
+                         f'points="{coords}"><title>{html.escape(method)}: mean fitted frontier'
+                         f'</title></polyline>')
+        for x, y in snapshots[method]:
+            parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="1.8" fill="{colour}" '
+                         f'fill-opacity="0.35"><title>{html.escape(method)}: a snapshot, '
+                         f'held-out KL {x:.2f}, gold {y:+.3f}</title></circle>')
+        for x, y, e in points[method]:
+            if e:
+                parts.append(f'<line x1="{sx(x):.1f}" y1="{sy(max(y - e, y0)):.1f}" '
+                             f'x2="{sx(x):.1f}" y2="{sy(min(y + e, y1)):.1f}" stroke="{colour}" '
+                             f'stroke-width="1.2"></line>')
+            parts.append(f'<rect x="{sx(x) - 3:.1f}" y="{sy(y) - 3:.1f}" width="6" height="6" '
+                         f'fill="{colour}"><title>{html.escape(method)}: held-out gold {y:+.3f}'
+                         f'{f" ± {e:.3f}" if e else ""} at KL {x:g}</title></rect>')
+        lx, ly = left + k * 110, height - bottom + 44
+        parts.append(f'<rect x="{lx}" y="{ly - 8}" width="10" height="3" fill="{colour}"></rect>'
+                     f'<text x="{lx + 14}" y="{ly - 4}">{html.escape(method)}</text>')
+    parts.append(f'<text x="{left}" y="{height - 16}" class="note">lines: each run\'s fitted '
+                 'frontier (faint) and their mean, rollout gold on RL-split prompts</text>')
+    parts.append(f'<text x="{left}" y="{height - 3}" class="note">squares: held-out gold at each '
+                 f'KL target, mean ± {1 - args.alpha:.0%} CI; dots: the snapshots (test prompts)'
+                 '</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)
 
 
-def frontier_svg(args, study, records) -> str:
-    """Per method: the mean over seeds of the gold at KL 0.25, 0.5, … (each seed's smoothed curve
-    read as in the tables) ± its CI, joined, wherever at least three seeds' runs got that far (two
-    with fewer seeds: with two, t = 12.7 makes every interval span the chart); behind it, faint,
-    every seed's smoothed curve (one point per PPO iteration)."""
-    series, points = {}, {}
-    min_seeds = 3 if len(args.seeds) >= 3 else 2
-    for method in args.rewards:
-        curves = [records[seed][method]["curve"] for seed in args.seeds]
-        series[method] = []
-        for kl in FRONTIER_GRID:
-            summary = mean_ci([gold_at_kl(curve, kl) for curve in curves], args.alpha)
-            if summary["n"] >= min_seeds:
-                series[method].append((kl, summary["mean"], summary["ci"]))
-        points[method] = [point for curve in curves for point in curve]
-    return report.frontier_chart_svg(
-        f"gold against KL, {len(args.seeds)} seeds",
-        series,
-        points=points,
-        note=f"mean ± {1 - args.alpha:.0%} CI where ≥ {min_seeds} seeds reached the KL; "
-        "faint: each seed's curve",
-        width=460,
-    )
-
-
-def study_html(args, study, records, svg) -> str:
-    body = [
-        f"<h1>Study: {len(args.seeds)} seeds of the lab</h1>",
-        f"<p>SIZE={html.escape(args.size)}, PPO runs: {html.escape(' '.join(args.rewards))}. "
-        f"Curves smoothed over {args.smooth} iterations.</p>",
-        svg,
-    ]
-    body += [
-        f"<h3>{html.escape(title)}</h3>" + report.html_table(head, rows)
-        for title, head, rows in study_tables(args, study)
-    ]
+def study_html(args, study, runs, svg) -> str:
+    tables = study_tables(args, study, runs)
+    body = [f"<h1>Study: {len(args.seeds)} upstream seeds × {args.ppo_seeds} PPO seed(s)</h1>",
+            "<p>Design declared in study.py before any result. The decision table first; "
+            "p-values labelled raw or Holm; exploratory figures last.</p>"]
+    body += [f"<h3>{html.escape(t)}</h3>" + report.html_table(h, r) for t, h, r in tables[:4]]
+    body.append(svg)
+    body += [f"<h3>{html.escape(t)}</h3>" + report.html_table(h, r) for t, h, r in tables[4:]]
     style = (
         "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
         "table.results{border-collapse:collapse;font-size:13px}"
@@ -590,55 +1164,52 @@ def study_html(args, study, records, svg) -> str:
         "svg.curve{font-size:10px;background:#fafafa}"
         "svg .axis{stroke:#888}svg .title{font-size:12px;font-weight:600}svg .note{fill:#666}"
     )
-    return (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        "<title>token-rlhf study</title>"
-        f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
-    )
+    return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f"<title>token-rlhf study</title><style>{style}</style></head><body>\n"
+            + "\n".join(body) + "\n</body></html>\n")
 
 
-def write_outputs(args, records, study):
+def write_outputs(args, study, runs):
     out = Path(args.out)
-    config = {
-        "seeds": args.seeds,
-        "size": args.size,
-        "rewards": args.rewards,
-        "lexicon": args.lexicon_id,
-        "env": args.env,
-        "kl_points": args.kl_points,
-        "smooth": args.smooth,
-        "alpha": args.alpha,
-        "test": "paired t-test over seeds, two-sided, Holm-corrected per figure; "
-        "exact sign-flip p beside",
-    }
-    per_seed = {str(seed): records[seed] for seed in args.seeds}
-    checkpoint.atomic_write(
-        out / "study.json",
-        json.dumps({"config": config, **study, "per_seed": per_seed}, indent=1) + "\n",
-    )
-    checkpoint.atomic_write(out / "study.md", study_markdown(args, study, records))
-    svg = frontier_svg(args, study, records)
+    config = {k: getattr(args, k) for k in (
+        "seeds", "ppo_seeds", "size", "methods", "kl_targets", "samples_per_prompt",
+        "max_iterations", "credit", "alpha", "power", "kl_points", "smooth")}
+    config["lexicon"] = args.lexicon_id
+    config["family"] = ("primary: held-out gold at each KL target, every method − seq, paired "
+                        "t-test over upstream seeds, Holm over methods × targets")
+    per_run = [{k: v for k, v in r.items()} for r in runs]
+    checkpoint.atomic_write(out / "study.json", json.dumps(
+        {"config": config, **study, "runs": per_run}, indent=1) + "\n")
+    md = study_markdown(args, study, runs)
+    checkpoint.atomic_write(out / "study.md", md)
+    svg = frontier_svg(args, study, runs)
     checkpoint.atomic_write(out / "frontier.svg", svg + "\n")
-    checkpoint.atomic_write(out / "study.html", study_html(args, study, records, svg))
-    print(study_markdown(args, study, records))
-    written = ", ".join(str(out / name) for name in ("study.json", "study.md", "study.html"))
-    print(f"wrote {written}, {out / 'frontier.svg'}")
+    checkpoint.atomic_write(out / "study.html", study_html(args, study, runs, svg))
+    print(md)
+    print(f"wrote {out / 'study.json'}, {out / 'study.md'}, {out / 'study.html'}, "
+          f"{out / 'frontier.svg'}")
 
 
 def main(argv=None):
     args = parse_args(argv)
+    stages = build_stages(args)
+    plan = time_plan(args)
+    print(plan_text(args, plan), flush=True)
+    if args.plan_only:
+        return {"plan": plan}
+    start = time.time()
     if not args.report_only:
-        run_seeds(args)
-    missing = [seed for seed in args.seeds if not seed_done(args, seed)]
+        run_stages(args, stages)
+    missing = [s.name for s in stages if not stage_done(args, s)]
     if missing:
-        raise SystemExit(
-            f"study.py: seeds {missing} have no finished run in {args.out}; "
-            "run without --report-only"
-        )
-    records = {seed: seed_record(args, seed) for seed in args.seeds}
-    study = summarise(args, records)
-    write_outputs(args, records, study)
-    return {"records": records, **study}
+        raise SystemExit(f"study.py: {len(missing)} stages not done in {args.out} (first: "
+                         f"{missing[0]}); run without --report-only")
+    runs = read_runs(args)
+    study = {"plan": plan, **analyse(args, runs), "sft_gold": sft_gold(args),
+             "times": stage_times(args, stages),
+             "wall_seconds": None if args.report_only else round(time.time() - start)}
+    write_outputs(args, study, runs)
+    return {**study, "runs": runs}
 
 
 if __name__ == "__main__":

@@ -684,3 +684,44 @@ def test_main_gold_measures_token_credit_on_heldout_replies_and_samples(
     ] == pytest.approx(1.0)
     # off by one token: far worse
     assert held["red"]["auc_harm"] < 0.8 and held["red"]["word_r"] < 0.5
+
+
+@pytest.mark.parametrize("model", ["gpt2", "llama"])
+def test_gold_only_samples_k_replies_per_prompt_with_common_random_numbers(
+    model, tiny_dir, llama_dir, run_dir, tmp_path, splits
+):
+    """--gold-only --samples-per-prompt K: K replies per prompt, in a row; the same draws for every
+    policy (a copy of the reference answers exactly as the reference); gold and KL as the full
+    eval measures them on the same draws; no reward model or discriminator needed."""
+    reference = tiny_dir if model == "gpt2" else llama_dir
+    copy = tmp_path / "copy"
+    shutil.copytree(reference, copy)
+    argv = ["--policies", f"sft={reference}", f"copy={copy}", "--reference", str(reference),
+            "--num-prompts", "4", "--samples-per-prompt", "3", "--eval-batch-size", "5",
+            "--max-new-tokens", "10", "--device", "cpu"]
+    fast = ev.main(argv + ["--gold-only", "--out", str(tmp_path / "fast")])
+    assert fast["num_prompts"] == 4 and fast["samples_per_prompt"] == 3 and fast["credit"] is None
+    assert fast["judge"] == "none" and "rm_score" not in fast["policies"]["sft"]
+    rows = [json.loads(line) for line in (tmp_path / "fast" / "responses.jsonl").open()]
+    prompts = [p.prompt for p in splits["test"][:4]]
+    for name in ("sft", "copy"):
+        mine = [r for r in rows if r["policy"] == name]
+        assert [r["prompt"] for r in mine] == [p for p in prompts for _ in range(3)]
+        assert fast["policies"][name]["gold_score"] == pytest.approx(
+            sum(r["gold_score"] for r in mine) / 12)
+    assert [r["response"] for r in rows if r["policy"] == "sft"] == [
+        r["response"] for r in rows if r["policy"] == "copy"]  # common random numbers
+    assert len({r["response"] for r in rows if r["policy"] == "sft"}) > 4  # K different replies
+    assert fast["policies"]["copy"]["kl"] == pytest.approx(0.0, abs=1e-6)
+    if model == "gpt2":  # the full eval on the same draws: the same gold and KL
+        full = ev.main(argv + ["--gold", "--reward-model", str(run_dir / "rm"), "--discriminator",
+                               str(run_dir / "disc"), "--out", str(tmp_path / "full")])
+        for name in ("sft", "copy"):
+            for key in ("gold_score", "kl", "response_length", "eos_share"):
+                assert fast["policies"][name][key] == pytest.approx(full["policies"][name][key])
+    with pytest.raises(SystemExit):  # without --gold-only the reward model is required
+        ev.parse_args(argv[:-2] + ["--discriminator", "d"])
+    with pytest.raises(SystemExit):
+        ev.parse_args(argv + ["--gold-only", "--judge", "openai"])
+    with pytest.raises(SystemExit):
+        ev.parse_args(argv + ["--gold-only", "--samples-per-prompt", "0"])

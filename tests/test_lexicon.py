@@ -403,6 +403,6 @@ def test_study_passes_lexicon_to_its_pipelines_and_records_its_id(tmp_path, monk
     assert default.lexicon_id == gold.default_lexicon().id
     for name in ("study_markdown", "frontier_svg", "study_html"):  # only study.json is read here
         monkeypatch.setattr(study, name, lambda *a: "")
-    study.write_outputs(args, {seed: {} for seed in args.seeds}, {"summary": {}})
+    study.write_outputs(args, {"summary": {}}, [])  # (args, study, runs)
     assert json.loads((tmp_path / "study.json").read_text())["config"]["lexicon"] == (
         gold.load_lexicon(SENTIMENT).id)

@@ -1,5 +1,6 @@
 """Tests of ppo_token.py: the maths on hand-made tensors, positions under left padding, and learning
 on tiny GPT-2s."""
+import itertools
 import json
 from pathlib import Path
 
@@ -603,3 +604,83 @@ def test_stop_after_then_resume_matches_an_uninterrupted_run(tiny_dir, tmp_path)
     log_a = [json.loads(line) for line in (a / "log.jsonl").read_text().splitlines()]
     log_b = [json.loads(line) for line in (b / "log.jsonl").read_text().splitlines()]
     assert log_a[-1]["kl"] == pytest.approx(log_b[-1]["kl"], rel=1e-5, abs=1e-7)
+
+
+# ----------------------------------------------------------------------------------------------
+# The adaptive KL controller (--kl-target) and snapshots at KL targets (--save-at-kl)
+# ----------------------------------------------------------------------------------------------
+def test_adaptive_kl_coef_moves_beta_toward_the_target():
+    # KL above the target: β up; below: β down; the error is clipped at ±20%
+    assert ppo.adaptive_kl_coef(0.1, 1.1, 1.0, 100, 10) == pytest.approx(0.1 * (1 + 0.1 * 0.1))
+    assert ppo.adaptive_kl_coef(0.1, 0.9, 1.0, 100, 10) == pytest.approx(0.1 * (1 - 0.1 * 0.1))
+    assert ppo.adaptive_kl_coef(0.1, 5.0, 1.0, 100, 10) == pytest.approx(0.1 * 1.02)  # clipped
+    assert ppo.adaptive_kl_coef(0.1, 0.0, 1.0, 100, 100) == pytest.approx(0.08)  # −20% per horizon
+    assert ppo.adaptive_kl_coef(0.1, 1.0, 1.0, 100, 10) == 0.1  # on target: unchanged
+
+
+def log_of(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def weights_equal(a, b):
+    wa, wb = hf_models.load_policy(a).state_dict(), hf_models.load_policy(b).state_dict()
+    return wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_kl_controller_in_a_run_follows_the_rollout_kl_and_resumes(tiny_dir, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    controller = ("--kl-target", "0.05", "--kl-horizon", "8")  # 4 responses: up to ±10% a step
+    ppo.main(cli(tiny_dir, a, 4, *controller), reward_fn=toy_reward)
+    log = log_of(a)
+    assert log[0]["kl_coef"] == pytest.approx(0.1)  # --kl-coef's default to start
+    for row, after in itertools.pairwise(log):  # β up after a rollout above the target, else down
+        assert after["kl_coef"] == pytest.approx(
+            ppo.adaptive_kl_coef(row["kl_coef"], row["kl"], 0.05, 8, 4), rel=1e-6)
+        assert (after["kl_coef"] > row["kl_coef"]) == (row["kl"] > 0.05)
+    assert len({round(r["kl_coef"], 9) for r in log}) == 4  # β moved every step
+    # interrupted and resumed: the same β as the uninterrupted run
+    ppo.main(cli(tiny_dir, b, 4, *controller, "--stop-after", "2"), reward_fn=toy_reward)
+    ppo.main(cli(tiny_dir, b, 4, *controller), reward_fn=toy_reward)
+    assert [r["kl_coef"] for r in log_of(b)] == pytest.approx([r["kl_coef"] for r in log])
+    # off by default: β stays --kl-coef
+    ppo.main(cli(tiny_dir, tmp_path / "c", 2), reward_fn=toy_reward)
+    assert [r["kl_coef"] for r in log_of(tmp_path / "c")] == [0.1, 0.1]
+
+
+@pytest.mark.parametrize("model", ["gpt2", "llama"])
+def test_snapshots_are_the_policy_that_crossed_each_kl_target(model, tiny_dir, llama_dir, tmp_path):
+    policy_dir = tiny_dir if model == "gpt2" else llama_dir
+
+    def run(out, steps, *extra):
+        argv = cli(policy_dir, out, steps, "--limit", "16", *extra)
+        return ppo.main(argv, reward_fn=toy_reward)
+
+    run(tmp_path / "plain", 5)
+    kls = [r["kl"] for r in log_of(tmp_path / "plain")]
+    assert kls[0] == 0.0 and max(kls[1:]) > 0  # KL 0 at iteration 0, then the policy moves
+    # targets: the KL of iteration 3 and a value above any reached; window 1: each rollout's KL
+    low, never = kls[2], max(kls) + 1.0
+    out = tmp_path / "snap"
+    run(out, 5, "--save-at-kl", f"{low!r}", f"{never!r}", "--save-kl-window", "1")
+    assert [r["kl"] for r in log_of(out)] == pytest.approx(kls, rel=1e-5, abs=1e-7)  # no change
+    first = next(i + 1 for i, kl in enumerate(kls) if kl >= low)  # the first iteration at ≥ low
+    saved = ppo.read_snapshots(out)
+    assert set(saved) == {f"{low:g}"} and saved[f"{low:g}"]["iteration"] == first
+    assert saved[f"{low:g}"]["rollout_kl"] == pytest.approx(kls[first - 1], rel=1e-5, abs=1e-7)
+    assert not ppo.snapshot_dir(out, never).exists()  # never reached: no snapshot
+    assert not list(out.glob(".save-*"))  # the temp folder was renamed, not left behind
+    # the snapshot is the policy before iteration `first`'s update: a run of first − 1 iterations
+    run(tmp_path / "before", first - 1)
+    assert weights_equal(ppo.snapshot_dir(out, low), tmp_path / "before" / "policy")
+    tokenizer = hf_models.load_tokenizer(ppo.snapshot_dir(out, low))  # a whole HF model folder
+    assert tokenizer.bos_token_id == hf_models.load_tokenizer(policy_dir).bos_token_id
+    # --stop-at-kl: the run ends with the iteration that saved the last target
+    stop = tmp_path / "stop"
+    run(stop, 5, "--save-at-kl", f"{low!r}", "--save-kl-window", "1", "--stop-at-kl")
+    assert [r["step"] for r in log_of(stop)][-1] == first and (stop / "policy").exists()
+    with pytest.raises(SystemExit):
+        ppo.parse_args(["--policy", "p", "--out", "o", "--reward", "seq", "--reward-model", "r",
+                        "--stop-at-kl"])  # no targets
+    with pytest.raises(SystemExit):
+        ppo.parse_args(["--policy", "p", "--out", "o", "--reward", "seq", "--reward-model", "r",
+                        "--save-at-kl", "0"])

@@ -1,5 +1,6 @@
-"""study.py: the statistics against known values, the gold-at-KL reading of hand-made curves, and a
-smoke-size study of two seeds end to end (resumed without running a seed twice)."""
+"""study.py: the statistics against known values (t, intervals, paired tests, Holm over a family,
+the MDD), the gold-at-KL reading of hand-made curves, the frontier fit on synthetic data, and a
+smoke-size study of two upstream seeds end to end (resumed without running a stage twice)."""
 
 import json
 import sys
@@ -103,81 +104,175 @@ def test_running_mean_and_smoothed_curve_keep_points_paired():
 
 
 # ----------------------------------------------------------------------------------------------
-# end to end: two seeds at smoke size, then a rerun that runs nothing
+# the primary family, the MDD, no test on an empty group
 # ----------------------------------------------------------------------------------------------
-def test_smoke_study_runs_two_seeds_and_resumes(tmp_path, monkeypatch):
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+def test_holm_runs_over_the_whole_primary_family():
+    """Four tests (2 methods × 2 targets) adjusted as one family, a fifth not tested left out."""
+    tests = [{"p": p} for p in (0.01, 0.04, 0.03, 0.005)] + [{"p": None}]
+    study.adjust_family(tests, alpha=0.05)
+    # sorted 0.005, 0.01, 0.03, 0.04 -> 4·0.005, 3·0.01, max(0.03, 2·0.03), max(0.06, 0.04)
+    assert [t["p_holm"] for t in tests[:4]] == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert [t["significant"] for t in tests] == [True, False, False, True, False]
+    assert tests[4]["p_holm"] is None
+
+
+def test_mdd_matches_a_hand_value():
+    # n = 8: t_{0.975,7} = 2.3646, t_{0.8,7} = 0.8960 (t table); sd 0.05
+    assert study.t_quantile(0.8, 7) == pytest.approx(0.8960, abs=1e-3)
+    assert study.mdd(0.05, 8) == pytest.approx((2.3646 + 0.8960) * 0.05 / 8**0.5, abs=2e-4)
+    assert study.mdd(0.05, 8, power=0.9) > study.mdd(0.05, 8)  # more power: a larger MDD
+    assert study.mdd(None, 8) is None and study.mdd(0.05, 1) is None
+    test = study.compare([1.0, 2.0, 3.5, 4.0], [0.0, 0.5, 1.0, 2.0])  # differences 1, 1.5, 2.5, 2
+    assert test["sd"] == pytest.approx(0.6454972) and test["mdd"] == pytest.approx(
+        study.mdd(0.6454972, 4))
+
+
+def test_no_test_on_an_empty_group():
+    empty = study.compare([None, None, None], [0.1, 0.2, 0.3])  # seq's per-word r: n = 0
+    assert empty["n"] == 0 and empty["p"] is None and empty["t"] is None
+    assert empty["sign_flip_p"] is None and empty["not_tested"] == "n = 0 paired values"
+    single = study.compare([0.5, None], [0.1, 0.2])
+    assert single["n"] == 1 and single["p"] is None and single["not_tested"] == "n = 1 paired value"
+    study.adjust_family([empty, single])
+    assert empty["p_holm"] is None and not empty["significant"] and not single["significant"]
+    assert study.test_cells(empty, 0.05)[4] == "not tested (n = 0 paired values)"
+
+
+# ----------------------------------------------------------------------------------------------
+# the all-steps frontier of Gao et al. 2022
+# ----------------------------------------------------------------------------------------------
+def test_frontier_fit_recovers_known_alpha_beta():
+    alpha, beta, g0 = 0.30, 0.12, 0.09
+    kls = [0.0, 0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.9, 1.0, 1.2]
+    golds = [g0 + study.frontier_gain(alpha, beta, k) for k in kls]
+    assert study.fit_frontier(kls, golds, g0) == pytest.approx((alpha, beta), abs=1e-9)
+    # noisy: the least-squares fit is still close
+    noise = [0.004 * (-1) ** i for i in range(len(kls))]
+    fit = study.fit_frontier(kls, [g + e for g, e in zip(golds, noise)], g0)
+    assert fit == pytest.approx((alpha, beta), abs=0.05)
+    assert study.fit_frontier([0.0, 0.5, 0.5], [0.1, 0.2, 0.2], 0.1) is None  # one distinct d > 0
+    assert study.frontier_gain(alpha, beta, -0.01) == 0.0  # a negative k1 estimate: d = 0
+
+
+def test_gold_at_target_reads_the_held_out_frontier_at_exactly_the_target():
+    alpha, beta, g_sft = 0.2, -0.1, 0.09
+    curve = [(kl, g_sft + study.frontier_gain(alpha, beta, kl)) for kl in (0.62, 1.17)]
+    for target in (0.5, 1.0):  # two snapshots off the targets: the curve through them, at target
+        assert study.gold_at_target(curve, g_sft, target) == pytest.approx(
+            g_sft + study.frontier_gain(alpha, beta, target))
+    # the same snapshot saved for both targets (one distinct KL): R = α·d through it
+    assert study.gold_at_target([(0.81, 0.18), (0.81, 0.18)], 0.09, 0.25) == pytest.approx(
+        0.09 + 0.09 / 0.9 * 0.5)
+    assert study.gold_at_target([(-0.01, 0.12)], 0.09, 0.5) == 0.12  # no KL above 0: as it is
+    assert study.gold_at_target([], 0.09, 0.5) is None
+    assert study.gold_at_target([(None, None)], 0.09, 0.5) is None
+
+
+def test_frontier_mean_gain_is_the_area_over_the_width():
+    alpha, beta, kl_max, steps = 0.3, 0.12, 1.5, 200000
+    riemann = sum(study.frontier_gain(alpha, beta, (i + 0.5) * kl_max / steps)
+                  for i in range(steps)) / steps  # midpoint rule of (1/K)∫_0^K R(√k) dk
+    assert study.frontier_mean_gain(alpha, beta, kl_max) == pytest.approx(riemann, rel=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# end to end: two upstream seeds at smoke size, then a rerun that runs nothing
+# ----------------------------------------------------------------------------------------------
+def test_smoke_study_two_upstream_seeds_end_to_end_and_resumes(tmp_path, monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LEXICON"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("PYTHON", sys.executable)
-    monkeypatch.setenv("DEVICE", "cpu")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "study"
-    argv = [
-        "--size", "smoke", "--seeds", "0", "1", "--rewards", "seq", "tlcr", "--jobs", "2",
-        "--out", str(out),
-    ]
+    # 1000: a target no smoke run reaches, so every run reports a miss there
+    argv = ["--size", "smoke", "--seeds", "0", "1", "--methods", "seq", "tlcr", "--kl-targets",
+            "0.02", "1000", "--max-iterations", "5", "--samples-per-prompt", "2", "--jobs", "2",
+            "--out", str(out)]
     result = study.main(argv)
-    for seed in (0, 1):
-        assert (out / f"seed-{seed}" / "eval" / "results.json").exists()
-        assert json.loads((out / f"seed-{seed}" / "study_seconds.json").read_text())["seconds"] > 0
     on_disk = json.loads((out / "study.json").read_text())
-    assert on_disk["config"]["seeds"] == [0, 1] and on_disk["config"]["rewards"] == ["seq", "tlcr"]
-    summary = on_disk["summary"]
-    assert set(summary) == {
-        "gold_at_kl_1",
-        "gold_at_kl_2",
-        "gold_at_kl_4",
-        "final_gold",
-        "final_kl",
-        "heldout_auc_harm",
-        "heldout_auc_safe",
-        "heldout_word_r",
-        "samples_auc_harm",
-        "samples_auc_safe",
-    }
-    for method in ("seq", "tlcr"):  # the per-seed values are those of each seed's own eval
-        per_seed = [
-            json.loads((out / f"seed-{s}" / "eval" / "results.json").read_text())["policies"][
-                method
-            ]
-            for s in (0, 1)
-        ]
-        assert summary["final_gold"][method]["values"] == [p["gold_score"] for p in per_seed]
-        assert (
-            summary["final_kl"][method]["n"] == 2 and summary["final_kl"][method]["ci"] is not None
-        )
-    assert [(t["a"], t["b"]) for t in on_disk["comparisons"]["final_gold"]] == [("seq", "tlcr")]
-    assert on_disk["per_seed"]["0"]["tlcr"]["curve"]  # the smoothed curve of each run is kept
+    assert on_disk["config"]["seeds"] == [0, 1] and on_disk["config"]["methods"] == ["seq", "tlcr"]
+    runs = on_disk["runs"]
+    assert len(runs) == 4 and all(set(r["targets"]) == {"0.02", "1000"} for r in runs)
+    for run in runs:  # every run contributes at every target: a value or a reported miss
+        eval_results = json.loads((out / f"up-{run['seed']}" / "eval" / "results.json").read_text())
+        low = run["targets"]["0.02"]
+        assert low["reached"] and low["iteration"] >= 1
+        name = study.policy_name(run["method"], 0, 0.02)
+        assert low["gold"] == eval_results["policies"][name]["gold_score"]
+        assert low["heldout_kl"] == eval_results["policies"][name]["kl"]
+        assert eval_results["samples_per_prompt"] == 2 and eval_results["num_prompts"] == 8
+        assert not run["targets"]["1000"]["reached"] and run["final"]["gold"] is not None
+        assert run["iterations"] == 5 and run["frontier"] is not None
+        snapshots = json.loads((out / f"up-{run['seed']}" / f"ppo_{run['method']}_p0" /
+                                "snapshots.json").read_text())
+        assert snapshots["0.02"]["iteration"] == low["iteration"]
+    assert len(on_disk["missed"]) == 4 and {m["target"] for m in on_disk["missed"]} == {1000.0}
+    tests = on_disk["primary"]["tests"]
+    assert [(t["a"], t["b"], t["target"]) for t in tests] == [("tlcr", "seq", 0.02),
+                                                              ("tlcr", "seq", 1000.0)]
+    assert tests[0]["n"] == 2 and tests[1]["n"] == 0 and tests[1]["not_tested"]
+    assert tests[1]["p"] is None and tests[1]["p_holm"] is None
+    tlcr = on_disk["primary"]["values"]["tlcr@0.02"]
+    assert tlcr["snapshot_gold"]["values"] == [
+        r["targets"]["0.02"]["gold"] for r in runs if r["method"] == "tlcr"]
+    for run in runs:  # the primary value: the run's held-out frontier read at the target
+        cell = run["targets"]["0.02"]
+        assert cell["gold_at_target"] == pytest.approx(study.gold_at_target(
+            [(cell["heldout_kl"], cell["gold"])], on_disk["sft_gold"], 0.02))
+    assert tlcr["gold"]["values"] == [
+        r["targets"]["0.02"]["gold_at_target"] for r in runs if r["method"] == "tlcr"]
+    assert len(on_disk["primary"]["sensitivity"]) == 2
+    assert set(on_disk["times"]) == {"sft", "label", "sft_eval", "reward_model", "discriminator",
+                                     "ppo", "eval", "credit"}
+    sft_eval = json.loads((out / "sft_eval" / "results.json").read_text())
+    assert on_disk["sft_gold"] == sft_eval["policies"]["sft"]["gold_score"]
+    assert "sft" not in eval_results["policies"]  # scored once, not per seed
+    assert on_disk["times"]["ppo"]["count"] == 4
+    credit = on_disk["exploratory"]["credit"]["heldout_auc_harm"]
+    assert credit["values"]["tlcr"]["n"] == 2 and [
+        (t["a"], t["b"]) for t in credit["tests"]] == []  # red not run: nothing to compare with
     md = (out / "study.md").read_text()
-    assert "gold at KL 1" in md and "paired t-test" in md and "| seq |" in md
+    assert md.index("PRIMARY ENDPOINT") < md.index("PRIMARY COMPARISONS") < md.index(
+        "SECONDARY ENDPOINT") < md.index("EXPLORATORY")  # the decision table first
+    assert "p (raw)" in md and "p (Holm)" in md and "not tested (n = 0 paired values)" in md
+    assert "Runs that missed a target (within 5 iterations): 4" in md
     page = (out / "study.html").read_text()
-    assert (
-        page.startswith("<!DOCTYPE html>") and "<svg" in page and page.rstrip().endswith("</html>")
-    )
-    assert (out / "frontier.svg").read_text().startswith("<svg")
-    assert (
-        result["summary"]["final_gold"]["tlcr"]["values"] == summary["final_gold"]["tlcr"]["values"]
-    )
+    assert page.startswith("<!DOCTYPE html>") and "<svg" in page and page.rstrip().endswith(
+        "</html>")
+    svg = (out / "frontier.svg").read_text()
+    assert svg.startswith("<svg") and svg.count("<polyline") >= 4 + 2  # each run's fit, each mean
+    assert result["primary"]["tests"][0]["mean_diff"] == pytest.approx(tests[0]["mean_diff"])
 
-    # resumable: the finished seeds are not run again
+    # resumable: every stage has its marker, a rerun runs nothing and gives the same tables
     def no_run(*args, **kwargs):
-        raise AssertionError("a finished seed was run again")
+        raise AssertionError("a finished stage was run again")
 
-    monkeypatch.setattr(study, "run_seed", no_run)
-    again = study.main(argv)
-    assert again["summary"] == json.loads(json.dumps(result["summary"]))
-    # a seed without every requested method is not done: it would run (and resume) again
-    assert not study.seed_done(
-        study.parse_args(argv[:-2] + ["--rewards", "seq", "red", "--out", str(out)]), 0
-    )
-    with pytest.raises(SystemExit, match=r"seeds \[2\] have no finished run"):
+    monkeypatch.setattr(study, "run_stage", no_run)
+    again = study.main(argv + ["--report-only"])
+    assert json.loads(json.dumps(again["primary"])) == on_disk["primary"]
+    study.main(argv)  # not --report-only: still nothing to run
+    with pytest.raises(SystemExit, match=r"stages not done"):
         study.main(argv + ["--seeds", "0", "2", "--report-only"])
+
+
+def test_time_plan_counts_the_design():
+    args = study.parse_args(["--seeds", *map(str, range(8)), "--ppo-seeds", "2", "--jobs", "2"])
+    plan = study.time_plan(args)["stages"]
+    assert plan["ppo"]["count"] == 8 * 3 * 2 and plan["discriminator"]["count"] == 8
+    assert plan["sft"]["count"] == 1 and plan["eval"]["count"] == 8
+    seconds = study.STAGE_SECONDS["demo"]
+    assert plan["eval"]["seconds_each"] == pytest.approx(
+        seconds["eval_start"] + seconds["eval_policy"] * 3 * 2 * 2, abs=0.1)
+    assert study.main(["--plan-only", "--seeds", "0", "1"]) == {"plan": study.time_plan(
+        study.parse_args(["--seeds", "0", "1"]))}
 
 
 def test_study_help_and_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         study.parse_args(["--help"])
-    assert "--kl-points" in capsys.readouterr().out
-    for bad in (["--seeds", "1", "1"], ["--alpha", "1.5"], ["--env", "NOVALUE"], ["--jobs", "0"]):
+    text = capsys.readouterr().out
+    assert "--kl-points" in text and "Holm" in text and "--kl-targets" in text
+    for bad in (["--seeds", "1", "1"], ["--alpha", "1.5"], ["--kl-targets", "0"], ["--jobs", "0"],
+                ["--methods", "red", "tlcr"], ["--power", "0.4"]):
         with pytest.raises(SystemExit):
             study.parse_args(bad)
