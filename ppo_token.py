@@ -37,6 +37,7 @@ Commands (outputs: OUT/log.jsonl, OUT/checkpoint/ to resume, OUT/policy/ the fin
         --out runs/demo/ppo_red
     python ppo_token.py ... --gradient-checkpointing --offload-frozen  # one GPU, less memory
     python ppo_token.py ... --lora-rank 64                             # LoRA: two frozen backbones
+    python ppo_token.py ... --compile      # the rollout's one-token decode step via torch.compile
     torchrun --nproc_per_node=8 ppo_token.py ...   # --rollout-batch-size prompts over all ranks
     torchrun --nproc_per_node=8 ppo_token.py ... --fsdp   # models sharded over the ranks (FSDP2)
 """
@@ -263,10 +264,11 @@ def add_compile_arg(group):
 # logits after response token t). make_decoder picks one at load time.
 @functools.cache
 def make_decoder(compile: bool = False, device_type: str = "cpu", static: bool = True):
-    """static: a KV cache allocated once per batch (static_cache_decoder), else Hugging Face's
-    dynamic cache, grown by a column per token (today's dynamic_cache_decoder). compile: the
-    one-token forward through torch.compile (compiled_forward). One decoder per setting, so a
-    compiled step is compiled once per process and shape."""
+    """static: a KV cache allocated once per batch (static_cache_decoder, the default), else
+    Hugging Face's dynamic cache, grown by a column per token (dynamic_cache_decoder, the decoder
+    before the static cache; bench/bench_generate.py compares them). compile: the one-token forward
+    through torch.compile (compiled_forward). One decoder per setting, so a compiled step is
+    compiled once per process and shape."""
     if not static:
         return dynamic_cache_decoder
     if not compile:
@@ -349,7 +351,7 @@ def compiled_forward(forward, device_type: str):
         start = time.perf_counter()
         cache = cache_args.get("cache", cache_args.get("past_key_values"))
         try:
-            if any(getattr(layer, "is_sliding", False) for layer in cache.layers):
+            if any(getattr(layer, "is_sliding", False) for layer in getattr(cache, "layers", [])):
                 raise NotImplementedError("sliding-window layers")
             logits = compiled(policy, token, position, attention_mask, cache_args).clone()
         except Exception as error:  # noqa: BLE001 - whatever failed: decode without compile
