@@ -663,6 +663,8 @@ def main(argv=None):
 
     # 3. generate and score, one policy at a time, the same seed for each
     generated, metrics, shaded = {}, {}, {}
+    # how generate runs each policy: a static KV cache, with --compile a compiled decode step
+    decoder = ppo_token.make_decoder(args.compile, device.type)
     for name, path in args.policies.items():
         policy = (
             reference
@@ -691,7 +693,7 @@ def main(argv=None):
                     tokenizer.pad_token_id,
                     args.top_p,
                     args.temperature,
-                    ppo_token.make_decoder(args.compile, device.type),
+                    decoder,
                 )
                 scores = score_batch(policy, reference, reward_model, disc_model, query_response,
                                      attention_mask, response_mask, args.temperature,
