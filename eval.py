@@ -123,6 +123,7 @@ def parse_args(argv=None):
         "--max-new-tokens", type=int, default=128, help="response length limit in tokens"
     )
     gen.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold")
+    ppo_token.add_compile_arg(gen)
     gen.add_argument(
         "--temperature", type=float, default=1.0, help="sampling temperature (log-probs use it too)"
     )
@@ -232,13 +233,16 @@ def select_pairs(args, quiet=False):
 #    policy
 # ----------------------------------------------------------------------------------------------
 def generate_responses(
-    policy, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, top_p=0.9, temperature=1.0
+    policy, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, top_p=0.9, temperature=1.0,
+    decoder=None,
 ):
     """Sample responses for left-padded prompts [B, P] exactly as PPO does (global torch RNG: seed
-    it). Returns query_response, attention_mask and response_mask, all [B, P + R]; a response runs
-    up to and including its first EOS, and what follows (EOS-valued padding) has attention 0."""
+    it; decoder: ppo_token.make_decoder, None the default). Returns query_response,
+    attention_mask and response_mask, all [B, P + R]; a response runs up to and including its first
+    EOS, and what follows (EOS-valued padding) has attention 0."""
     response = ppo_token.generate(
-        policy, prompt_ids, prompt_mask, eos_ids, pad_id, max_new_tokens, temperature, top_p
+        policy, prompt_ids, prompt_mask, eos_ids, pad_id, max_new_tokens, temperature, top_p,
+        decoder,
     )  # [B, R]
     # [B, R], 1 up to and including the first EOS
     mask, _ = ppo_token.response_mask_from(response, eos_ids)
@@ -583,6 +587,8 @@ def main(argv=None):
 
     # 3. generate and score, one policy at a time, the same seed for each
     generated, metrics, shaded = {}, {}, {}
+    # how generate runs each policy: a static KV cache, with --compile a compiled decode step
+    decoder = ppo_token.make_decoder(args.compile, device.type)
     for name, path in args.policies.items():
         policy = (
             reference
@@ -611,6 +617,7 @@ def main(argv=None):
                     tokenizer.pad_token_id,
                     args.top_p,
                     args.temperature,
+                    decoder,
                 )
                 scores = score_batch(policy, reference, reward_model, disc_model, query_response,
                                      attention_mask, response_mask, args.temperature,

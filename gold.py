@@ -563,9 +563,10 @@ def sample_replies(policy, tokenizer, pairs: list[common.Pair], samples_per_prom
     ]
     prompt, prompt_mask = common.pad_left(prompts, tokenizer.pad_token_id)  # [B·K, P]
     eos_ids = common.eos_token_ids(tokenizer, policy)
+    decoder = ppo_token.make_decoder(args.compile, device.type)  # one per process and setting
     response = ppo_token.generate(policy, prompt.to(device), prompt_mask.to(device), eos_ids,
                                   tokenizer.pad_token_id, args.max_new_tokens, args.temperature,
-                                  args.top_p).cpu()  # [B·K, R]
+                                  args.top_p, decoder).cpu()  # [B·K, R]
     mask, _ = ppo_token.response_mask_from(response, eos_ids)  # [B·K, R], up to the first EOS
     texts = decode_responses(tokenizer, response, mask)
     return [texts[k:k + samples_per_prompt] for k in range(0, len(texts), samples_per_prompt)]
@@ -778,6 +779,9 @@ def main(argv=None):
     )
     system.add_argument("--seed", type=int, default=0,
                         help="sampling seed (batch b of prompts draws with seed·1000003 + b)")
+    import ppo_token  # here, not at the top: ppo_token imports this file
+
+    ppo_token.add_compile_arg(system)
     system.add_argument("--no-resume", dest="resume", action="store_false",
                         help="ignore and overwrite OUT.cache.jsonl instead of reusing its samples")
     system.add_argument("--trust-remote-code", action="store_true",

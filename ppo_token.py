@@ -26,7 +26,7 @@ first PPO ratio is not 1. The reference π_ref is a frozen copy of --policy (wit
 with its adapters off). `load_models` decides the mode (full or LoRA, offloaded, FSDP) once and
 hands the rollout the reference log-probs and the task reward as callables.
 
-The log fields and the LoRA layout (what is shared, what is frozen): README.md, section
+The log fields and the LoRA layout (what is shared, what is frozen): docs/training.md, section
 "PPO: log fields and LoRA layout".
 
 Commands (outputs: OUT/log.jsonl, OUT/checkpoint/ to resume, OUT/policy/ the final HF model):
@@ -37,12 +37,14 @@ Commands (outputs: OUT/log.jsonl, OUT/checkpoint/ to resume, OUT/policy/ the fin
         --out runs/demo/ppo_red
     python ppo_token.py ... --gradient-checkpointing --offload-frozen  # one GPU, less memory
     python ppo_token.py ... --lora-rank 64                             # LoRA: two frozen backbones
+    python ppo_token.py ... --compile      # the rollout's one-token decode step via torch.compile
     torchrun --nproc_per_node=8 ppo_token.py ...   # --rollout-batch-size prompts over all ranks
     torchrun --nproc_per_node=8 ppo_token.py ... --fsdp   # models sharded over the ranks (FSDP2)
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import json
 import os
@@ -53,9 +55,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
+from transformers import StaticCache
 
 import common
 import discriminator
@@ -148,6 +152,7 @@ class Models:
     ref_logprobs_fn: Callable[..., Tensor]  # -> [B, R] log π_ref(a_j | x, a_<j)
     reward_fn: Callable[..., Tensor]  # -> [B, R] the task reward of each action (--reward)
     score_fn: Callable[..., Tensor] | None = None  # -> [B] R_φ(x, y), logged; None: no reward model
+    decoder: Callable | None = None  # how generate runs the policy (make_decoder); None: default
 
 
 @dataclass
@@ -192,46 +197,55 @@ class Rollout:
 # 1. Generate: sample responses with a KV cache; mask everything after the first EOS
 # ----------------------------------------------------------------------------------------------
 def sample_top_p(logits: Tensor, top_p: float) -> Tensor:
-    """Nucleus sampling: draw from the smallest set of tokens whose probability reaches top_p.
-    [B, V] -> [B]"""
-    probs = logits.float().softmax(-1)
-    if top_p >= 1:
-        return torch.multinomial(probs, 1).squeeze(-1)
-    sorted_probs, sorted_ids = probs.sort(-1, descending=True)
-    # mass before a token < top_p; the top token always stays
-    keep = sorted_probs.cumsum(-1) - sorted_probs < top_p
-    choice = torch.multinomial(sorted_probs * keep, 1)  # multinomial renormalises
-    return sorted_ids.gather(-1, choice).squeeze(-1)
+    """Nucleus sampling: draw from the smallest set of tokens whose probability reaches top_p,
+    renormalised. [B, V] -> [B]
+
+    A token is in the nucleus when the mass of the tokens sorted before it is < top_p (the top token
+    always is); the nucleus is then every token at least as probable as τ, its least probable
+    member. The draw is the exponential race torch.multinomial runs, argmax_i p_i / E_i with
+    E_i ~ Exp(1) = −log U_i, which picks i with probability p_i / Σ p. Only the probabilities are
+    sorted, never their ids, and E comes from torch.rand and a vectorised log: a sort with ids and
+    multinomial's exponentials were most of a decode step on CPU at the demo model's size
+    (docs/rollout-speed.md). (Inverse-CDF sampling, one uniform per row, is faster still, but a cumulative
+    sum carries the rounding of every token before the draw: bf16 and fp32 logits then drew other
+    tokens far more often.)
+    """
+    probs = logits.float().softmax(-1)  # [B, V]
+    if top_p < 1:
+        sorted_probs = sorted_descending(probs)  # [B, V]
+        inside = sorted_probs.cumsum(-1) - sorted_probs < top_p  # mass before < top_p: a prefix
+        tau = sorted_probs.gather(-1, inside.sum(-1, keepdim=True) - 1)  # [B, 1]
+        probs = probs * (probs >= tau)
+    exponentials = torch.rand_like(probs).log_().neg_()  # [B, V] E_i = −log U_i
+    return (probs / exponentials).argmax(-1)
 
 
-def cache_kwargs(policy, out) -> dict:
-    """The KV cache of the last forward, under the name this transformers version's forward takes it
-    (`cache` from 5.x on, `past_key_values` before)."""
-    cache = out.get("cache", None) if "cache" in out else out.past_key_values
-    parameters = inspect.signature(unwrap(policy).forward).parameters
-    return {"cache" if "cache" in parameters else "past_key_values": cache}
+def sorted_descending(probs: Tensor) -> Tensor:
+    """Each row's values sorted, largest first, without their ids [B, V]. On CPU by numpy's
+    vectorised sort (about 10× torch.sort there, measured); elsewhere by torch.sort."""
+    if probs.device.type == "cpu":
+        return torch.from_numpy(np.sort(probs.detach().numpy(), axis=-1)).flip(-1)
+    return probs.sort(-1, descending=True).values
 
 
 @torch.no_grad()
 def generate(policy, prompt, prompt_mask, eos_ids: list[int], pad_id: int, max_new_tokens: int,
-             temperature=1.0, top_p=0.9):
+             temperature=1.0, top_p=0.9, decoder=None):
     """Sample up to max_new_tokens per row; stop once every row has produced one of eos_ids (under
     FSDP: every row of every rank, so that all ranks take the same number of decode steps).
 
     prompt [B, P] is left-padded, so every response starts at column P. Position ids count real
     tokens only (common.position_ids_from_mask), the same ones the training forward uses.
-    Returns response [B, R]; after a row's EOS the row is filled with pad_id.
+    `decoder` runs the policy (make_decoder, chosen at load time; None: the default, a static KV
+    cache). Returns response [B, R]; after a row's EOS the row is filled with pad_id.
     """
+    decoder = decoder or make_decoder()
     eos = torch.tensor(eos_ids, device=prompt.device)
-    attention_mask = prompt_mask.long()
-    out = policy(input_ids=prompt, attention_mask=attention_mask,
-                 position_ids=position_ids_from_mask(attention_mask), use_cache=True,
-                 **common.logits_to_keep(policy, 1))
-    next_position = attention_mask.sum(-1, keepdim=True)  # [B, 1] position of the response's 1st
+    logits, next_logits = decoder(policy, prompt, prompt_mask, max_new_tokens)  # [B, V]
     done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
     tokens = []
     for t in range(max_new_tokens):
-        token = sample_top_p(out.logits[:, -1] / temperature, top_p)  # [B]
+        token = sample_top_p(logits / temperature, top_p)  # [B]
         token = torch.where(done, torch.full_like(token, pad_id), token)
         tokens.append(token)
         done |= torch.isin(token, eos)
@@ -242,10 +256,154 @@ def generate(policy, prompt, prompt_mask, eos_ids: list[int], pad_id: int, max_n
             finished = distributed.on_every_rank(finished, done.device)
         if finished or t == max_new_tokens - 1:
             break
+        logits = next_logits(token, t)  # [B, V] after response token t
+    return torch.stack(tokens, 1)  # [B, R]
+
+
+def add_compile_arg(group):
+    """--compile, for every script that samples with generate (ppo_token.py, eval.py, gold.py
+    sample)."""
+    group.add_argument("--compile", action="store_true",
+                       help="torch.compile the one-token decode step (CUDA: CUDA graphs; CPU: "
+                            "inductor). Compiles on the first call of each batch shape (seconds, "
+                            "printed); falls back to eager decoding with one line if it fails")
+
+
+# How generate runs the policy: a decoder(policy, prompt, prompt_mask, max_new_tokens) runs the
+# prompt and returns (logits of response token 0 [B, V], next_logits(token [B], t) -> [B, V], the
+# logits after response token t). make_decoder picks one at load time.
+@functools.cache
+def make_decoder(compile: bool = False, device_type: str = "cpu", static: bool = True):
+    """static: a KV cache allocated once per batch (static_cache_decoder, the default), else
+    Hugging Face's dynamic cache, grown by a column per token (dynamic_cache_decoder, the decoder
+    before the static cache; bench/bench_generate.py compares them). compile: the one-token forward
+    through torch.compile (compiled_forward). One decoder per setting, so a compiled step is
+    compiled once per process and shape."""
+    if not static:
+        return dynamic_cache_decoder
+    if not compile:
+        return static_cache_decoder
+    # cache columns rounded up to 64: a compiled step sees a few shapes, not one per prompt width
+    return functools.partial(static_cache_decoder, multiple=64,
+                             forward=compiled_forward(one_token_forward, device_type))
+
+
+def dynamic_cache_decoder(policy, prompt, prompt_mask, max_new_tokens):
+    """Hugging Face's dynamic cache: each forward returns the cache grown by one column (torch.cat
+    in every layer), and the attention mask grows with it."""
+    attention_mask = prompt_mask.long()
+    out = policy(input_ids=prompt, attention_mask=attention_mask,
+                 position_ids=position_ids_from_mask(attention_mask), use_cache=True,
+                 **common.logits_to_keep(policy, 1))
+    next_position = attention_mask.sum(-1, keepdim=True)  # [B, 1] position of the response's 1st
+
+    def next_logits(token, t):
+        nonlocal out, attention_mask
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], 1)
         out = policy(input_ids=token[:, None], attention_mask=attention_mask,
                      position_ids=next_position + t, use_cache=True, **cache_kwargs(policy, out))
-    return torch.stack(tokens, 1)  # [B, R]
+        return out.logits[:, -1]
+    return out.logits[:, -1], next_logits
+
+
+def static_cache_decoder(policy, prompt, prompt_mask, max_new_tokens, forward=None, multiple=1):
+    """A KV cache allocated once for the prompt and max_new_tokens (transformers' StaticCache,
+    T = P + max_new_tokens columns, rounded up to `multiple`); the attention mask and the position
+    ids of all T columns are computed here, once. Response token t is written to column P + t.
+    `forward` runs one token (one_token_forward, or compiled_forward of it)."""
+    forward = forward or one_token_forward
+    B, P = prompt.shape
+    T = -(-(P + max_new_tokens) // multiple) * multiple
+    # [B, T]: the prompt's mask, then 1 on every response column (the causal mask hides columns
+    # not yet written), 0 on columns past P + max_new_tokens
+    attention_mask = torch.zeros(B, T, dtype=torch.long, device=prompt.device)
+    attention_mask[:, :P] = prompt_mask
+    attention_mask[:, P:P + max_new_tokens] = 1
+    positions = position_ids_from_mask(attention_mask)  # [B, T], real tokens counted
+    columns = torch.arange(T, device=prompt.device)  # [T]
+    cache = static_cache(policy, B, T, prompt.device)
+    logits = policy(input_ids=prompt, attention_mask=attention_mask, position_ids=positions[:, :P],
+                    use_cache=True, **cache_arguments(policy, cache, columns[:P]),
+                    **common.logits_to_keep(policy, 1)).logits[:, -1]
+
+    def next_logits(token, t):
+        return forward(policy, token[:, None], positions[:, P + t:P + t + 1], attention_mask,
+                       cache_arguments(policy, cache, columns[P + t:P + t + 1]))
+    return logits, next_logits
+
+
+def one_token_forward(policy, token, position, attention_mask, cache_args: dict) -> Tensor:
+    """One decode step: the logits after `token` [B, 1] at `position` [B, 1] -> [B, V], its keys and
+    values written into the static cache. What --compile compiles."""
+    return policy(input_ids=token, attention_mask=attention_mask, position_ids=position,
+                  use_cache=True, **cache_args).logits[:, -1]
+
+
+def compiled_forward(forward, device_type: str):
+    """forward through torch.compile: on CUDA mode="reduce-overhead" (CUDA graphs), elsewhere
+    inductor's default. The first call of each model class and shape compiles; its time is printed
+    apart from the steady state. If compiling fails, one line says so and that class and shape run
+    eagerly from then on; so do sliding-window layers: transformers' static cache keeps a Python
+    count for them, which would recompile the step at every token."""
+    compiled = torch.compile(forward, dynamic=False,
+                             mode="reduce-overhead" if device_type == "cuda" else None)
+    compiled_keys, eager_keys = set(), set()
+
+    def call(policy, token, position, attention_mask, cache_args):
+        key = (type(unwrap(policy)).__name__, *attention_mask.shape)  # class, B, T
+        if key in eager_keys:
+            return forward(policy, token, position, attention_mask, cache_args)
+        if key in compiled_keys:
+            if device_type == "cuda":  # a new CUDA graph replay; its logits copied out
+                torch.compiler.cudagraph_mark_step_begin()
+                return compiled(policy, token, position, attention_mask, cache_args).clone()
+            return compiled(policy, token, position, attention_mask, cache_args)
+        start = time.perf_counter()
+        cache = cache_args.get("cache", cache_args.get("past_key_values"))
+        try:
+            if any(getattr(layer, "is_sliding", False) for layer in getattr(cache, "layers", [])):
+                raise NotImplementedError("sliding-window layers")
+            logits = compiled(policy, token, position, attention_mask, cache_args).clone()
+        except Exception as error:  # noqa: BLE001 - whatever failed: decode without compile
+            eager_keys.add(key)
+            message = (str(error).strip().splitlines() or [""])[0][:200]
+            print(f"--compile: {key[0]} not compiled ({type(error).__name__}: {message}); "
+                  "decoding without compile")
+            return forward(policy, token, position, attention_mask, cache_args)
+        compiled_keys.add(key)
+        print(f"--compile: decode step compiled for {key[0]}, batch {key[1]}, cache {key[2]}: "
+              f"{time.perf_counter() - start:.1f} s (the first call; later calls run compiled)")
+        return logits
+    return call
+
+
+def static_cache(policy, batch: int, columns: int, device):
+    """An empty StaticCache of `columns` positions for the policy's layers (sliding-window layers
+    where the family has them); transformers < 4.56 wants its size up front."""
+    config = unwrap(policy).config
+    try:
+        return StaticCache(config=config, max_cache_len=columns)
+    except TypeError:
+        dtype = next(unwrap(policy).parameters()).dtype
+        return StaticCache(config=config, max_batch_size=batch, max_cache_len=columns,
+                           device=device, dtype=dtype)
+
+
+def cache_arguments(policy, cache, columns: Tensor) -> dict:
+    """The cache as the forward of this transformers version takes it: `cache` from 5.x on (which
+    counts the columns written itself), before that `past_key_values` and `cache_position`, the
+    columns this forward writes."""
+    if "cache" in inspect.signature(unwrap(policy).forward).parameters:
+        return {"cache": cache}
+    return {"past_key_values": cache, "cache_position": columns}
+
+
+def cache_kwargs(policy, out) -> dict:
+    """The KV cache of the last forward, under the name this transformers version's forward takes it
+    (`cache` from 5.x on, `past_key_values` before)."""
+    cache = out.get("cache", None) if "cache" in out else out.past_key_values
+    parameters = inspect.signature(unwrap(policy).forward).parameters
+    return {"cache" if "cache" in parameters else "past_key_values": cache}
 
 
 def response_mask_from(response: Tensor, eos_ids: list[int]) -> tuple[Tensor, Tensor]:
@@ -357,7 +515,7 @@ def rollout(models: Models, prompt, prompt_mask, eos_ids: list[int], pad_id: int
     with amp.autocast(prompt.device, args.precision), distributed.gathered(models.policy):
         # 1. generate
         response = generate(policy, prompt, prompt_mask, eos_ids, pad_id, args.max_new_tokens,
-                            args.temperature, args.top_p)  # [B, R]
+                            args.temperature, args.top_p, models.decoder)  # [B, R]
         mask, ended = response_mask_from(response, eos_ids)  # [B, R], [B]
         query_response = torch.cat([prompt, response], 1)  # [B, P+R]
         attention_mask = torch.cat([prompt_mask.long(), mask], 1)  # 0 on left pads and after EOS
@@ -633,9 +791,11 @@ def load_models(args, dist_info, reward_fn=None) -> Models:
     score_fn = None
     if reward_fn is None:
         reward_fn, score_fn = make_reward_fn(args, dist_info, shared)
+    decoder = make_decoder(args.compile, dist_info.device.type)  # parse_args: not with --fsdp
     return Models(policy, critic, plumbing.adamw(policy, args.policy_lr),
                   plumbing.adamw(critic, args.critic_lr),
-                  reference_logprobs_fn(policy, ref_policy, args.temperature), reward_fn, score_fn)
+                  reference_logprobs_fn(policy, ref_policy, args.temperature), reward_fn, score_fn,
+                  decoder)
 
 
 def select_pairs(args, quiet: bool = False):
@@ -764,10 +924,14 @@ def parse_args(argv=None):
     system.add_argument("--stop-at-kl", action="store_true",
                         help="--save-at-kl: end the run (OUT/policy saved) once every target is "
                              "saved; --iterations stays the cap")
+    add_compile_arg(system)
     plumbing.add_run_args(system, save_every=50, unit="iterations")
     args = parser.parse_args(argv)
     lora.check_lora_args(parser, args)
     gold.lexicon_from_args(parser, args, args.log_gold, "--log-gold")  # checked (a bad file: here)
+    if args.compile and args.fsdp:
+        parser.error("--compile does not go together with --fsdp: the compiled decode step would "
+                     "trace the sharded policy's all-gathers; drop one of them")
     if args.offload_frozen and args.fsdp:
         parser.error("--offload-frozen and --fsdp do not go together: FSDP already spreads the "
                      "frozen models over the ranks")

@@ -68,6 +68,9 @@ def parse_args(argv=None):
     parser.add_argument(
         "--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)"
     )
+    parser.add_argument("--compile", action="store_true",
+                        help="ppo_token.py --compile: the rollout's decode step compiled (its "
+                             "compilation falls in the warm-up iteration)")
     # internal: one subprocess
     parser.add_argument("--variant", choices=("full", "lora"), help=argparse.SUPPRESS)
     parser.add_argument("--models", help=argparse.SUPPRESS)  # internal: the saved models
@@ -137,7 +140,7 @@ def run_variant(args) -> dict:
             args.device,
             "--lora-rank",
             str(args.lora_rank if args.variant == "lora" else 0),
-        ]
+        ] + (["--compile"] if args.compile else [])
     )
     dist_info = distributed.DistInfo(device=device)
     models = ppo.load_models(ppo_args, dist_info)  # with their AdamW optimizers
@@ -187,6 +190,7 @@ def main(argv=None):
         f"(<= {args.prompt_len} tokens, left-padded), {args.new_tokens} new tokens, minibatch "
         f"{args.minibatch_size}; "
         f"device {args.device}, torch {torch.__version__}; LoRA rank {args.lora_rank}"
+        f"{'; --compile' if args.compile else ''}"
     )
     memory = (
         "peak CUDA memory allocated"

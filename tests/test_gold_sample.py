@@ -326,3 +326,15 @@ def test_prefix_pairs_need_gold_preferences(capsys):
     with pytest.raises(SystemExit):
         red.parse_args(["train", "--sft", "x", "--out", "y", "--prefix-pairs"])
     assert "--prefix-pairs needs --preference gold" in capsys.readouterr().err
+
+
+def test_gold_sample_compile_draws_the_same_replies(tiny_dir, tmp_path, capsys):
+    """--compile changes how the decode step runs, not what it computes: the same seed gives the
+    same replies, and the compilation is reported once, apart."""
+    torch.set_num_threads(1)
+    plain, compiled = tmp_path / "plain.jsonl", tmp_path / "compiled.jsonl"
+    gold.main(sample_argv(tiny_dir, plain, "--limit", "5"))
+    gold.main(sample_argv(tiny_dir, compiled, "--limit", "5", "--compile"))
+    assert compiled.read_text() == plain.read_text()
+    reports = [line for line in capsys.readouterr().out.splitlines() if "--compile" in line]
+    assert len(reports) == 1 and "decode step compiled for GPT2LMHeadModel, batch 15" in reports[0]
