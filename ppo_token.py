@@ -206,9 +206,9 @@ def sample_top_p(logits: Tensor, top_p: float) -> Tensor:
     E_i ~ Exp(1) = −log U_i, which picks i with probability p_i / Σ p. Only the probabilities are
     sorted, never their ids, and E comes from torch.rand and a vectorised log: a sort with ids and
     multinomial's exponentials were most of a decode step on CPU at the demo model's size
-    (docs/rollout-speed.md). (Inverse-CDF sampling, one uniform per row, is faster still, but a cumulative
-    sum carries the rounding of every token before the draw: bf16 and fp32 logits then drew other
-    tokens far more often.)
+    (docs/rollout-speed.md). (Inverse-CDF sampling, one uniform per row, is faster still, but a
+    cumulative sum carries the rounding of every token before the draw: bf16 and fp32 logits then
+    drew other tokens far more often.)
     """
     probs = logits.float().softmax(-1)  # [B, V]
     if top_p < 1:
