@@ -70,7 +70,7 @@ import plumbing
 import ppo_token
 import redistribute
 import report
-from plumbing import amp, chat, checkpoint, distributed, gpt_judge, hf_models
+from plumbing import amp, chat, checkpoint, decode, distributed, gpt_judge, hf_models
 
 
 def parse_args(argv=None):
@@ -123,7 +123,7 @@ def parse_args(argv=None):
         "--max-new-tokens", type=int, default=128, help="response length limit in tokens"
     )
     gen.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold")
-    ppo_token.add_compile_arg(gen)
+    decode.add_compile_arg(gen)
     gen.add_argument(
         "--temperature", type=float, default=1.0, help="sampling temperature (log-probs use it too)"
     )
@@ -237,7 +237,7 @@ def generate_responses(
     decoder=None,
 ):
     """Sample responses for left-padded prompts [B, P] exactly as PPO does (global torch RNG: seed
-    it; decoder: ppo_token.make_decoder, None the default). Returns query_response,
+    it; decoder: decode.make_decoder, None the default). Returns query_response,
     attention_mask and response_mask, all [B, P + R]; a response runs up to and including its first
     EOS, and what follows (EOS-valued padding) has attention 0."""
     response = ppo_token.generate(
@@ -588,7 +588,7 @@ def main(argv=None):
     # 3. generate and score, one policy at a time, the same seed for each
     generated, metrics, shaded = {}, {}, {}
     # how generate runs each policy: a static KV cache, with --compile a compiled decode step
-    decoder = ppo_token.make_decoder(args.compile, device.type)
+    decoder = decode.make_decoder(args.compile, device.type)
     for name, path in args.policies.items():
         policy = (
             reference

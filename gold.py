@@ -104,7 +104,7 @@ from tqdm import tqdm
 
 import common
 import plumbing
-from plumbing import chat, checkpoint, distributed, hf_models
+from plumbing import chat, checkpoint, decode, distributed, hf_models
 
 MAX_WORDS = 64  # only the first MAX_WORDS words of a response count (the length convention)
 WORD = re.compile(r"[A-Za-z]+(?:['’][A-Za-z]+)*")  # a word: letters, with apostrophes inside
@@ -563,7 +563,7 @@ def sample_replies(policy, tokenizer, pairs: list[common.Pair], samples_per_prom
     ]
     prompt, prompt_mask = common.pad_left(prompts, tokenizer.pad_token_id)  # [B·K, P]
     eos_ids = common.eos_token_ids(tokenizer, policy)
-    decoder = ppo_token.make_decoder(args.compile, device.type)  # one per process and setting
+    decoder = decode.make_decoder(args.compile, device.type)  # one per process and setting
     response = ppo_token.generate(policy, prompt.to(device), prompt_mask.to(device), eos_ids,
                                   tokenizer.pad_token_id, args.max_new_tokens, args.temperature,
                                   args.top_p, decoder).cpu()  # [B·K, R]
@@ -779,9 +779,8 @@ def main(argv=None):
     )
     system.add_argument("--seed", type=int, default=0,
                         help="sampling seed (batch b of prompts draws with seed·1000003 + b)")
-    import ppo_token  # here, not at the top: ppo_token imports this file
 
-    ppo_token.add_compile_arg(system)
+    decode.add_compile_arg(system)
     system.add_argument("--no-resume", dest="resume", action="store_false",
                         help="ignore and overwrite OUT.cache.jsonl instead of reusing its samples")
     system.add_argument("--trust-remote-code", action="store_true",

@@ -44,8 +44,7 @@ Commands (outputs: OUT/log.jsonl, OUT/checkpoint/ to resume, OUT/policy/ the fin
 from __future__ import annotations
 
 import argparse
-import functools
-import inspect
+import contextlib
 import json
 import os
 import shutil
@@ -59,7 +58,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
-from transformers import StaticCache
 
 import common
 import discriminator
@@ -67,8 +65,8 @@ import gold
 import lora
 import plumbing
 import redistribute
-from common import masked_mean, position_ids_from_mask
-from plumbing import amp, checkpoint, distributed, hf_models
+from common import masked_mean
+from plumbing import amp, checkpoint, decode, distributed, hf_models
 from plumbing.distributed import unwrap
 
 REWARDS = ("seq", "red", "tlcr", "tlcr_fixed", "tlcr_no_negative", "tlcr_no_positive")
@@ -152,7 +150,9 @@ class Models:
     ref_logprobs_fn: Callable[..., Tensor]  # -> [B, R] log π_ref(a_j | x, a_<j)
     reward_fn: Callable[..., Tensor]  # -> [B, R] the task reward of each action (--reward)
     score_fn: Callable[..., Tensor] | None = None  # -> [B] R_φ(x, y), logged; None: no reward model
-    decoder: Callable | None = None  # how generate runs the policy (make_decoder); None: default
+    decoder: Callable | None = None  # how generate runs the policy (decode.make_decoder)
+    # the rollout's policy: under FSDP kept gathered (distributed.gathered), else as it is
+    keep_gathered: Callable = contextlib.nullcontext
 
 
 @dataclass
@@ -236,12 +236,14 @@ def generate(policy, prompt, prompt_mask, eos_ids: list[int], pad_id: int, max_n
 
     prompt [B, P] is left-padded, so every response starts at column P. Position ids count real
     tokens only (common.position_ids_from_mask), the same ones the training forward uses.
-    `decoder` runs the policy (make_decoder, chosen at load time; None: the default, a static KV
-    cache). Returns response [B, R]; after a row's EOS the row is filled with pad_id.
+    `decoder` runs the policy (decode.make_decoder, chosen at load time; None: the default, a
+    static KV cache). Returns response [B, R]; after a row's EOS the row is filled with pad_id.
     """
-    decoder = decoder or make_decoder()
+    decoder = decoder or decode.make_decoder()
     eos = torch.tensor(eos_ids, device=prompt.device)
-    logits, next_logits = decoder(policy, prompt, prompt_mask, max_new_tokens)  # [B, V]
+    # logits of response token 0 [B, V]; next_logits(token, t): those after token t; finished(done):
+    # every row has ended (under FSDP: on every rank, whose forwards are collectives)
+    logits, next_logits, finished = decoder(policy, prompt, prompt_mask, max_new_tokens)
     done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
     tokens = []
     for t in range(max_new_tokens):
@@ -249,161 +251,10 @@ def generate(policy, prompt, prompt_mask, eos_ids: list[int], pad_id: int, max_n
         token = torch.where(done, torch.full_like(token, pad_id), token)
         tokens.append(token)
         done |= torch.isin(token, eos)
-        finished = bool(done.all())
-        # FSDP: every forward all-gathers weights, a collective of all ranks, so no rank may stop
-        # while another decodes
-        if distributed.is_sharded(policy):
-            finished = distributed.on_every_rank(finished, done.device)
-        if finished or t == max_new_tokens - 1:
+        if finished(done) or t == max_new_tokens - 1:
             break
         logits = next_logits(token, t)  # [B, V] after response token t
     return torch.stack(tokens, 1)  # [B, R]
-
-
-def add_compile_arg(group):
-    """--compile, for every script that samples with generate (ppo_token.py, eval.py, gold.py
-    sample)."""
-    group.add_argument("--compile", action="store_true",
-                       help="torch.compile the one-token decode step (CUDA: CUDA graphs; CPU: "
-                            "inductor). Compiles on the first call of each batch shape (seconds, "
-                            "printed); falls back to eager decoding with one line if it fails")
-
-
-# How generate runs the policy: a decoder(policy, prompt, prompt_mask, max_new_tokens) runs the
-# prompt and returns (logits of response token 0 [B, V], next_logits(token [B], t) -> [B, V], the
-# logits after response token t). make_decoder picks one at load time.
-@functools.cache
-def make_decoder(compile: bool = False, device_type: str = "cpu", static: bool = True):
-    """static: a KV cache allocated once per batch (static_cache_decoder, the default), else
-    Hugging Face's dynamic cache, grown by a column per token (dynamic_cache_decoder, the decoder
-    before the static cache; bench/bench_generate.py compares them). compile: the one-token forward
-    through torch.compile (compiled_forward). One decoder per setting, so a compiled step is
-    compiled once per process and shape."""
-    if not static:
-        return dynamic_cache_decoder
-    if not compile:
-        return static_cache_decoder
-    # cache columns rounded up to 64: a compiled step sees a few shapes, not one per prompt width
-    return functools.partial(static_cache_decoder, multiple=64,
-                             forward=compiled_forward(one_token_forward, device_type))
-
-
-def dynamic_cache_decoder(policy, prompt, prompt_mask, max_new_tokens):
-    """Hugging Face's dynamic cache: each forward returns the cache grown by one column (torch.cat
-    in every layer), and the attention mask grows with it."""
-    attention_mask = prompt_mask.long()
-    out = policy(input_ids=prompt, attention_mask=attention_mask,
-                 position_ids=position_ids_from_mask(attention_mask), use_cache=True,
-                 **common.logits_to_keep(policy, 1))
-    next_position = attention_mask.sum(-1, keepdim=True)  # [B, 1] position of the response's 1st
-
-    def next_logits(token, t):
-        nonlocal out, attention_mask
-        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], 1)
-        out = policy(input_ids=token[:, None], attention_mask=attention_mask,
-                     position_ids=next_position + t, use_cache=True, **cache_kwargs(policy, out))
-        return out.logits[:, -1]
-    return out.logits[:, -1], next_logits
-
-
-def static_cache_decoder(policy, prompt, prompt_mask, max_new_tokens, forward=None, multiple=1):
-    """A KV cache allocated once for the prompt and max_new_tokens (transformers' StaticCache,
-    T = P + max_new_tokens columns, rounded up to `multiple`); the attention mask and the position
-    ids of all T columns are computed here, once. Response token t is written to column P + t.
-    `forward` runs one token (one_token_forward, or compiled_forward of it)."""
-    forward = forward or one_token_forward
-    B, P = prompt.shape
-    T = -(-(P + max_new_tokens) // multiple) * multiple
-    # [B, T]: the prompt's mask, then 1 on every response column (the causal mask hides columns
-    # not yet written), 0 on columns past P + max_new_tokens
-    attention_mask = torch.zeros(B, T, dtype=torch.long, device=prompt.device)
-    attention_mask[:, :P] = prompt_mask
-    attention_mask[:, P:P + max_new_tokens] = 1
-    positions = position_ids_from_mask(attention_mask)  # [B, T], real tokens counted
-    columns = torch.arange(T, device=prompt.device)  # [T]
-    cache = static_cache(policy, B, T, prompt.device)
-    logits = policy(input_ids=prompt, attention_mask=attention_mask, position_ids=positions[:, :P],
-                    use_cache=True, **cache_arguments(policy, cache, columns[:P]),
-                    **common.logits_to_keep(policy, 1)).logits[:, -1]
-
-    def next_logits(token, t):
-        return forward(policy, token[:, None], positions[:, P + t:P + t + 1], attention_mask,
-                       cache_arguments(policy, cache, columns[P + t:P + t + 1]))
-    return logits, next_logits
-
-
-def one_token_forward(policy, token, position, attention_mask, cache_args: dict) -> Tensor:
-    """One decode step: the logits after `token` [B, 1] at `position` [B, 1] -> [B, V], its keys and
-    values written into the static cache. What --compile compiles."""
-    return policy(input_ids=token, attention_mask=attention_mask, position_ids=position,
-                  use_cache=True, **cache_args).logits[:, -1]
-
-
-def compiled_forward(forward, device_type: str):
-    """forward through torch.compile: on CUDA mode="reduce-overhead" (CUDA graphs), elsewhere
-    inductor's default. The first call of each model class and shape compiles; its time is printed
-    apart from the steady state. If compiling fails, one line says so and that class and shape run
-    eagerly from then on; so do sliding-window layers: transformers' static cache keeps a Python
-    count for them, which would recompile the step at every token."""
-    compiled = torch.compile(forward, dynamic=False,
-                             mode="reduce-overhead" if device_type == "cuda" else None)
-    compiled_keys, eager_keys = set(), set()
-
-    def call(policy, token, position, attention_mask, cache_args):
-        key = (type(unwrap(policy)).__name__, *attention_mask.shape)  # class, B, T
-        if key in eager_keys:
-            return forward(policy, token, position, attention_mask, cache_args)
-        if key in compiled_keys:
-            if device_type == "cuda":  # a new CUDA graph replay; its logits copied out
-                torch.compiler.cudagraph_mark_step_begin()
-                return compiled(policy, token, position, attention_mask, cache_args).clone()
-            return compiled(policy, token, position, attention_mask, cache_args)
-        start = time.perf_counter()
-        cache = cache_args.get("cache", cache_args.get("past_key_values"))
-        try:
-            if any(getattr(layer, "is_sliding", False) for layer in getattr(cache, "layers", [])):
-                raise NotImplementedError("sliding-window layers")
-            logits = compiled(policy, token, position, attention_mask, cache_args).clone()
-        except Exception as error:  # noqa: BLE001 - whatever failed: decode without compile
-            eager_keys.add(key)
-            message = (str(error).strip().splitlines() or [""])[0][:200]
-            print(f"--compile: {key[0]} not compiled ({type(error).__name__}: {message}); "
-                  "decoding without compile")
-            return forward(policy, token, position, attention_mask, cache_args)
-        compiled_keys.add(key)
-        print(f"--compile: decode step compiled for {key[0]}, batch {key[1]}, cache {key[2]}: "
-              f"{time.perf_counter() - start:.1f} s (the first call; later calls run compiled)")
-        return logits
-    return call
-
-
-def static_cache(policy, batch: int, columns: int, device):
-    """An empty StaticCache of `columns` positions for the policy's layers (sliding-window layers
-    where the family has them); transformers < 4.56 wants its size up front."""
-    config = unwrap(policy).config
-    try:
-        return StaticCache(config=config, max_cache_len=columns)
-    except TypeError:
-        dtype = next(unwrap(policy).parameters()).dtype
-        return StaticCache(config=config, max_batch_size=batch, max_cache_len=columns,
-                           device=device, dtype=dtype)
-
-
-def cache_arguments(policy, cache, columns: Tensor) -> dict:
-    """The cache as the forward of this transformers version takes it: `cache` from 5.x on (which
-    counts the columns written itself), before that `past_key_values` and `cache_position`, the
-    columns this forward writes."""
-    if "cache" in inspect.signature(unwrap(policy).forward).parameters:
-        return {"cache": cache}
-    return {"past_key_values": cache, "cache_position": columns}
-
-
-def cache_kwargs(policy, out) -> dict:
-    """The KV cache of the last forward, under the name this transformers version's forward takes it
-    (`cache` from 5.x on, `past_key_values` before)."""
-    cache = out.get("cache", None) if "cache" in out else out.past_key_values
-    parameters = inspect.signature(unwrap(policy).forward).parameters
-    return {"cache" if "cache" in parameters else "past_key_values": cache}
 
 
 def response_mask_from(response: Tensor, eos_ids: list[int]) -> tuple[Tensor, Tensor]:
@@ -508,11 +359,8 @@ def rollout(models: Models, prompt, prompt_mask, eos_ids: list[int], pad_id: int
     policy, critic = unwrap(models.policy), unwrap(models.critic)
     policy.eval()  # dropout is 0 either way; eval() switches gradient checkpointing off (KV cache)
     critic.eval()
-    # Under FSDP every forward all-gathers each layer's weights and frees them again. Generation
-    # runs the policy once per new token, so the rollout keeps it gathered (distributed.gathered):
-    # one all-gather per layer per rollout instead of one per layer per token, for the price of
-    # the whole policy on every rank meanwhile.
-    with amp.autocast(prompt.device, args.precision), distributed.gathered(models.policy):
+    # (FSDP: the policy is kept gathered for the whole rollout, models.keep_gathered)
+    with amp.autocast(prompt.device, args.precision), models.keep_gathered(models.policy):
         # 1. generate
         response = generate(policy, prompt, prompt_mask, eos_ids, pad_id, args.max_new_tokens,
                             args.temperature, args.top_p, models.decoder)  # [B, R]
@@ -791,11 +639,17 @@ def load_models(args, dist_info, reward_fn=None) -> Models:
     score_fn = None
     if reward_fn is None:
         reward_fn, score_fn = make_reward_fn(args, dist_info, shared)
-    decoder = make_decoder(args.compile, dist_info.device.type)  # parse_args: not with --fsdp
+    # how the rollout runs the policy, decided here once: the decoder (a static KV cache, compiled
+    # with --compile, which parse_args refuses with --fsdp); under FSDP every forward all-gathers
+    # each layer's weights and frees them again, and generation runs the policy once per token, so
+    # the rollout keeps it gathered: one all-gather per layer per rollout instead of per token, for
+    # the price of the whole policy on every rank meanwhile
+    decoder = decode.make_decoder(args.compile, dist_info.device.type, sharded=args.fsdp)
+    keep_gathered = distributed.gathered if args.fsdp else contextlib.nullcontext
     return Models(policy, critic, plumbing.adamw(policy, args.policy_lr),
                   plumbing.adamw(critic, args.critic_lr),
                   reference_logprobs_fn(policy, ref_policy, args.temperature), reward_fn, score_fn,
-                  decoder)
+                  decoder, keep_gathered)
 
 
 def select_pairs(args, quiet: bool = False):
@@ -924,7 +778,7 @@ def parse_args(argv=None):
     system.add_argument("--stop-at-kl", action="store_true",
                         help="--save-at-kl: end the run (OUT/policy saved) once every target is "
                              "saved; --iterations stays the cap")
-    add_compile_arg(system)
+    decode.add_compile_arg(system)
     plumbing.add_run_args(system, save_every=50, unit="iterations")
     args = parser.parse_args(argv)
     lora.check_lora_args(parser, args)

@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 import ppo_token as ppo  # noqa: E402
+from plumbing import decode  # noqa: E402
 
 PRESETS = {  # GPT-2 shapes: (layers, width, heads, vocab)
     "demo": (2, 128, 2, 4096),  # run_pipeline.sh demo: sft.py --tiny-layers 2 --tiny-width 128
@@ -96,7 +97,7 @@ def run_variant(name, model, prompt, prompt_mask, new_tokens):
                              top_p=0.9, top_k=0, temperature=1.0, max_new_tokens=new_tokens,
                              min_new_tokens=new_tokens, pad_token_id=0)
         return out[:, prompt.shape[1]:]
-    decoder = ppo.make_decoder(name == "compiled", prompt.device.type, static=name not in
+    decoder = decode.make_decoder(name == "compiled", prompt.device.type, static=name not in
                                ("before", "dynamic"))
     sampler = ppo.sample_top_p
     if name == "before":

@@ -50,7 +50,7 @@ import ppo_token  # noqa: E402
 import redistribute  # noqa: E402
 import sft  # noqa: E402
 from conftest import run_torchrun  # noqa: E402
-from plumbing import checkpoint, distributed, hf_models  # noqa: E402
+from plumbing import checkpoint, decode, distributed, hf_models  # noqa: E402
 
 TOL = 1e-4
 
@@ -274,7 +274,8 @@ def check_generation(dist_info):
         sharded_at_entry.clear()
         torch.manual_seed(100 + rank)
         with distributed.gathered(policy) if mode == "gathered" else torch.no_grad():
-            response = ppo_token.generate(policy, prompt, prompt_mask, [eos], eos, max_new)
+            response = ppo_token.generate(policy, prompt, prompt_mask, [eos], eos, max_new,
+                                          decoder=decode.make_decoder(sharded=True))
         results[f"{mode}_steps"] = response.shape[1]
         results[f"{mode}_equal"] = bool(torch.equal(response, expected))
         results[f"{mode}_all_gathers_per_layer"] = sum(sharded_at_entry) / len(policy.transformer.h)

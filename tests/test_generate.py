@@ -12,6 +12,7 @@ import transformers
 import common
 import lora
 import ppo_token as ppo
+from plumbing import decode
 
 ROWS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]  # left-padded to 7 columns
 NEW = 10
@@ -67,7 +68,7 @@ def test_greedy_equals_the_no_cache_loop(arch, decoder):
     policy = tiny(arch)
     want = naive_greedy(policy, *common.pad_left(ROWS, 0), NEW)
     assert len(set(want.flatten().tolist())) > 5  # the rows do not just repeat one token
-    got = generate(policy, ppo.make_decoder(**DECODERS[decoder]))
+    got = generate(policy, decode.make_decoder(**DECODERS[decoder]))
     assert torch.equal(got, want)
 
 
@@ -78,7 +79,7 @@ def test_sliding_window_shorter_than_the_sequence():
     want = naive_greedy(policy, *common.pad_left(ROWS, 0), NEW)
     assert not torch.equal(want, naive_greedy(tiny("mistral"), *common.pad_left(ROWS, 0), NEW))
     for decoder in ("static", "compiled"):  # compiled: falls back to eager for sliding layers
-        assert torch.equal(generate(policy, ppo.make_decoder(**DECODERS[decoder])), want)
+        assert torch.equal(generate(policy, decode.make_decoder(**DECODERS[decoder])), want)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -96,16 +97,16 @@ def test_lora_adapters_on_and_off(arch):
     adapted = naive_greedy(policy, *common.pad_left(ROWS, 0), NEW)
     assert not torch.equal(adapted, base)
     for decoder in ("static", "compiled"):
-        assert torch.equal(generate(policy, ppo.make_decoder(**DECODERS[decoder])), adapted)
+        assert torch.equal(generate(policy, decode.make_decoder(**DECODERS[decoder])), adapted)
         with lora.adapters_disabled(policy):
-            assert torch.equal(generate(policy, ppo.make_decoder(**DECODERS[decoder])), base)
+            assert torch.equal(generate(policy, decode.make_decoder(**DECODERS[decoder])), base)
 
 
 def test_compiled_step_sees_weight_updates():
     """PPO changes the policy's weights in place between rollouts: the compiled step must read the
     new weights, not constants captured at compile time."""
     policy = tiny("gpt2")
-    decoder = ppo.make_decoder(compile=True)
+    decoder = decode.make_decoder(compile=True)
     before = generate(policy, decoder)
     with torch.no_grad():
         policy.transformer.h[0].mlp.c_fc.weight.mul_(-1.5)  # what an optimizer step does: in place
@@ -121,7 +122,7 @@ def test_compile_failure_falls_back_with_one_line(monkeypatch, capsys):
         return fail
     monkeypatch.setattr(torch, "compile", broken_compile)
     policy = tiny("gpt2")
-    decoder = ppo.make_decoder.__wrapped__(compile=True)  # a fresh one, not the cached decoder
+    decoder = decode.make_decoder.__wrapped__(compile=True)  # a fresh one, not the cached decoder
     want = naive_greedy(policy, *common.pad_left(ROWS, 0), NEW)
     assert torch.equal(generate(policy, decoder), want)
     lines = [line for line in capsys.readouterr().out.splitlines() if "--compile" in line]
@@ -136,11 +137,12 @@ def test_sampling_with_a_seed_is_the_same_in_every_decoder():
     responses = {}
     for name, options in DECODERS.items():
         torch.manual_seed(3)
-        responses[name] = generate(policy, ppo.make_decoder(**options), temperature=1.0, top_p=0.9)
+        responses[name] = generate(policy, decode.make_decoder(**options), temperature=1.0,
+                                   top_p=0.9)
     assert torch.equal(responses["static"], responses["dynamic"])
     assert torch.equal(responses["compiled"], responses["dynamic"])
     torch.manual_seed(4)
-    other = generate(policy, ppo.make_decoder(), temperature=1.0, top_p=0.9)
+    other = generate(policy, decode.make_decoder(), temperature=1.0, top_p=0.9)
     assert not torch.equal(other, responses["static"])
 
 
