@@ -47,7 +47,9 @@ One table, printed and written as JSON (--out) and Markdown (the same name, .md)
                 embedding), the embedding look-ups not (flop_parameters); the PaLM paper's count
                 (appendix B) and nanoGPT's estimate_mfu, which ignore the recomputation of gradient
                 checkpointing
-  rollout tok/s response tokens per second of the PPO rollout (generation and scoring)
+  rollout tok/s response tokens per second of the PPO rollout (generation and scoring); the
+                rollout row: generation alone, eager, and in its notes with --compile (and each
+                first call's seconds, compilation included)
   bf16 vs fp32  the agreement row: the SFT loss of one batch in bf16 against fp32 (relative
                 difference); the PPO rows: the largest |KL_j| at iteration 0 and the largest
                 |ratio − 1| of the first update
@@ -79,6 +81,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 import torch  # noqa: E402
 
+import bench_generate  # noqa: E402
 import common  # noqa: E402
 import discriminator  # noqa: E402
 import plan_memory  # noqa: E402
@@ -471,6 +474,24 @@ def agreement_stage(job, folder, sizes, device, dist_info) -> dict:
     return dict(sft_loss_bf16_vs_fp32=abs(losses["bf16"] / losses["fp32"] - 1))
 
 
+def rollout_stage(job, folder, sizes, device, dist_info) -> dict:
+    """Generation alone (ppo_token.generate with the static-cache decoder, the policy in eval mode
+    under the stage's precision): response tokens/s with and without --compile, each the median of
+    3 calls after a first (bench_generate.rollout_tokens_per_s), the rollout batch of PPO's shape;
+    the first call's seconds apart, compilation included."""
+    model = hf_models.disable_dropout(hf_models.load_policy(folder / "policy")).to(device).eval()
+    figures = {}
+    for compile in (False, True):
+        with torch.no_grad(), amp.autocast(device, job["precision"]):
+            result = bench_generate.rollout_tokens_per_s(
+                model, batch_size=sizes["rollout_batch"], prompt_len=sizes["prompt_len"],
+                new_tokens=sizes["new_tokens"], compile=compile)
+        name = "compiled" if compile else "eager"
+        figures[f"{name}_tokens_per_s"] = result["tokens_per_s"]
+        figures[f"{name}_first_call_s"] = result["first_call_s"]
+    return dict(rollout_tokens_per_s=figures["eager_tokens_per_s"], **figures)
+
+
 # ----------------------------------------------------------------------------------------------
 # The stages: a row each. Another stage = a function (job, folder, sizes, device, dist_info) ->
 # {figure: value} and one line here (and its name in --stages).
@@ -492,8 +513,9 @@ STAGES = {
     "ppo": Stage(ppo_stage, "PPO"),
     "ppo_lora": Stage(ppo_stage, "PPO", lora_rank=16),
     "sft_fsdp": Stage(supervised_stage, "SFT", fsdp=True),
+    "rollout": Stage(rollout_stage, None),
 }
-DEFAULT_STAGES = "agreement,sft,discriminator,reward,ppo,ppo_lora,sft_fsdp"
+DEFAULT_STAGES = "agreement,sft,discriminator,reward,ppo,ppo_lora,sft_fsdp,rollout"
 
 
 def run_job(job: dict) -> dict:

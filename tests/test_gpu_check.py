@@ -35,7 +35,8 @@ def test_gpu_check_runs_on_cpu_tiny(tmp_path, capsys, one_thread):
     out = capsys.readouterr().out
     assert json.loads((tmp_path / "check.json").read_text()) == json.loads(json.dumps(report))
     table = (tmp_path / "check.md").read_text()
-    stages = ["agreement", "sft", "discriminator", "reward", "ppo", "ppo_lora", "sft_fsdp"]
+    stages = ["agreement", "sft", "discriminator", "reward", "ppo", "ppo_lora", "sft_fsdp",
+              "rollout"]
     assert [(r["model"], r["stage"]) for r in report["rows"]] == [
         (m, s) for m in ("gpt2", "llama") for s in stages
     ]
@@ -45,6 +46,10 @@ def test_gpu_check_runs_on_cpu_tiny(tmp_path, capsys, one_thread):
         assert f"| {row['model']} | {row['stage']} | ok |" in table
         if row["stage"] == "agreement":  # bf16 ran, and agrees (tests/test_precision.py)
             assert 0 < row["sft_loss_bf16_vs_fp32"] < 2e-2 and row["planned_bytes"] is None
+            continue
+        if row["stage"] == "rollout":  # generation alone, eager and compiled (or its fallback)
+            assert row["eager_tokens_per_s"] > 0 and row["compiled_tokens_per_s"] > 0
+            assert row["compiled_first_call_s"] > 0 and row["planned_bytes"] is None
             continue
         assert row["tokens_per_s"] > 0 and row["planned_bytes"] > 0 and row["peak_bytes"] >= 0
         if row["stage"].startswith("ppo"):
