@@ -174,7 +174,7 @@ def row_to_pair(row, where: str) -> tuple[Pair | None, str]:
         )
     if not chosen.strip() or not rejected.strip():
         return None, "empty response"
-    pair_id = row.get("id")  # a row may name its pair (gold.py sample does); else: a content hash
+    pair_id = row.get("id")  # a row may name its pair (gold_samples.py does); else: a content hash
     if pair_id is not None and (not isinstance(pair_id, str) or not pair_id):
         raise DataError(f"{where}: field 'id' must be a non-empty string (or absent)")
     return Pair(prompt, chosen, rejected, messages, id=pair_id or ""), ""
@@ -303,16 +303,16 @@ def select_split(
     pairs: list[Pair], split: str, split_seed: int, limit: int | None = None
 ) -> list[Pair]:
     """One part of split_pairs (or "all"), then at most `limit` pairs: --limit never changes the
-    split. Grouped pairs (ids GROUP/k, from gold.py sample) are one split's already: "all" only."""
+    split. Grouped pairs (ids GROUP/k, from gold_samples.py) are one split's already: "all" only."""
     if split != "all" and any("/" in pair.id for pair in pairs):
-        raise DataError(f"the data holds grouped pairs (ids GROUP/k, written by gold.py sample), "
+        raise DataError(f"the data holds grouped pairs (ids GROUP/k, written by gold_samples.py), "
                         f"one split's already: read them with --split all, not --split {split}")
     chosen = pairs if split == "all" else split_pairs(pairs, split_seed)[split]
     return chosen[:limit] if limit is not None else chosen
 
 
 def pair_group(pair_id: str) -> str:
-    """The group of a pair id: GROUP for GROUP/k, else the id itself. gold.py sample names the
+    """The group of a pair id: GROUP for GROUP/k, else the id itself. gold_samples.py names the
     pairs it samples for one prompt PAIR_ID/k: a held-out part keeps a prompt's pairs together."""
     return pair_id.split("/", 1)[0]
 
@@ -656,6 +656,15 @@ def response_logprobs(
     before = (index - 1 - offset).clamp(min=0)  # column P+j−1, which predicts a_j  [B, T_resp]
     tokens = query_response.gather(1, index)  # a_j  [B, T_resp]
     return token_logprobs(logits, before, tokens, valid, temperature, with_entropy)
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Every dropout probability to 0: RL and scoring must be deterministic functions of the
+    input."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    return model
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:

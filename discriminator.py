@@ -342,7 +342,7 @@ def load_discriminator(path, device="cpu", dtype=torch.float32, trust_remote_cod
     model = hf_models.load_score_model(
         path, dtype=dtype, trust_remote_code=trust_remote_code, what="--discriminator"
     )
-    return amp.compute_in_fp32(hf_models.disable_dropout(model).eval().to(device))
+    return amp.compute_in_fp32(common.disable_dropout(model).eval().to(device))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -599,7 +599,7 @@ def load_models(args, dist_info, reward_fn=None) -> Models:
     meta = dist_info.meta
     policy = hf_models.load_policy(args.policy, dtype, args.trust_remote_code, what="--policy",
                                    meta=meta)
-    hf_models.disable_dropout(policy)
+    common.disable_dropout(policy)
     lora.add_lora_from_args(policy, args)
     ref_policy = None
     if not args.lora_rank:
@@ -624,7 +624,7 @@ def load_models(args, dist_info, reward_fn=None) -> Models:
                                             meta=meta)
     critic.head.float()  # the value head is trained: fp32
     lora.add_lora_from_args(critic.backbone, args)  # the head stays trainable
-    hf_models.disable_dropout(critic)
+    common.disable_dropout(critic)
     if args.gradient_checkpointing:  # active in train() mode only: generation keeps its KV cache
         hf_models.enable_gradient_checkpointing(policy)
         hf_models.enable_gradient_checkpointing(critic)

@@ -410,7 +410,7 @@ def load_reward_model(path, device="cpu", dtype=torch.float32, trust_remote_code
     model = hf_models.load_score_model(
         path, dtype=dtype, trust_remote_code=trust_remote_code, what="--reward-model"
     )
-    return hf_models.disable_dropout(model).eval().to(device)
+    return common.disable_dropout(model).eval().to(device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -481,7 +481,7 @@ def train(args):
     # model: SFT backbone + fresh scalar head without bias, dropout off (the two sides of a pair
     # must be scored by the same function), optimizer, cosine schedule without warm-up
     model = plumbing.new_score_model(args, dist_info, "sequence", "reward model")
-    hf_models.disable_dropout(model).train()
+    common.disable_dropout(model).train()
     model = plumbing.prepare_to_train(model, args, dist_info)  # LoRA, checkpointing, DDP / FSDP
     batch_size = min(args.batch_size, len(train_examples))  # global pairs per optimizer step
     distributed.check_batch_size(batch_size, dist_info)

@@ -20,7 +20,7 @@
 #             trained on the revisions, the gold score logged in PPO and reported by eval.py, and the
 #             TLCR ablations of Figure 7 among the PPO runs. human: the data's own labels, and TLCR labels
 #             from REVISER (an LLM, or the coarse offline `chosen`)
-#   LAB_DATA  TASK=gold: pairs | samples (default pairs). samples: gold.py sample draws K replies per
+#   LAB_DATA  TASK=gold: pairs | samples (default pairs). samples: gold_samples.py draws K replies per
 #             reward-split prompt from the SFT policy and ranks every two by gold; the discriminator (through
 #             the rule reviser's labels) and the reward model train on those beside the split's own pairs
 #   LEXICON   TASK=gold: the gold lexicon, a JSON file (format: python gold.py --help), passed as
@@ -161,7 +161,7 @@ start=$(date +%s)
 step "${TRAIN[@]}" sft.py --model "$MODEL" --data "$DATA" --out "$RUN/sft" --device "$DEVICE" "${SCALE[@]}" $SFT
 PAIRS=(--data "$DATA" --split reward)  # what the discriminator's labels and the reward model learn from
 if [ "$LAB_DATA" = samples ]; then  # the lab's on-policy data: the reward split's prompts, sampled from SFT
-  step $PYTHON gold.py sample --policy "$RUN/sft" --data "$DATA" --split reward --out "$RUN/samples.jsonl" --device "$DEVICE" --seed "$SEED" "${LEX[@]}" $SAMPLE
+  step $PYTHON gold_samples.py --policy "$RUN/sft" --data "$DATA" --split reward --out "$RUN/samples.jsonl" --device "$DEVICE" --seed "$SEED" "${LEX[@]}" $SAMPLE
   PAIRS=(--data "$RUN/samples.jsonl" --split all)
 fi
 step $PYTHON label.py "${PAIRS[@]}" --tokenizer "$RUN/sft" --out "$RUN/labels.jsonl" "${REVISER_ARGS[@]}" "${LEX[@]}" $LABEL

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import common  # noqa: E402
 import redistribute as red  # noqa: E402
-from plumbing import amp, hf_models  # noqa: E402
+from plumbing import amp  # noqa: E402
 
 CONFIGS = {  # GPT2Config fields
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257),  # GPT-2 small, 124M
@@ -103,7 +103,7 @@ def main():
         eos_token_id=shape["vocab_size"] - 1,
         **shape,
     )
-    model = hf_models.disable_dropout(common.ScoreModel(GPT2Model(cfg))).to(device).eval()
+    model = common.disable_dropout(common.ScoreModel(GPT2Model(cfg))).to(device).eval()
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
     batch = make_batch(args, cfg.vocab_size, device)
     P, T = batch[0].shape[1] - args.response_len, args.response_len

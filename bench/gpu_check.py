@@ -327,7 +327,7 @@ def supervised_stage(job, folder, sizes, device, dist_info):
 
     lora.add_lora_from_args(model.backbone if hasattr(model, "backbone") else model, args)
     n_params = flop_parameters(model)
-    hf_models.disable_dropout(model)
+    common.disable_dropout(model)
     hf_models.enable_gradient_checkpointing(model)
     model = distributed.wrap_model(model, dist_info, args.precision)
     optimizer = plumbing.adamw(model, args.lr)
@@ -454,7 +454,7 @@ def first_ratio(policy, batch, args, minibatch) -> float:
 
 def agreement_stage(job, folder, sizes, device, dist_info) -> dict:
     """|L_bf16 / L_fp32 − 1| of the SFT loss of one micro-batch (the same weights, the same ids)."""
-    model = hf_models.disable_dropout(hf_models.load_policy(folder / "policy")).to(device).eval()
+    model = common.disable_dropout(hf_models.load_policy(folder / "policy")).to(device).eval()
     vocab = model.config.vocab_size
     examples = list(
         zip(
@@ -479,7 +479,7 @@ def rollout_stage(job, folder, sizes, device, dist_info) -> dict:
     under the stage's precision): response tokens/s with and without --compile, each the median of
     3 calls after a first (bench_generate.rollout_tokens_per_s), the rollout batch of PPO's shape;
     the first call's seconds apart, compilation included."""
-    model = hf_models.disable_dropout(hf_models.load_policy(folder / "policy")).to(device).eval()
+    model = common.disable_dropout(hf_models.load_policy(folder / "policy")).to(device).eval()
     figures = {}
     for compile in (False, True):
         with torch.no_grad(), amp.autocast(device, job["precision"]):

@@ -14,8 +14,8 @@ For each reward model (name=DIR) it prints and writes (--out, JSON):
     step_r             Pearson r over all held-out tokens between RED's reward and the change of the
                        prefix gold at that token, gold(y≤t) − gold(y≤t−1): what RED should equal
 and for each discriminator (name=DIR) the credit metrics of TLCR's 2D − 1 and r(Σ_t (2D − 1), gold).
-With --samples FILE (gold.py sample --split rl: replies of the SFT policy to prompts no reward model
-trained on), also acc_samples and r_samples on those pairs and their distinct replies.
+With --samples FILE (gold_samples.py --split rl: replies of the SFT policy to prompts no reward
+model trained on), also acc_samples and r_samples on those pairs and their distinct replies.
 
     python bench/lab_reward_model.py --reward-models pairs=runs/gold-demo/reward_model \\
         --discriminators tlcr=runs/gold-demo/discriminator --out runs/gold-demo/lab_rm.json
@@ -54,7 +54,7 @@ def parse_args(argv=None):
     )
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the data split")
     parser.add_argument(
-        "--samples", default=None, help="gold.py sample --split rl output (optional)"
+        "--samples", default=None, help="gold_samples.py --split rl output (optional)"
     )
     parser.add_argument(
         "--max-prompt-len", type=int, default=192, help="prompt tokens kept (the last ones)"
@@ -217,7 +217,7 @@ def main(argv=None):
         sample_pairs = common.load_pairs(args.samples)
         if {p.prompt for p in sample_pairs} & {p.prompt for p in splits["reward"]}:
             raise SystemExit(
-                "--samples: replies to reward-split prompts (use gold.py sample --split rl)"
+                "--samples: replies to reward-split prompts (use gold_samples.py --split rl)"
             )
         replies = list(
             {(p.prompt, text): p for p in sample_pairs for text in (p.chosen, p.rejected)}.items()

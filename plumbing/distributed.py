@@ -16,6 +16,7 @@ import torch
 import torch.distributed as torch_dist
 import torch.nn as nn
 
+import common
 import lora
 from common import InputError
 from plumbing import amp
@@ -179,9 +180,7 @@ def prepare_frozen(
     process or DDP, bf16 weights upcast layer by layer (compute_in_fp32); FSDP, the trained models'
     mixed-precision policy (bf16 weights all-gathered and used in bf16, which the bf16-rounded
     policy then shares exactly)."""
-    from plumbing import hf_models  # here, not at the top: hf_models imports this module
-
-    model = hf_models.disable_dropout(model).eval().requires_grad_(False)
+    model = common.disable_dropout(model).eval().requires_grad_(False)
     if dist_info.fsdp:
         if offload:
             raise InputError(

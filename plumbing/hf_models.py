@@ -320,15 +320,6 @@ def train_tiny_tokenizer(texts: list[str], vocab_size: int = 2048, arch: str = "
                                    unk_token="<unk>", **pad_kwarg)
 
 
-def disable_dropout(model: nn.Module) -> nn.Module:
-    """Every dropout probability to 0: RL and scoring must be deterministic functions of the
-    input."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-    return model
-
-
 # --- score models: the project's format, the Hugging Face standard classes, TRL, OpenRLHF ---------
 # A ScoreModel (common.py) is a backbone plus one linear head. On disk it is a standard Hugging Face
 # checkpoint, so other tools load it with no code of ours:

@@ -48,7 +48,7 @@ def small_nodrop_dir(tmp_path_factory, tiny_tokenizer):
 def scorer(small_dir):
     torch.manual_seed(1)
     # a fresh random head
-    return hf_models.disable_dropout(hf_models.new_score_model(small_dir, bias=True)).eval()
+    return common.disable_dropout(hf_models.new_score_model(small_dir, bias=True)).eval()
 
 
 def synthetic_records(n, seed=0):

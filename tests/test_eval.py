@@ -34,7 +34,7 @@ def one_thread():
 # ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_policy(tiny_dir):
-    return hf_models.disable_dropout(hf_models.load_policy(tiny_dir)).eval()
+    return common.disable_dropout(hf_models.load_policy(tiny_dir)).eval()
 
 
 def left_padded_batch(tokenizer, splits, n=3):

@@ -1,4 +1,4 @@
-"""The lab's on-policy data (gold.py sample) and the reward model's prefix pairs (redistribute.py
+"""The lab's on-policy data (gold_samples.py) and the reward model's prefix pairs (redistribute.py
 --prefix-pairs): pairs ranked by gold with ties dropped, minimal revisions of sampled replies, no
 test prompt ever trained on, grouped held-out parts, both flags end to end on GPT-2 and Llama."""
 
@@ -9,6 +9,7 @@ import torch
 
 import common
 import gold
+import gold_samples
 import label
 import redistribute as red
 from conftest import assert_train_step_equals_one_pass
@@ -57,9 +58,10 @@ def test_pair_rows_read_back_as_the_same_pairs(tmp_path):
         id="abc/1-2",
     )
     path = tmp_path / "pairs.jsonl"
-    path.write_text("".join(json.dumps(gold.pair_row(p)) + "\n" for p in (transcript, chat)))
+    path.write_text("".join(json.dumps(gold_samples.pair_row(p)) + "\n"
+                            for p in (transcript, chat)))
     assert common.load_pairs(path) == [transcript, chat]
-    path.write_text(json.dumps({**gold.pair_row(transcript), "id": 7}) + "\n")
+    path.write_text(json.dumps({**gold_samples.pair_row(transcript), "id": 7}) + "\n")
     with pytest.raises(common.DataError, match="line 1.*'id'"):
         common.load_pairs(path)
 
@@ -69,20 +71,20 @@ def test_pair_rows_read_back_as_the_same_pairs(tmp_path):
 # ----------------------------------------------------------------------------------------------
 def test_sample_prompts_never_include_a_test_prompt(bundled_pairs, splits):
     test_prompts = {p.prompt for p in splits["test"]}
-    pairs, dropped = gold.sample_prompts(bundled_pairs, "reward", 0)
+    pairs, dropped = gold_samples.sample_prompts(bundled_pairs, "reward", 0)
     assert [p.id for p in pairs] == [p.id for p in splits["reward"]] and dropped == 0
     # a reward-split pair that repeats a test prompt (other replies) is dropped, by prompt text
     test_pair = splits["test"][0]
     twin = common.Pair(test_pair.prompt, " other reply", " another reply")
     data = bundled_pairs + [twin]
     for split in ("sft", "reward", "rl"):
-        pairs, dropped = gold.sample_prompts(data, split, 0)
+        pairs, dropped = gold_samples.sample_prompts(data, split, 0)
         assert pairs and not {p.prompt for p in pairs} & test_prompts
         twin_in_split = twin.id in {p.id for p in common.split_pairs(data, 0)[split]}
         assert dropped == int(twin_in_split)
     for split in ("test", "all"):
         with pytest.raises(common.InputError, match="never for the test prompts"):
-            gold.sample_prompts(bundled_pairs, split, 0)
+            gold_samples.sample_prompts(bundled_pairs, split, 0)
 
 
 def test_heldout_split_keeps_a_prompts_pairs_together():
@@ -114,11 +116,11 @@ def test_revision_pairs_leave_out_held_out_groups(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# gold.py sample end to end: a real policy (GPT-2, Llama), resumed from its cache
+# gold_samples.py end to end: a real policy (GPT-2, Llama), resumed from its cache
 # ----------------------------------------------------------------------------------------------
 def sample_argv(policy, out, *extra):
     return [
-        "sample", "--policy", str(policy), "--out", str(out), "--limit", "12",
+        "--policy", str(policy), "--out", str(out), "--limit", "12",
         "--samples-per-prompt", "3", "--max-prompt-len", "48", "--max-new-tokens", "8",
         "--batch-size", "5", "--device", "cpu", *extra,
     ]
@@ -129,7 +131,7 @@ def test_gold_sample_end_to_end_and_resumed(fixture, request, tmp_path, splits, 
     torch.set_num_threads(1)
     policy = request.getfixturevalue(fixture)
     out = tmp_path / "samples.jsonl"
-    summary = gold.main(sample_argv(policy, out))
+    summary = gold_samples.main(sample_argv(policy, out))
     assert (
         summary["prompts"] == 12
         and summary["samples"] == 36
@@ -153,12 +155,13 @@ def test_gold_sample_end_to_end_and_resumed(fixture, request, tmp_path, splits, 
     # a second run reuses every sample: the policy is not even loaded, and the file is the same
     first = out.read_text()
     out.unlink()
-    monkeypatch.setattr(gold.hf_models, "load_policy", lambda *a, **k: pytest.fail("sampled again"))
-    assert gold.main(sample_argv(policy, out))["samples"] == 36 and out.read_text() == first
+    monkeypatch.setattr(gold_samples.hf_models, "load_policy",
+                        lambda *a, **k: pytest.fail("sampled again"))
+    assert gold_samples.main(sample_argv(policy, out))["samples"] == 36 and out.read_text() == first
     # another lexicon ranks the same cached samples (none drawn again) and is named in the summary
     sentiment = gold.load_lexicon(gold.DEFAULT_LEXICON.parent / "lexicon-sentiment.json")
     assert summary["lexicon"] == gold.default_lexicon().id
-    ranked = gold.main(sample_argv(policy, out, "--lexicon", sentiment.path))
+    ranked = gold_samples.main(sample_argv(policy, out, "--lexicon", sentiment.path))
     assert ranked["lexicon"] == sentiment.id and ranked["samples"] == 36
     assert all(gold.gold_score(p.chosen, lexicon=sentiment) > gold.gold_score(p.rejected,
                lexicon=sentiment) for p in common.load_pairs(out))
@@ -166,7 +169,7 @@ def test_gold_sample_end_to_end_and_resumed(fixture, request, tmp_path, splits, 
     monkeypatch.undo()
     lines = (tmp_path / "samples.jsonl.cache.jsonl").read_text().splitlines()
     (tmp_path / "samples.jsonl.cache.jsonl").write_text("\n".join(lines[:5]) + "\n")
-    gold.main(sample_argv(policy, out))
+    gold_samples.main(sample_argv(policy, out))
     assert out.read_text() == first
 
 
@@ -179,10 +182,12 @@ def test_sampled_pairs_through_label_and_reward_model(tiny_dir, tmp_path, monkey
         " You stupid idiot, steal it.",
     ]
     monkeypatch.setattr(
-        gold, "sample_replies", lambda policy, tok, pairs, k, args: [replies[:k] for _ in pairs]
+        gold_samples, "sample_replies",
+        lambda policy, tok, pairs, k, args: [replies[:k] for _ in pairs]
     )
     out = tmp_path / "samples.jsonl"
-    summary = gold.main(sample_argv(tiny_dir, out, "--samples-per-prompt", "4", "--no-data-pairs"))
+    summary = gold_samples.main(sample_argv(tiny_dir, out, "--samples-per-prompt", "4",
+                                            "--no-data-pairs"))
     assert (
         summary["sampled_pairs"] == 12 * 6
         and summary["sampled_ties_dropped"] == 0
@@ -266,7 +271,7 @@ def test_prefix_pairs_train_step_gradient_is_the_global_batch_loss(
 ):
     """With prefix pairs the accumulated gradient is still that of the whole batch's loss in one
     pass: mean over pairs of BT + ½ (L_pre(y_c) + L_pre(y_r))."""
-    model = red.hf_models.disable_dropout(red.hf_models.new_score_model(tiny_dir, bias=False))
+    model = red.common.disable_dropout(red.hf_models.new_score_model(tiny_dir, bias=False))
     pairs, _ = gold.rank_pairs(splits["reward"][:40])
     examples = red.encode_pairs(pairs[:8], tiny_tokenizer, 32, 24, prefix_gold=True)
     batch = red.collate_pairs(examples, tiny_tokenizer.pad_token_id)
@@ -333,8 +338,8 @@ def test_gold_sample_compile_draws_the_same_replies(tiny_dir, tmp_path, capsys):
     same replies, and the compilation is reported once, apart."""
     torch.set_num_threads(1)
     plain, compiled = tmp_path / "plain.jsonl", tmp_path / "compiled.jsonl"
-    gold.main(sample_argv(tiny_dir, plain, "--limit", "5"))
-    gold.main(sample_argv(tiny_dir, compiled, "--limit", "5", "--compile"))
+    gold_samples.main(sample_argv(tiny_dir, plain, "--limit", "5"))
+    gold_samples.main(sample_argv(tiny_dir, compiled, "--limit", "5", "--compile"))
     assert compiled.read_text() == plain.read_text()
     reports = [line for line in capsys.readouterr().out.splitlines() if "--compile" in line]
     assert len(reports) == 1 and "decode step compiled for GPT2LMHeadModel, batch 15" in reports[0]

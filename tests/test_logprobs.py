@@ -37,7 +37,7 @@ def test_chunked_equals_one_piece_values_and_gradients(arch, tiny_dir, llama_dir
     """Chunks of 3 positions (13 positions in all, so a ragged last chunk), temperature 0.7: the
     log-probs, the entropy and every parameter's gradient of a loss using both equal the one-piece
     computation within 1e-6 (fp32)."""
-    model = hf_models.disable_dropout(hf_models.load_policy(tiny_dir if arch == "gpt2" else
+    model = common.disable_dropout(hf_models.load_policy(tiny_dir if arch == "gpt2" else
                                                             llama_dir))
     vocab = model.config.vocab_size
     monkeypatch.setattr(common, "CHUNK_BYTES", 3 * 4 * vocab)

@@ -459,7 +459,7 @@ def test_ppo_with_lora_reference_is_the_policy_with_adapters_off(policy_and_rm, 
     prompts = ppo.load_prompts(args, tokenizer, quiet=True)[:4]
     prompt, prompt_mask = common.pad_left(prompts, tokenizer.pad_token_id)
     eos_ids, pad_id = common.eos_token_ids(tokenizer, policy), tokenizer.pad_token_id
-    base_policy = hf_models.disable_dropout(hf_models.load_policy(model_dir)).eval()
+    base_policy = common.disable_dropout(hf_models.load_policy(model_dir)).eval()
     base_rm = redistribute.load_reward_model(rm_dir)
 
     def check_against_the_bases(batch):
@@ -500,7 +500,7 @@ def adapted_from_checkpoint(model, out, name):
     lora.load_trainable_state_dict(
         model, load_file(str(checkpoint.latest_checkpoint(out) / f"{name}.safetensors"))
     )
-    return hf_models.disable_dropout(model).eval()
+    return common.disable_dropout(model).eval()
 
 
 def test_ppo_with_lora_saves_a_merged_policy_and_resumes_from_adapters(policy_and_rm, tmp_path):

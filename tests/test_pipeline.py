@@ -83,7 +83,7 @@ def test_the_lab_pipeline_at_smoke_size(tmp_path):
 
 
 def test_the_lab_pipeline_on_samples_with_prefix_pairs(tmp_path):
-    """LAB_DATA=samples PREFIX_PAIRS=1: gold.py sample after SFT, label.py and redistribute.py on
+    """LAB_DATA=samples PREFIX_PAIRS=1: gold_samples.py after SFT, label.py and redistribute.py on
     its file (--split all), the reward model with --prefix-pairs; PPO and eval still on the bundled
     data."""
     run, commands = run_pipeline(tmp_path, LAB_DATA="samples", PREFIX_PAIRS="1", REWARDS="red")

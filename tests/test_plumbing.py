@@ -36,7 +36,7 @@ def scored_batch(tokenizer, texts):
 def trained_score_model(model_dir, bias, seed=0):
     """A ScoreModel whose head is not at its initialisation (so a random head would be caught)."""
     torch.manual_seed(seed)
-    model = hf_models.disable_dropout(hf_models.new_score_model(model_dir, bias=bias)).eval()
+    model = common.disable_dropout(hf_models.new_score_model(model_dir, bias=bias)).eval()
     with torch.no_grad():
         model.head.weight.normal_()
         if bias:
@@ -87,7 +87,7 @@ def test_reward_model_round_trips_through_auto_model_for_sequence_classification
     with torch.no_grad():
         torch.testing.assert_close(hf_model(**batch).logits.squeeze(-1), ours, atol=1e-5, rtol=1e-5)
 
-    loaded = hf_models.disable_dropout(hf_models.load_score_model(tmp_path / "rm")).eval()
+    loaded = common.disable_dropout(hf_models.load_score_model(tmp_path / "rm")).eval()
     with torch.no_grad():
         torch.testing.assert_close(
             redistribute.sequence_reward(loaded, query_response, attention_mask, attention_mask),

@@ -32,7 +32,7 @@ def tiny_lm(seed=0, eos=0):
     torch.manual_seed(seed)
     cfg = GPT2Config(vocab_size=V, n_layer=1, n_embd=32, n_head=2, n_positions=64,
                      eos_token_id=eos, bos_token_id=eos, pad_token_id=eos)
-    return hf_models.disable_dropout(GPT2LMHeadModel(cfg))
+    return common.disable_dropout(GPT2LMHeadModel(cfg))
 
 
 def make_args(*extra):

@@ -22,7 +22,7 @@ def tiny_score_model(vocab=48, n_layer=2, n_embd=32, seed=0):
     torch.manual_seed(seed)
     cfg = GPT2Config(vocab_size=vocab, n_layer=n_layer, n_head=2, n_embd=n_embd, n_positions=128,
                      bos_token_id=PAD, eos_token_id=PAD, pad_token_id=PAD)
-    return hf_models.disable_dropout(common.ScoreModel(GPT2Model(cfg))).eval()
+    return common.disable_dropout(common.ScoreModel(GPT2Model(cfg))).eval()
 
 
 def random_rows(n=4, vocab=48, seed=0):
@@ -241,7 +241,7 @@ def test_train_step_gradient_is_the_global_batch_mean_loss(tiny_dir, tiny_tokeni
         train_argv(tiny_dir, "x", "--micro-batch-size", "3", "--max-grad-norm", "0")
     )
     examples = red.encode_pairs(splits["reward"][:8], tiny_tokenizer, 32, 16)
-    model = hf_models.disable_dropout(hf_models.new_score_model(tiny_dir, bias=False))
+    model = common.disable_dropout(hf_models.new_score_model(tiny_dir, bias=False))
     batch = red.collate_pairs(examples, tiny_tokenizer.pad_token_id)
     assert_train_step_equals_one_pass(
         model,

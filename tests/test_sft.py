@@ -69,7 +69,7 @@ def test_train_step_gradient_is_the_global_batch_mean_loss(tiny_dir, tiny_tokeni
     pass."""
     args = sft.parse_args(SMALL + ["--micro-batch-size", "3", "--max-grad-norm", "0"])
     examples = sft.encode_examples(splits["sft"][:8], tiny_tokenizer, args)
-    model = hf_models.disable_dropout(hf_models.load_policy(tiny_dir))
+    model = common.disable_dropout(hf_models.load_policy(tiny_dir))
     batch = common.collate_right(examples, tiny_tokenizer.pad_token_id)
     assert_train_step_equals_one_pass(
         model,
