@@ -261,10 +261,8 @@ def load_pairs(paths, quiet: bool = False) -> list[Pair]:
     source = ", ".join(str(p) for p in paths)
     if skipped and not quiet:
         why = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items()))
-        warnings.warn(
-            f"{source}: skipped {sum(skipped.values())} rows ({why}); kept {len(pairs)}",
-            stacklevel=2,
-        )
+        warnings.warn(f"{source}: skipped {sum(skipped.values())} rows ({why}); kept {len(pairs)}",
+                      stacklevel=2)
     if not pairs:
         raise DataError(f"{source}: no usable preference pairs")
     return pairs
@@ -273,9 +271,8 @@ def load_pairs(paths, quiet: bool = False) -> list[Pair]:
 def _hash_order(items: list, seed: int, key=lambda item: item.id) -> list:
     """Items sorted by a seeded hash of their id: the same order on any machine, in any file
     order."""
-    return sorted(
-        items, key=lambda item: hashlib.sha256(f"{seed}:{key(item)}".encode()).hexdigest()
-    )
+    return sorted(items,
+                  key=lambda item: hashlib.sha256(f"{seed}:{key(item)}".encode()).hexdigest())
 
 
 def split_pairs(
@@ -341,9 +338,8 @@ def global_batch(examples: list, step: int, batch_size: int, seed: int) -> list:
     """
     per_epoch = max(1, len(examples) // batch_size)
     epoch, index = divmod(step, per_epoch)
-    order = torch.randperm(
-        len(examples), generator=torch.Generator().manual_seed(seed * 100_003 + epoch)
-    )
+    order = torch.randperm(len(examples),
+                           generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
     return [examples[i] for i in order[index * batch_size: (index + 1) * batch_size].tolist()]
 
 
@@ -421,9 +417,8 @@ def response_encodings(
     used.
     """
     anchor = tokenizer(RESPONSE_ANCHOR, add_special_tokens=False)["input_ids"]
-    joint = tokenizer(
-        [RESPONSE_ANCHOR + t for t in texts], add_special_tokens=False, return_offsets_mapping=True
-    )
+    joint = tokenizer([RESPONSE_ANCHOR + t for t in texts], add_special_tokens=False,
+                      return_offsets_mapping=True)
     plain = None
     out = []
     for k, (ids, offsets) in enumerate(zip(joint["input_ids"], joint["offset_mapping"])):
@@ -618,9 +613,9 @@ def token_logprobs(
     flat = logits.reshape(B * K, V)  # a view (a model's logits are contiguous)
     picked = valid.bool()  # [B, T_resp]: only real response positions are computed
     rows = (torch.arange(B, device=logits.device)[:, None] * K + before)[picked]  # [N]
-    logprobs, entropy = _TokenLogprobs.apply(
-        flat, rows, tokens[picked], temperature, with_entropy, chunk_positions(V, chunk_bytes)
-    )  # [N], [N]
+    # [N], [N]
+    logprobs, entropy = _TokenLogprobs.apply(flat, rows, tokens[picked], temperature, with_entropy,
+                                             chunk_positions(V, chunk_bytes))
     out = torch.zeros(B, before.shape[1], dtype=logprobs.dtype, device=logits.device)
     out_logprobs = out.index_put((picked,), logprobs)  # [B, T_resp], 0 past each row's end
     return out_logprobs, out.index_put((picked,), entropy) if with_entropy else None

@@ -63,43 +63,34 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=plumbing.HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,show}")
 
-    train = commands.add_parser(
-        "train",
-        help="train the discriminator on label.py's labels (eq. 6)",
-        formatter_class=plumbing.HelpFormatter,
-    )
+    train = commands.add_parser("train",
+                                help="train the discriminator on label.py's labels (eq. 6)",
+                                formatter_class=plumbing.HelpFormatter)
     data = train.add_argument_group("data")
     data.add_argument("--labels", required=True, help="labels.jsonl written by label.py")
-    data.add_argument(
-        "--eval-fraction", type=float, default=0.1,
-        help="share of the labelled pairs held out (chosen by a hash of their id) for accuracy",
-    )
-    data.add_argument(
-        "--split-seed",
-        type=int,
-        default=0,
-        help="seed of the held-out hash (the data split's seed: the reward model holds out the "
-        "same pairs)",
-    )
-    data.add_argument(
-        "--max-prompt-len", type=int, default=256, help="prompt tokens kept (the last ones)"
-    )
-    data.add_argument(
-        "--max-response-len", type=int, default=256, help="response tokens kept (the first ones)"
-    )
+    data.add_argument("--eval-fraction", type=float, default=0.1,
+                      help="share of the labelled pairs held out (chosen by a hash of their id) "
+                           "for accuracy")
+    data.add_argument("--split-seed", type=int, default=0,
+                      help="seed of the held-out hash (the data split's seed: the reward model "
+                           "holds out the same pairs)")
+    data.add_argument("--max-prompt-len", type=int, default=256,
+                      help="prompt tokens kept (the last ones)")
+    data.add_argument("--max-response-len", type=int, default=256,
+                      help="response tokens kept (the first ones)")
     model = train.add_argument_group("model")
-    model.add_argument(
-        "--sft", required=True,
-        help="SFT model folder (or any causal LM): the backbone to start from",
-    )
+    model.add_argument("--sft", required=True,
+                       help="SFT model folder (or any causal LM): the backbone to start from")
     plumbing.add_optimizer_args(train.add_argument_group("algorithm"), "sequences", epochs=2.0,
-                                lr=1e-5, lr_note="1e-5 is the paper's for a 7B model; the tiny "
-                                "demo model needs ~1e-3", batch_size=16, micro_batch_size=8,
+                                lr=1e-5,
+                                lr_note="1e-5 is the paper's for a 7B model; the tiny "
+                                        "demo model needs ~1e-3", batch_size=16, micro_batch_size=8,
                                 weight_decay=0.1, weight_decay_note=" (paper: 0.1)",
                                 epochs_help="passes over the training sequences, two a labelled "
-                                "pair (paper: 2)")
-    plumbing.add_output_args(train.add_argument_group("output"), "output folder: discriminator, "
-                             "log.jsonl, accuracy.json, checkpoint/", save_every=200, eval_every=0,
+                                            "pair (paper: 2)")
+    plumbing.add_output_args(train.add_argument_group("output"),
+                             "output folder: discriminator, log.jsonl, accuracy.json, checkpoint/",
+                             save_every=200, eval_every=0,
                              eval_help="held-out accuracy every N steps (0 = at the end only)",
                              eval_batch_size=16, batch_unit="sequences", log_every=10)
     lora.add_lora_args(train)
@@ -107,44 +98,31 @@ def parse_args(argv=None):
 
     evaluate = commands.add_parser("evaluate", help="token-level accuracy on labelled pairs",
                                    formatter_class=plumbing.HelpFormatter)
-    evaluate.add_argument(
-        "--discriminator", required=True, help="discriminator folder written by `train`"
-    )
+    evaluate.add_argument("--discriminator", required=True,
+                          help="discriminator folder written by `train`")
     evaluate.add_argument("--labels", required=True, help="labels.jsonl written by label.py")
-    evaluate.add_argument(
-        "--split",
-        choices=("heldout", "all"),
-        default="heldout",
-        help="heldout: the pairs `train` held out (same --eval-fraction and --split-seed); "
-        "all: every pair",
-    )
-    evaluate.add_argument(
-        "--out", default=None, help="accuracy JSON to write (default: DISCRIMINATOR/accuracy.json)"
-    )
+    evaluate.add_argument("--split", choices=("heldout", "all"), default="heldout",
+                          help="heldout: the pairs `train` held out (same --eval-fraction and "
+                               "--split-seed); all: every pair")
+    evaluate.add_argument("--out", default=None,
+                          help="accuracy JSON to write (default: DISCRIMINATOR/accuracy.json)")
     add_scoring_args(evaluate)
 
     show = commands.add_parser("show", help="print a response token by token with D and its reward",
                                formatter_class=plumbing.HelpFormatter)
-    show.add_argument(
-        "--discriminator", required=True, help="discriminator folder written by `train`"
-    )
+    show.add_argument("--discriminator", required=True,
+                      help="discriminator folder written by `train`")
     show.add_argument("--prompt", default=None, help="prompt text (ends with '\\n\\nAssistant:')")
-    show.add_argument(
-        "--response", default=None, help="response text (starts with a space in hh-rlhf)"
-    )
-    show.add_argument(
-        "--add-eos", action="store_true", help="append EOS to --response, as PPO samples do"
-    )
-    show.add_argument(
-        "--labels", default=None, help="instead of --prompt/--response: a labels.jsonl ..."
-    )
-    show.add_argument(
-        "--index", type=int, default=0, help="... and the 0-based record to show (both sequences)"
-    )
-    show.add_argument(
-        "--mode", choices=REWARD_MODES, default="continuous",
-        help="reward mode (eq. 7 or an ablation)",
-    )
+    show.add_argument("--response", default=None,
+                      help="response text (starts with a space in hh-rlhf)")
+    show.add_argument("--add-eos", action="store_true",
+                      help="append EOS to --response, as PPO samples do")
+    show.add_argument("--labels", default=None,
+                      help="instead of --prompt/--response: a labels.jsonl ...")
+    show.add_argument("--index", type=int, default=0,
+                      help="... and the 0-based record to show (both sequences)")
+    show.add_argument("--mode", choices=REWARD_MODES, default="continuous",
+                      help="reward mode (eq. 7 or an ablation)")
     add_scoring_args(show)
 
     args = parser.parse_args(argv)
@@ -165,17 +143,12 @@ def parse_args(argv=None):
 def add_scoring_args(parser):
     group = parser.add_argument_group("system")
     group.add_argument("--eval-batch-size", type=int, default=16, help="sequences per forward pass")
-    group.add_argument(
-        "--max-prompt-len", type=int, default=None,
-        help="prompt tokens kept (default: as in training)",
-    )
-    group.add_argument(
-        "--max-response-len", type=int, default=None,
-        help="response tokens kept (default: as in training)",
-    )
-    group.add_argument(
-        "--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N"
-    )
+    group.add_argument("--max-prompt-len", type=int, default=None,
+                       help="prompt tokens kept (default: as in training)")
+    group.add_argument("--max-response-len", type=int, default=None,
+                       help="response tokens kept (default: as in training)")
+    group.add_argument("--device", default="auto",
+                       help="auto (cuda if available), cpu, cuda, cuda:N")
     amp.add_precision_args(group)
     group.add_argument("--trust-remote-code", action="store_true",
                        help="allow model repos that ship their own Python code (off by default)")
@@ -202,14 +175,12 @@ def load_labels(path, tokenizer=None) -> list[dict]:
             ids, labels = record.get(f"{side}_ids"), record.get(f"{side}_labels")
             if not isinstance(ids, list) or not all(type(i) is int and i >= 0 for i in ids):
                 raise common.DataError(
-                    f"{where}: field '{side}_ids' missing or not a list of token ids"
-                )
+                    f"{where}: field '{side}_ids' missing or not a list of token ids")
             if not isinstance(labels, list) or not all(
                 type(v) is int and v in (-1, 0, 1) for v in labels
             ):
                 raise common.DataError(
-                    f"{where}: field '{side}_labels' missing or not a list of -1/0/+1"
-                )
+                    f"{where}: field '{side}_labels' missing or not a list of -1/0/+1")
             if len(ids) != len(labels):
                 raise common.DataError(f"{where}: {side}_ids has {len(ids)} tokens but "
                                        f"{side}_labels has {len(labels)} labels")
@@ -252,8 +223,7 @@ def encode_records(records, tokenizer, max_prompt_len=256, max_response_len=256)
                 )
             if response_ids:
                 examples.append(
-                    (prompt_ids, response_ids, record[f"{side}_labels"][:max_response_len])
-                )
+                    (prompt_ids, response_ids, record[f"{side}_labels"][:max_response_len]))
     return examples
 
 
@@ -261,8 +231,7 @@ def collate(examples, pad_id):
     """Right-pad prompt + response (common.collate_right). labels [B, T] hold −1/0/+1 on response
     tokens and 0 elsewhere; response_mask says which positions count."""
     query_response, attention_mask, response_mask = common.collate_right(
-        [(p, r) for p, r, _ in examples], pad_id
-    )
+        [(p, r) for p, r, _ in examples], pad_id)
     labels = torch.zeros_like(query_response)
     for i, (prompt_ids, response_ids, token_labels) in enumerate(examples):
         labels[i, len(prompt_ids): len(prompt_ids) + len(response_ids)] = torch.tensor(token_labels)
@@ -339,9 +308,8 @@ def token_rewards(
 def load_discriminator(path, device="cpu", dtype=torch.float32, trust_remote_code=False):
     """A trained discriminator in eval mode with dropout off, ready for token_rewards (stored in
     `dtype`, computing like an fp32 model: amp.compute_in_fp32)."""
-    model = hf_models.load_score_model(
-        path, dtype=dtype, trust_remote_code=trust_remote_code, what="--discriminator"
-    )
+    model = hf_models.load_score_model(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                       what="--discriminator")
     return amp.compute_in_fp32(common.disable_dropout(model).eval().to(device))
 
 
@@ -479,9 +447,8 @@ def heldout_examples_of(records, tokenizer, info: dict, split: str = "heldout"):
 def train(args):
     run = plumbing.start_run(args)  # torchrun, --seed, a killed save's temp folders in --out
     dist_info, out = run.dist_info, run.out
-    tokenizer = hf_models.load_tokenizer(
-        args.sft, trust_remote_code=args.trust_remote_code, what="--sft"
-    )
+    tokenizer = hf_models.load_tokenizer(args.sft, trust_remote_code=args.trust_remote_code,
+                                         what="--sft")
     # before the model: a bad file stops the run at once
     records = load_labels(args.labels, tokenizer)
     # dropout stays on while the discriminator learns (per-token targets, no pair to keep
@@ -496,14 +463,11 @@ def train(args):
             f"exceeds the model's {max_positions} positions"
         )
     train_records, heldout_records = common.heldout_split(
-        records, args.eval_fraction, args.split_seed, key=lambda r: r["id"]
-    )
-    train_examples = encode_records(
-        train_records, tokenizer, args.max_prompt_len, args.max_response_len
-    )
-    heldout_examples = encode_records(
-        heldout_records, tokenizer, args.max_prompt_len, args.max_response_len
-    )
+        records, args.eval_fraction, args.split_seed, key=lambda r: r["id"])
+    train_examples = encode_records(train_records, tokenizer, args.max_prompt_len,
+                                    args.max_response_len)
+    heldout_examples = encode_records(heldout_records, tokenizer, args.max_prompt_len,
+                                      args.max_response_len)
     if not train_examples:
         raise common.DataError(f"{args.labels}: no non-empty response to train on")
     model = plumbing.prepare_to_train(model, args, dist_info)  # LoRA, checkpointing, DDP / FSDP
@@ -537,9 +501,8 @@ def train(args):
             "elapsed_s": round(time.time() - start, 2),
         }
         if args.eval_every and step % args.eval_every == 0 and heldout_examples:
-            accuracy = evaluate_accuracy(
-                model, heldout_examples, args.eval_batch_size, dist_info, args.precision, pad_id
-            )
+            accuracy = evaluate_accuracy(model, heldout_examples, args.eval_batch_size, dist_info,
+                                         args.precision, pad_id)
             record.update(log_fields(accuracy))
         if step % args.log_every == 0 or step == total_steps or "eval_accuracy" in record:
             run.logger.log(record)
@@ -565,9 +528,8 @@ def train(args):
     hf_models.save_score_model(model, tokenizer, out, kind="token", extra=info)
     metrics = None
     if heldout_examples:
-        metrics = evaluate_accuracy(
-            model, heldout_examples, args.eval_batch_size, dist_info, args.precision, pad_id
-        )
+        metrics = evaluate_accuracy(model, heldout_examples, args.eval_batch_size, dist_info,
+                                    args.precision, pad_id)
         metrics.update(labels=str(args.labels), n_pairs=len(heldout_records), split="heldout")
         if dist_info.master:
             report_accuracy(metrics, out / "accuracy.json")
@@ -590,25 +552,18 @@ def evaluate(args):
         }
     )
     tokenizer = hf_models.load_tokenizer(args.discriminator, what="--discriminator")
-    model = load_discriminator(
-        args.discriminator, device, amp.frozen_dtype(args, device), args.trust_remote_code
-    )
+    model = load_discriminator(args.discriminator, device, amp.frozen_dtype(args, device),
+                               args.trust_remote_code)
     records = load_labels(args.labels, tokenizer)
     examples, n_pairs = heldout_examples_of(records, tokenizer, info, args.split)
     if not examples:
         raise common.InputError(f"{args.labels}: no held-out pairs; use --split all")
-    metrics = evaluate_accuracy(
-        model,
-        examples,
-        args.eval_batch_size,
-        distributed.DistInfo(device=device),
-        args.precision,
-        tokenizer.pad_token_id,
-    )
+    metrics = evaluate_accuracy(model, examples, args.eval_batch_size,
+                                distributed.DistInfo(device=device), args.precision,
+                                tokenizer.pad_token_id)
     metrics.update(labels=str(args.labels), n_pairs=n_pairs, split=args.split)
-    report_accuracy(
-        metrics, Path(args.out) if args.out else Path(args.discriminator) / "accuracy.json"
-    )
+    report_accuracy(metrics,
+                    Path(args.out) if args.out else Path(args.discriminator) / "accuracy.json")
     return metrics
 
 
@@ -619,19 +574,16 @@ def show(args):
     info = hf_models.read_run_info(args.discriminator)
     max_prompt_len = args.max_prompt_len or info.get("max_prompt_len", 256)
     tokenizer = hf_models.load_tokenizer(args.discriminator, what="--discriminator")
-    model = load_discriminator(
-        args.discriminator, device, amp.frozen_dtype(args, device), args.trust_remote_code
-    )
+    model = load_discriminator(args.discriminator, device, amp.frozen_dtype(args, device),
+                               args.trust_remote_code)
     if args.labels is not None:
         records = load_labels(args.labels, tokenizer)
         if not 0 <= args.index < len(records):
             raise common.InputError(
-                f"--index {args.index}: {args.labels} has records 0..{len(records) - 1}"
-            )
+                f"--index {args.index}: {args.labels} has records 0..{len(records) - 1}")
         record = records[args.index]
-        prompt = common.prompt_text(
-            tokenizer, record["prompt"], record.get("messages"), record.get("chat_template", True)
-        )
+        prompt = common.prompt_text(tokenizer, record["prompt"], record.get("messages"),
+                                    record.get("chat_template", True))
         sequences = [
             (side, record[f"{side}_ids"], record[f"{side}_labels"])
             for side in ("rejected", "revised")
@@ -651,9 +603,8 @@ def show(args):
         if not response_ids:
             print(f"\n{name}: (empty)")
             continue
-        batch = collate(
-            [(prompt_ids, response_ids, [0] * len(response_ids))], tokenizer.pad_token_id
-        )
+        batch = collate([(prompt_ids, response_ids, [0] * len(response_ids))],
+                        tokenizer.pad_token_id)
         inputs = [t.to(device) for t in batch[:3]]  # query_response, attention_mask, response_mask
         with amp.autocast(device, args.precision):
             probs = token_probs(model, *inputs)  # [1, T_resp]

@@ -75,73 +75,52 @@ from plumbing import amp, chat, checkpoint, decode, distributed, gpt_judge, hf_m
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=plumbing.HelpFormatter)
-    data = plumbing.add_data_args(
-        parser.add_argument_group("data"), split="test", response_len=False, limit=False
-    )
-    data.add_argument(
-        "--num-prompts", type=int, default=64, help="prompts evaluated (the first N of the split)"
-    )
-    data.add_argument(
-        "--samples-per-prompt", type=int, default=1,
-        help="replies sampled per prompt and policy (each prompt K times in a row; every policy "
-        "gets the same sampling seed, so the same prompts and random draws)",
-    )
-    data.add_argument(
-        "--labels", default=None,
-        help="held-out labels.jsonl from label.py: discriminator token accuracy",
-    )
-    data.add_argument(
-        "--labels-split", default="heldout", choices=["heldout", "all"],
-        help="heldout: the labelled pairs discriminator.py held out in training; all: every pair",
-    )
-    data.add_argument(
-        "--logs", nargs="*", default=None, metavar="NAME=LOG",
-        help="PPO log.jsonl files to draw (default: log.jsonl beside or above each policy dir)",
-    )
+    data = plumbing.add_data_args(parser.add_argument_group("data"), split="test",
+                                  response_len=False, limit=False)
+    data.add_argument("--num-prompts", type=int, default=64,
+                      help="prompts evaluated (the first N of the split)")
+    data.add_argument("--samples-per-prompt", type=int, default=1,
+                      help="replies sampled per prompt and policy (each prompt K times in a row; "
+                           "every policy gets the same sampling seed, so the same prompts and "
+                           "random draws)")
+    data.add_argument("--labels", default=None,
+                      help="held-out labels.jsonl from label.py: discriminator token accuracy")
+    data.add_argument("--labels-split", default="heldout", choices=["heldout", "all"],
+                      help="heldout: the labelled pairs discriminator.py held out in training; "
+                           "all: every pair")
+    data.add_argument("--logs", nargs="*", default=None, metavar="NAME=LOG",
+                      help="PPO log.jsonl files to draw (default: log.jsonl beside or above each "
+                           "policy dir)")
     model = parser.add_argument_group("model")
-    model.add_argument(
-        "--policies", nargs="+", required=True, metavar="NAME=PATH",
-        help="policies to compare, as name=path; the first is the baseline unless --baseline",
-    )
-    model.add_argument(
-        "--reference", required=True, help="the reference (SFT) model for KL and perplexity"
-    )
-    model.add_argument(
-        "--reward-model", help="the Bradley–Terry reward model dir (redistribute.py); required "
-        "unless --gold-only"
-    )
-    model.add_argument(
-        "--discriminator", help="the TLCR discriminator dir (discriminator.py); required unless "
-        "--gold-only"
-    )
-    model.add_argument(
-        "--baseline", default=None,
-        help="name of the baseline policy for win rates (default: the first)",
-    )
+    model.add_argument("--policies", nargs="+", required=True, metavar="NAME=PATH",
+                       help="policies to compare, as name=path; the first is the baseline unless "
+                            "--baseline")
+    model.add_argument("--reference", required=True,
+                       help="the reference (SFT) model for KL and perplexity")
+    model.add_argument("--reward-model",
+                       help="the Bradley–Terry reward model dir (redistribute.py); required "
+                            "unless --gold-only")
+    model.add_argument("--discriminator",
+                       help="the TLCR discriminator dir (discriminator.py); required unless "
+                            "--gold-only")
+    model.add_argument("--baseline", default=None,
+                       help="name of the baseline policy for win rates (default: the first)")
     gen = parser.add_argument_group("generation and judging")
-    gen.add_argument(
-        "--max-new-tokens", type=int, default=128, help="response length limit in tokens"
-    )
+    gen.add_argument("--max-new-tokens", type=int, default=128,
+                     help="response length limit in tokens")
     gen.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold")
     decode.add_compile_arg(gen)
-    gen.add_argument(
-        "--temperature", type=float, default=1.0, help="sampling temperature (log-probs use it too)"
-    )
-    gen.add_argument(
-        "--eval-batch-size", type=int, default=16, help="prompts per generation and scoring batch"
-    )
-    gen.add_argument(
-        "--gold",
-        action="store_true",
-        help="the offline lab: the gold.py score of every response (a column, and curves against "
-        "PPO steps and against KL in the report)",
-    )
-    gen.add_argument(
-        "--gold-only", action="store_true",
-        help="the lab's fast mode (study.py): gold, KL, length and EOS per policy only; implies "
-        "--gold and --judge none; no reward model or discriminator is loaded, no token credit, no "
-        "discriminator accuracy",
-    )
+    gen.add_argument("--temperature", type=float, default=1.0,
+                     help="sampling temperature (log-probs use it too)")
+    gen.add_argument("--eval-batch-size", type=int, default=16,
+                     help="prompts per generation and scoring batch")
+    gen.add_argument("--gold", action="store_true",
+                     help="the offline lab: the gold.py score of every response (a column, and "
+                          "curves against PPO steps and against KL in the report)")
+    gen.add_argument("--gold-only", action="store_true",
+                     help="the lab's fast mode (study.py): gold, KL, length and EOS per policy "
+                          "only; implies --gold and --judge none; no reward model or discriminator "
+                          "is loaded, no token credit, no discriminator accuracy")
     gold.add_lexicon_arg(gen, "--gold")
     gen.add_argument("--credit-response-len", type=int, default=96,
                      help="--gold: held-out replies scored for token credit are cut to this many "
@@ -149,24 +128,18 @@ def parse_args(argv=None):
                           "--max-response-len)")
     gen.add_argument("--judge", default="reward-model", choices=["reward-model", "openai", "none"],
                      help="who decides the pairwise win rates")
-    gen.add_argument(
-        "--api-base", default="https://api.openai.com/v1",
-        help="openai judge: chat-completions base URL",
-    )
+    gen.add_argument("--api-base", default="https://api.openai.com/v1",
+                     help="openai judge: chat-completions base URL")
     gen.add_argument("--api-model", default="gpt-4-0125-preview", help="openai judge: model name")
-    gen.add_argument(
-        "--api-key-env", default="OPENAI_API_KEY",
-        help="openai judge: environment variable holding the API key (unset: localhost only)",
-    )
+    gen.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                     help="openai judge: environment variable holding the API key (unset: "
+                          "localhost only)")
     gen.add_argument("--concurrency", type=int, default=4, help="openai judge: requests in flight")
-    gen.add_argument(
-        "--timeout", type=float, default=60.0,
-        help="openai judge: seconds for a whole request (connect, headers and the full answer)",
-    )
-    gen.add_argument(
-        "--max-retries", type=int, default=5,
-        help="openai judge: retries on 429/5xx/timeouts/bad answers",
-    )
+    gen.add_argument("--timeout", type=float, default=60.0,
+                     help="openai judge: seconds for a whole request (connect, headers and the "
+                          "full answer)")
+    gen.add_argument("--max-retries", type=int, default=5,
+                     help="openai judge: retries on 429/5xx/timeouts/bad answers")
     gen.add_argument("--retry-after-cap", type=float, default=chat.RETRY_AFTER_CAP,
                      help="openai judge: longest wait a server's Retry-After may ask for, seconds")
     gen.add_argument("--retry-failed", action="store_true",
@@ -176,10 +149,8 @@ def parse_args(argv=None):
                           "asked again")
     out = parser.add_argument_group("output")
     out.add_argument("--out", default="runs/demo/eval", help="output folder")
-    out.add_argument(
-        "--show-prompts", type=int, default=4,
-        help="prompts whose responses the report shades token by token",
-    )
+    out.add_argument("--show-prompts", type=int, default=4,
+                     help="prompts whose responses the report shades token by token")
     checkpoint.add_report_args(out)
     plumbing.add_system_args(parser)
     args = parser.parse_args(argv)
@@ -188,8 +159,7 @@ def parse_args(argv=None):
     args.baseline = args.baseline or next(iter(args.policies))
     if args.baseline not in args.policies:
         parser.error(
-            f"--baseline {args.baseline!r} is not one of --policies ({', '.join(args.policies)})"
-        )
+            f"--baseline {args.baseline!r} is not one of --policies ({', '.join(args.policies)})")
     plumbing.check_positive(parser, args, "num_prompts", "eval_batch_size", "max_new_tokens",
                             "max_prompt_len", "credit_response_len", "samples_per_prompt")
     if args.gold_only:
@@ -240,10 +210,9 @@ def generate_responses(
     it; decoder: decode.make_decoder, None the default). Returns query_response,
     attention_mask and response_mask, all [B, P + R]; a response runs up to and including its first
     EOS, and what follows (EOS-valued padding) has attention 0."""
-    response = ppo_token.generate(
-        policy, prompt_ids, prompt_mask, eos_ids, pad_id, max_new_tokens, temperature, top_p,
-        decoder,
-    )  # [B, R]
+    # [B, R]
+    response = ppo_token.generate(policy, prompt_ids, prompt_mask, eos_ids, pad_id, max_new_tokens,
+                                  temperature, top_p, decoder)
     # [B, R], 1 up to and including the first EOS
     mask, _ = ppo_token.response_mask_from(response, eos_ids)
     query_response = torch.cat([prompt_ids, response], dim=1)
@@ -274,12 +243,10 @@ def score_batch(policy, reference, reward_model, disc_model, query_response, att
                 response_mask, temperature, with_red, with_sources=False):
     """Everything eval needs about one batch of responses, as tensors."""
     _, valid = common.response_index(response_mask)  # [B, T_resp]
-    logprobs, _ = common.response_logprobs(
-        policy, query_response, attention_mask, response_mask, temperature
-    )
-    ref_logprobs, _ = common.response_logprobs(
-        reference, query_response, attention_mask, response_mask, temperature
-    )
+    logprobs, _ = common.response_logprobs(policy, query_response, attention_mask, response_mask,
+                                           temperature)
+    ref_logprobs, _ = common.response_logprobs(reference, query_response, attention_mask,
+                                               response_mask, temperature)
     ref_logprobs_t1 = ref_logprobs if temperature == 1.0 else \
         common.response_logprobs(reference, query_response, attention_mask, response_mask, 1.0)[0]
     scores = {
@@ -344,19 +311,13 @@ def discriminator_accuracy(
     the pairs its training held out (split "heldout", same seed and fraction) or on every pair
     ("all")."""
     records = discriminator.load_labels(labels_path, tokenizer)
-    examples, _ = discriminator.heldout_examples_of(
-        records, tokenizer, hf_models.read_run_info(disc_dir), split
-    )
+    examples, _ = discriminator.heldout_examples_of(records, tokenizer,
+                                                    hf_models.read_run_info(disc_dir), split)
     if not examples:
         raise common.InputError(f"{labels_path}: no held-out pairs; use --labels-split all")
-    return discriminator.evaluate_accuracy(
-        disc_model,
-        examples,
-        batch_size,
-        distributed.DistInfo(device=device),
-        precision,
-        tokenizer.pad_token_id,
-    )
+    return discriminator.evaluate_accuracy(disc_model, examples, batch_size,
+                                           distributed.DistInfo(device=device), precision,
+                                           tokenizer.pad_token_id)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -508,30 +469,28 @@ def main(argv=None):
     # one test request now: a bad key, model or URL fails before any generation
     if args.judge == "openai":
         try:
-            judge = gpt_judge.OpenAIJudge(args.api_base, args.api_model, out / "judge_cache.jsonl",
-                                api_key=chat.api_key_from_env(args.api_key_env, args.api_base),
-                                timeout=args.timeout, max_retries=args.max_retries,
-                                retry_after_cap=args.retry_after_cap, concurrency=args.concurrency,
-                                key_env=args.api_key_env, retry_failed=args.retry_failed)
+            judge = gpt_judge.OpenAIJudge(
+                args.api_base, args.api_model, out / "judge_cache.jsonl",
+                api_key=chat.api_key_from_env(args.api_key_env, args.api_base),
+                timeout=args.timeout, max_retries=args.max_retries,
+                retry_after_cap=args.retry_after_cap, concurrency=args.concurrency,
+                key_env=args.api_key_env, retry_failed=args.retry_failed)
             judge.client.check()
         except chat.ChatFatal as e:
             raise common.InputError(f"--judge openai: {e}") from None  # one line, exit code 2
 
     # 1. prompts and the frozen models (every tokenizer checked against the reference's first)
     pairs = select_pairs(args)
-    tokenizer = hf_models.load_tokenizer(
-        args.reference, trust_remote_code=args.trust_remote_code, what="--reference"
-    )
+    tokenizer = hf_models.load_tokenizer(args.reference, trust_remote_code=args.trust_remote_code,
+                                         what="--reference")
     for option, path in [
         *((o, p) for o, p in [("--reward-model", args.reward_model),
                               ("--discriminator", args.discriminator)] if not args.gold_only),
         *((f"--policies {name}", p) for name, p in args.policies.items()),
     ]:
         hf_models.check_same_tokenizer(
-            tokenizer,
-            hf_models.load_tokenizer(path, args.trust_remote_code, what=option),
-            f"{option} {path}",
-        )
+            tokenizer, hf_models.load_tokenizer(path, args.trust_remote_code, what=option),
+            f"{option} {path}")
     # K replies per prompt: each prompt K times in a row (reply i answers prompt i // K)
     asked = [pair for pair in pairs for _ in range(args.samples_per_prompt)]
     prompts = [pair.prompt for pair in asked]
@@ -548,9 +507,8 @@ def main(argv=None):
     # in --frozen-dtype, computing like the trained models (distributed.prepare_frozen)
     def frozen(model):
         model = amp.cast_frozen(model, amp.frozen_dtype(args, device))
-        return distributed.prepare_frozen(
-            model, distributed.DistInfo(device=device), precision=args.precision
-        )
+        return distributed.prepare_frozen(model, distributed.DistInfo(device=device),
+                                          precision=args.precision)
 
     reference = frozen(
         hf_models.load_policy(
@@ -603,22 +561,13 @@ def main(argv=None):
         batches, texts, eos_flags, shaded[name] = [], [], [], []
         replies, source_rewards = [], {source: [] for source in CREDIT_SOURCES}  # --gold: credit
         for start in tqdm(range(0, len(prompts), args.eval_batch_size), desc=f"eval {name}"):
-            prompt_ids, prompt_mask = common.pad_left(
-                encoded[start : start + args.eval_batch_size], tokenizer.pad_token_id
-            )
+            prompt_ids, prompt_mask = common.pad_left(encoded[start : start + args.eval_batch_size],
+                                                      tokenizer.pad_token_id)
             prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
             with amp.autocast(device, args.precision):
                 query_response, attention_mask, response_mask = generate_responses(
-                    policy,
-                    prompt_ids,
-                    prompt_mask,
-                    args.max_new_tokens,
-                    eos_ids,
-                    tokenizer.pad_token_id,
-                    args.top_p,
-                    args.temperature,
-                    decoder,
-                )
+                    policy, prompt_ids, prompt_mask, args.max_new_tokens, eos_ids,
+                    tokenizer.pad_token_id, args.top_p, args.temperature, decoder)
                 scores = score_batch(policy, reference, reward_model, disc_model, query_response,
                                      attention_mask, response_mask, args.temperature,
                                      start < args.show_prompts and not args.gold_only,
@@ -687,8 +636,7 @@ def main(argv=None):
             continue
         if args.judge == "reward-model":
             metrics[name].update(
-                reward_model_win_rate(generated[name]["rm_scores"], base["rm_scores"])
-            )
+                reward_model_win_rate(generated[name]["rm_scores"], base["rm_scores"]))
         else:
             try:
                 metrics[name].update(
@@ -710,16 +658,9 @@ def main(argv=None):
     # 5. discriminator accuracy, results, report
     accuracy = None
     if args.labels:
-        accuracy = discriminator_accuracy(
-            disc_model,
-            tokenizer,
-            args.discriminator,
-            args.labels,
-            args.labels_split,
-            args.eval_batch_size,
-            device,
-            args.precision,
-        )
+        accuracy = discriminator_accuracy(disc_model, tokenizer, args.discriminator, args.labels,
+                                          args.labels_split, args.eval_batch_size, device,
+                                          args.precision)
         accuracy.update(split=args.labels_split, labels=str(args.labels))
     results = {
         "baseline": args.baseline,
@@ -756,9 +697,8 @@ def main(argv=None):
         tracker.log({f"{name}/{k}": v for name, m in metrics.items() for k, v in m.items()})
         tracker.close()
     checkpoint.atomic_write(out / "results.md", report.results_markdown(results))
-    checkpoint.atomic_write(
-        out / "report.html", report.report_html(results, samples, report.training_curves(logs))
-    )
+    checkpoint.atomic_write(out / "report.html",
+                            report.report_html(results, samples, report.training_curves(logs)))
     print(report.results_markdown(results))
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'report.html'}")
     return results

@@ -350,8 +350,7 @@ def decode_responses(tokenizer, response_ids, response_mask) -> list[str]:
     [B, T_resp] is 1, special tokens (EOS) dropped."""
     return tokenizer.batch_decode(
         [ids[mask.bool()].tolist() for ids, mask in zip(response_ids, response_mask)],
-        skip_special_tokens=True,
-    )
+        skip_special_tokens=True)
 
 
 def score_responses(tokenizer, response_ids, response_mask, *,
@@ -536,22 +535,18 @@ def stats(data: str, seed: int = 0, lexicon: Lexicon | None = None) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=plumbing.HelpFormatter, epilog=__doc__
-    )
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=plumbing.HelpFormatter, epilog=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    show_parser = commands.add_parser(
-        "show", help="words, weights, gold score and revision of a text"
-    )
+    show_parser = commands.add_parser("show",
+                                      help="words, weights, gold score and revision of a text")
     show_parser.add_argument("text", help="a response (hh-rlhf responses start with a space)")
     add_lexicon_arg(show_parser)
     stats_parser = commands.add_parser("stats", help="how the lexicon covers the data, per split")
-    stats_parser.add_argument(
-        "--data", default="bundled", help="'bundled' or a file of preference pairs"
-    )
-    stats_parser.add_argument(
-        "--split-seed", type=int, default=0, help="seed of common.split_pairs"
-    )
+    stats_parser.add_argument("--data", default="bundled",
+                              help="'bundled' or a file of preference pairs")
+    stats_parser.add_argument("--split-seed", type=int, default=0,
+                              help="seed of common.split_pairs")
     add_lexicon_arg(stats_parser)
     args = parser.parse_args(argv)
     if args.command == "show":

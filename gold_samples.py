@@ -40,32 +40,24 @@ def parse_args(argv=None):
                       help="pairs JSONL (read it with --data OUT --split all); OUT.cache.jsonl and "
                            "OUT.summary.json beside it")
     gold.add_lexicon_arg(data)  # it ranks the samples; the cached samples serve every lexicon
-    data.add_argument(
-        "--data-pairs",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="also write the split's own gold-ranked pairs (ties dropped): the samples "
-        "add to the data rather than replace it",
-    )
+    data.add_argument("--data-pairs", action=argparse.BooleanOptionalAction, default=True,
+                      help="also write the split's own gold-ranked pairs (ties dropped): the "
+                           "samples add to the data rather than replace it")
     algo = parser.add_argument_group("sampling")
     algo.add_argument("--policy", required=True, help="the policy to sample (the SFT model folder)")
     algo.add_argument("--samples-per-prompt", type=int, default=4,
                       help="K replies per prompt; every two with different gold scores are a pair")
-    algo.add_argument(
-        "--max-new-tokens", type=int, default=255,
-        help="longest reply in tokens (the stages' --max-response-len − 1 reads it whole)",
-    )
-    algo.add_argument(
-        "--temperature", type=float, default=1.0, help="sampling temperature (as PPO)"
-    )
+    algo.add_argument("--max-new-tokens", type=int, default=255,
+                      help="longest reply in tokens (the stages' --max-response-len − 1 reads it "
+                           "whole)")
+    algo.add_argument("--temperature", type=float, default=1.0,
+                      help="sampling temperature (as PPO)")
     algo.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (as PPO)")
-    algo.add_argument(
-        "--batch-size", type=int, default=32, help="prompts per generate call (× K rows)"
-    )
+    algo.add_argument("--batch-size", type=int, default=32,
+                      help="prompts per generate call (× K rows)")
     system = parser.add_argument_group("system")
-    system.add_argument(
-        "--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N"
-    )
+    system.add_argument("--device", default="auto",
+                        help="auto (cuda if available), cpu, cuda, cuda:N")
     system.add_argument("--seed", type=int, default=0,
                         help="sampling seed (batch b of prompts draws with seed·1000003 + b)")
 
@@ -118,8 +110,7 @@ def policy_stamp(policy: str) -> str:
     path = Path(policy)
     files = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")) if path.is_dir() else []
     return json.dumps(
-        [str(policy)] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
-    )
+        [str(policy)] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files])
 
 
 @torch.no_grad()
@@ -212,12 +203,10 @@ def sample(args) -> dict:
     # 3. write the pairs (rows common.load_pairs reads) and the summary
     rows = [pair_row(p) for p in data_pairs + sampled]
     if not rows:
-        raise common.InputError(
-            "no pair to write: every two samples tie (try more --samples-per-prompt)"
-        )
-    checkpoint.atomic_write(
-        out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    )
+        raise common.InputError("no pair to write: every two samples tie (try more "
+                                "--samples-per-prompt)")
+    checkpoint.atomic_write(out,
+                            "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     summary = {
         "policy": str(args.policy),
         "data": str(args.data),

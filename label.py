@@ -91,106 +91,66 @@ ALIGN_CAP = 4  # align at most ALIGN_CAP × --max-response-len tokens per respon
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=plumbing.HelpFormatter, epilog=__doc__
-    )
-    data = plumbing.add_data_args(
-        parser.add_argument_group("data"),
-        split="reward",
-        response_len=False,
-        prompt_len=False,
-        preference=True,
-    )
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=plumbing.HelpFormatter, epilog=__doc__)
+    data = plumbing.add_data_args(parser.add_argument_group("data"), split="reward",
+                                  response_len=False, prompt_len=False, preference=True)
     data.add_argument("--out", default="runs/demo/labels.jsonl",
                       help="output JSONL; <out>.cache.jsonl and <out>.summary.json beside it")
     gold.add_lexicon_arg(data, "--reviser gold or --preference gold")
-    data.add_argument(
-        "--max-response-len", type=int, default=256,
-        help="keep the first N−1 tokens of each response (N with EOS, as common.encode_response)",
-    )
+    data.add_argument("--max-response-len", type=int, default=256,
+                      help="keep the first N−1 tokens of each response (N with EOS, as "
+                           "common.encode_response)")
     model = parser.add_argument_group("model")
-    model.add_argument(
-        "--tokenizer", default="runs/demo/sft", help="the policy's tokenizer (the SFT model dir)"
-    )
-    model.add_argument(
-        "--layout",
-        default="separate",
-        choices=["separate", "joint"],
-        help="separate: ids of the response as it follows the prompt, tokenised on its own (what "
-        "every stage here feeds the model); joint: ids inside tokenize(prompt + response), "
-        "labels mapped by character offsets",
-    )
+    model.add_argument("--tokenizer", default="runs/demo/sft",
+                       help="the policy's tokenizer (the SFT model dir)")
+    model.add_argument("--layout", default="separate", choices=["separate", "joint"],
+                       help="separate: ids of the response as it follows the prompt, tokenised on "
+                            "its own (what every stage here feeds the model); joint: ids inside "
+                            "tokenize(prompt + response), labels mapped by character offsets")
     reviser = parser.add_argument_group("algorithm (the reviser)")
-    reviser.add_argument(
-        "--reviser",
-        required=True,
-        choices=["openai", "hf", "gold", "chosen"],
-        help="openai: chat-completions endpoint; hf: local model; gold: the lab's rule reviser "
-        "(gold.py); chosen: y_m = y_c, no model",
-    )
-    reviser.add_argument(
-        "--api-base", default="https://api.openai.com/v1", help="OpenAI-compatible base URL (…/v1)"
-    )
-    reviser.add_argument(
-        "--api-model", default="gpt-4-0125-preview", help="model name sent to the endpoint"
-    )
-    reviser.add_argument(
-        "--api-key-env", default="OPENAI_API_KEY",
-        help="environment variable holding the API key (may be empty for a localhost server)",
-    )
-    reviser.add_argument(
-        "--reviser-model", default=None, help="--reviser hf: Hugging Face model name or path"
-    )
-    reviser.add_argument(
-        "--reviser-batch-size", type=int, default=8, help="--reviser hf: prompts per generate call"
-    )
+    reviser.add_argument("--reviser", required=True, choices=["openai", "hf", "gold", "chosen"],
+                         help="openai: chat-completions endpoint; hf: local model; gold: the lab's "
+                              "rule reviser (gold.py); chosen: y_m = y_c, no model")
+    reviser.add_argument("--api-base", default="https://api.openai.com/v1",
+                         help="OpenAI-compatible base URL (…/v1)")
+    reviser.add_argument("--api-model", default="gpt-4-0125-preview",
+                         help="model name sent to the endpoint")
+    reviser.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                         help="environment variable holding the API key (may be empty for a "
+                              "localhost server)")
+    reviser.add_argument("--reviser-model", default=None,
+                         help="--reviser hf: Hugging Face model name or path")
+    reviser.add_argument("--reviser-batch-size", type=int, default=8,
+                         help="--reviser hf: prompts per generate call")
     reviser.add_argument("--reviser-max-new-tokens", type=int, default=1024,
                          help="longest reviser answer (reason + revision), tokens")
-    reviser.add_argument(
-        "--reviser-max-prompt-len",
-        type=int,
-        default=4096,
-        help="--reviser hf: longest reviser prompt in tokens (also capped by the model's context); "
-        "a longer one keeps its instructions and replies and cuts the conversation's first turns",
-    )
-    reviser.add_argument(
-        "--temperature", type=float, default=0.0, help="reviser sampling temperature (0: greedy)"
-    )
+    reviser.add_argument("--reviser-max-prompt-len", type=int, default=4096,
+                         help="--reviser hf: longest reviser prompt in tokens (also capped by the "
+                              "model's context); a longer one keeps its instructions and replies "
+                              "and cuts the conversation's first turns")
+    reviser.add_argument("--temperature", type=float, default=0.0,
+                         help="reviser sampling temperature (0: greedy)")
     system = plumbing.add_system_args(parser)
-    system.add_argument(
-        "--concurrency", type=int, default=8, help="--reviser openai: requests in flight"
-    )
-    system.add_argument(
-        "--timeout", type=float, default=120.0,
-        help="--reviser openai: seconds for a whole request (connect, headers and the full answer)",
-    )
-    system.add_argument(
-        "--max-retries",
-        type=int,
-        default=5,
-        help="retries per pair after 429 / 5xx / timeout / connection error / malformed or null "
-        "answer / missing delimiter",
-    )
-    system.add_argument(
-        "--backoff-base", type=float, default=1.0,
-        help="first retry delay, seconds (doubles each retry)",
-    )
-    system.add_argument(
-        "--backoff-cap", type=float, default=60.0,
-        help="longest retry delay, seconds (Retry-After overrides)",
-    )
-    system.add_argument(
-        "--retry-after-cap",
-        type=float,
-        default=chat.RETRY_AFTER_CAP,
-        help="longest wait a server's Retry-After may ask for, seconds "
-        "(a longer one is cut to this)",
-    )
+    system.add_argument("--concurrency", type=int, default=8,
+                        help="--reviser openai: requests in flight")
+    system.add_argument("--timeout", type=float, default=120.0,
+                        help="--reviser openai: seconds for a whole request (connect, headers and "
+                             "the full answer)")
+    system.add_argument("--max-retries", type=int, default=5,
+                        help="retries per pair after 429 / 5xx / timeout / connection error / "
+                             "malformed or null answer / missing delimiter")
+    system.add_argument("--backoff-base", type=float, default=1.0,
+                        help="first retry delay, seconds (doubles each retry)")
+    system.add_argument("--backoff-cap", type=float, default=60.0,
+                        help="longest retry delay, seconds (Retry-After overrides)")
+    system.add_argument("--retry-after-cap", type=float, default=chat.RETRY_AFTER_CAP,
+                        help="longest wait a server's Retry-After may ask for, seconds "
+                             "(a longer one is cut to this)")
     system.add_argument("--workers", type=int, default=1, help="processes for the alignment")
-    system.add_argument(
-        "--no-resume", dest="resume", action="store_false",
-        help="ignore and overwrite <out>.cache.jsonl instead of reusing its answers",
-    )
+    system.add_argument("--no-resume", dest="resume", action="store_false",
+                        help="ignore and overwrite <out>.cache.jsonl instead of reusing its "
+                             "answers")
     system.add_argument("--retry-failed", action="store_true",
                         help="on a rerun, ask again for the pairs whose answer came back and "
                              "could not be used (no delimiter, another 4xx; paid again, and at "
@@ -202,18 +162,11 @@ def parse_args(argv=None):
     if args.reviser == "hf" and not args.reviser_model:
         parser.error("--reviser hf needs --reviser-model PATH_OR_NAME")
     # the lab's lexicon (gold.py), loaded once: it ranks the pairs and/or revises
-    args.gold_lexicon = gold.lexicon_from_args(
-        parser, args, args.reviser == "gold" or args.preference == "gold",
-        "--reviser gold or --preference gold")
-    plumbing.check_positive(
-        parser,
-        args,
-        "concurrency",
-        "workers",
-        "reviser_batch_size",
-        "reviser_max_new_tokens",
-        "reviser_max_prompt_len",
-    )
+    args.gold_lexicon = gold.lexicon_from_args(parser, args,
+                                               args.reviser == "gold" or args.preference == "gold",
+                                               "--reviser gold or --preference gold")
+    plumbing.check_positive(parser, args, "concurrency", "workers", "reviser_batch_size",
+                            "reviser_max_new_tokens", "reviser_max_prompt_len")
     return args
 
 
@@ -255,12 +208,9 @@ def select_pairs(args):
 def reviser_prompt(pair, dialogue: str | None = None) -> str:
     """The request to the reviser; `dialogue` replaces the conversation (fit_reviser_prompt cuts
     it)."""
-    return REVISER_PROMPT.format(
-        prompt=pair.prompt.strip() if dialogue is None else dialogue,
-        chosen=pair.chosen.strip(),
-        rejected=pair.rejected.strip(),
-        delimiter=DELIMITER,
-    )
+    return REVISER_PROMPT.format(prompt=pair.prompt.strip() if dialogue is None else dialogue,
+                                 chosen=pair.chosen.strip(), rejected=pair.rejected.strip(),
+                                 delimiter=DELIMITER)
 
 
 def fit_reviser_prompt(pair, n_tokens, max_tokens: int) -> tuple[str | None, bool]:
@@ -320,17 +270,11 @@ def revise_openai(pair, args, client: chat.ChatClient) -> tuple[str | None, str,
 def run_openai(todo, args, on_answer):
     """--concurrency threads send requests; answers are handed to on_answer in this thread.
     One cheap request first: a bad key, model or URL stops the run before the first pair."""
-    client = chat.ChatClient(
-        args.api_base,
-        args.api_model,
-        chat.api_key_from_env(args.api_key_env, args.api_base),
-        key_env=args.api_key_env,
-        timeout=args.timeout,
-        max_retries=args.max_retries,
-        backoff_base=args.backoff_base,
-        backoff_cap=args.backoff_cap,
-        retry_after_cap=args.retry_after_cap,
-    )
+    client = chat.ChatClient(args.api_base, args.api_model,
+                             chat.api_key_from_env(args.api_key_env, args.api_base),
+                             key_env=args.api_key_env, timeout=args.timeout,
+                             max_retries=args.max_retries, backoff_base=args.backoff_base,
+                             backoff_cap=args.backoff_cap, retry_after_cap=args.retry_after_cap)
     client.check()
     checked = client.calls
     with cf.ThreadPoolExecutor(max_workers=args.concurrency) as pool:
@@ -377,13 +321,9 @@ def generate_texts(
         if temperature > 0
         else dict(do_sample=False)
     )
-    out = model.generate(
-        input_ids=input_ids.to(device),
-        attention_mask=attention_mask.to(device),
-        max_new_tokens=max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        **sampling,
-    )
+    out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                         max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                         **sampling)
     return tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
 
 
@@ -395,9 +335,8 @@ def run_hf(todo, args, on_answer):
     if not todo:
         return 0
     device = distributed.resolve_device(args.device)  # cuda:N honoured
-    tokenizer = hf_models.load_tokenizer(
-        args.reviser_model, args.trust_remote_code, what="--reviser-model"
-    )
+    tokenizer = hf_models.load_tokenizer(args.reviser_model, args.trust_remote_code,
+                                         what="--reviser-model")
     dtype = torch.bfloat16 if amp.use_bf16(args.precision, device) else torch.float32
     model = (
         hf_models.load_policy(
@@ -445,25 +384,16 @@ def run_hf(todo, args, on_answer):
         missing = []
         for start in range(0, len(pending), args.reviser_batch_size):
             batch = pending[start:start + args.reviser_batch_size]
-            answers = generate_texts(
-                model,
-                tokenizer,
-                [chat_text(tokenizer, prompts[p.id]) for p in batch],
-                args.reviser_max_new_tokens,
-                args.temperature,
-            )
+            answers = generate_texts(model, tokenizer,
+                                     [chat_text(tokenizer, prompts[p.id]) for p in batch],
+                                     args.reviser_max_new_tokens, args.temperature)
             for pair, answer in zip(batch, answers):
                 revised = parse_revision(answer, pair.rejected)
                 if revised is None and attempt + 1 < tries:
                     missing.append(pair)
                 else:
-                    on_answer(
-                        pair,
-                        revised,
-                        answer,
-                        "" if revised else "no delimiter in answer",
-                        attempt + 1,
-                    )
+                    on_answer(pair, revised, answer, "" if revised else "no delimiter in answer",
+                              attempt + 1)
         pending = missing
     return 0
 
@@ -482,11 +412,9 @@ def revise_all(pairs, args, cache_path: Path):
     the cache as it arrives, a failed one too (with its raw text and the error, so a user can read
     what the reviser said); only parsed revisions are reused by a later run."""
     if args.reviser == "chosen":
-        print(
-            "warning: --reviser chosen uses the chosen response as the revision; it is rarely a "
-            "minimal edit of the rejected one, so the labels mark most tokens as edited",
-            file=sys.stderr,
-        )
+        print("warning: --reviser chosen uses the chosen response as the revision; it is rarely a "
+              "minimal edit of the rejected one, so the labels mark most tokens as edited",
+              file=sys.stderr)
         return {p.id: p.chosen for p in pairs}, {}, {"calls": 0, "cached": 0}
     model = reviser_model(args)
     keys = {p.id: cache_key(args.reviser, model, p) for p in pairs}
@@ -557,9 +485,8 @@ def levenshtein(a: list[int], b: list[int]) -> tuple[int, list[tuple]]:
         D[0][j] = j
     for i in range(1, n + 1):
         for j in range(1, m + 1):
-            D[i][j] = min(
-                D[i - 1][j - 1] + (a[i - 1] != b[j - 1]), D[i - 1][j] + 1, D[i][j - 1] + 1
-            )
+            D[i][j] = min(D[i - 1][j - 1] + (a[i - 1] != b[j - 1]), D[i - 1][j] + 1,
+                          D[i][j - 1] + 1)
     i, j, ops = n, m, []
     while i > 0 or j > 0:
         if i > 0 and j > 0 and a[i - 1] == b[j - 1]:
@@ -650,10 +577,8 @@ def label_pairs(
     reads them as they were made.
     """
     if not getattr(tokenizer, "is_fast", False):
-        raise common.InputError(
-            "label.py needs a fast (Rust) tokenizer: character offsets map labels across "
-            "the prompt/response boundary"
-        )
+        raise common.InputError("label.py needs a fast (Rust) tokenizer: character offsets map "
+                                "labels across the prompt/response boundary")
     keep, cap = max_response_len - 1, ALIGN_CAP * max_response_len  # keep: room for the EOS
     stats = {"boundary_mismatch": 0, "truncated": 0}
     if not pairs:
@@ -675,9 +600,7 @@ def label_pairs(
     in_context = {s: response_in_context(tokenizer, prompts, texts[s]) for s in texts}
     aligned = align_all(
         [(alone["rejected"][k][0][:cap], alone["revised"][k][0][:cap]) for k in range(len(pairs))],
-        workers,
-        progress,
-    )
+        workers, progress)
     records = []
     for k, pair in enumerate(pairs):
         distance, rejected_labels, revised_labels = aligned[k]
@@ -697,9 +620,8 @@ def label_pairs(
             if context_ids != alone[side][k][0]:
                 stats["boundary_mismatch"] += 1
                 if layout == "joint":
-                    labels = map_labels_by_offsets(
-                        labels, offsets, context_spans, len(texts[side][k])
-                    )
+                    labels = map_labels_by_offsets(labels, offsets, context_spans,
+                                                   len(texts[side][k]))
                     ids = context_ids
             stats["truncated"] += len(ids) > keep
             record[f"{side}_ids"], record[f"{side}_labels"] = ids[:keep], labels[:keep]
@@ -901,15 +823,8 @@ def main(argv=None) -> dict:
     revisions, failures, counts = revise_all(pairs, args, cache_path)
     done = [p for p in pairs if p.id in revisions]
     # 2. tokenise, align, label
-    records, stats = label_pairs(
-        done,
-        revisions,
-        tokenizer,
-        args.layout,
-        args.max_response_len,
-        args.workers,
-        chat_template=args.chat_template,
-    )
+    records, stats = label_pairs(done, revisions, tokenizer, args.layout, args.max_response_len,
+                                 args.workers, chat_template=args.chat_template)
     if stats["boundary_mismatch"] and args.layout == "separate":
         print(
             f"warning: {stats['boundary_mismatch']} responses tokenise differently inside "
@@ -920,9 +835,8 @@ def main(argv=None) -> dict:
         )
     # 3. write atomically
     checkpoint.atomic_write(out, "".join(json.dumps(r) + "\n" for r in records))
-    summary = summarize(
-        args, pairs, records, failures, skipped, notes, counts, stats, time.time() - start
-    )
+    summary = summarize(args, pairs, records, failures, skipped, notes, counts, stats,
+                        time.time() - start)
     checkpoint.atomic_write(summary_path, json.dumps(summary, indent=2) + "\n")
     t = summary["tokens"]
     print(

@@ -71,8 +71,7 @@ class LoRALinear(nn.Module):
         super().__init__()
         if not isinstance(base, (nn.Linear, Conv1D)):
             raise TypeError(
-                f"LoRALinear wraps nn.Linear or transformers Conv1D, not {type(base).__name__}"
-            )
+                f"LoRALinear wraps nn.Linear or transformers Conv1D, not {type(base).__name__}")
         self.transposed = isinstance(base, Conv1D)  # Conv1D: weight [in, out]
         self.weight = base.weight
         self.bias = base.bias
@@ -85,12 +84,10 @@ class LoRALinear(nn.Module):
         self.rank, self.alpha = rank, alpha
         self.scale = alpha / rank  # α/r
         device = base.weight.device
-        self.lora_A = nn.Parameter(
-            torch.empty(rank, self.in_features, device=device, dtype=adapter_dtype)
-        )  # [r, in]
-        self.lora_B = nn.Parameter(
-            torch.zeros(self.out_features, rank, device=device, dtype=adapter_dtype)
-        )  # [out, r]
+        self.lora_A = nn.Parameter(  # [r, in]
+            torch.empty(rank, self.in_features, device=device, dtype=adapter_dtype))
+        self.lora_B = nn.Parameter(  # [out, r]
+            torch.zeros(self.out_features, rank, device=device, dtype=adapter_dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's init: U(±1/√in)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # False inside adapters_disabled(...): the layer is the base layer, bit for bit
@@ -281,13 +278,8 @@ def merged_state_dict(model: nn.Module, state: dict[str, torch.Tensor] | None = 
     state = model.state_dict() if state is None else state
     merged = {}
     for name, layer in lora_layers(model):
-        weight = merge_weight(
-            state[f"{name}.weight"],
-            state[f"{name}.lora_A"],
-            state[f"{name}.lora_B"],
-            layer.scale,
-            layer.transposed,
-        )
+        weight = merge_weight(state[f"{name}.weight"], state[f"{name}.lora_A"],
+                              state[f"{name}.lora_B"], layer.scale, layer.transposed)
         merged[f"{name}.weight"] = weight if device is None else weight.to(device)
     return {
         key: merged.get(key, value)
@@ -344,26 +336,18 @@ def comma_list(text: str) -> list[str]:
 def add_lora_args(parser):
     """--lora-rank, --lora-alpha, --lora-targets on a training stage's argparse parser."""
     group = parser.add_argument_group("LoRA")
-    group.add_argument(
-        "--lora-rank", type=int, default=0,
-        help="rank r of the LoRA adapters; 0 = full fine-tuning (every weight trained)",
-    )
-    group.add_argument(
-        "--lora-alpha",
-        type=float,
-        default=DEFAULT_ALPHA,
-        help="α of the LoRA scale α/r. Kept fixed when r changes, so a learning rate tuned at "
-        "one rank carries over (Hu et al. 2021 §4.1); 32 as in Schulman et al. 2025 "
-        "'LoRA Without Regret', who find LoRA's best learning rate about 10x full "
-        "fine-tuning's",
-    )
-    group.add_argument(
-        "--lora-targets",
-        type=comma_list,
-        default=None,
-        help="comma-separated module-name suffixes to adapt, e.g. q_proj,v_proj (Llama) or c_attn "
-        "(GPT-2); default: every linear layer of the decoder blocks",
-    )
+    group.add_argument("--lora-rank", type=int, default=0,
+                       help="rank r of the LoRA adapters; 0 = full fine-tuning (every weight "
+                            "trained)")
+    group.add_argument("--lora-alpha", type=float, default=DEFAULT_ALPHA,
+                       help="α of the LoRA scale α/r. Kept fixed when r changes, so a learning "
+                            "rate tuned at one rank carries over (Hu et al. 2021 §4.1); 32 as in "
+                            "Schulman et al. 2025 'LoRA Without Regret', who find LoRA's best "
+                            "learning rate about 10x full fine-tuning's")
+    group.add_argument("--lora-targets", type=comma_list, default=None,
+                       help="comma-separated module-name suffixes to adapt, e.g. q_proj,v_proj "
+                            "(Llama) or c_attn (GPT-2); default: every linear layer of the decoder "
+                            "blocks")
     return group
 
 

@@ -743,8 +743,7 @@ def resumed_kl_state(args, out: Path, start_step: int) -> tuple[list[float], flo
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=plumbing.HelpFormatter)
     add_algorithm_args(parser)
-    data = plumbing.add_data_args(parser.add_argument_group("data"), split="rl",
-                                  response_len=False)
+    data = plumbing.add_data_args(parser.add_argument_group("data"), split="rl", response_len=False)
     data.add_argument("--out", required=True, help="output dir: log.jsonl, checkpoint/, policy/")
     model = parser.add_argument_group("model")
     model.add_argument("--policy", required=True,

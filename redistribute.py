@@ -68,36 +68,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=plumbing.HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser(
-        "train", help="train the Bradley–Terry reward model", formatter_class=plumbing.HelpFormatter
-    )
+    train = sub.add_parser("train", help="train the Bradley–Terry reward model",
+                           formatter_class=plumbing.HelpFormatter)
     data = plumbing.add_data_args(train.add_argument_group("data"), split="reward", preference=True)
-    data.add_argument(
-        "--eval-fraction", type=float, default=0.1,
-        help="share of the split's pairs held out (by a hash of their id) to measure pair accuracy",
-    )
-    data.add_argument(
-        "--revision-pairs",
-        default=None,
-        metavar="LABELS",
-        help="the lab: also train on (revised ≻ rejected) pairs from label.py's output, so the "
-        "reward model learns from what the discriminator learns from (held-out pairs left out)",
-    )
+    data.add_argument("--eval-fraction", type=float, default=0.1,
+                      help="share of the split's pairs held out (by a hash of their id) to measure "
+                           "pair accuracy")
+    data.add_argument("--revision-pairs", default=None, metavar="LABELS",
+                      help="the lab: also train on (revised ≻ rejected) pairs from label.py's "
+                           "output, so the reward model learns from what the discriminator learns "
+                           "from (held-out pairs left out)")
     data.add_argument("--prefix-pairs", action="store_true",
                       help="the lab (needs --preference gold): also rank every two prefixes of "
                            "each training reply by their gold scores (Bradley–Terry), so R is "
                            "trained at the prefixes RED reads; not in the R3HF paper (docstring)")
     gold.add_lexicon_arg(data, "--preference gold")
     model = train.add_argument_group("model")
-    model.add_argument(
-        "--sft", required=True, help="SFT model directory (or HF name): backbone and tokenizer"
-    )
+    model.add_argument("--sft", required=True,
+                       help="SFT model directory (or HF name): backbone and tokenizer")
     # a pair's chosen and rejected rows go through one forward pass together
-    plumbing.add_optimizer_args(train.add_argument_group("algorithm"), "pairs", epochs=1.0,
-                                lr=1e-5, lr_note="1e-5 is for 7B models; tiny models want ~1e-4 "
-                                "to 5e-4", batch_size=8, micro_batch_size=8)
-    plumbing.add_output_args(train.add_argument_group("output"), "output directory for the reward "
-                             "model, logs, checkpoint", save_every=200, eval_every=0,
+    plumbing.add_optimizer_args(train.add_argument_group("algorithm"), "pairs", epochs=1.0, lr=1e-5,
+                                lr_note="1e-5 is for 7B models; tiny models want ~1e-4 to 5e-4",
+                                batch_size=8, micro_batch_size=8)
+    plumbing.add_output_args(train.add_argument_group("output"),
+                             "output directory for the reward model, logs, checkpoint",
+                             save_every=200, eval_every=0,
                              eval_help="steps between held-out evaluations (0 = end only)",
                              eval_batch_size=8, batch_unit="pairs", log_every=10)
     lora.add_lora_args(train)
@@ -105,36 +100,28 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     show = sub.add_parser("show", help="print a response with each token's redistributed reward",
                           formatter_class=plumbing.HelpFormatter)
-    show.add_argument(
-        "--reward-model", required=True, help="reward model directory written by `train`"
-    )
+    show.add_argument("--reward-model", required=True,
+                      help="reward model directory written by `train`")
     show.add_argument("--prompt", required=True, help='prompt text, ending with "\\n\\nAssistant:"')
     show.add_argument("--response", required=True, help="response text (EOS is appended)")
-    show.add_argument(
-        "--beta-c", type=float, default=1.0, help="eq. 7 mixing: 1 = dense RED, 0 = sparse"
-    )
-    show.add_argument(
-        "--zero-first", action="store_true", help="R(x, y≤−1) = 0 instead of the prompt's score"
-    )
-    show.add_argument(
-        "--max-prompt-len", type=int, default=256, help="prompt tokens kept (the last ones)"
-    )
-    show.add_argument(
-        "--max-response-len", type=int, default=256, help="response tokens kept, EOS included"
-    )
-    show.add_argument(
-        "--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N"
-    )
-    show.add_argument(
-        "--trust-remote-code", action="store_true", help="allow model repos with their own code"
-    )
+    show.add_argument("--beta-c", type=float, default=1.0,
+                      help="eq. 7 mixing: 1 = dense RED, 0 = sparse")
+    show.add_argument("--zero-first", action="store_true",
+                      help="R(x, y≤−1) = 0 instead of the prompt's score")
+    show.add_argument("--max-prompt-len", type=int, default=256,
+                      help="prompt tokens kept (the last ones)")
+    show.add_argument("--max-response-len", type=int, default=256,
+                      help="response tokens kept, EOS included")
+    show.add_argument("--device", default="auto",
+                      help="auto (cuda if available), cpu, cuda, cuda:N")
+    show.add_argument("--trust-remote-code", action="store_true",
+                      help="allow model repos with their own code")
 
     args = parser.parse_args(argv)
     if args.command == "train":
         if not 0.0 < args.eval_fraction < 1.0:
             train.error(f"--eval-fraction must be in (0, 1), got {args.eval_fraction}")
-        plumbing.check_training_args(train, args, "max_prompt_len", "max_response_len",
-                                     "log_every")
+        plumbing.check_training_args(train, args, "max_prompt_len", "max_response_len", "log_every")
         lora.check_lora_args(train, args)
         if args.limit is not None and args.limit < 2:
             train.error(
@@ -190,8 +177,7 @@ def revision_pairs(labels_path, heldout_groups: set[str]) -> list[common.Pair]:
             isinstance(record.get(k), str) for k in ("id", "prompt", "rejected", "revised")
         ):
             raise common.DataError(
-                f"{where}: a label.py record needs string fields id, prompt, rejected, revised"
-            )
+                f"{where}: a label.py record needs string fields id, prompt, rejected, revised")
         if common.pair_group(record["id"]) not in heldout_groups:
             pairs.append(
                 common.Pair(
@@ -217,8 +203,8 @@ def encode_pairs(pairs, tokenizer, max_prompt_len: int, max_response_len: int,
                    "rejected": common.encode_response(tokenizer, rejected, max_response_len)}
         if prefix_gold:
             for side, text in (("chosen", chosen), ("rejected", rejected)):
-                example[f"{side}_gold"] = prefix_gold_scores(tokenizer, text, len(example[side]),
-                                                             lexicon=lexicon)
+                example[f"{side}_gold"] = prefix_gold_scores(
+                    tokenizer, text, len(example[side]), lexicon=lexicon)
         examples.append(example)
     return examples
 
@@ -407,9 +393,8 @@ def sequence_reward(reward_model, query_response: torch.Tensor, attention_mask: 
 def load_reward_model(path, device="cpu", dtype=torch.float32, trust_remote_code=False):
     """A trained reward model (this project's, or TRL's / OpenRLHF's) in eval mode with dropout
     off."""
-    model = hf_models.load_score_model(
-        path, dtype=dtype, trust_remote_code=trust_remote_code, what="--reward-model"
-    )
+    model = hf_models.load_score_model(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                       what="--reward-model")
     return common.disable_dropout(model).eval().to(device)
 
 
@@ -445,8 +430,7 @@ def train_step(
             loss.backward()
         sums += torch.tensor(
             [loss_sum.item(), (chosen > rejected).sum().item(), (chosen - rejected).sum().item()],
-            dtype=torch.float64,
-        )
+            dtype=torch.float64)
     grad_norm = distributed.clip_grad_norm(model, args.max_grad_norm)
     optimizer.step()
     scheduler.step()
@@ -467,16 +451,14 @@ def train(args):
     # data: the split (--split-seed), its held-out part (hashed, the same pairs the discriminator
     # holds out)
     train_pairs, eval_pairs = select_pairs(args, quiet=not master)
-    tokenizer = hf_models.load_tokenizer(
-        args.sft, trust_remote_code=args.trust_remote_code, what="--sft"
-    )
+    tokenizer = hf_models.load_tokenizer(args.sft, trust_remote_code=args.trust_remote_code,
+                                         what="--sft")
     pad_id = tokenizer.pad_token_id
     train_examples = encode_pairs(train_pairs, tokenizer, args.max_prompt_len,
                                   args.max_response_len, args.chat_template,
                                   prefix_gold=args.prefix_pairs, lexicon=args.gold_lexicon)
-    eval_examples = encode_pairs(
-        eval_pairs, tokenizer, args.max_prompt_len, args.max_response_len, args.chat_template
-    )
+    eval_examples = encode_pairs(eval_pairs, tokenizer, args.max_prompt_len, args.max_response_len,
+                                 args.chat_template)
 
     # model: SFT backbone + fresh scalar head without bias, dropout off (the two sides of a pair
     # must be scored by the same function), optimizer, cosine schedule without warm-up
@@ -516,15 +498,8 @@ def train(args):
             "elapsed_s": round(time.time() - start, 2),
         }
         if args.eval_every and step % args.eval_every == 0:
-            result = evaluate(
-                model,
-                eval_examples,
-                pad_id,
-                args.eval_batch_size,
-                device,
-                dist_info,
-                args.precision,
-            )
+            result = evaluate(model, eval_examples, pad_id, args.eval_batch_size, device, dist_info,
+                              args.precision)
             record.update({f"eval_{k}": v for k, v in result.items() if k != "pairs"})
         if step % args.log_every == 0 or step == total_steps or "eval_accuracy" in record:
             run.logger.log(record)
@@ -538,9 +513,8 @@ def train(args):
         return run.finish()
 
     # held-out accuracy, final model
-    result = evaluate(
-        model, eval_examples, pad_id, args.eval_batch_size, device, dist_info, args.precision
-    )
+    result = evaluate(model, eval_examples, pad_id, args.eval_batch_size, device, dist_info,
+                      args.precision)
     info = {
         "role": "reward_model",
         "sft": str(args.sft),

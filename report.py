@@ -190,8 +190,7 @@ def line_chart_svg(title, series, width=360, height=230, x_label="step"):
         parts.append(f'<text x="{left - 4}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:.3g}</text>')
     for x in (x0, x1):
         parts.append(
-            f'<text x="{sx(x):.1f}" y="{height - bottom + 14}" text-anchor="middle">{x:.4g}</text>'
-        )
+            f'<text x="{sx(x):.1f}" y="{height - bottom + 14}" text-anchor="middle">{x:.4g}</text>')
     parts.append(f'<text x="{(left + width - right) / 2:.0f}" y="{height - bottom + 14}" '
                  f'text-anchor="middle">{html.escape(x_label)}</text>')
     for k, (name, line) in enumerate(series.items()):
@@ -345,16 +344,14 @@ def report_html(results, samples, curves):
               for title, series in curves.items() if series]
     body.append("<h2>PPO training curves</h2>")
     body.append(
-        f'<div class="charts">{"".join(charts)}</div>' if charts else "<p>No PPO logs found.</p>"
-    )
+        f'<div class="charts">{"".join(charts)}</div>' if charts else "<p>No PPO logs found.</p>")
     body.append(credit_html(results))
     body.append("<h2>Token rewards</h2><p>Each token shaded by its TLCR reward (2·D − 1) and its "
                 "RED reward (R(x, y≤t) − R(x, y≤t−1)): green positive, red negative; hover for the "
                 "value. With --gold the first row is each token's gold credit, the weight of"
                 " the word it belongs to (−1 harm, +1 safe), the answer both rows should find.</p>")
     red_scale = max(
-        [abs(v) for s in samples for r in s["responses"].values() for v in r["red"]] + [1e-6]
-    )
+        [abs(v) for s in samples for r in s["responses"].values() for v in r["red"]] + [1e-6])
     for k, sample in enumerate(samples):
         body.append(
             f'<h3>Prompt {k + 1}</h3><pre '

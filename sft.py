@@ -37,35 +37,31 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=plumbing.HelpFormatter)
     plumbing.add_data_args(parser.add_argument_group("data"))
     model = parser.add_argument_group("model")
-    model.add_argument(
-        "--model",
-        default="tiny",
-        help="'tiny' (a small random model + BPE tokenizer trained on the data), or any "
-        "Hugging Face "
-        "causal LM by name or path (gpt2, meta-llama/Llama-2-7b-hf, ./my-model)",
-    )
+    model.add_argument("--model", default="tiny",
+                       help="'tiny' (a small random model + BPE tokenizer trained on the data), or "
+                            "any Hugging Face causal LM by name or path (gpt2, "
+                            "meta-llama/Llama-2-7b-hf, ./my-model)")
     model.add_argument("--tiny-arch", default="gpt2", choices=tuple(hf_models.TINY_FAMILIES),
                        help="tiny model family: gpt2 (byte-level BPE, no BOS), llama (RoPE, "
                             "SentencePiece-style BPE, BOS), or another of hf_models.TINY_FAMILIES "
                             "(llama3, mistral, qwen2, qwen3, gemma2, phi3, gpt_neox, opt)")
     model.add_argument("--tiny-layers", type=int, default=2, help="tiny model: transformer blocks")
     model.add_argument("--tiny-width", type=int, default=64, help="tiny model: hidden size")
-    model.add_argument(
-        "--tiny-dropout", type=float, default=0.1, help="tiny model: dropout probability"
-    )
-    model.add_argument(
-        "--tiny-vocab", type=int, default=2048, help="tiny model: BPE vocabulary size"
-    )
+    model.add_argument("--tiny-dropout", type=float, default=0.1,
+                       help="tiny model: dropout probability")
+    model.add_argument("--tiny-vocab", type=int, default=2048,
+                       help="tiny model: BPE vocabulary size")
     plumbing.add_optimizer_args(parser.add_argument_group("training"), "sequences", epochs=1.0,
-                                lr=1e-3, lr_note="1e-3 suits the tiny model; use ~1e-5 for gpt2 "
-                                "and larger", batch_size=16, micro_batch_size=8,
+                                lr=1e-3,
+                                lr_note="1e-3 suits the tiny model; use ~1e-5 for gpt2 and larger",
+                                batch_size=16, micro_batch_size=8,
                                 epochs_help="passes over the SFT split")
     out = plumbing.add_output_args(parser.add_argument_group("output"),
                                    "output folder: final model, log.jsonl, checkpoint/",
-                                   save_every=100, eval_every=50, eval_help="held-out loss every "
-                                   "N steps and at the end (0: only at the end)",
-                                   eval_batch_size=8, batch_unit="sequences",
-                                   out_default="runs/demo/sft")
+                                   save_every=100, eval_every=50,
+                                   eval_help="held-out loss every N steps and at the end (0: only "
+                                             "at the end)", eval_batch_size=8,
+                                   batch_unit="sequences", out_default="runs/demo/sft")
     out.add_argument("--eval-examples", type=int, default=64,
                      help="test-split examples per held-out evaluation")
     lora.add_lora_args(parser)
@@ -83,9 +79,8 @@ def parse_args(argv=None):
 def select_pairs(args, quiet: bool = False):
     """(training pairs, held-out pairs): the SFT split (at most --limit pairs) and the test
     split."""
-    splits = common.split_pairs(
-        plumbing.load_data(args.data, "all", args.split_seed, quiet=quiet), args.split_seed
-    )
+    splits = common.split_pairs(plumbing.load_data(args.data, "all", args.split_seed, quiet=quiet),
+                                args.split_seed)
     return common.select_split(splits["sft"], "all", args.split_seed, args.limit), splits["test"]
 
 
@@ -179,16 +174,10 @@ def load_or_build_model(args, sft_pairs, out: Path, dist_info):
         path = out / "init"
         if not (path / "config.json").exists():
             if dist_info.master:
-                hf_models.build_tiny(
-                    [p.prompt + p.chosen for p in sft_pairs],
-                    path,
-                    arch=args.tiny_arch,
-                    vocab_size=args.tiny_vocab,
-                    seed=args.seed,
-                    layers=args.tiny_layers,
-                    width=args.tiny_width,
-                    dropout=args.tiny_dropout,
-                )
+                hf_models.build_tiny([p.prompt + p.chosen for p in sft_pairs], path,
+                                     arch=args.tiny_arch, vocab_size=args.tiny_vocab,
+                                     seed=args.seed, layers=args.tiny_layers, width=args.tiny_width,
+                                     dropout=args.tiny_dropout)
             distributed.barrier()
     dtype = amp.base_dtype(args, dist_info.device)
     return (
@@ -233,9 +222,8 @@ def main(argv=None):
         record = {"step": step, "train_loss": metrics["loss"], "grad_norm": metrics["grad_norm"],
                   "lr": scheduler.get_last_lr()[0], "elapsed_s": round(time.time() - start, 2)}
         if (args.eval_every and step % args.eval_every == 0) or step == total_steps:
-            record["eval_loss"] = eval_loss = evaluate(
-                model, test_examples, args, dist_info, pad_id
-            )
+            record["eval_loss"] = eval_loss = evaluate(model, test_examples, args, dist_info,
+                                                       pad_id)
         run.logger.log(record)
         bar.update(1)
         bar.set_postfix({k: round(v, 4) for k, v in record.items() if k.endswith("loss")})
@@ -250,9 +238,8 @@ def main(argv=None):
     # every rank: gathered under FSDP, LoRA merged; rank 0 writes
     hf_models.save_policy(model, tokenizer, out)
     if dist_info.master:
-        checkpoint.atomic_write(
-            out / "sft_summary.json", json.dumps({"step": step, "eval_loss": eval_loss}, indent=2)
-        )
+        checkpoint.atomic_write(out / "sft_summary.json",
+                                json.dumps({"step": step, "eval_loss": eval_loss}, indent=2))
         print(f"sft: {step} steps, held-out response NLL {eval_loss:.4f}, model saved to {out}")
     return run.finish(out)
 

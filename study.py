@@ -140,71 +140,53 @@ EXPECTED_ITERATIONS = {"smoke": 4, "demo": 22}
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=plumbing.HelpFormatter)
     run = parser.add_argument_group("design")
-    run.add_argument(
-        "--seeds", type=int, nargs="+", default=list(range(10)),
-        help="upstream seeds: each trains its own reward model and discriminator (--seed U); the "
-        "unit of the paired comparisons",
-    )
-    run.add_argument(
-        "--ppo-seeds", type=int, default=1,
-        help="PPO runs per upstream seed and method (--seed U + 1000·P), averaged within the "
-        "upstream seed",
-    )
+    run.add_argument("--seeds", type=int, nargs="+", default=list(range(10)),
+                     help="upstream seeds: each trains its own reward model and discriminator "
+                          "(--seed U); the unit of the paired comparisons")
+    run.add_argument("--ppo-seeds", type=int, default=1,
+                     help="PPO runs per upstream seed and method (--seed U + 1000·P), averaged "
+                          "within the upstream seed")
     run.add_argument("--size", default="demo", choices=sorted(PRESETS), help="stage presets")
     run.add_argument(
         "--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
-        help=f"the PPO rewards compared; each one but {BASELINE} is compared with {BASELINE}",
-    )
-    run.add_argument(
-        "--kl-targets", type=float, nargs="+", default=[0.5, 1.0],
-        help="KL to the reference at which every run is saved and scored (the primary endpoint)",
-    )
-    run.add_argument(
-        "--samples-per-prompt", type=int, default=4,
-        help="held-out replies per test prompt and policy (eval.py --samples-per-prompt)",
-    )
+        help=f"the PPO rewards compared; each one but {BASELINE} is compared with {BASELINE}")
+    run.add_argument("--kl-targets", type=float, nargs="+", default=[0.5, 1.0],
+                     help="KL to the reference at which every run is saved and scored (the primary "
+                          "endpoint)")
+    run.add_argument("--samples-per-prompt", type=int, default=4,
+                     help="held-out replies per test prompt and policy (eval.py "
+                          "--samples-per-prompt)")
     gold.add_lexicon_arg(run)  # run_pipeline.sh LEXICON
-    run.add_argument(
-        "--max-iterations", type=int, default=0,
-        help="PPO iterations a run may take to reach the last target (0: 90 at demo, 8 at smoke)",
-    )
-    run.add_argument(
-        "--credit", action=argparse.BooleanOptionalAction, default=True,
-        help="also measure the token credit of every method (eval.py --gold on each method's "
-        "policy at the last target, one reply a prompt); exploratory",
-    )
+    run.add_argument("--max-iterations", type=int, default=0,
+                     help="PPO iterations a run may take to reach the last target (0: 90 at demo, "
+                          "8 at smoke)")
+    run.add_argument("--credit", action=argparse.BooleanOptionalAction, default=True,
+                     help="also measure the token credit of every method (eval.py --gold on each "
+                          "method's policy at the last target, one reply a prompt); exploratory")
     system = parser.add_argument_group("running")
-    system.add_argument(
-        "--jobs", type=int, default=1,
-        help="stages run at once; each gets cores / jobs threads (OMP_NUM_THREADS) unless set",
-    )
-    system.add_argument(
-        "--report-only", action="store_true",
-        help="run nothing: tables and chart from the stages already done in --out",
-    )
+    system.add_argument("--jobs", type=int, default=1,
+                        help="stages run at once; each gets cores / jobs threads (OMP_NUM_THREADS) "
+                             "unless set")
+    system.add_argument("--report-only", action="store_true",
+                        help="run nothing: tables and chart from the stages already done in --out")
     system.add_argument("--plan-only", action="store_true",
                         help="print the design and its time plan, run nothing")
     stats = parser.add_argument_group("statistics")
-    stats.add_argument(
-        "--alpha", type=float, default=0.05,
-        help="level of the intervals (1 − alpha) and of the calls: significant = Holm-adjusted p < "
-        "alpha, Holm over the primary family (every method × every target)",
-    )
+    stats.add_argument("--alpha", type=float, default=0.05,
+                       help="level of the intervals (1 − alpha) and of the calls: significant = "
+                            "Holm-adjusted p < alpha, Holm over the primary family (every method × "
+                            "every target)")
     stats.add_argument("--power", type=float, default=0.8,
                        help="power of the minimal detectable difference (MDD) printed per test")
-    stats.add_argument(
-        "--kl-points", type=float, nargs="*", default=None,
-        help="exploratory: KL values at which the smoothed training log is read (default: "
-        "--kl-targets)",
-    )
-    stats.add_argument(
-        "--smooth", type=int, default=5,
-        help="exploratory: centred running mean over this many PPO iterations before that reading",
-    )
+    stats.add_argument("--kl-points", type=float, nargs="*", default=None,
+                       help="exploratory: KL values at which the smoothed training log is read "
+                            "(default: --kl-targets)")
+    stats.add_argument("--smooth", type=int, default=5,
+                       help="exploratory: centred running mean over this many PPO iterations "
+                            "before that reading")
     out = parser.add_argument_group("output")
-    out.add_argument(
-        "--out", default="runs/study", help="study folder: sft/, up-U/, stages/, logs/, study.*"
-    )
+    out.add_argument("--out", default="runs/study",
+                     help="study folder: sft/, up-U/, stages/, logs/, study.*")
     args = parser.parse_args(argv)
     plumbing.check_positive(parser, args, "jobs", "smooth", "ppo_seeds", "samples_per_prompt")
     if not 0 < args.alpha < 1 or not 0.5 < args.power < 1:
@@ -663,8 +645,8 @@ def run_stages(args, stages: list[Stage]):
                 pending.remove(stage)
                 print(f"[{time.time() - start:6.0f} s] start {stage.name}", flush=True)
                 running[pool.submit(run_stage, args, stage)] = stage
-            finished, _ = concurrent.futures.wait(
-                running, return_when=concurrent.futures.FIRST_COMPLETED)
+            finished, _ = concurrent.futures.wait(running,
+                                                  return_when=concurrent.futures.FIRST_COMPLETED)
             for future in finished:
                 stage = running.pop(future)
                 seconds = future.result()  # a failed stage stops the study with its log's path

@@ -46,8 +46,7 @@ def launched(model_dir: str, how: str):
     hf_models._quiet_transformers()
     dist_info = distributed.setup_distributed("cpu", fsdp=True)
     distributed.shard_model(
-        GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16)), dist_info
-    )
+        GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16)), dist_info)
     before = rss_mib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     meta = dist_info.meta if how == "rank 0 loads" else False

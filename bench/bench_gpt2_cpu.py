@@ -36,11 +36,9 @@ from plumbing import hf_models  # noqa: E402
 def main(argv=None):
     pairs = common.load_pairs(common.BUNDLED_DATA, quiet=True)
     tokenizer = hf_models.configure_tokenizer(
-        hf_models.train_tiny_tokenizer([p.prompt + p.chosen for p in pairs], vocab_size=50257)
-    )
-    config = plan_memory.load_config(
-        "gpt2"
-    )  # vocabulary 50257: GPT-2's embedding and LM head, 124M parameters
+        hf_models.train_tiny_tokenizer([p.prompt + p.chosen for p in pairs], vocab_size=50257))
+    # vocabulary 50257: GPT-2's embedding and LM head, 124M parameters
+    config = plan_memory.load_config("gpt2")
     config.bos_token_id = config.eos_token_id = 1
     config.pad_token_id = 0
     print(
@@ -54,9 +52,8 @@ def main(argv=None):
         "--no-agreement", "--stages", "sft,sft_lora,discriminator,reward,ppo,ppo_lora,sft_fsdp",
         "--out", "bench_gpt2_cpu.json",
     ]
-    return gpu_check.main(
-        defaults + list(argv if argv is not None else sys.argv[1:]), {"gpt2": config}, tokenizer
-    )
+    return gpu_check.main(defaults + list(argv if argv is not None else sys.argv[1:]),
+                          {"gpt2": config}, tokenizer)
 
 
 if __name__ == "__main__":

@@ -62,14 +62,11 @@ def rate(fn, items, min_time=1.0):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--core", type=int, default=0, help="CPU core to pin to (-1: do not pin)")
-    parser.add_argument(
-        "--tokenizer", default=None,
-        help="policy tokenizer dir (default: a BPE trained here, 8192 ids)",
-    )
-    parser.add_argument(
-        "--workers", type=int, default=1,
-        help="also time the full path with this many processes (wall clock; give --core -1)",
-    )
+    parser.add_argument("--tokenizer", default=None,
+                        help="policy tokenizer dir (default: a BPE trained here, 8192 ids)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="also time the full path with this many processes (wall clock; give "
+                             "--core -1)")
     parser.add_argument("--min-time", type=float, default=2.0, help="seconds per measurement")
     args = parser.parse_args()
     if args.core >= 0 and hasattr(os, "sched_setaffinity"):
@@ -83,11 +80,8 @@ def main():
         few = pairs[: 8 if n < 512 else 4]
         assert [label.levenshtein(a, b) for a, b in few] == label.levenshtein_batch(few)
         py = rate(lambda items: [label.levenshtein(a, b) for a, b in items], few, args.min_time)
-        single = rate(
-            lambda items: [label.levenshtein_batch([pair]) for pair in items],
-            pairs[:32],
-            args.min_time,
-        )
+        single = rate(lambda items: [label.levenshtein_batch([pair]) for pair in items], pairs[:32],
+                      args.min_time)
         batched = rate(
             lambda items: [
                 label.levenshtein_batch([items[k] for k in batch])
@@ -105,9 +99,8 @@ def main():
     if args.tokenizer:
         tokenizer = hf_models.load_tokenizer(args.tokenizer)
     else:
-        tokenizer = hf_models.train_tiny_tokenizer(
-            [p.prompt + p.chosen for p in pairs], vocab_size=8192
-        )
+        tokenizer = hf_models.train_tiny_tokenizer([p.prompt + p.chosen for p in pairs],
+                                                   vocab_size=8192)
     revisions = {p.id: p.chosen for p in pairs}
     for workers in sorted({1, args.workers}):
         # one process: CPU seconds (one core, whatever else runs); several: wall-clock seconds

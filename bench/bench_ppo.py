@@ -41,33 +41,25 @@ from plumbing import distributed, hf_models  # noqa: E402
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--layers", type=int, default=4, help="GPT-2 layers")
-    parser.add_argument(
-        "--width", type=int, default=256, help="GPT-2 hidden size (heads = width / 64)"
-    )
+    parser.add_argument("--width", type=int, default=256,
+                        help="GPT-2 hidden size (heads = width / 64)")
     parser.add_argument("--vocab", type=int, default=4096, help="vocabulary size")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per rollout")
-    parser.add_argument(
-        "--minibatch-size", type=int, default=8, help="responses per optimizer step"
-    )
-    parser.add_argument(
-        "--prompt-len", type=int, default=64,
-        help="longest prompt (rows are left-padded up to half)",
-    )
-    parser.add_argument(
-        "--new-tokens", type=int, default=64, help="response length (EOS is never sampled)"
-    )
+    parser.add_argument("--minibatch-size", type=int, default=8,
+                        help="responses per optimizer step")
+    parser.add_argument("--prompt-len", type=int, default=64,
+                        help="longest prompt (rows are left-padded up to half)")
+    parser.add_argument("--new-tokens", type=int, default=64,
+                        help="response length (EOS is never sampled)")
     parser.add_argument("--lora-rank", type=int, default=16, help="rank of the LoRA variant")
-    parser.add_argument(
-        "--repeats", type=int, default=2, help="timed iterations (after one warm-up)"
-    )
-    parser.add_argument(
-        "--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)"
-    )
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="timed iterations (after one warm-up)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (0 = torch's default)")
     parser.add_argument("--compile", action="store_true",
                         help="ppo_token.py --compile: the rollout's decode step compiled (its "
                              "compilation falls in the warm-up iteration)")
@@ -83,23 +75,14 @@ def save_models(args, folder: Path):
     from safetensors.torch import save_file
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model
 
-    cfg = GPT2Config(
-        vocab_size=args.vocab,
-        n_layer=args.layers,
-        n_embd=args.width,
-        n_head=max(1, args.width // 64),
-        n_positions=args.prompt_len + args.new_tokens,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=0,
-    )
+    cfg = GPT2Config(vocab_size=args.vocab, n_layer=args.layers, n_embd=args.width,
+                     n_head=max(1, args.width // 64), n_positions=args.prompt_len + args.new_tokens,
+                     bos_token_id=0, eos_token_id=0, pad_token_id=0)
     torch.manual_seed(0)
     GPT2LMHeadModel(cfg).save_pretrained(folder / "policy")
     GPT2Model(cfg).save_pretrained(folder / "reward_model")
-    save_file(
-        {"weight": torch.randn(1, args.width) / args.width**0.5},
-        str(folder / "reward_model" / "score_head.safetensors"),
-    )
+    save_file({"weight": torch.randn(1, args.width) / args.width**0.5},
+              str(folder / "reward_model" / "score_head.safetensors"))
 
 
 def rss_kib(field):
@@ -147,8 +130,7 @@ def run_variant(args) -> dict:
     torch.manual_seed(0)
     lengths = torch.randint(args.prompt_len // 2, args.prompt_len + 1, (args.batch_size,)).tolist()
     prompt, prompt_mask = common.pad_left(
-        [torch.randint(1, args.vocab, (n,)).tolist() for n in lengths], 0
-    )
+        [torch.randint(1, args.vocab, (n,)).tolist() for n in lengths], 0)
     prompt, prompt_mask = prompt.to(device), prompt_mask.to(device)
     rollout_s = update_s = 0.0
     for k in range(args.repeats + 1):

@@ -37,24 +37,19 @@ CONFIGS = {  # GPT2Config fields
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--config", default="gpt2", choices=sorted(CONFIGS), help="reward model shape"
-    )
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="gpt2", choices=sorted(CONFIGS),
+                        help="reward model shape")
     parser.add_argument("--batch-size", type=int, default=8, help="responses in the batch")
-    parser.add_argument(
-        "--prompt-len", type=int, default=64, help="longest prompt (others are 0–16 shorter)"
-    )
+    parser.add_argument("--prompt-len", type=int, default=64,
+                        help="longest prompt (others are 0–16 shorter)")
     parser.add_argument("--response-len", type=int, default=256, help="response tokens per row")
-    parser.add_argument(
-        "--repeats", type=int, default=5, help="timed repeats of score and red (best is kept)"
-    )
-    parser.add_argument(
-        "--naive-prefixes", type=int, default=8,
-        help="prefix lengths timed for the naive loop, then extrapolated (0 = all of them)",
-    )
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed repeats of score and red (best is kept)")
+    parser.add_argument("--naive-prefixes", type=int, default=8,
+                        help="prefix lengths timed for the naive loop, then extrapolated (0 = all "
+                             "of them)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
@@ -85,8 +80,7 @@ def make_batch(args, vocab, device):
     query_response = torch.cat([prompt_ids, response], 1).to(device)
     attention_mask = torch.cat([prompt_mask, torch.ones_like(response)], 1).to(device)
     response_mask = torch.cat([torch.zeros_like(prompt_mask), torch.ones_like(response)], 1).to(
-        device
-    )
+        device)
     return query_response, attention_mask, response_mask
 
 
@@ -97,12 +91,9 @@ def main():
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     shape = CONFIGS[args.config]
-    cfg = GPT2Config(
-        n_positions=max(1024, args.prompt_len + args.response_len),
-        bos_token_id=shape["vocab_size"] - 1,
-        eos_token_id=shape["vocab_size"] - 1,
-        **shape,
-    )
+    cfg = GPT2Config(n_positions=max(1024, args.prompt_len + args.response_len),
+                     bos_token_id=shape["vocab_size"] - 1, eos_token_id=shape["vocab_size"] - 1,
+                     **shape)
     model = common.disable_dropout(common.ScoreModel(GPT2Model(cfg))).to(device).eval()
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
     batch = make_batch(args, cfg.vocab_size, device)
@@ -151,9 +142,8 @@ def main():
                     device,
                 )
             naive_wall, naive_cpu = naive_wall + wall, naive_cpu + cpu
-            max_diff = max(
-                max_diff, (prefix_scores[:, -1] - scores[:, P + t - 1]).abs().max().item()
-            )
+            max_diff = max(max_diff,
+                           (prefix_scores[:, -1] - scores[:, P + t - 1]).abs().max().item())
     scale = T / len(prefixes)
     naive = (naive_wall * scale, naive_cpu * scale)
 

@@ -33,13 +33,8 @@ def one_step(args):
 
     device = torch.device(args.device)
     torch.manual_seed(0)
-    config = GPT2Config(
-        n_layer=args.layers,
-        n_embd=args.width,
-        n_head=args.width // 64,
-        n_positions=1024,
-        vocab_size=50257,
-    )
+    config = GPT2Config(n_layer=args.layers, n_embd=args.width, n_head=args.width // 64,
+                        n_positions=1024, vocab_size=50257)
     model = GPT2LMHeadModel(config).to(device)
     if args.checkpointing:
         hf_models.enable_gradient_checkpointing(model)
@@ -90,18 +85,15 @@ def one_step(args):
 
 
 def main():
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument(
-        "--layers", type=int, default=12, help="transformer blocks (GPT-2 small: 12)"
-    )
+    parser.add_argument("--layers", type=int, default=12,
+                        help="transformer blocks (GPT-2 small: 12)")
     parser.add_argument("--width", type=int, default=768, help="hidden size (GPT-2 small: 768)")
     parser.add_argument("--batch-size", type=int, default=2, help="sequences per step")
-    parser.add_argument(
-        "--seq-len", type=int, default=512, help="tokens per sequence (half prompt, half response)"
-    )
+    parser.add_argument("--seq-len", type=int, default=512,
+                        help="tokens per sequence (half prompt, half response)")
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -112,32 +112,10 @@ PEAK_BF16_TFLOPS = {
 }
 
 # The gpt2 preset of run_pipeline.sh (SIZE=gpt2): micro-batches, lengths, learning rates.
-PRESET = dict(
-    prompt_len=512,
-    response_len=256,
-    new_tokens=128,
-    micro_batch=8,
-    rollout_batch=64,
-    minibatch=16,
-    sft_lr=2e-5,
-    disc_lr=1e-5,
-    rm_lr=1e-5,
-    policy_lr=1e-6,
-    critic_lr=5e-6,
-)
-TINY = dict(
-    prompt_len=16,
-    response_len=8,
-    new_tokens=8,
-    micro_batch=2,
-    rollout_batch=4,
-    minibatch=2,
-    sft_lr=1e-3,
-    disc_lr=1e-3,
-    rm_lr=1e-3,
-    policy_lr=1e-3,
-    critic_lr=1e-3,
-)
+PRESET = dict(prompt_len=512, response_len=256, new_tokens=128, micro_batch=8, rollout_batch=64,
+              minibatch=16, sft_lr=2e-5, disc_lr=1e-5, rm_lr=1e-5, policy_lr=1e-6, critic_lr=5e-6)
+TINY = dict(prompt_len=16, response_len=8, new_tokens=8, micro_batch=2, rollout_batch=4,
+            minibatch=2, sft_lr=1e-3, disc_lr=1e-3, rm_lr=1e-3, policy_lr=1e-3, critic_lr=1e-3)
 
 
 def model_configs(tiny: bool, only=None) -> dict:
@@ -203,12 +181,8 @@ def save_models(config, folder: Path, tokenizer=None):
     hf_models.save_hf(policy, tokenizer, folder / "policy")
     del policy
     torch.manual_seed(1)
-    hf_models.save_score_model(
-        hf_models.new_score_model(folder / "policy", bias=False),
-        tokenizer,
-        folder / "reward",
-        "sequence",
-    )
+    hf_models.save_score_model(hf_models.new_score_model(folder / "policy", bias=False), tokenizer,
+                               folder / "reward", "sequence")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,12 +281,10 @@ def supervised_stage(job, folder, sizes, device, dist_info):
         labels = [[(-1, 0, 1)[(i + j) % 3] for j in range(R)] for i in range(n_examples)]
         module = discriminator
         examples = list(
-            zip(random_rows(n_examples, P, vocab, 1), random_rows(n_examples, R, vocab, 2), labels)
-        )
+            zip(random_rows(n_examples, P, vocab, 1), random_rows(n_examples, R, vocab, 2), labels))
     else:
         args = redistribute.parse_args(
-            ["train", "--sft", str(path), "--out", "x", "--lr", str(sizes["rm_lr"]), *common_argv]
-        )
+            ["train", "--sft", str(path), "--out", "x", "--lr", str(sizes["rm_lr"]), *common_argv])
         model = hf_models.new_score_model(path, bias=False, dtype=amp.base_dtype(args, device))
         module = redistribute
         examples = [
@@ -343,11 +315,8 @@ def supervised_stage(job, folder, sizes, device, dist_info):
     rows = 2 * n_examples if stage == "reward" else n_examples
     tokens = rows * (P + R)
     steady = times[1:] or times
-    out = dict(
-        tokens_per_s=tokens / (sum(steady) / len(steady)),
-        step_s=sum(times) / len(times),
-        loss=losses[0],
-    )
+    out = dict(tokens_per_s=tokens / (sum(steady) / len(steady)), step_s=sum(times) / len(times),
+               loss=losses[0])
     if stage.startswith("sft"):
         out["mfu_flops_per_token"] = training_flops_per_token(job["config"], n_params, P + R)
     return out
@@ -415,39 +384,29 @@ def ppo_stage(job, folder, sizes, device, dist_info):
         rollout_s.append(middle - start)
         update_s.append(time.perf_counter() - middle)
         response_tokens.append(int(batch.response_mask.sum()))
-        update_tokens.append(
-            batch.query_response.numel() * args.ppo_epochs
-        )  # prompt + response, each epoch
+        # prompt + response, each epoch
+        update_tokens.append(batch.query_response.numel() * args.ppo_epochs)
     k = 1 if job["steps"] > 1 else 0
     tokens, roll, upd = sum(response_tokens[k:]), sum(rollout_s[k:]), sum(update_s[k:])
     T = batch.query_response.shape[1]
     flops = sum(training_flops_per_token(job["config"], n, T) for n in n_params)
-    return dict(
-        tokens_per_s=tokens / (roll + upd),
-        step_s=(sum(rollout_s) + sum(update_s)) / job["steps"],
-        rollout_tokens_per_s=tokens / roll,
-        update_tokens_per_s=sum(update_tokens[k:]) / upd,
-        mfu_flops_per_token=flops,
-        response_len=tokens / B / (len(response_tokens) - k),
-        **first,
-    )
+    return dict(tokens_per_s=tokens / (roll + upd),
+                step_s=(sum(rollout_s) + sum(update_s)) / job["steps"],
+                rollout_tokens_per_s=tokens / roll,
+                update_tokens_per_s=sum(update_tokens[k:]) / upd, mfu_flops_per_token=flops,
+                response_len=tokens / B / (len(response_tokens) - k), **first)
 
 
 def first_ratio(policy, batch, args, minibatch) -> float:
     """max |π_θ / π_old − 1| on the first minibatch, in the training forward (train mode)."""
     distributed.unwrap(policy).train()
-    idx = torch.arange(
-        min(minibatch, batch.response_mask.shape[0]), device=batch.response_mask.device
-    )
+    idx = torch.arange(min(minibatch, batch.response_mask.shape[0]),
+                       device=batch.response_mask.device)
     idx = idx[: args.micro_batch_size or len(idx)]
     with torch.no_grad(), amp.autocast(batch.response_mask.device, args.precision):
-        new_logprobs, _ = common.response_logprobs(
-            policy,
-            batch.query_response[idx],
-            batch.attention_mask[idx],
-            batch.full_response_mask[idx],
-            args.temperature,
-        )
+        new_logprobs, _ = common.response_logprobs(policy, batch.query_response[idx],
+                                                   batch.attention_mask[idx],
+                                                   batch.full_response_mask[idx], args.temperature)
     mask = batch.response_mask[idx].bool()
     return float((torch.exp(new_logprobs - batch.logprobs[idx]) - 1)[mask].abs().max())
 
@@ -469,8 +428,7 @@ def agreement_stage(job, folder, sizes, device, dist_info) -> dict:
     for precision in ("fp32", "bf16"):
         with torch.no_grad(), amp.autocast(device, precision):
             losses[precision] = float(
-                sft.sft_loss(model, query_response, attention_mask, response_mask)[0]
-            )
+                sft.sft_loss(model, query_response, attention_mask, response_mask)[0])
     return dict(sft_loss_bf16_vs_fp32=abs(losses["bf16"] / losses["fp32"] - 1))
 
 
@@ -670,15 +628,10 @@ def planned_bytes(config, job, sizes) -> int | None:
     shape = plan_memory.shape_of(config)
     ppo = stage.planner == "PPO"
     bf16 = job["precision"] == "bf16"
-    args = SimpleNamespace(
-        frozen_dtype="bf16" if bf16 else "fp32",
-        precision=job["precision"],
-        gpus=1,
-        lora_rank=lora_rank or 8,
-        micro_batch=sizes["micro_batch"],
-        prompt_len=sizes["prompt_len"],
-        response_len=sizes["new_tokens"] if ppo else sizes["response_len"],
-    )
+    args = SimpleNamespace(frozen_dtype="bf16" if bf16 else "fp32", precision=job["precision"],
+                           gpus=1, lora_rank=lora_rank or 8, micro_batch=sizes["micro_batch"],
+                           prompt_len=sizes["prompt_len"],
+                           response_len=sizes["new_tokens"] if ppo else sizes["response_len"])
     row = plan_memory.plan(stage.planner, bool(lora_rank), counts, shape, args,
                            sizes["rollout_batch"])
     return row["total"]
@@ -688,79 +641,54 @@ def planned_bytes(config, job, sizes) -> int | None:
 # main: every stage of every model, a row each, the table rewritten after each
 # ----------------------------------------------------------------------------------------------
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu")
-    parser.add_argument(
-        "--tiny", action="store_true", help="tiny models and lengths (seconds on a CPU)"
-    )
-    parser.add_argument(
-        "--models", default=None, help="comma-separated subset of the models (gpt2, llama-1b)"
-    )
+    parser.add_argument("--tiny", action="store_true",
+                        help="tiny models and lengths (seconds on a CPU)")
+    parser.add_argument("--models", default=None,
+                        help="comma-separated subset of the models (gpt2, llama-1b)")
     parser.add_argument(
         "--stages", default=DEFAULT_STAGES,
-        help=f"comma-separated stages, run in this order for each model: {', '.join(STAGES)}",
-    )
-    parser.add_argument(
-        "--precision",
-        default="bf16",
-        choices=("bf16", "fp32"),
-        help="the stages' --precision (bf16: the GPU path; on a CPU without bf16 matmul units it "
-        "is slow beyond --tiny)",
-    )
-    parser.add_argument(
-        "--steps", type=int, default=3, help="optimizer steps (PPO: iterations) per stage"
-    )
-    parser.add_argument(
-        "--micro-batches", type=int, default=2, help="micro-batches per supervised step"
-    )
-    parser.add_argument(
-        "--ppo-epochs", type=int, default=1, help="PPO epochs per iteration (the preset's: 4)"
-    )
-    parser.add_argument(
-        "--rollout-batch", type=int, default=None,
-        help="PPO prompts per iteration (default: the preset's 64; --tiny 4)",
-    )
-    parser.add_argument(
-        "--micro-batch", type=int, default=None, help="sequences per micro-batch (preset: 8)"
-    )
+        help=f"comma-separated stages, run in this order for each model: {', '.join(STAGES)}")
+    parser.add_argument("--precision", default="bf16", choices=("bf16", "fp32"),
+                        help="the stages' --precision (bf16: the GPU path; on a CPU without bf16 "
+                             "matmul units it is slow beyond --tiny)")
+    parser.add_argument("--steps", type=int, default=3,
+                        help="optimizer steps (PPO: iterations) per stage")
+    parser.add_argument("--micro-batches", type=int, default=2,
+                        help="micro-batches per supervised step")
+    parser.add_argument("--ppo-epochs", type=int, default=1,
+                        help="PPO epochs per iteration (the preset's: 4)")
+    parser.add_argument("--rollout-batch", type=int, default=None,
+                        help="PPO prompts per iteration (default: the preset's 64; --tiny 4)")
+    parser.add_argument("--micro-batch", type=int, default=None,
+                        help="sequences per micro-batch (preset: 8)")
     parser.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (preset: 512)")
-    parser.add_argument(
-        "--response-len", type=int, default=None, help="response tokens (preset: 256)"
-    )
-    parser.add_argument(
-        "--new-tokens", type=int, default=None, help="PPO response tokens (preset: 128)"
-    )
-    parser.add_argument(
-        "--agreement",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="measure bf16 against fp32 on the SFT loss (the agreement stage; --no-agreement: "
-        "skip it; on a CPU without bf16 matmul units one GPT-2-sized bf16 forward takes minutes)",
-    )
-    parser.add_argument(
-        "--deadline", type=float, default=7.0,
-        help="minutes for all stages: a stage is not started when its estimate (the same stage "
-        "of the previous model, scaled by parameters) exceeds the time left, and one still "
-        "running at the deadline is stopped; both rows say so",
-    )
-    parser.add_argument(
-        "--peak-tflops", type=float, default=None,
-        help="the device's dense bf16 peak, TFLOP/s (default: looked up from the device name)",
-    )
+    parser.add_argument("--response-len", type=int, default=None,
+                        help="response tokens (preset: 256)")
+    parser.add_argument("--new-tokens", type=int, default=None,
+                        help="PPO response tokens (preset: 128)")
+    parser.add_argument("--agreement", action=argparse.BooleanOptionalAction, default=True,
+                        help="measure bf16 against fp32 on the SFT loss (the agreement stage; "
+                             "--no-agreement: skip it; on a CPU without bf16 matmul units one "
+                             "GPT-2-sized bf16 forward takes minutes)")
+    parser.add_argument("--deadline", type=float, default=7.0,
+                        help="minutes for all stages: a stage is not started when its estimate "
+                             "(the same stage of the previous model, scaled by parameters) exceeds "
+                             "the time left, and one still running at the deadline is stopped; "
+                             "both rows say so")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's dense bf16 peak, TFLOP/s (default: looked up from the "
+                             "device name)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    parser.add_argument(
-        "--isolate",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="each stage in its own process (default: on CPU without --tiny, where peak RSS "
-        "needs it; --tiny figures of memory are noise either way). The FSDP stage always runs in "
-        "its own process, under torchrun",
-    )
+    parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                        help="each stage in its own process (default: on CPU without --tiny, where "
+                             "peak RSS needs it; --tiny figures of memory are noise either way). "
+                             "The FSDP stage always runs in its own process, under torchrun")
     parser.add_argument("--out", default="gpu_check.json",
                         help="the rows as JSON; the table beside it (.md), both rewritten after "
-                        "every stage")
+                             "every stage")
     parser.add_argument("--job", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     unknown = [s for s in args.stages.split(",") if s not in STAGES]

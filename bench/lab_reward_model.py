@@ -43,25 +43,19 @@ from plumbing import checkpoint, hf_models  # noqa: E402
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=plumbing.HelpFormatter)
-    parser.add_argument(
-        "--reward-models", nargs="*", default=[], metavar="NAME=DIR", help="reward models"
-    )
-    parser.add_argument(
-        "--discriminators", nargs="*", default=[], metavar="NAME=DIR", help="TLCR discriminators"
-    )
-    parser.add_argument(
-        "--data", default="bundled", help="the preference pairs (their RL and test splits)"
-    )
+    parser.add_argument("--reward-models", nargs="*", default=[], metavar="NAME=DIR",
+                        help="reward models")
+    parser.add_argument("--discriminators", nargs="*", default=[], metavar="NAME=DIR",
+                        help="TLCR discriminators")
+    parser.add_argument("--data", default="bundled",
+                        help="the preference pairs (their RL and test splits)")
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the data split")
-    parser.add_argument(
-        "--samples", default=None, help="gold_samples.py --split rl output (optional)"
-    )
-    parser.add_argument(
-        "--max-prompt-len", type=int, default=192, help="prompt tokens kept (the last ones)"
-    )
-    parser.add_argument(
-        "--max-response-len", type=int, default=96, help="response tokens kept, EOS included"
-    )
+    parser.add_argument("--samples", default=None,
+                        help="gold_samples.py --split rl output (optional)")
+    parser.add_argument("--max-prompt-len", type=int, default=192,
+                        help="prompt tokens kept (the last ones)")
+    parser.add_argument("--max-response-len", type=int, default=96,
+                        help="response tokens kept, EOS included")
     parser.add_argument("--batch-size", type=int, default=32, help="rows per forward pass")
     parser.add_argument("--out", default=None, help="JSON file for the figures")
     return parser.parse_args(argv)
@@ -130,9 +124,8 @@ def prefix_gold(tokenizer, rows, encoded):
 
 
 def pair_accuracy(model, pairs, tokenizer, args):
-    encoded = encode_rows(
-        [(p, p.chosen) for p in pairs] + [(p, p.rejected) for p in pairs], tokenizer, args
-    )
+    encoded = encode_rows([(p, p.chosen) for p in pairs] + [(p, p.rejected) for p in pairs],
+                          tokenizer, args)
     scores = [
         s[-1]
         for s in position_scores(model, encoded, args.batch_size, "pairs")
@@ -142,9 +135,7 @@ def pair_accuracy(model, pairs, tokenizer, args):
 
 def reward_model_figures(model, tokenizer, heldout, samples, args):
     encoded, credit, prefix = heldout["encoded"], heldout["credit"], heldout["prefix"]
-    scores = position_scores(
-        model, encoded, args.batch_size, "held-out replies"
-    )
+    scores = position_scores(model, encoded, args.batch_size, "held-out replies")
     red_rewards = [
         np.diff(s) for s in scores
     ]  # eq. 6: R(x, y≤t) − R(x, y≤t−1), R(x, y≤−1) at the prompt
@@ -165,18 +156,14 @@ def reward_model_figures(model, tokenizer, heldout, samples, args):
     }
     if samples is not None:
         figures["acc_samples"] = pair_accuracy(model, samples["pairs"], tokenizer, args)
-        sample_scores = position_scores(
-            model, samples["encoded"], args.batch_size, "samples"
-        )
+        sample_scores = position_scores(model, samples["encoded"], args.batch_size, "samples")
         figures["r_samples"] = gold.pearson([s[-1] for s in sample_scores], samples["gold"])
     return figures
 
 
 def discriminator_figures(model, tokenizer, heldout, args):
     encoded, credit, prefix = heldout["encoded"], heldout["credit"], heldout["prefix"]
-    logits = position_scores(
-        model, encoded, args.batch_size, "held-out replies"
-    )
+    logits = position_scores(model, encoded, args.batch_size, "held-out replies")
     rewards = [
         2 * (1 / (1 + np.exp(-lg[1:]))) - 1 for lg in logits
     ]  # eq. 7: r_t = 2·D(a_t) − 1, read at a_t
@@ -196,9 +183,8 @@ def main(argv=None):
     discriminators = named(args.discriminators)
     first = next(iter({**models, **discriminators}.values()))
     tokenizer = hf_models.load_tokenizer(first)
-    splits = common.split_pairs(
-        plumbing.load_data(args.data, "all", args.split_seed, quiet=True), args.split_seed
-    )
+    splits = common.split_pairs(plumbing.load_data(args.data, "all", args.split_seed, quiet=True),
+                                args.split_seed)
     rows, kinds = heldout_replies(splits["test"])
     encoded = encode_rows(rows, tokenizer, args)
     heldout = {
@@ -216,12 +202,10 @@ def main(argv=None):
     if args.samples:
         sample_pairs = common.load_pairs(args.samples)
         if {p.prompt for p in sample_pairs} & {p.prompt for p in splits["reward"]}:
-            raise SystemExit(
-                "--samples: replies to reward-split prompts (use gold_samples.py --split rl)"
-            )
+            raise SystemExit("--samples: replies to reward-split prompts (use gold_samples.py "
+                             "--split rl)")
         replies = list(
-            {(p.prompt, text): p for p in sample_pairs for text in (p.chosen, p.rejected)}.items()
-        )
+            {(p.prompt, text): p for p in sample_pairs for text in (p.chosen, p.rejected)}.items())
         sample_rows = [(p, text) for (_, text), p in replies]
         samples = {
             "pairs": sample_pairs,
@@ -240,8 +224,7 @@ def main(argv=None):
     for name, path in models.items():
         model = red.load_reward_model(path)
         results["reward_models"][name] = reward_model_figures(
-            model, tokenizer, heldout, samples, args
-        )
+            model, tokenizer, heldout, samples, args)
     for name, path in discriminators.items():
         model = disc.load_discriminator(path)
         results["discriminators"][name] = discriminator_figures(model, tokenizer, heldout, args)

@@ -118,58 +118,40 @@ STAGES = ("SFT", "discriminator", "reward model", "PPO")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--model", default="llama-2-7b",
-        help=f"one of {', '.join(MODELS)}, or a local config.json (or a directory holding one)",
-    )
-    parser.add_argument(
-        "--gpus", type=int, default=8, help="N of the FSDP table (per-GPU bytes); 1 = no FSDP table"
-    )
+        help=f"one of {', '.join(MODELS)}, or a local config.json (or a directory holding one)")
+    parser.add_argument("--gpus", type=int, default=8,
+                        help="N of the FSDP table (per-GPU bytes); 1 = no FSDP table")
     parser.add_argument("--gpu-memory", type=float, default=80, help="GiB of one GPU (H100: 80)")
     parser.add_argument("--lora-rank", type=int, default=64, help="rank r of the LoRA rows")
-    parser.add_argument(
-        "--lora-targets",
-        default=None,
-        help="comma-separated module-name suffixes (as lora.py's --lora-targets); default: all "
-        "linear layers of the decoder blocks",
-    )
-    parser.add_argument(
-        "--frozen-dtype", choices=("bf16", "fp32"), default="bf16",
-        help="dtype of frozen weights (the LoRA base, PPO's reference and reward model)",
-    )
-    parser.add_argument(
-        "--precision",
-        choices=("bf16", "fp32"),
-        default="bf16",
-        help="the stages' --precision: bf16 (autocast, the GPU default) or fp32 (the CPU default: "
-        "no autocast copies, 4-byte activations, KV cache and logits)",
-    )
-    parser.add_argument(
-        "--micro-batch", type=int, default=4,
-        help="sequences per forward/backward pass (reward model: pairs, so twice the sequences)",
-    )
+    parser.add_argument("--lora-targets", default=None,
+                        help="comma-separated module-name suffixes (as lora.py's --lora-targets); "
+                             "default: all linear layers of the decoder blocks")
+    parser.add_argument("--frozen-dtype", choices=("bf16", "fp32"), default="bf16",
+                        help="dtype of frozen weights (the LoRA base, PPO's reference and reward "
+                             "model)")
+    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                        help="the stages' --precision: bf16 (autocast, the GPU default) or fp32 "
+                             "(the CPU default: no autocast copies, 4-byte activations, KV cache "
+                             "and logits)")
+    parser.add_argument("--micro-batch", type=int, default=4,
+                        help="sequences per forward/backward pass (reward model: pairs, so twice "
+                             "the sequences)")
     parser.add_argument("--prompt-len", type=int, default=512, help="prompt tokens per sequence")
-    parser.add_argument(
-        "--response-len", type=int, default=256, help="response tokens per sequence"
-    )
-    parser.add_argument(
-        "--rollout-batch",
-        type=int,
-        default=0,
-        help="PPO prompts per rollout per GPU; 0 = the largest power of two for which PPO with "
-        "LoRA fits on one GPU",
-    )
-    parser.add_argument(
-        "--json", action="store_true", help="also print every figure as one JSON line"
-    )
+    parser.add_argument("--response-len", type=int, default=256,
+                        help="response tokens per sequence")
+    parser.add_argument("--rollout-batch", type=int, default=0,
+                        help="PPO prompts per rollout per GPU; 0 = the largest power of two for "
+                             "which PPO with LoRA fits on one GPU")
+    parser.add_argument("--json", action="store_true",
+                        help="also print every figure as one JSON line")
     args = parser.parse_args(argv)
     if min(args.gpus, args.lora_rank, args.micro_batch, args.prompt_len, args.response_len) < 1:
-        parser.error(
-            "--gpus, --lora-rank, --micro-batch, --prompt-len and --response-len must be >= 1"
-        )
+        parser.error("--gpus, --lora-rank, --micro-batch, --prompt-len and --response-len must be "
+                     ">= 1")
     return args
 
 
@@ -187,8 +169,7 @@ def load_config(model: str):
         path = path / "config.json"
     if not path.is_file():
         raise SystemExit(
-            f"--model {model}: not one of {', '.join(MODELS)} and no config.json there"
-        )
+            f"--model {model}: not one of {', '.join(MODELS)} and no config.json there")
     return AutoConfig.from_pretrained(str(path))
 
 
@@ -311,21 +292,17 @@ def plan(stage: str, lora_on: bool, counts: dict, shape: dict, args, rollout_bat
                weights=trained * (FP32 + autocast_copy) + frozen * frozen_bytes,
                gradients=trained * FP32, adamw=trained * 2 * FP32)
     if stage == "SFT":
-        out["activations"] = train_activations(
-            shape, counts, b, T, residual_bytes, lora_on, 1, T, act
-        )
+        out["activations"] = train_activations(shape, counts, b, T, residual_bytes, lora_on, 1, T,
+                                               act)
     elif stage == "discriminator":
-        out["activations"] = train_activations(
-            shape, counts, b, T, residual_bytes, lora_on, 1, act=act
-        )
+        out["activations"] = train_activations(shape, counts, b, T, residual_bytes, lora_on, 1,
+                                               act=act)
     elif stage == "reward model":
-        out["activations"] = train_activations(
-            shape, counts, 2 * b, T, residual_bytes, lora_on, 1, act=act
-        )
+        out["activations"] = train_activations(shape, counts, 2 * b, T, residual_bytes, lora_on, 1,
+                                               act=act)
     else:
-        out["activations"] = train_activations(
-            shape, counts, b, T, residual_bytes, lora_on, 2, R + 1, act
-        )
+        out["activations"] = train_activations(shape, counts, b, T, residual_bytes, lora_on, 2,
+                                               R + 1, act)
         block = forward_bytes_per_token(shape, act)
         out["kv_cache"] = kv_cache_bytes(shape, rollout_batch, T, act)
         out["generation"] = out["kv_cache"] + rollout_batch * args.prompt_len * block
@@ -369,8 +346,7 @@ def recommend_rollout_batch(counts, shape, args) -> tuple[int, dict, dict | None
         best = (batch, ppo)
     if best is None:
         raise SystemExit(
-            f"PPO with LoRA does not fit {args.gpu_memory} GiB even with a rollout batch of 1"
-        )
+            f"PPO with LoRA does not fit {args.gpu_memory} GiB even with a rollout batch of 1")
     return best[0], best[1], above
 
 
@@ -404,11 +380,8 @@ def print_tables(name, counts, shape, args, rollout_batch, rows):
         f"AdamW fp32. "
         f"GiB; fits = total ≤ {HEADROOM:.0%} of {args.gpu_memory:g} GiB.\n"
     )
-    print(
-        "| stage | training | weights | gradients | AdamW | activations "
-        "| PPO generation (KV cache) "
-        "| PPO scoring | total, 1 GPU | fits |"
-    )
+    print("| stage | training | weights | gradients | AdamW | activations | PPO generation (KV "
+          "cache) | PPO scoring | total, 1 GPU | fits |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         generation = f"{gib(r['generation'])} ({gib(r['kv_cache'])})" if "generation" in r else "–"
@@ -419,20 +392,14 @@ def print_tables(name, counts, shape, args, rollout_batch, rows):
             f"**{gib(r['total'])}** | "
             f"{'yes' if r['total'] <= budget else 'no'} |"
         )
-    print(
-        "\nweights: trained fp32 + the bf16 copies autocast caches of them, frozen in "
-        "--frozen-dtype; activations: "
-        "one micro-batch with gradient checkpointing; total = weights + gradients + AdamW + the "
-        "largest phase "
-        "(activations, PPO generation, PPO scoring). Formulas: python bench/plan_memory.py --help."
-    )
+    print("\nweights: trained fp32 + the bf16 copies autocast caches of them, frozen in "
+          "--frozen-dtype; activations: one micro-batch with gradient checkpointing; total = "
+          "weights + gradients + AdamW + the largest phase (activations, PPO generation, PPO "
+          "scoring). Formulas: python bench/plan_memory.py --help.")
     if args.gpus > 1:
         print(f"\n### FSDP on {args.gpus} GPUs (computed): bytes per GPU\n")
-        print(
-            "| stage | training | weights + gradients + AdamW ÷ N "
-            "| gathered (roots, 2 layers, 1 layer's grads) "
-            "| largest phase | total per GPU | fits |"
-        )
+        print("| stage | training | weights + gradients + AdamW ÷ N | gathered (roots, 2 layers, 1 "
+              "layer's grads) | largest phase | total per GPU | fits |")
         print("|---|---|---:|---:|---:|---:|---|")
         for r in rows:
             print(

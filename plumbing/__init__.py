@@ -66,31 +66,25 @@ def check_positive(parser, args, *names):
     for name in names:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(
-                f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"
-            )
+                f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
 
 
 def add_system_args(parser):
     """The options every training stage shares (device, precision, memory, seed)."""
     group = parser.add_argument_group("system")
-    group.add_argument(
-        "--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N"
-    )
+    group.add_argument("--device", default="auto",
+                       help="auto (cuda if available), cpu, cuda, cuda:N")
     amp.add_precision_args(group)
-    group.add_argument(
-        "--gradient-checkpointing", action="store_true",
-        help="recompute activations in the backward pass: less memory, ~30%% more compute",
-    )
-    group.add_argument(
-        "--fsdp",
-        action="store_true",
-        help="under torchrun: shard weights, gradients and optimizer states over the ranks (FSDP2) "
-        "instead of replicating them (DDP); for models that outgrow one GPU",
-    )
-    group.add_argument(
-        "--seed", type=int, default=0,
-        help="random seed of initialisation, data order and sampling (not of the data split)",
-    )
+    group.add_argument("--gradient-checkpointing", action="store_true",
+                       help="recompute activations in the backward pass: less memory, ~30%% more "
+                            "compute")
+    group.add_argument("--fsdp", action="store_true",
+                       help="under torchrun: shard weights, gradients and optimizer states over "
+                            "the ranks (FSDP2) instead of replicating them (DDP); for models that "
+                            "outgrow one GPU")
+    group.add_argument("--seed", type=int, default=0,
+                       help="random seed of initialisation, data order and sampling (not of the "
+                            "data split)")
     group.add_argument("--trust-remote-code", action="store_true",
                        help="allow model repos that ship their own Python code (off by default)")
     return group
@@ -109,48 +103,35 @@ def add_data_args(
 ):
     """The data options the stages share: --data, --split, --split-seed, --limit, lengths, chat
     template."""
-    group.add_argument(
-        "--data",
-        default="bundled",
-        help="'bundled' (the hh-rlhf slice in data/), a local .jsonl/.jsonl.gz/.json/.parquet of "
-        "preference pairs (formats: docs/data.md), or 'hh-rlhf[:SUBSET,...]' to download",
-    )
+    group.add_argument("--data", default="bundled",
+                       help="'bundled' (the hh-rlhf slice in data/), a local "
+                            ".jsonl/.jsonl.gz/.json/.parquet of preference pairs (formats: "
+                            "docs/data.md), or 'hh-rlhf[:SUBSET,...]' to download")
     if split is not None:
-        group.add_argument(
-            "--split", default=split, choices=("sft", "reward", "rl", "test", "all"),
-            help="which part of the 20/40/40 + test split (common.split_pairs) to use",
-        )
-    group.add_argument(
-        "--split-seed", type=int, default=0,
-        help="seed of the data split; keep it equal across stages (nothing else depends on it)",
-    )
+        group.add_argument("--split", default=split, choices=("sft", "reward", "rl", "test", "all"),
+                           help="which part of the 20/40/40 + test split (common.split_pairs) to "
+                                "use")
+    group.add_argument("--split-seed", type=int, default=0,
+                       help="seed of the data split; keep it equal across stages (nothing else "
+                            "depends on it)")
     if limit:
-        group.add_argument(
-            "--limit", type=int, default=None, help="use at most this many pairs of the split"
-        )
+        group.add_argument("--limit", type=int, default=None,
+                           help="use at most this many pairs of the split")
     if prompt_len:
-        group.add_argument(
-            "--max-prompt-len", type=int, default=256, help="prompt tokens kept (the last ones)"
-        )
+        group.add_argument("--max-prompt-len", type=int, default=256,
+                           help="prompt tokens kept (the last ones)")
     if response_len:
-        group.add_argument(
-            "--max-response-len", type=int, default=256, help="response tokens kept, EOS included"
-        )
+        group.add_argument("--max-response-len", type=int, default=256,
+                           help="response tokens kept, EOS included")
     if preference:
-        group.add_argument(
-            "--preference",
-            default="human",
-            choices=("human", "gold"),
-            help="which reply of a pair is chosen: the data's (human) or the one with the higher "
-            "gold.py score (gold: the offline lab; ties are dropped)",
-        )
-    group.add_argument(
-        "--no-chat-template",
-        dest="chat_template",
-        action="store_false",
-        help="render chat-message data as the hh-rlhf transcript even when the tokenizer has a "
-        "chat template (the bundled hh-rlhf data always uses the transcript)",
-    )
+        group.add_argument("--preference", default="human", choices=("human", "gold"),
+                           help="which reply of a pair is chosen: the data's (human) or the one "
+                                "with the higher gold.py score (gold: the offline lab; ties are "
+                                "dropped)")
+    group.add_argument("--no-chat-template", dest="chat_template", action="store_false",
+                       help="render chat-message data as the hh-rlhf transcript even when the "
+                            "tokenizer has a chat template (the bundled hh-rlhf data always uses "
+                            "the transcript)")
     return group
 
 
@@ -171,9 +152,8 @@ def load_data(
     source: str, split: str, split_seed: int, limit: int | None = None, quiet: bool = False
 ):
     """The pairs of one split of --data (common.load_pairs, common.select_split)."""
-    return common.select_split(
-        common.load_pairs(data_paths(source), quiet=quiet), split, split_seed, limit
-    )
+    return common.select_split(common.load_pairs(data_paths(source), quiet=quiet), split,
+                               split_seed, limit)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,8 +186,7 @@ def cosine_schedule(
     """Cosine decay from the base learning rate to 0 over total_steps, no warm-up."""
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps))),
-    )
+        lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps))))
 
 
 def total_steps_of(n_examples: int, batch_size: int, epochs: float, max_steps: int | None) -> int:

@@ -37,23 +37,16 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def add_precision_args(group):
-    group.add_argument(
-        "--precision",
-        default="auto",
-        choices=PRECISIONS,
-        help="bf16: bf16 autocast, frozen models stored in bf16, trained weights, heads and "
-        "optimizer states in fp32 (the GPU path; runs on the CPU too); fp32: everything in fp32; "
-        "auto: bf16 on CUDA, fp32 on CPU",
-    )
+    group.add_argument("--precision", default="auto", choices=PRECISIONS,
+                       help="bf16: bf16 autocast, frozen models stored in bf16, trained weights, "
+                            "heads and optimizer states in fp32 (the GPU path; runs on the CPU "
+                            "too); fp32: everything in fp32; auto: bf16 on CUDA, fp32 on CPU")
     group.add_argument("--no-bf16", dest="precision", action="store_const", const="fp32",
                        help="the same as --precision fp32 (kept for older command lines)")
-    group.add_argument(
-        "--frozen-dtype",
-        default="auto",
-        choices=("auto", "float32", "bfloat16"),
-        help="storage dtype of the weights that are never trained (a LoRA base; PPO's reference, "
-        "reward model and discriminator); auto: bfloat16 when --precision is bf16, else float32",
-    )
+    group.add_argument("--frozen-dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                       help="storage dtype of the weights that are never trained (a LoRA base; "
+                            "PPO's reference, reward model and discriminator); auto: bfloat16 when "
+                            "--precision is bf16, else float32")
     return group
 
 

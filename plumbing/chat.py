@@ -302,8 +302,7 @@ class ChatClient:
         reply = self._ask(body, read, None, "")
         if reply.value is None:
             raise ChatFatal(
-                f"{self.url} failed a one-token test request ({reply.calls} tries): {reply.error}"
-            )
+                f"{self.url} failed a one-token test request ({reply.calls} tries): {reply.error}")
 
     def _ask(self, body: dict, read, parse, invalid: str) -> Reply:
         """The retry loop. read(body text) -> the answer, or None when the body is malformed;
@@ -524,16 +523,11 @@ def download_hh_rlhf(subset: str = "harmless-base", split: str = "train", cache_
     how to point --data at a local copy."""
     base_url = base_url or os.environ.get("HH_RLHF_URL", HH_RLHF_URL)
     cache_dir = Path(
-        cache_dir or os.environ.get("TOKEN_RLHF_CACHE", Path.home() / ".cache" / "token-rlhf")
-    )
+        cache_dir or os.environ.get("TOKEN_RLHF_CACHE", Path.home() / ".cache" / "token-rlhf"))
     url = f"{base_url}/{subset}/{split}.jsonl.gz"
     try:
-        return download(
-            url,
-            cache_dir / "hh-rlhf" / subset / f"{split}.jsonl.gz",
-            verify=verify_gzip,
-            desc=f"hh-rlhf/{subset}",
-        )
+        return download(url, cache_dir / "hh-rlhf" / subset / f"{split}.jsonl.gz",
+                        verify=verify_gzip, desc=f"hh-rlhf/{subset}")
     except DownloadError as e:
         raise DataError(
             f"hh-rlhf: {e}; without network, fetch that file elsewhere and give its path: "

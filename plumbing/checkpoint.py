@@ -227,10 +227,9 @@ def run_config(args, ignore=(), **derived) -> dict:
 def add_resume_args(group):
     group.add_argument("--no-resume", dest="resume", action="store_false",
                        help="ignore a checkpoint in --out and start over")
-    group.add_argument(
-        "--force-resume", action="store_true",
-        help="resume even if the checkpoint was made with other settings (data, model, schedule)",
-    )
+    group.add_argument("--force-resume", action="store_true",
+                       help="resume even if the checkpoint was made with other settings (data, "
+                            "model, schedule)")
     return group
 
 
@@ -270,8 +269,7 @@ def rng_state() -> dict:
 def set_rng_state(state: dict):
     random.setstate((3, tuple(state["python"]), state["python_pos"]))
     np.random.set_state(
-        ("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0)
-    )
+        ("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -292,8 +290,7 @@ def _sharded_state(models: dict, optimizers: dict) -> dict:
     for name, model in models.items():
         model = distributed.unwrap(model)
         state[f"model.{name}"] = get_model_state_dict(
-            model, options=StateDictOptions(ignore_frozen_params=True)
-        )
+            model, options=StateDictOptions(ignore_frozen_params=True))
         state[f"optimizer.{name}"] = get_optimizer_state_dict(model, optimizers[name])
     return state
 
@@ -353,15 +350,8 @@ def save_checkpoint(
                 seen.add(ident)
                 unique[key] = tensor
         save_file(unique, str(tmp / f"{name}.safetensors"))
-    _publish_checkpoint(
-        tmp,
-        final,
-        step,
-        {k: opt.state_dict() for k, opt in optimizers.items()},
-        schedulers,
-        run_config,
-        extra,
-    )
+    _publish_checkpoint(tmp, final, step, {k: opt.state_dict() for k, opt in optimizers.items()},
+                        schedulers, run_config, extra)
 
 
 def _publish_checkpoint(
@@ -435,10 +425,8 @@ def load_checkpoint(
             "folder, another --out, or --force-resume to continue with the new settings"
         )
     if changed:
-        warnings.warn(
-            f"--force-resume: continuing {ckpt} with changed settings {sorted(changed)}",
-            stacklevel=2,
-        )
+        warnings.warn(f"--force-resume: continuing {ckpt} with changed settings {sorted(changed)}",
+                      stacklevel=2)
     if (ckpt / SHARDED).is_dir():
         _load_sharded(ckpt / SHARDED, models, optimizers)
     elif any(distributed.is_sharded(distributed.unwrap(model)) for model in models.values()):

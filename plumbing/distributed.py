@@ -114,11 +114,8 @@ def setup_distributed(device: str = "auto", fsdp: bool = False) -> DistInfo:
             torch_dist.init_process_group(backend="nccl" if want_cuda else "gloo")
         return DistInfo(rank, local_rank, world_size, dev, fsdp=fsdp)
     if fsdp:
-        warnings.warn(
-            "--fsdp with one process: nothing to shard over, running unsharded "
-            "(launch with torchrun)",
-            stacklevel=2,
-        )
+        warnings.warn("--fsdp with one process: nothing to shard over, running unsharded "
+                      "(launch with torchrun)", stacklevel=2)
     return DistInfo(device=resolve_device(device))
 
 
@@ -183,10 +180,8 @@ def prepare_frozen(
     model = common.disable_dropout(model).eval().requires_grad_(False)
     if dist_info.fsdp:
         if offload:
-            raise InputError(
-                "--offload-frozen and --fsdp do not go together: FSDP already spreads the frozen "
-                "models over the ranks"
-            )
+            raise InputError("--offload-frozen and --fsdp do not go together: FSDP already spreads "
+                             "the frozen models over the ranks")
         mixed_precision = amp.use_bf16(precision, dist_info.device)
         return shard_model(model, dist_info, mixed_precision=mixed_precision)
     return amp.compute_in_fp32(model.to("cpu" if offload else dist_info.device))
@@ -241,8 +236,7 @@ def check_batch_size(batch_size: int, dist_info: DistInfo, what: str = "--batch-
     collective)."""
     if batch_size < dist_info.world_size:
         raise InputError(
-            f"{what} {batch_size} is smaller than the {dist_info.world_size} processes"
-        )
+            f"{what} {batch_size} is smaller than the {dist_info.world_size} processes")
     if dist_info.fsdp and batch_size % dist_info.world_size:
         raise InputError(
             f"{what} {batch_size}: with --fsdp it must be a multiple of the {dist_info.world_size} "
@@ -370,9 +364,8 @@ def shard_model(model: nn.Module, dist_info: DistInfo, mixed_precision: bool = F
         fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
     if on_meta:
-        model.to_empty(
-            device=dist_info.device
-        )  # this rank's pieces and the buffers, not yet filled
+        # this rank's pieces and the buffers, not yet filled
+        model.to_empty(device=dist_info.device)
     set_model_state_dict(model, rank0_weights,
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     del rank0_weights
@@ -423,8 +416,7 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     model = unwrap(model)
     if is_sharded(model):
         state = get_model_state_dict(
-            model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-        )
+            model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         # a tied weight (GPT-2's lm_head = wte) comes back under both names: keep the first, as
         # state_dict()
         first = {}
@@ -437,8 +429,7 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         model
     ):  # merged in fp32: a bf16 base would round small changes away
         state = lora.merged_state_dict(
-            model, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-        )
+            model, {k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     return state
 
 

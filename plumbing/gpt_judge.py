@@ -66,17 +66,11 @@ class OpenAIJudge:
     retry_failed: bool = False  # ask again for verdicts whose answer came back unusable before
 
     def __post_init__(self):
-        self.client = chat.ChatClient(
-            self.api_base,
-            self.api_model,
-            self.api_key or "",
-            key_env=self.key_env,
-            timeout=self.timeout,
-            max_retries=self.max_retries,
-            backoff_base=self.backoff,
-            backoff_cap=self.max_wait,
-            retry_after_cap=self.retry_after_cap,
-        )
+        self.client = chat.ChatClient(self.api_base, self.api_model, self.api_key or "",
+                                      key_env=self.key_env, timeout=self.timeout,
+                                      max_retries=self.max_retries, backoff_base=self.backoff,
+                                      backoff_cap=self.max_wait,
+                                      retry_after_cap=self.retry_after_cap)
         self.cache = None if self.cache_path is None else chat.JsonlCache(
             self.cache_path, valid=lambda record: record.get("verdict") in VERDICTS)
         self.failures = []  # the error of every failed verdict of this run (cached or new)

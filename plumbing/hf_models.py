@@ -67,8 +67,7 @@ def check_model_source(name_or_path, what: str = "model"):
     if path.is_dir():
         if not (path / "config.json").exists():
             raise InputError(
-                f"{what} {name}: a folder without config.json, not a Hugging Face model directory"
-            )
+                f"{what} {name}: a folder without config.json, not a Hugging Face model directory")
         return
     if path.exists():
         raise InputError(f"{what} {name}: a file, not a model directory or hub name")
@@ -111,9 +110,8 @@ def configure_tokenizer(tokenizer):
 def load_tokenizer(name_or_path, trust_remote_code: bool = False, what: str = "tokenizer"):
     check_model_source(name_or_path, what)
     _quiet_transformers()
-    tokenizer = AutoTokenizer.from_pretrained(
-        str(name_or_path), trust_remote_code=trust_remote_code
-    )
+    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path),
+                                              trust_remote_code=trust_remote_code)
     if tokenizer.eos_token_id is None:
         raise InputError(f"{what} {name_or_path}: the tokenizer has no EOS token")
     return configure_tokenizer(tokenizer)
@@ -131,9 +129,8 @@ def from_pretrained(
     alone reads the weights and wrap_model sends every rank its shards (see the FSDP2 section). Eval
     mode either way."""
     if not meta:
-        return auto_class.from_pretrained(
-            str(name_or_path), dtype=dtype, trust_remote_code=trust_remote_code
-        )
+        return auto_class.from_pretrained(str(name_or_path), dtype=dtype,
+                                          trust_remote_code=trust_remote_code)
     config = AutoConfig.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = auto_class.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -162,8 +159,7 @@ def load_policy(name_or_path, dtype: torch.dtype = torch.float32, trust_remote_c
 def tokenizer_fingerprint(tokenizer) -> str:
     """A short hash of what decides token ids: the vocabulary and the BOS / EOS tokens."""
     blob = json.dumps(
-        [sorted(tokenizer.get_vocab().items()), tokenizer.bos_token, tokenizer.eos_token]
-    )
+        [sorted(tokenizer.get_vocab().items()), tokenizer.bos_token, tokenizer.eos_token])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -314,8 +310,9 @@ def train_tiny_tokenizer(texts: list[str], vocab_size: int = 2048, arch: str = "
             special_tokens=[*specials, *byte_tokens],
         ),
     )
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))])
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A",
+                                                       pair=f"{bos} $A {bos} $B",
+                                                       special_tokens=[(bos, tok.token_to_id(bos))])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos,
                                    unk_token="<unk>", **pad_kwarg)
 
@@ -407,9 +404,8 @@ def save_score_model(model: ScoreModel, tokenizer, out_dir, kind: str, extra: di
     """
     model = distributed.unwrap(model)
     if kind == "sequence" and model.head.bias is not None:
-        raise ValueError(
-            "a sequence-classification head has no bias; build the reward model with bias=False"
-        )
+        raise ValueError("a sequence-classification head has no bias; build the reward model with "
+                         "bias=False")
     state = distributed.full_state_dict(model)  # {} on ranks other than 0
     if not state:
         return
@@ -447,8 +443,7 @@ def _save_standard(model, tokenizer, out_dir, kind: str, backbone: dict, head_st
         rows = backbone[embedding]
         if rows.shape[0] < len(tokenizer):  # the pad token's row
             backbone[embedding] = torch.cat(
-                [rows, rows.new_zeros(len(tokenizer) - rows.shape[0], rows.shape[1])]
-            )
+                [rows, rows.new_zeros(len(tokenizer) - rows.shape[0], rows.shape[1])])
     config = copy.deepcopy(model.backbone.config)
     config.num_labels = 1
     config.pad_token_id = tokenizer.pad_token_id
@@ -461,8 +456,7 @@ def _save_standard(model, tokenizer, out_dir, kind: str, backbone: dict, head_st
     head = _head_name(hf_model)
     if getattr(hf_model, head).bias is None and model.head.bias is not None:
         raise ValueError(
-            f"{type(hf_model).__name__} has no head bias; this discriminator head has one"
-        )
+            f"{type(hf_model).__name__} has no head bias; this discriminator head has one")
     hf_state = {f"{hf_model.base_model_prefix}.{k}": v for k, v in backbone.items()}
     hf_state.update({f"{head}.{k}": v for k, v in head_state.items()})
     hf_model.load_state_dict(hf_state, strict=True, assign=True)
@@ -510,9 +504,8 @@ def _load_score_model(path: Path, dtype, trust_remote_code, what, meta) -> Score
                     f"{what} {path}: a {architecture} with {config.num_labels} labels; "
                     "a reward model or discriminator gives one score (num_labels=1)"
                 )
-            hf_model = from_pretrained(
-                getattr(transformers, auto_name), path, dtype, trust_remote_code, meta
-            )
+            hf_model = from_pretrained(getattr(transformers, auto_name), path, dtype,
+                                       trust_remote_code, meta)
             head = getattr(hf_model, _head_name(hf_model))
             model = ScoreModel(hf_model.base_model, bias=head.bias is not None)
             model.head = head
@@ -527,8 +520,7 @@ def _load_score_model(path: Path, dtype, trust_remote_code, what, meta) -> Score
             std = float(getattr(config, "std", 1.0)) or 1.0
             model.head.weight.data /= std
             model.head.bias = nn.Parameter(
-                torch.full((1,), -float(getattr(config, "mean", 0.0)) / std)
-            )
+                torch.full((1,), -float(getattr(config, "mean", 0.0)) / std))
         return model.to(dtype)
     raise InputError(
         f"{what} {path}: no trained score head (expected a *ForSequenceClassification or "
@@ -593,10 +585,8 @@ def enable_gradient_checkpointing(model: nn.Module):
     hf_model = model.backbone if isinstance(model, ScoreModel) else model
     if hasattr(hf_model, "activation_checkpointing_enable"):  # transformers >= 5
         hf_model.activation_checkpointing_enable(
-            activation_checkpointing_kwargs={"use_reentrant": False}
-        )
+            activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         hf_model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
+            gradient_checkpointing_kwargs={"use_reentrant": False})
     hf_model.config.use_cache = False

@@ -87,11 +87,9 @@ class ChatServer:
                 time.sleep(trickle)
 
         def reply(content, **kw):
-            send(
-                200,
-                json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}),
-                **kw,
-            )
+            send(200,
+                 json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}),
+                 **kw)
 
         if name == "slow":
             time.sleep(float(arg or 1.0))

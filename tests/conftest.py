@@ -91,15 +91,8 @@ def run_torchrun(script_and_args, nproc=2, timeout=180, cwd=None):
         f"--nproc_per_node={nproc}",
         *map(str, script_and_args),
     ]
-    proc = subprocess.Popen(
-        cmd,
-        env=env,
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -126,16 +119,8 @@ def assert_train_step_equals_one_pass(model, train_step, examples, args, pad_id,
     accumulated = {}
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     optimizer.register_step_pre_hook(
-        lambda *_: accumulated.update(grads=[p.grad.clone() for p in model.parameters()])
-    )
-    train_step(
-        model,
-        optimizer,
-        plumbing.cosine_schedule(optimizer, 1),
-        examples,
-        args,
-        distributed.DistInfo(),
-        pad_id,
-    )
+        lambda *_: accumulated.update(grads=[p.grad.clone() for p in model.parameters()]))
+    train_step(model, optimizer, plumbing.cosine_schedule(optimizer, 1), examples, args,
+               distributed.DistInfo(), pad_id)
     for got, want in zip(accumulated["grads"], expected):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)

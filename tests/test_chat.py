@@ -322,11 +322,8 @@ def test_download_retries_a_server_error_then_succeeds(tmp_path, monkeypatch):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        target = chat.download(
-            f"http://127.0.0.1:{server.server_port}/f.jsonl.gz",
-            tmp_path / "f.jsonl.gz",
-            verify=chat.verify_gzip,
-        )
+        target = chat.download(f"http://127.0.0.1:{server.server_port}/f.jsonl.gz",
+                               tmp_path / "f.jsonl.gz", verify=chat.verify_gzip)
     finally:
         server.shutdown()
         server.server_close()
@@ -344,9 +341,8 @@ def test_label_without_network_exits_with_one_line(tiny_dir, tmp_path):
     code = ("import sys, plumbing, label; from plumbing import chat; chat.DOWNLOAD_BACKOFF = 0.01; "
             "plumbing.cli(lambda: label.main(sys.argv[1:]))")
     env = {k: v for k, v in __import__("os").environ.items() if "proxy" not in k.lower()}
-    env.update(
-        HH_RLHF_URL=f"http://127.0.0.1:{closed_port()}", TOKEN_RLHF_CACHE=str(tmp_path / "cache")
-    )
+    env.update(HH_RLHF_URL=f"http://127.0.0.1:{closed_port()}",
+               TOKEN_RLHF_CACHE=str(tmp_path / "cache"))
     start = time.monotonic()
     proc = subprocess.run(
         [

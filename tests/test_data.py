@@ -469,9 +469,8 @@ def test_every_stage_renders_a_chat_prompt_the_same_way(llama_dir, tmp_path):
         sft_args = sft.parse_args(["--data", str(data), *flag])
         sft_prompt = sft.encode_examples([pair], tokenizer, sft_args)[0][0]
         rm_prompt = redistribute.encode_pairs([pair], tokenizer, 256, 256, template)[0]["prompt"]
-        records, _ = label.label_pairs(
-            [pair], {pair.id: pair.chosen}, tokenizer, chat_template=template, progress=False
-        )
+        records, _ = label.label_pairs([pair], {pair.id: pair.chosen}, tokenizer,
+                                       chat_template=template, progress=False)
         records[0]["_where"] = "x"
         disc_prompt = discriminator.encode_records(records, tokenizer)[0][0]
         ppo_args = ppo_token.parse_args(

@@ -129,9 +129,8 @@ def test_loss_value_and_masked_positions():
     assert logits.grad[0, 0] == 0 and logits.grad[1, 2] == 0 and logits.grad[1, 3] == 0
     assert (logits.grad[mask.bool()] != 0).all()
     # whatever sits at masked positions changes nothing
-    other, _ = D.discriminator_loss(
-        logits.detach() + 50 * (1 - mask), -labels * (1 - mask) + labels * mask, mask
-    )
+    other, _ = D.discriminator_loss(logits.detach() + 50 * (1 - mask),
+                                    -labels * (1 - mask) + labels * mask, mask)
     assert other.item() == pytest.approx(loss.item(), rel=1e-6)
     # large logits stay finite (log-sigmoid, not log of a rounded sigmoid)
     assert torch.isfinite(
@@ -146,8 +145,7 @@ def test_loss_value_and_masked_positions():
 # ----------------------------------------------------------------------------------------------
 def test_reward_modes_on_hand_made_probabilities():
     probs = torch.tensor(
-        [[0.05, 0.39, 0.4, 0.5, 0.6, 0.61, 0.95], [0.9, 0.1, 0.7, 0.0, 0.0, 0.0, 0.0]]
-    )
+        [[0.05, 0.39, 0.4, 0.5, 0.6, 0.61, 0.95], [0.9, 0.1, 0.7, 0.0, 0.0, 0.0, 0.0]])
     valid = torch.tensor([[1] * 7, [1, 1, 0, 0, 0, 0, 0]])
     r = 2 * probs - 1
     cont = D.rewards_from_probs(probs, valid, "continuous")
@@ -157,12 +155,10 @@ def test_reward_modes_on_hand_made_probabilities():
         [-1, -1, 0, 0, 0, 1, 1],
         [1, -1, 0, 0, 0, 0, 0],
     ]
-    torch.testing.assert_close(
-        D.rewards_from_probs(probs, valid, "no_negative")[0], r[0].clamp(min=0)
-    )
-    torch.testing.assert_close(
-        D.rewards_from_probs(probs, valid, "no_positive")[0], r[0].clamp(max=0)
-    )
+    torch.testing.assert_close(D.rewards_from_probs(probs, valid, "no_negative")[0],
+                               r[0].clamp(min=0))
+    torch.testing.assert_close(D.rewards_from_probs(probs, valid, "no_positive")[0],
+                               r[0].clamp(max=0))
     for mode in D.REWARD_MODES:  # nothing past a row's response
         assert (D.rewards_from_probs(probs, valid, mode)[1, 2:] == 0).all()
     with pytest.raises(ValueError, match="unknown reward mode"):
@@ -234,9 +230,8 @@ def test_save_load_same_rewards(small_dir, tiny_tokenizer, tmp_path):
     out = tmp_path / "disc"
     out.mkdir()
     (out / "log.jsonl").write_text("{}\n")
-    hf_models.save_score_model(
-        model, tiny_tokenizer, out, kind="token", extra={"role": "tlcr_discriminator"}
-    )
+    hf_models.save_score_model(model, tiny_tokenizer, out, kind="token",
+                               extra={"role": "tlcr_discriminator"})
     assert (out / "log.jsonl").exists()  # other files in the run folder survive the save
     assert (
         (out / "model.safetensors").exists()
@@ -344,9 +339,8 @@ def train_args(sft, labels, out, *extra):
 
 
 def test_learns_synthetic_token_labels(small_dir, tmp_path, capsys):
-    labels = write_jsonl(
-        tmp_path / "labels.jsonl", synthetic_records(100), hf_models.load_tokenizer(small_dir)
-    )
+    labels = write_jsonl(tmp_path / "labels.jsonl", synthetic_records(100),
+                         hf_models.load_tokenizer(small_dir))
     metrics = D.main(
         train_args(
             small_dir,
@@ -377,18 +371,16 @@ def test_learns_synthetic_token_labels(small_dir, tmp_path, capsys):
     # the trained discriminator gives the positive token a positive reward and the negative one a
     # negative reward
     disc = D.load_discriminator(tmp_path / "disc")
-    prompt = common.encode_prompt(
-        hf_models.load_tokenizer(tmp_path / "disc"), "\n\nHuman: hi\n\nAssistant:"
-    )
+    prompt = common.encode_prompt(hf_models.load_tokenizer(tmp_path / "disc"),
+                                  "\n\nHuman: hi\n\nAssistant:")
     _, (qr, am, rm) = two_layouts([prompt], [[700, POS_ID, 800, NEG_ID, 900]], 0)
     rewards = D.token_rewards(disc, qr, am, rm, "fixed")[0]
     assert rewards[1] == 1 and rewards[3] == -1
 
 
 def test_resume_reproduces_an_uninterrupted_run(small_dir, tmp_path):
-    labels = write_jsonl(
-        tmp_path / "labels.jsonl", synthetic_records(24), hf_models.load_tokenizer(small_dir)
-    )
+    labels = write_jsonl(tmp_path / "labels.jsonl", synthetic_records(24),
+                         hf_models.load_tokenizer(small_dir))
     # dropout on
     common_args = ("--epochs", 1, "--lr", 1e-3, "--batch-size", 8, "--micro-batch-size", 4)
     D.main(train_args(small_dir, labels, tmp_path / "full", *common_args))
@@ -407,9 +399,8 @@ def test_resume_reproduces_an_uninterrupted_run(small_dir, tmp_path):
 
 
 def test_torchrun_two_processes_match_one(small_nodrop_dir, tmp_path):
-    labels = write_jsonl(
-        tmp_path / "labels.jsonl", synthetic_records(24), hf_models.load_tokenizer(small_nodrop_dir)
-    )
+    labels = write_jsonl(tmp_path / "labels.jsonl", synthetic_records(24),
+                         hf_models.load_tokenizer(small_nodrop_dir))
     args = train_args(small_nodrop_dir, labels, tmp_path / "ddp", "--epochs", 1, "--lr", 1e-3,
                       "--batch-size", 8, "--micro-batch-size", 2)
     returncode, output = run_torchrun([REPO / "discriminator.py", *args], cwd=REPO)
@@ -439,19 +430,13 @@ def test_train_step_gradient_is_the_global_batch_mean_loss(small_nodrop_dir, tin
         r["_where"] = "x"
     examples = D.encode_records(records, tiny_tokenizer)
     args = D.parse_args(
-        train_args(small_nodrop_dir, "x", "x", "--micro-batch-size", 5, "--max-grad-norm", 0)
-    )
+        train_args(small_nodrop_dir, "x", "x", "--micro-batch-size", 5, "--max-grad-norm", 0))
     torch.manual_seed(0)
     model = hf_models.new_score_model(small_nodrop_dir, bias=True)
     qr, am, rm, labels = D.collate(examples, tiny_tokenizer.pad_token_id)
-    assert_train_step_equals_one_pass(
-        model,
-        D.train_step,
-        examples,
-        args,
-        tiny_tokenizer.pad_token_id,
-        lambda: D.discriminator_loss(model(qr, am), labels, rm)[0],
-    )
+    assert_train_step_equals_one_pass(model, D.train_step, examples, args,
+                                      tiny_tokenizer.pad_token_id,
+                                      lambda: D.discriminator_loss(model(qr, am), labels, rm)[0])
 
 
 def test_end_to_end_on_bundled_data(tiny_dir, tmp_path, capsys):

@@ -65,17 +65,15 @@ def test_generate_masks_after_first_eos(tiny_policy, tiny_tokenizer, splits):
 
 def test_kl_of_a_model_against_itself_is_zero(tiny_policy, tiny_dir, tiny_tokenizer, splits):
     prompt_ids, prompt_mask = left_padded_batch(tiny_tokenizer, splits)
-    qr, am, rm = sample(
-        tiny_policy, prompt_ids, prompt_mask, 10, tiny_tokenizer.eos_token_id, seed=1
-    )
+    qr, am, rm = sample(tiny_policy, prompt_ids, prompt_mask, 10, tiny_tokenizer.eos_token_id,
+                        seed=1)
     _, valid = common.response_index(rm)
     with torch.no_grad():
         logprobs, _ = common.response_logprobs(tiny_policy, qr, am, rm)
         same, _ = common.response_logprobs(hf_models.load_policy(tiny_dir).eval(), qr, am, rm)
         other = hf_models.load_policy(tiny_dir).eval()
         other.transformer.h[0].mlp.c_fc.weight.add_(
-            torch.randn_like(other.transformer.h[0].mlp.c_fc.weight)
-        )
+            torch.randn_like(other.transformer.h[0].mlp.c_fc.weight))
         different, _ = common.response_logprobs(other, qr, am, rm)
     # a separate load
     assert ev.kl_to_reference(logprobs, same, valid) == {"kl": 0.0, "kl_per_token": 0.0}
@@ -100,9 +98,8 @@ def test_perplexity_matches_a_hand_computation(tiny_policy, tiny_tokenizer, spli
     assert ev.reference_perplexity(logprobs, torch.tensor([[1, 1], [1, 0]])) == pytest.approx(4.0)
     # a tiny model: the left-padded batch pipeline against a plain loop over unpadded rows
     prompt_ids, prompt_mask = left_padded_batch(tiny_tokenizer, splits)
-    qr, am, rm = sample(
-        tiny_policy, prompt_ids, prompt_mask, 8, tiny_tokenizer.eos_token_id, seed=2
-    )
+    qr, am, rm = sample(tiny_policy, prompt_ids, prompt_mask, 8, tiny_tokenizer.eos_token_id,
+                        seed=2)
     _, valid = common.response_index(rm)
     with torch.no_grad():
         ppl = ev.reference_perplexity(common.response_logprobs(tiny_policy, qr, am, rm)[0], valid)
@@ -160,10 +157,8 @@ def JudgeServer(decide, faults=()):
     def answer(messages):
         text = messages[-1]["content"]
         m = re.search(
-            r"\[Conversation\]\n(.*)\n\n\[Answer A\]\n(.*)\n\n\[Answer B\]\n(.*)\n\nWhich",
-            text,
-            re.S,
-        )
+            r"\[Conversation\]\n(.*)\n\n\[Answer A\]\n(.*)\n\n\[Answer B\]\n(.*)\n\nWhich", text,
+            re.S)
         return ("check", "OK") if m is None else (m.group(1), decide(*m.groups()))
 
     return ChatServer(answer, lambda tag, n: faults.pop(0) if faults else "ok")
@@ -215,8 +210,7 @@ def test_win_rate_with_swapping_ties_faults_and_cache(judge_server, tmp_path):
 
     server = judge_server(
         decide,
-        faults=["429:0", "500", "badjson", "say:I think A", "slow:1.0", "null", "trickle:0.2"],
-    )
+        faults=["429:0", "500", "badjson", "say:I think A", "slow:1.0", "null", "trickle:0.2"])
     prompts, policy, baseline = (
         PROMPTS + ["\n\nHuman: same?\n\nAssistant:"],
         POLICY + [" same"],
@@ -241,9 +235,8 @@ def test_judge_fatal_error_hides_the_key_and_exhausted_retries_count_as_failed(
 ):
     server = judge_server(lambda *a: "A", faults=["401"])
     with pytest.raises(chat.ChatFatal) as info:
-        ev.openai_win_rate(
-            make_judge(server, tmp_path, concurrency=1), PROMPTS[:1], POLICY[:1], BASELINE[:1]
-        )
+        ev.openai_win_rate(make_judge(server, tmp_path, concurrency=1), PROMPTS[:1], POLICY[:1],
+                           BASELINE[:1])
     assert "401" in str(info.value) and SECRET not in str(info.value)
     # max_retries=3: the first order fails
     server = judge_server(lambda *a: "A", faults=["500"] * 4)
@@ -456,12 +449,10 @@ def run_dir(tmp_path_factory, tiny_dir, tiny_tokenizer, splits):
     SFT model, another policy with changed weights and a PPO log, and a small labels file."""
     root = tmp_path_factory.mktemp("run")
     torch.manual_seed(0)
-    hf_models.save_score_model(
-        hf_models.new_score_model(tiny_dir, bias=False), tiny_tokenizer, root / "rm", "sequence"
-    )
-    hf_models.save_score_model(
-        hf_models.new_score_model(tiny_dir, bias=True), tiny_tokenizer, root / "disc", "token"
-    )
+    hf_models.save_score_model(hf_models.new_score_model(tiny_dir, bias=False), tiny_tokenizer,
+                               root / "rm", "sequence")
+    hf_models.save_score_model(hf_models.new_score_model(tiny_dir, bias=True), tiny_tokenizer,
+                               root / "disc", "token")
     shutil.copytree(tiny_dir, root / "copy")  # the same weights, loaded separately
     other = hf_models.load_policy(tiny_dir)
     with torch.no_grad():
@@ -674,8 +665,7 @@ def test_main_gold_measures_token_credit_on_heldout_replies_and_samples(
             credit, words = gold.token_credit(tiny_tokenizer, ids[row, :n].tolist())
             counts = Counter(words)
             exact[row, :n] = torch.tensor(
-                [c / counts[w] if w >= 0 else 0.0 for c, w in zip(credit, words)]
-            )
+                [c / counts[w] if w >= 0 else 0.0 for c, w in zip(credit, words)])
         late = torch.nn.functional.pad(exact, (1, 0))[:, :-1]  # one token late
         return {**{name: exact for name in ev.CREDIT_SOURCES}, "red": late}
 

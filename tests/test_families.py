@@ -40,16 +40,8 @@ def family_dir(tmp_path_factory, splits):
     def get(family):
         if family not in built:
             built[family] = root / family
-            hf_models.build_tiny(
-                texts,
-                built[family],
-                arch=family,
-                vocab_size=512,
-                layers=1,
-                width=32,
-                dropout=0.0,
-                max_positions=128,
-            )
+            hf_models.build_tiny(texts, built[family], arch=family, vocab_size=512, layers=1,
+                                 width=32, dropout=0.0, max_positions=128)
         return built[family]
 
     return get
@@ -90,12 +82,8 @@ def test_every_stage_runs_on_every_family(family, family_dir, tmp_path):
     disc = hf_models.load_score_model(tmp_path / "disc").eval()
     if has_class:
         standard = transformers.AutoModelForTokenClassification.from_pretrained(tmp_path / "disc")
-        torch.testing.assert_close(
-            standard.eval()(input_ids=ids).logits[..., 0],
-            disc(ids, torch.ones_like(ids)).float(),
-            atol=1e-5,
-            rtol=1e-4,
-        )
+        torch.testing.assert_close(standard.eval()(input_ids=ids).logits[..., 0],
+                                   disc(ids, torch.ones_like(ids)).float(), atol=1e-5, rtol=1e-4)
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert set(results["policies"]) == {"sft", "ppo"}
     assert all(

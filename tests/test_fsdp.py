@@ -314,8 +314,7 @@ def check_rank0_loads(dist_info, paths: dict):
         results[f"{name}_logits"] = (a - b).abs().max().item()
         buffers = dict(sharded.named_buffers())
         results[f"{name}_buffers"] = max(
-            [(buffers[k] - v).abs().max().item() for k, v in plain.named_buffers()] or [0.0]
-        )
+            [(buffers[k] - v).abs().max().item() for k, v in plain.named_buffers()] or [0.0])
         local = sum(p.to_local().numel() for p in sharded.parameters())
         results[f"{name}_local_fraction"] = local / sum(p.numel() for p in plain.parameters())
     return results
@@ -327,17 +326,15 @@ def check_frozen_and_mixed_precision(dist_info, paths: dict):
     fp32."""
     rows = random_rows(3, seed=70 + dist_info.rank, vocab=300)
     plain = hf_models.load_policy(paths["llama"]).eval()
-    frozen = distributed.prepare_frozen(
-        hf_models.load_policy(paths["llama"], meta=dist_info.meta), dist_info
-    )
+    frozen = distributed.prepare_frozen(hf_models.load_policy(paths["llama"], meta=dist_info.meta),
+                                        dist_info)
     with torch.no_grad():
         difference = (logits_of(frozen, rows) - logits_of(plain, rows)).abs().max().item()
     resharded = all(
         p._local_tensor.numel() < p.numel() for p in frozen.parameters() if p.numel() > 1
     )
-    model = distributed.shard_model(
-        hf_models.load_policy(paths["llama"], meta=dist_info.meta), dist_info, mixed_precision=True
-    )
+    model = distributed.shard_model(hf_models.load_policy(paths["llama"], meta=dist_info.meta),
+                                    dist_info, mixed_precision=True)
     seen = []
     model.model.layers[0].mlp.register_forward_hook(
         lambda module, args, out: seen.append(
@@ -421,12 +418,9 @@ def work(tmp_path_factory, llama_dir, tiny_tokenizer):
     llama_tokenizer = hf_models.load_tokenizer(llama_dir)
     write_labels(work / "labels.jsonl", llama_tokenizer)
     torch.manual_seed(1)
-    hf_models.save_score_model(
-        hf_models.new_score_model(llama_dir, bias=False),
-        llama_tokenizer,
-        work / "rm_init",
-        "sequence",
-    )  # PPO's reward model, and its critic's start
+    # PPO's reward model, and its critic's start
+    hf_models.save_score_model(hf_models.new_score_model(llama_dir, bias=False), llama_tokenizer,
+                               work / "rm_init", "sequence")
     gpt2 = tiny_gpt2(7, vocab=300)
     gpt2.save_pretrained(work / "gpt2")
     (work / "inputs.json").write_text(
@@ -495,10 +489,8 @@ def test_stage_under_fsdp_matches_ddp_and_one_process(work, stage, auto_class):
     """Losses, gradient norms (clipping active in SFT), held-out metrics and the saved weights."""
     for other in ("ddp", "one"):
         assert_logs_match(work / f"{stage}_fsdp", work / f"{stage}_{other}")
-        assert_weights_match(
-            weights(work / f"{stage}_fsdp", auto_class),
-            weights(work / f"{stage}_{other}", auto_class),
-        )
+        assert_weights_match(weights(work / f"{stage}_fsdp", auto_class),
+                             weights(work / f"{stage}_{other}", auto_class))
     assert read_log(work / f"{stage}_fsdp")[0]["grad_norm"] > 0
     moved = weights(work / f"{stage}_fsdp", auto_class)  # and the steps did change the weights
     if stage == "sft":
@@ -528,9 +520,8 @@ def test_ppo_under_fsdp_matches_ddp(work, lora):
     critic."""
     name = "ppo_lora" if lora else "ppo"
     assert_logs_match(work / f"{name}_fsdp", work / f"{name}_ddp")
-    assert_weights_match(
-        weights(work / f"{name}_fsdp" / "policy"), weights(work / f"{name}_ddp" / "policy")
-    )
+    assert_weights_match(weights(work / f"{name}_fsdp" / "policy"),
+                         weights(work / f"{name}_ddp" / "policy"))
     log = read_log(work / f"{name}_fsdp")
     assert log[0]["kl"] == 0.0 and log[-1]["kl"] != 0.0
 
@@ -577,11 +568,8 @@ def test_fsdp_resume_continues_exactly(work):
     assert_logs_match(work / "sft_fsdp_cut", work / "sft_fsdp", tol=1e-6)
     assert_weights_match(weights(work / "sft_fsdp_cut"), weights(work / "sft_fsdp"), tol=1e-6)
     assert_logs_match(work / "ppo_lora_fsdp_cut", work / "ppo_lora_fsdp", tol=1e-6)
-    assert_weights_match(
-        weights(work / "ppo_lora_fsdp_cut" / "policy"),
-        weights(work / "ppo_lora_fsdp" / "policy"),
-        tol=1e-6,
-    )
+    assert_weights_match(weights(work / "ppo_lora_fsdp_cut" / "policy"),
+                         weights(work / "ppo_lora_fsdp" / "policy"), tol=1e-6)
 
 
 def test_sharded_checkpoint_resumes_in_one_process(work):

@@ -27,10 +27,10 @@ def tiny(arch: str, **extra):
         config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=300,
                                          n_positions=128)
     else:  # Llama-style: RoPE, RMSNorm, one KV head for two query heads (GQA)
-        config = transformers.AutoConfig.for_model(
-            arch, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=2, num_key_value_heads=1, vocab_size=300,
-            max_position_embeddings=128, **extra)
+        config = transformers.AutoConfig.for_model(arch, hidden_size=64, intermediate_size=128,
+                                                   num_hidden_layers=2, num_attention_heads=2,
+                                                   num_key_value_heads=1, vocab_size=300,
+                                                   max_position_embeddings=128, **extra)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = transformers.AutoModelForCausalLM.from_config(config).eval()
@@ -56,7 +56,7 @@ def naive_greedy(policy, prompt, prompt_mask, n):
 def generate(policy, decoder, n=NEW, rows=ROWS, **sampling):
     prompt, prompt_mask = common.pad_left(rows, 0)
     return ppo.generate(policy, prompt, prompt_mask, [-1], 0, n, decoder=decoder,
-                        **(sampling or GREEDY))
+                        **sampling or GREEDY)
 
 
 DECODERS = {"dynamic": dict(static=False), "static": dict(), "compiled": dict(compile=True)}

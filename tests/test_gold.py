@@ -158,9 +158,8 @@ def test_gold_labels_mark_exactly_the_edited_words(splits, tiny_tokenizer):
     pairs, _ = gold.rank_pairs(splits["reward"])
     revisions = {p.id: gold.gold_revise(p.rejected) for p in pairs}
     pairs = [p for p in pairs if revisions[p.id]]
-    records, _ = label.label_pairs(
-        pairs, revisions, tiny_tokenizer, max_response_len=10**6, progress=False
-    )
+    records, _ = label.label_pairs(pairs, revisions, tiny_tokenizer, max_response_len=10**6,
+                                   progress=False)
     exact = 0
     for record in records:
         edited = edited_word_spans(record["rejected"], record["revised"])

@@ -50,13 +50,8 @@ def test_rank_samples_ranks_every_two_and_drops_ties():
 
 def test_pair_rows_read_back_as_the_same_pairs(tmp_path):
     transcript = common.Pair(PROMPT, " help", " kill", id="abc/0-1")
-    chat = common.Pair(
-        common.transcript([{"role": "user", "content": "hi"}]),
-        " help",
-        " kill",
-        [{"role": "user", "content": "hi"}],
-        id="abc/1-2",
-    )
+    chat = common.Pair(common.transcript([{"role": "user", "content": "hi"}]), " help", " kill",
+                       [{"role": "user", "content": "hi"}], id="abc/1-2")
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(gold_samples.pair_row(p)) + "\n"
                             for p in (transcript, chat)))
@@ -181,10 +176,8 @@ def test_sampled_pairs_through_label_and_reward_model(tiny_dir, tmp_path, monkey
         " I will kill him with a gun.", " I can help, friend.", " Maybe.",
         " You stupid idiot, steal it.",
     ]
-    monkeypatch.setattr(
-        gold_samples, "sample_replies",
-        lambda policy, tok, pairs, k, args: [replies[:k] for _ in pairs]
-    )
+    monkeypatch.setattr(gold_samples, "sample_replies",
+                        lambda policy, tok, pairs, k, args: [replies[:k] for _ in pairs])
     out = tmp_path / "samples.jsonl"
     summary = gold_samples.main(sample_argv(tiny_dir, out, "--samples-per-prompt", "4",
                                             "--no-data-pairs"))
@@ -279,9 +272,8 @@ def test_prefix_pairs_train_step_gradient_is_the_global_batch_loss(
 
     def one_pass():
         chosen, rejected, scores = red.pair_rewards(model, batch, return_scores=True)
-        prefix = red.prefix_pair_loss(
-            scores, batch["prefix_index"], batch["prefix_gold"], batch["prefix_valid"]
-        )
+        prefix = red.prefix_pair_loss(scores, batch["prefix_index"], batch["prefix_gold"],
+                                      batch["prefix_valid"])
         return red.bradley_terry_loss(chosen, rejected)[0] + 0.5 * prefix.sum() / len(examples)
 
     args = red.parse_args(
@@ -290,9 +282,8 @@ def test_prefix_pairs_train_step_gradient_is_the_global_batch_loss(
             "--micro-batch-size", "3", "--max-grad-norm", "0",
         ]
     )
-    assert_train_step_equals_one_pass(
-        model, red.train_step, examples, args, tiny_tokenizer.pad_token_id, one_pass
-    )
+    assert_train_step_equals_one_pass(model, red.train_step, examples, args,
+                                      tiny_tokenizer.pad_token_id, one_pass)
 
 
 def prefix_tracking(model_dir, tokenizer, pairs):

@@ -177,9 +177,8 @@ def test_labelled_ids_are_what_the_discriminator_feeds_with_bos_and_sentencepiec
 
     pairs = splits["reward"][:20]
     revisions = {p.id: p.chosen for p in pairs}
-    records, stats = label.label_pairs(
-        pairs, revisions, llama_tokenizer, max_response_len=10_000, progress=False
-    )
+    records, stats = label.label_pairs(pairs, revisions, llama_tokenizer, max_response_len=10_000,
+                                       progress=False)
     assert stats["boundary_mismatch"] == 0
     for record in records:
         record["_where"] = "x"
@@ -226,13 +225,11 @@ def test_boundary_merge_maps_labels_by_character_offsets(tiny_tokenizer):
     pair = common.Pair(prompt, " a chosen reply.", rejected)
     tail = len(tiny_tokenizer(" is here.", add_special_tokens=False)["input_ids"])
     for layout in ("separate", "joint"):
-        [record], stats = label.label_pairs(
-            [pair], {pair.id: revised}, tiny_tokenizer, layout=layout, progress=False
-        )
+        [record], stats = label.label_pairs([pair], {pair.id: revised}, tiny_tokenizer,
+                                            layout=layout, progress=False)
         assert stats["boundary_mismatch"] == 2  # both sides
         rejected_labels, revised_labels = label.edit_labels(
-            alone, tiny_tokenizer(revised, add_special_tokens=False)["input_ids"]
-        )
+            alone, tiny_tokenizer(revised, add_special_tokens=False)["input_ids"])
         assert -1 in rejected_labels and rejected_labels[: len(alone) - tail] == [0] * (
             len(alone) - tail
         )
@@ -326,8 +323,7 @@ def test_openai_reviser_survives_faults_and_never_leaks_the_key(
     out = tmp_path / "labels.jsonl"
     try:
         summary = label.main(
-            openai_args(tiny_dir, out, server.url, 10, "--max-retries", "2", "--concurrency", "3")
-        )
+            openai_args(tiny_dir, out, server.url, 10, "--max-retries", "2", "--concurrency", "3"))
         assert {k: len(server.calls_for(k)) for k in range(10)} == expected_calls
         # before any pair
         assert len(server.calls_for("check")) == 1 and server.calls[0][0] == "check"
@@ -446,8 +442,7 @@ def test_openai_key_never_leaks_at_any_offset(
     out = tmp_path / "labels.jsonl"
     try:
         summary = label.main(
-            openai_args(tiny_dir, out, server.url, n, "--max-retries", "0", "--concurrency", "8")
-        )
+            openai_args(tiny_dir, out, server.url, n, "--max-retries", "0", "--concurrency", "8"))
     finally:
         server.close()
     assert summary["pairs"] == n and summary["failed"] == n // 2 and summary["done"] == n // 2
@@ -487,8 +482,7 @@ def test_openai_bad_key_stops_the_run_without_leaking_it(
     try:
         with pytest.raises(chat.ChatFatal) as exc:
             label.main(
-                openai_args(tiny_dir, tmp_path / "l.jsonl", server.url, 2, "--concurrency", "1")
-            )
+                openai_args(tiny_dir, tmp_path / "l.jsonl", server.url, 2, "--concurrency", "1"))
         assert (
             "HTTP 401" in str(exc.value)
             and SECRET not in str(exc.value)
@@ -632,9 +626,8 @@ def test_hf_reviser_with_no_answer_to_parse_exits_with_the_reasons(
 ):
     """No pair labelled: exit code 1 and one line that says how many failed and why; the raw answers
     are in the cache for the user to read."""
-    monkeypatch.setattr(
-        label, "generate_texts", lambda model, tok, texts, *rest: ["I refuse."] * len(texts)
-    )
+    monkeypatch.setattr(label, "generate_texts",
+                        lambda model, tok, texts, *rest: ["I refuse."] * len(texts))
     out = tmp_path / "labels.jsonl"
     with pytest.raises(SystemExit) as exc:
         label.main(hf_args(tiny_dir, out, 3))

@@ -286,8 +286,7 @@ def test_ppo_log_gold_scores_with_the_lexicon_and_records_its_id(tiny_dir, tmp_p
 
     monkeypatch.setattr(gold, "score_responses", spy)
     out = tmp_path / "ppo"
-    ppo.main(cli(tiny_dir, out, 2, "--log-gold", "--lexicon", str(SENTIMENT)),
-             reward_fn=toy_reward)
+    ppo.main(cli(tiny_dir, out, 2, "--log-gold", "--lexicon", str(SENTIMENT)), reward_fn=toy_reward)
     sentiment = gold.load_lexicon(SENTIMENT)
     assert used == [sentiment.id] * 2
     saved = json.loads((out / "args.json").read_text())

@@ -94,8 +94,7 @@ def test_token_logprobs_on_bf16_logits_by_hand():
     logprobs.sum().backward()
     assert logits.grad.dtype == torch.bfloat16
     # d log p_a / dz = onehot(a) − p, at the column that was read; unread columns get 0
-    torch.testing.assert_close(logits.grad[0, 1].float(), torch.eye(3)[2] - p[0], atol=4e-3,
-                               rtol=0)
+    torch.testing.assert_close(logits.grad[0, 1].float(), torch.eye(3)[2] - p[0], atol=4e-3, rtol=0)
     assert (logits.grad[1, 1] == 0).all()
 
 

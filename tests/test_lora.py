@@ -38,34 +38,16 @@ VOCAB = 96
 
 
 def gpt2_config():
-    return GPT2Config(
-        n_layer=2,
-        n_head=2,
-        n_embd=32,
-        n_positions=64,
-        vocab_size=VOCAB,
-        bos_token_id=0,
-        eos_token_id=0,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
+    return GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=VOCAB,
+                      bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
+                      attn_pdrop=0.0)
 
 
 def llama_config():
-    return LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=None,
-        tie_word_embeddings=False,
-    )
+    return LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                       max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
+                       pad_token_id=None, tie_word_embeddings=False)
 
 
 def build(kind: str, backbone: bool = False, seed: int = 0):
@@ -175,8 +157,7 @@ def test_merged_save_reloads_as_plain_hf_model(kind, tmp_path):
     lora.add_lora(model, rank=4, alpha=8)
     train_a_little(model)
     tokenizer = hf_models.configure_tokenizer(
-        hf_models.train_tiny_tokenizer(["hello world, a tiny corpus"] * 20, vocab_size=300)
-    )
+        hf_models.train_tiny_tokenizer(["hello world, a tiny corpus"] * 20, vocab_size=300))
     lora.save_merged(model, tokenizer, tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert not any(isinstance(m, lora.LoRALinear) for m in reloaded.modules())
@@ -222,8 +203,7 @@ def test_backbone_with_value_head_trains_adapters_and_head_only(kind):
     head = torch.nn.Linear(backbone.config.hidden_size, 1)
     input_ids, attention_mask = batch()
     train_a_little_critic = torch.optim.AdamW(
-        [*head.parameters(), *(p for p in backbone.parameters() if p.requires_grad)], lr=1e-2
-    )
+        [*head.parameters(), *(p for p in backbone.parameters() if p.requires_grad)], lr=1e-2)
     for _ in range(2):
         values = head(
             backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -269,8 +249,7 @@ def test_command_line_flags():
         p.requires_grad for p in model.parameters()
     )
     args = parser.parse_args(
-        ["--lora-rank", "8", "--lora-alpha", "16", "--lora-targets", "q_proj, v_proj"]
-    )
+        ["--lora-rank", "8", "--lora-alpha", "16", "--lora-targets", "q_proj, v_proj"])
     assert args.lora_targets == ["q_proj", "v_proj"]
     assert len(lora.add_lora_from_args(model, args)) == 4
     layer = model.model.layers[0].self_attn.q_proj
@@ -352,17 +331,14 @@ def test_gradient_checkpointing_gives_the_same_adapter_gradients():
         if checkpointing:
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
                 model.activation_checkpointing_enable(
-                    activation_checkpointing_kwargs={"use_reentrant": False}
-                )
+                    activation_checkpointing_kwargs={"use_reentrant": False})
             else:
                 model.gradient_checkpointing_enable(
-                    gradient_checkpointing_kwargs={"use_reentrant": False}
-                )
+                    gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         logprobs(model, *batch()).mean().backward()
         grads.append(
-            torch.cat([p.grad.flatten() for n, p in model.named_parameters() if p.requires_grad])
-        )
+            torch.cat([p.grad.flatten() for n, p in model.named_parameters() if p.requires_grad]))
     torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
     assert grads[1].abs().sum() > 0
 
@@ -477,12 +453,8 @@ def test_ppo_with_lora_reference_is_the_policy_with_adapters_off(policy_and_rm, 
 
     for step in range(3):  # main's loop: rollout, then PPO epochs
         torch.manual_seed(step + 1)
-        ppo.ppo_update(
-            models,
-            ppo.rollout(models, prompt, prompt_mask, eos_ids, pad_id, args),
-            args,
-            args.minibatch_size,
-        )
+        ppo.ppo_update(models, ppo.rollout(models, prompt, prompt_mask, eos_ids, pad_id, args),
+                       args, args.minibatch_size)
     assert {n for n, p in policy.named_parameters() if p.grad is not None} == trained_names(policy)
     assert {n for n, p in critic.named_parameters() if p.grad is not None} == trained_names(critic)
     torch.manual_seed(9)
@@ -498,8 +470,7 @@ def adapted_from_checkpoint(model, out, name):
     heads)."""
     lora.add_lora(model.backbone if isinstance(model, common.ScoreModel) else model, rank=4)
     lora.load_trainable_state_dict(
-        model, load_file(str(checkpoint.latest_checkpoint(out) / f"{name}.safetensors"))
-    )
+        model, load_file(str(checkpoint.latest_checkpoint(out) / f"{name}.safetensors")))
     return common.disable_dropout(model).eval()
 
 
@@ -533,12 +504,9 @@ def test_ppo_with_lora_saves_a_merged_policy_and_resumes_from_adapters(policy_an
     mask, response_mask = torch.ones_like(ids), torch.zeros_like(ids)
     response_mask[0, ids.shape[1] // 2:] = 1
     with torch.no_grad():
-        torch.testing.assert_close(
-            common.response_logprobs(merged, ids, mask, response_mask)[0],
-            common.response_logprobs(adapted, ids, mask, response_mask)[0],
-            atol=1e-5,
-            rtol=0,
-        )
+        torch.testing.assert_close(common.response_logprobs(merged, ids, mask, response_mask)[0],
+                                   common.response_logprobs(adapted, ids, mask, response_mask)[0],
+                                   atol=1e-5, rtol=0)
         assert not torch.allclose(
             common.response_logprobs(merged, ids, mask, response_mask)[0],
             common.response_logprobs(hf_models.load_policy(model_dir), ids, mask, response_mask)[0],
@@ -565,12 +533,9 @@ def test_sft_and_reward_model_with_lora_save_merged_standard_models(tiny_dir, tm
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     adapted = adapted_from_checkpoint(hf_models.load_policy(tiny_dir), out, "model")
     with torch.no_grad():
-        torch.testing.assert_close(
-            common.response_logprobs(merged, ids, mask, response_mask)[0],
-            common.response_logprobs(adapted, ids, mask, response_mask)[0],
-            atol=1e-5,
-            rtol=0,
-        )
+        torch.testing.assert_close(common.response_logprobs(merged, ids, mask, response_mask)[0],
+                                   common.response_logprobs(adapted, ids, mask, response_mask)[0],
+                                   atol=1e-5, rtol=0)
 
     rm_out = tmp_path / "rm"
     redistribute.main(
@@ -585,9 +550,8 @@ def test_sft_and_reward_model_with_lora_save_merged_standard_models(tiny_dir, tm
     hf_model = AutoModelForSequenceClassification.from_pretrained(
         rm_out, dtype=torch.float32
     ).eval()
-    adapted = adapted_from_checkpoint(
-        hf_models.new_score_model(tiny_dir, bias=False), rm_out, "model"
-    )
+    adapted = adapted_from_checkpoint(hf_models.new_score_model(tiny_dir, bias=False), rm_out,
+                                      "model")
     with torch.no_grad():
         ours = redistribute.sequence_reward(adapted, ids, mask, mask)  # at the last token
         theirs = hf_model(input_ids=ids, attention_mask=mask).logits.squeeze(-1)

@@ -20,21 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_pipeline(tmp_path, **settings):
     run = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    env.update(
-        SIZE="smoke",
-        RUN=str(run),
-        PYTHON=sys.executable,
-        DEVICE="cpu",
-        OMP_NUM_THREADS="1",
-        **settings,
-    )
-    done = subprocess.run(
-        ["bash", str(ROOT / "run_pipeline.sh")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    env.update(SIZE="smoke", RUN=str(run), PYTHON=sys.executable, DEVICE="cpu", OMP_NUM_THREADS="1",
+               **settings)
+    done = subprocess.run(["bash", str(ROOT / "run_pipeline.sh")], env=env, capture_output=True,
+                          text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert "report: " in done.stdout and "| sft |" in done.stdout
     # each stage was printed as the command a student would type
@@ -100,13 +89,9 @@ def test_the_lab_pipeline_on_samples_with_prefix_pairs(tmp_path):
     )
     info = json.loads((run / "reward_model" / "token_rlhf.json").read_text())
     assert info["prefix_pairs"] is True and info["split"] == "all"
-    bad = subprocess.run(
-        ["bash", str(ROOT / "run_pipeline.sh")],
-        env={**os.environ, "LAB_DATA": "sample"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    bad = subprocess.run(["bash", str(ROOT / "run_pipeline.sh")],
+                         env={**os.environ, "LAB_DATA": "sample"}, capture_output=True, text=True,
+                         timeout=60)
     assert bad.returncode == 2 and "LAB_DATA must be pairs or samples" in bad.stderr
 
 
@@ -159,12 +144,8 @@ def test_readme_test_command_is_what_ci_runs():
 def test_every_stage_script_has_help():
     for script in (
         "sft.py", "label.py", "discriminator.py", "redistribute.py", "ppo_token.py", "eval.py",
-        "study.py",
+        "study.py", "gold_samples.py", "gold.py",
     ):
-        done = subprocess.run(
-            [sys.executable, str(ROOT / script), "--help"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        done = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True,
+                              text=True, timeout=120)
         assert done.returncode == 0 and "usage:" in done.stdout, script

@@ -64,26 +64,23 @@ def test_reward_model_round_trips_through_auto_model_for_sequence_classification
     with torch.no_grad():
         # at the EOS
         ours = redistribute.sequence_reward(model, query_response, attention_mask, attention_mask)
-    hf_models.save_score_model(
-        model, tokenizer, tmp_path / "rm", kind="sequence", extra={"role": "reward_model"}
-    )
+    hf_models.save_score_model(model, tokenizer, tmp_path / "rm", kind="sequence",
+                               extra={"role": "reward_model"})
 
     # a Hugging Face user: the standard class and the saved tokenizer, nothing of ours
     hf_model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
     hf_tokenizer = hf_models.AutoTokenizer.from_pretrained(tmp_path / "rm")
     # so it reads the EOS, not the token before
     assert hf_tokenizer.pad_token_id != hf_tokenizer.eos_token_id
-    batch = hf_tokenizer(
-        [t + hf_tokenizer.eos_token for t in TEXTS], padding=True, return_tensors="pt"
-    )
+    batch = hf_tokenizer([t + hf_tokenizer.eos_token for t in TEXTS], padding=True,
+                         return_tensors="pt")
     with torch.no_grad():
         theirs = hf_model(**batch).logits.squeeze(-1)
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
     # and right padding reads the same token
     hf_tokenizer.padding_side = "right"
-    batch = hf_tokenizer(
-        [t + hf_tokenizer.eos_token for t in TEXTS], padding=True, return_tensors="pt"
-    )
+    batch = hf_tokenizer([t + hf_tokenizer.eos_token for t in TEXTS], padding=True,
+                         return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(hf_model(**batch).logits.squeeze(-1), ours, atol=1e-5, rtol=1e-5)
 
@@ -91,10 +88,7 @@ def test_reward_model_round_trips_through_auto_model_for_sequence_classification
     with torch.no_grad():
         torch.testing.assert_close(
             redistribute.sequence_reward(loaded, query_response, attention_mask, attention_mask),
-            ours,
-            atol=1e-5,
-            rtol=1e-5,
-        )
+            ours, atol=1e-5, rtol=1e-5)
     # only a pad added
     hf_models.check_same_tokenizer(tokenizer, hf_models.load_tokenizer(tmp_path / "rm"), "rm")
     info = hf_models.read_run_info(tmp_path / "rm")
@@ -121,9 +115,8 @@ def test_discriminator_round_trips_through_auto_model_for_token_classification(
     torch.testing.assert_close(theirs[real], ours[real], atol=1e-5, rtol=1e-5)
     loaded = hf_models.load_score_model(tmp_path / "disc").eval()
     with torch.no_grad():
-        torch.testing.assert_close(
-            loaded(query_response, attention_mask)[real], ours[real], atol=1e-5, rtol=1e-5
-        )
+        torch.testing.assert_close(loaded(query_response, attention_mask)[real], ours[real],
+                                   atol=1e-5, rtol=1e-5)
 
 
 def test_a_standard_save_that_fails_keeps_the_model_in_the_head_file_format(tiny_dir, tmp_path,
@@ -166,15 +159,12 @@ def test_older_trl_and_openrlhf_reward_models_load(tiny_dir, tiny_tokenizer, tmp
     # this project's first format: a backbone plus score_head.safetensors (weight and bias)
     model = trained_score_model(tiny_dir, bias=True)
     model.backbone.save_pretrained(tmp_path / "old")
-    save_file(
-        {k: v.contiguous() for k, v in model.head.state_dict().items()},
-        str(tmp_path / "old" / "score_head.safetensors"),
-    )
+    save_file({k: v.contiguous() for k, v in model.head.state_dict().items()},
+              str(tmp_path / "old" / "score_head.safetensors"))
     loaded = hf_models.load_score_model(tmp_path / "old").eval()
     with torch.no_grad():
-        torch.testing.assert_close(
-            loaded(query_response, attention_mask), model(query_response, attention_mask)
-        )
+        torch.testing.assert_close(loaded(query_response, attention_mask),
+                                   model(query_response, attention_mask))
 
     # TRL: an AutoModelForSequenceClassification with num_labels=1, saved by Hugging Face
     torch.manual_seed(3)
@@ -186,9 +176,8 @@ def test_older_trl_and_openrlhf_reward_models_load(tiny_dir, tiny_tokenizer, tmp
     with torch.no_grad():
         one = query_response[:1, attention_mask[0].argmax():]
         expected = trl(input_ids=one).logits.squeeze()
-        torch.testing.assert_close(
-            loaded(one, torch.ones_like(one))[0, -1], expected, atol=1e-5, rtol=1e-5
-        )
+        torch.testing.assert_close(loaded(one, torch.ones_like(one))[0, -1], expected, atol=1e-5,
+                                   rtol=1e-5)
 
     # OpenRLHF: the backbone under "model." with value_head.weight, and reward normalisation in the
     # config
@@ -208,9 +197,8 @@ def test_older_trl_and_openrlhf_reward_models_load(tiny_dir, tiny_tokenizer, tmp
             position_ids=common.position_ids_from_mask(attention_mask),
         ).last_hidden_state
         expected = ((hidden[:, last] @ head.T).squeeze(-1) - 0.5) / 2.0
-        torch.testing.assert_close(
-            loaded(query_response, attention_mask)[:, last], expected, atol=1e-5, rtol=1e-5
-        )
+        torch.testing.assert_close(loaded(query_response, attention_mask)[:, last], expected,
+                                   atol=1e-5, rtol=1e-5)
 
 
 def test_a_folder_without_a_trained_head_is_refused(tiny_dir, tmp_path):
@@ -240,14 +228,8 @@ def test_tokenizers_that_do_not_belong_together_are_refused(tiny_tokenizer, spli
 # ----------------------------------------------------------------------------------------------
 def run_stage(args, env=None, timeout=120):
     started = time.monotonic()
-    done = subprocess.run(
-        [sys.executable, *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
     return done, time.monotonic() - started
 
 
@@ -311,9 +293,8 @@ def small_training_state(tiny_dir):
 def test_checkpoint_round_trip_restores_weights_optimizer_schedule_and_rng(tmp_path, tiny_dir):
     model, optimizer, scheduler = small_training_state(tiny_dir)
     torch.manual_seed(123)
-    checkpoint.save_checkpoint(
-        tmp_path, 7, {"model": model}, {"model": optimizer}, {"model": scheduler}, {"lr": 1}
-    )
+    checkpoint.save_checkpoint(tmp_path, 7, {"model": model}, {"model": optimizer},
+                               {"model": scheduler}, {"lr": 1})
     expected_draw = torch.rand(3)
     fresh = hf_models.load_policy(tiny_dir)
     fresh_optimizer = plumbing.adamw(fresh, 1e-3)
@@ -409,16 +390,14 @@ def test_a_torn_last_log_line_is_dropped_on_resume(tmp_path, capsys):
 
 def test_help_shows_every_default():
     for script in ("sft.py", "label.py", "ppo_token.py", "eval.py"):
-        done = subprocess.run(
-            [sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
-        )
+        done = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=60)
         # --split-seed's default is shown
         assert "(default: 0)" in " ".join(done.stdout.split()), script
     for args in (["discriminator.py", "show", "--help"], ["redistribute.py", "show", "--help"],
                  ["discriminator.py", "evaluate", "--help"]):
-        done = subprocess.run(
-            [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=60
-        )
+        done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                              timeout=60)
         assert "--trust-remote-code" in done.stdout and "(default:" in done.stdout, args
 
 

@@ -30,8 +30,8 @@ def one_thread():
 
 def tiny_lm(seed=0, eos=0):
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=V, n_layer=1, n_embd=32, n_head=2, n_positions=64,
-                     eos_token_id=eos, bos_token_id=eos, pad_token_id=eos)
+    cfg = GPT2Config(vocab_size=V, n_layer=1, n_embd=32, n_head=2, n_positions=64, eos_token_id=eos,
+                     bos_token_id=eos, pad_token_id=eos)
     return common.disable_dropout(GPT2LMHeadModel(cfg))
 
 
@@ -53,13 +53,8 @@ def toy_models(lr=3e-3, eos=0):
 def as_models(policy, ref_policy, critic, reward_fn, args, optimizers=(None, None)):
     """The record load_models builds, around hand-made models: the reference read as a frozen
     copy."""
-    return ppo.Models(
-        policy,
-        critic,
-        *optimizers,
-        ppo.reference_logprobs_fn(policy, ref_policy, args.temperature),
-        reward_fn,
-    )
+    return ppo.Models(policy, critic, *optimizers,
+                      ppo.reference_logprobs_fn(policy, ref_policy, args.temperature), reward_fn)
 
 
 # different lengths: left padding on every row but one
@@ -116,16 +111,9 @@ def test_build_token_rewards_positions():
     ref_logprobs = torch.tensor([[-1.5, -2.0, -2.0, -9.0], [-2.0, -1.0, -1.0, -3.0]])
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
     ended = torch.tensor([True, False])  # row 1 hit the length limit
-    rewards, task_out, kl = ppo.build_token_rewards(
-        task,
-        logprobs,
-        ref_logprobs,
-        mask,
-        ended,
-        kl_coef=0.1,
-        reward_clip=5.0,
-        missing_eos_penalty=2.0,
-    )
+    rewards, task_out, kl = ppo.build_token_rewards(task, logprobs, ref_logprobs, mask, ended,
+                                                    kl_coef=0.1, reward_clip=5.0,
+                                                    missing_eos_penalty=2.0)
     # KL_j = log π − log π_ref, per action; zero past the end
     assert torch.allclose(kl, torch.tensor([[0.5, 0.0, -1.0, 0.0], [1.0, 0.0, 0.0, 2.0]]))
     # task reward clipped to ±5; the missing-EOS penalty lands on the truncated row's last action
@@ -142,9 +130,8 @@ def test_policy_and_value_loss_clip():
     # A > 0: ratio capped at 1.2; the pessimistic side
     assert torch.allclose(loss, torch.tensor([[-1.2, -0.5, 1.1]]))
     assert clipped.tolist() == [[True, False, False]]
-    vloss, vclipped = ppo.value_loss(
-        torch.tensor([[1.0, 0.1]]), torch.zeros(1, 2), torch.tensor([[1.0, 1.0]]), 0.2
-    )
+    vloss, vclipped = ppo.value_loss(torch.tensor([[1.0, 0.1]]), torch.zeros(1, 2),
+                                     torch.tensor([[1.0, 1.0]]), 0.2)
     assert torch.allclose(vloss, torch.tensor([[0.5 * 0.8 ** 2, 0.5 * 0.9 ** 2]]))
     assert vclipped.tolist() == [[True, False]]
 
@@ -165,9 +152,8 @@ def test_generate_with_cache_matches_full_recompute():
     policy = tiny_lm(eos=0).eval()
     prompt, prompt_mask = common.pad_left(PROMPTS, 0)
     torch.manual_seed(1)
-    response = ppo.generate(
-        policy, prompt, prompt_mask, [0], 0, max_new_tokens=10, temperature=0.7, top_p=0.9
-    )
+    response = ppo.generate(policy, prompt, prompt_mask, [0], 0, max_new_tokens=10, temperature=0.7,
+                            top_p=0.9)
     torch.manual_seed(1)  # the same draws, each token recomputed from scratch without a cache
     ids, mask, done = prompt, prompt_mask, torch.zeros(len(PROMPTS), dtype=torch.bool)
     for _ in range(response.shape[1]):
@@ -203,9 +189,8 @@ def test_rollout_positions_are_pinned_down():
     action j."""
     eos = 5
     policy, ref_policy, critic, _, _ = toy_models(eos=eos)
-    args = make_args(
-        "--temperature", "0.7", "--reward-clip", "0", "--kl-coef", "0.5", "--no-whiten-advantages"
-    )
+    args = make_args("--temperature", "0.7", "--reward-clip", "0", "--kl-coef", "0.5",
+                     "--no-whiten-advantages")
     prompt, prompt_mask = common.pad_left(PROMPTS, eos)
 
     # task reward of a_j = a_j's id
@@ -213,14 +198,8 @@ def test_rollout_positions_are_pinned_down():
         return common.gather_response(query_response.float(), response_mask)
 
     torch.manual_seed(3)
-    batch = ppo.rollout(
-        as_models(policy, ref_policy, critic, reward_is_token_id, args),
-        prompt,
-        prompt_mask,
-        [eos],
-        eos,
-        args,
-    )
+    batch = ppo.rollout(as_models(policy, ref_policy, critic, reward_is_token_id, args), prompt,
+                        prompt_mask, [eos], eos, args)
     mask = batch.response_mask
     assert torch.equal(batch.task_rewards, batch.response.float() * mask)
     assert batch.ended.any() and (mask.sum(-1) > 1).any()
@@ -248,9 +227,8 @@ def test_first_ppo_ratio_is_one_under_left_padding():
     def no_reward(query_response, attention_mask, response_mask):
         return torch.zeros(len(query_response), int(response_mask.sum(-1).max()))
 
-    batch = ppo.rollout(
-        as_models(policy, ref_policy, critic, no_reward, args), prompt, prompt_mask, [0], 0, args
-    )
+    batch = ppo.rollout(as_models(policy, ref_policy, critic, no_reward, args), prompt, prompt_mask,
+                        [0], 0, args)
     # the training forward: train mode, gradient checkpointing, a shuffled minibatch
     policy.train(), critic.train()
     idx = torch.tensor([6, 1, 3])
@@ -273,9 +251,8 @@ def run_toy(reward, steps, seed=0, *extra):
     """Train a toy policy on `reward(response, valid) -> [B, T_resp]`; return the first and last
     step's stats."""
     policy, ref_policy, critic, policy_opt, critic_opt = toy_models()
-    args = make_args(
-        "--rollout-batch-size", "32", "--minibatch-size", "16", "--kl-coef", "0.01", *extra
-    )
+    args = make_args("--rollout-batch-size", "32", "--minibatch-size", "16", "--kl-coef", "0.01",
+                     *extra)
     prompt, prompt_mask = common.pad_left(PROMPTS * 8, 0)
 
     def reward_fn(query_response, attention_mask, response_mask):
@@ -395,8 +372,7 @@ def test_resume_reproduces_the_next_step(tiny_dir, tmp_path):
     with pytest.raises(common.InputError, match=r"--reward was 'tlcr', now 'seq'"):
         ppo.main(
             [x if x != "tlcr" else "seq" for x in cli(tiny_dir, a, 4)] + ["--reward-model", "x"],
-            reward_fn=toy_reward,
-        )
+            reward_fn=toy_reward)
 
 
 def test_torchrun_two_ranks(tiny_dir, tmp_path):
@@ -424,12 +400,8 @@ def test_every_reward_source_runs_a_step(tiny_dir, tmp_path):
     tokenizer = hf_models.load_tokenizer(tiny_dir)
     for name, seed, kind in (("rm", 1, "sequence"), ("disc", 2, "token")):
         torch.manual_seed(seed)
-        hf_models.save_score_model(
-            hf_models.new_score_model(tiny_dir, bias=kind == "token"),
-            tokenizer,
-            tmp_path / name,
-            kind,
-        )
+        hf_models.save_score_model(hf_models.new_score_model(tiny_dir, bias=kind == "token"),
+                                   tokenizer, tmp_path / name, kind)
     for reward in ("seq", "red", "tlcr"):
         argv = [
             a if a != "unused" else str(tmp_path / "disc")
@@ -458,8 +430,7 @@ def test_every_reward_source_runs_a_step(tiny_dir, tmp_path):
     reward_fn, score_fn = ppo.make_reward_fn(args, distributed.DistInfo())
     prompt, prompt_mask = common.pad_left([[5, 6, 7], [8, 9]], tokenizer.eos_token_id)
     response = torch.tensor(
-        [[11, 12, tokenizer.eos_token_id, tokenizer.eos_token_id], [13, 14, 15, 16]]
-    )
+        [[11, 12, tokenizer.eos_token_id, tokenizer.eos_token_id], [13, 14, 15, 16]])
     mask, _ = ppo.response_mask_from(response, [tokenizer.eos_token_id])
     query_response = torch.cat([prompt, response], 1)
     attention_mask = torch.cat([prompt_mask, mask], 1)
@@ -485,19 +456,13 @@ def test_micro_batches_accumulate_to_the_same_update():
         )
         args.micro_batch_size = int(micro)
         torch.manual_seed(5)
-        models = as_models(
-            policy,
-            ref_policy,
-            critic,
-            lambda qr, am, rm: common.gather_response(qr.float(), rm) / V,
-            args,
-            (policy_opt, critic_opt),
-        )
+        models = as_models(policy, ref_policy, critic,
+                           lambda qr, am, rm: common.gather_response(qr.float(), rm) / V, args,
+                           (policy_opt, critic_opt))
         batch = ppo.rollout(models, prompt, prompt_mask, [0], 0, args)
         ppo.ppo_update(models, batch, args, args.minibatch_size)
         weights.append(
-            [p.detach().clone() for p in list(policy.parameters()) + list(critic.parameters())]
-        )
+            [p.detach().clone() for p in list(policy.parameters()) + list(critic.parameters())])
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*weights))
     # the update did change the policy
     assert not torch.allclose(weights[0][0], toy_models()[0].transformer.wte.weight)
@@ -508,12 +473,8 @@ def test_models_that_do_not_belong_together_stop_the_run_at_once(tiny_dir, llama
     without a trained head: refused before any model is loaded, with the option and the folder
     named."""
     llama_tokenizer = hf_models.load_tokenizer(llama_dir)
-    hf_models.save_score_model(
-        hf_models.new_score_model(llama_dir, bias=False),
-        llama_tokenizer,
-        tmp_path / "rm",
-        "sequence",
-    )
+    hf_models.save_score_model(hf_models.new_score_model(llama_dir, bias=False), llama_tokenizer,
+                               tmp_path / "rm", "sequence")
     argv = [
         "--policy", str(tiny_dir), "--reward", "seq", "--out", str(tmp_path / "out"),
         "--iterations", "1",
@@ -557,9 +518,8 @@ def test_llama_policy_runs_ppo_with_bos_and_stops_at_a_second_eos_id(llama_dir, 
     )
     prompt, prompt_mask = common.pad_left(prompts, tokenizer.pad_token_id)
     torch.manual_seed(0)
-    free = ppo.generate(
-        policy, prompt, prompt_mask, [tokenizer.eos_token_id], tokenizer.pad_token_id, 24, top_p=1.0
-    )
+    free = ppo.generate(policy, prompt, prompt_mask, [tokenizer.eos_token_id],
+                        tokenizer.pad_token_id, 24, top_p=1.0)
     # (pad is EOS: the rows after they ended hold it)
     sampled = free[free != tokenizer.eos_token_id]
     second_eos = int(torch.mode(sampled).values)  # the token this random model samples most

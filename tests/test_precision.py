@@ -104,13 +104,11 @@ def test_frozen_bf16_model_computes_like_its_fp32_original(llama_dir):
     """compute_in_fp32: stored in bf16 between calls; the rounded fp32 model's logits in them."""
     rows, mask = common.pad_left([[5, 6, 7, 8], [9, 10]], 0)
     rounded = amp.round_like_frozen(hf_models.load_policy(llama_dir), torch.bfloat16).eval()
-    frozen = distributed.prepare_frozen(
-        hf_models.load_policy(llama_dir, torch.bfloat16), distributed.DistInfo()
-    )
+    frozen = distributed.prepare_frozen(hf_models.load_policy(llama_dir, torch.bfloat16),
+                                        distributed.DistInfo())
     with torch.no_grad(), amp.autocast(CPU, "bf16"):
-        kw = dict(
-            input_ids=rows, attention_mask=mask, position_ids=common.position_ids_from_mask(mask)
-        )
+        kw = dict(input_ids=rows, attention_mask=mask,
+                  position_ids=common.position_ids_from_mask(mask))
         assert torch.equal(frozen(**kw).logits, rounded(**kw).logits)
     assert {p.dtype for p in frozen.parameters()} == {torch.bfloat16}  # back to bf16 after the call
 
@@ -194,12 +192,8 @@ def reward_models(tmp_path_factory, tiny_dir, llama_dir):
     out = tmp_path_factory.mktemp("rm")
     for arch, model_dir in (("gpt2", tiny_dir), ("llama", llama_dir)):
         torch.manual_seed(1)
-        hf_models.save_score_model(
-            hf_models.new_score_model(model_dir, bias=False),
-            hf_models.load_tokenizer(model_dir),
-            out / arch,
-            "sequence",
-        )
+        hf_models.save_score_model(hf_models.new_score_model(model_dir, bias=False),
+                                   hf_models.load_tokenizer(model_dir), out / arch, "sequence")
     return out
 
 
@@ -222,9 +216,8 @@ def ppo_setup(model_dir, rm_dir, precision, lora=0, extra=()):
     finally:
         hf_models.load_policy = load_policy
     tokenizer = hf_models.load_tokenizer(model_dir)
-    prompt, prompt_mask = common.pad_left(
-        [[5, 6, 7, 8], [9, 10], [11, 12, 13], [14]] * 2, tokenizer.pad_token_id
-    )
+    prompt, prompt_mask = common.pad_left([[5, 6, 7, 8], [9, 10], [11, 12, 13], [14]] * 2,
+                                          tokenizer.pad_token_id)
     return (
         args,
         models,
@@ -261,8 +254,7 @@ def test_ppo_iteration_zero_in_bf16_kl_is_zero_and_ratio_is_one(
     """The reference stored in bf16 (full fine-tuning: a bf16 copy; LoRA: the base, no adapters)."""
     model_dir = tiny_dir if arch == "gpt2" else llama_dir
     args, models, ref_policy, prompt, prompt_mask, eos_ids, pad_id = ppo_setup(
-        model_dir, reward_models / arch, "bf16", lora
-    )
+        model_dir, reward_models / arch, "bf16", lora)
     if not lora:
         assert {p.dtype for p in ref_policy.parameters()} == {torch.bfloat16}
         assert {p.dtype for p in models.policy.parameters()} == {torch.float32}
@@ -283,8 +275,7 @@ def test_without_the_design_a_bf16_reference_gives_kl_at_iteration_zero(
     monkeypatch.setattr(amp, "compute_in_fp32", lambda model: model)
     monkeypatch.setattr(amp, "round_like_frozen", lambda model, dtype: model)
     args, models, _, prompt, prompt_mask, eos_ids, pad_id = ppo_setup(
-        tiny_dir, reward_models / "gpt2", "bf16"
-    )
+        tiny_dir, reward_models / "gpt2", "bf16")
     torch.manual_seed(0)
     batch = ppo.rollout(models, prompt, prompt_mask, eos_ids, pad_id, args)
     assert batch.kl.abs().max() > 1e-4
@@ -298,8 +289,7 @@ def test_ppo_scoring_and_update_in_bf16_agree_with_fp32(lora, llama_dir, reward_
     batch = None
     for precision in ("fp32", "bf16"):
         args, models, _, prompt, prompt_mask, eos_ids, pad_id = ppo_setup(
-            llama_dir, reward_models / "llama", precision, lora
-        )
+            llama_dir, reward_models / "llama", precision, lora)
         policy, critic, reward_fn = models.policy, models.critic, models.reward_fn
         if batch is None:
             torch.manual_seed(0)
@@ -309,19 +299,13 @@ def test_ppo_scoring_and_update_in_bf16_agree_with_fp32(lora, llama_dir, reward_
             logprobs, _ = common.response_logprobs(policy, qr, am, rm)
             values = ppo.critic_values(critic, qr, am, rm)
         rewards = reward_fn(qr, am, rm)  # the frozen reward model, in --frozen-dtype (bf16 here)
-        losses = ppo.minibatch_losses(
-            policy, critic, batch, torch.arange(4), batch.response_mask[:4].sum(), args
-        )
+        losses = ppo.minibatch_losses(policy, critic, batch, torch.arange(4),
+                                      batch.response_mask[:4].sum(), args)
         (losses[0] + losses[1]).backward()
-        results[precision] = dict(
-            logprobs=logprobs,
-            values=values,
-            rewards=rewards,
-            policy_loss=losses[0].item(),
-            value_loss=losses[1].item(),
-            policy_grad=distributed.clip_grad_norm(policy, 0),
-            critic_grad=distributed.clip_grad_norm(critic, 0),
-        )
+        results[precision] = dict(logprobs=logprobs, values=values, rewards=rewards,
+                                  policy_loss=losses[0].item(), value_loss=losses[1].item(),
+                                  policy_grad=distributed.clip_grad_norm(policy, 0),
+                                  critic_grad=distributed.clip_grad_norm(critic, 0))
     fp32, bf16 = results["fp32"], results["bf16"]
     for key in ("logprobs", "values", "rewards"):
         torch.testing.assert_close(bf16[key], fp32[key], atol=BF16_ATOL, rtol=0)
@@ -333,24 +317,18 @@ def test_ppo_scoring_and_update_in_bf16_agree_with_fp32(lora, llama_dir, reward_
 def test_eval_scoring_in_bf16_agrees_with_fp32(tiny_dir, reward_models, tmp_path):
     """eval.py's score_batch with its models loaded as eval.py loads them, in each precision."""
     torch.manual_seed(2)
-    hf_models.save_score_model(
-        hf_models.new_score_model(tiny_dir, bias=True),
-        hf_models.load_tokenizer(tiny_dir),
-        tmp_path / "disc",
-        "token",
-    )
+    hf_models.save_score_model(hf_models.new_score_model(tiny_dir, bias=True),
+                               hf_models.load_tokenizer(tiny_dir), tmp_path / "disc", "token")
     tokenizer = hf_models.load_tokenizer(tiny_dir)
-    prompt, prompt_mask = common.pad_left(
-        [[5, 6, 7, 8], [9, 10], [11, 12, 13]], tokenizer.pad_token_id
-    )
+    prompt, prompt_mask = common.pad_left([[5, 6, 7, 8], [9, 10], [11, 12, 13]],
+                                          tokenizer.pad_token_id)
     scores = {}
     for precision in ("fp32", "bf16"):
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
 
         def frozen(model):
-            return distributed.prepare_frozen(
-                amp.cast_frozen(model, dtype), distributed.DistInfo(), precision=precision
-            )
+            return distributed.prepare_frozen(amp.cast_frozen(model, dtype), distributed.DistInfo(),
+                                              precision=precision)
 
         policy = frozen(hf_models.load_policy(tiny_dir))
         reward_model = frozen(hf_models.load_score_model(reward_models / "gpt2"))
@@ -358,13 +336,12 @@ def test_eval_scoring_in_bf16_agrees_with_fp32(tiny_dir, reward_models, tmp_path
         assert reward_model.head.weight.dtype == torch.float32  # heads stay fp32
         if precision == "fp32":
             torch.manual_seed(0)
-            generated = evaluation.generate_responses(
-                policy, prompt, prompt_mask, 10, [tokenizer.eos_token_id], tokenizer.pad_token_id
-            )
+            generated = evaluation.generate_responses(policy, prompt, prompt_mask, 10,
+                                                      [tokenizer.eos_token_id],
+                                                      tokenizer.pad_token_id)
         with amp.autocast(CPU, precision):
-            scores[precision] = evaluation.score_batch(
-                policy, policy, reward_model, disc, *generated, 1.0, True
-            )
+            scores[precision] = evaluation.score_batch(policy, policy, reward_model, disc,
+                                                       *generated, 1.0, True)
     for key in ("logprobs", "rm_score", "tlcr", "red"):
         torch.testing.assert_close(scores["bf16"][key], scores["fp32"][key], atol=BF16_ATOL, rtol=0)
         assert not torch.equal(scores["bf16"][key], scores["fp32"][key]), key

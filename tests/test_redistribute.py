@@ -87,12 +87,10 @@ def test_telescoping(layout):
     full = torch.tensor([score_alone(model, p + r) for p, r in rows])  # R(x, y)
     empty = torch.tensor([score_alone(model, p) for p, _ in rows])  # R(x, ∅)
     torch.testing.assert_close(red.sequence_reward(model, *batch), full, atol=2e-5, rtol=0)
-    torch.testing.assert_close(
-        red.redistribute(model, *batch).sum(-1), full - empty, atol=2e-5, rtol=0
-    )
-    torch.testing.assert_close(
-        red.redistribute(model, *batch, zero_first=True).sum(-1), full, atol=2e-5, rtol=0
-    )
+    torch.testing.assert_close(red.redistribute(model, *batch).sum(-1), full - empty, atol=2e-5,
+                               rtol=0)
+    torch.testing.assert_close(red.redistribute(model, *batch, zero_first=True).sum(-1), full,
+                               atol=2e-5, rtol=0)
 
 
 def test_hand_made_scores_pin_positions():
@@ -151,12 +149,8 @@ def test_reward_read_at_last_real_token_any_padding():
         ]
         left = batch_left(rows2)
         left_batch = {"query_response": left[0], "attention_mask": left[1]}
-        torch.testing.assert_close(
-            torch.cat(red.pair_rewards(model, left_batch)),
-            torch.cat([want_c, want_r]),
-            atol=2e-5,
-            rtol=0,
-        )
+        torch.testing.assert_close(torch.cat(red.pair_rewards(model, left_batch)),
+                                   torch.cat([want_c, want_r]), atol=2e-5, rtol=0)
         torch.testing.assert_close(
             red.sequence_reward(
                 model, batch["query_response"], batch["attention_mask"], batch["response_mask"]
@@ -238,19 +232,13 @@ def test_train_step_gradient_is_the_global_batch_mean_loss(tiny_dir, tiny_tokeni
     accumulates over micro-batches of 3 pairs equals that of bradley_terry_loss over the 8 pairs in
     one pass."""
     args = red.parse_args(
-        train_argv(tiny_dir, "x", "--micro-batch-size", "3", "--max-grad-norm", "0")
-    )
+        train_argv(tiny_dir, "x", "--micro-batch-size", "3", "--max-grad-norm", "0"))
     examples = red.encode_pairs(splits["reward"][:8], tiny_tokenizer, 32, 16)
     model = common.disable_dropout(hf_models.new_score_model(tiny_dir, bias=False))
     batch = red.collate_pairs(examples, tiny_tokenizer.pad_token_id)
     assert_train_step_equals_one_pass(
-        model,
-        red.train_step,
-        examples,
-        args,
-        tiny_tokenizer.pad_token_id,
-        lambda: red.bradley_terry_loss(*red.pair_rewards(model, batch))[0],
-    )
+        model, red.train_step, examples, args, tiny_tokenizer.pad_token_id,
+        lambda: red.bradley_terry_loss(*red.pair_rewards(model, batch))[0])
 
 
 def test_train_cli_end_to_end_and_resume(tiny_dir, tiny_tokenizer, tmp_path, capsys):
@@ -300,8 +288,7 @@ def test_bad_arguments_are_named(capsys):
     assert "--eval-fraction must be in (0, 1), got 1.5" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         red.parse_args(
-            ["show", "--reward-model", "x", "--prompt", "p", "--response", "r", "--beta-c", "2"]
-        )
+            ["show", "--reward-model", "x", "--prompt", "p", "--response", "r", "--beta-c", "2"])
     assert "--beta-c must be in [0, 1]" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         red.parse_args(["train", "--sft", "x", "--out", "y", "--micro-batch-size", "0"])

@@ -71,14 +71,9 @@ def test_train_step_gradient_is_the_global_batch_mean_loss(tiny_dir, tiny_tokeni
     examples = sft.encode_examples(splits["sft"][:8], tiny_tokenizer, args)
     model = common.disable_dropout(hf_models.load_policy(tiny_dir))
     batch = common.collate_right(examples, tiny_tokenizer.pad_token_id)
-    assert_train_step_equals_one_pass(
-        model,
-        sft.train_step,
-        examples,
-        args,
-        tiny_tokenizer.pad_token_id,
-        lambda: sft.sft_loss(model, *batch)[0],
-    )
+    assert_train_step_equals_one_pass(model, sft.train_step, examples, args,
+                                      tiny_tokenizer.pad_token_id,
+                                      lambda: sft.sft_loss(model, *batch)[0])
 
 
 def test_short_run_lowers_held_out_loss(tmp_path):
@@ -144,8 +139,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     ]
     sft.main(args + ["--out", str(tmp_path / "one")])
     returncode, output = run_torchrun(
-        [ROOT / "sft.py", *args, "--out", tmp_path / "two", "--device", "cpu"], cwd=tmp_path
-    )
+        [ROOT / "sft.py", *args, "--out", tmp_path / "two", "--device", "cpu"], cwd=tmp_path)
     assert returncode == 0, output[-3000:]
     one, two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
     assert [r["step"] for r in two] == [1, 2, 3, 4]

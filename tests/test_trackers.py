@@ -43,9 +43,8 @@ def numbers_of(rows) -> dict:
 def test_tensorboard_holds_the_scalars_of_log_jsonl(tiny_dir, tmp_path):
     out = tmp_path / "sft"
     sft.main(sft_argv(tiny_dir, out, "--report-to", "tensorboard", "--stop-after", "2"))
-    sft.main(
-        sft_argv(tiny_dir, out, "--report-to", "tensorboard")
-    )  # resumed at step 2: one more line
+    # resumed at step 2: one more line
+    sft.main(sft_argv(tiny_dir, out, "--report-to", "tensorboard"))
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     expected = numbers_of(rows)
     assert [row["step"] for row in rows] == [1, 2, 3]
@@ -63,9 +62,8 @@ def test_a_missing_tracker_package_is_one_line_and_exit_code_2_before_any_work(
     tracker, tiny_dir, tmp_path, monkeypatch, capsys
 ):
     real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == tracker else real(name, *a)
-    )
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == tracker else real(name, *a))
     with pytest.raises(SystemExit) as info:
         plumbing.cli(lambda: sft.main(sft_argv(tiny_dir, tmp_path / "sft", "--report-to", tracker)))
     err = capsys.readouterr().err
@@ -94,11 +92,8 @@ def test_wandb_gets_the_config_and_every_logged_scalar(tiny_dir, tmp_path, monke
     fake.util = types.SimpleNamespace(generate_id=lambda: "abc123")
     monkeypatch.setitem(sys.modules, "wandb", fake)
     real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util,
-        "find_spec",
-        lambda name, *a: object() if name == "wandb" else real(name, *a),
-    )
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "wandb" else real(name, *a))
     out = tmp_path / "sft"
     sft.main(sft_argv(tiny_dir, out, "--report-to", "wandb"))
     kind, init = calls[0]
