@@ -106,12 +106,7 @@ def parse_args(argv=None):
     model.add_argument("--baseline", default=None,
                        help="name of the baseline policy for win rates (default: the first)")
     gen = parser.add_argument_group("generation and judging")
-    gen.add_argument("--max-new-tokens", type=int, default=128,
-                     help="response length limit in tokens")
-    gen.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold")
-    decode.add_compile_arg(gen)
-    gen.add_argument("--temperature", type=float, default=1.0,
-                     help="sampling temperature (log-probs use it too)")
+    decode.add_sampling_args(gen, 128, "response length limit in tokens")
     gen.add_argument("--eval-batch-size", type=int, default=16,
                      help="prompts per generation and scoring batch")
     gen.add_argument("--gold", action="store_true",
@@ -171,8 +166,7 @@ def parse_args(argv=None):
             if getattr(args, option) is None:
                 parser.error(f"--{option.replace('_', '-')} is required (unless --gold-only)")
     args.gold_lexicon = gold.lexicon_from_args(parser, args, args.gold, "--gold")  # the lab's gold
-    if not 0 < args.top_p <= 1 or args.temperature <= 0:
-        parser.error("--top-p must be in (0, 1] and --temperature positive")
+    decode.check_sampling_args(parser, args)
     return args
 
 

@@ -47,12 +47,8 @@ def parse_args(argv=None):
     algo.add_argument("--policy", required=True, help="the policy to sample (the SFT model folder)")
     algo.add_argument("--samples-per-prompt", type=int, default=4,
                       help="K replies per prompt; every two with different gold scores are a pair")
-    algo.add_argument("--max-new-tokens", type=int, default=255,
-                      help="longest reply in tokens (the stages' --max-response-len − 1 reads it "
-                           "whole)")
-    algo.add_argument("--temperature", type=float, default=1.0,
-                      help="sampling temperature (as PPO)")
-    algo.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (as PPO)")
+    decode.add_sampling_args(algo, 255, "longest reply in tokens (the stages' --max-response-len "
+                             "− 1 reads it whole)")
     algo.add_argument("--batch-size", type=int, default=32,
                       help="prompts per generate call (× K rows)")
     system = parser.add_argument_group("system")
@@ -61,7 +57,6 @@ def parse_args(argv=None):
     system.add_argument("--seed", type=int, default=0,
                         help="sampling seed (batch b of prompts draws with seed·1000003 + b)")
 
-    decode.add_compile_arg(system)
     system.add_argument("--no-resume", dest="resume", action="store_false",
                         help="ignore and overwrite OUT.cache.jsonl instead of reusing its samples")
     system.add_argument("--trust-remote-code", action="store_true",
@@ -71,8 +66,7 @@ def parse_args(argv=None):
                             "max_prompt_len")
     if args.samples_per_prompt < 2:
         parser.error("--samples-per-prompt must be at least 2: a pair needs two replies")
-    if args.temperature <= 0 or not 0 < args.top_p <= 1:
-        parser.error("--temperature must be > 0 and --top-p in (0, 1]")
+    decode.check_sampling_args(parser, args)
     return args
 
 

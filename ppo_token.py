@@ -91,10 +91,7 @@ def add_algorithm_args(parser):
                       help="responses per forward/backward on one rank (gradient accumulation); "
                            "0 = the rank's share of a minibatch")
     algo.add_argument("--ppo-epochs", type=int, default=4, help="passes over each rollout")
-    algo.add_argument("--max-new-tokens", type=int, default=128, help="response length limit")
-    algo.add_argument("--temperature", type=float, default=1.0,
-                      help="sampling temperature (log-probs are recomputed with it)")
-    algo.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")
+    decode.add_sampling_args(algo, 128, "response length limit")
     algo.add_argument("--kl-coef", type=float, default=0.1,
                       help="β of the per-token KL penalty (TLCR 0.1, RED 0.02); with --kl-target "
                            "its starting value")
@@ -777,7 +774,6 @@ def parse_args(argv=None):
     system.add_argument("--stop-at-kl", action="store_true",
                         help="--save-at-kl: end the run (OUT/policy saved) once every target is "
                              "saved; --iterations stays the cap")
-    decode.add_compile_arg(system)
     plumbing.add_run_args(system, save_every=50, unit="iterations")
     args = parser.parse_args(argv)
     lora.check_lora_args(parser, args)
@@ -807,8 +803,7 @@ def parse_args(argv=None):
     if args.rollout_batch_size % args.minibatch_size:
         parser.error(f"--rollout-batch-size {args.rollout_batch_size} must be a multiple of "
                      f"--minibatch-size {args.minibatch_size}")
-    if args.temperature <= 0 or not 0 < args.top_p <= 1:
-        parser.error("--temperature must be > 0 and --top-p in (0, 1]")
+    decode.check_sampling_args(parser, args)
     return args
 
 

@@ -20,13 +20,24 @@ from plumbing import distributed
 from plumbing.distributed import unwrap
 
 
-def add_compile_arg(group):
-    """--compile, for every script that samples with generate (ppo_token.py, eval.py, gold.py
-    sample)."""
+def add_sampling_args(group, max_new_tokens: int, max_new_help: str):
+    """How every script that samples with generate draws (ppo_token.py, eval.py, gold_samples.py):
+    --max-new-tokens, --temperature, --top-p and --compile."""
+    group.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=max_new_help)
+    group.add_argument("--temperature", type=float, default=1.0,
+                       help="sampling temperature (log-probs are recomputed with it)")
+    group.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")
     group.add_argument("--compile", action="store_true",
                        help="torch.compile the one-token decode step (CUDA: CUDA graphs; CPU: "
                             "inductor). Compiles on the first call of each batch shape (seconds, "
                             "printed); falls back to eager decoding with one line if it fails")
+    return group
+
+
+def check_sampling_args(parser, args):
+    if args.temperature <= 0 or not 0 < args.top_p <= 1:
+        parser.error(f"--temperature must be > 0 and --top-p in (0, 1], got {args.temperature} "
+                     f"and {args.top_p}")
 
 
 # How generate runs the policy: a decoder(policy, prompt, prompt_mask, max_new_tokens) runs the
