@@ -366,11 +366,11 @@ def lexicon_of(command):
 
 
 def test_run_pipeline_passes_lexicon_to_every_stage_that_uses_the_gold(tmp_path):
-    gold_stages = {"gold.py", "label.py", "redistribute.py", "ppo_token.py", "eval.py"}
+    gold_stages = {"gold_samples.py", "label.py", "redistribute.py", "ppo_token.py", "eval.py"}
     # the default: the harm lexicon, named on every gold stage's command line
     code, err, commands = dry_pipeline(tmp_path, LAB_DATA="samples")
     assert code == 0, err
-    assert [c[0] for c in commands] == ["sft.py", "gold.py", "label.py", "discriminator.py",
+    assert [c[0] for c in commands] == ["sft.py", "gold_samples.py", "label.py", "discriminator.py",
                                         "redistribute.py", *["ppo_token.py"] * 5, "eval.py"]
     for command in commands:
         expected = "data/lexicon-harm.json" if command[0] in gold_stages else None
@@ -381,7 +381,7 @@ def test_run_pipeline_passes_lexicon_to_every_stage_that_uses_the_gold(tmp_path)
     write(elsewhere, WEATHER, "mine.json")
     code, err, commands = dry_pipeline(tmp_path, cwd=elsewhere, LEXICON="mine.json")
     assert code == 0, err
-    assert {c[0] for c in commands if lexicon_of(c)} == gold_stages - {"gold.py"}
+    assert {c[0] for c in commands if lexicon_of(c)} == gold_stages - {"gold_samples.py"}
     assert {lexicon_of(c) for c in commands if lexicon_of(c)} == {str(elsewhere / "mine.json")}
     # an empty LEXICON is the default; with TASK=human it is refused (no stage uses the gold)
     code, err, commands = dry_pipeline(tmp_path, LEXICON="")
