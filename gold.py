@@ -553,3 +553,7 @@ def main(argv=None):
         show(args.text, load_lexicon(args.lexicon))
     else:
         return stats(args.data, args.split_seed, load_lexicon(args.lexicon))
+
+
+if __name__ == "__main__":
+    plumbing.cli(main)

@@ -76,8 +76,9 @@ def test_the_lab_pipeline_on_samples_with_prefix_pairs(tmp_path):
     its file (--split all), the reward model with --prefix-pairs; PPO and eval still on the bundled
     data."""
     run, commands = run_pipeline(tmp_path, LAB_DATA="samples", PREFIX_PAIRS="1", REWARDS="red")
-    assert [c.split()[2] for c in commands] == ["sft.py", "gold.py", "label.py", "discriminator.py",
-                                                "redistribute.py", "ppo_token.py", "eval.py"]
+    assert [c.split()[2] for c in commands] == [
+        "sft.py", "gold_samples.py", "label.py", "discriminator.py", "redistribute.py",
+        "ppo_token.py", "eval.py"]
     samples = f"--data {run}/samples.jsonl --split all"
     assert samples in commands[2] and samples in commands[4] and "--prefix-pairs" in commands[4]
     assert "--data bundled" in commands[5] and "--data bundled" in commands[6]
