@@ -400,6 +400,14 @@ def encode_prompt(tokenizer, text: str, max_len: int = 256) -> list[int]:
     return prefix + body[-keep:]
 
 
+def encode_prompts(tokenizer, pairs, max_len: int = 256, chat_template: bool = True,
+                   repeat: int = 1) -> list[list[int]]:
+    """Each pair's prompt as the model reads it (prompt_text, then encode_prompt), `repeat` times
+    in a row: the prompts generate samples from (PPO, eval, gold_samples.py)."""
+    return [encode_prompt(tokenizer, prompt_text(tokenizer, p.prompt, p.messages, chat_template),
+                          max_len) for p in pairs for _ in range(repeat)]
+
+
 RESPONSE_ANCHOR = "\n"  # tokenised in front of a response and then dropped (see response_encodings)
 
 

@@ -488,14 +488,7 @@ def main(argv=None):
     # K replies per prompt: each prompt K times in a row (reply i answers prompt i // K)
     asked = [pair for pair in pairs for _ in range(args.samples_per_prompt)]
     prompts = [pair.prompt for pair in asked]
-    encoded = [
-        common.encode_prompt(
-            tokenizer,
-            common.prompt_text(tokenizer, p.prompt, p.messages, args.chat_template),
-            args.max_prompt_len,
-        )
-        for p in asked
-    ]
+    encoded = common.encode_prompts(tokenizer, asked, args.max_prompt_len, args.chat_template)
     eos_ids = None
 
     # in --frozen-dtype, computing like the trained models (distributed.prepare_frozen)

@@ -113,15 +113,8 @@ def sample_replies(policy, tokenizer, pairs: list[common.Pair], samples_per_prom
     """samples_per_prompt replies to each pair's prompt, drawn as PPO draws them
     (ppo_token.generate, one batch of len(pairs) × K rows), each decoded up to its first EOS."""
     device = next(policy.parameters()).device
-    prompts = [
-        common.encode_prompt(
-            tokenizer,
-            common.prompt_text(tokenizer, p.prompt, p.messages, args.chat_template),
-            args.max_prompt_len,
-        )
-        for p in pairs
-        for _ in range(samples_per_prompt)
-    ]
+    prompts = common.encode_prompts(tokenizer, pairs, args.max_prompt_len, args.chat_template,
+                                    repeat=samples_per_prompt)
     prompt, prompt_mask = common.pad_left(prompts, tokenizer.pad_token_id)  # [B·K, P]
     eos_ids = common.eos_token_ids(tokenizer, policy)
     decoder = decode.make_decoder(args.compile, device.type)  # one per process and setting

@@ -660,9 +660,8 @@ def select_pairs(args, quiet: bool = False):
 
 def load_prompts(args, tokenizer, quiet=False) -> list[list[int]]:
     """Token ids of the --split prompts (rendered, BOS once, left-truncated to --max-prompt-len)."""
-    texts = [common.prompt_text(tokenizer, p.prompt, p.messages, args.chat_template)
-             for p in select_pairs(args, quiet)]
-    return [common.encode_prompt(tokenizer, text, args.max_prompt_len) for text in texts]
+    return common.encode_prompts(tokenizer, select_pairs(args, quiet), args.max_prompt_len,
+                                 args.chat_template)
 
 
 def prompt_batch(prompts, step: int, batch_size: int, seed: int, rank: int, pad_id: int, device):

@@ -15,6 +15,16 @@ import plumbing  # noqa: E402
 from plumbing import distributed, hf_models  # noqa: E402
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread (intra-op threads only add overhead), and this
+    machine's cores are shared; the count before is restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def bundled_pairs():
     with warnings.catch_warnings():

@@ -18,13 +18,6 @@ sys.path.insert(0, str(ROOT / "bench"))
 import gpu_check  # noqa: E402
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_gpu_check_runs_on_cpu_tiny(tmp_path, capsys, one_thread):
     report = gpu_check.main(
         [

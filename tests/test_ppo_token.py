@@ -19,13 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 V = 8
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and this machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one thread, then restored
 
 
 def tiny_lm(seed=0, eos=0):

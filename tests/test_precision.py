@@ -38,12 +38,7 @@ EXACT = 1e-6  # KL and ratio at PPO's first iteration
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one thread, then restored
 
 
 # ----------------------------------------------------------------------------------------------
