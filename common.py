@@ -275,9 +275,8 @@ def _hash_order(items: list, seed: int, key=lambda item: item.id) -> list:
                   key=lambda item: hashlib.sha256(f"{seed}:{key(item)}".encode()).hexdigest())
 
 
-def split_pairs(
-    pairs: list[Pair], seed: int = 0, test_fraction: float = 0.05
-) -> dict[str, list[Pair]]:
+def split_pairs(pairs: list[Pair], seed: int = 0,
+                test_fraction: float = 0.05) -> dict[str, list[Pair]]:
     """The split every stage shares: a held-out `test` part, then 20% SFT / 40% reward / 40% RL
     (TLCR).
 
@@ -296,9 +295,8 @@ def split_pairs(
     }
 
 
-def select_split(
-    pairs: list[Pair], split: str, split_seed: int, limit: int | None = None
-) -> list[Pair]:
+def select_split(pairs: list[Pair], split: str, split_seed: int,
+                 limit: int | None = None) -> list[Pair]:
     """One part of split_pairs (or "all"), then at most `limit` pairs: --limit never changes the
     split. Grouped pairs (ids GROUP/k, from gold_samples.py) are one split's already: "all" only."""
     if split != "all" and any("/" in pair.id for pair in pairs):
@@ -314,9 +312,8 @@ def pair_group(pair_id: str) -> str:
     return pair_id.split("/", 1)[0]
 
 
-def heldout_split(
-    items: list, fraction: float, seed: int, key=lambda item: item.id
-) -> tuple[list, list]:
+def heldout_split(items: list, fraction: float, seed: int,
+                  key=lambda item: item.id) -> tuple[list, list]:
     """(train, heldout): the `fraction` of groups (pair_group of each id; a plain id is its own
     group) with the smallest seeded hash are held out, at least one when fraction > 0 and there are
     two groups, so no prompt of a held-out pair is trained on. The reward model and the
@@ -360,9 +357,8 @@ def prompt_text(tokenizer, prompt: str, messages: list | None, chat_template: bo
     return prompt
 
 
-def response_text(
-    tokenizer, response: str, messages: list | None, chat_template: bool = True
-) -> str:
+def response_text(tokenizer, response: str, messages: list | None,
+                  chat_template: bool = True) -> str:
     """The reply as it follows prompt_text: after a chat template it has no leading space (a
     transcript reply starts with one, after "Assistant:")."""
     return (
@@ -411,9 +407,8 @@ def encode_prompts(tokenizer, pairs, max_len: int = 256, chat_template: bool = T
 RESPONSE_ANCHOR = "\n"  # tokenised in front of a response and then dropped (see response_encodings)
 
 
-def response_encodings(
-    tokenizer, texts: list[str]
-) -> list[tuple[list[int], list[tuple[int, int]]]]:
+def response_encodings(tokenizer,
+                       texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
     """(ids, character offsets) of each response, as the response's tokens are when it follows a
     prompt.
 
@@ -600,15 +595,9 @@ class _TokenLogprobs(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 
-def token_logprobs(
-    logits: torch.Tensor,
-    before: torch.Tensor,
-    tokens: torch.Tensor,
-    valid: torch.Tensor,
-    temperature: float = 1.0,
-    with_entropy: bool = False,
-    chunk_bytes: int | None = None,
-):
+def token_logprobs(logits: torch.Tensor, before: torch.Tensor, tokens: torch.Tensor,
+                   valid: torch.Tensor, temperature: float = 1.0, with_entropy: bool = False,
+                   chunk_bytes: int | None = None):
     """log softmax(logits / τ)[a] and the entropy H at chosen columns, [B, T_resp] each (0 where
     `valid` is 0), computed chunk by chunk (_TokenLogprobs): the extra memory is one chunk of
     chunk_positions(V) positions in fp32, never B·T_resp·V, in the forward and in the backward.
@@ -629,14 +618,9 @@ def token_logprobs(
     return out_logprobs, out.index_put((picked,), entropy) if with_entropy else None
 
 
-def response_logprobs(
-    model,
-    query_response: torch.Tensor,
-    attention_mask: torch.Tensor,
-    response_mask: torch.Tensor,
-    temperature: float = 1.0,
-    with_entropy: bool = False,
-):
+def response_logprobs(model, query_response: torch.Tensor, attention_mask: torch.Tensor,
+                      response_mask: torch.Tensor, temperature: float = 1.0,
+                      with_entropy: bool = False):
     """log π(a_j | x, a_<j) of every response token, [B, T_resp] left-aligned like gather_response
     (0 past each row's end), and the policy's entropy at those positions [B, T_resp] if asked (else
     None).
@@ -705,9 +689,8 @@ class ScoreModel(nn.Module):
     def config(self):
         return self.backbone.config
 
-    def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, head: nn.Linear | None = None
-    ) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                head: nn.Linear | None = None) -> torch.Tensor:
         """Scores [B, T]; `head` reads the hidden states instead of self.head (with LoRA, PPO's
         critic and the frozen reward model share one backbone: ppo_token.py)."""
         head = self.head if head is None else head

@@ -279,9 +279,8 @@ def token_probs(discriminator, query_response, attention_mask, response_mask) ->
     return common.gather_response(torch.sigmoid(logits.float()), response_mask)  # [B, T_resp]
 
 
-def rewards_from_probs(
-    probs: torch.Tensor, valid: torch.Tensor, mode: str = "continuous"
-) -> torch.Tensor:
+def rewards_from_probs(probs: torch.Tensor, valid: torch.Tensor,
+                       mode: str = "continuous") -> torch.Tensor:
     """D [B, T_resp] -> token rewards [B, T_resp]; 0 where valid is 0."""
     rewards = 2.0 * probs - 1.0  # eq. 7: r_t = 2·D − 1
     if mode == "fixed":  # ablation: +1 if D > 0.6, −1 if D < 0.4, else 0
@@ -295,9 +294,8 @@ def rewards_from_probs(
     return rewards * valid.to(rewards.dtype)
 
 
-def token_rewards(
-    discriminator, query_response, attention_mask, response_mask, mode="continuous"
-) -> torch.Tensor:
+def token_rewards(discriminator, query_response, attention_mask, response_mask,
+                  mode="continuous") -> torch.Tensor:
     """TLCR per-token rewards [B, T_resp]: column j is the reward of the row's j-th response token,
     for the action that produced it; prompt and padding get none (zeros past each row's end)."""
     probs = token_probs(discriminator, query_response, attention_mask, response_mask)  # [B, T_resp]

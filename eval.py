@@ -196,10 +196,8 @@ def select_pairs(args, quiet=False):
 # 2. generation: ppo_token.py's sampler (left-padded prompts, KV cache, top-p), the same for every
 #    policy
 # ----------------------------------------------------------------------------------------------
-def generate_responses(
-    policy, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, top_p=0.9, temperature=1.0,
-    decoder=None,
-):
+def generate_responses(policy, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, top_p=0.9,
+                       temperature=1.0, decoder=None):
     """Sample responses for left-padded prompts [B, P] exactly as PPO does (global torch RNG: seed
     it; decoder: decode.make_decoder, None the default). Returns query_response,
     attention_mask and response_mask, all [B, P + R]; a response runs up to and including its first
@@ -298,9 +296,8 @@ def summarize(batches, eos_flags):
     }
 
 
-def discriminator_accuracy(
-    disc_model, tokenizer, disc_dir, labels_path, split, batch_size, device, precision="auto"
-):
+def discriminator_accuracy(disc_model, tokenizer, disc_dir, labels_path, split, batch_size, device,
+                           precision="auto"):
     """Token accuracy on positive/negative labels, measured by discriminator.py's own function on
     the pairs its training held out (split "heldout", same seed and fraction) or on every pair
     ("all")."""
@@ -390,8 +387,8 @@ def heldout_credit_replies(pairs, tokenizer, max_prompt_len, max_response_len, c
 
 
 @torch.no_grad()
-def heldout_credit(rows, tokenizer, reward_model, disc_model, batch_size, device,
-                   precision="auto", lexicon: gold.Lexicon | None = None) -> dict:
+def heldout_credit(rows, tokenizer, reward_model, disc_model, batch_size, device, precision="auto",
+                   lexicon: gold.Lexicon | None = None) -> dict:
     """credit_summary of every source on the held-out replies, with the count of each kind."""
     replies, source_rewards = [], {name: [] for name in CREDIT_SOURCES}
     for start in range(0, len(rows), batch_size):

@@ -302,9 +302,8 @@ def gold_revise(text: str, max_words: int = MAX_WORDS, *,
 # ----------------------------------------------------------------------------------------------
 # 3. Gold preferences: pairs ranked by the gold score instead of the human label
 # ----------------------------------------------------------------------------------------------
-def rank_pairs(
-    pairs: list[common.Pair], max_words: int = MAX_WORDS, *, lexicon: Lexicon | None = None
-) -> tuple[list[common.Pair], dict]:
+def rank_pairs(pairs: list[common.Pair], max_words: int = MAX_WORDS, *,
+               lexicon: Lexicon | None = None) -> tuple[list[common.Pair], dict]:
     """Re-rank pairs by gold score: chosen = the response with the higher score. A pair whose two
     responses score the same is dropped (a tie). Kept pairs keep their id (the data split stays).
 

@@ -47,7 +47,8 @@ def parse_args(argv=None):
     algo.add_argument("--policy", required=True, help="the policy to sample (the SFT model folder)")
     algo.add_argument("--samples-per-prompt", type=int, default=4,
                       help="K replies per prompt; every two with different gold scores are a pair")
-    decode.add_sampling_args(algo, 255, "longest reply in tokens (the stages' --max-response-len "
+    decode.add_sampling_args(algo, 255,
+                             "longest reply in tokens (the stages' --max-response-len "
                              "− 1 reads it whole)")
     algo.add_argument("--batch-size", type=int, default=32,
                       help="prompts per generate call (× K rows)")

@@ -307,9 +307,8 @@ def chat_text(tokenizer, message: str) -> str:
 
 
 @torch.no_grad()
-def generate_texts(
-    model, tokenizer, texts: list[str], max_new_tokens: int, temperature: float
-) -> list[str]:
+def generate_texts(model, tokenizer, texts: list[str], max_new_tokens: int,
+                   temperature: float) -> list[str]:
     """Batched generation from left-padded prompts (each already fits: fit_reviser_prompt); returns
     the new text of each."""
     # BOS once, template or not
@@ -559,16 +558,9 @@ def map_labels_by_offsets(labels: list[int], src_spans, dst_spans, n_chars: int)
     return [next((c for c in char_labels[start:end] if c), 0) for start, end in dst_spans]
 
 
-def label_pairs(
-    pairs,
-    revisions: dict[str, str],
-    tokenizer,
-    layout: str = "separate",
-    max_response_len: int = 256,
-    workers: int = 1,
-    progress: bool = True,
-    chat_template: bool = True,
-):
+def label_pairs(pairs, revisions: dict[str, str], tokenizer, layout: str = "separate",
+                max_response_len: int = 256, workers: int = 1, progress: bool = True,
+                chat_template: bool = True):
     """Tokenise, check the boundary, align and label every pair. Returns (records, stats).
 
     The response ids are common.response_encodings', the ids every stage feeds the model after the
@@ -773,9 +765,8 @@ def _label_batch(pairs):
     ]
 
 
-def group_batches(
-    id_pairs: list[tuple[list[int], list[int]]], cells: int = CELLS_PER_BATCH
-) -> list[list[int]]:
+def group_batches(id_pairs: list[tuple[list[int], list[int]]],
+                  cells: int = CELLS_PER_BATCH) -> list[list[int]]:
     """Indices of id_pairs sorted by length and grouped so each group holds about `cells` DP
     cells."""
     order = sorted(range(len(id_pairs)), key=lambda k: (len(id_pairs[k][0]), len(id_pairs[k][1])))

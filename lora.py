@@ -182,14 +182,9 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
 # ----------------------------------------------------------------------------------------------
 # Adding, switching off, merging, saving
 # ----------------------------------------------------------------------------------------------
-def add_lora(
-    model: nn.Module,
-    rank: int,
-    alpha: float = DEFAULT_ALPHA,
-    targets: list[str] | None = None,
-    dropout: float = 0.0,
-    adapter_dtype: torch.dtype = torch.float32,
-) -> list[str]:
+def add_lora(model: nn.Module, rank: int, alpha: float = DEFAULT_ALPHA,
+             targets: list[str] | None = None, dropout: float = 0.0,
+             adapter_dtype: torch.dtype = torch.float32) -> list[str]:
     """Wrap the linear layers of the decoder blocks in LoRALinear; freeze every other parameter.
 
     targets: None = every nn.Linear / Conv1D inside the decoder blocks (embeddings, the final norm
@@ -288,9 +283,8 @@ def merged_state_dict(model: nn.Module, state: dict[str, torch.Tensor] | None = 
     }
 
 
-def save_merged(
-    model: nn.Module, tokenizer, out_dir: str | Path, device: torch.device | str | None = "cpu"
-):
+def save_merged(model: nn.Module, tokenizer, out_dir: str | Path,
+                device: torch.device | str | None = "cpu"):
     """Save a LoRA model merged as a plain Hugging Face model (+ tokenizer, if given) into out_dir;
     AutoModelForCausalLM.from_pretrained (or AutoModel for a backbone) loads it, no LoRA code
     needed. Tied weights (GPT-2's lm_head = wte) are outside the blocks, untouched, and saved

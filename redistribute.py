@@ -246,9 +246,8 @@ def collate_pairs(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------------------------
 # 2. The reward model: R at every position, read at the last real token, Bradley–Terry loss
 # ----------------------------------------------------------------------------------------------
-def score_positions(
-    reward_model, query_response: torch.Tensor, attention_mask: torch.Tensor
-) -> torch.Tensor:
+def score_positions(reward_model, query_response: torch.Tensor,
+                    attention_mask: torch.Tensor) -> torch.Tensor:
     """ONE forward pass: R(x, y≤t) at every position t, in float32; 0 at padding. [B, T]
 
     Gradients flow (training uses this too); wrap in torch.no_grad() to score. The caller puts
@@ -274,9 +273,8 @@ def pair_rewards(model, batch: dict[str, torch.Tensor], return_scores: bool = Fa
     return (chosen, rejected, scores) if return_scores else (chosen, rejected)
 
 
-def bradley_terry_loss(
-    chosen: torch.Tensor, rejected: torch.Tensor, normaliser=None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor,
+                       normaliser=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Bradley–Terry: −log σ(R(x, y_c) − R(x, y_r)) summed over pairs and divided by `normaliser`
     (default: the number of pairs, the plain mean; logsigmoid is stable). Returns (loss, summed
     loss)."""
@@ -326,13 +324,9 @@ def evaluate(model, examples: list[dict], pad_id: int, batch_size: int, device: 
 # ----------------------------------------------------------------------------------------------
 # 4. Redistribution (RED eq. 6 and 7): pure maths on the scores, then the model-level functions
 # ----------------------------------------------------------------------------------------------
-def redistribute_scores(
-    scores: torch.Tensor,
-    attention_mask: torch.Tensor,
-    response_mask: torch.Tensor,
-    beta_c: float = 1.0,
-    zero_first: bool = False,
-) -> torch.Tensor:
+def redistribute_scores(scores: torch.Tensor, attention_mask: torch.Tensor,
+                        response_mask: torch.Tensor, beta_c: float = 1.0,
+                        zero_first: bool = False) -> torch.Tensor:
     """scores [B, T] (R at every position) -> token rewards [B, T_resp], left-aligned per row.
 
     Column j is the row's j-th response token; columns past the row's response length are 0.
@@ -362,14 +356,9 @@ def redistribute_scores(
 
 
 @torch.no_grad()
-def redistribute(
-    reward_model,
-    query_response: torch.Tensor,
-    attention_mask: torch.Tensor,
-    response_mask: torch.Tensor,
-    beta_c: float = 1.0,
-    zero_first: bool = False,
-) -> torch.Tensor:
+def redistribute(reward_model, query_response: torch.Tensor, attention_mask: torch.Tensor,
+                 response_mask: torch.Tensor, beta_c: float = 1.0,
+                 zero_first: bool = False) -> torch.Tensor:
     """RED token rewards [B, T_resp] (eq. 6 and 7) from ONE forward pass of the reward model."""
     scores = score_positions(reward_model, query_response, attention_mask)  # [B, T]
     return redistribute_scores(scores, attention_mask, response_mask, beta_c, zero_first)
@@ -401,9 +390,8 @@ def load_reward_model(path, device="cpu", dtype=torch.float32, trust_remote_code
 # ----------------------------------------------------------------------------------------------
 # 5. One optimizer step over a global batch of pairs
 # ----------------------------------------------------------------------------------------------
-def train_step(
-    model, optimizer, scheduler, batch: list[dict], args, dist_info, pad_id: int
-) -> dict:
+def train_step(model, optimizer, scheduler, batch: list[dict], args, dist_info,
+               pad_id: int) -> dict:
     """One optimizer step over a global batch of pairs, split over ranks and micro-batches.
 
     Every micro-batch's summed Bradley–Terry loss is divided by the pairs of the whole global batch,

@@ -119,8 +119,8 @@ def timed(fn, device) -> float:
 
 
 @torch.no_grad()
-def rollout_tokens_per_s(model, batch_size: int = 16, prompt_len: int = 192,
-                         new_tokens: int = 48, compile: bool = False, repeats: int = 3) -> dict:
+def rollout_tokens_per_s(model, batch_size: int = 16, prompt_len: int = 192, new_tokens: int = 48,
+                         compile: bool = False, repeats: int = 3) -> dict:
     """Rollout tokens/s of ppo_token.generate (the static-cache decoder; compile: its one-token
     step through torch.compile) on `model` (eval mode, on its device), random left-padded prompts,
     top-p 0.9, no EOS. Returns {"tokens_per_s": median over `repeats` calls after the first,

@@ -230,17 +230,9 @@ def forward_bytes_per_token(shape: dict, act: int = BF16) -> int:
     return act * (3 * shape["mlp"] + 4 * shape["hidden"])
 
 
-def train_activations(
-    shape,
-    counts,
-    sequences: int,
-    tokens: int,
-    residual_bytes: int,
-    lora_on: bool,
-    n_models: int = 1,
-    logit_positions: int = 0,
-    act: int = BF16,
-) -> int:
+def train_activations(shape, counts, sequences: int, tokens: int, residual_bytes: int,
+                      lora_on: bool, n_models: int = 1, logit_positions: int = 0,
+                      act: int = BF16) -> int:
     """Gradient checkpointing: every block's input for n_models models, one block recomputed, the
     loss's logits (the logits and their gradient, 2·act bytes each) and one chunk's fp32
     log-softmax in the backward (common.token_logprobs)."""

@@ -93,14 +93,8 @@ def add_system_args(parser):
 # ----------------------------------------------------------------------------------------------
 # Data: --data to files (the bundled slice, a local file, or hh-rlhf downloaded), then one split
 # ----------------------------------------------------------------------------------------------
-def add_data_args(
-    group,
-    split: str | None = None,
-    response_len: bool = True,
-    prompt_len: bool = True,
-    limit: bool = True,
-    preference: bool = False,
-):
+def add_data_args(group, split: str | None = None, response_len: bool = True,
+                  prompt_len: bool = True, limit: bool = True, preference: bool = False):
     """The data options the stages share: --data, --split, --split-seed, --limit, lengths, chat
     template."""
     group.add_argument("--data", default="bundled",
@@ -148,9 +142,8 @@ def data_paths(source: str, cache_dir=None) -> list[Path]:
     return [Path(source)]
 
 
-def load_data(
-    source: str, split: str, split_seed: int, limit: int | None = None, quiet: bool = False
-):
+def load_data(source: str, split: str, split_seed: int, limit: int | None = None,
+              quiet: bool = False):
     """The pairs of one split of --data (common.load_pairs, common.select_split)."""
     return common.select_split(common.load_pairs(data_paths(source), quiet=quiet), split,
                                split_seed, limit)
@@ -165,9 +158,8 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
-def adamw(
-    model: nn.Module, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.95)
-) -> torch.optim.AdamW:
+def adamw(model: nn.Module, lr: float, weight_decay: float = 0.0,
+          betas=(0.9, 0.95)) -> torch.optim.AdamW:
     """AdamW over the trained parameters, with weight decay on matrices only (not on biases and
     norms)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -180,9 +172,8 @@ def adamw(
     return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
 
-def cosine_schedule(
-    optimizer: torch.optim.Optimizer, total_steps: int
-) -> torch.optim.lr_scheduler.LambdaLR:
+def cosine_schedule(optimizer: torch.optim.Optimizer,
+                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Cosine decay from the base learning rate to 0 over total_steps, no warm-up."""
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer,

@@ -106,9 +106,8 @@ def backoff_delay(attempt: int, base: float, cap: float, rng=random) -> float:
     return d / 2 + rng.random() * d / 2
 
 
-def retry_after_seconds(
-    value: str | None, cap: float = RETRY_AFTER_CAP, now: float | None = None
-) -> float | None:
+def retry_after_seconds(value: str | None, cap: float = RETRY_AFTER_CAP,
+                        now: float | None = None) -> float | None:
     """Retry-After as seconds to wait, in [0, cap]: a number of seconds, or an HTTP date.
 
     None when absent or unusable (nan, negative, not a number or a date): the caller's own backoff
@@ -235,19 +234,10 @@ class ChatClient:
     """An OpenAI-compatible chat-completions endpoint with the retry policy of this module's
     docstring."""
 
-    def __init__(
-        self,
-        api_base: str,
-        model: str,
-        api_key: str = "",
-        key_env: str = "OPENAI_API_KEY",
-        timeout: float = 60.0,
-        max_retries: int = 5,
-        backoff_base: float = 1.0,
-        backoff_cap: float = 60.0,
-        retry_after_cap: float = RETRY_AFTER_CAP,
-        rng=random,
-    ):
+    def __init__(self, api_base: str, model: str, api_key: str = "",
+                 key_env: str = "OPENAI_API_KEY", timeout: float = 60.0, max_retries: int = 5,
+                 backoff_base: float = 1.0, backoff_cap: float = 60.0,
+                 retry_after_cap: float = RETRY_AFTER_CAP, rng=random):
         self.url = api_base.rstrip("/") + "/chat/completions"
         self.model, self.key_env = model, key_env
         self._api_key = api_key  # sent in the Authorization header only; never shown
@@ -277,9 +267,8 @@ class ChatClient:
             self.calls += 1
         return post_json(self._local.session, self.url, headers, body, self.timeout)
 
-    def complete(
-        self, messages: list[dict], parse=None, invalid: str = "unusable answer", **params
-    ) -> Reply:
+    def complete(self, messages: list[dict], parse=None, invalid: str = "unusable answer",
+                 **params) -> Reply:
         """The answer to `messages` (params: temperature, max_tokens, ...), tried up to 1 +
         max_retries times. parse(answer) -> value, or None to ask again (e.g. no delimiter;
         `invalid` says why)."""
@@ -425,16 +414,9 @@ def short_reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {found.group(0).strip() if found else snippet(text, 200)}"
 
 
-def download(
-    url: str,
-    target: str | Path,
-    verify=None,
-    attempts: int | None = None,
-    backoff_base: float | None = None,
-    backoff_cap: float = 8.0,
-    timeout: float = 60.0,
-    desc: str | None = None,
-) -> Path:
+def download(url: str, target: str | Path, verify=None, attempts: int | None = None,
+             backoff_base: float | None = None, backoff_cap: float = 8.0, timeout: float = 60.0,
+             desc: str | None = None) -> Path:
     """Download `url` to `target` (progress bar); returns target, at once if it already exists.
 
     A partial download is kept as `<target>.part`; the next attempt resumes it with an HTTP Range

@@ -310,15 +310,8 @@ def _load_sharded(path: Path, models: dict, optimizers: dict):
         set_optimizer_state_dict(model, optimizers[name], state[f"optimizer.{name}"])
 
 
-def save_checkpoint(
-    out_dir,
-    step: int,
-    models: dict,
-    optimizers: dict,
-    schedulers: dict | None = None,
-    run_config: dict | None = None,
-    **extra,
-):
+def save_checkpoint(out_dir, step: int, models: dict, optimizers: dict,
+                    schedulers: dict | None = None, run_config: dict | None = None, **extra):
     """Write OUT/checkpoint/step-N atomically (see above), then delete the older steps. Every rank
     calls it: rank 0 writes, and under FSDP every rank writes its pieces too. `optimizers` has the
     keys of `models`."""
@@ -354,9 +347,8 @@ def save_checkpoint(
                         schedulers, run_config, extra)
 
 
-def _publish_checkpoint(
-    tmp: Path, final: Path, step: int, optimizer_states: dict, schedulers, run_config, extra
-):
+def _publish_checkpoint(tmp: Path, final: Path, step: int, optimizer_states: dict, schedulers,
+                        run_config, extra):
     """state.pt into the temp folder, then the one rename, then the older steps go."""
     root = final.parent
     state = {
@@ -391,15 +383,9 @@ def resume(out_dir, models: dict, optimizers: dict, schedulers: dict | None, run
     return step, logger
 
 
-def load_checkpoint(
-    out_dir,
-    models: dict,
-    optimizers: dict,
-    schedulers: dict | None = None,
-    run_config: dict | None = None,
-    force: bool = False,
-    map_location="cpu",
-) -> dict | None:
+def load_checkpoint(out_dir, models: dict, optimizers: dict, schedulers: dict | None = None,
+                    run_config: dict | None = None, force: bool = False,
+                    map_location="cpu") -> dict | None:
     """Load the newest complete checkpoint into models, optimizers and schedulers (in place) and
     restore the RNG; return its state (step and the extra fields), or None when there is none.
 

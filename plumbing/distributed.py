@@ -168,9 +168,8 @@ def wrap_model(model: nn.Module, dist_info: DistInfo, precision="auto") -> nn.Mo
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
-def prepare_frozen(
-    model: nn.Module, dist_info: DistInfo, offload: bool = False, precision="fp32"
-) -> nn.Module:
+def prepare_frozen(model: nn.Module, dist_info: DistInfo, offload: bool = False,
+                   precision="fp32") -> nn.Module:
     """A model that is only read (PPO's reference, reward model, discriminator): eval mode, no
     gradients, dropout off; on this rank's device (the CPU with offload), or sharded like the
     trained ones under FSDP. It computes the way the trained models do (the precision section): one

@@ -117,13 +117,8 @@ def load_tokenizer(name_or_path, trust_remote_code: bool = False, what: str = "t
     return configure_tokenizer(tokenizer)
 
 
-def from_pretrained(
-    auto_class,
-    name_or_path,
-    dtype: torch.dtype,
-    trust_remote_code: bool = False,
-    meta: bool = False,
-):
+def from_pretrained(auto_class, name_or_path, dtype: torch.dtype, trust_remote_code: bool = False,
+                    meta: bool = False):
     """auto_class.from_pretrained; with meta=True the same model built on the meta device instead
     (shapes, no storage, nothing read): what the ranks other than 0 build under --fsdp, where rank 0
     alone reads the weights and wrap_model sends every rank its shards (see the FSDP2 section). Eval
@@ -199,17 +194,9 @@ TINY_FAMILIES = {
 }
 
 
-def build_tiny(
-    texts: list[str],
-    out_dir=None,
-    arch: str = "gpt2",
-    vocab_size: int = 2048,
-    seed: int = 0,
-    layers: int = 2,
-    width: int = 64,
-    dropout: float = 0.1,
-    max_positions: int = 512,
-):
+def build_tiny(texts: list[str], out_dir=None, arch: str = "gpt2", vocab_size: int = 2048,
+               seed: int = 0, layers: int = 2, width: int = 64, dropout: float = 0.1,
+               max_positions: int = 512):
     """A tokenizer trained on `texts` and a tiny random model built from a config (saved to
     out_dir).
 
@@ -344,14 +331,9 @@ def _head_name(hf_model) -> str:
     return names[0]
 
 
-def new_score_model(
-    name_or_path,
-    bias: bool,
-    dtype: torch.dtype = torch.float32,
-    trust_remote_code: bool = False,
-    what: str = "backbone",
-    meta: bool = False,
-) -> ScoreModel:
+def new_score_model(name_or_path, bias: bool, dtype: torch.dtype = torch.float32,
+                    trust_remote_code: bool = False, what: str = "backbone",
+                    meta: bool = False) -> ScoreModel:
     """A ScoreModel with a fresh head on the backbone of a causal LM (the SFT model): what the
     discriminator, the reward model and a critic started from the policy train. The head is fp32
     whatever `dtype` the backbone has (it is trained). meta: see from_pretrained."""

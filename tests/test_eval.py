@@ -231,8 +231,7 @@ def test_win_rate_with_swapping_ties_faults_and_cache(judge_server, tmp_path):
 
 
 def test_judge_fatal_error_hides_the_key_and_exhausted_retries_count_as_failed(
-    judge_server, tmp_path
-):
+        judge_server, tmp_path):
     server = judge_server(lambda *a: "A", faults=["401"])
     with pytest.raises(chat.ChatFatal) as info:
         ev.openai_win_rate(make_judge(server, tmp_path, concurrency=1), PROMPTS[:1], POLICY[:1],
@@ -506,14 +505,8 @@ def test_report_to_tensorboard_holds_every_policys_metrics(tiny_dir, run_dir, tm
 def test_main_end_to_end_with_reward_model_judge(tiny_dir, run_dir, tmp_path):
     out = tmp_path / "eval"
     results = ev.main(
-        eval_argv(
-            tiny_dir,
-            run_dir,
-            out,
-            f"sft={tiny_dir}",
-            f"copy={run_dir / 'copy'}",
-            f"other={run_dir / 'ppo_other' / 'policy'}",
-        )
+        eval_argv(tiny_dir, run_dir, out, f"sft={tiny_dir}", f"copy={run_dir / 'copy'}",
+                  f"other={run_dir / 'ppo_other' / 'policy'}")
         + ["--labels", str(run_dir / "labels.jsonl"), "--labels-split", "all"]
     )
     on_disk = json.loads((out / "results.json").read_text())
@@ -554,8 +547,8 @@ def test_main_end_to_end_with_reward_model_judge(tiny_dir, run_dir, tmp_path):
     assert page.count('title="TLCR ') >= 2 * 3 and page.count('title="RED ') >= 2 * 3
 
 
-def test_main_stops_on_a_bad_judge_key_before_generating(tiny_dir, run_dir, tmp_path, judge_server,
-                                                        monkeypatch, capsys):
+def test_main_stops_on_a_bad_judge_key_before_generating(
+        tiny_dir, run_dir, tmp_path, judge_server, monkeypatch, capsys):
     """Before the fix a 401 came as a traceback, after every policy had been generated and scored;
     then as exit code 1 without the `error:` prefix. Now: one line `error: --judge openai: ...`,
     exit code 2."""
@@ -586,14 +579,8 @@ def test_main_with_openai_judge_pays_once(tiny_dir, run_dir, tmp_path, judge_ser
     server = judge_server(lambda prompt, a, b: "A", faults=["429:0"])
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
     out = tmp_path / "eval"
-    argv = eval_argv(
-        tiny_dir,
-        run_dir,
-        out,
-        f"sft={tiny_dir}",
-        f"copy={run_dir / 'copy'}",
-        f"other={run_dir / 'ppo_other' / 'policy'}",
-    ) + [
+    argv = eval_argv(tiny_dir, run_dir, out, f"sft={tiny_dir}", f"copy={run_dir / 'copy'}",
+                     f"other={run_dir / 'ppo_other' / 'policy'}") + [
         "--judge", "openai", "--api-base", server.url, "--api-model", "local-judge",
         "--baseline", "copy",
     ]
@@ -618,8 +605,7 @@ def test_main_with_openai_judge_pays_once(tiny_dir, run_dir, tmp_path, judge_ser
 # the true token credit (--gold): every source on held-out replies and on each policy's samples
 # ----------------------------------------------------------------------------------------------
 def test_main_gold_measures_token_credit_on_heldout_replies_and_samples(
-    tiny_dir, tiny_tokenizer, run_dir, tmp_path, monkeypatch, splits
-):
+        tiny_dir, tiny_tokenizer, run_dir, tmp_path, monkeypatch, splits):
     out = tmp_path / "eval"
     argv = eval_argv(tiny_dir, run_dir, out, f"sft={tiny_dir}", f"copy={run_dir / 'copy'}") + [
         "--gold", "--num-prompts", "20", "--credit-response-len", "40"]
@@ -682,8 +668,7 @@ def test_main_gold_measures_token_credit_on_heldout_replies_and_samples(
 
 @pytest.mark.parametrize("model", ["gpt2", "llama"])
 def test_gold_only_samples_k_replies_per_prompt_with_common_random_numbers(
-    model, tiny_dir, llama_dir, run_dir, tmp_path, splits
-):
+        model, tiny_dir, llama_dir, run_dir, tmp_path, splits):
     """--gold-only --samples-per-prompt K: K replies per prompt, in a row; the same draws for every
     policy (a copy of the reference answers exactly as the reference); gold and KL as the full
     eval measures them on the same draws; no reward model or discriminator needed."""

@@ -60,36 +60,11 @@ TOL = 1e-4
 # ----------------------------------------------------------------------------------------------
 def stage_runs(work: Path, llama_dir: Path) -> dict[str, tuple[str, list[str]]]:
     """name -> (stage, argv). Names ending in _one run in one process, the others under torchrun."""
-    sft_args = [
-        "--model",
-        "tiny",
-        "--tiny-dropout",
-        "0",
-        "--tiny-vocab",
-        "512",
-        "--limit",
-        "200",
-        "--max-prompt-len",
-        "48",
-        "--max-response-len",
-        "32",
-        "--batch-size",
-        "6",
-        "--micro-batch-size",
-        "2",
-        "--max-steps",
-        "3",
-        "--eval-every",
-        "2",
-        "--eval-examples",
-        "9",
-        "--eval-batch-size",
-        "2",
-        # 9 held-out examples: the ranks get 3 and 2 micro-batches
-        "--lr",
-        "3e-3",
-        "--device",
-        "cpu",
+    sft_args = [  # 9 held-out examples: the ranks get 3 and 2 micro-batches
+        "--model", "tiny", "--tiny-dropout", "0", "--tiny-vocab", "512", "--limit", "200",
+        "--max-prompt-len", "48", "--max-response-len", "32", "--batch-size", "6",
+        "--micro-batch-size", "2", "--max-steps", "3", "--eval-every", "2", "--eval-examples", "9",
+        "--eval-batch-size", "2", "--lr", "3e-3", "--device", "cpu",
     ]
     sft_lora = sft_args + ["--lora-rank", "4", "--lr", "1e-2"]
     disc_args = [
@@ -98,33 +73,11 @@ def stage_runs(work: Path, llama_dir: Path) -> dict[str, tuple[str, list[str]]]:
         "--micro-batch-size", "2", "--max-steps", "2", "--log-every", "1", "--lr", "3e-3",
         "--eval-batch-size", "2", "--eval-fraction", "0.2", "--device", "cpu",
     ]
-    rm_args = [
-        "train",
-        "--sft",
-        str(llama_dir),
-        "--limit",
-        "50",
-        "--eval-fraction",
-        "0.1",
-        "--max-prompt-len",
-        "24",
-        "--max-response-len",
-        "16",
-        "--batch-size",
-        "4",
-        "--micro-batch-size",
-        "1",
-        "--max-steps",
-        "2",
-        # 5 held out: 2 / 1
-        "--log-every",
-        "1",
-        "--lr",
-        "3e-3",
-        "--eval-batch-size",
-        "2",
-        "--device",
-        "cpu",
+    rm_args = [  # 5 held out: 2 / 1
+        "train", "--sft", str(llama_dir), "--limit", "50", "--eval-fraction", "0.1",
+        "--max-prompt-len", "24", "--max-response-len", "16", "--batch-size", "4",
+        "--micro-batch-size", "1", "--max-steps", "2", "--log-every", "1", "--lr", "3e-3",
+        "--eval-batch-size", "2", "--device", "cpu",
     ]
     rm_lora = rm_args + ["--lora-rank", "4", "--lr", "1e-2"]
     ppo_args = [

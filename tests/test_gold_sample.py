@@ -260,8 +260,7 @@ def test_prefix_pair_loss_against_a_loop():
 
 
 def test_prefix_pairs_train_step_gradient_is_the_global_batch_loss(
-    tiny_dir, tiny_tokenizer, splits
-):
+        tiny_dir, tiny_tokenizer, splits):
     """With prefix pairs the accumulated gradient is still that of the whole batch's loss in one
     pass: mean over pairs of BT + ½ (L_pre(y_c) + L_pre(y_r))."""
     model = red.common.disable_dropout(red.hf_models.new_score_model(tiny_dir, bias=False))

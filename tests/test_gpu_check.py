@@ -53,8 +53,8 @@ def test_gpu_check_runs_on_cpu_tiny(tmp_path, capsys, one_thread):
     assert report["precision"] == "bf16" and report["peak_tflops"] is None
 
 
-def test_a_stage_that_raises_or_runs_out_of_memory_keeps_the_rows_around_it(tmp_path, monkeypatch,
-                                                                           one_thread):
+def test_a_stage_that_raises_or_runs_out_of_memory_keeps_the_rows_around_it(
+        tmp_path, monkeypatch, one_thread):
     """discriminator raises, reward fakes a CUDA out-of-memory: both are rows with the error, the
     SFT row before and the PPO row after are measured, and when PPO starts the JSON and the table
     on disk already hold the two failed rows."""

@@ -167,8 +167,7 @@ def test_bundled_responses_tokenise_the_same_alone_and_in_context(splits, tiny_t
 
 
 def test_labelled_ids_are_what_the_discriminator_feeds_with_bos_and_sentencepiece(
-    splits, llama_tokenizer
-):
+        splits, llama_tokenizer):
     """With a tokenizer that adds BOS and puts '▁' before every text it tokenises alone: the
     labelled ids carry no stray '▁', and the discriminator's sequence (BOS, prompt, labelled ids) is
     exactly the tokenizer's own encoding of prompt + response, so every label sits on the token it
@@ -310,8 +309,7 @@ def read_lines(path):
 
 
 def test_openai_reviser_survives_faults_and_never_leaks_the_key(
-    splits, tiny_dir, tiny_tokenizer, tmp_path, monkeypatch, no_proxy_env, capsys
-):
+        splits, tiny_dir, tiny_tokenizer, tmp_path, monkeypatch, no_proxy_env, capsys):
     pairs = splits["reward"][:10]
     nodelim = "say:I would rather not rewrite this."
     scripts = {0: ["429:0.4"], 1: ["500"], 2: ["badjson"], 3: [nodelim], 4: ["slow:1.5"],
@@ -390,7 +388,7 @@ def test_openai_reviser_survives_faults_and_never_leaks_the_key(
 
 
 def test_a_rerun_pays_again_only_for_transient_failures(splits, tiny_dir, tmp_path, no_proxy_env,
-                                                         capsys):
+                                                        capsys):
     """Answers that came back and could not be used (no delimiter, a 400) are not asked again by a
     rerun unless --retry-failed; transient failures (500, 429, a timeout, a refused connection) are.
     Before, a rerun re-asked every failed pair with the full retry budget: a paid API billed twice
@@ -427,9 +425,8 @@ def test_a_rerun_pays_again_only_for_transient_failures(splits, tiny_dir, tmp_pa
         server.close()
 
 
-def test_openai_key_never_leaks_at_any_offset(
-    splits, tiny_dir, tmp_path, monkeypatch, no_proxy_env, capsys
-):
+def test_openai_key_never_leaks_at_any_offset(splits, tiny_dir, tmp_path, monkeypatch, no_proxy_env,
+                                              capsys):
     """The server echoes the key at character offset k, for every k up to past the snippet an error
     shows: pair 2k fails with the key in its error body (-> the summary), pair 2k+1 answers with the
     key in its answer (-> the cache). Before the fix the error body was cut at 200 characters, then
@@ -474,8 +471,7 @@ def test_openai_key_never_leaks_at_any_offset(
 
 
 def test_openai_bad_key_stops_the_run_without_leaking_it(
-    splits, tiny_dir, tmp_path, monkeypatch, no_proxy_env
-):
+        splits, tiny_dir, tmp_path, monkeypatch, no_proxy_env):
     pairs = splits["reward"][:2]
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
     server = fake_chat(pairs, {"check": ["401"]})
@@ -622,8 +618,7 @@ def test_hf_reviser_parses_and_retries_when_sampling(splits, tiny_dir, tmp_path,
 
 
 def test_hf_reviser_with_no_answer_to_parse_exits_with_the_reasons(
-    splits, tiny_dir, tmp_path, monkeypatch, capsys
-):
+        splits, tiny_dir, tmp_path, monkeypatch, capsys):
     """No pair labelled: exit code 1 and one line that says how many failed and why; the raw answers
     are in the cache for the user to read."""
     monkeypatch.setattr(label, "generate_texts",

@@ -251,8 +251,8 @@ def test_label_py_ranks_and_revises_with_the_lexicon(tiny_dir, tmp_path, splits)
                        str(tmp_path / "chosen.jsonl"), "--limit", "3"])["lexicon"] is None
 
 
-def test_reward_model_ranks_with_the_lexicon_records_it_and_resumes_only_with_it(tiny_dir,
-                                                                                 tmp_path, splits):
+def test_reward_model_ranks_with_the_lexicon_records_it_and_resumes_only_with_it(
+        tiny_dir, tmp_path, splits):
     from test_redistribute import train_argv
 
     sentiment = gold.load_lexicon(SENTIMENT)

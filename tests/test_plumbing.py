@@ -53,8 +53,7 @@ TEXTS = ["\n\nHuman: hi\n\nAssistant: hello there", "\n\nHuman: how are you?\n\n
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("which", ["gpt2", "llama"])
 def test_reward_model_round_trips_through_auto_model_for_sequence_classification(
-    which, request, tmp_path
-):
+        which, request, tmp_path):
     model_dir = request.getfixturevalue("tiny_dir" if which == "gpt2" else "llama_dir")
     tokenizer = hf_models.load_tokenizer(model_dir)
     # neither tokenizer has a pad token of its own
@@ -97,8 +96,7 @@ def test_reward_model_round_trips_through_auto_model_for_sequence_classification
 
 @pytest.mark.parametrize("which", ["gpt2", "llama"])
 def test_discriminator_round_trips_through_auto_model_for_token_classification(
-    which, request, tmp_path
-):
+        which, request, tmp_path):
     model_dir = request.getfixturevalue("tiny_dir" if which == "gpt2" else "llama_dir")
     tokenizer = hf_models.load_tokenizer(model_dir)
     model = trained_score_model(model_dir, bias=True)
@@ -119,8 +117,8 @@ def test_discriminator_round_trips_through_auto_model_for_token_classification(
                                    atol=1e-5, rtol=1e-5)
 
 
-def test_a_standard_save_that_fails_keeps_the_model_in_the_head_file_format(tiny_dir, tmp_path,
-                                                                             monkeypatch):
+def test_a_standard_save_that_fails_keeps_the_model_in_the_head_file_format(
+        tiny_dir, tmp_path, monkeypatch):
     """The run never dies after training: if writing the standard class fails (here: forced), the
     model is saved as backbone + score_head.safetensors with a warning and a note in
     token_rlhf.json, and it loads; a later standard save removes the stale head file (which
@@ -310,8 +308,7 @@ def test_checkpoint_round_trip_restores_weights_optimizer_schedule_and_rng(tmp_p
 
 
 def test_a_kill_at_any_point_of_a_save_leaves_a_complete_checkpoint(
-    tmp_path, tiny_dir, monkeypatch
-):
+        tmp_path, tiny_dir, monkeypatch):
     model, optimizer, scheduler = small_training_state(tiny_dir)
     args = ({"model": model}, {"model": optimizer}, {"model": scheduler}, {})
     checkpoint.save_checkpoint(tmp_path, 3, *args)

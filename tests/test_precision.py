@@ -244,8 +244,7 @@ def first_ratio(policy, batch, args, idx=(6, 1, 3)):
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 @pytest.mark.parametrize("lora", [0, 4])
 def test_ppo_iteration_zero_in_bf16_kl_is_zero_and_ratio_is_one(
-    arch, lora, tiny_dir, llama_dir, reward_models
-):
+        arch, lora, tiny_dir, llama_dir, reward_models):
     """The reference stored in bf16 (full fine-tuning: a bf16 copy; LoRA: the base, no adapters)."""
     model_dir = tiny_dir if arch == "gpt2" else llama_dir
     args, models, ref_policy, prompt, prompt_mask, eos_ids, pad_id = ppo_setup(
@@ -262,8 +261,7 @@ def test_ppo_iteration_zero_in_bf16_kl_is_zero_and_ratio_is_one(
 
 
 def test_without_the_design_a_bf16_reference_gives_kl_at_iteration_zero(
-    tiny_dir, reward_models, monkeypatch
-):
+        tiny_dir, reward_models, monkeypatch):
     """Why amp.compute_in_fp32 and round_like_frozen exist: a bf16 reference run as it is,
     beside the fp32 policy under autocast, puts bf16 noise into KL (and so into every token's
     reward) from the first step."""

@@ -59,8 +59,7 @@ def test_tensorboard_holds_the_scalars_of_log_jsonl(tiny_dir, tmp_path):
 
 @pytest.mark.parametrize("tracker", ["tensorboard", "wandb"])
 def test_a_missing_tracker_package_is_one_line_and_exit_code_2_before_any_work(
-    tracker, tiny_dir, tmp_path, monkeypatch, capsys
-):
+        tracker, tiny_dir, tmp_path, monkeypatch, capsys):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == tracker else real(name, *a))
