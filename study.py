@@ -2,7 +2,7 @@
 from the reference? Every method brought to the same KL targets, every run counted, the answer with
 a confidence interval, in under an hour on 2 CPU cores.
 
-The design (declared here, before any result; README, "The lab"):
+The design (declared here, before any result; docs/lab.md, "The study"):
 
     upstream seeds  --seeds U (default 0-9): each trains its own reward model (redistribute.py) and
                     token discriminator (discriminator.py) with --seed U, from one SFT model and one
@@ -121,7 +121,7 @@ PRESETS = {
         "eval": "--num-prompts 115 --max-prompt-len 192 --max-new-tokens 48 --eval-batch-size 32",
     },
 }
-# Seconds of each stage at one thread on an idle 2-core machine (demo: measured, README); ppo is
+# Seconds of each stage at one thread on an idle 2-core machine (demo: measured, docs/lab.md); ppo is
 # per iteration plus the start, eval per policy (at --samples-per-prompt 4) plus the start.
 STAGE_SECONDS = {
     "smoke": {"sft": 5, "label": 3, "reward_model": 5, "discriminator": 5, "ppo_start": 5,

@@ -1,4 +1,4 @@
-"""ppo_token.generate's decoders (README, "Rollout speed"): the static KV cache and the compiled
+"""ppo_token.generate's decoders (docs/rollout-speed.md): the static KV cache and the compiled
 decode step give the tokens a naive loop gives, recomputing every prefix without a cache, on GPT-2
 and Llama-style models (RoPE, GQA), a sliding window shorter than the sequence, and under LoRA with
 the adapters on and off. The nucleus sampler draws from the nucleus of the sort-based definition,
