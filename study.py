@@ -121,8 +121,8 @@ PRESETS = {
         "eval": "--num-prompts 115 --max-prompt-len 192 --max-new-tokens 48 --eval-batch-size 32",
     },
 }
-# Seconds of each stage at one thread on an idle 2-core machine (demo: measured, docs/lab.md); ppo is
-# per iteration plus the start, eval per policy (at --samples-per-prompt 4) plus the start.
+# Seconds of each stage at one thread on an idle 2-core machine (demo: measured, docs/lab.md); ppo
+# is per iteration plus the start, eval per policy (at --samples-per-prompt 4) plus the start.
 STAGE_SECONDS = {
     "smoke": {"sft": 5, "label": 3, "reward_model": 5, "discriminator": 5, "ppo_start": 5,
               "ppo_iteration": 0.2, "eval_start": 5, "eval_policy": 0.5, "credit": 8},
