@@ -696,15 +696,21 @@ def trailing_mean(history: list[float], window: int) -> float:
     return sum(last) / len(last)
 
 
+def every_target_saved(targets, saved: dict) -> bool:
+    """--stop-at-kl's end: every --save-at-kl target has its snapshot."""
+    return all(f"{t:g}" in saved for t in targets)
+
+
 def targets_reached(targets, saved: dict, trailing_kl: float) -> list[float]:
     """The targets without a snapshot yet that the trailing KL has reached (KL ≥ target)."""
     return [t for t in targets if f"{t:g}" not in saved and trailing_kl >= t]
 
 
-def save_snapshot(models: Models, tokenizer, out: Path, target: float, record: dict, master: bool):
+def save_snapshot(models: Models, tokenizer, out: Path, target: float, saved: dict, master: bool):
     """The policy to OUT/policy_kl<target>/, whole or not at all: written into a temp folder
-    (.save-*, removed at the next start if a kill leaves it), then renamed in one step; its
-    iteration and KL are added to OUT/snapshots.json."""
+    (.save-*, removed at the next start if a kill leaves it), then renamed in one step; then
+    OUT/snapshots.json rewritten as `saved`, the run's record of every snapshot (this one's
+    included)."""
     final = snapshot_dir(out, target)
     temp = out / f".save-{final.name}"
     if master and temp.exists():
@@ -714,8 +720,6 @@ def save_snapshot(models: Models, tokenizer, out: Path, target: float, record: d
         if final.exists():  # from an interrupted run that resumed before this iteration
             shutil.rmtree(final)
         os.replace(temp, final)
-        saved = read_snapshots(out)
-        saved[f"{target:g}"] = record
         checkpoint.atomic_write(out / "snapshots.json", json.dumps(saved, indent=1) + "\n")
 
 
@@ -851,8 +855,8 @@ def main(argv=None, reward_fn=None):
     start = time.perf_counter()
     done, stopped = start_step, False  # iterations done; stopped by --stop-after
     for step in bar:
-        if args.stop_at_kl and all(f"{t:g}" in saved for t in args.save_at_kl):
-            break  # --stop-at-kl: every target has its snapshot (a resumed run that had ended)
+        if args.stop_at_kl and every_target_saved(args.save_at_kl, saved):
+            break  # --stop-at-kl: a resumed run that had ended
         t0 = time.perf_counter()
         # all randomness of a step (sampling, minibatch order) is a function of (seed, rank, step)
         torch.manual_seed(args.seed + 1000 * rank + 1_000_003 * (step + 1))
@@ -868,7 +872,7 @@ def main(argv=None, reward_fn=None):
             for target in targets_reached(args.save_at_kl, saved, stats["kl_trailing"]):
                 saved[f"{target:g}"] = {"iteration": step + 1, "trailing_kl": stats["kl_trailing"],
                                         "rollout_kl": kl_history[-1]}
-                save_snapshot(models, tokenizer, out, target, saved[f"{target:g}"], master)
+                save_snapshot(models, tokenizer, out, target, saved, master)
         if args.log_gold:  # the lab's known reward (gold.py): logged, never seen by the optimiser
             scores = gold.score_responses(tokenizer, batch.response.cpu(),
                                           batch.response_mask.cpu(), lexicon=lexicon)
@@ -890,7 +894,7 @@ def main(argv=None, reward_fn=None):
                             f"vf {record['value_loss']:.3f} ev {record['explained_variance']:.2f}")
         done = step + 1
         # --stop-at-kl: the run ends after the iteration that took the last snapshot
-        ended = args.stop_at_kl and all(f"{t:g}" in saved for t in args.save_at_kl)
+        ended = args.stop_at_kl and every_target_saved(args.save_at_kl, saved)
         run.save_if_due(done, done if ended else args.iterations)  # --save-every, --stop-after
         if ended:
             break

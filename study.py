@@ -287,13 +287,15 @@ def sign_flip_p(differences) -> float:
 
 
 def paired_test(a, b, alpha=0.05) -> dict:
-    """The paired t-test of a − b over the seeds both have (None left out): mean difference, its
-    (1 − alpha) interval, t, two-sided p, and the exact sign-flip p beside it."""
+    """The paired t-test of a − b over the seeds both have (None left out): mean difference, the sd
+    of the differences, its (1 − alpha) interval, t, two-sided p, and the exact sign-flip p beside
+    it."""
     differences = [x - y for x, y in zip(a, b) if x is not None and y is not None]
     summary = mean_ci(differences, alpha)
     result = {
         "n": summary["n"],
         "mean_diff": summary["mean"],
+        "sd": summary["sd"],
         "ci": summary["ci"],
         "t": None,
         "p": None,
@@ -365,11 +367,9 @@ def mdd(sd, n: int, alpha=0.05, power=0.8):
 
 
 def compare(a, b, alpha=0.05, power=0.8) -> dict:
-    """paired_test of a − b plus the sd of the differences and the MDD; a group without values
-    (n = 0 on either side, or fewer than two pairs) is not tested: p None and the reason."""
+    """paired_test of a − b plus the MDD; a group without values (n = 0 on either side, or fewer
+    than two pairs) is not tested: p None and the reason."""
     test = paired_test(a, b, alpha)
-    differences = [x - y for x, y in zip(a, b) if x is not None and y is not None]
-    test["sd"] = mean_ci(differences, alpha)["sd"]
     test["mdd"] = mdd(test["sd"], test["n"], alpha, power)
     test["not_tested"] = None
     if test["n"] < 2:
