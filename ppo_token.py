@@ -46,8 +46,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -66,8 +64,9 @@ import lora
 import plumbing
 import redistribute
 from common import masked_mean
-from plumbing import amp, checkpoint, decode, distributed, hf_models
+from plumbing import amp, checkpoint, decode, distributed, hf_models, ppo_setup
 from plumbing.distributed import unwrap
+from plumbing.ppo_setup import frozen_call
 
 REWARDS = ("seq", "red", "tlcr", "tlcr_fixed", "tlcr_no_negative", "tlcr_no_positive")
 TLCR_MODES = {"tlcr": "continuous", "tlcr_fixed": "fixed", "tlcr_no_negative": "no_negative",
@@ -491,56 +490,8 @@ def ppo_update(models: Models, batch: Rollout, args, minibatch: int) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Setup: models, reward sources, prompts
+# Setup: the models (plumbing/ppo_setup.py loads them) and the reward sources
 # ----------------------------------------------------------------------------------------------
-def frozen_call(fn, model, query_response, attention_mask, *rest, **kw):
-    """Run fn(model, ...) where the frozen model lives (GPU or, with --offload-frozen, CPU); the
-    result comes back to the inputs' device."""
-    device = next(model.parameters()).device
-    moved = [t.to(device) for t in (query_response, attention_mask, *rest)]
-    with torch.no_grad():
-        return fn(model, *moved, **kw).to(query_response.device)
-
-
-def reference_logprobs_fn(policy, ref_policy, temperature: float) -> Callable[..., Tensor]:
-    """log π_ref(a_j) [B, R] as ref_logprobs_fn(query_response, attention_mask, full_response_mask):
-    read from the frozen copy `ref_policy` (where it lives: offloaded or sharded as loaded) or, with
-    LoRA (ref_policy None), from the policy itself with its adapters switched off."""
-    def logprobs(model, *sequences):
-        return common.response_logprobs(model, *sequences, temperature)[0]
-
-    def frozen_copy(query_response, attention_mask, full_response_mask):
-        return frozen_call(logprobs, ref_policy, query_response, attention_mask, full_response_mask)
-
-    def adapters_off(query_response, attention_mask, full_response_mask):
-        with torch.no_grad(), lora.adapters_disabled(unwrap(policy)):
-            return logprobs(unwrap(policy), query_response, attention_mask, full_response_mask)
-    return adapters_off if ref_policy is None else frozen_copy
-
-
-def load_frozen_score_model(path, args, dist_info, what):
-    """A trained reward model or discriminator, frozen (eval, no grad, dropout off), in
-    --frozen-dtype."""
-    model = hf_models.load_score_model(path, dtype=amp.frozen_dtype(args, dist_info.device),
-                                       what=what, trust_remote_code=args.trust_remote_code,
-                                       meta=dist_info.meta)
-    return distributed.prepare_frozen(model, dist_info, args.offload_frozen, args.precision)
-
-
-class RewardInCritic(nn.Module):
-    """With LoRA, the reward model (or discriminator) the critic was started from: the critic's
-    backbone with its adapters switched off, read by the frozen reward head. Called like a
-    ScoreModel: -> scores [B, T]."""
-
-    def __init__(self, critic: common.ScoreModel, reward_head: nn.Linear):
-        super().__init__()
-        self.critic, self.reward_head = critic, reward_head
-
-    def forward(self, input_ids, attention_mask):
-        with lora.adapters_disabled(self.critic):
-            return self.critic(input_ids, attention_mask, head=self.reward_head)
-
-
 def make_reward_fn(args, dist_info, shared: dict | None = None):
     """The task reward source of --reward as reward_fn(query_response, attention_mask,
     response_mask) -> [B, T_resp], plus score_fn(...) -> [B] (the reward model's sequence score,
@@ -551,7 +502,7 @@ def make_reward_fn(args, dist_info, shared: dict | None = None):
     def load(path, what):
         if path in shared:
             return shared[path]
-        return load_frozen_score_model(path, args, dist_info, what)
+        return ppo_setup.load_frozen_score_model(path, args, dist_info, what)
 
     reward_model = load(args.reward_model, "--reward-model") if args.reward_model else None
 
@@ -577,64 +528,22 @@ def make_reward_fn(args, dist_info, shared: dict | None = None):
     return reward_fn, (score_fn if reward_model is not None else None)
 
 
-def check_tokenizers(args, tokenizer):
-    """The reward model and the discriminator must read token ids as the policy writes them."""
-    for option, path in (("--reward-model", args.reward_model),
-                         ("--discriminator", args.discriminator)):
-        if path is not None:  # parse_args dropped a --discriminator that seq / red never use
-            other = hf_models.load_tokenizer(path, args.trust_remote_code, what=option)
-            hf_models.check_same_tokenizer(tokenizer, other, f"{option} {path}")
-
-
 def load_models(args, dist_info, reward_fn=None) -> Models:
     """Policy and critic (trained, wrapped for DDP or FSDP) with their optimizers, and the frozen
     models as callables: the reference log-probs (a frozen copy of --policy; with LoRA the policy
     with its adapters off) and the --reward source (with LoRA read from the critic's backbone with
     its adapters off). `reward_fn` (optional) replaces the --reward source, e.g. a toy reward."""
-    dtype = amp.base_dtype(args, dist_info.device)  # fp32, or --frozen-dtype for a LoRA base
-    # FSDP: rank 0 reads the weights, the other ranks receive their shards (wrap_model)
-    meta = dist_info.meta
-    policy = hf_models.load_policy(args.policy, dtype, args.trust_remote_code, what="--policy",
-                                   meta=meta)
-    common.disable_dropout(policy)
-    lora.add_lora_from_args(policy, args)
-    ref_policy = None
-    if not args.lora_rank:
-        ref_dtype = amp.frozen_dtype(args, dist_info.device)
-        ref_policy = hf_models.load_policy(args.policy, ref_dtype, args.trust_remote_code,
-                                           meta=meta)
-        ref_policy = distributed.prepare_frozen(ref_policy, dist_info, args.offload_frozen,
-                                                args.precision)
-        # start where the bf16 reference is: KL 0 at iteration 0
-        amp.round_like_frozen(policy, ref_dtype)
-    if args.critic_init == "policy":
-        critic = hf_models.new_score_model(args.policy, bias=True, dtype=dtype,
-                                           trust_remote_code=args.trust_remote_code, meta=meta)
-        critic_path = None
-    else:
-        option = "--reward-model" if args.reward in ("seq", "red") else "--discriminator"
-        critic_path = getattr(args, option[2:].replace("-", "_"))
-        if critic_path is None:
-            raise common.InputError(f"--critic-init reward needs {option} (--reward "
-                                    f"{args.reward}); or use --critic-init policy")
-        critic = hf_models.load_score_model(critic_path, dtype, args.trust_remote_code, what=option,
-                                            meta=meta)
-    critic.head.float()  # the value head is trained: fp32
-    lora.add_lora_from_args(critic.backbone, args)  # the head stays trainable
-    common.disable_dropout(critic)
+    policy, ref_policy = ppo_setup.load_policy_and_reference(args, dist_info)
+    reward_option = "--reward-model" if args.reward in ("seq", "red") else "--discriminator"
+    critic, critic_path = ppo_setup.load_critic(args, dist_info, reward_option)
     if args.gradient_checkpointing:  # active in train() mode only: generation keeps its KV cache
         hf_models.enable_gradient_checkpointing(policy)
         hf_models.enable_gradient_checkpointing(critic)
     policy = distributed.wrap_model(policy, dist_info, args.precision)
     critic = distributed.wrap_model(critic, dist_info, args.precision)
-    shared = {}
-    if args.lora_rank and critic_path is not None:
-        # the value head starts as the reward head, which stays frozen; taken before a checkpoint
-        # moves the value head
-        reward_head = distributed.frozen_copy(unwrap(critic).head)
-        shared[critic_path] = RewardInCritic(unwrap(critic), reward_head).eval()
     score_fn = None
     if reward_fn is None:
+        shared = ppo_setup.rewards_inside_critic(args, critic, critic_path)
         reward_fn, score_fn = make_reward_fn(args, dist_info, shared)
     # how the rollout runs the policy, decided here once: the decoder (a static KV cache, compiled
     # with --compile, which parse_args refuses with --fsdp); under FSDP every forward all-gathers
@@ -645,84 +554,13 @@ def load_models(args, dist_info, reward_fn=None) -> Models:
     keep_gathered = distributed.gathered if args.fsdp else contextlib.nullcontext
     return Models(policy, critic, plumbing.adamw(policy, args.policy_lr),
                   plumbing.adamw(critic, args.critic_lr),
-                  reference_logprobs_fn(policy, ref_policy, args.temperature), reward_fn, score_fn,
-                  decoder, keep_gathered)
-
-
-def select_pairs(args, quiet: bool = False):
-    """The pairs whose prompts PPO trains on: --split (the RL part by default) of --split-seed's
-    split."""
-    pairs = plumbing.load_data(args.data, args.split, args.split_seed, args.limit, quiet=quiet)
-    if not pairs:
-        raise common.InputError(f"--data {args.data}: split {args.split!r} is empty")
-    return pairs
-
-
-def load_prompts(args, tokenizer, quiet=False) -> list[list[int]]:
-    """Token ids of the --split prompts (rendered, BOS once, left-truncated to --max-prompt-len)."""
-    return common.encode_prompts(tokenizer, select_pairs(args, quiet), args.max_prompt_len,
-                                 args.chat_template)
-
-
-def prompt_batch(prompts, step: int, batch_size: int, seed: int, rank: int, pad_id: int, device):
-    """This rank's prompts for `step`: a walk through one seeded permutation per epoch
-    (resumable)."""
-    ids = []
-    for k in range(step * batch_size, (step + 1) * batch_size):
-        epoch, offset = divmod(k, len(prompts))
-        generator = torch.Generator().manual_seed(seed + 1000 * rank + 1_000_003 * epoch)
-        order = torch.randperm(len(prompts), generator=generator)
-        ids.append(prompts[order[offset]])
-    prompt, prompt_mask = common.pad_left(ids, pad_id)
-    return prompt.to(device), prompt_mask.to(device)
+                  ppo_setup.reference_logprobs_fn(policy, ref_policy, args.temperature), reward_fn,
+                  score_fn, decoder, keep_gathered)
 
 
 # ----------------------------------------------------------------------------------------------
-# Snapshots at KL targets (--save-at-kl) and the state that a resume restores
+# The state that a resume restores
 # ----------------------------------------------------------------------------------------------
-def snapshot_dir(out, target: float) -> Path:
-    return Path(out) / f"policy_kl{target:g}"
-
-
-def read_snapshots(out) -> dict:
-    """{"<target>": {"iteration", "trailing_kl", "rollout_kl"}} of the snapshots saved so far."""
-    path = Path(out) / "snapshots.json"
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def trailing_mean(history: list[float], window: int) -> float:
-    """Mean of the last `window` values: the rollout KL as --save-at-kl reads it."""
-    last = history[-window:]
-    return sum(last) / len(last)
-
-
-def every_target_saved(targets, saved: dict) -> bool:
-    """--stop-at-kl's end: every --save-at-kl target has its snapshot."""
-    return all(f"{t:g}" in saved for t in targets)
-
-
-def targets_reached(targets, saved: dict, trailing_kl: float) -> list[float]:
-    """The targets without a snapshot yet that the trailing KL has reached (KL ≥ target)."""
-    return [t for t in targets if f"{t:g}" not in saved and trailing_kl >= t]
-
-
-def save_snapshot(models: Models, tokenizer, out: Path, target: float, saved: dict, master: bool):
-    """The policy to OUT/policy_kl<target>/, whole or not at all: written into a temp folder
-    (.save-*, removed at the next start if a kill leaves it), then renamed in one step; then
-    OUT/snapshots.json rewritten as `saved`, the run's record of every snapshot (this one's
-    included)."""
-    final = snapshot_dir(out, target)
-    temp = out / f".save-{final.name}"
-    if master and temp.exists():
-        shutil.rmtree(temp)
-    hf_models.save_policy(models.policy, tokenizer, temp)  # every rank (FSDP gathers to rank 0)
-    if master:
-        if final.exists():  # from an interrupted run that resumed before this iteration
-            shutil.rmtree(final)
-        os.replace(temp, final)
-        checkpoint.atomic_write(out / "snapshots.json", json.dumps(saved, indent=1) + "\n")
-
-
 def resumed_kl_state(args, out: Path, start_step: int) -> tuple[list[float], float]:
     """The rollout KL of every iteration logged so far (--save-at-kl's trailing mean needs the last
     few) and β: --kl-coef, or with --kl-target the controller's value after the last logged
@@ -766,17 +604,7 @@ def parse_args(argv=None):
     system.add_argument("--offload-frozen", action="store_true",
                         help="keep the frozen reference and reward models on the CPU (with LoRA: "
                              "those that do not share the policy's or the critic's backbone)")
-    system.add_argument("--save-at-kl", type=float, nargs="*", default=[], metavar="KL",
-                        help="KL targets: the policy is saved to OUT/policy_kl<target>/ (before "
-                             "that iteration's update) the first time the rollouts' KL, a trailing "
-                             "mean over --save-kl-window iterations, reaches each target; "
-                             "OUT/snapshots.json records the iteration and KL of each")
-    system.add_argument("--save-kl-window", type=int, default=3,
-                        help="--save-at-kl: iterations in the trailing mean of the rollout KL (one "
-                             "rollout's KL is a mean over only --rollout-batch-size responses)")
-    system.add_argument("--stop-at-kl", action="store_true",
-                        help="--save-at-kl: end the run (OUT/policy saved) once every target is "
-                             "saved; --iterations stays the cap")
+    ppo_setup.add_snapshot_args(system)
     plumbing.add_run_args(system, save_every=50, unit="iterations")
     args = parser.parse_args(argv)
     lora.check_lora_args(parser, args)
@@ -797,12 +625,10 @@ def parse_args(argv=None):
         args.discriminator = None
     plumbing.check_positive(parser, args, "iterations", "rollout_batch_size", "minibatch_size",
                             "ppo_epochs", "max_new_tokens", "max_prompt_len", "save_every")
-    plumbing.check_positive(parser, args, "save_kl_window", "kl_horizon")
-    if args.kl_target < 0 or any(kl <= 0 for kl in args.save_at_kl):
-        parser.error("--kl-target must be ≥ 0 (0 = off) and every --save-at-kl target > 0")
-    if args.stop_at_kl and not args.save_at_kl:
-        parser.error("--stop-at-kl needs --save-at-kl targets")
-    args.save_at_kl = sorted(set(args.save_at_kl))
+    plumbing.check_positive(parser, args, "kl_horizon")
+    if args.kl_target < 0:
+        parser.error("--kl-target must be ≥ 0 (0 = off)")
+    ppo_setup.check_snapshot_args(parser, args)
     if args.rollout_batch_size % args.minibatch_size:
         parser.error(f"--rollout-batch-size {args.rollout_batch_size} must be a multiple of "
                      f"--minibatch-size {args.minibatch_size}")
@@ -825,8 +651,9 @@ def main(argv=None, reward_fn=None):
 
     tokenizer = hf_models.load_tokenizer(args.policy, args.trust_remote_code, what="--policy")
     if reward_fn is None:
-        check_tokenizers(args, tokenizer)  # before any model is loaded: mismatches stop at once
-    prompts = load_prompts(args, tokenizer, quiet=not master)
+        # before any model is loaded: mismatches stop at once
+        ppo_setup.check_tokenizers(args, tokenizer)
+    prompts = ppo_setup.load_prompts(args, tokenizer, quiet=not master)
     models = load_models(args, dist_info, reward_fn)
     eos_ids = common.eos_token_ids(tokenizer, unwrap(models.policy))
     pad_id = tokenizer.pad_token_id
@@ -841,7 +668,7 @@ def main(argv=None, reward_fn=None):
                             # constant learning rates: a run may grow; snapshots do not train
                             ignore=("iterations", "save_at_kl", "save_kl_window", "stop_at_kl"))
     kl_history, kl_coef = resumed_kl_state(args, out, start_step)
-    saved = read_snapshots(out)  # every rank: each decides the same snapshots
+    saved = ppo_setup.read_snapshots(out)  # every rank: each decides the same snapshots
     if master:
         out.mkdir(parents=True, exist_ok=True)
         checkpoint.atomic_write(out / "args.json", json.dumps(
@@ -855,24 +682,24 @@ def main(argv=None, reward_fn=None):
     start = time.perf_counter()
     done, stopped = start_step, False  # iterations done; stopped by --stop-after
     for step in bar:
-        if args.stop_at_kl and every_target_saved(args.save_at_kl, saved):
+        if args.stop_at_kl and ppo_setup.every_target_saved(args.save_at_kl, saved):
             break  # --stop-at-kl: a resumed run that had ended
         t0 = time.perf_counter()
         # all randomness of a step (sampling, minibatch order) is a function of (seed, rank, step)
         torch.manual_seed(args.seed + 1000 * rank + 1_000_003 * (step + 1))
-        prompt, prompt_mask = prompt_batch(prompts, step, rollout_per_rank, args.seed, rank, pad_id,
-                                           device)
+        prompt, prompt_mask = ppo_setup.prompt_batch(prompts, step, rollout_per_rank, args.seed,
+                                                     rank, pad_id, device)
         # 1-4. generate, score, per-token rewards, advantages and returns
         batch = rollout(models, prompt, prompt_mask, eos_ids, pad_id, args, kl_coef)
         stats = rollout_stats(batch)
         stats["kl_coef"] = kl_coef  # β of this rollout's rewards
         if args.save_at_kl:  # before this iteration's update: the policy that sampled the rollout
             kl_history.append(distributed.all_reduce_mean(stats["kl"], dist_info))
-            stats["kl_trailing"] = trailing_mean(kl_history, args.save_kl_window)
-            for target in targets_reached(args.save_at_kl, saved, stats["kl_trailing"]):
+            stats["kl_trailing"] = ppo_setup.trailing_mean(kl_history, args.save_kl_window)
+            for target in ppo_setup.targets_reached(args.save_at_kl, saved, stats["kl_trailing"]):
                 saved[f"{target:g}"] = {"iteration": step + 1, "trailing_kl": stats["kl_trailing"],
                                         "rollout_kl": kl_history[-1]}
-                save_snapshot(models, tokenizer, out, target, saved, master)
+                ppo_setup.save_snapshot(models.policy, tokenizer, out, target, saved, master)
         if args.log_gold:  # the lab's known reward (gold.py): logged, never seen by the optimiser
             scores = gold.score_responses(tokenizer, batch.response.cpu(),
                                           batch.response_mask.cpu(), lexicon=lexicon)
@@ -894,7 +721,7 @@ def main(argv=None, reward_fn=None):
                             f"vf {record['value_loss']:.3f} ev {record['explained_variance']:.2f}")
         done = step + 1
         # --stop-at-kl: the run ends after the iteration that took the last snapshot
-        ended = args.stop_at_kl and every_target_saved(args.save_at_kl, saved)
+        ended = args.stop_at_kl and ppo_setup.every_target_saved(args.save_at_kl, saved)
         run.save_if_due(done, done if ended else args.iterations)  # --save-every, --stop-after
         if ended:
             break

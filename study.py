@@ -459,7 +459,8 @@ def ppo_dir(args, seed, method, ppo_seed) -> Path:
 
 
 def snapshot_dir(args, seed, method, ppo_seed, target) -> Path:
-    return ppo_dir(args, seed, method, ppo_seed) / f"policy_kl{target:g}"  # ppo_token.snapshot_dir
+    # as plumbing.ppo_setup.snapshot_dir names it
+    return ppo_dir(args, seed, method, ppo_seed) / f"policy_kl{target:g}"
 
 
 def policy_name(method, ppo_seed, target=None) -> str:

@@ -10,7 +10,7 @@ calls them by their part's name (`checkpoint.save_checkpoint(...)`):
                     schedule, the trainers' run helper (start_run -> Run)
     hf_models.py    load_tokenizer, load_policy, load_score_model / save_score_model (the project's,
                     TRL's and OpenRLHF's formats), save_policy, save_hf, build_tiny, tokenizer
-                    checks (the models of one run must agree), disable_dropout
+                    checks (the models of one run must agree)
     distributed.py  DistInfo / setup_distributed (torchrun), wrap_model (DDP, or FSDP2 with --fsdp),
                     prepare_frozen, accumulate, clip_grad_norm, all-reduces, the FSDP2 section
     amp.py          --precision: autocast, the frozen models' dtype, compute_in_fp32
@@ -19,6 +19,10 @@ calls them by their part's name (`checkpoint.save_checkpoint(...)`):
                     FSDP), run_config, clean_stale_temp
     chat.py         one chat-completions client (label.py's reviser, eval.py's judge), the
                     append-only JSONL cache of their answers, one download (hh-rlhf)
+    gpt_judge.py    eval.py --judge openai: the judge's prompt, its verdicts, their cache
+    decode.py       how generate runs the policy: static KV cache, --compile, the FSDP stop
+    ppo_setup.py    ppo_token.py's set-up: loading the policy, reference and critic, the frozen
+                    models as callables, the prompts, the snapshots at KL targets
 """
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
 """Shared fixtures: the bundled pairs, and one tiny GPT-2 + BPE tokenizer built once per session."""
+import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -134,3 +136,18 @@ def assert_train_step_equals_one_pass(model, train_step, examples, args, pad_id,
                distributed.DistInfo(), pad_id)
     for got, want in zip(accumulated["grads"], expected):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+
+
+def write_random_labels(path, tokenizer, n=12, seed=0):
+    """label.py's format with random token ids (300 and up) and random labels, for runs that are
+    compared with each other and need not learn."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        row = {"id": f"pair{i}", "prompt": f"\n\nHuman: question {i}\n\nAssistant:",
+               "tokenizer": hf_models.tokenizer_fingerprint(tokenizer)}
+        for side in ("rejected", "revised"):
+            ids = [rng.randrange(300, len(tokenizer)) for _ in range(rng.randint(3, 12))]
+            row[f"{side}_ids"], row[f"{side}_labels"] = ids, [rng.choice((-1, 0, 1)) for _ in ids]
+        rows.append(row)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -17,7 +17,7 @@ import plumbing
 import ppo_token
 import redistribute
 import sft
-from plumbing import hf_models
+from plumbing import hf_models, ppo_setup
 
 
 def write_jsonl(path, rows, raw_lines=()):
@@ -218,7 +218,7 @@ def stage_pairs(seed: int, limit: list[str] = ()) -> dict[str, set[str]]:
     label_pairs, _, _ = label.select_pairs(label.parse_args(["--reviser", "chosen", *common_args]))
     rm_train, rm_eval = redistribute.select_pairs(
         redistribute.parse_args(["train", "--sft", "x", "--out", "x", *common_args]), quiet=True)
-    ppo_pairs = ppo_token.select_pairs(
+    ppo_pairs = ppo_setup.select_pairs(
         ppo_token.parse_args(
             ["--policy", "x", "--out", "x", "--reward", "seq", "--reward-model", "x", *common_args]
         ),
@@ -479,7 +479,7 @@ def test_every_stage_renders_a_chat_prompt_the_same_way(llama_dir, tmp_path):
                 "--data", str(data), "--split", "all", *flag,
             ]
         )
-        ppo_prompt = ppo_token.load_prompts(ppo_args, tokenizer, quiet=True)[0]
+        ppo_prompt = ppo_setup.load_prompts(ppo_args, tokenizer, quiet=True)[0]
         expected = (
             tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
             if template

@@ -25,7 +25,6 @@ property each:
     python -m pytest tests/test_fsdp.py        # ~1 min on 2 CPU cores
 """
 import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -49,7 +48,7 @@ import discriminator  # noqa: E402
 import ppo_token  # noqa: E402
 import redistribute  # noqa: E402
 import sft  # noqa: E402
-from conftest import run_torchrun  # noqa: E402
+from conftest import run_torchrun, write_random_labels  # noqa: E402
 from plumbing import checkpoint, decode, distributed, hf_models  # noqa: E402
 
 TOL = 1e-4
@@ -90,29 +89,23 @@ def stage_runs(work: Path, llama_dir: Path) -> dict[str, tuple[str, list[str]]]:
         "--lora-rank", "4", "--policy-lr", "1e-2", "--critic-lr", "1e-2",
         "--gradient-checkpointing",
     ]
+    def modes(prefix, stage, argv, kinds=("one", "ddp", "fsdp")):
+        """PREFIX_one and PREFIX_ddp run argv as it is (in one process, under torchrun),
+        PREFIX_fsdp adds --fsdp."""
+        return {f"{prefix}_{kind}": (stage, argv + ["--fsdp"] * (kind == "fsdp")) for kind in kinds}
+
     runs = {
-        "sft_one": ("sft", sft_args),
-        "sft_ddp": ("sft", sft_args),
-        "sft_fsdp": ("sft", sft_args + ["--fsdp"]),
-        "sft_lora_one": ("sft", sft_lora),
-        "sft_lora_ddp": ("sft", sft_lora),
-        "sft_lora_fsdp": ("sft", sft_lora + ["--fsdp"]),
+        **modes("sft", "sft", sft_args),
+        **modes("sft_lora", "sft", sft_lora),
         # then again without: resumes
         "sft_fsdp_cut": ("sft", sft_args + ["--fsdp", "--stop-after", "2"]),
         # resumed in one process, no --fsdp
         "sft_fsdp_stop": ("sft", sft_args + ["--fsdp", "--stop-after", "2"]),
-        "disc_one": ("discriminator", disc_args),
-        "disc_ddp": ("discriminator", disc_args),
-        "disc_fsdp": ("discriminator", disc_args + ["--fsdp"]),
-        "rm_one": ("redistribute", rm_args),
-        "rm_ddp": ("redistribute", rm_args),
-        "rm_fsdp": ("redistribute", rm_args + ["--fsdp"]),
-        "rm_lora_one": ("redistribute", rm_lora),
-        "rm_lora_fsdp": ("redistribute", rm_lora + ["--fsdp"]),
-        "ppo_ddp": ("ppo_token", ppo_args),
-        "ppo_fsdp": ("ppo_token", ppo_args + ["--fsdp"]),
-        "ppo_lora_ddp": ("ppo_token", ppo_lora),
-        "ppo_lora_fsdp": ("ppo_token", ppo_lora + ["--fsdp"]),
+        **modes("disc", "discriminator", disc_args),
+        **modes("rm", "redistribute", rm_args),
+        **modes("rm_lora", "redistribute", rm_lora, ("one", "fsdp")),
+        **modes("ppo", "ppo_token", ppo_args, ("ddp", "fsdp")),
+        **modes("ppo_lora", "ppo_token", ppo_lora, ("ddp", "fsdp")),
         "ppo_lora_fsdp_cut": ("ppo_token", ppo_lora + ["--fsdp", "--stop-after", "2"]),
     }
     # FSDP2's bf16 MixedPrecisionPolicy against DDP + autocast
@@ -350,26 +343,11 @@ def launched(work: Path):
 # ----------------------------------------------------------------------------------------------
 # The fixture: inputs, the one launch, the one-process runs
 # ----------------------------------------------------------------------------------------------
-def write_labels(path, tokenizer, n=20, seed=0):
-    """label.py's format with random token ids and labels (the runs compare, they need not
-    learn)."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        row = {"id": f"pair{i}", "prompt": f"\n\nHuman: question {i}\n\nAssistant:",
-               "tokenizer": hf_models.tokenizer_fingerprint(tokenizer)}
-        for side in ("rejected", "revised"):
-            ids = [rng.randrange(300, len(tokenizer)) for _ in range(rng.randint(3, 12))]
-            row[f"{side}_ids"], row[f"{side}_labels"] = ids, [rng.choice((-1, 0, 1)) for _ in ids]
-        rows.append(row)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
 @pytest.fixture(scope="module")
 def work(tmp_path_factory, llama_dir, tiny_tokenizer):
     work = tmp_path_factory.mktemp("fsdp")
     llama_tokenizer = hf_models.load_tokenizer(llama_dir)
-    write_labels(work / "labels.jsonl", llama_tokenizer)
+    write_random_labels(work / "labels.jsonl", llama_tokenizer, n=20)
     torch.manual_seed(1)
     # PPO's reward model, and its critic's start
     hf_models.save_score_model(hf_models.new_score_model(llama_dir, bias=False), llama_tokenizer,

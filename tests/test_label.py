@@ -54,15 +54,15 @@ def apply_ops(a, b, ops):
     return out
 
 
+def random_pairs(rng, n, alphabet, max_len):
+    """n pairs of token lists, each of 0 .. max_len tokens drawn from range(alphabet)."""
+    def tokens():
+        return [rng.randrange(alphabet) for _ in range(rng.randrange(max_len + 1))]
+    return [(tokens(), tokens()) for _ in range(n)]
+
+
 def test_levenshtein_against_brute_force():
-    rng = random.Random(0)
-    pairs = [
-        (
-            [rng.randrange(4) for _ in range(rng.randrange(9))],
-            [rng.randrange(4) for _ in range(rng.randrange(9))],
-        )
-        for _ in range(400)
-    ]
+    pairs = random_pairs(random.Random(0), 400, alphabet=4, max_len=8)
     batched = label.levenshtein_batch(pairs)  # one padded batch of mixed lengths
     for (a, b), (distance, ops) in zip(pairs, batched):
         assert distance == brute_distance(tuple(a), tuple(b))
@@ -124,14 +124,7 @@ def test_edit_labels_substitutions_count_on_both_sides():
 
 
 def test_align_all_with_workers_matches_one_process():
-    rng = random.Random(2)
-    pairs = [
-        (
-            [rng.randrange(9) for _ in range(rng.randrange(30))],
-            [rng.randrange(9) for _ in range(rng.randrange(30))],
-        )
-        for _ in range(60)
-    ]
+    pairs = random_pairs(random.Random(2), 60, alphabet=9, max_len=29)
     expected = [(d, *label.labels_from_ops(ops, len(a), len(b))) for (a, b), (d, ops)
                 in zip(pairs, (label.levenshtein(a, b) for a, b in pairs))]
     assert label.align_all(pairs, workers=1, progress=False) == expected

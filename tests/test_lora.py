@@ -31,7 +31,7 @@ import lora
 import ppo_token as ppo
 import redistribute
 import sft
-from plumbing import checkpoint, distributed, hf_models
+from plumbing import checkpoint, distributed, hf_models, ppo_setup
 
 torch.set_num_threads(1)
 VOCAB = 96
@@ -329,12 +329,7 @@ def test_gradient_checkpointing_gives_the_same_adapter_gradients():
         for _, layer in lora.lora_layers(model):
             torch.nn.init.normal_(layer.lora_B, std=0.1, generator=torch.Generator().manual_seed(3))
         if checkpointing:
-            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
-                model.activation_checkpointing_enable(
-                    activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                model.gradient_checkpointing_enable(
-                    gradient_checkpointing_kwargs={"use_reentrant": False})
+            hf_models.enable_gradient_checkpointing(model)
         model.train()
         logprobs(model, *batch()).mean().backward()
         grads.append(
@@ -432,7 +427,7 @@ def test_ppo_with_lora_reference_is_the_policy_with_adapters_off(policy_and_rm, 
     assert {n for n in trained_names(critic) if ".lora_" not in n} == {"head.weight"}
 
     tokenizer = hf_models.load_tokenizer(model_dir)
-    prompts = ppo.load_prompts(args, tokenizer, quiet=True)[:4]
+    prompts = ppo_setup.load_prompts(args, tokenizer, quiet=True)[:4]
     prompt, prompt_mask = common.pad_left(prompts, tokenizer.pad_token_id)
     eos_ids, pad_id = common.eos_token_ids(tokenizer, policy), tokenizer.pad_token_id
     base_policy = common.disable_dropout(hf_models.load_policy(model_dir)).eval()
@@ -499,7 +494,7 @@ def test_ppo_with_lora_saves_a_merged_policy_and_resumes_from_adapters(policy_an
     merged = AutoModelForCausalLM.from_pretrained(straight / "policy", dtype=torch.float32).eval()
     adapted = adapted_from_checkpoint(hf_models.load_policy(model_dir), straight, "policy")
     assert not any("lora" in k for k in merged.state_dict())
-    ids = torch.tensor([ppo.load_prompts(ppo.parse_args(ppo_argv(model_dir, rm_dir, "x")),
+    ids = torch.tensor([ppo_setup.load_prompts(ppo.parse_args(ppo_argv(model_dir, rm_dir, "x")),
                                          hf_models.load_tokenizer(model_dir), quiet=True)[0]])
     mask, response_mask = torch.ones_like(ids), torch.zeros_like(ids)
     response_mask[0, ids.shape[1] // 2:] = 1

@@ -12,7 +12,7 @@ import common
 import plumbing
 import ppo_token as ppo
 from conftest import run_torchrun
-from plumbing import checkpoint, distributed, hf_models
+from plumbing import checkpoint, distributed, hf_models, ppo_setup
 
 REPO = Path(__file__).resolve().parents[1]
 # toy vocabulary: a random policy gives EOS about 1/8 of the time, so lengths can move both ways
@@ -48,7 +48,8 @@ def as_models(policy, ref_policy, critic, reward_fn, args, optimizers=(None, Non
     """The record load_models builds, around hand-made models: the reference read as a frozen
     copy."""
     return ppo.Models(policy, critic, *optimizers,
-                      ppo.reference_logprobs_fn(policy, ref_policy, args.temperature), reward_fn)
+                      ppo_setup.reference_logprobs_fn(policy, ref_policy, args.temperature),
+                      reward_fn)
 
 
 # different lengths: left padding on every row but one
@@ -319,9 +320,8 @@ def test_cli_errors():
 def test_prompt_batches_per_rank_and_step():
     prompts = [[i] for i in range(10)]
     def ids(step, rank):
-        return ppo.prompt_batch(prompts, step, 4, seed=0, rank=rank, pad_id=0, device="cpu")[0][
-            :, 0
-        ].tolist()
+        batch = ppo_setup.prompt_batch(prompts, step, 4, seed=0, rank=rank, pad_id=0, device="cpu")
+        return batch[0][:, 0].tolist()
     # deterministic; ranks draw different prompts
     assert ids(0, 0) == ids(0, 0) and ids(0, 0) != ids(0, 1)
     # one epoch sees every prompt once
@@ -505,7 +505,7 @@ def test_llama_policy_runs_ppo_with_bos_and_stops_at_a_second_eos_id(llama_dir, 
     policy, tokenizer = hf_models.load_policy(llama_dir), hf_models.load_tokenizer(llama_dir)
     args = ppo.parse_args(["--policy", "p", "--out", "o", "--reward", "seq", "--reward-model", "r",
                            "--max-prompt-len", "24"])
-    prompts = ppo.load_prompts(args, tokenizer, quiet=True)[:16]
+    prompts = ppo_setup.load_prompts(args, tokenizer, quiet=True)[:16]
     assert all(
         ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
         for ids in prompts
@@ -619,15 +619,16 @@ def test_snapshots_are_the_policy_that_crossed_each_kl_target(model, tiny_dir, l
     run(out, 5, "--save-at-kl", f"{low!r}", f"{never!r}", "--save-kl-window", "1")
     assert [r["kl"] for r in log_of(out)] == pytest.approx(kls, rel=1e-5, abs=1e-7)  # no change
     first = next(i + 1 for i, kl in enumerate(kls) if kl >= low)  # the first iteration at ≥ low
-    saved = ppo.read_snapshots(out)
+    saved = ppo_setup.read_snapshots(out)
     assert set(saved) == {f"{low:g}"} and saved[f"{low:g}"]["iteration"] == first
     assert saved[f"{low:g}"]["rollout_kl"] == pytest.approx(kls[first - 1], rel=1e-5, abs=1e-7)
-    assert not ppo.snapshot_dir(out, never).exists()  # never reached: no snapshot
+    assert not ppo_setup.snapshot_dir(out, never).exists()  # never reached: no snapshot
     assert not list(out.glob(".save-*"))  # the temp folder was renamed, not left behind
     # the snapshot is the policy before iteration `first`'s update: a run of first − 1 iterations
     run(tmp_path / "before", first - 1)
-    assert weights_equal(ppo.snapshot_dir(out, low), tmp_path / "before" / "policy")
-    tokenizer = hf_models.load_tokenizer(ppo.snapshot_dir(out, low))  # a whole HF model folder
+    assert weights_equal(ppo_setup.snapshot_dir(out, low), tmp_path / "before" / "policy")
+    # a whole HF model folder
+    tokenizer = hf_models.load_tokenizer(ppo_setup.snapshot_dir(out, low))
     assert tokenizer.bos_token_id == hf_models.load_tokenizer(policy_dir).bos_token_id
     # --stop-at-kl: the run ends with the iteration that saved the last target
     stop = tmp_path / "stop"

@@ -18,7 +18,6 @@ of magnitude ~1-7 (a few roundings of the largest logit). Each test also checks 
 """
 
 import json
-import random
 
 import pytest
 import torch
@@ -30,6 +29,7 @@ import label
 import ppo_token as ppo
 import redistribute
 import sft
+from conftest import write_random_labels
 from plumbing import amp, distributed, hf_models
 
 BF16_RTOL = 2e-2  # a loss or a gradient norm: see the docstring
@@ -111,23 +111,6 @@ def test_frozen_bf16_model_computes_like_its_fp32_original(llama_dir):
 # ----------------------------------------------------------------------------------------------
 # One step of each training stage: bf16 against fp32
 # ----------------------------------------------------------------------------------------------
-def write_labels(path, tokenizer, n=12, seed=0):
-    """label.py's format, random token ids and labels (the runs compare, they need not learn)."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        row = {
-            "id": f"pair{i}",
-            "prompt": f"\n\nHuman: question {i}\n\nAssistant:",
-            "tokenizer": hf_models.tokenizer_fingerprint(tokenizer),
-        }
-        for side in ("rejected", "revised"):
-            ids = [rng.randrange(300, len(tokenizer)) for _ in range(rng.randint(3, 12))]
-            row[f"{side}_ids"], row[f"{side}_labels"] = ids, [rng.choice((-1, 0, 1)) for _ in ids]
-        rows.append(row)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
 def first_log_line(out):
     return json.loads((out / "log.jsonl").read_text().splitlines()[0])
 
@@ -142,7 +125,7 @@ def stage_argv(stage, model_dir, tmp_path):
             "--model", str(model_dir), "--limit", "40", "--eval-examples", "4", *common_args,
         ]
     if stage == "discriminator":
-        write_labels(tmp_path / "labels.jsonl", hf_models.load_tokenizer(model_dir))
+        write_random_labels(tmp_path / "labels.jsonl", hf_models.load_tokenizer(model_dir))
         return discriminator.main, [
             "train", "--sft", str(model_dir), "--labels", str(tmp_path / "labels.jsonl"),
             "--log-every", "1", "--eval-fraction", "0", *common_args,
