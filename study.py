@@ -39,7 +39,8 @@ The design (declared here, before any result; docs/lab.md, "The study"):
                     step-down adjustment over the whole family; "significant" means Holm p < alpha.
                     Every p is labelled raw or Holm. MDD: the minimal difference detectable with 80%
                     power by this design, (t_{1−α/2,n−1} + t_{0.8,n−1})·sd/√n (sd of the paired
-                    differences).
+                    differences); and the upstream seeds an interval of ±--half-width (0.03 gold)
+                    would need at that sd.
     secondary       the all-steps frontier: per run, gold against KL over every logged iteration
     endpoint        fitted by R(d) = d(α − β·log d), d = √KL (Gao et al. 2022; gold measured from
                     the SFT level g0, the mean gold of the first rollouts of all runs, at KL 0), a
@@ -178,6 +179,10 @@ def parse_args(argv=None):
                             "every target)")
     stats.add_argument("--power", type=float, default=0.8,
                        help="power of the minimal detectable difference (MDD) printed per test")
+    stats.add_argument("--half-width", type=float, default=0.03,
+                       help="the interval the design aims at: each primary test also prints the "
+                            "upstream seeds a (1 − alpha) interval this narrow would need at the "
+                            "sd of its paired differences")
     stats.add_argument("--kl-points", type=float, nargs="*", default=None,
                        help="exploratory: KL values at which the smoothed training log is read "
                             "(default: --kl-targets)")
@@ -366,11 +371,25 @@ def mdd(sd, n: int, alpha=0.05, power=0.8):
     return (t_quantile(1 - alpha / 2, n - 1) + t_quantile(power, n - 1)) * sd / math.sqrt(n)
 
 
-def compare(a, b, alpha=0.05, power=0.8) -> dict:
-    """paired_test of a − b plus the MDD; a group without values (n = 0 on either side, or fewer
-    than two pairs) is not tested: p None and the reason."""
+def seeds_for_half_width(sd, half_width: float, alpha=0.05):
+    """The fewest paired seeds n whose (1 − alpha) t-interval, t_{1−α/2, n−1}·sd/√n, is at most
+    half_width, at this sd of the paired differences (a planning figure: sd is itself estimated);
+    None without an sd."""
+    if sd is None or half_width <= 0:
+        return None
+    n = 2
+    while t_quantile(1 - alpha / 2, n - 1) * sd / math.sqrt(n) > half_width:
+        n += 1
+    return n
+
+
+def compare(a, b, alpha=0.05, power=0.8, half_width=0.03) -> dict:
+    """paired_test of a − b plus the MDD and the seeds a ±half_width interval would need; a group
+    without values (n = 0 on either side, or fewer than two pairs) is not tested: p None and the
+    reason."""
     test = paired_test(a, b, alpha)
     test["mdd"] = mdd(test["sd"], test["n"], alpha, power)
+    test["seeds_for_half_width"] = seeds_for_half_width(test["sd"], half_width, alpha)
     test["not_tested"] = None
     if test["n"] < 2:
         test.update(p=None, t=None, sign_flip_p=None,
@@ -804,7 +823,8 @@ def analyse(args, runs) -> dict:
             kl_gap = compare(a["heldout_kl"]["values"], b["heldout_kl"]["values"], args.alpha)
             primary["tests"].append({
                 "a": method, "b": BASELINE, "target": target,
-                **compare(a["gold"]["values"], b["gold"]["values"], args.alpha, args.power),
+                **compare(a["gold"]["values"], b["gold"]["values"], args.alpha, args.power,
+                          args.half_width),
                 "kl_diff": {"mean": kl_gap["mean_diff"], "ci": kl_gap["ci"]}})
             primary["sensitivity"].append({  # the snapshots as they are, at unmatched KL
                 "a": method, "b": BASELINE, "target": target,
@@ -964,10 +984,11 @@ def study_tables(args, study, runs) -> list[tuple[str, list[str], list[list[str]
         f"whole primary family ({len(prim['tests'])} tests: every method × every target); "
         f"significant: Holm p < {args.alpha:g}; MDD: the difference this design detects with "
         f"{args.power:.0%} power",
-        ["difference", "KL target", *TEST_HEAD, "held-out KL difference"],
+        ["difference", "KL target", *TEST_HEAD, "held-out KL difference",
+         f"seeds for ± {args.half_width:g}"],
         [[f"{t['a']} − {t['b']}", f"{t['target']:g}", *test_cells(t, args.alpha),
           fmt(t["kl_diff"]["mean"], "{:+.2f}") + fmt(t["kl_diff"]["ci"], " ± {:.2f}")
-          .replace("—", "")] for t in prim["tests"]]))
+          .replace("—", ""), fmt(t.get("seeds_for_half_width"), "{}")] for t in prim["tests"]]))
     tables.append((
         "SENSITIVITY (exploratory) — the same comparisons on the snapshots' own held-out gold, at "
         "their unmatched KL (the held-out KL difference above); p raw, not adjusted",
@@ -1057,9 +1078,9 @@ def study_markdown(args, study, runs) -> str:
         lines += ["", f"{title}:", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
     wall = study.get("wall_seconds")
-    lines += ["", f"Study wall time: {fmt(wall, '{:.0f} s')} (this invocation; plan "
-              f"{study['plan']['wall_seconds']} s). Accuracy per upstream seed (reward model "
-              "held-out pairs, discriminator held-out tokens): " + "; ".join(
+    lines += ["", f"Study wall time: {fmt(wall, '{:.0f} s')} (the invocation that ran the "
+              f"stages; plan {study['plan']['wall_seconds']} s). Accuracy per upstream seed "
+              "(reward model held-out pairs, discriminator held-out tokens): " + "; ".join(
                   f"{a['seed']}: {fmt(a['reward_model'], '{:.1%}')}, "
                   f"{fmt(a['discriminator'], '{:.1%}')}" for a in study["exploratory"]["accuracy"])]
     return "\n".join(lines) + "\n"
@@ -1188,9 +1209,13 @@ def main(argv=None):
         raise SystemExit(f"study.py: {len(missing)} stages not done in {args.out} (first: "
                          f"{missing[0]}); run without --report-only")
     runs = read_runs(args)
+    wall = round(time.time() - start)
+    if args.report_only:  # the run's own wall time and plan, as its last report recorded them
+        previous = read_json(Path(args.out) / "study.json") or {}
+        wall, plan = previous.get("wall_seconds"), previous.get("plan", plan)
+        args.jobs = plan["jobs"]
     study = {"plan": plan, **analyse(args, runs), "sft_gold": sft_gold(args),
-             "times": stage_times(args, stages),
-             "wall_seconds": None if args.report_only else round(time.time() - start)}
+             "times": stage_times(args, stages), "wall_seconds": wall}
     write_outputs(args, study, runs)
     return {**study, "runs": runs}
 

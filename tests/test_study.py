@@ -116,6 +116,16 @@ def test_holm_runs_over_the_whole_primary_family():
     assert tests[4]["p_holm"] is None
 
 
+def test_seeds_for_half_width_is_the_first_n_whose_interval_is_narrow_enough():
+    # sd 0.05, ±0.03: n = 13 gives t_{0.975,12}·0.05/√13 = 2.1788·0.01387 = 0.0302 > 0.03, n = 14
+    # gives 2.1604·0.05/√14 = 0.0289
+    assert study.seeds_for_half_width(0.05, 0.03) == 14
+    n = study.seeds_for_half_width(0.11, 0.03)
+    assert study.t_quantile(0.975, n - 1) * 0.11 / n**0.5 <= 0.03
+    assert study.t_quantile(0.975, n - 2) * 0.11 / (n - 1)**0.5 > 0.03
+    assert study.seeds_for_half_width(None, 0.03) is None
+
+
 def test_mdd_matches_a_hand_value():
     # n = 8: t_{0.975,7} = 2.3646, t_{0.8,7} = 0.8960 (t table); sd 0.05
     assert study.t_quantile(0.8, 7) == pytest.approx(0.8960, abs=1e-3)
