@@ -53,6 +53,9 @@ The design (declared here, before any result; docs/lab.md, "The study"):
                     harm, AUC safe, per-word r, per-reply r on held-out replies and on own samples).
                     Credit is compared between tlcr and red only: seq puts its whole reward on the
                     last token, so its credit is chance by construction and is never tested.
+                    With --ppo-seeds ≥ 2, where each primary difference varies: between PPO seeds
+                    of one upstream seed and between upstream seeds (variance_components), and the
+                    upstream seeds a ±--half-width interval would need with 1, 2 or 4 PPO seeds.
 
 Each stage is the command a student would type, printed and logged (OUT/logs/), and resumable: a
 stage with a marker in OUT/stages/ is done and not run again; an interrupted one resumes from its
@@ -871,6 +874,43 @@ def credit_values(args) -> dict:
     return table
 
 
+def variance_components(args, runs) -> list[dict]:
+    """Where a primary difference varies (a planning figure). With P ≥ 2 PPO seeds per upstream
+    seed, the difference d(u, p) = gold_at_target(method) − gold_at_target(seq) of upstream seed u
+    and PPO seed p (the same PPO seed: common random numbers) splits, as one-way random effects
+    (method of moments), into
+        s_w² = mean over u of the sample variance of d(u, ·) over p       (PPO seed, within)
+        s_b² = max(0, variance over u of the means d(u, ·) − s_w² / P)    (upstream seed, between)
+    A design of U upstream seeds × P' PPO seeds has paired differences of sd √(s_b² + s_w²/P'): the
+    U that a ±half_width interval needs is given for P' = 1, 2, 4. Upstream seeds missing a value
+    are left out (and counted); empty with one PPO seed."""
+    if args.ppo_seeds < 2:
+        return []
+    value = {(r["seed"], r["ppo_seed"], r["method"], key): cell.get("gold_at_target")
+             for r in runs for key, cell in r["targets"].items()}
+    rows = []
+    for target, method in itertools.product(args.kl_targets,
+                                            [m for m in args.methods if m != BASELINE]):
+        key, groups = f"{target:g}", []
+        for seed in args.seeds:
+            pairs = [(value.get((seed, p, method, key)), value.get((seed, p, BASELINE, key)))
+                     for p in range(args.ppo_seeds)]
+            if all(a is not None and b is not None for a, b in pairs):
+                groups.append([a - b for a, b in pairs])
+        row = {"a": method, "b": BASELINE, "target": target, "n": len(groups),
+               "sd_within": None, "sd_between": None, "seeds_needed": {}}
+        if len(groups) >= 2:
+            P = args.ppo_seeds
+            within = sum(mean_ci(g)["sd"] ** 2 for g in groups) / len(groups)  # s_w²
+            means = [sum(g) / P for g in groups]
+            between = max(0.0, mean_ci(means)["sd"] ** 2 - within / P)  # s_b²
+            row.update(sd_within=math.sqrt(within), sd_between=math.sqrt(between), seeds_needed={
+                str(k): seeds_for_half_width(math.sqrt(between + within / k), args.half_width,
+                                             args.alpha) for k in (1, 2, 4)})
+        rows.append(row)
+    return rows
+
+
 def exploratory(args, runs) -> dict:
     """The figures that decide nothing, each with its raw p: the old reading of the training log,
     and the token credit (tlcr − red only: seq's credit is constant by construction)."""
@@ -900,7 +940,8 @@ def exploratory(args, runs) -> dict:
         accuracy.append({"seed": seed, "reward_model": rm.get("accuracy"),
                          "discriminator": (results.get("discriminator_accuracy") or {})
                          .get("accuracy")})
-    return {"log_reading": log_reading, "credit": credit, "accuracy": accuracy}
+    return {"log_reading": log_reading, "credit": credit, "accuracy": accuracy,
+            "variance": variance_components(args, runs)}
 
 
 def stage_times(args, stages) -> dict:
@@ -1055,6 +1096,19 @@ def study_tables(args, study, runs) -> list[tuple[str, list[str], list[list[str]
         + ([["tlcr − red (p raw)"]
             + [raw_cell(credit[k]["tests"][0]) for k, _, _ in CREDIT_FIGURES]]
            if all(credit[k]["tests"] for k, _, _ in CREDIT_FIGURES) else [])))
+    if exp.get("variance"):
+        tables.append((
+            "EXPLORATORY — where each primary difference varies: between the PPO seeds of one "
+            "upstream seed (within) and between upstream seeds (between), one-way random effects; "
+            f"and the upstream seeds a ±{args.half_width:g} interval would need with 1, 2 or 4 PPO "
+            "seeds each (a planning figure: the sds are estimates)",
+            ["difference", "KL target", "upstream seeds", "sd within (PPO seed)",
+             "sd between (upstream seed)", "seeds, 1 PPO seed", "seeds, 2 PPO seeds",
+             "seeds, 4 PPO seeds"],
+            [[f"{v['a']} − {v['b']}", f"{v['target']:g}", str(v["n"]),
+              fmt(v["sd_within"], "{:.3f}"), fmt(v["sd_between"], "{:.3f}"),
+              *[fmt(v["seeds_needed"].get(k), "{}") for k in ("1", "2", "4")]]
+             for v in exp["variance"]]))
     times = study["times"]
     tables.append((
         f"Wall time per stage (measured, {args.jobs} jobs) against the plan (one thread, idle "

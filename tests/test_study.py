@@ -2,6 +2,7 @@
 the MDD), the gold-at-KL reading of hand-made curves, the frontier fit on synthetic data, and a
 smoke-size study of two upstream seeds end to end (resumed without running a stage twice)."""
 
+import argparse
 import json
 import sys
 
@@ -124,6 +125,31 @@ def test_seeds_for_half_width_is_the_first_n_whose_interval_is_narrow_enough():
     assert study.t_quantile(0.975, n - 1) * 0.11 / n**0.5 <= 0.03
     assert study.t_quantile(0.975, n - 2) * 0.11 / (n - 1)**0.5 > 0.03
     assert study.seeds_for_half_width(None, 0.03) is None
+
+
+def test_variance_components_split_ppo_seed_from_upstream_seed_noise():
+    # tlcr − seq = b_u + w_p: b = 0, 0.1, 0.2 over 3 upstream seeds, w = ±0.05 over 2 PPO seeds.
+    # s_w² = var(b + 0.05, b − 0.05) = 0.005; the means are b, var 0.01, so s_b² = 0.01 − 0.005/2
+    args = argparse.Namespace(ppo_seeds=2, kl_targets=[1.0], methods=["seq", "tlcr"],
+                              seeds=[0, 1, 2], half_width=0.03, alpha=0.05)
+    runs = [{"seed": u, "ppo_seed": p, "method": m,
+             "targets": {"1": {"gold_at_target": 0.3 + (b + w if m == "tlcr" else 0.0)}}}
+            for u, b in enumerate([0.0, 0.1, 0.2]) for p, w in enumerate([0.05, -0.05])
+            for m in ("seq", "tlcr")]
+    [row] = study.variance_components(args, runs)
+    assert (row["a"], row["b"], row["n"]) == ("tlcr", "seq", 3)
+    assert row["sd_within"] == pytest.approx(0.005 ** 0.5)
+    assert row["sd_between"] == pytest.approx(0.0075 ** 0.5)
+    # more PPO seeds per upstream seed shrink only the within part: fewer upstream seeds needed
+    needed = row["seeds_needed"]
+    assert needed["1"] == study.seeds_for_half_width((0.0075 + 0.005) ** 0.5, 0.03)
+    assert needed["4"] == study.seeds_for_half_width((0.0075 + 0.005 / 4) ** 0.5, 0.03)
+    assert needed["1"] > needed["2"] > needed["4"]
+    # an upstream seed without every value is left out; one PPO seed gives no split at all
+    runs[0]["targets"]["1"]["gold_at_target"] = None
+    assert study.variance_components(args, runs)[0]["n"] == 2
+    assert study.variance_components(argparse.Namespace(**{**vars(args), "ppo_seeds": 1}),
+                                     runs) == []
 
 
 def test_mdd_matches_a_hand_value():
