@@ -451,8 +451,12 @@ def test_ppo_under_fsdp_matches_ddp(work, lora):
     critic."""
     name = "ppo_lora" if lora else "ppo"
     assert_logs_match(work / f"{name}_fsdp", work / f"{name}_ddp")
+    # Adam moves a coordinate by up to lr a step whatever its gradient's size, so the reduction's
+    # rounding in a tiny gradient reaches the weights in proportion to lr: the LoRA run's lr is 10×
+    # the full run's (1e-2 against 1e-3), so is its tolerance (seen: 1.4e-4 on one machine, under
+    # 1e-4 on another; a wrong gradient moves a weight by ~lr = 1e-2)
     assert_weights_match(weights(work / f"{name}_fsdp" / "policy"),
-                         weights(work / f"{name}_ddp" / "policy"))
+                         weights(work / f"{name}_ddp" / "policy"), tol=TOL * (10 if lora else 1))
     log = read_log(work / f"{name}_fsdp")
     assert log[0]["kl"] == 0.0 and log[-1]["kl"] != 0.0
 
