@@ -58,7 +58,8 @@ The design (declared here, before any result; docs/lab.md, "The study"):
                     upstream seeds a ±--half-width interval would need with 1, 2 or 4 PPO seeds.
 
 Each stage is the command a student would type, printed and logged (OUT/logs/), and resumable: a
-stage with a marker in OUT/stages/ is done and not run again; an interrupted one resumes from its
+stage with a marker in OUT/stages/ is done and not run again (an eval, unless its policies changed:
+a study extended with more --ppo-seeds evaluates again); an interrupted one resumes from its
 checkpoint. --jobs stages run at once with cores / jobs threads each (SFT, which runs alone, gets
 every core). The plan (stage seconds × counts / jobs) is printed before anything runs, the measured
 wall time of every stage after.
@@ -626,7 +627,20 @@ def marker(args, stage: Stage) -> Path:
 
 
 def stage_done(args, stage: Stage) -> bool:
-    return marker(args, stage).exists()
+    """A marker, and for an eval the same policies as now: a study extended with --ppo-seeds or
+    --kl-targets evaluates its upstream seeds' snapshots again, the new ones with the old."""
+    info = read_json(marker(args, stage))
+    return info is not None and policy_names(info.get("argv", [])) in (
+        None, policy_names(stage.argv()))
+
+
+def policy_names(argv: list[str]):
+    """The names given to eval.py's --policies (name=path ...), None without the option."""
+    if "--policies" not in argv:
+        return None
+    names = itertools.takewhile(lambda word: not word.startswith("--"),
+                                argv[argv.index("--policies") + 1:])
+    return sorted(word.split("=", 1)[0] for word in names)
 
 
 def run_stage(args, stage: Stage) -> float:

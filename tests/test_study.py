@@ -291,6 +291,22 @@ def test_smoke_study_two_upstream_seeds_end_to_end_and_resumes(tmp_path, monkeyp
         study.main(argv + ["--seeds", "0", "2", "--report-only"])
 
 
+def test_an_eval_marker_is_done_only_for_the_same_policies(tmp_path):
+    """Extending a study with --ppo-seeds 2 keeps its PPO runs and upstream models but evaluates
+    again, since the eval's policies changed; the same design finds every marker done."""
+    out = str(tmp_path / "study")
+    one = study.parse_args(["--seeds", "0", "--out", out])
+    two = study.parse_args(["--seeds", "0", "--ppo-seeds", "2", "--out", out])
+    for stage in study.build_stages(one):  # as run_stage leaves them
+        study.marker(one, stage).parent.mkdir(parents=True, exist_ok=True)
+        study.marker(one, stage).write_text(json.dumps({"argv": stage.argv()}))
+    assert all(study.stage_done(one, s) for s in study.build_stages(one))
+    not_done = [s.name for s in study.build_stages(two) if not study.stage_done(two, s)]
+    assert not_done == ["up-0/ppo_seq_p1", "up-0/ppo_red_p1", "up-0/ppo_tlcr_p1", "up-0/eval"]
+    assert study.policy_names(["eval.py", "--policies", "b=x", "a=y", "--seed", "0"]) == ["a", "b"]
+    assert study.policy_names(["sft.py", "--out", "x"]) is None
+
+
 def test_time_plan_counts_the_design():
     args = study.parse_args(["--seeds", *map(str, range(8)), "--ppo-seeds", "2", "--jobs", "2"])
     plan = study.time_plan(args)["stages"]
