@@ -630,8 +630,10 @@ def stage_done(args, stage: Stage) -> bool:
     """A marker, and for an eval the same policies as now: a study extended with --ppo-seeds or
     --kl-targets evaluates its upstream seeds' snapshots again, the new ones with the old."""
     info = read_json(marker(args, stage))
-    return info is not None and policy_names(info.get("argv", [])) in (
-        None, policy_names(stage.argv()))
+    if info is None:
+        return False
+    recorded = policy_names(info.get("argv", []))
+    return recorded is None or recorded == policy_names(stage.argv())
 
 
 def policy_names(argv: list[str]):
