@@ -302,22 +302,21 @@ def prefix_tracking(model_dir, tokenizer, pairs):
 
 def test_prefix_pairs_teach_the_prefix_scores_red_reads(tiny_dir, tiny_tokenizer, splits, tmp_path):
     """Trained the same number of steps, the model with prefix pairs tracks gold(y≤t) along its
-    training replies much more closely than the one trained on whole replies only."""
+    training replies much more closely than the one trained on whole replies only. (70 steps: at 60
+    one machine gave prefix 0.496; measured there at 40/50/60/70 steps, whole 0.10/0.26/0.21/0.21
+    and prefix 0.51/0.53/0.50/0.53.)"""
     torch.set_num_threads(1)
     pairs, _ = gold.rank_pairs(splits["reward"])
     argv = [
         "train", "--sft", str(tiny_dir), "--preference", "gold", "--max-prompt-len", "32",
-        "--max-response-len", "24", "--max-steps", "60", "--batch-size", "16",
+        "--max-response-len", "24", "--max-steps", "70", "--batch-size", "16",
         "--micro-batch-size", "16", "--lr", "3e-3", "--device", "cpu",
     ]
     red.main(argv + ["--out", str(tmp_path / "whole")])
     red.main(argv + ["--out", str(tmp_path / "prefix"), "--prefix-pairs"])
     whole = prefix_tracking(tmp_path / "whole", tiny_tokenizer, pairs[:64])
     prefix = prefix_tracking(tmp_path / "prefix", tiny_tokenizer, pairs[:64])
-    # measured on one machine at 40/50/60/70 steps: whole 0.10/0.26/0.21/0.21, prefix 0.51/0.53/
-    # 0.50/0.53 (another machine passed prefix > 0.5 at 60 steps; this one gives 0.496): the gap
-    # is the property, the floor only says the prefix model tracks at all
-    assert prefix > 0.4 and prefix > whole + 0.2, (whole, prefix)
+    assert prefix > 0.5 and prefix > whole + 0.2, (whole, prefix)
 
 
 def test_prefix_pairs_need_gold_preferences(capsys):
