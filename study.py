@@ -2,16 +2,20 @@
 from the reference? Every method brought to the same KL targets, every run counted, the answer with
 a confidence interval, in under an hour on 2 CPU cores.
 
-The design (declared here, before any result; docs/lab.md, "The study"):
+The design (declared here, before any result; docs/lab.md, "The study"; revised on 2026-12-06
+from the first studies' variance, before the study on seeds 10-17: 8 × 2 seeds, the straight-line
+reading):
 
-    upstream seeds  --seeds U (default 0-9): each trains its own reward model (redistribute.py) and
+    upstream seeds  --seeds U (default 0-7): each trains its own reward model (redistribute.py) and
                     token discriminator (discriminator.py) with --seed U, from one SFT model and one
                     label file shared by all (sft.py --seed 0, label.py: the gold reviser is
                     deterministic). The upstream seed is the unit of replication: the models that
                     differ between methods are what varies between seeds.
     PPO runs        per upstream seed, per method (seq, red, tlcr) and per PPO seed P of
-                    --ppo-seeds (ppo_token.py --seed U + 1000·P: the same prompt order and sampling
-                    seeds for every method of a (U, P), common random numbers), fixed β = 0.1, until
+                    --ppo-seeds (default 2: the first studies' differences varied between PPO
+                    seeds, not between upstream seeds; ppo_token.py --seed U + 1000·P: the same
+                    prompt order and sampling seeds for every method of a (U, P), common random
+                    numbers), fixed β = 0.1, until
                     the rollouts' KL (trailing mean over 3 iterations) has reached every target of
                     --kl-targets (--save-at-kl, --stop-at-kl; --max-iterations caps the run). The
                     policy is saved whole where it first reaches each target. (ppo_token.py also
@@ -25,10 +29,13 @@ The design (declared here, before any result; docs/lab.md, "The study"):
                     and 0.85 for targets 0.5 and 1: the rollout KL that triggers a snapshot is a
                     mean over 48 replies of the RL split), so a run's value is its held-out
                     frontier read at exactly the target: the points (0, SFT gold) and (held-out KL,
-                    held-out gold) of its snapshots, fitted by R(d) below (with two snapshots, the
-                    curve through them; gold_at_target). The snapshots' own gold is reported beside
-                    it (a sensitivity check, raw p). An upstream seed's value is the mean over its
-                    PPO seeds.
+                    held-out gold) of its snapshots joined by straight lines in d = √KL, read
+                    between the two points around the target (gold_at_target); above the run's
+                    largest held-out KL, that snapshot's gold, never extrapolated (the run is
+                    listed as short of the target). Beside it, as sensitivity checks (raw p): the
+                    snapshots' own gold, and R(d) below fitted through the same points (the
+                    reading first declared; on the first studies its curvature added noise). An
+                    upstream seed's value is the mean over its PPO seeds.
                     A run that never reaches a target has no snapshot there: it is listed with the
                     KL it reached and its final policy's held-out gold and KL (never dropped
                     silently), and its upstream seed leaves the comparison at that target only if
@@ -49,8 +56,9 @@ The design (declared here, before any result; docs/lab.md, "The study"):
                     by its width), paired as above, Holm over its own 2 comparisons.
     exploratory     everything else, labelled so: the rollout gold read off the smoothed training
                     log at --kl-points (the old reading), and the token credit of each method's
-                    reward source (eval.py --gold on each method's policy at the last target: AUC
-                    harm, AUC safe, per-word r, per-reply r on held-out replies and on own samples).
+                    reward source (--credit: eval.py --gold on each method's policy at the last
+                    target: AUC harm, AUC safe, per-word r, per-reply r on held-out replies and on
+                    own samples).
                     Credit is compared between tlcr and red only: seq puts its whole reward on the
                     last token, so its credit is chance by construction and is never tested.
                     With --ppo-seeds ≥ 2, where each primary difference varies: between PPO seeds
@@ -66,7 +74,7 @@ wall time of every stage after.
 
     python study.py --jobs 2                             # the default design: runs/study/
     python study.py --plan-only                          # the time plan, nothing run
-    python study.py --seeds 0 1 2 3 4 5 6 7 --ppo-seeds 2 --jobs 2
+    python study.py --seeds 10 11 12 13 14 15 16 17 --lexicon data/lexicon-sentiment.json --jobs 2
     python study.py --size smoke --seeds 0 1 --out /tmp/study   # the test suite's size
     python study.py --report-only                        # tables and chart from the runs in --out
 """
@@ -80,6 +88,7 @@ import itertools
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -145,10 +154,10 @@ EXPECTED_ITERATIONS = {"smoke": 4, "demo": 22}
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=plumbing.HelpFormatter)
     run = parser.add_argument_group("design")
-    run.add_argument("--seeds", type=int, nargs="+", default=list(range(10)),
+    run.add_argument("--seeds", type=int, nargs="+", default=list(range(8)),
                      help="upstream seeds: each trains its own reward model and discriminator "
                           "(--seed U); the unit of the paired comparisons")
-    run.add_argument("--ppo-seeds", type=int, default=1,
+    run.add_argument("--ppo-seeds", type=int, default=2,
                      help="PPO runs per upstream seed and method (--seed U + 1000·P), averaged "
                           "within the upstream seed")
     run.add_argument("--size", default="demo", choices=sorted(PRESETS), help="stage presets")
@@ -165,9 +174,11 @@ def parse_args(argv=None):
     run.add_argument("--max-iterations", type=int, default=0,
                      help="PPO iterations a run may take to reach the last target (0: 90 at demo, "
                           "8 at smoke)")
-    run.add_argument("--credit", action=argparse.BooleanOptionalAction, default=True,
+    run.add_argument("--credit", action=argparse.BooleanOptionalAction, default=False,
                      help="also measure the token credit of every method (eval.py --gold on each "
-                          "method's policy at the last target, one reply a prompt); exploratory")
+                          "method's policy at the last target, one reply a prompt; 50 s a seed); "
+                          "exploratory, and off by default: it does not serve the policy "
+                          "comparison")
     system = parser.add_argument_group("running")
     system.add_argument("--jobs", type=int, default=1,
                         help="stages run at once; each gets cores / jobs threads (OMP_NUM_THREADS) "
@@ -378,10 +389,15 @@ def mdd(sd, n: int, alpha=0.05, power=0.8):
 def seeds_for_half_width(sd, half_width: float, alpha=0.05):
     """The fewest paired seeds n whose (1 − alpha) t-interval, t_{1−α/2, n−1}·sd/√n, is at most
     half_width, at this sd of the paired differences (a planning figure: sd is itself estimated);
-    None without an sd."""
-    if sd is None or half_width <= 0:
+    None without a finite sd. The search starts at the normal-quantile answer (z·sd/half_width)²,
+    a lower bound since t > z, so a huge sd (a degenerate fit) costs a few steps, not millions;
+    beyond 10⁵ seeds t ≈ z and that bound is the answer."""
+    if sd is None or not math.isfinite(sd) or half_width <= 0:
         return None
-    n = 2
+    z = statistics.NormalDist().inv_cdf(1 - alpha / 2)
+    n = max(2, math.ceil((z * sd / half_width) ** 2))
+    if n > 100_000:
+        return n
     while t_quantile(1 - alpha / 2, n - 1) * sd / math.sqrt(n) > half_width:
         n += 1
     return n
@@ -443,13 +459,44 @@ def frontier_mean_gain(alpha: float, beta: float, kl_max: float) -> float:
 
 
 def gold_at_target(points, g_sft: float, target: float):
-    """Held-out gold at exactly KL = target, read off one run's held-out frontier: its snapshots'
-    (held-out KL, held-out gold) points and the SFT model's (0, g_sft), fitted by R(d) above (two
-    snapshots: the curve through both; one distinct KL: R = α·d). A snapshot's held-out KL is not
-    the target (the rollout KL that triggered it is a mean over a few dozen replies), so reading
-    the curve at the target compares every method at the same KL. Snapshots whose held-out KL is
-    not above 0 (a tiny model that barely moved, k1 estimates below 0) leave no curve: their mean
-    gold is the value. None without a point."""
+    """Held-out gold at exactly KL = target (the primary reading), off one run's held-out frontier:
+    the SFT model's point (0, g_sft) and the run's snapshots (held-out KL, held-out gold), joined
+    by straight lines in d = √KL and read at d = √target between the two points around it.
+    Never extrapolated: above the run's largest held-out KL the reading is that snapshot's gold
+    (the run is listed as short of the target, short_of_target). Snapshots at one KL are averaged;
+    snapshots whose held-out KL is not above 0 (a tiny model that barely moved, k1 estimates below
+    0) leave no line: their mean gold is the value. None without a point.
+    Declared on 2026-12-06, before the study on upstream seeds 10-17; it replaces the reading of
+    R(d) fitted through the same points (gold_by_fit_at_target, kept as a sensitivity), whose
+    curvature, set by three points, added noise (docs/lab.md, "The reading")."""
+    points = [(k, g) for k, g in points if k is not None and g is not None]
+    if not points:
+        return None
+    golds_at = {}  # d > 0 → the snapshots' golds there
+    for k, g in points:
+        if k > 0:
+            golds_at.setdefault(math.sqrt(k), []).append(g)
+    if not golds_at:
+        return sum(g for _, g in points) / len(points)
+    line = [(0.0, g_sft)] + sorted((d, sum(gs) / len(gs)) for d, gs in golds_at.items())
+    d = math.sqrt(target)
+    for (d_lo, g_lo), (d_hi, g_hi) in zip(line, line[1:]):
+        if d <= d_hi:
+            return g_lo + (g_hi - g_lo) * (d - d_lo) / (d_hi - d_lo)
+    return line[-1][1]  # above the last snapshot: its gold, not a guess beyond it
+
+
+def short_of_target(points, target: float) -> bool:
+    """Whether a run's held-out KL stayed below the target at every snapshot: its primary value is
+    then read at its largest held-out KL (a finding listed per run, not a silent substitute)."""
+    kls = [k for k, _ in points if k is not None]
+    return bool(kls) and max(kls) < target
+
+
+def gold_by_fit_at_target(points, g_sft: float, target: float):
+    """The reading declared first (sensitivity since 2026-12-06): R(d) above fitted through
+    (0, g_sft) and the snapshots (two snapshots: the curve through both; one distinct KL:
+    R = α·d), read at the target. None without a point."""
     points = sorted({(k, g) for k, g in points if k is not None and g is not None})
     if not points:
         return None
@@ -788,6 +835,11 @@ def sft_gold(args):
     return (results["policies"].get("sft") or {}).get("gold_score")
 
 
+# the sensitivity readings of the primary comparisons: (name, figure in primary["values"])
+SENSITIVITY_READINGS = [("snapshot gold, unmatched KL", "snapshot_gold"),
+                        ("R(d) fit at the target (the first declared reading)", "fit_gold")]
+
+
 def per_seed_mean(args, runs, method, value: Callable[[dict], float | None]) -> list:
     """The mean over an upstream seed's PPO seeds of value(run) (None where no run has one)."""
     means = []
@@ -823,8 +875,10 @@ def analyse(args, runs) -> dict:
     for run in runs:  # the primary reading: held-out gold at exactly each target (gold_at_target)
         points = [(t["heldout_kl"], t["gold"]) for t in run["targets"].values() if t["reached"]]
         for key, cell in run["targets"].items():
-            cell["gold_at_target"] = gold_at_target(points, g_sft, float(key)) if (
-                cell["reached"] and g_sft is not None) else None
+            read = cell["reached"] and g_sft is not None
+            cell["gold_at_target"] = gold_at_target(points, g_sft, float(key)) if read else None
+            cell["gold_by_fit"] = gold_by_fit_at_target(points, g_sft, float(key)) if read else None
+            cell["short"] = read and short_of_target(points, float(key))
     primary = {"values": {}, "tests": [], "sensitivity": []}
     for target in args.kl_targets:
         key = f"{target:g}"
@@ -832,7 +886,7 @@ def analyse(args, runs) -> dict:
             def reached(field):
                 return lambda r: r["targets"][key][field] if r["targets"][key]["reached"] else None
             figures_of = {"gold": reached("gold_at_target"), "snapshot_gold": reached("gold"),
-                          "heldout_kl": reached("heldout_kl")}
+                          "fit_gold": reached("gold_by_fit"), "heldout_kl": reached("heldout_kl")}
             primary["values"][f"{method}@{key}"] = {
                 name: {**mean_ci(v, args.alpha), "values": v} for name, v in (
                     (name, per_seed_mean(args, runs, method, f))
@@ -845,11 +899,15 @@ def analyse(args, runs) -> dict:
                 **compare(a["gold"]["values"], b["gold"]["values"], args.alpha, args.power,
                           args.half_width),
                 "kl_diff": {"mean": kl_gap["mean_diff"], "ci": kl_gap["ci"]}})
-            primary["sensitivity"].append({  # the snapshots as they are, at unmatched KL
-                "a": method, "b": BASELINE, "target": target,
-                **compare(a["snapshot_gold"]["values"], b["snapshot_gold"]["values"], args.alpha,
-                          args.power)})
+            for reading, figure in SENSITIVITY_READINGS:  # other readings of the same snapshots
+                primary["sensitivity"].append({
+                    "a": method, "b": BASELINE, "target": target, "reading": reading,
+                    **compare(a[figure]["values"], b[figure]["values"], args.alpha, args.power)})
     adjust_family(primary["tests"], args.alpha)  # Holm over methods × targets
+    short = [{"seed": r["seed"], "ppo_seed": r["ppo_seed"], "method": r["method"],
+              "target": float(k), "heldout_kl": max(
+                  c["heldout_kl"] for c in r["targets"].values() if c["reached"])}
+             for r in runs for k, t in r["targets"].items() if t.get("short")]
     missed = [{"seed": r["seed"], "ppo_seed": r["ppo_seed"], "method": r["method"],
                "target": float(k), "max_trailing_kl": r["max_trailing_kl"],
                "iterations": r["iterations"], "final": r["final"]}
@@ -862,7 +920,7 @@ def analyse(args, runs) -> dict:
                  "tests": adjust_family([{"a": m, "b": BASELINE, **compare(
                      gains[m], gains[BASELINE], args.alpha, args.power)} for m in others],
                      args.alpha)}
-    return {"primary": primary, "missed": missed, "secondary": secondary,
+    return {"primary": primary, "missed": missed, "short": short, "secondary": secondary,
             "exploratory": exploratory(args, runs)}
 
 
@@ -1033,8 +1091,8 @@ def study_tables(args, study, runs) -> list[tuple[str, list[str], list[list[str]
         f"upstream seeds ({args.ppo_seeds} PPO seed(s) each, averaged within a seed), "
         f"{args.samples_per_prompt} replies × every test prompt, the same draws for every policy. "
         "Read at exactly the target on each run's held-out frontier (the SFT point and the run's "
-        "snapshots, fitted by R(d) = d(α − β·log d)); beside it the snapshots as they are, whose "
-        "held-out KL misses the target",
+        "snapshots joined by straight lines in √KL, never extrapolated); beside it the snapshots "
+        "as they are, whose held-out KL misses the target",
         head, rows))
     tables.append((
         f"PRIMARY COMPARISONS — paired over upstream seeds, two-sided paired t-test; Holm over the "
@@ -1047,11 +1105,13 @@ def study_tables(args, study, runs) -> list[tuple[str, list[str], list[list[str]
           fmt(t["kl_diff"]["mean"], "{:+.2f}") + fmt(t["kl_diff"]["ci"], " ± {:.2f}")
           .replace("—", ""), fmt(t.get("seeds_for_half_width"), "{}")] for t in prim["tests"]]))
     tables.append((
-        "SENSITIVITY (exploratory) — the same comparisons on the snapshots' own held-out gold, at "
-        "their unmatched KL (the held-out KL difference above); p raw, not adjusted",
-        ["difference", "KL target", "n seeds", "mean difference", "CI", "p (raw)"],
-        [[f"{t['a']} − {t['b']}", f"{t['target']:g}", *test_cells(t, args.alpha)[:3],
-          test_cells(t, args.alpha)[4]] for t in prim["sensitivity"]]))
+        "SENSITIVITY (exploratory) — the same comparisons on other readings of the same snapshots: "
+        "their own held-out gold, at their unmatched KL (the held-out KL difference above), and "
+        "R(d) fitted through them, read at the target; p raw, not adjusted",
+        ["difference", "KL target", "reading", "n seeds", "mean difference", "CI", "p (raw)"],
+        [[f"{t['a']} − {t['b']}", f"{t['target']:g}", t["reading"],
+          *test_cells(t, args.alpha)[:3], test_cells(t, args.alpha)[4]]
+         for t in prim["sensitivity"]]))
     per_run = []
     for r in runs:
         for t in args.kl_targets:
@@ -1065,6 +1125,12 @@ def study_tables(args, study, runs) -> list[tuple[str, list[str], list[list[str]
                    "rollouts' trailing KL first reached it)",
                    ["seed", "PPO seed", "method", "KL target", "held-out gold at the target",
                     "snapshot gold", "snapshot held-out KL", "iteration", "trailing KL"], per_run))
+    tables.append((
+        "Runs whose held-out KL stayed below a target at every snapshot (the primary value is read "
+        f"at the run's largest held-out KL, not extrapolated): {len(study['short'])}",
+        ["seed", "PPO seed", "method", "KL target", "largest snapshot held-out KL"],
+        [[str(m["seed"]), str(m["ppo_seed"]), m["method"], f"{m['target']:g}",
+          fmt(m["heldout_kl"], "{:.2f}")] for m in study["short"]]))
     tables.append((
         f"Runs that missed a target (within {args.max_iterations} iterations): "
         f"{len(study['missed'])}",

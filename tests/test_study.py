@@ -4,6 +4,7 @@ smoke-size study of two upstream seeds end to end (resumed without running a sta
 
 import argparse
 import json
+import math
 import sys
 
 import pytest
@@ -125,6 +126,12 @@ def test_seeds_for_half_width_is_the_first_n_whose_interval_is_narrow_enough():
     assert study.t_quantile(0.975, n - 1) * 0.11 / n**0.5 <= 0.03
     assert study.t_quantile(0.975, n - 2) * 0.11 / (n - 1)**0.5 > 0.03
     assert study.seeds_for_half_width(None, 0.03) is None
+    # a huge sd (a degenerate smoke-size fit) answers at once; it used to count up one n at a time
+    assert study.seeds_for_half_width(30.0, 0.03) == math.ceil((1.959964 * 1000) ** 2)
+    n = study.seeds_for_half_width(1.0, 0.03)  # 4,268 seeds: the t search still ends exactly
+    assert study.t_quantile(0.975, n - 1) / n**0.5 <= 0.03 < study.t_quantile(0.975, n - 2) / (
+        n - 1)**0.5
+    assert study.seeds_for_half_width(float("nan"), 0.03) is None
 
 
 def test_variance_components_split_ppo_seed_from_upstream_seed_noise():
@@ -190,18 +197,50 @@ def test_frontier_fit_recovers_known_alpha_beta():
     assert study.frontier_gain(alpha, beta, -0.01) == 0.0  # a negative k1 estimate: d = 0
 
 
-def test_gold_at_target_reads_the_held_out_frontier_at_exactly_the_target():
-    alpha, beta, g_sft = 0.2, -0.1, 0.09
-    curve = [(kl, g_sft + study.frontier_gain(alpha, beta, kl)) for kl in (0.62, 1.17)]
-    for target in (0.5, 1.0):  # two snapshots off the targets: the curve through them, at target
-        assert study.gold_at_target(curve, g_sft, target) == pytest.approx(
-            g_sft + study.frontier_gain(alpha, beta, target))
-    # the same snapshot saved for both targets (one distinct KL): R = α·d through it
-    assert study.gold_at_target([(0.81, 0.18), (0.81, 0.18)], 0.09, 0.25) == pytest.approx(
-        0.09 + 0.09 / 0.9 * 0.5)
+def test_gold_at_target_joins_the_held_out_points_by_straight_lines_in_sqrt_kl():
+    g_sft = 0.1
+    snapshots = [(0.64, 0.3), (1.44, 0.2)]  # d = 0.8 and 1.2
+    # between SFT (d 0) and the first snapshot: d 0.4 is halfway, so halfway between their golds
+    assert study.gold_at_target(snapshots, g_sft, 0.16) == pytest.approx(0.2)
+    # between the two snapshots: d 1 is halfway
+    assert study.gold_at_target(snapshots, g_sft, 1.0) == pytest.approx(0.25)
+    assert study.gold_at_target(snapshots, g_sft, 0.64) == pytest.approx(0.3)  # on a point
+    # above the last snapshot: its gold, never a line carried beyond it (which would give 0.15)
+    assert study.gold_at_target(snapshots, g_sft, 1.96) == pytest.approx(0.2)
+    assert study.short_of_target(snapshots, 1.96) and not study.short_of_target(snapshots, 1.0)
+    # the order of the points does not matter; the same snapshot saved for both targets counts once
+    assert study.gold_at_target(snapshots[::-1], g_sft, 1.0) == pytest.approx(0.25)
+    assert study.gold_at_target([(0.81, 0.19), (0.81, 0.19)], g_sft, 0.09) == pytest.approx(0.13)
+    # two snapshots at one KL with different gold: their mean
+    assert study.gold_at_target([(1.0, 0.2), (1.0, 0.4)], g_sft, 1.0) == pytest.approx(0.3)
     assert study.gold_at_target([(-0.01, 0.12)], 0.09, 0.5) == 0.12  # no KL above 0: as it is
     assert study.gold_at_target([], 0.09, 0.5) is None
     assert study.gold_at_target([(None, None)], 0.09, 0.5) is None
+    assert not study.short_of_target([(None, None)], 0.5)
+
+
+def test_the_straight_line_reading_is_steadier_than_the_fit_when_snapshots_crowd():
+    """Why the reading changed: two snapshots close in KL with a gold difference that is only eval
+    noise send the fitted R(d) far off between SFT and them; the straight lines stay between the
+    measured golds."""
+    g_sft, snapshots = 0.09, [(0.85, 0.17), (0.86, 0.20)]
+    line = study.gold_at_target(snapshots, g_sft, 0.5)
+    assert g_sft < line < 0.20
+    fit = study.gold_by_fit_at_target(snapshots, g_sft, 0.5)
+    assert fit < 0.0  # the curve through both bends far below every measured gold (−0.87)
+
+
+def test_gold_by_fit_at_target_reads_the_fitted_frontier_at_exactly_the_target():
+    alpha, beta, g_sft = 0.2, -0.1, 0.09
+    curve = [(kl, g_sft + study.frontier_gain(alpha, beta, kl)) for kl in (0.62, 1.17)]
+    for target in (0.5, 1.0):  # two snapshots off the targets: the curve through them, at target
+        assert study.gold_by_fit_at_target(curve, g_sft, target) == pytest.approx(
+            g_sft + study.frontier_gain(alpha, beta, target))
+    # the same snapshot saved for both targets (one distinct KL): R = α·d through it
+    assert study.gold_by_fit_at_target([(0.81, 0.18), (0.81, 0.18)], 0.09, 0.25) == pytest.approx(
+        0.09 + 0.09 / 0.9 * 0.5)
+    assert study.gold_by_fit_at_target([(-0.01, 0.12)], 0.09, 0.5) == 0.12
+    assert study.gold_by_fit_at_target([], 0.09, 0.5) is None
 
 
 def test_frontier_mean_gain_is_the_area_over_the_width():
@@ -223,7 +262,7 @@ def test_smoke_study_two_upstream_seeds_end_to_end_and_resumes(tmp_path, monkeyp
     # 1000: a target no smoke run reaches, so every run reports a miss there
     argv = ["--size", "smoke", "--seeds", "0", "1", "--methods", "seq", "tlcr", "--kl-targets",
             "0.02", "1000", "--max-iterations", "5", "--samples-per-prompt", "2", "--jobs", "2",
-            "--out", str(out)]
+            "--ppo-seeds", "1", "--credit", "--out", str(out)]
     result = study.main(argv)
     on_disk = json.loads((out / "study.json").read_text())
     assert on_disk["config"]["seeds"] == [0, 1] and on_disk["config"]["methods"] == ["seq", "tlcr"]
@@ -257,7 +296,8 @@ def test_smoke_study_two_upstream_seeds_end_to_end_and_resumes(tmp_path, monkeyp
             [(cell["heldout_kl"], cell["gold"])], on_disk["sft_gold"], 0.02))
     assert tlcr["gold"]["values"] == [
         r["targets"]["0.02"]["gold_at_target"] for r in runs if r["method"] == "tlcr"]
-    assert len(on_disk["primary"]["sensitivity"]) == 2
+    assert len(on_disk["primary"]["sensitivity"]) == 2 * 2  # 2 targets × 2 other readings
+    assert on_disk["short"] == [] or all(s["target"] == 0.02 for s in on_disk["short"])
     assert set(on_disk["times"]) == {"sft", "label", "sft_eval", "reward_model", "discriminator",
                                      "ppo", "eval", "credit"}
     sft_eval = json.loads((out / "sft_eval" / "results.json").read_text())
@@ -295,7 +335,7 @@ def test_an_eval_marker_is_done_only_for_the_same_policies(tmp_path):
     """Extending a study with --ppo-seeds 2 keeps its PPO runs and upstream models but evaluates
     again, since the eval's policies changed; the same design finds every marker done."""
     out = str(tmp_path / "study")
-    one = study.parse_args(["--seeds", "0", "--out", out])
+    one = study.parse_args(["--seeds", "0", "--ppo-seeds", "1", "--out", out])
     two = study.parse_args(["--seeds", "0", "--ppo-seeds", "2", "--out", out])
     for stage in study.build_stages(one):  # as run_stage leaves them
         study.marker(one, stage).parent.mkdir(parents=True, exist_ok=True)
