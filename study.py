@@ -12,15 +12,16 @@ reading):
                     deterministic). The upstream seed is the unit of replication: the models that
                     differ between methods are what varies between seeds.
     PPO runs        per upstream seed, per method (seq, red, tlcr) and per PPO seed P of
-                    --ppo-seeds (default 2: the first studies' differences varied between PPO
-                    seeds, not between upstream seeds; ppo_token.py --seed U + 1000·P: the same
-                    prompt order and sampling seeds for every method of a (U, P), common random
-                    numbers), fixed β = 0.1, until
-                    the rollouts' KL (trailing mean over 3 iterations) has reached every target of
-                    --kl-targets (--save-at-kl, --stop-at-kl; --max-iterations caps the run). The
-                    policy is saved whole where it first reaches each target. (ppo_token.py also
-                    has the adaptive KL controller, --kl-target; the study keeps β fixed, so every
-                    method optimises the papers' objective and one run reaches every target.)
+                    --ppo-seeds (default 2: on the first sentiment studies the differences varied
+                    between PPO seeds, not upstream seeds; on seeds 10-17 both mattered,
+                    docs/lab.md; ppo_token.py --seed U + 1000·P: the same prompt order and sampling
+                    seeds for every method of a (U, P), common random numbers), fixed β = 0.1,
+                    until the rollouts' KL (trailing mean over 3 iterations) has reached every
+                    target of --kl-targets (--save-at-kl, --stop-at-kl; --max-iterations caps the
+                    run). The policy is saved whole where it first reaches each target.
+                    (ppo_token.py also has the adaptive KL controller, --kl-target; the study keeps
+                    β fixed, so every method optimises the papers' objective and one run reaches
+                    every target.)
     primary         held-out gold at each KL target: eval.py --gold-only on the whole test
     endpoint        split (115 prompts), --samples-per-prompt K replies a prompt (4: 460 replies),
                     the same seed for every policy of the study (the same prompts and random
@@ -470,7 +471,7 @@ def gold_at_target(points, g_sft: float, target: float):
     0) leave no line: their mean gold is the value. None without a point.
     Declared on 2026-12-06, before the study on upstream seeds 10-17; it replaces the reading of
     R(d) fitted through the same points (gold_by_fit_at_target, kept as a sensitivity), whose
-    curvature, set by three points, added noise (docs/lab.md, "The reading")."""
+    curvature, set by three points, added noise (docs/lab.md, "The reading, revised")."""
     points = [(k, g) for k, g in points if k is not None and g is not None]
     if not points:
         return None
@@ -908,7 +909,8 @@ def analyse(args, runs) -> dict:
     adjust_family(primary["tests"], args.alpha)  # Holm over methods × targets
     short = [{"seed": r["seed"], "ppo_seed": r["ppo_seed"], "method": r["method"],
               "target": float(k), "heldout_kl": max(
-                  c["heldout_kl"] for c in r["targets"].values() if c["reached"])}
+                  c["heldout_kl"] for c in r["targets"].values()
+                  if c["reached"] and c["heldout_kl"] is not None)}
              for r in runs for k, t in r["targets"].items() if t.get("short")]
     missed = [{"seed": r["seed"], "ppo_seed": r["ppo_seed"], "method": r["method"],
                "target": float(k), "max_trailing_kl": r["max_trailing_kl"],
