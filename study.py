@@ -875,6 +875,7 @@ def analyse(args, runs) -> dict:
     others = [m for m in args.methods if m != BASELINE]
     g0 = add_frontiers(args, runs)
     g_sft = sft_gold(args)
+    short = []  # runs whose held-out KL stayed below a target: read at their largest held-out KL
     for run in runs:  # the primary reading: held-out gold at exactly each target (gold_at_target)
         points = [(t["heldout_kl"], t["gold"]) for t in run["targets"].values() if t["reached"]]
         for key, cell in run["targets"].items():
@@ -882,6 +883,10 @@ def analyse(args, runs) -> dict:
             cell["gold_at_target"] = gold_at_target(points, g_sft, float(key)) if read else None
             cell["gold_by_fit"] = gold_by_fit_at_target(points, g_sft, float(key)) if read else None
             cell["short"] = read and short_of_target(points, float(key))
+            if cell["short"]:
+                short.append({"seed": run["seed"], "ppo_seed": run["ppo_seed"],
+                              "method": run["method"], "target": float(key),
+                              "heldout_kl": max(k for k, _ in points if k is not None)})
     primary = {"values": {}, "tests": [], "sensitivity": []}
     for target in args.kl_targets:
         key = f"{target:g}"
@@ -907,11 +912,6 @@ def analyse(args, runs) -> dict:
                     "a": method, "b": BASELINE, "target": target, "reading": reading,
                     **compare(a[figure]["values"], b[figure]["values"], args.alpha, args.power)})
     adjust_family(primary["tests"], args.alpha)  # Holm over methods × targets
-    short = [{"seed": r["seed"], "ppo_seed": r["ppo_seed"], "method": r["method"],
-              "target": float(k), "heldout_kl": max(
-                  c["heldout_kl"] for c in r["targets"].values()
-                  if c["reached"] and c["heldout_kl"] is not None)}
-             for r in runs for k, t in r["targets"].items() if t.get("short")]
     missed = [{"seed": r["seed"], "ppo_seed": r["ppo_seed"], "method": r["method"],
                "target": float(k), "max_trailing_kl": r["max_trailing_kl"],
                "iterations": r["iterations"], "final": r["final"]}

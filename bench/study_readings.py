@@ -20,8 +20,6 @@ Nothing is trained or run; the figures come from the study.json's per-run record
 
 import argparse
 import json
-import math
-import statistics
 import sys
 from pathlib import Path
 
@@ -46,19 +44,14 @@ def run_value(run, key, reading, g_sft):
     return READINGS[reading](points, g_sft, float(key))
 
 
-def paired_differences(record, method, key, reading):
-    """The per-upstream-seed differences method − seq (PPO seeds averaged within a seed)."""
-    differences = []
-    for seed in record["config"]["seeds"]:
-        means = []
-        for name in (method, study.BASELINE):
-            values = [run_value(r, key, reading, record["sft_gold"]) for r in record["runs"]
-                      if r["seed"] == seed and r["method"] == name]
-            values = [v for v in values if v is not None]
-            means.append(statistics.fmean(values) if values else None)
-        if None not in means:
-            differences.append(means[0] - means[1])
-    return differences
+def comparison(record, method, key, reading) -> dict:
+    """study.paired_test of method − seq over the upstream seeds, PPO seeds averaged within one
+    (study.per_seed_mean), as study.py pairs them."""
+    seeds = argparse.Namespace(seeds=record["config"]["seeds"])
+    means = [study.per_seed_mean(seeds, record["runs"], name,
+                                 lambda r: run_value(r, key, reading, record["sft_gold"]))
+             for name in (method, study.BASELINE)]
+    return study.paired_test(*means)
 
 
 def main(argv=None):
@@ -79,14 +72,13 @@ def main(argv=None):
             for method in (m for m in config["methods"] if m != study.BASELINE):
                 cells = []
                 for reading in READINGS:
-                    diffs = paired_differences(record, method, key, reading)
-                    n = len(diffs)
-                    sd = statistics.stdev(diffs) if n > 1 else float("nan")
-                    half = study.t_quantile(0.975, n - 1) * sd / math.sqrt(n) if n > 1 else sd
-                    cells.append(f"{statistics.fmean(diffs):+.3f}, {sd:.3f}, ± {half:.3f} (n {n})")
+                    test = comparison(record, method, key, reading)
+                    cells.append(f"{study.fmt(test['mean_diff'], '{:+.3f}')}, "
+                                 f"{study.fmt(test['sd'], '{:.3f}')}, "
+                                 f"± {study.fmt(test['ci'], '{:.3f}')} (n {test['n']})")
                     table.append({"study": path, "difference": f"{method} − seq", "target": target,
-                                  "reading": reading, "n": n, "mean": statistics.fmean(diffs),
-                                  "sd": sd, "ci": half})
+                                  "reading": reading, "n": test["n"], "mean": test["mean_diff"],
+                                  "sd": test["sd"], "ci": test["ci"]})
                 print(f"  {method + ' − seq':<12}{key:>5}  " + "  ".join(f"{c:<28}" for c in cells))
     return table
 

@@ -6,10 +6,14 @@ import argparse
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 
 import study
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import study_readings  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------
@@ -318,6 +322,10 @@ def test_smoke_study_two_upstream_seeds_end_to_end_and_resumes(tmp_path, monkeyp
     svg = (out / "frontier.svg").read_text()
     assert svg.startswith("<svg") and svg.count("<polyline") >= 4 + 2  # each run's fit, each mean
     assert result["primary"]["tests"][0]["mean_diff"] == pytest.approx(tests[0]["mean_diff"])
+    # bench/study_readings.py recomputes the primary comparisons from study.json as study.py did
+    line = [r for r in study_readings.main([str(out / "study.json")]) if r["reading"] == "line"]
+    assert [(r["target"], r["n"], r["mean"]) for r in line] == [
+        (t["target"], t["n"], t["mean_diff"]) for t in tests]
 
     # resumable: every stage has its marker, a rerun runs nothing and gives the same tables
     def no_run(*args, **kwargs):
