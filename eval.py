@@ -58,6 +58,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 from pathlib import Path
 
 import torch
@@ -584,14 +585,19 @@ def main(argv=None):
         if args.gold:  # the lab's known reward, scored on the text of each response
             generated[name]["gold"] = [gold.gold_score(text, lexicon=args.gold_lexicon)
                                        for text in texts]
-            metrics[name]["gold_score"] = sum(generated[name]["gold"]) / len(texts)
+            golds = generated[name]["gold"]
+            metrics[name]["gold_score"] = sum(golds) / len(golds)
+            # its sampling error: sd / √n over the replies (the eval's share of a study's noise)
+            metrics[name]["gold_score_se"] = (statistics.stdev(golds) / math.sqrt(len(golds))
+                                              if len(golds) > 1 else None)
             if credit is not None:
                 credit["samples"][name] = credit_summary(replies, source_rewards)
         if policy is not reference:
             del policy
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        print(f"{name}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics[name].items()))
+        print(f"{name}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics[name].items()
+                                      if v is not None))
     # every response on disk before any judge is paid (a judge failure loses no generation)
     checkpoint.atomic_write(
         out / "responses.jsonl",

@@ -3,19 +3,21 @@ from the reference? Every method brought to the same KL targets, every run count
 a confidence interval, in under an hour on 2 CPU cores.
 
 The design (declared here, before any result; docs/lab.md, "The study"; revised on 2026-12-06
-from the first studies' variance, before the study on seeds 10-17: 8 × 2 seeds, the straight-line
-reading):
+from the first studies' variance, before the studies on seeds 10-17: 8 × 2 seeds, the straight-line
+reading; revised again on 2026-12-07 from those studies' variance, before the study on seeds 20-27:
+PPO seeds per method, 8 replies a prompt):
 
     upstream seeds  --seeds U (default 0-7): each trains its own reward model (redistribute.py) and
                     token discriminator (discriminator.py) with --seed U, from one SFT model and one
                     label file shared by all (sft.py --seed 0, label.py: the gold reviser is
                     deterministic). The upstream seed is the unit of replication: the models that
                     differ between methods are what varies between seeds.
-    PPO runs        per upstream seed, per method (seq, red, tlcr) and per PPO seed P of
-                    --ppo-seeds (default 2: on the first sentiment studies the differences varied
-                    between PPO seeds, not upstream seeds; on seeds 10-17 both mattered,
-                    docs/lab.md; ppo_token.py --seed U + 1000·P: the same prompt order and sampling
-                    seeds for every method of a (U, P), common random numbers), fixed β = 0.1,
+    PPO runs        per upstream seed, per method (seq, red, tlcr) and per PPO seed P of that
+                    method's --ppo-seeds (default seq 2, red 1, tlcr 4: on seeds 10-17 seq's and
+                    RED's runs of one upstream seed differed by no more than the eval's own
+                    sampling error, TLCR's by twice as much, docs/lab.md; ppo_token.py --seed
+                    U + 1000·P: the same prompt order and sampling seeds for every method of a
+                    (U, P), common random numbers), fixed β = 0.1,
                     until the rollouts' KL (trailing mean over 3 iterations) has reached every
                     target of --kl-targets (--save-at-kl, --stop-at-kl; --max-iterations caps the
                     run). The policy is saved whole where it first reaches each target.
@@ -23,7 +25,7 @@ reading):
                     β fixed, so every method optimises the papers' objective and one run reaches
                     every target.)
     primary         held-out gold at each KL target: eval.py --gold-only on the whole test
-    endpoint        split (115 prompts), --samples-per-prompt K replies a prompt (4: 460 replies),
+    endpoint        split (115 prompts), --samples-per-prompt K replies a prompt (8: 920 replies),
                     the same seed for every policy of the study (the same prompts and random
                     draws; the SFT model, one for all seeds, is scored once). A snapshot's held-out
                     KL misses its target (measured at demo size, seed 0: seq 0.62 and 1.17, red 0.53
@@ -62,9 +64,11 @@ reading):
                     own samples).
                     Credit is compared between tlcr and red only: seq puts its whole reward on the
                     last token, so its credit is chance by construction and is never tested.
-                    With --ppo-seeds ≥ 2, where each primary difference varies: between PPO seeds
-                    of one upstream seed and between upstream seeds (variance_components), and the
-                    upstream seeds a ±--half-width interval would need with 1, 2 or 4 PPO seeds.
+                    With ≥ 2 PPO seeds, where each primary difference varies: each method's spread
+                    between the PPO seeds of one upstream seed, the eval's sampling error inside
+                    it, the spread between upstream seeds (variance_components), and the upstream
+                    seeds a ±--half-width interval would need with this design's PPO seeds or with
+                    1, 2 or 4.
 
 Each stage is the command a student would type, printed and logged (OUT/logs/), and resumable: a
 stage with a marker in OUT/stages/ is done and not run again (an eval, unless its policies changed:
@@ -146,9 +150,15 @@ STAGE_SECONDS = {
     "demo": {"sft": 85, "label": 4, "reward_model": 68, "discriminator": 190, "ppo_start": 8,
              "ppo_iteration": 1.4, "eval_start": 8, "eval_policy": 10.7, "credit": 50},
 }
-# iterations to reach the last target, KL 1 (demo, the same study, measured means: seq 8.7,
-# red 8.6, tlcr 30.1 over 16 runs each)
-EXPECTED_ITERATIONS = {"smoke": 4, "demo": 16}
+# iterations to reach the last target, KL 1 (demo: the same study's means over 16 runs each, seq
+# 8.7, red 8.6, tlcr 30.1; on the default lexicon tlcr took 11.4, so the plan is an upper bound)
+EXPECTED_ITERATIONS = {"smoke": {"seq": 4, "red": 4, "tlcr": 4},
+                       "demo": {"seq": 9, "red": 9, "tlcr": 30}}
+# PPO seeds per upstream seed (the design's third revision, 2026-12-07, from the studies on seeds
+# 10-17; docs/lab.md): the held-out eval's own sampling error (sd 0.023-0.027 a policy at 4 replies
+# a prompt) was all of seq's and RED's spread between PPO seeds, while TLCR's was twice that: more
+# replies a prompt (8) serve every method, more PPO runs only TLCR.
+DEFAULT_PPO_SEEDS = {"seq": 2, "red": 1, "tlcr": 4}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,9 +170,13 @@ def parse_args(argv=None):
     run.add_argument("--seeds", type=int, nargs="+", default=list(range(8)),
                      help="upstream seeds: each trains its own reward model and discriminator "
                           "(--seed U); the unit of the paired comparisons")
-    run.add_argument("--ppo-seeds", type=int, default=2,
-                     help="PPO runs per upstream seed and method (--seed U + 1000·P), averaged "
-                          "within the upstream seed")
+    run.add_argument("--ppo-seeds", nargs="+", default=[f"{m}={n}" for m, n in
+                                                         DEFAULT_PPO_SEEDS.items()],
+                     metavar="[METHOD=]N",
+                     help="PPO runs per upstream seed (--seed U + 1000·P), averaged within the "
+                          "upstream seed: N for every method, METHOD=N for one (a method not "
+                          "named keeps its default); the default gives the noisiest method the "
+                          "most (docs/lab.md, the design's third revision)")
     run.add_argument("--size", default="demo", choices=sorted(PRESETS), help="stage presets")
     run.add_argument(
         "--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
@@ -170,7 +184,7 @@ def parse_args(argv=None):
     run.add_argument("--kl-targets", type=float, nargs="+", default=[0.5, 1.0],
                      help="KL to the reference at which every run is saved and scored (the primary "
                           "endpoint)")
-    run.add_argument("--samples-per-prompt", type=int, default=4,
+    run.add_argument("--samples-per-prompt", type=int, default=8,
                      help="held-out replies per test prompt and policy (eval.py "
                           "--samples-per-prompt)")
     gold.add_lexicon_arg(run)  # run_pipeline.sh LEXICON
@@ -211,7 +225,7 @@ def parse_args(argv=None):
     out.add_argument("--out", default="runs/study",
                      help="study folder: sft/, up-U/, stages/, logs/, study.*")
     args = parser.parse_args(argv)
-    plumbing.check_positive(parser, args, "jobs", "smooth", "ppo_seeds", "samples_per_prompt")
+    plumbing.check_positive(parser, args, "jobs", "smooth", "samples_per_prompt")
     if not 0 < args.alpha < 1 or not 0.5 < args.power < 1:
         parser.error(f"--alpha must be in (0, 1) and --power in (0.5, 1), got {args.alpha}, "
                      f"{args.power}")
@@ -222,12 +236,33 @@ def parse_args(argv=None):
     if any(kl <= 0 for kl in args.kl_targets):
         parser.error(f"--kl-targets must be > 0, got {args.kl_targets}")
     args.methods = list(dict.fromkeys(args.methods))
+    args.ppo_seeds = parse_ppo_seeds(parser, args.ppo_seeds, args.methods)
     args.kl_targets = sorted(set(args.kl_targets))
     args.kl_points = args.kl_targets if args.kl_points is None else args.kl_points
     args.max_iterations = args.max_iterations or {"smoke": 8, "demo": 90}[args.size]
     args.lexicon_id = gold.load_lexicon(args.lexicon).id  # a bad file stops here, before any run
     return args
 
+
+
+def parse_ppo_seeds(parser, words: list[str], methods: list[str]) -> dict[str, int]:
+    """--ppo-seeds words → {method: PPO seeds}: the defaults, then a bare N for every method, then
+    METHOD=N for one."""
+    counts = {m: DEFAULT_PPO_SEEDS.get(m, 1) for m in methods}
+    for word in sorted(words, key=lambda w: "=" in w):  # the bare N first: METHOD=N wins
+        method, _, number = word.rpartition("=")
+        if method and method not in METHODS or not number.isdigit() or int(number) < 1:
+            parser.error(f"--ppo-seeds: expected N or METHOD=N with N ≥ 1 and METHOD one of "
+                         f"{', '.join(METHODS)}, got {word!r}")
+        for m in ([method] if method else methods):
+            if m in counts:
+                counts[m] = int(number)
+    return counts
+
+
+def ppo_design(args) -> str:
+    """The PPO seeds per method in words: "seq 2, red 1, tlcr 4 PPO seeds"."""
+    return ", ".join(f"{m} {args.ppo_seeds[m]}" for m in args.methods) + " PPO seeds"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -596,8 +631,8 @@ def build_stages(args) -> list[Stage]:
                 str(up / "discriminator"), *preset["discriminator"].split()), ["labels"]),
         ]
         runs = []
-        for ppo_seed in range(args.ppo_seeds):
-            for method in args.methods:
+        for ppo_seed in range(max(args.ppo_seeds.values())):
+            for method in (m for m in args.methods if ppo_seed < args.ppo_seeds[m]):
                 name = f"up-{seed}/ppo_{method}_p{ppo_seed}"
                 runs.append(name)
                 stages.append(Stage(name, "ppo", fixed(
@@ -622,8 +657,8 @@ def eval_policies(args, seed) -> dict:
     run that missed a target (its KL and gold are reported beside the miss). The SFT model is the
     same for every seed: it is scored once, by the stage sft_eval."""
     policies = {}
-    for ppo_seed in range(args.ppo_seeds):
-        for method in args.methods:
+    for ppo_seed in range(max(args.ppo_seeds.values())):
+        for method in (m for m in args.methods if ppo_seed < args.ppo_seeds[m]):
             missed = False
             for target in args.kl_targets:
                 path = snapshot_dir(args, seed, method, ppo_seed, target)
@@ -751,9 +786,10 @@ def time_plan(args) -> dict:
     """Per stage kind: count, seconds each (one thread, idle machine), core-seconds; and the wall
     time: SFT alone (on every core: counted at one core's time, an upper bound), the rest / jobs."""
     s, u = STAGE_SECONDS[args.size], len(args.seeds)
-    runs = u * len(args.methods) * args.ppo_seeds
-    policies = len(args.methods) * args.ppo_seeds * len(args.kl_targets)
-    per_ppo = s["ppo_start"] + s["ppo_iteration"] * EXPECTED_ITERATIONS[args.size]
+    runs_per_seed = sum(args.ppo_seeds[m] for m in args.methods)
+    runs, policies = u * runs_per_seed, runs_per_seed * len(args.kl_targets)
+    per_ppo = s["ppo_start"] + s["ppo_iteration"] * sum(  # the mean over the runs
+        args.ppo_seeds[m] * EXPECTED_ITERATIONS[args.size][m] for m in args.methods) / runs_per_seed
     per_eval = s["eval_start"] + s["eval_policy"] * policies * args.samples_per_prompt / 4
     sft_eval = s["eval_start"] + s["eval_policy"] * args.samples_per_prompt / 4
     kinds = {
@@ -775,7 +811,7 @@ def time_plan(args) -> dict:
 
 def plan_text(args, plan) -> str:
     lines = [f"design: {len(args.seeds)} upstream seeds ({', '.join(map(str, args.seeds))}) × "
-             f"{args.ppo_seeds} PPO seed(s) × methods {', '.join(args.methods)}; KL targets "
+             f"{ppo_design(args)}; KL targets "
              f"{', '.join(f'{t:g}' for t in args.kl_targets)}; {args.samples_per_prompt} held-out "
              f"replies a test prompt; SIZE={args.size}", "time plan (one thread a stage, idle "
              "machine; PPO at the expected iterations):"]
@@ -805,8 +841,8 @@ def read_runs(args) -> list[dict]:
     runs = []
     for seed in args.seeds:
         results = read_json(up_dir(args, seed) / "eval" / "results.json") or {"policies": {}}
-        for ppo_seed in range(args.ppo_seeds):
-            for method in args.methods:
+        for ppo_seed in range(max(args.ppo_seeds.values())):
+            for method in (m for m in args.methods if ppo_seed < args.ppo_seeds[m]):
                 folder = ppo_dir(args, seed, method, ppo_seed)
                 log = run_log(args, seed, method, ppo_seed)
                 saved = read_json(folder / "snapshots.json") or {}
@@ -823,6 +859,7 @@ def read_runs(args) -> list[dict]:
                         "iteration": snap and snap["iteration"],
                         "trailing_kl": snap and snap["trailing_kl"],
                         "gold": policy.get("gold_score"),
+                        "gold_se": policy.get("gold_score_se"),  # the eval's sampling error
                         "heldout_kl": policy.get("kl"),
                     }
                 final = results["policies"].get(policy_name(method, ppo_seed))
@@ -953,38 +990,53 @@ def credit_values(args) -> dict:
 
 
 def variance_components(args, runs) -> list[dict]:
-    """Where a primary difference varies (a planning figure). With P ≥ 2 PPO seeds per upstream
-    seed, the difference d(u, p) = gold_at_target(method) − gold_at_target(seq) of upstream seed u
-    and PPO seed p (the same PPO seed: common random numbers) splits, as one-way random effects
-    (method of moments), into
-        s_w² = mean over u of the sample variance of d(u, ·) over p       (PPO seed, within)
-        s_b² = max(0, variance over u of the means d(u, ·) − s_w² / P)    (upstream seed, between)
-    A design of U upstream seeds × P' PPO seeds has paired differences of sd √(s_b² + s_w²/P'): the
-    U that a ±half_width interval needs is given for P' = 1, 2, 4. Upstream seeds missing a value
-    are left out (and counted); empty with one PPO seed."""
-    if args.ppo_seeds < 2:
+    """Where a primary difference varies (a planning figure). Per method m with P_m ≥ 2 PPO seeds,
+    the spread of its runs' gold_at_target within an upstream seed,
+        s_m² = mean over u of the sample variance of g_m(u, ·) over its PPO seeds   (within)
+    and the mean sampling error of its snapshots' held-out gold (eval_se: part of s_m). The
+    difference of the upstream seed's means, D(u) = mean g_a(u, ·) − mean g_seq(u, ·), then splits
+    (one-way random effects, method of moments, the methods' PPO runs taken as independent) into
+        s_b² = max(0, variance over u of D(u) − s_a²/P_a − s_seq²/P_seq)      (upstream seed)
+    A design of U upstream seeds × P'_a, P'_seq PPO seeds has paired differences of sd
+    √(s_b² + s_a²/P'_a + s_seq²/P'_seq): the U that a ±half_width interval needs is given for
+    this design and for P' = 1, 2, 4 for both. Upstream seeds missing a value are left out (and
+    counted); a comparison with a one-PPO-seed method has no split; none at all without any."""
+    if max(args.ppo_seeds.values()) < 2:
         return []
     value = {(r["seed"], r["ppo_seed"], r["method"], key): cell.get("gold_at_target")
              for r in runs for key, cell in r["targets"].items()}
+    eval_se = {(r["method"], key): [] for r in runs for key in r["targets"]}
+    for r in runs:
+        for key, cell in r["targets"].items():
+            if cell.get("gold_se") is not None:
+                eval_se[(r["method"], key)].append(cell["gold_se"])
     rows = []
     for target, method in itertools.product(args.kl_targets,
                                             [m for m in args.methods if m != BASELINE]):
-        key, groups = f"{target:g}", []
+        key, pair = f"{target:g}", (method, BASELINE)
+        groups = []  # per upstream seed: (method's values, baseline's values)
         for seed in args.seeds:
-            pairs = [(value.get((seed, p, method, key)), value.get((seed, p, BASELINE, key)))
-                     for p in range(args.ppo_seeds)]
-            if all(a is not None and b is not None for a, b in pairs):
-                groups.append([a - b for a, b in pairs])
+            group = tuple([value.get((seed, p, m, key)) for p in range(args.ppo_seeds[m])]
+                          for m in pair)
+            if all(v is not None for values in group for v in values):
+                groups.append(group)
         row = {"a": method, "b": BASELINE, "target": target, "n": len(groups),
-               "sd_within": None, "sd_between": None, "seeds_needed": {}}
-        if len(groups) >= 2:
-            P = args.ppo_seeds
-            within = sum(mean_ci(g)["sd"] ** 2 for g in groups) / len(groups)  # s_w²
-            means = [sum(g) / P for g in groups]
-            between = max(0.0, mean_ci(means)["sd"] ** 2 - within / P)  # s_b²
-            row.update(sd_within=math.sqrt(within), sd_between=math.sqrt(between), seeds_needed={
-                str(k): seeds_for_half_width(math.sqrt(between + within / k), args.half_width,
-                                             args.alpha) for k in (1, 2, 4)})
+               "ppo_seeds": [args.ppo_seeds[m] for m in pair], "sd_within": [None, None],
+               "eval_se": [statistics.fmean(eval_se[(m, key)]) if eval_se.get((m, key)) else None
+                           for m in pair], "sd_between": None, "seeds_needed": {}}
+        if len(groups) >= 2 and min(row["ppo_seeds"]) >= 2:
+            within = [sum(mean_ci(g[i])["sd"] ** 2 for g in groups) / len(groups)  # s_a², s_seq²
+                      for i in range(2)]
+            differences = [statistics.fmean(a) - statistics.fmean(b) for a, b in groups]
+            between = max(0.0, mean_ci(differences)["sd"] ** 2 - sum(
+                w / p for w, p in zip(within, row["ppo_seeds"])))  # s_b²
+
+            def needed(p_a, p_b):
+                return seeds_for_half_width(math.sqrt(between + within[0] / p_a + within[1] / p_b),
+                                            args.half_width, args.alpha)
+            row.update(sd_within=[math.sqrt(w) for w in within], sd_between=math.sqrt(between),
+                       seeds_needed={"design": needed(*row["ppo_seeds"]),
+                                     **{str(k): needed(k, k) for k in (1, 2, 4)}})
         rows.append(row)
     return rows
 
@@ -1092,7 +1144,7 @@ def study_tables(args, study, runs) -> list[tuple[str, list[str], list[list[str]
         rows.append(row)
     tables.append((
         f"PRIMARY ENDPOINT — held-out gold at each KL target: mean ± {level} t-interval over {n} "
-        f"upstream seeds ({args.ppo_seeds} PPO seed(s) each, averaged within a seed), "
+        f"upstream seeds ({ppo_design(args)} each, averaged within a seed), "
         f"{args.samples_per_prompt} replies × every test prompt, the same draws for every policy. "
         "Read at exactly the target on each run's held-out frontier (the SFT point and the run's "
         "snapshots joined by straight lines in √KL, never extrapolated); beside it the snapshots "
@@ -1184,16 +1236,22 @@ def study_tables(args, study, runs) -> list[tuple[str, list[str], list[list[str]
            if all(credit[k]["tests"] for k, _, _ in CREDIT_FIGURES) else [])))
     if exp.get("variance"):
         tables.append((
-            "EXPLORATORY — where each primary difference varies: between the PPO seeds of one "
-            "upstream seed (within) and between upstream seeds (between), one-way random effects; "
-            f"and the upstream seeds a ±{args.half_width:g} interval would need with 1, 2 or 4 PPO "
-            "seeds each (a planning figure: the sds are estimates)",
-            ["difference", "KL target", "upstream seeds", "sd within (PPO seed)",
-             "sd between (upstream seed)", "seeds, 1 PPO seed", "seeds, 2 PPO seeds",
+            "EXPLORATORY — where each primary difference varies: each method's spread between the "
+            "PPO seeds of one upstream seed (within; the eval's own sampling error of a snapshot "
+            "beside it, part of it) and the difference's spread between upstream seeds (between), "
+            f"one-way random effects; and the upstream seeds a ±{args.half_width:g} interval would "
+            "need with this design's PPO seeds, or 1, 2 or 4 for both methods (a planning figure: "
+            "the sds are estimates)",
+            ["difference", "KL target", "upstream seeds", "PPO seeds (a, seq)",
+             "sd within (a, seq)", "eval se (a, seq)", "sd between (upstream seed)",
+             "seeds, this design", "seeds, 1 PPO seed", "seeds, 2 PPO seeds",
              "seeds, 4 PPO seeds"],
             [[f"{v['a']} − {v['b']}", f"{v['target']:g}", str(v["n"]),
-              fmt(v["sd_within"], "{:.3f}"), fmt(v["sd_between"], "{:.3f}"),
-              *[fmt(v["seeds_needed"].get(k), "{}") for k in ("1", "2", "4")]]
+              " / ".join(map(str, v["ppo_seeds"])),
+              " / ".join(fmt(x, "{:.3f}") for x in v["sd_within"]),
+              " / ".join(fmt(x, "{:.3f}") for x in v["eval_se"]),
+              fmt(v["sd_between"], "{:.3f}"),
+              *[fmt(v["seeds_needed"].get(k), "{}") for k in ("design", "1", "2", "4")]]
              for v in exp["variance"]]))
     times = study["times"]
     tables.append((
@@ -1210,8 +1268,8 @@ def study_tables(args, study, runs) -> list[tuple[str, list[str], list[list[str]
 
 
 def study_markdown(args, study, runs) -> str:
-    lines = [f"# Study: {len(args.seeds)} upstream seeds × {args.ppo_seeds} PPO seed(s), "
-             f"methods {', '.join(args.methods)} (SIZE={args.size})", "",
+    lines = [f"# Study: {len(args.seeds)} upstream seeds × {ppo_design(args)} "
+             f"(SIZE={args.size})", "",
              "Design declared in study.py's docstring before any result. Primary endpoint: "
              "held-out gold at each KL target; p-values labelled raw or Holm."]
     for title, head, rows in study_tables(args, study, runs):
@@ -1254,7 +1312,7 @@ def frontier_svg(args, study, runs, width=560, height=330) -> str:
     y1 = y1 if y1 > y0 else y0 + 1e-3
     left, bottom = 56, 74
     parts, sx, sy = report.chart_frame(
-        f"gold against KL: {len(args.seeds)} upstream seeds × {args.ppo_seeds} PPO seed(s)",
+        f"gold against KL: {len(args.seeds)} upstream seeds × {ppo_design(args)}",
         (0.0, max(xs)), (y0, y1), width, height, (left, 22, 24, bottom), "KL")
     for k, method in enumerate(args.methods):
         colour = report.PALETTE[k % len(report.PALETTE)]
@@ -1295,7 +1353,7 @@ def frontier_svg(args, study, runs, width=560, height=330) -> str:
 
 def study_html(args, study, runs, svg) -> str:
     tables = study_tables(args, study, runs)
-    body = [f"<h1>Study: {len(args.seeds)} upstream seeds × {args.ppo_seeds} PPO seed(s)</h1>",
+    body = [f"<h1>Study: {len(args.seeds)} upstream seeds × {ppo_design(args)}</h1>",
             "<p>Design declared in study.py before any result. The decision table first; "
             "p-values labelled raw or Holm; exploratory figures last.</p>"]
     body += [f"<h3>{html.escape(t)}</h3>" + report.html_table(h, r) for t, h, r in tables[:4]]

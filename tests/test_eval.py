@@ -4,6 +4,7 @@ import json
 import math
 import re
 import shutil
+import statistics
 from collections import Counter
 from html.parser import HTMLParser
 
@@ -688,6 +689,8 @@ def test_gold_only_samples_k_replies_per_prompt_with_common_random_numbers(
         assert [r["prompt"] for r in mine] == [p for p in prompts for _ in range(3)]
         assert fast["policies"][name]["gold_score"] == pytest.approx(
             sum(r["gold_score"] for r in mine) / 12)
+        assert fast["policies"][name]["gold_score_se"] == pytest.approx(
+            statistics.stdev(r["gold_score"] for r in mine) / 12**0.5)
     assert [r["response"] for r in rows if r["policy"] == "sft"] == [
         r["response"] for r in rows if r["policy"] == "copy"]  # common random numbers
     assert len({r["response"] for r in rows if r["policy"] == "sft"}) > 4  # K different replies

@@ -140,27 +140,71 @@ def test_seeds_for_half_width_is_the_first_n_whose_interval_is_narrow_enough():
 
 def test_variance_components_split_ppo_seed_from_upstream_seed_noise():
     # tlcr − seq = b_u + w_p: b = 0, 0.1, 0.2 over 3 upstream seeds, w = ±0.05 over 2 PPO seeds.
-    # s_w² = var(b + 0.05, b − 0.05) = 0.005; the means are b, var 0.01, so s_b² = 0.01 − 0.005/2
-    args = argparse.Namespace(ppo_seeds=2, kl_targets=[1.0], methods=["seq", "tlcr"],
-                              seeds=[0, 1, 2], half_width=0.03, alpha=0.05)
+    # s_tlcr² = var(b + 0.05, b − 0.05) = 0.005, s_seq² = 0; the means are b, var 0.01, so
+    # s_b² = 0.01 − 0.005/2
+    args = argparse.Namespace(ppo_seeds={"seq": 2, "tlcr": 2}, kl_targets=[1.0],
+                              methods=["seq", "tlcr"], seeds=[0, 1, 2], half_width=0.03,
+                              alpha=0.05)
     runs = [{"seed": u, "ppo_seed": p, "method": m,
-             "targets": {"1": {"gold_at_target": 0.3 + (b + w if m == "tlcr" else 0.0)}}}
+             "targets": {"1": {"gold_at_target": 0.3 + (b + w if m == "tlcr" else 0.0),
+                               "gold_se": 0.02 if m == "tlcr" else 0.01}}}
             for u, b in enumerate([0.0, 0.1, 0.2]) for p, w in enumerate([0.05, -0.05])
             for m in ("seq", "tlcr")]
     [row] = study.variance_components(args, runs)
-    assert (row["a"], row["b"], row["n"]) == ("tlcr", "seq", 3)
-    assert row["sd_within"] == pytest.approx(0.005 ** 0.5)
+    assert (row["a"], row["b"], row["n"], row["ppo_seeds"]) == ("tlcr", "seq", 3, [2, 2])
+    assert row["sd_within"] == pytest.approx([0.005 ** 0.5, 0.0])
     assert row["sd_between"] == pytest.approx(0.0075 ** 0.5)
+    assert row["eval_se"] == pytest.approx([0.02, 0.01])
     # more PPO seeds per upstream seed shrink only the within part: fewer upstream seeds needed
     needed = row["seeds_needed"]
     assert needed["1"] == study.seeds_for_half_width((0.0075 + 0.005) ** 0.5, 0.03)
     assert needed["4"] == study.seeds_for_half_width((0.0075 + 0.005 / 4) ** 0.5, 0.03)
-    assert needed["1"] > needed["2"] > needed["4"]
+    assert needed["design"] == needed["2"] and needed["1"] > needed["2"] > needed["4"]
     # an upstream seed without every value is left out; one PPO seed gives no split at all
     runs[0]["targets"]["1"]["gold_at_target"] = None
     assert study.variance_components(args, runs)[0]["n"] == 2
-    assert study.variance_components(argparse.Namespace(**{**vars(args), "ppo_seeds": 1}),
-                                     runs) == []
+    assert study.variance_components(
+        argparse.Namespace(**{**vars(args), "ppo_seeds": {"seq": 1, "tlcr": 1}}), runs) == []
+
+
+def test_variance_components_with_unequal_ppo_seeds():
+    # tlcr with 4 PPO seeds (w = ±0.1, ±0.1: s² = 0.04/3), seq with 2 (w = ±0.02: s² = 0.0008);
+    # D(u) = b_u (0, 0.1, 0.2, 0.3: var 1/60); s_b² = 1/60 − (0.04/3)/4 − 0.0008/2
+    args = argparse.Namespace(ppo_seeds={"seq": 2, "red": 1, "tlcr": 4}, kl_targets=[1.0],
+                              methods=["seq", "red", "tlcr"], seeds=[0, 1, 2, 3],
+                              half_width=0.03, alpha=0.05)
+    spread = {"tlcr": [0.1, -0.1, 0.1, -0.1], "seq": [0.02, -0.02], "red": [0.0]}
+    runs = [{"seed": u, "ppo_seed": p, "method": m,
+             "targets": {"1": {"gold_at_target": 0.3 + w + (b if m == "tlcr" else 0.0)}}}
+            for u, b in enumerate([0.0, 0.1, 0.2, 0.3]) for m, ws in spread.items()
+            for p, w in enumerate(ws)]
+    red, tlcr = study.variance_components(args, runs)
+    assert red["ppo_seeds"] == [1, 2] and red["sd_between"] is None and red["seeds_needed"] == {}
+    assert tlcr["sd_within"] == pytest.approx([(0.04 / 3) ** 0.5, 0.0008 ** 0.5])
+    between = 1 / 60 - (0.04 / 3) / 4 - 0.0008 / 2
+    assert tlcr["sd_between"] == pytest.approx(between ** 0.5)
+    assert tlcr["seeds_needed"]["design"] == study.seeds_for_half_width(
+        (between + (0.04 / 3) / 4 + 0.0008 / 2) ** 0.5, 0.03)
+    assert tlcr["eval_se"] == [None, None]  # no sampling error recorded: none made up
+
+
+def test_ppo_seeds_per_method():
+    args = study.parse_args([])
+    assert args.ppo_seeds == study.DEFAULT_PPO_SEEDS == {"seq": 2, "red": 1, "tlcr": 4}
+    assert study.parse_args(["--ppo-seeds", "3"]).ppo_seeds == {"seq": 3, "red": 3, "tlcr": 3}
+    assert study.parse_args(["--ppo-seeds", "tlcr=5", "2"]).ppo_seeds == {
+        "seq": 2, "red": 2, "tlcr": 5}  # METHOD=N wins over N, whatever the order
+    assert study.parse_args(["--methods", "seq", "tlcr", "--ppo-seeds", "red=3"]).ppo_seeds == {
+        "seq": 2, "tlcr": 4}  # a method not compared is ignored
+    for bad in (["--ppo-seeds", "0"], ["--ppo-seeds", "ppo=2"], ["--ppo-seeds", "tlcr=x"]):
+        with pytest.raises(SystemExit):
+            study.parse_args(bad)
+    stages = [s.name for s in study.build_stages(study.parse_args(["--seeds", "0"]))
+              if s.kind == "ppo"]
+    assert stages == ["up-0/ppo_seq_p0", "up-0/ppo_red_p0", "up-0/ppo_tlcr_p0",
+                      "up-0/ppo_seq_p1", "up-0/ppo_tlcr_p1", "up-0/ppo_tlcr_p2",
+                      "up-0/ppo_tlcr_p3"]
+    assert study.ppo_design(args) == "seq 2, red 1, tlcr 4 PPO seeds"
 
 
 def test_mdd_matches_a_hand_value():
@@ -365,13 +409,22 @@ def test_an_eval_marker_is_done_only_for_the_same_policies(tmp_path):
 
 
 def test_time_plan_counts_the_design():
-    args = study.parse_args(["--seeds", *map(str, range(8)), "--ppo-seeds", "2", "--jobs", "2"])
+    args = study.parse_args(["--seeds", *map(str, range(8)), "--ppo-seeds", "2", "--jobs", "2",
+                             "--samples-per-prompt", "4"])
     plan = study.time_plan(args)["stages"]
     assert plan["ppo"]["count"] == 8 * 3 * 2 and plan["discriminator"]["count"] == 8
     assert plan["sft"]["count"] == 1 and plan["eval"]["count"] == 8
     seconds = study.STAGE_SECONDS["demo"]
     assert plan["eval"]["seconds_each"] == pytest.approx(
         seconds["eval_start"] + seconds["eval_policy"] * 3 * 2 * 2, abs=0.1)
+    # the default: 7 runs a seed (seq 2, red 1, tlcr 4), 8 replies a prompt (twice the eval time)
+    plan = study.time_plan(study.parse_args(["--jobs", "2"]))["stages"]
+    iterations = study.EXPECTED_ITERATIONS["demo"]
+    assert plan["ppo"]["count"] == 8 * 7 and plan["eval"]["seconds_each"] == pytest.approx(
+        seconds["eval_start"] + seconds["eval_policy"] * 7 * 2 * 2, abs=0.1)
+    assert plan["ppo"]["seconds_each"] == pytest.approx(seconds["ppo_start"] + seconds[
+        "ppo_iteration"] * (2 * iterations["seq"] + iterations["red"] + 4 * iterations["tlcr"]) / 7,
+        abs=0.1)
     assert study.main(["--plan-only", "--seeds", "0", "1"]) == {"plan": study.time_plan(
         study.parse_args(["--seeds", "0", "1"]))}
 
