@@ -93,6 +93,19 @@ def wall_minutes(config, iterations, design, seeds) -> float:
     return (s["sft"] + s["label"] + rest / 2) / 60  # --jobs 2
 
 
+def half_width(row, design, k0, seeds) -> float | None:
+    """The projected 95% half-width of a variance_components row's difference under design
+    (P_seq, P_red, P_tlcr, K) with `seeds` upstream seeds; None without the split."""
+    if row["sd_between"] is None or None in row["eval_se"]:
+        return None
+    p = {"seq": design[0], "red": design[1], "tlcr": design[2]}
+    variance = row["sd_between"] ** 2
+    for method, s_m, e_m in zip((row["a"], row["b"]), row["sd_within"], row["eval_se"]):
+        own = max(0.0, s_m ** 2 - e_m ** 2)  # p_m²: the PPO run's part
+        variance += (own + e_m ** 2 * k0 / design[3]) / p[method]
+    return study.t_quantile(0.975, seeds - 1) * math.sqrt(variance / seeds)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -126,23 +139,15 @@ def main(argv=None):
           "at --jobs 2 (plan, measured iterations):")
     head = "  ".join(f"{row['a']}−seq@{row['target']:g}" for row in rows)
     print(f"{'P seq, red, tlcr; K':<22}{'minutes':>8}  {head}")
-    t = study.t_quantile(0.975, args.seeds - 1)
+    projections = []
     for design in DESIGNS:
-        cells = []
-        for row in rows:
-            if row["sd_between"] is None or None in row["eval_se"]:
-                cells.append(f"{'—':>{len(row['a']) + 9}}")
-                continue
-            p = {"seq": design[0], "red": design[1], "tlcr": design[2]}
-            variance = row["sd_between"] ** 2
-            for method, s_m, e_m in zip((row["a"], "seq"), row["sd_within"], row["eval_se"]):
-                own = max(0.0, s_m ** 2 - e_m ** 2)  # p_m²
-                variance += (own + e_m ** 2 * k0 / design[3]) / p[method]
-            cells.append(f"{t * math.sqrt(variance / args.seeds):>{len(row['a']) + 9}.3f}")
+        widths = [half_width(row, design, k0, args.seeds) for row in rows]
+        minutes = wall_minutes(config, iterations, design, args.seeds)
+        projections.append({"design": design, "minutes": minutes, "half_widths": widths})
         label = f"{design[0]}, {design[1]}, {design[2]}; {design[3]}"
-        print(f"{label:<22}{wall_minutes(config, iterations, design, args.seeds):>8.1f}  "
-              + "  ".join(cells))
-
+        print(f"{label:<22}{minutes:>8.1f}  " + "  ".join(
+            f"{study.fmt(w, '{:.3f}'):>{len(row['a']) + 9}}" for row, w in zip(rows, widths)))
+    return {"components": rows, "crn_r": r_crn, "projections": projections}
 
 if __name__ == "__main__":
     main()

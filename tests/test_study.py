@@ -5,6 +5,7 @@ smoke-size study of two upstream seeds end to end (resumed without running a sta
 import argparse
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 import study
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import study_design  # noqa: E402
 import study_readings  # noqa: E402
 
 
@@ -186,6 +188,42 @@ def test_variance_components_with_unequal_ppo_seeds():
     assert tlcr["seeds_needed"]["design"] == study.seeds_for_half_width(
         (between + (0.04 / 3) / 4 + 0.0008 / 2) ** 0.5, 0.03)
     assert tlcr["eval_se"] == [None, None]  # no sampling error recorded: none made up
+
+
+def test_study_design_projects_the_half_width_from_the_three_parts(tmp_path, capsys):
+    # tlcr = 0.3 + b_u ± 0.1 (s² 0.02), seq = 0.3 ± 0.01 (s² 0.0002) over 2 PPO seeds, b_u = 0,
+    # 0.1, 0.2, 0.3 (var 1/60); a study from before gold_score_se: the eval's error from its replies
+    replies = {"seq": [1, 0, 0, -1, 2, 0, 1, 0] * 40, "tlcr": [2, 1, 0, 0, 1, 1, 0, 3] * 40}
+    runs = []
+    for u, b in enumerate([0.0, 0.1, 0.2, 0.3]):
+        rows = []
+        for p, sign in enumerate([1, -1]):
+            for m, value in (("tlcr", 0.3 + b + 0.1 * sign), ("seq", 0.3 + 0.01 * sign)):
+                runs.append({"seed": u, "ppo_seed": p, "method": m, "iterations": 10 if m == "seq"
+                             else 20, "targets": {"1": {"reached": True, "gold_at_target": value}}})
+                rows += [{"policy": f"{m}-p{p}-kl1", "gold_score": g} for g in replies[m]]
+        (tmp_path / f"up-{u}" / "eval").mkdir(parents=True)
+        (tmp_path / f"up-{u}" / "eval" / "responses.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in rows))
+    config = {"seeds": [0, 1, 2, 3], "methods": ["seq", "tlcr"], "ppo_seeds": 2, "size": "demo",
+              "kl_targets": [1.0], "samples_per_prompt": 4}
+    (tmp_path / "study.json").write_text(json.dumps({"config": config, "runs": runs}))
+    result = study_design.main([str(tmp_path)])
+    [row] = result["components"]
+    e = {m: statistics.stdev(v) / math.sqrt(len(v)) for m, v in replies.items()}
+    assert row["eval_se"] == pytest.approx([e["tlcr"], e["seq"]])
+    assert row["sd_within"] == pytest.approx([0.02 ** 0.5, 0.0002 ** 0.5])
+    between = 1 / 60 - 0.02 / 2 - 0.0002 / 2
+    assert row["sd_between"] == pytest.approx(between ** 0.5)
+    assert result["crn_r"] == pytest.approx(statistics.correlation(replies["seq"], replies["tlcr"]))
+    # the revised default (seq 2, tlcr 4, K 8): the eval's part halves, the PPO run's is its own
+    design = next(p for p in result["projections"] if p["design"] == (2, 1, 4, 8))
+    assert e["seq"] ** 2 > 0.0002 > 0 and 0.02 > e["tlcr"] ** 2  # seq's spread: all the eval's
+    variance = (between + (0.02 - e["tlcr"] ** 2 + e["tlcr"] ** 2 / 2) / 4
+                + (0.0 + e["seq"] ** 2 / 2) / 2)
+    assert design["half_widths"] == [pytest.approx(study.t_quantile(0.975, 7) * math.sqrt(
+        variance / 8))]
+    assert "tlcr−seq@1" in capsys.readouterr().out
 
 
 def test_ppo_seeds_per_method():
