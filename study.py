@@ -142,13 +142,14 @@ PRESETS = {
 }
 # Seconds of each stage on an idle 2-core machine, two stages at once at one thread each (--jobs 2;
 # SFT alone, both threads); ppo is per iteration plus the start, eval per policy (at
-# --samples-per-prompt 4) plus the start. demo: measured in the sentiment study on seeds 10-17,
-# 2026-12-06 (docs/lab.md; credit: one thread, an earlier study).
+# --samples-per-prompt 4, scaled by K / 4) plus the start. demo: measured in the sentiment study on
+# seeds 10-17, 2026-12-06 (docs/lab.md; credit: one thread, an earlier study), but eval_policy,
+# measured at K = 8 in the harm study on seeds 20-27 (24.4 s a policy; 10.7 at K = 4 before).
 STAGE_SECONDS = {
     "smoke": {"sft": 5, "label": 3, "reward_model": 5, "discriminator": 5, "ppo_start": 5,
               "ppo_iteration": 0.2, "eval_start": 5, "eval_policy": 0.5, "credit": 8},
     "demo": {"sft": 85, "label": 4, "reward_model": 68, "discriminator": 190, "ppo_start": 8,
-             "ppo_iteration": 1.4, "eval_start": 8, "eval_policy": 10.7, "credit": 50},
+             "ppo_iteration": 1.4, "eval_start": 8, "eval_policy": 12.2, "credit": 50},
 }
 # iterations to reach the last target, KL 1 (demo: the same study's means over 16 runs each, seq
 # 8.7, red 8.6, tlcr 30.1; on the default lexicon tlcr took 11.4, so the plan is an upper bound)

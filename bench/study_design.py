@@ -132,7 +132,7 @@ def main(argv=None):
     print(f"\n{'difference':<11}{'KL':>4}  {'s_a':>6}{'e_a':>7}{'s_seq':>7}{'e_seq':>7}{'s_b':>7}")
     for row in rows:
         print(f"{row['a'] + ' − seq':<11}{row['target']:>4g}  "
-              + "".join(study.fmt(x, "{:>7.3f}") for x in (*row["sd_within"][:1],
+              + "".join(f"{study.fmt(x, '{:.3f}'):>7}" for x in (*row["sd_within"][:1],
                         row["eval_se"][0], row["sd_within"][1], row["eval_se"][1],
                         row["sd_between"])))
     print(f"\nprojected 95% half-width at {args.seeds} upstream seeds (computed), and wall time "
