@@ -261,6 +261,13 @@ def parse_ppo_seeds(parser, words: list[str], methods: list[str]) -> dict[str, i
     return counts
 
 
+def config_ppo_seeds(config: dict) -> dict[str, int]:
+    """A study.json config's PPO seeds per method (one count for every method in the studies made
+    before 2026-12-07)."""
+    counts = config["ppo_seeds"]
+    return dict(counts) if isinstance(counts, dict) else {m: counts for m in config["methods"]}
+
+
 def ppo_design(args) -> str:
     """The PPO seeds per method in words: "seq 2, red 1, tlcr 4 PPO seeds"."""
     return ", ".join(f"{m} {args.ppo_seeds[m]}" for m in args.methods) + " PPO seeds"
@@ -783,14 +790,16 @@ def run_stages(args, stages: list[Stage]):
 # ----------------------------------------------------------------------------------------------
 # 5. The time plan: stage seconds × counts / jobs, before anything runs
 # ----------------------------------------------------------------------------------------------
-def time_plan(args) -> dict:
+def time_plan(args, iterations: dict | None = None) -> dict:
     """Per stage kind: count, seconds each (one thread, idle machine), core-seconds; and the wall
-    time: SFT alone (on every core: counted at one core's time, an upper bound), the rest / jobs."""
+    time: SFT alone (on every core: counted at one core's time, an upper bound), the rest / jobs.
+    PPO runs take EXPECTED_ITERATIONS, or `iterations` per method (a finished study's)."""
     s, u = STAGE_SECONDS[args.size], len(args.seeds)
+    iterations = iterations or EXPECTED_ITERATIONS[args.size]
     runs_per_seed = sum(args.ppo_seeds[m] for m in args.methods)
     runs, policies = u * runs_per_seed, runs_per_seed * len(args.kl_targets)
     per_ppo = s["ppo_start"] + s["ppo_iteration"] * sum(  # the mean over the runs
-        args.ppo_seeds[m] * EXPECTED_ITERATIONS[args.size][m] for m in args.methods) / runs_per_seed
+        args.ppo_seeds[m] * iterations[m] for m in args.methods) / runs_per_seed
     per_eval = s["eval_start"] + s["eval_policy"] * policies * args.samples_per_prompt / 4
     sft_eval = s["eval_start"] + s["eval_policy"] * args.samples_per_prompt / 4
     kinds = {

@@ -16,8 +16,8 @@ out the common random numbers' help, printed as r below)
 
     V = s_b² + (p_a² + e_a²·K₀/K) / P_a + (p_seq² + e_seq²·K₀/K) / P_seq
 
-and a 95% half-width t_{U−1}·√(V/U). Its wall time is study.py's plan (study.STAGE_SECONDS) with
-each method's iterations as measured in this study. Both are computed, not measured: the sds are
+and a 95% half-width t_{U−1}·√(V/U). Its wall time is study.time_plan's, with each method's
+iterations as measured in this study. Both are computed, not measured: the sds are
 estimates from one study's 8 or so upstream seeds.
 
     python bench/study_design.py runs/study-harm-10-17          # a study folder (or its study.json)
@@ -44,11 +44,6 @@ def load(path: Path):
     if path.is_dir():
         return json.loads((path / "study.json").read_text()), path
     return json.loads(path.read_text()), None
-
-
-def ppo_seed_counts(config) -> dict:
-    counts = config["ppo_seeds"]  # one count for every method before 2026-12-07
-    return dict(counts) if isinstance(counts, dict) else {m: counts for m in config["methods"]}
 
 
 def fill_eval_se(record, folder):
@@ -80,17 +75,13 @@ def fill_eval_se(record, folder):
 
 
 def wall_minutes(config, iterations, design, seeds) -> float:
-    """study.time_plan's wall time for this design, with the measured iterations per method."""
+    """study.time_plan's wall time for this design at --jobs 2, with the measured iterations."""
     p_seq, p_red, p_tlcr, k = design
-    counts = {"seq": p_seq, "red": p_red, "tlcr": p_tlcr}
-    s = study.STAGE_SECONDS[config["size"]]
-    runs = sum(counts[m] for m in config["methods"])
-    ppo = sum(counts[m] * (s["ppo_start"] + s["ppo_iteration"] * iterations[m])
-              for m in config["methods"])
-    evals = s["eval_start"] + s["eval_policy"] * runs * len(config["kl_targets"]) * k / 4
-    per_seed = s["reward_model"] + s["discriminator"] + ppo + evals
-    rest = seeds * per_seed + s["eval_start"] + s["eval_policy"] * k / 4  # + the SFT eval
-    return (s["sft"] + s["label"] + rest / 2) / 60  # --jobs 2
+    plan = study.time_plan(argparse.Namespace(
+        size=config["size"], seeds=range(seeds), methods=config["methods"],
+        ppo_seeds={"seq": p_seq, "red": p_red, "tlcr": p_tlcr}, kl_targets=config["kl_targets"],
+        samples_per_prompt=k, credit=False, jobs=2), iterations)
+    return plan["wall_seconds"] / 60
 
 
 def half_width(row, design, k0, seeds) -> float | None:
@@ -116,7 +107,7 @@ def main(argv=None):
     record, folder = load(args.study)
     config = record["config"]
     r_crn = fill_eval_se(record, folder)
-    counts = ppo_seed_counts(config)
+    counts = study.config_ppo_seeds(config)
     spec = argparse.Namespace(ppo_seeds=counts, kl_targets=config["kl_targets"],
                               methods=config["methods"], seeds=config["seeds"],
                               half_width=args.half_width, alpha=0.05)

@@ -63,10 +63,8 @@ def main(argv=None):
     for path in args.studies:
         record = json.loads(Path(path).read_text())
         config = record["config"]
-        ppo_seeds = config["ppo_seeds"]  # one count for all (the studies before 2026-12-07)
-        ppo_seeds = (", ".join(f"{m} {n}" for m, n in ppo_seeds.items())
-                     if isinstance(ppo_seeds, dict) else ppo_seeds)
-        print(f"{path}: {len(config['seeds'])} upstream seeds × {ppo_seeds} PPO seed(s), SFT gold "
+        ppo_seeds = ", ".join(f"{m} {n}" for m, n in study.config_ppo_seeds(config).items())
+        print(f"{path}: {len(config['seeds'])} upstream seeds × {ppo_seeds} PPO seeds, SFT gold "
               f"{record['sft_gold']:+.3f}")
         print(f"  {'difference':<12}{'KL':>5}  " + "  ".join(
             f"{name + ': mean, sd, ± 95%':<28}" for name in READINGS))
