@@ -198,19 +198,26 @@ def select_pairs(args, quiet=False):
 #    policy
 # ----------------------------------------------------------------------------------------------
 def generate_responses(policy, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, top_p=0.9,
-                       temperature=1.0, decoder=None):
+                       temperature=1.0, decoder=None, with_logprobs=False):
     """Sample responses for left-padded prompts [B, P] exactly as PPO does (global torch RNG: seed
     it; decoder: decode.make_decoder, None the default). Returns query_response,
     attention_mask and response_mask, all [B, P + R]; a response runs up to and including its first
-    EOS, and what follows (EOS-valued padding) has attention 0."""
+    EOS, and what follows (EOS-valued padding) has attention 0. With with_logprobs, also the
+    policy's log-probabilities of its response tokens, taken while sampling, [B, T_resp] as
+    common.response_logprobs gives them (0 past each row's end)."""
     # [B, R]
     response = ppo_token.generate(policy, prompt_ids, prompt_mask, eos_ids, pad_id, max_new_tokens,
-                                  temperature, top_p, decoder)
+                                  temperature, top_p, decoder, with_logprobs)
+    response, sampled_logprobs = response if with_logprobs else (response, None)
     # [B, R], 1 up to and including the first EOS
     mask, _ = ppo_token.response_mask_from(response, eos_ids)
     query_response = torch.cat([prompt_ids, response], dim=1)
-    return (query_response, torch.cat([prompt_mask.long(), mask], dim=1),
-            torch.cat([torch.zeros_like(prompt_mask.long()), mask], dim=1))
+    masks = (torch.cat([prompt_mask.long(), mask], dim=1),
+             torch.cat([torch.zeros_like(prompt_mask.long()), mask], dim=1))
+    if not with_logprobs:
+        return query_response, *masks
+    t_resp = max(int(mask.sum(-1).max()), 1)  # T_resp of common.response_index
+    return query_response, *masks, sampled_logprobs[:, :t_resp] * mask[:, :t_resp]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,13 +240,15 @@ def reference_perplexity(ref_logprobs, valid):
 
 @torch.no_grad()
 def score_batch(policy, reference, reward_model, disc_model, query_response, attention_mask,
-                response_mask, temperature, with_red, with_sources=False):
-    """Everything eval needs about one batch of responses, as tensors."""
+                response_mask, temperature, with_red, with_sources=False, logprobs=None):
+    """Everything eval needs about one batch of responses, as tensors. `logprobs`: the policy's,
+    when the sampler kept them (generate_responses with_logprobs): no policy forward then."""
     _, valid = common.response_index(response_mask)  # [B, T_resp]
-    logprobs, _ = common.response_logprobs(policy, query_response, attention_mask, response_mask,
-                                           temperature)
     ref_logprobs, _ = common.response_logprobs(reference, query_response, attention_mask,
                                                response_mask, temperature)
+    if logprobs is None:
+        logprobs = ref_logprobs if policy is reference else common.response_logprobs(
+            policy, query_response, attention_mask, response_mask, temperature)[0]
     ref_logprobs_t1 = ref_logprobs if temperature == 1.0 else \
         common.response_logprobs(reference, query_response, attention_mask, response_mask, 1.0)[0]
     scores = {
@@ -532,6 +541,10 @@ def main(argv=None):
     generated, metrics, shaded = {}, {}, {}
     # how generate runs each policy: a static KV cache, with --compile a compiled decode step
     decoder = decode.make_decoder(args.compile, device.type)
+    # the policy's log-probabilities for the KL: in fp32 those the sampler computed (a decode step's
+    # logits equal a full forward's to ~1e-6), which saves a forward a batch; in bf16 the scoring
+    # forward, whose rounding then matches the reference's
+    keep_logprobs = not amp.use_bf16(args.precision, device)
     for name, path in args.policies.items():
         policy = (
             reference
@@ -550,13 +563,15 @@ def main(argv=None):
                                                       tokenizer.pad_token_id)
             prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
             with amp.autocast(device, args.precision):
-                query_response, attention_mask, response_mask = generate_responses(
+                query_response, attention_mask, response_mask, *sampled = generate_responses(
                     policy, prompt_ids, prompt_mask, args.max_new_tokens, eos_ids,
-                    tokenizer.pad_token_id, args.top_p, args.temperature, decoder)
+                    tokenizer.pad_token_id, args.top_p, args.temperature, decoder,
+                    with_logprobs=keep_logprobs and policy is not reference)
                 scores = score_batch(policy, reference, reward_model, disc_model, query_response,
                                      attention_mask, response_mask, args.temperature,
                                      start < args.show_prompts and not args.gold_only,
-                                     with_sources=args.gold and not args.gold_only)
+                                     with_sources=args.gold and not args.gold_only,
+                                     logprobs=sampled[0] if sampled else None)
             batches.append(scores)
             # [B, T_resp]
             response_ids = common.gather_response(query_response, response_mask).cpu()

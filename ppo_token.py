@@ -226,7 +226,7 @@ def sorted_descending(probs: Tensor) -> Tensor:
 
 @torch.no_grad()
 def generate(policy, prompt, prompt_mask, eos_ids: list[int], pad_id: int, max_new_tokens: int,
-             temperature=1.0, top_p=0.9, decoder=None):
+             temperature=1.0, top_p=0.9, decoder=None, with_logprobs=False):
     """Sample up to max_new_tokens per row; stop once every row has produced one of eos_ids (under
     FSDP: every row of every rank, so that all ranks take the same number of decode steps).
 
@@ -234,6 +234,9 @@ def generate(policy, prompt, prompt_mask, eos_ids: list[int], pad_id: int, max_n
     tokens only (common.position_ids_from_mask), the same ones the training forward uses.
     `decoder` runs the policy (decode.make_decoder, chosen at load time; None: the default, a
     static KV cache). Returns response [B, R]; after a row's EOS the row is filled with pad_id.
+    With with_logprobs, also log π(a_j | x, a_<j) of each sampled token at the sampling temperature
+    (before the nucleus cut, as common.response_logprobs reads it), taken from the decode step's
+    own logits [B, R]: what a scoring forward would recompute, without the forward.
     """
     decoder = decoder or decode.make_decoder()
     eos = torch.tensor(eos_ids, device=prompt.device)
@@ -241,16 +244,20 @@ def generate(policy, prompt, prompt_mask, eos_ids: list[int], pad_id: int, max_n
     # every row has ended (under FSDP: on every rank, whose forwards are collectives)
     logits, next_logits, finished = decoder(policy, prompt, prompt_mask, max_new_tokens)
     done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
-    tokens = []
+    tokens, logprobs = [], []
     for t in range(max_new_tokens):
-        token = sample_top_p(logits / temperature, top_p)  # [B]
+        scaled = logits / temperature  # [B, V]
+        token = sample_top_p(scaled, top_p)  # [B]
         token = torch.where(done, torch.full_like(token, pad_id), token)
         tokens.append(token)
+        if with_logprobs:  # log softmax(logits / T) at the drawn token [B]
+            logprobs.append(scaled.float().log_softmax(-1).gather(-1, token[:, None]).squeeze(-1))
         done |= torch.isin(token, eos)
         if finished(done) or t == max_new_tokens - 1:
             break
         logits = next_logits(token, t)  # [B, V] after response token t
-    return torch.stack(tokens, 1)  # [B, R]
+    response = torch.stack(tokens, 1)  # [B, R]
+    return (response, torch.stack(logprobs, 1)) if with_logprobs else response
 
 
 def response_mask_from(response: Tensor, eos_ids: list[int]) -> tuple[Tensor, Tensor]:

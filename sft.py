@@ -48,7 +48,8 @@ def parse_args(argv=None):
     model.add_argument("--tiny-layers", type=int, default=2, help="tiny model: transformer blocks")
     model.add_argument("--tiny-width", type=int, default=64, help="tiny model: hidden size")
     model.add_argument("--tiny-dropout", type=float, default=0.1,
-                       help="tiny model: dropout probability")
+                       help="tiny model: residual and embedding dropout probability (attention "
+                            "dropout is 0, as in Llama's configs: hf_models.tiny_config)")
     model.add_argument("--tiny-vocab", type=int, default=2048,
                        help="tiny model: BPE vocabulary size")
     plumbing.add_optimizer_args(parser.add_argument_group("training"), "sequences", epochs=1.0,

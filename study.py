@@ -5,9 +5,11 @@ a confidence interval, in under an hour on 2 CPU cores.
 The design (declared here, before any result; docs/lab.md, "The study"; revised on 2026-12-06
 from the first studies' variance, before the studies on seeds 10-17: 8 × 2 seeds, the straight-line
 reading; revised again on 2026-12-07 from those studies' variance, before the study on seeds 20-27:
-PPO seeds per method, 8 replies a prompt):
+PPO seeds per method, 8 replies a prompt; and a fourth time on 2026-12-07, from the harm study on
+seeds 20-31 and with each seed 1.6× cheaper, before the study on seeds 40-54: 15 upstream seeds, 4
+replies a prompt):
 
-    upstream seeds  --seeds U (default 0-7): each trains its own reward model (redistribute.py) and
+    upstream seeds  --seeds U (default 0-14): each trains its own reward model (redistribute.py) and
                     token discriminator (discriminator.py) with --seed U, from one SFT model and one
                     label file shared by all (sft.py --seed 0, label.py: the gold reviser is
                     deterministic). The upstream seed is the unit of replication: the models that
@@ -25,7 +27,7 @@ PPO seeds per method, 8 replies a prompt):
                     β fixed, so every method optimises the papers' objective and one run reaches
                     every target.)
     primary         held-out gold at each KL target: eval.py --gold-only on the whole test
-    endpoint        split (115 prompts), --samples-per-prompt K replies a prompt (8: 920 replies),
+    endpoint        split (115 prompts), --samples-per-prompt K replies a prompt (4: 460 replies),
                     the same seed for every policy of the study (the same prompts and random
                     draws; the SFT model, one for all seeds, is scored once). A snapshot's held-out
                     KL misses its target (measured at demo size, seed 0: seq 0.62 and 1.17, red 0.53
@@ -74,8 +76,9 @@ Each stage is the command a student would type, printed and logged (OUT/logs/), 
 stage with a marker in OUT/stages/ is done and not run again (an eval, unless its policies changed:
 a study extended with more --ppo-seeds evaluates again); an interrupted one resumes from its
 checkpoint. --jobs stages run at once with cores / jobs threads each (SFT, which runs alone, gets
-every core). The plan (stage seconds × counts / jobs) is printed before anything runs, the measured
-wall time of every stage after.
+every core); of the stages ready at once, the upstream models and PPO runs start before the evals
+(one a seed and target), which then end the study on every job. The plan (stage seconds × counts /
+jobs) is printed before anything runs, the measured wall time of every stage after.
 
     python study.py --jobs 2                             # the default design: runs/study/
     python study.py --plan-only                          # the time plan, nothing run
@@ -142,24 +145,37 @@ PRESETS = {
 }
 # Seconds of each stage on an idle 2-core machine, two stages at once at one thread each (--jobs 2;
 # SFT alone, both threads); ppo is per iteration plus the start, eval per policy (at
-# --samples-per-prompt 4, scaled by K / 4) plus the start. demo: measured in the sentiment study on
-# seeds 10-17, 2026-12-06 (docs/lab.md; credit: one thread, an earlier study), but eval_policy,
-# measured at K = 8 in the harm study on seeds 20-27 (24.4 s a policy; 10.7 at K = 4 before).
+# --samples-per-prompt 4, scaled by K / 4) plus the start. demo: measured on 2026-12-07, after the
+# tiny model lost its attention dropout and took the fused GELU and eval.py its sampler's
+# log-probabilities (bench/bench_attention.py), in a timing study of upstream seeds 90 and 91
+# (runs/measure-90-91, docs/lab.md): sft 68 s, reward model 46-47, discriminator 105-106, PPO a
+# least-squares line over its 14 runs (5.1 s + 1.47 s an iteration), eval 114-121 s for 7 policies
+# at K = 8 and sft_eval 21 s for one (5.5 s + 7.75 s a policy at K = 4). credit: an earlier study's
+# (one thread, before these changes).
 STAGE_SECONDS = {
     "smoke": {"sft": 5, "label": 3, "reward_model": 5, "discriminator": 5, "ppo_start": 5,
               "ppo_iteration": 0.2, "eval_start": 5, "eval_policy": 0.5, "credit": 8},
-    "demo": {"sft": 85, "label": 4, "reward_model": 68, "discriminator": 190, "ppo_start": 8,
-             "ppo_iteration": 1.4, "eval_start": 8, "eval_policy": 12.2, "credit": 50},
+    "demo": {"sft": 68, "label": 4, "reward_model": 47, "discriminator": 106, "ppo_start": 5.1,
+             "ppo_iteration": 1.47, "eval_start": 5.5, "eval_policy": 7.75, "credit": 50},
 }
-# iterations to reach the last target, KL 1 (demo: the same study's means over 16 runs each, seq
-# 8.7, red 8.6, tlcr 30.1; on the default lexicon tlcr took 11.4, so the plan is an upper bound)
+# iterations to reach the last target, KL 1 (demo: the harm study on seeds 20-31, 24 to 48 runs a
+# method: seq 8.4, red 8.5, tlcr 14.7; on the sentiment lexicon tlcr took twice as many, 28.9 on
+# seeds 20-27, which the plan of a sentiment study leaves out)
 EXPECTED_ITERATIONS = {"smoke": {"seq": 4, "red": 4, "tlcr": 4},
-                       "demo": {"seq": 9, "red": 9, "tlcr": 30}}
+                       "demo": {"seq": 9, "red": 9, "tlcr": 15}}
 # PPO seeds per upstream seed (the design's third revision, 2026-12-07, from the studies on seeds
 # 10-17; docs/lab.md): the held-out eval's own sampling error (sd 0.023-0.027 a policy at 4 replies
 # a prompt) was all of seq's and RED's spread between PPO seeds, while TLCR's was twice that: more
 # replies a prompt (8) serve every method, more PPO runs only TLCR.
 DEFAULT_PPO_SEEDS = {"seq": 2, "red": 1, "tlcr": 4}
+# Upstream seeds and replies a prompt (the fourth revision, 2026-12-07, from the harm study on seeds
+# 20-31; docs/lab.md): there, the upstream seed's spread of tlcr − seq at KL 1 (sd 0.036-0.047)
+# was most of the interval, the eval's error (0.017-0.021 a policy at K = 8) a small part. With
+# each seed 1.6× cheaper (the tiny model without attention dropout, the fused GELU, eval's
+# sampler log-probabilities), the hour buys 15 upstream seeds at K = 4 (plan 55 min) rather than
+# 12 at K = 8 (bench/study_design.py: ±0.029 against ±0.031 projected at KL 1).
+DEFAULT_SEEDS = 15
+DEFAULT_SAMPLES_PER_PROMPT = 4
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,9 +184,10 @@ DEFAULT_PPO_SEEDS = {"seq": 2, "red": 1, "tlcr": 4}
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=plumbing.HelpFormatter)
     run = parser.add_argument_group("design")
-    run.add_argument("--seeds", type=int, nargs="+", default=list(range(8)),
+    run.add_argument("--seeds", type=int, nargs="+", default=list(range(DEFAULT_SEEDS)),
                      help="upstream seeds: each trains its own reward model and discriminator "
-                          "(--seed U); the unit of the paired comparisons")
+                          "(--seed U); the unit of the paired comparisons (default 0-14: the "
+                          "design's fourth revision)")
     run.add_argument("--ppo-seeds", nargs="+", default=[f"{m}={n}" for m, n in
                                                          DEFAULT_PPO_SEEDS.items()],
                      metavar="[METHOD=]N",
@@ -185,7 +202,7 @@ def parse_args(argv=None):
     run.add_argument("--kl-targets", type=float, nargs="+", default=[0.5, 1.0],
                      help="KL to the reference at which every run is saved and scored (the primary "
                           "endpoint)")
-    run.add_argument("--samples-per-prompt", type=int, default=8,
+    run.add_argument("--samples-per-prompt", type=int, default=DEFAULT_SAMPLES_PER_PROMPT,
                      help="held-out replies per test prompt and policy (eval.py "
                           "--samples-per-prompt)")
     gold.add_lexicon_arg(run)  # run_pipeline.sh LEXICON
@@ -653,40 +670,47 @@ def build_stages(args) -> list[Stage]:
                     "--save-at-kl", *[f"{t:g}" for t in args.kl_targets], "--stop-at-kl",
                     "--log-gold", *lex, *preset["ppo"].split()),
                     [f"up-{seed}/reward_model", f"up-{seed}/discriminator"]))
-        stages.append(Stage(f"up-{seed}/eval", "eval", eval_argv(args, seed, python, lex), runs))
+        for target in args.kl_targets:  # one eval a target: two shorter stages pack better
+            stages.append(Stage(eval_stage_name(seed, target), "eval",
+                                eval_argv(args, seed, python, lex, target), runs))
         if args.credit:
             stages.append(Stage(f"up-{seed}/credit", "credit", credit_argv(args, seed, python, lex),
                                 runs))
     return stages
 
 
-def eval_policies(args, seed) -> dict:
-    """{name: path} scored at the primary endpoint: every snapshot, and the final policy of every
-    run that missed a target (its KL and gold are reported beside the miss). The SFT model is the
-    same for every seed: it is scored once, by the stage sft_eval."""
+def eval_stage_name(seed, target) -> str:
+    """The eval stage of an upstream seed's snapshots at one KL target (also its folder)."""
+    return f"up-{seed}/eval_kl{target:g}"
+
+
+def eval_policies(args, seed, target) -> dict:
+    """{name: path} scored at the primary endpoint at `target`: every run's snapshot at it, and
+    (with the last target) the final policy of every run that missed a target (its KL and gold are
+    reported beside the miss). The SFT model is the same for every seed: it is scored once, by the
+    stage sft_eval."""
     policies = {}
     for ppo_seed in range(max(args.ppo_seeds.values())):
         for method in (m for m in args.methods if ppo_seed < args.ppo_seeds[m]):
-            missed = False
-            for target in args.kl_targets:
-                path = snapshot_dir(args, seed, method, ppo_seed, target)
-                if path.exists():
-                    policies[policy_name(method, ppo_seed, target)] = str(path)
-                else:
-                    missed = True
-            if missed:
+            path = snapshot_dir(args, seed, method, ppo_seed, target)
+            if path.exists():
+                policies[policy_name(method, ppo_seed, target)] = str(path)
+            missed = any(not snapshot_dir(args, seed, method, ppo_seed, t).exists()
+                         for t in args.kl_targets)
+            if missed and target == args.kl_targets[-1]:
                 policies[policy_name(method, ppo_seed)] = str(
                     ppo_dir(args, seed, method, ppo_seed) / "policy")
     return policies
 
 
-def eval_argv(args, seed, python, lex):
-    """eval.py --gold-only of every snapshot of an upstream seed (seed None: the SFT model alone),
-    K replies a test prompt, sampling seed 0 for every policy of the study."""
+def eval_argv(args, seed, python, lex, target=None):
+    """eval.py --gold-only of every snapshot of an upstream seed at one target (seed None: the SFT
+    model alone), K replies a test prompt, sampling seed 0 for every policy of the study."""
     def argv():
         sft = str(Path(args.out) / "sft")
-        policies = {"sft": sft} if seed is None else eval_policies(args, seed)
-        out = Path(args.out) / "sft_eval" if seed is None else up_dir(args, seed) / "eval"
+        policies = {"sft": sft} if seed is None else eval_policies(args, seed, target)
+        out = (Path(args.out) / "sft_eval" if seed is None
+               else Path(args.out) / eval_stage_name(seed, target))
         return [python, "eval.py", "--policies", *[f"{k}={v}" for k, v in policies.items()],
                 "--reference", sft, "--gold-only", "--samples-per-prompt",
                 str(args.samples_per_prompt), "--seed", "0", "--data", "bundled", "--device", "cpu",
@@ -715,14 +739,21 @@ def credit_argv(args, seed, python, lex):
     return argv
 
 
-def marker(args, stage: Stage) -> Path:
-    return Path(args.out) / "stages" / f"{stage.name.replace('/', '__')}.json"
+def marker(args, stage: Stage | str) -> Path:
+    name = stage if isinstance(stage, str) else stage.name
+    return Path(args.out) / "stages" / f"{name.replace('/', '__')}.json"
 
 
 def stage_done(args, stage: Stage) -> bool:
     """A marker, and for an eval the same policies as now: a study extended with --ppo-seeds or
-    --kl-targets evaluates its upstream seeds' snapshots again, the new ones with the old."""
+    --kl-targets evaluates its upstream seeds' snapshots again, the new ones with the old. (A study
+    from before the eval was split by target has one eval a seed, up-U/eval: it stands for its
+    targets' evals when it scored their policies.)"""
     info = read_json(marker(args, stage))
+    if info is None and stage.kind == "eval":
+        info = read_json(marker(args, stage.name.rsplit("/", 1)[0] + "/eval"))
+        return info is not None and set(policy_names(stage.argv())) <= set(
+            policy_names(info.get("argv", [])) or [])
     if info is None:
         return False
     recorded = policy_names(info.get("argv", []))
@@ -762,9 +793,16 @@ def run_stage(args, stage: Stage) -> float:
     return seconds
 
 
+# which ready stage starts first: the ones with the most work behind them (upstream models, then
+# PPO runs) before the evals, which nothing waits for. The evals then fill the end of the study on
+# every job, instead of the last seed's eval running alone (the third design's studies: ~6 min of
+# one idle core).
+START_ORDER = ("sft", "label", "reward_model", "discriminator", "ppo", "sft_eval", "eval", "credit")
+
+
 def run_stages(args, stages: list[Stage]):
-    """Every stage not done yet, --jobs at a time, each as soon as the stages it needs are done
-    (in build order otherwise: one upstream seed's runs finish before the next one's)."""
+    """Every stage not done yet, --jobs at a time, each as soon as the stages it needs are done:
+    of the ready ones, by START_ORDER's kind, then in build order (seed by seed)."""
     done = {s.name for s in stages if stage_done(args, s)}
     pending = [s for s in stages if s.name not in done]
     if done:
@@ -772,7 +810,8 @@ def run_stages(args, stages: list[Stage]):
     running, start = {}, time.time()
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         while pending or running:
-            ready = [s for s in pending if all(d in done for d in s.deps)]
+            ready = sorted((s for s in pending if all(d in done for d in s.deps)),
+                           key=lambda s: START_ORDER.index(s.kind))  # stable: build order next
             for stage in ready[: args.jobs - len(running)]:
                 pending.remove(stage)
                 print(f"[{time.time() - start:6.0f} s] start {stage.name}", flush=True)
@@ -797,10 +836,10 @@ def time_plan(args, iterations: dict | None = None) -> dict:
     s, u = STAGE_SECONDS[args.size], len(args.seeds)
     iterations = iterations or EXPECTED_ITERATIONS[args.size]
     runs_per_seed = sum(args.ppo_seeds[m] for m in args.methods)
-    runs, policies = u * runs_per_seed, runs_per_seed * len(args.kl_targets)
+    runs, evals = u * runs_per_seed, u * len(args.kl_targets)  # an eval: a target's snapshots
     per_ppo = s["ppo_start"] + s["ppo_iteration"] * sum(  # the mean over the runs
         args.ppo_seeds[m] * iterations[m] for m in args.methods) / runs_per_seed
-    per_eval = s["eval_start"] + s["eval_policy"] * policies * args.samples_per_prompt / 4
+    per_eval = s["eval_start"] + s["eval_policy"] * runs_per_seed * args.samples_per_prompt / 4
     sft_eval = s["eval_start"] + s["eval_policy"] * args.samples_per_prompt / 4
     kinds = {
         "sft": (1, s["sft"]),
@@ -809,7 +848,7 @@ def time_plan(args, iterations: dict | None = None) -> dict:
         "reward_model": (u, s["reward_model"]),
         "discriminator": (u, s["discriminator"]),
         "ppo": (runs, per_ppo),
-        "eval": (u, per_eval),
+        "eval": (evals, per_eval),
         "credit": (u if args.credit else 0, s["credit"]),
     }
     rows = {k: {"count": n, "seconds_each": round(each, 1), "core_seconds": round(n * each)}
@@ -850,7 +889,12 @@ def read_runs(args) -> list[dict]:
     trailing KL it reached, its final policy's held-out values when it missed a target, its log."""
     runs = []
     for seed in args.seeds:
-        results = read_json(up_dir(args, seed) / "eval" / "results.json") or {"policies": {}}
+        # every eval of the seed: one a target (up-U/eval_klT), or up-U/eval in a study from
+        # before the split
+        results = {"policies": {}}
+        for folder in ["eval", *(f"eval_kl{t:g}" for t in args.kl_targets)]:
+            found = read_json(up_dir(args, seed) / folder / "results.json")
+            results["policies"].update(found["policies"] if found else {})
         for ppo_seed in range(max(args.ppo_seeds.values())):
             for method in (m for m in args.methods if ppo_seed < args.ppo_seeds[m]):
                 folder = ppo_dir(args, seed, method, ppo_seed)

@@ -220,7 +220,14 @@ def build_tiny(texts: list[str], out_dir=None, arch: str = "gpt2", vocab_size: i
 
 def tiny_config(arch: str, tokenizer, layers: int, width: int, dropout: float, max_positions: int):
     """The config of a tiny random `arch` model on `tokenizer`: 2 heads (one KV head where the
-    family groups them), an MLP twice as wide, untied output embeddings where the family allows."""
+    family groups them), an MLP twice as wide, untied output embeddings where the family allows.
+
+    `dropout` is the residual and embedding dropout of the families that have one (GPT-2, NeoX,
+    OPT, Phi-3). Attention dropout is 0 in every family, as in Llama's and Qwen's released
+    configs: on CPU, scaled_dot_product_attention with dropout leaves its fused kernel for one
+    about 6× slower, forward (bench/bench_attention.py), which made it most of a training step
+    of the demo model. GPT-2's activation is "gelu_pytorch_tanh": the same tanh approximation as
+    GPT-2's "gelu_new" (to 3e-7), in one fused op instead of seven (6× faster forward)."""
     model_type = TINY_FAMILIES[arch][0]
     own_pad = tokenizer.pad_token is not None and tokenizer.pad_token != tokenizer.eos_token
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
@@ -229,18 +236,19 @@ def tiny_config(arch: str, tokenizer, layers: int, width: int, dropout: float, m
     if arch == "gpt2":
         ids.update(pad_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
         return GPT2Config(n_layer=layers, n_embd=width, n_head=2, n_positions=max_positions,
-                          resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout, **ids)
+                          resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=0.0,
+                          activation_function="gelu_pytorch_tanh", **ids)
     if arch == "gpt_neox":
         return AutoConfig.for_model(model_type, hidden_size=width, intermediate_size=2 * width,
                                     num_hidden_layers=layers, num_attention_heads=2,
                                     max_position_embeddings=max_positions,
-                                    attention_dropout=dropout, hidden_dropout=dropout,
+                                    attention_dropout=0.0, hidden_dropout=dropout,
                                     tie_word_embeddings=False, **ids)
     if arch == "opt":
         return AutoConfig.for_model(model_type, hidden_size=width, ffn_dim=2 * width,
                                     word_embed_proj_dim=width, num_hidden_layers=layers,
                                     num_attention_heads=2, max_position_embeddings=max_positions,
-                                    dropout=dropout, attention_dropout=dropout, **ids)
+                                    dropout=dropout, attention_dropout=0.0, **ids)
     extra = {}
     if arch == "gemma2":
         extra = {"head_dim": width // 2, "query_pre_attn_scalar": width // 2,
@@ -251,7 +259,7 @@ def tiny_config(arch: str, tokenizer, layers: int, width: int, dropout: float, m
     return AutoConfig.for_model(model_type, hidden_size=width, intermediate_size=2 * width,
                                 num_hidden_layers=layers, num_attention_heads=2,
                                 num_key_value_heads=1, max_position_embeddings=max_positions,
-                                attention_dropout=dropout, tie_word_embeddings=False, **extra,
+                                attention_dropout=0.0, tie_word_embeddings=False, **extra,
                                 **ids)
 
 

@@ -93,6 +93,48 @@ def test_kl_of_a_model_against_itself_is_zero(tiny_policy, tiny_dir, tiny_tokeni
     )
 
 
+@pytest.mark.parametrize("model", ["gpt2", "llama"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampled_logprobs_equal_a_scoring_forward(model, temperature, tiny_dir, llama_dir, splits):
+    """The sampler's own log-probabilities (eval's KL in fp32, without the policy's forward) are
+    those common.response_logprobs recomputes, token for token, on left-padded rows of different
+    lengths and responses that end early; and the same draws as without them."""
+    policy = common.disable_dropout(hf_models.load_policy(
+        tiny_dir if model == "gpt2" else llama_dir)).eval()
+    tokenizer = hf_models.load_tokenizer(tiny_dir if model == "gpt2" else llama_dir)
+    prompt_ids, prompt_mask = left_padded_batch(tokenizer, splits, n=4)
+    with torch.no_grad():
+        torch.manual_seed(5)
+        first = ev.generate_responses(policy, prompt_ids, prompt_mask, 16,
+                                      [tokenizer.eos_token_id], tokenizer.pad_token_id, 0.9,
+                                      temperature)[0]
+        # row 0's 4th token ends a response too: the rows end at different lengths (checked below)
+        stop = [tokenizer.eos_token_id, int(first[0, prompt_ids.shape[1] + 3])]
+        torch.manual_seed(5)
+        qr, am, rm, sampled = ev.generate_responses(policy, prompt_ids, prompt_mask, 16, stop,
+                                                    tokenizer.pad_token_id, 0.9, temperature,
+                                                    with_logprobs=True)
+        torch.manual_seed(5)
+        plain = ev.generate_responses(policy, prompt_ids, prompt_mask, 16, stop,
+                                      tokenizer.pad_token_id, 0.9, temperature)
+        scored, _ = common.response_logprobs(policy, qr, am, rm, temperature)
+    _, valid = common.response_index(rm)
+    lengths = valid.sum(-1)
+    assert torch.equal(qr, plain[0]) and len(set(lengths.tolist())) > 1
+    assert sampled.shape == scored.shape and torch.equal(sampled == 0, valid == 0)
+    torch.testing.assert_close(sampled, scored, atol=2e-5, rtol=0)
+    # and eval's score_batch takes them in place of its own policy forward: the same KL
+    with torch.no_grad():
+        reference = common.disable_dropout(hf_models.load_policy(tiny_dir if model == "gpt2"
+                                                                 else llama_dir)).eval()
+        given = ev.score_batch(policy, reference, None, None, qr, am, rm, temperature, False,
+                               logprobs=sampled)
+        computed = ev.score_batch(policy, reference, None, None, qr, am, rm, temperature, False)
+    assert abs(ev.kl_to_reference(given["logprobs"], given["ref_logprobs"], valid)["kl"]
+               - ev.kl_to_reference(computed["logprobs"], computed["ref_logprobs"], valid)["kl"]
+               ) < 1e-4
+
+
 def test_perplexity_matches_a_hand_computation(tiny_policy, tiny_tokenizer, splits):
     # numbers: probabilities 1/2, 1/4, 1/8 -> exp(mean NLL) = exp(2 ln 2) = 4; padding ignored
     logprobs = torch.log(torch.tensor([[0.5, 0.25], [0.125, 1e-9]]))

@@ -138,3 +138,21 @@ def run_stages(base, out):
             "--max-new-tokens", "6", "--show-prompts", "1", "--out", str(out / "eval"), *TINY,
         ]
     )
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tiny_models_drop_out_of_the_residual_only(family):
+    """No family's tiny model has attention dropout (on CPU it takes SDPA off its fused kernel);
+    the GPT-2 one keeps its residual and embedding dropout, and its activation is GPT-2's own tanh
+    GELU ("gelu_new") to float precision, in one op, not the exact erf GELU (off by up to ~1e-3)."""
+    tokenizer = hf_models.train_tiny_tokenizer(["a small text to train on"] * 4, 300, family)
+    config = hf_models.tiny_config(family, tokenizer, 1, 32, 0.1, 64)
+    attention = [k for k in ("attn_pdrop", "attention_dropout") if hasattr(config, k)]
+    assert attention and all(getattr(config, k) == 0.0 for k in attention)
+    if family == "gpt2":
+        assert config.resid_pdrop == config.embd_pdrop == 0.1
+        x = torch.linspace(-6, 6, 10_001)
+        act = transformers.activations.ACT2FN[config.activation_function]
+        torch.testing.assert_close(act(x), transformers.activations.ACT2FN["gelu_new"](x),
+                                   atol=1e-6, rtol=0)
+        assert (act(x) - torch.nn.functional.gelu(x)).abs().max() > 1e-4

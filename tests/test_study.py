@@ -3,6 +3,7 @@ the MDD), the gold-at-KL reading of hand-made curves, the frontier fit on synthe
 smoke-size study of two upstream seeds end to end (resumed without running a stage twice)."""
 
 import argparse
+import itertools
 import json
 import math
 import statistics
@@ -355,14 +356,20 @@ def test_smoke_study_two_upstream_seeds_end_to_end_and_resumes(tmp_path, monkeyp
     runs = on_disk["runs"]
     assert len(runs) == 4 and all(set(r["targets"]) == {"0.02", "1000"} for r in runs)
     for run in runs:  # every run contributes at every target: a value or a reported miss
-        eval_results = json.loads((out / f"up-{run['seed']}" / "eval" / "results.json").read_text())
+        up = out / f"up-{run['seed']}"
+        eval_results = json.loads((up / "eval_kl0.02" / "results.json").read_text())
+        last_eval = json.loads((up / "eval_kl1000" / "results.json").read_text())
+        # one eval a target: its snapshots; the missed runs' final policies with the last
+        assert set(eval_results["policies"]) == {"seq-p0-kl0.02", "tlcr-p0-kl0.02"}
+        assert set(last_eval["policies"]) == {"seq-p0-final", "tlcr-p0-final"}
         low = run["targets"]["0.02"]
         assert low["reached"] and low["iteration"] >= 1
         name = study.policy_name(run["method"], 0, 0.02)
         assert low["gold"] == eval_results["policies"][name]["gold_score"]
         assert low["heldout_kl"] == eval_results["policies"][name]["kl"]
         assert eval_results["samples_per_prompt"] == 2 and eval_results["num_prompts"] == 8
-        assert not run["targets"]["1000"]["reached"] and run["final"]["gold"] is not None
+        assert not run["targets"]["1000"]["reached"] and run["final"]["gold"] == last_eval[
+            "policies"][study.policy_name(run["method"], 0)]["gold_score"]
         assert run["iterations"] == 5 and run["frontier"] is not None
         snapshots = json.loads((out / f"up-{run['seed']}" / f"ppo_{run['method']}_p0" /
                                 "snapshots.json").read_text())
@@ -436,14 +443,65 @@ def test_an_eval_marker_is_done_only_for_the_same_policies(tmp_path):
     out = str(tmp_path / "study")
     one = study.parse_args(["--seeds", "0", "--ppo-seeds", "1", "--out", out])
     two = study.parse_args(["--seeds", "0", "--ppo-seeds", "2", "--out", out])
+    for ppo_seed, method, target in itertools.product([0], study.METHODS, [0.5, 1]):
+        study.snapshot_dir(one, 0, method, ppo_seed, target).mkdir(parents=True)
     for stage in study.build_stages(one):  # as run_stage leaves them
         study.marker(one, stage).parent.mkdir(parents=True, exist_ok=True)
         study.marker(one, stage).write_text(json.dumps({"argv": stage.argv()}))
     assert all(study.stage_done(one, s) for s in study.build_stages(one))
+    for method, target in itertools.product(study.METHODS, [0.5, 1]):  # the new runs' snapshots
+        study.snapshot_dir(two, 0, method, 1, target).mkdir(parents=True)
     not_done = [s.name for s in study.build_stages(two) if not study.stage_done(two, s)]
-    assert not_done == ["up-0/ppo_seq_p1", "up-0/ppo_red_p1", "up-0/ppo_tlcr_p1", "up-0/eval"]
+    assert not_done == ["up-0/ppo_seq_p1", "up-0/ppo_red_p1", "up-0/ppo_tlcr_p1",
+                        "up-0/eval_kl0.5", "up-0/eval_kl1"]
     assert study.policy_names(["eval.py", "--policies", "b=x", "a=y", "--seed", "0"]) == ["a", "b"]
     assert study.policy_names(["sft.py", "--out", "x"]) is None
+
+
+def test_a_study_from_before_the_eval_split_is_not_evaluated_again(tmp_path):
+    """Before, one eval a seed (up-U/eval) scored both targets' snapshots: its marker stands for
+    the targets' evals while it scored their policies, and read_runs reads its results."""
+    out = tmp_path / "study"
+    args = study.parse_args(["--seeds", "0", "--ppo-seeds", "1", "--methods", "seq", "tlcr",
+                             "--out", str(out)])
+    for method, target in itertools.product(["seq", "tlcr"], [0.5, 1]):
+        study.snapshot_dir(args, 0, method, 0, target).mkdir(parents=True)
+    evals = [s for s in study.build_stages(args) if s.kind == "eval"]
+    assert [s.name for s in evals] == ["up-0/eval_kl0.5", "up-0/eval_kl1"]
+    assert [study.policy_names(s.argv()) for s in evals] == [
+        ["seq-p0-kl0.5", "tlcr-p0-kl0.5"], ["seq-p0-kl1", "tlcr-p0-kl1"]]
+    old = ["eval.py", "--policies", *(f"{m}-p0-kl{t}={out}/{m}{t}" for m in ("seq", "tlcr")
+                                      for t in ("0.5", "1")), "--seed", "0"]
+    study.marker(args, "up-0/eval").parent.mkdir(parents=True)
+    study.marker(args, "up-0/eval").write_text(json.dumps({"argv": old[:5] + old[6:]}))
+    assert [study.stage_done(args, s) for s in evals] == [True, False]  # kl1 was not scored
+    study.marker(args, "up-0/eval").write_text(json.dumps({"argv": old}))
+    assert all(study.stage_done(args, s) for s in evals)
+    (out / "up-0" / "eval").mkdir()
+    (out / "up-0" / "eval" / "results.json").write_text(json.dumps({"policies": {
+        "seq-p0-kl0.5": {"gold_score": 0.25, "kl": 0.6}, "seq-p0-kl1": {"gold_score": 0.5}}}))
+    run = study.read_runs(args)[0]
+    assert run["targets"]["0.5"]["gold"] == 0.25 and run["targets"]["0.5"]["heldout_kl"] == 0.6
+    assert run["targets"]["1"]["gold"] == 0.5
+
+
+def test_ready_stages_start_upstream_first_and_evals_last(tmp_path, monkeypatch):
+    """Of the stages ready at once, the upstream models and PPO runs start before any eval: the
+    evals end the study on both jobs (two a seed), not the last seed's alone on one."""
+    args = study.parse_args(["--seeds", "0", "1", "--ppo-seeds", "1", "--methods", "seq", "red",
+                             "--jobs", "1", "--out", str(tmp_path / "study")])
+    started = []
+
+    def fake_run(args, stage):
+        started.append(stage.name)
+        return 0.0
+
+    monkeypatch.setattr(study, "run_stage", fake_run)
+    study.run_stages(args, study.build_stages(args))
+    assert started == ["sft", "labels", "up-0/reward_model", "up-1/reward_model",
+                       "up-0/discriminator", "up-1/discriminator", "up-0/ppo_seq_p0",
+                       "up-0/ppo_red_p0", "up-1/ppo_seq_p0", "up-1/ppo_red_p0", "sft_eval",
+                       "up-0/eval_kl0.5", "up-0/eval_kl1", "up-1/eval_kl0.5", "up-1/eval_kl1"]
 
 
 def test_time_plan_counts_the_design():
@@ -451,15 +509,16 @@ def test_time_plan_counts_the_design():
                              "--samples-per-prompt", "4"])
     plan = study.time_plan(args)["stages"]
     assert plan["ppo"]["count"] == 8 * 3 * 2 and plan["discriminator"]["count"] == 8
-    assert plan["sft"]["count"] == 1 and plan["eval"]["count"] == 8
+    assert plan["sft"]["count"] == 1 and plan["eval"]["count"] == 8 * 2  # one a target
     seconds = study.STAGE_SECONDS["demo"]
     assert plan["eval"]["seconds_each"] == pytest.approx(
-        seconds["eval_start"] + seconds["eval_policy"] * 3 * 2 * 2, abs=0.1)
-    # the default: 7 runs a seed (seq 2, red 1, tlcr 4), 8 replies a prompt (twice the eval time)
+        seconds["eval_start"] + seconds["eval_policy"] * 3 * 2, abs=0.1)
+    # the default: 15 upstream seeds, 7 runs a seed (seq 2, red 1, tlcr 4), 4 replies a prompt
     plan = study.time_plan(study.parse_args(["--jobs", "2"]))["stages"]
     iterations = study.EXPECTED_ITERATIONS["demo"]
-    assert plan["ppo"]["count"] == 8 * 7 and plan["eval"]["seconds_each"] == pytest.approx(
-        seconds["eval_start"] + seconds["eval_policy"] * 7 * 2 * 2, abs=0.1)
+    assert plan["ppo"]["count"] == 15 * 7 and plan["eval"]["count"] == 15 * 2
+    assert plan["eval"]["seconds_each"] == pytest.approx(
+        seconds["eval_start"] + seconds["eval_policy"] * 7, abs=0.1)
     assert plan["ppo"]["seconds_each"] == pytest.approx(seconds["ppo_start"] + seconds[
         "ppo_iteration"] * (2 * iterations["seq"] + iterations["red"] + 4 * iterations["tlcr"]) / 7,
         abs=0.1)
