@@ -542,8 +542,8 @@ def main(argv=None):
     # how generate runs each policy: a static KV cache, with --compile a compiled decode step
     decoder = decode.make_decoder(args.compile, device.type)
     # the policy's log-probabilities for the KL: in fp32 those the sampler computed (a decode step's
-    # logits equal a full forward's to ~1e-6), which saves a forward a batch; in bf16 the scoring
-    # forward, whose rounding then matches the reference's
+    # equal a full forward's within 2e-5, tests/test_eval.py), which saves a forward a batch; in
+    # bf16 the scoring forward, whose rounding then matches the reference's
     keep_logprobs = not amp.use_bf16(args.precision, device)
     for name, path in args.policies.items():
         policy = (
