@@ -36,7 +36,7 @@ def left_padded_batch(vocab, seed=0):
 def test_chunked_equals_one_piece_values_and_gradients(arch, tiny_dir, llama_dir, monkeypatch):
     """Chunks of 3 positions (13 positions in all, so a ragged last chunk), temperature 0.7: the
     log-probs, the entropy and every parameter's gradient of a loss using both equal the one-piece
-    computation within 1e-6 (fp32)."""
+    computation within 1e-6 (fp32; a gradient within 1e-6 of its largest entry)."""
     model = common.disable_dropout(hf_models.load_policy(tiny_dir if arch == "gpt2" else
                                                             llama_dir))
     vocab = model.config.vocab_size
@@ -60,7 +60,10 @@ def test_chunked_equals_one_piece_values_and_gradients(arch, tiny_dir, llama_dir
     torch.testing.assert_close(entropy, expected_entropy, atol=1e-6, rtol=0)
     for name, grad in grads.items():
         assert grad.abs().max() > 0 or "wpe" in name, name  # every weight is reached
-        torch.testing.assert_close(grad, expected_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+        # fp32 rounding of a sum over every position: 1e-6 of the tensor's largest gradient (a
+        # bias's reaches ~10 on GPT-2, where the chunks' other summation order moves it by ~2e-6)
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-5, msg=name,
+                                   atol=1e-6 * max(1.0, expected_grads[name].abs().max().item()))
     # without entropy: the same log-probs, and the same gradient of a log-prob loss
     model.zero_grad()
     alone, none = common.response_logprobs(model, *batch, 0.7)
@@ -70,7 +73,8 @@ def test_chunked_equals_one_piece_values_and_gradients(arch, tiny_dir, llama_dir
     (one_piece_logprobs(model, *batch, 0.7)[0] * weights).sum().backward()
     assert none is None and torch.equal(alone, logprobs)
     for name, parameter in model.named_parameters():
-        torch.testing.assert_close(chunked[name], parameter.grad, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(chunked[name], parameter.grad, rtol=1e-5,
+                                   atol=1e-6 * max(1.0, parameter.grad.abs().max().item()))
 
 
 def test_token_logprobs_on_bf16_logits_by_hand():
