@@ -216,8 +216,8 @@ def generate_responses(policy, prompt_ids, prompt_mask, max_new_tokens, eos_ids,
              torch.cat([torch.zeros_like(prompt_mask.long()), mask], dim=1))
     if not with_logprobs:
         return query_response, *masks
-    t_resp = max(int(mask.sum(-1).max()), 1)  # T_resp of common.response_index
-    return query_response, *masks, sampled_logprobs[:, :t_resp] * mask[:, :t_resp]
+    _, valid = common.response_index(mask)  # [B, T_resp], the columns response_logprobs gives
+    return query_response, *masks, sampled_logprobs[:, : valid.shape[1]] * valid
 
 
 # ----------------------------------------------------------------------------------------------

@@ -893,8 +893,8 @@ def read_runs(args) -> list[dict]:
         # every eval of the seed: one a target (up-U/eval_klT), or up-U/eval in a study from
         # before the split
         results = {"policies": {}}
-        for folder in ["eval", *(f"eval_kl{t:g}" for t in args.kl_targets)]:
-            found = read_json(up_dir(args, seed) / folder / "results.json")
+        for name in [f"up-{seed}/eval", *(eval_stage_name(seed, t) for t in args.kl_targets)]:
+            found = read_json(Path(args.out) / name / "results.json")
             results["policies"].update(found["policies"] if found else {})
         for ppo_seed in range(max(args.ppo_seeds.values())):
             for method in (m for m in args.methods if ppo_seed < args.ppo_seeds[m]):
