@@ -186,6 +186,6 @@ echo "pipeline finished in $(( $(date +%s) - start )) s; report: $RUN/eval/repor
 if [ "$TASK" = gold ]; then
   echo "one seed is an example, not a result: its numbers change from machine to machine (RL amplifies"
   echo "floating-point differences). The README's lab figures come from 'python study.py --jobs 2': every"
-  echo "method at the same KL targets over 10 upstream seeds, held-out gold with 95% intervals and"
+  echo "method at the same KL targets over 15 upstream seeds, held-out gold with 95% intervals and"
   echo "Holm-adjusted paired tests (runs/study/study.md)."
 fi
